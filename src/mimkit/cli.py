@@ -1,0 +1,144 @@
+"""The ``mimkit`` command.
+
+    mimkit pretrain mae --data fashion-mnist --model vit_mini --out runs/mae [--epochs N | --max-steps N]
+    mimkit visualize runs/mae --out recon.png [--n 8]
+
+Bad input ends with a one-line ``error:`` message and exit status 2, never a traceback.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from mimkit.config import PretrainConfig, from_dict, load_recipe, merge, parse_overrides, to_dict
+from mimkit.errors import MimkitError
+from mimkit.methods import METHODS
+
+BUILTIN_DATA = ("fashion-mnist", "mnist", "synthetic")
+
+
+def default_recipe(method: str, data: str) -> str:
+    """The packaged recipe for a method: the Fashion-MNIST one for the built-in small data sets,
+    the paper's ImageNet one for everything else."""
+    small = data.split(":")[0] in BUILTIN_DATA
+    return f"{method}_fmnist" if small else f"{method}_in1k"
+
+
+def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
+    """Defaults ← recipe ← command-line flags ← ``--set`` overrides."""
+    recipe = load_recipe(args.config or default_recipe(args.method, args.data or "fashion-mnist"))
+    values = merge(to_dict(PretrainConfig(method=args.method)), recipe)
+    flags: dict = {"data": {}, "model": {}, "train": {}}
+    if args.data:
+        flags["data"]["source"] = args.data
+    if args.model:
+        flags["model"]["name"] = args.model
+    if args.epochs is not None:
+        flags["train"] |= {"epochs": args.epochs, "max_steps": None}
+    if args.max_steps is not None:
+        flags["train"]["max_steps"] = args.max_steps
+    if args.batch_size is not None:
+        flags["train"]["batch_size"] = args.batch_size
+    if args.skip_bad_images:
+        flags["data"]["skip_bad_images"] = True
+    values = merge(merge(values, flags), parse_overrides(args.set))
+    values["method"] = args.method
+    return from_dict(PretrainConfig, values)
+
+
+def check_run_dir(out: Path, config: PretrainConfig, must_resume: bool) -> None:
+    """Refuse to mix two different runs in one directory."""
+    from mimkit.runs import load_config
+    from mimkit.train.checkpoint import Checkpoints
+
+    has_checkpoint = Checkpoints(out).latest() is not None
+    if must_resume and not has_checkpoint:
+        raise MimkitError(f"--resume: '{out}' holds no checkpoint to resume from")
+    if has_checkpoint:
+        saved = load_config(out)
+        if (saved.method, saved.model.name) != (config.method, config.model.name):
+            raise MimkitError(f"'{out}' holds a {saved.method} {saved.model.name} run; "
+                              f"choose another --out for {config.method} {config.model.name}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from mimkit.pretrain import run_pretraining
+
+    config = pretrain_config(args)
+    out = Path(args.out)
+    check_run_dir(out, config, args.resume)
+    summary = run_pretraining(config, out)
+    if not summary["interrupted"]:
+        print(f"run directory: {out}  (step {summary['step']}; try: mimkit visualize {out} --out recon.png)")
+
+
+def cmd_visualize(args: argparse.Namespace) -> None:
+    from mimkit.data.loader import SeededViews
+    from mimkit.data.sources import build_source
+    from mimkit.data.transforms import eval_view
+    from mimkit.runs import load_run
+    from mimkit.viz import image_grid, mae_reconstructions, save_picture
+
+    if args.n < 1:
+        raise MimkitError("--n must be at least 1")
+    model, config = load_run(args.run)
+    data = config.data
+    try:
+        source = build_source(data.source, split="test", root=data.root, channels=data.channels)
+    except MimkitError:  # folders without a test split
+        source = build_source(data.source, split="train", root=data.root, channels=data.channels)
+    views = SeededViews(source, eval_view(data.img_size, data.mean, data.std))
+    picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+    images = torch.stack([views[(int(i), args.seed)]["image"] for i in picks])
+    noise = torch.rand(len(images), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
+    panels = mae_reconstructions(model, images, config.mae.mask_ratio, noise)
+    print(f"wrote {save_picture(image_grid(panels, data.mean, data.std), args.out)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling for Vision Transformers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pretrain = commands.add_parser("pretrain", help="pretrain an encoder with a MIM method")
+    pretrain.add_argument("method", choices=sorted(METHODS))
+    pretrain.add_argument("--data", help="fashion-mnist | mnist | synthetic | a folder of images")
+    pretrain.add_argument("--model", help="encoder: vit_mini, vit_tiny, vit_small, vit_base, vit_large, vit_huge")
+    pretrain.add_argument("--out", required=True, help="run directory (resumed when it holds a checkpoint)")
+    length = pretrain.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int)
+    length.add_argument("--max-steps", type=int)
+    pretrain.add_argument("--batch-size", type=int, help="per-process batch")
+    pretrain.add_argument("--config", help="a packaged recipe name or a YAML file")
+    pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="dotted override, e.g. optim.base_lr=1e-3 (repeatable)")
+    pretrain.add_argument("--resume", action="store_true", help="require a checkpoint in --out to resume from")
+    pretrain.add_argument("--skip-bad-images", action="store_true",
+                          help="warn about and skip unreadable images instead of stopping")
+    pretrain.set_defaults(handler=cmd_pretrain)
+
+    visualize = commands.add_parser("visualize", help="draw what a run's model reconstructs")
+    visualize.add_argument("run", help="run directory")
+    visualize.add_argument("--out", required=True, help="PNG file to write")
+    visualize.add_argument("--n", type=int, default=8, help="number of images")
+    visualize.add_argument("--seed", type=int, default=0)
+    visualize.set_defaults(handler=cmd_visualize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except MimkitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Typed run configuration: dataclasses, packaged YAML recipes, dotted ``--set`` overrides.
+
+Only the CLI reads configuration; library functions take plain arguments. A run directory keeps the
+resolved configuration as ``config.yaml`` so that any later command can rebuild the run's model.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from mimkit.errors import MimkitError
+
+
+@dataclass
+class DataConfig:
+    source: str = "fashion-mnist"  # fashion-mnist | mnist | synthetic | a folder
+    root: str | None = None  # where to look for IDX files first
+    img_size: int | None = None  # None: the source's native size
+    channels: int | None = None  # None: follow the data
+    mean: list[float] | None = None  # None: the source's normalization
+    std: list[float] | None = None
+    num_workers: int = 1
+    skip_bad_images: bool = False
+    max_bad_images: int = 100
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_mini"
+    patch_size: int = 4
+    kwargs: dict = field(default_factory=dict)  # extra constructor arguments (decoder width, depth, …)
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # lr = base_lr × global batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 40.0
+    clip_grad: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 800
+    max_steps: int | None = None  # when set, the run (and its schedule) is this many optimizer steps
+    batch_size: int = 64  # per process; global batch = batch_size × processes × accum_steps
+    accum_steps: int = 1
+    seed: int = 0
+    compile: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 500  # optimizer steps; the last step is always saved
+    keep_last: int = 2
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    method: str = "mae"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+
+
+def _coerce(value, hint, key: str):
+    """Convert a YAML value to the annotated type, or explain why it cannot be."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise MimkitError(f"config '{key}' must be a mapping, got {value!r}")
+        return from_dict(hint, value, prefix=f"{key}.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise MimkitError(f"config '{key}' must be a list, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, typing.get_args(hint), strict=True))
+    if hint is float and not isinstance(value, bool):
+        try:  # YAML reads 1e-3 (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise MimkitError(f"config '{key}' must be a number, got {value!r}") from None
+    if hint in (int, str, bool, dict) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise MimkitError(f"config '{key}' must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, values: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise MimkitError(f"unknown config key '{prefix}{unknown[0]}'; known: {', '.join(sorted(known))}")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in values.items()})
+
+
+def to_dict(config) -> dict:
+    """The dataclass as plain YAML-friendly data (tuples become lists)."""
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return plain(dataclasses.asdict(config))
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["optim.base_lr=1e-3", "train.epochs=5"]`` → nested dict, values parsed as YAML."""
+    nested: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise MimkitError(f"--set expects key=value, got '{pair}'")
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return nested
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep-merge ``update`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with a one-line error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MimkitError(f"config file '{path}' does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise MimkitError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise MimkitError(f"config file '{path}' must hold a mapping")
+    return values
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped inside the package."""
+    return sorted(p.name[:-5] for p in resources.files("mimkit.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str) -> dict:
+    """A packaged recipe by name (``mae_vit_mini_fmnist``) or a YAML file by path."""
+    packaged = resources.files("mimkit.recipes") / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return yaml.safe_load(packaged.read_text())
+    if Path(name_or_path).suffix in (".yaml", ".yml") or Path(name_or_path).exists():
+        return read_yaml(name_or_path)
+    raise MimkitError(f"unknown recipe '{name_or_path}'; packaged recipes: {', '.join(recipe_names())}")
+
+
+def save_config(config, path: str | Path) -> None:
+    """Write the resolved configuration as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

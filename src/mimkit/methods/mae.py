@@ -1,0 +1,25 @@
+"""MAE pretraining: random 75% masking drawn per sample in the data view, pixel regression loss.
+
+- He et al., Masked Autoencoders Are Scalable Vision Learners, 2021, arXiv:2111.06377
+"""
+
+from mimkit.config import PretrainConfig
+from mimkit.data.transforms import mae_view
+from mimkit.models.mae import MAE, create_mae
+
+
+def build_model(config: PretrainConfig) -> MAE:
+    return create_mae(config.model.name, img_size=config.data.img_size, patch_size=config.model.patch_size,
+                      in_chans=config.data.channels, norm_pix_loss=config.mae.norm_pix_loss,
+                      **config.model.kwargs)
+
+
+def build_task(config: PretrainConfig, model: MAE):
+    mask_ratio = config.mae.mask_ratio
+    view = mae_view(config.data.img_size, config.data.mean, config.data.std, config.model.patch_size)
+
+    def loss_fn(model: MAE, batch: dict):
+        loss, _, _ = model(batch["image"], mask_ratio=mask_ratio, noise=batch["noise"])
+        return loss, {}
+
+    return view, loss_fn

@@ -1,0 +1,67 @@
+"""Set up and run a pretraining job from a resolved configuration."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mimkit.config import PretrainConfig, save_config
+from mimkit.data.loader import SeededViews
+from mimkit.data.sources import SourceInfo, build_source
+from mimkit.errors import MimkitError
+from mimkit.methods import METHODS
+from mimkit.train.distributed import init_world
+from mimkit.train.loop import Schedule, epoch_steps, train
+from mimkit.train.optim import build_adamw, param_groups
+from mimkit.train.schedule import cosine_schedule
+
+
+def resolve_data(config: PretrainConfig, info: SourceInfo) -> PretrainConfig:
+    """Fill the data fields left to the source (size, channels, normalization)."""
+    img_size = config.data.img_size or info.image_size
+    if img_size is None:
+        raise MimkitError("the images in this folder differ in size; set one with --set data.img_size=224")
+    data = replace(config.data, img_size=img_size, channels=info.channels,
+                   mean=config.data.mean or list(info.mean), std=config.data.std or list(info.std))
+    return replace(config, data=data)
+
+
+def run_pretraining(config: PretrainConfig, run_dir: str | Path) -> dict:
+    """Pretrain ``config.method`` into ``run_dir`` (resuming when it holds a checkpoint).
+
+    Returns:
+        The training loop's summary (final step, whether it was interrupted, where it resumed from).
+    """
+    world = init_world()
+    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+    data = config.data
+    source = build_source(data.source, split="train", root=data.root, channels=data.channels,
+                          skip_bad_images=data.skip_bad_images, max_bad_images=data.max_bad_images)
+    config = resolve_data(config, source.info)
+    method = METHODS[config.method]
+    model = method.build_model(config).to(world.device)
+    view, loss_fn = method.build_task(config, model)
+
+    train_cfg, optim_cfg = config.train, config.optim
+    global_batch = train_cfg.batch_size * world.size * train_cfg.accum_steps
+    steps_per_epoch = epoch_steps(len(source), train_cfg.batch_size * world.size, train_cfg.accum_steps)
+    total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
+    lr = optim_cfg.base_lr * global_batch / 256
+    warmup = round(optim_cfg.warmup_epochs * steps_per_epoch)
+    schedule = Schedule(total_steps, cosine_schedule(lr, optim_cfg.min_lr, total_steps, warmup),
+                        train_cfg.accum_steps, optim_cfg.clip_grad)
+    optimizer = build_adamw(param_groups(model, optim_cfg.weight_decay), optim_cfg.betas)
+
+    run_dir = Path(run_dir)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        tqdm.write(f"{config.method} {config.model.name}: {len(source)} images, {total_steps} steps "
+                   f"({total_steps / steps_per_epoch:.2f} epochs), global batch {global_batch}, lr {lr:.2e}")
+    if train_cfg.compile:
+        model.compile()
+    return train(model, loss_fn, SeededViews(source, view), optimizer, schedule, run_dir, world,
+                 batch_size=train_cfg.batch_size, seed=train_cfg.seed, num_workers=data.num_workers,
+                 checkpoint_every=train_cfg.checkpoint_every, keep_last=train_cfg.keep_last,
+                 log_every=train_cfg.log_every, desc=f"pretrain {config.method}")

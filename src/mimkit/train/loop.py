@@ -1,0 +1,212 @@
+"""The one training loop, shared by pretraining, tokenizer training and fine-tuning.
+
+Per optimizer step: set the lr from a per-iteration schedule, run ``accum_steps``
+micro-batches (gradient sync only on the last under DDP), stop on a non-finite loss *before* the
+optimizer step, clip, step, log, and checkpoint. Ctrl-C or SIGTERM finishes the current step, saves
+a checkpoint and returns; running the same command again resumes from it.
+"""
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from mimkit.data.loader import EpochBatches, SeededViews, build_loader
+from mimkit.errors import MimkitError
+from mimkit.train.checkpoint import Checkpoints, load_weights
+from mimkit.train.distributed import World, any_rank, gather_objects
+from mimkit.train.metrics import MetricsLog, drop_records_after
+
+LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict]]
+
+
+class NonFiniteLoss(MimkitError):
+    """The loss became NaN or infinite; the optimizer step was not taken."""
+
+
+@dataclass
+class Schedule:
+    """What the loop needs to know about the length of the run and its per-step values."""
+
+    total_steps: int
+    lr: list[float]
+    accum_steps: int = 1
+    clip_grad: float | None = None
+
+
+class _Step(nn.Module):
+    """Binds a loss function to the model so DDP sees one ``forward``."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: dict):
+        return self.loss_fn(self.model, batch)
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _rng_state(world: World) -> dict:
+    cuda = torch.cuda.get_rng_state(world.device) if world.device.type == "cuda" else torch.empty(0)
+    return {"cpu": gather_objects(torch.get_rng_state(), world), "cuda": gather_objects(cuda, world)}
+
+
+def _restore_rng(state: dict, world: World) -> None:
+    rank = world.rank if world.rank < len(state["cpu"]) else 0
+    torch.set_rng_state(state["cpu"][rank])
+    if world.device.type == "cuda" and state["cuda"][rank].numel():
+        torch.cuda.set_rng_state(state["cuda"][rank], world.device)
+
+
+def _scalar(value) -> float:
+    return value.detach().float().item() if torch.is_tensor(value) else float(value)
+
+
+def epoch_steps(num_samples: int, global_micro_batch: int, accum_steps: int) -> int:
+    """Optimizer steps in one epoch (incomplete batches are dropped)."""
+    steps = num_samples // global_micro_batch // accum_steps
+    if steps == 0:
+        raise MimkitError(f"the data has {num_samples} images, fewer than one global batch of "
+                          f"{global_micro_batch * accum_steps}; lower train.batch_size")
+    return steps
+
+
+def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: torch.optim.Optimizer,
+          schedule: Schedule, run_dir: str | Path, world: World, *, batch_size: int, seed: int = 0,
+          num_workers: int = 0, checkpoint_every: int = 500, keep_last: int = 2, log_every: int = 10,
+          evaluate: Callable[[nn.Module], dict] | None = None, desc: str = "train") -> dict:
+    """Train ``model`` to ``schedule.total_steps`` optimizer steps, resuming from ``run_dir`` if it
+    holds a checkpoint.
+
+    Args:
+        model: what is checkpointed; already on ``world.device``.
+        loss_fn: ``(model, batch) -> (loss, metrics)``; batch tensors are on the device.
+        dataset: items addressed by `EpochBatches`.
+        optimizer: groups may carry ``lr_scale`` (layer-wise decay), applied on top of ``schedule.lr``.
+        schedule: run length, per-step lr, accumulation and clipping.
+        run_dir: checkpoints and ``metrics.jsonl`` go here.
+        world: process group description (`mimkit.train.distributed.init_world`).
+        batch_size: per-process micro-batch.
+        seed: data order, augmentation and mask seed.
+        evaluate: called on the model at every epoch end and at the end; its numbers are logged.
+
+    Returns:
+        ``{"step", "interrupted", "resumed_from", **last evaluation}``.
+    """
+    checkpoints = Checkpoints(run_dir, keep_last)
+    log = MetricsLog(run_dir, enabled=world.is_main)
+    batches = EpochBatches(len(dataset), batch_size, seed, world.rank, world.size)
+    steps_per_epoch = epoch_steps(len(dataset), batch_size * world.size, schedule.accum_steps)
+    loader = build_loader(dataset, batches, num_workers)
+
+    step, resumed_from = 0, checkpoints.latest()
+    if resumed_from is not None:
+        load_weights(model, checkpoints.weights_path(resumed_from))
+        state = checkpoints.load_state(resumed_from)
+        optimizer.load_state_dict(state["optimizer"])
+        _restore_rng(state["rng"], world)
+        step = state["step"]
+        if world.is_main:
+            drop_records_after(run_dir, step)
+            tqdm.write(f"resuming from step {step} ({checkpoints.weights_path(step)})")
+
+    step_module = _Step(model, loss_fn)
+    if world.size > 1:
+        step_module = DistributedDataParallel(
+            step_module, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=world.device.type == "cuda")
+    images_per_step = batch_size * world.size * schedule.accum_steps
+
+    def save(at: int) -> None:
+        state = {"optimizer": optimizer.state_dict(), "step": at, "rng": _rng_state(world)}
+        if world.is_main:
+            checkpoints.save(at, model, state)
+
+    def run_evaluation(at: int, epoch: float) -> dict:
+        results = evaluate(model) if evaluate else {}
+        if results:
+            log.write(at, epoch=epoch, **results)
+        return results
+
+    model.train()
+    results: dict = {}
+    bar = tqdm(total=schedule.total_steps, initial=step, desc=desc, disable=not world.is_main,
+               dynamic_ncols=True, unit="step")
+    last_log, last_log_step = time.perf_counter(), step
+    interrupted = False
+    with _StopRequest() as stop:
+        while step < schedule.total_steps and not interrupted:
+            epoch, first = divmod(step, steps_per_epoch)
+            batches.set_position(epoch, first * schedule.accum_steps)
+            micro_batches = iter(loader)
+            for _ in range(first, steps_per_epoch):
+                lr = schedule.lr[step]
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                total_loss, metrics = 0.0, {}
+                for micro in range(schedule.accum_steps):
+                    batch = {k: v.to(world.device, non_blocking=True) for k, v in next(micro_batches).items()}
+                    sync = micro == schedule.accum_steps - 1 or world.size == 1
+                    with contextlib.nullcontext() if sync else step_module.no_sync(), autocast:
+                        loss, metrics = step_module(batch)
+                    if any_rank(not torch.isfinite(loss.detach()).item(), world):
+                        raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; stopped before the "
+                                            f"optimizer step (last checkpoint: step {checkpoints.latest()})")
+                    with contextlib.nullcontext() if sync else step_module.no_sync():
+                        (loss / schedule.accum_steps).backward()
+                    total_loss += loss.item() / schedule.accum_steps
+                if schedule.clip_grad is not None:
+                    metrics["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), schedule.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+
+                if step % log_every == 0 or step == schedule.total_steps:
+                    now = time.perf_counter()
+                    speed = (step - last_log_step) * images_per_step / (now - last_log)
+                    last_log, last_log_step = now, step
+                    record = {"loss": total_loss, "lr": lr, "images_per_s": speed,
+                              **{k: _scalar(v) for k, v in metrics.items()}}
+                    log.write(step, epoch=step / steps_per_epoch, **record)
+                    bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+                if step % steps_per_epoch == 0 or step == schedule.total_steps:
+                    results = run_evaluation(step, step / steps_per_epoch)
+                interrupted = any_rank(stop.requested, world)
+                if interrupted or step == schedule.total_steps or step % checkpoint_every == 0:
+                    save(step)
+                if interrupted or step == schedule.total_steps:
+                    break
+    bar.close()
+    log.close()
+    if interrupted and world.is_main:
+        tqdm.write(f"interrupted: checkpoint saved at step {step} in {checkpoints.dir}; "
+                   "run the same command again to resume")
+    return {"step": step, "interrupted": interrupted, "resumed_from": resumed_from, **results}

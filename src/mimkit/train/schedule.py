@@ -1,0 +1,30 @@
+"""Per-iteration schedules: linear warmup, then cosine decay.
+
+Computed once as an array indexed by the optimizer step, so a resumed run reads the same value at the
+same step without replaying anything.
+"""
+
+import math
+
+
+def cosine_schedule(base_value: float, final_value: float, total_steps: int, warmup_steps: int = 0,
+                    start_warmup_value: float = 0.0) -> list[float]:
+    """Values for steps ``0 … total_steps-1``.
+
+    Args:
+        base_value: value reached at the end of warmup.
+        final_value: value at the last step.
+        total_steps: length of the schedule (optimizer steps, not micro-batches).
+        warmup_steps: steps of linear ramp from ``start_warmup_value`` to ``base_value``.
+        start_warmup_value: value at step 0 when there is a warmup.
+
+    Returns:
+        A list of ``total_steps`` floats.
+    """
+    warmup_steps = min(warmup_steps, total_steps)
+    warmup = [start_warmup_value + (base_value - start_warmup_value) * i / warmup_steps
+              for i in range(warmup_steps)]
+    decay_steps = total_steps - warmup_steps
+    decay = [final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * i / decay_steps))
+             for i in range(decay_steps)]
+    return warmup + decay
