@@ -1,0 +1,143 @@
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from mimkit.errors import MimkitError
+from mimkit.masking import (
+    block_mask,
+    count_for_ratio,
+    default_min_block,
+    random_mask,
+    sample_blocks,
+)
+
+GRIDS = [(14, 14, 75), (7, 7, 20), (8, 8, 26), (4, 6, 10)]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def replay(grid_h, grid_w, blocks):
+    """Patches each block newly masked, and the union of the blocks."""
+    covered = np.zeros((grid_h, grid_w), dtype=bool)
+    new = []
+    for top, left, h, w in blocks:
+        window = covered[top:top + h, left:left + w]
+        new.append(h * w - int(window.sum()))
+        window[...] = True
+    return new, covered
+
+
+@pytest.mark.parametrize("num_patches, ratio, expected", [(196, 0.4, 78), (49, 0.4, 20), (196, 0.75, 147),
+                                                          (49, 0.0, 0), (49, 1.0, 49)])
+def test_count_for_ratio(num_patches, ratio, expected):
+    assert count_for_ratio(num_patches, ratio) == expected
+
+
+def test_count_for_ratio_rejects_bad_ratio():
+    with pytest.raises(MimkitError, match="1.5"):
+        count_for_ratio(196, 1.5)
+
+
+def test_default_min_block_scales_with_grid_area():
+    assert default_min_block(14, 14) == 16
+    assert default_min_block(7, 7) == 4
+    assert default_min_block(2, 2) == 1
+
+
+@pytest.mark.parametrize("num_masked", [0, 1, 147, 196])
+def test_random_mask_exact_count_and_seeded(num_masked):
+    mask = random_mask(196, num_masked, generator=gen(0))
+    assert mask.dtype == torch.bool and mask.shape == (196,)
+    assert int(mask.sum()) == num_masked
+    assert torch.equal(mask, random_mask(196, num_masked, generator=gen(0)))
+
+
+def test_random_mask_differs_across_seeds():
+    assert not torch.equal(random_mask(196, 98, generator=gen(0)), random_mask(196, 98, generator=gen(1)))
+
+
+@pytest.mark.parametrize("grid_h, grid_w, num_masked", GRIDS)
+def test_block_mask_exact_count_every_time(grid_h, grid_w, num_masked):
+    g = gen(0)
+    for _ in range(300):
+        mask = block_mask(grid_h, grid_w, num_masked, generator=g)
+        assert mask.dtype == torch.bool and mask.shape == (grid_h, grid_w)
+        assert int(mask.sum()) == num_masked
+
+
+@pytest.mark.parametrize("num_masked", [0, 1, 15, 196])
+def test_block_mask_edge_counts(num_masked):
+    assert int(block_mask(14, 14, num_masked, generator=gen(0)).sum()) == num_masked
+
+
+def test_block_mask_reproducible_from_seed_and_global_rng():
+    first = [block_mask(14, 14, 75, generator=gen(3)) for _ in range(5)]
+    again = [block_mask(14, 14, 75, generator=gen(3)) for _ in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], block_mask(14, 14, 75, generator=gen(4)))
+    torch.manual_seed(7)
+    a = block_mask(7, 7, 20)
+    torch.manual_seed(7)
+    assert torch.equal(a, block_mask(7, 7, 20))
+
+
+@pytest.mark.parametrize("grid_h, grid_w, num_masked", GRIDS)
+def test_blocks_within_bounds_and_ranges(grid_h, grid_w, num_masked):
+    min_block, aspect = default_min_block(grid_h, grid_w), (0.3, 1 / 0.3)
+    g = gen(1)
+    filled = 0
+    for _ in range(300):
+        mask, blocks = sample_blocks(grid_h, grid_w, num_masked, generator=g)
+        new, covered = replay(grid_h, grid_w, blocks)
+        remaining = num_masked
+        for (top, left, h, w), n in zip(blocks, new, strict=True):
+            assert 0 <= top and top + h <= grid_h and 0 <= left and left + w <= grid_w
+            assert aspect[0] <= h / w <= aspect[1]
+            assert 1 <= n <= remaining  # only new patches count, never past the target
+            if remaining >= min_block:  # not the tail: a real block
+                assert min_block <= h * w <= num_masked
+            remaining -= n
+        assert (mask.numpy() | ~covered).all()  # every block is inside the mask
+        filled += int(covered.sum()) < num_masked
+    assert filled / 300 < 0.05  # the random fill-in is a rare fallback
+
+
+def test_max_block_is_respected():
+    for _ in range(100):
+        _, blocks = sample_blocks(14, 14, 75, max_block=20, generator=gen(_))
+        assert all(h * w <= 20 for _, _, h, w in blocks)
+
+
+def test_block_shape_statistics():
+    # The first block of a mask sees the full ranges: area ~ U[16, 75], log(h/w) ~ U[log .3, log 1/.3].
+    g = gen(2)
+    firsts = [sample_blocks(14, 14, 75, generator=g)[1][0] for _ in range(2000)]
+    h = np.array([b[2] for b in firsts], dtype=float)
+    w = np.array([b[3] for b in firsts], dtype=float)
+    log_aspect = np.log(h / w)
+    assert abs(log_aspect.mean()) < 0.05  # symmetric: as many tall as wide blocks
+    assert log_aspect.min() < math.log(0.4) and log_aspect.max() > math.log(1 / 0.4)  # the range is used
+    area = h * w
+    assert 16 <= area.min() and area.max() <= 75
+    assert 40 < area.mean() < 50  # ~ (16 + 75) / 2 = 45.5, up to rounding and the aspect/fit checks
+
+
+def test_block_mask_is_fast():
+    g = gen(0)
+    start = time.perf_counter()
+    for _ in range(1000):
+        block_mask(14, 14, 75, generator=g)
+    assert (time.perf_counter() - start) / 1000 < 1e-3  # ~0.035 ms on an idle core; 1 ms leaves room
+
+
+@pytest.mark.parametrize("kwargs, needle", [(dict(num_masked=200), "200"), (dict(min_block=0), "min_block=0"),
+                                            (dict(min_block=30, max_block=20), "max_block=20"),
+                                            (dict(aspect=(2.0, 1.0)), "aspect")])
+def test_block_mask_rejects_bad_arguments(kwargs, needle):
+    with pytest.raises(MimkitError, match=needle):
+        block_mask(**{"grid_h": 14, "grid_w": 14, "num_masked": 75, **kwargs})
