@@ -120,6 +120,8 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
     Returns:
         ``{"step", "interrupted", "resumed_from", **last evaluation}``.
     """
+    if world.is_main:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(run_dir, keep_last)
     log = MetricsLog(run_dir, enabled=world.is_main)
     batches = EpochBatches(len(dataset), batch_size, seed, world.rank, world.size)
@@ -177,7 +179,7 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
                     with contextlib.nullcontext() if sync else step_module.no_sync(), autocast:
                         loss, metrics = step_module(batch)
                     if any_rank(not torch.isfinite(loss.detach()).item(), world):
-                        raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; stopped before the "
+                        raise NonFiniteLoss(f"loss is {loss.item()} at step {step + 1}; stopped before the "
                                             f"optimizer step (last checkpoint: step {checkpoints.latest()})")
                     with contextlib.nullcontext() if sync else step_module.no_sync():
                         (loss / schedule.accum_steps).backward()

@@ -25,6 +25,7 @@ def cosine_schedule(base_value: float, final_value: float, total_steps: int, war
     warmup = [start_warmup_value + (base_value - start_warmup_value) * i / warmup_steps
               for i in range(warmup_steps)]
     decay_steps = total_steps - warmup_steps
-    decay = [final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * i / decay_steps))
+    span = max(decay_steps - 1, 1)  # the last step lands on final_value
+    decay = [final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * i / span))
              for i in range(decay_steps)]
     return warmup + decay

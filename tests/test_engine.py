@@ -1,0 +1,141 @@
+"""The training engine on a toy problem: schedules, parameter groups, the resumable loader, the loop."""
+
+import pytest
+import torch
+from torch import nn
+
+from mimkit.data.loader import EpochBatches, SeededViews
+from mimkit.errors import MimkitError
+from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.distributed import World
+from mimkit.train.loop import NonFiniteLoss, Schedule, train
+from mimkit.train.metrics import read_metrics
+from mimkit.train.optim import build_adamw, layer_id, param_groups
+from mimkit.train.schedule import cosine_schedule
+
+CPU = World(rank=0, size=1, device=torch.device("cpu"))
+
+
+class Points(torch.utils.data.Dataset):
+    """32 labelled 1x2x2 'images'."""
+
+    def __init__(self, n=32):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, 255, (n, 1, 2, 2), generator=g, dtype=torch.uint8)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(i % 2)
+
+
+def noisy_view(image):
+    """Uses the global RNG, as augmentations do."""
+    return {"image": image.float().flatten() / 255 + 0.01 * torch.randn(4)}
+
+
+def regression_loss(model, batch):
+    pred = model(batch["image"]).squeeze(-1)
+    return ((pred - batch["label"].float()) ** 2).mean(), {"mean_pred": pred.mean()}
+
+
+def toy_run(run_dir, total_steps=6, accum_steps=1, checkpoint_every=100, keep_last=2, loss_fn=regression_loss):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = build_adamw(param_groups(model, 0.05))
+    schedule = Schedule(total_steps, cosine_schedule(1e-2, 1e-4, total_steps, 2), accum_steps)
+    summary = train(model, loss_fn, SeededViews(Points(), noisy_view), optimizer, schedule, run_dir, CPU,
+                    batch_size=8 // accum_steps, checkpoint_every=checkpoint_every, keep_last=keep_last, log_every=1)
+    return model, summary
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    values = cosine_schedule(1.0, 0.1, total_steps=10, warmup_steps=4)
+    assert len(values) == 10
+    assert values[:4] == [0.0, 0.25, 0.5, 0.75]
+    assert values[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
+    assert values[-1] == pytest.approx(0.1)
+
+
+def test_param_groups_skip_decay_on_biases_norms_and_tokens():
+    from mimkit.models.vit import build_vit
+
+    vit = build_vit("vit_mini", img_size=16, patch_size=8, in_chans=1, depth=2)
+    groups = param_groups(vit, weight_decay=0.05)
+    no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+    assert {"cls_token", "pos_embed", "blocks.0.norm1.weight", "blocks.1.attn.qkv.bias"} <= no_decay
+    assert "blocks.0.attn.qkv.weight" not in no_decay and "patch_embed.proj.weight" not in no_decay
+
+
+def test_layer_ids_follow_depth():
+    assert layer_id("encoder.cls_token", 12) == 0
+    assert layer_id("encoder.patch_embed.proj.weight", 12) == 0
+    assert layer_id("encoder.blocks.0.attn.qkv.weight", 12) == 1
+    assert layer_id("blocks.11.mlp.fc2.bias", 12) == 12
+    assert layer_id("head.weight", 12) == 13
+
+
+def test_epoch_batches_shard_one_global_batch():
+    whole = [b for b in EpochBatches(32, 8, seed=3)]
+    halves = [EpochBatches(32, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for b, (left, right) in enumerate(zip(*halves, strict=True)):
+        assert left + right == whole[b]
+    resumed = EpochBatches(32, 8, seed=3)
+    resumed.set_position(0, 2)
+    assert list(resumed) == whole[2:]
+    next_epoch = EpochBatches(32, 8, seed=3)
+    next_epoch.set_position(1, 0)
+    assert list(next_epoch) != whole
+
+
+def test_seeded_views_repeat_exactly():
+    views = SeededViews(Points(), noisy_view)
+    assert torch.equal(views[(3, 77)]["image"], views[(3, 77)]["image"])
+    assert not torch.equal(views[(3, 77)]["image"], views[(3, 78)]["image"])
+
+
+def test_loop_trains_logs_and_keeps_last_checkpoints(tmp_path):
+    _, summary = toy_run(tmp_path, total_steps=8, checkpoint_every=2)
+    assert summary["step"] == 8 and not summary["interrupted"]
+    assert Checkpoints(tmp_path).steps() == [6, 8]
+    records = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert {"lr", "images_per_s", "mean_pred", "epoch"} <= set(records[0])
+    state = torch.load(Checkpoints(tmp_path).state_path(8), weights_only=True)
+    assert state["step"] == 8
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_resume_mid_epoch_is_bitwise_identical(tmp_path, accum_steps):
+    straight, _ = toy_run(tmp_path / "straight", total_steps=7, accum_steps=accum_steps)
+    toy_run(tmp_path / "cut", total_steps=7, accum_steps=accum_steps, checkpoint_every=3, keep_last=3)  # 3, 6, 7
+    checkpoints = Checkpoints(tmp_path / "cut")
+    for step in (6, 7):  # as if killed just after step 3 (mid-epoch: 4 steps per epoch)
+        checkpoints.weights_path(step).unlink(missing_ok=True)
+        checkpoints.state_path(step).unlink(missing_ok=True)
+    resumed, summary = toy_run(tmp_path / "cut", total_steps=7, accum_steps=accum_steps)
+    assert summary["resumed_from"] == 3
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
+    def explodes_at_third_call(model, batch, calls=[0]):  # noqa: B006 - a counter across calls
+        calls[0] += 1
+        loss, metrics = regression_loss(model, batch)
+        return (loss * float("nan") if calls[0] == 3 else loss), metrics
+
+    with pytest.raises(NonFiniteLoss, match="at step 3"):
+        toy_run(tmp_path, loss_fn=explodes_at_third_call, checkpoint_every=1)
+    assert Checkpoints(tmp_path).latest() == 2
+
+
+def test_too_little_data_for_one_batch_is_a_clear_error(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    with pytest.raises(MimkitError, match="fewer than one global batch"):
+        train(model, regression_loss, SeededViews(Points(4), noisy_view), build_adamw(param_groups(model, 0)),
+              Schedule(2, [0.1, 0.1]), tmp_path, CPU, batch_size=8)
