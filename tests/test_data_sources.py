@@ -1,0 +1,301 @@
+import gzip
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimkit.data import sources
+from mimkit.data.sources import (
+    FlatFolderSource,
+    IdxSource,
+    ImageFolderSource,
+    SyntheticSource,
+    build_source,
+    read_idx,
+    split_train_val,
+)
+from mimkit.errors import MimkitError
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
+                                   reason="dataset-fashion-mnist not installed")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_lookup(monkeypatch, tmp_path):
+    """No MIMKIT_DATA from the environment, a private cache, and never a network download."""
+    monkeypatch.delenv("MIMKIT_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def offline(name):
+        raise RuntimeError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(sources, "_download_idx", offline)
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    payload = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+
+
+def write_tiny_idx(folder: Path, prefix: str, n: int = 5, compress: bool = True) -> np.ndarray:
+    folder.mkdir(parents=True, exist_ok=True)
+    images = np.arange(n * 4 * 4, dtype=np.uint8).reshape(n, 4, 4)
+    ext = ".gz" if compress else ""
+    write_idx(folder / f"{prefix}-images-idx3-ubyte{ext}", images, compress)
+    write_idx(folder / f"{prefix}-labels-idx1-ubyte{ext}", np.arange(n, dtype=np.uint8) % 10, compress)
+    return images
+
+
+def save(path: Path, mode: str, size=(8, 8), color=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    color = color if color is not None else (200 if mode == "L" else (200, 100, 50))
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# IDX
+
+
+@needs_fashion
+def test_real_fashion_mnist():
+    train = build_source("fashion-mnist")
+    assert train.images.shape == (60000, 1, 28, 28) and train.images.dtype == torch.uint8
+    image, label = train[0]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.uint8 and isinstance(label, int)
+    assert train.labels.unique().tolist() == list(range(10))
+    assert train.info.name == "fashion-mnist" and train.info.classes[0] == "T-shirt/top"
+    assert train.info.mean == (0.2860,) and train.info.std == (0.3530,) and train.info.image_size == 28
+    test = build_source("fashion-mnist", split="test")
+    assert len(test) == 10000 and test.labels.bincount().tolist() == [1000] * 10
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_from_root(tmp_path, compress):
+    images = write_tiny_idx(tmp_path, "t10k", compress=compress)
+    source = IdxSource("mnist", split="test", root=tmp_path)
+    assert len(source) == 5 and source.info.mean == (0.1307,)
+    image, label = source[3]
+    assert torch.equal(image, torch.from_numpy(images[3])[None]) and label == 3
+    assert source.info.image_size == 4 and source.info.classes == [str(d) for d in range(10)]
+
+
+def test_idx_from_env_subfolder_and_three_channels(tmp_path, monkeypatch):
+    write_tiny_idx(tmp_path / "mnist", "train")
+    monkeypatch.setenv("MIMKIT_DATA", str(tmp_path))
+    source = build_source("mnist", channels=3)
+    image, _ = source[1]
+    assert image.shape == (3, 4, 4) and torch.equal(image[0], image[2])
+    assert source.info.channels == 3 and source.info.std == (0.3081,) * 3
+
+
+def test_idx_from_env_folder(tmp_path, monkeypatch):
+    write_tiny_idx(tmp_path, "train", n=7)
+    monkeypatch.setenv("MIMKIT_DATA", str(tmp_path))
+    assert len(build_source("mnist")) == 7
+
+
+def test_idx_not_found_names_places_and_fixes(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "DEBIAN_DATASETS", tmp_path / "nowhere")
+    with pytest.raises(MimkitError) as e:
+        build_source("fashion-mnist", root=tmp_path / "mine")
+    message = str(e.value)
+    assert "\n" not in message
+    for part in ["mine", "nowhere/fashion-mnist", "cache/mimkit/FashionMNIST/raw",
+                 "apt-get install dataset-fashion-mnist", "MIMKIT_DATA", "Name or service not known"]:
+        assert part in message
+    with pytest.raises(MimkitError, match="MIMKIT_DATA") as e:
+        build_source("mnist")
+    assert "apt-get" not in str(e.value)  # no Debian package for MNIST
+
+
+def test_idx_bad_file(tmp_path):
+    (tmp_path / "x").write_bytes(b"not an idx file")
+    with pytest.raises(MimkitError, match="not an IDX file"):
+        read_idx(tmp_path / "x")
+    write_idx(tmp_path / "y", np.zeros((2, 3), np.uint8), compress=False)
+    (tmp_path / "y").write_bytes((tmp_path / "y").read_bytes()[:-1])
+    with pytest.raises(MimkitError, match="header says"):
+        read_idx(tmp_path / "y")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Folders
+
+
+def test_flat_folder_channels_follow_data(tmp_path):
+    save(tmp_path / "gray" / "a.png", "L")
+    save(tmp_path / "gray" / "b.PNG", "L")
+    gray = build_source(str(tmp_path / "gray"))
+    assert isinstance(gray, FlatFolderSource) and len(gray) == 2
+    image, label = gray[0]
+    assert image.shape == (1, 8, 8) and image.dtype == torch.uint8 and label == -1
+    assert gray.info.mean == (0.5,) and gray.info.num_classes == 0 and gray.info.image_size == 8
+
+    save(tmp_path / "rgb" / "a.jpg", "RGB")
+    rgb = build_source(str(tmp_path / "rgb"))
+    assert rgb[0][0].shape == (3, 8, 8) and rgb.info.mean == (0.485, 0.456, 0.406)
+    assert build_source(str(tmp_path / "rgb"), channels=1)[0][0].shape == (1, 8, 8)
+    assert build_source(str(tmp_path / "gray"), channels=3)[0][0].shape == (3, 8, 8)
+
+
+def test_flat_folder_recursive_sorted_filtered(tmp_path):
+    for rel in ["b/z.png", "a/deep/y.jpeg", "x.webp", "c.bmp", "d.TIFF"]:
+        save(tmp_path / rel, "RGB")
+    (tmp_path / "notes.txt").write_text("not an image")
+    save(tmp_path / ".hidden" / "h.png", "RGB")
+    source = FlatFolderSource(tmp_path)
+    names = [Path(p).relative_to(tmp_path).as_posix() for p in source.paths]
+    assert names == ["a/deep/y.jpeg", "b/z.png", "c.bmp", "d.TIFF", "x.webp"]
+    assert source.labels == [-1] * 5
+
+
+def test_mixed_sizes_have_no_image_size(tmp_path):
+    save(tmp_path / "a.png", "RGB", size=(8, 8))
+    save(tmp_path / "b.png", "RGB", size=(12, 8))
+    source = build_source(str(tmp_path))
+    assert source.info.image_size is None and source[1][0].shape == (3, 8, 12)
+
+
+def test_sixteen_bit_gray_is_rescaled(tmp_path):
+    Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(tmp_path / "a.png")
+    image, _ = build_source(str(tmp_path))[0]
+    assert image.shape == (1, 4, 4) and int(image[0, 0, 0]) == 40000 >> 8
+
+
+def test_image_folder_classes(tmp_path):
+    save(tmp_path / "dog" / "1.png", "RGB")
+    save(tmp_path / "cat" / "nested" / "1.jpg", "RGB")
+    save(tmp_path / "cat" / "2.jpg", "RGB")
+    source = build_source(str(tmp_path))
+    assert isinstance(source, ImageFolderSource)
+    assert source.info.classes == ["cat", "dog"] and source.info.num_classes == 2
+    assert source.labels == [0, 0, 1] and [source[i][1] for i in range(3)] == [0, 0, 1]
+
+
+def test_split_subfolders(tmp_path):
+    save(tmp_path / "train" / "a" / "1.png", "L")
+    save(tmp_path / "train" / "b" / "1.png", "L")
+    save(tmp_path / "val" / "b" / "1.png", "RGB")  # val lacks class a and is RGB: train decides both
+    train = build_source(str(tmp_path))
+    val = build_source(str(tmp_path), split="val")
+    assert train.info.name == val.info.name == tmp_path.name
+    image, label = val[0]
+    assert val.info.classes == ["a", "b"] and label == 1 and image.shape == (1, 8, 8)
+    assert build_source(str(tmp_path), split="test").paths == val.paths  # test falls back to val
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(MimkitError, match="data path 'nope' does not exist"):
+        build_source("nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MimkitError, match="no images"):
+        build_source(str(tmp_path / "empty"))
+    save(tmp_path / "flat" / "a.png", "L")
+    with pytest.raises(MimkitError, match="no val split.*split_train_val"):
+        build_source(str(tmp_path / "flat"), split="val")
+    with pytest.raises(MimkitError, match="split 'dev'"):
+        build_source(str(tmp_path / "flat"), split="dev")
+    with pytest.raises(MimkitError, match="channels=2"):
+        build_source(str(tmp_path / "flat"), channels=2)
+
+
+def corrupt_folder(tmp_path: Path, bad: list[int], n: int = 6) -> Path:
+    for i in range(n):
+        save(tmp_path / f"{i}.png", "L", color=10 * i)
+    for i in bad:
+        (tmp_path / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return tmp_path
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    source = build_source(str(corrupt_folder(tmp_path, bad=[])))
+    (tmp_path / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(MimkitError, match=r"cannot read image '.*2\.png'"):
+        source[2]
+
+
+def test_corrupt_first_image_fails_at_construction(tmp_path):
+    with pytest.raises(MimkitError, match=r"0\.png"):
+        build_source(str(corrupt_folder(tmp_path, bad=[0])))
+
+
+def test_skip_bad_images_warns_counts_and_substitutes(tmp_path):
+    folder = corrupt_folder(tmp_path, bad=[2, 3])
+    with pytest.warns(UserWarning) as record:
+        source = build_source(str(folder), skip_bad_images=True, max_bad_images=2)
+    assert [Path(str(w.message).split("'")[1]).name for w in record] == ["2.png", "3.png"]
+    assert source.num_bad_images == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known bad files are not read or warned about again
+        image, _ = source[2]
+    assert int(image[0, 0, 0]) == 40  # the next good file, 4.png
+    assert torch.equal(source[3][0], image)
+
+
+def test_skip_bad_images_gives_up_past_the_cap(tmp_path):
+    folder = corrupt_folder(tmp_path, bad=[1, 2, 3])
+    with pytest.warns(UserWarning), pytest.raises(MimkitError, match="more than max_bad_images=2"):
+        build_source(str(folder), skip_bad_images=True, max_bad_images=2)
+
+
+def test_skip_bad_images_found_while_reading(tmp_path):
+    folder = corrupt_folder(tmp_path, bad=[])
+    source = build_source(str(folder), skip_bad_images=True)
+    (folder / "1.png").write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match=r"1\.png"):
+        assert int(source[1][0][0, 0, 0]) == 20
+    assert source.num_bad_images == 1
+    with pytest.raises(IndexError):
+        source[6]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Synthetic and splits
+
+
+def test_synthetic_deterministic_and_class_structured():
+    a, b = SyntheticSource(n=40, seed=3), SyntheticSource(n=40, seed=3)
+    assert all(torch.equal(a[i][0], b[i][0]) for i in range(40))
+    assert not torch.equal(a[0][0], SyntheticSource(n=40, seed=4)[0][0])
+    image, label = a[13]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and label == 3
+    # a nearest-class-mean classifier on mean brightness separates unseen images
+    train, test = SyntheticSource(n=200, seed=0), SyntheticSource(n=100, seed=1)
+    brightness = lambda source: torch.stack([source[i][0].float().mean() for i in range(len(source))])
+    means = torch.stack([brightness(train)[torch.tensor(train.labels) == k].mean() for k in range(10)])
+    predicted = (brightness(test)[:, None] - means).abs().argmin(1)
+    assert (predicted == torch.tensor(test.labels)).float().mean() > 0.9
+
+
+def test_build_synthetic_specs():
+    train, val = build_source("synthetic:12", channels=1), build_source("synthetic:12", split="val")
+    assert len(train) == 12 and train[0][0].shape == (1, 32, 32) and val.info.channels == 3
+    assert not torch.equal(train[0][0], val[0][0][:1])
+    assert len(build_source("synthetic")) == 256
+    with pytest.raises(MimkitError, match="positive integer"):
+        build_source("synthetic:x")
+
+
+def test_split_train_val_stratified():
+    source = SyntheticSource(n=100, num_classes=4)
+    train, val = split_train_val(source, 0.2, seed=1)
+    assert len(train) == 80 and len(val) == 20 and not set(train.indices) & set(val.indices)
+    assert torch.tensor(val.labels).bincount().tolist() == [5, 5, 5, 5]
+    assert val.info is source.info and val[0][1] == val.labels[0]
+    assert split_train_val(source, 0.2, seed=1)[1].indices == val.indices
+    assert split_train_val(source, 0.2, seed=2)[1].indices != val.indices
+    with pytest.raises(MimkitError, match="val_fraction"):
+        split_train_val(source, 1.0)
+
+
+def test_split_train_val_unlabeled(tmp_path):
+    for i in range(10):
+        save(tmp_path / f"{i}.png", "L")
+    train, val = split_train_val(build_source(str(tmp_path)), 0.3)
+    assert len(val) == 3 and val.labels == [-1] * 3 and len(train) == 7
