@@ -1,0 +1,123 @@
+"""Views: what a method makes of one uint8 image, built from torchvision.transforms.v2.
+
+A view is a callable `view(image uint8 (C, H, W)) -> dict[str, Tensor]`. It draws from the global torch
+RNG; the loader seeds that RNG per sample (`mimkit.data.loader.SeededViews`), so crops, flips and mask
+noise are reproducible, resumable and the same under DDP. Views are small classes, not closures, so
+DataLoader workers started with spawn/forkserver can pickle them.
+
+Building blocks for new views: `normalize` (uint8 -> normalized float, the last step of every view)
+and `ImageView` (wraps one transform as `{"image": ...}`); `MaskNoiseView` adds MAE's mask noise.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torchvision.transforms import v2
+
+from mimkit.errors import MimkitError
+
+BICUBIC = v2.InterpolationMode.BICUBIC
+# Below this side images are small (Fashion-MNIST, CIFAR): evaluation resizes them whole instead of
+# taking the ImageNet-style central crop.
+CENTER_CROP_MIN_SIZE = 128
+IMAGENET_CROP_PCT = 0.875  # 224 of 256
+
+
+def normalize(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """uint8 `(C, H, W)` -> float32 in [0, 1] -> `(x - mean) / std` per channel."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Undo `normalize` for pictures.
+
+    Args:
+        x: normalized images `(..., C, H, W)`.
+        mean, std: the normalization that was applied, length C.
+
+    Returns:
+        float images in [0, 1], same shape as `x` (clamped: reconstructions can overshoot).
+    """
+    shape = (-1, 1, 1)
+    mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    std = torch.tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    return (x * std + mean).clamp(0, 1)
+
+
+class ImageView:
+    """`image -> {"image": transform(image)}`."""
+
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.transform = transform
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"image": self.transform(image)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform})"
+
+
+class MaskNoiseView(ImageView):
+    """`ImageView` plus `"noise"`: L uniform numbers whose argsort is MAE's random mask.
+
+    Drawing the noise here rather than in the model ties the mask to the sample's seed.
+    """
+
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor], num_patches: int):
+        super().__init__(transform)
+        self.num_patches = num_patches
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return super().__call__(image) | {"noise": torch.rand(self.num_patches)}
+
+
+def mae_view(img_size: int, mean: Sequence[float], std: Sequence[float], patch_size: int,
+             scale: tuple[float, float] = (0.2, 1.0)) -> MaskNoiseView:
+    """MAE pretraining view: random resized crop (bicubic), horizontal flip, normalize, mask noise.
+
+    - He et al., Masked Autoencoders Are Scalable Vision Learners, 2021, arXiv:2111.06377
+      (appendix A.1: RandomResizedCrop with scale (0.2, 1.0) and flips only)
+
+    Args:
+        img_size: output side.
+        mean, std: per-channel normalization.
+        patch_size: the encoder's patch side; sets L = (img_size // patch_size) ** 2.
+        scale: area range of the crop, as a fraction of the image.
+
+    Returns:
+        view: uint8 `(C, H, W)` -> `{"image": float (C, img_size, img_size), "noise": float (L,)}`.
+    """
+    if img_size % patch_size:
+        raise MimkitError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
+    augment = v2.Compose([
+        v2.RandomResizedCrop(img_size, scale=scale, interpolation=BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        normalize(mean, std),
+    ])
+    return MaskNoiseView(augment, (img_size // patch_size) ** 2)
+
+
+def eval_view(img_size: int, mean: Sequence[float], std: Sequence[float],
+              crop_pct: float | None = None) -> ImageView:
+    """Deterministic evaluation view: resize the short side to `img_size / crop_pct`, center crop, normalize.
+
+    `crop_pct` defaults to 0.875 (256 -> 224, the ImageNet convention) from `img_size` 128 up, and to
+    1.0 below, where images are small and a crop would cut away content: they are resized whole.
+
+    Args:
+        img_size: output side.
+        mean, std: per-channel normalization.
+        crop_pct: fraction of the resized short side kept by the center crop, in (0, 1].
+
+    Returns:
+        view: uint8 `(C, H, W)` -> `{"image": float (C, img_size, img_size)}`.
+    """
+    if crop_pct is None:
+        crop_pct = IMAGENET_CROP_PCT if img_size >= CENTER_CROP_MIN_SIZE else 1.0
+    if not 0 < crop_pct <= 1:
+        raise MimkitError(f"crop_pct={crop_pct} must be in (0, 1]")
+    return ImageView(v2.Compose([
+        v2.Resize(int(img_size / crop_pct), interpolation=BICUBIC, antialias=True),
+        v2.CenterCrop(img_size),
+        normalize(mean, std),
+    ]))

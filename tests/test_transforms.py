@@ -1,0 +1,91 @@
+import pickle
+
+import pytest
+import torch
+
+from mimkit.data.transforms import denormalize, eval_view, mae_view, normalize
+from mimkit.errors import MimkitError
+
+MEAN, STD = (0.2860,), (0.3530,)
+
+
+def random_image(channels=1, height=28, width=28, seed=0):
+    return torch.randint(0, 256, (channels, height, width), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def test_mae_view_shapes_and_dtypes():
+    out = mae_view(32, MEAN, STD, patch_size=4)(random_image())
+    assert set(out) == {"image", "noise"}
+    assert out["image"].shape == (1, 32, 32) and out["image"].dtype == torch.float32
+    assert out["noise"].shape == (64,) and out["noise"].dtype == torch.float32
+    assert 0 <= out["noise"].min() and out["noise"].max() < 1
+    rgb = mae_view(16, (0.5,) * 3, (0.5,) * 3, patch_size=8)(random_image(3, 20, 30))
+    assert rgb["image"].shape == (3, 16, 16) and rgb["noise"].shape == (4,)
+
+
+def test_mae_view_reproducible_under_manual_seed():
+    view, image = mae_view(28, MEAN, STD, patch_size=4), random_image()
+    torch.manual_seed(7)
+    first = view(image)
+    torch.manual_seed(7)
+    again = view(image)
+    other = view(image)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["noise"], other["noise"])
+    assert not torch.equal(first["image"], other["image"])  # a different crop or flip
+
+
+def test_mae_view_full_crop_keeps_content():
+    image = random_image()
+    view = mae_view(28, MEAN, STD, patch_size=4, scale=(1.0, 1.0))  # aspect ratio may still vary a bit
+    flips = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out = denormalize(view(image)["image"], MEAN, STD)
+        flips.add(torch.allclose(out, image.flip(-1) / 255, atol=0.15))
+    assert len(flips) == 2  # both orientations seen, not a noise image
+
+
+def test_mae_view_rejects_indivisible_patch():
+    with pytest.raises(MimkitError, match="img_size=30 is not a multiple of patch_size=4"):
+        mae_view(30, MEAN, STD, patch_size=4)
+
+
+def test_normalization_values():
+    image = torch.full((3, 10, 10), 51, dtype=torch.uint8)  # 51 / 255 = 0.2
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 0.1)
+    out = eval_view(10, mean, std)(image)["image"]
+    expected = torch.tensor([(0.2 - m) / s for m, s in zip(mean, std, strict=True)])
+    assert torch.allclose(out.mean((1, 2)), expected, atol=1e-5) and out.std((1, 2)).max() < 1e-5
+    assert torch.allclose(denormalize(out, mean, std), torch.full((3, 10, 10), 0.2), atol=1e-6)
+    assert torch.allclose(normalize(mean, std)(image), out)
+
+
+def test_eval_view_small_images_are_resized_whole():
+    image = random_image()
+    out = eval_view(28, MEAN, STD)(image)["image"]
+    assert torch.allclose(denormalize(out, MEAN, STD), image / 255, atol=1e-6)  # identity at native size
+    assert eval_view(32, MEAN, STD)(image)["image"].shape == (1, 32, 32)
+
+
+def test_eval_view_imagenet_crop():
+    image = torch.zeros((3, 256, 320), dtype=torch.uint8)
+    image[:, 16:240, 48:272] = 255  # the central 224 x 224 of the short-side-256 image
+    out = eval_view(224, (0.0,) * 3, (1.0,) * 3)(image)["image"]
+    assert out.shape == (3, 224, 224) and out.min() > 0.99
+    assert eval_view(224, (0.0,) * 3, (1.0,) * 3, crop_pct=1.0)(image)["image"].min() < 0.01
+
+
+def test_eval_view_is_deterministic_and_picklable():
+    view = pickle.loads(pickle.dumps(eval_view(32, MEAN, STD)))
+    image = random_image()
+    assert torch.equal(view(image)["image"], view(image)["image"])
+    mae = pickle.loads(pickle.dumps(mae_view(32, MEAN, STD, patch_size=8)))
+    assert mae(image)["noise"].shape == (16,)
+
+
+def test_denormalize_batch_and_clamp():
+    x = torch.tensor([-100.0, 0.0, 100.0]).view(1, 1, 1, 3).expand(2, 1, 1, 3)
+    out = denormalize(x, (0.5,), (0.1,))
+    assert out.shape == (2, 1, 1, 3) and out.flatten().tolist() == [0.0, 0.5, 1.0] * 2
