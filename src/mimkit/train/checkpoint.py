@@ -4,9 +4,11 @@ A checkpoint at optimizer step N is two files in ``<run>/checkpoints/``:
 ``step-0000000N.safetensors`` (model weights) and ``step-0000000N.pt`` (optimizer, step, data
 position and RNG states; tensors and plain containers only, so it loads with
 ``torch.load(weights_only=True)``). Each is written to a temporary name and renamed, the state file
-first, so a checkpoint whose weights file exists is complete.
+first, so a checkpoint whose weights file exists is complete. A run that tracks an evaluation metric
+also keeps ``best.safetensors`` and ``best.json`` (its step and value) there.
 """
 
+import json
 import os
 import re
 from pathlib import Path
@@ -58,6 +60,18 @@ class Checkpoints:
         for old in self.steps()[:-self.keep_last]:
             self.weights_path(old).unlink()
             self.state_path(old).unlink()
+
+    def save_best(self, step: int, model: nn.Module, metric: str, value: float) -> None:
+        """Keep ``model``'s weights as the best so far by ``metric`` (``best.safetensors``, ``best.json``)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic(self.dir / "best.safetensors", lambda tmp: save_model(model, str(tmp)))
+        record = {"step": step, "metric": metric, "value": value}
+        _atomic(self.dir / "best.json", lambda tmp: tmp.write_text(json.dumps(record)))
+
+    def best(self) -> dict | None:
+        """``{"step", "metric", "value"}`` of the kept best weights, or None."""
+        path = self.dir / "best.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     def load_state(self, step: int) -> dict:
         return torch.load(self.state_path(step), map_location="cpu", weights_only=True)

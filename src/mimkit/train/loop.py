@@ -101,7 +101,9 @@ def epoch_steps(num_samples: int, global_micro_batch: int, accum_steps: int) -> 
 def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: torch.optim.Optimizer,
           schedule: Schedule, run_dir: str | Path, world: World, *, batch_size: int, seed: int = 0,
           num_workers: int = 0, checkpoint_every: int = 500, keep_last: int = 2, log_every: int = 10,
-          evaluate: Callable[[nn.Module], dict] | None = None, desc: str = "train") -> dict:
+          evaluate: Callable[[nn.Module], dict] | None = None, evaluate_every: int | None = None,
+          keep_best: str | None = None, after_step: Callable[[int], None] | None = None,
+          desc: str = "train") -> dict:
     """Train ``model`` to ``schedule.total_steps`` optimizer steps, resuming from ``run_dir`` if it
     holds a checkpoint.
 
@@ -115,7 +117,11 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
         world: process group description (`mimkit.train.distributed.init_world`).
         batch_size: per-process micro-batch.
         seed: data order, augmentation and mask seed.
-        evaluate: called on the model at every epoch end and at the end; its numbers are logged.
+        evaluate: called on the model every ``evaluate_every`` optimizer steps (default: at every epoch
+            end) and at the end; its numbers are logged.
+        keep_best: a key of ``evaluate``'s results; the weights where it was highest are kept as
+            ``checkpoints/best.safetensors`` (`Checkpoints.save_best`).
+        after_step: called with the new step number after each optimizer step (e.g. a model EMA update).
 
     Returns:
         ``{"step", "interrupted", "resumed_from", **last evaluation}``.
@@ -127,6 +133,9 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
     batches = EpochBatches(len(dataset), batch_size, seed, world.rank, world.size)
     steps_per_epoch = epoch_steps(len(dataset), batch_size * world.size, schedule.accum_steps)
     loader = build_loader(dataset, batches, num_workers)
+    evaluate_every = evaluate_every or steps_per_epoch
+    best = checkpoints.best()
+    best_value = best["value"] if best else -math.inf
 
     step, resumed_from = 0, checkpoints.latest()
     if resumed_from is not None:
@@ -152,9 +161,14 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
             checkpoints.save(at, model, state)
 
     def run_evaluation(at: int, epoch: float) -> dict:
+        nonlocal best_value
         results = evaluate(model) if evaluate else {}
         if results:
             log.write(at, epoch=epoch, **results)
+        if keep_best and results[keep_best] > best_value:
+            best_value = results[keep_best]
+            if world.is_main:
+                checkpoints.save_best(at, model, keep_best, best_value)
         return results
 
     model.train()
@@ -189,6 +203,8 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if after_step:
+                    after_step(step)
                 bar.update(1)
 
                 if step % log_every == 0 or step == schedule.total_steps:
@@ -199,7 +215,7 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
                               **{k: _scalar(v) for k, v in metrics.items()}}
                     log.write(step, epoch=step / steps_per_epoch, **record)
                     bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
-                if step % steps_per_epoch == 0 or step == schedule.total_steps:
+                if step % evaluate_every == 0 or step == schedule.total_steps:
                     results = run_evaluation(step, step / steps_per_epoch)
                 interrupted = any_rank(stop.requested, world)
                 if interrupted or step == schedule.total_steps or step % checkpoint_every == 0:
