@@ -1,0 +1,188 @@
+import math
+
+import pytest
+import timm
+import torch
+from transformers import BeitConfig, BeitForMaskedImageModeling
+
+from mimkit.errors import MimkitError
+from mimkit.masking import block_mask
+from mimkit.models.beit import BEIT_MODELS, BEiT, create_beit
+from mimkit.models.vit import encoder_arch
+
+# transformers' BeitForMaskedImageModeling -> mimkit BEiT. A value is an HF key, or a tuple of HF keys
+# concatenated along dim 0 (timm fuses q, k, v into one matrix; k has no bias, timm keeps a zero buffer).
+HF_KEYS = {
+    "mask_token": "beit.embeddings.mask_token",
+    "encoder.cls_token": "beit.embeddings.cls_token",
+    "encoder.patch_embed.proj.weight": "beit.embeddings.patch_embeddings.projection.weight",
+    "encoder.patch_embed.proj.bias": "beit.embeddings.patch_embeddings.projection.bias",
+    "encoder.rel_pos_bias.relative_position_bias_table":
+        "beit.shared_position_bias.relative_position_bias_table",
+    "encoder.norm.weight": "layernorm.weight",
+    "encoder.norm.bias": "layernorm.bias",
+    "lm_head.weight": "lm_head.weight",
+    "lm_head.bias": "lm_head.bias",
+}
+HF_BLOCK_KEYS = {
+    "encoder.blocks.{i}.norm1.weight": "beit.layers.{i}.layernorm_before.weight",
+    "encoder.blocks.{i}.norm1.bias": "beit.layers.{i}.layernorm_before.bias",
+    "encoder.blocks.{i}.attn.qkv.weight": (
+        tuple(f"beit.layers.{{i}}.attention.{x}_proj.weight" for x in "qkv")
+    ),
+    "encoder.blocks.{i}.attn.q_bias": "beit.layers.{i}.attention.q_proj.bias",
+    "encoder.blocks.{i}.attn.v_bias": "beit.layers.{i}.attention.v_proj.bias",
+    "encoder.blocks.{i}.attn.relative_position_bias_table":
+        "beit.layers.{i}.relative_position_bias.relative_position_bias_table",
+    "encoder.blocks.{i}.attn.proj.weight": "beit.layers.{i}.attention.o_proj.weight",
+    "encoder.blocks.{i}.attn.proj.bias": "beit.layers.{i}.attention.o_proj.bias",
+    "encoder.blocks.{i}.norm2.weight": "beit.layers.{i}.layernorm_after.weight",
+    "encoder.blocks.{i}.norm2.bias": "beit.layers.{i}.layernorm_after.bias",
+    "encoder.blocks.{i}.mlp.fc1.weight": "beit.layers.{i}.mlp.fc1.weight",
+    "encoder.blocks.{i}.mlp.fc1.bias": "beit.layers.{i}.mlp.fc1.bias",
+    "encoder.blocks.{i}.mlp.fc2.weight": "beit.layers.{i}.mlp.fc2.weight",
+    "encoder.blocks.{i}.mlp.fc2.bias": "beit.layers.{i}.mlp.fc2.bias",
+    "encoder.blocks.{i}.gamma_1": "beit.layers.{i}.lambda_1",
+    "encoder.blocks.{i}.gamma_2": "beit.layers.{i}.lambda_2",
+}
+
+
+def from_hf(hf_state: dict, depth: int) -> tuple[dict, set]:
+    """HF BeitForMaskedImageModeling state dict -> (mimkit BEiT state dict, the HF keys it used)."""
+    templates = dict(HF_KEYS)
+    for i in range(depth):
+        for ours, theirs in HF_BLOCK_KEYS.items():
+            templates[ours.format(i=i)] = (tuple(t.format(i=i) for t in theirs) if isinstance(theirs, tuple)
+                                           else theirs.format(i=i))
+    out, used = {}, set()
+    for ours, theirs in templates.items():
+        names = theirs if isinstance(theirs, tuple) else (theirs,)
+        if all(n in hf_state for n in names):  # per-layer or shared bias tables: one kind is present
+            out[ours] = torch.cat([hf_state[n] for n in names])
+            used.update(names)
+    return out, used
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on a shared 2-core machine thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def masks(batch: int) -> torch.Tensor:
+    """(batch, 4, 4) block masks of 6 patches, one seed per image."""
+    return torch.stack([block_mask(4, 4, 6, generator=torch.Generator().manual_seed(i))
+                        for i in range(batch)])
+
+
+def tiny_pair(shared: bool):
+    cfg = BeitConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
+        patch_size=4, num_channels=3, vocab_size=64, use_mask_token=True,
+        use_absolute_position_embeddings=False, use_relative_position_bias=not shared,
+        use_shared_relative_position_bias=shared,
+        layer_scale_init_value=0.1, layer_norm_eps=1e-6, drop_path_rate=0.0, use_mean_pooling=True,
+    )
+    torch.manual_seed(0)
+    hf = BeitForMaskedImageModeling(cfg).eval()
+    # HF zero-inits the tokens and the bias tables: randomize every weight so that parity means something.
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    ours = BEiT(img_size=32, patch_size=4, in_chans=3, vocab_size=64, embed_dim=32, depth=2, num_heads=2,
+                shared_rel_pos_bias=shared, drop_path_rate=0.0).eval()
+    mapped, used = from_hf(hf.state_dict(), depth=2)
+    assert used == set(hf.state_dict())  # nothing of HF's left behind
+    ours.load_state_dict(mapped, strict=True)  # and every mimkit weight set
+    return hf, ours
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_layer_bias", "shared_bias"])
+def test_parity_with_transformers(shared):
+    hf, ours = tiny_pair(shared)
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.parameters())
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(3, 3, 32, 32, generator=g)
+    bool_masked_pos = torch.stack([block_mask(8, 8, 26, generator=g).flatten() for _ in range(3)])
+    target_ids = torch.randint(0, 64, (3, 64), generator=g)
+    with torch.no_grad():
+        out = hf(imgs, bool_masked_pos=bool_masked_pos, labels=target_ids[bool_masked_pos],
+                 output_hidden_states=True)
+        x, hidden = ours.forward_features(imgs, bool_masked_pos, layers=(1, 2))
+        logits = ours.forward_head(x, bool_masked_pos)
+        loss, metrics = ours(imgs, bool_masked_pos, target_ids)
+    torch.testing.assert_close(logits, out.logits[bool_masked_pos], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=1e-5)
+    for h_ours, h_hf in zip(hidden, out.hidden_states[1:], strict=True):  # HF's [0] is the embedding output
+        torch.testing.assert_close(h_ours, h_hf, atol=1e-5, rtol=1e-5)
+    acc = (out.logits[bool_masked_pos].argmax(-1) == target_ids[bool_masked_pos]).float().mean()
+    assert metrics["mim_acc"] == acc
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_layer_bias", "shared_bias"])
+def test_encoder_loads_into_timm_beit_strict(shared):
+    model = BEiT(img_size=32, patch_size=8, in_chans=1, vocab_size=16, embed_dim=64, depth=2, num_heads=4,
+                 shared_rel_pos_bias=shared, drop_path_rate=0.0).eval()
+    timm_model = timm.create_model(
+        "beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, in_chans=1, embed_dim=64,
+        depth=2, num_heads=4, num_classes=0, use_fc_norm=False, use_rel_pos_bias=not shared,
+        use_shared_rel_pos_bias=shared,
+    ).eval()
+    timm_model.load_state_dict(model.encoder.state_dict(), strict=True)
+    imgs = torch.randn(2, 1, 32, 32)
+    nothing_masked = torch.zeros(2, 16, dtype=torch.bool)
+    with torch.no_grad():
+        ours, _ = model.forward_features(imgs, nothing_masked)
+        torch.testing.assert_close(ours, timm_model.forward_features(imgs))
+        some_masked = block_mask(4, 4, 6, generator=torch.Generator().manual_seed(0)).expand(2, 4, 4)
+        assert not torch.allclose(model.forward_features(imgs, some_masked)[0], ours)
+
+
+@pytest.mark.parametrize("name", sorted(BEIT_MODELS))
+def test_registry_models_train_a_step(name):
+    model = create_beit(name, img_size=32, patch_size=8, in_chans=1, vocab_size=32, depth=1)
+    arch = encoder_arch(name)
+    assert model.encoder.embed_dim == arch["embed_dim"] and len(model.encoder.blocks) == 1
+    assert model.encoder.blocks[0].attn.num_heads == arch["num_heads"]
+    assert model.encoder.blocks[0].gamma_1[0].item() == pytest.approx(1e-5 if name == "vit_large" else 0.1)
+    imgs = torch.randn(2, 1, 32, 32)
+    bool_masked_pos = masks(2)
+    loss, metrics = model(imgs, bool_masked_pos, torch.randint(0, 32, (2, 4, 4)))
+    assert abs(loss.item() - math.log(32)) < 0.5  # near-uniform predictions at init
+    assert 0.0 <= metrics["mim_acc"] <= 1.0
+    loss.backward()
+    assert model.mask_token.grad.abs().sum() > 0
+
+
+def test_masked_tokens_are_learned_from_visible_context():
+    # Each image's tokens all equal its own id, which only its visible patches reveal (their brightness).
+    torch.manual_seed(0)
+    model = create_beit("vit_mini", img_size=32, patch_size=8, in_chans=1, vocab_size=16, embed_dim=64,
+                        depth=2, drop_path_rate=0.0)
+    ids = torch.tensor([3, 7, 11, 15])
+    imgs = torch.randn(4, 1, 32, 32) * 0.1 + (ids.float() / 8 - 1)[:, None, None, None]
+    bool_masked_pos, target_ids = masks(4), ids[:, None].expand(4, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss, metrics = model(imgs, bool_masked_pos, target_ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0]  # ~2.8 -> ~0.4
+    assert metrics["mim_acc"] >= 0.75
+
+
+def test_create_beit_rejects_unknown_name():
+    with pytest.raises(MimkitError, match="vit_gigantic"):
+        create_beit("vit_gigantic")
+
+
+def test_forward_features_rejects_bad_layers():
+    model = BEiT(img_size=32, patch_size=8, in_chans=1, vocab_size=16, embed_dim=32, depth=2, num_heads=2)
+    with pytest.raises(MimkitError, match="1..2"):
+        model.forward_features(torch.randn(1, 1, 32, 32), torch.zeros(1, 16, dtype=torch.bool), layers=(3,))
