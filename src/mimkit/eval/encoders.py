@@ -1,0 +1,101 @@
+"""Where an evaluated encoder comes from: a pretraining run (its newest weights, or one checkpoint
+file), a fine-tuning run (its best weights), or a random initialization of the same architecture —
+the baseline every comparison needs."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mimkit.config import PretrainConfig, from_dict, read_yaml
+from mimkit.errors import MimkitError
+from mimkit.eval.classifier import FineTuned, build_classifier
+from mimkit.eval.config import FinetuneConfig
+from mimkit.methods import METHODS
+from mimkit.runs import latest_weights
+from mimkit.train.checkpoint import Checkpoints, load_weights
+
+INITS = ("pretrained", "random")
+
+
+@dataclass
+class Encoder:
+    """An encoder to evaluate.
+
+    Attributes:
+        model: a timm `VisionTransformer` or `Beit` in eval mode (a fine-tuned one keeps its head, which
+            the protocols replace or ignore).
+        spec: the pretraining configuration that defines its architecture and its input (``data.img_size``,
+            ``channels``, ``mean``, ``std``).
+        origin: what was loaded: a weights file, or ``random init (seed S)``.
+        run_dir: the run it comes from.
+        finetune: the fine-tuning configuration when it comes from a fine-tuning run, else None.
+    """
+
+    model: nn.Module
+    spec: PretrainConfig
+    origin: str
+    run_dir: Path
+    finetune: FinetuneConfig | None = None
+
+
+def random_encoder(spec: PretrainConfig, seed: int = 0) -> nn.Module:
+    """The encoder of ``spec``'s method, freshly initialized as that method initializes it.
+
+    The global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return METHODS[spec.method].build_model(spec).encoder.eval()
+
+
+def finetuned_model(config: FinetuneConfig) -> FineTuned:
+    """The (randomly initialized) module a fine-tuning run checkpoints, rebuilt from its configuration."""
+    spec = from_dict(PretrainConfig, config.encoder_config)
+    classifier = build_classifier(random_encoder(spec), config.classifier.num_classes, config.classifier.pool,
+                                  config.classifier.drop_path)
+    return FineTuned(classifier, config.ema_decay)
+
+
+def _locate(path: Path) -> tuple[Path, Path | None]:
+    """(run directory, weights file or None) for a run directory or a checkpoint file inside one."""
+    if path.is_file():
+        if not path.name.endswith(".safetensors"):
+            raise MimkitError(f"'{path}' is not a checkpoint (.safetensors) nor a run directory")
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return run_dir, path
+    if not (path / "config.yaml").is_file():
+        raise MimkitError(f"'{path}' is not a mimkit run directory (no config.yaml) nor a checkpoint file")
+    return path, None
+
+
+def load_encoder(path: str | Path, init: str = "pretrained", seed: int = 0) -> Encoder:
+    """The encoder of a run, on CPU in eval mode.
+
+    Args:
+        path: a pretraining run directory (newest checkpoint), a fine-tuning run directory (its best
+            checkpoint, else its newest), or a ``.safetensors`` checkpoint inside a run's ``checkpoints/``.
+        init: ``pretrained`` loads the weights; ``random`` gives the same architecture freshly initialized.
+        seed: seed of the random initialization.
+    """
+    if init not in INITS:
+        raise MimkitError(f"init {init!r} is not one of {', '.join(INITS)}")
+    run_dir, weights = _locate(Path(path))
+    values = read_yaml(run_dir / "config.yaml")
+    finetune = from_dict(FinetuneConfig, values) if "encoder_config" in values else None
+    spec = from_dict(PretrainConfig, finetune.encoder_config if finetune else values)
+    if init == "random":
+        return Encoder(random_encoder(spec, seed), spec, f"random init (seed {seed})", run_dir, finetune)
+    if finetune:
+        model = finetuned_model(finetune)
+        best = Checkpoints(run_dir).dir / "best.safetensors"
+        weights = weights or (best if best.exists() else latest_weights(run_dir))
+        load_weights(model, weights)
+        encoder = model.classifier
+    else:
+        model = METHODS[spec.method].build_model(spec)
+        weights = weights or latest_weights(run_dir)
+        load_weights(model, weights)
+        encoder = model.encoder
+    return Encoder(encoder.eval(), spec, str(weights), run_dir, finetune)

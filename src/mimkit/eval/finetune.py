@@ -1,0 +1,156 @@
+"""Fine-tuning: a pretrained encoder becomes a classifier, trained end to end by the one training loop.
+
+The MAE/BEiT recipe: AdamW with layer-wise lr decay, drop path, RandAugment, random erasing, mixup +
+cutmix with label smoothing, an optional EMA of the weights. Top-1/top-5 on the validation split
+after every ``eval_every`` epochs; the best weights are kept beside the last ones. The test split is
+read once, at the end.
+
+- MAE: He et al., 2021, arXiv:2111.06377, appendix A.2
+- BEiT: Bao et al., 2021, arXiv:2106.08254, appendix (layer-wise lr decay)
+"""
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from mimkit.config import save_config, to_dict
+from mimkit.data.loader import SeededViews
+from mimkit.data.sources import SourceInfo, build_source
+from mimkit.data.transforms import eval_view
+from mimkit.errors import MimkitError
+from mimkit.eval.augment import MixTargets, finetune_view
+from mimkit.eval.classifier import FineTuned, build_classifier
+from mimkit.eval.config import FinetuneConfig
+from mimkit.eval.encoders import Encoder, finetuned_model, load_encoder
+from mimkit.eval.features import eval_loader
+from mimkit.eval.metrics import classification_accuracy, prefixed, write_results
+from mimkit.eval.subsets import make_splits
+from mimkit.train.checkpoint import Checkpoints, load_weights
+from mimkit.train.distributed import init_world
+from mimkit.train.loop import Schedule, epoch_steps, train
+from mimkit.train.optim import build_adamw, param_groups
+from mimkit.train.schedule import cosine_schedule
+
+
+def resolve_finetune(config: FinetuneConfig, encoder: Encoder, info: SourceInfo) -> FinetuneConfig:
+    """Fill what the encoder decides (input size, channels, normalization, its own configuration) and
+    what the data decides (number of classes)."""
+    spec = encoder.spec.data
+    if config.data.img_size not in (None, spec.img_size):
+        raise MimkitError(f"data.img_size={config.data.img_size} differs from the encoder's {spec.img_size}; "
+                          "fine-tune at the pretraining size")
+    data = replace(config.data, img_size=spec.img_size, channels=spec.channels,
+                   mean=config.data.mean or spec.mean, std=config.data.std or spec.std)
+    classifier = replace(config.classifier, num_classes=config.classifier.num_classes or info.num_classes)
+    return replace(config, encoder_config=to_dict(encoder.spec), data=data, classifier=classifier)
+
+
+def run_finetune(config: FinetuneConfig, run_dir: str | Path) -> dict:
+    """Fine-tune ``config.encoder`` on ``config.data`` into ``run_dir`` (resuming when it holds a checkpoint).
+
+    ``run_dir`` receives ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` (the last ones and
+    ``best.safetensors``) and, once training has finished, ``results.json``.
+
+    Returns:
+        The results (or, when interrupted, the training loop's summary).
+    """
+    start = time.perf_counter()
+    world = init_world()
+    encoder = load_encoder(config.encoder, config.classifier.init, seed=config.train.seed)
+    data = config.data
+    source = build_source(data.source, "train", root=data.root, channels=encoder.spec.data.channels,
+                          skip_bad_images=data.skip_bad_images, max_bad_images=data.max_bad_images)
+    config = resolve_finetune(config, encoder, source.info)
+    data, labels, aug, cls = config.data, config.labels, config.augment, config.classifier
+    splits = make_splits(source, labels.fraction, labels.val_fraction, labels.seed)
+    train_set = Subset(source, splits.train)
+    val_set = Subset(source, splits.val) if splits.val else build_source(
+        data.source, "val", root=data.root, channels=data.channels)
+    test_view = eval_view(data.img_size, data.mean, data.std)
+
+    torch.manual_seed(config.train.seed)  # the head's initialization, the same on every rank
+    model = FineTuned(build_classifier(encoder.model, cls.num_classes, cls.pool, cls.drop_path),
+                      config.ema_decay).to(world.device)
+    mix = MixTargets(cls.num_classes, aug.mixup, aug.cutmix, aug.label_smoothing)
+
+    def loss_fn(model: FineTuned, batch: dict):
+        images, targets = mix(batch["image"], batch["label"])
+        return F.cross_entropy(model(images), targets), {}
+
+    val_loader = eval_loader(val_set, test_view, config.eval_batch_size, data.num_workers)
+
+    def evaluate(model: FineTuned) -> dict:
+        results = prefixed("val", classification_accuracy(model.classifier, val_loader, world.device, "eval"))
+        if config.ema_decay:
+            results |= prefixed("val_ema", classification_accuracy(model.ema.module, val_loader, world.device,
+                                                                   "eval ema"))
+        model.train()
+        if world.is_main:
+            tqdm.write("  ".join(f"{k} {v:.2f}" for k, v in results.items()))
+        return results
+
+    train_cfg, optim = config.train, config.optim
+    global_batch = train_cfg.batch_size * world.size * train_cfg.accum_steps
+    steps_per_epoch = epoch_steps(len(train_set), train_cfg.batch_size * world.size, train_cfg.accum_steps)
+    total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
+    lr = optim.base_lr * global_batch / 256
+    schedule = Schedule(total_steps, cosine_schedule(lr, optim.min_lr, total_steps,
+                                                     round(optim.warmup_epochs * steps_per_epoch)),
+                        train_cfg.accum_steps, optim.clip_grad)
+    groups = param_groups(model, optim.weight_decay, optim.layer_decay, len(model.classifier.blocks))
+    optimizer = build_adamw(groups, optim.betas)
+
+    run_dir = Path(run_dir)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        tqdm.write(f"fine-tune {cls.init} {encoder.spec.model.name} on {data.source}: {len(train_set)} "
+                   f"images ({labels.fraction:g} of the labels), {total_steps} steps "
+                   f"({total_steps / steps_per_epoch:.2f} epochs), global batch {global_batch}, lr {lr:.2e}, "
+                   f"layer decay {optim.layer_decay}")
+    if train_cfg.compile:
+        model.compile()
+    best_metric = "val_ema_top1" if config.ema_decay else "val_top1"
+    summary = train(model, loss_fn, SeededViews(train_set, finetune_view(
+                        data.img_size, data.mean, data.std, aug.crop_scale, aug.rand_augment_ops,
+                        aug.rand_augment_magnitude, aug.reprob)),
+                    optimizer, schedule, run_dir, world, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
+                    num_workers=data.num_workers, checkpoint_every=train_cfg.checkpoint_every,
+                    keep_last=train_cfg.keep_last, log_every=train_cfg.log_every,
+                    evaluate=evaluate, evaluate_every=config.eval_every * steps_per_epoch,
+                    keep_best=best_metric,
+                    after_step=model.update_ema if config.ema_decay else None, desc="fine-tune")
+    if summary["interrupted"] or not world.is_main:
+        return summary
+
+    test_loader = eval_loader(build_source(data.source, "test", root=data.root, channels=data.channels),
+                              test_view, config.eval_batch_size, data.num_workers)
+    final = prefixed("test", classification_accuracy(model.classifier, test_loader, world.device, "test"))
+    if config.ema_decay:
+        final |= prefixed("test_ema", classification_accuracy(model.ema.module, test_loader, world.device,
+                                                              "test ema"))
+    best = Checkpoints(run_dir).best()
+    if splits.val:  # the best weights were chosen on held-out training images: their test number is fair
+        chosen = finetuned_model(config)
+        load_weights(chosen, Checkpoints(run_dir).dir / "best.safetensors")
+        picked = chosen.ema.module if config.ema_decay else chosen.classifier
+        final |= prefixed("test_best", classification_accuracy(picked.to(world.device), test_loader,
+                                                               world.device, "test best"))
+    results = {
+        "protocol": "finetune", "encoder": encoder.origin, "init": cls.init, "data": data.source,
+        "pool": cls.pool, "label_fraction": labels.fraction, "val_fraction": labels.val_fraction,
+        "seed": labels.seed, "train_images": len(train_set),
+        "val_split": f"{labels.val_fraction:g} of train, held out" if splits.val else "the data's val split",
+        "steps": summary["step"], "epochs": round(summary["step"] / steps_per_epoch, 2),
+        **{k: v for k, v in summary.items() if k.startswith("val")},
+        f"best_{best_metric}": best["value"], "best_step": best["step"], **final,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    write_results(run_dir, results)
+    tqdm.write("  ".join(f"{k} {v:.2f}" for k, v in final.items()))
+    return results

@@ -1,0 +1,99 @@
+"""Weighted k-nearest-neighbour classification on frozen features (the DINO protocol).
+
+Features are L2-normalized; each query's k most cosine-similar training features vote for their
+class with weight ``exp(similarity / T)``.
+
+- DINO: Caron et al., 2021, arXiv:2104.14294, section 4.1 (k = 20, T = 0.07)
+- Wu et al., 2018, "Unsupervised Feature Learning via Non-Parametric Instance Discrimination"
+"""
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mimkit.errors import MimkitError
+from mimkit.eval.encoders import Encoder
+from mimkit.eval.features import probe_data
+from mimkit.eval.metrics import prefixed, topk_correct, write_results
+from mimkit.train.metrics import MetricsLog
+
+
+@torch.no_grad()
+def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor,
+               num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Class votes of each query.
+
+    Args:
+        train_features: (N, D) features of the labelled set.
+        train_labels: (N,) their classes in [0, num_classes).
+        query_features: (M, D) features to classify.
+        num_classes: C.
+        k: neighbours per query (capped at N).
+        temperature: T of the ``exp(cos / T)`` vote weight.
+        chunk: queries scored at a time (bounds memory at chunk x N similarities).
+
+    Returns:
+        (M, C) summed vote weights; the argmax is the prediction.
+    """
+    if k < 1 or temperature <= 0:
+        raise MimkitError(f"k-NN needs k >= 1 and a positive temperature, got k={k}, T={temperature}")
+    train = F.normalize(train_features.float(), dim=1)
+    k = min(k, len(train))
+    scores = []
+    for start in range(0, len(query_features), chunk):
+        query = F.normalize(query_features[start:start + chunk].float(), dim=1)
+        similarity, neighbours = (query @ train.T).topk(k, dim=1)  # [m, k]
+        weights = (similarity / temperature).exp()
+        votes = torch.zeros(len(query), num_classes)
+        scores.append(votes.scatter_add_(1, train_labels[neighbours], weights))  # [m, C]
+    return torch.cat(scores)
+
+
+def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor,
+                 query_labels: torch.Tensor, num_classes: int, k: int = 20, temperature: float = 0.07,
+                 chunk: int = 1024, desc: str = "k-NN") -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%) of `knn_scores` on labelled queries, with a progress bar."""
+    top1 = top5 = 0
+    bar = tqdm(range(0, len(query_features), chunk), desc=desc, leave=False, dynamic_ncols=True, unit="chunk")
+    for start in bar:
+        scores = knn_scores(train_features, train_labels, query_features[start:start + chunk], num_classes,
+                            k, temperature, chunk)
+        c1, c5 = topk_correct(scores, query_labels[start:start + chunk], (1, 5))
+        top1, top5 = top1 + c1, top5 + c5
+        bar.set_postfix(top1=f"{100 * top1 / min(start + chunk, len(query_features)):.2f}")
+    n = len(query_features)
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n}
+
+
+def run_knn(encoder: Encoder, data: str, out: str | Path, *, pool: str = "cls", root: str | None = None,
+            label_fraction: float = 1.0, val_fraction: float = 0.0, seed: int = 0, k: int = 20,
+            temperature: float = 0.07, cache_dir: str | Path | None = None, num_workers: int = 0) -> dict:
+    """The k-NN protocol end to end: cached features, neighbours among the label-fraction subset,
+    accuracy on the held-out part (with ``val_fraction``) and on the test split; ``metrics.jsonl`` and
+    ``results.json`` in ``out``.
+
+    Returns:
+        The results written to ``results.json``.
+    """
+    start = time.perf_counter()
+    features = probe_data(encoder, data, pool, root=root, label_fraction=label_fraction,
+                          val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers)
+    parts = {"val": features.val, "test": features.test} if features.val else {"test": features.test}
+    final = {}
+    for name, (x, y) in parts.items():
+        final |= prefixed(name, knn_accuracy(*features.train, x, y, features.num_classes, k, temperature,
+                                             desc=f"k-NN {name}"))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out)
+    log.write(0, **final)
+    log.close()
+    results = {"protocol": "knn", "encoder": encoder.origin, "data": data, "pool": pool,
+               "label_fraction": label_fraction, "val_fraction": val_fraction, "seed": seed,
+               "train_images": len(features.train[1]), "k": k, "temperature": temperature, **final,
+               "wall_s": round(time.perf_counter() - start, 1)}
+    write_results(out, results)
+    return results

@@ -1,0 +1,153 @@
+"""Linear probing: a linear classifier on frozen, cached encoder features (the MAE protocol).
+
+The head is BatchNorm without affine parameters followed by a linear layer: the norm only rescales
+the features (it is foldable into the linear layer), which makes one learning rate fit encoders with
+very different feature scales. SGD with momentum or LARS, linear warmup then cosine decay, no weight
+decay by default.
+
+- MAE: He et al., 2021, arXiv:2111.06377, appendix A.3
+"""
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_model
+from torch import nn
+from tqdm import tqdm
+
+from mimkit.errors import MimkitError
+from mimkit.eval.encoders import Encoder
+from mimkit.eval.features import probe_data
+from mimkit.eval.lars import LARS
+from mimkit.eval.metrics import prefixed, topk_correct, write_results
+from mimkit.train.metrics import MetricsLog
+from mimkit.train.schedule import cosine_schedule
+
+OPTIMIZERS = ("sgd", "lars")
+
+
+class LinearProbe(nn.Sequential):
+    """features (B, D) -> logits (B, C): ``BatchNorm1d(D, affine=False)`` then ``Linear(D, C)``.
+
+    Args:
+        dim: feature width D.
+        num_classes: C.
+    """
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(self[1].weight, std=0.01)
+        nn.init.zeros_(self[1].bias)
+
+
+@torch.no_grad()
+def probe_accuracy(probe: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%) of a probe on features (N, D) with labels (N,)."""
+    probe.eval()
+    top1, top5 = topk_correct(probe(features), labels, (1, 5))
+    return {"top1": 100 * top1 / len(labels), "top5": 100 * top5 / len(labels)}
+
+
+def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+                       epochs: int = 100, batch_size: int = 256, base_lr: float = 0.1, optimizer: str = "sgd",
+                       weight_decay: float = 0.0, warmup_epochs: int = 10, seed: int = 0,
+                       evaluate: Callable[[nn.Module], dict] | None = None, eval_every: int = 10,
+                       log: MetricsLog | None = None, desc: str = "linprobe") -> LinearProbe:
+    """Fit a `LinearProbe` on in-memory features.
+
+    Args:
+        features: (N, D) training features.
+        labels: (N,) their classes.
+        num_classes: C.
+        epochs: passes over the features.
+        batch_size: capped at N; incomplete batches are dropped (BatchNorm needs > 1 sample).
+        base_lr: lr = base_lr x batch / 256, warmed up over ``warmup_epochs``, then cosine to 0.
+        optimizer: ``sgd`` (momentum 0.9) or ``lars``.
+        weight_decay: L2 on the linear weights.
+        seed: data order.
+        evaluate: called on the probe every ``eval_every`` epochs and at the end; its numbers are
+            logged and the first one shown on the progress bar.
+        log: where the per-epoch loss and the evaluations go (``step`` is the epoch).
+
+    Returns:
+        The trained probe, in eval mode.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise MimkitError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if len(features) < 2 or epochs < 1:
+        raise MimkitError(f"a linear probe needs at least 2 training images and 1 epoch, got "
+                          f"{len(features)} and {epochs}")
+    batch_size = min(batch_size, len(features))
+    steps_per_epoch = len(features) // batch_size
+    lr = base_lr * batch_size / 256
+    schedule = cosine_schedule(lr, 0.0, epochs * steps_per_epoch, warmup_epochs * steps_per_epoch)
+    probe = LinearProbe(features.shape[1], num_classes)
+    weights, biases = [probe[1].weight], [probe[1].bias]
+    groups = [{"params": weights, "weight_decay": weight_decay}, {"params": biases, "weight_decay": 0.0}]
+    opt = LARS(groups) if optimizer == "lars" else torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    step, shown = 0, {}
+    bar = tqdm(range(1, epochs + 1), desc=desc, leave=False, dynamic_ncols=True, unit="epoch")
+    for epoch in bar:
+        probe.train()
+        order = torch.randperm(len(features), generator=g)
+        total = 0.0
+        for b in range(steps_per_epoch):
+            batch = order[b * batch_size:(b + 1) * batch_size]
+            for group in opt.param_groups:
+                group["lr"] = schedule[step]
+            loss = F.cross_entropy(probe(features[batch]), labels[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            total += loss.item()
+        record = {"loss": total / steps_per_epoch, "lr": schedule[step - 1]}
+        if evaluate and (epoch % eval_every == 0 or epoch == epochs):
+            results = evaluate(probe)
+            record |= results
+            shown = {k: f"{v:.2f}" for k, v in list(results.items())[:1]}
+        bar.set_postfix(loss=f"{record['loss']:.4f}", **shown)
+        if log:
+            log.write(epoch, **record)
+    return probe.eval()
+
+
+def run_linprobe(encoder: Encoder, data: str, out: str | Path, *, pool: str = "cls", root: str | None = None,
+                 label_fraction: float = 1.0, val_fraction: float = 0.0, seed: int = 0, epochs: int = 100,
+                 batch_size: int = 256, base_lr: float = 0.1, optimizer: str = "sgd",
+                 weight_decay: float = 0.0, cache_dir: str | Path | None = None,
+                 num_workers: int = 0) -> dict:
+    """The linear-probe protocol end to end: cached features, probe training, accuracy, ``results.json``.
+
+    The probe is evaluated on the held-out validation part while it trains (when ``val_fraction`` > 0)
+    and on the test split once, at the end. ``out`` receives ``metrics.jsonl``, ``probe.safetensors``
+    and ``results.json``.
+
+    Returns:
+        The results written to ``results.json``.
+    """
+    start = time.perf_counter()
+    features = probe_data(encoder, data, pool, root=root, label_fraction=label_fraction,
+                          val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out)
+    evaluate = (lambda p: prefixed("val", probe_accuracy(p, *features.val))) if features.val else None
+    probe = train_linear_probe(*features.train, features.num_classes, epochs=epochs, batch_size=batch_size,
+                               base_lr=base_lr, optimizer=optimizer, weight_decay=weight_decay, seed=seed,
+                               evaluate=evaluate, log=log)
+    final = (evaluate(probe) if evaluate else {}) | prefixed("test", probe_accuracy(probe, *features.test))
+    log.write(epochs, **final)
+    log.close()
+    save_model(probe, str(out / "probe.safetensors"))
+    results = {"protocol": "linprobe", "encoder": encoder.origin, "data": data, "pool": pool,
+               "label_fraction": label_fraction, "val_fraction": val_fraction, "seed": seed,
+               "train_images": len(features.train[1]), "feature_dim": features.train[0].shape[1],
+               "optimizer": optimizer, "epochs": epochs, "base_lr": base_lr, **final,
+               "wall_s": round(time.perf_counter() - start, 1)}
+    write_results(out, results)
+    return results

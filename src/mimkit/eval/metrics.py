@@ -1,0 +1,50 @@
+"""Accuracy and the ``results.json`` every evaluation run leaves."""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    """How many rows of ``scores`` (N, C) have their label among the top k, for each k (capped at C)."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # [N, k_max]
+    hits = top == labels[:, None].to(top.device)
+    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+
+
+@torch.inference_mode()
+def classification_accuracy(model: nn.Module, loader: DataLoader, device: torch.device,
+                            desc: str = "eval") -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%) of a classifier over a loader of ``{"image", "label"}`` batches.
+
+    The progress bar shows the running top-1. The model is left in eval mode.
+    """
+    model.eval()
+    top1 = top5 = seen = 0
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, unit="batch")
+    for batch in bar:
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        with autocast:
+            logits = model(batch["image"].to(device, non_blocking=True))
+        c1, c5 = topk_correct(logits.float(), batch["label"], (1, 5))
+        top1, top5, seen = top1 + c1, top5 + c5, seen + len(logits)
+        bar.set_postfix(top1=f"{100 * top1 / seen:.2f}")
+    return {"top1": 100 * top1 / seen, "top5": 100 * top5 / seen}
+
+
+def prefixed(prefix: str, metrics: dict) -> dict:
+    """``{"top1": 90.1}`` -> ``{"<prefix>_top1": 90.1}``."""
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
+def write_results(run_dir: str | Path, results: dict) -> Path:
+    """Write ``<run>/results.json`` (indented, keys in insertion order)."""
+    path = Path(run_dir) / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
