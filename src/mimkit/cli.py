@@ -2,6 +2,8 @@
 
     mimkit pretrain mae --data fashion-mnist --model vit_mini --out runs/mae [--epochs N | --max-steps N]
     mimkit visualize runs/mae --out recon.png [--n 8]
+    mimkit finetune runs/mae --data fashion-mnist --out runs/ft [--label-fraction 0.1] [--init random]
+    mimkit linprobe runs/mae --data fashion-mnist --out runs/lp     (knn: the same arguments)
 
 Bad input ends with a one-line ``error:`` message and exit status 2, never a traceback.
 """
@@ -97,6 +99,115 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     print(f"wrote {save_picture(image_grid(panels, data.mean, data.std), args.out)}")
 
 
+def finetune_config(args: argparse.Namespace):
+    """Defaults ← recipe ← command-line flags ← ``--set`` overrides, for ``mimkit finetune``."""
+    from mimkit.eval.config import FinetuneConfig
+
+    recipe = load_recipe(args.config or default_recipe("finetune", args.data))
+    values = merge(to_dict(FinetuneConfig()), recipe)
+    flags: dict = {"encoder": args.run, "data": {"source": args.data}, "classifier": {"init": args.init},
+                   "labels": {}, "train": {}}
+    if args.pool:
+        flags["classifier"]["pool"] = args.pool
+    if args.label_fraction is not None:
+        flags["labels"]["fraction"] = args.label_fraction
+    if args.val_fraction is not None:
+        flags["labels"]["val_fraction"] = args.val_fraction
+    if args.epochs is not None:
+        flags["train"] |= {"epochs": args.epochs, "max_steps": None}
+    if args.max_steps is not None:
+        flags["train"]["max_steps"] = args.max_steps
+    if args.batch_size is not None:
+        flags["train"]["batch_size"] = args.batch_size
+    return from_dict(FinetuneConfig, merge(merge(values, flags), parse_overrides(args.set)))
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from mimkit.config import read_yaml
+    from mimkit.eval.finetune import run_finetune
+    from mimkit.train.checkpoint import Checkpoints
+
+    config = finetune_config(args)
+    out = Path(args.out)
+    if (out / "config.yaml").is_file() and Checkpoints(out).latest() is not None:
+        saved = read_yaml(out / "config.yaml")
+        if saved.get("encoder") != config.encoder:
+            raise MimkitError(f"'{out}' holds another run ({saved.get('encoder') or saved.get('method')}); "
+                              "choose another --out")
+    results = run_finetune(config, out)
+    if "test_top1" in results:
+        print(f"run directory: {out}  test top-1 {results['test_top1']:.2f}%  "
+              f"(results: {out / 'results.json'})")
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    from mimkit.eval.encoders import load_encoder
+
+    encoder = load_encoder(args.run, args.init, args.seed)
+    common = dict(pool=args.pool or "cls", label_fraction=args.label_fraction or 1.0,
+                  val_fraction=args.val_fraction or 0.0, seed=args.seed, cache_dir=args.features_cache,
+                  num_workers=args.num_workers)
+    if args.command == "linprobe":
+        from mimkit.eval.linprobe import run_linprobe
+
+        results = run_linprobe(encoder, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
+                               base_lr=args.lr, optimizer=args.optimizer, **common)
+    else:
+        from mimkit.eval.knn import run_knn
+
+        results = run_knn(encoder, args.data, args.out, k=args.k, temperature=args.temperature, **common)
+    print(f"{args.command}: test top-1 {results['test_top1']:.2f}%  "
+          f"(results: {Path(args.out) / 'results.json'})")
+
+
+def add_eval_commands(commands) -> None:
+    """``finetune``, ``linprobe`` and ``knn``: what a pretrained encoder is worth."""
+
+    def evaluation(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("run", help="a pretraining or fine-tuning run directory, or a .safetensors "
+                         "checkpoint")
+        sub.add_argument("--data", required=True, help="labelled data: fashion-mnist | mnist | synthetic | "
+                         "a folder with one sub-folder per class (or train/, val/, test/ folders of them)")
+        sub.add_argument("--out", required=True, help="run directory for metrics and results.json")
+        sub.add_argument("--label-fraction", type=float,
+                         help="train on a stratified, seeded subset of the labels, e.g. 0.01")
+        sub.add_argument("--val-fraction", type=float,
+                         help="hold out this part of the train split for validation (for data without one)")
+        sub.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
+                         help="random: the same architecture freshly initialized (the baseline)")
+        sub.add_argument("--pool", choices=("avg", "cls"),
+                         help="features: mean of the patch tokens or the [CLS] token")
+        return sub
+
+    finetune = evaluation("finetune", "fine-tune a pretrained encoder into a classifier")
+    length = finetune.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int)
+    length.add_argument("--max-steps", type=int)
+    finetune.add_argument("--batch-size", type=int, help="per-process batch")
+    finetune.add_argument("--config", help="a packaged recipe name or a YAML file (default: finetune_fmnist "
+                          "for the built-in data, finetune_in1k otherwise)")
+    finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="dotted override, e.g. optim.layer_decay=0.65 (repeatable)")
+    finetune.set_defaults(handler=cmd_finetune)
+
+    for name, help in (("linprobe", "linear probe on frozen features"), ("knn", "k-NN on frozen features")):
+        probe = evaluation(name, help)
+        probe.add_argument("--seed", type=int, default=0,
+                           help="seed of the label subset, hold-out, probe and random init")
+        probe.add_argument("--features-cache", help="where features are cached (default: RUN/features)")
+        probe.add_argument("--num-workers", type=int, default=1, help="data loader processes for extraction")
+        if name == "linprobe":
+            probe.add_argument("--epochs", type=int, default=100)
+            probe.add_argument("--batch-size", type=int, default=256)
+            probe.add_argument("--lr", type=float, default=0.1, help="base lr, scaled by batch / 256")
+            probe.add_argument("--optimizer", choices=("sgd", "lars"), default="sgd")
+        else:
+            probe.add_argument("--k", type=int, default=20)
+            probe.add_argument("--temperature", type=float, default=0.07)
+        probe.set_defaults(handler=cmd_probe)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling for Vision Transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--n", type=int, default=8, help="number of images")
     visualize.add_argument("--seed", type=int, default=0)
     visualize.set_defaults(handler=cmd_visualize)
+    add_eval_commands(commands)
     return parser
 
 
