@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from mimkit.data.transforms import denormalize
 from mimkit.models.mae import MAE
 
 
@@ -49,9 +50,7 @@ def image_grid(panels: dict[str, torch.Tensor], mean, std, scale: int = 4) -> Im
         mean, std: the normalization to undo.
         scale: integer upscaling for small images (nearest neighbour keeps the patches visible).
     """
-    mean = torch.tensor(mean).view(1, -1, 1, 1)
-    std = torch.tensor(std).view(1, -1, 1, 1)
-    columns = [(p.float().cpu() * std + mean).clamp(0, 1) for p in panels.values()]
+    columns = [denormalize(p.float().cpu(), mean, std) for p in panels.values()]
     b, c, h, w = columns[0].shape
     scale = max(1, scale if h >= 64 else 112 // h)
     h, w, pad, header = h * scale, w * scale, 4, 18

@@ -5,7 +5,7 @@
 
 from mimkit.config import PretrainConfig
 from mimkit.data.transforms import mae_view
-from mimkit.models.mae import MAE, create_mae
+from mimkit.models.mae import MAE, create_mae, num_kept
 
 
 def build_model(config: PretrainConfig) -> MAE:
@@ -16,6 +16,7 @@ def build_model(config: PretrainConfig) -> MAE:
 
 def build_task(config: PretrainConfig, model: MAE):
     mask_ratio = config.mae.mask_ratio
+    num_kept(model.num_patches, mask_ratio)  # refuse an impossible ratio before training starts
     view = mae_view(config.data.img_size, config.data.mean, config.data.std, config.model.patch_size)
 
     def loss_fn(model: MAE, batch: dict):

@@ -177,7 +177,7 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
                dynamic_ncols=True, unit="step")
     last_log, last_log_step = time.perf_counter(), step
     interrupted = False
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, bar:
         while step < schedule.total_steps and not interrupted:
             epoch, first = divmod(step, steps_per_epoch)
             batches.set_position(epoch, first * schedule.accum_steps)
@@ -222,7 +222,6 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
                     save(step)
                 if interrupted or step == schedule.total_steps:
                     break
-    bar.close()
     log.close()
     if interrupted and world.is_main:
         tqdm.write(f"interrupted: checkpoint saved at step {step} in {checkpoints.dir}; "

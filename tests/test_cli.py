@@ -1,0 +1,88 @@
+"""The command line on real Fashion-MNIST and synthetic data: pretrain, resume, visualize, bad input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mimkit.cli import main
+from mimkit.methods import METHODS
+from mimkit.runs import latest_weights, load_config, load_run
+from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.metrics import read_metrics
+
+TINY = ["--set", "model.kwargs.depth=2", "--set", "model.kwargs.decoder_depth=1", "--set", "data.num_workers=0"]
+
+
+def pretrain(out, *extra):
+    return main(["pretrain", "mae", "--out", str(out), *TINY, *extra])
+
+
+def test_pretrain_resume_and_visualize_on_fashion_mnist(tmp_path, capsys):
+    run = tmp_path / "mae"
+    assert pretrain(run, "--data", "fashion-mnist", "--batch-size", "32", "--max-steps", "3") == 0
+    assert Checkpoints(run).latest() == 3
+    assert (run / "config.yaml").exists() and read_metrics(run)
+    model, config = load_run(run)
+    assert config.data.img_size == 28 and config.data.channels == 1 and config.model.name == "vit_mini"
+    assert len(model.encoder.blocks) == 2
+
+    assert pretrain(run, "--data", "fashion-mnist", "--batch-size", "32", "--max-steps", "5") == 0
+    captured = capsys.readouterr()
+    assert "resuming from step 3" in captured.out + captured.err
+    assert Checkpoints(run).latest() == 5
+
+    picture = tmp_path / "recon.png"
+    assert main(["visualize", str(run), "--out", str(picture), "--n", "3"]) == 0
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mae_learns_on_fashion_mnist(tmp_path):
+    run = tmp_path / "mae"
+    pretrain(run, "--data", "fashion-mnist", "--batch-size", "64", "--max-steps", "40",
+             "--set", "optim.base_lr=4e-3", "--set", "optim.warmup_epochs=0", "--set", "train.log_every=1")
+    losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/no/such/dir"], "does not exist"),
+    (["--data", "synthetic", "--model", "vit_nope"], "unknown MAE model"),
+    (["--data", "synthetic", "--set", "model.patch_size=5"], "multiple of patch_size"),
+    (["--data", "synthetic", "--set", "mae.mask_ratio=1.5"], "mask"),
+    (["--data", "synthetic", "--set", "mae.mask_ratio=0.99"], "mask"),
+    (["--data", "synthetic", "--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["--data", "synthetic", "--config", "no_such_recipe"], "unknown recipe"),
+])
+def test_bad_input_is_one_line_error(tmp_path, capsys, args, message):
+    assert pretrain(tmp_path / "bad", "--max-steps", "1", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_run_dir_of_another_model_is_refused(tmp_path, capsys):
+    run = tmp_path / "mae"
+    pretrain(run, "--data", "synthetic", "--batch-size", "8", "--max-steps", "1")
+    assert pretrain(run, "--data", "synthetic", "--model", "vit_tiny", "--max-steps", "1") == 2
+    assert "holds a mae vit_mini run" in capsys.readouterr().err
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """torchrun with 2 gloo processes x batch 4 ends where 1 process x batch 8 does."""
+    common = ["pretrain", "mae", "--data", "synthetic", "--max-steps", "3", *TINY,
+              "--set", "optim.warmup_epochs=0"]
+    assert main([*common, "--out", str(tmp_path / "one"), "--batch-size", "8"]) == 0
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "mimkit.cli", *common, "--out", str(tmp_path / "two"), "--batch-size", "4"],
+                   check=True, capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    one, two = load_file(latest_weights(tmp_path / "one")), load_file(latest_weights(tmp_path / "two"))
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    config = load_config(tmp_path / "one")
+    torch.manual_seed(config.train.seed)
+    initial = METHODS["mae"].build_model(config).state_dict()
+    assert not torch.equal(initial["encoder.blocks.0.attn.qkv.weight"], one["encoder.blocks.0.attn.qkv.weight"])
