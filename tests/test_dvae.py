@@ -1,0 +1,132 @@
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mimkit.data.sources import build_source
+from mimkit.errors import MimkitError
+from mimkit.tokenizers.dvae import (
+    DVAE,
+    codebook_stats,
+    dvae_for,
+    load_dvae,
+    load_dvae_encoder,
+    save_dvae,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small convolutions run fastest on one thread; two threads on a shared 2-core machine thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    """512 normalized Fashion-MNIST test images, (512, 1, 28, 28)."""
+    source = build_source("fashion-mnist", split="test")
+    imgs = torch.stack([source[i][0] for i in range(512)]).float() / 255
+    return (imgs - source.info.mean[0]) / source.info.std[0]
+
+
+@pytest.fixture(scope="module")
+def trained(fashion):
+    """A 64-code dVAE trained for 100 steps, with its metrics before and after."""
+    torch.manual_seed(0)
+    model = dvae_for(28, 4, 1, vocab_size=64, hidden=8)
+    probe = fashion[:256]
+
+    def measure():
+        with torch.no_grad():
+            _, metrics, _ = model(probe, temperature=1.0, kl_weight=0.0)
+        hard = torch.nn.functional.mse_loss(model.decode(model.tokenize(probe)), probe)  # from argmax codes
+        return {**metrics, "hard_recon": hard}
+
+    before = measure()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    steps = 100
+    for step in range(steps):
+        temperature = 0.1 ** (step / steps)  # DALL-E-style exponential annealing, 1 -> 0.1
+        loss, _, _ = model(fashion[torch.randint(0, len(fashion), (32,), generator=g)], temperature, 0.05)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, before, measure()
+
+
+def test_ids_have_the_patch_grid_shape():
+    model = dvae_for(28, 4, 1, vocab_size=32, hidden=8)
+    ids = model.tokenize(torch.randn(2, 1, 28, 28))
+    assert ids.shape == (2, 7, 7) and ids.dtype == torch.long and not ids.requires_grad
+    assert 0 <= ids.min() and ids.max() < 32
+    assert model.decode(ids).shape == (2, 1, 28, 28)
+    # BEiT's second, lower-resolution tokenizer view: 32 px ViT with patch 8 -> 4x4 grid, tokenizer at 16 px
+    small = dvae_for(32, 8, 3, vocab_size=16, hidden=8, tokenizer_size=16)
+    assert small.tokenize(torch.randn(2, 3, 16, 16)).shape == (2, 4, 4)
+    loss, metrics, recon = small(torch.randn(2, 3, 16, 16), temperature=1.0, kl_weight=0.1)
+    assert recon.shape == (2, 3, 16, 16) and loss.ndim == 0
+    assert set(metrics) == {"recon", "kl", "usage", "perplexity"}
+
+
+def test_kl_is_zero_for_a_uniform_posterior():
+    model = DVAE(in_chans=1, vocab_size=16, hidden=8, num_down=1)
+    final = model.encoder.net[-1]
+    torch.nn.init.zeros_(final.weight)
+    torch.nn.init.zeros_(final.bias)  # logits all 0 -> q = U(16)
+    _, metrics, _ = model(torch.randn(2, 1, 8, 8), temperature=1.0, kl_weight=1.0)
+    assert metrics["kl"].abs() < 1e-6
+    torch.nn.init.constant_(final.bias, 0.0)
+    final.bias.data[3] = 100.0  # q = one-hot -> KL = log K
+    _, metrics, _ = model(torch.randn(2, 1, 8, 8), temperature=1.0, kl_weight=1.0)
+    assert metrics["kl"].item() == pytest.approx(math.log(16), abs=1e-4)
+
+
+def test_codebook_stats():
+    same = codebook_stats(torch.full((4, 7, 7), 5), 64)
+    assert same["usage"].item() == pytest.approx(1 / 64) and same["perplexity"].item() == pytest.approx(1.0)
+    every = codebook_stats(torch.arange(64).repeat(3), 64)
+    assert every["usage"].item() == 1.0 and every["perplexity"].item() == pytest.approx(64.0)
+
+
+def test_training_lowers_loss_and_grows_codebook_usage(trained):
+    _, before, after = trained
+    assert after["recon"] < 0.3 * before["recon"]  # ~1.0 -> ~0.2
+    assert after["hard_recon"] < 0.3 * before["hard_recon"]  # decoding the argmax ids works too
+    assert after["usage"] > before["usage"] + 0.2  # ~0.28 -> ~0.7 of the 64 codes
+    assert after["perplexity"] > 2 * before["perplexity"]  # ~6 -> ~19
+
+
+def test_save_load_round_trip(trained, fashion, tmp_path):
+    model, _, _ = trained
+    imgs = fashion[:64]
+    written = save_dvae(model, tmp_path / "runs" / "dvae")  # a folder, created
+    assert written.name == "dvae.safetensors"
+    loaded = load_dvae(tmp_path / "runs" / "dvae")
+    assert torch.equal(loaded.tokenize(imgs), model.tokenize(imgs))
+    assert torch.equal(loaded.decode(model.tokenize(imgs)), model.decode(model.tokenize(imgs)))
+    encoder = load_dvae_encoder(written)
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    assert torch.equal(encoder.tokenize(imgs), model.tokenize(imgs))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(MimkitError, match="no dVAE"):
+        load_dvae(tmp_path)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(MimkitError, match="not a dVAE"):
+        load_dvae_encoder(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(img_size=28, patch_size=5, in_chans=1), "patch_size 5"),
+    (dict(img_size=32, patch_size=8, in_chans=1, tokenizer_size=24), "tokenizer size 24"),
+    (dict(img_size=28, patch_size=4, in_chans=1, recon_loss="bce"), "bce"),
+])
+def test_dvae_for_rejects_bad_arguments(kwargs, needle):
+    with pytest.raises(MimkitError, match=needle):
+        dvae_for(**kwargs)
