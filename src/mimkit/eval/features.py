@@ -1,19 +1,20 @@
 """Frozen-encoder features, extracted once and cached, so a probe trains in seconds.
 
-A cache file holds the pooled features and labels of one split, named by a digest of everything
-that determines them: the encoder's weights, the data and split, the view, and the pooling. Running
-the linear probe and k-NN at several label fractions reads the same file.
+A cache file holds the pooled features of one split, named by a digest of everything that determines
+them: the encoder's weights, the data and split, the view, and the pooling. The linear probe and k-NN,
+at every label fraction, read the same file.
 """
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from mimkit.data.loader import SeededViews
@@ -53,36 +54,47 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def cached_features(model: nn.Module, source: Dataset, view, pool: str, data_key: str, cache_dir: str | Path,
-                    *, batch_size: int = 256, num_workers: int = 0,
+                    indices: Sequence[int] | None = None, *, batch_size: int = 256, num_workers: int = 0,
                     device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`extract_features`, read from ``cache_dir`` when an identical extraction was done before.
+    """`extract_features` of some items of ``source``, computing only those no earlier call cached.
+
+    The cache file of a (model, source, view, pool) holds a row per item and a mask of the rows
+    filled so far, so probing 1% of the labels extracts 1% of the images, and 10% later adds the rest.
 
     Args:
         model: the frozen encoder.
-        source: the images, e.g. a train or test split.
+        source: the images, e.g. a train or test split, with ``.labels``.
         view: the deterministic evaluation view (part of the cache key through its ``repr``).
         pool: ``avg`` or ``cls``.
         data_key: names the data and split, e.g. ``"fashion-mnist:test"``.
         cache_dir: where cache files live (created if needed).
+        indices: items wanted, in this order; None for all.
 
     Returns:
-        features (N, D) float32 and labels (N,), in source order.
+        features (n, D) float32 and labels (n,) of the wanted items.
     """
     key = hashlib.sha256("\n".join([weights_digest(model), data_key, str(len(source)), repr(view), pool])
                          .encode()).hexdigest()[:16]
     safe_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in data_key)
     path = Path(cache_dir) / f"{safe_name}-{pool}-{key}.safetensors"
-    if path.exists():
-        cached = load_file(str(path))
-        return cached["features"], cached["labels"]
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = eval_loader(source, view, batch_size, num_workers)
-    features, labels = extract_features(model, loader, pool, device, desc=f"features {data_key}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(tmp))
-    os.replace(tmp, path)
-    return features, labels
+    cached = load_file(str(path)) if path.exists() else {}
+    labels = torch.as_tensor(source.labels)
+    have = cached["have"].bool() if cached else torch.zeros(len(source), dtype=torch.bool)
+    features = cached.get("features")
+    wanted = torch.arange(len(source)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+    missing = wanted[~have[wanted]].unique()
+    if len(missing):
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        loader = eval_loader(Subset(source, missing.tolist()), view, batch_size, num_workers)
+        new, _ = extract_features(model, loader, pool, device, desc=f"features {data_key}")
+        if features is None:
+            features = torch.zeros(len(source), new.shape[1])
+        features[missing], have[missing] = new, True
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"features": features, "labels": labels, "have": have.to(torch.uint8)}, str(tmp))
+        os.replace(tmp, path)
+    return features[wanted], labels[wanted]
 
 
 @dataclass
@@ -108,8 +120,8 @@ def probe_data(encoder: Encoder, data: str, pool: str, *, root: str | None = Non
                batch_size: int = 256, num_workers: int = 0) -> ProbeData:
     """Frozen features of ``data`` for a linear probe or k-NN, through the encoder's evaluation view.
 
-    The whole train and test splits are extracted once (cached in ``cache_dir``, by default the
-    encoder run's ``features/``); the label-fraction subset and the hold-out (`make_splits`) index them.
+    Features are cached in ``cache_dir`` (by default the encoder run's ``features/``): each image is
+    encoded once, whatever the label fraction or the protocol that asks for it.
 
     Args:
         encoder: from `mimkit.eval.encoders.load_encoder`.
@@ -121,14 +133,13 @@ def probe_data(encoder: Encoder, data: str, pool: str, *, root: str | None = Non
     view = eval_view(spec.img_size, spec.mean, spec.std)
     cache_dir = Path(cache_dir) if cache_dir else encoder.run_dir / "features"
 
-    def split_features(split: str):
-        source = build_source(data, split, root=root, channels=spec.channels)
-        return source, cached_features(encoder.model, source, view, pool, f"{data}:{split}", cache_dir,
-                                       batch_size=batch_size, num_workers=num_workers)
+    def features(split: str, source: Dataset, indices: list[int] | None = None):
+        return cached_features(encoder.model, source, view, pool, f"{data}:{split}", cache_dir, indices,
+                               batch_size=batch_size, num_workers=num_workers)
 
-    train_source, (x, y) = split_features("train")
+    train_source = build_source(data, "train", root=root, channels=spec.channels)
     splits = make_splits(train_source, label_fraction, val_fraction, seed)
-    _, test = split_features("test")
-    val = (x[splits.val], y[splits.val]) if splits.val else None
-    return ProbeData(train=(x[splits.train], y[splits.train]), val=val, test=test,
+    return ProbeData(train=features("train", train_source, splits.train),
+                     val=features("train", train_source, splits.val) if splits.val else None,
+                     test=features("test", build_source(data, "test", root=root, channels=spec.channels)),
                      num_classes=train_source.info.num_classes)

@@ -44,7 +44,7 @@ def label_subset(labels: Sequence[int], fraction: float, seed: int = 0) -> list[
     """
     if not 0 < fraction <= 1:
         raise MimkitError(f"label fraction {fraction} must be in (0, 1], e.g. 0.01 or 0.1")
-    labels = torch.as_tensor(list(labels))
+    labels = torch.as_tensor(labels)
     if fraction == 1:
         return list(range(len(labels)))
     keep = []
@@ -80,7 +80,7 @@ def make_splits(source: Dataset, label_fraction: float = 1.0, val_fraction: floa
         val_fraction: in [0, 1); 0 means no hold-out.
         seed: seed of both draws.
     """
-    labels = list(source.labels)
+    labels = torch.as_tensor(source.labels).tolist()
     if not labels or min(labels) < 0:
         raise MimkitError(f"evaluation needs labelled training images, but '{source.info.name}' is "
                           "unlabelled; use a folder with one sub-folder per class, fashion-mnist, mnist or "
