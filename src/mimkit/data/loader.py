@@ -37,8 +37,10 @@ class SeededViews(Dataset):
         rng = torch.default_generator  # seeded directly: fork_rng/manual_seed cost ~60x more per sample
         saved = rng.get_state()
         rng.manual_seed(seed)
-        out = self.view(image)
-        rng.set_state(saved)
+        try:
+            out = self.view(image)
+        finally:
+            rng.set_state(saved)
         return out | {"label": torch.tensor(label)}
 
 
