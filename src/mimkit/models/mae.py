@@ -7,6 +7,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 from mimkit.errors import MimkitError
@@ -174,11 +175,20 @@ class MAE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """imgs (B, C, H, W) -> latent (B, 1 + L_keep, D), mask (B, L), ids_restore (B, L).
 
-        The encoder runs on the visible patches only.
+        The encoder runs on the visible patches only, and so does the patch embedding: the masking
+        gathers raw pixel patches and the encoder's patch-embedding conv is applied to them as the
+        linear map it is (same weights, same result as embedding every patch and then gathering).
         """
         enc = self.encoder
-        x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:]  # [B, L, D]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        pixels, mask, ids_restore = self.random_masking(
+            self.patchify(imgs), mask_ratio, noise
+        )  # [B, L_keep, P]
+        ids_keep = ids_restore.argsort(dim=1)[:, : pixels.shape[1]]  # the inverse of ids_restore, kept part
+        proj = enc.patch_embed.proj
+        weight = proj.weight.permute(0, 2, 3, 1).flatten(
+            1
+        )  # conv (D, C, p, p) -> linear over (p, p, C) patches
+        x = F.linear(pixels, weight, proj.bias) + enc.pos_embed[0, 1:][ids_keep]  # [B, L_keep, D]
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = enc.blocks(torch.cat([cls, x], dim=1))
         return enc.norm(x), mask, ids_restore
