@@ -180,14 +180,11 @@ class MAE(nn.Module):
         linear map it is (same weights, same result as embedding every patch and then gathering).
         """
         enc = self.encoder
-        pixels, mask, ids_restore = self.random_masking(
-            self.patchify(imgs), mask_ratio, noise
-        )  # [B, L_keep, P]
+        patches = self.patchify(imgs)  # [B, L, P]
+        pixels, mask, ids_restore = self.random_masking(patches, mask_ratio, noise)  # [B, L_keep, P]
         ids_keep = ids_restore.argsort(dim=1)[:, : pixels.shape[1]]  # the inverse of ids_restore, kept part
         proj = enc.patch_embed.proj
-        weight = proj.weight.permute(0, 2, 3, 1).flatten(
-            1
-        )  # conv (D, C, p, p) -> linear over (p, p, C) patches
+        weight = proj.weight.permute(0, 2, 3, 1).flatten(1)  # conv (D, C, p, p) as a linear on (p, p, C)
         x = F.linear(pixels, weight, proj.bias) + enc.pos_embed[0, 1:][ids_keep]  # [B, L_keep, D]
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = enc.blocks(torch.cat([cls, x], dim=1))
