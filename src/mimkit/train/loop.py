@@ -141,8 +141,9 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
     if resumed_from is not None:
         load_weights(model, checkpoints.weights_path(resumed_from))
         state = checkpoints.load_state(resumed_from)
-        optimizer.load_state_dict(state["optimizer"])
-        _restore_rng(state["rng"], world)
+        if "optimizer" in state:  # an imported checkpoint holds weights only: fresh optimizer and RNG
+            optimizer.load_state_dict(state["optimizer"])
+            _restore_rng(state["rng"], world)
         step = state["step"]
         if world.is_main:
             drop_records_after(run_dir, step)
