@@ -5,8 +5,9 @@ A checkpoint at optimizer step N is two files in ``<run>/checkpoints/``:
 position and RNG states; tensors and plain containers only, so it loads with
 ``torch.load(weights_only=True)``; an imported run's step-0 state holds only the step and where the
 weights came from, and training starts from them with a fresh optimizer). Each is written to a
-temporary name and renamed, the state file first, so a checkpoint whose weights file exists is complete. A run that tracks an evaluation metric
-also keeps ``best.safetensors`` and ``best.json`` (its step and value) there.
+temporary name and renamed, the state file first, so a checkpoint whose weights file exists is complete.
+A run that tracks an evaluation metric also keeps ``best.safetensors`` and ``best.json`` (its step and
+value) there.
 """
 
 import json
