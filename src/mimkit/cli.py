@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mimkit.config import PretrainConfig, from_dict, load_recipe, merge, parse_overrides, to_dict
+from mimkit.config import PretrainConfig, from_dict, load_recipe, merge, parse_overrides, read_yaml, to_dict
 from mimkit.errors import MimkitError
 from mimkit.methods import METHODS
 
@@ -29,8 +29,13 @@ def default_recipe(method: str, data: str) -> str:
 
 
 def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
-    """Defaults ← recipe ← command-line flags ← ``--set`` overrides."""
-    recipe = load_recipe(args.config or default_recipe(args.method, args.data or "fashion-mnist"))
+    """Defaults ← recipe ← command-line flags ← ``--set`` overrides. Without ``--config``, a run directory
+    that already holds a configuration (an interrupted or an imported run) is its own recipe."""
+    saved = Path(args.out) / "config.yaml"
+    if args.config or not saved.is_file():
+        recipe = load_recipe(args.config or default_recipe(args.method, args.data or "fashion-mnist"))
+    else:
+        recipe = read_yaml(saved)
     values = merge(to_dict(PretrainConfig(method=args.method)), recipe)
     flags: dict = {"data": {}, "model": {}, "train": {}}
     if args.data:
