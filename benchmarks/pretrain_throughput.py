@@ -1,0 +1,212 @@
+"""MAE pretraining throughput: mimkit's MAE against transformers' ViTMAEForPreTraining, same configuration.
+
+One training step is forward + backward + AdamW step on a fixed batch with fixed masking noise. Both
+models are timed in the same process, interleaved round by round (the order alternates), so that load
+from other processes on a shared machine hits both alike; the reported speed is each model's median
+round. Peak memory is measured separately, each model in a fresh subprocess: on CPU the growth of the
+peak resident set size (ru_maxrss) over the resident size just before the first step, on CUDA the
+growth of torch.cuda.max_memory_allocated over the allocated memory before the first step.
+
+FLOPs of one step are counted with torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions and
+attention; elementwise ops are not counted) and compared with the speed of a large fp32 matmul timed here.
+
+    .venv/bin/python benchmarks/pretrain_throughput.py    # ViT-Tiny/4 on 28x28x1, batch 256, 2 threads
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mimkit.models.mae import MAE
+
+MODELS = ("mimkit", "transformers")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--img-size", type=int, default=28)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--in-chans", type=int, default=1)
+    p.add_argument("--embed-dim", type=int, default=192)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--num-heads", type=int, default=3)
+    p.add_argument("--decoder-embed-dim", type=int, default=128)
+    p.add_argument("--decoder-depth", type=int, default=4)
+    p.add_argument("--decoder-num-heads", type=int, default=4)
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--raw-pix-loss", action="store_true", help="regress raw pixels instead of norm-pix")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the first round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--memory-of", choices=MODELS, help=argparse.SUPPRESS)  # internal: one model's memory
+    return p.parse_args(argv)
+
+
+def build(name: str, a: argparse.Namespace) -> torch.nn.Module:
+    """The model `name` at the benchmark configuration, in training mode, on `a.device`."""
+    if name == "mimkit":
+        model = MAE(
+            a.img_size, a.patch_size, a.in_chans, a.embed_dim, a.depth, a.num_heads,
+            a.decoder_embed_dim, a.decoder_depth, a.decoder_num_heads, 4.0, not a.raw_pix_loss,
+        )
+        return model.train().to(a.device)
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    cfg = ViTMAEConfig(
+        hidden_size=a.embed_dim, num_hidden_layers=a.depth, num_attention_heads=a.num_heads,
+        intermediate_size=4 * a.embed_dim, image_size=a.img_size, patch_size=a.patch_size,
+        num_channels=a.in_chans, decoder_hidden_size=a.decoder_embed_dim,
+        decoder_num_hidden_layers=a.decoder_depth, decoder_num_attention_heads=a.decoder_num_heads,
+        decoder_intermediate_size=4 * a.decoder_embed_dim, layer_norm_eps=1e-6,
+        norm_pix_loss=not a.raw_pix_loss, mask_ratio=a.mask_ratio,
+    )
+    return ViTMAEForPreTraining(cfg).train().to(a.device)
+
+
+def step_fn(name: str, model: torch.nn.Module, a: argparse.Namespace, imgs, noise):
+    """A closure running one training step (the same AdamW for both models) and returning the loss."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=0.05)
+    if name == "mimkit":
+        forward = lambda: model(imgs, a.mask_ratio, noise)[0]
+    else:
+        forward = lambda: model(pixel_values=imgs, noise=noise).loss
+
+    def step():
+        loss = forward()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def inputs(a: argparse.Namespace):
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(a.batch_size, a.in_chans, a.img_size, a.img_size, generator=g)
+    noise = torch.rand(a.batch_size, (a.img_size // a.patch_size) ** 2, generator=g)
+    return imgs.to(a.device), noise.to(a.device)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+
+
+def peak_kib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def memory_of(name: str, a: argparse.Namespace) -> dict:
+    """Peak memory growth (MiB) over warmup + one round of steps, measured in this (fresh) process."""
+    step = step_fn(name, build(name, a), a, *inputs(a))
+    before = torch.cuda.memory_allocated() / 1024 if a.device.startswith("cuda") else rss_kib()
+    for _ in range(a.warmup + a.steps):
+        step()
+    sync(a.device)
+    growth = peak_kib(a.device) - before
+    return {"model": name, "before_mib": before / 1024, "peak_growth_mib": growth / 1024}
+
+
+def matmul_peak_gflops(device: str, reps: int = 5) -> float:
+    """fp32 GFLOP/s of the best of `reps` square matmuls: the practical peak of this device and threads."""
+    n = 8192 if device.startswith("cuda") else 2048
+    x, y = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    x @ y
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        x @ y
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def step_flops(step) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else "unknown CPU"
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.memory_of:
+        print(json.dumps(memory_of(a.memory_of, a)))
+        return
+
+    torch.manual_seed(0)
+    imgs, noise = inputs(a)
+    models = {name: build(name, a) for name in MODELS}
+    steps = {name: step_fn(name, m, a, imgs, noise) for name, m in models.items()}
+    params = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in models.items()}
+    flops = {name: step_flops(steps[name]) for name in MODELS}
+    for name in MODELS:
+        for _ in range(a.warmup):
+            steps[name]()
+
+    rates = {name: [] for name in MODELS}
+    for r in range(a.rounds):
+        for name in MODELS if r % 2 == 0 else MODELS[::-1]:
+            sync(a.device)
+            t = time.perf_counter()
+            for _ in range(a.steps):
+                steps[name]()
+            sync(a.device)
+            rates[name].append(a.steps * a.batch_size / (time.perf_counter() - t))
+    peak = matmul_peak_gflops(a.device)
+
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"machine: {machine(a.device)}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, load average {load}")
+    print(f"config: {vars(a)}")
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
+    speed = {name: statistics.median(rates[name]) for name in MODELS}
+    for name in MODELS:
+        achieved = flops[name] / 1e9 * speed[name] / a.batch_size
+        print(f"{name:>12}: {speed[name]:8.1f} img/s (median of {a.rounds} rounds; all: "
+              f"{', '.join(f'{x:.0f}' for x in rates[name])})  params {params[name] / 1e6:.2f} M  "
+              f"step {flops[name] / 1e9:.1f} GFLOP  {achieved:.1f} GFLOP/s "
+              f"= {100 * achieved / peak:.0f}% of peak")
+    print(f"speed ratio mimkit / transformers: {speed['mimkit'] / speed['transformers']:.2f}")
+    if not a.skip_memory:
+        what = "allocated" if a.device.startswith("cuda") else "RSS"
+        for name in MODELS:
+            cmd = [sys.executable, __file__, *argv, "--memory-of", name]
+            mem = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            print(f"{name:>12}: peak {what} growth {mem['peak_growth_mib']:.0f} MiB "
+                  f"(over {mem['before_mib']:.0f} MiB before the first step; own subprocess)")
+
+
+if __name__ == "__main__":
+    main()
