@@ -1,0 +1,111 @@
+"""BEiT layouts: timm, the BEiT reference code, and Hugging Face transformers.
+
+mimkit's BEiT is ``encoder.*`` (a timm `Beit`) plus ``mask_token`` and ``lm_head``, the reference code's
+own names, so the reference layout and timm's are prefix changes. The reference code also saves each
+attention's ``relative_position_index``, a buffer derived from the grid; it is dropped on import.
+
+- BEiT: Bao et al., 2021, arXiv:2106.08254
+"""
+
+from mimkit.errors import MimkitError
+from mimkit.interop.keymaps import block_count, identity, nest
+from mimkit.interop.mae import HF_VIT_BLOCK
+from mimkit.interop.posembed import abs_grid, rel_grid
+from mimkit.models.beit import BEiT
+
+BEIT_BLOCK_KEYS = (
+    "gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias",
+    "attn.relative_position_bias_table", "attn.qkv.weight", "attn.proj.weight", "attn.proj.bias",
+    "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+)
+TIMM_BEIT_KEYS = (
+    "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+    "rel_pos_bias.relative_position_bias_table", *(f"blocks.{{i}}.{k}" for k in BEIT_BLOCK_KEYS),
+    "norm.weight", "norm.bias",
+)
+BEIT_HEAD_KEYS = ("mask_token", "lm_head.weight", "lm_head.bias")
+DERIVED = (r"relative_position_index$",)  # buffers rebuilt from the grid, never loaded
+
+# A timm Beit state dict (num_classes=0, use_fc_norm=False).
+TIMM_BEIT = identity(TIMM_BEIT_KEYS, ours="encoder.")
+# The BEiT reference code's pretraining `model` dict (VisionTransformerForMaskedImageModeling).
+OFFICIAL_BEIT = TIMM_BEIT | identity(BEIT_HEAD_KEYS)
+
+_REL_TABLE = "relative_position_bias.relative_position_bias_table"
+# timm Beit Block -> transformers BeitLayer: no key bias (timm keeps a zero buffer), layer scale "lambda".
+HF_BEIT_BLOCK = {k: v for k, v in HF_VIT_BLOCK.items() if k != "attn.qkv.bias"} | {
+    "gamma_1": "lambda_1",
+    "gamma_2": "lambda_2",
+    "attn.q_bias": "attention.attention.query.bias",
+    "attn.v_bias": "attention.attention.value.bias",
+    "attn.relative_position_bias_table": f"attention.attention.{_REL_TABLE}",
+}
+HF_BEIT_EMBED = {
+    "cls_token": "embeddings.cls_token",
+    "pos_embed": "embeddings.position_embeddings",
+    "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+    "rel_pos_bias.relative_position_bias_table": f"encoder.{_REL_TABLE}",
+    "norm.weight": "layernorm.weight",
+    "norm.bias": "layernorm.bias",
+}
+# transformers BeitModel / BeitForMaskedImageModeling, "beit." removed.
+HF_BEIT = (nest(HF_BEIT_EMBED, "encoder.") | nest(HF_BEIT_BLOCK, "encoder.blocks.{i}.", "encoder.layer.{i}.")
+           | {"mask_token": "embeddings.mask_token", "lm_head.weight": "lm_head.weight",
+              "lm_head.bias": "lm_head.bias"})
+
+# Parts a checkpoint may lack as a whole (an encoder-only file); they keep a new BEiT's initialization.
+BEIT_OPTIONAL_PARTS = {"mask token": ("mask_token",), "codebook head": ("lm_head.",)}
+_SHARED_TABLE = "encoder.rel_pos_bias.relative_position_bias_table"
+_BLOCK_TABLE = "encoder.blocks.0.attn.relative_position_bias_table"
+
+
+def beit_arch(state: dict) -> dict:
+    """`BEiT` constructor arguments read off a mimkit-layout BEiT state dict.
+
+    The grid comes from the relative position tables (or an absolute table), the heads from the tables'
+    width, the vocabulary from ``lm_head`` when present; layer scale is on iff the blocks have ``gamma_1``.
+    """
+    if "encoder.patch_embed.proj.weight" not in state:
+        raise MimkitError("cannot infer the architecture: the checkpoint has no patch embedding")
+    proj = state["encoder.patch_embed.proj.weight"]  # [D, C, p, p]
+    embed_dim, patch_size = proj.shape[0], proj.shape[-1]
+    table = state.get(_SHARED_TABLE, state.get(_BLOCK_TABLE))
+    if table is None:
+        raise MimkitError("cannot infer the BEiT grid and heads: the checkpoint has no relative position "
+                          "table")
+    grid = abs_grid(state["encoder.pos_embed"]) if "encoder.pos_embed" in state else rel_grid(table)
+    arch = dict(img_size=grid * patch_size, patch_size=patch_size, in_chans=proj.shape[1],
+                embed_dim=embed_dim, depth=block_count(state, "encoder.blocks."), num_heads=table.shape[1],
+                mlp_ratio=state["encoder.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+                shared_rel_pos_bias=_SHARED_TABLE in state)
+    if "encoder.blocks.0.gamma_1" not in state:
+        arch["layer_scale_init"] = 0.0  # timm builds no layer scale for a falsy init value
+    if "lm_head.weight" in state:
+        arch["vocab_size"] = state["lm_head.weight"].shape[0]
+    return arch
+
+
+def timm_beit_kwargs(model: BEiT) -> dict:
+    """`timm.models.beit.Beit` arguments that rebuild ``model.encoder``."""
+    return dict(model.encoder_kwargs)
+
+
+def hf_beit_config(model: BEiT, head: bool) -> dict:
+    """transformers `BeitConfig` fields of ``model`` (timm's LayerNorm eps, 1e-6).
+
+    Args:
+        model: the BEiT.
+        head: for `BeitForMaskedImageModeling` (mask token, codebook head) rather than `BeitModel`.
+    """
+    kw = model.encoder_kwargs
+    return dict(model_type="beit", vocab_size=model.lm_head.out_features, hidden_size=kw["embed_dim"],
+                num_hidden_layers=kw["depth"], num_attention_heads=kw["num_heads"],
+                intermediate_size=round(kw["embed_dim"] * kw["mlp_ratio"]), hidden_act="gelu",
+                layer_norm_eps=1e-6, image_size=kw["img_size"], patch_size=kw["patch_size"],
+                num_channels=kw["in_chans"], use_mask_token=head, use_absolute_position_embeddings=False,
+                use_relative_position_bias=kw["use_rel_pos_bias"],
+                use_shared_relative_position_bias=kw["use_shared_rel_pos_bias"],
+                layer_scale_init_value=kw["init_values"] or 0.0, drop_path_rate=kw["drop_path_rate"],
+                use_mean_pooling=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+

@@ -1,0 +1,281 @@
+"""Import a foreign checkpoint as a mimkit run directory.
+
+Three steps, each usable alone: `read_checkpoint` reads a file or folder safely and renames its tensors
+into mimkit's names (a `Foreign`); `load_foreign` loads that into a mimkit model, resizing position
+tables to the model's grid and refusing missing or unexpected keys unless asked not to;
+`import_checkpoint` infers the architecture, writes ``config.yaml`` and a step-0 checkpoint that every
+command reads like one it wrote: ``visualize``, ``finetune``, ``linprobe``, ``knn``, ``export``, and
+``pretrain`` (which continues from the imported weights with a fresh optimizer).
+
+Formats: ``mae`` (the MAE reference code's checkpoints, with or without the decoder), ``beit`` (the BEiT
+reference code's pretraining checkpoints), ``timm`` (a `VisionTransformer` or `Beit` state dict, or a
+timm folder with ``config.json``), ``hf`` (a transformers ViTMAE, ViT or BEiT folder).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mimkit.config import PretrainConfig, from_dict, merge, save_config, to_dict
+from mimkit.errors import MimkitError
+from mimkit.interop import beit, mae
+from mimkit.interop.hf import read_hf_folder, read_json
+from mimkit.interop.keymaps import KeyMap, from_foreign
+from mimkit.interop.posembed import abs_grid, rel_grid, resize_abs_pos_embed, resize_rel_pos_table
+from mimkit.interop.safe_load import load_sharded, load_tensors
+from mimkit.methods import METHODS
+from mimkit.models.vit import ENCODER_ARCHS
+from mimkit.train.checkpoint import Checkpoints
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+HALF = [0.5, 0.5, 0.5]  # BEiT's (and many timm ViTs') normalization: [-1, 1]
+
+
+@dataclass
+class Foreign:
+    """A checkpoint in mimkit's names.
+
+    Attributes:
+        method: the mimkit method whose model holds these weights ("mae", "beit").
+        state: mimkit key -> tensor.
+        unexpected: the checkpoint's keys that no template accounts for, in its own names.
+        hints: architecture facts from a config file that weights do not show (attention heads, …).
+        mean, std: the normalization the weights were trained with, when known.
+        source: what was read, for reports.
+    """
+
+    method: str
+    state: dict[str, torch.Tensor]
+    unexpected: list[str]
+    hints: dict = field(default_factory=dict)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    source: str = ""
+
+
+def _convert(method: str, state: dict, keymap: KeyMap, source: str, ignore=(), **extra) -> Foreign:
+    ours, unexpected = from_foreign(state, keymap, ignore)
+    return Foreign(method, ours, unexpected, source=source, **extra)
+
+
+def read_official_mae(path: Path) -> Foreign:
+    """A checkpoint of the MAE reference code (``{"model": …}``; encoder-only pretrain files too)."""
+    return _convert("mae", load_tensors(path), mae.OFFICIAL_MAE, "MAE reference checkpoint",
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def read_official_beit(path: Path) -> Foreign:
+    """A pretraining checkpoint of the BEiT reference code (mask token, codebook head included)."""
+    return _convert("beit", load_tensors(path), beit.OFFICIAL_BEIT, "BEiT reference checkpoint",
+                    beit.DERIVED, mean=HALF, std=HALF)
+
+
+def read_timm(path: Path) -> Foreign:
+    """A timm `VisionTransformer` or `Beit` state dict: a weights file, or a folder with ``config.json``
+    (timm's ``architecture``, ``model_args``, ``pretrained_cfg``) and ``model.safetensors``."""
+    timm_config: dict = {}
+    if path.is_dir():
+        timm_config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
+        state = load_sharded(path, ("model.safetensors", "pytorch_model.bin"))
+    else:
+        state = load_tensors(path)
+    is_beit = any(k.endswith(("attn.q_bias", "relative_position_bias_table")) for k in state)
+    pretrained = timm_config.get("pretrained_cfg", {})
+    hints = {k: v for k, v in timm_config.get("model_args", {}).items() if k == "num_heads"}
+    if is_beit:
+        return _convert("beit", state, beit.TIMM_BEIT, "timm Beit", beit.DERIVED, hints=hints,
+                        mean=pretrained.get("mean", HALF), std=pretrained.get("std", HALF))
+    return _convert("mae", state, mae.TIMM_VIT, "timm VisionTransformer", hints=hints,
+                    mean=pretrained.get("mean", IMAGENET_MEAN), std=pretrained.get("std", IMAGENET_STD))
+
+
+HF_MODEL_TYPES = {  # config.json model_type -> (mimkit method, key map)
+    "vit_mae": ("mae", mae.HF_VITMAE),
+    "vit": ("mae", mae.HF_VIT),
+    "beit": ("beit", beit.HF_BEIT),
+}
+
+
+def read_hf(path: Path) -> Foreign:
+    """A transformers folder: ViTMAE (``ViTMAEForPreTraining`` or ``ViTMAEModel``), ViT or BEiT."""
+    config, state, processor = read_hf_folder(path)
+    model_type = config.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise MimkitError(f"'{path}' holds a {model_type!r} model; importable: {', '.join(HF_MODEL_TYPES)}")
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise MimkitError(f"'{path}' uses hidden_act {config['hidden_act']!r}; mimkit's blocks use gelu")
+    method, keymap = HF_MODEL_TYPES[model_type]
+    hints = mae.arch_from_hf_config(config) if method == "mae" else {}
+    source = f"transformers {model_type} ({', '.join(config.get('architectures', []))})"
+    mean, std = processor.get("image_mean", IMAGENET_MEAN), processor.get("image_std", IMAGENET_STD)
+    return _convert(method, state, keymap, source, beit.DERIVED, hints=hints, mean=mean, std=std)
+
+
+FORMATS: dict[str, Callable[[Path], Foreign]] = {
+    "mae": read_official_mae,
+    "beit": read_official_beit,
+    "timm": read_timm,
+    "hf": read_hf,
+}
+
+
+def read_checkpoint(path: str | Path, fmt: str) -> Foreign:
+    """Read ``path`` (a file, or a folder for ``hf``/``timm``) in format ``fmt`` (a key of `FORMATS`)."""
+    if fmt not in FORMATS:
+        raise MimkitError(f"unknown checkpoint format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    path = Path(path)
+    if not path.exists():
+        raise MimkitError(f"'{path}' does not exist")
+    foreign = FORMATS[fmt](path)
+    if not foreign.state:
+        raise MimkitError(f"'{path}' holds no tensor of a {fmt} checkpoint (its keys start: "
+                          f"{', '.join(foreign.unexpected[:3])})")
+    return foreign
+
+
+OPTIONAL_PARTS = {"mae": mae.MAE_OPTIONAL_PARTS, "beit": beit.BEIT_OPTIONAL_PARTS}
+
+
+def _fit_table(key: str, value: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+    """``value`` resized to ``target``'s grid if ``key`` is a position table, else None."""
+    if key.endswith("pos_embed"):
+        old, new = abs_grid(value), abs_grid(target)
+        resized, how = resize_abs_pos_embed(value, new)
+        return resized, f"{key}: {how} from {old}x{old} to {new}x{new}"
+    if key.endswith("relative_position_bias_table"):
+        old, new = rel_grid(value), rel_grid(target)
+        return resize_rel_pos_table(value, new), f"{key}: BEiT's resize from {old}x{old} to {new}x{new}"
+    return None
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_foreign(model: nn.Module, foreign: Foreign, allow_mismatch: bool = False) -> list[str]:
+    """Load ``foreign`` into ``model``, a fresh model of ``foreign.method``.
+
+    Position tables of another grid are resized (`mimkit.interop.posembed`). A part listed in
+    `OPTIONAL_PARTS` that the checkpoint lacks entirely (the decoder of an encoder-only file) keeps its fresh
+    initialization. Other keys the model has but the checkpoint lacks ("missing"), and keys the model has
+    no place for ("unexpected"), are an error unless ``allow_mismatch``; a shape that cannot be resized is
+    always an error.
+
+    Returns:
+        One line per thing worth reporting: resized tables, freshly initialized parts, skipped keys.
+    """
+    target = model.state_dict()
+    state, notes, bad_shapes = {}, [], []
+    for key, value in foreign.state.items():
+        if key in target and value.shape != target[key].shape:
+            fitted = _fit_table(key, value, target[key])
+            if fitted is None:
+                bad_shapes.append(f"{key} {tuple(value.shape)} vs {tuple(target[key].shape)}")
+                continue
+            value, note = fitted
+            notes.append(note)
+        state[key] = value
+    if bad_shapes:
+        raise MimkitError(f"the checkpoint does not fit the inferred model: {_listing(bad_shapes, 4)}")
+    fresh = set()
+    for part, prefixes in OPTIONAL_PARTS[foreign.method].items():
+        keys = {k for k in target if k.startswith(prefixes)}
+        if keys and not keys & state.keys():
+            fresh |= keys
+            notes.append(f"{part}: not in the checkpoint; freshly initialized")
+    missing = sorted(set(target) - state.keys() - fresh)
+    unexpected = foreign.unexpected + sorted(state.keys() - target.keys())
+    if (missing or unexpected) and not allow_mismatch:
+        problems = [f"missing {len(missing)}: {_listing(missing)}"] if missing else []
+        problems += [f"unexpected {len(unexpected)}: {_listing(unexpected)}"] if unexpected else []
+        raise MimkitError(f"the checkpoint does not match the model ({'; '.join(problems)}); "
+                          "--allow-mismatch loads the rest")
+    notes += [f"kept the fresh init of {len(missing)} missing keys: {_listing(missing)}"] if missing else []
+    notes += [f"skipped {len(unexpected)} unexpected keys: {_listing(unexpected)}"] if unexpected else []
+    model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
+    return notes
+
+
+def _nearest_arch(embed_dim: int) -> str:
+    """The named encoder closest in width (it decides what the checkpoint does not, e.g. a fresh decoder)."""
+    return min(ENCODER_ARCHS, key=lambda name: abs(ENCODER_ARCHS[name]["embed_dim"] - embed_dim))
+
+
+MODEL_KWARGS = {
+    "mae": ("embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_embed_dim", "decoder_depth",
+            "decoder_num_heads"),
+    "beit": ("embed_dim", "depth", "num_heads", "mlp_ratio", "vocab_size", "layer_scale_init",
+             "shared_rel_pos_bias"),
+}
+
+
+def run_config(method: str, arch: dict, img_size: int | None, mean: list[float] | None,
+               std: list[float] | None) -> dict:
+    """The configuration fields (a nested dict) that describe an imported model."""
+    channels = arch["in_chans"]
+    if mean is None or len(mean) != channels:
+        mean, std = [0.5] * channels, [0.5] * channels
+    values = {"method": method,
+              "data": {"img_size": img_size or arch["img_size"], "channels": channels, "mean": list(mean),
+                       "std": list(std)},
+              "model": {"name": _nearest_arch(arch["embed_dim"]), "patch_size": arch["patch_size"],
+                        "kwargs": {k: arch[k] for k in MODEL_KWARGS[method] if k in arch}}}
+    if method == "mae" and "norm_pix_loss" in arch:
+        values["mae"] = {"norm_pix_loss": arch["norm_pix_loss"], "mask_ratio": arch["mask_ratio"]}
+    return values
+
+
+ARCHS = {"mae": mae.mae_arch, "beit": beit.beit_arch}
+
+
+@dataclass
+class ImportReport:
+    run_dir: Path
+    config: PretrainConfig
+    source: str
+    notes: list[str]
+
+
+def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int | None = None,
+                      allow_mismatch: bool = False, overrides: dict | None = None) -> ImportReport:
+    """Turn a foreign checkpoint into a mimkit run directory.
+
+    Args:
+        path: the checkpoint file or folder.
+        fmt: a key of `FORMATS`.
+        out: the run directory to create; it must not hold a checkpoint yet.
+        img_size: the image size of the run; position tables are resized when it differs from the
+            checkpoint's. None keeps the checkpoint's.
+        allow_mismatch: load what matches instead of refusing missing or unexpected keys.
+        overrides: nested configuration values applied last (e.g. ``{"model": {"kwargs": {"num_heads": 2}}}``
+            for attention heads the weights do not show, ``{"data": {"source": "path/to/images"}}``).
+
+    Returns:
+        The run directory, its configuration, and what was resized, initialized or skipped.
+    """
+    out = Path(out)
+    if Checkpoints(out).latest() is not None:
+        raise MimkitError(f"'{out}' already holds a run; choose another --out")
+    foreign = read_checkpoint(path, fmt)
+    if foreign.method not in METHODS:
+        raise MimkitError(f"'{path}' holds a {foreign.method} model, and mimkit has no {foreign.method} "
+                          f"method yet (methods: {', '.join(METHODS)})")
+    arch = ARCHS[foreign.method](foreign.state) | foreign.hints
+    values = run_config(foreign.method, arch, img_size, foreign.mean, foreign.std)
+    values = merge(merge(to_dict(PretrainConfig(method=foreign.method)), values), overrides or {})
+    unknown = sorted(k for k, v in values["model"]["kwargs"].items() if v is None)
+    if unknown:
+        raise MimkitError(f"the weights do not show {unknown[0]} of this {arch['embed_dim']}-wide model; "
+                          f"pass --set model.kwargs.{unknown[0]}=N")
+    config = from_dict(PretrainConfig, values)
+    torch.manual_seed(config.train.seed)  # the fresh parts, reproducibly
+    model = METHODS[config.method].build_model(config)
+    notes = load_foreign(model, foreign, allow_mismatch)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    Checkpoints(out).save(0, model, {"step": 0, "imported_from": str(path), "format": fmt})
+    return ImportReport(out, config, foreign.source, notes)

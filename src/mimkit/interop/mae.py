@@ -1,0 +1,168 @@
+"""ViT and MAE layouts: timm, the MAE reference code, and Hugging Face transformers.
+
+mimkit's MAE is ``encoder.*`` (a timm `VisionTransformer`) plus the decoder under the reference code's
+own names, so the reference layout and timm's are prefix changes. Hugging Face's names are those its
+``save_pretrained`` writes (the layout of the published checkpoints); `mimkit.interop.hf` maps the
+names of in-memory transformers 5 modules onto them first.
+
+- ViT: Dosovitskiy et al., 2020, arXiv:2010.11929
+- MAE: He et al., 2021, arXiv:2111.06377
+"""
+
+import math
+
+import torch
+
+from mimkit.errors import MimkitError
+from mimkit.interop.keymaps import block_count, identity, nest
+from mimkit.models.mae import MAE
+from mimkit.models.vit import ENCODER_ARCHS
+
+VIT_BLOCK_KEYS = (
+    "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+    "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+)
+TIMM_VIT_KEYS = (
+    "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+    *(f"blocks.{{i}}.{k}" for k in VIT_BLOCK_KEYS), "norm.weight", "norm.bias",
+)
+MAE_DECODER_KEYS = (
+    "decoder_embed.weight", "decoder_embed.bias", "mask_token", "decoder_pos_embed",
+    *(f"decoder_blocks.{{j}}.{k}" for k in VIT_BLOCK_KEYS),
+    "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias",
+)
+
+# A timm VisionTransformer state dict (num_classes=0).
+TIMM_VIT = identity(TIMM_VIT_KEYS, ours="encoder.")
+# The MAE reference code's `model` dict: the encoder-only pretrain files hold the first part.
+OFFICIAL_MAE = TIMM_VIT | identity(MAE_DECODER_KEYS)
+
+_QKV = ("query", "key", "value")
+# timm Block -> transformers ViTLayer (and ViTMAE's decoder layers).
+HF_VIT_BLOCK = {
+    "norm1.weight": "layernorm_before.weight",
+    "norm1.bias": "layernorm_before.bias",
+    "attn.qkv.weight": tuple(f"attention.attention.{x}.weight" for x in _QKV),
+    "attn.qkv.bias": tuple(f"attention.attention.{x}.bias" for x in _QKV),
+    "attn.proj.weight": "attention.output.dense.weight",
+    "attn.proj.bias": "attention.output.dense.bias",
+    "norm2.weight": "layernorm_after.weight",
+    "norm2.bias": "layernorm_after.bias",
+    "mlp.fc1.weight": "intermediate.dense.weight",
+    "mlp.fc1.bias": "intermediate.dense.bias",
+    "mlp.fc2.weight": "output.dense.weight",
+    "mlp.fc2.bias": "output.dense.bias",
+}
+HF_VIT_EMBED = {
+    "cls_token": "embeddings.cls_token",
+    "pos_embed": "embeddings.position_embeddings",
+    "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+    "norm.weight": "layernorm.weight",
+    "norm.bias": "layernorm.bias",
+}
+# transformers ViTModel / ViTMAEModel, without the "vit." of the models with heads.
+HF_VIT = nest(HF_VIT_EMBED, "encoder.") | nest(HF_VIT_BLOCK, "encoder.blocks.{i}.", "encoder.layer.{i}.")
+HF_VITMAE_DECODER = {
+    "decoder_embed.weight": "decoder.decoder_embed.weight",
+    "decoder_embed.bias": "decoder.decoder_embed.bias",
+    "mask_token": "decoder.mask_token",
+    "decoder_pos_embed": "decoder.decoder_pos_embed",
+    "decoder_norm.weight": "decoder.decoder_norm.weight",
+    "decoder_norm.bias": "decoder.decoder_norm.bias",
+    "decoder_pred.weight": "decoder.decoder_pred.weight",
+    "decoder_pred.bias": "decoder.decoder_pred.bias",
+} | nest(HF_VIT_BLOCK, "decoder_blocks.{j}.", "decoder.decoder_layers.{j}.")
+# transformers ViTMAEForPreTraining, "vit." removed.
+HF_VITMAE = HF_VIT | HF_VITMAE_DECODER
+
+# Parts a checkpoint may lack as a whole; they then keep the fresh initialization of a new MAE.
+MAE_OPTIONAL_PARTS = {"decoder": ("decoder_", "mask_token")}
+MAE_POS_TABLES = ("encoder.pos_embed", "decoder_pos_embed")
+
+ENCODER_HEAD_DIM = 64  # the head width of every ViT in the ViT and MAE papers but ViT-H (80)
+DECODER_HEAD_DIM = 32  # MAE's 512-wide decoder has 16 heads
+
+
+def _require(state: dict, key: str) -> torch.Tensor:
+    if key not in state:
+        raise MimkitError(f"cannot infer the architecture: the checkpoint has no {key!r} (in mimkit's names)")
+    return state[key]
+
+
+def encoder_heads(embed_dim: int, depth: int, mlp_ratio: float) -> int | None:
+    """Attention heads of a ViT encoder (weights do not show them): the named arch with these
+    dimensions, else 64-wide heads, else None."""
+    for arch in ENCODER_ARCHS.values():
+        if (arch["embed_dim"], arch["depth"], arch["mlp_ratio"]) == (embed_dim, depth, mlp_ratio):
+            return arch["num_heads"]
+    return embed_dim // ENCODER_HEAD_DIM if embed_dim % ENCODER_HEAD_DIM == 0 else None
+
+
+def vit_arch(state: dict, prefix: str = "encoder.") -> dict:
+    """Image size, patch size, channels and encoder dims of a timm ViT held under ``prefix``.
+
+    Returns:
+        ``img_size, patch_size, in_chans, embed_dim, depth, num_heads (None if unknown), mlp_ratio``.
+    """
+    proj = _require(state, prefix + "patch_embed.proj.weight")  # [D, C, p, p]
+    embed_dim, in_chans, patch_size = proj.shape[0], proj.shape[1], proj.shape[-1]
+    depth = block_count(state, prefix + "blocks.")
+    mlp_ratio = _require(state, prefix + "blocks.0.mlp.fc1.weight").shape[0] / embed_dim
+    grid = math.isqrt(_require(state, prefix + "pos_embed").shape[1] - 1)
+    return dict(img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                depth=depth, num_heads=encoder_heads(embed_dim, depth, mlp_ratio), mlp_ratio=mlp_ratio)
+
+
+def mae_arch(state: dict) -> dict:
+    """`MAE` constructor arguments read off a mimkit-layout MAE state dict.
+
+    The decoder's dims are included when the state dict holds a decoder. Attention heads, which weights do
+    not show, are guessed (`encoder_heads`; decoder heads 32 wide) and None when no guess fits.
+    """
+    arch = vit_arch(state)
+    if "decoder_embed.weight" in state:
+        width = state["decoder_embed.weight"].shape[0]
+        arch |= dict(decoder_embed_dim=width, decoder_depth=block_count(state, "decoder_blocks."),
+                     decoder_num_heads=width // DECODER_HEAD_DIM if width % DECODER_HEAD_DIM == 0 else None)
+    return arch
+
+
+def timm_vit_kwargs(model: MAE) -> dict:
+    """`timm.models.vision_transformer.VisionTransformer` arguments that rebuild ``model.encoder``."""
+    enc = model.encoder
+    return dict(img_size=model.img_size, patch_size=model.patch_size, in_chans=model.in_chans, num_classes=0,
+                embed_dim=enc.embed_dim, depth=len(enc.blocks), num_heads=enc.blocks[0].attn.num_heads,
+                mlp_ratio=enc.blocks[0].mlp.fc1.out_features / enc.embed_dim)
+
+
+def hf_vit_config(model: MAE) -> dict:
+    """transformers `ViTConfig` fields of ``model.encoder`` (timm's LayerNorm eps, 1e-6, not HF's 1e-12)."""
+    kw = timm_vit_kwargs(model)
+    return dict(
+        model_type="vit", hidden_size=kw["embed_dim"], num_hidden_layers=kw["depth"],
+        num_attention_heads=kw["num_heads"], intermediate_size=model.encoder.blocks[0].mlp.fc1.out_features,
+        hidden_act="gelu", layer_norm_eps=1e-6, image_size=kw["img_size"], patch_size=kw["patch_size"],
+        num_channels=kw["in_chans"], qkv_bias=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+
+
+def hf_vitmae_config(model: MAE, mask_ratio: float) -> dict:
+    """transformers `ViTMAEConfig` fields of ``model`` (encoder and decoder)."""
+    block = model.decoder_blocks[0]
+    return hf_vit_config(model) | dict(
+        model_type="vit_mae", decoder_hidden_size=model.decoder_embed.out_features,
+        decoder_num_hidden_layers=len(model.decoder_blocks), decoder_num_attention_heads=block.attn.num_heads,
+        decoder_intermediate_size=block.mlp.fc1.out_features, mask_ratio=mask_ratio,
+        norm_pix_loss=model.norm_pix_loss,
+    )
+
+
+def arch_from_hf_config(config: dict) -> dict:
+    """What a transformers ViT / ViTMAE config says that weights do not: heads, MAE's target."""
+    arch = dict(num_heads=config.get("num_attention_heads"))
+    if config.get("model_type") == "vit_mae":
+        arch |= dict(decoder_num_heads=config.get("decoder_num_attention_heads"),
+                     norm_pix_loss=config.get("norm_pix_loss", False),
+                     mask_ratio=config.get("mask_ratio", 0.75))
+    return {k: v for k, v in arch.items() if v is not None}

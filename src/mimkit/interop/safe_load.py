@@ -1,0 +1,97 @@
+"""Reading foreign checkpoint files without executing anything in them.
+
+safetensors files hold tensors only. Pickle files (``.pth``, ``.pt``, ``.bin``) are read with
+``torch.load(weights_only=True)``, whose unpickler builds tensors and plain containers and refuses any
+other global, so a file that would run code when unpickled is rejected before anything runs. The one
+extra allowed class is ``argparse.Namespace``: training scripts (the MAE and BEiT reference code among
+them) store their arguments in checkpoints, and a namespace is plain attributes.
+"""
+
+import argparse
+import json
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from mimkit.errors import MimkitError
+
+# Where training scripts put the model's weights inside a checkpoint dict, in the order tried.
+STATE_DICT_KEYS = ("model", "state_dict", "module")
+
+
+def _is_state_dict(value) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(torch.is_tensor(v) for v in value.values())
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        needs = f"would run {found.group(1)}" if found else "holds more than tensors and plain containers"
+        raise MimkitError(f"refusing '{path}': loading it {needs}; only tensors and plain containers are "
+                          "read (nothing was executed)") from None
+    except Exception as err:  # not a pickle or zip at all
+        raise MimkitError(f"'{path}' is not a safetensors file nor a PyTorch checkpoint "
+                          f"({type(err).__name__})") from None
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in one checkpoint file, on the CPU.
+
+    A dict of tensors is returned as is; a training checkpoint is unwrapped from its first entry among
+    `STATE_DICT_KEYS` that holds tensors; a ``module.`` prefix that DistributedDataParallel left on every
+    key is removed.
+
+    Args:
+        path: a ``.safetensors`` file, or a PyTorch pickle (``.pth``, ``.pt``, ``.bin``).
+
+    Returns:
+        ``{name: tensor}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MimkitError(f"checkpoint '{path}' does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(path)
+        except Exception as err:  # safetensors raises its own error types
+            raise MimkitError(f"'{path}' is not a valid safetensors file ({err})") from None
+    else:
+        state = _torch_load(path)
+    if not _is_state_dict(state):
+        inner = (state.get(k) for k in STATE_DICT_KEYS) if isinstance(state, Mapping) else ()
+        state = next((s for s in inner if _is_state_dict(s)), None)
+        if state is None:
+            raise MimkitError(f"'{path}' holds no state dict (a dict of tensors, or one under "
+                              f"{', '.join(map(repr, STATE_DICT_KEYS))})")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return dict(state)
+
+
+def load_sharded(folder: str | Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The weights saved in a model folder: the first of ``names`` present, or its sharded form.
+
+    Args:
+        folder: e.g. a Hugging Face ``save_pretrained`` directory.
+        names: file names in order of preference, e.g. ``("model.safetensors", "pytorch_model.bin")``;
+            ``<name>.index.json`` (a shard index) stands for its shards.
+    """
+    folder = Path(folder)
+    for name in names:
+        if (folder / name).is_file():
+            return load_tensors(folder / name)
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(load_tensors(folder / shard))
+            return state
+    raise MimkitError(f"'{folder}' holds none of {', '.join(names)}")
