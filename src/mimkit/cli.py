@@ -4,6 +4,8 @@
     mimkit visualize runs/mae --out recon.png [--n 8]
     mimkit finetune runs/mae --data fashion-mnist --out runs/ft [--label-fraction 0.1] [--init random]
     mimkit linprobe runs/mae --data fashion-mnist --out runs/lp     (knn: the same arguments)
+    mimkit import mae_pretrain_vit_base.pth --format mae --out runs/mae-b   (mae | beit | timm | hf)
+    mimkit export runs/mae --to hf --out exported/   (--to timm; --encoder-only)
 
 Bad input ends with a one-line ``error:`` message and exit status 2, never a traceback.
 """
@@ -213,6 +215,53 @@ def add_eval_commands(commands) -> None:
         probe.set_defaults(handler=cmd_probe)
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    from mimkit.interop.importer import import_checkpoint
+
+    report = import_checkpoint(args.checkpoint, args.format, args.out, img_size=args.img_size,
+                               allow_mismatch=args.allow_mismatch, overrides=parse_overrides(args.set))
+    model = report.config.model
+    print(f"imported {report.source}: {report.config.method} {model.name} {model.kwargs}, "
+          f"patch {model.patch_size}, image {report.config.data.img_size}")
+    for note in report.notes:
+        print(f"  {note}")
+    print(f"run directory: {report.run_dir}  (try: mimkit visualize {report.run_dir} --out recon.png)")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from mimkit.interop.export import export_run
+
+    files = export_run(args.run, args.to, args.out, encoder_only=args.encoder_only)
+    print(f"wrote {', '.join(str(f) for f in files)}")
+
+
+def add_interop_commands(commands) -> None:
+    """``import`` and ``export``: checkpoints of the reference code, timm and Hugging Face, both ways."""
+    from mimkit.interop.export import TARGETS
+    from mimkit.interop.importer import FORMATS
+
+    imp = commands.add_parser("import", help="make a run directory from an MAE/BEiT/timm/HF checkpoint")
+    imp.add_argument("checkpoint", help="a checkpoint file (.pth, .safetensors, …) or a timm/HF model folder")
+    imp.add_argument("--format", required=True, choices=FORMATS,
+                     help="mae, beit: the reference code's checkpoints; timm: a VisionTransformer or Beit "
+                     "state dict or folder; hf: a transformers ViTMAE, ViT or BEiT folder")
+    imp.add_argument("--out", required=True, help="run directory to create")
+    imp.add_argument("--img-size", type=int, help="image size of the run (position tables are resized)")
+    imp.add_argument("--allow-mismatch", action="store_true",
+                     help="load what matches instead of refusing missing or unexpected keys (both listed)")
+    imp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="configuration of the run, e.g. model.kwargs.num_heads=2 or data.source=DIR")
+    imp.set_defaults(handler=cmd_import)
+
+    exp = commands.add_parser("export", help="write a run's model for timm or Hugging Face transformers")
+    exp.add_argument("run", help="run directory")
+    exp.add_argument("--to", required=True, choices=TARGETS)
+    exp.add_argument("--out", required=True, help="folder to write")
+    exp.add_argument("--encoder-only", action="store_true",
+                     help="hf: the encoder alone (ViTModel / BeitModel); timm exports are always the encoder")
+    exp.set_defaults(handler=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling for Vision Transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--seed", type=int, default=0)
     visualize.set_defaults(handler=cmd_visualize)
     add_eval_commands(commands)
+    add_interop_commands(commands)
     return parser
 
 
