@@ -128,7 +128,7 @@ def test_encoder_loads_into_timm_beit_strict(shared):
                  shared_rel_pos_bias=shared, drop_path_rate=0.0).eval()
     timm_model = timm.create_model(
         "beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, in_chans=1, embed_dim=64,
-        depth=2, num_heads=4, num_classes=0, use_fc_norm=False, use_rel_pos_bias=not shared,
+        depth=2, num_heads=4, num_classes=0, global_pool="token", use_rel_pos_bias=not shared,
         use_shared_rel_pos_bias=shared,
     ).eval()
     timm_model.load_state_dict(model.encoder.state_dict(), strict=True)

@@ -54,12 +54,13 @@ class BEiT(nn.Module):
         super().__init__()
         check_patch_grid(img_size, patch_size)
         # Everything timm needs to rebuild this encoder, e.g. to load an export with strict=True.
-        # `use_fc_norm=False` keeps the final LayerNorm over all tokens (`norm`), which pretraining uses.
+        # global_pool="token" keeps the final LayerNorm over all tokens (`norm`, no `fc_norm`), which
+        # pretraining uses; `encoder(imgs)` then returns the normalized [CLS] token.
         self.encoder_kwargs = dict(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
             init_values=layer_scale_init, use_abs_pos_emb=False, use_rel_pos_bias=not shared_rel_pos_bias,
-            use_shared_rel_pos_bias=shared_rel_pos_bias, use_fc_norm=False, drop_path_rate=drop_path_rate,
+            use_shared_rel_pos_bias=shared_rel_pos_bias, global_pool="token", drop_path_rate=drop_path_rate,
         )
         self.encoder = Beit(**self.encoder_kwargs)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
