@@ -6,61 +6,12 @@ import torch
 from transformers import BeitConfig, BeitForMaskedImageModeling
 
 from mimkit.errors import MimkitError
+from mimkit.interop.beit import HF_BEIT
+from mimkit.interop.hf import strip_base
+from mimkit.interop.keymaps import from_foreign
 from mimkit.masking import block_mask
 from mimkit.models.beit import BEIT_MODELS, BEiT, create_beit
 from mimkit.models.vit import encoder_arch
-
-# transformers' BeitForMaskedImageModeling -> mimkit BEiT. A value is an HF key, or a tuple of HF keys
-# concatenated along dim 0 (timm fuses q, k, v into one matrix; k has no bias, timm keeps a zero buffer).
-HF_KEYS = {
-    "mask_token": "beit.embeddings.mask_token",
-    "encoder.cls_token": "beit.embeddings.cls_token",
-    "encoder.patch_embed.proj.weight": "beit.embeddings.patch_embeddings.projection.weight",
-    "encoder.patch_embed.proj.bias": "beit.embeddings.patch_embeddings.projection.bias",
-    "encoder.rel_pos_bias.relative_position_bias_table":
-        "beit.shared_position_bias.relative_position_bias_table",
-    "encoder.norm.weight": "layernorm.weight",
-    "encoder.norm.bias": "layernorm.bias",
-    "lm_head.weight": "lm_head.weight",
-    "lm_head.bias": "lm_head.bias",
-}
-HF_BLOCK_KEYS = {
-    "encoder.blocks.{i}.norm1.weight": "beit.layers.{i}.layernorm_before.weight",
-    "encoder.blocks.{i}.norm1.bias": "beit.layers.{i}.layernorm_before.bias",
-    "encoder.blocks.{i}.attn.qkv.weight": (
-        tuple(f"beit.layers.{{i}}.attention.{x}_proj.weight" for x in "qkv")
-    ),
-    "encoder.blocks.{i}.attn.q_bias": "beit.layers.{i}.attention.q_proj.bias",
-    "encoder.blocks.{i}.attn.v_bias": "beit.layers.{i}.attention.v_proj.bias",
-    "encoder.blocks.{i}.attn.relative_position_bias_table":
-        "beit.layers.{i}.relative_position_bias.relative_position_bias_table",
-    "encoder.blocks.{i}.attn.proj.weight": "beit.layers.{i}.attention.o_proj.weight",
-    "encoder.blocks.{i}.attn.proj.bias": "beit.layers.{i}.attention.o_proj.bias",
-    "encoder.blocks.{i}.norm2.weight": "beit.layers.{i}.layernorm_after.weight",
-    "encoder.blocks.{i}.norm2.bias": "beit.layers.{i}.layernorm_after.bias",
-    "encoder.blocks.{i}.mlp.fc1.weight": "beit.layers.{i}.mlp.fc1.weight",
-    "encoder.blocks.{i}.mlp.fc1.bias": "beit.layers.{i}.mlp.fc1.bias",
-    "encoder.blocks.{i}.mlp.fc2.weight": "beit.layers.{i}.mlp.fc2.weight",
-    "encoder.blocks.{i}.mlp.fc2.bias": "beit.layers.{i}.mlp.fc2.bias",
-    "encoder.blocks.{i}.gamma_1": "beit.layers.{i}.lambda_1",
-    "encoder.blocks.{i}.gamma_2": "beit.layers.{i}.lambda_2",
-}
-
-
-def from_hf(hf_state: dict, depth: int) -> tuple[dict, set]:
-    """HF BeitForMaskedImageModeling state dict -> (mimkit BEiT state dict, the HF keys it used)."""
-    templates = dict(HF_KEYS)
-    for i in range(depth):
-        for ours, theirs in HF_BLOCK_KEYS.items():
-            templates[ours.format(i=i)] = (tuple(t.format(i=i) for t in theirs) if isinstance(theirs, tuple)
-                                           else theirs.format(i=i))
-    out, used = {}, set()
-    for ours, theirs in templates.items():
-        names = theirs if isinstance(theirs, tuple) else (theirs,)
-        if all(n in hf_state for n in names):  # per-layer or shared bias tables: one kind is present
-            out[ours] = torch.cat([hf_state[n] for n in names])
-            used.update(names)
-    return out, used
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -79,6 +30,8 @@ def masks(batch: int) -> torch.Tensor:
 
 
 def tiny_pair(shared: bool):
+    # use_mean_pooling=True leaves BeitModel without a final LayerNorm, so the MIM model's top-level
+    # `layernorm` is the only one, as timm's `norm` is in ours (False would apply two in a row).
     cfg = BeitConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
         patch_size=4, num_channels=3, vocab_size=64, use_mask_token=True,
@@ -94,8 +47,9 @@ def tiny_pair(shared: bool):
             p.add_(torch.randn_like(p) * 0.2)
     ours = BEiT(img_size=32, patch_size=4, in_chans=3, vocab_size=64, embed_dim=32, depth=2, num_heads=2,
                 shared_rel_pos_bias=shared, drop_path_rate=0.0).eval()
-    mapped, used = from_hf(hf.state_dict(), depth=2)
-    assert used == set(hf.state_dict())  # nothing of HF's left behind
+    # transformers 5 in-memory names -> saved names -> mimkit, through the interop key map (data).
+    mapped, unexpected = from_foreign(strip_base(hf.state_dict()), HF_BEIT)
+    assert unexpected == []  # nothing of HF's left behind
     ours.load_state_dict(mapped, strict=True)  # and every mimkit weight set
     return hf, ours
 
