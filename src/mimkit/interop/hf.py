@@ -4,8 +4,9 @@ without transformers.
 Key maps (`mimkit.interop.mae`, `mimkit.interop.beit`) use the names ``save_pretrained`` writes, which are
 those of the published checkpoints, with the base model's prefix (``vit.``, ``beit.``) removed. A model
 with a head keeps the base model under that prefix and its head parts at the top level (`HF_ARCHS`).
-transformers 5 renames modules in memory (``layers.0.attention.q_proj``); `MODERN_NAMES` maps a state dict
-taken from such a module back to the saved names.
+transformers 5 renames modules in memory (``layers.0.attention.q_proj``) and its ``save_pretrained`` writes
+ViTMAE's decoder layers as ``decoder.decoder_encoder.layer.N``; `NAME_VARIANTS` maps both back to the
+published names.
 """
 
 import json
@@ -28,8 +29,9 @@ HF_ARCHS = {
 BASE_PREFIXES = ("vit.", "beit.")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
-# In-memory names of transformers 5 -> saved names, applied in order (saved names pass unchanged).
-MODERN_NAMES = (
+# Names transformers 5 uses -> the published ones, applied in order (published names pass unchanged).
+NAME_VARIANTS = (
+    (r"^decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers."),
     (r"^layers\.(\d+)\.relative_position_bias\.",
      r"encoder.layer.\1.attention.attention.relative_position_bias."),
     (r"^layers\.(\d+)\.", r"encoder.layer.\1."),
@@ -44,12 +46,12 @@ MODERN_NAMES = (
 
 
 def strip_base(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove the base model's prefix and turn in-memory names into saved ones."""
+    """Remove the base model's prefix and use the published names (`NAME_VARIANTS`)."""
     out = {}
     for key, value in state.items():
         prefix = next((p for p in BASE_PREFIXES if key.startswith(p)), "")
         out[key.removeprefix(prefix)] = value
-    return rename(out, MODERN_NAMES)
+    return rename(out, NAME_VARIANTS)
 
 
 def add_base(state: dict[str, torch.Tensor], architecture: str) -> dict[str, torch.Tensor]:

@@ -267,10 +267,11 @@ def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int
     arch = ARCHS[foreign.method](foreign.state) | foreign.hints
     values = run_config(foreign.method, arch, img_size, foreign.mean, foreign.std)
     values = merge(merge(to_dict(PretrainConfig(method=foreign.method)), values), overrides or {})
-    unknown = sorted(k for k, v in values["model"]["kwargs"].items() if v is None)
+    unknown = [k for k, v in values["model"]["kwargs"].items() if v is None]
     if unknown:
-        raise MimkitError(f"the weights do not show {unknown[0]} of this {arch['embed_dim']}-wide model; "
-                          f"pass --set model.kwargs.{unknown[0]}=N")
+        flags = " ".join(f"--set model.kwargs.{k}=N" for k in unknown)
+        raise MimkitError(f"the weights do not show {', '.join(unknown)} of this {arch['embed_dim']}-wide "
+                          f"model; pass {flags}")
     config = from_dict(PretrainConfig, values)
     torch.manual_seed(config.train.seed)  # the fresh parts, reproducibly
     model = METHODS[config.method].build_model(config)

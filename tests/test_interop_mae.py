@@ -1,0 +1,244 @@
+"""MAE/ViT interop against the real libraries: transformers ViTMAE and ViT, timm VisionTransformer, and the
+MAE reference code's published key names. Same image -> same features/logits; round trips bit-identical."""
+
+import argparse
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import Block, VisionTransformer
+from transformers import ViTConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTModel
+
+from mimkit.errors import MimkitError
+from mimkit.interop.export import export_run
+from mimkit.interop.importer import import_checkpoint
+from mimkit.models.vit import sincos_pos_embed_2d
+from mimkit.runs import load_run
+
+DIMS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
+            patch_size=8, num_channels=3, layer_norm_eps=1e-6)
+DECODER = dict(decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+               decoder_intermediate_size=64)
+HEADS = {"model": {"kwargs": {"num_heads": 2, "decoder_num_heads": 2}}}  # weights do not show heads
+
+# The MAE reference code's `model` dict for depth 2 and a 1-block decoder (models_mae.py names).
+OFFICIAL_KEYS = {
+    "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias",
+    "decoder_embed.weight", "decoder_embed.bias", "mask_token", "decoder_pos_embed", "decoder_norm.weight",
+    "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias",
+    *(f"{blocks}.{i}.{name}" for blocks, n in (("blocks", 2), ("decoder_blocks", 1)) for i in range(n)
+      for name in ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+                   "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                   "mlp.fc2.weight", "mlp.fc2.bias")),
+}
+
+
+def tiny_vit(img_size: int = 32, num_classes: int = 0) -> VisionTransformer:
+    return VisionTransformer(img_size=img_size, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=num_classes)
+
+
+def perturb(module: torch.nn.Module, keep: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Move every parameter off its initialization (zero biases, unit norms hide mapping mistakes)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not name.endswith(keep):
+                p.add_(torch.randn_like(p) * 0.1)
+    return module.eval()
+
+
+def official_checkpoint(path, with_decoder=True, grid=4):
+    """A reference-layout checkpoint: the encoder is timm's VisionTransformer (as in the reference code)."""
+    torch.manual_seed(0)
+    vit = tiny_vit(img_size=8 * grid)
+    perturb(vit, keep=("pos_embed",)).pos_embed.data.copy_(sincos_pos_embed_2d(32, grid, cls_token=True))
+    state = vit.state_dict()
+    if with_decoder:
+        decoder = perturb(Block(16, 2, 4.0, qkv_bias=True)).state_dict()
+        state |= {f"decoder_blocks.0.{k}": v for k, v in decoder.items()}
+        state |= {"decoder_embed.weight": torch.randn(16, 32), "decoder_embed.bias": torch.randn(16),
+                  "mask_token": torch.randn(1, 1, 16), "decoder_pos_embed": sincos_pos_embed_2d(16, grid, 1),
+                  "decoder_norm.weight": torch.rand(16) + 0.5, "decoder_norm.bias": torch.randn(16),
+                  "decoder_pred.weight": torch.randn(192, 16) * 0.1, "decoder_pred.bias": torch.randn(192)}
+        assert set(state) == OFFICIAL_KEYS
+    torch.save({"model": state, "epoch": 799, "args": argparse.Namespace(lr=1e-4)}, path)
+    return vit, state
+
+
+@pytest.fixture(scope="module")
+def mae_run(tmp_path_factory):
+    """A run imported from a reference-layout checkpoint with its decoder."""
+    tmp = tmp_path_factory.mktemp("official")
+    vit, state = official_checkpoint(tmp / "checkpoint-799.pth")
+    report = import_checkpoint(tmp / "checkpoint-799.pth", "mae", tmp / "run", overrides=HEADS)
+    return report.run_dir, vit, state
+
+
+def features(encoder, x):
+    return encoder.forward_features(x)
+
+
+def test_official_layout_imports_with_its_decoder(mae_run, tmp_path):
+    run, vit, official = mae_run
+    model, config = load_run(run)
+    assert config.model.kwargs["decoder_embed_dim"] == 16 and config.data.img_size == 32
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(features(model.encoder, x), features(vit, x), rtol=0, atol=1e-5)
+    ours = model.state_dict()
+    decoder = {k: v for k, v in official.items() if k.startswith(("decoder", "mask_token"))}
+    assert all(torch.equal(ours[k], v) for k, v in decoder.items())
+
+
+def test_encoder_only_file_gets_a_fresh_decoder(tmp_path):
+    official_checkpoint(tmp_path / "mae_pretrain.pth", with_decoder=False)
+    report = import_checkpoint(tmp_path / "mae_pretrain.pth", "mae", tmp_path / "run",
+                               overrides={"model": {"kwargs": {"num_heads": 2}}})
+    assert any(n.startswith("decoder: not in the checkpoint") for n in report.notes)
+    model, _ = load_run(tmp_path / "run")
+    assert model(torch.randn(1, 3, 32, 32))[0].isfinite()
+
+
+def test_heads_the_weights_do_not_show_are_asked_for(tmp_path):
+    official_checkpoint(tmp_path / "c.pth")
+    with pytest.raises(MimkitError, match="num_heads, decoder_num_heads .* model.kwargs.num_heads=N"):
+        import_checkpoint(tmp_path / "c.pth", "mae", tmp_path / "run")
+
+
+@pytest.mark.parametrize("names", ["saved", "in-memory"])
+def test_hf_vitmae_to_mimkit(tmp_path, names):
+    torch.manual_seed(0)
+    hf = perturb(ViTMAEForPreTraining(ViTMAEConfig(**DIMS, **DECODER, norm_pix_loss=True)),
+                 keep=("position_embeddings", "decoder_pos_embed"))
+    if names == "saved":
+        hf.save_pretrained(tmp_path / "hf")
+    else:  # a state dict taken from a transformers 5 module: its in-memory names
+        (tmp_path / "hf").mkdir()
+        hf.config.to_json_file(tmp_path / "hf" / "config.json")
+        state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+        save_file(state, tmp_path / "hf" / "model.safetensors")
+    import_checkpoint(tmp_path / "hf", "hf", tmp_path / "run")
+    model, config = load_run(tmp_path / "run")
+    assert config.mae.norm_pix_loss and config.model.kwargs["num_heads"] == 2
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        out = hf(pixel_values=x, noise=noise)
+        loss, pred, mask = model(x, 0.75, noise)
+    torch.testing.assert_close(pred, out.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, out.loss, rtol=0, atol=1e-5)
+    assert torch.equal(mask, out.mask)
+
+
+def test_mimkit_to_hf_and_back_is_bit_identical(mae_run, tmp_path):
+    run = mae_run[0]
+    export_run(run, "hf", tmp_path / "hf")
+    hf = ViTMAEForPreTraining.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.layer_norm_eps == 1e-6
+    model, config = load_run(run)
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        out = hf(pixel_values=x, noise=noise)
+        loss, pred, _ = model(x, config.mae.mask_ratio, noise)
+    torch.testing.assert_close(pred, out.logits, rtol=0, atol=1e-5)
+
+    import_checkpoint(tmp_path / "hf", "hf", tmp_path / "back")
+    back, back_config = load_run(tmp_path / "back")
+    assert back_config.data.mean == config.data.mean  # preprocessor_config.json carries the normalization
+    original, returned = model.state_dict(), back.state_dict()
+    assert original.keys() == returned.keys() and all(torch.equal(original[k], returned[k]) for k in original)
+
+
+def test_hf_vit_encoder_both_ways(mae_run, tmp_path):
+    run = mae_run[0]
+    export_run(run, "hf", tmp_path / "vit", encoder_only=True)
+    assert json.loads((tmp_path / "vit" / "config.json").read_text())["architectures"] == ["ViTModel"]
+    hf = ViTModel.from_pretrained(tmp_path / "vit", add_pooling_layer=False).eval()
+    model, _ = load_run(run)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, features(model.encoder, x), rtol=0,
+                                   atol=1e-5)
+
+    torch.manual_seed(0)
+    other = perturb(ViTModel(ViTConfig(**DIMS), add_pooling_layer=False))
+    other.save_pretrained(tmp_path / "other")
+    report = import_checkpoint(tmp_path / "other", "hf", tmp_path / "run")
+    assert any(n.startswith("decoder: not in") for n in report.notes)
+    imported, _ = load_run(tmp_path / "run")
+    with torch.no_grad():
+        torch.testing.assert_close(features(imported.encoder, x), other(pixel_values=x).last_hidden_state,
+                                   rtol=0, atol=1e-5)
+
+
+def test_mimkit_to_timm_and_back_is_bit_identical(mae_run, tmp_path):
+    run = mae_run[0]
+    export_run(run, "timm", tmp_path / "timm")
+    cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
+    strict = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"]).eval()
+    strict.load_state_dict(load_file(tmp_path / "timm" / "model.safetensors"), strict=True)
+    local = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    model, _ = load_run(run)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for loaded in (strict, local):
+            torch.testing.assert_close(loaded(x), model.encoder(x), rtol=0, atol=1e-5)
+
+    import_checkpoint(tmp_path / "timm", "timm", tmp_path / "back")  # heads come from config.json
+    back, _ = load_run(tmp_path / "back")
+    original, returned = model.encoder.state_dict(), back.encoder.state_dict()
+    assert all(torch.equal(original[k], returned[k]) for k in original)
+
+
+def test_timm_state_dict_file_imports(tmp_path):
+    torch.manual_seed(0)
+    vit = perturb(tiny_vit())
+    save_file(vit.state_dict(), tmp_path / "vit.safetensors")
+    import_checkpoint(tmp_path / "vit.safetensors", "timm", tmp_path / "run",
+                      overrides={"model": {"kwargs": {"num_heads": 2}}})
+    model, _ = load_run(tmp_path / "run")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder(x), vit(x), rtol=0, atol=1e-5)
+
+
+def test_classifier_head_is_unexpected_unless_allowed(tmp_path):
+    vit = tiny_vit(num_classes=10)
+    save_file(vit.state_dict(), tmp_path / "vit.safetensors")
+    with pytest.raises(MimkitError, match=r"unexpected 2: head.bias, head.weight.*--allow-mismatch"):
+        import_checkpoint(tmp_path / "vit.safetensors", "timm", tmp_path / "run", overrides=HEADS)
+    report = import_checkpoint(tmp_path / "vit.safetensors", "timm", tmp_path / "run", allow_mismatch=True,
+                               overrides=HEADS)
+    assert any("skipped 2 unexpected keys" in n for n in report.notes)
+
+
+def test_sincos_tables_resize_exactly_and_match_at_the_original_size(mae_run, tmp_path):
+    """32 -> 48 recomputes MAE's fixed tables; taken back to 32 the model is the original, bit for bit."""
+    run = mae_run[0]
+    export_run(run, "hf", tmp_path / "hf")
+    report = import_checkpoint(tmp_path / "hf", "hf", tmp_path / "big", img_size=48)
+    assert "encoder.pos_embed: sin-cos recomputed from 4x4 to 6x6" in report.notes
+    big, config = load_run(tmp_path / "big")
+    assert config.data.img_size == 48
+    assert torch.equal(big.encoder.pos_embed, sincos_pos_embed_2d(32, 6, cls_token=True))
+    assert big(torch.randn(2, 3, 48, 48))[0].isfinite()
+
+    export_run(tmp_path / "big", "hf", tmp_path / "hf48")
+    import_checkpoint(tmp_path / "hf48", "hf", tmp_path / "small", img_size=32)
+    small, original = load_run(tmp_path / "small")[0].state_dict(), load_run(run)[0].state_dict()
+    assert all(torch.equal(small[k], original[k]) for k in original)
+
+
+def test_learned_table_is_resized_bicubically(tmp_path):
+    torch.manual_seed(0)
+    vit = perturb(tiny_vit())
+    save_file(vit.state_dict(), tmp_path / "vit.safetensors")
+    report = import_checkpoint(tmp_path / "vit.safetensors", "timm", tmp_path / "run", img_size=48,
+                               overrides=HEADS)
+    assert "encoder.pos_embed: bicubic from 4x4 to 6x6" in report.notes
+    model, _ = load_run(tmp_path / "run")
+    torch.testing.assert_close(model.encoder.pos_embed, resample_abs_pos_embed(vit.pos_embed, [6, 6]))
+    assert model.encoder(torch.randn(1, 3, 48, 48)).isfinite().all()
