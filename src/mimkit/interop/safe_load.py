@@ -28,15 +28,19 @@ def _is_state_dict(value) -> bool:
 
 
 def _torch_load(path: Path) -> object:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:1] != b"\x80" and head != b"PK":  # a pickle's PROTO opcode, or torch.save's zip archive
+        raise MimkitError(f"'{path}' is not a safetensors file nor a PyTorch checkpoint")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        needs = f"would run {found.group(1)}" if found else "holds more than tensors and plain containers"
-        raise MimkitError(f"refusing '{path}': loading it {needs}; only tensors and plain containers are "
-                          "read (nothing was executed)") from None
-    except Exception as err:  # not a pickle or zip at all
+        why = f"loading it would run {found.group(1)}" if found else "it holds more than tensors"
+        raise MimkitError(f"refusing '{path}': {why}; only tensors and plain containers are read "
+                          "(nothing was executed)") from None
+    except Exception as err:  # a damaged archive
         raise MimkitError(f"'{path}' is not a safetensors file nor a PyTorch checkpoint "
                           f"({type(err).__name__})") from None
 
