@@ -122,6 +122,22 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, accum_steps):
         assert torch.equal(a, b), name
 
 
+def test_named_per_step_values_reach_the_loss_and_the_log(tmp_path):
+    seen = []
+
+    def loss_with_temperature(model, batch):
+        seen.append(batch["temperature"])
+        return regression_loss(model, batch)
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    schedule = Schedule(4, [0.1] * 4, values={"temperature": [1.0, 0.5, 0.25, 0.125]})
+    train(model, loss_with_temperature, SeededViews(Points(), noisy_view), build_adamw(param_groups(model, 0)),
+          schedule, tmp_path, CPU, batch_size=8, log_every=1)
+    assert seen == [1.0, 0.5, 0.25, 0.125]
+    assert [r["temperature"] for r in read_metrics(tmp_path) if "loss" in r] == seen
+
+
 def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
     def explodes_at_third_call(model, batch, calls=[0]):  # noqa: B006 - a counter across calls
         calls[0] += 1

@@ -11,7 +11,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,8 @@ class Schedule:
     lr: list[float]
     accum_steps: int = 1
     clip_grad: float | None = None
+    values: dict[str, list[float]] = field(default_factory=dict)  # more per-step values, e.g. a temperature;
+    # the loss function finds each in the batch under its name
 
 
 class _Step(nn.Module):
@@ -188,8 +190,10 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 total_loss, metrics = 0.0, {}
+                step_values = {name: values[step] for name, values in schedule.values.items()}
                 for micro in range(schedule.accum_steps):
                     batch = {k: v.to(world.device, non_blocking=True) for k, v in next(micro_batches).items()}
+                    batch |= step_values
                     sync = micro == schedule.accum_steps - 1 or world.size == 1
                     with contextlib.nullcontext() if sync else step_module.no_sync(), autocast:
                         loss, metrics = step_module(batch)
@@ -212,7 +216,7 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
                     now = time.perf_counter()
                     speed = (step - last_log_step) * images_per_step / (now - last_log)
                     last_log, last_log_step = now, step
-                    record = {"loss": total_loss, "lr": lr, "images_per_s": speed,
+                    record = {"loss": total_loss, "lr": lr, "images_per_s": speed, **step_values,
                               **{k: _scalar(v) for k, v in metrics.items()}}
                     log.write(step, epoch=step / steps_per_epoch, **record)
                     bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
