@@ -1,0 +1,79 @@
+"""``mimkit import`` makes a run every other command takes; ``mimkit export`` writes timm and HF folders."""
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from mimkit.cli import main
+from mimkit.interop.keymaps import to_foreign
+from mimkit.interop.mae import OFFICIAL_MAE
+from mimkit.models.mae import MAE
+from mimkit.runs import load_config
+from mimkit.train.checkpoint import Checkpoints
+
+TINY = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
+            decoder_depth=1, decoder_num_heads=2)
+IMPORT_SETS = ["--set", "model.kwargs.num_heads=2", "--set", "model.kwargs.decoder_num_heads=2",
+               "--set", "data.source=synthetic:64", "--set", "data.num_workers=0"]
+
+
+def reference_checkpoint(path):
+    """An MAE reference-code checkpoint (`{"model": …}` with the decoder)."""
+    torch.manual_seed(0)
+    state, _ = to_foreign(MAE(**TINY).state_dict(), OFFICIAL_MAE)
+    torch.save({"model": state}, path)
+
+
+def test_imported_run_visualizes_continues_pretraining_and_fine_tunes(tmp_path, capsys):
+    reference_checkpoint(tmp_path / "mae.pth")
+    run = tmp_path / "run"
+    imported = main(["import", str(tmp_path / "mae.pth"), "--format", "mae", "--out", str(run), *IMPORT_SETS])
+    assert imported == 0
+    out = capsys.readouterr().out
+    assert "imported MAE reference checkpoint" in out and f"run directory: {run}" in out
+    assert Checkpoints(run).latest() == 0
+
+    assert main(["visualize", str(run), "--out", str(tmp_path / "recon.png"), "--n", "2"]) == 0
+    assert (tmp_path / "recon.png").read_bytes()[:4] == b"\x89PNG"
+
+    # continued pretraining: the run's own configuration, the imported weights, a fresh optimizer
+    assert main(["pretrain", "mae", "--out", str(run), "--max-steps", "2", "--batch-size", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "resuming from step 0" in captured.out + captured.err
+    assert Checkpoints(run).latest() == 2 and load_config(run).model.kwargs["embed_dim"] == 32
+
+    assert main(["finetune", str(run), "--data", "synthetic:64", "--out", str(tmp_path / "ft"),
+                 "--max-steps", "1", "--batch-size", "8", "--set", "data.num_workers=0"]) == 0
+
+
+def test_export_to_timm_and_hf(tmp_path, capsys):
+    reference_checkpoint(tmp_path / "mae.pth")
+    run = tmp_path / "run"
+    main(["import", str(tmp_path / "mae.pth"), "--format", "mae", "--out", str(run), *IMPORT_SETS])
+    assert main(["export", str(run), "--to", "timm", "--out", str(tmp_path / "timm")]) == 0
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf"), "--encoder-only"]) == 0
+    assert {p.name for p in (tmp_path / "timm").iterdir()} == {"config.json", "model.safetensors"}
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {"config.json", "model.safetensors",
+                                                             "preprocessor_config.json"}
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line_error(tmp_path, capsys):
+    reference_checkpoint(tmp_path / "mae.pth")
+    run = tmp_path / "run"
+    main(["import", str(tmp_path / "mae.pth"), "--format", "mae", "--out", str(run), *IMPORT_SETS])
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    torch.save({"resnet.conv1.weight": torch.zeros(1)}, tmp_path / "resnet.pth")
+    elsewhere = str(tmp_path / "x")
+    cases = [
+        (["import", str(tmp_path / "mae.pth"), "--format", "mae", "--out", str(run)], "already holds a run"),
+        (["import", str(tmp_path / "nope.pth"), "--format", "mae", "--out", elsewhere], "does not exist"),
+        (["import", str(tmp_path / "vit.pth"), "--format", "hf", "--out", elsewhere], "not a Hugging Face"),
+        (["import", str(tmp_path / "resnet.pth"), "--format", "mae", "--out", elsewhere],
+         "holds no tensor of a mae checkpoint (its keys start: resnet.conv1.weight)"),
+        (["export", str(tmp_path / "nope"), "--to", "hf", "--out", elsewhere], "not a mimkit run"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err and "\n" not in err, err
