@@ -96,7 +96,9 @@ def hf_beit_config(model: BEiT, head: bool) -> dict:
 
     Args:
         model: the BEiT.
-        head: for `BeitForMaskedImageModeling` (mask token, codebook head) rather than `BeitModel`.
+        head: for `BeitForMaskedImageModeling` (mask token, codebook head) rather than `BeitModel`. The
+            final LayerNorm is the head model's own ``layernorm``, which needs ``use_mean_pooling`` (else
+            its base model would add a second one); the base model's is ``layernorm`` without it.
     """
     kw = model.encoder_kwargs
     return dict(model_type="beit", vocab_size=model.lm_head.out_features, hidden_size=kw["embed_dim"],
@@ -107,5 +109,5 @@ def hf_beit_config(model: BEiT, head: bool) -> dict:
                 use_relative_position_bias=kw["use_rel_pos_bias"],
                 use_shared_relative_position_bias=kw["use_shared_rel_pos_bias"],
                 layer_scale_init_value=kw["init_values"] or 0.0, drop_path_rate=kw["drop_path_rate"],
-                use_mean_pooling=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                use_mean_pooling=head, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 

@@ -61,11 +61,13 @@ def hf_export(model: nn.Module, config: PretrainConfig, encoder_only: bool) -> t
     raise MimkitError(f"cannot export a {type(model).__name__} to Hugging Face")
 
 
-def export_run(run_dir: str | Path, to: str, out: str | Path, encoder_only: bool = False) -> list[Path]:
-    """Export the newest weights of a run.
+def export_model(model: nn.Module, config: PretrainConfig, to: str, out: str | Path,
+                 encoder_only: bool = False) -> list[Path]:
+    """Export an MAE or a BEiT.
 
     Args:
-        run_dir: a mimkit run directory.
+        model: the model of ``config``'s method.
+        config: gives the input (``data.img_size``, ``channels``, ``mean``, ``std``) and MAE's mask ratio.
         to: "timm" (the encoder) or "hf".
         out: the folder to write (created if needed).
         encoder_only: for "hf", export the encoder alone (``ViTModel`` / ``BeitModel``); timm exports are
@@ -76,9 +78,7 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, encoder_only: bool
     """
     if to not in TARGETS:
         raise MimkitError(f"unknown export target {to!r}; choose one of: {', '.join(TARGETS)}")
-    model, config = load_run(run_dir)
-    data = config.data
-    out = Path(out)
+    data, out = config.data, Path(out)
     if to == "hf":
         architecture, hf_config, state = hf_export(model, config, encoder_only)
         processor = image_processor_config(data.img_size, data.mean, data.std)
@@ -94,3 +94,9 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, encoder_only: bool
                    "model_args": kwargs, "pretrained_cfg": pretrained_cfg}
     files[1].write_text(json.dumps(timm_config, indent=2) + "\n")
     return files
+
+
+def export_run(run_dir: str | Path, to: str, out: str | Path, encoder_only: bool = False) -> list[Path]:
+    """Export the newest weights of a run (see `export_model`)."""
+    model, config = load_run(run_dir)
+    return export_model(model, config, to, out, encoder_only)

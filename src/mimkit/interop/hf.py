@@ -50,6 +50,9 @@ def strip_base(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         prefix = next((p for p in BASE_PREFIXES if key.startswith(p)), "")
+        if key.removeprefix(prefix) in out:
+            raise MimkitError(f"'{key}' is both in the base model and its head (e.g. BEiT with "
+                              "use_mean_pooling=false and two final LayerNorms); mimkit cannot hold both")
         out[key.removeprefix(prefix)] = value
     return rename(out, NAME_VARIANTS)
 

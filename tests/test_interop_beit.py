@@ -1,0 +1,180 @@
+"""BEiT interop against the real libraries: transformers BEiT, timm Beit, and the BEiT reference code's
+published key names; BEiT's relative position tables at another grid."""
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.models.beit import Beit
+from transformers import BeitConfig, BeitForMaskedImageModeling, BeitModel
+
+from mimkit.config import DataConfig, PretrainConfig
+from mimkit.errors import MimkitError
+from mimkit.interop.beit import beit_arch
+from mimkit.interop.export import export_model
+from mimkit.interop.importer import load_foreign, read_checkpoint
+from mimkit.interop.posembed import _geometric_offsets, resize_rel_pos_table
+from mimkit.models.beit import BEiT
+
+TINY = dict(img_size=32, patch_size=8, in_chans=3, vocab_size=24, embed_dim=32, depth=2, num_heads=2,
+            drop_path_rate=0.0)
+CONFIG = PretrainConfig(method="beit",
+                        data=DataConfig(img_size=32, channels=3, mean=[0.5] * 3, std=[0.5] * 3))
+
+# The BEiT reference code's pretraining `model` dict (modeling_pretrain.py), shared relative position bias.
+OFFICIAL_KEYS = {
+    "cls_token", "mask_token", "patch_embed.proj.weight", "patch_embed.proj.bias",
+    "rel_pos_bias.relative_position_bias_table", "rel_pos_bias.relative_position_index",
+    "norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias",
+    *(f"blocks.{i}.{name}" for i in range(2)
+      for name in ("gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias",
+                   "attn.qkv.weight", "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
+                   "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")),
+}
+
+
+def perturb(module: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return module.eval()
+
+
+def tiny_beit(shared: bool = False, **kw) -> BEiT:
+    torch.manual_seed(0)
+    return perturb(BEiT(**{**TINY, "shared_rel_pos_bias": shared, **kw}))
+
+
+def load_into_new(foreign, **kw) -> tuple[BEiT, list[str]]:
+    arch = beit_arch(foreign.state) | kw
+    model = BEiT(**{**arch, "drop_path_rate": 0.0}).eval()
+    return model, load_foreign(model, foreign)
+
+
+def masks(batch: int = 2) -> torch.Tensor:
+    return torch.rand(batch, 16, generator=torch.Generator().manual_seed(3)) < 0.4
+
+
+def hf_config(**kw) -> BeitConfig:
+    dims = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
+                patch_size=8, vocab_size=24, layer_norm_eps=1e-6, use_mask_token=True, layer_scale_init_value=0.1)
+    return BeitConfig(**{**dims, **kw})
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_hf_beit_to_mimkit(tmp_path, shared):
+    torch.manual_seed(0)
+    hf = perturb(BeitForMaskedImageModeling(hf_config(use_relative_position_bias=not shared,
+                                                      use_shared_relative_position_bias=shared)))
+    hf.save_pretrained(tmp_path / "hf")
+    model, notes = load_into_new(read_checkpoint(tmp_path / "hf", "hf"))
+    assert notes == [] and beit_arch(model.state_dict())["shared_rel_pos_bias"] == shared
+    x, mask = torch.randn(2, 3, 32, 32), masks()
+    with torch.no_grad():
+        logits = hf(pixel_values=x, bool_masked_pos=mask).logits  # [B, L, vocab]
+        ours = model.forward_head(model.forward_features(x, mask)[0], mask)
+    torch.testing.assert_close(ours, logits[mask], rtol=0, atol=1e-5)
+
+
+def test_hf_beit_with_two_final_norms_is_refused(tmp_path):
+    """use_mean_pooling=False in a BeitForMaskedImageModeling normalizes twice; mimkit's BEiT cannot."""
+    hf = BeitForMaskedImageModeling(hf_config(use_mean_pooling=False, use_relative_position_bias=True))
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(MimkitError, match="two final LayerNorms"):
+        read_checkpoint(tmp_path / "hf", "hf")
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_mimkit_to_hf_and_back_is_bit_identical(tmp_path, shared):
+    model = tiny_beit(shared)
+    export_model(model, CONFIG, "hf", tmp_path / "hf")
+    hf = BeitForMaskedImageModeling.from_pretrained(tmp_path / "hf").eval()
+    x, mask = torch.randn(2, 3, 32, 32), masks()
+    with torch.no_grad():
+        logits = hf(pixel_values=x, bool_masked_pos=mask).logits
+        ours = model.forward_head(model.forward_features(x, mask)[0], mask)
+    torch.testing.assert_close(ours, logits[mask], rtol=0, atol=1e-5)
+
+    back, _ = load_into_new(read_checkpoint(tmp_path / "hf", "hf"))
+    original, returned = model.state_dict(), back.state_dict()
+    assert original.keys() == returned.keys() and all(torch.equal(original[k], returned[k]) for k in original)
+
+
+def test_encoder_exports_as_beit_model(tmp_path):
+    model = tiny_beit()
+    export_model(model, CONFIG, "hf", tmp_path / "hf", encoder_only=True)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["BeitModel"]
+    hf = BeitModel.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, model.encoder.forward_features(x),
+                                   rtol=0, atol=1e-5)
+    encoder_only, notes = load_into_new(read_checkpoint(tmp_path / "hf", "hf"), vocab_size=24)
+    assert notes == ["mask token: not in the checkpoint; freshly initialized",
+                     "codebook head: not in the checkpoint; freshly initialized"]
+
+
+def test_mimkit_to_timm_and_back_is_bit_identical(tmp_path):
+    model = tiny_beit(shared=True)
+    export_model(model, CONFIG, "timm", tmp_path / "timm")
+    cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
+    strict = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"]).eval()
+    strict.load_state_dict(load_file(tmp_path / "timm" / "model.safetensors"), strict=True)
+    local = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for loaded in (strict, local):
+            torch.testing.assert_close(loaded(x), model.encoder(x), rtol=0, atol=1e-5)
+
+    back, _ = load_into_new(read_checkpoint(tmp_path / "timm", "timm"), vocab_size=24)
+    original, returned = model.encoder.state_dict(), back.encoder.state_dict()
+    assert all(torch.equal(original[k], returned[k]) for k in original)
+
+
+def test_official_layout(tmp_path):
+    torch.manual_seed(0)
+    beit = perturb(Beit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+                        use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                        init_values=0.1, global_pool="token"))
+    state = beit.state_dict() | {"mask_token": torch.randn(1, 1, 32), "lm_head.weight": torch.randn(24, 32),
+                                 "lm_head.bias": torch.randn(24)}
+    state["rel_pos_bias.relative_position_index"] = beit.rel_pos_bias.relative_position_index  # a buffer
+    assert set(state) == OFFICIAL_KEYS
+    torch.save({"model": state}, tmp_path / "beit_pt.pth")
+    model, _ = load_into_new(read_checkpoint(tmp_path / "beit_pt.pth", "beit"))
+    assert torch.equal(model.lm_head.weight, state["lm_head.weight"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder.forward_features(x), beit.forward_features(x), rtol=0,
+                                   atol=1e-5)
+
+
+def test_relative_tables_resize_to_a_larger_grid(tmp_path):
+    model = tiny_beit()
+    export_model(model, CONFIG, "hf", tmp_path / "hf")
+    foreign = read_checkpoint(tmp_path / "hf", "hf")
+    big, notes = load_into_new(foreign, img_size=48)
+    assert "encoder.blocks.0.attn.relative_position_bias_table: BEiT's resize from 4x4 to 6x6" in notes
+    x, mask = torch.randn(2, 3, 48, 48), torch.zeros(2, 36, dtype=torch.bool)
+    assert big.forward_features(x, mask)[0].isfinite().all()
+    with pytest.raises(MimkitError, match="does not fit the inferred model: encoder.patch_embed"):
+        load_into_new(foreign, patch_size=4)
+
+
+def test_relative_resize_is_a_cubic_spline_on_beit_geometric_offsets():
+    """A table that is a cubic in the (geometrically spaced) old offsets is read exactly at the new ones."""
+    def cubic(y, x):
+        return 0.3 * y**3 - y * x + 0.5 * x**2 + 1
+
+    old = _geometric_offsets(3, 5)  # a 4x4 grid's offsets -3..3 placed for a 6x6 grid's -5..5
+    y, x = torch.meshgrid(old, old, indexing="ij")
+    extra = torch.tensor([[7.0], [8.0], [9.0]], dtype=torch.float64)
+    table = torch.cat([cubic(y, x).reshape(-1, 1), extra])
+    resized = resize_rel_pos_table(table, 6)
+    new = torch.arange(-5, 6, dtype=torch.float64)
+    y, x = torch.meshgrid(new, new, indexing="ij")
+    torch.testing.assert_close(resized[:-3, 0], cubic(y, x).flatten())
+    assert torch.equal(resized[-3:], extra) and torch.equal(resize_rel_pos_table(table, 4), table)
