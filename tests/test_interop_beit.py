@@ -59,8 +59,9 @@ def masks(batch: int = 2) -> torch.Tensor:
 
 
 def hf_config(**kw) -> BeitConfig:
-    dims = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
-                patch_size=8, vocab_size=24, layer_norm_eps=1e-6, use_mask_token=True, layer_scale_init_value=0.1)
+    dims = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                image_size=32, patch_size=8, vocab_size=24, layer_norm_eps=1e-6, use_mask_token=True,
+                layer_scale_init_value=0.1)
     return BeitConfig(**{**dims, **kw})
 
 
