@@ -66,6 +66,31 @@ class MAEConfig:
 
 
 @dataclass
+class BEiTConfig:
+    tokenizer: str | None = None  # a dVAE run directory (`mimkit tokenizer train dvae`) or a save_dvae file
+    tokenizer_size: int | None = None  # side of the tokenizer's view; None: the size the tokenizer trained on
+    mask_ratio: float = 0.4  # share of patches masked block-wise (BEiT: 75 of 196)
+    min_block: int | None = None  # smallest block in patches; None: 16 at 14x14, scaled by grid area
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop, shared by both views
+    color_jitter: float = 0.4  # brightness, contrast and saturation jitter; 0 turns it off
+
+
+@dataclass
+class DVAEConfig:
+    vocab_size: int = 8192
+    hidden: int = 64
+    num_res: int = 1
+    recon_loss: str = "mse"
+    tokenizer_size: int | None = None  # side of the images the dVAE sees; None: data.img_size. Its code
+    # grid is the ViT's patch grid, data.img_size / model.patch_size
+    temperature: tuple[float, float] = (1.0, 1 / 16)  # Gumbel-softmax temperature: start, end (DALL-E)
+    temperature_anneal: float = 0.5  # share of the run over which it falls (cosine), then stays
+    kl_weight: float = 0.05  # weight of KL(q || uniform), reached after kl_warmup
+    kl_warmup: float = 0.1  # share of the run over which the KL weight rises from 0 (cosine)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+
+
+@dataclass
 class PretrainConfig:
     method: str = "mae"
     data: DataConfig = field(default_factory=DataConfig)
@@ -73,6 +98,8 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
+    beit: BEiTConfig = field(default_factory=BEiTConfig)
+    dvae: DVAEConfig = field(default_factory=DVAEConfig)
 
 
 def _coerce(value, hint, key: str):
