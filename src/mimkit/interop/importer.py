@@ -27,6 +27,8 @@ from mimkit.interop.keymaps import KeyMap, from_foreign
 from mimkit.interop.posembed import abs_grid, rel_grid, resize_abs_pos_embed, resize_rel_pos_table
 from mimkit.interop.safe_load import load_sharded, load_tensors
 from mimkit.methods import METHODS
+from mimkit.models.beit import BEIT_MODELS
+from mimkit.models.mae import MAE_MODELS
 from mimkit.models.vit import ENCODER_ARCHS
 from mimkit.train.checkpoint import Checkpoints
 
@@ -200,9 +202,13 @@ def load_foreign(model: nn.Module, foreign: Foreign, allow_mismatch: bool = Fals
     return notes
 
 
-def _nearest_arch(embed_dim: int) -> str:
-    """The named encoder closest in width (it decides what the checkpoint does not, e.g. a fresh decoder)."""
-    return min(ENCODER_ARCHS, key=lambda name: abs(ENCODER_ARCHS[name]["embed_dim"] - embed_dim))
+MODEL_NAMES = {"mae": MAE_MODELS, "beit": BEIT_MODELS}
+
+
+def _nearest_name(method: str, embed_dim: int) -> str:
+    """The method's named model closest in width (it decides what the checkpoint does not, e.g. the size
+    of a fresh decoder)."""
+    return min(MODEL_NAMES[method], key=lambda name: abs(ENCODER_ARCHS[name]["embed_dim"] - embed_dim))
 
 
 MODEL_KWARGS = {
@@ -222,7 +228,7 @@ def run_config(method: str, arch: dict, img_size: int | None, mean: list[float] 
     values = {"method": method,
               "data": {"img_size": img_size or arch["img_size"], "channels": channels, "mean": list(mean),
                        "std": list(std)},
-              "model": {"name": _nearest_arch(arch["embed_dim"]), "patch_size": arch["patch_size"],
+              "model": {"name": _nearest_name(method, arch["embed_dim"]), "patch_size": arch["patch_size"],
                         "kwargs": {k: arch[k] for k in MODEL_KWARGS[method] if k in arch}}}
     if method == "mae" and "norm_pix_loss" in arch:
         values["mae"] = {"norm_pix_loss": arch["norm_pix_loss"], "mask_ratio": arch["mask_ratio"]}
