@@ -6,15 +6,21 @@ with `strict=True`. Pretraining adds a learnable mask token that replaces the em
 patches before the blocks, and a linear head over the tokenizer's codebook, applied to masked
 positions only and trained with cross-entropy.
 
+`BEiTv2` adds BEiT v2's [CLS] aggregation head: the final [CLS] token over the patch tokens of an
+earlier block, two more blocks, and the same norm and codebook head, trained with a second
+cross-entropy; it lives outside `model.encoder`, so exports and fine-tuning never see it.
+
 - BEiT: Bao et al., 2021, arXiv:2106.08254
+- BEiT v2: Peng et al., 2022, arXiv:2208.06366
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
-from timm.models.beit import Beit
+from timm.layers import calculate_drop_path_rates, trunc_normal_
+from timm.models.beit import Beit, Block
 from torch import nn
 
 from mimkit.errors import MimkitError
@@ -147,9 +153,101 @@ class BEiT(nn.Module):
         return self.forward_loss(self.forward_head(x, bool_masked_pos), target_ids, bool_masked_pos)
 
 
-def _beit(arch: str, layer_scale_init: float, **kwargs) -> BEiT:
+def default_agg_layer(depth: int) -> int:
+    """The block whose patch tokens BEiT v2's aggregation head reads: 9 of 12 and 21 of 24 as in the
+    paper, i.e. the last quarter of the blocks (at most 3, at least 1) is skipped; 1 of 2, 5 of 6."""
+    return max(1, depth - min(3, max(1, depth // 4)))
+
+
+class BEiTv2(BEiT):
+    """BEiT with BEiT v2's [CLS] patch-aggregation head (BEiT v2, arXiv:2208.06366).
+
+    The final block's [CLS] token is put in front of the patch tokens of block `agg_layer`, and
+    `agg_depth` more blocks run over them; the encoder's final norm and `lm_head` (the same modules,
+    shared) then predict the masked tokens again. The [CLS] token alone carries the information the
+    deep blocks add, so pretraining teaches it to summarise the image. The extra cross-entropy is added
+    to the MIM loss. The head's blocks (`agg_blocks`) are not part of `encoder`.
+
+    Args:
+        agg_layer: 1-based block whose patch tokens the head reads; `default_agg_layer(depth)` when None.
+        agg_depth: blocks of the head (2 in the paper).
+        *args, **kwargs: `BEiT`'s.
+    """
+
+    def __init__(self, *args, agg_layer: int | None = None, agg_depth: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        kw = self.encoder_kwargs
+        depth = kw["depth"]
+        self.agg_layer = default_agg_layer(depth) if agg_layer is None else agg_layer
+        if not 1 <= self.agg_layer <= depth:
+            raise MimkitError(f"agg_layer {self.agg_layer} must be a block number in 1..{depth}")
+        # As in the reference code, the head's blocks continue the encoder's after block agg_layer: their
+        # stochastic depth and their init rescaling are those of blocks agg_layer + 1, agg_layer + 2, ...
+        dpr = calculate_drop_path_rates(kw["drop_path_rate"], depth)
+        window = self.encoder.patch_embed.grid_size if kw["use_rel_pos_bias"] else None
+        self.agg_blocks = nn.ModuleList([
+            Block(kw["embed_dim"], kw["num_heads"], qkv_bias=True, mlp_ratio=kw["mlp_ratio"],
+                  drop_path=dpr[min(self.agg_layer + i, depth - 1)], init_values=kw["init_values"],
+                  window_size=window)
+            for i in range(agg_depth)
+        ])
+        for module in self.agg_blocks.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            for i, block in enumerate(self.agg_blocks):
+                scale = math.sqrt(2.0 * (self.agg_layer + i + 1))
+                block.attn.proj.weight.div_(scale)
+                block.mlp.fc2.weight.div_(scale)
+
+    def forward_aggregation(self, last: torch.Tensor, early: torch.Tensor,
+                            bool_masked_pos: torch.Tensor) -> torch.Tensor:
+        """Codebook logits of the aggregation head at the masked positions.
+
+        Args:
+            last: (B, 1 + L, D) un-normalized output of the final block (its [CLS] is used).
+            early: (B, 1 + L, D) un-normalized output of block `agg_layer` (its patch tokens are used).
+            bool_masked_pos: bool (B, L) or (B, h, w).
+
+        Returns:
+            logits: (N, vocab_size) from the shared norm and `lm_head`, as `forward_head`.
+        """
+        enc = self.encoder
+        x = torch.cat([last[:, :1], early[:, 1:]], dim=1)  # [B, 1 + L, D]
+        shared_bias = enc.rel_pos_bias() if enc.rel_pos_bias is not None else None
+        for block in self.agg_blocks:
+            x = block(x, shared_rel_pos_bias=shared_bias)
+        return self.forward_head(enc.norm(x), bool_masked_pos)
+
+    def forward(
+        self, imgs: torch.Tensor, bool_masked_pos: torch.Tensor, target_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One pretraining step's loss: MIM cross-entropy plus the aggregation head's.
+
+        Args:
+            imgs: (B, C, H, W) normalized images.
+            bool_masked_pos: bool (B, L) or (B, h, w), True where masked.
+            target_ids: long (B, L) or (B, h, w), the tokenizer's ids (e.g. `VQKD.tokenize`).
+
+        Returns:
+            loss: scalar, the sum of both cross-entropies.
+            metrics: "mim_loss", "agg_loss" and their accuracies "mim_acc", "agg_acc" (detached).
+        """
+        depth = self.encoder_kwargs["depth"]
+        x, hidden = self.forward_features(imgs, bool_masked_pos, layers=sorted({self.agg_layer, depth}))
+        mim_logits = self.forward_head(x, bool_masked_pos)
+        mim_loss, metrics = self.forward_loss(mim_logits, target_ids, bool_masked_pos)
+        agg_logits = self.forward_aggregation(hidden[-1], hidden[0], bool_masked_pos)
+        agg_loss, agg_metrics = self.forward_loss(agg_logits, target_ids, bool_masked_pos)
+        return mim_loss + agg_loss, {"mim_loss": mim_loss.detach(), "agg_loss": agg_loss.detach(), **metrics,
+                                     "agg_acc": agg_metrics["mim_acc"]}
+
+
+def _beit(arch: str, layer_scale_init: float, cls: type[BEiT] = BEiT, **kwargs) -> BEiT:
     dims = encoder_arch(arch)
-    return BEiT(**{**dims, "layer_scale_init": layer_scale_init, **kwargs})
+    return cls(**{**dims, "layer_scale_init": layer_scale_init, **kwargs})
 
 
 def beit_vit_mini(**kwargs) -> BEiT:
@@ -196,3 +294,13 @@ def create_beit(name: str, **kwargs) -> BEiT:
     if name not in BEIT_MODELS:
         raise MimkitError(f"unknown BEiT model {name!r}; choose one of: {', '.join(BEIT_MODELS)}")
     return BEIT_MODELS[name](**kwargs)
+
+
+def create_beitv2(name: str, **kwargs) -> BEiTv2:
+    """A BEiT v2 model by encoder name: `create_beit`'s arch with the aggregation head.
+
+    Args:
+        name: a key of `BEIT_MODELS`.
+        **kwargs: `BEiTv2` arguments, e.g. `agg_layer=5, depth=6`.
+    """
+    return create_beit(name, cls=BEiTv2, **kwargs)
