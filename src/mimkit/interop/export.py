@@ -7,7 +7,9 @@
 - Hugging Face: a ``from_pretrained`` folder (``config.json``, ``model.safetensors``,
   ``preprocessor_config.json``) for ``ViTMAEForPreTraining`` (MAE with its decoder), ``ViTModel`` (the MAE
   encoder), ``BeitForMaskedImageModeling`` (BEiT with mask token and codebook head) or ``BeitModel``.
-  LayerNorm eps is timm's 1e-6 in every exported config (transformers' default is 1e-12).
+  LayerNorm eps is timm's 1e-6 in every exported config (transformers' default is 1e-12). A ``ViTModel``
+  export has no pooler (MAE has none): load it with ``add_pooling_layer=False``, or transformers adds a
+  randomly initialized one.
 """
 
 import json

@@ -47,6 +47,7 @@ class Foreign:
         hints: architecture facts from a config file that weights do not show (attention heads, …).
         mean, std: the normalization the weights were trained with, when known.
         source: what was read, for reports.
+        notes: what the reader noticed that changes nothing but is worth knowing.
     """
 
     method: str
@@ -56,6 +57,7 @@ class Foreign:
     mean: list[float] | None = None
     std: list[float] | None = None
     source: str = ""
+    notes: list[str] = field(default_factory=list)
 
 
 def _convert(method: str, state: dict, keymap: KeyMap, source: str, ignore=(), **extra) -> Foreign:
@@ -86,7 +88,8 @@ def read_timm(path: Path) -> Foreign:
         state = load_tensors(path)
     is_beit = any(k.endswith(("attn.q_bias", "relative_position_bias_table")) for k in state)
     pretrained = timm_config.get("pretrained_cfg", {})
-    hints = {k: v for k, v in timm_config.get("model_args", {}).items() if k == "num_heads"}
+    model_args = timm_config.get("model_args", {})
+    hints = {"num_heads": model_args["num_heads"]} if "num_heads" in model_args else {}
     if is_beit:
         return _convert("beit", state, beit.TIMM_BEIT, "timm Beit", beit.DERIVED, hints=hints,
                         mean=pretrained.get("mean", HALF), std=pretrained.get("std", HALF))
@@ -113,7 +116,10 @@ def read_hf(path: Path) -> Foreign:
     hints = mae.arch_from_hf_config(config) if method == "mae" else {}
     source = f"transformers {model_type} ({', '.join(config.get('architectures', []))})"
     mean, std = processor.get("image_mean", IMAGENET_MEAN), processor.get("image_std", IMAGENET_STD)
-    return _convert(method, state, keymap, source, beit.DERIVED, hints=hints, mean=mean, std=std)
+    eps = config.get("layer_norm_eps", 1e-12)
+    notes = [] if eps == 1e-6 else [f"its config has LayerNorm eps {eps:g}; mimkit's timm blocks use 1e-6 "
+                                    "(a negligible difference for trained weights)"]
+    return _convert(method, state, keymap, source, beit.DERIVED, hints=hints, mean=mean, std=std, notes=notes)
 
 
 FORMATS: dict[str, Callable[[Path], Foreign]] = {
@@ -196,8 +202,10 @@ def load_foreign(model: nn.Module, foreign: Foreign, allow_mismatch: bool = Fals
         problems += [f"unexpected {len(unexpected)}: {_listing(unexpected)}"] if unexpected else []
         raise MimkitError(f"the checkpoint does not match the model ({'; '.join(problems)}); "
                           "--allow-mismatch loads the rest")
-    notes += [f"kept the fresh init of {len(missing)} missing keys: {_listing(missing)}"] if missing else []
-    notes += [f"skipped {len(unexpected)} unexpected keys: {_listing(unexpected)}"] if unexpected else []
+    if missing:
+        notes.append(f"kept the fresh init of {len(missing)} missing keys: {_listing(missing)}")
+    if unexpected:
+        notes.append(f"skipped {len(unexpected)} unexpected keys: {_listing(unexpected)}")
     model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
     return notes
 
@@ -240,6 +248,8 @@ ARCHS = {"mae": mae.mae_arch, "beit": beit.beit_arch}
 
 @dataclass
 class ImportReport:
+    """What `import_checkpoint` made: the run, its configuration, what was read and what to know about it."""
+
     run_dir: Path
     config: PretrainConfig
     source: str
@@ -281,7 +291,7 @@ def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int
     config = from_dict(PretrainConfig, values)
     torch.manual_seed(config.train.seed)  # the fresh parts, reproducibly
     model = METHODS[config.method].build_model(config)
-    notes = load_foreign(model, foreign, allow_mismatch)
+    notes = foreign.notes + load_foreign(model, foreign, allow_mismatch)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     Checkpoints(out).save(0, model, {"step": 0, "imported_from": str(path), "format": fmt})
