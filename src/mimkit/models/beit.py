@@ -245,9 +245,10 @@ class BEiTv2(BEiT):
                                      "agg_acc": agg_metrics["mim_acc"]}
 
 
-def _beit(arch: str, layer_scale_init: float, cls: type[BEiT] = BEiT, **kwargs) -> BEiT:
+def _beit(arch: str, default_layer_scale: float, cls: type[BEiT] = BEiT, **kwargs) -> BEiT:
+    """The arch's dimensions and layer scale, overridden by ``kwargs`` (e.g. ``layer_scale_init``)."""
     dims = encoder_arch(arch)
-    return cls(**{**dims, "layer_scale_init": layer_scale_init, **kwargs})
+    return cls(**{**dims, "layer_scale_init": default_layer_scale, **kwargs})
 
 
 def beit_vit_mini(**kwargs) -> BEiT:
