@@ -7,16 +7,16 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
-from timm.models.beit import Beit
+from timm.models.beit import Beit, Block
 from transformers import BeitConfig, BeitForMaskedImageModeling, BeitModel
 
 from mimkit.config import DataConfig, PretrainConfig
 from mimkit.errors import MimkitError
-from mimkit.interop.beit import beit_arch
+from mimkit.interop.beit import beit_arch, beitv2_arch
 from mimkit.interop.export import export_model
 from mimkit.interop.importer import load_foreign, read_checkpoint
 from mimkit.interop.posembed import _geometric_offsets, resize_rel_pos_table
-from mimkit.models.beit import BEiT
+from mimkit.models.beit import BEiT, BEiTv2
 
 TINY = dict(img_size=32, patch_size=8, in_chans=3, vocab_size=24, embed_dim=32, depth=2, num_heads=2,
             drop_path_rate=0.0)
@@ -24,14 +24,21 @@ CONFIG = PretrainConfig(method="beit",
                         data=DataConfig(img_size=32, channels=3, mean=[0.5] * 3, std=[0.5] * 3))
 
 # The BEiT reference code's pretraining `model` dict (modeling_pretrain.py), shared relative position bias.
+BLOCK = ("gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias", "attn.qkv.weight",
+         "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+         "mlp.fc2.weight", "mlp.fc2.bias")
 OFFICIAL_KEYS = {
     "cls_token", "mask_token", "patch_embed.proj.weight", "patch_embed.proj.bias",
     "rel_pos_bias.relative_position_bias_table", "rel_pos_bias.relative_position_index",
     "norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias",
-    *(f"blocks.{i}.{name}" for i in range(2)
-      for name in ("gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias",
-                   "attn.qkv.weight", "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
-                   "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")),
+    *(f"blocks.{i}.{n}" for i in range(2) for n in BLOCK),
+}
+# BEiT v2's (beit2/modeling_pretrain.py, `_cls_pt` models): a table per block, and the aggregation blocks.
+PER_BLOCK = (*BLOCK, "attn.relative_position_bias_table", "attn.relative_position_index")
+OFFICIAL_V2_KEYS = {
+    "cls_token", "mask_token", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias",
+    "lm_head.weight", "lm_head.bias", *(f"{blocks}.{i}.{n}" for blocks in ("blocks", "cls_pt_layers")
+                                        for i in range(2) for n in PER_BLOCK),
 }
 
 
@@ -151,6 +158,38 @@ def test_official_layout(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.encoder.forward_features(x), beit.forward_features(x), rtol=0,
                                    atol=1e-5)
+
+
+def test_official_beitv2_layout(tmp_path):
+    torch.manual_seed(0)
+    beit = perturb(Beit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+                        use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, global_pool="token"))
+    agg = [perturb(Block(32, 2, qkv_bias=True, init_values=0.1, window_size=(4, 4))) for _ in range(2)]
+    head = {"mask_token": torch.randn(1, 1, 32), "lm_head.weight": torch.randn(24, 32),
+            "lm_head.bias": torch.randn(24)}
+    state = beit.state_dict() | head
+    for blocks, modules in (("blocks", beit.blocks), ("cls_pt_layers", agg)):
+        for i, block in enumerate(modules):
+            state |= {f"{blocks}.{i}.{k}": v for k, v in block.state_dict().items()}
+            state[f"{blocks}.{i}.attn.relative_position_index"] = block.attn.relative_position_index
+    assert set(state) == OFFICIAL_V2_KEYS
+    torch.save({"model": state}, tmp_path / "beitv2_pt.pth")
+    foreign = read_checkpoint(tmp_path / "beitv2_pt.pth", "beitv2")
+    model = BEiTv2(**beitv2_arch(foreign.state), agg_layer=1, drop_path_rate=0.0).eval()
+    assert load_foreign(model, foreign) == [] and len(model.agg_blocks) == 2
+
+    x, mask = torch.randn(2, 3, 32, 32), masks()
+    with torch.no_grad():  # the reference head by hand on the timm modules: block-1 patches, final [CLS]
+        h = torch.where(mask[..., None], head["mask_token"], beit.patch_embed(x))
+        early = beit.blocks[0](torch.cat([beit.cls_token.expand(2, -1, -1), h], dim=1))
+        last = beit.blocks[1](early)
+        y = torch.cat([last[:, :1], early[:, 1:]], dim=1)
+        for block in agg:
+            y = block(y)
+        expected = beit.norm(y)[:, 1:][mask] @ head["lm_head.weight"].T + head["lm_head.bias"]
+        _, (ours_early, ours_last) = model.forward_features(x, mask, layers=[1, 2])
+        ours = model.forward_aggregation(ours_last, ours_early, mask)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
 
 def test_relative_tables_resize_to_a_larger_grid(tmp_path):

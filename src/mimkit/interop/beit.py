@@ -1,10 +1,13 @@
 """BEiT layouts: timm, the BEiT reference code, and Hugging Face transformers.
 
 mimkit's BEiT is ``encoder.*`` (a timm `Beit`) plus ``mask_token`` and ``lm_head``, the reference code's
-own names, so the reference layout and timm's are prefix changes. The reference code also saves each
-attention's ``relative_position_index``, a buffer derived from the grid; it is dropped on import.
+own names, so the reference layout and timm's are prefix changes; BEiT v2 adds the aggregation head's
+blocks. The reference code also saves each attention's ``relative_position_index``, a buffer derived from
+the grid; it is dropped on import. Exports hold the encoder (and for Hugging Face the mask token and
+codebook head): BEiT v2's aggregation head serves pretraining only.
 
 - BEiT: Bao et al., 2021, arXiv:2106.08254
+- BEiT v2: Peng et al., 2022, arXiv:2208.06366
 """
 
 from mimkit.errors import MimkitError
@@ -26,10 +29,13 @@ TIMM_BEIT_KEYS = (
 BEIT_HEAD_KEYS = ("mask_token", "lm_head.weight", "lm_head.bias")
 DERIVED = (r"relative_position_index$",)  # buffers rebuilt from the grid, never loaded
 
-# A timm Beit state dict (num_classes=0, use_fc_norm=False).
+# A timm Beit state dict (num_classes=0, no fc_norm).
 TIMM_BEIT = identity(TIMM_BEIT_KEYS, ours="encoder.")
 # The BEiT reference code's pretraining `model` dict (VisionTransformerForMaskedImageModeling).
 OFFICIAL_BEIT = TIMM_BEIT | identity(BEIT_HEAD_KEYS)
+# The BEiT v2 reference code's (VisionTransformerForMaskedImageModelingCLS with its shared lm_head): BEiT's
+# plus the [CLS] aggregation blocks, mimkit's `BEiTv2.agg_blocks`.
+OFFICIAL_BEITV2 = OFFICIAL_BEIT | nest(identity(BEIT_BLOCK_KEYS), "agg_blocks.{k}.", "cls_pt_layers.{k}.")
 
 _REL_TABLE = "relative_position_bias.relative_position_bias_table"
 # timm Beit Block -> transformers BeitLayer: no key bias (timm keeps a zero buffer), layer scale "lambda".
@@ -56,6 +62,7 @@ HF_BEIT = (nest(HF_BEIT_EMBED, "encoder.") | nest(HF_BEIT_BLOCK, "encoder.blocks
 
 # Parts a checkpoint may lack as a whole (an encoder-only file); they keep a new BEiT's initialization.
 BEIT_OPTIONAL_PARTS = {"mask token": ("mask_token",), "codebook head": ("lm_head.",)}
+BEITV2_OPTIONAL_PARTS = BEIT_OPTIONAL_PARTS | {"aggregation head": ("agg_blocks.",)}
 _SHARED_TABLE = "encoder.rel_pos_bias.relative_position_bias_table"
 _BLOCK_TABLE = "encoder.blocks.0.attn.relative_position_bias_table"
 
@@ -84,6 +91,15 @@ def beit_arch(state: dict) -> dict:
     if "lm_head.weight" in state:
         arch["vocab_size"] = state["lm_head.weight"].shape[0]
     return arch
+
+
+def beitv2_arch(state: dict) -> dict:
+    """`BEiTv2` constructor arguments: `beit_arch`'s and the aggregation head's depth when present. The
+    block the head reads (``agg_layer``) does not show in the weights: the model's default (9 of 12, 21 of
+    24, as the reference code's ``early_layers``) applies unless set."""
+    arch = beit_arch(state)
+    agg_depth = block_count(state, "agg_blocks.")
+    return arch | {"agg_depth": agg_depth} if agg_depth else arch
 
 
 def timm_beit_kwargs(model: BEiT) -> dict:

@@ -7,9 +7,10 @@ tables to the model's grid and refusing missing or unexpected keys unless asked 
 command reads like one it wrote: ``visualize``, ``finetune``, ``linprobe``, ``knn``, ``export``, and
 ``pretrain`` (which continues from the imported weights with a fresh optimizer).
 
-Formats: ``mae`` (the MAE reference code's checkpoints, with or without the decoder), ``beit`` (the BEiT
-reference code's pretraining checkpoints), ``timm`` (a `VisionTransformer` or `Beit` state dict, or a
-timm folder with ``config.json``), ``hf`` (a transformers ViTMAE, ViT or BEiT folder).
+Formats: ``mae`` (the MAE reference code's checkpoints, with or without the decoder), ``beit`` and
+``beitv2`` (the BEiT and BEiT v2 reference code's pretraining checkpoints), ``timm`` (a
+`VisionTransformer` or `Beit` state dict, or a timm folder with ``config.json``), ``hf`` (a transformers
+ViTMAE, ViT or BEiT folder).
 """
 
 from collections.abc import Callable
@@ -77,6 +78,12 @@ def read_official_beit(path: Path) -> Foreign:
                     beit.DERIVED, mean=HALF, std=HALF)
 
 
+def read_official_beitv2(path: Path) -> Foreign:
+    """A pretraining checkpoint of the BEiT v2 reference code (with the [CLS] aggregation blocks)."""
+    return _convert("beitv2", load_tensors(path), beit.OFFICIAL_BEITV2, "BEiT v2 reference checkpoint",
+                    beit.DERIVED, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
 def read_timm(path: Path) -> Foreign:
     """A timm `VisionTransformer` or `Beit` state dict: a weights file, or a folder with ``config.json``
     (timm's ``architecture``, ``model_args``, ``pretrained_cfg``) and ``model.safetensors``."""
@@ -125,6 +132,7 @@ def read_hf(path: Path) -> Foreign:
 FORMATS: dict[str, Callable[[Path], Foreign]] = {
     "mae": read_official_mae,
     "beit": read_official_beit,
+    "beitv2": read_official_beitv2,
     "timm": read_timm,
     "hf": read_hf,
 }
@@ -144,7 +152,8 @@ def read_checkpoint(path: str | Path, fmt: str) -> Foreign:
     return foreign
 
 
-OPTIONAL_PARTS = {"mae": mae.MAE_OPTIONAL_PARTS, "beit": beit.BEIT_OPTIONAL_PARTS}
+OPTIONAL_PARTS = {"mae": mae.MAE_OPTIONAL_PARTS, "beit": beit.BEIT_OPTIONAL_PARTS,
+                  "beitv2": beit.BEITV2_OPTIONAL_PARTS}
 
 
 def _fit_table(key: str, value: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, str] | None:
@@ -210,7 +219,7 @@ def load_foreign(model: nn.Module, foreign: Foreign, allow_mismatch: bool = Fals
     return notes
 
 
-MODEL_NAMES = {"mae": MAE_MODELS, "beit": BEIT_MODELS}
+MODEL_NAMES = {"mae": MAE_MODELS, "beit": BEIT_MODELS, "beitv2": BEIT_MODELS}
 
 
 def _nearest_name(method: str, embed_dim: int) -> str:
@@ -225,6 +234,7 @@ MODEL_KWARGS = {
     "beit": ("embed_dim", "depth", "num_heads", "mlp_ratio", "vocab_size", "layer_scale_init",
              "shared_rel_pos_bias"),
 }
+MODEL_KWARGS["beitv2"] = MODEL_KWARGS["beit"] + ("agg_depth",)
 
 
 def run_config(method: str, arch: dict, img_size: int | None, mean: list[float] | None,
@@ -243,7 +253,7 @@ def run_config(method: str, arch: dict, img_size: int | None, mean: list[float] 
     return values
 
 
-ARCHS = {"mae": mae.mae_arch, "beit": beit.beit_arch}
+ARCHS = {"mae": mae.mae_arch, "beit": beit.beit_arch, "beitv2": beit.beitv2_arch}
 
 
 @dataclass
