@@ -6,15 +6,19 @@ noise are reproducible, resumable and the same under DDP. Views are small classe
 DataLoader workers started with spawn/forkserver can pickle them.
 
 Building blocks for new views: `normalize` (uint8 -> normalized float, the last step of every view)
-and `ImageView` (wraps one transform as `{"image": ...}`); `MaskNoiseView` adds MAE's mask noise.
+and `ImageView` (wraps one transform as `{"image": ...}`); `MaskNoiseView` adds MAE's mask noise;
+`crop_view` is the random resized crop + flip that MAE and the dVAE train on; `BEiTView` crops once
+for two resolutions (the ViT's and the tokenizer's) and adds BEiT's block mask.
 """
 
 from collections.abc import Callable, Sequence
 
 import torch
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
+from torchvision.transforms.v2 import functional as TF
 
 from mimkit.errors import MimkitError
+from mimkit.masking import block_mask
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 # Below this side images are small (Fashion-MNIST, CIFAR): evaluation resizes them whole instead of
@@ -71,6 +75,25 @@ class MaskNoiseView(ImageView):
         return super().__call__(image) | {"noise": torch.rand(self.num_patches)}
 
 
+def crop_view(img_size: int, mean: Sequence[float], std: Sequence[float],
+              scale: tuple[float, float] = (0.2, 1.0)) -> ImageView:
+    """Random resized crop (bicubic), horizontal flip, normalize.
+
+    Args:
+        img_size: output side.
+        mean, std: per-channel normalization.
+        scale: area range of the crop, as a fraction of the image.
+
+    Returns:
+        view: uint8 `(C, H, W)` -> `{"image": float (C, img_size, img_size)}`.
+    """
+    return ImageView(v2.Compose([
+        v2.RandomResizedCrop(img_size, scale=scale, interpolation=BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        normalize(mean, std),
+    ]))
+
+
 def mae_view(img_size: int, mean: Sequence[float], std: Sequence[float], patch_size: int,
              scale: tuple[float, float] = (0.2, 1.0)) -> MaskNoiseView:
     """MAE pretraining view: random resized crop (bicubic), horizontal flip, normalize, mask noise.
@@ -89,12 +112,62 @@ def mae_view(img_size: int, mean: Sequence[float], std: Sequence[float], patch_s
     """
     if img_size % patch_size:
         raise MimkitError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
-    augment = v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=scale, interpolation=BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(),
-        normalize(mean, std),
-    ])
-    return MaskNoiseView(augment, (img_size // patch_size) ** 2)
+    return MaskNoiseView(crop_view(img_size, mean, std, scale).transform, (img_size // patch_size) ** 2)
+
+
+class BEiTView:
+    """BEiT's pretraining view: one random crop seen at two resolutions, and a block mask.
+
+    Color jitter and the flip act on the image first, so both views show the same content; the crop
+    is resized to `img_size` for the ViT and to `tokenizer_size` for the tokenizer (BEiT: 224 and
+    112 px). The mask is drawn here rather than in the model so that it follows the sample's seed.
+
+    - BEiT: Bao et al., 2021, arXiv:2106.08254 (section 2.5: crop, flip, color jitter; block masking)
+
+    Args:
+        img_size: side of the ViT's view.
+        tokenizer_size: side of the tokenizer's view.
+        mean, std: normalization of the ViT's view.
+        tokenizer_mean, tokenizer_std: normalization the tokenizer was trained with.
+        grid: the ViT's patch grid side.
+        num_masked: patches to mask, exactly (`mimkit.masking.count_for_ratio`).
+        min_block: smallest block in patches; None scales BEiT's 16 of 14x14 to the grid.
+        scale: area range of the crop, as a fraction of the image.
+        color_jitter: brightness, contrast and saturation jitter strength; 0 turns it off.
+
+    Returns (when called on uint8 `(C, H, W)`):
+        `{"image": float (C, img_size, img_size), "tokenizer_image": float (C, tokenizer_size,
+        tokenizer_size), "mask": bool (grid * grid,)}`, the mask True where a patch is hidden.
+    """
+
+    ratio = (3 / 4, 4 / 3)  # aspect range of the crop
+
+    def __init__(self, img_size: int, tokenizer_size: int, mean: Sequence[float], std: Sequence[float],
+                 tokenizer_mean: Sequence[float], tokenizer_std: Sequence[float], grid: int, num_masked: int,
+                 min_block: int | None = None, scale: tuple[float, float] = (0.08, 1.0),
+                 color_jitter: float = 0.4):
+        self.img_size, self.tokenizer_size, self.scale = img_size, tokenizer_size, scale
+        self.grid, self.num_masked, self.min_block = grid, num_masked, min_block
+        jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter else v2.Identity()
+        self.augment = v2.Compose([jitter, v2.RandomHorizontalFlip()])
+        self.normalize = normalize(mean, std)
+        self.tokenizer_normalize = normalize(tokenizer_mean, tokenizer_std)
+
+    def _resize(self, crop: tuple[int, int, int, int], image: torch.Tensor, size: int) -> torch.Tensor:
+        return TF.resized_crop(image, *crop, [size, size], interpolation=BICUBIC, antialias=True)
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        image = self.augment(image)
+        crop = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))  # top, left, h, w
+        mask = block_mask(self.grid, self.grid, self.num_masked, self.min_block)
+        return {"image": self.normalize(self._resize(crop, image, self.img_size)),
+                "tokenizer_image": self.tokenizer_normalize(self._resize(crop, image, self.tokenizer_size)),
+                "mask": mask.flatten()}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(img_size={self.img_size}, tokenizer_size={self.tokenizer_size}, "
+                f"grid={self.grid}, num_masked={self.num_masked}, scale={self.scale}, "
+                f"augment={self.augment})")
 
 
 def eval_view(img_size: int, mean: Sequence[float], std: Sequence[float],
