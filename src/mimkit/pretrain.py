@@ -40,6 +40,8 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path) -> dict:
                           skip_bad_images=data.skip_bad_images, max_bad_images=data.max_bad_images)
     config = resolve_data(config, source.info)
     method = METHODS[config.method]
+    if hasattr(method, "resolve_config"):  # fields left to something outside the run, e.g. a tokenizer
+        config = method.resolve_config(config)
     model = method.build_model(config).to(world.device)
     view, loss_fn = method.build_task(config, model)
 
@@ -49,8 +51,9 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path) -> dict:
     total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
     lr = optim_cfg.base_lr * global_batch / 256
     warmup = round(optim_cfg.warmup_epochs * steps_per_epoch)
+    values = method.schedule_values(config, total_steps) if hasattr(method, "schedule_values") else {}
     schedule = Schedule(total_steps, cosine_schedule(lr, optim_cfg.min_lr, total_steps, warmup),
-                        train_cfg.accum_steps, optim_cfg.clip_grad)
+                        train_cfg.accum_steps, optim_cfg.clip_grad, values)
     optimizer = build_adamw(param_groups(model, optim_cfg.weight_decay), optim_cfg.betas)
 
     run_dir = Path(run_dir)

@@ -1,0 +1,75 @@
+"""BEiT pretraining: block-wise masking drawn per sample in the data view, a frozen dVAE tokenizer
+on its own lower-resolution view of the same crop, cross-entropy over the codebook at masked patches.
+
+The tokenizer is not part of the checkpointed model: it runs inside the loss under ``no_grad`` in eval
+mode, and its vocabulary size and view size are written into the run's configuration
+(`resolve_config`), so the run rebuilds without it.
+
+- BEiT: Bao et al., 2021, arXiv:2106.08254
+"""
+
+from dataclasses import replace
+
+import torch
+
+from mimkit.config import PretrainConfig
+from mimkit.data.transforms import BEiTView
+from mimkit.errors import MimkitError
+from mimkit.masking import block_mask, count_for_ratio
+from mimkit.methods.dvae import find_tokenizer, load_tokenizer_encoder
+from mimkit.models.beit import BEiT, create_beit
+from mimkit.models.vit import check_patch_grid
+
+
+def resolve_config(config: PretrainConfig) -> PretrainConfig:
+    """Fill in what the tokenizer decides: the codebook size (``model.kwargs.vocab_size``) and the side
+    of its view (``beit.tokenizer_size``); refuse a tokenizer whose code grid is not the patch grid."""
+    beit = config.beit
+    if not beit.tokenizer:
+        raise MimkitError("beit pretraining needs a tokenizer: --tokenizer runs/dvae "
+                          "(train one with: mimkit tokenizer train dvae --data ... --out runs/dvae)")
+    tokenizer = find_tokenizer(beit.tokenizer)
+    img_size, patch_size = config.data.img_size, config.model.patch_size
+    grid = check_patch_grid(img_size, patch_size)
+    cell = 2 ** tokenizer.dvae["num_down"]  # pixels of the tokenizer's view per code
+    size = beit.tokenizer_size or tokenizer.img_size or grid * cell
+    if size != grid * cell:
+        raise MimkitError(f"tokenizer '{beit.tokenizer}' gives a {size // cell}x{size // cell} code grid at "
+                          f"{size} px, but the patch grid is {grid}x{grid} (img_size {img_size} / patch "
+                          f"{patch_size}); it needs {grid * cell} px views (beit.tokenizer_size) or a "
+                          "tokenizer trained for this patch grid")
+    if tokenizer.dvae["in_chans"] != config.data.channels:
+        raise MimkitError(f"tokenizer '{beit.tokenizer}' takes {tokenizer.dvae['in_chans']}-channel images, "
+                          f"the data has {config.data.channels} (--set data.channels=N)")
+    vocab_size = tokenizer.dvae["vocab_size"]
+    if config.model.kwargs.get("vocab_size", vocab_size) != vocab_size:
+        raise MimkitError(f"model.kwargs.vocab_size={config.model.kwargs['vocab_size']} differs from the "
+                          f"tokenizer's {vocab_size} codes")
+    model = replace(config.model, kwargs={**config.model.kwargs, "vocab_size": vocab_size})
+    return replace(config, model=model, beit=replace(beit, tokenizer_size=size))
+
+
+def build_model(config: PretrainConfig) -> BEiT:
+    return create_beit(config.model.name, img_size=config.data.img_size, patch_size=config.model.patch_size,
+                       in_chans=config.data.channels, **config.model.kwargs)
+
+
+def build_task(config: PretrainConfig, model: BEiT):
+    beit, data = config.beit, config.data
+    grid = model.encoder.patch_embed.grid_size[0]
+    num_masked = count_for_ratio(grid * grid, beit.mask_ratio)
+    if num_masked == 0:
+        raise MimkitError(f"beit.mask_ratio={beit.mask_ratio} masks no patch of {grid * grid}")
+    # refuse impossible block sizes before training starts (a private generator leaves the global RNG alone)
+    block_mask(grid, grid, num_masked, beit.min_block, generator=torch.Generator())
+    tokenizer = find_tokenizer(beit.tokenizer)
+    encoder = load_tokenizer_encoder(tokenizer).to(next(model.parameters()).device)
+    view = BEiTView(data.img_size, beit.tokenizer_size, data.mean, data.std, tokenizer.mean or data.mean,
+                    tokenizer.std or data.std, grid, num_masked, beit.min_block, beit.crop_scale,
+                    beit.color_jitter)
+
+    def loss_fn(model: BEiT, batch: dict):
+        target_ids = encoder.tokenize(batch["tokenizer_image"])  # [B, h, w]; no_grad, eval mode
+        return model(batch["image"], batch["mask"], target_ids)
+
+    return view, loss_fn

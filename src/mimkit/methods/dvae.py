@@ -1,0 +1,131 @@
+"""dVAE tokenizer training (BEiT's visual vocabulary), driven by the same loop as pretraining.
+
+The run directory is the tokenizer: its ``config.yaml`` rebuilds the dVAE and its newest checkpoint
+holds the weights, so an interrupted tokenizer run resumes like any run and ``--tokenizer runs/dvae``
+reads whatever it reached. The Gumbel-softmax temperature and the KL weight are per-step schedules
+(`schedule_values`); the loop hands them to the loss in the batch and logs them with codebook usage
+and perplexity.
+
+- DALL-E dVAE: Ramesh et al., 2021, arXiv:2102.12092 (appendix A.2: temperature 1 -> 1/16 and KL
+  weight 0 -> beta, both cosine schedules)
+- BEiT: Bao et al., 2021, arXiv:2106.08254
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mimkit.config import PretrainConfig, from_dict, read_yaml
+from mimkit.data.transforms import crop_view
+from mimkit.errors import MimkitError
+from mimkit.tokenizers.dvae import DVAE, DVAE_FILE, DVAEEncoder, dvae_for
+from mimkit.train.checkpoint import Checkpoints, load_weights
+from mimkit.train.schedule import cosine_schedule
+
+
+def build_model(config: PretrainConfig) -> DVAE:
+    d = config.dvae
+    return dvae_for(config.data.img_size, config.model.patch_size, config.data.channels, d.vocab_size,
+                    d.hidden, d.num_res, d.recon_loss, d.tokenizer_size)
+
+
+def build_task(config: PretrainConfig, model: DVAE):
+    view = crop_view(config.dvae.tokenizer_size or config.data.img_size, config.data.mean, config.data.std,
+                     config.dvae.crop_scale)
+
+    def loss_fn(model: DVAE, batch: dict):
+        loss, metrics, _ = model(batch["image"], batch["temperature"], batch["kl_weight"])
+        return loss, metrics
+
+    return view, loss_fn
+
+
+def _ramp(start: float, end: float, share: float, total_steps: int) -> list[float]:
+    """Cosine from ``start`` to ``end`` over the first ``share`` of ``total_steps``, then ``end``."""
+    steps = min(total_steps, round(share * total_steps))
+    return cosine_schedule(start, end, steps) + [end] * (total_steps - steps)
+
+
+def schedule_values(config: PretrainConfig, total_steps: int) -> dict[str, list[float]]:
+    """The per-step Gumbel temperature and KL weight (DALL-E anneals both with cosine schedules)."""
+    d = config.dvae
+    if not 0 <= d.temperature_anneal <= 1 or not 0 <= d.kl_warmup <= 1:
+        raise MimkitError(f"dvae.temperature_anneal={d.temperature_anneal} and dvae.kl_warmup={d.kl_warmup} "
+                          "are shares of the run, in [0, 1]")
+    if min(d.temperature) <= 0:
+        raise MimkitError(f"dvae.temperature={list(d.temperature)} must be positive")
+    return {"temperature": _ramp(*d.temperature, d.temperature_anneal, total_steps),
+            "kl_weight": _ramp(0.0, d.kl_weight, d.kl_warmup, total_steps)}
+
+
+@dataclass
+class Tokenizer:
+    """Where a dVAE tokenizer lives and what it expects.
+
+    Attributes:
+        path: what the user gave: a tokenizer run directory or a `save_dvae` file or folder.
+        dvae: the `DVAE` constructor arguments (``in_chans``, ``vocab_size``, ``num_down``, …).
+        img_size: side of the images it was trained on; None when unknown (a `save_dvae` file).
+        mean, std: the normalization it was trained with; None when unknown.
+        weights: the safetensors file with its weights (a run's newest checkpoint).
+    """
+
+    path: str
+    dvae: dict
+    img_size: int | None
+    mean: list[float] | None
+    std: list[float] | None
+    weights: Path
+
+
+def find_tokenizer(path: str | Path) -> Tokenizer:
+    """Describe the tokenizer at ``path`` without loading its weights.
+
+    Args:
+        path: a run directory of ``mimkit tokenizer train dvae`` (its newest checkpoint is used), or a
+            file or folder written by `mimkit.tokenizers.dvae.save_dvae`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MimkitError(f"tokenizer '{path}' does not exist; train one with: "
+                          f"mimkit tokenizer train dvae --data ... --out {path}")
+    if not (path / "config.yaml").is_file():  # a save_dvae file or folder
+        file = path if path.is_file() else path / DVAE_FILE
+        if not file.is_file():
+            raise MimkitError(f"'{path}' is neither a tokenizer run directory (no config.yaml) nor a dVAE "
+                              "file (save_dvae)")
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") != "mimkit-dvae":
+            raise MimkitError(f"'{file}' is not a dVAE saved by mimkit (save_dvae)")
+        return Tokenizer(str(path), json.loads(metadata["config"]), None, None, None, file)
+    config = from_dict(PretrainConfig, read_yaml(path / "config.yaml"))
+    if config.method != "dvae":
+        raise MimkitError(f"'{path}' holds a {config.method} run, not a dVAE tokenizer")
+    step = Checkpoints(path).latest()
+    if step is None:
+        raise MimkitError(f"tokenizer run '{path}' has no checkpoint yet")
+    with torch.device("meta"):  # the constructor arguments, without allocating or drawing weights
+        dvae = build_model(config).config
+    return Tokenizer(str(path), dvae, config.dvae.tokenizer_size or config.data.img_size, config.data.mean,
+                     config.data.std, Checkpoints(path).weights_path(step))
+
+
+def load_tokenizer_encoder(tokenizer: Tokenizer) -> DVAEEncoder:
+    """The dVAE's encoder alone, frozen and in eval mode; only its tensors are read."""
+    d = tokenizer.dvae
+    encoder = DVAEEncoder(d["in_chans"], d["vocab_size"], d["hidden"], d["num_down"], d["num_res"])
+    with safe_open(str(tokenizer.weights), framework="pt") as f:
+        encoder.load_state_dict({k.removeprefix("encoder."): f.get_tensor(k) for k in f.keys()
+                                 if k.startswith("encoder.")})
+    return encoder.eval().requires_grad_(False)
+
+
+def load_tokenizer(tokenizer: Tokenizer) -> DVAE:
+    """The whole dVAE (encoder, codebook, decoder) in eval mode, e.g. to draw tokens as pixels."""
+    model = DVAE(**tokenizer.dvae)
+    load_weights(model, tokenizer.weights)
+    return model.eval()
