@@ -246,8 +246,8 @@ def add_interop_commands(commands) -> None:
     imp = commands.add_parser("import", help="make a run directory from an MAE/BEiT/timm/HF checkpoint")
     imp.add_argument("checkpoint", help="a checkpoint file (.pth, .safetensors, …) or a timm/HF model folder")
     imp.add_argument("--format", required=True, choices=FORMATS,
-                     help="mae, beit: the reference code's checkpoints; timm: a VisionTransformer or Beit "
-                     "state dict or folder; hf: a transformers ViTMAE, ViT or BEiT folder")
+                     help="mae, beit, beitv2: the reference code's checkpoints; timm: a VisionTransformer or "
+                     "Beit state dict or folder; hf: a transformers ViTMAE, ViT or BEiT folder")
     imp.add_argument("--out", required=True, help="run directory to create")
     imp.add_argument("--img-size", type=int, help="image size of the run (position tables are resized)")
     imp.add_argument("--allow-mismatch", action="store_true",
