@@ -1,0 +1,77 @@
+"""Linear probe, LARS and k-NN on separable synthetic features; top-k counting; the feature cache."""
+
+import pytest
+import torch
+
+from mimkit.data.sources import SyntheticSource
+from mimkit.data.transforms import eval_view
+from mimkit.eval.classifier import pooled_features
+from mimkit.eval.features import cached_features
+from mimkit.eval.knn import knn_accuracy, knn_scores
+from mimkit.eval.linprobe import LinearProbe, probe_accuracy, train_linear_probe
+from mimkit.eval.metrics import topk_correct
+from mimkit.models.vit import build_vit
+
+
+def clusters(n_per_class=60, num_classes=5, dim=16, seed=0, scale=3.0):
+    """Gaussian clusters around random centres, far apart relative to their spread, with an offset and
+    an uneven scale per dimension (what BatchNorm in the probe is for)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(99)) * scale
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    x = centres[labels] + torch.randn(len(labels), dim, generator=g)
+    return x * torch.linspace(0.1, 10, dim) + 5.0, labels
+
+
+def test_topk_correct():
+    scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
+    assert topk_correct(scores, torch.tensor([1, 1, 0]), (1, 2, 5)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_linear_probe_separates_clusters(optimizer):
+    x, y = clusters()
+    test_x, test_y = clusters(seed=1)
+    # LARS moves each matrix by ~lr * 1e-3 of its norm a step: it needs a far larger lr than SGD
+    probe = train_linear_probe(x, y, 5, epochs=30, batch_size=64, optimizer=optimizer,
+                               base_lr=0.1 if optimizer == "sgd" else 20.0, warmup_epochs=2)
+    assert isinstance(probe[0], torch.nn.BatchNorm1d) and not probe[0].affine
+    assert probe_accuracy(probe, test_x, test_y)["top1"] >= 95
+
+
+def test_linear_probe_shapes():
+    probe = LinearProbe(16, 5)
+    assert probe(torch.randn(8, 16)).shape == (8, 5)
+
+
+def test_knn_separates_clusters_and_weights_by_similarity():
+    x, y = clusters()
+    test_x, test_y = clusters(seed=1)
+    assert knn_accuracy(x, y, test_x, test_y, 5, k=20, temperature=0.07)["top1"] >= 95
+    # one query equal to a class-2 point, its other neighbours of class 0: the exp(cos/T) weight wins
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0], [0.2, 1.0]])
+    labels = torch.tensor([2, 0, 0, 0])
+    scores = knn_scores(train, labels, torch.tensor([[1.0, 0.05]]), 3, k=4, temperature=0.07)
+    assert scores.shape == (1, 3) and scores.argmax().item() == 2
+
+
+def test_feature_cache_extracts_each_image_once(tmp_path):
+    torch.manual_seed(0)
+    encoder = build_vit(dict(embed_dim=32, depth=1, num_heads=2), img_size=16, patch_size=4, in_chans=3)
+    source = SyntheticSource(n=40, image_size=16)
+    view = eval_view(16, source.info.mean, source.info.std)
+    calls = []
+    encoder.eval()
+    forward = encoder.forward_features
+    encoder.forward_features = lambda x: calls.append(len(x)) or forward(x)
+
+    first, labels = cached_features(encoder, source, view, "avg", "synthetic:train", tmp_path, [3, 1, 2])
+    assert sum(calls) == 3 and labels.tolist() == [source.labels[i] for i in (3, 1, 2)]
+    again, _ = cached_features(encoder, source, view, "avg", "synthetic:train", tmp_path, [1, 2, 5])
+    assert sum(calls) == 4  # only image 5 was new
+    torch.testing.assert_close(again[:2], first[1:])
+    with torch.no_grad():
+        expected = pooled_features(encoder, torch.stack([view(source[5][0])["image"]]), "avg")
+    torch.testing.assert_close(again[2:], expected)
+    cached_features(encoder, source, view, "cls", "synthetic:train", tmp_path, [1])
+    assert sum(calls) == 6 and len(list(tmp_path.iterdir())) == 2  # 1 for `expected`; another pooling, file
