@@ -1,0 +1,167 @@
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+
+from mimkit.config import PretrainConfig, from_dict, save_config
+from mimkit.errors import MimkitError
+from mimkit.methods import METHODS
+from mimkit.tokenizers.teachers import load_teacher
+from mimkit.train.checkpoint import Checkpoints
+
+DATA_MEAN, DATA_STD = [0.286], [0.353]  # Fashion-MNIST's normalization: one channel
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def images():
+    return torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def teacher_input(images: torch.Tensor, mean, std, size: int) -> torch.Tensor:
+    """What a 3-channel teacher should be given: pixels back from the data's normalization, its own."""
+    pixels = (images * DATA_STD[0] + DATA_MEAN[0]).expand(-1, 3, -1, -1)
+    x = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+
+
+def on_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, L, D) square-grid tokens resized to grid x grid, as (B, grid * grid, D)."""
+    b, n, d = tokens.shape
+    side = int(n**0.5)
+    x = tokens.transpose(1, 2).reshape(b, d, side, side)
+    x = F.interpolate(x, size=(grid, grid), mode="bilinear", align_corners=False, antialias=True)
+    return x.flatten(2).transpose(1, 2)
+
+
+def assert_frozen(teacher):
+    teacher.train()
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_hf_clip_vision_model(tmp_path, images):
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(CLIPVisionConfig(**TINY)).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    teacher = load_teacher(f"hf:{tmp_path / 'clip'}", 7, DATA_MEAN, DATA_STD)
+    assert_frozen(teacher)
+    assert teacher.dim == 32 and teacher.img_size == 32
+    out = teacher(images)
+    assert out.shape == (2, 49, 32) and not out.requires_grad
+    with torch.no_grad():  # CLIP's patch tokens after its final LayerNorm, 4x4 -> 7x7
+        x = teacher_input(images, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 32)
+        tokens = clip(pixel_values=x).last_hidden_state
+        expected = on_grid(getattr(clip, "vision_model", clip).post_layernorm(tokens[:, 1:]), 7)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_clip_model_with_projection_from_a_plain_folder(tmp_path, images):
+    torch.manual_seed(0)
+    config = CLIPConfig(vision_config=TINY, text_config=dict(hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
+    clip = CLIPModel(config).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    teacher = load_teacher(str(tmp_path / "clip"), 4, DATA_MEAN, DATA_STD)  # a folder with config.json
+    assert teacher.dim == 16
+    with torch.no_grad():
+        x = teacher_input(images, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 32)
+        tokens = clip.vision_model(pixel_values=x).last_hidden_state[:, 1:]
+        expected = clip.visual_projection(clip.vision_model.post_layernorm(tokens))  # 4x4 already
+    torch.testing.assert_close(teacher(images), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_dinov2_with_its_preprocessor(tmp_path, images):
+    torch.manual_seed(0)
+    dino = Dinov2Model(Dinov2Config(**{**TINY, "image_size": 518})).eval()  # DINOv2 configs say 518
+    dino.save_pretrained(tmp_path / "dino")
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    (tmp_path / "dino" / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": {"height": 40, "width": 40}, "image_mean": mean, "image_std": std}))
+    teacher = load_teacher(f"hf:{tmp_path / 'dino'}", 7, DATA_MEAN, DATA_STD)
+    assert teacher.img_size == 40  # the processor's crop, not the config's 518
+    with torch.no_grad():
+        tokens = dino(pixel_values=teacher_input(images, mean, std, 40)).last_hidden_state[:, 1:]  # 5x5
+    torch.testing.assert_close(teacher(images), on_grid(tokens, 7), atol=1e-5, rtol=1e-5)
+
+    (tmp_path / "dino" / "preprocessor_config.json").unlink()  # then ImageNet's normalization at 224
+    teacher = load_teacher(f"hf:{tmp_path / 'dino'}", 7, DATA_MEAN, DATA_STD)
+    assert teacher.img_size == 224
+    with torch.no_grad():
+        x = teacher_input(images, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, 224)
+        tokens = dino(pixel_values=x).last_hidden_state[:, 1:]
+    torch.testing.assert_close(teacher(images), on_grid(tokens, 7), atol=1e-5, rtol=1e-5)
+
+
+def test_mimkit_run_is_a_label_free_teacher(tmp_path, images):
+    config = from_dict(PretrainConfig, {"method": "mae", "data": {"img_size": 28, "channels": 1,
+                       "mean": DATA_MEAN, "std": DATA_STD}, "model": {"name": "vit_mini", "patch_size": 4,
+                       "kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2, "decoder_depth": 1,
+                                  "decoder_embed_dim": 16, "decoder_num_heads": 2}}})
+    torch.manual_seed(0)
+    mae = METHODS["mae"].build_model(config).eval()
+    (tmp_path / "mae").mkdir()
+    save_config(config, tmp_path / "mae" / "config.yaml")
+    Checkpoints(tmp_path / "mae").save(3, mae, {"step": 3})
+    with torch.no_grad():
+        expected = mae.encoder.forward_features(images)[:, 1:]  # same data: no conversion, no resize
+    for spec in (tmp_path / "mae", Checkpoints(tmp_path / "mae").weights_path(3)):
+        teacher = load_teacher(str(spec), 7, DATA_MEAN, DATA_STD)
+        assert_frozen(teacher)
+        torch.testing.assert_close(teacher(images), expected)
+
+
+def test_timm_model_with_a_local_weights_file(tmp_path, images):
+    torch.manual_seed(0)
+    shallow = timm.create_model("vit_tiny_patch16_224", num_classes=0, depth=2)
+    save_file(shallow.state_dict(), tmp_path / "shallow.safetensors")
+    # depth=2 is not part of the name: the 12-block timm model refuses the 2-block file
+    with pytest.raises(MimkitError, match="do not fit timm vit_tiny_patch16_224: missing"):
+        load_teacher(f"timm:vit_tiny_patch16_224:{tmp_path / 'shallow.safetensors'}", 7, DATA_MEAN, DATA_STD)
+    full = timm.create_model("vit_tiny_patch16_224", num_classes=0).eval()
+    head = {"head.weight": torch.zeros(10, 192), "head.bias": torch.zeros(10)}  # a classifier is dropped
+    save_file(full.state_dict() | head, tmp_path / "full.safetensors")
+    spec = f"timm:vit_tiny_patch16_224:{tmp_path / 'full.safetensors'}"
+    teacher = load_teacher(spec, 7, DATA_MEAN, DATA_STD)
+    assert (teacher.dim, teacher.img_size) == (192, 224)
+    cfg = full.pretrained_cfg
+    with torch.no_grad():
+        tokens = full.forward_features(teacher_input(images, cfg["mean"], cfg["std"], 224))[:, 1:]
+    torch.testing.assert_close(teacher(images), on_grid(tokens, 7), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("{tmp}/nothing", "does not exist"),
+    ("timm:vit_tiny_patch16_224:{tmp}/missing.safetensors", "does not exist"),
+    ("timm:not_a_model:{tmp}/w.safetensors", "timm has no model 'not_a_model'"),
+    ("timm:vit_tiny_patch16_224", "must be timm:NAME:FILE"),
+    ("hf:{tmp}", "not a Hugging Face model folder"),
+    ("hf:{tmp}/vit", "holds a vit; Hugging Face teachers are CLIP"),
+])
+def test_bad_specs_are_one_line_errors(tmp_path, spec, match):
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(MimkitError, match=match) as err:
+        load_teacher(spec.format(tmp=tmp_path), 7, DATA_MEAN, DATA_STD)
+    assert "\n" not in str(err.value)
+
+
+def test_data_with_more_channels_than_the_teacher_is_refused(tmp_path):
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**TINY, num_channels=1)).save_pretrained(tmp_path / "gray")
+    with pytest.raises(MimkitError, match="reads 1-channel images; the data has 3 channels"):
+        load_teacher(f"hf:{tmp_path / 'gray'}", 7, [0.5] * 3, [0.5] * 3)
