@@ -1,6 +1,8 @@
 """The ``mimkit`` command.
 
     mimkit pretrain mae --data fashion-mnist --model vit_mini --out runs/mae [--epochs N | --max-steps N]
+    mimkit tokenizer train dvae --data fashion-mnist --out runs/dvae [--epochs N | --max-steps N]
+    mimkit pretrain beit --tokenizer runs/dvae --data fashion-mnist --model vit_tiny --out runs/beit
     mimkit visualize runs/mae --out recon.png [--n 8]
     mimkit finetune runs/mae --data fashion-mnist --out runs/ft [--label-fraction 0.1] [--init random]
     mimkit linprobe runs/mae --data fashion-mnist --out runs/lp     (knn: the same arguments)
@@ -18,7 +20,7 @@ import torch
 
 from mimkit.config import PretrainConfig, from_dict, load_recipe, merge, parse_overrides, read_yaml, to_dict
 from mimkit.errors import MimkitError
-from mimkit.methods import METHODS
+from mimkit.methods import PRETRAINING, TOKENIZERS
 
 BUILTIN_DATA = ("fashion-mnist", "mnist", "synthetic")
 
@@ -52,6 +54,8 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
         flags["train"]["batch_size"] = args.batch_size
     if args.skip_bad_images:
         flags["data"]["skip_bad_images"] = True
+    if args.tokenizer:
+        flags[args.method] = {"tokenizer": args.tokenizer}
     values = merge(merge(values, flags), parse_overrides(args.set))
     values["method"] = args.method
     return from_dict(PretrainConfig, values)
@@ -80,15 +84,15 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     check_run_dir(out, config, args.resume)
     summary = run_pretraining(config, out)
     if not summary["interrupted"]:
-        print(f"run directory: {out}  (step {summary['step']}; try: mimkit visualize {out} --out recon.png)")
+        use = f"; use it: mimkit pretrain beit --tokenizer {out}" if config.method in TOKENIZERS else ""
+        print(f"run directory: {out}  (step {summary['step']}; "
+              f"try: mimkit visualize {out} --out recon.png{use})")
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
-    from mimkit.data.loader import SeededViews
     from mimkit.data.sources import build_source
-    from mimkit.data.transforms import eval_view
     from mimkit.runs import load_run
-    from mimkit.viz import image_grid, mae_reconstructions, save_picture
+    from mimkit.viz import image_grid, run_panels, save_picture
 
     if args.n < 1:
         raise MimkitError("--n must be at least 1")
@@ -98,11 +102,8 @@ def cmd_visualize(args: argparse.Namespace) -> None:
         source = build_source(data.source, split="test", root=data.root, channels=data.channels)
     except MimkitError:  # folders without a test split
         source = build_source(data.source, split="train", root=data.root, channels=data.channels)
-    views = SeededViews(source, eval_view(data.img_size, data.mean, data.std))
     picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(args.seed))[:args.n]
-    images = torch.stack([views[(int(i), args.seed)]["image"] for i in picks])
-    noise = torch.rand(len(images), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
-    panels = mae_reconstructions(model, images, config.mae.mask_ratio, noise)
+    panels = run_panels(model, config, source, picks.tolist(), args.seed)
     print(f"wrote {save_picture(image_grid(panels, data.mean, data.std), args.out)}")
 
 
@@ -265,26 +266,39 @@ def add_interop_commands(commands) -> None:
     exp.set_defaults(handler=cmd_export)
 
 
+def add_run_arguments(sub: argparse.ArgumentParser) -> None:
+    """The flags of every training run: data, run directory, length, batch, recipe and overrides."""
+    sub.add_argument("--data", help="fashion-mnist | mnist | synthetic | a folder of images")
+    sub.add_argument("--out", required=True, help="run directory (resumed when it holds a checkpoint)")
+    length = sub.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int)
+    length.add_argument("--max-steps", type=int)
+    sub.add_argument("--batch-size", type=int, help="per-process batch")
+    sub.add_argument("--config", help="a packaged recipe name or a YAML file")
+    sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="dotted override, e.g. optim.base_lr=1e-3 (repeatable)")
+    sub.add_argument("--resume", action="store_true", help="require a checkpoint in --out to resume from")
+    sub.add_argument("--skip-bad-images", action="store_true",
+                     help="warn about and skip unreadable images instead of stopping")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling for Vision Transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     pretrain = commands.add_parser("pretrain", help="pretrain an encoder with a MIM method")
-    pretrain.add_argument("method", choices=sorted(METHODS))
-    pretrain.add_argument("--data", help="fashion-mnist | mnist | synthetic | a folder of images")
+    pretrain.add_argument("method", choices=sorted(PRETRAINING))
+    add_run_arguments(pretrain)
     pretrain.add_argument("--model", help="encoder: vit_mini, vit_tiny, vit_small, vit_base, vit_large, vit_huge")
-    pretrain.add_argument("--out", required=True, help="run directory (resumed when it holds a checkpoint)")
-    length = pretrain.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int)
-    length.add_argument("--max-steps", type=int)
-    pretrain.add_argument("--batch-size", type=int, help="per-process batch")
-    pretrain.add_argument("--config", help="a packaged recipe name or a YAML file")
-    pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                          help="dotted override, e.g. optim.base_lr=1e-3 (repeatable)")
-    pretrain.add_argument("--resume", action="store_true", help="require a checkpoint in --out to resume from")
-    pretrain.add_argument("--skip-bad-images", action="store_true",
-                          help="warn about and skip unreadable images instead of stopping")
+    pretrain.add_argument("--tokenizer", help="beit: a tokenizer run directory (mimkit tokenizer train dvae)")
     pretrain.set_defaults(handler=cmd_pretrain)
+
+    tokenizer = commands.add_parser("tokenizer", help="train a visual tokenizer (BEiT's dVAE)")
+    actions = tokenizer.add_subparsers(dest="action", required=True)
+    train = actions.add_parser("train", help="train a tokenizer; its run directory is what --tokenizer takes")
+    train.add_argument("method", choices=sorted(TOKENIZERS))
+    add_run_arguments(train)
+    train.set_defaults(handler=cmd_pretrain, model=None, tokenizer=None)
 
     visualize = commands.add_parser("visualize", help="draw what a run's model reconstructs")
     visualize.add_argument("run", help="run directory")
