@@ -5,9 +5,10 @@ models are timed in the same process, interleaved round by round (the order alte
 from other processes on a shared machine hits both alike. Reported per model: the median and the best
 round (the least disturbed), and the process CPU time per image (less sensitive to waiting for a core).
 
-Peak memory is measured separately, each model in a fresh subprocess: on CPU the growth of the peak
-resident set size (ru_maxrss) over the resident size just before the first step, on CUDA the growth of
-torch.cuda.max_memory_allocated over the allocated memory before the first step.
+Activation memory is the size of the distinct tensors autograd saves for backward in one forward
+(exact, load-independent). Peak memory is measured separately, each model in a fresh subprocess: on
+CPU the growth of the peak resident set size (ru_maxrss) over the resident size just before the first
+step, on CUDA the growth of torch.cuda.max_memory_allocated over the allocated memory before it.
 
 FLOPs of one step are counted with torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions and
 attention; elementwise ops are not counted) and compared with the speed of a large fp32 matmul timed here.
@@ -77,13 +78,17 @@ def build(name: str, a: argparse.Namespace) -> torch.nn.Module:
     return ViTMAEForPreTraining(cfg).train().to(a.device)
 
 
+def forward_fn(name: str, model: torch.nn.Module, a: argparse.Namespace, imgs, noise):
+    """A closure computing the model's loss on the batch."""
+    if name == "mimkit":
+        return lambda: model(imgs, a.mask_ratio, noise)[0]
+    return lambda: model(pixel_values=imgs, noise=noise).loss
+
+
 def step_fn(name: str, model: torch.nn.Module, a: argparse.Namespace, imgs, noise):
     """A closure running one training step (the same AdamW for both models) and returning the loss."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=0.05)
-    if name == "mimkit":
-        forward = lambda: model(imgs, a.mask_ratio, noise)[0]
-    else:
-        forward = lambda: model(pixel_values=imgs, noise=noise).loss
+    forward = forward_fn(name, model, a, imgs, noise)
 
     def step():
         loss = forward()
@@ -144,6 +149,19 @@ def matmul_peak_gflops(device: str, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def saved_activations_mib(forward) -> float:
+    """MiB of the distinct storages autograd keeps for backward during one call of `forward`."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values()) / 2**20
+
+
 def step_flops(step) -> int:
     counter = FlopCounterMode(display=False)
     with counter:
@@ -173,6 +191,7 @@ def main(argv=None) -> None:
     steps = {name: step_fn(name, m, a, imgs, noise) for name, m in models.items()}
     params = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in models.items()}
     flops = {name: step_flops(steps[name]) for name in MODELS}
+    saved = {name: saved_activations_mib(forward_fn(name, m, a, imgs, noise)) for name, m in models.items()}
     for name in MODELS:
         for _ in range(a.warmup):
             steps[name]()
@@ -207,6 +226,8 @@ def main(argv=None) -> None:
     print(f"speed ratio mimkit / transformers: {median['mimkit'] / median['transformers']:.2f} median "
           f"rounds, {best['mimkit'] / best['transformers']:.2f} best rounds, "
           f"{cpu['transformers'] / cpu['mimkit']:.2f} CPU time per image")
+    for name in MODELS:
+        print(f"{name:>12}: {saved[name]:.0f} MiB of activations saved for backward")
     if not a.skip_memory:
         what = "allocated" if a.device.startswith("cuda") else "RSS"
         for name in MODELS:
