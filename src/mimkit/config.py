@@ -91,6 +91,30 @@ class DVAEConfig:
 
 
 @dataclass
+class BEiTv2Config(BEiTConfig):
+    """BEiT's masking and crops; the tokenizer is a VQ-KD run that reads the ViT's own view."""
+
+    tokenizer: str | None = None  # a VQ-KD run directory (`mimkit tokenizer train vqkd`)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # BEiT v2's min_crop_scale
+    color_jitter: float = 0.0
+
+
+@dataclass
+class VQKDConfig:
+    teacher: str | None = None  # a mimkit run or checkpoint, timm:NAME:FILE, or hf:DIR (CLIP, DINOv2)
+    teacher_dim: int | None = None  # None: the teacher's feature width, filled in when the run starts
+    vocab_size: int = 8192
+    code_dim: int = 32
+    decoder_depth: int = 3  # decoder blocks, as wide as the encoder (model.name)
+    decay: float = 0.99  # EMA of the codebook
+    commitment: float = 1.0
+    kmeans_iters: int = 10  # k-means rounds on the first batch; 0: random unit codes
+    dead_after: int | None = 100  # restart codes no patch chose for this many steps; null: never
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    eval_images: int = 1000  # held-out images tokenized at each epoch end: usage, perplexity, cosine
+
+
+@dataclass
 class PretrainConfig:
     method: str = "mae"
     data: DataConfig = field(default_factory=DataConfig)
@@ -100,6 +124,8 @@ class PretrainConfig:
     mae: MAEConfig = field(default_factory=MAEConfig)
     beit: BEiTConfig = field(default_factory=BEiTConfig)
     dvae: DVAEConfig = field(default_factory=DVAEConfig)
+    beitv2: BEiTv2Config = field(default_factory=BEiTv2Config)
+    vqkd: VQKDConfig = field(default_factory=VQKDConfig)
 
 
 def _coerce(value, hint, key: str):
