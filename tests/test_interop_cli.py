@@ -1,6 +1,7 @@
 """``mimkit import`` makes a run every other command takes; ``mimkit export`` writes timm and HF folders."""
 
 import torch
+from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 
 from mimkit.cli import main
@@ -77,3 +78,24 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err, err
+
+
+def test_imported_beit_run_fine_tunes_and_exports(tmp_path):
+    """The BEiT reference layout (shared relative position bias, layer scale, codebook head) as a run."""
+    torch.manual_seed(0)
+    beit = Beit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+                use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=0.1,
+                global_pool="token")
+    head = {"mask_token": torch.randn(1, 1, 32), "lm_head.weight": torch.randn(24, 32),
+            "lm_head.bias": torch.randn(24)}
+    torch.save({"model": beit.state_dict() | head}, tmp_path / "beit.pth")
+    run = tmp_path / "run"
+    assert main(["import", str(tmp_path / "beit.pth"), "--format", "beit", "--out", str(run),
+                 "--set", "data.num_workers=0"]) == 0
+    config = load_config(run)
+    assert config.method == "beit" and config.model.kwargs["vocab_size"] == 24
+    assert config.data.mean == [0.5] * 3  # BEiT's normalization
+    assert main(["finetune", str(run), "--data", "synthetic:64", "--out", str(tmp_path / "ft"),
+                 "--max-steps", "1", "--batch-size", "8", "--set", "data.num_workers=0"]) == 0
+    for target in ("timm", "hf"):
+        assert main(["export", str(run), "--to", target, "--out", str(tmp_path / target)]) == 0
