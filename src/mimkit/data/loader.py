@@ -76,5 +76,7 @@ class EpochBatches:
 
 def build_loader(dataset: SeededViews, batches: EpochBatches, num_workers: int = 0) -> DataLoader:
     """A DataLoader over `SeededViews` driven by `EpochBatches`."""
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+    # A private generator for the workers' base seed: drawing it from the global RNG at each new epoch
+    # would shift the stream that dropout and drop path use, and a resumed run would drift.
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=torch.Generator(),
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
