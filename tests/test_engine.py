@@ -42,7 +42,7 @@ def regression_loss(model, batch):
 
 def toy_run(run_dir, total_steps=6, accum_steps=1, checkpoint_every=100, keep_last=2, loss_fn=regression_loss):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 1))  # dropout: global RNG
     optimizer = build_adamw(param_groups(model, 0.05))
     schedule = Schedule(total_steps, cosine_schedule(1e-2, 1e-4, total_steps, 2), accum_steps)
     summary = train(model, loss_fn, SeededViews(Points(), noisy_view), optimizer, schedule, run_dir, CPU,
