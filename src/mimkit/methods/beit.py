@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from mimkit.config import PretrainConfig
+from mimkit.config import BEiTConfig, PretrainConfig
 from mimkit.data.transforms import BEiTView
 from mimkit.errors import MimkitError
 from mimkit.masking import block_mask, count_for_ratio
@@ -54,19 +54,27 @@ def build_model(config: PretrainConfig) -> BEiT:
                        in_chans=config.data.channels, **config.model.kwargs)
 
 
+def masked_view(config: PretrainConfig, section: BEiTConfig, model: BEiT, tokenizer_size: int,
+                tokenizer_mean, tokenizer_std) -> BEiTView:
+    """The `BEiTView` of a BEiT-style run (``section``: its ``beit`` or ``beitv2`` configuration); a mask
+    ratio that masks nothing or blocks that cannot be placed are refused before training starts."""
+    grid = model.encoder.patch_embed.grid_size[0]
+    num_masked = count_for_ratio(grid * grid, section.mask_ratio)
+    if num_masked == 0:
+        raise MimkitError(f"{config.method}.mask_ratio={section.mask_ratio} masks no patch of {grid * grid}")
+    # refuse impossible block sizes before training starts (a private generator leaves the global RNG alone)
+    block_mask(grid, grid, num_masked, section.min_block, generator=torch.Generator())
+    data = config.data
+    return BEiTView(data.img_size, tokenizer_size, data.mean, data.std, tokenizer_mean, tokenizer_std, grid,
+                    num_masked, section.min_block, section.crop_scale, section.color_jitter)
+
+
 def build_task(config: PretrainConfig, model: BEiT):
     beit, data = config.beit, config.data
-    grid = model.encoder.patch_embed.grid_size[0]
-    num_masked = count_for_ratio(grid * grid, beit.mask_ratio)
-    if num_masked == 0:
-        raise MimkitError(f"beit.mask_ratio={beit.mask_ratio} masks no patch of {grid * grid}")
-    # refuse impossible block sizes before training starts (a private generator leaves the global RNG alone)
-    block_mask(grid, grid, num_masked, beit.min_block, generator=torch.Generator())
     tokenizer = find_tokenizer(beit.tokenizer)
     encoder = load_tokenizer_encoder(tokenizer).to(next(model.parameters()).device)
-    view = BEiTView(data.img_size, beit.tokenizer_size, data.mean, data.std, tokenizer.mean or data.mean,
-                    tokenizer.std or data.std, grid, num_masked, beit.min_block, beit.crop_scale,
-                    beit.color_jitter)
+    view = masked_view(config, beit, model, beit.tokenizer_size, tokenizer.mean or data.mean,
+                       tokenizer.std or data.std)
 
     def loss_fn(model: BEiT, batch: dict):
         target_ids = encoder.tokenize(batch["tokenizer_image"])  # [B, h, w]; no_grad, eval mode
