@@ -96,7 +96,6 @@ class BEiTv2Config(BEiTConfig):
 
     tokenizer: str | None = None  # a VQ-KD run directory (`mimkit tokenizer train vqkd`)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # BEiT v2's min_crop_scale
-    color_jitter: float = 0.0
 
 
 @dataclass
