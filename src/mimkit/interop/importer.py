@@ -8,7 +8,8 @@ command reads like one it wrote: ``visualize``, ``finetune``, ``linprobe``, ``kn
 ``pretrain`` (which continues from the imported weights with a fresh optimizer).
 
 Formats: ``mae`` (the MAE reference code's checkpoints, with or without the decoder), ``beit`` and
-``beitv2`` (the BEiT and BEiT v2 reference code's pretraining checkpoints), ``timm`` (a
+``beitv2`` (the BEiT and BEiT v2 reference code's pretraining checkpoints), ``vqkd`` (BEiT v2's
+reference tokenizer checkpoints), ``timm`` (a
 `VisionTransformer` or `Beit` state dict, or a timm folder with ``config.json``), ``hf`` (a transformers
 ViTMAE, ViT or BEiT folder).
 """
@@ -22,7 +23,7 @@ from torch import nn
 
 from mimkit.config import PretrainConfig, from_dict, merge, save_config, to_dict
 from mimkit.errors import MimkitError
-from mimkit.interop import beit, mae
+from mimkit.interop import beit, mae, vqkd
 from mimkit.interop.hf import read_hf_folder, read_json
 from mimkit.interop.keymaps import KeyMap, from_foreign
 from mimkit.interop.posembed import abs_grid, rel_grid, resize_abs_pos_embed, resize_rel_pos_table
@@ -84,6 +85,20 @@ def read_official_beitv2(path: Path) -> Foreign:
                     beit.DERIVED, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
+def read_official_vqkd(path: Path) -> Foreign:
+    """A tokenizer checkpoint of the BEiT v2 reference code (VQ-KD: encoder, codebook, decoder). It saw
+    images scaled to [-1, 1]."""
+    raw = load_tensors(path)
+    foreign = _convert("vqkd", raw, vqkd.OFFICIAL_VQKD, "VQ-KD reference checkpoint", vqkd.VQKD_DROPPED,
+                       mean=HALF, std=HALF)
+    if "quantize.codebook" in foreign.state:
+        foreign.state["quantize.initialized"] = torch.tensor(True)  # trained: no k-means start
+    teacher = sum(k.startswith(("teacher_model.", "scaling_layer.")) for k in raw)
+    if teacher:
+        foreign.notes.append(f"dropped the reference's frozen teacher ({teacher} tensors) and EMA statistics")
+    return foreign
+
+
 def read_timm(path: Path) -> Foreign:
     """A timm `VisionTransformer` or `Beit` state dict: a weights file, or a folder with ``config.json``
     (timm's ``architecture``, ``model_args``, ``pretrained_cfg``) and ``model.safetensors``."""
@@ -133,6 +148,7 @@ FORMATS: dict[str, Callable[[Path], Foreign]] = {
     "mae": read_official_mae,
     "beit": read_official_beit,
     "beitv2": read_official_beitv2,
+    "vqkd": read_official_vqkd,
     "timm": read_timm,
     "hf": read_hf,
 }
@@ -153,7 +169,7 @@ def read_checkpoint(path: str | Path, fmt: str) -> Foreign:
 
 
 OPTIONAL_PARTS = {"mae": mae.MAE_OPTIONAL_PARTS, "beit": beit.BEIT_OPTIONAL_PARTS,
-                  "beitv2": beit.BEITV2_OPTIONAL_PARTS}
+                  "beitv2": beit.BEITV2_OPTIONAL_PARTS, "vqkd": vqkd.VQKD_OPTIONAL_PARTS}
 
 
 def _fit_table(key: str, value: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, str] | None:
@@ -219,7 +235,7 @@ def load_foreign(model: nn.Module, foreign: Foreign, allow_mismatch: bool = Fals
     return notes
 
 
-MODEL_NAMES = {"mae": MAE_MODELS, "beit": BEIT_MODELS, "beitv2": BEIT_MODELS}
+MODEL_NAMES = {"mae": MAE_MODELS, "beit": BEIT_MODELS, "beitv2": BEIT_MODELS, "vqkd": ENCODER_ARCHS}
 
 
 def _nearest_name(method: str, embed_dim: int) -> str:
@@ -235,6 +251,10 @@ MODEL_KWARGS = {
              "shared_rel_pos_bias"),
 }
 MODEL_KWARGS["beitv2"] = MODEL_KWARGS["beit"] + ("agg_depth",)
+MODEL_KWARGS["vqkd"] = ("embed_dim", "depth", "num_heads")
+# Inferred fields that live in the method's own configuration section rather than in model.kwargs.
+SECTION_FIELDS = {"mae": ("norm_pix_loss", "mask_ratio"),
+                  "vqkd": ("teacher_dim", "vocab_size", "code_dim", "decoder_depth")}
 
 
 def run_config(method: str, arch: dict, img_size: int | None, mean: list[float] | None,
@@ -248,12 +268,13 @@ def run_config(method: str, arch: dict, img_size: int | None, mean: list[float] 
                        "std": list(std)},
               "model": {"name": _nearest_name(method, arch["embed_dim"]), "patch_size": arch["patch_size"],
                         "kwargs": {k: arch[k] for k in MODEL_KWARGS[method] if k in arch}}}
-    if method == "mae" and "norm_pix_loss" in arch:
-        values["mae"] = {"norm_pix_loss": arch["norm_pix_loss"], "mask_ratio": arch["mask_ratio"]}
+    section = {k: arch[k] for k in SECTION_FIELDS.get(method, ()) if k in arch}
+    if section:
+        values[method] = section
     return values
 
 
-ARCHS = {"mae": mae.mae_arch, "beit": beit.beit_arch, "beitv2": beit.beitv2_arch}
+ARCHS = {"mae": mae.mae_arch, "beit": beit.beit_arch, "beitv2": beit.beitv2_arch, "vqkd": vqkd.vqkd_arch}
 
 
 @dataclass

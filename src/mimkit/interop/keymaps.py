@@ -4,9 +4,10 @@ A key map is data: a dict from a mimkit key template to a foreign key template, 
 ``"encoder.blocks.{i}.norm1.weight": "encoder.layer.{i}.layernorm_before.weight"``. A placeholder
 (``{i}``, ``{j}``, …) stands for a block number and is filled from the keys actually present, so one map
 serves every depth. A tuple of foreign templates is one mimkit tensor stored in pieces that are
-concatenated along dim 0 (timm fuses query, key and value into ``attn.qkv``; Hugging Face keeps them
-apart). Converting is renaming, concatenating and splitting: values are never changed, so a round trip
-is bit-identical.
+concatenated along dim 0 (timm fuses query, key and value into one ``attn.qkv``; Hugging Face keeps them
+apart); a ``None`` piece is zeros the foreign layout does not store (BEiT-style attention has no key bias,
+timm's ViT keeps a zero one). Converting is renaming, concatenating and splitting: values are never
+changed, so a round trip is bit-identical.
 """
 
 import re
@@ -14,7 +15,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-Foreign = str | tuple[str, ...]
+from mimkit.errors import MimkitError
+
+Foreign = str | tuple[str | None, ...]
 KeyMap = dict[str, Foreign]
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -24,7 +27,9 @@ def nest(keymap: Mapping[str, Foreign], ours: str = "", theirs: str = "") -> Key
     """Prefix every template of ``keymap``: mimkit keys with ``ours``, foreign keys with ``theirs``."""
 
     def prefix(foreign: Foreign) -> Foreign:
-        return tuple(theirs + f for f in foreign) if isinstance(foreign, tuple) else theirs + foreign
+        if isinstance(foreign, tuple):
+            return tuple(f if f is None else theirs + f for f in foreign)
+        return theirs + foreign
 
     return {ours + k: prefix(v) for k, v in keymap.items()}
 
@@ -41,12 +46,12 @@ def _pattern(template: str) -> re.Pattern:
 
 
 def _first(foreign: Foreign) -> str:
-    return foreign[0] if isinstance(foreign, tuple) else foreign
+    return next(f for f in foreign if f is not None) if isinstance(foreign, tuple) else foreign
 
 
 def _fill(foreign: Foreign, values: dict[str, str]) -> Foreign:
     if isinstance(foreign, tuple):
-        return tuple(f.format(**values) for f in foreign)
+        return tuple(f if f is None else f.format(**values) for f in foreign)
     return foreign.format(**values)
 
 
@@ -93,7 +98,11 @@ def to_foreign(state: Mapping[str, torch.Tensor], keymap: Mapping[str, Foreign])
     for key, value in state.items():
         foreign = pairs.get(key)
         if isinstance(foreign, tuple):
-            out.update(zip(foreign, value.chunk(len(foreign), dim=0), strict=True))
+            for name, piece in zip(foreign, value.chunk(len(foreign), dim=0), strict=True):
+                if name is None and piece.any():
+                    raise MimkitError(f"{key} has a nonzero part that this layout does not store")
+                if name is not None:
+                    out[name] = piece
         elif foreign is not None:
             out[foreign] = value
     return {k: v.contiguous() for k, v in out.items()}, sorted(set(state) - set(pairs))
@@ -118,9 +127,11 @@ def from_foreign(
     used: set[str] = set()
     for key, foreign in pairs.items():
         names = foreign if isinstance(foreign, tuple) else (foreign,)
-        if all(n in state for n in names):
-            out[key] = torch.cat([state[n] for n in names], dim=0) if len(names) > 1 else state[names[0]]
-            used.update(names)
+        stored = [n for n in names if n is not None]
+        if all(n in state for n in stored):
+            pieces = [torch.zeros_like(state[stored[0]]) if n is None else state[n] for n in names]
+            out[key] = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
+            used.update(stored)
     skip = [re.compile(p) for p in ignore]
     unexpected = sorted(k for k in state if k not in used and not any(p.search(k) for p in skip))
     return out, unexpected

@@ -1,0 +1,56 @@
+"""VQ-KD layouts: the BEiT v2 reference code's tokenizer checkpoints.
+
+The reference VQ-KD is two BEiT-style ViTs (encoder on image patches, decoder on the code grid), the
+projections into and out of the code space (``encode_task_layer``, ``decode_task_layer``, the same names
+in mimkit) and an EMA codebook. Its ViTs differ from timm's in three names: the query and value biases are
+separate (``attn.q_bias``, ``attn.v_bias``; there is no key bias, which timm's fused ``attn.qkv.bias`` holds
+as zeros) and the final LayerNorm is ``fc_norm`` (the reference applies it to the patch tokens, as timm's
+``norm``). The codebook is ``quantize.embedding.weight``; the reference's EMA statistics, its frozen
+teacher (``teacher_model``, ``scaling_layer``) and its loss modules are not part of a mimkit tokenizer and
+are dropped on import.
+
+- BEiT v2: Peng et al., 2022, arXiv:2208.06366
+"""
+
+from mimkit.errors import MimkitError
+from mimkit.interop.keymaps import block_count, identity, nest
+from mimkit.interop.mae import VIT_BLOCK_KEYS, encoder_heads
+
+# A timm ViT (mimkit's VQ-KD encoder and decoder) -> the reference code's ViT with use_mean_pooling.
+REFERENCE_VIT = {
+    "cls_token": "cls_token",
+    "pos_embed": "pos_embed",
+    "patch_embed.proj.weight": "patch_embed.proj.weight",
+    "patch_embed.proj.bias": "patch_embed.proj.bias",
+    "norm.weight": "fc_norm.weight",
+    "norm.bias": "fc_norm.bias",
+} | nest({k: k for k in VIT_BLOCK_KEYS if k != "attn.qkv.bias"}
+         | {"attn.qkv.bias": ("attn.q_bias", None, "attn.v_bias")}, "blocks.{i}.", "blocks.{i}.")
+TASK_LAYER_KEYS = tuple(f"{layer}.{n}.{p}" for layer in ("encode_task_layer", "decode_task_layer")
+                        for n in (0, 2) for p in ("weight", "bias"))
+OFFICIAL_VQKD = (nest(REFERENCE_VIT, "encoder.", "encoder.") | nest(REFERENCE_VIT, "decoder.", "decoder.")
+                 | identity(TASK_LAYER_KEYS) | {"quantize.codebook": "quantize.embedding.weight"})
+VQKD_DROPPED = (
+    r"^teacher_model\.", r"^scaling_layer\.", r"^loss\.",  # the teacher and loss: not the tokenizer
+    r"^quantize\.cluster_size$", r"^quantize\.embedding\.(cluster_size|embed_avg|initted)$",  # EMA state
+)
+# A codebook trained elsewhere needs no k-means start; dead-code counters begin at zero.
+VQKD_OPTIONAL_PARTS = {"dead-code counters": ("quantize.unused_steps",)}
+
+
+def vqkd_arch(state: dict) -> dict:
+    """`VQKD` constructor arguments read off a mimkit-layout VQ-KD state dict (heads: `encoder_heads`)."""
+    for key in ("encoder.patch_embed.proj.weight", "encoder.pos_embed", "quantize.codebook",
+                "decode_task_layer.2.weight"):
+        if key not in state:
+            raise MimkitError(f"cannot infer the VQ-KD architecture: the checkpoint has no {key!r}")
+    proj = state["encoder.patch_embed.proj.weight"]  # [D, C, p, p]
+    embed_dim, patch_size = proj.shape[0], proj.shape[-1]
+    depth = block_count(state, "encoder.blocks.")
+    grid = round((state["encoder.pos_embed"].shape[1] - 1) ** 0.5)
+    vocab_size, code_dim = state["quantize.codebook"].shape
+    heads = encoder_heads(embed_dim, depth, 4.0)
+    return dict(img_size=grid * patch_size, patch_size=patch_size, in_chans=proj.shape[1],
+                teacher_dim=state["decode_task_layer.2.weight"].shape[0], vocab_size=vocab_size,
+                code_dim=code_dim, embed_dim=embed_dim, depth=depth, num_heads=heads,
+                decoder_depth=block_count(state, "decoder.blocks."))
