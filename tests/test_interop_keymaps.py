@@ -1,0 +1,35 @@
+"""Key maps: templates filled from the keys present, fused tensors split and joined, zero pieces."""
+
+import pytest
+import torch
+
+from mimkit.errors import MimkitError
+from mimkit.interop.keymaps import expand, from_foreign, nest, to_foreign
+
+KEYMAP = nest({"w": "weight", "qkv": ("q", "k", "v"), "bias": ("q_bias", None, "v_bias")},
+              "blocks.{i}.", "layer.{i}.")
+
+
+def test_templates_follow_the_blocks_present():
+    assert expand(KEYMAP, ["layer.0.weight", "layer.3.weight"], ours=False) == {
+        "blocks.0.w": "layer.0.weight", "blocks.3.w": "layer.3.weight"}
+    fused = expand(KEYMAP, ["blocks.1.qkv"], ours=True)["blocks.1.qkv"]
+    assert fused == ("layer.1.q", "layer.1.k", "layer.1.v")
+
+
+def test_round_trip_is_bit_identical_and_unknown_keys_are_reported():
+    ours = {"blocks.0.w": torch.randn(2, 2), "blocks.0.qkv": torch.randn(6, 2),
+            "blocks.0.bias": torch.cat([torch.randn(2), torch.zeros(2), torch.randn(2)]),
+            "extra": torch.ones(1)}
+    theirs, unmapped = to_foreign(ours, KEYMAP)
+    assert unmapped == ["extra"] and set(theirs) == {"layer.0.weight", "layer.0.q", "layer.0.k", "layer.0.v",
+                                                     "layer.0.q_bias", "layer.0.v_bias"}
+    back, unexpected = from_foreign(theirs | {"layer.0.index": torch.ones(1), "other": torch.ones(1)}, KEYMAP,
+                                    ignore=[r"\.index$"])
+    assert unexpected == ["other"]
+    assert back.keys() == ours.keys() - {"extra"} and all(torch.equal(back[k], ours[k]) for k in back)
+
+
+def test_a_nonzero_piece_the_layout_does_not_store_is_refused():
+    with pytest.raises(MimkitError, match="blocks.0.bias has a nonzero part"):
+        to_foreign({"blocks.0.bias": torch.ones(6)}, KEYMAP)
