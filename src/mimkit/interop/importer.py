@@ -43,7 +43,7 @@ class Foreign:
     """A checkpoint in mimkit's names.
 
     Attributes:
-        method: the mimkit method whose model holds these weights ("mae", "beit").
+        method: the mimkit method whose model holds these weights ("mae", "beit", "beitv2", "vqkd").
         state: mimkit key -> tensor.
         unexpected: the checkpoint's keys that no template accounts for, in its own names.
         hints: architecture facts from a config file that weights do not show (attention heads, …).
