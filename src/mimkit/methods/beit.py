@@ -34,8 +34,8 @@ def resolve_config(config: PretrainConfig) -> PretrainConfig:
     cell = 2 ** tokenizer.dvae["num_down"]  # pixels of the tokenizer's view per code
     size = beit.tokenizer_size or tokenizer.img_size or grid * cell
     if size != grid * cell:
-        raise MimkitError(f"tokenizer '{beit.tokenizer}' gives a {size // cell}x{size // cell} code grid at "
-                          f"{size} px, but the patch grid is {grid}x{grid} (img_size {img_size} / patch "
+        raise MimkitError(f"tokenizer '{beit.tokenizer}': {size // cell}x{size // cell} codes from {size} px "
+                          f"views, but the patch grid is {grid}x{grid} (img_size {img_size} / patch "
                           f"{patch_size}); it needs {grid * cell} px views (beit.tokenizer_size) or a "
                           "tokenizer trained for this patch grid")
     if tokenizer.dvae["in_chans"] != config.data.channels:
@@ -62,6 +62,10 @@ def masked_view(config: PretrainConfig, section: BEiTConfig, model: BEiT, tokeni
     num_masked = count_for_ratio(grid * grid, section.mask_ratio)
     if num_masked == 0:
         raise MimkitError(f"{config.method}.mask_ratio={section.mask_ratio} masks no patch of {grid * grid}")
+    if section.min_block is not None and section.min_block > num_masked:
+        raise MimkitError(f"{config.method}.min_block={section.min_block} is more than the {num_masked} "
+                          f"patches masked ({config.method}.mask_ratio={section.mask_ratio} of "
+                          f"{grid * grid})")
     # refuse impossible block sizes before training starts (a private generator leaves the global RNG alone)
     block_mask(grid, grid, num_masked, section.min_block, generator=torch.Generator())
     data = config.data
