@@ -44,6 +44,8 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path) -> dict:
         config = method.resolve_config(config)
     model = method.build_model(config).to(world.device)
     view, loss_fn = method.build_task(config, model)
+    # evaluated at each epoch end and at the end, e.g. a tokenizer's codebook usage on held-out images
+    evaluate = method.build_evaluate(config, model) if hasattr(method, "build_evaluate") else None
 
     train_cfg, optim_cfg = config.train, config.optim
     global_batch = train_cfg.batch_size * world.size * train_cfg.accum_steps
@@ -67,4 +69,4 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path) -> dict:
     return train(model, loss_fn, SeededViews(source, view), optimizer, schedule, run_dir, world,
                  batch_size=train_cfg.batch_size, seed=train_cfg.seed, num_workers=data.num_workers,
                  checkpoint_every=train_cfg.checkpoint_every, keep_last=train_cfg.keep_last,
-                 log_every=train_cfg.log_every, desc=f"pretrain {config.method}")
+                 log_every=train_cfg.log_every, evaluate=evaluate, desc=f"pretrain {config.method}")

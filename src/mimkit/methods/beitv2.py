@@ -1,0 +1,57 @@
+"""BEiT v2 pretraining: BEiT's block masking and encoder, targets from a frozen VQ-KD tokenizer that reads
+the same view as the ViT, and the [CLS] aggregation head with its extra cross-entropy.
+
+The tokenizer is not part of the checkpointed model: it runs inside the loss under ``no_grad`` in eval
+mode; its vocabulary size is written into the run's configuration (`resolve_config`), so the run rebuilds
+without it. The aggregation head (``agg_blocks``) is outside ``model.encoder``, so evaluation, fine-tuning
+and export never see it; ``model.kwargs.agg_layer`` / ``agg_depth`` choose its input block and depth.
+
+- BEiT v2: Peng et al., 2022, arXiv:2208.06366
+"""
+
+from dataclasses import replace
+
+from mimkit.config import PretrainConfig
+from mimkit.errors import MimkitError
+from mimkit.methods.beit import masked_view
+from mimkit.methods.vqkd import load_vqkd_tokenizer, tokenizer_config
+from mimkit.models.beit import BEiTv2, create_beitv2
+
+
+def resolve_config(config: PretrainConfig) -> PretrainConfig:
+    """Fill in the codebook size (``model.kwargs.vocab_size``) and the tokenizer's view (the ViT's own,
+    ``beitv2.tokenizer_size``); refuse a tokenizer made for other images or another patch grid."""
+    section = config.beitv2
+    if not section.tokenizer:
+        raise MimkitError("beitv2 pretraining needs a VQ-KD tokenizer: --tokenizer runs/vqkd (train one "
+                          "with: mimkit tokenizer train vqkd --teacher runs/mae --data ... --out runs/vqkd)")
+    tokenizer = tokenizer_config(section.tokenizer)
+    data, ours = tokenizer.data, (config.data.img_size, config.model.patch_size, config.data.channels)
+    if (data.img_size, tokenizer.model.patch_size, data.channels) != ours:
+        raise MimkitError(f"tokenizer '{section.tokenizer}' reads {data.img_size} px {data.channels}-channel "
+                          f"images in {tokenizer.model.patch_size} px patches; this run has {ours[0]} px "
+                          f"{ours[2]}-channel images in {ours[1]} px patches")
+    vocab_size = tokenizer.vqkd.vocab_size
+    if config.model.kwargs.get("vocab_size", vocab_size) != vocab_size:
+        raise MimkitError(f"model.kwargs.vocab_size={config.model.kwargs['vocab_size']} differs from the "
+                          f"tokenizer's {vocab_size} codes")
+    model = replace(config.model, kwargs={**config.model.kwargs, "vocab_size": vocab_size})
+    return replace(config, model=model, beitv2=replace(section, tokenizer_size=config.data.img_size))
+
+
+def build_model(config: PretrainConfig) -> BEiTv2:
+    return create_beitv2(config.model.name, img_size=config.data.img_size, patch_size=config.model.patch_size,
+                         in_chans=config.data.channels, **config.model.kwargs)
+
+
+def build_task(config: PretrainConfig, model: BEiTv2):
+    tokenizer, tokenizer_run = load_vqkd_tokenizer(config.beitv2.tokenizer)
+    tokenizer = tokenizer.to(next(model.parameters()).device)
+    data = tokenizer_run.data
+    view = masked_view(config, config.beitv2, model, config.data.img_size, data.mean, data.std)
+
+    def loss_fn(model: BEiTv2, batch: dict):
+        target_ids = tokenizer.tokenize(batch["tokenizer_image"])  # [B, h, w]; no_grad, codebook untouched
+        return model(batch["image"], batch["mask"], target_ids)
+
+    return view, loss_fn

@@ -1,0 +1,141 @@
+"""VQ-KD tokenizer training (BEiT v2's visual vocabulary), driven by the same loop as pretraining.
+
+The run directory is the tokenizer: its ``config.yaml`` rebuilds the VQ-KD (the teacher's width is
+written into it, ``vqkd.teacher_dim``, so the teacher is not needed afterwards) and its newest checkpoint
+holds the weights and the codebook; ``--tokenizer runs/vqkd`` reads whatever it reached. The frozen
+teacher runs inside the loss. Every step logs the batch's codebook usage and perplexity; every epoch end
+(and the last step) tokenizes ``vqkd.eval_images`` held-out images and logs ``val_usage`` (share of the
+codes they use), ``val_perplexity`` and ``val_cosine`` (similarity of the decoded features to the
+teacher's).
+
+- BEiT v2: Peng et al., 2022, arXiv:2208.06366
+"""
+
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+from mimkit.config import PretrainConfig, from_dict, read_yaml
+from mimkit.data.sources import build_source
+from mimkit.data.transforms import crop_view, eval_view
+from mimkit.errors import MimkitError
+from mimkit.models.vit import check_patch_grid
+from mimkit.tokenizers.dvae import codebook_stats
+from mimkit.tokenizers.teachers import SPEC_FORMS, Teacher, load_teacher
+from mimkit.tokenizers.vqkd import VQKD, create_vqkd
+from mimkit.train.checkpoint import Checkpoints, load_weights
+
+
+@lru_cache(maxsize=1)
+def _load_teacher(spec: str, grid: int, mean: tuple, std: tuple) -> Teacher:
+    """One teacher per process, shared by `resolve_config`, `build_task` and `build_evaluate`."""
+    return load_teacher(spec, grid, mean, std)
+
+
+def teacher_of(config: PretrainConfig) -> Teacher:
+    """The frozen teacher of a VQ-KD configuration, on the CPU (loaded once per process)."""
+    if not config.vqkd.teacher:
+        raise MimkitError(f"vqkd training needs a teacher: --teacher {SPEC_FORMS} (e.g. --teacher runs/mae)")
+    grid = check_patch_grid(config.data.img_size, config.model.patch_size)
+    return _load_teacher(config.vqkd.teacher, grid, tuple(config.data.mean), tuple(config.data.std))
+
+
+def resolve_config(config: PretrainConfig) -> PretrainConfig:
+    """Write the teacher's feature width into ``vqkd.teacher_dim``; refuse a resumed run's other teacher."""
+    dim = teacher_of(config).dim
+    if config.vqkd.teacher_dim not in (None, dim):
+        raise MimkitError(f"teacher '{config.vqkd.teacher}' gives {dim}-d features; this run was trained "
+                          f"on a {config.vqkd.teacher_dim}-d teacher")
+    return replace(config, vqkd=replace(config.vqkd, teacher_dim=dim))
+
+
+def build_model(config: PretrainConfig) -> VQKD:
+    v = config.vqkd
+    if v.teacher_dim is None:
+        raise MimkitError("vqkd.teacher_dim is unset: the run's teacher fills it in when training starts")
+    return create_vqkd(config.model.name, img_size=config.data.img_size, patch_size=config.model.patch_size,
+                       in_chans=config.data.channels, teacher_dim=v.teacher_dim, vocab_size=v.vocab_size,
+                       code_dim=v.code_dim, decoder_depth=v.decoder_depth, decay=v.decay,
+                       commitment=v.commitment, kmeans_iters=v.kmeans_iters, dead_after=v.dead_after,
+                       **config.model.kwargs)
+
+
+def build_task(config: PretrainConfig, model: VQKD):
+    teacher = teacher_of(config).to(next(model.parameters()).device)
+    view = crop_view(config.data.img_size, config.data.mean, config.data.std, config.vqkd.crop_scale)
+
+    def loss_fn(model: VQKD, batch: dict):
+        loss, metrics, _ = model(batch["image"], teacher(batch["image"]))
+        return loss, metrics
+
+    return view, loss_fn
+
+
+def build_evaluate(config: PretrainConfig, model: VQKD):
+    """``evaluate(model) -> {"val_usage", "val_perplexity", "val_cosine"}`` on held-out images: the
+    ``val`` split when the data has one (Fashion-MNIST's test images), else the train split; a fixed,
+    seeded subset of ``vqkd.eval_images`` of them. No labels are read."""
+    from mimkit.eval.features import eval_loader  # not at the top: mimkit.eval imports the methods
+
+    data = config.data
+    try:
+        source = build_source(data.source, split="val", root=data.root, channels=data.channels)
+    except MimkitError:  # folders without a held-out split
+        source = build_source(data.source, split="train", root=data.root, channels=data.channels)
+    picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:config.vqkd.eval_images]
+    loader = eval_loader(Subset(source, picks.tolist()), eval_view(data.img_size, data.mean, data.std),
+                         batch_size=config.train.batch_size)
+    device = next(model.parameters()).device
+    teacher = teacher_of(config).to(device)
+
+    @torch.no_grad()
+    def evaluate(model: VQKD) -> dict[str, float]:
+        was_training = model.training
+        model.eval()  # the codebook stays as it is
+        ids, cosine = [], 0.0
+        for batch in loader:
+            images = batch["image"].to(device)
+            _, metrics, batch_ids = model(images, teacher(images))
+            ids.append(batch_ids)
+            cosine += metrics["cosine"].item() * len(images)
+        model.train(was_training)
+        stats = codebook_stats(torch.cat(ids), model.vocab_size)
+        return {"val_usage": stats["usage"].item(), "val_perplexity": stats["perplexity"].item(),
+                "val_cosine": cosine / len(picks)}
+
+    return evaluate
+
+
+def tokenizer_config(path: str | Path) -> PretrainConfig:
+    """The configuration of a VQ-KD tokenizer run (its ``data`` section: the images and normalization it
+    expects), without loading its weights.
+
+    Args:
+        path: a run directory of ``mimkit tokenizer train vqkd``.
+    """
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise MimkitError(f"tokenizer '{path}' is not a run directory; train one with: "
+                          f"mimkit tokenizer train vqkd --teacher runs/mae --data ... --out {path}")
+    config = from_dict(PretrainConfig, read_yaml(path / "config.yaml"))
+    if config.method != "vqkd":
+        raise MimkitError(f"'{path}' holds a {config.method} run, not a VQ-KD tokenizer")
+    return config
+
+
+def load_vqkd_tokenizer(path: str | Path) -> tuple[VQKD, PretrainConfig]:
+    """A trained VQ-KD tokenizer, frozen and in eval mode on the CPU, and its run's configuration.
+
+    Args:
+        path: a run directory of ``mimkit tokenizer train vqkd``; its newest checkpoint is used.
+    """
+    config = tokenizer_config(path)
+    step = Checkpoints(path).latest()
+    if step is None:
+        raise MimkitError(f"tokenizer run '{path}' has no checkpoint yet")
+    model = build_model(config)
+    load_weights(model, Checkpoints(path).weights_path(step))
+    return model.eval().requires_grad_(False), config
