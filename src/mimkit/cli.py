@@ -3,6 +3,8 @@
     mimkit pretrain mae --data fashion-mnist --model vit_mini --out runs/mae [--epochs N | --max-steps N]
     mimkit tokenizer train dvae --data fashion-mnist --out runs/dvae [--epochs N | --max-steps N]
     mimkit pretrain beit --tokenizer runs/dvae --data fashion-mnist --model vit_tiny --out runs/beit
+    mimkit tokenizer train vqkd --teacher runs/mae --data fashion-mnist --out runs/vqkd
+    mimkit pretrain beitv2 --tokenizer runs/vqkd --data fashion-mnist --model vit_tiny --out runs/beitv2
     mimkit visualize runs/mae --out recon.png [--n 8]
     mimkit finetune runs/mae --data fashion-mnist --out runs/ft [--label-fraction 0.1] [--init random]
     mimkit linprobe runs/mae --data fashion-mnist --out runs/lp     (knn: the same arguments)
@@ -56,6 +58,8 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
         flags["data"]["skip_bad_images"] = True
     if args.tokenizer:
         flags[args.method] = {"tokenizer": args.tokenizer}
+    if args.teacher:
+        flags[args.method] = {"teacher": args.teacher}
     values = merge(merge(values, flags), parse_overrides(args.set))
     values["method"] = args.method
     return from_dict(PretrainConfig, values)
@@ -84,7 +88,11 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     check_run_dir(out, config, args.resume)
     summary = run_pretraining(config, out)
     if not summary["interrupted"]:
-        use = f"; use it: mimkit pretrain beit --tokenizer {out}" if config.method in TOKENIZERS else ""
+        if "val_usage" in summary:  # a VQ-KD tokenizer's held-out evaluation
+            print(f"codebook usage {summary['val_usage']:.1%}, perplexity {summary['val_perplexity']:.1f}, "
+                  f"cosine to the teacher {summary['val_cosine']:.3f} (held-out images)")
+        user = {"dvae": "beit", "vqkd": "beitv2"}.get(config.method)
+        use = f"; use it: mimkit pretrain {user} --tokenizer {out}" if user else ""
         print(f"run directory: {out}  (step {summary['step']}; "
               f"try: mimkit visualize {out} --out recon.png{use})")
 
@@ -290,14 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("method", choices=sorted(PRETRAINING))
     add_run_arguments(pretrain)
     pretrain.add_argument("--model", help="encoder: vit_mini, vit_tiny, vit_small, vit_base, vit_large, vit_huge")
-    pretrain.add_argument("--tokenizer", help="beit: a tokenizer run directory (mimkit tokenizer train dvae)")
-    pretrain.set_defaults(handler=cmd_pretrain)
+    pretrain.add_argument("--tokenizer", help="beit: a tokenizer run directory (mimkit tokenizer train "
+                          "dvae); beitv2: a VQ-KD one (mimkit tokenizer train vqkd)")
+    pretrain.set_defaults(handler=cmd_pretrain, teacher=None)
 
-    tokenizer = commands.add_parser("tokenizer", help="train a visual tokenizer (BEiT's dVAE)")
+    tokenizer = commands.add_parser("tokenizer", help="train a visual tokenizer (BEiT's dVAE, BEiT v2's "
+                                    "VQ-KD)")
     actions = tokenizer.add_subparsers(dest="action", required=True)
     train = actions.add_parser("train", help="train a tokenizer; its run directory is what --tokenizer takes")
     train.add_argument("method", choices=sorted(TOKENIZERS))
     add_run_arguments(train)
+    train.add_argument("--teacher", help="vqkd: the frozen teacher whose features the codes distill: a "
+                       "mimkit run directory or checkpoint (e.g. an MAE run: no labels), timm:NAME:FILE, or "
+                       "hf:DIR (a CLIP or DINOv2 folder); nothing is downloaded")
     train.set_defaults(handler=cmd_pretrain, model=None, tokenizer=None)
 
     visualize = commands.add_parser("visualize", help="draw what a run's model reconstructs")
