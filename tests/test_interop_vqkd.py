@@ -4,12 +4,15 @@ the same code), so the reference computation runs on real modules."""
 
 import torch
 import torch.nn.functional as F
-from timm.models.beit import Beit
+from timm.models.beit import Beit, Block
 from torch import nn
 
+from mimkit.cli import main
 from mimkit.interop.importer import load_foreign, read_checkpoint
 from mimkit.interop.vqkd import vqkd_arch
+from mimkit.runs import load_config
 from mimkit.tokenizers.vqkd import VQKD
+from mimkit.train.checkpoint import Checkpoints
 
 BLOCK = ("norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias", "attn.qkv.weight", "attn.proj.weight",
          "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
@@ -43,7 +46,8 @@ def patch_tokens(vit, x):
     return vit.fc_norm(vit.forward_features(x)[:, 1:])
 
 
-def test_reference_tokenizer_gives_the_same_codes_and_features(tmp_path):
+def reference_tokenizer(path):
+    """A VQ-KD checkpoint as the reference code saves it (32 px, 8 px patches, 16 codes of 8 dims)."""
     torch.manual_seed(0)
     encoder, decoder = reference_vit(32, 8, 3, 2), reference_vit(4, 1, 8, 1)
     encode = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 8))
@@ -58,8 +62,12 @@ def test_reference_tokenizer_gives_the_same_codes_and_features(tmp_path):
               "quantize.cluster_size": torch.rand(16), "scaling_layer.shift": torch.zeros(1, 3, 1, 1),
               "scaling_layer.scale": torch.ones(1, 3, 1, 1), "teacher_model.visual.proj": torch.randn(32, 12)}
     assert set(state) == OFFICIAL_KEYS
-    torch.save({"model": state}, tmp_path / "vqkd.pth")
+    torch.save({"model": state}, path)
+    return encoder, decoder, encode, decode, codebook
 
+
+def test_reference_tokenizer_gives_the_same_codes_and_features(tmp_path):
+    encoder, decoder, encode, decode, codebook = reference_tokenizer(tmp_path / "vqkd.pth")
     foreign = read_checkpoint(tmp_path / "vqkd.pth", "vqkd")
     assert foreign.notes == ["dropped the reference's frozen teacher (3 tensors) and EMA statistics"]
     model = VQKD(**(vqkd_arch(foreign.state) | {"num_heads": 2})).eval()  # heads do not show in weights
@@ -74,3 +82,26 @@ def test_reference_tokenizer_gives_the_same_codes_and_features(tmp_path):
         features = decode(patch_tokens(decoder, grid))
         assert torch.equal(model.tokenize(x).flatten(1), ids)
         torch.testing.assert_close(model.forward_decoder(codebook[ids]), features, rtol=0, atol=1e-5)
+
+
+def test_imported_tokenizer_drives_beitv2_pretraining_of_an_imported_beitv2(tmp_path):
+    """Both reference checkpoints become runs; BEiT v2 pretraining continues with the imported tokenizer."""
+    reference_tokenizer(tmp_path / "vqkd.pth")
+    torch.manual_seed(0)
+    beit = Beit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+                use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, global_pool="token")
+    state = beit.state_dict() | {"mask_token": torch.randn(1, 1, 32), "lm_head.weight": torch.randn(16, 32),
+                                 "lm_head.bias": torch.randn(16)}
+    for k in range(2):
+        block = Block(32, 2, qkv_bias=True, init_values=0.1, window_size=(4, 4))
+        state |= {f"cls_pt_layers.{k}.{n}": v for n, v in block.state_dict().items()}
+    torch.save({"model": state}, tmp_path / "beitv2.pth")
+    data = ["--set", "data.source=synthetic:64", "--set", "data.num_workers=0"]
+    assert main(["import", str(tmp_path / "vqkd.pth"), "--format", "vqkd", "--out", str(tmp_path / "vqkd"),
+                 "--set", "model.kwargs.num_heads=2", *data]) == 0
+    assert main(["import", str(tmp_path / "beitv2.pth"), "--format", "beitv2", "--out", str(tmp_path / "v2"),
+                 *data]) == 0
+    assert load_config(tmp_path / "vqkd").vqkd.teacher_dim == 12
+    assert main(["pretrain", "beitv2", "--out", str(tmp_path / "v2"), "--tokenizer", str(tmp_path / "vqkd"),
+                 "--max-steps", "1", "--batch-size", "8"]) == 0
+    assert Checkpoints(tmp_path / "v2").latest() == 1
