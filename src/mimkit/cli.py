@@ -8,7 +8,7 @@
     mimkit visualize runs/mae --out recon.png [--n 8]
     mimkit finetune runs/mae --data fashion-mnist --out runs/ft [--label-fraction 0.1] [--init random]
     mimkit linprobe runs/mae --data fashion-mnist --out runs/lp     (knn: the same arguments)
-    mimkit import mae_pretrain_vit_base.pth --format mae --out runs/mae-b   (mae | beit | timm | hf)
+    mimkit import mae_pretrain_vit_base.pth --format mae --out runs/mae-b   (mae|beit|beitv2|vqkd|timm|hf)
     mimkit export runs/mae --to hf --out exported/   (--to timm; --encoder-only)
 
 Bad input ends with a one-line ``error:`` message and exit status 2, never a traceback.
@@ -255,8 +255,9 @@ def add_interop_commands(commands) -> None:
     imp = commands.add_parser("import", help="make a run directory from an MAE/BEiT/timm/HF checkpoint")
     imp.add_argument("checkpoint", help="a checkpoint file (.pth, .safetensors, …) or a timm/HF model folder")
     imp.add_argument("--format", required=True, choices=FORMATS,
-                     help="mae, beit, beitv2: the reference code's checkpoints; timm: a VisionTransformer or "
-                     "Beit state dict or folder; hf: a transformers ViTMAE, ViT or BEiT folder")
+                     help="mae, beit, beitv2, vqkd: the reference code's checkpoints (vqkd: BEiT v2's "
+                     "tokenizer); timm: a VisionTransformer or Beit state dict or folder; hf: a transformers "
+                     "ViTMAE, ViT or BEiT folder")
     imp.add_argument("--out", required=True, help="run directory to create")
     imp.add_argument("--img-size", type=int, help="image size of the run (position tables are resized)")
     imp.add_argument("--allow-mismatch", action="store_true",
