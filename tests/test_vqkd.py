@@ -1,0 +1,114 @@
+"""VQ-KD: shapes, the loss, the straight-through gradient, and a short Fashion-MNIST run that fills the
+codebook and moves toward the teacher."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from mimkit.data.sources import build_source
+from mimkit.tokenizers.dvae import codebook_stats
+from mimkit.tokenizers.teachers import Teacher, TimmFeatures
+from mimkit.tokenizers.vqkd import VQKD, create_vqkd
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on a shared 2-core machine thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**kwargs) -> VQKD:
+    dims = dict(img_size=28, patch_size=4, in_chans=1, teacher_dim=24, vocab_size=64, embed_dim=32, depth=2,
+                num_heads=2, decoder_depth=1)
+    return create_vqkd("vit_mini", **{**dims, **kwargs})
+
+
+def test_shapes_ids_and_loss():
+    torch.manual_seed(0)
+    model = tiny()
+    imgs, target = torch.randn(3, 1, 28, 28), torch.randn(3, 49, 24)
+    loss, metrics, ids = model(imgs, target)
+    assert loss.shape == () and ids.shape == (3, 7, 7) and ids.dtype == torch.long
+    assert {"cosine", "commitment", "usage", "perplexity", "restarted"} <= metrics.keys()
+    model.eval()
+    loss, metrics, ids = model(imgs, target)
+    # the loss is 1 - cos(decoder output, teacher) + commitment
+    quantized, _, commitment, _ = model.quantize(model.forward_encoder(imgs))
+    pred = model.forward_decoder(quantized)
+    torch.testing.assert_close(loss, 1 - F.cosine_similarity(pred, target, dim=-1).mean() + commitment)
+    assert torch.equal(model.tokenize(imgs), ids)
+
+
+def test_tokenize_never_moves_the_codebook():
+    model = tiny().train()
+    before = model.quantize.codebook.clone()
+    ids = model.tokenize(torch.randn(2, 1, 28, 28))
+    assert ids.shape == (2, 7, 7) and torch.equal(model.quantize.codebook, before)
+    assert not model.quantize.initialized  # k-means waits for the first training batch
+
+
+def test_straight_through_gradient_reaches_the_encoder():
+    torch.manual_seed(0)
+    model = tiny(commitment=0.0)  # the distillation loss alone: only the straight-through path
+    loss, _, _ = model(torch.randn(4, 1, 28, 28), torch.randn(4, 49, 24))
+    loss.backward()
+    for name in ("encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.qkv.weight",
+                 "encode_task_layer.2.weight", "decoder.blocks.0.mlp.fc1.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert not any(b.requires_grad for b in model.quantize.buffers())  # the codebook moves by EMA only
+
+
+def test_config_rebuilds_the_model():
+    model = tiny(dead_after=None)
+    rebuilt = VQKD(**model.config)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in
+                                                                      model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    """1536 normalized Fashion-MNIST train images, (1536, 1, 28, 28), and 512 held-out test ones."""
+    def load(split, n):
+        source = build_source("fashion-mnist", split=split)
+        imgs = torch.stack([source[i][0] for i in range(n)]).float() / 255
+        return (imgs - source.info.mean[0]) / source.info.std[0], source.info
+    train, info = load("train", 1536)
+    test, _ = load("test", 512)
+    return train, test, info
+
+
+def test_short_fashion_mnist_run_fills_the_codebook_and_approaches_the_teacher(fashion):
+    train, test, info = fashion
+    torch.manual_seed(0)
+    # A frozen random ViT is a teacher too: its patch features are a fixed function of the image.
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=0,
+                            embed_dim=48, depth=2, num_heads=2)
+    teacher = Teacher(TimmFeatures(vit), 28, 1, info.mean, info.std, info.mean, info.std, 7, "random ViT")
+    model = tiny(vocab_size=128, teacher_dim=48, dead_after=20)
+    test_targets = teacher(test)
+
+    def held_out():
+        model.eval()
+        with torch.no_grad():
+            _, metrics, ids = model(test, test_targets)
+        model.train()
+        return {"cosine": metrics["cosine"].item(), **codebook_stats(ids, 128)}
+
+    before = held_out()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.99), weight_decay=1e-4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        batch = train[torch.randint(0, len(train), (64,), generator=g)]
+        loss, _, _ = model(batch, teacher(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = held_out()
+    assert after["usage"] > 0.5, after  # more than half of the 128 codes used by held-out patches
+    assert after["cosine"] > max(0.5, before["cosine"] + 0.3), (before, after)
+    assert after["perplexity"] > 32
