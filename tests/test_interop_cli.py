@@ -80,7 +80,7 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
         assert err.startswith("error:") and message in err and "\n" not in err, err
 
 
-def test_imported_beit_run_fine_tunes_and_exports(tmp_path):
+def test_imported_beit_run_exports(tmp_path):
     """The BEiT reference layout (shared relative position bias, layer scale, codebook head) as a run."""
     torch.manual_seed(0)
     beit = Beit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
@@ -95,7 +95,5 @@ def test_imported_beit_run_fine_tunes_and_exports(tmp_path):
     config = load_config(run)
     assert config.method == "beit" and config.model.kwargs["vocab_size"] == 24
     assert config.data.mean == [0.5] * 3  # BEiT's normalization
-    assert main(["finetune", str(run), "--data", "synthetic:64", "--out", str(tmp_path / "ft"),
-                 "--max-steps", "1", "--batch-size", "8", "--set", "data.num_workers=0"]) == 0
     for target in ("timm", "hf"):
         assert main(["export", str(run), "--to", target, "--out", str(tmp_path / target)]) == 0
