@@ -1,5 +1,6 @@
 """Pictures: MAE reconstruction grids, dVAE reconstructions from tokens, BEiT's predicted tokens drawn
-through the tokenizer's decoder.
+through the tokenizer's decoder, VQ-KD token maps (BEiT v2's targets and predictions, one shade per
+code), and a tokenizer's codebook usage and perplexity over training.
 
 Grids are assembled as tensors and written with PIL; a header row names the columns.
 """
@@ -17,9 +18,11 @@ from mimkit.data.transforms import CENTER_CROP_MIN_SIZE, IMAGENET_CROP_PCT, deno
 from mimkit.errors import MimkitError
 from mimkit.masking import block_mask, count_for_ratio
 from mimkit.methods.dvae import find_tokenizer, load_tokenizer
-from mimkit.models.beit import BEiT
+from mimkit.methods.vqkd import load_vqkd_tokenizer
+from mimkit.models.beit import BEiT, BEiTv2
 from mimkit.models.mae import MAE
 from mimkit.tokenizers.dvae import DVAE
+from mimkit.tokenizers.vqkd import VQKD
 
 
 @torch.no_grad()
@@ -96,6 +99,76 @@ def beit_predictions(model: BEiT, tokenizer: DVAE, images: torch.Tensor, tokeniz
             "prediction": tokenizer.decode(predicted)}
 
 
+def token_maps(ids: torch.Tensor, vocab_size: int, patch_size: int, channels: int, mean, std) -> torch.Tensor:
+    """Ids drawn as patches of one shade per code (a fixed random palette: gray for 1 channel), normalized
+    like the images so that `image_grid` shows them beside them.
+
+    Args:
+        ids: long (B, h, w).
+        vocab_size, patch_size, channels: codebook size, pixels per patch side, image channels.
+        mean, std: the images' normalization.
+
+    Returns:
+        (B, channels, h * patch_size, w * patch_size) normalized images.
+    """
+    palette = torch.rand(vocab_size, channels, generator=torch.Generator().manual_seed(0))
+    tiles = palette[ids].permute(0, 3, 1, 2).repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
+    shape = (1, -1, 1, 1)
+    return (tiles - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+
+
+@torch.no_grad()
+def vqkd_tokens(model: VQKD, images: torch.Tensor, mean, std) -> dict[str, torch.Tensor]:
+    """Images next to their VQ-KD token maps (a VQ-KD decodes to teacher features, not pixels).
+
+    Args:
+        model: a VQ-KD in eval mode.
+        images: (B, C, H, W) normalized images.
+        mean, std: their normalization.
+
+    Returns:
+        ``original`` and ``tokens``, each (B, C, H, W).
+    """
+    ids = model.tokenize(images)
+    return {"original": images, "tokens": token_maps(ids, model.vocab_size, images.shape[-1] // ids.shape[-1],
+                                                      images.shape[1], mean, std)}
+
+
+@torch.no_grad()
+def beitv2_predictions(model: BEiTv2, tokenizer: VQKD, images: torch.Tensor, tokenizer_images: torch.Tensor,
+                       mask: torch.Tensor, mean, std) -> dict[str, torch.Tensor]:
+    """BEiT v2's most likely codes at hidden patches beside the tokenizer's, as token maps.
+
+    Args:
+        model: a BEiT v2 in eval mode.
+        tokenizer: the VQ-KD whose ids it learned to predict.
+        images: (B, C, H, W) normalized images.
+        tokenizer_images: the same images in the tokenizer's normalization.
+        mask: bool (B, h, w), True where a patch is hidden.
+        mean, std: the images' normalization.
+
+    Returns:
+        ``original``, ``masked`` (what the encoder saw), ``tokens`` (the tokenizer's ids) and
+        ``prediction`` (the same with the model's ids at hidden patches), each (B, C, H, W).
+    """
+    ids = tokenizer.tokenize(tokenizer_images)  # [B, h, w]
+    x, _ = model.forward_features(images, mask)
+    predicted = ids.clone()
+    predicted[mask] = model.forward_head(x, mask).argmax(-1)
+    p, c = images.shape[-1] // mask.shape[-1], images.shape[1]
+    hidden = _patch_pixels(mask, p)
+    return {"original": images, "masked": images * (1 - hidden),
+            "tokens": token_maps(ids, tokenizer.vocab_size, p, c, mean, std),
+            "prediction": token_maps(predicted, tokenizer.vocab_size, p, c, mean, std)}
+
+
+def _masks(section, grid: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n block masks (n, grid, grid) as a BEiT-style run's ``beit``/``beitv2`` section draws them."""
+    num_masked = count_for_ratio(grid * grid, section.mask_ratio)
+    return torch.stack([block_mask(grid, grid, num_masked, section.min_block, generator=generator)
+                        for _ in range(n)])
+
+
 def _images(source: Dataset, picks: Sequence[int], size: int, mean, std, crop_pct: float) -> torch.Tensor:
     views = SeededViews(source, eval_view(size, mean, std, crop_pct))
     return torch.stack([views[(int(i), 0)]["image"] for i in picks])
@@ -132,11 +205,19 @@ def run_panels(model, config: PretrainConfig, source: Dataset, picks: Sequence[i
         images = _images(source, picks, data.img_size, data.mean, data.std, crop_pct)
         tokenizer_images = _images(source, picks, config.beit.tokenizer_size, found.mean or data.mean,
                                    found.std or data.std, crop_pct)
-        grid = data.img_size // config.model.patch_size
-        num_masked = count_for_ratio(grid * grid, config.beit.mask_ratio)
-        mask = torch.stack([block_mask(grid, grid, num_masked, config.beit.min_block, generator=generator)
-                            for _ in picks])
+        mask = _masks(config.beit, data.img_size // config.model.patch_size, len(picks), generator)
         return beit_predictions(model, tokenizer, images, tokenizer_images, mask)
+    if config.method == "vqkd":
+        images = _images(source, picks, data.img_size, data.mean, data.std, crop_pct)
+        return vqkd_tokens(model, images, data.mean, data.std)
+    if config.method == "beitv2":
+        tokenizer, tokenizer_run = load_vqkd_tokenizer(config.beitv2.tokenizer)
+        images = _images(source, picks, data.img_size, data.mean, data.std, crop_pct)
+        tokenizer_data = tokenizer_run.data
+        tokenizer_images = _images(source, picks, data.img_size, tokenizer_data.mean, tokenizer_data.std,
+                                   crop_pct)
+        mask = _masks(config.beitv2, data.img_size // config.model.patch_size, len(picks), generator)
+        return beitv2_predictions(model, tokenizer, images, tokenizer_images, mask, data.mean, data.std)
     raise MimkitError(f"visualize has no pictures for {config.method} runs")
 
 
@@ -171,3 +252,55 @@ def save_picture(image: Image.Image, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def _plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
+          series: dict[str, tuple[list[float], list[float], str]], fmt: str) -> None:
+    """Line chart in `box` (left, top, right, bottom): name -> (steps, values, colour); y from 0."""
+    left, top, right, bottom = box
+    draw.text((left, top - 14), title, fill="black")
+    xs = [x for s, _, _ in series.values() for x in s]
+    ys = [y for _, v, _ in series.values() for y in v]
+    x_max, y_max = max(xs + [1]), max(ys + [1e-9]) * 1.05
+    draw.rectangle(box, outline="black")
+    for frac in (0.0, 0.5, 1.0):  # y ticks
+        y = bottom - frac * (bottom - top)
+        draw.line([(left - 3, y), (left, y)], fill="black")
+        draw.text((left - 46, y - 6), format(frac * y_max, fmt), fill="black")
+    draw.text((left, bottom + 3), "0", fill="black")
+    draw.text((right - 40, bottom + 3), f"step {x_max:g}", fill="black")
+    for i, (name, (steps, values, colour)) in enumerate(series.items()):
+        points = [(left + x / x_max * (right - left), bottom - y / y_max * (bottom - top))
+                  for x, y in zip(steps, values, strict=True)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points if len(points) < 30 else ():
+            draw.ellipse([(x - 2, y - 2), (x + 2, y + 2)], fill=colour)
+        draw.text((left + 6, top + 4 + 12 * i), name, fill=colour)
+
+
+def codebook_usage_plot(records: list[dict]) -> Image.Image:
+    """A tokenizer's codebook over training: usage (share of the codes used) and perplexity, per step for
+    the training batches and, where logged (VQ-KD), on held-out images at each epoch end.
+
+    Args:
+        records: the run's metrics (`mimkit.train.metrics.read_metrics`) with "usage" and "perplexity".
+
+    Returns:
+        A 720 x 300 picture with one panel per quantity.
+    """
+    def series(key: str) -> tuple[list[float], list[float]]:
+        kept = [r for r in records if key in r]
+        return [r["step"] for r in kept], [r[key] for r in kept]
+
+    if not series("usage")[0]:
+        raise MimkitError("these metrics hold no codebook usage (a dVAE or VQ-KD tokenizer run logs it)")
+    canvas = Image.new("RGB", (720, 300), "white")
+    draw = ImageDraw.Draw(canvas)
+    for left, key, fmt in ((60, "usage", ".0%"), (420, "perplexity", ".0f")):
+        lines = {f"{key} (batch)": (*series(key), "steelblue")}
+        if series(f"val_{key}")[0]:
+            lines[f"{key} (held-out)"] = (*series(f"val_{key}"), "darkorange")
+        _plot(draw, (left, 30, left + 280, 270), key, lines, fmt)
+    return canvas
+
