@@ -100,7 +100,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_visualize(args: argparse.Namespace) -> None:
     from mimkit.data.sources import build_source
     from mimkit.runs import load_run
-    from mimkit.viz import image_grid, run_panels, save_picture
+    from mimkit.train.metrics import read_metrics
+    from mimkit.viz import codebook_usage_plot, image_grid, run_panels, save_picture
 
     if args.n < 1:
         raise MimkitError("--n must be at least 1")
@@ -113,6 +114,10 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(args.seed))[:args.n]
     panels = run_panels(model, config, source, picks.tolist(), args.seed)
     print(f"wrote {save_picture(image_grid(panels, data.mean, data.std), args.out)}")
+    records = read_metrics(args.run)
+    if any("usage" in r for r in records):  # a tokenizer run: its codebook over training as well
+        usage = Path(args.out).with_name(f"{Path(args.out).stem}-usage.png")
+        print(f"wrote {save_picture(codebook_usage_plot(records), usage)}")
 
 
 def finetune_config(args: argparse.Namespace):
