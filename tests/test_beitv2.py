@@ -9,6 +9,7 @@ from torch import nn
 
 from mimkit.cli import main
 from mimkit.data.sources import build_source
+from mimkit.data.transforms import denormalize
 from mimkit.errors import MimkitError
 from mimkit.eval.encoders import load_encoder
 from mimkit.interop.export import export_run
@@ -18,6 +19,7 @@ from mimkit.models.beit import BEiT, BEiTv2, create_beitv2, default_agg_layer
 from mimkit.runs import load_run
 from mimkit.tokenizers.vqkd import create_vqkd
 from mimkit.train.metrics import read_metrics
+from mimkit.viz import codebook_usage_plot, token_maps
 
 VOCAB = 40  # no other layer of the tiny models is 40 wide
 
@@ -185,3 +187,17 @@ def test_bad_input_is_a_one_line_error(runs, tmp_path, capsys, args, message):
     assert main([*args, "--out", str(tmp_path / "bad"), "--max-steps", "1", *COMMON, *TINY_VIT]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("error:")
+
+
+def test_visualize_draws_token_maps_and_the_codebook_over_training(runs, tmp_path):
+    assert main(["visualize", str(runs / "vqkd"), "--out", str(tmp_path / "vqkd.png"), "--n", "2"]) == 0
+    assert (tmp_path / "vqkd.png").is_file() and (tmp_path / "vqkd-usage.png").is_file()
+    assert main(["visualize", str(runs / "b2"), "--out", str(tmp_path / "b2.png"), "--n", "2"]) == 0
+    assert (tmp_path / "b2.png").is_file() and not (tmp_path / "b2-usage.png").exists()
+    # one shade per code, patch-sized, in the images' normalization
+    ids = torch.tensor([[[0, 1], [1, 0]]])
+    maps = denormalize(token_maps(ids, 4, 3, 1, [0.5], [0.25]), [0.5], [0.25])
+    assert maps.shape == (1, 1, 6, 6) and torch.equal(maps[0, 0, :3, :3], maps[0, 0, 3:, 3:])
+    assert maps[0, 0, 0, 0] != maps[0, 0, 0, 3] and maps.unique().numel() == 2
+    with pytest.raises(MimkitError, match="no codebook usage"):
+        codebook_usage_plot([{"step": 1, "loss": 1.0}])
