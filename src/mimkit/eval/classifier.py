@@ -23,7 +23,8 @@ from mimkit.errors import MimkitError
 POOLS = ("avg", "cls")
 
 
-def _check_encoder(model: nn.Module) -> None:
+def check_encoder(model: nn.Module) -> None:
+    """Raise `MimkitError` unless ``model`` is a timm ViT-style encoder the protocols can read."""
     needed = ("blocks", "norm", "fc_norm", "num_prefix_tokens", "forward_features", "reset_classifier")
     if missing := [name for name in needed if not hasattr(model, name)]:
         raise MimkitError(f"{type(model).__name__} is not a timm ViT-style encoder (it lacks "
@@ -78,7 +79,7 @@ def build_classifier(encoder: nn.Module, num_classes: int, pool: str = "avg",
     Returns:
         The classifier: images (B, C, H, W) -> logits (B, num_classes).
     """
-    _check_encoder(encoder)
+    check_encoder(encoder)
     if num_classes < 1:
         raise MimkitError(f"a classifier needs at least one class, got {num_classes}")
     model = copy.deepcopy(encoder).requires_grad_(True)

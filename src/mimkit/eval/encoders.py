@@ -10,7 +10,7 @@ from torch import nn
 
 from mimkit.config import PretrainConfig, from_dict, read_yaml
 from mimkit.errors import MimkitError
-from mimkit.eval.classifier import FineTuned, build_classifier
+from mimkit.eval.classifier import FineTuned, build_classifier, check_encoder
 from mimkit.eval.config import FinetuneConfig
 from mimkit.methods import METHODS
 from mimkit.runs import latest_weights
@@ -40,6 +40,15 @@ class Encoder:
     finetune: FinetuneConfig | None = None
 
 
+def _encoder_of(model: nn.Module, method: str) -> nn.Module:
+    encoder = getattr(model, "encoder", None)
+    try:
+        check_encoder(encoder)
+    except MimkitError as err:
+        raise MimkitError(f"a {method} run has no ViT encoder to evaluate ({err})") from None
+    return encoder.eval()
+
+
 def random_encoder(spec: PretrainConfig, seed: int = 0) -> nn.Module:
     """The encoder of ``spec``'s method, freshly initialized as that method initializes it.
 
@@ -47,7 +56,7 @@ def random_encoder(spec: PretrainConfig, seed: int = 0) -> nn.Module:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return METHODS[spec.method].build_model(spec).encoder.eval()
+        return _encoder_of(METHODS[spec.method].build_model(spec), spec.method)
 
 
 def finetuned_model(config: FinetuneConfig) -> FineTuned:
@@ -97,5 +106,6 @@ def load_encoder(path: str | Path, init: str = "pretrained", seed: int = 0) -> E
         model = METHODS[spec.method].build_model(spec)
         weights = weights or latest_weights(run_dir)
         load_weights(model, weights)
-        encoder = model.encoder
+        encoder = _encoder_of(model, spec.method)
     return Encoder(encoder.eval(), spec, str(weights), run_dir, finetune)
+
