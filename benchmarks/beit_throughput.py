@@ -5,7 +5,8 @@ One training step is what the loop runs for BEiT: the frozen dVAE encoder tokeni
 block masks. "without tokenizer" runs the same step on ids computed once beforehand; "tokenizer alone"
 times the tokenization by itself. The three are timed in the same process, interleaved round by round
 (the order rotates), so that load from other processes on a shared machine hits them alike; reported
-per variant: the median and the best round (the least disturbed), in ms per step and images per second.
+per variant: the median and the best round (the least disturbed), in ms per step and images per second,
+and the median process CPU time per step (all threads; less sensitive to waiting for a core).
 
     .venv/bin/python benchmarks/beit_throughput.py    # ViT-Tiny/4 on 28x28x1, dvae_fmnist's dVAE, batch 64
     .venv/bin/python benchmarks/beit_throughput.py --device cuda --bf16 --img-size 224 --patch-size 16 \\
@@ -97,27 +98,32 @@ def main(argv=None) -> None:
         for _ in range(a.warmup):
             run()
     times = {name: [] for name in VARIANTS}
+    cpu = {name: [] for name in VARIANTS}
     for r in range(a.rounds):
         order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
         for name in order:
             sync(a.device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(a.steps):
                 runs[name]()
             sync(a.device)
             times[name].append((time.perf_counter() - start) / a.steps * 1e3)
+            cpu[name].append((time.process_time() - start_cpu) / a.steps * 1e3)
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU, {a.threads} threads"
     print(f"BEiT {a.model}/{a.patch_size} {a.img_size}px x{a.in_chans}, tokenizer "
           f"{a.tokenizer_size or a.img_size}px {a.vocab_size} codes, batch {a.batch_size}, {device}"
           f"{', bf16' if a.bf16 else ''}, torch {torch.__version__}; {a.rounds} rounds x {a.steps} steps")
     results = {}
     for name in VARIANTS:
-        median, best = statistics.median(times[name]), min(times[name])
+        median, best, cpu_ms = statistics.median(times[name]), min(times[name]), statistics.median(cpu[name])
         speed = a.batch_size / median * 1e3
-        results[name] = {"median_ms": median, "best_ms": best, "images_per_s": speed}
-        print(f"  {name:18s} median {median:8.1f} ms  best {best:8.1f} ms  {speed:8.1f} img/s")
-    share = results["tokenizer alone"]["median_ms"] / results["with tokenizer"]["median_ms"]
-    print(f"  tokenizer share of the step (median tokenizer alone / median with tokenizer): {share:.1%}")
+        results[name] = {"median_ms": median, "best_ms": best, "images_per_s": speed, "cpu_ms": cpu_ms}
+        print(f"  {name:18s} median {median:8.1f} ms  best {best:8.1f} ms  {speed:8.1f} img/s  "
+              f"CPU {cpu_ms:8.1f} ms")
+    share = {key: results["tokenizer alone"][key] / results["with tokenizer"][key]
+             for key in ("median_ms", "best_ms", "cpu_ms")}
+    print("  tokenizer share of the step (tokenizer alone / with tokenizer): "
+          f"median {share['median_ms']:.1%}, best {share['best_ms']:.1%}, CPU {share['cpu_ms']:.1%}")
     print(json.dumps({"args": vars(a), "results": results, "tokenizer_share": share}))
 
 
