@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast, as mimkit trains on GPUs")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (compile time untimed)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the first round")
     p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
     p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
@@ -58,7 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(name: str, a: argparse.Namespace) -> torch.nn.Module:
-    """The model `name` at the benchmark configuration, in training mode, on `a.device`."""
+    """The model `name` at the benchmark configuration, in training mode, on `a.device`, compiled on ask."""
+    model = _build(name, a)
+    if a.compile:
+        model.compile()
+    return model
+
+
+def _build(name: str, a: argparse.Namespace) -> torch.nn.Module:
     if name == "mimkit":
         model = MAE(
             a.img_size, a.patch_size, a.in_chans, a.embed_dim, a.depth, a.num_heads,
@@ -91,7 +100,8 @@ def step_fn(name: str, model: torch.nn.Module, a: argparse.Namespace, imgs, nois
     forward = forward_fn(name, model, a, imgs, noise)
 
     def step():
-        loss = forward()
+        with torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16, enabled=a.bf16):
+            loss = forward()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -134,10 +144,10 @@ def memory_of(name: str, a: argparse.Namespace) -> dict:
     return {"model": name, "before_mib": before / 1024, "peak_growth_mib": growth / 1024}
 
 
-def matmul_peak_gflops(device: str, reps: int = 5) -> float:
-    """fp32 GFLOP/s of the best of `reps` square matmuls: the practical peak of this device and threads."""
+def matmul_peak_gflops(device: str, dtype: torch.dtype, reps: int = 5) -> float:
+    """GFLOP/s of the best of `reps` square matmuls: the practical peak of this device, dtype and threads."""
     n = 8192 if device.startswith("cuda") else 2048
-    x, y = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    x, y = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     x @ y
     best = float("inf")
     for _ in range(reps):
@@ -207,13 +217,13 @@ def main(argv=None) -> None:
             sync(a.device)
             rates[name].append(a.steps * a.batch_size / (time.perf_counter() - t))
             cpu_ms[name].append(1e3 * (time.process_time() - c) / (a.steps * a.batch_size))
-    peak = matmul_peak_gflops(a.device)
+    peak = matmul_peak_gflops(a.device, torch.bfloat16 if a.bf16 else torch.float32)
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"machine: {machine(a.device)}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, load average {load}")
     print(f"config: {vars(a)}")
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
+    print(f"{'bf16' if a.bf16 else 'fp32'} matmul peak: {peak:.1f} GFLOP/s")
     median = {name: statistics.median(rates[name]) for name in MODELS}
     best = {name: max(rates[name]) for name in MODELS}
     cpu = {name: statistics.median(cpu_ms[name]) for name in MODELS}
