@@ -8,12 +8,13 @@ from timm.models.beit import Beit
 from torch import nn
 
 from mimkit.cli import main
+from mimkit.config import PretrainConfig, from_dict, load_recipe
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import denormalize
 from mimkit.errors import MimkitError
 from mimkit.eval.encoders import load_encoder
 from mimkit.interop.export import export_run
-from mimkit.masking import block_mask
+from mimkit.masking import block_mask, count_for_ratio
 from mimkit.methods.vqkd import load_vqkd_tokenizer
 from mimkit.models.beit import BEiT, BEiTv2, create_beitv2, default_agg_layer
 from mimkit.runs import load_run
@@ -201,3 +202,17 @@ def test_visualize_draws_token_maps_and_the_codebook_over_training(runs, tmp_pat
     assert maps[0, 0, 0, 0] != maps[0, 0, 0, 3] and maps.unique().numel() == 2
     with pytest.raises(MimkitError, match="no codebook usage"):
         codebook_usage_plot([{"step": 1, "loss": 1.0}])
+
+
+def test_in1k_recipes_have_the_paper_hyperparameters():
+    tokenizer = from_dict(PretrainConfig, load_recipe("vqkd_in1k"))
+    v = tokenizer.vqkd
+    assert (v.vocab_size, v.code_dim, v.decoder_depth, v.decay) == (8192, 32, 3, 0.99)
+    assert tokenizer.optim.base_lr * 512 / 256 == pytest.approx(2e-4) and tokenizer.optim.betas == (0.9, 0.99)
+    model = tokenizer.model
+    assert (model.name, model.patch_size, tokenizer.data.img_size) == ("vit_base", 16, 224)
+    beitv2 = from_dict(PretrainConfig, load_recipe("beitv2_in1k"))
+    assert beitv2.optim.base_lr * 2048 / 256 == pytest.approx(1.5e-3) and beitv2.optim.clip_grad == 3.0
+    assert count_for_ratio(196, beitv2.beitv2.mask_ratio) == 75 and beitv2.beitv2.crop_scale == (0.2, 1.0)
+    kwargs = beitv2.model.kwargs
+    assert (kwargs["agg_layer"], kwargs["agg_depth"], kwargs["layer_scale_init"]) == (9, 2, 0.1)
