@@ -108,6 +108,7 @@ def test_finetune_cli_from_pretrained_random_and_finetuned(mae_run, tmp_path, ca
                  "--pool", "cls", *QUICK_FT]) == 0
     results = json.loads((again / "results.json").read_text())
     assert results["encoder"].endswith("best.safetensors") and results["train_images"] == 126
+    assert results["val_split"].startswith("the test split") and results["test_top1"] == results["val_top1"]
 
     scratch = tmp_path / "scratch"
     assert main(["finetune", str(mae_run), "--data", "synthetic", "--out", str(scratch), "--init", "random",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from mimkit.config import save_config, to_dict
@@ -50,6 +50,14 @@ def resolve_finetune(config: FinetuneConfig, encoder: Encoder, info: SourceInfo)
     return replace(config, encoder_config=to_dict(encoder.spec), data=data, classifier=classifier)
 
 
+def same_images(a: Dataset, b: Dataset, probes: int = 8) -> bool:
+    """Whether two sources hold the same images: equal length and labels, and equal images at a few
+    spread-out positions (a data set without a validation split serves its test split for both)."""
+    if len(a) != len(b) or not torch.equal(torch.as_tensor(a.labels), torch.as_tensor(b.labels)):
+        return False
+    return all(torch.equal(a[i][0], b[i][0]) for i in torch.linspace(0, len(a) - 1, probes).long().tolist())
+
+
 def run_finetune(config: FinetuneConfig, run_dir: str | Path) -> dict:
     """Fine-tune ``config.encoder`` on ``config.data`` into ``run_dir`` (resuming when it holds a checkpoint).
 
@@ -71,6 +79,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path) -> dict:
     train_set = Subset(source, splits.train)
     val_set = Subset(source, splits.val) if splits.val else build_source(
         data.source, "val", root=data.root, channels=data.channels)
+    test_set = build_source(data.source, "test", root=data.root, channels=data.channels)
+    val_is_test = not splits.val and same_images(val_set, test_set)
     test_view = eval_view(data.img_size, data.mean, data.std)
 
     torch.manual_seed(config.train.seed)  # the head's initialization, the same on every rank
@@ -128,12 +138,15 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path) -> dict:
     if summary["interrupted"] or not world.is_main:
         return summary
 
-    test_loader = eval_loader(build_source(data.source, "test", root=data.root, channels=data.channels),
-                              test_view, config.eval_batch_size, data.num_workers)
-    final = prefixed("test", classification_accuracy(model.classifier, test_loader, world.device, "test"))
-    if config.ema_decay:
-        final |= prefixed("test_ema", classification_accuracy(model.ema.module, test_loader, world.device,
-                                                              "test ema"))
+    last = {k.removeprefix("val_"): v for k, v in summary.items() if k.startswith("val_")}
+    test_loader = eval_loader(test_set, test_view, config.eval_batch_size, data.num_workers)
+    if val_is_test and last:  # the last evaluation was on the test split already
+        final = prefixed("test", last)
+    else:
+        final = prefixed("test", classification_accuracy(model.classifier, test_loader, world.device, "test"))
+        if config.ema_decay:
+            final |= prefixed("test_ema", classification_accuracy(model.ema.module, test_loader, world.device,
+                                                                  "test ema"))
     best = Checkpoints(run_dir).best()
     if splits.val:  # the best weights were chosen on held-out training images: their test number is fair
         chosen = finetuned_model(config)
@@ -145,7 +158,9 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path) -> dict:
         "protocol": "finetune", "encoder": encoder.origin, "init": cls.init, "data": data.source,
         "pool": cls.pool, "label_fraction": labels.fraction, "val_fraction": labels.val_fraction,
         "seed": labels.seed, "train_images": len(train_set),
-        "val_split": f"{labels.val_fraction:g} of train, held out" if splits.val else "the data's val split",
+        "val_split": (f"{labels.val_fraction:g} of train, held out" if splits.val else
+                      "the test split (no validation split: for watching only)" if val_is_test else
+                      "the data's val split"),
         "steps": summary["step"], "epochs": round(summary["step"] / steps_per_epoch, 2),
         **{k: v for k, v in summary.items() if k.startswith("val")},
         f"best_{best_metric}": best["value"], "best_step": best["step"], **final,
