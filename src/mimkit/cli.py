@@ -165,9 +165,9 @@ def cmd_probe(args: argparse.Namespace) -> None:
     from mimkit.eval.encoders import load_encoder
 
     encoder = load_encoder(args.run, args.init, args.seed)
-    common = dict(pool=args.pool or "cls", label_fraction=args.label_fraction or 1.0,
-                  val_fraction=args.val_fraction or 0.0, seed=args.seed, cache_dir=args.features_cache,
-                  num_workers=args.num_workers)
+    fraction = 1.0 if args.label_fraction is None else args.label_fraction
+    common = dict(pool=args.pool or "cls", label_fraction=fraction, val_fraction=args.val_fraction or 0.0,
+                  seed=args.seed, cache_dir=args.features_cache, num_workers=args.num_workers)
     if args.command == "linprobe":
         from mimkit.eval.linprobe import run_linprobe
 
