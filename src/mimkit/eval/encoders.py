@@ -84,7 +84,8 @@ def load_encoder(path: str | Path, init: str = "pretrained", seed: int = 0) -> E
 
     Args:
         path: a pretraining run directory (newest checkpoint), a fine-tuning run directory (its best
-            checkpoint, else its newest), or a ``.safetensors`` checkpoint inside a run's ``checkpoints/``.
+            checkpoint, else its newest; the EMA weights when it kept an EMA), or a ``.safetensors``
+            checkpoint inside a run's ``checkpoints/``.
         init: ``pretrained`` loads the weights; ``random`` gives the same architecture freshly initialized.
         seed: seed of the random initialization.
     """
@@ -101,7 +102,7 @@ def load_encoder(path: str | Path, init: str = "pretrained", seed: int = 0) -> E
         best = Checkpoints(run_dir).dir / "best.safetensors"
         weights = weights or (best if best.exists() else latest_weights(run_dir))
         load_weights(model, weights)
-        encoder = model.classifier
+        encoder = model.ema.module if finetune.ema_decay else model.classifier  # the weights "best" chose
     else:
         model = METHODS[spec.method].build_model(spec)
         weights = weights or latest_weights(run_dir)
