@@ -58,6 +58,15 @@ def same_images(a: Dataset, b: Dataset, probes: int = 8) -> bool:
     return all(torch.equal(a[i][0], b[i][0]) for i in torch.linspace(0, len(a) - 1, probes).long().tolist())
 
 
+def accuracies(model: FineTuned, loader, device: torch.device, split: str) -> dict:
+    """``{split}_top1/top5`` of the classifier, and ``{split}_ema_top1/top5`` of its EMA when it keeps one."""
+    results = prefixed(split, classification_accuracy(model.classifier, loader, device, split))
+    if not isinstance(model.ema, torch.nn.Identity):
+        ema = classification_accuracy(model.ema.module, loader, device, f"{split} ema")
+        results |= prefixed(f"{split}_ema", ema)
+    return results
+
+
 def run_finetune(config: FinetuneConfig, run_dir: str | Path) -> dict:
     """Fine-tune ``config.encoder`` on ``config.data`` into ``run_dir`` (resuming when it holds a checkpoint).
 
@@ -95,10 +104,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path) -> dict:
     val_loader = eval_loader(val_set, test_view, config.eval_batch_size, data.num_workers)
 
     def evaluate(model: FineTuned) -> dict:
-        results = prefixed("val", classification_accuracy(model.classifier, val_loader, world.device, "eval"))
-        if config.ema_decay:
-            results |= prefixed("val_ema", classification_accuracy(model.ema.module, val_loader, world.device,
-                                                                   "eval ema"))
+        results = accuracies(model, val_loader, world.device, "val")
         model.train()
         if world.is_main:
             tqdm.write("  ".join(f"{k} {v:.2f}" for k, v in results.items()))
@@ -126,27 +132,22 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path) -> dict:
     if train_cfg.compile:
         model.compile()
     best_metric = "val_ema_top1" if config.ema_decay else "val_top1"
-    summary = train(model, loss_fn, SeededViews(train_set, finetune_view(
-                        data.img_size, data.mean, data.std, aug.crop_scale, aug.rand_augment_ops,
-                        aug.rand_augment_magnitude, aug.reprob)),
-                    optimizer, schedule, run_dir, world, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
-                    num_workers=data.num_workers, checkpoint_every=train_cfg.checkpoint_every,
-                    keep_last=train_cfg.keep_last, log_every=train_cfg.log_every,
-                    evaluate=evaluate, evaluate_every=config.eval_every * steps_per_epoch,
-                    keep_best=best_metric,
+    view = finetune_view(data.img_size, data.mean, data.std, aug.crop_scale, aug.rand_augment_ops,
+                         aug.rand_augment_magnitude, aug.reprob)
+    summary = train(model, loss_fn, SeededViews(train_set, view), optimizer, schedule, run_dir, world,
+                    batch_size=train_cfg.batch_size, seed=train_cfg.seed, num_workers=data.num_workers,
+                    checkpoint_every=train_cfg.checkpoint_every, keep_last=train_cfg.keep_last,
+                    log_every=train_cfg.log_every, evaluate=evaluate,
+                    evaluate_every=config.eval_every * steps_per_epoch, keep_best=best_metric,
                     after_step=model.update_ema if config.ema_decay else None, desc="fine-tune")
     if summary["interrupted"] or not world.is_main:
         return summary
 
     last = {k.removeprefix("val_"): v for k, v in summary.items() if k.startswith("val_")}
     test_loader = eval_loader(test_set, test_view, config.eval_batch_size, data.num_workers)
-    if val_is_test and last:  # the last evaluation was on the test split already
-        final = prefixed("test", last)
-    else:
-        final = prefixed("test", classification_accuracy(model.classifier, test_loader, world.device, "test"))
-        if config.ema_decay:
-            final |= prefixed("test_ema", classification_accuracy(model.ema.module, test_loader, world.device,
-                                                                  "test ema"))
+    # when the validation split is the test split, the last evaluation was the test number already
+    final = (prefixed("test", last) if val_is_test and last
+             else accuracies(model, test_loader, world.device, "test"))
     best = Checkpoints(run_dir).best()
     if splits.val:  # the best weights were chosen on held-out training images: their test number is fair
         chosen = finetuned_model(config)
