@@ -107,23 +107,26 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
         for epoch in bar:
             probe.train()
             order = torch.randperm(len(features), generator=g)
-            total = 0.0
+            total, correct = 0.0, 0
             for b in range(steps_per_epoch):
                 batch = order[b * batch_size:(b + 1) * batch_size]
                 for group in opt.param_groups:
                     group["lr"] = schedule[step]
-                loss = F.cross_entropy(probe(features[batch]), labels[batch])
+                logits = probe(features[batch])
+                loss = F.cross_entropy(logits, labels[batch])
+                correct += int((logits.argmax(1) == labels[batch]).sum())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step += 1
                 total += loss.item()
-            record = {"loss": total / steps_per_epoch, "lr": schedule[step - 1]}
+            record = {"loss": total / steps_per_epoch, "lr": schedule[step - 1],
+                      "train_top1": 100 * correct / (steps_per_epoch * batch_size)}
             if evaluate and (epoch % eval_every == 0 or epoch == epochs):
                 results = evaluate(probe)
                 record |= results
                 shown = {k: f"{v:.2f}" for k, v in list(results.items())[:1]}
-            bar.set_postfix(loss=f"{record['loss']:.4f}", **shown)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", train_top1=f"{record['train_top1']:.2f}", **shown)
             if log:
                 log.write(epoch, **record)
     return probe.eval()
