@@ -2,8 +2,16 @@
 
 import pytest
 
-from mimkit.config import (PretrainConfig, from_dict, load_recipe, merge, parse_overrides, recipe_names,
-                           save_config, to_dict)
+from mimkit.config import (
+    PretrainConfig,
+    from_dict,
+    load_recipe,
+    merge,
+    parse_overrides,
+    recipe_names,
+    save_config,
+    to_dict,
+)
 from mimkit.errors import MimkitError
 from mimkit.methods import METHODS
 from mimkit.runs import load_config

@@ -1,12 +1,12 @@
 """Set up and run a pretraining job from a resolved configuration."""
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from mimkit.config import PretrainConfig, save_config
+from mimkit.config import OptimConfig, PretrainConfig, TrainConfig, save_config
 from mimkit.data.loader import SeededViews
 from mimkit.data.sources import SourceInfo, build_source
 from mimkit.errors import MimkitError
@@ -25,6 +25,39 @@ def resolve_data(config: PretrainConfig, info: SourceInfo) -> PretrainConfig:
     data = replace(config.data, img_size=img_size, channels=info.channels,
                    mean=config.data.mean or list(info.mean), std=config.data.std or list(info.std))
     return replace(config, data=data)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How long a run is and how fast it learns, from its data size and configuration."""
+
+    schedule: Schedule
+    steps_per_epoch: int
+    global_batch: int
+    lr: float  # peak learning rate (after warmup)
+
+    def describe(self) -> str:
+        total = self.schedule.total_steps
+        return (f"{total} steps ({total / self.steps_per_epoch:.2f} epochs), "
+                f"global batch {self.global_batch}, lr {self.lr:.2e}")
+
+
+def plan_run(num_samples: int, world_size: int, train_cfg: TrainConfig, optim_cfg: OptimConfig,
+             values_fn=None) -> RunPlan:
+    """Length (``train.epochs`` or ``train.max_steps``), lr = base_lr × global batch / 256, warmup + cosine.
+
+    Args:
+        values_fn: optional ``total_steps -> {name: per-step list}`` of more scheduled values.
+    """
+    global_batch = train_cfg.batch_size * world_size * train_cfg.accum_steps
+    steps_per_epoch = epoch_steps(num_samples, train_cfg.batch_size * world_size, train_cfg.accum_steps)
+    total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
+    lr = optim_cfg.base_lr * global_batch / 256
+    warmup = round(optim_cfg.warmup_epochs * steps_per_epoch)
+    values = values_fn(total_steps) if values_fn else {}
+    schedule = Schedule(total_steps, cosine_schedule(lr, optim_cfg.min_lr, total_steps, warmup),
+                        train_cfg.accum_steps, optim_cfg.clip_grad, values)
+    return RunPlan(schedule, steps_per_epoch, global_batch, lr)
 
 
 def run_pretraining(config: PretrainConfig, run_dir: str | Path) -> dict:
@@ -48,25 +81,20 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path) -> dict:
     evaluate = method.build_evaluate(config, model) if hasattr(method, "build_evaluate") else None
 
     train_cfg, optim_cfg = config.train, config.optim
-    global_batch = train_cfg.batch_size * world.size * train_cfg.accum_steps
-    steps_per_epoch = epoch_steps(len(source), train_cfg.batch_size * world.size, train_cfg.accum_steps)
-    total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
-    lr = optim_cfg.base_lr * global_batch / 256
-    warmup = round(optim_cfg.warmup_epochs * steps_per_epoch)
-    values = method.schedule_values(config, total_steps) if hasattr(method, "schedule_values") else {}
-    schedule = Schedule(total_steps, cosine_schedule(lr, optim_cfg.min_lr, total_steps, warmup),
-                        train_cfg.accum_steps, optim_cfg.clip_grad, values)
+    values_fn = None
+    if hasattr(method, "schedule_values"):  # e.g. a Gumbel temperature
+        values_fn = lambda total: method.schedule_values(config, total)  # noqa: E731
+    plan = plan_run(len(source), world.size, train_cfg, optim_cfg, values_fn)
     optimizer = build_adamw(param_groups(model, optim_cfg.weight_decay), optim_cfg.betas)
 
     run_dir = Path(run_dir)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
-        tqdm.write(f"{config.method} {config.model.name}: {len(source)} images, {total_steps} steps "
-                   f"({total_steps / steps_per_epoch:.2f} epochs), global batch {global_batch}, lr {lr:.2e}")
+        tqdm.write(f"{config.method} {config.model.name}: {len(source)} images, {plan.describe()}")
     if train_cfg.compile:
         model.compile()
-    return train(model, loss_fn, SeededViews(source, view), optimizer, schedule, run_dir, world,
+    return train(model, loss_fn, SeededViews(source, view), optimizer, plan.schedule, run_dir, world,
                  batch_size=train_cfg.batch_size, seed=train_cfg.seed, num_workers=data.num_workers,
                  checkpoint_every=train_cfg.checkpoint_every, keep_last=train_cfg.keep_last,
                  log_every=train_cfg.log_every, evaluate=evaluate, desc=f"pretrain {config.method}")

@@ -30,11 +30,11 @@ from mimkit.eval.encoders import Encoder, finetuned_model, load_encoder
 from mimkit.eval.features import eval_loader
 from mimkit.eval.metrics import classification_accuracy, prefixed, write_results
 from mimkit.eval.subsets import make_splits
+from mimkit.pretrain import plan_run
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.distributed import init_world
-from mimkit.train.loop import Schedule, epoch_steps, train
+from mimkit.train.loop import train
 from mimkit.train.optim import build_adamw, param_groups
-from mimkit.train.schedule import cosine_schedule
 
 
 def resolve_finetune(config: FinetuneConfig, encoder: Encoder, info: SourceInfo) -> FinetuneConfig:
@@ -111,13 +111,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path) -> dict:
         return results
 
     train_cfg, optim = config.train, config.optim
-    global_batch = train_cfg.batch_size * world.size * train_cfg.accum_steps
-    steps_per_epoch = epoch_steps(len(train_set), train_cfg.batch_size * world.size, train_cfg.accum_steps)
-    total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
-    lr = optim.base_lr * global_batch / 256
-    schedule = Schedule(total_steps, cosine_schedule(lr, optim.min_lr, total_steps,
-                                                     round(optim.warmup_epochs * steps_per_epoch)),
-                        train_cfg.accum_steps, optim.clip_grad)
+    plan = plan_run(len(train_set), world.size, train_cfg, optim)
+    steps_per_epoch = plan.steps_per_epoch
     groups = param_groups(model, optim.weight_decay, optim.layer_decay, len(model.classifier.blocks))
     optimizer = build_adamw(groups, optim.betas)
 
@@ -126,15 +121,14 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         tqdm.write(f"fine-tune {cls.init} {encoder.spec.model.name} on {data.source}: {len(train_set)} "
-                   f"images ({labels.fraction:g} of the labels), {total_steps} steps "
-                   f"({total_steps / steps_per_epoch:.2f} epochs), global batch {global_batch}, lr {lr:.2e}, "
+                   f"images ({labels.fraction:g} of the labels), {plan.describe()}, "
                    f"layer decay {optim.layer_decay}")
     if train_cfg.compile:
         model.compile()
     best_metric = "val_ema_top1" if config.ema_decay else "val_top1"
     view = finetune_view(data.img_size, data.mean, data.std, aug.crop_scale, aug.rand_augment_ops,
                          aug.rand_augment_magnitude, aug.reprob)
-    summary = train(model, loss_fn, SeededViews(train_set, view), optimizer, schedule, run_dir, world,
+    summary = train(model, loss_fn, SeededViews(train_set, view), optimizer, plan.schedule, run_dir, world,
                     batch_size=train_cfg.batch_size, seed=train_cfg.seed, num_workers=data.num_workers,
                     checkpoint_every=train_cfg.checkpoint_every, keep_last=train_cfg.keep_last,
                     log_every=train_cfg.log_every, evaluate=evaluate,
