@@ -34,6 +34,18 @@ def default_recipe(method: str, data: str) -> str:
     return f"{method}_fmnist" if small else f"{method}_in1k"
 
 
+def train_flags(args: argparse.Namespace) -> dict:
+    """The ``train`` section that ``--epochs``, ``--max-steps`` and ``--batch-size`` set."""
+    train: dict = {}
+    if args.epochs is not None:
+        train |= {"epochs": args.epochs, "max_steps": None}
+    if args.max_steps is not None:
+        train["max_steps"] = args.max_steps
+    if args.batch_size is not None:
+        train["batch_size"] = args.batch_size
+    return train
+
+
 def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
     """Defaults ← recipe ← command-line flags ← ``--set`` overrides. Without ``--config``, a run directory
     that already holds a configuration (an interrupted or an imported run) is its own recipe."""
@@ -43,17 +55,11 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
     else:
         recipe = read_yaml(saved)
     values = merge(to_dict(PretrainConfig(method=args.method)), recipe)
-    flags: dict = {"data": {}, "model": {}, "train": {}}
+    flags: dict = {"data": {}, "model": {}, "train": train_flags(args)}
     if args.data:
         flags["data"]["source"] = args.data
     if args.model:
         flags["model"]["name"] = args.model
-    if args.epochs is not None:
-        flags["train"] |= {"epochs": args.epochs, "max_steps": None}
-    if args.max_steps is not None:
-        flags["train"]["max_steps"] = args.max_steps
-    if args.batch_size is not None:
-        flags["train"]["batch_size"] = args.batch_size
     if args.skip_bad_images:
         flags["data"]["skip_bad_images"] = True
     if args.tokenizer:
@@ -127,19 +133,13 @@ def finetune_config(args: argparse.Namespace):
     recipe = load_recipe(args.config or default_recipe("finetune", args.data))
     values = merge(to_dict(FinetuneConfig()), recipe)
     flags: dict = {"encoder": args.run, "data": {"source": args.data}, "classifier": {"init": args.init},
-                   "labels": {}, "train": {}}
+                   "labels": {}, "train": train_flags(args)}
     if args.pool:
         flags["classifier"]["pool"] = args.pool
     if args.label_fraction is not None:
         flags["labels"]["fraction"] = args.label_fraction
     if args.val_fraction is not None:
         flags["labels"]["val_fraction"] = args.val_fraction
-    if args.epochs is not None:
-        flags["train"] |= {"epochs": args.epochs, "max_steps": None}
-    if args.max_steps is not None:
-        flags["train"]["max_steps"] = args.max_steps
-    if args.batch_size is not None:
-        flags["train"]["batch_size"] = args.batch_size
     return from_dict(FinetuneConfig, merge(merge(values, flags), parse_overrides(args.set)))
 
 
