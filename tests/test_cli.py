@@ -14,7 +14,8 @@ from mimkit.runs import latest_weights, load_config, load_run
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.metrics import read_metrics
 
-TINY = ["--set", "model.kwargs.depth=2", "--set", "model.kwargs.decoder_depth=1", "--set", "data.num_workers=0"]
+TINY = ["--set", "model.kwargs.depth=2", "--set", "model.kwargs.decoder_depth=1",
+        "--set", "data.num_workers=0"]
 
 
 def pretrain(out, *extra):
@@ -85,4 +86,5 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     config = load_config(tmp_path / "one")
     torch.manual_seed(config.train.seed)
     initial = METHODS["mae"].build_model(config).state_dict()
-    assert not torch.equal(initial["encoder.blocks.0.attn.qkv.weight"], one["encoder.blocks.0.attn.qkv.weight"])
+    qkv = "encoder.blocks.0.attn.qkv.weight"
+    assert not torch.equal(initial[qkv], one[qkv])

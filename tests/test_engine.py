@@ -40,13 +40,15 @@ def regression_loss(model, batch):
     return ((pred - batch["label"].float()) ** 2).mean(), {"mean_pred": pred.mean()}
 
 
-def toy_run(run_dir, total_steps=6, accum_steps=1, checkpoint_every=100, keep_last=2, loss_fn=regression_loss):
+def toy_run(run_dir, total_steps=6, accum_steps=1, checkpoint_every=100, keep_last=2,
+            loss_fn=regression_loss):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 1))  # dropout: global RNG
     optimizer = build_adamw(param_groups(model, 0.05))
     schedule = Schedule(total_steps, cosine_schedule(1e-2, 1e-4, total_steps, 2), accum_steps)
     summary = train(model, loss_fn, SeededViews(Points(), noisy_view), optimizer, schedule, run_dir, CPU,
-                    batch_size=8 // accum_steps, checkpoint_every=checkpoint_every, keep_last=keep_last, log_every=1)
+                    batch_size=8 // accum_steps, checkpoint_every=checkpoint_every, keep_last=keep_last,
+                    log_every=1)
     return model, summary
 
 
@@ -111,7 +113,8 @@ def test_loop_trains_logs_and_keeps_last_checkpoints(tmp_path):
 @pytest.mark.parametrize("accum_steps", [1, 2])
 def test_resume_mid_epoch_is_bitwise_identical(tmp_path, accum_steps):
     straight, _ = toy_run(tmp_path / "straight", total_steps=7, accum_steps=accum_steps)
-    toy_run(tmp_path / "cut", total_steps=7, accum_steps=accum_steps, checkpoint_every=3, keep_last=3)  # 3, 6, 7
+    # saves steps 3, 6 and 7
+    toy_run(tmp_path / "cut", total_steps=7, accum_steps=accum_steps, checkpoint_every=3, keep_last=3)
     checkpoints = Checkpoints(tmp_path / "cut")
     for step in (6, 7):  # as if killed just after step 3 (mid-epoch: 4 steps per epoch)
         checkpoints.weights_path(step).unlink(missing_ok=True)
@@ -132,8 +135,9 @@ def test_named_per_step_values_reach_the_loss_and_the_log(tmp_path):
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     schedule = Schedule(4, [0.1] * 4, values={"temperature": [1.0, 0.5, 0.25, 0.125]})
-    train(model, loss_with_temperature, SeededViews(Points(), noisy_view), build_adamw(param_groups(model, 0)),
-          schedule, tmp_path, CPU, batch_size=8, log_every=1)
+    optimizer = build_adamw(param_groups(model, 0))
+    train(model, loss_with_temperature, SeededViews(Points(), noisy_view), optimizer, schedule, tmp_path, CPU,
+          batch_size=8, log_every=1)
     assert seen == [1.0, 0.5, 0.25, 0.125]
     assert [r["temperature"] for r in read_metrics(tmp_path) if "loss" in r] == seen
 

@@ -297,13 +297,15 @@ def add_run_arguments(sub: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling for Vision Transformers.")
+    parser = argparse.ArgumentParser(prog="mimkit",
+                                     description="Masked image modeling for Vision Transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     pretrain = commands.add_parser("pretrain", help="pretrain an encoder with a MIM method")
     pretrain.add_argument("method", choices=sorted(PRETRAINING))
     add_run_arguments(pretrain)
-    pretrain.add_argument("--model", help="encoder: vit_mini, vit_tiny, vit_small, vit_base, vit_large, vit_huge")
+    pretrain.add_argument("--model",
+                          help="encoder: vit_mini, vit_tiny, vit_small, vit_base, vit_large, vit_huge")
     pretrain.add_argument("--tokenizer", help="beit: a tokenizer run directory (mimkit tokenizer train "
                           "dvae); beitv2: a VQ-KD one (mimkit tokenizer train vqkd)")
     pretrain.set_defaults(handler=cmd_pretrain, teacher=None)

@@ -149,7 +149,8 @@ def _coerce(value, hint, key: str):
             return float(value)
         except (TypeError, ValueError):
             raise MimkitError(f"config '{key}' must be a number, got {value!r}") from None
-    if hint in (int, str, bool, dict) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+    wrong_type = hint in (int, str, bool, dict) and not isinstance(value, hint)
+    if wrong_type or (hint is int and isinstance(value, bool)):
         raise MimkitError(f"config '{key}' must be {hint.__name__}, got {value!r}")
     return value
 
@@ -194,7 +195,8 @@ def merge(base: dict, update: dict) -> dict:
     """Deep-merge ``update`` into a copy of ``base``."""
     out = dict(base)
     for key, value in update.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        both_mappings = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if both_mappings else value
     return out
 
 
@@ -214,7 +216,8 @@ def read_yaml(path: str | Path) -> dict:
 
 def recipe_names() -> list[str]:
     """Names of the recipes shipped inside the package."""
-    return sorted(p.name[:-5] for p in resources.files("mimkit.recipes").iterdir() if p.name.endswith(".yaml"))
+    files = resources.files("mimkit.recipes").iterdir()
+    return sorted(p.name.removesuffix(".yaml") for p in files if p.name.endswith(".yaml"))
 
 
 def load_recipe(name_or_path: str) -> dict:

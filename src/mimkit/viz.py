@@ -242,7 +242,8 @@ def image_grid(panels: dict[str, torch.Tensor], mean, std, scale: int = 4) -> Im
         for i in range(b):
             tile = column[i].expand(3, -1, -1) if c == 1 else column[i]
             pixels = (tile.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-            canvas.paste(Image.fromarray(pixels).resize((w, h), Image.NEAREST), (x, header + pad + i * (h + pad)))
+            tile_image = Image.fromarray(pixels).resize((w, h), Image.NEAREST)
+            canvas.paste(tile_image, (x, header + pad + i * (h + pad)))
     return canvas
 
 

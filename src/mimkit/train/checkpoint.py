@@ -84,7 +84,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except RuntimeError as err:  # shape mismatch
-        raise MimkitError(f"weights in '{path}' do not fit the model: {str(err).splitlines()[-1].strip()}") from None
+        reason = str(err).splitlines()[-1].strip()
+        raise MimkitError(f"weights in '{path}' do not fit the model: {reason}") from None
     if missing or unexpected:
         raise MimkitError(f"weights in '{path}' do not fit the model: missing {sorted(missing)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}")
