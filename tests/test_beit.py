@@ -14,15 +14,6 @@ from mimkit.models.beit import BEIT_MODELS, BEiT, create_beit
 from mimkit.models.vit import encoder_arch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def masks(batch: int) -> torch.Tensor:
     """(batch, 4, 4) block masks of 6 patches, one seed per image."""
     return torch.stack([block_mask(4, 4, 6, generator=torch.Generator().manual_seed(i))

@@ -24,15 +24,6 @@ TINY_BEIT = ["--model", "vit_mini", "--set", "model.kwargs.depth=2", "--set", "m
              "--set", "model.kwargs.num_heads=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models run fastest on one thread; two threads on a shared 2-core machine thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dvae_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "dvae"

@@ -25,15 +25,6 @@ from mimkit.viz import codebook_usage_plot, token_maps
 VOCAB = 40  # no other layer of the tiny models is 40 wide
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kwargs) -> BEiTv2:
     dims = dict(img_size=28, patch_size=4, in_chans=1, vocab_size=VOCAB, embed_dim=32, depth=3, num_heads=2,
                 drop_path_rate=0.0)

@@ -16,15 +16,6 @@ from mimkit.tokenizers.dvae import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions run fastest on one thread; two threads on a shared 2-core machine thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def fashion():
     """512 normalized Fashion-MNIST test images, (512, 1, 28, 28)."""

@@ -12,15 +12,6 @@ from mimkit.tokenizers.teachers import Teacher, TimmFeatures
 from mimkit.tokenizers.vqkd import VQKD, create_vqkd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kwargs) -> VQKD:
     dims = dict(img_size=28, patch_size=4, in_chans=1, teacher_dim=24, vocab_size=64, embed_dim=32, depth=2,
                 num_heads=2, decoder_depth=1)
