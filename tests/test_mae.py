@@ -3,7 +3,7 @@ import timm
 import torch
 
 from mimkit.errors import MimkitError
-from mimkit.models.mae import MAE, MAE_MODELS, create_mae, mae_vit_tiny
+from mimkit.models.mae import MAE, MAE_MODELS, PatchPixelNorm, create_mae, mae_vit_tiny
 from mimkit.models.vit import ENCODER_ARCHS, sincos_pos_embed_2d
 
 
@@ -287,3 +287,9 @@ def test_create_mae_names():
     assert create_mae("mae_vit_mini", img_size=32, patch_size=16, depth=1).encoder.embed_dim == 128
     with pytest.raises(MimkitError, match="vit_nope.*vit_mini"):
         create_mae("vit_nope")
+
+
+def test_patch_pixel_norm_inverts_to_the_original_patches():
+    patches = torch.rand(2, 5, 16) * 3 + 1
+    norm = PatchPixelNorm()
+    torch.testing.assert_close(norm.invert(norm(patches), patches), patches)

@@ -45,9 +45,7 @@ def mae_reconstructions(model: MAE, images: torch.Tensor, mask_ratio: float,
     """
     _, pred, mask = model(images, mask_ratio=mask_ratio, noise=noise)  # pred: (B, L, p*p*C)
     if model.norm_pix_loss:
-        target = model.patchify(images)
-        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-        pred = pred * (var + 1e-6) ** 0.5 + mean
+        pred = model.target_norm.invert(pred, model.patchify(images))
     patch_mask = model.unpatchify(mask[..., None].expand_as(pred))  # 1 where hidden
     reconstruction = model.unpatchify(pred)
     return {"original": images, "masked": images * (1 - patch_mask),

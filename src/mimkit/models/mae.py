@@ -40,6 +40,11 @@ class PatchPixelNorm(nn.Module):
         var, mean = torch.var_mean(patches, dim=-1, keepdim=True)
         return (patches - mean) / (var + self.eps) ** 0.5
 
+    def invert(self, normalized: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """Map `normalized` (B, L, P) back to pixels with the statistics of `patches` (B, L, P)."""
+        var, mean = torch.var_mean(patches, dim=-1, keepdim=True)
+        return normalized * (var + self.eps) ** 0.5 + mean
+
 
 class MAE(nn.Module):
     """Masked autoencoder: `encoder` is a timm `VisionTransformer`; the decoder is only for pretraining.
