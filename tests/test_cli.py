@@ -1,8 +1,10 @@
 """The command line on real Fashion-MNIST and synthetic data: pretrain, resume, visualize, bad input."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -69,6 +71,36 @@ def test_run_dir_of_another_model_is_refused(tmp_path, capsys):
     pretrain(run, "--data", "synthetic", "--batch-size", "8", "--max-steps", "1")
     assert pretrain(run, "--data", "synthetic", "--model", "vit_tiny", "--max-steps", "1") == 2
     assert "holds a mae vit_mini run" in capsys.readouterr().err
+
+
+def test_sigterm_to_the_whole_job_saves_a_checkpoint(tmp_path):
+    """Slurm and ``kill -- -PGID`` signal every process of the job, data workers included: the run
+    still saves the step it reached, exits with status 130 (not 0: it is not finished) and leaves no
+    worker behind."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "mimkit.cli", "pretrain", "mae", "--data", "synthetic", "--out", str(out),
+               *TINY, "--set", "data.num_workers=1", "--set", "train.log_every=1", "--batch-size", "8",
+               "--max-steps", "100000"]
+    job = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while len(read_metrics(out)) < 3:
+        assert job.poll() is None and time.monotonic() < deadline, "the run did not get going"
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGTERM)
+    output = job.communicate(timeout=120)[0]
+    step = Checkpoints(out).latest()
+    assert job.returncode == 130, output
+    assert step is not None and step >= 3
+    assert f"checkpoint saved at step {step}" in output
+    deadline = time.monotonic() + 30
+    while True:  # every process of the job has exited
+        try:
+            os.killpg(job.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "a data worker outlived the run"
+        time.sleep(0.2)
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mimkit.config import PretrainConfig, from_dict, load_recipe, merge, parse_overrides, read_yaml, to_dict
-from mimkit.errors import MimkitError
+from mimkit.errors import Interrupted, MimkitError
 from mimkit.methods import PRETRAINING, TOKENIZERS
 
 BUILTIN_DATA = ("fashion-mnist", "mnist", "synthetic")
@@ -93,14 +93,15 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     out = Path(args.out)
     check_run_dir(out, config, args.resume)
     summary = run_pretraining(config, out)
-    if not summary["interrupted"]:
-        if "val_usage" in summary:  # a VQ-KD tokenizer's held-out evaluation
-            print(f"codebook usage {summary['val_usage']:.1%}, perplexity {summary['val_perplexity']:.1f}, "
-                  f"cosine to the teacher {summary['val_cosine']:.3f} (held-out images)")
-        user = {"dvae": "beit", "vqkd": "beitv2"}.get(config.method)
-        use = f"; use it: mimkit pretrain {user} --tokenizer {out}" if user else ""
-        print(f"run directory: {out}  (step {summary['step']}; "
-              f"try: mimkit visualize {out} --out recon.png{use})")
+    if summary["interrupted"]:
+        raise Interrupted
+    if "val_usage" in summary:  # a VQ-KD tokenizer's held-out evaluation
+        print(f"codebook usage {summary['val_usage']:.1%}, perplexity {summary['val_perplexity']:.1f}, "
+              f"cosine to the teacher {summary['val_cosine']:.3f} (held-out images)")
+    user = {"dvae": "beit", "vqkd": "beitv2"}.get(config.method)
+    use = f"; use it: mimkit pretrain {user} --tokenizer {out}" if user else ""
+    print(f"run directory: {out}  (step {summary['step']}; "
+          f"try: mimkit visualize {out} --out recon.png{use})")
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
@@ -156,6 +157,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
             raise MimkitError(f"'{out}' holds another run ({saved.get('encoder') or saved.get('method')}); "
                               "choose another --out")
     results = run_finetune(config, out)
+    if results.get("interrupted"):
+        raise Interrupted
     if "test_top1" in results:
         print(f"run directory: {out}  test top-1 {results['test_top1']:.2f}%  "
               f"(results: {out / 'results.json'})")
@@ -341,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        return 130
+    except Interrupted:  # the training loop saved and said so
         return 130
     return 0
 

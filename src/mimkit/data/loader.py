@@ -6,6 +6,7 @@ generator seeded by ``(seed, e, p)``. So a run resumed at any step, or split acr
 sees exactly the images, crops and masks that one uninterrupted process would.
 """
 
+import signal
 from collections.abc import Callable, Iterator
 
 import torch
@@ -74,9 +75,18 @@ class EpochBatches:
                    for p in range(first, first + self.batch_size)]
 
 
+def leave_signals_to_the_trainer(worker_id: int) -> None:
+    """Data workers ignore Ctrl-C and SIGTERM. A terminal, Slurm or ``kill -- -PGID`` signal every process
+    of the job: a worker killed by it would make the DataLoader raise in the trainer before its checkpoint
+    is saved; ignoring it, the trainer finishes its step, saves, and shuts the workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(dataset: SeededViews, batches: EpochBatches, num_workers: int = 0) -> DataLoader:
     """A DataLoader over `SeededViews` driven by `EpochBatches`."""
     # A private generator for the workers' base seed: drawing it from the global RNG at each new epoch
     # would shift the stream that dropout and drop path use, and a resumed run would drift.
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=torch.Generator(),
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=leave_signals_to_the_trainer)
