@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 
-def beit_steps(out: Path, data: str, epochs: int = 3, tokenizer_epochs: int = 1, model: str = "vit_mini",
+def beit_steps(out: Path, data: str, epochs: int = 4, tokenizer_epochs: int = 1, model: str = "vit_mini",
                quick: bool = False) -> list[tuple[str, list[str]]]:
     """``(name, mimkit arguments)`` of the two stages, in order; runs go to ``out / name``.
 

@@ -8,12 +8,15 @@ seeded, the same subset everywhere):
 - fine-tuning, beside the same ViT trained from scratch with the same budget (same epochs, recipe
   and subset; no layer-wise lr decay, which only makes sense for pretrained layers).
 
-Every step is a ``mimkit`` command whose output goes to ``OUT/logs/``; finished steps are recorded in
-``OUT/timings.json`` and skipped, and every step resumes from its checkpoints, so an interrupted
-benchmark continues where it stopped when run again. The table goes to ``OUT/table.md`` and
-``OUT/summary.json``.
+Every step is a ``mimkit`` command whose output goes to ``OUT/logs/``. Steps run ``--jobs`` at a time as
+soon as the runs they read are finished (BEiT's chain beside MAE's, evaluations beside pretraining), each
+process with ``cores / jobs`` threads: on the 2-core VM two one-thread processes train vit_mini MAE at
+177 + 177 images/s where one two-thread process reaches 285. Wall times (of each step, added up over
+interrupted attempts, and of the whole chain) are kept in ``OUT/timings.json``; finished steps are skipped
+and every step resumes from its checkpoints, so an interrupted benchmark continues where it stopped when
+run again. The table goes to ``OUT/table.md`` and ``OUT/summary.json``.
 
-    .venv/bin/python benchmarks/fmnist_quality.py --out runs/fmnist-quality     # MAE: ~95 min on 2 idle cores
+    .venv/bin/python benchmarks/fmnist_quality.py --methods mae,beit,beitv2 --out runs/fmnist-quality  # ~2 h
     .venv/bin/python benchmarks/fmnist_quality.py --quick --data synthetic:512 --out /tmp/q   # smoke
 """
 
@@ -22,26 +25,109 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 FRACTIONS = (1.0, 0.1, 0.01)
 
 
-def mimkit(args: list[str], log: Path) -> float:
-    """Run one ``mimkit`` command with its output in ``log``; returns its wall time in seconds."""
+@dataclass(frozen=True)
+class Step:
+    """One ``mimkit`` command; its run directory is ``OUT/name``."""
+    name: str
+    command: list[str]
+    after: tuple[str, ...] = ()  # steps whose runs this one reads
+
+
+class Timings:
+    """``OUT/timings.json``: each step's wall time summed over attempts and whether it finished, and the
+    chain's wall time summed over invocations of the script. Thread-safe; written after every change."""
+
+    def __init__(self, path: Path):
+        self.path, self.lock = path, threading.Lock()
+        self.data = json.loads(path.read_text()) if path.exists() else {"chain_s": 0.0, "steps": {}}
+
+    def done(self, name: str) -> bool:
+        return self.data["steps"].get(name, {}).get("done", False)
+
+    def wall(self, name: str) -> float:
+        return self.data["steps"][name]["wall_s"]
+
+    def add(self, name: str | None, seconds: float, done: bool = False) -> None:
+        with self.lock:
+            if name is None:
+                self.data["chain_s"] = round(self.data["chain_s"] + seconds, 1)
+            else:
+                entry = self.data["steps"].setdefault(name, {"wall_s": 0.0, "done": False})
+                entry["wall_s"] = round(entry["wall_s"] + seconds, 1)
+                entry["done"] = done
+            self.path.write_text(json.dumps(self.data, indent=2))
+
+
+def chained(pairs: list[tuple[str, list[str]]], after: tuple[str, ...]) -> list[Step]:
+    """Steps from ``(name, command)`` pairs, each reading the run before it; the first reads ``after``."""
+    steps = []
+    for name, command in pairs:
+        steps.append(Step(name, command, after))
+        after = (name,)
+    return steps
+
+
+def mimkit(args: list[str], log: Path, threads: int) -> int:
+    """Run one ``mimkit`` command with ``threads`` CPU threads, its output in ``log``; its exit status."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     # Idle OpenMP threads sleep instead of spinning: on a shared machine spinning threads slow every
     # process down many times over; alone, the cost is small.
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
-    with log.open("w") as f:
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "OMP_NUM_THREADS": str(threads)}
+    with log.open("a") as f:
         done = subprocess.run([sys.executable, "-m", "mimkit.cli", *args], stdout=f, stderr=subprocess.STDOUT,
                               env=env)
-    if done.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-3:]
-        sys.exit(f"failed ({done.returncode}): mimkit {' '.join(args)}\n" + "\n".join(tail))
-    return time.perf_counter() - start
+    return done.returncode
+
+
+def run_steps(steps: list[Step], out: Path, timings: Timings, jobs: int) -> list[str]:
+    """Run the unfinished steps, ``jobs`` at a time, each once the steps it reads have finished (earlier in
+    ``steps`` first). A failed step is reported and its dependents are skipped; returns the failed names."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+
+    def attempt(step: Step) -> bool:
+        start, log = time.perf_counter(), out / "logs" / f"{step.name}.log"
+        status = 1
+        try:
+            status = mimkit(step.command, log, threads)
+        finally:
+            timings.add(step.name, time.perf_counter() - start, done=status == 0)
+        outcome = "done" if status == 0 else "interrupted" if status == 130 else f"FAILED (see {log})"
+        print(f"{step.name}: {outcome}  ({timings.wall(step.name) / 60:.1f} min)", flush=True)
+        return status == 0
+
+    pending = [s for s in steps if not timings.done(s.name)]
+    finished = {s.name for s in steps if timings.done(s.name)}
+    failed: list[str] = []
+    running = {}
+    with ThreadPoolExecutor(jobs) as pool:
+        while pending or running:
+            ready = [s for s in pending if set(s.after) <= finished]
+            for step in ready[:jobs - len(running)]:
+                pending.remove(step)
+                running[pool.submit(attempt, step)] = step
+            blocked = [s for s in pending if set(s.after) & set(failed)]
+            for step in blocked:
+                pending.remove(step)
+                failed.append(step.name)
+            if not running:
+                break
+            completed, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in completed:
+                step = running.pop(future)
+                if future.result():
+                    finished.add(step.name)
+                else:
+                    failed.append(step.name)
+    return failed
 
 
 def pct(fraction: float) -> str:
@@ -56,12 +142,14 @@ def main() -> None:
                         help="pretrained encoders to compare: mae[,beit][,beitv2] (BEiT: dVAE, then BEiT, "
                         "benchmarks/beit_chain.py; BEiT v2: VQ-KD from the MAE run, then BEiT v2, "
                         "benchmarks/beitv2_chain.py)")
-    parser.add_argument("--pretrain-epochs", type=int, default=15, help="MAE and BEiT v2 pretraining epochs")
-    parser.add_argument("--beit-epochs", type=int, default=5, help="BEiT pretraining epochs (a BEiT epoch "
-                        "encodes every patch, about three MAE epochs of compute)")
-    parser.add_argument("--finetune-epochs", default="3,15,60",
+    parser.add_argument("--pretrain-epochs", type=int, default=10, help="MAE pretraining epochs")
+    parser.add_argument("--beit-epochs", type=int, default=4, help="BEiT pretraining epochs")
+    parser.add_argument("--beitv2-epochs", type=int, default=3, help="BEiT v2 pretraining epochs")
+    parser.add_argument("--tokenizer-epochs", type=int, default=1, help="dVAE and VQ-KD training epochs")
+    parser.add_argument("--finetune-epochs", default="2,10,40",
                         help="fine-tuning epochs at 100%%, 10%% and 1%% of the labels")
     parser.add_argument("--pool", default="avg", choices=("avg", "cls"), help="features of the probes")
+    parser.add_argument("--jobs", type=int, default=2, help="steps run at once (threads: cores / jobs each)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage, to try the chain")
     args = parser.parse_args()
     out = Path(args.out)
@@ -69,62 +157,75 @@ def main() -> None:
     methods = args.methods.split(",")
     if unknown := set(methods) - {"mae", "beit", "beitv2"}:
         sys.exit(f"unknown methods {sorted(unknown)}; choose among mae, beit, beitv2")
-    timings_path = out / "timings.json"  # wall time of each step, kept across interrupted invocations
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    steps: list[dict] = []
+    if args.jobs < 1:
+        sys.exit("--jobs must be at least 1")
 
-    def step(name: str, command: list[str]) -> dict:
-        if name not in timings:
-            timings[name] = round(mimkit(command, out / "logs" / f"{name}.log"), 1)
-            timings_path.write_text(json.dumps(timings, indent=2))
-        results = out / name / "results.json"
-        record = {"name": name, **(json.loads(results.read_text()) if results.exists() else {}),
-                  "wall_s": timings[name]}
-        steps.append(record)
-        print(f"{name}: {record.get('test_top1', 'done')}  ({timings[name] / 60:.1f} min)", flush=True)
-        return record
-
-    # pretraining: MAE always (its run is the baselines' architecture and BEiT v2's teacher)
+    # pretraining: MAE always (its run is the baselines' architecture and BEiT v2's teacher); the longest
+    # chain (MAE, VQ-KD, BEiT v2) first, so that it starts first
     length = ["--epochs", str(args.pretrain_epochs)]
     if args.quick:
         length = ["--max-steps", "20", "--batch-size", "32"]
-    step("mae", ["pretrain", "mae", "--data", args.data, "--config", "mae_fmnist", "--out", str(out / "mae"),
-                 *length])
-    encoders, notes = {"mae": out / "mae"}, []
-    if "beit" in methods:
-        from beit_chain import beit_steps, tokenizer_summary
-        for name, command in beit_steps(out, args.data, args.beit_epochs, quick=args.quick):
-            step(name, command)
-        encoders["beit"] = out / "beit"
-        notes.append(f"dVAE tokenizer: {tokenizer_summary(out / 'dvae')}")
+    steps = [Step("mae", ["pretrain", "mae", "--data", args.data, "--config", "mae_fmnist", "--out",
+                          str(out / "mae"), *length])]
+    encoders, trained_by = {"mae": out / "mae"}, {"mae": "mae"}
     if "beitv2" in methods:
-        from beitv2_chain import beitv2_steps, tokenizer_summary
-        chain = beitv2_steps(out, out / "mae", args.data, args.pretrain_epochs, quick=args.quick)
-        for name, command in chain:
-            step(name, command)
-        encoders["beitv2"] = out / "beitv2"
-        notes.append(f"VQ-KD tokenizer: {tokenizer_summary(out / 'vqkd')}")
+        from beitv2_chain import beitv2_steps
+        chain = beitv2_steps(out, out / "mae", args.data, args.beitv2_epochs, args.tokenizer_epochs,
+                             quick=args.quick)
+        steps += chained(chain, after=("mae",))
+        encoders["beitv2"], trained_by["beitv2"] = out / "beitv2", "beitv2"
+    if "beit" in methods:
+        from beit_chain import beit_steps
+        chain = beit_steps(out, args.data, args.beit_epochs, args.tokenizer_epochs, quick=args.quick)
+        steps += chained(chain, after=())
+        encoders["beit"], trained_by["beit"] = out / "beit", "beit"
     encoders = {m: encoders[m] for m in methods}
 
-    # evaluation: every encoder, and the baselines (the MAE run's ViT, randomly initialized)
-    table: dict[tuple[str, float], dict[str, float]] = {}
-    for fraction in FRACTIONS:
-        n = epochs[fraction]
-        budget = ["--max-steps", "10", "--batch-size", "8"] if args.quick else [
-            "--epochs", str(n), "--set", f"optim.warmup_epochs={0.05 * n:g}",
-            "--set", f"eval_every={max(1, n // 2)}"]
-        runs = [(m, run, "pretrained") for m, run in encoders.items()] + [("baseline", out / "mae", "random")]
-        for method, run, init in runs:
-            scratch = ["--set", "optim.layer_decay=1.0"] if init == "random" else []
-            for verb, extra in (("linprobe", ["--pool", args.pool, "--num-workers", "1"]),
-                                ("knn", ["--pool", args.pool, "--num-workers", "1"]),
-                                ("finetune", budget + scratch)):
+    # evaluation: every encoder, and the baselines (the MAE run's ViT, randomly initialized); the longest
+    # (full fine-tuning) first
+    evaluations = []
+    runs = [(m, run, "pretrained", trained_by[m]) for m, run in encoders.items()]
+    for method, run, init, after in runs + [("baseline", out / "mae", "random", "mae")]:
+        scratch = ["--set", "optim.layer_decay=1.0"] if init == "random" else []
+        for fraction in FRACTIONS:
+            n = epochs[fraction]
+            budget = ["--max-steps", "10", "--batch-size", "8"] if args.quick else [
+                "--epochs", str(n), "--set", f"optim.warmup_epochs={0.05 * n:g}",
+                "--set", f"eval_every={max(1, n // 2)}"]
+            for verb, extra in (("finetune", budget + scratch),
+                                ("linprobe", ["--pool", args.pool, "--num-workers", "1"]),
+                                ("knn", ["--pool", args.pool, "--num-workers", "1"])):
                 name = f"{verb}-{method}-{pct(fraction).rstrip('%')}"
-                record = step(name, [verb, str(run), "--data", args.data, "--label-fraction", str(fraction),
-                                     "--init", init, *extra, "--out", str(out / name)])
-                table.setdefault((verb, fraction), {})[method] = record["test_top1"]
+                command = [verb, str(run), "--data", args.data, "--label-fraction", str(fraction),
+                           "--init", init, *extra, "--out", str(out / name)]
+                evaluations.append((verb, fraction, method, Step(name, command, (after,))))
+    steps += sorted((e[3] for e in evaluations),
+                    key=lambda s: not (s.name.startswith("finetune-") and s.name.endswith("-100")))
 
+    timings = Timings(out / "timings.json")
+    start = time.perf_counter()
+    try:
+        failed = run_steps(steps, out, timings, args.jobs)
+    except KeyboardInterrupt:  # the running steps got the signal too and saved their checkpoints
+        sys.exit("interrupted; the same command continues where it stopped")
+    finally:
+        timings.add(None, time.perf_counter() - start)
+    if failed:
+        sys.exit(f"failed or skipped: {', '.join(failed)}")
+
+    notes = []
+    if "beit" in methods:
+        from beit_chain import tokenizer_summary
+        notes.append(f"dVAE tokenizer: {tokenizer_summary(out / 'dvae')}")
+    if "beitv2" in methods:
+        from beitv2_chain import tokenizer_summary
+        notes.append(f"VQ-KD tokenizer: {tokenizer_summary(out / 'vqkd')}")
+    table: dict[tuple[str, float], dict[str, float]] = {}
     titles = {"mae": "MAE", "beit": "BEiT", "beitv2": "BEiT v2"}
+    for verb, fraction, method, step in evaluations:
+        results = json.loads((out / step.name / "results.json").read_text())
+        table.setdefault((verb, fraction), {})[method] = results["test_top1"]
+
     lines = ["| protocol | labels | budget | " + " | ".join(titles[m] for m in encoders) + " | baseline |",
              "|---|---|---|" + "---|" * (len(encoders) + 1)]
     for verb, name in (("linprobe", f"linear probe, {args.pool}"), ("knn", f"k-NN k=20 T=0.07, {args.pool}"),
@@ -135,17 +236,19 @@ def main() -> None:
             budget = budget if verb == "finetune" else "frozen"
             cells = " | ".join(f"{row[m]:.2f} ({row[m] - row['baseline']:+.2f})" for m in encoders)
             lines.append(f"| {name} | {pct(fraction)} | {budget} | {cells} | {row['baseline']:.2f} |")
-    total = sum(s["wall_s"] for s in steps)
-    per_step = ", ".join(f"{s['name']} {s['wall_s'] / 60:.1f}" for s in steps)
-    pretraining = "20 steps" if args.quick else f"{args.pretrain_epochs} epochs"
+    per_step = ", ".join(f"{s.name} {timings.wall(s.name) / 60:.1f}" for s in steps)
+    lengths = {"mae": args.pretrain_epochs, "beit": args.beit_epochs, "beitv2": args.beitv2_epochs}
+    pretraining = "20 steps each" if args.quick else ", ".join(
+        f"{titles[m]} {lengths[m]} epochs" for m in encoders) + (
+        f", tokenizers {args.tokenizer_epochs} epoch(s)" if len(encoders) > 1 else "")
     lines += ["", "Top-1 test accuracy (%), gain over the baseline in brackets. Baselines: the MAE run's ViT "
               "randomly initialized and frozen (probes), trained from scratch with the same budget "
-              f"(fine-tuning). MAE pretraining: {pretraining}. Wall time: {total / 60:.0f} min in all "
-              f"(minutes: {per_step}).",
+              f"(fine-tuning). Pretraining: {pretraining}. Wall time: {timings.data['chain_s'] / 60:.0f} min "
+              f"for the whole chain, {args.jobs} steps at a time (minutes per step: {per_step}).",
               *notes]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     summary = {"args": vars(args), "table": {f"{v} {pct(f)}": row for (v, f), row in table.items()},
-               "steps": steps}
+               "timings": timings.data}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n".join(lines))
 
