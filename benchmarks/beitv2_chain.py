@@ -6,24 +6,24 @@ the encoder they load).
 For ``benchmarks/fmnist_quality.py``, after its MAE step (the script's folder is on ``sys.path``)::
 
     from beitv2_chain import beitv2_steps, tokenizer_summary
-    for name, command in beitv2_steps(out, mae, args.data, args.pretrain_epochs, quick=args.quick):
-        step(name, command)
+    chain = beitv2_steps(out, out / "mae", args.data, args.beitv2_epochs, args.tokenizer_epochs)
+    steps += chained(chain, after=("mae",))   # VQ-KD reads the MAE run, BEiT v2 the VQ-KD run
     encoder = out / "beitv2"                  # probes and fine-tuning, as for out / "mae"
     usage = tokenizer_summary(out / "vqkd")   # {"val_usage", "val_perplexity", "val_cosine"}
 
 By hand, the same two commands::
 
     mimkit tokenizer train vqkd --teacher runs/q/mae --data fashion-mnist --config vqkd_fmnist \\
-        --out runs/q/vqkd --epochs 3
+        --out runs/q/vqkd --epochs 1
     mimkit pretrain beitv2 --tokenizer runs/q/vqkd --data fashion-mnist --config beitv2_fmnist \\
-        --model vit_mini --out runs/q/beitv2 --epochs 10
+        --model vit_mini --out runs/q/beitv2 --epochs 3
 """
 
 import json
 from pathlib import Path
 
 
-def beitv2_steps(out: Path, mae: Path, data: str, epochs: int, tokenizer_epochs: int = 3,
+def beitv2_steps(out: Path, mae: Path, data: str, epochs: int = 3, tokenizer_epochs: int = 1,
                  model: str = "vit_mini", quick: bool = False) -> list[tuple[str, list[str]]]:
     """``(name, mimkit arguments)`` of the two stages, in order; runs go to ``out / name``.
 
@@ -31,7 +31,7 @@ def beitv2_steps(out: Path, mae: Path, data: str, epochs: int, tokenizer_epochs:
         out: the benchmark's folder.
         mae: the MAE run directory whose encoder is the teacher.
         data: the data spec, e.g. "fashion-mnist".
-        epochs: BEiT v2 pretraining epochs (the MAE row's, for a like-for-like row).
+        epochs: BEiT v2 pretraining epochs.
         tokenizer_epochs: VQ-KD training epochs.
         model: the BEiT v2 encoder (the MAE row's arch, vit_mini).
         quick: 20 steps per stage and a small held-out set, to try the chain.
