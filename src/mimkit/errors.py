@@ -1,4 +1,4 @@
-"""The one exception type a user is meant to read.
+"""The exceptions the command line turns into a message and an exit status.
 
 Library code raises `MimkitError` for bad input (a missing path, an unknown model, an impossible
 option); the CLI prints its message on one line and exits with status 2, never a traceback. A run
