@@ -78,17 +78,21 @@ def test_sigterm_to_the_whole_job_saves_a_checkpoint(tmp_path):
     still saves the step it reached, exits with status 130 (not 0: it is not finished) and leaves no
     worker behind."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "mimkit.cli", "pretrain", "mae", "--data", "synthetic", "--out", str(out),
-               *TINY, "--set", "data.num_workers=1", "--set", "train.log_every=1", "--batch-size", "8",
-               "--max-steps", "100000"]
+    command = [sys.executable, "-m", "mimkit.cli", "pretrain", "mae", "--data", "synthetic",
+               "--out", str(out), *TINY, "--set", "data.num_workers=1", "--set", "train.log_every=1",
+               "--batch-size", "8", "--max-steps", "100000"]
     job = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    while len(read_metrics(out)) < 3:
-        assert job.poll() is None and time.monotonic() < deadline, "the run did not get going"
-        time.sleep(0.2)
-    os.killpg(job.pid, signal.SIGTERM)
-    output = job.communicate(timeout=120)[0]
+    try:
+        deadline = time.monotonic() + 120
+        while len(read_metrics(out)) < 3:
+            assert job.poll() is None and time.monotonic() < deadline, "the run did not get going"
+            time.sleep(0.2)
+        os.killpg(job.pid, signal.SIGTERM)
+        output = job.communicate(timeout=120)[0]
+    finally:  # never leave a 100000-step run behind when the test fails
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
     step = Checkpoints(out).latest()
     assert job.returncode == 130, output
     assert step is not None and step >= 3
