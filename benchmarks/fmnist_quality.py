@@ -9,12 +9,12 @@ seeded, the same subset everywhere):
   and subset; no layer-wise lr decay, which only makes sense for pretrained layers).
 
 Every step is a ``mimkit`` command whose output goes to ``OUT/logs/``. Steps run ``--jobs`` at a time as
-soon as the runs they read are finished (BEiT's chain beside MAE's, evaluations beside pretraining), each
-process with ``cores / jobs`` threads: on the 2-core VM two one-thread processes train vit_mini MAE at
-177 + 177 images/s where one two-thread process reaches 285. Wall times (of each step, added up over
-interrupted attempts, and of the whole chain) are kept in ``OUT/timings.json``; finished steps are skipped
-and every step resumes from its checkpoints, so an interrupted benchmark continues where it stopped when
-run again. The table goes to ``OUT/table.md`` and ``OUT/summary.json``.
+soon as the runs they read are finished (BEiT's chain beside MAE's, evaluations beside pretraining), the
+cores shared among them (a step that runs alone gets them all): on the 2-core VM two one-thread processes
+train vit_mini MAE at 177 + 177 images/s where one two-thread process reaches 285. Wall times (of each
+step, added up over interrupted attempts, and of the whole chain) are kept in ``OUT/timings.json``;
+finished steps are skipped and every step resumes from its checkpoints, so an interrupted benchmark
+continues where it stopped when run again. The table goes to ``OUT/table.md`` and ``OUT/summary.json``.
 
     .venv/bin/python benchmarks/fmnist_quality.py --methods mae,beit,beitv2 --out runs/fmnist-quality  # ~2 h
     .venv/bin/python benchmarks/fmnist_quality.py --quick --data synthetic:512 --out /tmp/q   # smoke
@@ -90,10 +90,11 @@ def mimkit(args: list[str], log: Path, threads: int) -> int:
 
 def run_steps(steps: list[Step], out: Path, timings: Timings, jobs: int) -> list[str]:
     """Run the unfinished steps, ``jobs`` at a time, each once the steps it reads have finished (earlier in
-    ``steps`` first). A failed step is reported and its dependents are skipped; returns the failed names."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ``steps`` first), with the cores shared among the steps that can run at that moment (MAE alone gets
+    all of them). A failed step is reported and its dependents are skipped; returns the failed names."""
+    cores = os.cpu_count() or 1
 
-    def attempt(step: Step) -> bool:
+    def attempt(step: Step, threads: int) -> bool:
         start, log = time.perf_counter(), out / "logs" / f"{step.name}.log"
         status = 1
         try:
@@ -111,9 +112,10 @@ def run_steps(steps: list[Step], out: Path, timings: Timings, jobs: int) -> list
     with ThreadPoolExecutor(jobs) as pool:
         while pending or running:
             ready = [s for s in pending if set(s.after) <= finished]
+            threads = max(1, cores // min(jobs, len(running) + len(ready) or 1))
             for step in ready[:jobs - len(running)]:
                 pending.remove(step)
-                running[pool.submit(attempt, step)] = step
+                running[pool.submit(attempt, step, threads)] = step
             blocked = [s for s in pending if set(s.after) & set(failed)]
             for step in blocked:
                 pending.remove(step)
@@ -149,7 +151,7 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", default="2,10,40",
                         help="fine-tuning epochs at 100%%, 10%% and 1%% of the labels")
     parser.add_argument("--pool", default="avg", choices=("avg", "cls"), help="features of the probes")
-    parser.add_argument("--jobs", type=int, default=2, help="steps run at once (threads: cores / jobs each)")
+    parser.add_argument("--jobs", type=int, default=2, help="steps run at once, sharing the cores")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage, to try the chain")
     args = parser.parse_args()
     out = Path(args.out)
