@@ -169,24 +169,24 @@ def main() -> None:
         length = ["--max-steps", "20", "--batch-size", "32"]
     steps = [Step("mae", ["pretrain", "mae", "--data", args.data, "--config", "mae_fmnist", "--out",
                           str(out / "mae"), *length])]
-    encoders, trained_by = {"mae": out / "mae"}, {"mae": "mae"}
+    encoders = {"mae": out / "mae"}
     if "beitv2" in methods:
         from beitv2_chain import beitv2_steps
         chain = beitv2_steps(out, out / "mae", args.data, args.beitv2_epochs, args.tokenizer_epochs,
                              quick=args.quick)
         steps += chained(chain, after=("mae",))
-        encoders["beitv2"], trained_by["beitv2"] = out / "beitv2", "beitv2"
+        encoders["beitv2"] = out / "beitv2"
     if "beit" in methods:
         from beit_chain import beit_steps
         chain = beit_steps(out, args.data, args.beit_epochs, args.tokenizer_epochs, quick=args.quick)
         steps += chained(chain, after=())
-        encoders["beit"], trained_by["beit"] = out / "beit", "beit"
+        encoders["beit"] = out / "beit"
     encoders = {m: encoders[m] for m in methods}
 
-    # evaluation: every encoder, and the baselines (the MAE run's ViT, randomly initialized); the longest
-    # (full fine-tuning) first
+    # evaluation: every encoder (after the step of the same name), and the baselines (the MAE run's ViT,
+    # randomly initialized); the longest (full fine-tuning) first
     evaluations = []
-    runs = [(m, run, "pretrained", trained_by[m]) for m, run in encoders.items()]
+    runs = [(m, run, "pretrained", m) for m, run in encoders.items()]
     for method, run, init, after in runs + [("baseline", out / "mae", "random", "mae")]:
         scratch = ["--set", "optim.layer_decay=1.0"] if init == "random" else []
         for fraction in FRACTIONS:
