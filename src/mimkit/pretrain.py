@@ -1,6 +1,7 @@
 """Set up and run a pretraining job from a resolved configuration."""
 
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -81,9 +82,8 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path) -> dict:
     evaluate = method.build_evaluate(config, model) if hasattr(method, "build_evaluate") else None
 
     train_cfg, optim_cfg = config.train, config.optim
-    values_fn = None
-    if hasattr(method, "schedule_values"):  # e.g. a Gumbel temperature
-        values_fn = lambda total: method.schedule_values(config, total)  # noqa: E731
+    # more values scheduled per step, e.g. the dVAE's Gumbel temperature
+    values_fn = partial(method.schedule_values, config) if hasattr(method, "schedule_values") else None
     plan = plan_run(len(source), world.size, train_cfg, optim_cfg, values_fn)
     optimizer = build_adamw(param_groups(model, optim_cfg.weight_decay), optim_cfg.betas)
 
