@@ -16,7 +16,9 @@ step, added up over interrupted attempts, and of the whole chain) are kept in ``
 finished steps are skipped and every step resumes from its checkpoints, so an interrupted benchmark
 continues where it stopped when run again. The table goes to ``OUT/table.md`` and ``OUT/summary.json``.
 
-    .venv/bin/python benchmarks/fmnist_quality.py --methods mae,beit,beitv2 --out runs/fmnist-quality  # ~2 h
+    .venv/bin/python benchmarks/fmnist_quality.py --out runs/fmnist-quality   # MAE: ~1 h 45 min
+    .venv/bin/python benchmarks/fmnist_quality.py --methods mae,beit,beitv2 --pretrain-epochs 10 \
+        --finetune-epochs 2,10,40 --out runs/fmnist-quality-all                 # all three: ~2 h
     .venv/bin/python benchmarks/fmnist_quality.py --quick --data synthetic:512 --out /tmp/q   # smoke
 """
 
@@ -144,11 +146,11 @@ def main() -> None:
                         help="pretrained encoders to compare: mae[,beit][,beitv2] (BEiT: dVAE, then BEiT, "
                         "benchmarks/beit_chain.py; BEiT v2: VQ-KD from the MAE run, then BEiT v2, "
                         "benchmarks/beitv2_chain.py)")
-    parser.add_argument("--pretrain-epochs", type=int, default=10, help="MAE pretraining epochs")
+    parser.add_argument("--pretrain-epochs", type=int, default=20, help="MAE pretraining epochs")
     parser.add_argument("--beit-epochs", type=int, default=4, help="BEiT pretraining epochs")
     parser.add_argument("--beitv2-epochs", type=int, default=3, help="BEiT v2 pretraining epochs")
     parser.add_argument("--tokenizer-epochs", type=int, default=1, help="dVAE and VQ-KD training epochs")
-    parser.add_argument("--finetune-epochs", default="2,10,40",
+    parser.add_argument("--finetune-epochs", default="3,15,60",
                         help="fine-tuning epochs at 100%%, 10%% and 1%% of the labels")
     parser.add_argument("--pool", default="avg", choices=("avg", "cls"), help="features of the probes")
     parser.add_argument("--jobs", type=int, default=2, help="steps run at once, sharing the cores")
