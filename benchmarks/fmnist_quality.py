@@ -134,6 +134,16 @@ def run_steps(steps: list[Step], out: Path, timings: Timings, jobs: int) -> list
     return failed
 
 
+def epochs_per_fraction(text: str) -> dict[float, int]:
+    """``--finetune-epochs``: one positive whole number per label fraction, e.g. ``3,15,60``."""
+    parts = text.split(",")
+    if len(parts) != len(FRACTIONS) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        fractions = ", ".join(pct(f) for f in FRACTIONS)
+        raise argparse.ArgumentTypeError(f"expected {len(FRACTIONS)} positive epoch counts (at {fractions} "
+                                         f"of the labels), got {text!r}")
+    return dict(zip(FRACTIONS, (int(p) for p in parts), strict=True))
+
+
 def pct(fraction: float) -> str:
     return f"{100 * fraction:g}%"
 
@@ -150,14 +160,14 @@ def main() -> None:
     parser.add_argument("--beit-epochs", type=int, default=4, help="BEiT pretraining epochs")
     parser.add_argument("--beitv2-epochs", type=int, default=3, help="BEiT v2 pretraining epochs")
     parser.add_argument("--tokenizer-epochs", type=int, default=1, help="dVAE and VQ-KD training epochs")
-    parser.add_argument("--finetune-epochs", default="3,15,60",
+    parser.add_argument("--finetune-epochs", type=epochs_per_fraction, default="3,15,60",
                         help="fine-tuning epochs at 100%%, 10%% and 1%% of the labels")
     parser.add_argument("--pool", default="avg", choices=("avg", "cls"), help="features of the probes")
     parser.add_argument("--jobs", type=int, default=2, help="steps run at once, sharing the cores")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage, to try the chain")
     args = parser.parse_args()
     out = Path(args.out)
-    epochs = dict(zip(FRACTIONS, (int(e) for e in args.finetune_epochs.split(",")), strict=True))
+    epochs = args.finetune_epochs
     methods = args.methods.split(",")
     if unknown := set(methods) - {"mae", "beit", "beitv2"}:
         sys.exit(f"unknown methods {sorted(unknown)}; choose among mae, beit, beitv2")
