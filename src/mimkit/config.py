@@ -5,6 +5,7 @@ resolved configuration as ``config.yaml`` so that any later command can rebuild 
 """
 
 import dataclasses
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,17 @@ from pathlib import Path
 import yaml
 
 from mimkit.errors import MimkitError
+
+_FLAGS = {"train.epochs": "--epochs", "train.max_steps": "--max-steps", "train.batch_size": "--batch-size"}
+
+
+def at_least(minimum: float, section: str, **values) -> None:
+    """Refuse a number below ``minimum`` (None means "unset" and passes), naming the key and its flag."""
+    for name, value in values.items():
+        if value is not None and value < minimum:
+            key = f"{section}.{name}" if section else name
+            flag = f" ({_FLAGS[key]})" if key in _FLAGS else ""
+            raise MimkitError(f"config '{key}'{flag} must be at least {minimum}, got {value}")
 
 
 @dataclass
@@ -27,6 +39,19 @@ class DataConfig:
     num_workers: int = 1
     skip_bad_images: bool = False
     max_bad_images: int = 100
+
+    def __post_init__(self):
+        at_least(1, "data", img_size=self.img_size, channels=self.channels)
+        at_least(0, "data", num_workers=self.num_workers, max_bad_images=self.max_bad_images)
+        if self.std is not None and not all(s > 0 for s in self.std):
+            raise MimkitError(f"config 'data.std' must be positive (it divides the pixels), got {self.std}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if values is not None and len(values) not in (1, self.channels or len(values)):
+                raise MimkitError(f"config 'data.{name}' has {len(values)} values for {self.channels} "
+                                  f"channels; give one per channel")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise MimkitError(f"config 'data.mean' has {len(self.mean)} values and 'data.std' "
+                              f"{len(self.std)}; give one per channel to both")
 
 
 @dataclass
@@ -45,6 +70,14 @@ class OptimConfig:
     warmup_epochs: float = 40.0
     clip_grad: float | None = None
 
+    def __post_init__(self):
+        at_least(0, "optim", base_lr=self.base_lr, min_lr=self.min_lr, weight_decay=self.weight_decay,
+                 warmup_epochs=self.warmup_epochs)
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise MimkitError(f"config 'optim.clip_grad' must be positive or null, got {self.clip_grad}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise MimkitError(f"config 'optim.betas' must lie in [0, 1), got {list(self.betas)}")
+
 
 @dataclass
 class TrainConfig:
@@ -57,6 +90,11 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500  # optimizer steps; the last step is always saved
     keep_last: int = 2
+
+    def __post_init__(self):
+        at_least(1, "train", epochs=self.epochs, max_steps=self.max_steps, batch_size=self.batch_size,
+                 accum_steps=self.accum_steps, log_every=self.log_every,
+                 checkpoint_every=self.checkpoint_every, keep_last=self.keep_last)
 
 
 @dataclass
@@ -141,9 +179,14 @@ def _coerce(value, hint, key: str):
             raise MimkitError(f"config '{key}' must be a mapping, got {value!r}")
         return from_dict(hint, value, prefix=f"{key}.")
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise MimkitError(f"config '{key}' must be a list, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, typing.get_args(hint), strict=True))
+        items = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise MimkitError(f"config '{key}' must be a list of {len(items)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, items, strict=True))
+    if origin is list:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise MimkitError(f"config '{key}' must be a non-empty list, got {value!r}")
+        return [_coerce(v, typing.get_args(hint)[0], key) for v in value]
     if hint is float and not isinstance(value, bool):
         try:  # YAML reads 1e-3 (no dot) as a string
             return float(value)
@@ -163,6 +206,21 @@ def from_dict(cls, values: dict, prefix: str = ""):
     if unknown:
         raise MimkitError(f"unknown config key '{prefix}{unknown[0]}'; known: {', '.join(sorted(known))}")
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in values.items()})
+
+
+def check_model_kwargs(model_class: type, kwargs: dict) -> None:
+    """Refuse ``model.kwargs`` that ``model_class``'s constructor (or a parent's it forwards ``**kwargs``
+    to) does not take: a one-line error instead of a ``TypeError`` from deep inside the model."""
+    taken: set[str] = set()
+    for cls in model_class.__mro__:
+        params = inspect.signature(cls.__init__).parameters.values()
+        taken |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    unknown = sorted(set(kwargs) - taken - {"self"})
+    if unknown:
+        raise MimkitError(f"config 'model.kwargs.{unknown[0]}' is not an argument of {model_class.__name__}; "
+                          f"it takes: {', '.join(sorted(taken - {'self'}))}")
 
 
 def to_dict(config) -> dict:

@@ -52,7 +52,7 @@ def plan_run(num_samples: int, world_size: int, train_cfg: TrainConfig, optim_cf
     """
     global_batch = train_cfg.batch_size * world_size * train_cfg.accum_steps
     steps_per_epoch = epoch_steps(num_samples, train_cfg.batch_size * world_size, train_cfg.accum_steps)
-    total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
+    total_steps = train_cfg.epochs * steps_per_epoch if train_cfg.max_steps is None else train_cfg.max_steps
     lr = optim_cfg.base_lr * global_batch / 256
     warmup = round(optim_cfg.warmup_epochs * steps_per_epoch)
     values = values_fn(total_steps) if values_fn else {}

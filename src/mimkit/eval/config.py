@@ -7,7 +7,8 @@ this resolved configuration as ``config.yaml``, including the configuration that
 
 from dataclasses import dataclass, field
 
-from mimkit.config import DataConfig, OptimConfig, TrainConfig
+from mimkit.config import DataConfig, OptimConfig, TrainConfig, at_least
+from mimkit.errors import MimkitError
 
 
 @dataclass
@@ -44,6 +45,11 @@ class FinetuneOptimConfig(OptimConfig):
     warmup_epochs: float = 5.0
     layer_decay: float = 0.75  # block i of n gets lr x layer_decay ** (n + 1 - (i + 1)); 1.0 turns it off
 
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.layer_decay <= 1:
+            raise MimkitError(f"config 'optim.layer_decay' must lie in (0, 1], got {self.layer_decay}")
+
 
 @dataclass
 class FinetuneConfig:
@@ -58,3 +64,6 @@ class FinetuneConfig:
     ema_decay: float | None = None  # model EMA of the weights, evaluated beside them; None turns it off
     eval_every: int = 1  # epochs between evaluations on the validation split (and at the end)
     eval_batch_size: int = 256
+
+    def __post_init__(self):
+        at_least(1, "", eval_every=self.eval_every, eval_batch_size=self.eval_batch_size)

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from mimkit.config import BEiTConfig, PretrainConfig
+from mimkit.config import BEiTConfig, PretrainConfig, check_model_kwargs
 from mimkit.data.transforms import BEiTView
 from mimkit.errors import MimkitError
 from mimkit.masking import block_mask, count_for_ratio
@@ -50,6 +50,7 @@ def resolve_config(config: PretrainConfig) -> PretrainConfig:
 
 
 def build_model(config: PretrainConfig) -> BEiT:
+    check_model_kwargs(BEiT, config.model.kwargs)
     return create_beit(config.model.name, img_size=config.data.img_size, patch_size=config.model.patch_size,
                        in_chans=config.data.channels, **config.model.kwargs)
 

@@ -11,7 +11,7 @@ and export never see it; ``model.kwargs.agg_layer`` / ``agg_depth`` choose its i
 
 from dataclasses import replace
 
-from mimkit.config import PretrainConfig
+from mimkit.config import PretrainConfig, check_model_kwargs
 from mimkit.errors import MimkitError
 from mimkit.methods.beit import masked_view
 from mimkit.methods.vqkd import load_vqkd_tokenizer, tokenizer_config
@@ -40,6 +40,7 @@ def resolve_config(config: PretrainConfig) -> PretrainConfig:
 
 
 def build_model(config: PretrainConfig) -> BEiTv2:
+    check_model_kwargs(BEiTv2, config.model.kwargs)
     return create_beitv2(config.model.name, img_size=config.data.img_size, patch_size=config.model.patch_size,
                          in_chans=config.data.channels, **config.model.kwargs)
 

@@ -3,12 +3,13 @@
 - He et al., Masked Autoencoders Are Scalable Vision Learners, 2021, arXiv:2111.06377
 """
 
-from mimkit.config import PretrainConfig
+from mimkit.config import PretrainConfig, check_model_kwargs
 from mimkit.data.transforms import mae_view
 from mimkit.models.mae import MAE, create_mae, num_kept
 
 
 def build_model(config: PretrainConfig) -> MAE:
+    check_model_kwargs(MAE, config.model.kwargs)
     return create_mae(config.model.name, img_size=config.data.img_size, patch_size=config.model.patch_size,
                       in_chans=config.data.channels, norm_pix_loss=config.mae.norm_pix_loss,
                       **config.model.kwargs)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from mimkit.config import PretrainConfig, from_dict, read_yaml
+from mimkit.config import PretrainConfig, check_model_kwargs, from_dict, read_yaml
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import crop_view, eval_view
 from mimkit.errors import MimkitError
@@ -56,6 +56,7 @@ def build_model(config: PretrainConfig) -> VQKD:
     v = config.vqkd
     if v.teacher_dim is None:
         raise MimkitError("vqkd.teacher_dim is unset: the run's teacher fills it in when training starts")
+    check_model_kwargs(VQKD, config.model.kwargs)
     return create_vqkd(config.model.name, img_size=config.data.img_size, patch_size=config.model.patch_size,
                        in_chans=config.data.channels, teacher_dim=v.teacher_dim, vocab_size=v.vocab_size,
                        code_dim=v.code_dim, decoder_depth=v.decoder_depth, decay=v.decay,

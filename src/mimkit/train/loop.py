@@ -93,6 +93,9 @@ def _scalar(value) -> float:
 
 def epoch_steps(num_samples: int, global_micro_batch: int, accum_steps: int) -> int:
     """Optimizer steps in one epoch (incomplete batches are dropped)."""
+    if global_micro_batch < 1 or accum_steps < 1:
+        raise MimkitError(f"batch {global_micro_batch} with {accum_steps} accumulation steps: both must be "
+                          "at least 1")
     steps = num_samples // global_micro_batch // accum_steps
     if steps == 0:
         raise MimkitError(f"the data has {num_samples} images, fewer than one global batch of "
