@@ -18,11 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from mimkit.config import PretrainConfig, from_dict, load_recipe, merge, parse_overrides, read_yaml, to_dict
+from mimkit.cpus import set_thread_defaults
 from mimkit.errors import Interrupted, MimkitError
-from mimkit.methods import PRETRAINING, TOKENIZERS
 
 BUILTIN_DATA = ("fashion-mnist", "mnist", "synthetic")
 
@@ -49,8 +47,10 @@ def train_flags(args: argparse.Namespace) -> dict:
 def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
     """Defaults ← recipe ← command-line flags ← ``--set`` overrides. Without ``--config``, a run directory
     that already holds a configuration (an interrupted or an imported run) is its own recipe."""
+    from mimkit.runs import is_run_dir
+
     saved = Path(args.out) / "config.yaml"
-    if args.config or not saved.is_file():
+    if args.config or not (saved.is_file() and is_run_dir(args.out)):
         recipe = load_recipe(args.config or default_recipe(args.method, args.data or "fashion-mnist"))
     else:
         recipe = read_yaml(saved)
@@ -92,7 +92,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     config = pretrain_config(args)
     out = Path(args.out)
     check_run_dir(out, config, args.resume)
-    summary = run_pretraining(config, out)
+    summary = run_pretraining(config, out, args.force_config)
     if summary["interrupted"]:
         raise Interrupted
     if "val_usage" in summary:  # a VQ-KD tokenizer's held-out evaluation
@@ -105,6 +105,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
+    import torch
+
     from mimkit.data.sources import build_source
     from mimkit.runs import load_run
     from mimkit.train.metrics import read_metrics
@@ -156,7 +158,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         if saved.get("encoder") != config.encoder:
             raise MimkitError(f"'{out}' holds another run ({saved.get('encoder') or saved.get('method')}); "
                               "choose another --out")
-    results = run_finetune(config, out)
+    results = run_finetune(config, out, args.force_config)
     if results.get("interrupted"):
         raise Interrupted
     if "test_top1" in results:
@@ -213,6 +215,7 @@ def add_eval_commands(commands) -> None:
                           "for the built-in data, finetune_in1k otherwise)")
     finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="dotted override, e.g. optim.layer_decay=0.65 (repeatable)")
+    add_force_config(finetune)
     finetune.set_defaults(handler=cmd_finetune)
 
     for name, help in (("linprobe", "linear probe on frozen features"), ("knn", "k-NN on frozen features")):
@@ -283,6 +286,12 @@ def add_interop_commands(commands) -> None:
     exp.set_defaults(handler=cmd_export)
 
 
+def add_force_config(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--force-config", action="store_true",
+                     help="resume a trained run in --out although its data, model, batch, lr or number of "
+                     "processes differ from this command's (refused otherwise; its config.yaml is replaced)")
+
+
 def add_run_arguments(sub: argparse.ArgumentParser) -> None:
     """The flags of every training run: data, run directory, length, batch, recipe and overrides."""
     sub.add_argument("--data", help="fashion-mnist | mnist | synthetic | a folder of images")
@@ -297,9 +306,12 @@ def add_run_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--resume", action="store_true", help="require a checkpoint in --out to resume from")
     sub.add_argument("--skip-bad-images", action="store_true",
                      help="warn about and skip unreadable images instead of stopping")
+    add_force_config(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mimkit.methods import PRETRAINING, TOKENIZERS
+
     parser = argparse.ArgumentParser(prog="mimkit",
                                      description="Masked image modeling for Vision Transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -336,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_thread_defaults()  # before anything loads torch
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

@@ -258,6 +258,18 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def differences(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
+    """``{"dotted.key": (old value, new value)}`` for every leaf where two nested dicts differ."""
+    found = {}
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found |= differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found[f"{prefix}{key}"] = (a, b)
+    return found
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping with a one-line error for a missing or malformed file."""
     path = Path(path)

@@ -7,12 +7,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mimkit.config import OptimConfig, PretrainConfig, TrainConfig, save_config
+from mimkit.config import OptimConfig, PretrainConfig, TrainConfig
 from mimkit.data.loader import SeededViews
 from mimkit.data.sources import SourceInfo, build_source
 from mimkit.errors import MimkitError
 from mimkit.methods import METHODS
-from mimkit.train.distributed import init_world
+from mimkit.runs import hold_run_dir, keep_config
+from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import Schedule, epoch_steps, train
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import cosine_schedule
@@ -61,13 +62,23 @@ def plan_run(num_samples: int, world_size: int, train_cfg: TrainConfig, optim_cf
     return RunPlan(schedule, steps_per_epoch, global_batch, lr)
 
 
-def run_pretraining(config: PretrainConfig, run_dir: str | Path) -> dict:
-    """Pretrain ``config.method`` into ``run_dir`` (resuming when it holds a checkpoint).
+def run_pretraining(config: PretrainConfig, run_dir: str | Path, force_config: bool = False) -> dict:
+    """Pretrain ``config.method`` into ``run_dir`` (resuming when it holds a checkpoint), holding the run
+    directory's lock meanwhile (`mimkit.runs.hold_run_dir`).
+
+    Args:
+        force_config: resume a trained run whose configuration, number of processes or global batch differ
+            from this one's (otherwise refused; `mimkit.runs.keep_config`).
 
     Returns:
         The training loop's summary (final step, whether it was interrupted, where it resumed from).
     """
     world = init_world()
+    with hold_run_dir(run_dir, enabled=world.is_main):
+        return _pretrain(config, Path(run_dir), world, force_config)
+
+
+def _pretrain(config: PretrainConfig, run_dir: Path, world: World, force_config: bool) -> dict:
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     data = config.data
     source = build_source(data.source, split="train", root=data.root, channels=data.channels,
@@ -87,14 +98,13 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path) -> dict:
     plan = plan_run(len(source), world.size, train_cfg, optim_cfg, values_fn)
     optimizer = build_adamw(param_groups(model, optim_cfg.weight_decay), optim_cfg.betas)
 
-    run_dir = Path(run_dir)
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+        keep_config(run_dir, config, force_config)
         tqdm.write(f"{config.method} {config.model.name}: {len(source)} images, {plan.describe()}")
     if train_cfg.compile:
         model.compile()
     return train(model, loss_fn, SeededViews(source, view), optimizer, plan.schedule, run_dir, world,
                  batch_size=train_cfg.batch_size, seed=train_cfg.seed, num_workers=data.num_workers,
                  checkpoint_every=train_cfg.checkpoint_every, keep_last=train_cfg.keep_last,
-                 log_every=train_cfg.log_every, evaluate=evaluate, desc=f"pretrain {config.method}")
+                 log_every=train_cfg.log_every, evaluate=evaluate, force_resume=force_config,
+                 desc=f"pretrain {config.method}")

@@ -1,16 +1,101 @@
 """Run directories: what a finished (or interrupted) run leaves, and how to get its model back.
 
-``<run>/config.yaml`` is the resolved configuration; ``<run>/checkpoints/step-*.safetensors`` the weights.
+``<run>/config.yaml`` is the resolved configuration; ``<run>/checkpoints/step-*.safetensors`` the weights;
+``<run>/run.lock`` is locked by the one process that trains the run and holds its PID meanwhile.
 """
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
+from tqdm import tqdm
 
-from mimkit.config import PretrainConfig, from_dict, read_yaml
+from mimkit.config import PretrainConfig, differences, from_dict, read_yaml, save_config, to_dict
 from mimkit.errors import MimkitError
 from mimkit.methods import METHODS
 from mimkit.train.checkpoint import Checkpoints, load_weights
+
+LOCK = "run.lock"
+# settings a run may resume with changed values: its length and its upkeep, none of which changes what one
+# step computes
+RESUMABLE_CHANGES = frozenset({
+    "train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_last", "train.log_every",
+    "train.compile", "data.num_workers", "data.skip_bad_images", "data.max_bad_images", "data.root",
+    "eval_batch_size", "vqkd.eval_images"})
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a mimkit run: one a training command started (its lock file), or a
+    configuration with checkpoints (an imported run, or one from before the lock file)."""
+    path = Path(path)
+    return (path / LOCK).is_file() or ((path / "config.yaml").is_file() and (path / "checkpoints").is_dir())
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
+    """Hold the run directory's exclusive lock while the block runs, creating the directory if needed.
+
+    A folder that is neither empty nor a run is refused (it is someone's files, not ours to write into),
+    and so is a run that another process holds: its PID is in the message.
+
+    Args:
+        enabled: False on the processes of a distributed job other than the main one (it holds the lock
+            for the job).
+    """
+    if not enabled:
+        yield
+        return
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MimkitError(f"--out '{run_dir}' is a file; give a folder for the run")
+    if run_dir.is_dir() and not is_run_dir(run_dir) and any(run_dir.iterdir()):
+        held = ", ".join(sorted(p.name for p in run_dir.iterdir())[:3])
+        raise MimkitError(f"--out '{run_dir}' is a folder that is not a mimkit run (it holds {held}, ...); "
+                          "give a new or empty folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise MimkitError(f"'{run_dir}' is being trained by another process (PID {holder}); wait for it "
+                              "to end, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def keep_config(run_dir: str | Path, config, force: bool = False) -> None:
+    """Save a new run's resolved configuration; check a trained run's against it instead of rewriting it.
+
+    A run with a trained checkpoint (step > 0; an imported run's step 0 starts training afresh) resumes
+    only under the configuration it was trained with, apart from `RESUMABLE_CHANGES` (its length and
+    upkeep). Other differences are refused, each listed, unless ``force``: then they are said and saved.
+    """
+    path = Path(run_dir) / "config.yaml"
+    step = Checkpoints(run_dir).latest()
+    if not step or not path.is_file():
+        save_config(config, path)
+        return
+    saved = to_dict(from_dict(type(config), read_yaml(path)))
+    changed = {k: v for k, v in differences(saved, to_dict(config)).items() if k not in RESUMABLE_CHANGES}
+    if not changed:
+        return
+    listing = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+    if not force:
+        raise MimkitError(f"'{run_dir}' holds a run trained to step {step} with other settings ({listing}); "
+                          "choose another --out, or resume it with the new settings: --force-config")
+    tqdm.write(f"--force-config: resuming step {step} with {listing}")
+    save_config(config, path)
 
 
 def load_config(run_dir: str | Path) -> PretrainConfig:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from mimkit.config import save_config, to_dict
+from mimkit.config import to_dict
 from mimkit.data.loader import SeededViews
 from mimkit.data.sources import SourceInfo, build_source
 from mimkit.data.transforms import eval_view
@@ -31,8 +31,9 @@ from mimkit.eval.features import eval_loader
 from mimkit.eval.metrics import classification_accuracy, prefixed, write_results
 from mimkit.eval.subsets import make_splits
 from mimkit.pretrain import plan_run
+from mimkit.runs import hold_run_dir, keep_config
 from mimkit.train.checkpoint import Checkpoints, load_weights
-from mimkit.train.distributed import init_world
+from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import train
 from mimkit.train.optim import build_adamw, param_groups
 
@@ -67,17 +68,27 @@ def accuracies(model: FineTuned, loader, device: torch.device, split: str) -> di
     return results
 
 
-def run_finetune(config: FinetuneConfig, run_dir: str | Path) -> dict:
-    """Fine-tune ``config.encoder`` on ``config.data`` into ``run_dir`` (resuming when it holds a checkpoint).
+def run_finetune(config: FinetuneConfig, run_dir: str | Path, force_config: bool = False) -> dict:
+    """Fine-tune ``config.encoder`` on ``config.data`` into ``run_dir`` (resuming when it holds a checkpoint),
+    holding the run directory's lock meanwhile (`mimkit.runs.hold_run_dir`).
 
     ``run_dir`` receives ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` (the last ones and
     ``best.safetensors``) and, once training has finished, ``results.json``.
 
+    Args:
+        force_config: resume a trained run whose configuration, number of processes or global batch differ
+            from this one's (otherwise refused; `mimkit.runs.keep_config`).
+
     Returns:
         The results (or, when interrupted, the training loop's summary).
     """
-    start = time.perf_counter()
     world = init_world()
+    with hold_run_dir(run_dir, enabled=world.is_main):
+        return _finetune(config, Path(run_dir), world, force_config)
+
+
+def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config: bool) -> dict:
+    start = time.perf_counter()
     encoder = load_encoder(config.encoder, config.classifier.init, seed=config.train.seed)
     data = config.data
     source = build_source(data.source, "train", root=data.root, channels=encoder.spec.data.channels,
@@ -116,10 +127,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path) -> dict:
     groups = param_groups(model, optim.weight_decay, optim.layer_decay, len(model.classifier.blocks))
     optimizer = build_adamw(groups, optim.betas)
 
-    run_dir = Path(run_dir)
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+        keep_config(run_dir, config, force_config)
         tqdm.write(f"fine-tune {cls.init} {encoder.spec.model.name} on {data.source}: {len(train_set)} "
                    f"images ({labels.fraction:g} of the labels), {plan.describe()}, "
                    f"layer decay {optim.layer_decay}")
@@ -133,7 +142,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path) -> dict:
                     checkpoint_every=train_cfg.checkpoint_every, keep_last=train_cfg.keep_last,
                     log_every=train_cfg.log_every, evaluate=evaluate,
                     evaluate_every=config.eval_every * steps_per_epoch, keep_best=best_metric,
-                    after_step=model.update_ema if config.ema_decay else None, desc="fine-tune")
+                    after_step=model.update_ema if config.ema_decay else None, force_resume=force_config,
+                    desc="fine-tune")
     if summary["interrupted"] or not world.is_main:
         return summary
 

@@ -34,6 +34,8 @@ class Checkpoints:
     """The checkpoints of one run directory: save, list, keep the last ``keep_last``, load."""
 
     def __init__(self, run_dir: str | Path, keep_last: int = 2):
+        if keep_last < 1:  # 0 would keep every checkpoint and a negative count delete them
+            raise MimkitError(f"keep_last must be at least 1, got {keep_last}")
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
 

@@ -1,9 +1,10 @@
 """The one training loop, shared by pretraining, tokenizer training and fine-tuning.
 
 Per optimizer step: set the lr from a per-iteration schedule, run ``accum_steps``
-micro-batches (gradient sync only on the last under DDP), stop on a non-finite loss *before* the
-optimizer step, clip, step, log, and checkpoint. Ctrl-C or SIGTERM finishes the current step, saves
-a checkpoint and returns; running the same command again resumes from it.
+micro-batches (gradient sync only on the last under DDP), stop on a non-finite loss or gradient norm
+*before* the optimizer step, clip, step, log, and checkpoint (never non-finite weights). Ctrl-C or
+SIGTERM finishes the current step, saves a checkpoint and returns; running the same command again
+resumes from it.
 """
 
 import contextlib
@@ -29,7 +30,8 @@ LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict]]
 
 
 class NonFiniteLoss(MimkitError):
-    """The loss became NaN or infinite; the optimizer step was not taken."""
+    """The loss or the gradient norm became NaN or infinite (the optimizer step was not taken), or the
+    weights did (they were not saved)."""
 
 
 @dataclass
@@ -91,6 +93,35 @@ def _scalar(value) -> float:
     return value.detach().float().item() if torch.is_tensor(value) else float(value)
 
 
+def _check_resumable(state: dict, world: World, global_batch: int, force: bool) -> None:
+    """Refuse to resume a checkpoint trained by another number of processes or with another global batch:
+    the lr, the batches and the position in the data would all change without a word."""
+    then = (state.get("world_size", world.size), state.get("global_batch", global_batch))
+    if then == (world.size, global_batch):
+        return
+    message = (f"checkpoint step {state['step']} was trained by {then[0]} process(es) with global batch "
+               f"{then[1]}; this run has {world.size} with global batch {global_batch}")
+    if not force:
+        raise MimkitError(f"{message}: resume it as it was trained, or pass --force-config to change it")
+    if world.is_main:
+        tqdm.write(f"--force-config: {message}")
+
+
+def _grad_norm(model: nn.Module, clip_grad: float | None) -> torch.Tensor:
+    """The total norm of the gradients (before clipping them to ``clip_grad``, when it is set)."""
+    if clip_grad is None:
+        return nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+
+
+def _check_finite_weights(model: nn.Module, step: int, last_saved: int | None) -> None:
+    """Refuse to save weights that are NaN or infinite: a checkpoint must be one a run can go on from."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param.detach()).all():
+            raise NonFiniteLoss(f"weight '{name}' is not finite after step {step}; not saved (last "
+                                f"checkpoint: step {last_saved}); lower the lr or set optim.clip_grad")
+
+
 def epoch_steps(num_samples: int, global_micro_batch: int, accum_steps: int) -> int:
     """Optimizer steps in one epoch (incomplete batches are dropped)."""
     if global_micro_batch < 1 or accum_steps < 1:
@@ -108,7 +139,7 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
           num_workers: int = 0, checkpoint_every: int = 500, keep_last: int = 2, log_every: int = 10,
           evaluate: Callable[[nn.Module], dict] | None = None, evaluate_every: int | None = None,
           keep_best: str | None = None, after_step: Callable[[int], None] | None = None,
-          desc: str = "train") -> dict:
+          force_resume: bool = False, desc: str = "train") -> dict:
     """Train ``model`` to ``schedule.total_steps`` optimizer steps, resuming from ``run_dir`` if it
     holds a checkpoint.
 
@@ -127,6 +158,8 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
         keep_best: a key of ``evaluate``'s results; the weights where it was highest are kept as
             ``checkpoints/best.safetensors`` (`Checkpoints.save_best`).
         after_step: called with the new step number after each optimizer step (e.g. a model EMA update).
+        force_resume: resume a checkpoint trained by another number of processes or with another global
+            batch (refused otherwise).
 
     Returns:
         ``{"step", "interrupted", "resumed_from", **last evaluation}``.
@@ -142,10 +175,12 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
     best = checkpoints.best()
     best_value = best["value"] if best else -math.inf
 
+    images_per_step = batch_size * world.size * schedule.accum_steps
     step, resumed_from = 0, checkpoints.latest()
     if resumed_from is not None:
-        load_weights(model, checkpoints.weights_path(resumed_from))
         state = checkpoints.load_state(resumed_from)
+        _check_resumable(state, world, images_per_step, force_resume)
+        load_weights(model, checkpoints.weights_path(resumed_from))
         if "optimizer" in state:  # an imported checkpoint holds weights only: fresh optimizer and RNG
             optimizer.load_state_dict(state["optimizer"])
             _restore_rng(state["rng"], world)
@@ -159,10 +194,11 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
         step_module = DistributedDataParallel(
             step_module, device_ids=[world.device.index] if world.device.type == "cuda" else None)
     autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=world.device.type == "cuda")
-    images_per_step = batch_size * world.size * schedule.accum_steps
 
     def save(at: int) -> None:
-        state = {"optimizer": optimizer.state_dict(), "step": at, "rng": _rng_state(world)}
+        _check_finite_weights(model, at, checkpoints.latest())
+        state = {"optimizer": optimizer.state_dict(), "step": at, "rng": _rng_state(world),
+                 "world_size": world.size, "global_batch": images_per_step}
         if world.is_main:
             checkpoints.save(at, model, state)
 
@@ -173,6 +209,7 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
             log.write(at, epoch=epoch, **results)
         if keep_best and results[keep_best] > best_value:
             best_value = results[keep_best]
+            _check_finite_weights(model, at, checkpoints.latest())
             if world.is_main:
                 checkpoints.save_best(at, model, keep_best, best_value)
         return results
@@ -206,8 +243,11 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
                     with contextlib.nullcontext() if sync else step_module.no_sync():
                         (loss / schedule.accum_steps).backward()
                     total_loss += loss.item() / schedule.accum_steps
-                if schedule.clip_grad is not None:
-                    metrics["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), schedule.clip_grad)
+                metrics["grad_norm"] = grad_norm = _grad_norm(model, schedule.clip_grad)
+                if any_rank(not torch.isfinite(grad_norm).item(), world):
+                    raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at step {step + 1}; stopped "
+                                        "before the optimizer step (last checkpoint: step "
+                                        f"{checkpoints.latest()})")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
