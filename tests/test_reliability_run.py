@@ -287,6 +287,7 @@ def test_thread_defaults_leave_what_the_user_set():
     assert environ == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "4"}
 
 
+@pytest.mark.slow
 def test_cli_sets_thread_defaults_before_torch_loads(tmp_path):
     probe = ("import os, sys; from mimkit.cli import main; loaded = 'torch' in sys.modules; "
              f"main(['visualize', {str(tmp_path / 'none')!r}, '--out', 'x.png']); import torch; "
