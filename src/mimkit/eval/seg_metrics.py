@@ -168,6 +168,9 @@ def evaluate_segmentation(model: nn.Module, loader: DataLoader, device: torch.de
         images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = predict_logits(model, images, crop, mode, stride, flip)
-        matrix += confusion_matrix(logits.argmax(1), batch["mask"].to(device), num_classes)
+        masks = batch["mask"].to(device)
+        if logits.shape[2:] != masks.shape[1:]:  # an image evaluated at another scale: score at the mask's
+            logits = F.interpolate(logits, size=masks.shape[1:], mode="bilinear", align_corners=False)
+        matrix += confusion_matrix(logits.argmax(1), masks, num_classes)
         bar.set_postfix(mIoU=f"{segmentation_scores(matrix)['mIoU']:.2f}")
     return segmentation_scores(all_reduce_sum(matrix).cpu(), classes)
