@@ -31,9 +31,9 @@ from mimkit.eval.config import SegmentConfig
 from mimkit.eval.encoders import Encoder, load_encoder, random_encoder
 from mimkit.eval.features import eval_loader
 from mimkit.eval.metrics import write_results
-from mimkit.eval.seg_metrics import IGNORE_INDEX, evaluate_segmentation, format_table
+from mimkit.eval.seg_metrics import IGNORE_INDEX, MODES, evaluate_segmentation, format_table
 from mimkit.eval.subsets import label_subset
-from mimkit.models.segmentation import Segmenter, segmentation_encoder
+from mimkit.models.segmentation import HEADS, Segmenter, segmentation_encoder
 from mimkit.pretrain import plan_run
 from mimkit.runs import latest_weights
 from mimkit.train.checkpoint import Checkpoints, load_weights
@@ -51,6 +51,10 @@ def resolve_segment(config: SegmentConfig, encoder: Encoder, source: SegSource) 
     spec = encoder.spec.data
     data = replace(config.data, img_size=None, channels=spec.channels, mean=config.data.mean or spec.mean,
                    std=config.data.std or spec.std)  # the encoder's input, as in fine-tuning
+    if config.seg.eval_mode not in MODES:
+        raise MimkitError(f"seg.eval_mode={config.seg.eval_mode!r} is not one of {', '.join(MODES)}")
+    if config.seg.head not in HEADS:
+        raise MimkitError(f"seg.head={config.seg.head!r} is not one of {', '.join(HEADS)}")
     crop = config.seg.crop_size or spec.img_size
     seg = replace(config.seg, num_classes=source.num_classes, classes=list(source.classes), crop_size=crop,
                   scale=config.seg.scale or (crop, crop))
