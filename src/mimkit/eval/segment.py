@@ -164,7 +164,7 @@ def run_segment(config: SegmentConfig, run_dir: str | Path) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         tqdm.write(f"segment {seg.init} {encoder.spec.model.name} with {seg.head} on {data.source}: "
-                   f"{len(train_set)} scenes ({labels.fraction:g} of them), {seg.num_classes} classes, "
+                   f"{len(train_set)} images ({100 * labels.fraction:g}% of them), {seg.num_classes} classes, "
                    f"crop {seg.crop_size}, {plan.describe()}, layer decay {optim.layer_decay}")
     if train_cfg.compile:
         model.compile()
