@@ -121,3 +121,9 @@ def test_blocks_transformers_cannot_read_are_refused_on_export():
     assert hf_out_indices([3, 5, 7, 9], 12) == [5, 7, 9, 11]
     with pytest.raises(MimkitError, match="seg.blocks"):
         hf_out_indices([3, 5, 7, 11], 12)
+
+
+def test_blocks_past_the_last_one_read_get_no_gradient():
+    model = Segmenter(segmentation_encoder(tiny_vit(depth=4), 32), 3, blocks=[0, 0, 1, 1])
+    assert not any(p.requires_grad for p in model.encoder.blocks[2:].parameters())
+    assert all(p.requires_grad for p in model.encoder.blocks[:2].parameters())

@@ -142,7 +142,8 @@ def run_segment(config: SegmentConfig, run_dir: str | Path) -> dict:
     if config.eval_images:
         val_set = Subset(val_set, range(min(config.eval_images, len(val_set))))
     eval_view = SegEvalView(seg.eval_scale, data.mean, data.std)
-    val_loader = eval_loader(val_set, eval_view, config.eval_batch_size, data.num_workers)
+    own_part = Subset(val_set, range(world.rank, len(val_set), world.size))  # matrices summed over ranks
+    val_loader = eval_loader(own_part, eval_view, config.eval_batch_size, data.num_workers)
     last: dict = {}
 
     def evaluate(model: Segmenter) -> dict:
@@ -164,7 +165,8 @@ def run_segment(config: SegmentConfig, run_dir: str | Path) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         tqdm.write(f"segment {seg.init} {encoder.spec.model.name} with {seg.head} on {data.source}: "
-                   f"{len(train_set)} images ({100 * labels.fraction:g}% of them), {seg.num_classes} classes, "
+                   f"{len(train_set)} images ({100 * labels.fraction:g}% of them), {seg.num_classes} "
+                   "classes, "
                    f"crop {seg.crop_size}, {plan.describe()}, layer decay {optim.layer_decay}")
     if train_cfg.compile:
         model.compile()
@@ -175,10 +177,12 @@ def run_segment(config: SegmentConfig, run_dir: str | Path) -> dict:
                     checkpoint_every=train_cfg.checkpoint_every, keep_last=train_cfg.keep_last,
                     log_every=train_cfg.log_every, evaluate=evaluate, evaluate_every=config.eval_every,
                     keep_best="val_mIoU", desc="segment")
-    if summary["interrupted"] or not world.is_main:
+    if summary["interrupted"]:
         return summary
-    if "scores" not in last:  # the run had already finished: score its weights once more
+    if "scores" not in last:  # the run had already finished: score its weights once more (every rank)
         evaluate(model)
+    if not world.is_main:
+        return summary
     scores = last["scores"]
     best = Checkpoints(run_dir).best() or {"value": None, "step": None}  # no mIoU yet (no class present)
     results = {

@@ -253,6 +253,8 @@ class Segmenter(nn.Module):
             self.fpn = FeaturePyramid(dim)
             self.decode_head = UperHead(dim, channels or dim, num_classes)
             self.auxiliary_head = FCNHead(dim, aux_channels, num_classes)
+        for block in self.encoder.blocks[max(self.blocks) + 1:]:  # they shape no output: no gradient (DDP)
+            block.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "Segmenter":
         super().train(mode)
