@@ -165,9 +165,9 @@ def run_segment(config: SegmentConfig, run_dir: str | Path) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         tqdm.write(f"segment {seg.init} {encoder.spec.model.name} with {seg.head} on {data.source}: "
-                   f"{len(train_set)} images ({100 * labels.fraction:g}% of them), {seg.num_classes} "
-                   "classes, "
-                   f"crop {seg.crop_size}, {plan.describe()}, layer decay {optim.layer_decay}")
+                   f"{len(train_set)} images ({100 * labels.fraction:g}% of them), "
+                   f"{seg.num_classes} classes, crop {seg.crop_size}, {plan.describe()}, "
+                   f"layer decay {optim.layer_decay}")
     if train_cfg.compile:
         model.compile()
     view = SegTrainView(seg.crop_size, seg.scale, data.mean, data.std, seg.ratio_range, seg.cat_max_ratio,
