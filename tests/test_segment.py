@@ -129,6 +129,7 @@ def test_linear_random_frozen_predict_and_visualize(mae_run, tmp_path):
     assert label_map.mode == "P" and label_map.size == (40, 40) and np.asarray(label_map).max() < 3
     assert (tmp_path / "pred" / "x2_overlay.png").is_file()
 
+    assert main(["export", str(out), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2  # a ViT: not a Beit
     picture = tmp_path / "seg.png"
     assert main(["visualize", str(out), "--out", str(picture), "--n", "2"]) == 0
     assert Image.open(picture).size[0] > 3 * 32
@@ -217,3 +218,28 @@ def test_predict_and_visualize_refuse_what_they_cannot_use(mae_run, tmp_path, ca
     assert main(["predict", str(missing), "--images", str(images), "--out", str(tmp_path / "p")]) == 2
     assert "not a mimkit run" in capsys.readouterr().err
     assert read_yaml(mae_run / "config.yaml")["method"] == "mae"
+
+
+@pytest.mark.slow
+def test_beit_segmentation_run_exports_to_transformers(tmp_path):
+    from timm.models.beit import Beit
+    from transformers import BeitForSemanticSegmentation
+
+    torch.manual_seed(0)
+    beit = Beit(img_size=32, patch_size=8, in_chans=3, num_classes=0, embed_dim=32, depth=6, num_heads=2,
+                use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, global_pool="token")
+    torch.save(beit.state_dict(), tmp_path / "beit.pth")
+    run, out = tmp_path / "beit", tmp_path / "seg"
+    assert main(["import", str(tmp_path / "beit.pth"), "--format", "timm", "--out", str(run),
+                 "--set", "model.kwargs.num_heads=2", "--set", "data.source=synthetic:64"]) == 0
+    data = write_layout(tmp_path / "generic", "generic")
+    assert main(["segment", str(run), "--data", str(data), "--out", str(out), *QUICK,
+                 "--set", "seg.blocks=[0,1,2,4]", "--set", "seg.channels=null"]) == 0
+    assert main(["export", str(out), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf, info = BeitForSemanticSegmentation.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    model, _ = load_segmenter(out)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        theirs = hf.eval()(pixel_values=x).logits
+        torch.testing.assert_close(model.forward_logits(x)[0], theirs, rtol=0, atol=1e-5)

@@ -114,7 +114,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
 
     if args.n < 1:
         raise MimkitError("--n must be at least 1")
-    from mimkit.eval.predict import is_segmentation_run
+    from mimkit.eval.segment import is_segmentation_run
 
     if is_segmentation_run(args.run):
         return visualize_segmentation(args)
@@ -202,7 +202,8 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from mimkit.eval.predict import is_segmentation_run, predict_classes, predict_masks
+    from mimkit.eval.predict import predict_classes, predict_masks
+    from mimkit.eval.segment import is_segmentation_run
 
     if is_segmentation_run(args.run):
         written = predict_masks(args.run, args.images, args.out)

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mimkit.config import read_yaml
 from mimkit.data.seg_transforms import SegEvalView
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
@@ -24,12 +23,6 @@ from mimkit.eval.encoders import load_encoder
 from mimkit.eval.seg_metrics import predict_logits
 from mimkit.eval.segment import load_segmenter
 from mimkit.viz import overlay, seg_palette
-
-
-def is_segmentation_run(run: str | Path) -> bool:
-    """Whether ``run`` is a directory left by `mimkit segment`."""
-    path = Path(run) / "config.yaml"
-    return path.is_file() and "seg" in read_yaml(path)
 
 
 def _images(folder: str | Path, channels: int):

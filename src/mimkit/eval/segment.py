@@ -68,6 +68,12 @@ def build_segmenter(config: SegmentConfig, encoder: nn.Module) -> Segmenter:
                      seg.blocks, seg.channels, seg.aux_channels, seg.freeze_encoder)
 
 
+def is_segmentation_run(run: str | Path) -> bool:
+    """Whether ``run`` is a directory left by `mimkit segment`."""
+    path = Path(run) / "config.yaml"
+    return path.is_file() and "seg" in read_yaml(path)
+
+
 def load_segmenter(run_dir: str | Path) -> tuple[Segmenter, SegmentConfig]:
     """A segmentation run's model (its best weights, else its newest) in eval mode on CPU, and its
     configuration."""

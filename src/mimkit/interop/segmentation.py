@@ -8,7 +8,8 @@ raw block outputs), so the config sets ``use_mean_pooling`` and transformers bui
 transformers picks its 4 feature maps as ``hidden_states[i - 1]`` for each ``i`` of ``out_indices``, where
 ``hidden_states[0]`` is the embedding output: ``i`` reads 0-based block ``i - 2``. The papers' last
 feature block (11 of 12) would need ``i = 13``, past what its config accepts, so only models whose blocks
-all stop short of the last two export (e.g. ``--set seg.blocks=[2,4,6,9]`` on 12 blocks).
+all stop short of the last two export (e.g. ``--set seg.blocks=[2,4,6,9]`` on 12 blocks). Its UperNet is as
+wide as the encoder (``seg.channels`` null, the papers' setting).
 """
 
 from pathlib import Path
@@ -39,6 +40,10 @@ def hf_segmentation_config(model: Segmenter, img_size: int) -> dict:
     enc = model.encoder
     if not hasattr(enc, "rel_pos_bias") or model.auxiliary_head is None:
         raise MimkitError("only a BEiT encoder with the UperNet head exports to BeitForSemanticSegmentation")
+    width = model.decode_head.classifier.in_channels
+    if width != enc.embed_dim:
+        raise MimkitError(f"transformers' UperNet is as wide as the encoder ({enc.embed_dim}); this one is "
+                          f"{width}: train with --set seg.channels=null to export it")
     block = enc.blocks[0]
     layer_scale = getattr(block, "gamma_1", None)
     return dict(
