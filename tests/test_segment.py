@@ -3,7 +3,10 @@ ADE20K, Pascal VOC and images + masks layouts: training, scores, exact resume, a
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +246,21 @@ def test_beit_segmentation_run_exports_to_transformers(tmp_path):
     with torch.no_grad():
         theirs = hf.eval()(pixel_values=x).logits
         torch.testing.assert_close(model.forward_logits(x)[0], theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_score_the_validation_set_as_one(mae_run, tmp_path):
+    """Under torchrun each process scores its share of the images and the matrices are summed: the scores
+    of a finished run, taken again by 2 gloo processes, are those one process took."""
+    data = write_layout(tmp_path / "generic", "generic", val=5)
+    args = ["segment", str(mae_run), "--data", str(data), *QUICK]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*args, "--out", str(one)]) == 0
+    shutil.copytree(one, two)
+    (two / "results.json").unlink()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "mimkit.cli", *args, "--out", str(two)],
+                   check=True, capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    a, b = (json.loads((run / "results.json").read_text()) for run in (one, two))
+    assert b["val_images"] == 5 and a["per_class"] == b["per_class"]
+    assert a["mIoU"] == pytest.approx(b["mIoU"]) and a["aAcc"] == pytest.approx(b["aAcc"])

@@ -141,6 +141,8 @@ def run_segment(config: SegmentConfig, run_dir: str | Path) -> dict:
 
     torch.manual_seed(config.train.seed)  # the heads' initialization, the same on every rank
     model = build_segmenter(config, encoder.model).to(world.device)
+    if world.size > 1 and world.device.type == "cuda":  # BatchNorm over the global batch, as the papers
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (CPU processes keep their own statistics)
 
     def loss_fn(model: Segmenter, batch: dict):
         return segmentation_loss(model, batch["image"], batch["mask"], seg.aux_weight)
