@@ -442,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "hf:DIR (a CLIP or DINOv2 folder); nothing is downloaded")
     train.set_defaults(handler=cmd_pretrain, model=None, tokenizer=None)
 
-    visualize = commands.add_parser("visualize", help="draw what a run's model reconstructs")
+    visualize = commands.add_parser("visualize", help="draw what a run's model reconstructs (a segmentation "
+                                    "run: image | ground truth | prediction)")
     visualize.add_argument("run", help="run directory")
     visualize.add_argument("--out", required=True, help="PNG file to write")
     visualize.add_argument("--n", type=int, default=8, help="number of images")
