@@ -56,7 +56,7 @@ def one_line_error(capsys) -> str:
     (["--set", "data.img_size=0"], "'data.img_size' must be at least 1"),
     (["--set", "data.mean=[0.5,0.5]"], "'data.mean' has 2 values for 3 channels"),
     (["--set", "data.std=[0.5,0,0.5]"], "'data.std' must be positive"),
-    (["--set", "data.mean=0.5"], "'data.mean' must be a non-empty list"),
+    (["--set", "data.mean=0.5"], "'data.mean' must be a list"),
     (["--set", "optim.betas=[0.9]"], "'optim.betas' must be a list of 2 values"),
     (["--set", "optim.betas=[0.9,1.5]"], "'optim.betas' must lie in [0, 1)"),
     (["--set", "model.kwargs.foo=1"], "'model.kwargs.foo' is not an argument of MAE"),

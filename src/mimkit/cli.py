@@ -8,6 +8,8 @@
     mimkit visualize runs/mae --out recon.png [--n 8]
     mimkit finetune runs/mae --data fashion-mnist --out runs/ft [--label-fraction 0.1] [--init random]
     mimkit linprobe runs/mae --data fashion-mnist --out runs/lp     (knn: the same arguments)
+    mimkit segment runs/mae --data fmnist-scenes --out runs/seg [--head linear] [--init random]
+    mimkit predict runs/seg --images DIR --out DIR      (a fine-tuning run too: predictions.csv)
     mimkit import mae_pretrain_vit_base.pth --format mae --out runs/mae-b   (mae|beit|beitv2|vqkd|timm|hf)
     mimkit export runs/mae --to hf --out exported/   (--to timm; --encoder-only)
 
@@ -114,6 +116,10 @@ def cmd_visualize(args: argparse.Namespace) -> None:
 
     if args.n < 1:
         raise MimkitError("--n must be at least 1")
+    from mimkit.eval.segment import is_segmentation_run
+
+    if is_segmentation_run(args.run):
+        return visualize_segmentation(args)
     model, config = load_run(args.run)
     data = config.data
     try:
@@ -127,6 +133,121 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     if any("usage" in r for r in records):  # a tokenizer run: its codebook over training as well
         usage = Path(args.out).with_name(f"{Path(args.out).stem}-usage.png")
         print(f"wrote {save_picture(codebook_usage_plot(records), usage)}")
+
+
+def visualize_segmentation(args: argparse.Namespace) -> None:
+    """``mimkit visualize SEGRUN``: image | ground truth | prediction for ``--n`` validation images."""
+    import torch
+
+    from mimkit.data.seg_transforms import SegEvalView
+    from mimkit.data.segmentation import build_seg_source
+    from mimkit.eval.seg_metrics import predict_logits
+    from mimkit.eval.segment import load_segmenter
+    from mimkit.viz import save_picture, segmentation_figure
+
+    model, config = load_segmenter(args.run)
+    seg, data = config.seg, config.data
+    source = build_seg_source(data.source, "val", root=data.root, num_classes=seg.num_classes,
+                              channels=data.channels)
+    view = SegEvalView(seg.eval_scale, data.mean, data.std)
+    picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+    rows = []
+    with torch.inference_mode():
+        for index in picks.tolist():
+            image, truth = source[index]
+            logits = predict_logits(model, view.image(image)[None], seg.crop_size, seg.eval_mode,
+                                    seg.eval_stride, seg.eval_flip)
+            logits = torch.nn.functional.interpolate(logits, size=truth.shape, mode="bilinear",
+                                                     align_corners=False)
+            rows.append((image, truth, logits.argmax(1)[0]))
+    print(f"wrote {save_picture(segmentation_figure(rows, seg.classes), args.out)}")
+
+
+def segment_config(args: argparse.Namespace):
+    """Defaults ← recipe (and its ``per_method`` part for the encoder's method) ← flags ← ``--set``, for
+    ``mimkit segment``."""
+    from mimkit.eval.config import SegmentConfig
+
+    default = "segment_fmnist" if args.data == "fmnist-scenes" else "segment_ade20k"
+    recipe = load_recipe(args.config or default)
+    per_method = recipe.pop("per_method", {})
+    run_dir = Path(args.run)
+    run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir
+    saved = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+    method = saved.get("encoder_config", saved).get("method")  # a fine-tuning run holds its encoder's
+    values = merge(merge(to_dict(SegmentConfig()), recipe), per_method.get(method, {}))
+    flags: dict = {"encoder": args.run, "data": {"source": args.data}, "seg": {"init": args.init},
+                   "labels": {}, "train": train_flags(args)}
+    if args.head:
+        flags["seg"]["head"] = args.head
+    if args.label_fraction is not None:
+        flags["labels"]["fraction"] = args.label_fraction
+    return from_dict(SegmentConfig, merge(merge(values, flags), parse_overrides(args.set)))
+
+
+def cmd_segment(args: argparse.Namespace) -> None:
+    from mimkit.eval.segment import run_segment
+    from mimkit.train.checkpoint import Checkpoints
+
+    config = segment_config(args)
+    out = Path(args.out)
+    if (out / "config.yaml").is_file() and Checkpoints(out).latest() is not None:
+        saved = read_yaml(out / "config.yaml")
+        if saved.get("encoder") != config.encoder or "seg" not in saved:
+            raise MimkitError(f"'{out}' holds another run ({saved.get('encoder') or saved.get('method')}); "
+                              "choose another --out")
+    results = run_segment(config, out, args.force_config)
+    if results.get("interrupted"):
+        raise Interrupted
+    if "mIoU" in results:
+        print(f"run directory: {out}  mIoU {results['mIoU']:.2f}  aAcc {results['aAcc']:.2f}  "
+              f"mAcc {results['mAcc']:.2f}  (results: {out / 'results.json'}; try: mimkit visualize {out} "
+              "--out seg.png)")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from mimkit.eval.predict import predict_classes, predict_masks
+    from mimkit.eval.segment import is_segmentation_run
+
+    if is_segmentation_run(args.run):
+        written = predict_masks(args.run, args.images, args.out)
+        print(f"wrote {len(written)} label maps (and their _overlay.png) to {args.out}")
+    else:
+        print(f"wrote {predict_classes(args.run, args.images, args.out)}")
+
+
+def add_segment_commands(commands) -> None:
+    """``segment`` and ``predict``: dense prediction on a pretrained encoder, and using a trained model."""
+    segment = commands.add_parser("segment", help="train a pretrained encoder for semantic segmentation")
+    segment.add_argument("run", help="a pretraining or fine-tuning run directory, or a .safetensors "
+                         "checkpoint")
+    segment.add_argument("--data", required=True, help="fmnist-scenes | a folder in ADE20K, Pascal VOC 2012 "
+                         "or images/ + masks/ layout")
+    segment.add_argument("--out", required=True, help="run directory (resumed when it holds a checkpoint)")
+    segment.add_argument("--head", choices=("upernet", "linear"),
+                         help="upernet: feature pyramid + UperNet + auxiliary FCN (default); linear: "
+                         "BatchNorm + 1x1 convolution on the last block")
+    segment.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
+                         help="random: the same architecture freshly initialized (the baseline)")
+    segment.add_argument("--label-fraction", type=float,
+                         help="train on a seeded subset of the training images, e.g. 0.1")
+    length = segment.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int)
+    length.add_argument("--max-steps", type=int)
+    segment.add_argument("--batch-size", type=int, help="per-process batch")
+    segment.add_argument("--config", help="a packaged recipe name or a YAML file (default: segment_fmnist "
+                         "for fmnist-scenes, segment_ade20k otherwise)")
+    segment.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="dotted override, e.g. seg.num_classes=5 or seg.eval_mode=slide (repeatable)")
+    add_force_config(segment)
+    segment.set_defaults(handler=cmd_segment)
+
+    predict = commands.add_parser("predict", help="run a segmentation or fine-tuned classification run on "
+                                  "images")
+    predict.add_argument("run", help="a segmentation run (label maps) or a fine-tuning run (predictions.csv)")
+    predict.add_argument("--images", required=True, help="a folder of images (searched recursively)")
+    predict.add_argument("--out", required=True, help="folder to write")
+    predict.set_defaults(handler=cmd_predict)
 
 
 def finetune_config(args: argparse.Namespace):
@@ -336,13 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "hf:DIR (a CLIP or DINOv2 folder); nothing is downloaded")
     train.set_defaults(handler=cmd_pretrain, model=None, tokenizer=None)
 
-    visualize = commands.add_parser("visualize", help="draw what a run's model reconstructs")
+    visualize = commands.add_parser("visualize", help="draw what a run's model reconstructs (a segmentation "
+                                    "run: image | ground truth | prediction)")
     visualize.add_argument("run", help="run directory")
     visualize.add_argument("--out", required=True, help="PNG file to write")
     visualize.add_argument("--n", type=int, default=8, help="number of images")
     visualize.add_argument("--seed", type=int, default=0)
     visualize.set_defaults(handler=cmd_visualize)
     add_eval_commands(commands)
+    add_segment_commands(commands)
     add_interop_commands(commands)
     return parser
 

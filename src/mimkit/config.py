@@ -46,7 +46,7 @@ class DataConfig:
         if self.std is not None and not all(s > 0 for s in self.std):
             raise MimkitError(f"config 'data.std' must be positive (it divides the pixels), got {self.std}")
         for name, values in (("mean", self.mean), ("std", self.std)):
-            if values is not None and len(values) not in (1, self.channels or len(values)):
+            if values is not None and (not values or len(values) not in (1, self.channels or len(values))):
                 raise MimkitError(f"config 'data.{name}' has {len(values)} values for {self.channels} "
                                   f"channels; give one per channel")
         if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
@@ -184,8 +184,8 @@ def _coerce(value, hint, key: str):
             raise MimkitError(f"config '{key}' must be a list of {len(items)} values, got {value!r}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, items, strict=True))
     if origin is list:
-        if not isinstance(value, (list, tuple)) or not value:
-            raise MimkitError(f"config '{key}' must be a non-empty list, got {value!r}")
+        if not isinstance(value, (list, tuple)):
+            raise MimkitError(f"config '{key}' must be a list, got {value!r}")
         return [_coerce(v, typing.get_args(hint)[0], key) for v in value]
     if hint is float and not isinstance(value, bool):
         try:  # YAML reads 1e-3 (no dot) as a string

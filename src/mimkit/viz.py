@@ -303,3 +303,64 @@ def codebook_usage_plot(records: list[dict]) -> Image.Image:
         _plot(draw, (left, 30, left + 280, 270), key, lines, fmt)
     return canvas
 
+
+
+def seg_palette(num_classes: int) -> torch.Tensor:
+    """A colour per class, uint8 (num_classes, 3): Pascal VOC's colour map (class 0 black; the bits of the
+    class id spread over the high bits of red, green and blue), the same for every run."""
+    ids = torch.arange(num_classes)
+    colours = torch.zeros(num_classes, 3, dtype=torch.long)
+    for shift in range(7, -1, -1):
+        for channel in range(3):
+            colours[:, channel] |= ((ids >> (3 * (7 - shift) + channel)) & 1) << shift
+    return colours.to(torch.uint8)
+
+
+def colorize(mask: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
+    """Label map (H, W) -> uint8 (3, H, W) in the palette's colours; ignored pixels (255) white."""
+    colours = torch.cat([palette, torch.full((256 - len(palette), 3), 255, dtype=torch.uint8)])
+    return colours[mask.long().clamp(0, 255)].permute(2, 0, 1)
+
+
+def overlay(image: torch.Tensor, mask: torch.Tensor, palette: torch.Tensor,
+            alpha: float = 0.5) -> torch.Tensor:
+    """An image uint8 (C, H, W) with its label map's colours blended in: uint8 (3, H, W)."""
+    rgb = image.expand(3, -1, -1).float()
+    return (rgb * (1 - alpha) + colorize(mask, palette).float() * alpha).round().to(torch.uint8)
+
+
+def segmentation_figure(rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                        classes: Sequence[str], scale: int = 4) -> Image.Image:
+    """Columns image | ground truth | prediction, one row per sample, and a legend of the classes shown.
+
+    Args:
+        rows: (image uint8 (C, H, W), truth (H, W), prediction (H, W)) per sample (any sizes).
+        classes: class names, index = label.
+        scale: integer upscaling for small images (nearest neighbour).
+    """
+    palette = seg_palette(len(classes))
+    h = max(r[0].shape[1] for r in rows)
+    scale = max(1, scale if h >= 64 else 224 // h)
+    tiles = [[r[0].expand(3, -1, -1), colorize(r[1], palette), colorize(r[2], palette)] for r in rows]
+    w = max(t.shape[2] for row in tiles for t in row) * scale
+    h, pad, header = h * scale, 4, 18
+    labels = torch.cat([t.flatten() for _, truth, pred in rows for t in (truth, pred)]).unique()
+    shown = [int(c) for c in labels if c < len(classes)]
+    legend_rows = (len(shown) + 2) // 3
+    height = header + len(rows) * (h + pad) + pad + 16 * legend_rows + 8
+    canvas = Image.new("RGB", (3 * (w + pad) + pad, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(("image", "ground truth", "prediction")):
+        draw.text((pad + j * (w + pad), 3), name, fill="black")
+    for i, row in enumerate(tiles):
+        for j, tile in enumerate(row):
+            picture = Image.fromarray(tile.permute(1, 2, 0).numpy())
+            picture = picture.resize((tile.shape[2] * scale, tile.shape[1] * scale), Image.NEAREST)
+            canvas.paste(picture, (pad + j * (w + pad), header + pad + i * (h + pad)))
+    top = header + len(rows) * (h + pad) + pad
+    column_width = (3 * (w + pad)) // 3
+    for k, c in enumerate(shown):
+        x, y = pad + (k % 3) * column_width, top + 16 * (k // 3)
+        draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(int(v) for v in palette[c]), outline="black")
+        draw.text((x + 14, y + 1), f"{c} {classes[c]}", fill="black")
+    return canvas

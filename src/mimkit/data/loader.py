@@ -21,12 +21,14 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
 
 
 class SeededViews(Dataset):
-    """Applies a method's view to a source's images, with the torch RNG seeded per sample.
+    """Applies a method's view to a source's items, with the torch RNG seeded per sample.
 
+    A source of ``(image, label int)`` gets ``view(image)`` plus ``"label"``; a source of ``(image, mask
+    tensor)`` (segmentation) gets a joint view, ``view(image, mask)``, whose dict is the item as it is.
     Items are addressed by ``(index, seed)`` pairs from `EpochBatches`.
     """
 
-    def __init__(self, source: Dataset, view: Callable[[torch.Tensor], dict]):
+    def __init__(self, source: Dataset, view: Callable[..., dict]):
         self.source, self.view = source, view
 
     def __len__(self) -> int:
@@ -34,15 +36,16 @@ class SeededViews(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, seed = item
-        image, label = self.source[index]
+        image, target = self.source[index]
+        dense = isinstance(target, torch.Tensor)  # a mask: transformed with the image, not attached
         rng = torch.default_generator  # seeded directly: fork_rng/manual_seed cost ~60x more per sample
         saved = rng.get_state()
         rng.manual_seed(seed)
         try:
-            out = self.view(image)
+            out = self.view(image, target) if dense else self.view(image)
         finally:
             rng.set_state(saved)
-        return out | {"label": torch.tensor(label)}
+        return out if dense else out | {"label": torch.tensor(target)}
 
 
 class EpochBatches:

@@ -62,6 +62,14 @@ def pooled_features(model: nn.Module, images: torch.Tensor, pool: str) -> torch.
     return model.fc_norm(x)
 
 
+def set_drop_path(model: nn.Module, drop_path: float) -> None:
+    """Stochastic depth in place: block i of n drops its residual branches at ``drop_path * i / (n - 1)``."""
+    rates = torch.linspace(0, drop_path, len(model.blocks)).tolist()
+    for block, rate in zip(model.blocks, rates, strict=True):
+        block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
+        block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
+
+
 def build_classifier(encoder: nn.Module, num_classes: int, pool: str = "avg",
                      drop_path: float = 0.0) -> nn.Module:
     """A copy of ``encoder`` with a classification head, ready to fine-tune.
@@ -83,10 +91,7 @@ def build_classifier(encoder: nn.Module, num_classes: int, pool: str = "avg",
     if num_classes < 1:
         raise MimkitError(f"a classifier needs at least one class, got {num_classes}")
     model = copy.deepcopy(encoder).requires_grad_(True)
-    rates = torch.linspace(0, drop_path, len(model.blocks)).tolist()
-    for block, rate in zip(model.blocks, rates, strict=True):
-        block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
-        block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
+    set_drop_path(model, drop_path)
     place_norm(model, pool)
     model.reset_classifier(num_classes, "avg" if pool == "avg" else "token")
     nn.init.trunc_normal_(model.head.weight, std=2e-5)

@@ -1,4 +1,5 @@
-"""Typed configuration of a fine-tuning run (``recipes/finetune_*.yaml``).
+"""Typed configuration of a fine-tuning run (``recipes/finetune_*.yaml``) and of a segmentation run
+(``recipes/segment_*.yaml``).
 
 The data, optimizer and training sections reuse the pretraining dataclasses; a fine-tuning run saves
 this resolved configuration as ``config.yaml``, including the configuration that built its encoder
@@ -67,3 +68,63 @@ class FinetuneConfig:
 
     def __post_init__(self):
         at_least(1, "", eval_every=self.eval_every, eval_batch_size=self.eval_batch_size)
+
+@dataclass
+class SegConfig:
+    head: str = "upernet"  # upernet (feature pyramid, UperNet, auxiliary FCN) | linear (BatchNorm, 1x1 conv)
+    init: str = "pretrained"  # pretrained | random (the same architecture from scratch)
+    freeze_encoder: bool = False  # train the head alone on fixed features (e.g. a frozen random encoder)
+    num_classes: int | None = None  # None: the data's (a generic folder without classes.txt needs it)
+    classes: list[str] = field(default_factory=list)  # filled from the data when the run starts
+    crop_size: int | None = None  # training crop and model input; None: the encoder's pretraining size
+    scale: tuple[int, int] | None = None  # base (long, short) side that random rescale scales; None: the crop
+    ratio_range: tuple[float, float] = (0.5, 2.0)  # random rescale of the base scale
+    cat_max_ratio: float = 0.75  # redraw a crop while one class covers more than this share of it
+    photometric: bool = True  # photometric distortion (brightness, contrast, saturation, hue)
+    blocks: list[int] | None = None  # 0-based blocks UperNet reads; None: 3, 5, 7, 11 of 12, scaled to depth
+    channels: int | None = None  # UperNet's width; None: the encoder's
+    aux_channels: int = 256  # the auxiliary FCN head's width
+    aux_weight: float = 0.4  # weight of the auxiliary head's loss
+    drop_path: float = 0.1  # stochastic depth of the encoder's last block (rising linearly from 0)
+    eval_mode: str = "whole"  # whole | slide
+    eval_stride: int | None = None  # sliding window stride; None: the crop (no overlap)
+    eval_flip: bool = False  # average the logits with those of the flipped image
+    eval_scale: tuple[int, int] | None = None  # (long, short) side evaluated images fit in; None: as they are
+
+    def __post_init__(self):
+        at_least(1, "seg", num_classes=self.num_classes, crop_size=self.crop_size, channels=self.channels,
+                 aux_channels=self.aux_channels, eval_stride=self.eval_stride)
+
+
+@dataclass
+class SegLabelsConfig:
+    fraction: float = 1.0  # seeded subset of the training images (and their masks), e.g. 0.1
+    seed: int = 0  # keep it fixed across compared encoders: the same images at the same fraction
+
+
+@dataclass
+class SegmentOptimConfig(OptimConfig):
+    base_lr: float = 6.4e-3  # lr = base_lr x global batch / 256 (4e-4 at batch 16)
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 1.0  # linear warmup, then polynomial decay (power 1.0) to min_lr
+    layer_decay: float = 0.65  # block i of n gets lr x layer_decay ** (n - i); the heads get lr
+
+
+@dataclass
+class SegmentConfig:
+    encoder: str = ""  # the run directory or checkpoint the encoder comes from
+    encoder_config: dict = field(default_factory=dict)  # that encoder's pretraining configuration (resolved)
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="fmnist-scenes"))
+    seg: SegConfig = field(default_factory=SegConfig)
+    labels: SegLabelsConfig = field(default_factory=SegLabelsConfig)
+    optim: SegmentOptimConfig = field(default_factory=SegmentOptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=16))
+    eval_every: int | None = None  # optimizer steps between evaluations (and at the end); None: every epoch
+    eval_batch_size: int = 1  # images of different sizes (ADE20K, VOC) are evaluated one at a time
+    eval_images: int | None = None  # score the first N validation images only (quick runs); None: all
+
+    def __post_init__(self):
+        at_least(1, "", eval_every=self.eval_every, eval_batch_size=self.eval_batch_size,
+                 eval_images=self.eval_images)
+

@@ -99,6 +99,17 @@ def export_model(model: nn.Module, config: PretrainConfig, to: str, out: str | P
 
 
 def export_run(run_dir: str | Path, to: str, out: str | Path, encoder_only: bool = False) -> list[Path]:
-    """Export the newest weights of a run (see `export_model`)."""
+    """Export the newest weights of a run (see `export_model`); a BEiT segmentation run's best weights go to
+    transformers' ``BeitForSemanticSegmentation`` (`mimkit.interop.segmentation`)."""
+    from mimkit.eval.segment import is_segmentation_run, load_segmenter
+    from mimkit.interop.segmentation import export_segmenter
+
+    if is_segmentation_run(run_dir):
+        if to != "hf" or encoder_only:
+            raise MimkitError("a segmentation run exports to Hugging Face whole: --to hf without "
+                              "--encoder-only")
+        segmenter, seg_config = load_segmenter(run_dir)
+        data = seg_config.data
+        return export_segmenter(segmenter, seg_config.seg.crop_size, data.mean, data.std, out)
     model, config = load_run(run_dir)
     return export_model(model, config, to, out, encoder_only)

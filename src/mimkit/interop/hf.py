@@ -25,6 +25,7 @@ HF_ARCHS = {
     "ViTMAEForPreTraining": ("vit.", ("decoder.",)),
     "BeitModel": ("", ()),
     "BeitForMaskedImageModeling": ("beit.", ("layernorm.", "lm_head.")),
+    "BeitForSemanticSegmentation": ("beit.", ("fpn.", "decode_head.", "auxiliary_head.")),
 }
 BASE_PREFIXES = ("vit.", "beit.")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -1,4 +1,4 @@
-"""Per-iteration schedules: linear warmup, then cosine decay.
+"""Per-iteration schedules: linear warmup, then cosine or polynomial decay.
 
 Computed once as an array indexed by the optimizer step, so a resumed run reads the same value at the
 same step without replaying anything.
@@ -28,4 +28,25 @@ def cosine_schedule(base_value: float, final_value: float, total_steps: int, war
     span = max(decay_steps - 1, 1)  # the last step lands on final_value
     decay = [final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * i / span))
              for i in range(decay_steps)]
+    return warmup + decay
+
+
+def poly_schedule(base_value: float, final_value: float, total_steps: int, warmup_steps: int = 0,
+                  start_warmup_value: float = 0.0, power: float = 1.0) -> list[float]:
+    """Values for steps ``0 … total_steps-1``: linear warmup, then
+    ``final + (base - final) * (1 - t) ** power`` with ``t`` going from 0 to 1 over the remaining steps (the
+    "poly" schedule of the segmentation recipes; power 1.0 is a linear decay).
+
+    Args: as `cosine_schedule`, and
+        power: exponent of the decay.
+
+    Returns:
+        A list of ``total_steps`` floats.
+    """
+    warmup_steps = min(warmup_steps, total_steps)
+    warmup = [start_warmup_value + (base_value - start_warmup_value) * i / warmup_steps
+              for i in range(warmup_steps)]
+    decay_steps = total_steps - warmup_steps
+    span = max(decay_steps - 1, 1)  # the last step lands on final_value
+    decay = [final_value + (base_value - final_value) * (1 - i / span) ** power for i in range(decay_steps)]
     return warmup + decay

@@ -1,0 +1,443 @@
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimkit.data import segmentation
+from mimkit.data.loader import SeededViews
+from mimkit.data.seg_transforms import PhotometricDistortion, SegEvalView, SegTrainView, rescaled_size
+from mimkit.data.segmentation import (
+    SCENE_SIZE,
+    SCENE_THRESHOLD,
+    SegSource,
+    build_seg_source,
+    fmnist_scene_classes,
+    fmnist_scenes_folder,
+    make_scene,
+    write_fmnist_scenes,
+)
+from mimkit.errors import MimkitError
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
+                                   reason="apt-get install dataset-fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(monkeypatch, tmp_path):
+    """A private cache and no MIMKIT_DATA: nothing is read from or written to the user's folders."""
+    monkeypatch.delenv("MIMKIT_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def save(path: Path, array: np.ndarray, palette: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(array.astype(np.uint8))
+    if palette:  # indices stay the pixel values; the palette only colours them (as Pascal VOC's PNGs)
+        img.putpalette(np.random.default_rng(0).integers(0, 256, 768, dtype=np.uint8).tobytes())
+    img.save(path)
+    return path
+
+
+def stored_mask(seed: int, values: list[int], size=(6, 8)) -> np.ndarray:
+    return np.random.default_rng(seed).choice(values, size).astype(np.uint8)
+
+
+def rgb(seed: int, size=(6, 8)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+def make_ade(root: Path, masks: dict[str, list[np.ndarray]]) -> Path:
+    for split, sub in (("train", "training"), ("val", "validation")):
+        for i, mask in enumerate(masks[split]):
+            save(root / "images" / sub / f"ADE_{i}.jpg", rgb(i, mask.shape))
+            save(root / "annotations" / sub / f"ADE_{i}.png", mask)
+    return root
+
+
+def make_generic(root: Path, masks: list[np.ndarray], classes: list[str] | None = None,
+                 split: str = "") -> Path:
+    for i, mask in enumerate(masks):
+        save(root / "images" / split / f"img{i}.png", (mask * 40).astype(np.uint8))
+        save(root / "masks" / split / f"img{i}.png", mask)
+    if classes:
+        (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layouts
+
+
+def test_ade_layout_reduces_zero_label(tmp_path):
+    train_mask = np.array([[0, 1, 2, 150], [255, 1, 0, 3]], np.uint8)
+    root = make_ade(tmp_path / "ADEChallengeData2016", {"train": [train_mask, stored_mask(1, [1, 2], (2, 4))],
+                                                        "val": [stored_mask(2, [0, 5], (2, 4))]})
+    train = build_seg_source(str(tmp_path), "train")  # found in the ADEChallengeData2016 sub-folder
+    assert train.num_classes == 150 and train.classes[0] == "wall" and train.classes[-1] == "flag"
+    assert train.channels == 3 and train.ignore_index == 255 and len(train) == 2
+    image, mask = train[0]
+    assert image.shape == (3, 2, 4) and image.dtype == torch.uint8 and mask.dtype == torch.uint8
+    assert mask.tolist() == [[255, 0, 1, 149], [255, 0, 255, 2]]  # 0 -> ignored, the rest down by one
+    val = build_seg_source(str(root), "val")
+    assert len(val) == 1 and set(val[0][1].unique().tolist()) <= {255, 4}
+    assert "ADE_0.jpg" in train.describe(0) and "ADE_0.png" in train.describe(0)
+
+
+def test_voc_layout_reads_palette_indices_and_keeps_255(tmp_path):
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    masks = {"a": np.array([[0, 15, 255], [20, 0, 1]], np.uint8),
+             "b": np.array([[7, 7, 7], [255, 0, 0]], np.uint8)}
+    for stem, mask in masks.items():
+        save(root / "JPEGImages" / f"{stem}.jpg", rgb(0, mask.shape))
+        save(root / "SegmentationClass" / f"{stem}.png", mask, palette=True)
+    assert Image.open(root / "SegmentationClass" / "a.png").mode == "P"
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("a\nb\n")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("b\n")
+    train, val = build_seg_source(str(tmp_path), "train"), build_seg_source(str(tmp_path), "val")
+    assert train.num_classes == 21 and train.classes[0] == "background" and train.classes[15] == "person"
+    assert [len(train), len(val)] == [2, 1]
+    assert train[0][1].tolist() == masks["a"].tolist()  # indices, not colours; no zero reduction
+    assert val[0][1].tolist() == masks["b"].tolist()
+
+
+def test_generic_layout_with_classes_txt_and_splits(tmp_path):
+    masks = [stored_mask(i, [0, 1, 2]) for i in range(3)]
+    make_generic(tmp_path, masks, ["sky", "road", "car"], split="train")
+    make_generic(tmp_path, masks[:1], split="val")
+    train = build_seg_source(str(tmp_path), "train")
+    assert train.classes == ["sky", "road", "car"] and train.num_classes == 3
+    assert train.channels == 1 and train.info.image_size is None  # 6x8 images: no common square side
+    assert [train[i][1].tolist() for i in range(3)] == [m.tolist() for m in masks]
+    image, mask = train[1]
+    assert torch.equal(image[0], mask * 40)  # image and mask paired by stem
+    assert len(build_seg_source(str(tmp_path), "val")) == 1
+
+
+def test_generic_layout_without_split_holds_out_a_seeded_part(tmp_path):
+    make_generic(tmp_path, [stored_mask(i, [0, 1]) for i in range(20)])
+    train = build_seg_source(str(tmp_path), "train", num_classes=2)
+    val = build_seg_source(str(tmp_path), "val", num_classes=2)
+    assert train.classes == ["class_0", "class_1"]
+    assert (len(train), len(val)) == (18, 2)  # 10% held out
+    assert not set(train.images) & set(val.images)
+    assert val.images == build_seg_source(str(tmp_path), "val", num_classes=2).images  # the same every time
+
+
+def test_generic_single_pair_is_both_splits(tmp_path):
+    make_generic(tmp_path, [stored_mask(0, [0, 1])])
+    train, val = (build_seg_source(str(tmp_path), s, num_classes=2) for s in ("train", "val"))
+    assert train.images == val.images and len(train) == 1
+
+
+def test_num_classes_overrides_a_layouts_own_names(tmp_path):
+    make_ade(tmp_path, {"train": [stored_mask(0, [1, 2])], "val": []})
+    assert build_seg_source(str(tmp_path), "train", num_classes=150).classes[0] == "wall"
+    assert build_seg_source(str(tmp_path), "train", num_classes=4).classes == [f"class_{k}" for k in range(4)]
+
+
+def test_channels_can_be_converted(tmp_path):
+    make_generic(tmp_path, [stored_mask(0, [0, 1])], ["a", "b"])
+    source = build_seg_source(str(tmp_path), "train", channels=3)
+    assert source.channels == 3 and source[0][0].shape == (3, 6, 8)
+    assert source.info.mean == (0.485, 0.456, 0.406)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: one line naming the file
+
+
+def one_line_error(match: str, fn, *args, **kwargs) -> str:
+    with pytest.raises(MimkitError, match=match) as caught:
+        fn(*args, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_mask_of_another_size_is_refused_at_once(tmp_path):
+    save(tmp_path / "images" / "a.png", np.zeros((32, 32)))
+    save(tmp_path / "masks" / "a.png", np.zeros((16, 16)))
+    message = one_line_error("size", build_seg_source, str(tmp_path), "train", num_classes=2)
+    assert str(tmp_path / "masks" / "a.png") in message and "16x16" in message and "32x32" in message
+
+
+def test_label_at_or_above_num_classes_is_refused(tmp_path):
+    make_generic(tmp_path, [stored_mask(0, [0, 1]), np.array([[0, 1], [3, 255]], np.uint8)])
+    message = one_line_error("label 3", build_seg_source, str(tmp_path), "train", num_classes=3)
+    assert "img1.png" in message
+    assert build_seg_source(str(tmp_path), "train", num_classes=4)  # 255 is ignore, not a label
+
+
+def test_ade_label_above_150_names_the_stored_value(tmp_path):
+    make_ade(tmp_path, {"train": [np.array([[0, 151]], np.uint8)], "val": []})
+    message = one_line_error("label 151", build_seg_source, str(tmp_path), "train")
+    assert "ADE_0.png" in message and "150 classes" in message
+
+
+def test_bad_mask_outside_the_probe_fails_when_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(segmentation, "PROBE_SAMPLES", 2)  # the first and the last pair only
+    make_generic(tmp_path, [stored_mask(i, [0, 1]) for i in range(4)], ["a", "b"], split="train")
+    save(tmp_path / "masks" / "train" / "img1.png", np.full((6, 8), 9))
+    source = build_seg_source(str(tmp_path), "train")
+    source[2]
+    one_line_error("img1.png", source.__getitem__, 1)
+
+
+def test_image_without_a_mask(tmp_path):
+    make_generic(tmp_path, [stored_mask(0, [0, 1])], ["a", "b"])
+    save(tmp_path / "images" / "lonely.png", np.zeros((6, 8)))
+    message = one_line_error("no mask", build_seg_source, str(tmp_path), "train")
+    assert "lonely.png" in message
+
+
+def test_ade_and_voc_images_without_masks(tmp_path):
+    make_ade(tmp_path / "ade", {"train": [stored_mask(0, [1])], "val": []})
+    save(tmp_path / "ade" / "images" / "training" / "extra.jpg", rgb(0))
+    one_line_error("extra.jpg.* no mask", build_seg_source, str(tmp_path / "ade"), "train")
+    voc = tmp_path / "voc"
+    save(voc / "JPEGImages" / "a.jpg", rgb(0))
+    (voc / "SegmentationClass").mkdir()
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
+    one_line_error("a.jpg.* no mask", build_seg_source, str(voc), "train")
+
+
+def test_empty_split(tmp_path):
+    make_ade(tmp_path, {"train": [stored_mask(0, [1])], "val": []})
+    (tmp_path / "images" / "validation").mkdir(parents=True)
+    one_line_error("val split .* holds no images", build_seg_source, str(tmp_path), "val")
+
+
+def test_folder_of_no_known_layout_and_other_bad_specs(tmp_path):
+    (tmp_path / "pictures").mkdir()
+    one_line_error("no known segmentation layout", build_seg_source, str(tmp_path), "train")
+    one_line_error("does not exist", build_seg_source, str(tmp_path / "missing"), "train")
+    one_line_error("split 'test'", build_seg_source, str(tmp_path), "test")
+
+
+def test_generic_without_class_names(tmp_path):
+    make_generic(tmp_path, [stored_mask(0, [0, 1])])
+    one_line_error("classes.txt.*seg.num_classes", build_seg_source, str(tmp_path), "train")
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    one_line_error("num_classes=3 but .* lists 2", build_seg_source, str(tmp_path), "train", num_classes=3)
+
+
+def test_colour_mask_is_refused(tmp_path):
+    save(tmp_path / "images" / "a.png", np.zeros((6, 8)))
+    save(tmp_path / "masks" / "a.png", rgb(0))
+    one_line_error("a.png' is stored as RGB", build_seg_source, str(tmp_path), "train", num_classes=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Joint views
+
+
+def checkerboard(height: int, width: int, block: int, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image of bright and dark blocks, and the mask that thresholds it (1 bright, 0 dark)."""
+    rows, cols = torch.arange(height)[:, None] // block, torch.arange(width)[None] // (block + 3)
+    bright = (rows * 7 + cols * 3) % 5 < 2  # [H, W] an irregular pattern: a misplaced crop would not match
+    image = torch.where(bright, 220, 30).to(torch.uint8).expand(channels, height, width).clone()
+    return image, bright.to(torch.uint8)
+
+
+def test_rescaled_size_fits_long_and_short_sides():
+    assert rescaled_size(480, 640, (2048, 512)) == (512, 683)
+    assert rescaled_size(100, 4000, (2048, 512)) == (51, 2048)  # the long side binds
+    assert rescaled_size(56, 56, (56, 56)) == (56, 56)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_train_view_keeps_mask_on_image(channels):
+    image, mask = checkerboard(60, 90, 7, channels)
+    mean, std = (0.5,) * channels, (0.25,) * channels
+    view = SegTrainView(48, (90, 60), mean, std, photometric=False)
+    agreement = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = view(image, mask)
+        assert out["image"].shape == (channels, 48, 48) and out["image"].dtype == torch.float32
+        assert out["mask"].shape == (48, 48) and out["mask"].dtype == torch.int64
+        labelled = out["mask"] != 255
+        bright = out["image"][0] * std[0] + mean[0] > 0.5  # threshold the view, as the mask was made
+        agreement.append((bright == out["mask"].bool())[labelled].float().mean().item())
+        assert (out["image"][:, ~labelled] == 0).all()  # padding: the mean colour where the mask ignores
+    # Only block edges blurred by the bilinear resize may disagree. A mask half a pixel off (plain
+    # NEAREST instead of pixel-centre sampling) agrees about 0.94 on average; one pixel off, about 0.93.
+    assert min(agreement) > 0.93 and sum(agreement) / len(agreement) > 0.98, agreement
+
+
+def test_train_view_pads_small_images_with_ignore():
+    image, mask = checkerboard(20, 30, 4)
+    torch.manual_seed(0)
+    view = SegTrainView(64, (30, 20), (0.5,) * 3, (0.5,) * 3, ratio_range=(1.0, 1.0), photometric=False)
+    out = view(image, mask)
+    assert out["mask"].shape == (64, 64)
+    assert out["mask"][:20, :30].tolist() in (mask.long().tolist(), mask.long().flip(-1).tolist())
+    assert (out["mask"][20:] == 255).all() and (out["mask"][:, 30:] == 255).all()
+
+
+def test_crop_retries_while_one_class_dominates():
+    mask = torch.zeros(100, 100, dtype=torch.uint8)
+    mask[:40, :40] = 1  # an object in a corner: most crops would be one class only
+    image = torch.zeros(3, 100, 100, dtype=torch.uint8)
+
+    def balanced_share(cat_max_ratio: float) -> float:
+        view = SegTrainView(40, (100, 100), (0.5,) * 3, (0.5,) * 3, ratio_range=(1.0, 1.0),
+                            cat_max_ratio=cat_max_ratio, photometric=False)
+        shares = []
+        for seed in range(100):
+            torch.manual_seed(seed)
+            counts = view(image, mask)["mask"].flatten().bincount(minlength=2)
+            shares.append(bool(counts.max() < 0.75 * counts.sum()))
+        return sum(shares) / len(shares)
+
+    assert balanced_share(0.75) > balanced_share(1.0) + 0.3
+
+
+def test_photometric_distortion_changes_colours_only_within_range():
+    image = torch.rand(3, 16, 16)
+    distort = PhotometricDistortion()
+    outs = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        outs.append(distort(image))
+    assert all(o.shape == image.shape and 0 <= o.min() and o.max() <= 1 for o in outs)
+    assert sum(not torch.equal(o, image) for o in outs) >= 6
+    torch.manual_seed(0)
+    grey = distort(image[:1])  # saturation and hue are skipped: no error on one channel
+    assert grey.shape == (1, 16, 16)
+
+
+def test_eval_view_resizes_image_and_keeps_mask():
+    image, mask = checkerboard(30, 40, 5)
+    out = SegEvalView((80, 60), (0.5,) * 3, (0.5,) * 3)(image, mask)
+    assert out["image"].shape == (3, 60, 80) and torch.equal(out["mask"], mask.long())
+    same = SegEvalView((40, 30), (0.5,) * 3, (0.5,) * 3)(image, mask)["image"]
+    assert torch.allclose(same, (image.float() / 255 - 0.5) / 0.5)  # already at scale: not resampled
+    assert SegEvalView(None, (0.5,) * 3, (0.5,) * 3).image(image).shape == (3, 30, 40)
+
+
+class PairSource(torch.utils.data.Dataset):
+    def __init__(self, n: int = 4):
+        self.pairs = [checkerboard(40, 50, 3 + i) for i in range(n)]
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        return self.pairs[i]
+
+
+def test_seeded_joint_views_same_seed_same_view_different_seeds_differ():
+    views = SeededViews(PairSource(), SegTrainView(32, (50, 40), (0.5,) * 3, (0.5,) * 3))
+    first = views[(1, 123)]
+    assert set(first) == {"image", "mask"}  # a mask is transformed, not attached as a label
+    again = views[(1, 123)]
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["mask"], again["mask"])
+    others = [views[(1, seed)] for seed in range(124, 130)]
+    assert any(not torch.equal(first["image"], o["image"]) for o in others)
+    assert any(not torch.equal(first["mask"], o["mask"]) for o in others)
+
+
+def test_seeded_joint_views_leave_the_global_rng_alone():
+    views = SeededViews(PairSource(), SegTrainView(32, (50, 40), (0.5,) * 3, (0.5,) * 3))
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    views[(0, 5)]
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fmnist-scenes
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.tobytes()))
+
+
+def tiny_fashion(folder: Path, n: int = 30) -> Path:
+    """IDX files of n 28x28 'items': a bright rectangle of random size on black, labels i % 10."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    items = np.zeros((n, 28, 28), np.uint8)
+    for i in range(n):
+        h, w = rng.integers(6, 20, 2)
+        items[i, 3:3 + h, 5:5 + w] = rng.integers(SCENE_THRESHOLD, 256)
+    for prefix in ("train", "t10k"):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", items)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+    return folder
+
+
+def test_make_scene_is_deterministic_and_labels_bright_pixels():
+    rng = np.random.default_rng(1)
+    items = np.where(rng.random((40, 28, 28)) < 0.4, rng.integers(0, 256, (40, 28, 28)), 0).astype(np.uint8)
+    labels = np.arange(40) % 10
+    counts = []
+    for index in range(30):
+        image, mask = make_scene(items, labels, 0, index)
+        again = make_scene(items, labels, 0, index)
+        assert np.array_equal(image, again[0]) and np.array_equal(mask, again[1])
+        assert image.shape == mask.shape == (SCENE_SIZE, SCENE_SIZE)
+        assert ((mask > 0) == (image >= SCENE_THRESHOLD)).all()  # a labelled pixel is a bright one
+        counts.append(len(np.unique(mask[mask > 0])))
+    assert 1 <= min(counts) and max(counts) <= 3 and len(set(counts)) > 1
+    assert not np.array_equal(make_scene(items, labels, 1, 0)[0], make_scene(items, labels, 0, 0)[0])
+
+
+def test_fmnist_scenes_cached_in_ade_layout(tmp_path, monkeypatch):
+    idx = tiny_fashion(tmp_path / "idx")
+    counts = {"train": 12, "val": 5}
+    folder = fmnist_scenes_folder(tmp_path / "cache", idx_root=idx, counts=counts)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]  # no temporary folder left
+    assert len(list((folder / "images" / "training").iterdir())) == 12
+    assert len(list((folder / "annotations" / "validation").iterdir())) == 5
+    source = build_seg_source(str(folder), "train")  # the folder alone reads the same way
+    assert source.classes == fmnist_scene_classes() and source.num_classes == 11
+    masks = [source[i][1] for i in range(len(source))]
+    assert all((m != 255).all() and m.max() <= 10 for m in masks)  # background is class 0, not ignored
+    assert sum((m == 0).sum() for m in masks) > 0 and sum((m > 0).sum() for m in masks) > 0
+
+    again = tmp_path / "again"
+    write_fmnist_scenes(again, counts, idx)
+    for path in folder.rglob("*.png"):
+        assert path.read_bytes() == (again / path.relative_to(folder)).read_bytes()  # deterministic
+
+    def never(*args):
+        raise AssertionError("regenerated a cached dataset")
+
+    monkeypatch.setattr(segmentation, "write_fmnist_scenes", never)
+    assert fmnist_scenes_folder(tmp_path / "cache", idx_root=idx, counts=counts) == folder
+
+
+def test_fmnist_scenes_writer_keeps_a_folder_another_process_finished(tmp_path):
+    idx = tiny_fashion(tmp_path / "idx")
+    folder = tmp_path / "scenes"
+    write_fmnist_scenes(folder, {"train": 3, "val": 2}, idx)
+    marker = folder / "images" / "training" / "scene_000000.png"
+    before = marker.stat().st_mtime_ns
+    write_fmnist_scenes(folder, {"train": 3, "val": 2}, idx)  # as if it lost the race to rename
+    assert marker.stat().st_mtime_ns == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@needs_fashion
+def test_fmnist_scenes_from_the_debian_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(segmentation, "SCENE_COUNTS", {"train": 20, "val": 10})
+    train = build_seg_source("fmnist-scenes", "train", root=tmp_path)
+    val = build_seg_source("fmnist-scenes", "val", root=tmp_path)
+    assert (len(train), len(val), train.num_classes, train.channels) == (20, 10, 11, 1)
+    assert train.info.name == "fmnist-scenes" and train.info.image_size == SCENE_SIZE
+    assert train.info.mean == (0.2860,)  # Fashion-MNIST's statistics: the encoders' own normalization
+    image, mask = train[0]
+    assert image.shape == (1, SCENE_SIZE, SCENE_SIZE) and mask.shape == (SCENE_SIZE, SCENE_SIZE)
+    assert not torch.equal(train[0][0], val[0][0])  # train and test images make different scenes
+    assert isinstance(train, SegSource)

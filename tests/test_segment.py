@@ -1,0 +1,266 @@
+"""``mimkit segment``, ``predict`` and ``visualize`` on a tiny MAE run and tiny generated data sets in the
+ADE20K, Pascal VOC and images + masks layouts: training, scores, exact resume, and each bad input."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mimkit.cli import main
+from mimkit.config import read_yaml
+from mimkit.eval.segment import load_segmenter, optimizer_groups
+from mimkit.models.segmentation import Segmenter, segmentation_encoder
+from mimkit.models.vit import build_vit
+from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.metrics import read_metrics
+from mimkit.train.schedule import poly_schedule
+
+TINY_MAE = [arg for kv in ("depth=2", "embed_dim=32", "num_heads=2", "decoder_depth=1",
+                           "decoder_embed_dim=32", "decoder_num_heads=2")
+            for arg in ("--set", f"model.kwargs.{kv}")] + ["--set", "data.num_workers=0"]
+# the fmnist recipe, at the tiny MAE's 32 px, 4 images a step, the 6 validation images in one batch
+QUICK = ["--config", "segment_fmnist", "--max-steps", "2", "--batch-size", "4", "--set", "seg.crop_size=32",
+         "--set", "seg.scale=[32,32]", "--set", "data.num_workers=0", "--set", "eval_batch_size=8",
+         "--set", "seg.channels=16", "--set", "seg.aux_channels=16"]
+
+
+@pytest.fixture(scope="module")
+def mae_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("seg") / "mae"
+    assert main(["pretrain", "mae", "--data", "synthetic", "--out", str(run), "--max-steps", "1",
+                 "--batch-size", "32", *TINY_MAE]) == 0
+    return run
+
+
+def scene(seed: int, size: int = 32, classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """A grey image of bright rectangles on black, and its labels (class k where shade k)."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((size, size), np.uint8)
+    for k in range(1, classes):
+        top, left = rng.integers(0, size - 10, 2)
+        labels[top:top + 10, left:left + 10] = k
+    return (labels * (250 // (classes - 1))).astype(np.uint8), labels
+
+
+def write_layout(root: Path, layout: str, train: int = 8, val: int = 6) -> Path:
+    """A tiny data set: ``ade`` (labels stored from 1), ``voc`` (palette PNGs, lists) or ``generic``."""
+    for split, count, offset in (("train", train, 0), ("val", val, 100)):
+        for i in range(count):
+            image, labels = scene(offset + i)
+            if layout == "ade":
+                sub = {"train": "training", "val": "validation"}[split]
+                paths = root / "images" / sub / f"{i}.jpg", root / "annotations" / sub / f"{i}.png"
+                labels = labels + 1
+            elif layout == "voc":
+                stem = f"{split}{i}"
+                paths = root / "JPEGImages" / f"{stem}.jpg", root / "SegmentationClass" / f"{stem}.png"
+            else:
+                paths = root / "images" / split / f"{i}.png", root / "masks" / split / f"{i}.png"
+            for path, array in zip(paths, (image, labels), strict=True):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(path)
+        if layout == "voc":
+            lists = root / "ImageSets" / "Segmentation"
+            lists.mkdir(parents=True, exist_ok=True)
+            (lists / f"{split}.txt").write_text("".join(f"{split}{i}\n" for i in range(count)))
+    (root / "classes.txt").write_text("background\nsquare\nblock\n")
+    return root
+
+
+def test_poly_schedule_warms_up_then_decays_linearly():
+    values = poly_schedule(1.0, 0.0, 6, warmup_steps=2)
+    assert values == pytest.approx([0.0, 0.5, 1.0, 2 / 3, 1 / 3, 0.0])
+    assert poly_schedule(1.0, 0.0, 3, power=2.0) == pytest.approx([1.0, 0.25, 0.0])
+
+
+def test_layer_decay_covers_the_encoder_blocks_and_leaves_the_heads_at_scale_1():
+    encoder = build_vit(dict(embed_dim=32, depth=3, num_heads=2), img_size=16, patch_size=4, in_chans=1)
+    model = Segmenter(segmentation_encoder(encoder, 16), 3)
+    scale = {name: g["lr_scale"] for g in optimizer_groups(model, 0.05, 0.5) for name in g["names"]}
+    assert scale["pos_embed"] == scale["patch_embed.proj.weight"] == 0.5 ** 4
+    assert [scale[f"blocks.{i}.attn.qkv.weight"] for i in range(3)] == [0.5 ** 3, 0.5 ** 2, 0.5]
+    # the pyramid pooling's own "blocks" are head parameters, not transformer blocks
+    heads = [n for n in scale if not n.startswith(("blocks.", "pos_embed", "cls_token", "patch_embed"))]
+    assert "1.psp_modules.blocks.0.conv.convolution.weight" in heads and all(scale[n] == 1.0 for n in heads)
+    assert len(scale) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["ade", "voc", "generic"])
+def test_segment_cli_in_each_layout(mae_run, tmp_path, capsys, layout):
+    data = write_layout(tmp_path / layout, layout)
+    out = tmp_path / "seg"
+    assert main(["segment", str(mae_run), "--data", str(data), "--out", str(out), *QUICK]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 2 and results["train_images"] == 8 and results["val_images"] == 6
+    assert all(0 <= results[k] <= 100 for k in ("aAcc", "mIoU", "mAcc"))
+    assert [row["class"] for row in results["per_class"]] == ["background", "square", "block"]
+    assert Checkpoints(out).best()["metric"] == "val_mIoU"
+    assert any("val_mIoU" in r for r in read_metrics(out)) and any("aux_loss" in r for r in read_metrics(out))
+    assert "mIoU" in capsys.readouterr().out
+    model, config = load_segmenter(out)
+    assert config.seg.num_classes == 3 and config.data.channels == 3  # the synthetic MAE reads RGB
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.slow
+def test_linear_random_frozen_predict_and_visualize(mae_run, tmp_path):
+    data = write_layout(tmp_path / "generic", "generic")
+    out = tmp_path / "lin"
+    assert main(["segment", str(mae_run), "--data", str(data), "--out", str(out), "--head", "linear",
+                 "--init", "random", "--set", "seg.freeze_encoder=true", "--label-fraction", "0.5",
+                 *QUICK]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["head"] == "linear" and results["init"] == "random" and results["frozen_encoder"]
+    assert results["train_images"] == 4
+
+    images = tmp_path / "new"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(scene(200 + i, size=40)[0]).save(images / f"x{i}.png")  # another size than trained
+    assert main(["predict", str(out), "--images", str(images), "--out", str(tmp_path / "pred")]) == 0
+    label_map = Image.open(tmp_path / "pred" / "x0.png")
+    assert label_map.mode == "P" and label_map.size == (40, 40) and np.asarray(label_map).max() < 3
+    assert (tmp_path / "pred" / "x2_overlay.png").is_file()
+
+    assert main(["export", str(out), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2  # a ViT: not a Beit
+    picture = tmp_path / "seg.png"
+    assert main(["visualize", str(out), "--out", str(picture), "--n", "2"]) == 0
+    assert Image.open(picture).size[0] > 3 * 32
+
+
+@pytest.mark.slow
+def test_segment_resumes_bit_identically(mae_run, tmp_path, capsys):
+    data = write_layout(tmp_path / "generic", "generic")
+    args = ["--data", str(data), *QUICK, "--max-steps", "4", "--set", "train.checkpoint_every=2",
+            "--set", "train.keep_last=3", "--set", "eval_every=4"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert main(["segment", str(mae_run), "--out", str(straight), *args]) == 0
+    shutil.copytree(straight, cut)
+    checkpoints = Checkpoints(cut)
+    for path in (checkpoints.weights_path(4), checkpoints.state_path(4), cut / "results.json"):
+        path.unlink()
+    capsys.readouterr()
+    assert main(["segment", str(mae_run), "--out", str(cut), *args]) == 0
+    assert "resuming from step 2" in capsys.readouterr().out
+    a, b = (torch.load(Checkpoints(run).state_path(4), weights_only=True) for run in (straight, cut))
+    assert a["step"] == b["step"] == 4
+    wa, wb = (load_file(str(Checkpoints(run).weights_path(4))) for run in (straight, cut))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ra, rb = (json.loads((run / "results.json").read_text()) for run in (straight, cut))
+    assert ra["mIoU"] == rb["mIoU"] and ra["per_class"] == rb["per_class"]
+
+
+@pytest.mark.slow
+def test_predict_on_a_finetuned_classifier_writes_top5(mae_run, tmp_path):
+    ft = tmp_path / "ft"
+    assert main(["finetune", str(mae_run), "--data", "synthetic", "--out", str(ft), "--max-steps", "1",
+                 "--batch-size", "32", "--set", "data.num_workers=0", "--set", "eval_batch_size=256"]) == 0
+    images = tmp_path / "new"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(scene(i)[0]).save(images / f"x{i}.png")
+    assert main(["predict", str(ft), "--images", str(images), "--out", str(tmp_path / "pred")]) == 0
+    rows = list(csv.reader((tmp_path / "pred" / "predictions.csv").open()))
+    assert rows[0][:3] == ["file", "class_1", "prob_1"] and len(rows) == 3 and len(rows[1]) == 11
+    probs = [float(p) for p in rows[1][2::2]]
+    assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
+
+
+def _bad_generic(root: Path, problem: str) -> Path:
+    write_layout(root, "generic", train=2, val=1)
+    train_mask = root / "masks" / "train" / "0.png"
+    if problem == "size":
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(train_mask)
+    elif problem == "label":
+        Image.fromarray(np.full((32, 32), 7, np.uint8)).save(train_mask)
+    elif problem == "no mask":
+        train_mask.unlink()
+    elif problem == "empty":
+        shutil.rmtree(root / "images" / "val")
+        shutil.rmtree(root / "masks" / "val")
+        (root / "images" / "val").mkdir()
+        (root / "masks" / "val").mkdir()
+    return root
+
+
+@pytest.mark.parametrize("problem, args, message", [
+    ("size", [], "must have its image's size"),
+    ("label", [], "holds label 7"),
+    ("no mask", [], "0.png"),
+    ("empty", [], "val"),
+    (None, ["--set", "seg.head=fcn"], "seg.head"),
+    (None, ["--set", "seg.eval_mode=tiles"], "seg.eval_mode"),
+    (None, ["--label-fraction", "1.5"], "label fraction"),
+    (None, ["--set", "seg.blocks=[0,1]"], "4 blocks"),
+])
+def test_bad_input_is_one_line_error(mae_run, tmp_path, capsys, problem, args, message):
+    data = _bad_generic(tmp_path / "data", problem) if problem else write_layout(tmp_path / "data", "generic")
+    out = tmp_path / "bad"
+    assert main(["segment", str(mae_run), "--data", str(data), "--out", str(out), *QUICK, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_and_visualize_refuse_what_they_cannot_use(mae_run, tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.fromarray(scene(0)[0]).save(images / "a.png")
+    assert main(["predict", str(mae_run), "--images", str(images), "--out", str(tmp_path / "p")]) == 2
+    assert "pretraining run" in capsys.readouterr().err
+    missing = tmp_path / "nothing"
+    assert main(["predict", str(missing), "--images", str(images), "--out", str(tmp_path / "p")]) == 2
+    assert "not a mimkit run" in capsys.readouterr().err
+    assert read_yaml(mae_run / "config.yaml")["method"] == "mae"
+
+
+@pytest.mark.slow
+def test_beit_segmentation_run_exports_to_transformers(tmp_path):
+    from timm.models.beit import Beit
+    from transformers import BeitForSemanticSegmentation
+
+    torch.manual_seed(0)
+    beit = Beit(img_size=32, patch_size=8, in_chans=3, num_classes=0, embed_dim=32, depth=6, num_heads=2,
+                use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, global_pool="token")
+    torch.save(beit.state_dict(), tmp_path / "beit.pth")
+    run, out = tmp_path / "beit", tmp_path / "seg"
+    assert main(["import", str(tmp_path / "beit.pth"), "--format", "timm", "--out", str(run),
+                 "--set", "model.kwargs.num_heads=2", "--set", "data.source=synthetic:64"]) == 0
+    data = write_layout(tmp_path / "generic", "generic")
+    assert main(["segment", str(run), "--data", str(data), "--out", str(out), *QUICK,
+                 "--set", "seg.blocks=[0,1,2,4]", "--set", "seg.channels=null"]) == 0
+    assert main(["export", str(out), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf, info = BeitForSemanticSegmentation.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    model, _ = load_segmenter(out)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        theirs = hf.eval()(pixel_values=x).logits
+        torch.testing.assert_close(model.forward_logits(x)[0], theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_score_the_validation_set_as_one(mae_run, tmp_path):
+    """Under torchrun each process scores its share of the images and the matrices are summed: the scores
+    of a finished run, taken again by 2 gloo processes, are those one process took."""
+    data = write_layout(tmp_path / "generic", "generic", val=5)
+    args = ["segment", str(mae_run), "--data", str(data), *QUICK]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*args, "--out", str(one)]) == 0
+    shutil.copytree(one, two)
+    (two / "results.json").unlink()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "mimkit.cli", *args, "--force-config", "--out", str(two)],
+                   check=True, capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    a, b = (json.loads((run / "results.json").read_text()) for run in (one, two))
+    assert b["val_images"] == 5 and a["per_class"] == b["per_class"]
+    assert a["mIoU"] == pytest.approx(b["mIoU"]) and a["aAcc"] == pytest.approx(b["aAcc"])
