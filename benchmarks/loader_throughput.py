@@ -2,11 +2,11 @@
 crop to 224, flip, normalize, mask noise) from a folder, tar shards and a Hugging Face dataset, with each
 JPEG decoder worth trying.
 
-A DataLoader worker is one process with one torch thread, so the rate of one process with one thread that
-reads, decodes and views samples in the loader's seeded order is the rate per worker; it is reported per
-CPU second of that process (robust to other load on the machine) and per wall-clock second. The data: generated
-JPEGs of ImageNet-like sizes (about 400x350, quality 90; smooth shapes plus noise, so they compress and
-decode like photographs), 10 class folders.
+A DataLoader worker is one process with one torch thread, so the rate of one process with one thread
+that reads, decodes and views samples in the loader's seeded order is the rate per worker; it is
+reported per CPU second of that process (robust to other load on the machine) and per wall-clock
+second. The data: generated JPEGs of ImageNet-like sizes (about 400x350, quality 90; smooth waves plus
+noise, so they compress and decode like photographs), 10 class folders.
 
 Decoders (each replaces `mimkit.data.sources.decode_image` for its runs):
     pillow        PIL, as today
@@ -49,8 +49,9 @@ def make_images(folder: Path, n: int, seed: int = 0) -> None:
     for i in range(n):
         w, h = int(rng.integers(300, 500)), int(rng.integers(260, 440))
         y, x = np.mgrid[0:h, 0:w] / max(w, h)
-        base = np.stack([np.sin(2 * np.pi * (rng.uniform(0.5, 3) * x + rng.uniform(0.5, 3) * y + rng.uniform()))
-                         for _ in range(3)], -1)
+        waves = [2 * np.pi * (rng.uniform(0.5, 3) * x + rng.uniform(0.5, 3) * y + rng.uniform())
+                 for _ in range(3)]
+        base = np.sin(np.stack(waves, -1))  # [h, w, 3]
         noise = rng.normal(0, 0.08, (h, w, 3))
         pixels = ((0.5 + 0.35 * base + noise).clip(0, 1) * 255).astype(np.uint8)
         path = folder / f"class_{i % 10}" / f"{i:05d}.jpg"

@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast, as mimkit trains on GPUs")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (compile time untimed)")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: tracing only)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (eager: tracing only)")
     p.add_argument("--peak-tflops", type=float, help="dense peak of the device for MFU (default: known GPUs' "
                    "bf16/fp32 data sheet value, else the timed matmul)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the first round")

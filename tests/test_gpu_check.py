@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=ROOT,
-                            env=os.environ | {"OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
+                            env=os.environ | {"OUT": str(tmp_path), "PYTHON": sys.executable,
+                                              "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=1200)
     out = result.stdout
     assert result.returncode == 0, out[-4000:] + result.stderr[-2000:]
@@ -23,5 +24,6 @@ def test_gpu_check_dry_run(tmp_path):
     for mode in ("eager", r"torch\.compile \(eager\)"):
         assert re.search(rf"MFU against [\d.]+ TFLOP/s .*AdamW, {mode}\n", out), mode
     for name in ("mimkit", "transformers"):  # eager and compiled, then both again in the closing summary
-        rows = re.findall(rf"{name}: ([\d.]+) img/s, ([\d.e+-]+) GFLOP/img \(forward \+ backward\), MFU ([\d.]+)%", out)
+        rows = re.findall(rf"{name}: ([\d.]+) img/s, ([\d.e+-]+) GFLOP/img \(forward \+ backward\), "
+                          r"MFU ([\d.]+)%", out)
         assert len(rows) == 4 and all(float(r[0]) > 0 and float(r[1]) > 0 for r in rows), name

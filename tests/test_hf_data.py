@@ -26,9 +26,10 @@ def pictures(n: int, seed: int = 0) -> list[Image.Image]:
 
 
 def labeled(n: int, seed: int = 0, classes=("ant", "bee", "cow")) -> "datasets.Dataset":
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(classes))})
-    return datasets.Dataset.from_dict({"image": pictures(n, seed), "label": [i % len(classes) for i in range(n)]},
-                                      features=features)
+    label = datasets.ClassLabel(names=list(classes))
+    features = datasets.Features({"image": datasets.Image(), "label": label})
+    labels = [i % len(classes) for i in range(n)]
+    return datasets.Dataset.from_dict({"image": pictures(n, seed), "label": labels}, features=features)
 
 
 def png(image: Image.Image) -> torch.Tensor:

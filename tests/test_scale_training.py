@@ -151,7 +151,8 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(build):
         model = create_mae("vit_mini", img_size=32, patch_size=8, depth=2, decoder_depth=2)
         inputs = (torch.randn(2, 3, 32, 32), 0.75, torch.rand(2, 16))
     else:
-        model = create_beitv2("vit_mini", img_size=32, patch_size=8, depth=4, vocab_size=16, drop_path_rate=0.2)
+        model = create_beitv2("vit_mini", img_size=32, patch_size=8, depth=4, vocab_size=16,
+                              drop_path_rate=0.2)
         inputs = (torch.randn(2, 3, 32, 32), torch.rand(2, 16) < 0.4, torch.randint(0, 16, (2, 16)))
     model.train()
     plain_loss, plain = loss_and_grads(model, inputs, checkpointed=False)

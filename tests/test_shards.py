@@ -108,7 +108,10 @@ def test_index_is_cached_atomically_and_refreshed_when_a_shard_changes(tmp_path,
 def test_index_in_a_read_only_folder_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
     pack(image_folder(tmp_path / "images", n=3), tmp_path / "shards")
     (tmp_path / "shards" / INDEX_NAME).unlink()
-    monkeypatch.setattr(shards.os, "replace", lambda a, b: (_ for _ in ()).throw(PermissionError("read-only")))
+    def read_only(src, dst):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(shards.os, "replace", read_only)
     with pytest.warns(UserWarning, match="cannot cache the shard index"):
         assert len(build_source(f"shards:{tmp_path / 'shards'}")) == 3
     assert not list((tmp_path / "shards").glob(".*tmp-*"))

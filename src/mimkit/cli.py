@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     pack = data_actions.add_parser("pack", help="write a folder of images (one sub-folder per class, or "
                                    "train/ val/ folders of them) as tar shards read with random access")
     pack.add_argument("folder", help="the image folder, laid out as --data takes it")
-    pack.add_argument("--out", required=True, help="a new folder for the shards (train with --data shards:OUT)")
+    pack.add_argument("--out", required=True,
+                      help="a new folder for the shards (train with --data shards:OUT)")
     pack.add_argument("--shard-size", default="1GB", help="bytes per shard, e.g. 512MB or 1GB (default 1GB)")
     pack.set_defaults(handler=cmd_data_pack)
     return parser

@@ -10,9 +10,9 @@ exported encoder loads anywhere timm does.
 from collections.abc import Iterable, Mapping
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.models.vision_transformer import VisionTransformer
 
 from mimkit.errors import MimkitError
 
