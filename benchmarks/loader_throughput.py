@@ -9,10 +9,11 @@ second. The data: generated JPEGs of ImageNet-like sizes (about 400x350, quality
 noise, so they compress and decode like photographs), 10 class folders.
 
 Decoders (each replaces `mimkit.data.sources.decode_image` for its runs):
-    pillow        PIL, as today
+    pillow        PIL, as `mimkit.data.sources.decode_image` decodes
     pillow-draft  PIL with `Image.draft` asking for the smallest size that a 224 crop of scale >= 0.2 still
                   samples at full resolution (JPEG DCT scaling); it only shrinks images above ~1000 px
-    torchvision   torchvision.io.decode_jpeg (libjpeg-turbo) straight to a uint8 tensor
+    torchvision   torchvision.io.decode_jpeg (libjpeg-turbo) straight to a uint8 tensor; deprecated since
+                  torchvision 0.29 (a warning per call; TorchCodec replaces it)
     simplejpeg    simplejpeg.decode_jpeg (libjpeg-turbo) to numpy, if installed
 
 Every decoder is checked against Pillow on the same samples and seeds (the crops and flips are the same
@@ -27,6 +28,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -164,8 +166,11 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="measurements per configuration; the best is kept")
     p.add_argument("--check", type=int, default=200, help="samples compared with Pillow")
     p.add_argument("--work", help="folder for the generated data (default: a temporary one)")
+    p.add_argument("--decoders", nargs="+", choices=sorted(DECODERS),
+                   help="the decoders to try (default: all)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # what a DataLoader worker runs with
+    warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)  # torchvision.io's, per call
     work = Path(a.work or tempfile.mkdtemp(prefix="loader-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data = make_sources(work, a.images)
@@ -178,15 +183,17 @@ def main(argv=None) -> None:
           f"{statistics.mean(w for w, _ in sizes):.0f}x{statistics.mean(h for _, h in sizes):.0f}, "
           f"{sum(Path(p).stat().st_size for p in data['folder'].paths) / len(data['folder']) / 1e3:.0f} KB")
     original = sources.decode_image
-    reference = None
     try:
+        sources.decode_image = decode_pillow
+        reference = statistics_of(SeededViews(data["folder"], view), check)  # Pillow's view statistics
         for name, decoder in available_decoders().items():
+            if a.decoders and name not in a.decoders:
+                continue
             sources.decode_image = decoder
             pixels = max(int((decoder(p, "RGB").int() - decode_pillow(p, "RGB").int()).abs().max())
                          if decoder(p, "RGB").shape == decode_pillow(p, "RGB").shape else -1
                          for p in data["folder"].paths[:50])
             mean, std = statistics_of(SeededViews(data["folder"], view), check)
-            reference = reference or (mean, std)
             drift = max((mean - reference[0]).abs().max().item(), (std - reference[1]).abs().max().item())
             best_decode = max(decode_rate(data["folder"], picks) for _ in range(a.repeats))
             print(f"{name}: decode alone {best_decode:.1f} img/s per CPU second; vs pillow: max pixel diff "
