@@ -17,7 +17,8 @@ Decoders (each replaces `mimkit.data.sources.decode_image` for its runs):
     simplejpeg    simplejpeg.decode_jpeg (libjpeg-turbo) to numpy, if installed
 
 Every decoder is checked against Pillow on the same samples and seeds (the crops and flips are the same
-draws): the largest pixel difference of the decoded images and the per-channel mean and std of the views.
+draws): the largest pixel difference of the decoded images, and the per-channel mean and std of the views,
+which must stay within STATS_TOLERANCE (0.01 in normalized units) of Pillow's.
 
     .venv/bin/python benchmarks/loader_throughput.py [--images 2000] [--repeats 3] [--work DIR]
 """
@@ -43,6 +44,9 @@ from mimkit.data.transforms import mae_view
 
 MIN_CROP_SIDE = 0.2**0.5  # the smallest crop of the mae_in1k view: area scale 0.2 (of either side, ~0.45)
 CROP = 224
+# A decoder "gives the same image statistics" when the per-channel mean and std of its views (normalized
+# units) are within this of Pillow's, on the same samples and seeds.
+STATS_TOLERANCE = 0.01
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> None:
@@ -196,8 +200,10 @@ def main(argv=None) -> None:
             mean, std = statistics_of(SeededViews(data["folder"], view), check)
             drift = max((mean - reference[0]).abs().max().item(), (std - reference[1]).abs().max().item())
             best_decode = max(decode_rate(data["folder"], picks) for _ in range(a.repeats))
+            verdict = "same statistics" if drift <= STATS_TOLERANCE else "DIFFERENT statistics"
             print(f"{name}: decode alone {best_decode:.1f} img/s per CPU second; vs pillow: max pixel diff "
-                  f"{pixels}, view mean/std drift {drift:.4f}", flush=True)
+                  f"{pixels}, view mean/std drift {drift:.4f} ({verdict}, tolerance {STATS_TOLERANCE})",
+                  flush=True)
             for kind, source in data.items():
                 views = SeededViews(source, view)
                 wall, cpu = zip(*(rate(views, picks) for _ in range(a.repeats)), strict=True)
