@@ -512,7 +512,8 @@ def _hf_source(spec: str, split: str, channels: int | None, skip: bool, max_bad:
     if not path or "/" in dataset_split:  # no split named: the colon was part of the path, or absent
         path, dataset_split = spec.removeprefix("hf:"), ""
     rows = open_hf_images(path, split, dataset_split or None)
-    return _FolderSource(rows.root, rows.names, rows.labels, rows.classes, channels, skip, max_bad, rows.reader)
+    return _FolderSource(rows.root, rows.names, rows.labels, rows.classes, channels, skip, max_bad,
+                         rows.reader)
 
 
 def _folder_source(folder: Path, channels: int | None, classes: Sequence[str] | None, skip: bool,
