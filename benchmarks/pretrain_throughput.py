@@ -11,7 +11,10 @@ CPU the growth of the peak resident set size (ru_maxrss) over the resident size 
 step, on CUDA the growth of torch.cuda.max_memory_allocated over the allocated memory before it.
 
 FLOPs of one step are counted with torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions and
-attention; elementwise ops are not counted) and compared with the speed of a large fp32 matmul timed here.
+attention, forward and backward; elementwise ops are not counted): the model FLOPs per image. They are
+compared with the speed of a large matmul timed here and, as MFU (model FLOPs utilization), with the
+device's dense peak for the dtype: the data sheet's bf16 dense peak for known GPUs (`--peak-tflops` to
+give another), else the timed matmul. On CUDA both models step with fused AdamW.
 
     .venv/bin/python benchmarks/pretrain_throughput.py    # ViT-Tiny/4 on 28x28x1, batch 256, 2 threads
 """
@@ -51,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast, as mimkit trains on GPUs")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (compile time untimed)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (eager: tracing only)")
+    p.add_argument("--peak-tflops", type=float, help="dense peak of the device for MFU (default: known GPUs' "
+                   "bf16/fp32 data sheet value, else the timed matmul)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the first round")
     p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
     p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
@@ -63,7 +70,7 @@ def build(name: str, a: argparse.Namespace) -> torch.nn.Module:
     """The model `name` at the benchmark configuration, in training mode, on `a.device`, compiled on ask."""
     model = _build(name, a)
     if a.compile:
-        model.compile()
+        model.compile(backend=a.compile_backend)
     return model
 
 
@@ -96,7 +103,8 @@ def forward_fn(name: str, model: torch.nn.Module, a: argparse.Namespace, imgs, n
 
 def step_fn(name: str, model: torch.nn.Module, a: argparse.Namespace, imgs, noise):
     """A closure running one training step (the same AdamW for both models) and returning the loss."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=0.05)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=0.05,
+                            fused=a.device.startswith("cuda"))
     forward = forward_fn(name, model, a, imgs, noise)
 
     def step():
@@ -159,6 +167,26 @@ def matmul_peak_gflops(device: str, dtype: torch.dtype, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+# Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, (bf16, tf32), most specific name first.
+GPU_PEAK_TFLOPS = (
+    ("GH200", 989.4, 494.7), ("H200", 989.4, 494.7), ("H100 PCIe", 756.0, 378.0), ("H100 NVL", 835.0, 417.5),
+    ("H100", 989.4, 494.7), ("B200", 2250.0, 1100.0), ("A100", 312.0, 156.0), ("L40S", 362.1, 183.0),
+    ("L4", 121.0, 60.0), ("A10G", 70.0, 35.0), ("A10", 125.0, 62.5),
+)
+
+
+def dense_peak_tflops(a: argparse.Namespace, measured_gflops: float) -> tuple[float, str]:
+    """The peak MFU is measured against, and where it comes from."""
+    if a.peak_tflops:
+        return a.peak_tflops, "--peak-tflops"
+    if a.device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        for key, bf16, tf32 in GPU_PEAK_TFLOPS:
+            if key in name:
+                return (bf16, f"{key} bf16 dense, data sheet") if a.bf16 else (tf32, f"{key} tf32 dense")
+    return measured_gflops / 1e3, "the timed matmul (no data sheet value for this device)"
+
+
 def saved_activations_mib(forward) -> float:
     """MiB of the distinct storages autograd keeps for backward during one call of `forward`."""
     storages = {}
@@ -197,11 +225,15 @@ def main(argv=None) -> None:
 
     torch.manual_seed(0)
     imgs, noise = inputs(a)
-    models = {name: build(name, a) for name in MODELS}
+    models = {name: _build(name, a) for name in MODELS}
     steps = {name: step_fn(name, m, a, imgs, noise) for name, m in models.items()}
     params = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in models.items()}
+    # counted before compiling: compiled kernels no longer pass through the FLOP counter's dispatch
     flops = {name: step_flops(steps[name]) for name in MODELS}
     saved = {name: saved_activations_mib(forward_fn(name, m, a, imgs, noise)) for name, m in models.items()}
+    if a.compile:
+        for model in models.values():
+            model.compile(backend=a.compile_backend)  # in place: the step closures now run compiled
     for name in MODELS:
         for _ in range(a.warmup):
             steps[name]()
@@ -224,6 +256,10 @@ def main(argv=None) -> None:
           f"torch {torch.__version__}, load average {load}")
     print(f"config: {vars(a)}")
     print(f"{'bf16' if a.bf16 else 'fp32'} matmul peak: {peak:.1f} GFLOP/s")
+    peak_tflops, peak_source = dense_peak_tflops(a, peak)
+    print(f"MFU against {peak_tflops:.1f} TFLOP/s ({peak_source}); "
+          f"{'fused' if a.device.startswith('cuda') else 'plain'} AdamW, "
+          f"{'torch.compile (' + a.compile_backend + ')' if a.compile else 'eager'}")
     median = {name: statistics.median(rates[name]) for name in MODELS}
     best = {name: max(rates[name]) for name in MODELS}
     cpu = {name: statistics.median(cpu_ms[name]) for name in MODELS}
@@ -236,6 +272,11 @@ def main(argv=None) -> None:
     print(f"speed ratio mimkit / transformers: {median['mimkit'] / median['transformers']:.2f} median "
           f"rounds, {best['mimkit'] / best['transformers']:.2f} best rounds, "
           f"{cpu['transformers'] / cpu['mimkit']:.2f} CPU time per image")
+    for name in MODELS:
+        per_image = flops[name] / a.batch_size
+        mfu = per_image * best[name] / (peak_tflops * 1e12)
+        print(f"{name:>12}: {best[name]:.1f} img/s, {per_image / 1e9:.4g} GFLOP/img (forward + backward), "
+              f"MFU {100 * mfu:.1f}%")
     for name in MODELS:
         print(f"{name:>12}: {saved[name]:.0f} MiB of activations saved for backward")
     if not a.skip_memory:

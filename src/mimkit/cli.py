@@ -12,6 +12,7 @@
     mimkit predict runs/seg --images DIR --out DIR      (a fine-tuning run too: predictions.csv)
     mimkit import mae_pretrain_vit_base.pth --format mae --out runs/mae-b   (mae|beit|beitv2|vqkd|timm|hf)
     mimkit export runs/mae --to hf --out exported/   (--to timm; --encoder-only)
+    mimkit data pack images/ --out shards/ --shard-size 1GB   (then --data shards:shards/)
 
 Bad input ends with a one-line ``error:`` message and exit status 2, never a traceback.
 """
@@ -415,7 +416,8 @@ def add_force_config(sub: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(sub: argparse.ArgumentParser) -> None:
     """The flags of every training run: data, run directory, length, batch, recipe and overrides."""
-    sub.add_argument("--data", help="fashion-mnist | mnist | synthetic | a folder of images")
+    sub.add_argument("--data", help="fashion-mnist | mnist | synthetic | a folder of images | shards:DIR "
+                     "(tar shards from mimkit data pack) | hf:PATH[:split] (a Hugging Face dataset on disk)")
     sub.add_argument("--out", required=True, help="run directory (resumed when it holds a checkpoint)")
     length = sub.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int)
@@ -428,6 +430,30 @@ def add_run_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--skip-bad-images", action="store_true",
                      help="warn about and skip unreadable images instead of stopping")
     add_force_config(sub)
+
+
+def cmd_data_pack(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from mimkit.data.shards import check_new_folder, pack_files, parse_size
+    from mimkit.data.sources import SPLITS, build_source
+
+    folder, out, shard_size = Path(args.folder), Path(args.out), parse_size(args.shard_size)
+    if not folder.is_dir():
+        raise MimkitError(f"'{folder}' is not a folder of images")
+    check_new_folder(out)
+    # a folder with train/ (val/, test/) is packed split by split, so out/ keeps the same layout
+    splits = [name for name in SPLITS if (folder / name).is_dir()] if (folder / "train").is_dir() else [""]
+    sources = {name: build_source(str(folder / name)) for name in splits}
+    files = {name: [Path(p) for p in source.paths] for name, source in sources.items()}
+    total = sum(p.stat().st_size for paths in files.values() for p in paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="pack") as bar:
+        for name, paths in files.items():
+            shards = pack_files(paths, folder / name, out / name, shard_size, bar.update)
+            packed = build_source(f"shards:{out / name}")  # indexes the shards and reads a few back
+            tqdm.write(f"{out / name}: {len(shards)} shards, {len(packed)} images, "
+                       f"{packed.info.num_classes or 'no'} classes")
+    print(f"train on them: mimkit pretrain mae --data shards:{out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,6 +493,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(commands)
     add_segment_commands(commands)
     add_interop_commands(commands)
+
+    data = commands.add_parser("data", help="prepare data for training at scale")
+    data_actions = data.add_subparsers(dest="action", required=True)
+    pack = data_actions.add_parser("pack", help="write a folder of images (one sub-folder per class, or "
+                                   "train/ val/ folders of them) as tar shards read with random access")
+    pack.add_argument("folder", help="the image folder, laid out as --data takes it")
+    pack.add_argument("--out", required=True,
+                      help="a new folder for the shards (train with --data shards:OUT)")
+    pack.add_argument("--shard-size", default="1GB", help="bytes per shard, e.g. 512MB or 1GB (default 1GB)")
+    pack.set_defaults(handler=cmd_data_pack)
     return parser
 
 

@@ -87,6 +87,7 @@ class TrainConfig:
     accum_steps: int = 1
     seed: int = 0
     compile: bool = False
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory (ViT-L/H)
     log_every: int = 10
     checkpoint_every: int = 500  # optimizer steps; the last step is always saved
     keep_last: int = 2

@@ -90,6 +90,11 @@ def _pretrain(config: PretrainConfig, run_dir: Path, world: World, force_config:
     if hasattr(method, "resolve_config"):  # fields left to something outside the run, e.g. a tokenizer
         config = method.resolve_config(config)
     model = method.build_model(config).to(world.device)
+    if config.train.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise MimkitError(f"train.grad_checkpointing is not available for {config.method}; "
+                              "it checkpoints ViT blocks (mae, beit, beitv2)")
+        model.set_grad_checkpointing()
     view, loss_fn = method.build_task(config, model)
     # evaluated at each epoch end and at the end, e.g. a tokenizer's codebook usage on held-out images
     evaluate = method.build_evaluate(config, model) if hasattr(method, "build_evaluate") else None

@@ -10,6 +10,8 @@ Sources:
     - `IdxSource`: Fashion-MNIST / MNIST from IDX files, held in memory.
     - `ImageFolderSource`: one sub-folder per class (labeled).
     - `FlatFolderSource`: every image under a folder, recursively (unlabeled).
+    - tar shards (`mimkit.data.shards`) and Hugging Face datasets (`mimkit.data.hf`): the same
+      decoding and bad-image handling as folders, reading each image's bytes from a shard or a row.
     - `SyntheticSource`: generated images with class-dependent structure, for tests.
 
 `build_source(spec, split)` picks one from a name or a path.
@@ -22,9 +24,10 @@ import gzip
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -32,6 +35,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from mimkit.data.hf import open_hf_images
+from mimkit.data.shards import ShardMembers, ShardReader, member_labels, shard_files
 from mimkit.errors import MimkitError
 
 SPLITS = ("train", "val", "test")
@@ -255,6 +260,10 @@ def _subfolders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name))
 
 
+def _is_image_name(name: str) -> bool:
+    return not any(_is_hidden(part) for part in name.split("/")) and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def _has_top_level_images(folder: Path) -> bool:
     return any(p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS) for p in folder.iterdir())
 
@@ -265,23 +274,40 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
+def decode_image(file: str | Path | BinaryIO, mode: str) -> torch.Tensor:
+    """Decode one encoded image (a path or a binary file object) to uint8 `(C, H, W)` in `mode`.
+
+    EXIF orientation is applied. Raises whatever PIL raises on a bad file.
+    """
+    with Image.open(file) as img:
+        return pil_to_tensor(_to_mode(ImageOps.exif_transpose(img), mode))
+
+
 class _FolderSource(Dataset):
-    """Image files decoded with PIL; the shared body of the folder sources.
+    """Encoded images decoded with PIL: files, tar shard members or dataset rows; the shared body of the
+    folder, shard and Hugging Face sources.
 
     Channels follow the data unless asked: grey ("L") when the first image is stored grey, else RGB.
-    With `skip_bad_images`, an unreadable file is warned about and replaced by the next readable one
+    With `skip_bad_images`, an unreadable image is warned about and replaced by the next readable one
     (the same replacement in every process and epoch); more than `max_bad_images` distinct unreadable
-    files raise. The count is per process: each DataLoader worker keeps its own, so across workers up
-    to `num_workers * max_bad_images` files may be skipped before one gives up.
+    images raise. The count is per process: each DataLoader worker keeps its own, so across workers up
+    to `num_workers * max_bad_images` images may be skipped before one gives up.
+
+    Args:
+        root: the folder (or dataset) the images come from, for messages and the source's name.
+        paths: one name per image, for messages: a file path, or `shard.tar:member` for a shard.
+        reader: `reader(i) -> binary file object` of image i; None reads the file `paths[i]`.
     """
 
-    def __init__(self, root: str, paths: Sequence[Path], labels: Sequence[int], classes: list[str],
-                 channels: int | None, skip_bad_images: bool, max_bad_images: int):
+    def __init__(self, root: str, paths: Sequence[Path | str], labels: Sequence[int], classes: list[str],
+                 channels: int | None, skip_bad_images: bool, max_bad_images: int,
+                 reader: Callable[[int], BinaryIO] | None = None):
         _check_channels(channels)
         if not paths:
             raise MimkitError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under '{root}'")
         self.root = root
         self.paths = [str(p) for p in paths]
+        self.reader = reader
         self.labels = list(labels)
         self.skip_bad_images = skip_bad_images
         self.max_bad_images = max_bad_images
@@ -306,7 +332,7 @@ class _FolderSource(Dataset):
         mode, sizes = None, set()
         for i in picks:
             try:
-                with Image.open(self.paths[i]) as img:
+                with Image.open(self._file(i)) as img:
                     mode = mode or ("L" if img.mode in _GRAY_MODES else "RGB")
                     sizes.add(img.size)
             except Exception as e:  # PIL raises many types on bad files
@@ -329,10 +355,12 @@ class _FolderSource(Dataset):
         warnings.warn(f"skipping unreadable image '{path}' ({error}); "
                       f"{self.num_bad_images} skipped in this process", stacklevel=3)
 
+    def _file(self, index: int) -> str | BinaryIO:
+        return self.paths[index] if self.reader is None else self.reader(index)
+
     def load(self, index: int) -> torch.Tensor:
-        """Decode one file to uint8 `(C, H, W)`; raises whatever PIL raises."""
-        with Image.open(self.paths[index]) as img:
-            return pil_to_tensor(_to_mode(ImageOps.exif_transpose(img), self._mode))
+        """Decode one image to uint8 `(C, H, W)`; raises whatever PIL raises."""
+        return decode_image(self._file(index), self._mode)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -471,8 +499,27 @@ def _parse_synthetic(spec: str) -> int:
     return int(count)
 
 
+def _shard_source(folder: Path, channels: int | None, classes: Sequence[str] | None, skip: bool,
+                  max_bad: int) -> _FolderSource:
+    members = ShardMembers.from_folder(folder, _is_image_name)
+    labels, classes = member_labels(members.names, classes)
+    names = [members.describe(i) for i in range(len(members))]
+    return _FolderSource(str(folder), names, labels, classes, channels, skip, max_bad, ShardReader(members))
+
+
+def _hf_source(spec: str, split: str, channels: int | None, skip: bool, max_bad: int) -> _FolderSource:
+    path, _, dataset_split = spec.removeprefix("hf:").rpartition(":")
+    if not path or "/" in dataset_split:  # no split named: the colon was part of the path, or absent
+        path, dataset_split = spec.removeprefix("hf:"), ""
+    rows = open_hf_images(path, split, dataset_split or None)
+    return _FolderSource(rows.root, rows.names, rows.labels, rows.classes, channels, skip, max_bad,
+                         rows.reader)
+
+
 def _folder_source(folder: Path, channels: int | None, classes: Sequence[str] | None, skip: bool,
                    max_bad: int) -> Dataset:
+    if not _has_top_level_images(folder) and shard_files(folder):
+        return _shard_source(folder, channels, classes, skip, max_bad)
     if not _has_top_level_images(folder) and _subfolders(folder):
         return ImageFolderSource(folder, channels, classes, skip, max_bad)
     return FlatFolderSource(folder, channels, skip, max_bad)
@@ -489,16 +536,21 @@ def build_source(spec: str, split: str = "train", root: str | Path | None = None
         - a folder path. If it holds `train/` plus `val/` or `test/`, those are the splits (a missing
           `val` falls back to `test` and back). Otherwise the whole folder is the train split. A folder
           whose top level holds only sub-folders is read as labeled (`ImageFolderSource`, one class per
-          sub-folder); one with images at its top level as unlabeled (`FlatFolderSource`). The val split
-          reuses the train split's channels and classes, so labels and shapes agree.
+          sub-folder); one with images at its top level as unlabeled (`FlatFolderSource`); one with
+          `.tar` files at its top level as tar shards (`mimkit.data.shards`: labeled by the members'
+          folders, unlabeled when members lie at the top level). The val split reuses the train split's
+          channels and classes, so labels and shapes agree.
+        - `"shards:DIR"`: the same, insisting on tar shards.
+        - `"hf:PATH"` or `"hf:PATH:SPLIT"`: a Hugging Face dataset on disk (`mimkit.data.hf`); SPLIT is
+          the dataset's split read as the train split (default `train`).
 
     Args:
         spec: see above.
         split: `"train"`, `"val"` or `"test"`.
         root: folder to search first for named IDX datasets.
         channels: 1 or 3 to convert images; None to follow the data.
-        skip_bad_images: folders only: replace unreadable files instead of raising.
-        max_bad_images: folders only: give up after more than this many unreadable files.
+        skip_bad_images: folders, shards, hf: replace unreadable images instead of raising.
+        max_bad_images: folders, shards, hf: give up after more than this many unreadable images.
 
     Returns:
         A Dataset of `(image uint8 (C, H, W), label int)` with `.info` and `.labels`.
@@ -509,7 +561,13 @@ def build_source(spec: str, split: str = "train", root: str | Path | None = None
         return IdxSource(spec, split, root, channels)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         return SyntheticSource(_parse_synthetic(spec), channels or 3, seed=0 if split == "train" else 1)
-    path = Path(spec).expanduser()
+    if spec.startswith("hf:"):
+        return _hf_source(spec, split, channels, skip_bad_images, max_bad_images)
+    path = Path(spec.removeprefix("shards:")).expanduser()
+    if spec.startswith("shards:") and path.is_dir() and not shard_files(path / "train" if (
+            path / "train").is_dir() else path):
+        raise MimkitError(f"--data {spec}: no .tar shards in '{path}' (make them with: mimkit data pack "
+                          f"FOLDER --out {path})")
     if not path.exists():
         raise MimkitError(f"data path '{spec}' does not exist (named datasets: "
                           f"{', '.join(_IDX_DATASETS)}, synthetic[:N])")

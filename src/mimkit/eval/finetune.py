@@ -132,6 +132,7 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
         tqdm.write(f"fine-tune {cls.init} {encoder.spec.model.name} on {data.source}: {len(train_set)} "
                    f"images ({labels.fraction:g} of the labels), {plan.describe()}, "
                    f"layer decay {optim.layer_decay}")
+    model.classifier.set_grad_checkpointing(train_cfg.grad_checkpointing)  # timm's own forward honours it
     if train_cfg.compile:
         model.compile()
     best_metric = "val_ema_top1" if config.ema_decay else "val_top1"

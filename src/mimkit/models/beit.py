@@ -24,7 +24,7 @@ from timm.models.beit import Beit, Block
 from torch import nn
 
 from mimkit.errors import MimkitError
-from mimkit.models.vit import check_patch_grid, encoder_arch
+from mimkit.models.vit import check_patch_grid, encoder_arch, run_blocks
 
 
 class BEiT(nn.Module):
@@ -75,6 +75,11 @@ class BEiT(nn.Module):
         trunc_normal_(self.lm_head.weight, std=0.02)
         nn.init.zeros_(self.lm_head.bias)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (timm's switch,
+        `Beit.set_grad_checkpointing`; BEiT v2's aggregation blocks follow it)."""
+        self.encoder.set_grad_checkpointing(enable)
+
     def forward_features(
         self, imgs: torch.Tensor, bool_masked_pos: torch.Tensor, layers: Sequence[int] = ()
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -100,7 +105,7 @@ class BEiT(nn.Module):
         shared_bias = enc.rel_pos_bias() if enc.rel_pos_bias is not None else None  # timm's layout
         hidden = []
         for i, block in enumerate(enc.blocks, start=1):
-            x = block(x, shared_rel_pos_bias=shared_bias)
+            x = run_blocks([block], x, enc.grad_checkpointing, shared_rel_pos_bias=shared_bias)
             if i in layers:
                 hidden.append(x)
         return enc.norm(x), hidden
@@ -217,8 +222,7 @@ class BEiTv2(BEiT):
         enc = self.encoder
         x = torch.cat([last[:, :1], early[:, 1:]], dim=1)  # [B, 1 + L, D]
         shared_bias = enc.rel_pos_bias() if enc.rel_pos_bias is not None else None
-        for block in self.agg_blocks:
-            x = block(x, shared_rel_pos_bias=shared_bias)
+        x = run_blocks(self.agg_blocks, x, enc.grad_checkpointing, shared_rel_pos_bias=shared_bias)
         return self.forward_head(enc.norm(x), bool_masked_pos)
 
     def forward(

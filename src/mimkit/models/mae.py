@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 from mimkit.errors import MimkitError
-from mimkit.models.vit import build_vit, check_patch_grid, encoder_arch, sincos_pos_embed_2d
+from mimkit.models.vit import build_vit, check_patch_grid, encoder_arch, run_blocks, sincos_pos_embed_2d
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
@@ -175,6 +175,11 @@ class MAE(nn.Module):
         mask = (ids_restore >= keep).to(x.dtype)  # a patch is masked iff its rank is past the kept ones
         return x_kept, mask, ids_restore
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each encoder and decoder block's activations in the backward pass (timm's switch,
+        `VisionTransformer.set_grad_checkpointing`, on the encoder, which the decoder follows)."""
+        self.encoder.set_grad_checkpointing(enable)
+
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,7 +197,7 @@ class MAE(nn.Module):
         weight = proj.weight.permute(0, 2, 3, 1).flatten(1)  # conv (D, C, p, p) as a linear on (p, p, C)
         x = F.linear(pixels, weight, proj.bias) + enc.pos_embed[0, 1:][ids_keep]  # [B, L_keep, D]
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = enc.blocks(torch.cat([cls, x], dim=1))
+        x = run_blocks(enc.blocks, torch.cat([cls, x], dim=1), enc.grad_checkpointing)
         return enc.norm(x), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -204,7 +209,7 @@ class MAE(nn.Module):
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [B, L, Dd] in shuffled order
         patches = patches.gather(1, ids_restore[..., None].expand(-1, -1, Dd))  # back to image order
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
-        x = self.decoder_blocks(x)
+        x = run_blocks(self.decoder_blocks, x, self.encoder.grad_checkpointing)
         return self.decoder_pred(self.decoder_norm(x[:, 1:]))  # the class token predicts nothing
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

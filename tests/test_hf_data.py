@@ -1,0 +1,107 @@
+"""Hugging Face datasets on disk (`--data hf:PATH[:split]`): save_to_disk folders, Parquet, labels, errors."""
+
+import builtins
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimkit.data.sources import build_source, decode_image
+from mimkit.errors import MimkitError
+
+datasets = pytest.importorskip("datasets")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch, tmp_path):
+    """Parquet conversions go to a temporary cache, not the user's."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
+def pictures(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def labeled(n: int, seed: int = 0, classes=("ant", "bee", "cow")) -> "datasets.Dataset":
+    label = datasets.ClassLabel(names=list(classes))
+    features = datasets.Features({"image": datasets.Image(), "label": label})
+    labels = [i % len(classes) for i in range(n)]
+    return datasets.Dataset.from_dict({"image": pictures(n, seed), "label": labels}, features=features)
+
+
+def png(image: Image.Image) -> torch.Tensor:
+    """What the dataset stores for a PIL image (PNG), decoded back."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return decode_image(io.BytesIO(buffer.getvalue()), "RGB")
+
+
+def test_save_to_disk_dataset_reads_images_labels_and_classes(tmp_path):
+    labeled(7).save_to_disk(str(tmp_path / "ds"))
+    source = build_source(f"hf:{tmp_path / 'ds'}")
+    assert len(source) == 7 and source.info.classes == ["ant", "bee", "cow"] and source.info.name == "ds"
+    assert source.labels == [0, 1, 2, 0, 1, 2, 0] and source.info.channels == 3
+    for i, image in enumerate(pictures(7)):
+        got, label = source[i]
+        assert torch.equal(got, png(image)) and label == i % 3
+
+
+def test_dataset_dict_splits_and_a_named_split(tmp_path):
+    datasets.DatasetDict({"train": labeled(6), "validation": labeled(3, seed=1),
+                          "extra": labeled(4, seed=2)}).save_to_disk(str(tmp_path / "dd"))
+    assert len(build_source(f"hf:{tmp_path / 'dd'}")) == 6
+    val = build_source(f"hf:{tmp_path / 'dd'}", split="val")
+    assert len(val) == 3 and torch.equal(val[0][0], png(pictures(3, seed=1)[0]))
+    assert len(build_source(f"hf:{tmp_path / 'dd'}:extra")) == 4
+    with pytest.raises(MimkitError, match="no nope split.*it has train, validation, extra"):
+        build_source(f"hf:{tmp_path / 'dd'}:nope")
+
+
+def test_parquet_files_unlabeled_and_split_by_name(tmp_path):
+    unlabeled = datasets.Dataset.from_dict({"img": pictures(5)}).cast_column("img", datasets.Image())
+    (tmp_path / "pq").mkdir()
+    unlabeled.to_parquet(str(tmp_path / "pq" / "train-00000-of-00001.parquet"))
+    unlabeled.select(range(2)).to_parquet(str(tmp_path / "pq" / "validation-00000-of-00001.parquet"))
+    train = build_source(f"hf:{tmp_path / 'pq'}")
+    assert len(train) == 5 and train.labels == [-1] * 5 and train.info.num_classes == 0
+    assert torch.equal(train[4][0], png(pictures(5)[4]))
+    assert len(build_source(f"hf:{tmp_path / 'pq'}", split="val")) == 2
+    assert len(build_source(f"hf:{tmp_path / 'pq' / 'train-00000-of-00001.parquet'}")) == 5
+
+
+def test_bad_row_is_named_and_skipped(tmp_path):
+    rows = [{"bytes": png_bytes, "path": None} for png_bytes in
+            [image_bytes(p) for p in pictures(4)]]
+    rows[2] = {"bytes": b"\x89PNG\r\n\x1a\n garbage", "path": None}
+    ds = datasets.Dataset.from_dict({"image": rows}, features=datasets.Features({"image": datasets.Image()}))
+    ds.save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(MimkitError, match=r"cannot read image '.*bad\[train\]#2'"):
+        build_source(f"hf:{tmp_path / 'bad'}")
+    with pytest.warns(UserWarning, match=r"bad\[train\]#2"):
+        source = build_source(f"hf:{tmp_path / 'bad'}", skip_bad_images=True)
+    assert torch.equal(source[2][0], source[3][0]) and source.num_bad_images == 1
+
+
+def image_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_errors_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(MimkitError, match="does not exist.*nothing is downloaded"):
+        build_source(f"hf:{tmp_path / 'missing'}")
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(tmp_path / "text"))
+    with pytest.raises(MimkitError, match="no image column.*its columns: text"):
+        build_source(f"hf:{tmp_path / 'text'}")
+    with pytest.raises(MimkitError, match="no validation/val/valid/test split"):
+        build_source(f"hf:{tmp_path / 'text'}", split="val")
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(
+        ImportError(name)) if name == "datasets" else real_import(name, *a, **k))
+    with pytest.raises(MimkitError, match=r"pip install 'mimkit\[hf\]'"):
+        build_source(f"hf:{tmp_path / 'text'}")

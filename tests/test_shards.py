@@ -1,0 +1,177 @@
+"""Tar shards: `mimkit data pack`, the cached member index, map-style reading, labels and bad members."""
+
+import io
+import json
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimkit.cli import main
+from mimkit.data import shards
+from mimkit.data.shards import INDEX_NAME, ShardMembers, ShardReader, pack_files, parse_size, shard_files
+from mimkit.data.sources import build_source
+from mimkit.errors import MimkitError
+
+
+def image_folder(root: Path, n: int = 12, classes: tuple[str, ...] = ("cat", "dog", "eel")) -> Path:
+    """n JPEGs of varied sizes, spread over class folders (flat when `classes` is empty)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / classes[i % len(classes)] if classes else root
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 255, (20 + i, 16 + 2 * i, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+def pack(folder: Path, out: Path, size: str = "2KB") -> int:
+    return main(["data", "pack", str(folder), "--out", str(out), "--shard-size", size])
+
+
+def test_parse_size():
+    assert parse_size("20KB") == 20_000 and parse_size("1GB") == 10**9 and parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5 mb") == 1_500_000 and parse_size("4096") == 4096
+    for bad in ("", "-1GB", "1XB", "GB", "0"):
+        with pytest.raises(MimkitError, match="size"):
+            parse_size(bad)
+
+
+def test_pack_round_trips_every_image_byte_for_byte(tmp_path):
+    folder = image_folder(tmp_path / "images")
+    assert pack(folder, tmp_path / "shards") == 0
+    assert len(shard_files(tmp_path / "shards")) >= 3  # 2 KB shards: a few images each
+    files = build_source(str(folder)).paths
+    members = ShardMembers.from_folder(tmp_path / "shards", lambda name: True)
+    reader = ShardReader(members)
+    assert members.names == [Path(f).relative_to(folder).as_posix() for f in files]  # the folder's order
+    for i, file in enumerate(files):
+        assert reader(i).read() == Path(file).read_bytes()
+
+
+def test_shards_read_like_the_folder_they_were_packed_from(tmp_path):
+    folder = image_folder(tmp_path / "images")
+    pack(folder, tmp_path / "shards")
+    from_folder, from_shards = build_source(str(folder)), build_source(f"shards:{tmp_path / 'shards'}")
+    assert from_shards.info.classes == from_folder.info.classes == ["cat", "dog", "eel"]
+    assert from_shards.labels == from_folder.labels
+    assert from_shards.info.channels == 3 and from_shards.info.image_size is None
+    for i in range(len(from_folder)):
+        image, label = from_shards[i]
+        assert torch.equal(image, from_folder[i][0]) and label == from_folder[i][1]
+    # a plain folder of .tar files is read as shards too
+    assert build_source(str(tmp_path / "shards")).labels == from_folder.labels
+
+
+def test_unlabeled_members_and_splits(tmp_path):
+    flat = image_folder(tmp_path / "flat", n=4, classes=())
+    pack(flat, tmp_path / "flat-shards")
+    source = build_source(f"shards:{tmp_path / 'flat-shards'}")
+    assert source.labels == [-1] * 4 and source.info.num_classes == 0
+
+    image_folder(tmp_path / "split" / "train", n=9)
+    image_folder(tmp_path / "split" / "val", n=4, classes=("dog", "eel"))  # one class missing
+    assert pack(tmp_path / "split", tmp_path / "split-shards") == 0
+    assert {p.name for p in (tmp_path / "split-shards").iterdir()} == {"train", "val"}
+    train = build_source(f"shards:{tmp_path / 'split-shards'}")
+    val = build_source(f"shards:{tmp_path / 'split-shards'}", split="val")
+    assert val.info.classes == train.info.classes and val.labels == [1, 1, 2, 2]
+
+
+def test_index_is_cached_atomically_and_refreshed_when_a_shard_changes(tmp_path, monkeypatch):
+    pack(image_folder(tmp_path / "images"), tmp_path / "shards")
+    out = tmp_path / "shards"
+    index = json.loads((out / INDEX_NAME).read_text())
+    assert sorted(index["shards"]) == [p.name for p in shard_files(out)]
+    assert not list(out.glob(f"{INDEX_NAME}.tmp-*"))
+
+    scanned = []
+    real_scan = shards._scan_shard
+    monkeypatch.setattr(shards, "_scan_shard", lambda path, is_image: scanned.append(path.name)
+                        or real_scan(path, is_image))
+    build_source(f"shards:{out}")
+    assert scanned == []  # every entry came from the cache
+    first = shard_files(out)[0]
+    with tarfile.open(first, "w") as tar:  # rewritten: one member only
+        data = (tmp_path / "images" / "cat" / "000.jpg").read_bytes()
+        info = tarfile.TarInfo("cat/new.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    assert "cat/new.jpg" in ShardMembers.from_folder(out, lambda name: True).names
+    assert scanned == [first.name]
+
+
+def test_index_in_a_read_only_folder_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
+    pack(image_folder(tmp_path / "images", n=3), tmp_path / "shards")
+    (tmp_path / "shards" / INDEX_NAME).unlink()
+    def read_only(src, dst):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(shards.os, "replace", read_only)
+    with pytest.warns(UserWarning, match="cannot cache the shard index"):
+        assert len(build_source(f"shards:{tmp_path / 'shards'}")) == 3
+    assert not list((tmp_path / "shards").glob(".*tmp-*"))
+
+
+def test_pack_refuses_a_non_empty_out_and_bad_sizes(tmp_path, capsys):
+    folder = image_folder(tmp_path / "images", n=3)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    assert pack(folder, tmp_path / "full") == 2
+    assert pack(folder, tmp_path / "new", size="lots") == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert "not an empty folder" in errors[0] and "size 'lots'" in errors[1]
+    assert (tmp_path / "full" / "x").read_text() == "keep me" and not (tmp_path / "new").exists()
+    with pytest.raises(MimkitError, match="no .tar shards"):
+        build_source(f"shards:{folder}")
+
+
+def test_pack_files_keeps_shards_near_the_size_and_order(tmp_path):
+    folder = image_folder(tmp_path / "images", n=6, classes=())
+    files = sorted(folder.iterdir())
+    written = pack_files(files, folder, tmp_path / "out", shard_size=1)  # too small: one file per shard
+    assert [p.name for p in written] == [f"shard-{i:06d}.tar" for i in range(6)]
+    with tarfile.open(written[2]) as tar:
+        assert tar.getnames() == [files[2].name]
+
+
+def corrupt_member(out: Path, name: str) -> None:
+    """Overwrite a member's bytes inside its shard (same size, so the index still holds)."""
+    members = ShardMembers.from_folder(out, lambda n: True)
+    i = members.names.index(name)
+    with open(out / members.shards[members.shard_of[i]], "r+b") as f:
+        f.seek(int(members.offsets[i]))
+        f.write(b"\0" * int(members.sizes[i]))
+
+
+def test_bad_member_is_named_and_skipped_like_a_bad_file(tmp_path):
+    folder = image_folder(tmp_path / "images", n=6, classes=())
+    pack(folder, tmp_path / "shards")
+    source = build_source(f"shards:{tmp_path / 'shards'}")
+    corrupt_member(tmp_path / "shards", "002.jpg")
+    with pytest.raises(MimkitError, match=r"cannot read image '.*shard-\d+\.tar:002\.jpg'"):
+        source[2]
+    with pytest.warns(UserWarning, match=r"shard-\d+\.tar:002\.jpg"):  # found by the probe at construction
+        skipping = build_source(f"shards:{tmp_path / 'shards'}", skip_bad_images=True, max_bad_images=1)
+    image, _ = skipping[2]
+    assert torch.equal(image, source[3][0]) and skipping.num_bad_images == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(skipping[2][0], image)
+    corrupt_member(tmp_path / "shards", "004.jpg")
+    with pytest.raises(MimkitError, match="more than max_bad_images=1"):
+        skipping[4]
+
+
+def test_reader_survives_pickling_and_reopens(tmp_path):
+    import pickle
+
+    pack(image_folder(tmp_path / "images", n=4), tmp_path / "shards")
+    source = build_source(f"shards:{tmp_path / 'shards'}")
+    source[0]
+    copy = pickle.loads(pickle.dumps(source))  # what a spawned DataLoader worker receives
+    assert copy.reader._fds == {} and torch.equal(copy[3][0], source[3][0])
