@@ -27,9 +27,14 @@ def _is_state_dict(value) -> bool:
     return isinstance(value, Mapping) and bool(value) and all(torch.is_tensor(v) for v in value.values())
 
 
-def _torch_load(path: Path) -> object:
-    with open(path, "rb") as f:
-        head = f.read(2)
+def load_pickle(path: Path) -> object:
+    """A PyTorch pickle read with `torch.load(weights_only=True)`; a one-line `MimkitError` when it would run
+    code or is damaged."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as err:
+        raise MimkitError(f"cannot read '{path}': {err.strerror}") from None
     if head[:1] != b"\x80" and head != b"PK":  # a pickle's PROTO opcode, or torch.save's zip archive
         raise MimkitError(f"'{path}' is not a safetensors file nor a PyTorch checkpoint")
     try:
@@ -67,7 +72,7 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as err:  # safetensors raises its own error types
             raise MimkitError(f"'{path}' is not a valid safetensors file ({err})") from None
     else:
-        state = _torch_load(path)
+        state = load_pickle(path)
     if not _is_state_dict(state):
         inner = (state.get(k) for k in STATE_DICT_KEYS) if isinstance(state, Mapping) else ()
         state = next((s for s in inner if _is_state_dict(s)), None)
