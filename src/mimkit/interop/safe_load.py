@@ -27,6 +27,14 @@ def _is_state_dict(value) -> bool:
     return isinstance(value, Mapping) and bool(value) and all(torch.is_tensor(v) for v in value.values())
 
 
+def refusal(path: str | Path, err: pickle.UnpicklingError) -> MimkitError:
+    """The one-line error for a pickle that ``torch.load(weights_only=True)`` refused to unpickle."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    why = f"loading it would run {found.group(1)}" if found else "it holds more than tensors"
+    return MimkitError(f"refusing '{path}': {why}; only tensors and plain containers are read "
+                       "(nothing was executed)")
+
+
 def load_pickle(path: Path) -> object:
     """A PyTorch pickle read with `torch.load(weights_only=True)`; a one-line `MimkitError` when it would run
     code or is damaged."""
@@ -41,10 +49,7 @@ def load_pickle(path: Path) -> object:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        why = f"loading it would run {found.group(1)}" if found else "it holds more than tensors"
-        raise MimkitError(f"refusing '{path}': {why}; only tensors and plain containers are read "
-                          "(nothing was executed)") from None
+        raise refusal(path, err) from None
     except Exception as err:  # a damaged archive
         raise MimkitError(f"'{path}' is not a safetensors file nor a PyTorch checkpoint "
                           f"({type(err).__name__})") from None
@@ -84,6 +89,20 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def _shards(index: Path) -> list[str]:
+    """The shard files a ``*.index.json`` names, each a plain path inside the index's folder."""
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise MimkitError(f"'{index}' is not a shard index (a JSON weight_map of names to files): "
+                          f"{type(err).__name__}") from None
+    for shard in shards:
+        parts = Path(shard).parts if isinstance(shard, str) else ()
+        if not parts or Path(shard).is_absolute() or ".." in parts:
+            raise MimkitError(f"refusing '{index}': shard {shard!r} is not a file inside its folder")
+    return shards
+
+
 def load_sharded(folder: str | Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The weights saved in a model folder: the first of ``names`` present, or its sharded form.
 
@@ -98,9 +117,8 @@ def load_sharded(folder: str | Path, names: tuple[str, ...]) -> dict[str, torch.
             return load_tensors(folder / name)
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             state: dict[str, torch.Tensor] = {}
-            for shard in shards:
+            for shard in _shards(index):
                 state.update(load_tensors(folder / shard))
             return state
     raise MimkitError(f"'{folder}' holds none of {', '.join(names)}")

@@ -133,8 +133,7 @@ class Checkpoints:
                 return self.load_state(step)
             except MimkitError as err:
                 failures.append(str(err))
-                warnings.warn(f"checkpoint step {step} cannot be resumed from ({err}); trying an older one",
-                              stacklevel=2)
+                warnings.warn(f"skipping checkpoint step {step}, it does not load: {err}", stacklevel=2)
         if steps:
             raise MimkitError(f"none of the {len(steps)} checkpoints in '{self.dir}' loads (newest: "
                               f"{failures[0]}); move that folder away to start the run afresh")
