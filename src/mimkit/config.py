@@ -27,6 +27,7 @@ class DataConfig:
     num_workers: int = 1
     skip_bad_images: bool = False
     max_bad_images: int = 100
+    max_image_pixels: int | None = None  # folders: larger files are refused; None: 8192 x 8192
 
 
 @dataclass
