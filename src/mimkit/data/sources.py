@@ -357,10 +357,9 @@ class _FolderSource(Dataset):
                                 f"{self.max_image_pixels}; shrink the file or raise that limit")
             if (factor := self._reduction(img.size)) > 1:
                 img.draft(None, (width // factor, height // factor))  # JPEG: decode at 1/2, 1/4 or 1/8
-            img = ImageOps.exif_transpose(img)
-            if (factor := self._reduction(img.size)) > 1:
+            if (factor := self._reduction(img.size)) > 1:  # before exif_transpose, which copies the image
                 img = img.reduce(factor)
-            return pil_to_tensor(_to_mode(img, self._mode))
+            return pil_to_tensor(_to_mode(ImageOps.exif_transpose(img), self._mode))
 
     def __len__(self) -> int:
         return len(self.paths)
