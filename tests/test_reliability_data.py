@@ -406,3 +406,16 @@ def test_a_pixel_cap_refuses_huge_images_in_one_line(tmp_path, capsys):
     assert pretrain(tmp_path / "run", "--max-steps", "2", "--set", "data.max_image_pixels=10000",
                     "--set", "data.img_size=32", data=str(folder)) == 2
     one_line_error(capsys, "003.png", "max_image_pixels")
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path, capsys, monkeypatch):
+    real_open = Path.open
+
+    def full(self, mode="r", *args, **kwargs):
+        if self.name == "metrics.jsonl" and mode == "a":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full)
+    assert pretrain(tmp_path / "run", "--max-steps", "2", "--set", "train.log_every=1") == 2
+    one_line_error(capsys, "metrics.jsonl", "the disk is full")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from mimkit.errors import MimkitError
+from mimkit.errors import MimkitError, explain_write_errors
 
 
 @dataclass
@@ -233,4 +233,5 @@ def load_recipe(name_or_path: str) -> dict:
 
 def save_config(config, path: str | Path) -> None:
     """Write the resolved configuration as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    with explain_write_errors(path):
+        Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
