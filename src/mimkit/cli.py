@@ -281,7 +281,8 @@ def add_interop_commands(commands) -> None:
     exp.add_argument("--encoder-only", action="store_true",
                      help="hf: the encoder alone (ViTModel / BeitModel); timm exports are always the encoder")
     exp.add_argument("--force", action="store_true",
-                     help="write into an --out folder that is not empty (files of the same names are replaced)")
+                     help="write into an --out folder that is not empty (files of the same names are "
+                     "replaced)")
     exp.set_defaults(handler=cmd_export)
 
 

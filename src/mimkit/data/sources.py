@@ -382,7 +382,8 @@ class ImageFolderSource(_FolderSource):
     """A labeled folder: one sub-folder per class, images anywhere below it (recursively).
 
     Classes are the sorted sub-folder names, label = index. Channels follow a sample of the files
-    (see `_FolderSource`) unless `channels` is given; mean/std are ImageNet's for 3 channels and (0.5,)/(0.5,) for 1.
+    (see `_FolderSource`) unless `channels` is given; mean/std are ImageNet's for 3 channels and
+    (0.5,)/(0.5,) for 1.
 
     Args:
         root: the folder holding the class sub-folders.

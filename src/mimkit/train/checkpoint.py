@@ -9,8 +9,8 @@ temporary file created exclusively in that folder (a random name that no planted
 and renamed, the state file first, so a checkpoint whose weights file exists is complete. What a
 killed save leaves (temporary files, ours and safetensors' own; a state file without its weights) is
 removed at start-up and after each pruning. A newest checkpoint that cannot be read (damaged, or a
-pickle that would run code) is skipped for the newest readable one. A run that tracks an evaluation metric also keeps ``best.safetensors`` and ``best.json`` (its step and
-value) there.
+pickle that would run code) is skipped for the newest readable one. A run that tracks an evaluation
+metric also keeps ``best.safetensors`` and ``best.json`` (its step and value) there.
 """
 
 import json
