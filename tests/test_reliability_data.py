@@ -115,6 +115,17 @@ def test_bad_image_in_a_worker_ends_the_run(tmp_path, workers, skip):
     assert last.startswith("error:") and "005.png" in last
 
 
+def test_bad_image_in_an_evaluation_worker_is_one_line(run_with_checkpoints, tmp_path, capsys):
+    data = tmp_path / "labelled"
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            image_folder(data / split / name, 32)
+    (data / "train" / "b" / "004.png").write_bytes(b"not an image")  # file 36 of 64: not sampled
+    assert main(["knn", str(run_with_checkpoints), "--data", str(data), "--out", str(tmp_path / "knn"),
+                 "--num-workers", "1"]) == 2
+    one_line_error(capsys, "cannot read image", "004.png")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 9. Channels come from a sample of the files, and the run says which
 
