@@ -76,7 +76,8 @@ class Checkpoints:
 
     def save(self, step: int, model: nn.Module, state: dict) -> None:
         """Write weights and training state for ``step``, then drop checkpoints beyond ``keep_last``."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        with explain_write_errors(self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
         _atomic(self.state_path(step), lambda tmp: torch.save(state, tmp))
         _atomic(self.weights_path(step), lambda tmp: save_model(model, str(tmp)))
         for old in self.steps()[:-self.keep_last]:
