@@ -429,3 +429,13 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(Path, "open", full)
     assert pretrain(tmp_path / "run", "--max-steps", "2", "--set", "train.log_every=1") == 2
     one_line_error(capsys, "metrics.jsonl", "the disk is full")
+
+
+def test_a_full_disk_while_exporting_is_one_line(run_with_checkpoints, tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("mimkit.interop.export.save_file", full)
+    out = tmp_path / "exported"
+    assert main(["export", str(run_with_checkpoints), "--to", "timm", "--out", str(out)]) == 2
+    one_line_error(capsys, str(out), "the disk is full")
