@@ -376,7 +376,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from mimkit.interop.export import export_run
 
-    files = export_run(args.run, args.to, args.out, encoder_only=args.encoder_only)
+    files = export_run(args.run, args.to, args.out, encoder_only=args.encoder_only, force=args.force)
     print(f"wrote {', '.join(str(f) for f in files)}")
 
 
@@ -405,6 +405,9 @@ def add_interop_commands(commands) -> None:
     exp.add_argument("--out", required=True, help="folder to write")
     exp.add_argument("--encoder-only", action="store_true",
                      help="hf: the encoder alone (ViTModel / BeitModel); timm exports are always the encoder")
+    exp.add_argument("--force", action="store_true",
+                     help="write into an --out folder that is not empty (files of the same names are "
+                     "replaced)")
     exp.set_defaults(handler=cmd_export)
 
 

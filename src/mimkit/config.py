@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from mimkit.errors import MimkitError
+from mimkit.errors import MimkitError, explain_write_errors
 
 _FLAGS = {"train.epochs": "--epochs", "train.max_steps": "--max-steps", "train.batch_size": "--batch-size"}
 
@@ -39,6 +39,7 @@ class DataConfig:
     num_workers: int = 1
     skip_bad_images: bool = False
     max_bad_images: int = 100
+    max_image_pixels: int | None = None  # folders: larger files are refused; None: 8192 x 8192
 
     def __post_init__(self):
         at_least(1, "data", img_size=self.img_size, channels=self.channels)
@@ -303,4 +304,5 @@ def load_recipe(name_or_path: str) -> dict:
 
 def save_config(config, path: str | Path) -> None:
     """Write the resolved configuration as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    with explain_write_errors(path):
+        Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

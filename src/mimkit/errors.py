@@ -3,7 +3,13 @@
 Library code raises `MimkitError` for bad input (a missing path, an unknown model, an impossible
 option); the CLI prints its message on one line and exits with status 2, never a traceback. A run
 stopped by a signal raises `Interrupted` after saving: exit status 130.
+A failed write (disk full, read-only) becomes a `MimkitError` too, through `explain_write_errors`.
 """
+
+import contextlib
+import errno
+import re
+from pathlib import Path
 
 
 class MimkitError(Exception):
@@ -13,3 +19,31 @@ class MimkitError(Exception):
 class Interrupted(Exception):
     """A run stopped on Ctrl-C or SIGTERM after saving a checkpoint (the loop has said where); the CLI
     exits with status 130 so that scripts and schedulers do not take the run for finished."""
+
+
+_WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "it is read-only (permission denied)",
+    errno.EPERM: "it is read-only (operation not permitted)",
+}
+
+
+@contextlib.contextmanager
+def explain_write_errors(path: str | Path):
+    """Turn a failed write to ``path`` (disk full, read-only, no permission) into a one-line `MimkitError`.
+
+    safetensors reports its I/O errors as ``SafetensorError("... (os error 28)")``, not as ``OSError``, so
+    the error number is read from ``errno`` or from that text; any other error passes through.
+    """
+    try:
+        yield
+    except Exception as err:
+        code = getattr(err, "errno", None)
+        if code is None and (found := re.search(r"os error (\d+)", str(err))):
+            code = int(found.group(1))
+        if code not in _WRITE_FAILURES:
+            raise
+        raise MimkitError(f"cannot write '{path}': {_WRITE_FAILURES[code]}; free space or choose a writable "
+                          "location (files written before are untouched)") from None

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from mimkit.config import OptimConfig, PretrainConfig, TrainConfig
 from mimkit.data.loader import SeededViews
-from mimkit.data.sources import SourceInfo, build_source
+from mimkit.data.sources import MAX_IMAGE_PIXELS, SourceInfo, build_source
 from mimkit.errors import MimkitError
 from mimkit.methods import METHODS
 from mimkit.runs import hold_run_dir, keep_config
@@ -83,8 +83,11 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path, force_config: b
 def _pretrain(config: PretrainConfig, run_dir: Path, world: World, force_config: bool) -> dict:
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     data = config.data
+    # a large file is decoded at a reduced size that still gives every crop of the view its full detail
     source = build_source(data.source, split="train", root=data.root, channels=data.channels,
-                          skip_bad_images=data.skip_bad_images, max_bad_images=data.max_bad_images)
+                          skip_bad_images=data.skip_bad_images, max_bad_images=data.max_bad_images,
+                          max_image_pixels=data.max_image_pixels or MAX_IMAGE_PIXELS,
+                          decode_min_side=3 * data.img_size if data.img_size else None)
     config = resolve_data(config, source.info)
     method = METHODS[config.method]
     if hasattr(method, "resolve_config"):  # fields left to something outside the run, e.g. a tokenizer
@@ -107,7 +110,10 @@ def _pretrain(config: PretrainConfig, run_dir: Path, world: World, force_config:
 
     if world.is_main:
         keep_config(run_dir, config, force_config)
-        tqdm.write(f"{config.method} {config.model.name}: {len(source)} images, {plan.describe()}")
+        how = f" ({source.info.channels_note})" if source.info.channels_note else ""
+        tqdm.write(f"{config.method} {config.model.name}: {len(source)} images, "
+                   f"{config.data.channels} channel{'s' if config.data.channels > 1 else ''}{how}, "
+                   f"{plan.describe()}")
     if train_cfg.compile:
         model.compile()
     return train(model, loss_fn, SeededViews(source, view), optimizer, plan.schedule, run_dir, world,

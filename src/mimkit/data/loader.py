@@ -6,13 +6,20 @@ generator seeded by ``(seed, e, p)``. So a run resumed at any step, or split acr
 sees exactly the images, crops and masks that one uninterrupted process would.
 """
 
+import contextlib
+import re
 import signal
 from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mimkit.errors import MimkitError
+
 _SEED_STRIDE = 1_000_003
+# The DataLoader re-raises a worker's exception with the worker's whole traceback as its message; the
+# original one-line message is its last line.
+_WORKER_MESSAGE = re.compile(r"^mimkit\.errors\.MimkitError: (.+)$", re.MULTILINE)
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -93,3 +100,24 @@ def build_loader(dataset: SeededViews, batches: EpochBatches, num_workers: int =
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=torch.Generator(),
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
                       worker_init_fn=leave_signals_to_the_trainer)
+
+
+@contextlib.contextmanager
+def workers_end_with_errors(loader: DataLoader):
+    """Let an error raised while iterating ``loader`` end the run: shut its workers down, and give a
+    worker's `MimkitError` (e.g. an unreadable image) back its own one-line message.
+
+    The workers ignore SIGTERM (`leave_signals_to_the_trainer`); left alive to the interpreter's exit,
+    they would be sent it in vain and waited for forever.
+    """
+    try:
+        yield
+    except BaseException as err:
+        # persistent workers live in the loader's iterator; torch has no public way to end them early
+        shutdown = getattr(loader._iterator, "_shutdown_workers", None)
+        if shutdown:
+            shutdown()
+        found = _WORKER_MESSAGE.findall(str(err)) if isinstance(err, MimkitError) else []
+        if found:
+            raise MimkitError(found[-1]) from None
+        raise

@@ -48,6 +48,9 @@ DEBIAN_DATASETS = Path("/usr/share/datasets")
 # PIL modes stored as one grey channel; the 16/32-bit ones are rescaled to 8 bits, not clipped.
 _GRAY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 _WIDE_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+# Above this many pixels a file is refused before it is decoded: 8192 x 8192 is already ~200 MB as RGB, and
+# the decoder, the tensor and the view each hold a copy.
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class SourceInfo:
         std: per-channel std of pixel values scaled to [0, 1], length C.
         num_classes: number of classes, 0 when unlabeled.
         classes: class names, index = label; empty when unlabeled.
+        channels_note: how the channels were decided, when the data decided them (folders).
     """
 
     name: str
@@ -71,6 +75,7 @@ class SourceInfo:
     std: tuple[float, ...]
     num_classes: int
     classes: list[str]
+    channels_note: str = ""
 
 
 def _check_channels(channels: int | None) -> None:
@@ -274,12 +279,23 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-def decode_image(file: str | Path | BinaryIO, mode: str) -> torch.Tensor:
+def decode_image(file: str | Path | BinaryIO, mode: str, max_pixels: int = MAX_IMAGE_PIXELS,
+                 min_side: int | None = None) -> torch.Tensor:
     """Decode one encoded image (a path or a binary file object) to uint8 `(C, H, W)` in `mode`.
 
-    EXIF orientation is applied. Raises whatever PIL raises on a bad file.
+    EXIF orientation is applied. An image above `max_pixels` is refused before decoding (ValueError); with
+    `min_side`, a large image is decoded at a reduced size whose shorter side stays at least that (JPEG's
+    DCT scaling through PIL's ``draft``, else ``reduce``). Raises whatever PIL raises on a bad file.
     """
     with Image.open(file) as img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ValueError(f"{width}x{height} pixels is above data.max_image_pixels={max_pixels}; "
+                             "shrink the file or raise that limit")
+        if min_side and (factor := min(img.size) // min_side) > 1:
+            img.draft(None, (width // factor, height // factor))  # JPEG: decode at 1/2, 1/4 or 1/8
+        if min_side and (factor := min(img.size) // min_side) > 1:  # before exif_transpose, which copies
+            img = img.reduce(factor)
         return pil_to_tensor(_to_mode(ImageOps.exif_transpose(img), mode))
 
 
@@ -287,8 +303,11 @@ class _FolderSource(Dataset):
     """Encoded images decoded with PIL: files, tar shard members or dataset rows; the shared body of the
     folder, shard and Hugging Face sources.
 
-    Channels follow the data unless asked: grey ("L") when the first image is stored grey, else RGB.
-    With `skip_bad_images`, an unreadable image is warned about and replaced by the next readable one
+    Channels follow the data unless asked: RGB unless every one of up to 32 files sampled across the
+    folder is stored grey ("L"). A file above `max_image_pixels` is unreadable (never decoded); with
+    `decode_min_side`, a large file is decoded at a reduced size whose shorter side stays at least that
+    (JPEG's DCT scaling through PIL's ``draft``, else ``reduce``), so memory follows what the view needs.
+    With `skip_bad_images`, an unreadable file is warned about and replaced by the next readable one
     (the same replacement in every process and epoch); more than `max_bad_images` distinct unreadable
     images raise. The count is per process: each DataLoader worker keeps its own, so across workers up
     to `num_workers * max_bad_images` images may be skipped before one gives up.
@@ -301,6 +320,7 @@ class _FolderSource(Dataset):
 
     def __init__(self, root: str, paths: Sequence[Path | str], labels: Sequence[int], classes: list[str],
                  channels: int | None, skip_bad_images: bool, max_bad_images: int,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, decode_min_side: int | None = None,
                  reader: Callable[[int], BinaryIO] | None = None):
         _check_channels(channels)
         if not paths:
@@ -311,14 +331,16 @@ class _FolderSource(Dataset):
         self.labels = list(labels)
         self.skip_bad_images = skip_bad_images
         self.max_bad_images = max_bad_images
+        self.max_image_pixels, self.decode_min_side = max_image_pixels, decode_min_side
         self.bad_indices: set[int] = set()  # unreadable files met in this process
-        mode, image_size = self._probe()
+        mode, image_size, note = self._probe()
         self._mode = {1: "L", 3: "RGB", None: mode}[channels]
         nc = 1 if self._mode == "L" else 3
         self.info = SourceInfo(
             name=Path(root).name, channels=nc, image_size=image_size,
             mean=GRAY_MEAN if nc == 1 else IMAGENET_MEAN, std=GRAY_STD if nc == 1 else IMAGENET_STD,
             num_classes=len(classes), classes=list(classes),
+            channels_note=note if channels is None else f"{self._mode}: data.channels={channels}",
         )
 
     @property
@@ -326,21 +348,25 @@ class _FolderSource(Dataset):
         """Unreadable files skipped so far in this process."""
         return len(self.bad_indices)
 
-    def _probe(self, samples: int = 32) -> tuple[str, int | None]:
-        """Storage mode of the first image and the common square side of a few spread-out ones."""
+    def _probe(self, samples: int = 32) -> tuple[str, int | None, str]:
+        """Mode (grey only when every sampled file is grey), the common square side of a few spread-out
+        files, and a note saying how the mode was decided."""
         picks = sorted({round(k * (len(self) - 1) / max(samples - 1, 1)) for k in range(samples)})
-        mode, sizes = None, set()
+        gray, sizes = [], set()
         for i in picks:
             try:
                 with Image.open(self._file(i)) as img:
-                    mode = mode or ("L" if img.mode in _GRAY_MODES else "RGB")
+                    gray.append(img.mode in _GRAY_MODES)
                     sizes.add(img.size)
             except Exception as e:  # PIL raises many types on bad files
                 self._skip(i, e)
-        if mode is None:
+        if not gray:
             raise MimkitError(f"none of the sampled images under '{self.root}' could be read")
         (width, height), *others = sizes
-        return mode, width if not others and width == height else None
+        colour = len(gray) - sum(gray)
+        note = (f"RGB: {colour} of {len(gray)} sampled files are in colour" if colour else
+                f"L: all {len(gray)} sampled files are grey")
+        return "RGB" if colour else "L", width if not others and width == height else None, note
 
     def _skip(self, index: int, error: Exception) -> None:
         path = self.paths[index]
@@ -359,8 +385,8 @@ class _FolderSource(Dataset):
         return self.paths[index] if self.reader is None else self.reader(index)
 
     def load(self, index: int) -> torch.Tensor:
-        """Decode one image to uint8 `(C, H, W)`; raises whatever PIL raises."""
-        return decode_image(self._file(index), self._mode)
+        """Decode one image to uint8 `(C, H, W)`; raises whatever PIL raises (ValueError: too many pixels)."""
+        return decode_image(self._file(index), self._mode, self.max_image_pixels, self.decode_min_side)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -382,8 +408,9 @@ class _FolderSource(Dataset):
 class ImageFolderSource(_FolderSource):
     """A labeled folder: one sub-folder per class, images anywhere below it (recursively).
 
-    Classes are the sorted sub-folder names, label = index. Channels follow the first image unless
-    `channels` is given; mean/std are ImageNet's for 3 channels and (0.5,)/(0.5,) for 1.
+    Classes are the sorted sub-folder names, label = index. Channels follow a sample of the files
+    (see `_FolderSource`) unless `channels` is given; mean/std are ImageNet's for 3 channels and
+    (0.5,)/(0.5,) for 1.
 
     Args:
         root: the folder holding the class sub-folders.
@@ -392,13 +419,16 @@ class ImageFolderSource(_FolderSource):
             the same labels); every sub-folder must be in it.
         skip_bad_images: replace unreadable files instead of raising (see `_FolderSource`).
         max_bad_images: give up after more than this many unreadable files.
+        max_image_pixels: a file with more pixels is unreadable (refused before decoding).
+        decode_min_side: decode large files at a reduced size whose shorter side stays at least this.
 
     Item:
         `(image uint8 (C, H, W), label int)`.
     """
 
     def __init__(self, root: str | Path, channels: int | None = None, classes: Sequence[str] | None = None,
-                 skip_bad_images: bool = False, max_bad_images: int = 100):
+                 skip_bad_images: bool = False, max_bad_images: int = 100,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, decode_min_side: int | None = None):
         root = Path(root)
         found = _subfolders(root)
         classes = list(classes) if classes is not None else found
@@ -409,7 +439,8 @@ class ImageFolderSource(_FolderSource):
             files = _image_files(root / name) if (root / name).is_dir() else []
             paths += files
             labels += [label] * len(files)
-        super().__init__(str(root), paths, labels, classes, channels, skip_bad_images, max_bad_images)
+        super().__init__(str(root), paths, labels, classes, channels, skip_bad_images, max_bad_images,
+                         max_image_pixels, decode_min_side)
 
 
 class FlatFolderSource(_FolderSource):
@@ -423,9 +454,11 @@ class FlatFolderSource(_FolderSource):
     """
 
     def __init__(self, root: str | Path, channels: int | None = None, skip_bad_images: bool = False,
-                 max_bad_images: int = 100):
+                 max_bad_images: int = 100, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 decode_min_side: int | None = None):
         paths = _image_files(Path(root))
-        super().__init__(str(root), paths, [-1] * len(paths), [], channels, skip_bad_images, max_bad_images)
+        super().__init__(str(root), paths, [-1] * len(paths), [], channels, skip_bad_images, max_bad_images,
+                         max_image_pixels, decode_min_side)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -500,33 +533,36 @@ def _parse_synthetic(spec: str) -> int:
 
 
 def _shard_source(folder: Path, channels: int | None, classes: Sequence[str] | None, skip: bool,
-                  max_bad: int) -> _FolderSource:
+                  max_bad: int, max_pixels: int, min_side: int | None) -> _FolderSource:
     members = ShardMembers.from_folder(folder, _is_image_name)
     labels, classes = member_labels(members.names, classes)
     names = [members.describe(i) for i in range(len(members))]
-    return _FolderSource(str(folder), names, labels, classes, channels, skip, max_bad, ShardReader(members))
+    return _FolderSource(str(folder), names, labels, classes, channels, skip, max_bad, max_pixels, min_side,
+                         ShardReader(members))
 
 
-def _hf_source(spec: str, split: str, channels: int | None, skip: bool, max_bad: int) -> _FolderSource:
+def _hf_source(spec: str, split: str, channels: int | None, skip: bool, max_bad: int, max_pixels: int,
+               min_side: int | None) -> _FolderSource:
     path, _, dataset_split = spec.removeprefix("hf:").rpartition(":")
     if not path or "/" in dataset_split:  # no split named: the colon was part of the path, or absent
         path, dataset_split = spec.removeprefix("hf:"), ""
     rows = open_hf_images(path, split, dataset_split or None)
     return _FolderSource(rows.root, rows.names, rows.labels, rows.classes, channels, skip, max_bad,
-                         rows.reader)
+                         max_pixels, min_side, rows.reader)
 
 
 def _folder_source(folder: Path, channels: int | None, classes: Sequence[str] | None, skip: bool,
-                   max_bad: int) -> Dataset:
+                   max_bad: int, max_pixels: int, min_side: int | None) -> Dataset:
     if not _has_top_level_images(folder) and shard_files(folder):
-        return _shard_source(folder, channels, classes, skip, max_bad)
+        return _shard_source(folder, channels, classes, skip, max_bad, max_pixels, min_side)
     if not _has_top_level_images(folder) and _subfolders(folder):
-        return ImageFolderSource(folder, channels, classes, skip, max_bad)
-    return FlatFolderSource(folder, channels, skip, max_bad)
+        return ImageFolderSource(folder, channels, classes, skip, max_bad, max_pixels, min_side)
+    return FlatFolderSource(folder, channels, skip, max_bad, max_pixels, min_side)
 
 
 def build_source(spec: str, split: str = "train", root: str | Path | None = None, channels: int | None = None,
-                 skip_bad_images: bool = False, max_bad_images: int = 100) -> Dataset:
+                 skip_bad_images: bool = False, max_bad_images: int = 100,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, decode_min_side: int | None = None) -> Dataset:
     """Make a source from a dataset name or a folder path.
 
     Specs:
@@ -551,6 +587,10 @@ def build_source(spec: str, split: str = "train", root: str | Path | None = None
         channels: 1 or 3 to convert images; None to follow the data.
         skip_bad_images: folders, shards, hf: replace unreadable images instead of raising.
         max_bad_images: folders, shards, hf: give up after more than this many unreadable images.
+        max_image_pixels: folders, shards, hf: an image with more pixels is unreadable (refused before
+            decoding).
+        decode_min_side: folders, shards, hf: decode large images at a reduced size whose shorter side stays
+            at least this (e.g. 3x the model's input side: every crop of the view still has full detail).
 
     Returns:
         A Dataset of `(image uint8 (C, H, W), label int)` with `.info` and `.labels`.
@@ -561,8 +601,9 @@ def build_source(spec: str, split: str = "train", root: str | Path | None = None
         return IdxSource(spec, split, root, channels)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         return SyntheticSource(_parse_synthetic(spec), channels or 3, seed=0 if split == "train" else 1)
+    folder_options = (skip_bad_images, max_bad_images, max_image_pixels, decode_min_side)
     if spec.startswith("hf:"):
-        return _hf_source(spec, split, channels, skip_bad_images, max_bad_images)
+        return _hf_source(spec, split, channels, *folder_options)
     path = Path(spec.removeprefix("shards:")).expanduser()
     if spec.startswith("shards:") and path.is_dir() and not shard_files(path / "train" if (
             path / "train").is_dir() else path):
@@ -579,8 +620,8 @@ def build_source(spec: str, split: str = "train", root: str | Path | None = None
                 f"data folder '{spec}' has no {split} split: create '{path / 'train'}' and '{path / 'val'}' "
                 "sub-folders, or hold out part of train with split_train_val (a validation fraction)"
             )
-        return _folder_source(path, channels, None, skip_bad_images, max_bad_images)
-    train = _folder_source(path / "train", channels, None, skip_bad_images, max_bad_images)
+        return _folder_source(path, channels, None, *folder_options)
+    train = _folder_source(path / "train", channels, None, *folder_options)
     train.info = replace(train.info, name=path.name)  # the dataset's name, not "train"
     if split == "train":
         return train
@@ -589,7 +630,7 @@ def build_source(spec: str, split: str = "train", root: str | Path | None = None
     if folder is None:
         raise MimkitError(f"data folder '{spec}' has train/ but no val/ or test/ sub-folder for {split!r}")
     classes = train.info.classes if train.info.num_classes else None
-    source = _folder_source(folder, train.info.channels, classes, skip_bad_images, max_bad_images)
+    source = _folder_source(folder, train.info.channels, classes, *folder_options)
     if source.info.num_classes != train.info.num_classes:
         raise MimkitError(f"'{folder}' is {'un' if not source.info.num_classes else ''}labeled but "
                           f"'{path / 'train'}' is not; lay both out the same way")

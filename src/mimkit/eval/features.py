@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from mimkit.data.loader import SeededViews
+from mimkit.data.loader import SeededViews, workers_end_with_errors
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.eval.classifier import pooled_features
@@ -37,9 +37,10 @@ def extract_features(model: nn.Module, loader: DataLoader, pool: str, device: to
     """Pooled features of every image: (N, D) float32 on CPU, and labels (N,)."""
     model.eval().to(device)
     features, labels = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, unit="batch"):
-        features.append(pooled_features(model, batch["image"].to(device), pool).float().cpu())
-        labels.append(batch["label"])
+    with workers_end_with_errors(loader):
+        for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, unit="batch"):
+            features.append(pooled_features(model, batch["image"].to(device), pool).float().cpu())
+            labels.append(batch["label"])
     return torch.cat(features), torch.cat(labels)
 
 

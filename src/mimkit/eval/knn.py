@@ -8,6 +8,7 @@ class with weight ``exp(similarity / T)``.
 """
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -82,6 +83,11 @@ def run_knn(encoder: Encoder, data: str, out: str | Path, *, pool: str = "cls", 
     features = probe_data(encoder, data, pool, root=root, label_fraction=label_fraction,
                           val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers)
     parts = {"val": features.val, "test": features.test} if features.val else {"test": features.test}
+    train_images = len(features.train[1])
+    if k > train_images:  # knn_scores caps k there: record the k that ran
+        warnings.warn(f"k={k} is more than the {train_images} training images; k={train_images} is used",
+                      stacklevel=2)
+        k = train_images
     final = {}
     for name, (x, y) in parts.items():
         final |= prefixed(name, knn_accuracy(*features.train, x, y, features.num_classes, k, temperature,
@@ -93,7 +99,7 @@ def run_knn(encoder: Encoder, data: str, out: str | Path, *, pool: str = "cls", 
     log.close()
     results = {"protocol": "knn", "encoder": encoder.origin, "data": data, "pool": pool,
                "label_fraction": label_fraction, "val_fraction": val_fraction, "seed": seed,
-               "train_images": len(features.train[1]), "k": k, "temperature": temperature, **final,
+               "train_images": train_images, "k": k, "temperature": temperature, **final,
                "wall_s": round(time.perf_counter() - start, 1)}
     write_results(out, results)
     return results

@@ -9,6 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mimkit.data.loader import workers_end_with_errors
+
 
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
     """How many rows of ``scores`` (N, C) have their label among the top k, for each k (capped at C)."""
@@ -27,13 +29,14 @@ def classification_accuracy(model: nn.Module, loader: DataLoader, device: torch.
     model.eval()
     top1 = top5 = seen = 0
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, unit="batch")
-    for batch in bar:
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        with autocast:
-            logits = model(batch["image"].to(device, non_blocking=True))
-        c1, c5 = topk_correct(logits.float(), batch["label"], (1, 5))
-        top1, top5, seen = top1 + c1, top5 + c5, seen + len(logits)
-        bar.set_postfix(top1=f"{100 * top1 / seen:.2f}")
+    with workers_end_with_errors(loader):
+        for batch in bar:
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+            with autocast:
+                logits = model(batch["image"].to(device, non_blocking=True))
+            c1, c5 = topk_correct(logits.float(), batch["label"], (1, 5))
+            top1, top5, seen = top1 + c1, top5 + c5, seen + len(logits)
+            bar.set_postfix(top1=f"{100 * top1 / seen:.2f}")
     return {"top1": 100 * top1 / seen, "top5": 100 * top5 / seen}
 
 

@@ -7,6 +7,7 @@ subset lies inside the 10% subset, which lies inside 100%.
 - Label-efficiency protocol: e.g. SimCLR v2, Chen et al., 2020, arXiv:2006.10029 (1% / 10% subsets)
 """
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -91,4 +92,11 @@ def make_splits(source: Dataset, label_fraction: float = 1.0, val_fraction: floa
     else:
         train, val = list(range(len(labels))), []
     kept = label_subset([labels[i] for i in train], label_fraction, seed)
-    return Splits(train=[train[i] for i in kept], val=val)
+    splits = Splits(train=[train[i] for i in kept], val=val)
+    empty = sorted(set(range(source.info.num_classes)) - {labels[i] for i in splits.train})
+    if empty:
+        names = [source.info.classes[c] if c < len(source.info.classes) else str(c) for c in empty]
+        warnings.warn(f"{len(empty)} of {source.info.num_classes} classes have no training image at label "
+                      f"fraction {label_fraction} and val fraction {val_fraction} (e.g. {names[:5]}); their "
+                      "images can never be predicted: use a larger fraction", stacklevel=2)
+    return splits

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mimkit.config import PretrainConfig
-from mimkit.errors import MimkitError
+from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.interop import beit, mae
 from mimkit.interop.hf import image_processor_config, write_hf_folder
 from mimkit.interop.keymaps import to_foreign
@@ -63,8 +63,17 @@ def hf_export(model: nn.Module, config: PretrainConfig, encoder_only: bool) -> t
     raise MimkitError(f"cannot export a {type(model).__name__} to Hugging Face")
 
 
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse to write into a file, or into a folder that already holds something unless ``force``."""
+    if out.exists() and not out.is_dir():
+        raise MimkitError(f"export --out '{out}' is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise MimkitError(f"export --out '{out}' is not empty; choose a new folder, or pass --force to "
+                          "overwrite the files of the same names in it")
+
+
 def export_model(model: nn.Module, config: PretrainConfig, to: str, out: str | Path,
-                 encoder_only: bool = False) -> list[Path]:
+                 encoder_only: bool = False, force: bool = False) -> list[Path]:
     """Export an MAE or a BEiT.
 
     Args:
@@ -74,13 +83,22 @@ def export_model(model: nn.Module, config: PretrainConfig, to: str, out: str | P
         out: the folder to write (created if needed).
         encoder_only: for "hf", export the encoder alone (``ViTModel`` / ``BeitModel``); timm exports are
             always the encoder.
+        force: write into a folder that is not empty (files of the same names are replaced).
 
     Returns:
         The files written.
     """
     if to not in TARGETS:
         raise MimkitError(f"unknown export target {to!r}; choose one of: {', '.join(TARGETS)}")
-    data, out = config.data, Path(out)
+    out = Path(out)
+    _check_out(out, force)
+    with explain_write_errors(out):
+        return _write(model, config, to, out, encoder_only)
+
+
+def _write(model: nn.Module, config: PretrainConfig, to: str, out: Path, encoder_only: bool) -> list[Path]:
+    """The files of one export target, written into ``out``."""
+    data = config.data
     if to == "hf":
         architecture, hf_config, state = hf_export(model, config, encoder_only)
         processor = image_processor_config(data.img_size, data.mean, data.std)
@@ -98,12 +116,14 @@ def export_model(model: nn.Module, config: PretrainConfig, to: str, out: str | P
     return files
 
 
-def export_run(run_dir: str | Path, to: str, out: str | Path, encoder_only: bool = False) -> list[Path]:
+def export_run(run_dir: str | Path, to: str, out: str | Path, encoder_only: bool = False,
+               force: bool = False) -> list[Path]:
     """Export the newest weights of a run (see `export_model`); a BEiT segmentation run's best weights go to
     transformers' ``BeitForSemanticSegmentation`` (`mimkit.interop.segmentation`)."""
     from mimkit.eval.segment import is_segmentation_run, load_segmenter
     from mimkit.interop.segmentation import export_segmenter
 
+    _check_out(Path(out), force)  # before loading anything
     if is_segmentation_run(run_dir):
         if to != "hf" or encoder_only:
             raise MimkitError("a segmentation run exports to Hugging Face whole: --to hf without "
@@ -112,4 +132,4 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, encoder_only: bool
         data = seg_config.data
         return export_segmenter(segmenter, seg_config.seg.crop_size, data.mean, data.std, out)
     model, config = load_run(run_dir)
-    return export_model(model, config, to, out, encoder_only)
+    return export_model(model, config, to, out, encoder_only, force)

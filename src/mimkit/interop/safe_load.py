@@ -27,19 +27,29 @@ def _is_state_dict(value) -> bool:
     return isinstance(value, Mapping) and bool(value) and all(torch.is_tensor(v) for v in value.values())
 
 
-def _torch_load(path: Path) -> object:
-    with open(path, "rb") as f:
-        head = f.read(2)
+def refusal(path: str | Path, err: pickle.UnpicklingError) -> MimkitError:
+    """The one-line error for a pickle that ``torch.load(weights_only=True)`` refused to unpickle."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    why = f"loading it would run {found.group(1)}" if found else "it holds more than tensors"
+    return MimkitError(f"refusing '{path}': {why}; only tensors and plain containers are read "
+                       "(nothing was executed)")
+
+
+def load_pickle(path: Path) -> object:
+    """A PyTorch pickle read with `torch.load(weights_only=True)`; a one-line `MimkitError` when it would run
+    code or is damaged."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as err:
+        raise MimkitError(f"cannot read '{path}': {err.strerror}") from None
     if head[:1] != b"\x80" and head != b"PK":  # a pickle's PROTO opcode, or torch.save's zip archive
         raise MimkitError(f"'{path}' is not a safetensors file nor a PyTorch checkpoint")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        why = f"loading it would run {found.group(1)}" if found else "it holds more than tensors"
-        raise MimkitError(f"refusing '{path}': {why}; only tensors and plain containers are read "
-                          "(nothing was executed)") from None
+        raise refusal(path, err) from None
     except Exception as err:  # a damaged archive
         raise MimkitError(f"'{path}' is not a safetensors file nor a PyTorch checkpoint "
                           f"({type(err).__name__})") from None
@@ -67,7 +77,7 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as err:  # safetensors raises its own error types
             raise MimkitError(f"'{path}' is not a valid safetensors file ({err})") from None
     else:
-        state = _torch_load(path)
+        state = load_pickle(path)
     if not _is_state_dict(state):
         inner = (state.get(k) for k in STATE_DICT_KEYS) if isinstance(state, Mapping) else ()
         state = next((s for s in inner if _is_state_dict(s)), None)
@@ -77,6 +87,20 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return dict(state)
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a ``*.index.json`` names, each a plain path inside the index's folder."""
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise MimkitError(f"'{index}' is not a shard index (a JSON weight_map of names to files): "
+                          f"{type(err).__name__}") from None
+    for shard in shards:
+        parts = Path(shard).parts if isinstance(shard, str) else ()
+        if not parts or Path(shard).is_absolute() or ".." in parts:
+            raise MimkitError(f"refusing '{index}': shard {shard!r} is not a file inside its folder")
+    return shards
 
 
 def load_sharded(folder: str | Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -93,9 +117,8 @@ def load_sharded(folder: str | Path, names: tuple[str, ...]) -> dict[str, torch.
             return load_tensors(folder / name)
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             state: dict[str, torch.Tensor] = {}
-            for shard in shards:
+            for shard in _shards(index):
                 state.update(load_tensors(folder / shard))
             return state
     raise MimkitError(f"'{folder}' holds none of {', '.join(names)}")

@@ -97,10 +97,14 @@ def find_tokenizer(path: str | Path) -> Tokenizer:
         if not file.is_file():
             raise MimkitError(f"'{path}' is neither a tokenizer run directory (no config.yaml) nor a dVAE "
                               "file (save_dvae)")
-        with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata() or {}
+        try:  # a safetensors header only: a pickle (.pth) is refused unread
+            with safe_open(str(file), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception:  # safetensors raises its own error types
+            metadata = {}
         if metadata.get("format") != "mimkit-dvae":
-            raise MimkitError(f"'{file}' is not a dVAE saved by mimkit (save_dvae)")
+            raise MimkitError(f"'{file}' is not a dVAE saved by mimkit (save_dvae, a safetensors file); "
+                              "nothing in it was loaded")
         return Tokenizer(str(path), json.loads(metadata["config"]), None, None, None, file)
     config = from_dict(PretrainConfig, read_yaml(path / "config.yaml"))
     if config.method != "dvae":

@@ -23,6 +23,7 @@ patch tokens after its final LayerNorm and, when the folder has it, its projecti
 - CLIP: Radford et al., 2021, arXiv:2103.00020; DINOv2: Oquab et al., 2023, arXiv:2304.07193
 """
 
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from torch import nn
 
 from mimkit.errors import MimkitError
 from mimkit.interop.hf import read_json
-from mimkit.interop.safe_load import load_tensors
+from mimkit.interop.safe_load import load_tensors, refusal
 
 SPEC_FORMS = "a mimkit run directory or checkpoint, timm:NAME:FILE, or hf:DIR (CLIP or DINOv2)"
 
@@ -193,6 +194,15 @@ def _preprocessing(folder: Path, config: dict, mean, std) -> tuple[int, list, li
     return size, list(processor.get("image_mean", mean)), list(processor.get("image_std", std))
 
 
+def _from_pretrained(model_class, folder: Path) -> nn.Module:
+    """``model_class.from_pretrained(folder)`` from local files only; a pickle that would run code is
+    refused in one line (transformers reads ``pytorch_model.bin`` with ``weights_only=True``)."""
+    try:
+        return model_class.from_pretrained(folder, local_files_only=True)
+    except pickle.UnpicklingError as err:
+        raise refusal(folder / "pytorch_model.bin", err) from None
+
+
 def _hf_teacher(folder: Path) -> tuple[nn.Module, int, int, list, list]:
     if not (folder / "config.json").is_file():
         raise MimkitError(f"teacher '{folder}' is not a Hugging Face model folder (no config.json there)")
@@ -201,25 +211,24 @@ def _hf_teacher(folder: Path) -> tuple[nn.Module, int, int, list, list]:
     config = read_json(folder / "config.json")
     model_type = config.get("model_type")
     architecture = (config.get("architectures") or [""])[0]
-    load = dict(local_files_only=True)
     if model_type == "clip":
-        clip = transformers.CLIPModel.from_pretrained(folder, **load)
+        clip = _from_pretrained(transformers.CLIPModel, folder)
         vision = clip.vision_model
         features = CLIPFeatures(vision, clip.visual_projection, clip.config.projection_dim)
         vision_config = config["vision_config"]
     elif model_type == "clip_vision_model" and architecture == "CLIPVisionModelWithProjection":
-        clip = transformers.CLIPVisionModelWithProjection.from_pretrained(folder, **load)
+        clip = _from_pretrained(transformers.CLIPVisionModelWithProjection, folder)
         vision = clip.vision_model
         features = CLIPFeatures(vision, clip.visual_projection, clip.config.projection_dim)
         vision_config = config
     elif model_type == "clip_vision_model":
-        clip = transformers.CLIPVisionModel.from_pretrained(folder, **load)
+        clip = _from_pretrained(transformers.CLIPVisionModel, folder)
         vision = getattr(clip, "vision_model", clip)  # transformers 4 wraps the transformer, 5 does not
         features = CLIPFeatures(vision, nn.Identity(), clip.config.hidden_size)
         vision_config = config
     elif model_type in ("dinov2", "dinov2_with_registers"):
         cls = transformers.Dinov2Model if model_type == "dinov2" else transformers.Dinov2WithRegistersModel
-        features = DINOv2Features(cls.from_pretrained(folder, **load))
+        features = DINOv2Features(_from_pretrained(cls, folder))
         # 224 px without a processor file: DINOv2's configs say 518 (its last training stage) but its
         # processor crops 224.
         size, mean, std = _preprocessing(folder, {"image_size": 224}, IMAGENET_DEFAULT_MEAN,

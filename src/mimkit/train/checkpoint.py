@@ -5,29 +5,49 @@ A checkpoint at optimizer step N is two files in ``<run>/checkpoints/``:
 position and RNG states; tensors and plain containers only, so it loads with
 ``torch.load(weights_only=True)``; an imported run's step-0 state holds only the step and where the
 weights came from, and training starts from them with a fresh optimizer). Each is written to a
-temporary name and renamed, the state file first, so a checkpoint whose weights file exists is complete.
-A run that tracks an evaluation metric also keeps ``best.safetensors`` and ``best.json`` (its step and
-value) there.
+temporary file created exclusively in that folder (a random name that no planted symlink can claim)
+and renamed, the state file first, so a checkpoint whose weights file exists is complete. What a
+killed save leaves (temporary files, ours and safetensors' own; a state file without its weights) is
+removed at start-up and after each pruning. A newest checkpoint that cannot be read (damaged, or a
+pickle that would run code) is skipped for the newest readable one. A run that tracks an evaluation
+metric also keeps ``best.safetensors`` and ``best.json`` (its step and value) there.
 """
 
 import json
 import os
 import re
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mimkit.errors import MimkitError
+from mimkit.errors import MimkitError, explain_write_errors
+from mimkit.interop.safe_load import load_pickle
 
 _NAME = re.compile(r"^step-(\d{8})\.safetensors$")
+_STATE_NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def _is_temporary(name: str) -> bool:
+    """Ours end in ``.tmp``; safetensors writes ``.tmpXXXXXX`` next to its target, then renames it."""
+    return name.endswith(".tmp") or name.startswith(".tmp")
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    """Call ``write(tmp)`` on a fresh file that ``mkstemp`` created (``O_EXCL``: never an existing name or a
+    symlink), then rename it to ``path``; a failed write removes it and says why in one line."""
+    with explain_write_errors(path):
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 class Checkpoints:
@@ -58,12 +78,28 @@ class Checkpoints:
 
     def save(self, step: int, model: nn.Module, state: dict) -> None:
         """Write weights and training state for ``step``, then drop checkpoints beyond ``keep_last``."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        with explain_write_errors(self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
         _atomic(self.state_path(step), lambda tmp: torch.save(state, tmp))
         _atomic(self.weights_path(step), lambda tmp: save_model(model, str(tmp)))
         for old in self.steps()[:-self.keep_last]:
             self.weights_path(old).unlink()
             self.state_path(old).unlink()
+        self.clean()
+
+    def clean(self) -> None:
+        """Remove what a save killed midway leaves: temporary files and state files without weights.
+
+        Symlinks are removed, never followed; a run directory holds one writer at a time, so nothing here
+        is being written.
+        """
+        if not self.dir.is_dir():
+            return
+        for path in self.dir.iterdir():
+            state = _STATE_NAME.match(path.name)
+            orphan = state and not (self.dir / f"step-{state.group(1)}.safetensors").exists()
+            if (_is_temporary(path.name) or orphan) and (path.is_symlink() or path.is_file()):
+                path.unlink(missing_ok=True)
 
     def save_best(self, step: int, model: nn.Module, metric: str, value: float) -> None:
         """Keep ``model``'s weights as the best so far by ``metric`` (``best.safetensors``, ``best.json``)."""
@@ -78,7 +114,33 @@ class Checkpoints:
         return json.loads(path.read_text()) if path.exists() else None
 
     def load_state(self, step: int) -> dict:
-        return torch.load(self.state_path(step), map_location="cpu", weights_only=True)
+        """The training state saved with ``step``'s weights; a one-line `MimkitError` when it is damaged or
+        would run code (nothing in it is executed)."""
+        path = self.state_path(step)
+        state = load_pickle(path)
+        if not isinstance(state, dict) or "step" not in state:
+            raise MimkitError(f"'{path}' is not a mimkit training state (no step in it)")
+        return state
+
+    def resume(self, model: nn.Module) -> dict | None:
+        """Load the newest checkpoint that reads cleanly: its weights into ``model``, its state returned.
+
+        A checkpoint that fails to load is warned about and the next older one tried. Returns None when
+        the run has no checkpoint; raises `MimkitError` when none of them loads.
+        """
+        steps = self.steps()
+        failures = []
+        for step in reversed(steps):
+            try:
+                load_weights(model, self.weights_path(step))
+                return self.load_state(step)
+            except MimkitError as err:
+                failures.append(str(err))
+                warnings.warn(f"skipping checkpoint step {step}, it does not load: {err}", stacklevel=2)
+        if steps:
+            raise MimkitError(f"none of the {len(steps)} checkpoints in '{self.dir}' loads (newest: "
+                              f"{failures[0]}); move that folder away to start the run afresh")
+        return None
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -88,6 +150,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     except RuntimeError as err:  # shape mismatch
         reason = str(err).splitlines()[-1].strip()
         raise MimkitError(f"weights in '{path}' do not fit the model: {reason}") from None
+    except Exception as err:  # a missing, truncated or damaged file; safetensors raises its own types
+        raise MimkitError(f"cannot read weights '{path}': {str(err).splitlines()[0]}") from None
     if missing or unexpected:
         raise MimkitError(f"weights in '{path}' do not fit the model: missing {sorted(missing)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}")

@@ -20,9 +20,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mimkit.data.loader import EpochBatches, SeededViews, build_loader
+from mimkit.data.loader import EpochBatches, SeededViews, build_loader, workers_end_with_errors
 from mimkit.errors import MimkitError
-from mimkit.train.checkpoint import Checkpoints, load_weights
+from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.distributed import World, any_rank, gather_objects
 from mimkit.train.metrics import MetricsLog, drop_records_after
 
@@ -176,11 +176,13 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
     best_value = best["value"] if best else -math.inf
 
     images_per_step = batch_size * world.size * schedule.accum_steps
-    step, resumed_from = 0, checkpoints.latest()
-    if resumed_from is not None:
-        state = checkpoints.load_state(resumed_from)
+    if world.is_main:
+        checkpoints.clean()  # what a killed save left
+    step, resumed_from = 0, None
+    state = checkpoints.resume(model)
+    if state is not None:
+        resumed_from = state["step"]
         _check_resumable(state, world, images_per_step, force_resume)
-        load_weights(model, checkpoints.weights_path(resumed_from))
         if "optimizer" in state:  # an imported checkpoint holds weights only: fresh optimizer and RNG
             optimizer.load_state_dict(state["optimizer"])
             _restore_rng(state["rng"], world)
@@ -220,7 +222,7 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
                dynamic_ncols=True, unit="step")
     last_log, last_log_step = time.perf_counter(), step
     interrupted = False
-    with _StopRequest() as stop, bar:
+    with _StopRequest() as stop, bar, workers_end_with_errors(loader):
         while step < schedule.total_steps and not interrupted:
             epoch, first = divmod(step, steps_per_epoch)
             batches.set_position(epoch, first * schedule.accum_steps)

@@ -4,6 +4,8 @@
 import json
 from pathlib import Path
 
+from mimkit.errors import explain_write_errors
+
 
 class MetricsLog:
     """Appends metric records; a no-op on non-main ranks."""
@@ -22,7 +24,7 @@ class MetricsLog:
     def write(self, step: int, **values: float) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with explain_write_errors(self.path), self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tensorboard is not None:
             for key, value in values.items():
