@@ -237,12 +237,8 @@ def cmd_import(args: argparse.Namespace) -> None:
 
     report = import_checkpoint(args.checkpoint, args.format, args.out, img_size=args.img_size,
                                allow_mismatch=args.allow_mismatch, overrides=parse_overrides(args.set))
-    model, data = report.config.model, report.config.data
-    dims = " ".join(f"{k}={v}" for k, v in model.kwargs.items())
-    print(f"imported {report.source} as {report.config.method} {model.name}: {dims}, "
-          f"patch {model.patch_size}")
-    print(f"  input {data.channels}x{data.img_size}x{data.img_size}, mean {data.mean}, std {data.std}, "
-          f"data {data.source} (change with --set data.KEY=VALUE)")
+    for line in report.summary():
+        print(line)
     for note in report.notes:
         print(f"  {note}")
     print(f"run directory: {report.run_dir}  (try: mimkit visualize {report.run_dir} --out recon.png)")
