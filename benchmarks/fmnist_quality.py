@@ -321,6 +321,16 @@ def main() -> None:
             budget = budget if verb == "finetune" else "frozen"
             cells = " | ".join(f"{row[m]:.2f} ({row[m] - row['baseline']:+.2f})" for m in encoders)
             lines.append(f"| {name} | {pct(fraction)} | {budget} | {cells} | {row['baseline']:.2f} |")
+    per_step = ", ".join(f"{s.name} {timings.wall(s.name) / 60:.1f}" for s in steps)
+    lengths = {"mae": args.pretrain_epochs, "beit": args.beit_epochs, "beitv2": args.beitv2_epochs}
+    pretraining = "20 steps each" if args.quick else ", ".join(
+        f"{titles[m]} {lengths[m]} epochs" for m in encoders) + (
+        f", tokenizers {args.tokenizer_epochs} epoch(s)" if len(encoders) > 1 else "")
+    lines += ["", "Top-1 test accuracy (%), gain over the baseline in brackets. Baselines: the MAE run's ViT "
+              "randomly initialized and frozen (probes), trained from scratch with the same budget "
+              f"(fine-tuning). Pretraining: {pretraining}. Wall time: {timings.data['chain_s'] / 60:.0f} min "
+              f"for the whole chain, {args.jobs} steps at a time (minutes per step: {per_step}).",
+              *notes]
     matches = json.loads((out / "compute_match.json").read_text())
     lines += ["", "| labels | MAE pretraining + fine-tuning | scratch, same compute | scratch, same "
               "fine-tuning budget |", "|---|---|---|---|"]
@@ -341,17 +351,10 @@ def main() -> None:
         lines += ["", "BEiT v2 beside its teacher (the MAE run whose features VQ-KD distils), linear "
                   "probe: " + ", ".join(f"{pct(f)} BEiT v2 {table[('linprobe', f)]['beitv2']:.2f} vs teacher "
                             f"{table[('linprobe', f)]['mae']:.2f}" for f in FRACTIONS) + "."]
-    lines += ["", *depth_table(out, encoders, titles)]
-    per_step = ", ".join(f"{s.name} {timings.wall(s.name) / 60:.1f}" for s in steps)
-    lengths = {"mae": args.pretrain_epochs, "beit": args.beit_epochs, "beitv2": args.beitv2_epochs}
-    pretraining = "20 steps each" if args.quick else ", ".join(
-        f"{titles[m]} {lengths[m]} epochs" for m in encoders) + (
-        f", tokenizers {args.tokenizer_epochs} epoch(s)" if len(encoders) > 1 else "")
-    lines += ["", "Top-1 test accuracy (%), gain over the baseline in brackets. Baselines: the MAE run's ViT "
-              "randomly initialized and frozen (probes), trained from scratch with the same budget "
-              f"(fine-tuning). Pretraining: {pretraining}. Wall time: {timings.data['chain_s'] / 60:.0f} min "
-              f"for the whole chain, {args.jobs} steps at a time (minutes per step: {per_step}).",
-              *notes]
+    lines += ["", *depth_table(out, encoders, titles),
+              "Top-1 test accuracy (%) of the features of each block (--layer all, "
+              f"{pct(DEPTH_FRACTION)} of the labels): pooled and normalized without parameters; the last "
+              "block's are the encoder's usual features, with its final norm."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     summary = {"args": vars(args), "table": {f"{v} {pct(f)}": row for (v, f), row in table.items()},
                "compute_match": matches, "timings": timings.data}
