@@ -8,6 +8,7 @@
     mimkit visualize runs/mae --out recon.png [--n 8]
     mimkit finetune runs/mae --data fashion-mnist --out runs/ft [--label-fraction 0.1] [--init random]
     mimkit linprobe runs/mae --data fashion-mnist --out runs/lp     (knn: the same arguments)
+    mimkit knn runs/mae --data fashion-mnist --out runs/knn-depth --layer all   (--layer N: block N)
     mimkit import mae_pretrain_vit_base.pth --format mae --out runs/mae-b   (mae|beit|beitv2|vqkd|timm|hf)
     mimkit export runs/mae --to hf --out exported/   (--to timm; --encoder-only)
 
