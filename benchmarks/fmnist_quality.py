@@ -6,7 +6,12 @@ seeded, the same subset everywhere):
 
 - linear probe and k-NN on the frozen encoder, beside the same probes on a randomly initialized one;
 - fine-tuning, beside the same ViT trained from scratch with the same budget (same epochs, recipe
-  and subset; no layer-wise lr decay, which only makes sense for pretrained layers).
+  and subset; no layer-wise lr decay, which only makes sense for pretrained layers);
+- at 100% and 10% of the labels, the scratch ViT trained for the compute of MAE pretraining + fine-tuning
+  together (`compute_match.py`: the epochs come from the runs' own logged step speeds, not from wall
+  clock, so the match does not depend on how loaded the machine was);
+- each encoder's linear probe and k-NN at every block (``--layer all``, 10% of the labels): accuracy by
+  depth, in a second table; with BEiT v2, the linear probe of its teacher (the MAE run) beside its rows.
 
 Every step is a ``mimkit`` command whose output goes to ``OUT/logs/``. Steps run ``--jobs`` at a time as
 soon as the runs they read are finished (BEiT's chain beside MAE's, evaluations beside pretraining), the
@@ -20,6 +25,9 @@ continues where it stopped when run again. The table goes to ``OUT/table.md`` an
     .venv/bin/python benchmarks/fmnist_quality.py --methods mae,beit,beitv2 --pretrain-epochs 10 \
         --finetune-epochs 2,10,40 --out runs/fmnist-quality-all                 # all three: ~2 h
     .venv/bin/python benchmarks/fmnist_quality.py --quick --data synthetic:512 --out /tmp/q   # smoke
+
+Runs made by an earlier version are reused (finished steps are skipped); the steps this version adds
+(``finetune-scratch-matched-*``, ``*-depth-*``) run on the next invocation.
 """
 
 import argparse
@@ -29,18 +37,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 FRACTIONS = (1.0, 0.1, 0.01)
+MATCHED_FRACTIONS = (1.0, 0.1)  # the compute-matched scratch rows
+DEPTH_FRACTION = 0.1  # the accuracy-by-depth probes
 
 
 @dataclass(frozen=True)
 class Step:
-    """One ``mimkit`` command; its run directory is ``OUT/name``."""
+    """One ``mimkit`` command; its run directory is ``OUT/name``. A callable command is built when the step
+    starts, from the runs it reads (the compute-matched scratch run's length)."""
     name: str
-    command: list[str]
+    command: list[str] | Callable[[], list[str]]
     after: tuple[str, ...] = ()  # steps whose runs this one reads
 
 
@@ -100,7 +112,7 @@ def run_steps(steps: list[Step], out: Path, timings: Timings, jobs: int) -> list
         start, log = time.perf_counter(), out / "logs" / f"{step.name}.log"
         status = 1
         try:
-            status = mimkit(step.command, log, threads)
+            status = mimkit(step.command() if callable(step.command) else step.command, log, threads)
         finally:
             timings.add(step.name, time.perf_counter() - start, done=status == 0)
         outcome = "done" if status == 0 else "interrupted" if status == 130 else f"FAILED (see {log})"
@@ -146,6 +158,59 @@ def epochs_per_fraction(text: str) -> dict[float, int]:
 
 def pct(fraction: float) -> str:
     return f"{100 * fraction:g}%"
+
+
+def finetune_budget(epochs: int, quick: bool) -> list[str]:
+    """The length flags of a fine-tuning step of ``epochs`` (warmup 5% of it, two evaluations)."""
+    if quick:
+        return ["--max-steps", str(epochs), "--batch-size", "8"]
+    return ["--epochs", str(epochs), "--set", f"optim.warmup_epochs={0.05 * epochs:g}",
+            "--set", f"eval_every={max(1, epochs // 2)}"]
+
+
+QUICK_FINETUNE_STEPS = 10
+
+
+def matched_scratch_step(out: Path, data: str, fraction: float, epochs: int, quick: bool) -> Step:
+    """The scratch ViT fine-tuned for the compute of MAE pretraining + fine-tuning at ``fraction``; its length
+    is computed when it starts, from the finished MAE and fine-tuning runs, and kept in
+    ``OUT/compute_match.json``."""
+    from compute_match import matched_scratch
+
+    label = pct(fraction).rstrip("%")
+    name, finetuned = f"finetune-scratch-matched-{label}", out / f"finetune-mae-{label}"
+
+    def command() -> list[str]:
+        if quick:
+            match = matched_scratch(out / "mae", finetuned, max_steps=QUICK_FINETUNE_STEPS, batch_size=8)
+            length = finetune_budget(match["max_steps"], quick)
+        else:
+            match = matched_scratch(out / "mae", finetuned, epochs=epochs)
+            length = finetune_budget(match["epochs"], quick)
+        record = out / "compute_match.json"
+        matches = json.loads(record.read_text()) if record.exists() else {}
+        record.write_text(json.dumps(matches | {label: match}, indent=2))
+        return ["finetune", str(out / "mae"), "--data", data, "--label-fraction", str(fraction), "--init",
+                "random", "--set", "optim.layer_decay=1.0", *length, "--out", str(out / name)]
+
+    return Step(name, command, ("mae", f"finetune-mae-{label}"))
+
+
+def depth_table(out: Path, encoders: dict[str, Path], titles: dict[str, str]) -> list[str]:
+    """Markdown lines: each encoder's linear probe and k-NN top-1 at every block."""
+    lines = []
+    for verb in ("linprobe", "knn"):
+        rows = {m: json.loads((out / f"{verb}-depth-{m}" / "results.json").read_text())["by_layer"]
+                for m in encoders}
+        depth = max(len(r) for r in rows.values())
+        lines += [f"| {verb}, {pct(DEPTH_FRACTION)} labels | " + " | ".join(f"block {i}" for i in
+                                                                            range(1, depth + 1)) + " |",
+                  "|---|" + "---|" * depth]
+        for method, by_layer in rows.items():
+            cells = " | ".join(f"{r['test_top1']:.2f}" for r in by_layer)
+            lines.append(f"| {titles[method]} | {cells} |")
+        lines.append("")
+    return lines
 
 
 def main() -> None:
@@ -202,10 +267,7 @@ def main() -> None:
     for method, run, init, after in runs + [("baseline", out / "mae", "random", "mae")]:
         scratch = ["--set", "optim.layer_decay=1.0"] if init == "random" else []
         for fraction in FRACTIONS:
-            n = epochs[fraction]
-            budget = ["--max-steps", "10", "--batch-size", "8"] if args.quick else [
-                "--epochs", str(n), "--set", f"optim.warmup_epochs={0.05 * n:g}",
-                "--set", f"eval_every={max(1, n // 2)}"]
+            budget = finetune_budget(QUICK_FINETUNE_STEPS if args.quick else epochs[fraction], args.quick)
             for verb, extra in (("finetune", budget + scratch),
                                 ("linprobe", ["--pool", args.pool, "--num-workers", "1"]),
                                 ("knn", ["--pool", args.pool, "--num-workers", "1"])):
@@ -215,6 +277,15 @@ def main() -> None:
                 evaluations.append((verb, fraction, method, Step(name, command, (after,))))
     steps += sorted((e[3] for e in evaluations),
                     key=lambda s: not (s.name.startswith("finetune-") and s.name.endswith("-100")))
+    # the scratch ViT at the compute of MAE pretraining + fine-tuning; every encoder probed at every block
+    # (the k-NN after the linear probe: it reads the feature cache the probe wrote)
+    steps += [matched_scratch_step(out, args.data, f, epochs[f], args.quick) for f in MATCHED_FRACTIONS]
+    for method, run in encoders.items():
+        probe = ["--data", args.data, "--label-fraction", str(DEPTH_FRACTION), "--pool", args.pool,
+                 "--num-workers", "1", "--layer", "all"]
+        linprobe, knn = f"linprobe-depth-{method}", f"knn-depth-{method}"
+        steps += [Step(linprobe, ["linprobe", str(run), *probe, "--out", str(out / linprobe)], (method,)),
+                  Step(knn, ["knn", str(run), *probe, "--out", str(out / knn)], (linprobe,))]
 
     timings = Timings(out / "timings.json")
     start = time.perf_counter()
@@ -260,9 +331,33 @@ def main() -> None:
               f"(fine-tuning). Pretraining: {pretraining}. Wall time: {timings.data['chain_s'] / 60:.0f} min "
               f"for the whole chain, {args.jobs} steps at a time (minutes per step: {per_step}).",
               *notes]
+    matches = json.loads((out / "compute_match.json").read_text())
+    lines += ["", "| labels | MAE pretraining + fine-tuning | scratch, same compute | scratch, same "
+              "fine-tuning budget |", "|---|---|---|---|"]
+    unit, key = ("steps", "max_steps") if args.quick else ("epochs", "epochs")
+    for fraction in MATCHED_FRACTIONS:
+        label = pct(fraction).rstrip("%")
+        match = matches[label]
+        matched = json.loads((out / f"finetune-scratch-matched-{label}" / "results.json").read_text())
+        own = f"{match[f'finetune_{unit}']} {unit}"
+        mae, base = table[("finetune", fraction)]["mae"], table[("finetune", fraction)]["baseline"]
+        top1 = matched["test_top1"]
+        lines.append(f"| {pct(fraction)} | {mae:.2f} ({own}) | {top1:.2f} ({match[key]} {unit}; "
+                     f"{top1 - mae:+.2f}) | {base:.2f} ({own}) |")
+    lines += ["", "Compute-matched scratch: the ViT from a random init, fine-tuned for the fine-tuning "
+              "budget plus the MAE pretraining converted into fine-tuning images at the runs' median logged "
+              "speeds (benchmarks/compute_match.py; its numbers in compute_match.json)."]
+    if "beitv2" in methods:
+        lines += ["", "BEiT v2 beside its teacher (the MAE run whose features VQ-KD distils), linear "
+                  "probe: " + ", ".join(f"{pct(f)} BEiT v2 {table[('linprobe', f)]['beitv2']:.2f} vs teacher "
+                            f"{table[('linprobe', f)]['mae']:.2f}" for f in FRACTIONS) + "."]
+    lines += ["", *depth_table(out, encoders, titles),
+              "Top-1 test accuracy (%) of the features of each block (--layer all, "
+              f"{pct(DEPTH_FRACTION)} of the labels): pooled and normalized without parameters; the last "
+              "block's are the encoder's usual features, with its final norm."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     summary = {"args": vars(args), "table": {f"{v} {pct(f)}": row for (v, f), row in table.items()},
-               "timings": timings.data}
+               "compute_match": matches, "timings": timings.data}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n".join(lines))
 

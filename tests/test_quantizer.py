@@ -48,11 +48,30 @@ def test_ema_update_equals_hand_computation():
     ])
     torch.testing.assert_close(q.codebook, expected)
     assert q.unused_steps.tolist() == [0, 0, 1]
-    hand_commitment = ((u - codebook[ids]) ** 2).sum(1).mean()
+    hand_commitment = ((u - codebook[ids]) ** 2).mean()  # over the vectors and the 2 dims
     torch.testing.assert_close(commitment, hand_commitment)
     assert metrics["usage"].item() == pytest.approx(2 / 3)
     p = torch.tensor([2 / 3, 1 / 3])
     assert metrics["perplexity"].item() == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-6)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.25])
+def test_commitment_is_the_released_beta_times_mse(beta):
+    # z = (3, 4) -> (0.6, 0.8), nearest code (0, 1): squared errors (0.36, 0.04), mean 0.2;
+    # z = (-1, 0) -> nearest code (0, 1) (cosines -1 and 0): squared errors (1, 1), mean 1.
+    # Averaged over the 2 vectors: 0.6 (a sum over the dims would give 1.2).
+    q = quantizer(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), commitment=beta).eval()
+    z = torch.tensor([[3.0, 4.0], [-1.0, 0.0]], requires_grad=True)
+    _, ids, commitment, _ = q(z)
+    assert ids.tolist() == [1, 1]
+    assert commitment.item() == pytest.approx(beta * 0.6)
+    commitment.backward()
+    # the gradient of the released `beta * F.mse_loss(l2(z), sg(code))`
+    reference = z.detach().clone().requires_grad_()
+    codes = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    (beta * F.mse_loss(F.normalize(reference, dim=1), codes)).backward()
+    torch.testing.assert_close(z.grad, reference.grad)
+    assert z.grad.abs().sum() > 0
 
 
 def test_eval_mode_leaves_the_codebook_alone():

@@ -10,6 +10,7 @@
     mimkit linprobe runs/mae --data fashion-mnist --out runs/lp     (knn: the same arguments)
     mimkit segment runs/mae --data fmnist-scenes --out runs/seg [--head linear] [--init random]
     mimkit predict runs/seg --images DIR --out DIR      (a fine-tuning run too: predictions.csv)
+    mimkit knn runs/mae --data fashion-mnist --out runs/knn-depth --layer all   (--layer N: block N)
     mimkit import mae_pretrain_vit_base.pth --format mae --out runs/mae-b   (mae|beit|beitv2|vqkd|timm|hf)
     mimkit export runs/mae --to hf --out exported/   (--to timm; --encoder-only)
     mimkit data pack images/ --out shards/ --shard-size 1GB   (then --data shards:shards/)
@@ -294,7 +295,8 @@ def cmd_probe(args: argparse.Namespace) -> None:
     encoder = load_encoder(args.run, args.init, args.seed)
     fraction = 1.0 if args.label_fraction is None else args.label_fraction
     common = dict(pool=args.pool or "cls", label_fraction=fraction, val_fraction=args.val_fraction or 0.0,
-                  seed=args.seed, cache_dir=args.features_cache, num_workers=args.num_workers)
+                  seed=args.seed, cache_dir=args.features_cache, num_workers=args.num_workers,
+                  layer=args.layer)
     if args.command == "linprobe":
         from mimkit.eval.linprobe import run_linprobe
 
@@ -304,8 +306,22 @@ def cmd_probe(args: argparse.Namespace) -> None:
         from mimkit.eval.knn import run_knn
 
         results = run_knn(encoder, args.data, args.out, k=args.k, temperature=args.temperature, **common)
-    print(f"{args.command}: test top-1 {results['test_top1']:.2f}%  "
-          f"(results: {Path(args.out) / 'results.json'})")
+    for row in results.get("by_layer", ()):
+        print(f"  block {row['layer']:>2}: test top-1 {row['test_top1']:.2f}%")
+    at = "" if args.layer in (None, "all") else f" at block {args.layer}"
+    print(f"{args.command}: test top-1 {results['test_top1']:.2f}%{at}  "
+          f"(results: {Path(args.out) / 'results.json'}"
+          + (f", plot: {Path(args.out) / results['plot']})" if "plot" in results else ")"))
+
+
+def block_number(value: str) -> int | str:
+    """``--layer``: a block number, or ``all``."""
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a block number nor 'all'") from None
 
 
 def add_eval_commands(commands) -> None:
@@ -346,6 +362,9 @@ def add_eval_commands(commands) -> None:
                            help="seed of the label subset, hold-out, probe and random init")
         probe.add_argument("--features-cache", help="where features are cached (default: RUN/features)")
         probe.add_argument("--num-workers", type=int, default=1, help="data loader processes for extraction")
+        probe.add_argument("--layer", type=block_number, metavar="N|all",
+                           help="read block N's features (1-based; default: the encoder's final ones), or "
+                           "'all': one feature pass, a probe per block, accuracy by depth (table and plot)")
         if name == "linprobe":
             probe.add_argument("--epochs", type=int, default=100)
             probe.add_argument("--batch-size", type=int, default=256)
@@ -362,12 +381,8 @@ def cmd_import(args: argparse.Namespace) -> None:
 
     report = import_checkpoint(args.checkpoint, args.format, args.out, img_size=args.img_size,
                                allow_mismatch=args.allow_mismatch, overrides=parse_overrides(args.set))
-    model, data = report.config.model, report.config.data
-    dims = " ".join(f"{k}={v}" for k, v in model.kwargs.items())
-    print(f"imported {report.source} as {report.config.method} {model.name}: {dims}, "
-          f"patch {model.patch_size}")
-    print(f"  input {data.channels}x{data.img_size}x{data.img_size}, mean {data.mean}, std {data.std}, "
-          f"data {data.source} (change with --set data.KEY=VALUE)")
+    for line in report.summary():
+        print(line)
     for note in report.notes:
         print(f"  {note}")
     print(f"run directory: {report.run_dir}  (try: mimkit visualize {report.run_dir} --out recon.png)")

@@ -146,7 +146,7 @@ class VQKDConfig:
     code_dim: int = 32
     decoder_depth: int = 3  # decoder blocks, as wide as the encoder (model.name)
     decay: float = 0.99  # EMA of the codebook
-    commitment: float = 1.0
+    commitment: float = 1.0  # beta of beta * mse(l2(z), sg(code)), averaged over dims (released: 1.0)
     kmeans_iters: int = 10  # k-means rounds on the first batch; 0: random unit codes
     dead_after: int | None = 100  # restart codes no patch chose for this many steps; null: never
     crop_scale: tuple[float, float] = (0.08, 1.0)

@@ -254,7 +254,7 @@ def save_picture(image: Image.Image, path: str | Path) -> Path:
 
 
 def _plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
-          series: dict[str, tuple[list[float], list[float], str]], fmt: str) -> None:
+          series: dict[str, tuple[list[float], list[float], str]], fmt: str, x_label: str = "step") -> None:
     """Line chart in `box` (left, top, right, bottom): name -> (steps, values, colour); y from 0."""
     left, top, right, bottom = box
     draw.text((left, top - 14), title, fill="black")
@@ -267,7 +267,7 @@ def _plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
         draw.line([(left - 3, y), (left, y)], fill="black")
         draw.text((left - 46, y - 6), format(frac * y_max, fmt), fill="black")
     draw.text((left, bottom + 3), "0", fill="black")
-    draw.text((right - 40, bottom + 3), f"step {x_max:g}", fill="black")
+    draw.text((right - 40, bottom + 3), f"{x_label} {x_max:g}", fill="black")
     for i, (name, (steps, values, colour)) in enumerate(series.items()):
         points = [(left + x / x_max * (right - left), bottom - y / y_max * (bottom - top))
                   for x, y in zip(steps, values, strict=True)]
@@ -363,4 +363,23 @@ def segmentation_figure(rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.T
         x, y = pad + (k % 3) * column_width, top + 16 * (k // 3)
         draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(int(v) for v in palette[c]), outline="black")
         draw.text((x + 14, y + 1), f"{c} {classes[c]}", fill="black")
+    return canvas
+
+
+def accuracy_by_depth_plot(rows: list[dict], title: str) -> Image.Image:
+    """A probe's accuracy at each block of an encoder.
+
+    Args:
+        rows: one per block, with "layer" (1-based) and "test_top1" (and "val_top1" when held out).
+        title: e.g. "linprobe top-1 (%) by block".
+
+    Returns:
+        A 400 x 300 picture.
+    """
+    canvas = Image.new("RGB", (400, 300), "white")
+    blocks = [r["layer"] for r in rows]
+    lines = {"test": (blocks, [r["test_top1"] for r in rows], "steelblue")}
+    if all("val_top1" in r for r in rows):
+        lines["val"] = (blocks, [r["val_top1"] for r in rows], "darkorange")
+    _plot(ImageDraw.Draw(canvas), (60, 30, 380, 270), title, lines, ".1f", x_label="block")
     return canvas

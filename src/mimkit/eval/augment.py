@@ -1,78 +1,133 @@
-"""Fine-tuning augmentation: the per-image view and the per-batch mixup / cutmix with label smoothing.
+"""Fine-tuning augmentation: the per-image view and the per-batch mixup / cutmix with label smoothing, both
+timm's own implementations, the ones the MAE and BEiT fine-tuning code runs.
 
-Both draw from the global torch RNG: the view runs under the loader's per-sample seed, the batch mix
-in the training step, whose RNG state the checkpoints keep. So a fine-tuning run resumes exactly.
+timm's RandAugment, crop and random erasing draw from Python's ``random`` and NumPy's global RNG as well as
+torch's, and its Mixup from NumPy's. `PythonSeeded` seeds both from the torch RNG around each call and puts
+their state back after it: the view runs under the loader's per-sample torch seed, the batch mix in the
+training step, whose torch RNG state the checkpoints keep. So a fine-tuning run still resumes exactly.
 
-- RandAugment: Cubuk et al., 2019, arXiv:1909.13719
-- Random erasing: Zhong et al., 2017, arXiv:1708.04896
+- RandAugment: Cubuk et al., 2019, arXiv:1909.13719 (timm's ``rand-m9-mstd0.5-inc1``: 2 operations at
+  magnitude 9 of 10 with noise 0.5, increasing-severity variants)
+- Random erasing: Zhong et al., 2017, arXiv:1708.04896 (``remode='pixel'``: per-pixel normal noise)
 - mixup: Zhang et al., 2017, arXiv:1710.09412; CutMix: Yun et al., 2019, arXiv:1905.04899
 - Recipe (values): MAE, arXiv:2111.06377, table 9; BEiT, arXiv:2106.08254, table 15
 """
 
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from timm.data import Mixup, create_transform
 from torchvision.transforms import v2
 
-from mimkit.data.transforms import BICUBIC, ImageView, normalize
+from mimkit.data.transforms import ImageView
 from mimkit.errors import MimkitError
+
+RE_MODES = ("pixel", "rand", "const")
+
+
+def python_seed() -> int:
+    """A seed for Python's and NumPy's RNGs, drawn from the torch RNG (so seeding torch decides it)."""
+    return int(torch.randint(2**32, (), dtype=torch.int64))
+
+
+class PythonSeeded:
+    """Runs ``fn`` with Python's ``random`` and NumPy's global RNG seeded by `python_seed`, then restores
+    their state, so a per-sample (or per-step) torch seed decides everything ``fn`` draws."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, *args):
+        seed = python_seed()
+        saved = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return self.fn(*args)
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.fn})"
+
+
+def timm_train_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
+                         crop_scale: tuple[float, float] = (0.08, 1.0),
+                         auto_augment: str | None = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
+                         remode: str = "pixel") -> Callable:
+    """timm's training transform as the MAE and BEiT fine-tuning code builds it (``create_transform``, no
+    colour jitter): PIL image -> normalized float (C, img_size, img_size)."""
+    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise MimkitError(f"crop_scale {tuple(crop_scale)} must satisfy 0 < low <= high <= 1")
+    if remode not in RE_MODES:
+        raise MimkitError(f"augment.remode {remode!r} is not one of {', '.join(RE_MODES)}")
+    try:
+        return create_transform(img_size, is_training=True, scale=tuple(crop_scale), hflip=0.5,
+                                color_jitter=None, auto_augment=auto_augment or None, interpolation="bicubic",
+                                re_prob=reprob, re_mode=remode, re_count=1, mean=tuple(mean), std=tuple(std))
+    except (AssertionError, ValueError, KeyError) as err:
+        raise MimkitError(f"augment.auto_augment {auto_augment!r} is not a timm policy such as "
+                          f"'rand-m9-mstd0.5-inc1' ({err})") from None
 
 
 def finetune_view(img_size: int, mean: Sequence[float], std: Sequence[float],
-                  crop_scale: tuple[float, float] = (0.08, 1.0), rand_augment_ops: int = 2,
-                  rand_augment_magnitude: int = 9, reprob: float = 0.25) -> ImageView:
-    """Training view: random resized crop, horizontal flip, RandAugment, normalize, random erasing.
+                  crop_scale: tuple[float, float] = (0.08, 1.0),
+                  auto_augment: str | None = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
+                  remode: str = "pixel") -> ImageView:
+    """Training view: timm's random resized crop (bicubic), horizontal flip, RandAugment, normalize, random
+    erasing, with every RNG it uses decided by the torch RNG (`PythonSeeded`).
 
     Args:
         img_size: output side.
         mean, std: per-channel normalization (the encoder's).
         crop_scale: area range of the crop.
-        rand_augment_ops: operations per image; 0 leaves RandAugment out.
-        rand_augment_magnitude: of torchvision's 31 bins.
-        reprob: probability of erasing a random rectangle (to 0, the mean after normalization).
+        auto_augment: a timm policy string (``rand-m9-mstd0.5-inc1``: MAE's and BEiT's); None leaves it out.
+        reprob: probability of erasing a random rectangle.
+        remode: what fills it: ``pixel`` (per-pixel normal noise, the papers'), ``rand`` (per channel),
+            ``const`` (zeros, the mean after normalization).
 
     Returns:
         view: uint8 ``(C, H, W)`` -> ``{"image": float (C, img_size, img_size)}``.
     """
-    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-        raise MimkitError(f"crop_scale {tuple(crop_scale)} must satisfy 0 < low <= high <= 1")
-    steps = [v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=BICUBIC, antialias=True),
-             v2.RandomHorizontalFlip()]
-    if rand_augment_ops > 0:
-        steps.append(v2.RandAugment(rand_augment_ops, rand_augment_magnitude))
-    steps.append(normalize(mean, std))
-    if reprob > 0:
-        steps.append(v2.RandomErasing(p=reprob, value=0.0))
-    return ImageView(v2.Compose(steps))
+    transform = timm_train_transform(img_size, mean, std, crop_scale, auto_augment, reprob, remode)
+    return ImageView(PythonSeeded(v2.Compose([v2.ToPILImage(), transform])))
 
 
 class MixTargets:
-    """Per batch, mixup or cutmix (one of those enabled, at random), then label smoothing.
+    """Per batch, timm's `Mixup`: mixup or cutmix (switching to cutmix with ``switch_prob`` when both are
+    on) with probability ``prob``, then label smoothing; its NumPy draws are decided by the torch RNG.
 
     Args:
         num_classes: C.
         mixup: Beta(alpha, alpha) of mixup; 0 disables it.
         cutmix: Beta(alpha, alpha) of cutmix; 0 disables it.
         label_smoothing: epsilon; targets become ``(1 - eps) * mixed + eps / C``.
+        switch_prob: the chance of cutmix rather than mixup when both are on (0.5 in MAE and BEiT).
+        prob: the chance a batch is mixed at all (1.0 in MAE and BEiT).
 
     Call:
-        ``(images (B, C, H, W), labels (B,)) -> (mixed images, soft targets (B, num_classes))``.
+        ``(images (B, C, H, W), labels (B,)) -> (mixed images, soft targets (B, num_classes))``; with
+        mixing on, B must be even (timm mixes the batch with its reverse).
     """
 
     def __init__(self, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0,
-                 label_smoothing: float = 0.1):
+                 label_smoothing: float = 0.1, switch_prob: float = 0.5, prob: float = 1.0):
         if mixup < 0 or cutmix < 0 or not 0 <= label_smoothing < 1:
             raise MimkitError(f"mixup {mixup} and cutmix {cutmix} must be >= 0 and label_smoothing "
                               f"{label_smoothing} in [0, 1)")
-        self.num_classes, self.label_smoothing = num_classes, label_smoothing
-        mixes = [mix(alpha=alpha, num_classes=num_classes)
-                 for mix, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if alpha > 0]
-        self.mix = v2.RandomChoice(mixes) if mixes else self._one_hot
-
-    def _one_hot(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return images, F.one_hot(labels, self.num_classes).float()
+        if not (0 <= switch_prob <= 1 and 0 <= prob <= 1):
+            raise MimkitError(f"mixup switch_prob {switch_prob} and prob {prob} must be in [0, 1]")
+        self.mixing = mixup > 0 or cutmix > 0
+        mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob,
+                    label_smoothing=label_smoothing, num_classes=num_classes)
+        mix.mixup_enabled = self.mixing  # off: timm returns the images and the smoothed one-hot targets
+        self.mix = PythonSeeded(mix)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images, targets = self.mix(images, labels)
-        return images, targets * (1 - self.label_smoothing) + self.label_smoothing / self.num_classes
+        if self.mixing and len(images) % 2:
+            raise MimkitError(f"mixup and cutmix need an even batch, got {len(images)}; change "
+                              "train.batch_size or turn augment.mixup and augment.cutmix off")
+        return self.mix(images.clone(), labels)

@@ -12,8 +12,10 @@ fine-tuned model loads anywhere timm does. Two poolings, as in the papers:
 """
 
 import copy
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -58,8 +60,44 @@ def pooled_features(model: nn.Module, images: torch.Tensor, pool: str) -> torch.
     """
     _check_pool(pool)
     tokens = model.forward_features(images)  # [B, N, D]
-    x = tokens[:, model.num_prefix_tokens:].mean(dim=1) if pool == "avg" else tokens[:, 0]
-    return model.fc_norm(x)
+    return model.fc_norm(_pool(tokens, pool, model.num_prefix_tokens))
+
+
+def _pool(tokens: torch.Tensor, pool: str, num_prefix_tokens: int) -> torch.Tensor:
+    """(B, N, D) tokens -> (B, D): the mean of the patch tokens (``avg``) or the [CLS] token (``cls``)."""
+    return tokens[:, num_prefix_tokens:].mean(dim=1) if pool == "avg" else tokens[:, 0]
+
+
+def block_features(model: nn.Module, images: torch.Tensor, pool: str, layers: Sequence[int]) -> torch.Tensor:
+    """The representation a probe reads at each of some blocks, in one forward pass: images (B, C, H, W)
+    -> (B, K, D) for K ``layers``.
+
+    Block ``len(model.blocks)`` gives `pooled_features` (the encoder's final norm). An earlier block's
+    tokens are pooled the same way and normalized by a LayerNorm without parameters: the final norm's
+    scale and shift are fit to the last block's statistics, not to the earlier blocks'.
+
+    Args:
+        model: a timm ViT-style encoder (`check_encoder`).
+        images: (B, C, H, W).
+        pool: ``avg`` or ``cls``.
+        layers: 1-based block numbers, increasing.
+    """
+    _check_pool(pool)
+    depth = len(model.blocks)
+    if list(layers) != sorted(set(layers)) or not all(1 <= i <= depth for i in layers):
+        raise MimkitError(f"layers {list(layers)} must be increasing block numbers in 1..{depth}")
+    outputs = model.forward_intermediates(images, indices=[i - 1 for i in layers], norm=False,
+                                          return_prefix_tokens=True, stop_early=True, output_fmt="NLC",
+                                          intermediates_only=True)
+    features = []
+    for layer, (patches, prefix) in zip(layers, outputs, strict=True):
+        if layer == depth:
+            tokens = model.norm(torch.cat([prefix, patches], dim=1))
+            features.append(model.fc_norm(_pool(tokens, pool, model.num_prefix_tokens)))
+        else:
+            pooled = patches.mean(dim=1) if pool == "avg" else prefix[:, 0]
+            features.append(F.layer_norm(pooled, pooled.shape[-1:], eps=1e-6))
+    return torch.stack(features, dim=1)  # [B, K, D]
 
 
 def set_drop_path(model: nn.Module, drop_path: float) -> None:

@@ -23,11 +23,13 @@ class ClassifierConfig:
 @dataclass
 class AugmentConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    rand_augment_ops: int = 2  # RandAugment operations per image; 0 turns it off
-    rand_augment_magnitude: int = 9  # of torchvision's 31 bins
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm's RandAugment policy (MAE, BEiT); null: off
     reprob: float = 0.25  # random erasing probability
+    remode: str = "pixel"  # what erasing paints: pixel (per-pixel noise, the papers') | rand | const (zeros)
     mixup: float = 0.8  # Beta(alpha, alpha) of mixup; 0 turns it off
-    cutmix: float = 1.0  # Beta(alpha, alpha) of cutmix; 0 turns it off (both on: one of them per batch)
+    cutmix: float = 1.0  # Beta(alpha, alpha) of cutmix; 0 turns it off
+    mixup_switch_prob: float = 0.5  # both on: the chance of cutmix rather than mixup for a batch
+    mixup_prob: float = 1.0  # the chance a batch is mixed at all
     label_smoothing: float = 0.1
 
 

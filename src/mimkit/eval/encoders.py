@@ -93,6 +93,8 @@ def load_encoder(path: str | Path, init: str = "pretrained", seed: int = 0) -> E
         raise MimkitError(f"init {init!r} is not one of {', '.join(INITS)}")
     run_dir, weights = _locate(Path(path))
     values = read_yaml(run_dir / "config.yaml")
+    if "encoder_config" in values:  # the training augmentation does not shape the model (and older runs
+        values.pop("augment", None)  # name other fields: torchvision's rand_augment_ops, ...)
     finetune = from_dict(FinetuneConfig, values) if "encoder_config" in values else None
     spec = from_dict(PretrainConfig, finetune.encoder_config if finetune else values)
     if init == "random":

@@ -106,7 +106,8 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
     torch.manual_seed(config.train.seed)  # the head's initialization, the same on every rank
     model = FineTuned(build_classifier(encoder.model, cls.num_classes, cls.pool, cls.drop_path),
                       config.ema_decay).to(world.device)
-    mix = MixTargets(cls.num_classes, aug.mixup, aug.cutmix, aug.label_smoothing)
+    mix = MixTargets(cls.num_classes, aug.mixup, aug.cutmix, aug.label_smoothing, aug.mixup_switch_prob,
+                     aug.mixup_prob)
 
     def loss_fn(model: FineTuned, batch: dict):
         images, targets = mix(batch["image"], batch["label"])
@@ -136,8 +137,8 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
     if train_cfg.compile:
         model.compile()
     best_metric = "val_ema_top1" if config.ema_decay else "val_top1"
-    view = finetune_view(data.img_size, data.mean, data.std, aug.crop_scale, aug.rand_augment_ops,
-                         aug.rand_augment_magnitude, aug.reprob)
+    view = finetune_view(data.img_size, data.mean, data.std, aug.crop_scale, aug.auto_augment, aug.reprob,
+                         aug.remode)
     summary = train(model, loss_fn, SeededViews(train_set, view), optimizer, plan.schedule, run_dir, world,
                     batch_size=train_cfg.batch_size, seed=train_cfg.seed, num_workers=data.num_workers,
                     checkpoint_every=train_cfg.checkpoint_every, keep_last=train_cfg.keep_last,

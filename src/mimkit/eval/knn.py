@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from mimkit.errors import MimkitError
 from mimkit.eval.encoders import Encoder
-from mimkit.eval.features import probe_data
-from mimkit.eval.metrics import prefixed, topk_correct, write_results
+from mimkit.eval.features import probe_data, probe_layers
+from mimkit.eval.metrics import depth_results, prefixed, topk_correct, write_results
 from mimkit.train.metrics import MetricsLog
 
 
@@ -71,35 +71,48 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, query
 
 def run_knn(encoder: Encoder, data: str, out: str | Path, *, pool: str = "cls", root: str | None = None,
             label_fraction: float = 1.0, val_fraction: float = 0.0, seed: int = 0, k: int = 20,
-            temperature: float = 0.07, cache_dir: str | Path | None = None, num_workers: int = 0) -> dict:
+            temperature: float = 0.07, cache_dir: str | Path | None = None, num_workers: int = 0,
+            layer: int | str | None = None) -> dict:
     """The k-NN protocol end to end: cached features, neighbours among the label-fraction subset,
     accuracy on the held-out part (with ``val_fraction``) and on the test split; ``metrics.jsonl`` and
     ``results.json`` in ``out``.
+
+    Args:
+        layer: the block whose features are compared (`probe_layers`): None, the final features; N, block
+            N; ``"all"``, every block from one feature pass: one ``metrics.jsonl`` record per block (step =
+            block), the table ``by_layer`` in ``results.json`` and ``accuracy_by_depth.png``.
 
     Returns:
         The results written to ``results.json``.
     """
     start = time.perf_counter()
     features = probe_data(encoder, data, pool, root=root, label_fraction=label_fraction,
-                          val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers)
-    parts = {"val": features.val, "test": features.test} if features.val else {"test": features.test}
+                          val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
+                          layers=probe_layers(layer, len(encoder.model.blocks)))
     train_images = len(features.train[1])
     if k > train_images:  # knn_scores caps k there: record the k that ran
         warnings.warn(f"k={k} is more than the {train_images} training images; k={train_images} is used",
                       stacklevel=2)
         k = train_images
-    final = {}
-    for name, (x, y) in parts.items():
-        final |= prefixed(name, knn_accuracy(*features.train, x, y, features.num_classes, k, temperature,
-                                             desc=f"k-NN {name}"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out)
-    log.write(0, **final)
+    rows = []
+    for block, part in features.per_layer():
+        parts = {"val": part.val, "test": part.test} if part.val else {"test": part.test}
+        where = "" if block is None else f" block {block}"
+        final = {}
+        for name, (x, y) in parts.items():
+            final |= prefixed(name, knn_accuracy(*part.train, x, y, part.num_classes, k, temperature,
+                                                 desc=f"k-NN {name}{where}"))
+        log.write(block or 0, **final)
+        rows.append({"layer": block, **final})
     log.close()
-    results = {"protocol": "knn", "encoder": encoder.origin, "data": data, "pool": pool,
+    results = {"protocol": "knn", "encoder": encoder.origin, "data": data, "pool": pool, "layer": layer,
                "label_fraction": label_fraction, "val_fraction": val_fraction, "seed": seed,
-               "train_images": train_images, "k": k, "temperature": temperature, **final,
+               "train_images": train_images, "k": k, "temperature": temperature,
+               **{key: v for key, v in rows[-1].items() if key != "layer"},
+               **(depth_results(out, "knn", rows) if layer == "all" else {}),
                "wall_s": round(time.perf_counter() - start, 1)}
     write_results(out, results)
     return results

@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from mimkit.errors import MimkitError
 from mimkit.eval.encoders import Encoder
-from mimkit.eval.features import probe_data
+from mimkit.eval.features import probe_data, probe_layers
 from mimkit.eval.lars import LARS
-from mimkit.eval.metrics import prefixed, topk_correct, write_results
+from mimkit.eval.metrics import depth_results, prefixed, topk_correct, write_results
 from mimkit.train.metrics import MetricsLog
 from mimkit.train.schedule import cosine_schedule
 
@@ -79,7 +79,7 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
         base_lr: lr = base_lr x batch / 256, warmed up over ``warmup_epochs``, then cosine to 0.
         optimizer: ``sgd`` (momentum 0.9) or ``lars``.
         weight_decay: L2 on the linear weights.
-        seed: data order.
+        seed: the probe's initialization and the data order.
         evaluate: called on the probe every ``eval_every`` epochs and at the end; its numbers are
             logged and the first one shown on the progress bar.
         log: where the per-epoch loss and the evaluations go (``step`` is the epoch).
@@ -96,7 +96,9 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
     steps_per_epoch = len(features) // batch_size
     lr = base_lr * batch_size / 256
     schedule = cosine_schedule(lr, 0.0, epochs * steps_per_epoch, warmup_epochs * steps_per_epoch)
-    probe = LinearProbe(features.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):  # the init from `seed` alone: the same probe whatever ran before
+        torch.manual_seed(seed)
+        probe = LinearProbe(features.shape[1], num_classes)
     weights, biases = [probe[1].weight], [probe[1].bias]
     groups = [{"params": weights, "weight_decay": weight_decay}, {"params": biases, "weight_decay": 0.0}]
     opt = LARS(groups) if optimizer == "lars" else torch.optim.SGD(groups, lr=0.0, momentum=0.9)
@@ -136,34 +138,50 @@ def run_linprobe(encoder: Encoder, data: str, out: str | Path, *, pool: str = "c
                  label_fraction: float = 1.0, val_fraction: float = 0.0, seed: int = 0, epochs: int = 100,
                  batch_size: int = 256, base_lr: float = 0.1, optimizer: str = "sgd",
                  weight_decay: float = 0.0, cache_dir: str | Path | None = None,
-                 num_workers: int = 0) -> dict:
+                 num_workers: int = 0, layer: int | str | None = None) -> dict:
     """The linear-probe protocol end to end: cached features, probe training, accuracy, ``results.json``.
 
     The probe is evaluated on the held-out validation part while it trains (when ``val_fraction`` > 0)
     and on the test split once, at the end. ``out`` receives ``metrics.jsonl``, ``probe.safetensors``
     and ``results.json``.
 
+    Args:
+        layer: the block whose features the probe reads (`probe_layers`): None, the final features; N,
+            block N; ``"all"``, one probe per block from one feature pass: ``probe-blockN.safetensors``,
+            one ``metrics.jsonl`` record per block (step = block), the table ``by_layer`` in
+            ``results.json`` and ``accuracy_by_depth.png``.
+
     Returns:
         The results written to ``results.json``.
     """
     start = time.perf_counter()
+    layers = probe_layers(layer, len(encoder.model.blocks))
     features = probe_data(encoder, data, pool, root=root, label_fraction=label_fraction,
-                          val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers)
+                          val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
+                          layers=layers)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out)
-    evaluate = (lambda p: prefixed("val", probe_accuracy(p, *features.val))) if features.val else None
-    probe = train_linear_probe(*features.train, features.num_classes, epochs=epochs, batch_size=batch_size,
-                               base_lr=base_lr, optimizer=optimizer, weight_decay=weight_decay, seed=seed,
-                               evaluate=evaluate, log=log)
-    final = (evaluate(probe) if evaluate else {}) | prefixed("test", probe_accuracy(probe, *features.test))
-    log.write(epochs, **final)
+    every_block = layer == "all"
+    rows = []
+    for block, part in features.per_layer():
+        evaluate = (lambda p, part=part: prefixed("val", probe_accuracy(p, *part.val))) if part.val else None
+        probe = train_linear_probe(*part.train, part.num_classes, epochs=epochs, batch_size=batch_size,
+                                   base_lr=base_lr, optimizer=optimizer, weight_decay=weight_decay, seed=seed,
+                                   evaluate=evaluate, log=None if every_block else log,
+                                   desc="linprobe" if block is None else f"linprobe block {block}")
+        final = (evaluate(probe) if evaluate else {}) | prefixed("test", probe_accuracy(probe, *part.test))
+        log.write(block if every_block else epochs, **final)
+        name = f"probe-block{block}.safetensors" if every_block else "probe.safetensors"
+        save_model(probe, str(out / name))
+        rows.append({"layer": block, **final})
     log.close()
-    save_model(probe, str(out / "probe.safetensors"))
-    results = {"protocol": "linprobe", "encoder": encoder.origin, "data": data, "pool": pool,
+    results = {"protocol": "linprobe", "encoder": encoder.origin, "data": data, "pool": pool, "layer": layer,
                "label_fraction": label_fraction, "val_fraction": val_fraction, "seed": seed,
-               "train_images": len(features.train[1]), "feature_dim": features.train[0].shape[1],
-               "optimizer": optimizer, "epochs": epochs, "base_lr": base_lr, **final,
+               "train_images": len(features.train[1]), "feature_dim": features.train[0].shape[-1],
+               "optimizer": optimizer, "epochs": epochs, "base_lr": base_lr,
+               **{k: v for k, v in rows[-1].items() if k != "layer"},
+               **(depth_results(out, "linprobe", rows) if every_block else {}),
                "wall_s": round(time.perf_counter() - start, 1)}
     write_results(out, results)
     return results

@@ -51,3 +51,24 @@ def write_results(run_dir: str | Path, results: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     return path
+
+
+def depth_results(run_dir: str | Path, protocol: str, rows: list[dict]) -> dict:
+    """The ``results.json`` fields of a probe run at several blocks, and its plot.
+
+    Args:
+        run_dir: where ``accuracy_by_depth.png`` is written.
+        protocol: "linprobe" or "knn", for the plot's title.
+        rows: one per block, in block order: {"layer": N, "test_top1": ..., ...}.
+
+    Returns:
+        ``by_layer`` (the rows), ``best_layer`` (highest test top-1, for reading the curve; a model chosen
+        by it would be chosen on the test split) and ``plot`` (the file name); the top-level accuracies are
+        the last block's, the encoder's usual features.
+    """
+    from mimkit.viz import accuracy_by_depth_plot, save_picture
+
+    plot = save_picture(accuracy_by_depth_plot(rows, f"{protocol} top-1 (%) by block"),
+                        Path(run_dir) / "accuracy_by_depth.png")
+    best = max(rows, key=lambda r: r["test_top1"])["layer"]
+    return {"by_layer": rows, "best_layer": best, "plot": plot.name}

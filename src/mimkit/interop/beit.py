@@ -14,7 +14,7 @@ from mimkit.errors import MimkitError
 from mimkit.interop.keymaps import block_count, identity, nest
 from mimkit.interop.mae import HF_VIT_BLOCK
 from mimkit.interop.posembed import abs_grid, rel_grid
-from mimkit.models.beit import BEiT
+from mimkit.models.beit import BEiT, default_agg_layer
 
 BEIT_BLOCK_KEYS = (
     "gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias",
@@ -33,9 +33,12 @@ DERIVED = (r"relative_position_index$",)  # buffers rebuilt from the grid, never
 TIMM_BEIT = identity(TIMM_BEIT_KEYS, ours="encoder.")
 # The BEiT reference code's pretraining `model` dict (VisionTransformerForMaskedImageModeling).
 OFFICIAL_BEIT = TIMM_BEIT | identity(BEIT_HEAD_KEYS)
-# The BEiT v2 reference code's (VisionTransformerForMaskedImageModelingCLS with its shared lm_head): BEiT's
-# plus the [CLS] aggregation blocks, mimkit's `BEiTv2.agg_blocks`.
-OFFICIAL_BEITV2 = OFFICIAL_BEIT | nest(identity(BEIT_BLOCK_KEYS), "agg_blocks.{k}.", "cls_pt_layers.{k}.")
+# The BEiT v2 reference code's (VisionTransformerForMaskedImageModelingCLS): BEiT's plus the [CLS]
+# aggregation blocks, mimkit's `BEiTv2.agg_blocks`, and with ``--shared_lm_head False`` the head's own norm
+# and codebook layer.
+OFFICIAL_BEITV2 = (OFFICIAL_BEIT | nest(identity(BEIT_BLOCK_KEYS), "agg_blocks.{k}.", "cls_pt_layers.{k}.")
+                   | {"agg_norm.weight": "cls_pt_norm.weight", "agg_norm.bias": "cls_pt_norm.bias",
+                      "agg_head.weight": "cls_pt_lm_head.weight", "agg_head.bias": "cls_pt_lm_head.bias"})
 
 _REL_TABLE = "relative_position_bias.relative_position_bias_table"
 # timm Beit Block -> transformers BeitLayer: no key bias (timm keeps a zero buffer), layer scale "lambda".
@@ -62,7 +65,7 @@ HF_BEIT = (nest(HF_BEIT_EMBED, "encoder.") | nest(HF_BEIT_BLOCK, "encoder.blocks
 
 # Parts a checkpoint may lack as a whole (an encoder-only file); they keep a new BEiT's initialization.
 BEIT_OPTIONAL_PARTS = {"mask token": ("mask_token",), "codebook head": ("lm_head.",)}
-BEITV2_OPTIONAL_PARTS = BEIT_OPTIONAL_PARTS | {"aggregation head": ("agg_blocks.",)}
+BEITV2_OPTIONAL_PARTS = BEIT_OPTIONAL_PARTS | {"aggregation head": ("agg_blocks.", "agg_norm.", "agg_head.")}
 _SHARED_TABLE = "encoder.rel_pos_bias.relative_position_bias_table"
 _BLOCK_TABLE = "encoder.blocks.0.attn.relative_position_bias_table"
 
@@ -94,12 +97,37 @@ def beit_arch(state: dict) -> dict:
 
 
 def beitv2_arch(state: dict) -> dict:
-    """`BEiTv2` constructor arguments: `beit_arch`'s and the aggregation head's depth when present. The
-    block the head reads (``agg_layer``) does not show in the weights: the model's default (9 of 12, 21 of
-    24, as the reference code's ``early_layers``) applies unless set."""
+    """`BEiTv2` constructor arguments: `beit_arch`'s, and with an aggregation head its depth and whether it
+    shares the encoder's norm and codebook layer (no ``agg_head``). The block the head reads (``agg_layer``)
+    does not show in the weights (`official_beitv2_args`, `beitv2_defaults`)."""
     arch = beit_arch(state)
     agg_depth = block_count(state, "agg_blocks.")
-    return arch | {"agg_depth": agg_depth} if agg_depth else arch
+    if agg_depth:
+        arch |= {"agg_depth": agg_depth, "shared_lm_head": "agg_head.weight" not in state}
+    return arch
+
+
+# The BEiT v2 reference script's arguments -> `BEiTv2`'s.
+OFFICIAL_BEITV2_ARGS = {"early_layers": "agg_layer", "head_layers": "agg_depth",
+                        "shared_lm_head": "shared_lm_head"}
+
+
+def official_beitv2_args(args: dict) -> tuple[dict, dict[str, str]]:
+    """What a BEiT v2 reference checkpoint's training arguments fix: the aggregation head's input block
+    (``args.early_layers``), depth (``head_layers``) and sharing (``shared_lm_head``).
+
+    Returns:
+        ``{field: value}`` and ``{field: origin}``.
+    """
+    fields = {ours: args[theirs] for theirs, ours in OFFICIAL_BEITV2_ARGS.items() if theirs in args}
+    origin = {ours: f"args.{theirs}" for theirs, ours in OFFICIAL_BEITV2_ARGS.items() if theirs in args}
+    return fields, origin
+
+
+def beitv2_defaults(arch: dict) -> dict[str, tuple[int, str]]:
+    """The aggregation head's input block when nothing says it, with its origin: `BEiTv2`'s default."""
+    return {"agg_layer": (default_agg_layer(arch["depth"]),
+                          "default: the last quarter skipped (the reference script's 9 of 12)")}
 
 
 def timm_beit_kwargs(model: BEiT) -> dict:

@@ -1,11 +1,20 @@
 """Import a foreign checkpoint as a mimkit run directory.
 
-Three steps, each usable alone: `read_checkpoint` reads a file or folder safely and renames its tensors
-into mimkit's names (a `Foreign`); `load_foreign` loads that into a mimkit model, resizing position
+Four steps, each usable alone: `read_checkpoint` reads a file or folder safely and renames its tensors
+into mimkit's names (a `Foreign`, with what the checkpoint's training arguments or config file say);
+`resolve_arch` decides the architecture and records where each field came from (the weights, ``args``, a
+config file, a default, a guess); `load_foreign` loads the weights into a mimkit model, resizing position
 tables to the model's grid and refusing missing or unexpected keys unless asked not to;
-`import_checkpoint` infers the architecture, writes ``config.yaml`` and a step-0 checkpoint that every
-command reads like one it wrote: ``visualize``, ``finetune``, ``linprobe``, ``knn``, ``export``, and
-``pretrain`` (which continues from the imported weights with a fresh optimizer).
+`import_checkpoint` writes ``config.yaml`` and a step-0 checkpoint that every command reads like one it
+wrote: ``visualize``, ``finetune``, ``linprobe``, ``knn``, ``export``, and ``pretrain`` (which continues
+from the imported weights with a fresh optimizer).
+
+Where the architecture comes from, first match wins: ``--set`` (``overrides``); the weights (widths,
+depths, patch, channels, image size, BEiT's heads from its relative position tables); the checkpoint's
+training arguments (``args.model`` of a released model name fixes the heads, ``args.norm_pix_loss``,
+``args.early_layers``, ...) or a timm/Hugging Face config file; a documented default; and for attention
+heads nothing else decides, the released models' head width (64; MAE's decoder 32), reported as guessed.
+A field no rule decides stops the import with an error naming the ``--set`` to pass.
 
 Formats: ``mae`` (the MAE reference code's checkpoints, with or without the decoder), ``beit`` and
 ``beitv2`` (the BEiT and BEiT v2 reference code's pretraining checkpoints), ``vqkd`` (BEiT v2's
@@ -27,7 +36,7 @@ from mimkit.interop import beit, mae, vqkd
 from mimkit.interop.hf import read_hf_folder, read_json
 from mimkit.interop.keymaps import KeyMap, from_foreign
 from mimkit.interop.posembed import abs_grid, rel_grid, resize_abs_pos_embed, resize_rel_pos_table
-from mimkit.interop.safe_load import load_sharded, load_tensors
+from mimkit.interop.safe_load import load_checkpoint, load_sharded, load_tensors
 from mimkit.methods import METHODS
 from mimkit.models.beit import BEIT_MODELS
 from mimkit.models.mae import MAE_MODELS
@@ -46,7 +55,9 @@ class Foreign:
         method: the mimkit method whose model holds these weights ("mae", "beit", "beitv2", "vqkd").
         state: mimkit key -> tensor.
         unexpected: the checkpoint's keys that no template accounts for, in its own names.
-        hints: architecture facts from a config file that weights do not show (attention heads, …).
+        hints: architecture facts that weights do not show (attention heads, MAE's target, ...), from the
+            checkpoint's training arguments or a config file.
+        origin: where each hint (and the normalization, under "normalization") was read.
         mean, std: the normalization the weights were trained with, when known.
         source: what was read, for reports.
         notes: what the reader noticed that changes nothing but is worth knowing.
@@ -56,6 +67,7 @@ class Foreign:
     state: dict[str, torch.Tensor]
     unexpected: list[str]
     hints: dict = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)
     mean: list[float] | None = None
     std: list[float] | None = None
     source: str = ""
@@ -67,30 +79,53 @@ def _convert(method: str, state: dict, keymap: KeyMap, source: str, ignore=(), *
     return Foreign(method, ours, unexpected, source=source, **extra)
 
 
+REFERENCE_NORM = "default: the reference code's"
+
+
+def _unknown_name(args: dict, known: dict) -> list[str]:
+    """A note when ``args.model`` names no released model in ``known``."""
+    name = args.get("model")
+    if name is None or name in known:
+        return []
+    return [f"args.model {name!r} is not a released model name: it fixes no dimension"]
+
+
 def read_official_mae(path: Path) -> Foreign:
-    """A checkpoint of the MAE reference code (``{"model": …}``; encoder-only pretrain files too)."""
-    return _convert("mae", load_tensors(path), mae.OFFICIAL_MAE, "MAE reference checkpoint",
-                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    """A checkpoint of the MAE reference code (``{"model": …, "args": …}``; encoder-only pretrain files
+    too); its ``args`` give the model name's dims and heads, ``norm_pix_loss`` and ``mask_ratio``."""
+    state, args = load_checkpoint(path)
+    hints, origin = mae.official_mae_args(args)
+    return _convert("mae", state, mae.OFFICIAL_MAE, "MAE reference checkpoint", hints=hints,
+                    origin=origin | {"normalization": f"{REFERENCE_NORM} (ImageNet)"}, mean=IMAGENET_MEAN,
+                    std=IMAGENET_STD, notes=_unknown_name(args, mae.OFFICIAL_MAE_MODELS))
 
 
 def read_official_beit(path: Path) -> Foreign:
     """A pretraining checkpoint of the BEiT reference code (mask token, codebook head included)."""
     return _convert("beit", load_tensors(path), beit.OFFICIAL_BEIT, "BEiT reference checkpoint",
-                    beit.DERIVED, mean=HALF, std=HALF)
+                    beit.DERIVED, origin={"normalization": f"{REFERENCE_NORM} ([-1, 1])"}, mean=HALF,
+                    std=HALF)
 
 
 def read_official_beitv2(path: Path) -> Foreign:
-    """A pretraining checkpoint of the BEiT v2 reference code (with the [CLS] aggregation blocks)."""
-    return _convert("beitv2", load_tensors(path), beit.OFFICIAL_BEITV2, "BEiT v2 reference checkpoint",
-                    beit.DERIVED, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    """A pretraining checkpoint of the BEiT v2 reference code (with the [CLS] aggregation blocks, and their
+    own norm and codebook layer when it ran with ``--shared_lm_head False``); its ``args`` give the block
+    the head reads (``early_layers``)."""
+    state, args = load_checkpoint(path)
+    hints, origin = beit.official_beitv2_args(args)
+    return _convert("beitv2", state, beit.OFFICIAL_BEITV2, "BEiT v2 reference checkpoint", beit.DERIVED,
+                    hints=hints, origin=origin | {"normalization": f"{REFERENCE_NORM} (ImageNet)"},
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def read_official_vqkd(path: Path) -> Foreign:
     """A tokenizer checkpoint of the BEiT v2 reference code (VQ-KD: encoder, codebook, decoder). It saw
     images scaled to [-1, 1]."""
-    raw = load_tensors(path)
+    raw, args = load_checkpoint(path)
+    hints, origin = vqkd.official_vqkd_args(args)
     foreign = _convert("vqkd", raw, vqkd.OFFICIAL_VQKD, "VQ-KD reference checkpoint", vqkd.VQKD_DROPPED,
-                       mean=HALF, std=HALF)
+                       hints=hints, origin=origin | {"normalization": f"{REFERENCE_NORM} ([-1, 1])"},
+                       mean=HALF, std=HALF, notes=_unknown_name(args, vqkd.OFFICIAL_VQKD_MODELS))
     if "quantize.codebook" in foreign.state:
         foreign.state["quantize.initialized"] = torch.tensor(True)  # trained: no k-means start
     teacher = sum(k.startswith(("teacher_model.", "scaling_layer.")) for k in raw)
@@ -112,10 +147,12 @@ def read_timm(path: Path) -> Foreign:
     pretrained = timm_config.get("pretrained_cfg", {})
     model_args = timm_config.get("model_args", {})
     hints = {"num_heads": model_args["num_heads"]} if "num_heads" in model_args else {}
+    origin = dict.fromkeys(hints, "config.json model_args")
+    origin["normalization"] = "config.json pretrained_cfg" if "mean" in pretrained else "default: timm's"
     if is_beit:
-        return _convert("beit", state, beit.TIMM_BEIT, "timm Beit", beit.DERIVED, hints=hints,
+        return _convert("beit", state, beit.TIMM_BEIT, "timm Beit", beit.DERIVED, hints=hints, origin=origin,
                         mean=pretrained.get("mean", HALF), std=pretrained.get("std", HALF))
-    return _convert("mae", state, mae.TIMM_VIT, "timm VisionTransformer", hints=hints,
+    return _convert("mae", state, mae.TIMM_VIT, "timm VisionTransformer", hints=hints, origin=origin,
                     mean=pretrained.get("mean", IMAGENET_MEAN), std=pretrained.get("std", IMAGENET_STD))
 
 
@@ -141,7 +178,10 @@ def read_hf(path: Path) -> Foreign:
     eps = config.get("layer_norm_eps", 1e-12)
     notes = [] if eps == 1e-6 else [f"its config has LayerNorm eps {eps:g}; mimkit's timm blocks use 1e-6 "
                                     "(a negligible difference for trained weights)"]
-    return _convert(method, state, keymap, source, beit.DERIVED, hints=hints, mean=mean, std=std, notes=notes)
+    origin = dict.fromkeys(hints, "config.json") | {
+        "normalization": "preprocessor_config.json" if "image_mean" in processor else "default: ImageNet's"}
+    return _convert(method, state, keymap, source, beit.DERIVED, hints=hints, origin=origin, mean=mean,
+                    std=std, notes=notes)
 
 
 FORMATS: dict[str, Callable[[Path], Foreign]] = {
@@ -240,7 +280,7 @@ MODEL_NAMES = {"mae": MAE_MODELS, "beit": BEIT_MODELS, "beitv2": BEIT_MODELS, "v
 
 def _nearest_name(method: str, embed_dim: int) -> str:
     """The method's named model closest in width (it decides what the checkpoint does not, e.g. the size
-    of a fresh decoder)."""
+    of a fresh decoder; every dimension the checkpoint shows overrides it in ``model.kwargs``)."""
     return min(MODEL_NAMES[method], key=lambda name: abs(ENCODER_ARCHS[name]["embed_dim"] - embed_dim))
 
 
@@ -250,11 +290,21 @@ MODEL_KWARGS = {
     "beit": ("embed_dim", "depth", "num_heads", "mlp_ratio", "vocab_size", "layer_scale_init",
              "shared_rel_pos_bias"),
 }
-MODEL_KWARGS["beitv2"] = MODEL_KWARGS["beit"] + ("agg_depth",)
+MODEL_KWARGS["beitv2"] = MODEL_KWARGS["beit"] + ("agg_layer", "agg_depth", "shared_lm_head")
 MODEL_KWARGS["vqkd"] = ("embed_dim", "depth", "num_heads")
 # Inferred fields that live in the method's own configuration section rather than in model.kwargs.
 SECTION_FIELDS = {"mae": ("norm_pix_loss", "mask_ratio"),
                   "vqkd": ("teacher_dim", "vocab_size", "code_dim", "decoder_depth")}
+
+
+def setting(method: str, key: str) -> str:
+    """The ``--set`` key (or flag) that decides architecture field ``key`` of an imported ``method`` run."""
+    if key in SECTION_FIELDS.get(method, ()):
+        return f"{method}.{key}"
+    if key in MODEL_KWARGS[method]:
+        return f"model.kwargs.{key}"
+    return {"img_size": "--img-size", "patch_size": "model.patch_size", "in_chans": "data.channels",
+            "normalization": "--set data.mean=[...] --set data.std=[...]"}.get(key, key)
 
 
 def run_config(method: str, arch: dict, img_size: int | None, mean: list[float] | None,
@@ -275,16 +325,83 @@ def run_config(method: str, arch: dict, img_size: int | None, mean: list[float] 
 
 
 ARCHS = {"mae": mae.mae_arch, "beit": beit.beit_arch, "beitv2": beit.beitv2_arch, "vqkd": vqkd.vqkd_arch}
+# What fills the fields nothing read decides: (value or None, "guessed: why" / "default: why").
+FALLBACKS: dict[str, Callable[[dict], dict]] = {
+    "mae": mae.mae_head_guesses, "beit": lambda arch: {}, "beitv2": beit.beitv2_defaults,
+    "vqkd": vqkd.vqkd_head_guesses,
+}
+
+
+def resolve_arch(foreign: Foreign, overrides: dict | None = None) -> tuple[dict, dict[str, str]]:
+    """The architecture of ``foreign`` and where each field came from.
+
+    Order: ``overrides`` (a nested configuration, as ``--set`` gives) win; then what the weights show; then
+    the training arguments or config file (``foreign.hints``), which must agree with the weights; then
+    `FALLBACKS` (a guess at attention heads, reported as such; None when no guess fits).
+
+    Returns:
+        ``{field: value}`` (`ARCHS` names) and ``{field: origin}``.
+    """
+    arch = ARCHS[foreign.method](foreign.state)
+    origin = dict.fromkeys(arch, "weights")
+    clash = [f"{foreign.origin[k]} says {k}={v}, the weights {arch[k]}" for k, v in foreign.hints.items()
+             if k in arch and arch[k] != v]
+    if clash:
+        raise MimkitError(f"the checkpoint contradicts itself: {'; '.join(clash)}")
+    arch |= foreign.hints
+    origin |= {k: foreign.origin[k] for k in foreign.hints}
+    for key, (value, why) in FALLBACKS[foreign.method](arch).items():
+        if key not in arch:
+            arch[key], origin[key] = value, why
+    overrides = overrides or {}
+    given = overrides.get("model", {}).get("kwargs", {}) | overrides.get(foreign.method, {})
+    for key in given.keys() & arch.keys():
+        arch[key], origin[key] = given[key], "--set"
+    return arch, origin
 
 
 @dataclass
 class ImportReport:
-    """What `import_checkpoint` made: the run, its configuration, what was read and what to know about it."""
+    """What `import_checkpoint` made: the run, its configuration, what was read and what to know about it.
+
+    Attributes:
+        origin: architecture field -> where it came from ("weights", "args.model 'mae_vit_base_patch16'",
+            "config.json", "--set", "default: ...", "guessed: ...").
+    """
 
     run_dir: Path
     config: PretrainConfig
     source: str
     notes: list[str]
+    origin: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> list[str]:
+        """Lines for the user: the resolved architecture, what was read from where, and each default or
+        guess with the ``--set`` that changes it."""
+        config, method = self.config, self.config.method
+        data, model = config.data, config.model
+        section = {k: getattr(getattr(config, method), k) for k in SECTION_FIELDS.get(method, ())}
+        fields = {"img_size": data.img_size, "patch_size": model.patch_size, "in_chans": data.channels,
+                  **model.kwargs, **section}
+        lines = [f"imported {self.source} as {method}: {data.img_size} px, patch {model.patch_size}, "
+                 f"{data.channels} channels, normalization mean {data.mean} std {data.std}",
+                 "  " + ", ".join(f"{k} {v}" for k, v in fields.items() if k not in ("img_size", "patch_size",
+                                                                                       "in_chans"))]
+        by_origin: dict[str, list[str]] = {}
+        for key, where in self.origin.items():
+            by_origin.setdefault(where, []).append(key)
+        for where, keys in by_origin.items():
+            kind, _, why = where.partition(": ")
+            if kind not in ("default", "guessed"):
+                verb = "set by" if where.startswith("--") else "read from"
+                lines.append(f"  {verb} {where}: {', '.join(keys)}")
+                continue
+            for key in keys:
+                value = f"mean {data.mean} std {data.std}" if key == "normalization" else fields.get(key)
+                flag = setting(method, key)
+                flag = flag if flag.startswith("--") else f"--set {flag}=..."
+                lines.append(f"  {kind} {key} {value} ({why}); if not, {flag}")
+        return lines
 
 
 def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int | None = None,
@@ -298,11 +415,12 @@ def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int
         img_size: the image size of the run; position tables are resized when it differs from the
             checkpoint's. None keeps the checkpoint's.
         allow_mismatch: load what matches instead of refusing missing or unexpected keys.
-        overrides: nested configuration values applied last (e.g. ``{"model": {"kwargs": {"num_heads": 2}}}``
-            for attention heads the weights do not show, ``{"data": {"source": "path/to/images"}}``).
+        overrides: nested configuration values applied last, e.g. ``{"model": {"kwargs": {"num_heads": 2}}}``
+            for heads nothing in the checkpoint decides, ``{"data": {"source": "path/to/images"}}``.
 
     Returns:
-        The run directory, its configuration, and what was resized, initialized or skipped.
+        The run directory, its configuration, what was resized, initialized or skipped, and where each
+        architecture field came from.
     """
     out = Path(out)
     if Checkpoints(out).latest() is not None:
@@ -311,14 +429,16 @@ def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int
     if foreign.method not in METHODS:
         raise MimkitError(f"'{path}' holds a {foreign.method} model, and mimkit has no {foreign.method} "
                           f"method yet (methods: {', '.join(METHODS)})")
-    arch = ARCHS[foreign.method](foreign.state) | foreign.hints
+    arch, origin = resolve_arch(foreign, overrides)
+    unknown = [k for k, v in arch.items() if v is None]
+    if unknown:
+        raise MimkitError(f"nothing in the checkpoint decides {', '.join(unknown)} of this "
+                          f"{arch['embed_dim']}-wide model ({'; '.join(origin[k] for k in unknown)}); pass "
+                          + " ".join(f"--set {setting(foreign.method, k)}=N" for k in unknown))
     values = run_config(foreign.method, arch, img_size, foreign.mean, foreign.std)
     values = merge(merge(to_dict(PretrainConfig(method=foreign.method)), values), overrides or {})
-    unknown = [k for k, v in values["model"]["kwargs"].items() if v is None]
-    if unknown:
-        flags = " ".join(f"--set model.kwargs.{k}=N" for k in unknown)
-        raise MimkitError(f"the weights do not show {', '.join(unknown)} of this {arch['embed_dim']}-wide "
-                          f"model; pass {flags}")
+    origin |= {"img_size": "--img-size"} if img_size else {}
+    origin["normalization"] = foreign.origin.get("normalization", "default: [0.5] per channel")
     config = from_dict(PretrainConfig, values)
     torch.manual_seed(config.train.seed)  # the fresh parts, reproducibly
     model = METHODS[config.method].build_model(config)
@@ -326,4 +446,4 @@ def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     Checkpoints(out).save(0, model, {"step": 0, "imported_from": str(path), "format": fmt})
-    return ImportReport(out, config, foreign.source, notes)
+    return ImportReport(out, config, foreign.source, notes, origin)

@@ -83,6 +83,19 @@ MAE_POS_TABLES = ("encoder.pos_embed", "decoder_pos_embed")
 ENCODER_HEAD_DIM = 64  # the head width of every ViT in the ViT and MAE papers but ViT-H (80)
 DECODER_HEAD_DIM = 32  # MAE's 512-wide decoder has 16 heads
 
+# The MAE reference code's model names (models_mae.py; models_vit.py for its fine-tuned encoders) and the
+# dimensions each fixes, attention heads among them.
+_MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+_VIT_B = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+_VIT_L = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+_VIT_H = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)
+OFFICIAL_MAE_MODELS = {
+    "mae_vit_base_patch16": _VIT_B | _MAE_DECODER, "mae_vit_base_patch16_dec512d8b": _VIT_B | _MAE_DECODER,
+    "mae_vit_large_patch16": _VIT_L | _MAE_DECODER, "mae_vit_large_patch16_dec512d8b": _VIT_L | _MAE_DECODER,
+    "mae_vit_huge_patch14": _VIT_H | _MAE_DECODER, "mae_vit_huge_patch14_dec512d8b": _VIT_H | _MAE_DECODER,
+    "vit_base_patch16": _VIT_B, "vit_large_patch16": _VIT_L, "vit_huge_patch14": _VIT_H,
+}
+
 
 def _require(state: dict, key: str) -> torch.Tensor:
     if key not in state:
@@ -90,20 +103,60 @@ def _require(state: dict, key: str) -> torch.Tensor:
     return state[key]
 
 
-def encoder_heads(embed_dim: int, depth: int, mlp_ratio: float) -> int | None:
-    """Attention heads of a ViT encoder (weights do not show them): the named arch with these
-    dimensions, else 64-wide heads, else None."""
-    for arch in ENCODER_ARCHS.values():
+def model_name_fields(name: str | None, known: dict[str, dict]) -> tuple[dict, dict[str, str]]:
+    """The dimensions a reference model name (a checkpoint's ``args.model``) fixes, with their origin.
+
+    Args:
+        name: the name, or None when the checkpoint has no ``args.model``.
+        known: name -> dimensions, e.g. `OFFICIAL_MAE_MODELS`.
+
+    Returns:
+        ``{field: value}`` (empty for an unknown name) and ``{field: origin}``.
+    """
+    fields = dict(known.get(name, {}))
+    return fields, dict.fromkeys(fields, f"args.model {name!r}")
+
+
+def official_mae_args(args: dict) -> tuple[dict, dict[str, str]]:
+    """What an MAE reference checkpoint's training arguments fix that its weights do not show: the
+    dimensions of a released model name (`OFFICIAL_MAE_MODELS`, heads included), the target
+    (``norm_pix_loss``; absent, the reference code's default, False) and ``mask_ratio``.
+
+    Returns:
+        ``{field: value}`` and ``{field: origin}``.
+    """
+    fields, origin = model_name_fields(args.get("model"), OFFICIAL_MAE_MODELS)
+    for key in ("norm_pix_loss", "mask_ratio"):
+        if key in args:
+            fields[key], origin[key] = args[key], f"args.{key}"
+    if "norm_pix_loss" not in fields:
+        fields["norm_pix_loss"] = False
+        origin["norm_pix_loss"] = "default: the reference code's (the checkpoint has no args.norm_pix_loss)"
+    return fields, origin
+
+
+def guess_heads(width: int, head_dim: int) -> tuple[int | None, str]:
+    """Attention heads of ``head_dim`` width, the released models' convention, and how that was decided
+    (None when ``head_dim`` does not divide ``width``)."""
+    if width % head_dim:
+        return None, f"unknown: {width} is not a multiple of {head_dim}-wide heads"
+    return width // head_dim, f"guessed: {head_dim}-wide heads, the convention of the released models"
+
+
+def encoder_heads(embed_dim: int, depth: int, mlp_ratio: float) -> tuple[int | None, str]:
+    """A guess at a ViT encoder's attention heads (weights do not show them): the named arch with these
+    dimensions (`ENCODER_ARCHS`: ViT-B/L/H are the released shapes), else 64-wide heads; with its origin."""
+    for name, arch in ENCODER_ARCHS.items():
         if (arch["embed_dim"], arch["depth"], arch["mlp_ratio"]) == (embed_dim, depth, mlp_ratio):
-            return arch["num_heads"]
-    return embed_dim // ENCODER_HEAD_DIM if embed_dim % ENCODER_HEAD_DIM == 0 else None
+            return arch["num_heads"], f"guessed: {name}'s, the named ViT of this shape"
+    return guess_heads(embed_dim, ENCODER_HEAD_DIM)
 
 
 def vit_arch(state: dict, prefix: str = "encoder.") -> dict:
     """Image size, patch size, channels and encoder dims of a timm ViT held under ``prefix``.
 
     Returns:
-        ``img_size, patch_size, in_chans, embed_dim, depth, num_heads (None if unknown), mlp_ratio``.
+        ``img_size, patch_size, in_chans, embed_dim, depth, mlp_ratio`` (heads do not show in the weights).
     """
     proj = _require(state, prefix + "patch_embed.proj.weight")  # [D, C, p, p]
     embed_dim, in_chans, patch_size = proj.shape[0], proj.shape[1], proj.shape[-1]
@@ -111,21 +164,26 @@ def vit_arch(state: dict, prefix: str = "encoder.") -> dict:
     mlp_ratio = _require(state, prefix + "blocks.0.mlp.fc1.weight").shape[0] / embed_dim
     grid = math.isqrt(_require(state, prefix + "pos_embed").shape[1] - 1)
     return dict(img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                depth=depth, num_heads=encoder_heads(embed_dim, depth, mlp_ratio), mlp_ratio=mlp_ratio)
+                depth=depth, mlp_ratio=mlp_ratio)
 
 
 def mae_arch(state: dict) -> dict:
-    """`MAE` constructor arguments read off a mimkit-layout MAE state dict.
-
-    The decoder's dims are included when the state dict holds a decoder. Attention heads, which weights do
-    not show, are guessed (`encoder_heads`; decoder heads 32 wide) and None when no guess fits.
-    """
+    """`MAE` constructor arguments read off a mimkit-layout MAE state dict: `vit_arch`'s, and the decoder's
+    width and depth when the state dict holds a decoder. Attention heads do not show (`mae_head_guesses`)."""
     arch = vit_arch(state)
     if "decoder_embed.weight" in state:
-        width = state["decoder_embed.weight"].shape[0]
-        arch |= dict(decoder_embed_dim=width, decoder_depth=block_count(state, "decoder_blocks."),
-                     decoder_num_heads=width // DECODER_HEAD_DIM if width % DECODER_HEAD_DIM == 0 else None)
+        arch |= dict(decoder_embed_dim=state["decoder_embed.weight"].shape[0],
+                     decoder_depth=block_count(state, "decoder_blocks."))
     return arch
+
+
+def mae_head_guesses(arch: dict) -> dict[str, tuple[int | None, str]]:
+    """Guesses, with their origin, at the heads ``arch`` leaves open: the encoder's (`encoder_heads`) and,
+    with a decoder, the decoder's (32-wide heads, as MAE's 512-wide decoder)."""
+    guesses = {"num_heads": encoder_heads(arch["embed_dim"], arch["depth"], arch["mlp_ratio"])}
+    if "decoder_embed_dim" in arch:
+        guesses["decoder_num_heads"] = guess_heads(arch["decoder_embed_dim"], DECODER_HEAD_DIM)
+    return guesses
 
 
 def timm_vit_kwargs(model: MAE) -> dict:

@@ -55,18 +55,19 @@ def load_pickle(path: Path) -> object:
                           f"({type(err).__name__})") from None
 
 
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict in one checkpoint file, on the CPU.
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state dict in one checkpoint file, on the CPU, and the training arguments stored beside it.
 
     A dict of tensors is returned as is; a training checkpoint is unwrapped from its first entry among
     `STATE_DICT_KEYS` that holds tensors; a ``module.`` prefix that DistributedDataParallel left on every
-    key is removed.
+    key is removed. The reference code of MAE, BEiT and BEiT v2 stores its command-line arguments under
+    ``args`` (an ``argparse.Namespace``).
 
     Args:
         path: a ``.safetensors`` file, or a PyTorch pickle (``.pth``, ``.pt``, ``.bin``).
 
     Returns:
-        ``{name: tensor}``.
+        ``{name: tensor}``, and ``{argument: value}`` of the checkpoint's ``args`` (empty when it has none).
     """
     path = Path(path)
     if not path.is_file():
@@ -78,6 +79,8 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             raise MimkitError(f"'{path}' is not a valid safetensors file ({err})") from None
     else:
         state = load_pickle(path)
+    stored = state.get("args") if isinstance(state, Mapping) else None
+    args = vars(stored) if isinstance(stored, argparse.Namespace) else {}
     if not _is_state_dict(state):
         inner = (state.get(k) for k in STATE_DICT_KEYS) if isinstance(state, Mapping) else ()
         state = next((s for s in inner if _is_state_dict(s)), None)
@@ -86,7 +89,12 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
                               f"{', '.join(map(repr, STATE_DICT_KEYS))})")
     if all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
-    return dict(state)
+    return dict(state), args
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in one checkpoint file, on the CPU (`load_checkpoint` without the arguments)."""
+    return load_checkpoint(path)[0]
 
 
 def _shards(index: Path) -> list[str]:

@@ -14,7 +14,7 @@ are dropped on import.
 
 from mimkit.errors import MimkitError
 from mimkit.interop.keymaps import block_count, identity, nest
-from mimkit.interop.mae import VIT_BLOCK_KEYS, encoder_heads
+from mimkit.interop.mae import VIT_BLOCK_KEYS, encoder_heads, model_name_fields
 
 # A timm ViT (mimkit's VQ-KD encoder and decoder) -> the reference code's ViT with use_mean_pooling.
 REFERENCE_VIT = {
@@ -38,19 +38,37 @@ VQKD_DROPPED = (
 VQKD_OPTIONAL_PARTS = {"dead-code counters": ("quantize.unused_steps",)}
 
 
+# The BEiT v2 reference code's released tokenizer names (modeling_vqkd.py): a ViT-B encoder and a
+# decoder of N blocks, 768 wide, 12 heads.
+OFFICIAL_VQKD_MODELS = {
+    f"vqkd_encoder_base_decoder_{n}x768x12_{teacher}": dict(patch_size=16, embed_dim=768, depth=12,
+                                                            num_heads=12, decoder_depth=n)
+    for n, teacher in ((1, "clip"), (3, "clip"), (1, "dino"))
+}
+
+
+def official_vqkd_args(args: dict) -> tuple[dict, dict[str, str]]:
+    """What a VQ-KD reference checkpoint's ``args.model`` fixes (`OFFICIAL_VQKD_MODELS`), with its origin."""
+    return model_name_fields(args.get("model"), OFFICIAL_VQKD_MODELS)
+
+
 def vqkd_arch(state: dict) -> dict:
-    """`VQKD` constructor arguments read off a mimkit-layout VQ-KD state dict (heads: `encoder_heads`)."""
+    """`VQKD` constructor arguments read off a mimkit-layout VQ-KD state dict (heads do not show:
+    `vqkd_head_guesses`)."""
     for key in ("encoder.patch_embed.proj.weight", "encoder.pos_embed", "quantize.codebook",
                 "decode_task_layer.2.weight"):
         if key not in state:
             raise MimkitError(f"cannot infer the VQ-KD architecture: the checkpoint has no {key!r}")
     proj = state["encoder.patch_embed.proj.weight"]  # [D, C, p, p]
     embed_dim, patch_size = proj.shape[0], proj.shape[-1]
-    depth = block_count(state, "encoder.blocks.")
     grid = round((state["encoder.pos_embed"].shape[1] - 1) ** 0.5)
     vocab_size, code_dim = state["quantize.codebook"].shape
-    heads = encoder_heads(embed_dim, depth, 4.0)
     return dict(img_size=grid * patch_size, patch_size=patch_size, in_chans=proj.shape[1],
                 teacher_dim=state["decode_task_layer.2.weight"].shape[0], vocab_size=vocab_size,
-                code_dim=code_dim, embed_dim=embed_dim, depth=depth, num_heads=heads,
+                code_dim=code_dim, embed_dim=embed_dim, depth=block_count(state, "encoder.blocks."),
                 decoder_depth=block_count(state, "decoder.blocks."))
+
+
+def vqkd_head_guesses(arch: dict) -> dict[str, tuple[int | None, str]]:
+    """A guess, with its origin, at the heads of the encoder and decoder (`encoder_heads`, MLP ratio 4)."""
+    return {"num_heads": encoder_heads(arch["embed_dim"], arch["depth"], 4.0)}

@@ -176,13 +176,23 @@ class BEiTv2(BEiT):
     Args:
         agg_layer: 1-based block whose patch tokens the head reads; `default_agg_layer(depth)` when None.
         agg_depth: blocks of the head (2 in the paper).
+        shared_lm_head: the head ends in the encoder's norm and `lm_head` (the paper's setting); False
+            gives it its own LayerNorm and codebook layer (`agg_norm`, `agg_head`), the reference code's
+            ``--shared_lm_head False``.
         *args, **kwargs: `BEiT`'s.
     """
 
-    def __init__(self, *args, agg_layer: int | None = None, agg_depth: int = 2, **kwargs):
+    def __init__(self, *args, agg_layer: int | None = None, agg_depth: int = 2, shared_lm_head: bool = True,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         kw = self.encoder_kwargs
         depth = kw["depth"]
+        self.shared_lm_head = shared_lm_head
+        if not shared_lm_head:
+            self.agg_norm = nn.LayerNorm(kw["embed_dim"], eps=1e-6)
+            self.agg_head = nn.Linear(kw["embed_dim"], self.lm_head.out_features)
+            trunc_normal_(self.agg_head.weight, std=0.02)
+            nn.init.zeros_(self.agg_head.bias)
         self.agg_layer = default_agg_layer(depth) if agg_layer is None else agg_layer
         if not 1 <= self.agg_layer <= depth:
             raise MimkitError(f"agg_layer {self.agg_layer} must be a block number in 1..{depth}")
@@ -217,13 +227,14 @@ class BEiTv2(BEiT):
             bool_masked_pos: bool (B, L) or (B, h, w).
 
         Returns:
-            logits: (N, vocab_size) from the shared norm and `lm_head`, as `forward_head`.
+            logits: (N, vocab_size) from the encoder's norm and `lm_head` (or the head's own, unshared).
         """
         enc = self.encoder
         x = torch.cat([last[:, :1], early[:, 1:]], dim=1)  # [B, 1 + L, D]
         shared_bias = enc.rel_pos_bias() if enc.rel_pos_bias is not None else None
         x = run_blocks(self.agg_blocks, x, enc.grad_checkpointing, shared_rel_pos_bias=shared_bias)
-        return self.forward_head(enc.norm(x), bool_masked_pos)
+        norm, head = (enc.norm, self.lm_head) if self.shared_lm_head else (self.agg_norm, self.agg_head)
+        return head(norm(x)[:, 1:][bool_masked_pos.flatten(1)])
 
     def forward(
         self, imgs: torch.Tensor, bool_masked_pos: torch.Tensor, target_ids: torch.Tensor

@@ -75,8 +75,9 @@ class NormEMAQuantizer(nn.Module):
         num_codes: K, codebook size (8192 in BEiT v2).
         code_dim: d, code width (32 in BEiT v2).
         decay: EMA decay of the code updates (0.99 in BEiT v2).
-        commitment: weight of the commitment loss `||l2(z) - sg(code)||^2` (per vector, averaged). The
-            reference code's `mse_loss` averages over the d dims too, i.e. a weight of 1/d here.
+        commitment: beta, the weight of the commitment loss `beta * mean((l2(z) - sg(code))^2)`, the
+            squared error averaged over the vectors and their d dims, as the released BEiT v2 quantizer
+            takes it (`mse_loss`, beta = 1.0).
         kmeans_iters: k-means rounds on the first training batch; 0 keeps the random initialisation.
         dead_after: a code that no vector chose for this many training forwards is restarted at a vector
             of the current batch; None never restarts.
@@ -151,7 +152,7 @@ class NormEMAQuantizer(nn.Module):
             quantized: (..., d) the chosen unit codes in the forward pass, with the gradient of the
                 normalized input (straight-through: the decoder's input gradient reaches the encoder).
             ids: (...) long, the chosen codes.
-            commitment: scalar `commitment * ||l2(z) - sg(code)||^2`, averaged over the vectors.
+            commitment: scalar `commitment * mean((l2(z) - sg(code))^2)` over the vectors and dims.
             metrics: 0-dim detached tensors "usage" (fraction of the K codes this batch chose),
                 "perplexity" (exp entropy of this batch's code histogram) and, in training,
                 "restarted" (codes restarted by this step).
@@ -163,7 +164,7 @@ class NormEMAQuantizer(nn.Module):
                 self.init_codebook(flat.detach())
             ids = self.nearest(flat.detach())
             codes = self.codebook[ids]  # [N, d]; a copy, so the update below leaves it as chosen
-            commitment = self.commitment * (flat - codes).pow(2).sum(1).mean()
+            commitment = self.commitment * F.mse_loss(flat, codes)
             quantized = flat + (codes - flat).detach()
             metrics = codebook_stats(ids, self.num_codes)
             if self.training:

@@ -1,0 +1,120 @@
+"""Fine-tuning augmentation is timm's (RandAugment policy string, pixel-noise erasing, Mixup with its switch
+probability), with every RNG it draws from decided by the per-sample torch seed."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from timm.data import Mixup, create_transform
+from torchvision.transforms.v2.functional import to_pil_image
+
+from mimkit.cli import main
+from mimkit.data.loader import SeededViews
+from mimkit.errors import MimkitError
+from mimkit.eval.augment import MixTargets, finetune_view, python_seed
+from mimkit.train.checkpoint import Checkpoints
+
+POLICY = "rand-m9-mstd0.5-inc1"
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def image(channels=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (channels, 32, 32), dtype=torch.uint8, generator=generator)
+
+
+def timm_reference(img, seed, **kw):
+    """timm's transform with the same policy, its RNGs set as the view sets them from torch seed `seed`."""
+    torch.manual_seed(seed)
+    python = python_seed()
+    random.seed(python)
+    np.random.seed(python)
+    transform = create_transform(32, is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=None,
+                                 auto_augment=POLICY, interpolation="bicubic", re_prob=0.25, re_mode="pixel",
+                                 mean=MEAN, std=STD, **kw)
+    return transform(to_pil_image(img))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 12345])
+def test_view_equals_timm_transform_with_the_same_policy_and_rng(seed):
+    view = finetune_view(32, MEAN, STD, auto_augment=POLICY, reprob=0.25, remode="pixel")
+    text = repr(view)
+    assert "RandAugment(n=2" in text and "m=9, mstd=0.5" in text and "Increasing" in text
+    assert "RandomErasing(p=0.25, mode=pixel" in text
+    torch.manual_seed(seed)
+    ours = view(image())["image"]
+    assert torch.equal(ours, timm_reference(image(), seed))
+
+
+def test_seeded_views_are_reproducible_and_leave_global_rngs_alone():
+    view = finetune_view(32, MEAN, STD)
+    source = [(image(seed=i), i % 3) for i in range(4)]
+    views = SeededViews(source, view)
+    random.seed(5)
+    np.random.seed(5)
+    before = random.random(), np.random.rand()
+    random.seed(5)
+    np.random.seed(5)
+    first = [views[(i, 100 + i)]["image"] for i in range(4)]
+    assert (random.random(), np.random.rand()) == before  # the view restored Python's and NumPy's state
+    again = [views[(i, 100 + i)]["image"] for i in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    other = views[(0, 999)]["image"]
+    assert not torch.equal(other, first[0])
+
+
+def test_gray_images_and_bad_policies():
+    view = finetune_view(32, (0.3,), (0.35,))
+    for seed in range(40):  # every operation of the policy works on one channel
+        torch.manual_seed(seed)
+        assert view(image(channels=1, seed=seed))["image"].shape == (1, 32, 32)
+    with pytest.raises(MimkitError, match="not a timm policy"):
+        finetune_view(32, MEAN, STD, auto_augment="bogus-m9")
+    with pytest.raises(MimkitError, match="remode"):
+        finetune_view(32, MEAN, STD, remode="zeros")
+
+
+def test_mix_is_timm_mixup_decided_by_the_torch_rng():
+    images, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 4
+    mix = MixTargets(4, mixup=0.8, cutmix=1.0, label_smoothing=0.1, switch_prob=0.5)
+    outputs = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        mixed, targets = mix(images, labels)
+        torch.manual_seed(seed)
+        python = python_seed()
+        np.random.seed(python)
+        random.seed(python)
+        expected = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1,
+                         num_classes=4)(images.clone(), labels)
+        assert torch.equal(mixed, expected[0]) and torch.equal(targets, expected[1])
+        outputs.append(mixed)
+    assert not all(torch.equal(outputs[0], o) for o in outputs[1:])
+    torch.testing.assert_close(targets.sum(1), torch.ones(8))
+    with pytest.raises(MimkitError, match="even batch"):
+        mix(images[:7], labels[:7])
+
+
+@pytest.mark.slow
+def test_finetune_with_the_papers_augmentation_resumes_exactly(tmp_path):
+    """RandAugment, pixel erasing, mixup/cutmix on: a run cut at step 2 and resumed ends bit-identical."""
+    tiny = [a for kv in ("depth=2", "embed_dim=32", "num_heads=2", "decoder_depth=1", "decoder_embed_dim=32",
+                         "decoder_num_heads=2") for a in ("--set", f"model.kwargs.{kv}")]
+    assert main(["pretrain", "mae", "--data", "synthetic", "--out", str(tmp_path / "mae"), "--max-steps", "1",
+                 "--batch-size", "16", "--set", "data.num_workers=0", *tiny]) == 0
+    papers = ["--set", f"augment.auto_augment={POLICY}", "--set", "augment.remode=pixel", "--set",
+              "augment.mixup=0.8", "--set", "augment.cutmix=1.0", "--set", "data.num_workers=0",
+              "--set", "train.checkpoint_every=2", "--set", "train.keep_last=3", "--set", "eval_every=100"]
+    for name in ("straight", "cut"):
+        assert main(["finetune", str(tmp_path / "mae"), "--data", "synthetic", "--out", str(tmp_path / name),
+                     "--max-steps", "4", "--batch-size", "16", *papers]) == 0
+    cut = Checkpoints(tmp_path / "cut")
+    cut.weights_path(4).unlink()
+    cut.state_path(4).unlink()
+    assert main(["finetune", str(tmp_path / "mae"), "--data", "synthetic", "--out", str(tmp_path / "cut"),
+                 "--max-steps", "4", "--batch-size", "16", *papers]) == 0
+    straight = load_file(Checkpoints(tmp_path / "straight").weights_path(4))
+    resumed = load_file(cut.weights_path(4))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

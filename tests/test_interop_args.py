@@ -1,0 +1,160 @@
+"""``mimkit import`` reads the architecture from official-style checkpoints: their ``args`` (argparse
+Namespace beside ``model``) and their tensors, and says where each field came from."""
+
+import argparse
+
+import pytest
+import torch
+
+from mimkit.cli import main
+from mimkit.errors import MimkitError
+from mimkit.interop import mae as mae_interop
+from mimkit.interop.beit import OFFICIAL_BEITV2
+from mimkit.interop.importer import import_checkpoint
+from mimkit.interop.keymaps import to_foreign
+from mimkit.interop.mae import OFFICIAL_MAE
+from mimkit.interop.vqkd import official_vqkd_args
+from mimkit.models.beit import BEiTv2
+from mimkit.models.mae import MAE
+from mimkit.runs import load_run
+
+# 8-wide encoder heads and 4-wide decoder heads: no head-width convention gives these.
+TINY_MAE = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=4,
+                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=4)
+TEST_NAME = "mae_vit_tiny_test"
+
+
+def perturb(module: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter off its initialization, so a wrong mapping or a wrong head count shows."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return module.eval()
+
+
+def official_mae(path, trained_norm_pix: bool, **args) -> MAE:
+    """An MAE reference-style checkpoint of `TINY_MAE` with the given training arguments; the model."""
+    torch.manual_seed(0)
+    model = perturb(MAE(**TINY_MAE, norm_pix_loss=trained_norm_pix))
+    state, _ = to_foreign(model.state_dict(), OFFICIAL_MAE)
+    torch.save({"model": state, "epoch": 0, "args": argparse.Namespace(**args)}, path)
+    return model
+
+
+@pytest.fixture
+def tiny_name(monkeypatch):
+    """A released-style MAE model name whose dims (non-default heads) are those of `TINY_MAE`."""
+    dims = {k: v for k, v in TINY_MAE.items() if k not in ("img_size", "in_chans")}
+    monkeypatch.setitem(mae_interop.OFFICIAL_MAE_MODELS, TEST_NAME, dims)
+
+
+def mae_outputs(model, seed: int = 0):
+    torch.manual_seed(seed)
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        loss, pred, _ = model(x, 0.75, noise)
+    return loss, pred
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_mae_heads_from_the_model_name_and_target_from_args(tmp_path, tiny_name, norm_pix_loss):
+    original = official_mae(tmp_path / "c.pth", norm_pix_loss, model=TEST_NAME, norm_pix_loss=norm_pix_loss)
+    report = import_checkpoint(tmp_path / "c.pth", "mae", tmp_path / "run")
+    model, config = load_run(tmp_path / "run")
+    assert config.mae.norm_pix_loss is norm_pix_loss and model.norm_pix_loss is norm_pix_loss
+    assert (config.model.kwargs["num_heads"], config.model.kwargs["decoder_num_heads"]) == (4, 4)
+    assert report.origin["num_heads"] == f"args.model {TEST_NAME!r}"
+    assert report.origin["norm_pix_loss"] == "args.norm_pix_loss"
+    # the same outputs as the model built with those values; another head count would differ
+    for ours, theirs in zip(mae_outputs(model), mae_outputs(original), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    other = MAE(**(TINY_MAE | {"num_heads": 2, "decoder_num_heads": 2}), norm_pix_loss=norm_pix_loss).eval()
+    other.load_state_dict(model.state_dict())
+    assert not torch.allclose(mae_outputs(other)[1], mae_outputs(original)[1], atol=1e-3)
+
+
+def test_without_args_the_target_is_the_reference_default(tmp_path):
+    """The reference code's ``--norm_pix_loss`` is off unless given: pixel targets, said to be a default."""
+    original = official_mae(tmp_path / "c.pth", False)
+    report = import_checkpoint(tmp_path / "c.pth", "mae", tmp_path / "run",
+                               overrides={"model": {"kwargs": {"num_heads": 4, "decoder_num_heads": 4}}})
+    model, config = load_run(tmp_path / "run")
+    assert config.mae.norm_pix_loss is False and report.origin["norm_pix_loss"].startswith("default:")
+    assert report.origin["num_heads"] == "--set"
+    torch.testing.assert_close(mae_outputs(model)[0], mae_outputs(original)[0], rtol=0, atol=1e-5)
+
+
+def test_a_model_name_the_weights_contradict_is_refused(tmp_path):
+    official_mae(tmp_path / "c.pth", False, model="mae_vit_base_patch16")
+    with pytest.raises(MimkitError, match="'mae_vit_base_patch16' says embed_dim=768, the weights 32"):
+        import_checkpoint(tmp_path / "c.pth", "mae", tmp_path / "run")
+
+
+def test_released_names_fix_the_heads():
+    assert mae_interop.OFFICIAL_MAE_MODELS["mae_vit_huge_patch14"]["num_heads"] == 16
+    fields, origin = official_vqkd_args({"model": "vqkd_encoder_base_decoder_3x768x12_clip"})
+    assert (fields["num_heads"], fields["decoder_depth"]) == (12, 3)
+    assert origin["num_heads"].startswith("args.model")
+    assert official_vqkd_args({"model": "vqkd_custom"}) == ({}, {})
+
+
+def test_unknown_name_guesses_heads_by_the_released_convention_and_says_so(tmp_path, capsys):
+    """A name the reference code does not define, 64- and 32-wide layers: one head each, reported as guessed
+    with the --set that changes it (the acceptance's `mae_vit_custom`)."""
+    torch.manual_seed(0)
+    dims = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=1,
+                decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=1)
+    state, _ = to_foreign(MAE(**dims, norm_pix_loss=False).state_dict(), OFFICIAL_MAE)
+    args = argparse.Namespace(model="mae_vit_custom", norm_pix_loss=False, input_size=32)
+    torch.save({"model": state, "args": args}, tmp_path / "c.pth")
+    assert main(["import", str(tmp_path / "c.pth"), "--format", "mae", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "embed_dim 64, depth 2, num_heads 1" in out and "norm_pix_loss False" in out
+    assert "read from args.norm_pix_loss: norm_pix_loss" in out
+    assert "guessed num_heads 1 (64-wide heads" in out and "--set model.kwargs.num_heads=" in out
+    assert "'mae_vit_custom' is not a released model name" in out
+    assert "vit_mini" not in out and "fashion-mnist" not in out
+
+
+def official_beitv2(path, shared: bool, **args) -> BEiTv2:
+    """A BEiT v2 reference-style checkpoint (3 blocks; the aggregation head reads block 1)."""
+    torch.manual_seed(0)
+    model = perturb(BEiTv2(img_size=32, patch_size=8, vocab_size=24, embed_dim=32, depth=3, num_heads=2,
+                           agg_layer=1, shared_lm_head=shared, drop_path_rate=0.0))
+    state, _ = to_foreign(model.state_dict(), OFFICIAL_BEITV2)
+    if not shared:
+        assert {"cls_pt_norm.weight", "cls_pt_lm_head.weight"} <= state.keys()
+    torch.save({"model": state, "args": argparse.Namespace(**args)}, path)
+    return model
+
+
+def beitv2_loss(model):
+    torch.manual_seed(0)
+    x, mask = torch.randn(2, 3, 32, 32), torch.rand(2, 16) < 0.4
+    with torch.no_grad():
+        return model(x, mask, torch.randint(24, (2, 16)))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_beitv2_head_input_from_early_layers_and_an_unshared_head(tmp_path, shared):
+    original = official_beitv2(tmp_path / "b.pth", shared, early_layers=1, head_layers=2,
+                               shared_lm_head=shared)
+    report = import_checkpoint(tmp_path / "b.pth", "beitv2", tmp_path / "run")
+    model, config = load_run(tmp_path / "run")
+    kwargs = config.model.kwargs
+    assert (kwargs["agg_layer"], kwargs["agg_depth"], kwargs["shared_lm_head"]) == (1, 2, shared)
+    assert (model.agg_layer, model.shared_lm_head) == (1, shared)
+    assert report.origin["agg_layer"] == "args.early_layers" and report.origin["num_heads"] == "weights"
+    loss, metrics = beitv2_loss(model)
+    expected_loss, expected = beitv2_loss(original)
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(metrics["agg_loss"], expected["agg_loss"], rtol=0, atol=1e-5)
+
+
+def test_beitv2_without_args_takes_the_default_block_and_says_so(tmp_path):
+    official_beitv2(tmp_path / "b.pth", True)
+    report = import_checkpoint(tmp_path / "b.pth", "beitv2", tmp_path / "run")
+    _, config = load_run(tmp_path / "run")
+    assert config.model.kwargs["agg_layer"] == 2 and report.origin["agg_layer"].startswith("default:")
+    assert any(line.startswith("  default agg_layer 2") for line in report.summary())
