@@ -17,20 +17,8 @@ from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.metrics import read_metrics
 from mimkit.train.optim import param_groups
 
-TINY_KWARGS = ("depth=2", "embed_dim=32", "num_heads=2", "decoder_depth=1", "decoder_embed_dim=32",
-               "decoder_num_heads=2")
-TINY_MAE = [arg for kv in TINY_KWARGS for arg in ("--set", f"model.kwargs.{kv}")]
-TINY_MAE += ["--set", "data.num_workers=0"]
 QUICK_FT = ["--max-steps", "4", "--batch-size", "32", "--set", "data.num_workers=0",
             "--set", "eval_batch_size=128"]
-
-
-@pytest.fixture(scope="module")
-def mae_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("eval") / "mae"
-    assert main(["pretrain", "mae", "--data", "synthetic", "--out", str(run), "--max-steps", "2",
-                 "--batch-size", "32", *TINY_MAE]) == 0
-    return run
 
 
 def tiny_encoder(depth=3):

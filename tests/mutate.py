@@ -1,0 +1,153 @@
+"""Plant bugs one at a time in a copy of the package and see whether the tests notice.
+
+Two modes (see tests/README.md):
+
+    python tests/mutate.py planted                   # the hand-planted bugs of PLANTED, each must be killed
+    python tests/mutate.py planted --only ema        # those whose name contains "ema"
+    python tests/mutate.py auto src/mimkit/train/optim.py tests/test_optim.py tests/test_engine.py
+                                                     # textual mutants of one module against its tests
+
+Each mutant is written into a fresh copy of ``src/`` under a temporary folder and the tests run with
+``PYTHONPATH`` pointing there, so the working tree is never modified. A mutant is *killed* when the tests
+fail, *survives* when they pass, and counts as *timeout* when they run past ``--timeout`` seconds.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Bug:
+    """A planted bug: in ``path``, replace ``old`` (which must occur exactly once) by ``new``."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files that must fail
+
+
+PLANTED = [
+    Bug("layer decay: the loop ignores lr_scale", "src/mimkit/train/loop.py",
+        'group["lr"] = lr * group.get("lr_scale", 1.0)', 'group["lr"] = lr',
+        ("tests/test_optim.py",)),
+    Bug("layer decay: finetune does not ask for it", "src/mimkit/eval/finetune.py",
+        "param_groups(model, optim.weight_decay, optim.layer_decay, len(model.classifier.blocks))",
+        "param_groups(model, optim.weight_decay)",
+        ("tests/test_optim.py::test_finetune_runs_with_layer_decay",)),
+]
+
+
+def run_tests(src: Path, tests: list[str], timeout: float) -> str:
+    """``killed`` / ``survived`` / ``timeout`` of ``tests`` against the package in ``src``."""
+    env = os.environ | {"PYTHONPATH": str(src), "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    return "survived" if done.returncode == 0 else "killed"
+
+
+def with_mutant(path: str, text: str, tests: list[str], timeout: float) -> str:
+    """Run ``tests`` against a copy of ``src/`` in which ``path`` reads ``text``."""
+    with tempfile.TemporaryDirectory(prefix="mimkit-mutant-") as tmp:
+        src = Path(tmp) / "src"
+        shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        (Path(tmp) / path).write_text(text)
+        return run_tests(src, tests, timeout)
+
+
+def check_baseline(path: str, tests: list[str], timeout: float) -> None:
+    """The tests must pass on an unmutated copy, or every mutant would look killed."""
+    outcome = with_mutant(path, (ROOT / path).read_text(), tests, timeout)
+    if outcome != "survived":
+        sys.exit(f"the tests {' '.join(tests)} do not pass on the unmutated code ({outcome}); fix that first")
+
+
+def planted(only: str | None, timeout: float) -> int:
+    survivors = 0
+    bugs = [bug for bug in PLANTED if not only or only in bug.name]
+    check_baseline(bugs[0].path, sorted({t for bug in bugs for t in bug.tests}), timeout)
+    for bug in bugs:
+        original = (ROOT / bug.path).read_text()
+        if original.count(bug.old) != 1:
+            print(f"STALE     {bug.name}: the text to replace occurs {original.count(bug.old)} times")
+            survivors += 1
+            continue
+        outcome = with_mutant(bug.path, original.replace(bug.old, bug.new), list(bug.tests), timeout)
+        survivors += outcome != "killed"
+        print(f"{outcome:9s} {bug.name}", flush=True)
+    return survivors
+
+
+# (pattern, replacement): each occurrence of each pattern on a line makes one mutant
+OPERATORS = [
+    (r" \+ ", " - "), (r" - ", " + "), (r" \* ", " / "), (r" / ", " * "), (r" \*\* ", " * "),
+    (r" == ", " != "), (r" != ", " == "), (r" < ", " <= "), (r" <= ", " < "), (r" > ", " >= "),
+    (r" >= ", " > "), (r"\band\b", "or"), (r"\bor\b", "and"), (r"\bnot ", ""), (r"\bTrue\b", "False"),
+    (r"\bFalse\b", "True"), (r"\bmin\(", "max("), (r"\bmax\(", "min("), (r"\bargmax\(", "argmin("),
+    (r"(?<![\w.])1\b(?!\.)", "2"), (r"(?<![\w.])0\b(?!\.)", "1"), (r"\bdim=1\b", "dim=0"),
+]
+
+
+def mutants(text: str):
+    """(line number, mutated line, mutated text) for every operator occurrence outside comments,
+    docstrings and import lines (a rough filter: lines inside triple quotes are skipped)."""
+    lines = text.splitlines(keepends=True)
+    in_docstring = False
+    for n, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.count('"""') % 2 == 1:
+            in_docstring = not in_docstring
+            continue
+        if in_docstring or stripped.startswith(("#", "import ", "from ", '"""')) or not stripped:
+            continue
+        code = line.split("  #")[0]
+        for pattern, replacement in OPERATORS:
+            for match in re.finditer(pattern, code):
+                mutated = line[:match.start()] + replacement + line[match.end():]
+                yield n + 1, mutated.rstrip(), "".join(lines[:n] + [mutated] + lines[n + 1:])
+
+
+def auto(path: str, tests: list[str], timeout: float) -> int:
+    check_baseline(path, tests, timeout)
+    text = (ROOT / path).read_text()
+    counts: dict[str, int] = {}
+    for line_no, line, mutated in mutants(text):
+        outcome = with_mutant(path, mutated, tests, timeout)
+        counts[outcome] = counts.get(outcome, 0) + 1
+        if outcome != "killed":
+            print(f"{outcome:9s} {path}:{line_no}: {line.strip()}", flush=True)
+    total = sum(counts.values())
+    print(f"{path}: {total} mutants, " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    return counts.get("survived", 0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    modes = parser.add_subparsers(dest="mode", required=True)
+    plant = modes.add_parser("planted", help="the hand-planted bugs of PLANTED")
+    plant.add_argument("--only", help="only bugs whose name contains this")
+    plant.add_argument("--timeout", type=float, default=600)
+    generated = modes.add_parser("auto", help="textual mutants of one module")
+    generated.add_argument("module", help="e.g. src/mimkit/train/optim.py")
+    generated.add_argument("tests", nargs="+", help="the test files (or node ids) that cover it")
+    generated.add_argument("--timeout", type=float, default=300)
+    args = parser.parse_args()
+    if args.mode == "planted":
+        return int(planted(args.only, args.timeout) > 0)
+    return int(auto(args.module, args.tests, args.timeout) > 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
