@@ -11,6 +11,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from test_interop_cli import IMPORT_SETS, TINY
 
 from mimkit.cli import build_parser, finetune_config, main, pretrain_config
 from mimkit.config import PretrainConfig, from_dict, load_recipe, merge, to_dict
@@ -21,7 +22,6 @@ from mimkit.models.mae import MAE
 from mimkit.runs import latest_weights, load_config
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.metrics import MetricsLog
-from test_interop_cli import IMPORT_SETS, TINY
 
 TINY_MAE = ["--set", "model.kwargs.depth=1", "--set", "model.kwargs.decoder_depth=1", "--set",
             "model.kwargs.embed_dim=32", "--set", "model.kwargs.num_heads=2", "--set",
@@ -90,8 +90,9 @@ def test_config_file_is_the_recipe(tmp_path):
     assert len(load_file(str(latest_weights(run)))["encoder.pos_embed"][0]) == 1 + (32 // 8) ** 2
 
 
-@pytest.mark.parametrize("command, method", [("pretrain", "mae"), ("pretrain", "beit"), ("pretrain", "beitv2"),
-                                             ("tokenizer train", "dvae"), ("tokenizer train", "vqkd")])
+@pytest.mark.parametrize("command, method", [("pretrain", "mae"), ("pretrain", "beit"),
+                                             ("pretrain", "beitv2"), ("tokenizer train", "dvae"),
+                                             ("tokenizer train", "vqkd")])
 def test_folders_pick_the_in1k_recipe_and_builtin_data_the_fmnist_one(tmp_path, command, method):
     def resolved(data: str) -> PretrainConfig:
         return pretrain_config(build_parser().parse_args([*command.split(), method, "--data", data,
@@ -132,7 +133,8 @@ def test_an_interrupted_fine_tuning_run_resumes_bit_for_bit(mae_run, tmp_path, c
     capsys.readouterr()
     assert main([*common, "--out", str(cut)]) == 0
     assert "resuming from step 2" in "".join(capsys.readouterr())
-    straight, resumed = load_file(str(latest_weights(tmp_path / "straight"))), load_file(str(latest_weights(cut)))
+    straight = load_file(str(latest_weights(tmp_path / "straight")))
+    resumed = load_file(str(latest_weights(cut)))
     assert straight.keys() == resumed.keys()
     for name, value in straight.items():
         assert torch.equal(resumed[name], value), name
@@ -179,8 +181,8 @@ def reference_checkpoint(path, extra: dict | None = None) -> dict:
 def test_import_img_size_resizes_the_position_tables(tmp_path, capsys):
     reference_checkpoint(tmp_path / "mae.pth")
     run = tmp_path / "run"
-    assert main(["import", str(tmp_path / "mae.pth"), "--format", "mae", "--out", str(run), "--img-size", "64",
-                 *IMPORT_SETS]) == 0
+    assert main(["import", str(tmp_path / "mae.pth"), "--format", "mae", "--out", str(run),
+                 "--img-size", "64", *IMPORT_SETS]) == 0
     assert "from 4x4 to 8x8" in capsys.readouterr().out
     assert load_config(run).data.img_size == 64
     weights = load_file(str(latest_weights(run)))

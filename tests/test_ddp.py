@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_engine import Points, noisy_view, regression_loss
 from torch import nn
 
 from mimkit.data.loader import SeededViews
@@ -14,7 +15,6 @@ from mimkit.train.distributed import World
 from mimkit.train.loop import Schedule, train
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import cosine_schedule
-from test_engine import Points, noisy_view, regression_loss
 
 
 def toy_train(run_dir, world: World, *, batch_size: int, accum_steps: int = 1, total_steps: int = 6,

@@ -131,7 +131,9 @@ def test_probe_cli(mae_run, tmp_path, command, init):
     assert main([command, str(mae_run), "--data", "synthetic", "--out", str(out), "--label-fraction", "0.5",
                  "--init", init, "--num-workers", "0", *extra]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["train_images"] == 126 and 0 <= results["test_top1"] <= 100
+    # 10 classes of stripes at class-specific angles and brightness: chance is 10%, these features give
+    # 51-65% (measured), and a probe that mixes up images and labels falls back to chance
+    assert results["train_images"] == 126 and results["test_top1"] > 30
     assert results["encoder"].startswith("random") == (init == "random")
     assert read_metrics(out)
 

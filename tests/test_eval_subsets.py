@@ -5,7 +5,6 @@ from collections import Counter
 
 import pytest
 import torch
-
 from safetensors.torch import load_file
 
 from mimkit.cli import main
@@ -74,8 +73,9 @@ def test_the_seed_picks_the_subset_and_the_holdout():
 def knn_train_rows(mae_run, tmp_path, name: str, seed: int) -> list[int]:
     """The training images a k-NN run at 10% of the labels encoded: the rows its feature cache filled."""
     cache = tmp_path / f"cache-{name}"
-    assert main(["knn", str(mae_run), "--data", "synthetic", "--out", str(tmp_path / name), "--label-fraction",
-                 "0.1", "--seed", str(seed), "--features-cache", str(cache), "--num-workers", "0"]) == 0
+    assert main(["knn", str(mae_run), "--data", "synthetic", "--out", str(tmp_path / name),
+                 "--label-fraction", "0.1", "--seed", str(seed), "--features-cache", str(cache),
+                 "--num-workers", "0"]) == 0
     [train_cache] = cache.glob("synthetic_train-*.safetensors")
     assert len(list(cache.glob("synthetic_test-*.safetensors"))) == 1
     return load_file(str(train_cache))["have"].nonzero().flatten().tolist()

@@ -16,8 +16,8 @@ MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 def tiny_mae(norm_pix_loss: bool) -> MAE:
     torch.manual_seed(0)
-    return MAE(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
-               decoder_depth=1, decoder_num_heads=2, norm_pix_loss=norm_pix_loss).eval()
+    return MAE(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2,
+               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, norm_pix_loss=norm_pix_loss).eval()
 
 
 def with_perfect_decoder(model: MAE) -> MAE:
@@ -101,6 +101,13 @@ def test_beit_prediction_panel_decodes_the_predicted_ids():
     assert torch.equal(panels["masked"], images * (1 - hidden))
 
 
+def grid_size(columns: int, rows: int, side: int) -> tuple[int, int]:
+    """Pixel size of an `image_grid` of ``side``-px tiles (upscaled to at least 112 px, 4 px apart,
+    under an 18 px header)."""
+    tile = side * max(1, 4 if side >= 64 else 112 // side)
+    return columns * (tile + 4) + 4, 18 + rows * (tile + 4) + 4
+
+
 def test_grid_draws_each_panel_in_its_column():
     """Three columns of flat tiles: each tile's pixels are its panel's denormalized colour."""
     shades = torch.tensor([-1.0, 0.0, 1.0])
@@ -108,7 +115,7 @@ def test_grid_draws_each_panel_in_its_column():
     picture = image_grid(panels, MEAN, STD)
     scale, pad, header = 112 // 8, 4, 18
     tile = 8 * scale
-    assert picture.size == (3 * (tile + pad) + pad, header + 2 * (tile + pad) + pad)
+    assert picture.size == grid_size(3, 2, 8)
     for column, shade in enumerate(shades):
         colour = (denormalize(torch.full((3, 1, 1), float(shade)), MEAN, STD).flatten() * 255).round()
         for row in range(2):
