@@ -49,7 +49,7 @@ def test_pretrain_resume_and_visualize_on_fashion_mnist(tmp_path, capsys):
     # the first tile is the first test image the seed picks (28 px drawn 4x, under the 18 px header)
     test = build_source("fashion-mnist", "test")
     first = int(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[0])
-    tile = torch.from_numpy(np.asarray(drawn.crop((4, 22, 4 + 112, 22 + 112)))).int()[::4, ::4]
+    tile = torch.tensor(np.array(drawn.crop((4, 22, 4 + 112, 22 + 112)))).int()[::4, ::4]
     assert (tile - test[first][0][0].int()).abs().max() <= 1
 
 
