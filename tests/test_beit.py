@@ -59,10 +59,12 @@ def test_parity_with_transformers(shared):
         x, hidden = ours.forward_features(imgs, bool_masked_pos, layers=(1, 2))
         logits = ours.forward_head(x, bool_masked_pos)
         loss, metrics = ours(imgs, bool_masked_pos, target_ids)
-    torch.testing.assert_close(logits, out.logits[bool_masked_pos], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=1e-5)
+    # float32 rounding of another attention implementation: 2.4e-6 measured on this CPU
+    torch.testing.assert_close(logits, out.logits[bool_masked_pos], rtol=0, atol=5e-6)
+    torch.testing.assert_close(loss, out.loss, rtol=0, atol=0)
     for h_ours, h_hf in zip(hidden, out.hidden_states[1:], strict=True):  # HF's [0] is the embedding output
-        torch.testing.assert_close(h_ours, h_hf, atol=1e-5, rtol=1e-5)
+        # the same rounding: 1.2e-6 measured on this CPU
+        torch.testing.assert_close(h_ours, h_hf, rtol=0, atol=5e-6)
     acc = (out.logits[bool_masked_pos].argmax(-1) == target_ids[bool_masked_pos]).float().mean()
     assert metrics["mim_acc"] == acc
 

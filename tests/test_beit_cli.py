@@ -73,6 +73,7 @@ def test_schedules_anneal_the_temperature_and_ramp_the_kl_weight():
     assert all(a <= b for a, b in zip(kl_weight, kl_weight[1:], strict=False))
 
 
+@pytest.mark.slow
 def test_beit_pretrains_on_the_tokenizer_and_resumes_bit_for_bit(dvae_run, tmp_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert beit(straight, dvae_run, "--max-steps", "4", "--set", "train.log_every=1") == 0

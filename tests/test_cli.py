@@ -28,6 +28,7 @@ def pretrain(out, *extra):
     return main(["pretrain", "mae", "--out", str(out), *TINY, *extra])
 
 
+@pytest.mark.slow
 def test_pretrain_resume_and_visualize_on_fashion_mnist(tmp_path, capsys):
     run = tmp_path / "mae"
     assert pretrain(run, "--data", "fashion-mnist", "--batch-size", "32", "--max-steps", "3") == 0
@@ -53,6 +54,7 @@ def test_pretrain_resume_and_visualize_on_fashion_mnist(tmp_path, capsys):
     assert (tile - test[first][0][0].int()).abs().max() <= 1
 
 
+@pytest.mark.slow
 def test_mae_learns_on_fashion_mnist(tmp_path):
     run = tmp_path / "mae"
     pretrain(run, "--data", "fashion-mnist", "--batch-size", "64", "--max-steps", "40",
@@ -122,6 +124,7 @@ def test_a_signal_to_the_whole_job_saves_a_checkpoint_and_the_run_resumes(tmp_pa
     assert Checkpoints(out).latest() == step + 1
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     """torchrun with 2 gloo processes x batch 4 ends where 1 process x batch 8 does."""
     common = ["pretrain", "mae", "--data", "synthetic", "--max-steps", "3", *TINY,
@@ -133,7 +136,8 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     one, two = load_file(latest_weights(tmp_path / "one")), load_file(latest_weights(tmp_path / "two"))
     assert one.keys() == two.keys()
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+        # the same sums split another way, through 3 AdamW steps: 2.3e-6 measured on this CPU
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=5e-6, msg=name)
     config = load_config(tmp_path / "one")
     torch.manual_seed(config.train.seed)
     initial = METHODS["mae"].build_model(config).state_dict()

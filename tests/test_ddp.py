@@ -65,8 +65,8 @@ def test_two_processes_accumulating_match_one_process_on_the_global_batch(two_ra
     for name, value in one.items():
         assert not torch.equal(value, initial[name]), name  # the comparison is of trained weights
         for rank in ranks:
-            # the same sums in another order: float32 rounding, nothing more
-            torch.testing.assert_close(rank["accumulated"][name], value, rtol=1e-6, atol=1e-7, msg=name)
+            # the same sums in another order: float32 rounding, 3.0e-8 measured on this CPU
+            torch.testing.assert_close(rank["accumulated"][name], value, rtol=0, atol=1e-7, msg=name)
 
 
 @pytest.mark.slow

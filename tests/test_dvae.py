@@ -84,6 +84,7 @@ def test_codebook_stats():
     assert every["usage"].item() == 1.0 and every["perplexity"].item() == pytest.approx(64.0)
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_grows_codebook_usage(trained):
     _, before, after = trained
     assert after["recon"] < 0.3 * before["recon"]  # ~1.0 -> ~0.2
@@ -92,6 +93,7 @@ def test_training_lowers_loss_and_grows_codebook_usage(trained):
     assert after["perplexity"] > 2 * before["perplexity"]  # ~6 -> ~19
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(trained, fashion, tmp_path):
     model, _, _ = trained
     imgs = fashion[:64]

@@ -86,6 +86,7 @@ def test_mixed_targets_are_distributions_with_smoothing():
     assert plain.tolist() == [[0, 0, 1, 0], [0, 0, 0, 1]]
 
 
+@pytest.mark.slow
 def test_finetune_cli_from_pretrained_random_and_finetuned(mae_run, tmp_path, capsys):
     ft = tmp_path / "ft"
     assert main(["finetune", str(mae_run), "--data", "synthetic", "--out", str(ft), "--val-fraction", "0.2",

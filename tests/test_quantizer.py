@@ -131,6 +131,7 @@ def _ddp_worker(rank: int, tmp: str, data: torch.Tensor):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_hold_the_same_codebook_as_one_process_on_the_global_batch(tmp_path):
     torch.manual_seed(0)
     data = torch.randn(4, 2, 16, 3)  # [step, rank, N, d]: each rank sees its half of every global batch
