@@ -3,7 +3,9 @@ loss falling on Fashion-MNIST, and the MAE -> VQ-KD -> BEiT v2 chain through the
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from test_viz import grid_size
 from timm.models.beit import Beit
 from torch import nn
 
@@ -186,9 +188,12 @@ def test_bad_input_is_a_one_line_error(runs, tmp_path, capsys, args, message):
 
 def test_visualize_draws_token_maps_and_the_codebook_over_training(runs, tmp_path):
     assert main(["visualize", str(runs / "vqkd"), "--out", str(tmp_path / "vqkd.png"), "--n", "2"]) == 0
-    assert (tmp_path / "vqkd.png").is_file() and (tmp_path / "vqkd-usage.png").is_file()
+    assert Image.open(tmp_path / "vqkd.png").size == grid_size(2, 2, 32)  # original, tokens
+    assert Image.open(tmp_path / "vqkd-usage.png").size == (720, 300)
     assert main(["visualize", str(runs / "b2"), "--out", str(tmp_path / "b2.png"), "--n", "2"]) == 0
-    assert (tmp_path / "b2.png").is_file() and not (tmp_path / "b2-usage.png").exists()
+    # original, masked, tokens, prediction
+    assert Image.open(tmp_path / "b2.png").size == grid_size(4, 2, 32)
+    assert not (tmp_path / "b2-usage.png").exists()
     # one shade per code, patch-sized, in the images' normalization
     ids = torch.tensor([[[0, 1], [1, 0]]])
     maps = denormalize(token_maps(ids, 4, 3, 1, [0.5], [0.25]), [0.5], [0.25])
