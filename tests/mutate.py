@@ -90,7 +90,7 @@ PLANTED = [
         ("tests/test_beit.py",)),
     Bug("true by construction: usage counts codes hit twice", "src/mimkit/tokenizers/dvae.py",
         '"usage": (counts > 0).float().mean()', '"usage": (counts > 1).float().mean()',
-        ("tests/test_beit_cli.py::test_dvae_run_is_a_loadable_tokenizer_with_codebook_metrics",)),
+        ("tests/test_dvae.py::test_codebook_stats",)),
     Bug("true by construction: probes read shuffled labels", "src/mimkit/eval/features.py",
         "return features[wanted], labels[wanted]", "return features[wanted], labels[wanted.flip(0)]",
         ("tests/test_eval_finetune.py::test_probe_cli",)),

@@ -82,6 +82,8 @@ def test_codebook_stats():
     assert same["usage"].item() == pytest.approx(1 / 64) and same["perplexity"].item() == pytest.approx(1.0)
     every = codebook_stats(torch.arange(64).repeat(3), 64)
     assert every["usage"].item() == 1.0 and every["perplexity"].item() == pytest.approx(64.0)
+    once = codebook_stats(torch.tensor([0, 1, 1, 2]), 4)  # a code hit once counts as used
+    assert once["usage"].item() == 0.75 and once["perplexity"].item() == pytest.approx(2 ** 1.5)
 
 
 @pytest.mark.slow
