@@ -7,6 +7,8 @@ from torch import nn
 
 from mimkit.cli import main
 from mimkit.data.loader import SeededViews
+from mimkit.models.beit import create_beit
+from mimkit.models.mae import create_mae
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.distributed import World
 from mimkit.train.loop import Schedule, train
@@ -77,3 +79,17 @@ def test_finetune_runs_with_layer_decay(mae_run, tmp_path):
     lrs = sorted({group["lr"] for group in state["optimizer"]["param_groups"]})
     top = 2e-3 * 32 / 256  # finetune_fmnist's base_lr x batch / 256, the first step of the cosine
     assert lrs == pytest.approx([top * 0.5 ** 3, top * 0.5 ** 2, top * 0.5, top], rel=1e-6)
+
+
+def test_matrices_declared_or_named_as_tokens_get_no_weight_decay():
+    """Beyond the 1-D tensors: timm's declared names (BEiT's relative position tables) and the tokens and
+    position tables by name (the MAE's and BEiT's mask token, which no module declares)."""
+    beit = create_beit("vit_mini", img_size=16, patch_size=4, in_chans=1, vocab_size=8, depth=1)
+    mae = create_mae("vit_mini", img_size=16, patch_size=4, in_chans=1, depth=1, decoder_depth=1)
+    for model, matrices in ((beit, {"encoder.blocks.0.attn.relative_position_bias_table", "encoder.cls_token",
+                                    "mask_token"}),
+                            (mae, {"encoder.cls_token", "mask_token"})):  # its sin-cos tables are frozen
+        groups = param_groups(model, weight_decay=0.05)
+        no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+        shapes = dict(model.named_parameters())
+        assert {n for n in no_decay if shapes[n].ndim > 1} == matrices
