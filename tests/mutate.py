@@ -226,7 +226,7 @@ def main() -> int:
     modes = parser.add_subparsers(dest="mode", required=True)
     plant = modes.add_parser("planted", help="the hand-planted bugs of PLANTED")
     plant.add_argument("--only", help="only bugs whose name contains this")
-    plant.add_argument("--timeout", type=float, default=600)
+    plant.add_argument("--timeout", type=float, default=300)
     generated = modes.add_parser("auto", help="textual mutants of one module")
     generated.add_argument("module", help="e.g. src/mimkit/train/optim.py")
     generated.add_argument("tests", nargs="+", help="the test files (or node ids) that cover it")

@@ -78,11 +78,11 @@ def test_config_file_is_the_recipe(tmp_path):
               "model": {"name": "vit_mini", "patch_size": 8,
                         "kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2, "decoder_depth": 1,
                                    "decoder_embed_dim": 16, "decoder_num_heads": 2}},
-              "mae": {"mask_ratio": 0.5}, "train": {"batch_size": 4, "max_steps": 1}}
+              "mae": {"mask_ratio": 0.5}, "train": {"batch_size": 4}}
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run = tmp_path / "run"
-    assert main(["pretrain", "mae", "--config", str(path), "--out", str(run)]) == 0
+    assert main(["pretrain", "mae", "--config", str(path), "--out", str(run), "--max-steps", "1"]) == 0
     config = load_config(run)
     assert (config.data.source, config.model.patch_size, config.mae.mask_ratio) == ("synthetic", 8, 0.5)
     assert config.model.kwargs["depth"] == 1 and config.train.batch_size == 4
