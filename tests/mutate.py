@@ -3,13 +3,14 @@
 Two modes (see tests/README.md):
 
     python tests/mutate.py planted                   # the hand-planted bugs of PLANTED, each must be killed
-    python tests/mutate.py planted --only ema        # those whose name contains "ema"
+    python tests/mutate.py planted --only ema        # those whose name contains "ema" (any case)
     python tests/mutate.py auto src/mimkit/train/optim.py tests/test_optim.py tests/test_engine.py
                                                      # textual mutants of one module against its tests
 
 Each mutant is written into a fresh copy of ``src/`` under a temporary folder and the tests run with
 ``PYTHONPATH`` pointing there, so the working tree is never modified. A mutant is *killed* when the tests
 fail, *survives* when they pass, and counts as *timeout* when they run past ``--timeout`` seconds.
+Stop a run with Ctrl-C: the running tests are killed and the temporary copy is removed.
 """
 
 import argparse
@@ -164,7 +165,7 @@ def check_baseline(path: str, tests: list[str], timeout: float) -> None:
 
 def planted(only: str | None, timeout: float) -> int:
     survivors = 0
-    bugs = [bug for bug in PLANTED if not only or only in bug.name]
+    bugs = [bug for bug in PLANTED if not only or only.lower() in bug.name.lower()]
     check_baseline(bugs[0].path, sorted({t for bug in bugs for t in bug.tests}), timeout)
     for bug in bugs:
         original = (ROOT / bug.path).read_text()
