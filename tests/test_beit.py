@@ -59,10 +59,12 @@ def test_parity_with_transformers(shared):
         x, hidden = ours.forward_features(imgs, bool_masked_pos, layers=(1, 2))
         logits = ours.forward_head(x, bool_masked_pos)
         loss, metrics = ours(imgs, bool_masked_pos, target_ids)
-    torch.testing.assert_close(logits, out.logits[bool_masked_pos], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=1e-5)
+    # float32 rounding of another attention implementation: 2.4e-6 measured on this CPU
+    torch.testing.assert_close(logits, out.logits[bool_masked_pos], rtol=0, atol=5e-6)
+    torch.testing.assert_close(loss, out.loss, rtol=0, atol=0)
     for h_ours, h_hf in zip(hidden, out.hidden_states[1:], strict=True):  # HF's [0] is the embedding output
-        torch.testing.assert_close(h_ours, h_hf, atol=1e-5, rtol=1e-5)
+        # the same rounding: 1.2e-6 measured on this CPU
+        torch.testing.assert_close(h_ours, h_hf, rtol=0, atol=5e-6)
     acc = (out.logits[bool_masked_pos].argmax(-1) == target_ids[bool_masked_pos]).float().mean()
     assert metrics["mim_acc"] == acc
 
@@ -95,9 +97,18 @@ def test_registry_models_train_a_step(name):
     assert model.encoder.blocks[0].gamma_1[0].item() == pytest.approx(1e-5 if name == "vit_large" else 0.1)
     imgs = torch.randn(2, 1, 32, 32)
     bool_masked_pos = masks(2)
+    model.eval()  # no drop path: the two forwards below see the same network
+    with torch.no_grad():
+        guesses = model.forward_head(model.forward_features(imgs, bool_masked_pos)[0], bool_masked_pos)
+    # targets: the model's own guess on the first image's 6 masked patches, a wrong id on the second's
+    targets = torch.zeros(2, 16, dtype=torch.long)
+    targets[bool_masked_pos.flatten(1)] = guesses.argmax(-1) + torch.tensor([0] * 6 + [1] * 6)
+    targets = (targets % 32).view(2, 4, 4)
+    _, metrics = model(imgs, bool_masked_pos, targets)
+    assert metrics["mim_acc"].item() == 0.5
+    model.train()
     loss, metrics = model(imgs, bool_masked_pos, torch.randint(0, 32, (2, 4, 4)))
     assert abs(loss.item() - math.log(32)) < 0.5  # near-uniform predictions at init
-    assert 0.0 <= metrics["mim_acc"] <= 1.0
     loss.backward()
     assert model.mask_token.grad.abs().sum() > 0
 

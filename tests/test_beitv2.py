@@ -3,7 +3,9 @@ loss falling on Fashion-MNIST, and the MAE -> VQ-KD -> BEiT v2 chain through the
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from test_viz import grid_size
 from timm.models.beit import Beit
 from torch import nn
 
@@ -147,7 +149,10 @@ def test_vqkd_run_logs_codebook_usage_and_is_a_tokenizer(runs, capsys):
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all({"usage", "perplexity", "cosine", "commitment"} <= r.keys() for r in steps)
     held_out = [r for r in records if "val_usage" in r]
-    assert len(held_out) == 1 and 0 < held_out[0]["val_usage"] <= 1 and -1 <= held_out[0]["val_cosine"] <= 1
+    assert len(held_out) == 1
+    used = held_out[0]["val_usage"] * VOCAB  # codes hit on the held-out images, of VOCAB
+    assert used == pytest.approx(round(used), abs=1e-4) and 1 <= held_out[0]["val_perplexity"] <= used + 1e-4
+    assert held_out[0]["val_cosine"] != steps[-1]["cosine"]  # held-out images, not the last batch
     tokenizer, config = load_vqkd_tokenizer(runs / "vqkd")
     assert config.vqkd.teacher_dim == 32 and tokenizer.quantize.initialized  # the MAE encoder's width
     assert not tokenizer.training and not any(p.requires_grad for p in tokenizer.parameters())
@@ -183,9 +188,12 @@ def test_bad_input_is_a_one_line_error(runs, tmp_path, capsys, args, message):
 
 def test_visualize_draws_token_maps_and_the_codebook_over_training(runs, tmp_path):
     assert main(["visualize", str(runs / "vqkd"), "--out", str(tmp_path / "vqkd.png"), "--n", "2"]) == 0
-    assert (tmp_path / "vqkd.png").is_file() and (tmp_path / "vqkd-usage.png").is_file()
+    assert Image.open(tmp_path / "vqkd.png").size == grid_size(2, 2, 32)  # original, tokens
+    assert Image.open(tmp_path / "vqkd-usage.png").size == (720, 300)
     assert main(["visualize", str(runs / "b2"), "--out", str(tmp_path / "b2.png"), "--n", "2"]) == 0
-    assert (tmp_path / "b2.png").is_file() and not (tmp_path / "b2-usage.png").exists()
+    # original, masked, tokens, prediction
+    assert Image.open(tmp_path / "b2.png").size == grid_size(4, 2, 32)
+    assert not (tmp_path / "b2-usage.png").exists()
     # one shade per code, patch-sized, in the images' normalization
     ids = torch.tensor([[[0, 1], [1, 0]]])
     maps = denormalize(token_maps(ids, 4, 3, 1, [0.5], [0.25]), [0.5], [0.25])

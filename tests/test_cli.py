@@ -6,11 +6,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from test_viz import grid_size
 
 from mimkit.cli import main
+from mimkit.data.sources import build_source
 from mimkit.methods import METHODS
 from mimkit.runs import latest_weights, load_config, load_run
 from mimkit.train.checkpoint import Checkpoints
@@ -24,6 +28,7 @@ def pretrain(out, *extra):
     return main(["pretrain", "mae", "--out", str(out), *TINY, *extra])
 
 
+@pytest.mark.slow
 def test_pretrain_resume_and_visualize_on_fashion_mnist(tmp_path, capsys):
     run = tmp_path / "mae"
     assert pretrain(run, "--data", "fashion-mnist", "--batch-size", "32", "--max-steps", "3") == 0
@@ -40,9 +45,16 @@ def test_pretrain_resume_and_visualize_on_fashion_mnist(tmp_path, capsys):
 
     picture = tmp_path / "recon.png"
     assert main(["visualize", str(run), "--out", str(picture), "--n", "3"]) == 0
-    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = Image.open(picture).convert("L")
+    assert drawn.size == grid_size(4, 3, 28)  # original, masked, reconstruction, pasted; 3 images
+    # the first tile is the first test image the seed picks (28 px drawn 4x, under the 18 px header)
+    test = build_source("fashion-mnist", "test")
+    first = int(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[0])
+    tile = torch.tensor(np.array(drawn.crop((4, 22, 4 + 112, 22 + 112)))).int()[::4, ::4]
+    assert (tile - test[first][0][0].int()).abs().max() <= 1
 
 
+@pytest.mark.slow
 def test_mae_learns_on_fashion_mnist(tmp_path):
     run = tmp_path / "mae"
     pretrain(run, "--data", "fashion-mnist", "--batch-size", "64", "--max-steps", "40",
@@ -73,10 +85,12 @@ def test_run_dir_of_another_model_is_refused(tmp_path, capsys):
     assert "holds a mae vit_mini run" in capsys.readouterr().err
 
 
-def test_sigterm_to_the_whole_job_saves_a_checkpoint(tmp_path):
-    """Slurm and ``kill -- -PGID`` signal every process of the job, data workers included: the run
-    still saves the step it reached, exits with status 130 (not 0: it is not finished) and leaves no
-    worker behind."""
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_whole_job_saves_a_checkpoint_and_the_run_resumes(tmp_path, capsys, signum):
+    """Ctrl-C in a terminal (SIGINT), Slurm and ``kill -- -PGID`` (SIGTERM) signal every process of the
+    job, data workers included: the run still saves the step it reached, exits with status 130 (not 0:
+    it is not finished), leaves no worker behind, and the same command resumes from that step."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "mimkit.cli", "pretrain", "mae", "--data", "synthetic",
                "--out", str(out), *TINY, "--set", "data.num_workers=1", "--set", "train.log_every=1",
@@ -88,7 +102,7 @@ def test_sigterm_to_the_whole_job_saves_a_checkpoint(tmp_path):
         while len(read_metrics(out)) < 3:
             assert job.poll() is None and time.monotonic() < deadline, "the run did not get going"
             time.sleep(0.2)
-        os.killpg(job.pid, signal.SIGTERM)
+        os.killpg(job.pid, signum)
         output = job.communicate(timeout=120)[0]
     finally:  # never leave a 100000-step run behind when the test fails
         if job.poll() is None:
@@ -105,8 +119,12 @@ def test_sigterm_to_the_whole_job_saves_a_checkpoint(tmp_path):
             break
         assert time.monotonic() < deadline, "a data worker outlived the run"
         time.sleep(0.2)
+    assert main(command[3:-2] + ["--max-steps", str(step + 1)]) == 0
+    assert f"resuming from step {step}" in "".join(capsys.readouterr())
+    assert Checkpoints(out).latest() == step + 1
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     """torchrun with 2 gloo processes x batch 4 ends where 1 process x batch 8 does."""
     common = ["pretrain", "mae", "--data", "synthetic", "--max-steps", "3", *TINY,
@@ -118,7 +136,8 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     one, two = load_file(latest_weights(tmp_path / "one")), load_file(latest_weights(tmp_path / "two"))
     assert one.keys() == two.keys()
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+        # the same sums split another way, through 3 AdamW steps: 2.3e-6 measured on this CPU
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=5e-6, msg=name)
     config = load_config(tmp_path / "one")
     torch.manual_seed(config.train.seed)
     initial = METHODS["mae"].build_model(config).state_dict()

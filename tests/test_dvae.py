@@ -82,8 +82,11 @@ def test_codebook_stats():
     assert same["usage"].item() == pytest.approx(1 / 64) and same["perplexity"].item() == pytest.approx(1.0)
     every = codebook_stats(torch.arange(64).repeat(3), 64)
     assert every["usage"].item() == 1.0 and every["perplexity"].item() == pytest.approx(64.0)
+    once = codebook_stats(torch.tensor([0, 1, 1, 2]), 4)  # a code hit once counts as used
+    assert once["usage"].item() == 0.75 and once["perplexity"].item() == pytest.approx(2 ** 1.5)
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_grows_codebook_usage(trained):
     _, before, after = trained
     assert after["recon"] < 0.3 * before["recon"]  # ~1.0 -> ~0.2
@@ -92,6 +95,7 @@ def test_training_lowers_loss_and_grows_codebook_usage(trained):
     assert after["perplexity"] > 2 * before["perplexity"]  # ~6 -> ~19
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(trained, fashion, tmp_path):
     model, _, _ = trained
     imgs = fashion[:64]

@@ -1,10 +1,13 @@
-"""Label-fraction subsets and validation hold-outs: stratified, reproducible, nested, disjoint."""
+"""Label-fraction subsets and validation hold-outs: stratified, reproducible, nested, disjoint; the seed
+that picks them reaches them from the command line (``--seed``, ``--set labels.seed=N``)."""
 
 from collections import Counter
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from mimkit.cli import main
 from mimkit.data.sources import SyntheticSource
 from mimkit.errors import MimkitError
 from mimkit.eval.subsets import label_subset, make_splits
@@ -55,3 +58,57 @@ def test_unlabelled_data_is_an_error():
     source.labels = torch.full((20,), -1)
     with pytest.raises(MimkitError, match="unlabelled"):
         make_splits(source)
+
+
+def test_the_seed_picks_the_subset_and_the_holdout():
+    source = SyntheticSource(n=500, image_size=8)
+    for val_fraction in (0.0, 0.2):
+        one = make_splits(source, 0.1, val_fraction, seed=1)
+        assert make_splits(source, 0.1, val_fraction, seed=1) == one
+        other = make_splits(source, 0.1, val_fraction, seed=2)
+        assert set(other.train) != set(one.train)
+        assert set(other.val) != set(one.val) or val_fraction == 0
+
+
+def knn_train_rows(mae_run, tmp_path, name: str, seed: int) -> list[int]:
+    """The training images a k-NN run at 10% of the labels encoded: the rows its feature cache filled."""
+    cache = tmp_path / f"cache-{name}"
+    assert main(["knn", str(mae_run), "--data", "synthetic", "--out", str(tmp_path / name),
+                 "--label-fraction", "0.1", "--seed", str(seed), "--features-cache", str(cache),
+                 "--num-workers", "0"]) == 0
+    [train_cache] = cache.glob("synthetic_train-*.safetensors")
+    assert len(list(cache.glob("synthetic_test-*.safetensors"))) == 1
+    return load_file(str(train_cache))["have"].nonzero().flatten().tolist()
+
+
+def test_probe_seed_flag_picks_the_subset(mae_run, tmp_path):
+    first = knn_train_rows(mae_run, tmp_path, "a", seed=1)
+    assert len(first) == round(0.1 * len(SyntheticSource()))
+    assert knn_train_rows(mae_run, tmp_path, "b", seed=1) == first
+    assert knn_train_rows(mae_run, tmp_path, "c", seed=2) != first
+
+
+class SplitsChosen(Exception):
+    """Stops a fine-tuning run once it has chosen its training images."""
+
+
+def finetune_train_images(mae_run, tmp_path, monkeypatch, *flags: str) -> list[int]:
+    chosen = []
+
+    def record(*args, **kwargs):
+        chosen.append(make_splits(*args, **kwargs).train)
+        raise SplitsChosen
+
+    monkeypatch.setattr("mimkit.eval.finetune.make_splits", record)
+    with pytest.raises(SplitsChosen):
+        main(["finetune", str(mae_run), "--data", "synthetic", "--out", str(tmp_path / "ft"),
+              "--label-fraction", "0.1", "--set", "data.num_workers=0", *flags])
+    return chosen[0]
+
+
+def test_finetune_labels_seed_picks_the_subset(mae_run, tmp_path, monkeypatch):
+    first = finetune_train_images(mae_run, tmp_path, monkeypatch, "--set", "labels.seed=1")
+    assert finetune_train_images(mae_run, tmp_path, monkeypatch, "--set", "labels.seed=1") == first
+    assert finetune_train_images(mae_run, tmp_path, monkeypatch, "--set", "labels.seed=2") != first
+    assert finetune_train_images(mae_run, tmp_path, monkeypatch) == make_splits(
+        SyntheticSource(), 0.1, 0.0, seed=0).train  # the default seed is 0

@@ -150,6 +150,7 @@ def _ddp_worker(rank: int, tmp: str, data: torch.Tensor):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_hold_the_same_codebook_as_one_process_on_the_global_batch(tmp_path):
     torch.manual_seed(0)
     data = torch.randn(4, 2, 16, 3)  # [step, rank, N, d]: each rank sees its half of every global batch
@@ -166,3 +167,34 @@ def test_ddp_ranks_hold_the_same_codebook_as_one_process_on_the_global_batch(tmp
         z = F.normalize(data[step].reshape(-1, 3), dim=1)
         single.update(z, single.nearest(z))
     torch.testing.assert_close(ranks[0]["plain"], single.codebook)
+
+
+def test_kmeans_initialisation_fits_clusters_a_random_codebook_cannot():
+    """Four tight clusters inside one narrow cone of a 16-d sphere: a random codebook has no code near
+    them, and the slow EMA (the default decay 0.99) cannot bring one there in a step. Only k-means puts
+    a code on every cluster."""
+    torch.manual_seed(0)
+    axis = F.normalize(torch.ones(16), dim=0)
+    centers = F.normalize(axis + 0.3 * F.normalize(torch.randn(4, 16), dim=1), dim=1)  # [4, 16]
+    data = F.normalize(centers.repeat(64, 1) + 0.01 * torch.randn(256, 16), dim=1)
+
+    def fit(kmeans_iters: int) -> torch.Tensor:
+        """Each cluster center's similarity to its nearest code after one training step."""
+        torch.manual_seed(1)
+        q = NormEMAQuantizer(8, 16, kmeans_iters=kmeans_iters).train()
+        q(data)
+        return (centers @ q.codebook.T).max(1).values
+
+    assert (fit(kmeans_iters=10) > 0.99).all()
+    assert (fit(kmeans_iters=0) < 0.9).all()
+
+
+def test_kmeans_converges_to_its_fixed_point():
+    """After enough rounds every center is the normalized mean of the vectors nearest to it."""
+    torch.manual_seed(0)
+    data = F.normalize(torch.eye(3).repeat(20, 1) + 0.2 * torch.randn(60, 3), dim=1)
+    centers = spherical_kmeans(data, 3, iters=20, generator=torch.Generator().manual_seed(0))
+    ids = (data @ centers.T).argmax(1)
+    assert ids.unique().numel() == 3
+    for k in range(3):
+        torch.testing.assert_close(centers[k], F.normalize(data[ids == k].sum(0), dim=0))

@@ -66,7 +66,7 @@ def test_sincos_table_equals_transformers_vitmae(dim, grid):
     assert expected[0, 1:].abs().sum() > 0
     table = sincos_pos_embed_2d(dim, grid, cls_token=True)
     assert table.dtype == torch.float32 and table.shape == (1, 1 + grid * grid, dim)
-    torch.testing.assert_close(table, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(table, expected, rtol=0, atol=0)
 
 
 def test_sincos_halves_encode_column_then_row():

@@ -73,6 +73,7 @@ def fashion():
     return train, test, info
 
 
+@pytest.mark.slow
 def test_short_fashion_mnist_run_fills_the_codebook_and_approaches_the_teacher(fashion):
     train, test, info = fashion
     torch.manual_seed(0)

@@ -1,0 +1,242 @@
+"""Plant bugs one at a time in a copy of the package and see whether the tests notice.
+
+Two modes (see tests/README.md):
+
+    python tests/mutate.py planted                   # the hand-planted bugs of PLANTED, each must be killed
+    python tests/mutate.py planted --only ema        # those whose name contains "ema" (any case)
+    python tests/mutate.py auto src/mimkit/train/optim.py tests/test_optim.py tests/test_engine.py
+                                                     # textual mutants of one module against its tests
+
+Each mutant is written into a fresh copy of ``src/`` under a temporary folder and the tests run with
+``PYTHONPATH`` pointing there, so the working tree is never modified. A mutant is *killed* when the tests
+fail, *survives* when they pass, and counts as *timeout* when they run past ``--timeout`` seconds.
+Stop a run with Ctrl-C: the running tests are killed and the temporary copy is removed.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Bug:
+    """A planted bug: in ``path``, replace ``old`` (which must occur exactly once) by ``new``."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files that must fail
+
+
+PLANTED = [
+    Bug("layer decay: the loop ignores lr_scale", "src/mimkit/train/loop.py",
+        'group["lr"] = lr * group.get("lr_scale", 1.0)', 'group["lr"] = lr',
+        ("tests/test_optim.py",)),
+    Bug("layer decay: finetune does not ask for it", "src/mimkit/eval/finetune.py",
+        "param_groups(model, optim.weight_decay, optim.layer_decay, len(model.classifier.blocks))",
+        "param_groups(model, optim.weight_decay)",
+        ("tests/test_optim.py::test_finetune_runs_with_layer_decay",)),
+    Bug("label seed: make_splits ignores it", "src/mimkit/eval/subsets.py",
+        "label_subset([labels[i] for i in train], label_fraction, seed)",
+        "label_subset([labels[i] for i in train], label_fraction)", ("tests/test_eval_subsets.py",)),
+    Bug("label seed: probes drop --seed", "src/mimkit/cli.py",
+        "seed=args.seed, cache_dir=args.features_cache", "seed=0, cache_dir=args.features_cache",
+        ("tests/test_eval_subsets.py::test_probe_seed_flag_picks_the_subset",)),
+    Bug("label seed: finetune drops labels.seed", "src/mimkit/eval/finetune.py",
+        "make_splits(source, labels.fraction, labels.val_fraction, labels.seed)",
+        "make_splits(source, labels.fraction, labels.val_fraction)",
+        ("tests/test_eval_subsets.py::test_finetune_labels_seed_picks_the_subset",)),
+    Bug("features cache: --features-cache ignored", "src/mimkit/cli.py",
+        "cache_dir=args.features_cache", "cache_dir=None",
+        ("tests/test_eval_subsets.py::test_probe_seed_flag_picks_the_subset",)),
+    Bug("k-means: never runs", "src/mimkit/tokenizers/quantizer.py",
+        'register_buffer("initialized", torch.tensor(kmeans_iters == 0))',
+        'register_buffer("initialized", torch.tensor(True))', ("tests/test_quantizer.py",)),
+    Bug("k-means: one round only", "src/mimkit/tokenizers/quantizer.py",
+        "for _ in range(iters):", "for _ in range(min(iters, 1)):", ("tests/test_quantizer.py",)),
+    Bug("DDP accumulation: gradients of each micro-batch not divided", "src/mimkit/train/loop.py",
+        "(loss / schedule.accum_steps).backward()", "loss.backward()", ("tests/test_ddp.py",)),
+    Bug("DDP accumulation: no gradient sync at all", "src/mimkit/train/loop.py",
+        "sync = micro == schedule.accum_steps - 1 or world.size == 1", "sync = world.size == 1",
+        ("tests/test_ddp.py",)),
+    Bug("DDP resume: every rank restores rank 0's RNG", "src/mimkit/train/loop.py",
+        'rank = world.rank if world.rank < len(state["cpu"]) else 0', "rank = 0", ("tests/test_ddp.py",)),
+    Bug("EMA: finetune never updates it", "src/mimkit/eval/finetune.py",
+        "after_step=model.update_ema if config.ema_decay else None", "after_step=None",
+        ("tests/test_eval_finetune.py::test_finetune_cli_from_pretrained_random_and_finetuned",)),
+    Bug("EMA: reported numbers are the weights'", "src/mimkit/eval/finetune.py",
+        "ema = classification_accuracy(model.ema.module,", "ema = classification_accuracy(model.classifier,",
+        ("tests/test_ema.py",)),
+    Bug("EMA: updated without the step", "src/mimkit/eval/classifier.py",
+        "self.ema.update(self.classifier, step)", "self.ema.update(self.classifier)", ("tests/test_ema.py",)),
+    Bug("pictures: norm-pix left in the reconstruction", "src/mimkit/viz.py",
+        "if model.norm_pix_loss:", "if not model.norm_pix_loss:", ("tests/test_viz.py",)),
+    Bug("pictures: pasted panel takes visible patches from the reconstruction", "src/mimkit/viz.py",
+        '"pasted": images * (1 - patch_mask) + reconstruction * patch_mask}',
+        '"pasted": reconstruction * (1 - patch_mask) + images * patch_mask}', ("tests/test_viz.py",)),
+    Bug("pictures: BEiT prediction panel decodes the tokenizer's ids", "src/mimkit/viz.py",
+        '"prediction": tokenizer.decode(predicted)}', '"prediction": tokenizer.decode(ids)}',
+        ("tests/test_viz.py",)),
+    Bug("true by construction: mim_acc of the wrong guess", "src/mimkit/models/beit.py",
+        "acc = (logits.detach().argmax(-1) == targets)", "acc = (logits.detach().argmin(-1) == targets)",
+        ("tests/test_beit.py",)),
+    Bug("true by construction: usage counts codes hit twice", "src/mimkit/tokenizers/dvae.py",
+        '"usage": (counts > 0).float().mean()', '"usage": (counts > 1).float().mean()',
+        ("tests/test_dvae.py::test_codebook_stats",)),
+    Bug("true by construction: probes read shuffled labels", "src/mimkit/eval/features.py",
+        "return features[wanted], labels[wanted]", "return features[wanted], labels[wanted.flip(0)]",
+        ("tests/test_eval_finetune.py::test_probe_cli",)),
+    Bug("README: --resume accepts an empty run directory", "src/mimkit/cli.py",
+        "if must_resume and not has_checkpoint:", "if must_resume and has_checkpoint is None:",
+        ("tests/test_cli_contract.py::test_resume_insists_on_a_checkpoint",)),
+    Bug("README: Ctrl-C kills the run without a checkpoint", "src/mimkit/train/loop.py",
+        "for s in (signal.SIGINT, signal.SIGTERM)}", "for s in (signal.SIGTERM,)}",
+        ("tests/test_cli.py::test_a_signal_to_the_whole_job_saves_a_checkpoint_and_the_run_resumes",)),
+    Bug("README: --skip-bad-images ignored by the CLI", "src/mimkit/cli.py",
+        "    if args.skip_bad_images:\n", "    if args.skip_bad_images and False:\n",
+        ("tests/test_cli_contract.py::test_skip_bad_images_through_the_cli_and_its_cap",)),
+    Bug("README: data.max_bad_images ignored", "src/mimkit/pretrain.py",
+        "max_bad_images=data.max_bad_images)", "max_bad_images=100)",
+        ("tests/test_cli_contract.py::test_skip_bad_images_through_the_cli_and_its_cap",)),
+    Bug("README: --config FILE.yaml ignored", "src/mimkit/cli.py",
+        'load_recipe(args.config or default_recipe(args.method, args.data or "fashion-mnist"))',
+        'load_recipe(default_recipe(args.method, args.data or "fashion-mnist"))',
+        ("tests/test_cli_contract.py::test_config_file_is_the_recipe",)),
+    Bug("README: folders get the _fmnist recipe", "src/mimkit/cli.py",
+        'return f"{method}_fmnist" if small else f"{method}_in1k"', 'return f"{method}_fmnist"',
+        ("tests/test_cli_contract.py",)),
+    Bug("README: a resumed run starts with a fresh optimizer", "src/mimkit/train/loop.py",
+        'optimizer.load_state_dict(state["optimizer"])', "pass",
+        ("tests/test_cli_contract.py::test_an_interrupted_fine_tuning_run_resumes_bit_for_bit",)),
+    Bug("README: no TensorBoard scalars", "src/mimkit/train/metrics.py",
+        "self.tensorboard.add_scalar(key, value, step)", "pass",
+        ("tests/test_cli_contract.py::test_metrics_reach_tensorboard_when_it_is_installed",)),
+    Bug("README: import --img-size ignored", "src/mimkit/cli.py",
+        "img_size=args.img_size,", "img_size=None,",
+        ("tests/test_cli_contract.py::test_import_img_size_resizes_the_position_tables",)),
+    Bug("README: import --allow-mismatch ignored", "src/mimkit/cli.py",
+        "allow_mismatch=args.allow_mismatch,", "allow_mismatch=False,",
+        ("tests/test_cli_contract.py::test_import_allow_mismatch_loads_the_rest",)),
+    Bug("README: import --set ignored", "src/mimkit/cli.py",
+        "overrides=parse_overrides(args.set))", "overrides={})",
+        ("tests/test_cli_contract.py::test_import_set_configures_the_run",)),
+    Bug("fine-tuning view: RandAugment never applied", "src/mimkit/eval/augment.py",
+        "if rand_augment_ops > 0:", "if rand_augment_ops > 9:", ("tests/test_finetune_view.py",)),
+    Bug("fine-tuning view: random erasing never applied", "src/mimkit/eval/augment.py",
+        "if reprob > 0:", "if reprob > 1:", ("tests/test_finetune_view.py",)),
+]
+
+
+def run_tests(src: Path, tests: list[str], timeout: float) -> str:
+    """``killed`` / ``survived`` / ``timeout`` of ``tests`` against the package in ``src``."""
+    env = os.environ | {"PYTHONPATH": str(src), "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    return "survived" if done.returncode == 0 else "killed"
+
+
+def with_mutant(path: str, text: str, tests: list[str], timeout: float) -> str:
+    """Run ``tests`` against a copy of ``src/`` in which ``path`` reads ``text``."""
+    with tempfile.TemporaryDirectory(prefix="mimkit-mutant-") as tmp:
+        src = Path(tmp) / "src"
+        shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        (Path(tmp) / path).write_text(text)
+        return run_tests(src, tests, timeout)
+
+
+def check_baseline(path: str, tests: list[str], timeout: float) -> None:
+    """The tests must pass on an unmutated copy, or every mutant would look killed."""
+    outcome = with_mutant(path, (ROOT / path).read_text(), tests, timeout)
+    if outcome != "survived":
+        sys.exit(f"the tests {' '.join(tests)} do not pass on the unmutated code ({outcome}); fix that first")
+
+
+def planted(only: str | None, timeout: float) -> int:
+    survivors = 0
+    bugs = [bug for bug in PLANTED if not only or only.lower() in bug.name.lower()]
+    check_baseline(bugs[0].path, sorted({t for bug in bugs for t in bug.tests}), timeout)
+    for bug in bugs:
+        original = (ROOT / bug.path).read_text()
+        if original.count(bug.old) != 1:
+            print(f"STALE     {bug.name}: the text to replace occurs {original.count(bug.old)} times")
+            survivors += 1
+            continue
+        outcome = with_mutant(bug.path, original.replace(bug.old, bug.new), list(bug.tests), timeout)
+        survivors += outcome != "killed"
+        print(f"{outcome:9s} {bug.name}", flush=True)
+    return survivors
+
+
+# (pattern, replacement): each occurrence of each pattern on a line makes one mutant
+OPERATORS = [
+    (r" \+ ", " - "), (r" - ", " + "), (r" \* ", " / "), (r" / ", " * "), (r" \*\* ", " * "),
+    (r" == ", " != "), (r" != ", " == "), (r" < ", " <= "), (r" <= ", " < "), (r" > ", " >= "),
+    (r" >= ", " > "), (r"\band\b", "or"), (r"\bor\b", "and"), (r"\bnot ", ""), (r"\bTrue\b", "False"),
+    (r"\bFalse\b", "True"), (r"\bmin\(", "max("), (r"\bmax\(", "min("), (r"\bargmax\(", "argmin("),
+    (r"(?<![\w.])1\b(?!\.)", "2"), (r"(?<![\w.])0\b(?!\.)", "1"), (r"\bdim=1\b", "dim=0"),
+]
+
+
+def mutants(text: str):
+    """(line number, mutated line, mutated text) for every operator occurrence outside comments,
+    docstrings and import lines (a rough filter: lines inside triple quotes are skipped)."""
+    lines = text.splitlines(keepends=True)
+    in_docstring = False
+    for n, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.count('"""') % 2 == 1:
+            in_docstring = not in_docstring
+            continue
+        if in_docstring or stripped.startswith(("#", "import ", "from ", '"""')) or not stripped:
+            continue
+        code = line.split("  #")[0]
+        for pattern, replacement in OPERATORS:
+            for match in re.finditer(pattern, code):
+                mutated = line[:match.start()] + replacement + line[match.end():]
+                yield n + 1, mutated.rstrip(), "".join(lines[:n] + [mutated] + lines[n + 1:])
+
+
+def auto(path: str, tests: list[str], timeout: float) -> int:
+    check_baseline(path, tests, timeout)
+    text = (ROOT / path).read_text()
+    counts: dict[str, int] = {}
+    for line_no, line, mutated in mutants(text):
+        outcome = with_mutant(path, mutated, tests, timeout)
+        counts[outcome] = counts.get(outcome, 0) + 1
+        if outcome != "killed":
+            print(f"{outcome:9s} {path}:{line_no}: {line.strip()}", flush=True)
+    total = sum(counts.values())
+    print(f"{path}: {total} mutants, " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    return counts.get("survived", 0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    modes = parser.add_subparsers(dest="mode", required=True)
+    plant = modes.add_parser("planted", help="the hand-planted bugs of PLANTED")
+    plant.add_argument("--only", help="only bugs whose name contains this")
+    plant.add_argument("--timeout", type=float, default=300)
+    generated = modes.add_parser("auto", help="textual mutants of one module")
+    generated.add_argument("module", help="e.g. src/mimkit/train/optim.py")
+    generated.add_argument("tests", nargs="+", help="the test files (or node ids) that cover it")
+    generated.add_argument("--timeout", type=float, default=300)
+    args = parser.parse_args()
+    if args.mode == "planted":
+        return int(planted(args.only, args.timeout) > 0)
+    return int(auto(args.module, args.tests, args.timeout) > 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

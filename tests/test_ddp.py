@@ -1,0 +1,91 @@
+"""The loop under DistributedDataParallel (2 gloo processes on CPU): gradient accumulation across
+processes trains the model one process trains on the global batch, and a 2-process run resumes
+bit for bit."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_engine import Points, noisy_view, regression_loss
+from torch import nn
+
+from mimkit.data.loader import SeededViews
+from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.distributed import World
+from mimkit.train.loop import Schedule, train
+from mimkit.train.metrics import read_metrics
+from mimkit.train.optim import build_adamw, param_groups
+from mimkit.train.schedule import cosine_schedule
+
+
+def toy_train(run_dir, world: World, *, batch_size: int, accum_steps: int = 1, total_steps: int = 6,
+              checkpoint_every: int = 100, dropout: float = 0.0, rng_seed: int = 0) -> dict:
+    """The engine's toy regression: the weights after ``total_steps`` (resuming from ``run_dir``).
+
+    The global RNG (dropout's) is seeded with ``rng_seed`` after the model is built. Gradients are
+    clipped at a norm they never reach, so that ``grad_norm`` is logged at every step.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 1))
+    torch.manual_seed(rng_seed)
+    optimizer = build_adamw(param_groups(model, 0.05))
+    schedule = Schedule(total_steps, cosine_schedule(1e-2, 1e-4, total_steps, 2), accum_steps, clip_grad=1e3)
+    train(model, regression_loss, SeededViews(Points(), noisy_view), optimizer, schedule, run_dir, world,
+          batch_size=batch_size, checkpoint_every=checkpoint_every, keep_last=3, log_every=1)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _worker(rank: int, tmp: str):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    world = World(rank=rank, size=2, device=torch.device("cpu"))
+    results = {"accumulated": toy_train(f"{tmp}/accum", world, batch_size=2, accum_steps=2)}
+    # dropout draws from each rank's own global RNG: the resume must restore every rank's own state
+    rank_rng = dict(dropout=0.2, rng_seed=rank)
+    results["straight"] = toy_train(f"{tmp}/straight", world, batch_size=4, total_steps=7, **rank_rng)
+    toy_train(f"{tmp}/cut", world, batch_size=4, total_steps=7, checkpoint_every=3, **rank_rng)  # 3, 6, 7
+    if world.is_main:  # as if killed just after step 3, mid-epoch (4 steps per epoch)
+        checkpoints = Checkpoints(f"{tmp}/cut")
+        for step in (6, 7):
+            checkpoints.weights_path(step).unlink()
+            checkpoints.state_path(step).unlink()
+    dist.barrier()
+    results["resumed"] = toy_train(f"{tmp}/cut", world, batch_size=4, total_steps=7, **rank_rng)
+    torch.save(results, f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(str(tmp),), nprocs=2)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(2)], tmp
+
+
+@pytest.mark.slow
+def test_two_processes_accumulating_match_one_process_on_the_global_batch(two_ranks, tmp_path):
+    """2 processes x batch 2 x 2 accumulation steps == 1 process x batch 8, on every rank: the weights
+    and the gradient norm of every step (AdamW's update is blind to a gradient's scale; the norm is not)."""
+    ranks, tmp = two_ranks
+    one = toy_train(tmp_path, World(rank=0, size=1, device=torch.device("cpu")), batch_size=8)
+    initial = toy_train(tmp_path / "none", World(rank=0, size=1, device=torch.device("cpu")), batch_size=8,
+                        total_steps=0)
+    for name, value in one.items():
+        assert not torch.equal(value, initial[name]), name  # the comparison is of trained weights
+        for rank in ranks:
+            # the same sums in another order: float32 rounding, 3.0e-8 measured on this CPU
+            torch.testing.assert_close(rank["accumulated"][name], value, rtol=0, atol=1e-7, msg=name)
+    one_norms, two_norms = ([r["grad_norm"] for r in read_metrics(run) if "grad_norm" in r]
+                            for run in (tmp_path, tmp / "accum"))
+    assert len(one_norms) == 6 and two_norms == pytest.approx(one_norms, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_bit_for_bit(two_ranks):
+    ranks, tmp = two_ranks
+    assert Checkpoints(tmp / "cut").steps() == [3, 7]
+    for rank in ranks:
+        for name, value in rank["straight"].items():
+            assert torch.equal(rank["resumed"][name], value), name
+    state = torch.load(Checkpoints(tmp / "cut").state_path(3), weights_only=True)
+    assert len(state["rng"]["cpu"]) == 2  # each rank's RNG state is kept

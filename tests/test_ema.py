@@ -1,0 +1,49 @@
+"""The EMA of a fine-tuned classifier's weights: it moves by its decay after each optimizer step, and its
+accuracy is the one reported under ``*_ema_*``."""
+
+import torch
+
+from mimkit.eval.classifier import FineTuned, build_classifier
+from mimkit.eval.finetune import accuracies
+from mimkit.models.vit import build_vit
+
+
+def tiny_classifier(num_classes: int = 3, ema_decay: float | None = 0.9) -> FineTuned:
+    torch.manual_seed(0)
+    encoder = build_vit(dict(embed_dim=32, depth=2, num_heads=2), img_size=16, patch_size=4, in_chans=1)
+    return FineTuned(build_classifier(encoder, num_classes, "avg", 0.0), ema_decay)
+
+
+def nudge(model: torch.nn.Module, by: float) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(by)
+
+
+def test_ema_follows_the_weights_by_its_decay():
+    model = tiny_classifier(ema_decay=0.9)
+    nudge(model.classifier, 1.0)
+    model.update_ema(1)  # timm's ModelEmaV3 starts from the weights after the first step
+    for name, value in model.classifier.state_dict().items():
+        torch.testing.assert_close(model.ema.module.state_dict()[name], value, msg=name)
+    first = {k: v.clone() for k, v in model.ema.module.state_dict().items()}
+    nudge(model.classifier, 1.0)
+    model.update_ema(2)
+    for name, value in model.classifier.state_dict().items():
+        if value.is_floating_point():
+            expected = 0.9 * first[name] + 0.1 * value
+            torch.testing.assert_close(model.ema.module.state_dict()[name], expected, msg=name)
+    assert not any(p.requires_grad for p in model.ema.parameters())  # the optimizer never sees it
+
+
+def test_accuracies_report_the_ema_beside_the_weights():
+    """A classifier that answers class 0 and an EMA that answers class 1, on images of class 1."""
+    model = tiny_classifier(num_classes=2)
+    with torch.no_grad():
+        model.classifier.head.bias.copy_(torch.tensor([10.0, 0.0]))
+        model.ema.module.head.bias.copy_(torch.tensor([0.0, 10.0]))
+    batches = [{"image": torch.randn(4, 1, 16, 16), "label": torch.ones(4, dtype=torch.long)}]
+    results = accuracies(model, batches, torch.device("cpu"), "val")
+    assert results["val_top1"] == 0 and results["val_ema_top1"] == 100
+    assert "val_ema_top1" not in accuracies(tiny_classifier(2, ema_decay=None), batches, torch.device("cpu"),
+                                            "val")
