@@ -20,20 +20,20 @@ class HorizontalStripes(torch.utils.data.Dataset):
         return rows.view(1, 32, 1).expand(3, 32, 32).clone(), i
 
 
-def views(rand_augment_ops: int, reprob: float) -> SeededViews:
+def views(auto_augment: str | None, reprob: float) -> SeededViews:
     return SeededViews(HorizontalStripes(), finetune_view(32, [0.5] * 3, [0.25] * 3, crop_scale=(1.0, 1.0),
-                                                          rand_augment_ops=rand_augment_ops,
-                                                          rand_augment_magnitude=9, reprob=reprob))
+                                                          auto_augment=auto_augment, reprob=reprob))
 
 
 def test_randaugment_and_random_erasing_follow_the_seed():
-    for ops, reprob in ((2, 0.0), (0, 1.0), (2, 1.0)):  # RandAugment, random erasing, both
+    policy = "rand-m9-mstd0.5-inc1"
+    for ops, reprob in ((policy, 0.0), (None, 1.0), (policy, 1.0)):  # RandAugment, random erasing, both
         augmented = views(ops, reprob)
         for index in range(2):
             seen = [augmented[(index, seed)]["image"] for seed in range(8)]
             assert torch.equal(augmented[(index, 3)]["image"], seen[3]), (ops, reprob)
             assert any(not torch.equal(seen[0], other) for other in seen[1:]), (ops, reprob)
-    plain = views(0, 0.0)
+    plain = views(None, 0.0)
     for index in range(2):
         first = plain[(index, 0)]["image"]
         assert all(torch.equal(plain[(index, seed)]["image"], first) for seed in range(1, 8))
