@@ -10,6 +10,7 @@ Sources:
     - `IdxSource`: Fashion-MNIST / MNIST from IDX files, held in memory.
     - `ImageFolderSource`: one sub-folder per class (labeled).
     - `FlatFolderSource`: every image under a folder, recursively (unlabeled).
+    - `ListedFolderSource`: the files a run listed when it started (`mimkit.data.filelist`), for resuming.
     - `SyntheticSource`: generated images with class-dependent structure, for tests.
 
 `build_source(spec, split)` picks one from a name or a path.
@@ -22,7 +23,7 @@ import gzip
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms.v2.functional import pil_to_tensor
+from tqdm import tqdm
 
 from mimkit.errors import MimkitError
 
@@ -241,14 +243,41 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Every image under `folder`, recursively, hidden entries skipped, sorted by path."""
-    found = []
+def _walk_images(folder: Path) -> Iterator[tuple[str, list[str]]]:
+    """`(directory, image file names)` for every directory under `folder`, hidden entries skipped."""
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
-        found += [Path(dirpath, f) for f in filenames
-                  if not _is_hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+        yield dirpath, [f for f in filenames if not _is_hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Every image under `folder`, recursively, hidden entries skipped, sorted by path. A progress bar
+    (on stderr) shows once the listing takes more than two seconds, as it does for folders of 100k+ files."""
+    found = []
+    with tqdm(desc=f"listing {folder}", unit=" images", delay=2.0) as bar:
+        for dirpath, names in _walk_images(folder):
+            found += [Path(dirpath, f) for f in names]
+            bar.update(len(names))
     return sorted(found)
+
+
+def count_images(spec: str, stop_after: int) -> int:
+    """Images in a data folder's train split (`spec/train` when it has one), counting stopped early.
+
+    Args:
+        spec: a folder path.
+        stop_after: stop once more than this many are found (a cheap "is it large?" on huge folders).
+
+    Returns:
+        The count, or a number above `stop_after` when the folder holds more.
+    """
+    folder = Path(spec).expanduser()
+    count = 0
+    for _, names in _walk_images(folder / "train" if (folder / "train").is_dir() else folder):
+        count += len(names)
+        if count > stop_after:
+            break
+    return count
 
 
 def _subfolders(folder: Path) -> list[str]:
@@ -398,6 +427,29 @@ class FlatFolderSource(_FolderSource):
                  max_bad_images: int = 100):
         paths = _image_files(Path(root))
         super().__init__(str(root), paths, [-1] * len(paths), [], channels, skip_bad_images, max_bad_images)
+
+
+class ListedFolderSource(_FolderSource):
+    """A folder's images exactly as a run listed them when it started (see `mimkit.data.filelist`), so a
+    resumed run reads the same files in the same order however the folder changed since.
+
+    Args:
+        root: the folder the paths are relative to.
+        name: the source's name (`SourceInfo.name`).
+        files: `(label, path relative to root)` per image, in the order listed.
+        classes: class names, index = label; empty when unlabeled.
+        channels, skip_bad_images, max_bad_images: as in `ImageFolderSource`.
+
+    Item:
+        `(image uint8 (C, H, W), label int)`.
+    """
+
+    def __init__(self, root: str | Path, name: str, files: Sequence[tuple[int, str]], classes: Sequence[str],
+                 channels: int | None = None, skip_bad_images: bool = False, max_bad_images: int = 100):
+        paths = [os.path.join(root, path) for _, path in files]
+        super().__init__(str(root), paths, [label for label, _ in files], list(classes), channels,
+                         skip_bad_images, max_bad_images)
+        self.info = replace(self.info, name=name)
 
 
 # ---------------------------------------------------------------------------------------------------------
