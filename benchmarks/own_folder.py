@@ -1,4 +1,4 @@
-"""A user's own folder: training speed with the old and the new defaults, and start-up with a stored file list.
+"""A user's own folder: training speed with the old and new defaults, and start-up with a stored file list.
 
 Speed: a folder of 64x64 RGB JPEGs (generated, kept in --folder) pretrained by `mimkit pretrain mae` in a
 fresh process per setting; images/s is the median of the logged per-step speeds after the first two steps.

@@ -5,7 +5,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from mimkit import cli, machine, pretrain
@@ -43,7 +42,8 @@ def test_summary_facts_on_a_tiny_folder(tmp_path, capsys):
     assert "1 steps (0.50 epochs), global batch 4" in printed
     assert f"data workers (asked 8; this process may use {machine.usable_cpus()} CPUs)" in printed
     facts = json.loads((out / "data.json").read_text())
-    assert (facts["train_images"], facts["held_out_images"], facts["channels"], facts["classes"]) == (11, 3, 1, 2)
+    counts = (facts["train_images"], facts["held_out_images"], facts["channels"], facts["classes"])
+    assert counts == (11, 3, 1, 2)
     assert facts["smallest"] == [32, 32] and facts["largest"] == [48, 24] and facts["median"] == [32, 32]
     assert facts["num_workers"] == min(8, machine.usable_cpus()) and facts["recipe"].startswith("mae_small")
 
@@ -85,7 +85,7 @@ def test_stored_list_reused_on_resume(tmp_path, capsys):
     assert "12 images listed, kept in" in capsys.readouterr().out
 
     write_images(data, 1, start=100)
-    (data / "100.jpg").rename(data / "000a_added.jpg")  # sorts second: a fresh listing would shift every index
+    (data / "100.jpg").rename(data / "000a_added.jpg")  # sorts second: a fresh list would shift the indices
     assert main([*args, "--max-steps", "4"]) == 0
     printed = capsys.readouterr().out
     assert "12 images from" in printed and "new files are ignored (--rescan with a new --out" in printed

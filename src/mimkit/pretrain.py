@@ -103,12 +103,12 @@ class Pretraining:
         lines += [f"model     {self.config.method} {model.name}, {data.img_size} px in {model.patch_size}-px "
                   f"patches ({grid}x{grid} grid){masked}",
                   f"run       {self.plan.describe()}",
-                  f"machine   {f['num_workers']} data workers (asked {data.num_workers}; this process may use "
-                  f"{f['usable_cpus']} CPUs), {f['torch_threads']} torch threads"]
+                  f"machine   {f['num_workers']} data workers (asked {data.num_workers}; this process may "
+                  f"use {f['usable_cpus']} CPUs), {f['torch_threads']} torch threads"]
         if f["size_hint"] and not f["auto_size"] and f["resumed_from"] is None:  # too late for a resumed run
             fit = " ".join(f"--set {k}={v}" for k, v in f["size_hint"].items())
-            lines.append(f"hint      images (median {f['median_size']}) are much smaller than {data.img_size} px: "
-                         f"{fit} fits them (or --auto-size)")
+            lines.append(f"hint      images (median {f['median_size']}) are much smaller than "
+                         f"{data.img_size} px: {fit} fits them (or --auto-size)")
         elif f["auto_size"]:
             lines.append(f"auto-size {' '.join(f'{k}={v}' for k, v in f['size_hint'].items())} "
                          f"fits images of median {f['median_size']}")
@@ -126,8 +126,8 @@ def _auto_sized(config: PretrainConfig, hint: dict) -> PretrainConfig:
     return replace(config, data=data, model=replace(config.model, patch_size=hint["model.patch_size"]))
 
 
-def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, *, recipe: str = "", rescan: bool = False,
-                        auto_size: bool = False) -> Pretraining:
+def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, *, recipe: str = "",
+                        rescan: bool = False, auto_size: bool = False) -> Pretraining:
     """Set up a pretraining job: its data (the stored file list when resuming), model, plan and the facts of
     its start-up summary. Writes ``config.yaml``, ``data.json`` and, for folders, ``files.txt`` to `run_dir`.
 
@@ -166,7 +166,8 @@ def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, *, recipe: 
     values_fn = partial(method.schedule_values, config) if hasattr(method, "schedule_values") else None
     plan = plan_run(len(source), world.size, config.train, config.optim, values_fn)
     facts = {"data": found.describe(), **asdict(found), "median_size": "x".join(map(str, found.median)),
-             "file_list": list_note, "recipe": recipe, "size_hint": hint, "auto_size": bool(auto_size and hint),
+             "file_list": list_note, "recipe": recipe, "size_hint": hint,
+             "auto_size": bool(auto_size and hint),
              "num_workers": data_workers(config.data.num_workers), "usable_cpus": usable_cpus(),
              "torch_threads": torch.get_num_threads(), "run": plan.describe(), "resumed_from": resumed_from}
     if world.is_main:

@@ -60,10 +60,12 @@ def file_list_of(source: Dataset, spec: str) -> FileList | None:
     prefix = str(Path(source.root)) + os.sep  # the paths' own start: cutting it is 10x faster than relpath
 
     def relative(path: str) -> str:
-        return (path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)).replace(os.sep, "/")
+        inside = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+        return inside.replace(os.sep, "/")
 
     files = [(label, relative(path)) for label, path in zip(source.labels, source.paths, strict=True)]
-    return FileList(spec, root, source.info.name, list(source.info.classes), files, newest_mtime_ns(root, files))
+    return FileList(spec, root, source.info.name, list(source.info.classes), files,
+                    newest_mtime_ns(root, files))
 
 
 def save_file_list(file_list: FileList, run_dir: str | Path) -> Path:
@@ -115,7 +117,8 @@ def train_source(spec: str, run_dir: str | Path, *, root: str | None = None, cha
     if stored is not None and stored.source == spec:
         source = ListedFolderSource(stored.root, stored.name, stored.files, stored.classes, channels,
                                     skip_bad_images, max_bad_images)
-        note = f"file list: {len(source)} images from {Path(run_dir) / FILE_LIST}, the order this run started with"
+        note = (f"file list: {len(source)} images from {Path(run_dir) / FILE_LIST}, the order this run "
+                "started with")
         if newest_mtime_ns(stored.root, stored.files) != stored.folder_mtime_ns:
             note += ("; the folder changed since (files added or removed): this list is kept, new files are "
                      "ignored (--rescan with a new --out takes them in)")

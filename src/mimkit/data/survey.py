@@ -85,14 +85,15 @@ def survey(source: Dataset, held_out_images: int, samples: int = SIZE_SAMPLES) -
     else:  # in-memory and generated sources: one size for all
         sizes = [(info.image_size, info.image_size)] * min(len(source), samples)
     by_area = sorted(sizes, key=lambda s: (s[0] * s[1], s))
-    median = (int(statistics.median_low(w for w, _ in sizes)), int(statistics.median_low(h for _, h in sizes)))
+    median = (statistics.median_low(w for w, _ in sizes), statistics.median_low(h for _, h in sizes))
     return DataFacts(info.name, len(source), held_out_images, len(sizes), by_area[0], by_area[-1], median,
                      info.channels, info.num_classes)
 
 
 def fitting_size(side: int) -> tuple[int, int]:
-    """`(img_size, patch_size)` for images of `side` pixels: the largest patch of 16, 8, 4 or 2 px that keeps a
-    grid of at least `MIN_PATCH_GRID` patches per side, and the image size cut to a whole number of patches."""
+    """`(img_size, patch_size)` for images of `side` pixels: the largest patch of 16, 8, 4 or 2 px that keeps
+    a grid of at least `MIN_PATCH_GRID` patches per side, and the image size cut to a whole number of
+    patches."""
     patch = next((p for p in (16, 8, 4) if side // p >= MIN_PATCH_GRID), 2)
     return max(side // patch, 1) * patch, patch
 
