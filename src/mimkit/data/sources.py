@@ -19,6 +19,7 @@ Sources:
 - MNIST: LeCun et al., 1998, "Gradient-based learning applied to document recognition"
 """
 
+import contextlib
 import gzip
 import math
 import os
@@ -250,14 +251,20 @@ def _walk_images(folder: Path) -> Iterator[tuple[str, list[str]]]:
         yield dirpath, [f for f in filenames if not _is_hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Every image under `folder`, recursively, hidden entries skipped, sorted by path. A progress bar
-    (on stderr) shows once the listing takes more than two seconds, as it does for folders of 100k+ files."""
+def _listing_bar(folder: Path) -> tqdm:
+    """A progress bar (on stderr) that shows once listing `folder` takes more than two seconds, as it does
+    for folders of 100k+ files."""
+    return tqdm(desc=f"listing {folder}", unit=" images", delay=2.0)
+
+
+def _image_files(folder: Path, bar: tqdm | None = None) -> list[Path]:
+    """Every image under `folder`, recursively, hidden entries skipped, sorted by path; counted on `bar`
+    (a listing bar of its own when None)."""
     found = []
-    with tqdm(desc=f"listing {folder}", unit=" images", delay=2.0) as bar:
+    with contextlib.nullcontext(bar) if bar is not None else _listing_bar(folder) as counter:
         for dirpath, names in _walk_images(folder):
             found += [Path(dirpath, f) for f in names]
-            bar.update(len(names))
+            counter.update(len(names))
     return sorted(found)
 
 
@@ -406,10 +413,11 @@ class ImageFolderSource(_FolderSource):
         if unknown := sorted(set(found) - set(classes)):
             raise MimkitError(f"class folders {unknown} under '{root}' are not among the classes {classes}")
         paths, labels = [], []
-        for label, name in enumerate(classes):
-            files = _image_files(root / name) if (root / name).is_dir() else []
-            paths += files
-            labels += [label] * len(files)
+        with _listing_bar(root) as bar:  # one bar over all classes: each alone may be quick
+            for label, name in enumerate(classes):
+                files = _image_files(root / name, bar) if (root / name).is_dir() else []
+                paths += files
+                labels += [label] * len(files)
         super().__init__(str(root), paths, labels, classes, channels, skip_bad_images, max_bad_images)
 
 
