@@ -40,8 +40,8 @@ def choose_recipe(method: str, data: str) -> tuple[str, str]:
     if f"{method}_small" in recipe_names() and Path(data).expanduser().is_dir():
         count = count_images(data, stop_after=SMALL_DATA_IMAGES)
         if count < SMALL_DATA_IMAGES:
-            return f"{method}_small", (f"{count} images, fewer than {SMALL_DATA_IMAGES:,} ({method}_in1k is "
-                                       "sized for ImageNet's 1.28M; --config NAME picks another)")
+            return f"{method}_small", (f"{count} images, fewer than {SMALL_DATA_IMAGES:,} ({method}_in1k is for "
+                                       "ImageNet-sized folders; --config NAME picks another)")
         return f"{method}_in1k", f"{SMALL_DATA_IMAGES:,} images or more"
     return f"{method}_in1k", "the paper's ImageNet-1K recipe"
 
