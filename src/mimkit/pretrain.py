@@ -103,8 +103,9 @@ class Pretraining:
         lines += [f"model     {self.config.method} {model.name}, {data.img_size} px in {model.patch_size}-px "
                   f"patches ({grid}x{grid} grid){masked}",
                   f"run       {self.plan.describe()}",
-                  f"machine   {f['num_workers']} data workers (asked {data.num_workers}; this process may "
-                  f"use {f['usable_cpus']} CPUs), {f['torch_threads']} torch threads"]
+                  f"machine   {f['num_workers']} data worker{'' if f['num_workers'] == 1 else 's'} (asked "
+                  f"{data.num_workers}; this process may use {f['usable_cpus']} CPUs), "
+                  f"{f['torch_threads']} torch threads"]
         if f["size_hint"] and not f["auto_size"] and f["resumed_from"] is None:  # too late for a resumed run
             fit = " ".join(f"--set {k}={v}" for k, v in f["size_hint"].items())
             lines.append(f"hint      images (median {f['median_size']}) are much smaller than "
