@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_interop_cli import IMPORT_SETS, TINY
 
 from mimkit.cli import build_parser, finetune_config, main, pretrain_config
-from mimkit.config import PretrainConfig, from_dict, load_recipe, merge, to_dict
+from mimkit.config import PretrainConfig, from_dict, load_recipe, merge, recipe_names, to_dict
 from mimkit.eval.config import FinetuneConfig
 from mimkit.interop.keymaps import to_foreign
 from mimkit.interop.mae import OFFICIAL_MAE
@@ -94,14 +94,17 @@ def test_config_file_is_the_recipe(tmp_path):
                                              ("pretrain", "beitv2"), ("tokenizer train", "dvae"),
                                              ("tokenizer train", "vqkd")])
 def test_folders_pick_the_in1k_recipe_and_builtin_data_the_fmnist_one(tmp_path, command, method):
+    """A folder gets the method's small-data recipe when it has one (an empty folder is small), else the
+    paper's ImageNet one; the built-in data sets get the Fashion-MNIST one."""
     def resolved(data: str) -> PretrainConfig:
         return pretrain_config(build_parser().parse_args([*command.split(), method, "--data", data,
-                                                          "--out", str(tmp_path / "run")]))
+                                                          "--out", str(tmp_path / "run")]))[0]
 
     def recipe(name: str) -> PretrainConfig:
         return from_dict(PretrainConfig, merge(to_dict(PretrainConfig(method=method)), load_recipe(name)))
 
-    in1k, fmnist = recipe(f"{method}_in1k"), recipe(f"{method}_fmnist")
+    folder = f"{method}_small" if f"{method}_small" in recipe_names() else f"{method}_in1k"
+    in1k, fmnist = recipe(folder), recipe(f"{method}_fmnist")
     assert (in1k.model, in1k.optim) != (fmnist.model, fmnist.optim)
     for data, expected in ((str(tmp_path), in1k), ("synthetic", fmnist), ("fashion-mnist:100", fmnist)):
         config = resolved(data)

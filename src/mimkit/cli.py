@@ -27,13 +27,30 @@ from mimkit.cpus import set_thread_defaults
 from mimkit.errors import Interrupted, MimkitError
 
 BUILTIN_DATA = ("fashion-mnist", "mnist", "synthetic")
+SMALL_DATA_IMAGES = 100_000  # a folder with fewer images gets the method's small-data recipe, when it has one
+
+
+def choose_recipe(method: str, data: str) -> tuple[str, str]:
+    """The packaged recipe for a method, and why: the Fashion-MNIST one for the built-in small data sets;
+    for a folder of fewer than `SMALL_DATA_IMAGES` images the small-data one (``mae_small``) when the method
+    has one; the paper's ImageNet one for everything else."""
+    from mimkit.config import recipe_names
+    from mimkit.data.sources import count_images
+
+    if data.split(":")[0] in BUILTIN_DATA:
+        return f"{method}_fmnist", "the recipe of the built-in data sets"
+    if f"{method}_small" in recipe_names() and Path(data).expanduser().is_dir():
+        count = count_images(data, stop_after=SMALL_DATA_IMAGES)
+        if count < SMALL_DATA_IMAGES:
+            return f"{method}_small", (f"{count} images, fewer than {SMALL_DATA_IMAGES:,} ({method}_in1k is "
+                                       "for ImageNet-sized folders; --config NAME picks another)")
+        return f"{method}_in1k", f"{SMALL_DATA_IMAGES:,} images or more"
+    return f"{method}_in1k", "the paper's ImageNet-1K recipe"
 
 
 def default_recipe(method: str, data: str) -> str:
-    """The packaged recipe for a method: the Fashion-MNIST one for the built-in small data sets,
-    the paper's ImageNet one for everything else."""
-    small = data.split(":")[0] in BUILTIN_DATA
-    return f"{method}_fmnist" if small else f"{method}_in1k"
+    """The name of `choose_recipe`'s recipe."""
+    return choose_recipe(method, data)[0]
 
 
 def train_flags(args: argparse.Namespace) -> dict:
@@ -48,16 +65,23 @@ def train_flags(args: argparse.Namespace) -> dict:
     return train
 
 
-def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
+def pretrain_config(args: argparse.Namespace) -> tuple[PretrainConfig, str]:
     """Defaults ← recipe ← command-line flags ← ``--set`` overrides. Without ``--config``, a run directory
-    that already holds a configuration (an interrupted or an imported run) is its own recipe."""
+    that already holds a configuration (an interrupted or an imported run) is its own recipe.
+
+    Returns:
+        The configuration, and one line on which recipe it came from and why.
+    """
     from mimkit.runs import is_run_dir
 
     saved = Path(args.out) / "config.yaml"
-    if args.config or not (saved.is_file() and is_run_dir(args.out)):
-        recipe = load_recipe(args.config or default_recipe(args.method, args.data or "fashion-mnist"))
+    if args.config:
+        recipe, why = load_recipe(args.config), f"{args.config} (--config)"
+    elif saved.is_file() and is_run_dir(args.out):
+        recipe, why = read_yaml(saved), f"{saved} (the run's own, resumed)"
     else:
-        recipe = read_yaml(saved)
+        name, reason = choose_recipe(args.method, args.data or "fashion-mnist")
+        recipe, why = load_recipe(name), f"{name}: {reason}"
     values = merge(to_dict(PretrainConfig(method=args.method)), recipe)
     flags: dict = {"data": {}, "model": {}, "train": train_flags(args)}
     if args.data:
@@ -72,7 +96,7 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
         flags[args.method] = {"teacher": args.teacher}
     values = merge(merge(values, flags), parse_overrides(args.set))
     values["method"] = args.method
-    return from_dict(PretrainConfig, values)
+    return from_dict(PretrainConfig, values), why
 
 
 def check_run_dir(out: Path, config: PretrainConfig, must_resume: bool) -> None:
@@ -92,11 +116,17 @@ def check_run_dir(out: Path, config: PretrainConfig, must_resume: bool) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from mimkit.pretrain import run_pretraining
+    from mimkit.train.checkpoint import Checkpoints
 
-    config = pretrain_config(args)
+    config, recipe = pretrain_config(args)
     out = Path(args.out)
     check_run_dir(out, config, args.resume)
-    summary = run_pretraining(config, out, args.force_config)
+    if args.rescan and Checkpoints(out).latest() is not None:
+        raise MimkitError(f"--rescan: '{out}' holds a run, which resumes with the file list it started with; "
+                          "give a new --out to train on the folder as it is now")
+    summary = run_pretraining(config, out, report=lambda lines: print("\n".join(lines), flush=True),
+                              recipe=recipe, rescan=args.rescan, auto_size=args.auto_size,
+                              force_config=args.force_config)
     if summary["interrupted"]:
         raise Interrupted
     if "val_usage" in summary:  # a VQ-KD tokenizer's held-out evaluation
@@ -447,6 +477,12 @@ def add_run_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--resume", action="store_true", help="require a checkpoint in --out to resume from")
     sub.add_argument("--skip-bad-images", action="store_true",
                      help="warn about and skip unreadable images instead of stopping")
+    sub.add_argument("--rescan", action="store_true",
+                     help="list the data folder again instead of reading the file list stored in --out "
+                     "(a new run only: a resumed run keeps its files and their order)")
+    sub.add_argument("--auto-size", action="store_true",
+                     help="for images at most half of data.img_size, train at the image and patch size that "
+                     "fit them (the start-up summary prints the --set it applies)")
     add_force_config(sub)
 
 

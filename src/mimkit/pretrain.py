@@ -1,22 +1,32 @@
 """Set up and run a pretraining job from a resolved configuration."""
 
-from dataclasses import dataclass, replace
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 from mimkit.config import OptimConfig, PretrainConfig, TrainConfig
+from mimkit.cpus import usable_cpus
+from mimkit.data.filelist import train_source
 from mimkit.data.loader import SeededViews
-from mimkit.data.sources import MAX_IMAGE_PIXELS, SourceInfo, build_source
+from mimkit.data.sources import MAX_IMAGE_PIXELS, SourceInfo
+from mimkit.data.survey import held_out_count, size_hint, survey
 from mimkit.errors import MimkitError
 from mimkit.methods import METHODS
 from mimkit.runs import hold_run_dir, keep_config
+from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import Schedule, epoch_steps, train
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import cosine_schedule
+
+log = logging.getLogger(__name__)
 
 
 def resolve_data(config: PretrainConfig, info: SourceInfo) -> PretrainConfig:
@@ -45,79 +55,177 @@ class RunPlan:
 
 
 def plan_run(num_samples: int, world_size: int, train_cfg: TrainConfig, optim_cfg: OptimConfig,
-             values_fn=None, lr_schedule=cosine_schedule) -> RunPlan:
-    """Length (``train.epochs`` or ``train.max_steps``), lr = base_lr × global batch / 256, warmup + decay.
+             values_fn=None) -> RunPlan:
+    """Length (``train.epochs`` or ``train.max_steps``), lr = base_lr × global batch / 256, warmup + cosine.
 
     Args:
         values_fn: optional ``total_steps -> {name: per-step list}`` of more scheduled values.
-        lr_schedule: the decay after warmup, ``(base, final, total_steps, warmup_steps) -> list``:
-            `cosine_schedule` (default) or `mimkit.train.schedule.poly_schedule`.
     """
     global_batch = train_cfg.batch_size * world_size * train_cfg.accum_steps
     steps_per_epoch = epoch_steps(num_samples, train_cfg.batch_size * world_size, train_cfg.accum_steps)
-    total_steps = train_cfg.epochs * steps_per_epoch if train_cfg.max_steps is None else train_cfg.max_steps
+    total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
     lr = optim_cfg.base_lr * global_batch / 256
     warmup = round(optim_cfg.warmup_epochs * steps_per_epoch)
     values = values_fn(total_steps) if values_fn else {}
-    schedule = Schedule(total_steps, lr_schedule(lr, optim_cfg.min_lr, total_steps, warmup),
+    schedule = Schedule(total_steps, cosine_schedule(lr, optim_cfg.min_lr, total_steps, warmup),
                         train_cfg.accum_steps, optim_cfg.clip_grad, values)
     return RunPlan(schedule, steps_per_epoch, global_batch, lr)
 
 
-def run_pretraining(config: PretrainConfig, run_dir: str | Path, force_config: bool = False) -> dict:
+@dataclass
+class Pretraining:
+    """A pretraining job set up by `prepare_pretraining`, ready for `start_pretraining`.
+
+    Attributes:
+        facts: what the run reads and how it runs, JSON-friendly; also saved as ``run_dir/data.json``.
+    """
+
+    config: PretrainConfig
+    run_dir: Path
+    world: World
+    source: Dataset
+    model: torch.nn.Module
+    view: Callable
+    loss_fn: Callable
+    evaluate: Callable | None
+    plan: RunPlan
+    num_workers: int
+    facts: dict
+    force_config: bool = False
+
+    def summary(self) -> list[str]:
+        """The start-up summary: one short line per subject."""
+        f = self.facts
+        model, data = self.config.model, self.config.data
+        grid = data.img_size // model.patch_size
+        lines = [f"data      {f['data']}"]
+        lines += [f"          {f['file_list']}"] if f["file_list"] else []
+        lines += [f"recipe    {f['recipe']}"] if f["recipe"] else []
+        masked = f", {self.config.mae.mask_ratio:.0%} masked" if self.config.method == "mae" else ""
+        lines += [f"model     {self.config.method} {model.name}, {data.img_size} px in {model.patch_size}-px "
+                  f"patches ({grid}x{grid} grid){masked}",
+                  f"run       {self.plan.describe()}",
+                  f"machine   {f['num_workers']} data worker{'' if f['num_workers'] == 1 else 's'} (asked "
+                  f"{data.num_workers}; this process may use {f['usable_cpus']} CPUs), "
+                  f"{f['torch_threads']} torch threads"]
+        if f["size_hint"] and not f["auto_size"] and f["resumed_from"] is None:  # too late for a resumed run
+            fit = " ".join(f"--set {k}={v}" for k, v in f["size_hint"].items())
+            lines.append(f"hint      images (median {f['median_size']}) are much smaller than "
+                         f"{data.img_size} px: {fit} fits them (or --auto-size)")
+        elif f["auto_size"]:
+            lines.append(f"auto-size {' '.join(f'{k}={v}' for k, v in f['size_hint'].items())} "
+                         f"fits images of median {f['median_size']}")
+        return lines
+
+
+def data_workers(requested: int) -> int:
+    """Data loader workers: as many as asked, no more than the CPUs each local process may use."""
+    per_process = usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(requested, max(1, per_process))
+
+
+def _auto_sized(config: PretrainConfig, hint: dict) -> PretrainConfig:
+    data = replace(config.data, img_size=hint["data.img_size"])
+    return replace(config, data=data, model=replace(config.model, patch_size=hint["model.patch_size"]))
+
+
+def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, world: World, *, recipe: str = "",
+                        rescan: bool = False, auto_size: bool = False, force_config: bool = False
+                        ) -> Pretraining:
+    """Set up a pretraining job: its data (the stored file list when resuming), model, plan and the facts of
+    its start-up summary. Writes ``config.yaml``, ``data.json`` and, for folders, ``files.txt`` to `run_dir`.
+
+    Args:
+        config: the resolved configuration.
+        run_dir: the run directory (resumed when it holds a checkpoint).
+        recipe: one line on which recipe the configuration came from and why, for the summary.
+        rescan: list a folder again instead of reading the stored file list (`mimkit.data.filelist`).
+        auto_size: when the images are at most half of ``data.img_size``, train at the image and patch size
+            that fit them (`mimkit.data.survey.size_hint`); refused for a run that has checkpoints.
+        force_config: resume a trained run whose configuration, number of processes or global batch differ
+            from this one's (otherwise refused; `mimkit.runs.keep_config`).
+    """
+    run_dir = Path(run_dir)
+    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+    data = config.data
+    source, list_note = train_source(data.source, run_dir, root=data.root, channels=data.channels,
+                                     skip_bad_images=data.skip_bad_images, max_bad_images=data.max_bad_images,
+                                     rescan=rescan, store=world.is_main,
+                                     max_image_pixels=data.max_image_pixels or MAX_IMAGE_PIXELS,
+                                     # a large file is decoded at a reduced size that still gives every crop
+                                     # of the view its full detail
+                                     decode_min_side=3 * data.img_size if data.img_size else None)
+    found = survey(source, held_out_count(data.source, data.root))
+    hint = size_hint(data.img_size, found)
+    resumed_from = Checkpoints(run_dir).latest()
+    if auto_size and hint:
+        if resumed_from is not None:
+            raise MimkitError(f"--auto-size would change the image and patch size of the run in '{run_dir}', "
+                              "which has checkpoints; use a new --out")
+        config = _auto_sized(config, hint)
+    config = resolve_data(config, source.info)
+    method = METHODS[config.method]
+    if hasattr(method, "resolve_config"):  # fields left to something outside the run, e.g. a tokenizer
+        config = method.resolve_config(config)
+    model = method.build_model(config).to(world.device)
+    view, loss_fn = method.build_task(config, model)
+    # evaluated at each epoch end and at the end, e.g. a tokenizer's codebook usage on held-out images
+    evaluate = method.build_evaluate(config, model) if hasattr(method, "build_evaluate") else None
+    # more values scheduled per step, e.g. the dVAE's Gumbel temperature
+    values_fn = partial(method.schedule_values, config) if hasattr(method, "schedule_values") else None
+    plan = plan_run(len(source), world.size, config.train, config.optim, values_fn)
+    facts = {"data": found.describe(), **asdict(found), "median_size": "x".join(map(str, found.median)),
+             "file_list": list_note, "recipe": recipe, "size_hint": hint,
+             "auto_size": bool(auto_size and hint),
+             "num_workers": data_workers(config.data.num_workers), "usable_cpus": usable_cpus(),
+             "torch_threads": torch.get_num_threads(), "run": plan.describe(), "resumed_from": resumed_from}
+    if world.is_main:
+        keep_config(run_dir, config, force_config)
+        tmp = run_dir / "data.json.tmp"
+        tmp.write_text(json.dumps(facts, indent=2) + "\n")
+        os.replace(tmp, run_dir / "data.json")
+    return Pretraining(config, run_dir, world, source, model, view, loss_fn, evaluate, plan,
+                       facts["num_workers"], facts, force_config)
+
+
+def start_pretraining(job: Pretraining) -> dict:
+    """Train a prepared job to its end (or until interrupted).
+
+    Returns:
+        The training loop's summary (final step, whether it was interrupted, where it resumed from).
+    """
+    config, train_cfg, optim_cfg = job.config, job.config.train, job.config.optim
+    optimizer = build_adamw(param_groups(job.model, optim_cfg.weight_decay), optim_cfg.betas)
+    if train_cfg.compile:
+        job.model.compile()
+    return train(job.model, job.loss_fn, SeededViews(job.source, job.view), optimizer, job.plan.schedule,
+                 job.run_dir, job.world, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
+                 num_workers=job.num_workers, checkpoint_every=train_cfg.checkpoint_every,
+                 keep_last=train_cfg.keep_last, log_every=train_cfg.log_every, evaluate=job.evaluate,
+                 force_resume=job.force_config, desc=f"pretrain {config.method}")
+
+
+def run_pretraining(config: PretrainConfig, run_dir: str | Path,
+                    report: Callable[[list[str]], None] | None = None, **options) -> dict:
     """Pretrain ``config.method`` into ``run_dir`` (resuming when it holds a checkpoint), holding the run
     directory's lock meanwhile (`mimkit.runs.hold_run_dir`).
 
     Args:
-        force_config: resume a trained run whose configuration, number of processes or global batch differ
-            from this one's (otherwise refused; `mimkit.runs.keep_config`).
+        report: receives the start-up summary's lines (main process); None logs them (`logging`, logger
+            ``mimkit.pretrain``).
+        options: `prepare_pretraining`'s keyword arguments.
 
     Returns:
         The training loop's summary (final step, whether it was interrupted, where it resumed from).
     """
     world = init_world()
     with hold_run_dir(run_dir, enabled=world.is_main):
-        return _pretrain(config, Path(run_dir), world, force_config)
+        job = prepare_pretraining(config, run_dir, world, **options)
+        if world.is_main:
+            (report or _log_lines)(job.summary())
+        return start_pretraining(job)
 
 
-def _pretrain(config: PretrainConfig, run_dir: Path, world: World, force_config: bool) -> dict:
-    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    data = config.data
-    # a large file is decoded at a reduced size that still gives every crop of the view its full detail
-    source = build_source(data.source, split="train", root=data.root, channels=data.channels,
-                          skip_bad_images=data.skip_bad_images, max_bad_images=data.max_bad_images,
-                          max_image_pixels=data.max_image_pixels or MAX_IMAGE_PIXELS,
-                          decode_min_side=3 * data.img_size if data.img_size else None)
-    config = resolve_data(config, source.info)
-    method = METHODS[config.method]
-    if hasattr(method, "resolve_config"):  # fields left to something outside the run, e.g. a tokenizer
-        config = method.resolve_config(config)
-    model = method.build_model(config).to(world.device)
-    if config.train.grad_checkpointing:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise MimkitError(f"train.grad_checkpointing is not available for {config.method}; "
-                              "it checkpoints ViT blocks (mae, beit, beitv2)")
-        model.set_grad_checkpointing()
-    view, loss_fn = method.build_task(config, model)
-    # evaluated at each epoch end and at the end, e.g. a tokenizer's codebook usage on held-out images
-    evaluate = method.build_evaluate(config, model) if hasattr(method, "build_evaluate") else None
-
-    train_cfg, optim_cfg = config.train, config.optim
-    # more values scheduled per step, e.g. the dVAE's Gumbel temperature
-    values_fn = partial(method.schedule_values, config) if hasattr(method, "schedule_values") else None
-    plan = plan_run(len(source), world.size, train_cfg, optim_cfg, values_fn)
-    optimizer = build_adamw(param_groups(model, optim_cfg.weight_decay), optim_cfg.betas)
-
-    if world.is_main:
-        keep_config(run_dir, config, force_config)
-        how = f" ({source.info.channels_note})" if source.info.channels_note else ""
-        tqdm.write(f"{config.method} {config.model.name}: {len(source)} images, "
-                   f"{config.data.channels} channel{'s' if config.data.channels > 1 else ''}{how}, "
-                   f"{plan.describe()}")
-    if train_cfg.compile:
-        model.compile()
-    return train(model, loss_fn, SeededViews(source, view), optimizer, plan.schedule, run_dir, world,
-                 batch_size=train_cfg.batch_size, seed=train_cfg.seed, num_workers=data.num_workers,
-                 checkpoint_every=train_cfg.checkpoint_every, keep_last=train_cfg.keep_last,
-                 log_every=train_cfg.log_every, evaluate=evaluate, force_resume=force_config,
-                 desc=f"pretrain {config.method}")
+def _log_lines(lines: list[str]) -> None:
+    for line in lines:
+        log.info(line)

@@ -12,6 +12,7 @@ Sources:
     - `FlatFolderSource`: every image under a folder, recursively (unlabeled).
     - tar shards (`mimkit.data.shards`) and Hugging Face datasets (`mimkit.data.hf`): the same
       decoding and bad-image handling as folders, reading each image's bytes from a shard or a row.
+    - `ListedFolderSource`: the files a run listed when it started (`mimkit.data.filelist`), for resuming.
     - `SyntheticSource`: generated images with class-dependent structure, for tests.
 
 `build_source(spec, split)` picks one from a name or a path.
@@ -20,11 +21,12 @@ Sources:
 - MNIST: LeCun et al., 1998, "Gradient-based learning applied to document recognition"
 """
 
+import contextlib
 import gzip
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -34,6 +36,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms.v2.functional import pil_to_tensor
+from tqdm import tqdm
 
 from mimkit.data.hf import open_hf_images
 from mimkit.data.shards import ShardMembers, ShardReader, member_labels, shard_files
@@ -251,14 +254,47 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Every image under `folder`, recursively, hidden entries skipped, sorted by path."""
-    found = []
+def _walk_images(folder: Path) -> Iterator[tuple[str, list[str]]]:
+    """`(directory, image file names)` for every directory under `folder`, hidden entries skipped."""
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
-        found += [Path(dirpath, f) for f in filenames
-                  if not _is_hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+        yield dirpath, [f for f in filenames if not _is_hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def _listing_bar(folder: Path) -> tqdm:
+    """A progress bar (on stderr) that shows once listing `folder` takes more than two seconds, as it does
+    for folders of 100k+ files."""
+    return tqdm(desc=f"listing {folder}", unit=" images", delay=2.0)
+
+
+def _image_files(folder: Path, bar: tqdm | None = None) -> list[Path]:
+    """Every image under `folder`, recursively, hidden entries skipped, sorted by path; counted on `bar`
+    (a listing bar of its own when None)."""
+    found = []
+    with contextlib.nullcontext(bar) if bar is not None else _listing_bar(folder) as counter:
+        for dirpath, names in _walk_images(folder):
+            found += [Path(dirpath, f) for f in names]
+            counter.update(len(names))
     return sorted(found)
+
+
+def count_images(spec: str, stop_after: int) -> int:
+    """Images in a data folder's train split (`spec/train` when it has one), counting stopped early.
+
+    Args:
+        spec: a folder path.
+        stop_after: stop once more than this many are found (a cheap "is it large?" on huge folders).
+
+    Returns:
+        The count, or a number above `stop_after` when the folder holds more.
+    """
+    folder = Path(spec).expanduser()
+    count = 0
+    for _, names in _walk_images(folder / "train" if (folder / "train").is_dir() else folder):
+        count += len(names)
+        if count > stop_after:
+            break
+    return count
 
 
 def _subfolders(folder: Path) -> list[str]:
@@ -435,10 +471,11 @@ class ImageFolderSource(_FolderSource):
         if unknown := sorted(set(found) - set(classes)):
             raise MimkitError(f"class folders {unknown} under '{root}' are not among the classes {classes}")
         paths, labels = [], []
-        for label, name in enumerate(classes):
-            files = _image_files(root / name) if (root / name).is_dir() else []
-            paths += files
-            labels += [label] * len(files)
+        with _listing_bar(root) as bar:  # one bar over all classes: each alone may be quick
+            for label, name in enumerate(classes):
+                files = _image_files(root / name, bar) if (root / name).is_dir() else []
+                paths += files
+                labels += [label] * len(files)
         super().__init__(str(root), paths, labels, classes, channels, skip_bad_images, max_bad_images,
                          max_image_pixels, decode_min_side)
 
@@ -459,6 +496,31 @@ class FlatFolderSource(_FolderSource):
         paths = _image_files(Path(root))
         super().__init__(str(root), paths, [-1] * len(paths), [], channels, skip_bad_images, max_bad_images,
                          max_image_pixels, decode_min_side)
+
+
+class ListedFolderSource(_FolderSource):
+    """A folder's images exactly as a run listed them when it started (see `mimkit.data.filelist`), so a
+    resumed run reads the same files in the same order however the folder changed since.
+
+    Args:
+        root: the folder the paths are relative to.
+        name: the source's name (`SourceInfo.name`).
+        files: `(label, path relative to root)` per image, in the order listed.
+        classes: class names, index = label; empty when unlabeled.
+        channels, skip_bad_images, max_bad_images, max_image_pixels, decode_min_side: as in
+            `ImageFolderSource`.
+
+    Item:
+        `(image uint8 (C, H, W), label int)`.
+    """
+
+    def __init__(self, root: str | Path, name: str, files: Sequence[tuple[int, str]], classes: Sequence[str],
+                 channels: int | None = None, skip_bad_images: bool = False, max_bad_images: int = 100,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, decode_min_side: int | None = None):
+        paths = [os.path.join(root, path) for _, path in files]
+        super().__init__(str(root), paths, [label for label, _ in files], list(classes), channels,
+                         skip_bad_images, max_bad_images, max_image_pixels, decode_min_side)
+        self.info = replace(self.info, name=name)
 
 
 # ---------------------------------------------------------------------------------------------------------

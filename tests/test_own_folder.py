@@ -1,0 +1,143 @@
+"""A user's own folder: the start-up summary, workers within the CPUs, the stored file list, the size hint,
+the recipe chosen by folder size."""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from mimkit import cli, cpus, pretrain
+from mimkit.cli import choose_recipe, main
+from mimkit.data.filelist import load_file_list, train_source
+from mimkit.data.sources import ListedFolderSource, count_images
+from mimkit.data.survey import DataFacts, fitting_size, size_hint, survey
+from mimkit.runs import load_config
+
+TINY = ["--model", "vit_mini", "--set", "model.kwargs.depth=2", "--set", "model.kwargs.decoder_depth=1",
+        "--batch-size", "4"]
+
+
+def write_images(folder, n, size=(32, 32), mode="RGB", start=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(start)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    for i in range(start, start + n):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(folder / f"{i:03d}.jpg")
+
+
+def test_summary_facts_on_a_tiny_folder(tmp_path, capsys):
+    data = tmp_path / "shoes"
+    write_images(data / "train" / "boot", 6, (32, 32), "L")
+    write_images(data / "train" / "sandal", 5, (48, 24), "L", start=10)
+    write_images(data / "val" / "boot", 3, (32, 32), "L")
+    out = tmp_path / "run"
+    assert main(["pretrain", "mae", "--data", str(data), "--out", str(out), "--max-steps", "1", *TINY,
+                 "--set", "data.img_size=32", "--set", "model.patch_size=8"]) == 0
+    printed = capsys.readouterr().out
+    assert "shoes: 11 images for training, 3 held out; 32x32 to 48x24, median 32x32 px (all read)" in printed
+    assert "1 channel (L: all 11 sampled files are grey), 2 classes" in printed
+    assert "recipe    mae_small: 11 images, fewer than 100,000" in printed
+    assert "mae vit_mini, 32 px in 8-px patches (4x4 grid), 75% masked" in printed
+    assert "1 steps (0.50 epochs), global batch 4" in printed
+    assert f"data workers (asked 8; this process may use {cpus.usable_cpus()} CPUs)" in printed
+    facts = json.loads((out / "data.json").read_text())
+    counts = (facts["train_images"], facts["held_out_images"], facts["channels"], facts["classes"])
+    assert counts == (11, 3, 1, 2)
+    assert facts["smallest"] == [32, 32] and facts["largest"] == [48, 24] and facts["median"] == [32, 32]
+    assert facts["num_workers"] == min(8, cpus.usable_cpus()) and facts["recipe"].startswith("mae_small")
+
+
+def test_sizes_of_a_large_folder_come_from_a_spread_sample(tmp_path):
+    write_images(tmp_path / "a", 6, (20, 20))
+    write_images(tmp_path / "b", 6, (60, 50), start=10)
+    source, _ = train_source(str(tmp_path), tmp_path / "run")
+    facts = survey(source, held_out_images=0, samples=4)
+    assert facts.sizes_read == 4 and facts.train_images == 12
+    assert (facts.smallest, facts.largest) == ((20, 20), (60, 50))  # the sample reaches both halves
+
+
+def test_workers_capped_by_affinity_and_cgroup_quota(tmp_path, monkeypatch):
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    quota.write_text("max 100000\n")
+    assert cpus.usable_cpus(quota) == 4
+    quota.write_text("150000 100000\n")  # one and a half CPUs: two may run
+    assert cpus.usable_cpus(quota) == 2
+    assert cpus.usable_cpus(tmp_path / "absent") == 4
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5}, raising=False)
+    monkeypatch.setattr(cpus, "CGROUP_CPU_MAX", tmp_path / "absent")
+    monkeypatch.setattr(pretrain, "usable_cpus", cpus.usable_cpus)
+    assert pretrain.data_workers(8) == 1 and pretrain.data_workers(0) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes share the eight CPUs
+    assert pretrain.data_workers(8) == 4
+
+
+def test_stored_list_reused_on_resume(tmp_path, capsys):
+    data, out = tmp_path / "imgs", tmp_path / "run"
+    write_images(data, 12)
+    args = ["pretrain", "mae", "--data", str(data), "--out", str(out), *TINY, "--set", "data.img_size=32",
+            "--set", "model.patch_size=8", "--set", "data.num_workers=0"]
+    assert main([*args, "--max-steps", "2"]) == 0
+    first = (out / "files.txt").read_text()
+    assert "12 images listed, kept in" in capsys.readouterr().out
+
+    write_images(data, 1, start=100)
+    (data / "100.jpg").rename(data / "000a_added.jpg")  # sorts second: a fresh list would shift the indices
+    assert main([*args, "--max-steps", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "12 images from" in printed and "new files are ignored (--rescan with a new --out" in printed
+    assert (out / "files.txt").read_text() == first
+    source, _ = train_source(str(data), out)
+    assert isinstance(source, ListedFolderSource) and len(source) == 12
+    assert not any("added" in p for p in source.paths)
+
+    assert main([*args, "--max-steps", "6", "--rescan"]) == 2
+    assert "--rescan: " in capsys.readouterr().err
+    rescanned, _ = train_source(str(data), tmp_path / "new", rescan=True)
+    assert len(rescanned) == 13 and len(load_file_list(tmp_path / "new").files) == 13
+
+
+def facts_with_median(side: int) -> DataFacts:
+    return DataFacts("x", 10, 0, 10, (side, side), (side, side), (side, side), 3, 0)
+
+
+def test_size_hint():
+    assert size_hint(224, facts_with_median(64)) == {"data.img_size": 64, "model.patch_size": 8}
+    assert size_hint(224, facts_with_median(28)) == {"data.img_size": 28, "model.patch_size": 4}
+    assert size_hint(224, facts_with_median(150)) is None  # not much smaller: left alone
+    assert size_hint(None, facts_with_median(64)) is None  # the native size already
+    assert fitting_size(100) == (96, 8) and fitting_size(112) == (112, 16) and fitting_size(10) == (10, 2)
+
+
+def test_size_hint_printed_and_auto_size_applied(tmp_path, capsys):
+    data = tmp_path / "imgs"
+    write_images(data, 8)
+    base = ["pretrain", "mae", "--data", str(data), *TINY, "--max-steps", "1", "--set", "data.num_workers=0"]
+    assert main([*base, "--out", str(tmp_path / "hint"), "--set", "data.img_size=96"]) == 0
+    printed = capsys.readouterr().out
+    assert "much smaller than 96 px: --set data.img_size=32 --set model.patch_size=4 fits them" in printed
+    assert load_config(tmp_path / "hint").data.img_size == 96  # a hint, never a silent change
+
+    assert main([*base, "--out", str(tmp_path / "auto"), "--set", "data.img_size=96", "--auto-size"]) == 0
+    assert "auto-size data.img_size=32 model.patch_size=4" in capsys.readouterr().out
+    config = load_config(tmp_path / "auto")
+    assert (config.data.img_size, config.model.patch_size) == (32, 4)
+    # a run that started at 96 px keeps its model
+    assert main([*base, "--out", str(tmp_path / "hint"), "--auto-size", "--max-steps", "2"]) == 2
+    assert "--auto-size would change" in capsys.readouterr().err
+
+
+def test_recipe_chosen_by_folder_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "SMALL_DATA_IMAGES", 10)
+    write_images(tmp_path / "few", 6)
+    write_images(tmp_path / "many" / "train" / "a", 12)
+    assert choose_recipe("mae", str(tmp_path / "few"))[0] == "mae_small"
+    assert "6 images, fewer than 10" in choose_recipe("mae", str(tmp_path / "few"))[1]
+    assert choose_recipe("mae", str(tmp_path / "many"))[0] == "mae_in1k"
+    assert choose_recipe("beit", str(tmp_path / "few"))[0] == "beit_in1k"  # no small-data BEiT recipe
+    assert choose_recipe("mae", "fashion-mnist")[0] == "mae_fmnist"
+    assert count_images(str(tmp_path / "many"), stop_after=3) == 12  # stops after the directory that passes 3
+    assert count_images(str(tmp_path / "few"), stop_after=100) == 6
