@@ -15,6 +15,7 @@ from mimkit.cli import main
 from mimkit.data import shards
 from mimkit.data.shards import INDEX_NAME, ShardMembers, ShardReader, pack_files, parse_size, shard_files
 from mimkit.data.sources import build_source
+from mimkit.data.survey import survey
 from mimkit.errors import MimkitError
 
 
@@ -175,3 +176,14 @@ def test_reader_survives_pickling_and_reopens(tmp_path):
     source[0]
     copy = pickle.loads(pickle.dumps(source))  # what a spawned DataLoader worker receives
     assert copy.reader._fds == {} and torch.equal(copy[3][0], source[3][0])
+
+
+def test_start_up_survey_reads_sizes_from_the_shards(tmp_path):
+    """The start-up summary's sizes come from the shard members' headers, as from the folder's files."""
+    folder = image_folder(tmp_path / "images")
+    pack(folder, tmp_path / "shards")
+    from_folder = survey(build_source(str(folder)), held_out_images=0)
+    from_shards = survey(build_source(f"shards:{tmp_path / 'shards'}"), held_out_images=0)
+    assert from_shards.sizes_read == from_folder.sizes_read == 12
+    assert (from_shards.smallest, from_shards.largest, from_shards.median) == (
+        from_folder.smallest, from_folder.largest, from_folder.median) == ((16, 20), (38, 31), (26, 25))

@@ -391,7 +391,7 @@ class _FolderSource(Dataset):
         gray, sizes = [], set()
         for i in picks:
             try:
-                with Image.open(self._file(i)) as img:
+                with Image.open(self.image_file(i)) as img:
                     gray.append(img.mode in _GRAY_MODES)
                     sizes.add(img.size)
             except Exception as e:  # PIL raises many types on bad files
@@ -417,12 +417,13 @@ class _FolderSource(Dataset):
         warnings.warn(f"skipping unreadable image '{path}' ({error}); "
                       f"{self.num_bad_images} skipped in this process", stacklevel=3)
 
-    def _file(self, index: int) -> str | BinaryIO:
+    def image_file(self, index: int) -> str | BinaryIO:
+        """Image `index` encoded: its file's path, or a binary file object (a shard member, a dataset row)."""
         return self.paths[index] if self.reader is None else self.reader(index)
 
     def load(self, index: int) -> torch.Tensor:
         """Decode one image to uint8 `(C, H, W)`; raises whatever PIL raises (ValueError: too many pixels)."""
-        return decode_image(self._file(index), self._mode, self.max_image_pixels, self.decode_min_side)
+        return decode_image(self.image_file(index), self._mode, self.max_image_pixels, self.decode_min_side)
 
     def __len__(self) -> int:
         return len(self.paths)

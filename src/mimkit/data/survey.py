@@ -53,13 +53,15 @@ class DataFacts:
                 f"{self.channels} channel{'s' if self.channels > 1 else ''}{how}, {labels}")
 
 
-def _image_sizes(paths: list[str], samples: int) -> list[tuple[int, int]]:
-    """`(width, height)` of all paths, or of `samples` evenly spread ones; unreadable files left out."""
-    picks = paths if len(paths) <= samples else [paths[i * len(paths) // samples] for i in range(samples)]
+def _image_sizes(source: Dataset, samples: int) -> list[tuple[int, int]]:
+    """`(width, height)` of all of a folder, shard or dataset source's images, or of `samples` evenly spread
+    ones; unreadable ones left out."""
+    n = len(source)
+    picks = range(n) if n <= samples else [i * n // samples for i in range(samples)]
     sizes = []
-    for path in picks:
+    for index in picks:
         try:
-            with Image.open(path) as img:  # reads the header only
+            with Image.open(source.image_file(index)) as img:  # reads the header only
                 sizes.append(img.size)
         except Exception:  # PIL raises many types on bad files; the loader reports them when it meets them
             continue
@@ -83,8 +85,8 @@ def survey(source: Dataset, held_out_images: int, samples: int = SIZE_SAMPLES) -
         samples: at most this many headers are read, evenly spread over the folder.
     """
     info = source.info
-    if hasattr(source, "paths"):
-        sizes = _image_sizes(source.paths, samples) or [(0, 0)]
+    if hasattr(source, "image_file"):
+        sizes = _image_sizes(source, samples) or [(0, 0)]
     else:  # in-memory and generated sources: one size for all
         sizes = [(info.image_size, info.image_size)] * min(len(source), samples)
     by_area = sorted(sizes, key=lambda s: (s[0] * s[1], s))
