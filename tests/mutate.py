@@ -130,9 +130,9 @@ PLANTED = [
         "overrides=parse_overrides(args.set))", "overrides={})",
         ("tests/test_cli_contract.py::test_import_set_configures_the_run",)),
     Bug("fine-tuning view: RandAugment never applied", "src/mimkit/eval/augment.py",
-        "if rand_augment_ops > 0:", "if rand_augment_ops > 9:", ("tests/test_finetune_view.py",)),
+        "auto_augment=auto_augment or None,", "auto_augment=None,", ("tests/test_finetune_view.py",)),
     Bug("fine-tuning view: random erasing never applied", "src/mimkit/eval/augment.py",
-        "if reprob > 0:", "if reprob > 1:", ("tests/test_finetune_view.py",)),
+        "re_prob=reprob,", "re_prob=0.0,", ("tests/test_finetune_view.py",)),
 ]
 
 
