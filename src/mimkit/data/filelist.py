@@ -53,8 +53,9 @@ def newest_mtime_ns(root: str, files: list[tuple[int, str]]) -> int:
 
 
 def file_list_of(source: Dataset, spec: str) -> FileList | None:
-    """The file list of a source read from a folder; None for the others (IDX files, synthetic)."""
-    if not hasattr(source, "paths"):
+    """The file list of a source read from a folder; None for the others (IDX files, synthetic, and tar shards
+    and Hugging Face datasets, whose images are members of files that do not change)."""
+    if not hasattr(source, "paths") or source.reader is not None:
         return None
     root = os.path.abspath(source.root)
     prefix = str(Path(source.root)) + os.sep  # the paths' own start: cutting it is 10x faster than relpath
