@@ -431,6 +431,17 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, capsys, monkeypatch):
     one_line_error(capsys, "metrics.jsonl", "the disk is full")
 
 
+def test_a_read_only_place_for_a_new_run_is_one_line(tmp_path, capsys, monkeypatch):
+    """--out inside a read-only folder: creating the run directory fails in one line (root ignores
+    permission bits, so the failure is injected)."""
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert pretrain(tmp_path / "ro" / "run", "--max-steps", "1") == 2
+    one_line_error(capsys, "run.lock", "read-only")
+
+
 def test_a_full_disk_while_exporting_is_one_line(run_with_checkpoints, tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
