@@ -165,14 +165,14 @@ def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, world: Worl
         config = _auto_sized(config, hint)
     config = resolve_data(config, source.info)
     method = METHODS[config.method]
-    if hasattr(method, "resolve_config"):  # fields left to something outside the run, e.g. a tokenizer
+    if method.resolve_config:  # fields left to something outside the run, e.g. a tokenizer
         config = method.resolve_config(config)
     model = method.build_model(config).to(world.device)
     view, loss_fn = method.build_task(config, model)
     # evaluated at each epoch end and at the end, e.g. a tokenizer's codebook usage on held-out images
-    evaluate = method.build_evaluate(config, model) if hasattr(method, "build_evaluate") else None
+    evaluate = method.build_evaluate(config, model) if method.build_evaluate else None
     # more values scheduled per step, e.g. the dVAE's Gumbel temperature
-    values_fn = partial(method.schedule_values, config) if hasattr(method, "schedule_values") else None
+    values_fn = partial(method.schedule_values, config) if method.schedule_values else None
     plan = plan_run(len(source), world.size, config.train, config.optim, values_fn)
     facts = {"data": found.describe(), **asdict(found), "median_size": "x".join(map(str, found.median)),
              "file_list": list_note, "recipe": recipe, "size_hint": hint,

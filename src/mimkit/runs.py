@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from mimkit.config import PretrainConfig, differences, from_dict, read_yaml, save_config, to_dict
 from mimkit.errors import MimkitError
-from mimkit.methods import METHODS
+from mimkit.registry import method_of
 from mimkit.train.checkpoint import Checkpoints, load_weights
 
 LOCK = "run.lock"
@@ -117,6 +117,6 @@ def latest_weights(run_dir: str | Path) -> Path:
 def load_run(run_dir: str | Path) -> tuple[nn.Module, PretrainConfig]:
     """Rebuild a run's model from its configuration and load its newest weights (eval mode, CPU)."""
     config = load_config(run_dir)
-    model = METHODS[config.method].build_model(config)
+    model = method_of(config.method).build_model(config)
     load_weights(model, latest_weights(run_dir))
     return model.eval(), config

@@ -1,0 +1,3 @@
+"""Evaluation of the runs of every registered method (importing `mimkit.methods` registers them)."""
+
+import mimkit.methods  # noqa: F401

@@ -12,7 +12,7 @@ from mimkit.config import PretrainConfig, from_dict, read_yaml
 from mimkit.errors import MimkitError
 from mimkit.eval.classifier import FineTuned, build_classifier, check_encoder
 from mimkit.eval.config import FinetuneConfig
-from mimkit.methods import METHODS
+from mimkit.registry import method_of
 from mimkit.runs import latest_weights
 from mimkit.train.checkpoint import Checkpoints, load_weights
 
@@ -56,7 +56,7 @@ def random_encoder(spec: PretrainConfig, seed: int = 0) -> nn.Module:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _encoder_of(METHODS[spec.method].build_model(spec), spec.method)
+        return _encoder_of(method_of(spec.method).build_model(spec), spec.method)
 
 
 def finetuned_model(config: FinetuneConfig) -> FineTuned:
@@ -106,7 +106,7 @@ def load_encoder(path: str | Path, init: str = "pretrained", seed: int = 0) -> E
         load_weights(model, weights)
         encoder = model.ema.module if finetune.ema_decay else model.classifier  # the weights "best" chose
     else:
-        model = METHODS[spec.method].build_model(spec)
+        model = method_of(spec.method).build_model(spec)
         weights = weights or latest_weights(run_dir)
         load_weights(model, weights)
         encoder = _encoder_of(model, spec.method)

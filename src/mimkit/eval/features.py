@@ -18,19 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from mimkit.data.loader import SeededViews, workers_end_with_errors
+from mimkit.data.loader import eval_loader, workers_end_with_errors
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
 from mimkit.eval.classifier import block_features, pooled_features
 from mimkit.eval.encoders import Encoder
 from mimkit.eval.subsets import make_splits
-
-
-def eval_loader(source: Dataset, view, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
-    """Batches ``{"image", "label"}`` of every item of ``source``, in order, through a deterministic view."""
-    items = [(i, 0) for i in range(len(source))]  # (index, seed): the view is deterministic
-    return DataLoader(SeededViews(source, view), batch_size, sampler=items, num_workers=num_workers)
 
 
 def probe_layers(layer: int | str | None, depth: int) -> tuple[int, ...] | None:

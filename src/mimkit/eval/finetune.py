@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from mimkit.config import to_dict
-from mimkit.data.loader import SeededViews
+from mimkit.data.loader import SeededViews, eval_loader
 from mimkit.data.sources import SourceInfo, build_source
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
@@ -27,7 +27,6 @@ from mimkit.eval.augment import MixTargets, finetune_view
 from mimkit.eval.classifier import FineTuned, build_classifier
 from mimkit.eval.config import FinetuneConfig
 from mimkit.eval.encoders import Encoder, finetuned_model, load_encoder
-from mimkit.eval.features import eval_loader
 from mimkit.eval.metrics import classification_accuracy, prefixed, write_results
 from mimkit.eval.subsets import make_splits
 from mimkit.pretrain import plan_run

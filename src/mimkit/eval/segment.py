@@ -23,13 +23,12 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from mimkit.config import PretrainConfig, from_dict, read_yaml, to_dict
-from mimkit.data.loader import SeededViews
+from mimkit.data.loader import SeededViews, eval_loader
 from mimkit.data.seg_transforms import SegEvalView, SegTrainView
 from mimkit.data.segmentation import SegSource, build_seg_source
 from mimkit.errors import MimkitError
 from mimkit.eval.config import SegmentConfig
 from mimkit.eval.encoders import Encoder, load_encoder, random_encoder
-from mimkit.eval.features import eval_loader
 from mimkit.eval.metrics import write_results
 from mimkit.eval.seg_metrics import IGNORE_INDEX, MODES, evaluate_segmentation, format_table
 from mimkit.eval.subsets import label_subset

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from mimkit.config import PretrainConfig, from_dict, read_yaml
 from mimkit.data.transforms import crop_view
 from mimkit.errors import MimkitError
+from mimkit.registry import LossFn, Method, View, register
 from mimkit.tokenizers.dvae import DVAE, DVAE_FILE, DVAEEncoder, dvae_for
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.schedule import cosine_schedule
@@ -32,7 +33,7 @@ def build_model(config: PretrainConfig) -> DVAE:
                     d.hidden, d.num_res, d.recon_loss, d.tokenizer_size)
 
 
-def build_task(config: PretrainConfig, model: DVAE):
+def build_task(config: PretrainConfig, model: DVAE) -> tuple[View, LossFn]:
     view = crop_view(config.dvae.tokenizer_size or config.data.img_size, config.data.mean, config.data.std,
                      config.dvae.crop_scale)
 
@@ -133,3 +134,6 @@ def load_tokenizer(tokenizer: Tokenizer) -> DVAE:
     model = DVAE(**tokenizer.dvae)
     load_weights(model, tokenizer.weights)
     return model.eval()
+
+
+register(Method("dvae", "tokenizer", build_model, build_task, schedule_values=schedule_values))

@@ -19,10 +19,12 @@ import torch
 from torch.utils.data import Subset
 
 from mimkit.config import PretrainConfig, check_model_kwargs, from_dict, read_yaml
+from mimkit.data.loader import eval_loader
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import crop_view, eval_view
 from mimkit.errors import MimkitError
 from mimkit.models.vit import check_patch_grid
+from mimkit.registry import Evaluate, LossFn, Method, View, register
 from mimkit.tokenizers.dvae import codebook_stats
 from mimkit.tokenizers.teachers import SPEC_FORMS, Teacher, load_teacher
 from mimkit.tokenizers.vqkd import VQKD, create_vqkd
@@ -64,7 +66,7 @@ def build_model(config: PretrainConfig) -> VQKD:
                        **config.model.kwargs)
 
 
-def build_task(config: PretrainConfig, model: VQKD):
+def build_task(config: PretrainConfig, model: VQKD) -> tuple[View, LossFn]:
     teacher = teacher_of(config).to(next(model.parameters()).device)
     view = crop_view(config.data.img_size, config.data.mean, config.data.std, config.vqkd.crop_scale)
 
@@ -75,12 +77,10 @@ def build_task(config: PretrainConfig, model: VQKD):
     return view, loss_fn
 
 
-def build_evaluate(config: PretrainConfig, model: VQKD):
+def build_evaluate(config: PretrainConfig, model: VQKD) -> Evaluate:
     """``evaluate(model) -> {"val_usage", "val_perplexity", "val_cosine"}`` on held-out images: the
     ``val`` split when the data has one (Fashion-MNIST's test images), else the train split; a fixed,
     seeded subset of ``vqkd.eval_images`` of them. No labels are read."""
-    from mimkit.eval.features import eval_loader  # not at the top: mimkit.eval imports the methods
-
     data = config.data
     try:
         source = build_source(data.source, split="val", root=data.root, channels=data.channels)
@@ -140,3 +140,7 @@ def load_vqkd_tokenizer(path: str | Path) -> tuple[VQKD, PretrainConfig]:
     model = build_model(config)
     load_weights(model, Checkpoints(path).weights_path(step))
     return model.eval().requires_grad_(False), config
+
+
+register(Method("vqkd", "tokenizer", build_model, build_task, resolve_config=resolve_config,
+                build_evaluate=build_evaluate))

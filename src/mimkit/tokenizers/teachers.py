@@ -163,7 +163,7 @@ class Teacher(nn.Module):
 
 
 def _mimkit_teacher(path: Path) -> tuple[nn.Module, int, int, list, list]:
-    from mimkit.eval.encoders import load_encoder  # not at the top: it imports the methods, which import us
+    from mimkit.eval.encoders import load_encoder  # not at the top: importing mimkit.eval imports the methods
 
     encoder = load_encoder(path)
     data = encoder.spec.data
