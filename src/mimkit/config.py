@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses, packaged YAML recipes, dotted ``--set`` overrides.
 
-Only the CLI reads configuration; library functions take plain arguments. A run directory keeps the
-resolved configuration as ``config.yaml`` so that any later command can rebuild the run's model.
+The CLI reads recipes and flags into these dataclasses, and library entry points take them (or plain
+arguments). A run directory keeps the resolved configuration (`mimkit.runs.CONFIG`) so that any later command
+can rebuild the run's model.
 """
 
 import dataclasses

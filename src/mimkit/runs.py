@@ -1,11 +1,15 @@
-"""Run directories: what a finished (or interrupted) run leaves, and how to get its model back.
+"""Run directories: what a finished (or interrupted) run leaves, and how to get its model back. This module
+owns the layout: no other module spells the names of the files below.
 
-``<run>/config.yaml`` is the resolved configuration; ``<run>/checkpoints/step-*.safetensors`` the weights;
-``<run>/run.lock`` is locked by the one process that trains the run and holds its PID meanwhile.
+``<run>/`CONFIG``` is the resolved configuration; ``<run>/checkpoints/`` the weights (`Checkpoints`: the
+newest steps, and the best weights of a run that evaluates); ``<run>/`LOCK``` is locked by the one process
+that trains the run and holds its PID meanwhile; ``<run>/`DATA_FACTS``` is a pretraining run's start-up
+summary (what it reads and how it runs); ``<run>/`FILE_LIST``` the files of a folder it trains on.
 """
 
 import contextlib
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +22,10 @@ from mimkit.errors import MimkitError
 from mimkit.registry import method_of
 from mimkit.train.checkpoint import Checkpoints, load_weights
 
+CONFIG = "config.yaml"
 LOCK = "run.lock"
+DATA_FACTS = "data.json"
+FILE_LIST = "files.txt"
 # settings a run may resume with changed values: its length and its upkeep, none of which changes what one
 # step computes
 RESUMABLE_CHANGES = frozenset({
@@ -31,7 +38,44 @@ def is_run_dir(path: str | Path) -> bool:
     """Whether ``path`` holds a mimkit run: one a training command started (its lock file), or a
     configuration with checkpoints (an imported run, or one from before the lock file)."""
     path = Path(path)
-    return (path / LOCK).is_file() or ((path / "config.yaml").is_file() and (path / "checkpoints").is_dir())
+    return (path / LOCK).is_file() or (config_path(path).is_file() and Checkpoints(path).dir.is_dir())
+
+
+def config_path(run_dir: str | Path) -> Path:
+    """Where a run keeps its resolved configuration."""
+    return Path(run_dir) / CONFIG
+
+
+def saved_values(run_dir: str | Path) -> dict:
+    """The configuration a run saved, as plain values (no type checked); ``{}`` when it saved none."""
+    path = config_path(run_dir)
+    return read_yaml(path) if path.is_file() else {}
+
+
+def file_list_path(run_dir: str | Path) -> Path:
+    """Where a run keeps the files of a folder it trains on (`mimkit.data.filelist`)."""
+    return Path(run_dir) / FILE_LIST
+
+
+def save_data_facts(run_dir: str | Path, facts: dict) -> None:
+    """Write a run's start-up summary (JSON-friendly ``facts``) atomically."""
+    path = Path(run_dir) / DATA_FACTS
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(facts, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def split_weights_path(path: str | Path) -> tuple[Path, Path | None]:
+    """(run directory, weights file or None) for a run directory or a checkpoint file inside one."""
+    path = Path(path)
+    if path.is_file():
+        if not path.name.endswith(".safetensors"):
+            raise MimkitError(f"'{path}' is not a checkpoint (.safetensors) nor a run directory")
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return run_dir, path
+    if not config_path(path).is_file():
+        raise MimkitError(f"'{path}' is not a mimkit run directory (no {CONFIG}) nor a checkpoint file")
+    return path, None
 
 
 @contextlib.contextmanager
@@ -81,7 +125,7 @@ def keep_config(run_dir: str | Path, config, force: bool = False) -> None:
     only under the configuration it was trained with, apart from `RESUMABLE_CHANGES` (its length and
     upkeep). Other differences are refused, each listed, unless ``force``: then they are said and saved.
     """
-    path = Path(run_dir) / "config.yaml"
+    path = config_path(run_dir)
     step = Checkpoints(run_dir).latest()
     if not step or not path.is_file():
         save_config(config, path)
@@ -100,9 +144,9 @@ def keep_config(run_dir: str | Path, config, force: bool = False) -> None:
 
 def load_config(run_dir: str | Path) -> PretrainConfig:
     """The resolved configuration a run saved."""
-    path = Path(run_dir) / "config.yaml"
+    path = config_path(run_dir)
     if not path.is_file():
-        raise MimkitError(f"'{run_dir}' is not a mimkit run directory (no config.yaml)")
+        raise MimkitError(f"'{run_dir}' is not a mimkit run directory (no {CONFIG})")
     return from_dict(PretrainConfig, read_yaml(path))
 
 
@@ -112,6 +156,12 @@ def latest_weights(run_dir: str | Path) -> Path:
     if step is None:
         raise MimkitError(f"run '{run_dir}' has no checkpoint yet")
     return Checkpoints(run_dir).weights_path(step)
+
+
+def best_weights(run_dir: str | Path) -> Path:
+    """The best weights of a run that kept them (`Checkpoints.save_best`), else its newest."""
+    best = Checkpoints(run_dir).best_path
+    return best if best.exists() else latest_weights(run_dir)
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, PretrainConfig]:

@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mimkit.config import PretrainConfig, from_dict, read_yaml
+from mimkit.config import PretrainConfig, from_dict
 from mimkit.errors import MimkitError
 from mimkit.eval.classifier import FineTuned, build_classifier, check_encoder
 from mimkit.eval.config import FinetuneConfig
 from mimkit.registry import method_of
-from mimkit.runs import latest_weights
-from mimkit.train.checkpoint import Checkpoints, load_weights
+from mimkit.runs import best_weights, latest_weights, saved_values, split_weights_path
+from mimkit.train.checkpoint import load_weights
 
 INITS = ("pretrained", "random")
 
@@ -67,18 +67,6 @@ def finetuned_model(config: FinetuneConfig) -> FineTuned:
     return FineTuned(classifier, config.ema_decay)
 
 
-def _locate(path: Path) -> tuple[Path, Path | None]:
-    """(run directory, weights file or None) for a run directory or a checkpoint file inside one."""
-    if path.is_file():
-        if not path.name.endswith(".safetensors"):
-            raise MimkitError(f"'{path}' is not a checkpoint (.safetensors) nor a run directory")
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return run_dir, path
-    if not (path / "config.yaml").is_file():
-        raise MimkitError(f"'{path}' is not a mimkit run directory (no config.yaml) nor a checkpoint file")
-    return path, None
-
-
 def load_encoder(path: str | Path, init: str = "pretrained", seed: int = 0) -> Encoder:
     """The encoder of a run, on CPU in eval mode.
 
@@ -91,8 +79,8 @@ def load_encoder(path: str | Path, init: str = "pretrained", seed: int = 0) -> E
     """
     if init not in INITS:
         raise MimkitError(f"init {init!r} is not one of {', '.join(INITS)}")
-    run_dir, weights = _locate(Path(path))
-    values = read_yaml(run_dir / "config.yaml")
+    run_dir, weights = split_weights_path(path)
+    values = saved_values(run_dir)
     if "encoder_config" in values:  # the training augmentation does not shape the model (and older runs
         values.pop("augment", None)  # name other fields: torchvision's rand_augment_ops, ...)
     finetune = from_dict(FinetuneConfig, values) if "encoder_config" in values else None
@@ -101,8 +89,7 @@ def load_encoder(path: str | Path, init: str = "pretrained", seed: int = 0) -> E
         return Encoder(random_encoder(spec, seed), spec, f"random init (seed {seed})", run_dir, finetune)
     if finetune:
         model = finetuned_model(finetune)
-        best = Checkpoints(run_dir).dir / "best.safetensors"
-        weights = weights or (best if best.exists() else latest_weights(run_dir))
+        weights = weights or best_weights(run_dir)
         load_weights(model, weights)
         encoder = model.ema.module if finetune.ema_decay else model.classifier  # the weights "best" chose
     else:

@@ -71,8 +71,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, force_config: bool
     """Fine-tune ``config.encoder`` on ``config.data`` into ``run_dir`` (resuming when it holds a checkpoint),
     holding the run directory's lock meanwhile (`mimkit.runs.hold_run_dir`).
 
-    ``run_dir`` receives ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` (the last ones and
-    ``best.safetensors``) and, once training has finished, ``results.json``.
+    ``run_dir`` receives its configuration, ``metrics.jsonl``, ``checkpoints/`` (the last ones and the
+    best weights) and, once training has finished, ``results.json``.
 
     Args:
         force_config: resume a trained run whose configuration, number of processes or global batch differ
@@ -156,7 +156,7 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
     best = Checkpoints(run_dir).best()
     if splits.val:  # the best weights were chosen on held-out training images: their test number is fair
         chosen = finetuned_model(config)
-        load_weights(chosen, Checkpoints(run_dir).dir / "best.safetensors")
+        load_weights(chosen, Checkpoints(run_dir).best_path)
         picked = chosen.ema.module if config.ema_decay else chosen.classifier
         final |= prefixed("test_best", classification_accuracy(picked.to(world.device), test_loader,
                                                                world.device, "test best"))

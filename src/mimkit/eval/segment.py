@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from mimkit.config import PretrainConfig, from_dict, read_yaml, to_dict
+from mimkit.config import PretrainConfig, from_dict, to_dict
 from mimkit.data.loader import SeededViews, eval_loader
 from mimkit.data.seg_transforms import SegEvalView, SegTrainView
 from mimkit.data.segmentation import SegSource, build_seg_source
@@ -34,7 +34,7 @@ from mimkit.eval.seg_metrics import IGNORE_INDEX, MODES, evaluate_segmentation, 
 from mimkit.eval.subsets import label_subset
 from mimkit.models.segmentation import HEADS, Segmenter, segmentation_encoder
 from mimkit.pretrain import plan_run
-from mimkit.runs import hold_run_dir, keep_config, latest_weights
+from mimkit.runs import CONFIG, best_weights, hold_run_dir, keep_config, saved_values
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import train
@@ -69,23 +69,20 @@ def build_segmenter(config: SegmentConfig, encoder: nn.Module) -> Segmenter:
 
 def is_segmentation_run(run: str | Path) -> bool:
     """Whether ``run`` is a directory left by `mimkit segment`."""
-    path = Path(run) / "config.yaml"
-    return path.is_file() and "seg" in read_yaml(path)
+    return "seg" in saved_values(run)
 
 
 def load_segmenter(run_dir: str | Path) -> tuple[Segmenter, SegmentConfig]:
     """A segmentation run's model (its best weights, else its newest) in eval mode on CPU, and its
     configuration."""
     run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
-    values = read_yaml(path) if path.is_file() else {}
+    values = saved_values(run_dir)
     if "seg" not in values:
-        raise MimkitError(f"'{run_dir}' is not a segmentation run (no seg section in its config.yaml); "
+        raise MimkitError(f"'{run_dir}' is not a segmentation run (no seg section in its {CONFIG}); "
                           "make one with mimkit segment")
     config = from_dict(SegmentConfig, values)
     model = build_segmenter(config, random_encoder(from_dict(PretrainConfig, config.encoder_config)))
-    best = Checkpoints(run_dir).dir / "best.safetensors"
-    load_weights(model, best if best.exists() else latest_weights(run_dir))
+    load_weights(model, best_weights(run_dir))
     return model.eval(), config
 
 
@@ -118,8 +115,8 @@ def run_segment(config: SegmentConfig, run_dir: str | Path, force_config: bool =
     """Train ``config.encoder`` for segmentation on ``config.data`` into ``run_dir`` (resuming when it holds a
     checkpoint), holding the run directory's lock meanwhile (`mimkit.runs.hold_run_dir`).
 
-    ``run_dir`` receives ``config.yaml``, ``metrics.jsonl`` (loss, lr, and the validation aAcc/mIoU/mAcc),
-    ``checkpoints/`` (the last ones and ``best.safetensors``, highest val mIoU) and, once training has
+    ``run_dir`` receives its configuration, ``metrics.jsonl`` (loss, lr, and the validation aAcc/mIoU/mAcc),
+    ``checkpoints/`` (the last ones and the best weights, highest val mIoU) and, once training has
     finished, ``results.json`` (the scores with the per-class table).
 
     Args:

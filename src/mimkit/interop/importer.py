@@ -5,8 +5,8 @@ into mimkit's names (a `Foreign`, with what the checkpoint's training arguments 
 `resolve_arch` decides the architecture and records where each field came from (the weights, ``args``, a
 config file, a default, a guess); `load_foreign` loads the weights into a mimkit model, resizing position
 tables to the model's grid and refusing missing or unexpected keys unless asked not to;
-`import_checkpoint` writes ``config.yaml`` and a step-0 checkpoint that every command reads like one it
-wrote: ``visualize``, ``finetune``, ``linprobe``, ``knn``, ``export``, and ``pretrain`` (which continues
+`import_checkpoint` writes the run's configuration and a step-0 checkpoint that every command reads like one
+it wrote: ``visualize``, ``finetune``, ``linprobe``, ``knn``, ``export``, and ``pretrain`` (which continues
 from the imported weights with a fresh optimizer).
 
 Where the architecture comes from, first match wins: ``--set`` (``overrides``); the weights (widths,
@@ -41,6 +41,7 @@ from mimkit.methods import METHODS
 from mimkit.models.beit import BEIT_MODELS
 from mimkit.models.mae import MAE_MODELS
 from mimkit.models.vit import ENCODER_ARCHS
+from mimkit.runs import config_path
 from mimkit.train.checkpoint import Checkpoints
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -444,6 +445,6 @@ def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int
     model = METHODS[config.method].build_model(config)
     notes = foreign.notes + load_foreign(model, foreign, allow_mismatch)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    save_config(config, config_path(out))
     Checkpoints(out).save(0, model, {"step": 0, "imported_from": str(path), "format": fmt})
     return ImportReport(out, config, foreign.source, notes, origin)

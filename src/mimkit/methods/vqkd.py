@@ -1,6 +1,6 @@
 """VQ-KD tokenizer training (BEiT v2's visual vocabulary), driven by the same loop as pretraining.
 
-The run directory is the tokenizer: its ``config.yaml`` rebuilds the VQ-KD (the teacher's width is
+The run directory is the tokenizer: its configuration rebuilds the VQ-KD (the teacher's width is
 written into it, ``vqkd.teacher_dim``, so the teacher is not needed afterwards) and its newest checkpoint
 holds the weights and the codebook; ``--tokenizer runs/vqkd`` reads whatever it reached. The frozen
 teacher runs inside the loss. Every step logs the batch's codebook usage and perplexity; every epoch end
@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from mimkit.config import PretrainConfig, check_model_kwargs, from_dict, read_yaml
+from mimkit.config import PretrainConfig, check_model_kwargs
 from mimkit.data.loader import eval_loader
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import crop_view, eval_view
 from mimkit.errors import MimkitError
 from mimkit.models.vit import check_patch_grid
 from mimkit.registry import Evaluate, LossFn, Method, View, register
+from mimkit.runs import config_path, load_config
 from mimkit.tokenizers.dvae import codebook_stats
 from mimkit.tokenizers.teachers import SPEC_FORMS, Teacher, load_teacher
 from mimkit.tokenizers.vqkd import VQKD, create_vqkd
@@ -118,10 +119,10 @@ def tokenizer_config(path: str | Path) -> PretrainConfig:
         path: a run directory of ``mimkit tokenizer train vqkd``.
     """
     path = Path(path)
-    if not (path / "config.yaml").is_file():
+    if not config_path(path).is_file():
         raise MimkitError(f"tokenizer '{path}' is not a run directory; train one with: "
                           f"mimkit tokenizer train vqkd --teacher runs/mae --data ... --out {path}")
-    config = from_dict(PretrainConfig, read_yaml(path / "config.yaml"))
+    config = load_config(path)
     if config.method != "vqkd":
         raise MimkitError(f"'{path}' holds a {config.method} run, not a VQ-KD tokenizer")
     return config

@@ -265,7 +265,7 @@ def load_teacher(spec: str, grid: int, data_mean: Sequence[float], data_std: Seq
         path = Path(spec)
         if not path.exists():
             raise MimkitError(f"teacher '{spec}' does not exist; give {SPEC_FORMS}")
-        if path.is_dir() and (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        if path.is_dir() and (path / "config.json").is_file():  # a mimkit run has no config.json
             parts = _hf_teacher(path)
         else:
             parts = _mimkit_teacher(path)

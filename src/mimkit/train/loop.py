@@ -156,7 +156,7 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
         evaluate: called on the model every ``evaluate_every`` optimizer steps (default: at every epoch
             end) and at the end; its numbers are logged.
         keep_best: a key of ``evaluate``'s results; the weights where it was highest are kept as
-            ``checkpoints/best.safetensors`` (`Checkpoints.save_best`).
+            as the best weights (`Checkpoints.save_best`).
         after_step: called with the new step number after each optimizer step (e.g. a model EMA update).
         force_resume: resume a checkpoint trained by another number of processes or with another global
             batch (refused otherwise).
