@@ -1,4 +1,5 @@
-"""The package's modules import each other without a cycle, counting imports inside functions."""
+"""The package's modules import each other without a cycle and only downwards through its layers, counting
+imports inside functions."""
 
 import ast
 from pathlib import Path
@@ -87,3 +88,30 @@ def test_the_walk_sees_imports_inside_functions(tmp_path):
 def test_the_package_has_no_import_cycle():
     cycle = _cycle(_imports(_module_names()))
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# the package's layers, lowest first: a module imports only from its own layer and the ones below; the
+# longest name that matches decides (the configuration of evaluation runs is configuration)
+LAYERS = (
+    ("mimkit", "mimkit.errors", "mimkit.config", "mimkit.eval.config", "mimkit.cpus", "mimkit.safe_load",
+     "mimkit.recipes"),
+    ("mimkit.data", "mimkit.models", "mimkit.tokenizers", "mimkit.masking"),
+    ("mimkit.train",),
+    ("mimkit.registry", "mimkit.runs"),
+    ("mimkit.methods",),
+    ("mimkit.pretrain", "mimkit.eval", "mimkit.interop", "mimkit.viz"),
+    ("mimkit.cli",),
+)
+
+
+def _layer(module: str) -> int:
+    matches = [(len(name), level) for level, names in enumerate(LAYERS) for name in names
+               if module == name or module.startswith(name + ".") and name != "mimkit"]
+    assert matches, f"{module} is in no layer of LAYERS"
+    return max(matches)[1]
+
+
+def test_no_import_runs_upward():
+    upward = sorted(f"{m} -> {t}" for m, targets in _imports(_module_names()).items() for t in targets
+                    if _layer(t) > _layer(m))
+    assert upward == [], "imports from a higher layer: " + "; ".join(upward)

@@ -322,7 +322,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
-    from mimkit.eval.encoders import load_encoder
+    from mimkit.runs import load_encoder
 
     encoder = load_encoder(args.run, args.init, args.seed)
     fraction = 1.0 if args.label_fraction is None else args.label_fraction

@@ -18,19 +18,19 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
+import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
 from mimkit.config import to_dict
 from mimkit.data.loader import SeededViews, eval_loader
 from mimkit.data.sources import SourceInfo, build_source
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
 from mimkit.eval.augment import MixTargets, finetune_view
-from mimkit.eval.classifier import FineTuned, build_classifier
 from mimkit.eval.config import FinetuneConfig
-from mimkit.eval.encoders import Encoder, finetuned_model, load_encoder
 from mimkit.eval.metrics import classification_accuracy, prefixed, write_results
 from mimkit.eval.subsets import make_splits
+from mimkit.models.classifier import FineTuned, build_classifier
 from mimkit.pretrain import plan_run
-from mimkit.runs import hold_run_dir, keep_config
+from mimkit.runs import Encoder, finetuned_model, hold_run_dir, keep_config, load_encoder
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import train

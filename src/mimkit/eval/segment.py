@@ -22,19 +22,28 @@ from torch import nn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
+import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
 from mimkit.config import PretrainConfig, from_dict, to_dict
 from mimkit.data.loader import SeededViews, eval_loader
 from mimkit.data.seg_transforms import SegEvalView, SegTrainView
 from mimkit.data.segmentation import SegSource, build_seg_source
 from mimkit.errors import MimkitError
 from mimkit.eval.config import SegmentConfig
-from mimkit.eval.encoders import Encoder, load_encoder, random_encoder
 from mimkit.eval.metrics import write_results
 from mimkit.eval.seg_metrics import IGNORE_INDEX, MODES, evaluate_segmentation, format_table
 from mimkit.eval.subsets import label_subset
 from mimkit.models.segmentation import HEADS, Segmenter, segmentation_encoder
 from mimkit.pretrain import plan_run
-from mimkit.runs import CONFIG, best_weights, hold_run_dir, keep_config, saved_values
+from mimkit.runs import (
+    CONFIG,
+    Encoder,
+    best_weights,
+    hold_run_dir,
+    keep_config,
+    load_encoder,
+    random_encoder,
+    saved_values,
+)
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import train

@@ -33,15 +33,15 @@ from torch import nn
 from mimkit.config import PretrainConfig, from_dict, merge, save_config, to_dict
 from mimkit.errors import MimkitError
 from mimkit.interop import beit, mae, vqkd
-from mimkit.interop.hf import read_hf_folder, read_json
+from mimkit.interop.hf import read_hf_folder
 from mimkit.interop.keymaps import KeyMap, from_foreign
-from mimkit.interop.posembed import abs_grid, rel_grid, resize_abs_pos_embed, resize_rel_pos_table
-from mimkit.interop.safe_load import load_checkpoint, load_sharded, load_tensors
 from mimkit.methods import METHODS
 from mimkit.models.beit import BEIT_MODELS
 from mimkit.models.mae import MAE_MODELS
+from mimkit.models.posembed import abs_grid, rel_grid, resize_abs_pos_embed, resize_rel_pos_table
 from mimkit.models.vit import ENCODER_ARCHS
 from mimkit.runs import config_path
+from mimkit.safe_load import load_checkpoint, load_sharded, load_tensors, read_json
 from mimkit.train.checkpoint import Checkpoints
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -233,7 +233,7 @@ def _listing(keys: list[str], limit: int = 8) -> str:
 def load_foreign(model: nn.Module, foreign: Foreign, allow_mismatch: bool = False) -> list[str]:
     """Load ``foreign`` into ``model``, a fresh model of ``foreign.method``.
 
-    Position tables of another grid are resized (`mimkit.interop.posembed`). A part listed in
+    Position tables of another grid are resized (`mimkit.models.posembed`). A part listed in
     `OPTIONAL_PARTS` that the checkpoint lacks entirely (the decoder of an encoder-only file) keeps its fresh
     initialization. Other keys the model has but the checkpoint lacks ("missing"), and keys the model has
     no place for ("unexpected"), are an error unless ``allow_mismatch``; a shape that cannot be resized is

@@ -16,26 +16,33 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import Subset
 
-from mimkit.config import PretrainConfig, check_model_kwargs
+from mimkit.config import DataConfig, PretrainConfig, check_model_kwargs
 from mimkit.data.loader import eval_loader
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import crop_view, eval_view
 from mimkit.errors import MimkitError
 from mimkit.models.vit import check_patch_grid
 from mimkit.registry import Evaluate, LossFn, Method, View, register
-from mimkit.runs import config_path, load_config
+from mimkit.runs import config_path, load_config, load_encoder
 from mimkit.tokenizers.dvae import codebook_stats
 from mimkit.tokenizers.teachers import SPEC_FORMS, Teacher, load_teacher
 from mimkit.tokenizers.vqkd import VQKD, create_vqkd
 from mimkit.train.checkpoint import Checkpoints, load_weights
 
 
+def run_encoder(path: Path) -> tuple[nn.Module, DataConfig]:
+    """A mimkit run's encoder (`mimkit.runs.load_encoder`) and the data it was trained on, as a teacher."""
+    encoder = load_encoder(path)
+    return encoder.model, encoder.spec.data
+
+
 @lru_cache(maxsize=1)
 def _load_teacher(spec: str, grid: int, mean: tuple, std: tuple) -> Teacher:
     """One teacher per process, shared by `resolve_config`, `build_task` and `build_evaluate`."""
-    return load_teacher(spec, grid, mean, std)
+    return load_teacher(spec, grid, mean, std, run_encoder)
 
 
 def teacher_of(config: PretrainConfig) -> Teacher:

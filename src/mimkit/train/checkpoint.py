@@ -25,7 +25,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mimkit.errors import MimkitError, explain_write_errors
-from mimkit.interop.safe_load import load_pickle
+from mimkit.safe_load import load_pickle
 
 _NAME = re.compile(r"^step-(\d{8})\.safetensors$")
 _STATE_NAME = re.compile(r"^step-(\d{8})\.pt$")
