@@ -19,6 +19,7 @@ Bad input ends with a one-line ``error:`` message and exit status 2, never a tra
 """
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -563,8 +564,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _BetweenBars(logging.Handler):
+    """Prints the library's messages (``mimkit.*`` loggers, INFO and up) between progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record))
+
+
+def show_library_messages() -> None:
+    """Let the library's messages through to the user, once per process."""
+    logger = logging.getLogger("mimkit")
+    if not any(isinstance(handler, _BetweenBars) for handler in logger.handlers):
+        logger.addHandler(_BetweenBars())
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     set_thread_defaults()  # before anything loads torch
+    show_library_messages()
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

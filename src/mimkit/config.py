@@ -294,7 +294,7 @@ def recipe_names() -> list[str]:
 
 
 def load_recipe(name_or_path: str) -> dict:
-    """A packaged recipe by name (``mae_vit_mini_fmnist``) or a YAML file by path."""
+    """A packaged recipe by name (``mae_fmnist``) or a YAML file by path."""
     packaged = resources.files("mimkit.recipes") / f"{name_or_path}.yaml"
     if packaged.is_file():
         return yaml.safe_load(packaged.read_text())

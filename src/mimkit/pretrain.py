@@ -25,7 +25,7 @@ from mimkit.train.loop import Schedule, epoch_steps, train
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import cosine_schedule
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def resolve_data(config: PretrainConfig, info: SourceInfo) -> PretrainConfig:
@@ -228,4 +228,4 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path,
 
 def _log_lines(lines: list[str]) -> None:
     for line in lines:
-        log.info(line)
+        logger.info(line)

@@ -7,14 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import nn
 
 from mimkit.config import PretrainConfig
 from mimkit.errors import MimkitError
+from mimkit.train.loop import LossFn  # (model, batch) -> (loss, {name: metric})
 
 View = Callable[..., dict]  # one image (and its seed) -> the training sample: {"image", ...}
-LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict]]  # (model, batch) -> (loss, {name: metric})
 Evaluate = Callable[[nn.Module], dict[str, float]]  # model -> {name: number}, logged
 
 

@@ -10,6 +10,7 @@ summary (what it reads and how it runs); ``<run>/`FILE_LIST``` the files of a fo
 import contextlib
 import fcntl
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from mimkit.config import PretrainConfig, differences, from_dict, read_yaml, save_config, to_dict
 from mimkit.errors import MimkitError
@@ -25,6 +25,8 @@ from mimkit.eval.config import FinetuneConfig
 from mimkit.models.classifier import FineTuned, build_classifier, check_encoder
 from mimkit.registry import method_of
 from mimkit.train.checkpoint import Checkpoints, load_weights
+
+logger = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 LOCK = "run.lock"
@@ -143,7 +145,7 @@ def keep_config(run_dir: str | Path, config, force: bool = False) -> None:
     if not force:
         raise MimkitError(f"'{run_dir}' holds a run trained to step {step} with other settings ({listing}); "
                           "choose another --out, or resume it with the new settings: --force-config")
-    tqdm.write(f"--force-config: resuming step {step} with {listing}")
+    logger.warning(f"--force-config: resuming step {step} with {listing}")
     save_config(config, path)
 
 

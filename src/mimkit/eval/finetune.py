@@ -9,6 +9,7 @@ read once, at the end.
 - BEiT: Bao et al., 2021, arXiv:2106.08254, appendix (layer-wise lr decay)
 """
 
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
-from tqdm import tqdm
 
 import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
 from mimkit.config import to_dict
@@ -35,6 +35,8 @@ from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import train
 from mimkit.train.optim import build_adamw, param_groups
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_finetune(config: FinetuneConfig, encoder: Encoder, info: SourceInfo) -> FinetuneConfig:
@@ -118,7 +120,7 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
         results = accuracies(model, val_loader, world.device, "val")
         model.train()
         if world.is_main:
-            tqdm.write("  ".join(f"{k} {v:.2f}" for k, v in results.items()))
+            logger.info("  ".join(f"{k} {v:.2f}" for k, v in results.items()))
         return results
 
     train_cfg, optim = config.train, config.optim
@@ -129,9 +131,9 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
 
     if world.is_main:
         keep_config(run_dir, config, force_config)
-        tqdm.write(f"fine-tune {cls.init} {encoder.spec.model.name} on {data.source}: {len(train_set)} "
-                   f"images ({labels.fraction:g} of the labels), {plan.describe()}, "
-                   f"layer decay {optim.layer_decay}")
+        logger.info(f"fine-tune {cls.init} {encoder.spec.model.name} on {data.source}: {len(train_set)} "
+                    f"images ({labels.fraction:g} of the labels), {plan.describe()}, "
+                    f"layer decay {optim.layer_decay}")
     model.classifier.set_grad_checkpointing(train_cfg.grad_checkpointing)  # timm's own forward honours it
     if train_cfg.compile:
         model.compile()
@@ -173,5 +175,5 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
         "wall_s": round(time.perf_counter() - start, 1),
     }
     write_results(run_dir, results)
-    tqdm.write("  ".join(f"{k} {v:.2f}" for k, v in final.items()))
+    logger.info("  ".join(f"{k} {v:.2f}" for k, v in final.items()))
     return results

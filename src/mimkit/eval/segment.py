@@ -12,6 +12,7 @@ per-class table, go to ``results.json``.
 - BEiT v2: Peng et al., 2022, arXiv:2208.06366; UperNet: Xiao et al., 2018, arXiv:1807.10221
 """
 
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
-from tqdm import tqdm
 
 import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
 from mimkit.config import PretrainConfig, from_dict, to_dict
@@ -49,6 +49,8 @@ from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import train
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import poly_schedule
+
+logger = logging.getLogger(__name__)
 
 SCORES = ("aAcc", "mIoU", "mAcc")
 
@@ -175,7 +177,7 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
         model.train()
         results = {f"val_{k}": last["scores"][k] for k in SCORES}
         if world.is_main:
-            tqdm.write("  ".join(f"{k} {v:.2f}" for k, v in results.items()))
+            logger.info("  ".join(f"{k} {v:.2f}" for k, v in results.items()))
         return results
 
     train_cfg, optim = config.train, config.optim
@@ -184,10 +186,10 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
 
     if world.is_main:
         keep_config(run_dir, config, force_config)
-        tqdm.write(f"segment {seg.init} {encoder.spec.model.name} with {seg.head} on {data.source}: "
-                   f"{len(train_set)} images ({100 * labels.fraction:g}% of them), "
-                   f"{seg.num_classes} classes, crop {seg.crop_size}, {plan.describe()}, "
-                   f"layer decay {optim.layer_decay}")
+        logger.info(f"segment {seg.init} {encoder.spec.model.name} with {seg.head} on {data.source}: "
+                    f"{len(train_set)} images ({100 * labels.fraction:g}% of them), "
+                    f"{seg.num_classes} classes, crop {seg.crop_size}, {plan.describe()}, "
+                    f"layer decay {optim.layer_decay}")
     if train_cfg.compile:
         model.compile()
     view = SegTrainView(seg.crop_size, seg.scale, data.mean, data.std, seg.ratio_range, seg.cat_max_ratio,
@@ -216,5 +218,5 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
         "per_class": scores["per_class"], "wall_s": round(time.perf_counter() - start, 1),
     }
     write_results(run_dir, results)
-    tqdm.write(format_table(scores))
+    logger.info(format_table(scores))
     return results

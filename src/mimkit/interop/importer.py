@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from mimkit.config import PretrainConfig, from_dict, merge, save_config, to_dict
@@ -44,7 +45,7 @@ from mimkit.runs import config_path
 from mimkit.safe_load import load_checkpoint, load_sharded, load_tensors, read_json
 from mimkit.train.checkpoint import Checkpoints
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+IMAGENET_MEAN, IMAGENET_STD = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)  # lists: YAML-friendly
 HALF = [0.5, 0.5, 0.5]  # BEiT's (and many timm ViTs') normalization: [-1, 1]
 
 
