@@ -3,9 +3,9 @@ loss falling on Fashion-MNIST, and the MAE -> VQ-KD -> BEiT v2 chain through the
 
 import pytest
 import torch
+from conftest import grid_size
 from PIL import Image
 from safetensors.torch import load_file
-from test_viz import grid_size
 from timm.models.beit import Beit
 from torch import nn
 

@@ -52,8 +52,9 @@ def newest_mtime_ns(root: str, files: list[tuple[int, str]]) -> int:
 
 
 def file_list_of(source: Dataset, spec: str) -> FileList | None:
-    """The file list of a source read from a folder; None for the others (IDX files, synthetic)."""
-    if not hasattr(source, "paths"):
+    """The file list of a source read from a folder; None for the others (IDX files, synthetic, and the
+    shards and dataset rows, which name their images but read them through a reader)."""
+    if not hasattr(source, "paths") or source.reader is not None:
         return None
     root = os.path.abspath(source.root)
     prefix = str(Path(source.root)) + os.sep  # the paths' own start: cutting it is 10x faster than relpath
