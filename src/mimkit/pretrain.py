@@ -54,11 +54,13 @@ class RunPlan:
 
 
 def plan_run(num_samples: int, world_size: int, train_cfg: TrainConfig, optim_cfg: OptimConfig,
-             values_fn=None) -> RunPlan:
-    """Length (``train.epochs`` or ``train.max_steps``), lr = base_lr × global batch / 256, warmup + cosine.
+             values_fn=None, lr_schedule=cosine_schedule) -> RunPlan:
+    """Length (``train.epochs`` or ``train.max_steps``), lr = base_lr × global batch / 256, warmup + decay.
 
     Args:
         values_fn: optional ``total_steps -> {name: per-step list}`` of more scheduled values.
+        lr_schedule: the decay after warmup, ``(base, final, total_steps, warmup_steps) -> list``:
+            `cosine_schedule` (default) or `mimkit.train.schedule.poly_schedule`.
     """
     global_batch = train_cfg.batch_size * world_size * train_cfg.accum_steps
     steps_per_epoch = epoch_steps(num_samples, train_cfg.batch_size * world_size, train_cfg.accum_steps)
@@ -66,7 +68,7 @@ def plan_run(num_samples: int, world_size: int, train_cfg: TrainConfig, optim_cf
     lr = optim_cfg.base_lr * global_batch / 256
     warmup = round(optim_cfg.warmup_epochs * steps_per_epoch)
     values = values_fn(total_steps) if values_fn else {}
-    schedule = Schedule(total_steps, cosine_schedule(lr, optim_cfg.min_lr, total_steps, warmup),
+    schedule = Schedule(total_steps, lr_schedule(lr, optim_cfg.min_lr, total_steps, warmup),
                         train_cfg.accum_steps, optim_cfg.clip_grad, values)
     return RunPlan(schedule, steps_per_epoch, global_batch, lr)
 

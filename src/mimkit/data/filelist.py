@@ -52,8 +52,8 @@ def newest_mtime_ns(root: str, files: list[tuple[int, str]]) -> int:
 
 
 def file_list_of(source: Dataset, spec: str) -> FileList | None:
-    """The file list of a source read from a folder; None for the others (IDX files, synthetic, and the
-    shards and dataset rows, which name their images but read them through a reader)."""
+    """The file list of a source read from a folder; None for the others (IDX files, synthetic, and tar shards
+    and Hugging Face datasets, whose images are members of files that do not change)."""
     if not hasattr(source, "paths") or source.reader is not None:
         return None
     root = os.path.abspath(source.root)
