@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mimkit.config import PretrainConfig, differences, from_dict, read_yaml, save_config, to_dict
-from mimkit.errors import MimkitError
+from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.eval.config import FinetuneConfig
 from mimkit.models.classifier import FineTuned, build_classifier, check_encoder
 from mimkit.registry import method_of
@@ -106,8 +106,9 @@ def hold_run_dir(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
         held = ", ".join(sorted(p.name for p in run_dir.iterdir())[:3])
         raise MimkitError(f"--out '{run_dir}' is a folder that is not a mimkit run (it holds {held}, ...); "
                           "give a new or empty folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with explain_write_errors(run_dir / LOCK):  # a read-only or full disk: one line, not a traceback
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
