@@ -1,4 +1,4 @@
-"""Shared test set-up."""
+"""Shared test set-up, and the helpers several test files use."""
 
 import pytest
 import torch
@@ -7,6 +7,43 @@ from mimkit.cli import main
 
 TINY_MAE_KWARGS = ("depth=2", "embed_dim=32", "num_heads=2", "decoder_depth=1", "decoder_embed_dim=32",
                    "decoder_num_heads=2")
+
+# a tiny MAE in the reference code's argument names, and the flags that train one imported from it
+TINY = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
+            decoder_depth=1, decoder_num_heads=2)
+IMPORT_SETS = ["--set", "model.kwargs.num_heads=2", "--set", "model.kwargs.decoder_num_heads=2",
+               "--set", "data.source=synthetic:64", "--set", "data.num_workers=0"]
+
+
+def grid_size(columns: int, rows: int, side: int) -> tuple[int, int]:
+    """Pixel size of an `image_grid` of ``side``-px tiles (upscaled to at least 112 px, 4 px apart,
+    under an 18 px header)."""
+    tile = side * max(1, 4 if side >= 64 else 112 // side)
+    return columns * (tile + 4) + 4, 18 + rows * (tile + 4) + 4
+
+
+class Points(torch.utils.data.Dataset):
+    """32 labelled 1x2x2 'images'."""
+
+    def __init__(self, n=32):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, 255, (n, 1, 2, 2), generator=g, dtype=torch.uint8)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(i % 2)
+
+
+def noisy_view(image):
+    """Uses the global RNG, as augmentations do."""
+    return {"image": image.float().flatten() / 255 + 0.01 * torch.randn(4)}
+
+
+def regression_loss(model, batch):
+    pred = model(batch["image"]).squeeze(-1)
+    return ((pred - batch["label"].float()) ** 2).mean(), {"mean_pred": pred.mean()}
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -76,7 +76,7 @@ PLANTED = [
     Bug("EMA: reported numbers are the weights'", "src/mimkit/eval/finetune.py",
         "ema = classification_accuracy(model.ema.module,", "ema = classification_accuracy(model.classifier,",
         ("tests/test_ema.py",)),
-    Bug("EMA: updated without the step", "src/mimkit/eval/classifier.py",
+    Bug("EMA: updated without the step", "src/mimkit/models/classifier.py",
         "self.ema.update(self.classifier, step)", "self.ema.update(self.classifier)", ("tests/test_ema.py",)),
     Bug("pictures: norm-pix left in the reconstruction", "src/mimkit/viz.py",
         "if model.norm_pix_loss:", "if not model.norm_pix_loss:", ("tests/test_viz.py",)),

@@ -3,9 +3,9 @@ one-line errors; the two-view transform and the recipes."""
 
 import pytest
 import torch
+from conftest import grid_size
 from PIL import Image
 from safetensors.torch import load_file
-from test_viz import grid_size
 from timm.models.beit import Beit
 
 from mimkit.cli import main

@@ -3,9 +3,9 @@ loss falling on Fashion-MNIST, and the MAE -> VQ-KD -> BEiT v2 chain through the
 
 import pytest
 import torch
+from conftest import grid_size
 from PIL import Image
 from safetensors.torch import load_file
-from test_viz import grid_size
 from timm.models.beit import Beit
 from torch import nn
 
@@ -14,12 +14,11 @@ from mimkit.config import PretrainConfig, from_dict, load_recipe
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import denormalize
 from mimkit.errors import MimkitError
-from mimkit.eval.encoders import load_encoder
 from mimkit.interop.export import export_run
 from mimkit.masking import block_mask, count_for_ratio
 from mimkit.methods.vqkd import load_vqkd_tokenizer
 from mimkit.models.beit import BEiT, BEiTv2, create_beitv2, default_agg_layer
-from mimkit.runs import load_run
+from mimkit.runs import load_encoder, load_run
 from mimkit.tokenizers.vqkd import create_vqkd
 from mimkit.train.metrics import read_metrics
 from mimkit.viz import codebook_usage_plot, token_maps

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import grid_size
 from PIL import Image
 from safetensors.torch import load_file
-from test_viz import grid_size
 
 from mimkit.cli import main
 from mimkit.data.sources import build_source

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import IMPORT_SETS, TINY
 from PIL import Image
 from safetensors.torch import load_file
-from test_interop_cli import IMPORT_SETS, TINY
 
 from mimkit.cli import build_parser, finetune_config, main, pretrain_config
 from mimkit.config import PretrainConfig, from_dict, load_recipe, merge, recipe_names, to_dict

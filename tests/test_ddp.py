@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_engine import Points, noisy_view, regression_loss
+from conftest import Points, noisy_view, regression_loss
 from torch import nn
 
 from mimkit.data.loader import SeededViews

@@ -6,12 +6,12 @@ from safetensors.torch import save_file
 
 from mimkit.data.sources import build_source
 from mimkit.errors import MimkitError
+from mimkit.methods.dvae import find_tokenizer, load_tokenizer_encoder
 from mimkit.tokenizers.dvae import (
     DVAE,
     codebook_stats,
     dvae_for,
     load_dvae,
-    load_dvae_encoder,
     save_dvae,
 )
 
@@ -104,7 +104,7 @@ def test_save_load_round_trip(trained, fashion, tmp_path):
     loaded = load_dvae(tmp_path / "runs" / "dvae")
     assert torch.equal(loaded.tokenize(imgs), model.tokenize(imgs))
     assert torch.equal(loaded.decode(model.tokenize(imgs)), model.decode(model.tokenize(imgs)))
-    encoder = load_dvae_encoder(written)
+    encoder = load_tokenizer_encoder(find_tokenizer(written))
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
     assert torch.equal(encoder.tokenize(imgs), model.tokenize(imgs))
 
@@ -114,7 +114,7 @@ def test_load_errors(tmp_path):
         load_dvae(tmp_path)
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(MimkitError, match="not a dVAE"):
-        load_dvae_encoder(tmp_path / "other.safetensors")
+        load_tokenizer_encoder(find_tokenizer(tmp_path / "other.safetensors"))
 
 
 @pytest.mark.parametrize("kwargs, needle", [

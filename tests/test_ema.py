@@ -3,8 +3,8 @@ accuracy is the one reported under ``*_ema_*``."""
 
 import torch
 
-from mimkit.eval.classifier import FineTuned, build_classifier
 from mimkit.eval.finetune import accuracies
+from mimkit.models.classifier import FineTuned, build_classifier
 from mimkit.models.vit import build_vit
 
 

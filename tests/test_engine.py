@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import Points, noisy_view, regression_loss
 from torch import nn
 
 from mimkit.data.loader import EpochBatches, SeededViews
@@ -14,30 +15,6 @@ from mimkit.train.optim import build_adamw, layer_id, param_groups
 from mimkit.train.schedule import cosine_schedule
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
-
-
-class Points(torch.utils.data.Dataset):
-    """32 labelled 1x2x2 'images'."""
-
-    def __init__(self, n=32):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randint(0, 255, (n, 1, 2, 2), generator=g, dtype=torch.uint8)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], int(i % 2)
-
-
-def noisy_view(image):
-    """Uses the global RNG, as augmentations do."""
-    return {"image": image.float().flatten() / 255 + 0.01 * torch.randn(4)}
-
-
-def regression_loss(model, batch):
-    pred = model(batch["image"]).squeeze(-1)
-    return ((pred - batch["label"].float()) ** 2).mean(), {"mean_pred": pred.mean()}
 
 
 def toy_run(run_dir, total_steps=6, accum_steps=1, checkpoint_every=100, keep_last=2,

@@ -9,16 +9,15 @@ from safetensors.torch import load_file
 
 from mimkit.cli import main
 from mimkit.config import from_dict, read_yaml
+from mimkit.data.loader import eval_loader
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.eval.augment import MixTargets
-from mimkit.eval.classifier import FineTuned, build_classifier, pooled_features
 from mimkit.eval.config import FinetuneConfig
-from mimkit.eval.encoders import finetuned_model, load_encoder
-from mimkit.eval.features import eval_loader
 from mimkit.eval.metrics import classification_accuracy
+from mimkit.models.classifier import FineTuned, build_classifier, pooled_features
 from mimkit.models.vit import build_vit
-from mimkit.runs import latest_weights
+from mimkit.runs import finetuned_model, latest_weights, load_encoder
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.metrics import read_metrics
 from mimkit.train.optim import param_groups

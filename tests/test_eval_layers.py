@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from timm.models.beit import Beit
 
 from mimkit.cli import main
-from mimkit.eval.classifier import block_features, build_classifier, pooled_features
 from mimkit.eval.features import probe_layers
+from mimkit.models.classifier import block_features, build_classifier, pooled_features
 from mimkit.models.vit import build_vit
 from mimkit.train.metrics import read_metrics
 

@@ -5,11 +5,11 @@ import torch
 
 from mimkit.data.sources import SyntheticSource
 from mimkit.data.transforms import eval_view
-from mimkit.eval.classifier import pooled_features
 from mimkit.eval.features import cached_features
 from mimkit.eval.knn import knn_accuracy, knn_scores
 from mimkit.eval.linprobe import LinearProbe, probe_accuracy, train_linear_probe
 from mimkit.eval.metrics import topk_correct
+from mimkit.models.classifier import pooled_features
 from mimkit.models.vit import build_vit
 
 

@@ -15,8 +15,8 @@ from mimkit.errors import MimkitError
 from mimkit.interop.beit import beit_arch, beitv2_arch
 from mimkit.interop.export import export_model
 from mimkit.interop.importer import load_foreign, read_checkpoint
-from mimkit.interop.posembed import _geometric_offsets, resize_rel_pos_table
 from mimkit.models.beit import BEiT, BEiTv2
+from mimkit.models.posembed import _geometric_offsets, resize_rel_pos_table
 
 TINY = dict(img_size=32, patch_size=8, in_chans=3, vocab_size=24, embed_dim=32, depth=2, num_heads=2,
             drop_path_rate=0.0)

@@ -1,8 +1,8 @@
 """``mimkit import`` makes a run every other command takes; ``mimkit export`` writes timm and HF folders."""
 
 import torch
+from conftest import IMPORT_SETS, TINY, grid_size
 from PIL import Image
-from test_viz import grid_size
 from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 
@@ -12,11 +12,6 @@ from mimkit.interop.mae import OFFICIAL_MAE
 from mimkit.models.mae import MAE
 from mimkit.runs import load_config
 from mimkit.train.checkpoint import Checkpoints
-
-TINY = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
-            decoder_depth=1, decoder_num_heads=2)
-IMPORT_SETS = ["--set", "model.kwargs.num_heads=2", "--set", "model.kwargs.decoder_num_heads=2",
-               "--set", "data.source=synthetic:64", "--set", "data.num_workers=0"]
 
 
 def reference_checkpoint(path):

@@ -9,7 +9,7 @@ import torch
 
 from mimkit.cli import main
 from mimkit.errors import MimkitError
-from mimkit.interop.safe_load import load_tensors
+from mimkit.safe_load import load_tensors
 
 
 class Payload:

@@ -12,7 +12,7 @@ from mimkit.cli import choose_recipe, main
 from mimkit.data.filelist import load_file_list, train_source
 from mimkit.data.sources import ListedFolderSource, count_images
 from mimkit.data.survey import DataFacts, fitting_size, size_hint, survey
-from mimkit.runs import load_config
+from mimkit.runs import file_list_path, load_config
 
 TINY = ["--model", "vit_mini", "--set", "model.kwargs.depth=2", "--set", "model.kwargs.decoder_depth=1",
         "--batch-size", "4"]
@@ -51,7 +51,7 @@ def test_summary_facts_on_a_tiny_folder(tmp_path, capsys):
 def test_sizes_of_a_large_folder_come_from_a_spread_sample(tmp_path):
     write_images(tmp_path / "a", 6, (20, 20))
     write_images(tmp_path / "b", 6, (60, 50), start=10)
-    source, _ = train_source(str(tmp_path), tmp_path / "run")
+    source, _ = train_source(str(tmp_path), file_list_path(tmp_path / "run"))
     facts = survey(source, held_out_images=0, samples=4)
     assert facts.sizes_read == 4 and facts.train_images == 12
     assert (facts.smallest, facts.largest) == ((20, 20), (60, 50))  # the sample reaches both halves
@@ -81,7 +81,7 @@ def test_stored_list_reused_on_resume(tmp_path, capsys):
     args = ["pretrain", "mae", "--data", str(data), "--out", str(out), *TINY, "--set", "data.img_size=32",
             "--set", "model.patch_size=8", "--set", "data.num_workers=0"]
     assert main([*args, "--max-steps", "2"]) == 0
-    first = (out / "files.txt").read_text()
+    first = file_list_path(out).read_text()
     assert "12 images listed, kept in" in capsys.readouterr().out
 
     write_images(data, 1, start=100)
@@ -89,15 +89,15 @@ def test_stored_list_reused_on_resume(tmp_path, capsys):
     assert main([*args, "--max-steps", "4"]) == 0
     printed = capsys.readouterr().out
     assert "12 images from" in printed and "new files are ignored (--rescan with a new --out" in printed
-    assert (out / "files.txt").read_text() == first
-    source, _ = train_source(str(data), out)
+    assert file_list_path(out).read_text() == first
+    source, _ = train_source(str(data), file_list_path(out))
     assert isinstance(source, ListedFolderSource) and len(source) == 12
     assert not any("added" in p for p in source.paths)
 
     assert main([*args, "--max-steps", "6", "--rescan"]) == 2
     assert "--rescan: " in capsys.readouterr().err
-    rescanned, _ = train_source(str(data), tmp_path / "new", rescan=True)
-    assert len(rescanned) == 13 and len(load_file_list(tmp_path / "new").files) == 13
+    rescanned, _ = train_source(str(data), file_list_path(tmp_path / "new"), rescan=True)
+    assert len(rescanned) == 13 and len(load_file_list(file_list_path(tmp_path / "new")).files) == 13
 
 
 def facts_with_median(side: int) -> DataFacts:

@@ -23,10 +23,10 @@ from torch import nn
 from mimkit.cli import main
 from mimkit.data.sources import SyntheticSource, build_source
 from mimkit.errors import MimkitError
-from mimkit.eval.encoders import load_encoder
 from mimkit.eval.knn import run_knn
 from mimkit.eval.subsets import make_splits
-from mimkit.interop.safe_load import load_sharded
+from mimkit.runs import load_encoder
+from mimkit.safe_load import load_sharded
 from mimkit.train import checkpoint
 from mimkit.train.checkpoint import Checkpoints
 

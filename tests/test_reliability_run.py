@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from test_engine import Points, noisy_view, regression_loss
+from conftest import Points, noisy_view, regression_loss
 from torch import nn
 
 from mimkit.cli import main

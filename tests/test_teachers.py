@@ -11,6 +11,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMode
 from mimkit.config import PretrainConfig, from_dict, save_config
 from mimkit.errors import MimkitError
 from mimkit.methods import METHODS
+from mimkit.methods.vqkd import run_encoder
 from mimkit.tokenizers.teachers import load_teacher
 from mimkit.train.checkpoint import Checkpoints
 
@@ -116,7 +117,7 @@ def test_mimkit_run_is_a_label_free_teacher(tmp_path, images):
     with torch.no_grad():
         expected = mae.encoder.forward_features(images)[:, 1:]  # same data: no conversion, no resize
     for spec in (tmp_path / "mae", Checkpoints(tmp_path / "mae").weights_path(3)):
-        teacher = load_teacher(str(spec), 7, DATA_MEAN, DATA_STD)
+        teacher = load_teacher(str(spec), 7, DATA_MEAN, DATA_STD, run_encoder)
         assert_frozen(teacher)
         torch.testing.assert_close(teacher(images), expected)
 

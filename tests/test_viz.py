@@ -4,6 +4,7 @@ decodes the ids the model predicts, and the grid draws each panel in its column.
 
 import pytest
 import torch
+from conftest import grid_size
 
 from mimkit.data.transforms import denormalize
 from mimkit.models.beit import BEiT
@@ -99,13 +100,6 @@ def test_beit_prediction_panel_decodes_the_predicted_ids():
     assert not torch.allclose(panels["prediction"], panels["tokens"])
     hidden = mask.float().repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None]
     assert torch.equal(panels["masked"], images * (1 - hidden))
-
-
-def grid_size(columns: int, rows: int, side: int) -> tuple[int, int]:
-    """Pixel size of an `image_grid` of ``side``-px tiles (upscaled to at least 112 px, 4 px apart,
-    under an 18 px header)."""
-    tile = side * max(1, 4 if side >= 64 else 112 // side)
-    return columns * (tile + 4) + 4, 18 + rows * (tile + 4) + 4
 
 
 def test_grid_draws_each_panel_in_its_column():

@@ -19,6 +19,7 @@ Bad input ends with a one-line ``error:`` message and exit status 2, never a tra
 """
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -72,9 +73,9 @@ def pretrain_config(args: argparse.Namespace) -> tuple[PretrainConfig, str]:
     Returns:
         The configuration, and one line on which recipe it came from and why.
     """
-    from mimkit.runs import is_run_dir
+    from mimkit.runs import config_path, is_run_dir
 
-    saved = Path(args.out) / "config.yaml"
+    saved = config_path(args.out)
     if args.config:
         recipe, why = load_recipe(args.config), f"{args.config} (--config)"
     elif saved.is_file() and is_run_dir(args.out):
@@ -199,13 +200,14 @@ def segment_config(args: argparse.Namespace):
     """Defaults ← recipe (and its ``per_method`` part for the encoder's method) ← flags ← ``--set``, for
     ``mimkit segment``."""
     from mimkit.eval.config import SegmentConfig
+    from mimkit.runs import saved_values
 
     default = "segment_fmnist" if args.data == "fmnist-scenes" else "segment_ade20k"
     recipe = load_recipe(args.config or default)
     per_method = recipe.pop("per_method", {})
     run_dir = Path(args.run)
     run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir
-    saved = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+    saved = saved_values(run_dir)
     method = saved.get("encoder_config", saved).get("method")  # a fine-tuning run holds its encoder's
     values = merge(merge(to_dict(SegmentConfig()), recipe), per_method.get(method, {}))
     flags: dict = {"encoder": args.run, "data": {"source": args.data}, "seg": {"init": args.init},
@@ -219,12 +221,13 @@ def segment_config(args: argparse.Namespace):
 
 def cmd_segment(args: argparse.Namespace) -> None:
     from mimkit.eval.segment import run_segment
+    from mimkit.runs import saved_values
     from mimkit.train.checkpoint import Checkpoints
 
     config = segment_config(args)
     out = Path(args.out)
-    if (out / "config.yaml").is_file() and Checkpoints(out).latest() is not None:
-        saved = read_yaml(out / "config.yaml")
+    saved = saved_values(out)
+    if saved and Checkpoints(out).latest() is not None:
         if saved.get("encoder") != config.encoder or "seg" not in saved:
             raise MimkitError(f"'{out}' holds another run ({saved.get('encoder') or saved.get('method')}); "
                               "choose another --out")
@@ -300,14 +303,14 @@ def finetune_config(args: argparse.Namespace):
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from mimkit.config import read_yaml
     from mimkit.eval.finetune import run_finetune
+    from mimkit.runs import saved_values
     from mimkit.train.checkpoint import Checkpoints
 
     config = finetune_config(args)
     out = Path(args.out)
-    if (out / "config.yaml").is_file() and Checkpoints(out).latest() is not None:
-        saved = read_yaml(out / "config.yaml")
+    saved = saved_values(out)
+    if saved and Checkpoints(out).latest() is not None:
         if saved.get("encoder") != config.encoder:
             raise MimkitError(f"'{out}' holds another run ({saved.get('encoder') or saved.get('method')}); "
                               "choose another --out")
@@ -320,7 +323,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
-    from mimkit.eval.encoders import load_encoder
+    from mimkit.runs import load_encoder
 
     encoder = load_encoder(args.run, args.init, args.seed)
     fraction = 1.0 if args.label_fraction is None else args.label_fraction
@@ -459,7 +462,8 @@ def add_interop_commands(commands) -> None:
 def add_force_config(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--force-config", action="store_true",
                      help="resume a trained run in --out although its data, model, batch, lr or number of "
-                     "processes differ from this command's (refused otherwise; its config.yaml is replaced)")
+                     "processes differ from this command's (refused otherwise; its saved configuration is "
+                     "replaced)")
 
 
 def add_run_arguments(sub: argparse.ArgumentParser) -> None:
@@ -560,8 +564,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _BetweenBars(logging.Handler):
+    """Prints the library's messages (``mimkit.*`` loggers, INFO and up) between progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record))
+
+
+def show_library_messages() -> None:
+    """Let the library's messages through to the user, once per process."""
+    logger = logging.getLogger("mimkit")
+    if not any(isinstance(handler, _BetweenBars) for handler in logger.handlers):
+        logger.addHandler(_BetweenBars())
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     set_thread_defaults()  # before anything loads torch
+    show_library_messages()
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

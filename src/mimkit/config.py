@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses, packaged YAML recipes, dotted ``--set`` overrides.
 
-Only the CLI reads configuration; library functions take plain arguments. A run directory keeps the
-resolved configuration as ``config.yaml`` so that any later command can rebuild the run's model.
+The CLI reads recipes and flags into these dataclasses, and library entry points take them (or plain
+arguments). A run directory keeps the resolved configuration (`mimkit.runs.CONFIG`) so that any later command
+can rebuild the run's model.
 """
 
 import dataclasses
@@ -293,7 +294,7 @@ def recipe_names() -> list[str]:
 
 
 def load_recipe(name_or_path: str) -> dict:
-    """A packaged recipe by name (``mae_vit_mini_fmnist``) or a YAML file by path."""
+    """A packaged recipe by name (``mae_fmnist``) or a YAML file by path."""
     packaged = resources.files("mimkit.recipes") / f"{name_or_path}.yaml"
     if packaged.is_file():
         return yaml.safe_load(packaged.read_text())

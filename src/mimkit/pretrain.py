@@ -1,6 +1,5 @@
 """Set up and run a pretraining job from a resolved configuration."""
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -19,14 +18,14 @@ from mimkit.data.sources import MAX_IMAGE_PIXELS, SourceInfo
 from mimkit.data.survey import held_out_count, size_hint, survey
 from mimkit.errors import MimkitError
 from mimkit.methods import METHODS
-from mimkit.runs import hold_run_dir, keep_config
+from mimkit.runs import file_list_path, hold_run_dir, keep_config, save_data_facts
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import Schedule, epoch_steps, train
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import cosine_schedule
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def resolve_data(config: PretrainConfig, info: SourceInfo) -> PretrainConfig:
@@ -79,7 +78,8 @@ class Pretraining:
     """A pretraining job set up by `prepare_pretraining`, ready for `start_pretraining`.
 
     Attributes:
-        facts: what the run reads and how it runs, JSON-friendly; also saved as ``run_dir/data.json``.
+        facts: what the run reads and how it runs, JSON-friendly; also saved in the run
+            (`mimkit.runs.save_data_facts`).
     """
 
     config: PretrainConfig
@@ -135,7 +135,8 @@ def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, world: Worl
                         rescan: bool = False, auto_size: bool = False, force_config: bool = False
                         ) -> Pretraining:
     """Set up a pretraining job: its data (the stored file list when resuming), model, plan and the facts of
-    its start-up summary. Writes ``config.yaml``, ``data.json`` and, for folders, ``files.txt`` to `run_dir`.
+    its start-up summary. Writes the run's configuration, start-up summary and, for folders, file list
+    (`mimkit.runs`).
 
     Args:
         config: the resolved configuration.
@@ -150,7 +151,8 @@ def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, world: Worl
     run_dir = Path(run_dir)
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     data = config.data
-    source, list_note = train_source(data.source, run_dir, root=data.root, channels=data.channels,
+    source, list_note = train_source(data.source, file_list_path(run_dir), root=data.root,
+                                     channels=data.channels,
                                      skip_bad_images=data.skip_bad_images, max_bad_images=data.max_bad_images,
                                      rescan=rescan, store=world.is_main,
                                      max_image_pixels=data.max_image_pixels or MAX_IMAGE_PIXELS,
@@ -167,7 +169,7 @@ def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, world: Worl
         config = _auto_sized(config, hint)
     config = resolve_data(config, source.info)
     method = METHODS[config.method]
-    if hasattr(method, "resolve_config"):  # fields left to something outside the run, e.g. a tokenizer
+    if method.resolve_config:  # fields left to something outside the run, e.g. a tokenizer
         config = method.resolve_config(config)
     model = method.build_model(config).to(world.device)
     if config.train.grad_checkpointing:
@@ -177,9 +179,9 @@ def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, world: Worl
         model.set_grad_checkpointing()
     view, loss_fn = method.build_task(config, model)
     # evaluated at each epoch end and at the end, e.g. a tokenizer's codebook usage on held-out images
-    evaluate = method.build_evaluate(config, model) if hasattr(method, "build_evaluate") else None
+    evaluate = method.build_evaluate(config, model) if method.build_evaluate else None
     # more values scheduled per step, e.g. the dVAE's Gumbel temperature
-    values_fn = partial(method.schedule_values, config) if hasattr(method, "schedule_values") else None
+    values_fn = partial(method.schedule_values, config) if method.schedule_values else None
     plan = plan_run(len(source), world.size, config.train, config.optim, values_fn)
     facts = {"data": found.describe(), **asdict(found), "median_size": "x".join(map(str, found.median)),
              "file_list": list_note, "recipe": recipe, "size_hint": hint,
@@ -188,9 +190,7 @@ def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, world: Worl
              "torch_threads": torch.get_num_threads(), "run": plan.describe(), "resumed_from": resumed_from}
     if world.is_main:
         keep_config(run_dir, config, force_config)
-        tmp = run_dir / "data.json.tmp"
-        tmp.write_text(json.dumps(facts, indent=2) + "\n")
-        os.replace(tmp, run_dir / "data.json")
+        save_data_facts(run_dir, facts)
     return Pretraining(config, run_dir, world, source, model, view, loss_fn, evaluate, plan,
                        facts["num_workers"], facts, force_config)
 
@@ -235,4 +235,4 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path,
 
 def _log_lines(lines: list[str]) -> None:
     for line in lines:
-        log.info(line)
+        logger.info(line)

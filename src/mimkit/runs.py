@@ -1,24 +1,38 @@
-"""Run directories: what a finished (or interrupted) run leaves, and how to get its model back.
+"""Run directories: what a finished (or interrupted) run leaves, and how to get its model back. This module
+owns the layout: no other module spells the names of the files below.
 
-``<run>/config.yaml`` is the resolved configuration; ``<run>/checkpoints/step-*.safetensors`` the weights;
-``<run>/run.lock`` is locked by the one process that trains the run and holds its PID meanwhile.
+``<run>/`CONFIG``` is the resolved configuration; ``<run>/checkpoints/`` the weights (`Checkpoints`: the
+newest steps, and the best weights of a run that evaluates); ``<run>/`LOCK``` is locked by the one process
+that trains the run and holds its PID meanwhile; ``<run>/`DATA_FACTS``` is a pretraining run's start-up
+summary (what it reads and how it runs); ``<run>/`FILE_LIST``` the files of a folder it trains on.
 """
 
 import contextlib
 import fcntl
+import json
+import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
-from tqdm import tqdm
 
 from mimkit.config import PretrainConfig, differences, from_dict, read_yaml, save_config, to_dict
 from mimkit.errors import MimkitError, explain_write_errors
-from mimkit.methods import METHODS
+from mimkit.eval.config import FinetuneConfig
+from mimkit.models.classifier import FineTuned, build_classifier, check_encoder
+from mimkit.registry import method_of
 from mimkit.train.checkpoint import Checkpoints, load_weights
 
+logger = logging.getLogger(__name__)
+
+CONFIG = "config.yaml"
 LOCK = "run.lock"
+DATA_FACTS = "data.json"
+FILE_LIST = "files.txt"
+INITS = ("pretrained", "random")  # what load_encoder gives: a run's weights, or its architecture afresh
 # settings a run may resume with changed values: its length and its upkeep, none of which changes what one
 # step computes
 RESUMABLE_CHANGES = frozenset({
@@ -31,7 +45,44 @@ def is_run_dir(path: str | Path) -> bool:
     """Whether ``path`` holds a mimkit run: one a training command started (its lock file), or a
     configuration with checkpoints (an imported run, or one from before the lock file)."""
     path = Path(path)
-    return (path / LOCK).is_file() or ((path / "config.yaml").is_file() and (path / "checkpoints").is_dir())
+    return (path / LOCK).is_file() or (config_path(path).is_file() and Checkpoints(path).dir.is_dir())
+
+
+def config_path(run_dir: str | Path) -> Path:
+    """Where a run keeps its resolved configuration."""
+    return Path(run_dir) / CONFIG
+
+
+def saved_values(run_dir: str | Path) -> dict:
+    """The configuration a run saved, as plain values (no type checked); ``{}`` when it saved none."""
+    path = config_path(run_dir)
+    return read_yaml(path) if path.is_file() else {}
+
+
+def file_list_path(run_dir: str | Path) -> Path:
+    """Where a run keeps the files of a folder it trains on (`mimkit.data.filelist`)."""
+    return Path(run_dir) / FILE_LIST
+
+
+def save_data_facts(run_dir: str | Path, facts: dict) -> None:
+    """Write a run's start-up summary (JSON-friendly ``facts``) atomically."""
+    path = Path(run_dir) / DATA_FACTS
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(facts, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def split_weights_path(path: str | Path) -> tuple[Path, Path | None]:
+    """(run directory, weights file or None) for a run directory or a checkpoint file inside one."""
+    path = Path(path)
+    if path.is_file():
+        if not path.name.endswith(".safetensors"):
+            raise MimkitError(f"'{path}' is not a checkpoint (.safetensors) nor a run directory")
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return run_dir, path
+    if not config_path(path).is_file():
+        raise MimkitError(f"'{path}' is not a mimkit run directory (no {CONFIG}) nor a checkpoint file")
+    return path, None
 
 
 @contextlib.contextmanager
@@ -82,7 +133,7 @@ def keep_config(run_dir: str | Path, config, force: bool = False) -> None:
     only under the configuration it was trained with, apart from `RESUMABLE_CHANGES` (its length and
     upkeep). Other differences are refused, each listed, unless ``force``: then they are said and saved.
     """
-    path = Path(run_dir) / "config.yaml"
+    path = config_path(run_dir)
     step = Checkpoints(run_dir).latest()
     if not step or not path.is_file():
         save_config(config, path)
@@ -95,15 +146,15 @@ def keep_config(run_dir: str | Path, config, force: bool = False) -> None:
     if not force:
         raise MimkitError(f"'{run_dir}' holds a run trained to step {step} with other settings ({listing}); "
                           "choose another --out, or resume it with the new settings: --force-config")
-    tqdm.write(f"--force-config: resuming step {step} with {listing}")
+    logger.warning(f"--force-config: resuming step {step} with {listing}")
     save_config(config, path)
 
 
 def load_config(run_dir: str | Path) -> PretrainConfig:
     """The resolved configuration a run saved."""
-    path = Path(run_dir) / "config.yaml"
+    path = config_path(run_dir)
     if not path.is_file():
-        raise MimkitError(f"'{run_dir}' is not a mimkit run directory (no config.yaml)")
+        raise MimkitError(f"'{run_dir}' is not a mimkit run directory (no {CONFIG})")
     return from_dict(PretrainConfig, read_yaml(path))
 
 
@@ -115,9 +166,96 @@ def latest_weights(run_dir: str | Path) -> Path:
     return Checkpoints(run_dir).weights_path(step)
 
 
+def best_weights(run_dir: str | Path) -> Path:
+    """The best weights of a run that kept them (`Checkpoints.save_best`), else its newest."""
+    best = Checkpoints(run_dir).best_path
+    return best if best.exists() else latest_weights(run_dir)
+
+
 def load_run(run_dir: str | Path) -> tuple[nn.Module, PretrainConfig]:
     """Rebuild a run's model from its configuration and load its newest weights (eval mode, CPU)."""
     config = load_config(run_dir)
-    model = METHODS[config.method].build_model(config)
+    model = method_of(config.method).build_model(config)
     load_weights(model, latest_weights(run_dir))
     return model.eval(), config
+
+
+@dataclass
+class Encoder:
+    """An encoder to evaluate.
+
+    Attributes:
+        model: a timm `VisionTransformer` or `Beit` in eval mode (a fine-tuned one keeps its head, which
+            the protocols replace or ignore).
+        spec: the pretraining configuration that defines its architecture and its input (``data.img_size``,
+            ``channels``, ``mean``, ``std``).
+        origin: what was loaded: a weights file, or ``random init (seed S)``.
+        run_dir: the run it comes from.
+        finetune: the fine-tuning configuration when it comes from a fine-tuning run, else None.
+    """
+
+    model: nn.Module
+    spec: PretrainConfig
+    origin: str
+    run_dir: Path
+    finetune: FinetuneConfig | None = None
+
+
+def _encoder_of(model: nn.Module, method: str) -> nn.Module:
+    encoder = getattr(model, "encoder", None)
+    try:
+        check_encoder(encoder)
+    except MimkitError as err:
+        raise MimkitError(f"a {method} run has no ViT encoder to evaluate ({err})") from None
+    return encoder.eval()
+
+
+def random_encoder(spec: PretrainConfig, seed: int = 0) -> nn.Module:
+    """The encoder of ``spec``'s method, freshly initialized as that method initializes it.
+
+    The global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _encoder_of(method_of(spec.method).build_model(spec), spec.method)
+
+
+def finetuned_model(config: FinetuneConfig) -> FineTuned:
+    """The (randomly initialized) module a fine-tuning run checkpoints, rebuilt from its configuration."""
+    spec = from_dict(PretrainConfig, config.encoder_config)
+    classifier = build_classifier(random_encoder(spec), config.classifier.num_classes, config.classifier.pool,
+                                  config.classifier.drop_path)
+    return FineTuned(classifier, config.ema_decay)
+
+
+def load_encoder(path: str | Path, init: str = "pretrained", seed: int = 0) -> Encoder:
+    """The encoder of a run, on CPU in eval mode.
+
+    Args:
+        path: a pretraining run directory (newest checkpoint), a fine-tuning run directory (its best
+            checkpoint, else its newest; the EMA weights when it kept an EMA), or a ``.safetensors``
+            checkpoint inside a run's ``checkpoints/``.
+        init: ``pretrained`` loads the weights; ``random`` gives the same architecture freshly initialized.
+        seed: seed of the random initialization.
+    """
+    if init not in INITS:
+        raise MimkitError(f"init {init!r} is not one of {', '.join(INITS)}")
+    run_dir, weights = split_weights_path(path)
+    values = saved_values(run_dir)
+    if "encoder_config" in values:  # the training augmentation does not shape the model (and older runs
+        values.pop("augment", None)  # name other fields: torchvision's rand_augment_ops, ...)
+    finetune = from_dict(FinetuneConfig, values) if "encoder_config" in values else None
+    spec = from_dict(PretrainConfig, finetune.encoder_config if finetune else values)
+    if init == "random":
+        return Encoder(random_encoder(spec, seed), spec, f"random init (seed {seed})", run_dir, finetune)
+    if finetune:
+        model = finetuned_model(finetune)
+        weights = weights or best_weights(run_dir)
+        load_weights(model, weights)
+        encoder = model.ema.module if finetune.ema_decay else model.classifier  # the weights "best" chose
+    else:
+        model = method_of(spec.method).build_model(spec)
+        weights = weights or latest_weights(run_dir)
+        load_weights(model, weights)
+        encoder = _encoder_of(model, spec.method)
+    return Encoder(encoder.eval(), spec, str(weights), run_dir, finetune)

@@ -1,8 +1,8 @@
 """The file list is part of a run: a folder is listed once, when the run starts, and the list is kept in
-the run directory (``files.txt``), so a resumed run reads the same files in the same order, and starts
-without walking a folder of a million files again.
+the run directory (`mimkit.runs.FILE_LIST`), so a resumed run reads the same files in the same order, and
+starts without walking a folder of a million files again.
 
-``files.txt``: a header line ``# mimkit file list {json}`` (data spec, root, name, classes, and the newest
+The list file: a header line ``# mimkit file list {json}`` (data spec, root, name, classes, and the newest
 modification time of the listed directories), then one ``<label>\\t<path relative to root>`` per image.
 """
 
@@ -16,7 +16,6 @@ from torch.utils.data import Dataset
 from mimkit.data.sources import ListedFolderSource, build_source
 from mimkit.errors import MimkitError
 
-FILE_LIST = "files.txt"
 _HEADER = "# mimkit file list "
 
 
@@ -69,13 +68,13 @@ def file_list_of(source: Dataset, spec: str) -> FileList | None:
                     newest_mtime_ns(root, files))
 
 
-def save_file_list(file_list: FileList, run_dir: str | Path) -> Path:
-    """Write ``run_dir/files.txt`` atomically (a temporary file, then a rename)."""
+def save_file_list(file_list: FileList, path: str | Path) -> Path:
+    """Write the list to ``path`` atomically (a temporary file, then a rename)."""
     if bad := next((path for _, path in file_list.files if "\n" in path), None):
         raise MimkitError(f"image file name {bad!r} holds a line break; rename it")
     header = {k: v for k, v in asdict(file_list).items() if k != "files"}
-    path = Path(run_dir) / FILE_LIST
-    tmp = path.with_name(f".{FILE_LIST}.tmp")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(_HEADER + json.dumps(header) + "\n")
         f.writelines(f"{label}\t{p}\n" for label, p in file_list.files)
@@ -83,9 +82,9 @@ def save_file_list(file_list: FileList, run_dir: str | Path) -> Path:
     return path
 
 
-def load_file_list(run_dir: str | Path) -> FileList | None:
-    """The file list a run stored, or None when it has none."""
-    path = Path(run_dir) / FILE_LIST
+def load_file_list(path: str | Path) -> FileList | None:
+    """The file list stored at ``path``, or None when there is none."""
+    path = Path(path)
     if not path.is_file():
         return None
     with open(path, encoding="utf-8") as f:
@@ -100,26 +99,26 @@ def load_file_list(run_dir: str | Path) -> FileList | None:
     return FileList(files=files, **header)
 
 
-def train_source(spec: str, run_dir: str | Path, *, root: str | None = None, channels: int | None = None,
+def train_source(spec: str, list_file: str | Path, *, root: str | None = None, channels: int | None = None,
                  skip_bad_images: bool = False, max_bad_images: int = 100, rescan: bool = False,
                  store: bool = True, **decode) -> tuple[Dataset, str]:
-    """A run's train split: from the file list in `run_dir` when it holds one for `spec`, else listed
-    afresh (and stored when `store`).
+    """A run's train split: from its file list (``list_file``, `mimkit.runs.file_list_path`) when that holds
+    one for `spec`, else listed afresh (and stored there when `store`).
 
     Args:
         spec, root, channels, skip_bad_images, max_bad_images: as in `build_source`.
         rescan: list the folder again even when a file list is stored (the data order changes).
         decode: `build_source`'s ``max_image_pixels`` and ``decode_min_side``.
-        store: write the list to `run_dir` (the main process of a run; the others only read).
+        store: write the list to `list_file` (the main process of a run; the others only read).
 
     Returns:
         `(source, note)`: the note is one line on where the list came from, for the start-up summary.
     """
-    stored = None if rescan else load_file_list(run_dir)
+    stored = None if rescan else load_file_list(list_file)
     if stored is not None and stored.source == spec:
         source = ListedFolderSource(stored.root, stored.name, stored.files, stored.classes, channels,
                                     skip_bad_images, max_bad_images, **decode)
-        note = (f"file list: {len(source)} images from {Path(run_dir) / FILE_LIST}, the order this run "
+        note = (f"file list: {len(source)} images from {list_file}, the order this run "
                 "started with")
         if newest_mtime_ns(stored.root, stored.files) != stored.folder_mtime_ns:
             note += ("; the folder changed since (files added or removed): this list is kept, new files are "
@@ -131,6 +130,6 @@ def train_source(spec: str, run_dir: str | Path, *, root: str | None = None, cha
     if file_list is None:
         return source, ""
     if store:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        save_file_list(file_list, run_dir)
-    return source, f"file list: {len(source)} images listed, kept in {Path(run_dir) / FILE_LIST} for resuming"
+        Path(list_file).parent.mkdir(parents=True, exist_ok=True)
+        save_file_list(file_list, list_file)
+    return source, f"file list: {len(source)} images listed, kept in {list_file} for resuming"

@@ -121,3 +121,9 @@ def workers_end_with_errors(loader: DataLoader):
         if found:
             raise MimkitError(found[-1]) from None
         raise
+
+
+def eval_loader(source: Dataset, view, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
+    """Batches ``{"image", "label"}`` of every item of ``source``, in order, through a deterministic view."""
+    items = [(i, 0) for i in range(len(source))]  # (index, seed): the view is deterministic
+    return DataLoader(SeededViews(source, view), batch_size, sampler=items, num_workers=num_workers)

@@ -71,6 +71,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
@@ -81,8 +82,6 @@ from mimkit.data.sources import (
     GRAY_MEAN,
     GRAY_STD,
     IMAGE_EXTENSIONS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     SourceInfo,
     _check_channels,
     _locate_idx,
@@ -181,8 +180,8 @@ class SegSource(Dataset):
         (height, width), *others = sizes
         self.info = SourceInfo(
             name=name, channels=self.channels, image_size=width if not others and width == height else None,
-            mean=mean or (GRAY_MEAN if self.channels == 1 else IMAGENET_MEAN),
-            std=std or (GRAY_STD if self.channels == 1 else IMAGENET_STD),
+            mean=mean or (GRAY_MEAN if self.channels == 1 else IMAGENET_DEFAULT_MEAN),
+            std=std or (GRAY_STD if self.channels == 1 else IMAGENET_DEFAULT_STD),
             num_classes=self.num_classes, classes=self.classes,
         )
 

@@ -34,6 +34,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
@@ -44,8 +45,8 @@ from mimkit.errors import MimkitError
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-# Folder images carry no statistics of their own: ImageNet's for colour, a symmetric [-1, 1] map for grey.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Folder images carry no statistics of their own: ImageNet's for colour (timm's IMAGENET_DEFAULT_*), a
+# symmetric [-1, 1] map for grey.
 GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
 DEBIAN_DATASETS = Path("/usr/share/datasets")
 # PIL modes stored as one grey channel; the 16/32-bit ones are rescaled to 8 bits, not clipped.
@@ -374,7 +375,8 @@ class _FolderSource(Dataset):
         nc = 1 if self._mode == "L" else 3
         self.info = SourceInfo(
             name=Path(root).name, channels=nc, image_size=image_size,
-            mean=GRAY_MEAN if nc == 1 else IMAGENET_MEAN, std=GRAY_STD if nc == 1 else IMAGENET_STD,
+            mean=GRAY_MEAN if nc == 1 else IMAGENET_DEFAULT_MEAN,
+            std=GRAY_STD if nc == 1 else IMAGENET_DEFAULT_STD,
             num_classes=len(classes), classes=list(classes),
             channels_note=note if channels is None else f"{self._mode}: data.channels={channels}",
         )
@@ -701,6 +703,17 @@ def build_source(spec: str, split: str = "train", root: str | Path | None = None
     return source
 
 
+def shuffled_by_class(labels: torch.Tensor, seed: int) -> dict[int, torch.Tensor]:
+    """Each class's positions in ``labels``, shuffled with one generator seeded by ``seed`` (classes in
+    sorted order): the stratified shuffle of every split and label subset."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for label in labels.unique().tolist():
+        members = (labels == label).nonzero().flatten()
+        out[label] = members[torch.randperm(len(members), generator=g)]
+    return out
+
+
 def split_train_val(source: Dataset, val_fraction: float, seed: int = 0) -> tuple[Subset, Subset]:
     """Hold out a fraction of a source, stratified by label when it is labeled.
 
@@ -718,11 +731,8 @@ def split_train_val(source: Dataset, val_fraction: float, seed: int = 0) -> tupl
     if not 0 < val_fraction < 1:
         raise MimkitError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
     labels = torch.as_tensor(list(source.labels))
-    g = torch.Generator().manual_seed(seed)
     val = []
-    for label in labels.unique().tolist():
-        members = (labels == label).nonzero().flatten()
-        members = members[torch.randperm(len(members), generator=g)]
+    for members in shuffled_by_class(labels, seed).values():
         val += members[: round(val_fraction * len(members))].tolist()
     val_set = set(val)
     train = [i for i in range(len(labels)) if i not in val_set]

@@ -2,7 +2,7 @@
 (``recipes/segment_*.yaml``).
 
 The data, optimizer and training sections reuse the pretraining dataclasses; a fine-tuning run saves
-this resolved configuration as ``config.yaml``, including the configuration that built its encoder
+this resolved configuration (`mimkit.runs.CONFIG`), including the configuration that built its encoder
 (``encoder_config``), so a fine-tuned run can be rebuilt, evaluated or fine-tuned again on its own.
 """
 

@@ -18,19 +18,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from mimkit.data.loader import SeededViews, workers_end_with_errors
+import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
+from mimkit.data.loader import eval_loader, workers_end_with_errors
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
-from mimkit.eval.classifier import block_features, pooled_features
-from mimkit.eval.encoders import Encoder
 from mimkit.eval.subsets import make_splits
-
-
-def eval_loader(source: Dataset, view, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
-    """Batches ``{"image", "label"}`` of every item of ``source``, in order, through a deterministic view."""
-    items = [(i, 0) for i in range(len(source))]  # (index, seed): the view is deterministic
-    return DataLoader(SeededViews(source, view), batch_size, sampler=items, num_workers=num_workers)
+from mimkit.models.classifier import block_features, pooled_features
+from mimkit.runs import Encoder
 
 
 def probe_layers(layer: int | str | None, depth: int) -> tuple[int, ...] | None:
@@ -165,7 +160,7 @@ def probe_data(encoder: Encoder, data: str, pool: str, *, root: str | None = Non
     encoded once, whatever the label fraction or the protocol that asks for it.
 
     Args:
-        encoder: from `mimkit.eval.encoders.load_encoder`.
+        encoder: from `mimkit.runs.load_encoder`.
         data: a source spec (``fashion-mnist``, a folder, ...).
         pool: ``avg`` or ``cls``.
         root, label_fraction, val_fraction, seed: see `build_source` and `make_splits`.

@@ -9,6 +9,7 @@ read once, at the end.
 - BEiT: Bao et al., 2021, arXiv:2106.08254, appendix (layer-wise lr decay)
 """
 
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,26 +17,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
-from tqdm import tqdm
 
+import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
 from mimkit.config import to_dict
-from mimkit.data.loader import SeededViews
+from mimkit.data.loader import SeededViews, eval_loader
 from mimkit.data.sources import SourceInfo, build_source
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
 from mimkit.eval.augment import MixTargets, finetune_view
-from mimkit.eval.classifier import FineTuned, build_classifier
 from mimkit.eval.config import FinetuneConfig
-from mimkit.eval.encoders import Encoder, finetuned_model, load_encoder
-from mimkit.eval.features import eval_loader
 from mimkit.eval.metrics import classification_accuracy, prefixed, write_results
 from mimkit.eval.subsets import make_splits
+from mimkit.models.classifier import FineTuned, build_classifier
 from mimkit.pretrain import plan_run
-from mimkit.runs import hold_run_dir, keep_config
+from mimkit.runs import Encoder, finetuned_model, hold_run_dir, keep_config, load_encoder
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import train
 from mimkit.train.optim import build_adamw, param_groups
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_finetune(config: FinetuneConfig, encoder: Encoder, info: SourceInfo) -> FinetuneConfig:
@@ -72,8 +73,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, force_config: bool
     """Fine-tune ``config.encoder`` on ``config.data`` into ``run_dir`` (resuming when it holds a checkpoint),
     holding the run directory's lock meanwhile (`mimkit.runs.hold_run_dir`).
 
-    ``run_dir`` receives ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` (the last ones and
-    ``best.safetensors``) and, once training has finished, ``results.json``.
+    ``run_dir`` receives its configuration, ``metrics.jsonl``, ``checkpoints/`` (the last ones and the
+    best weights) and, once training has finished, ``results.json``.
 
     Args:
         force_config: resume a trained run whose configuration, number of processes or global batch differ
@@ -119,7 +120,7 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
         results = accuracies(model, val_loader, world.device, "val")
         model.train()
         if world.is_main:
-            tqdm.write("  ".join(f"{k} {v:.2f}" for k, v in results.items()))
+            logger.info("  ".join(f"{k} {v:.2f}" for k, v in results.items()))
         return results
 
     train_cfg, optim = config.train, config.optim
@@ -130,9 +131,9 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
 
     if world.is_main:
         keep_config(run_dir, config, force_config)
-        tqdm.write(f"fine-tune {cls.init} {encoder.spec.model.name} on {data.source}: {len(train_set)} "
-                   f"images ({labels.fraction:g} of the labels), {plan.describe()}, "
-                   f"layer decay {optim.layer_decay}")
+        logger.info(f"fine-tune {cls.init} {encoder.spec.model.name} on {data.source}: {len(train_set)} "
+                    f"images ({labels.fraction:g} of the labels), {plan.describe()}, "
+                    f"layer decay {optim.layer_decay}")
     model.classifier.set_grad_checkpointing(train_cfg.grad_checkpointing)  # timm's own forward honours it
     if train_cfg.compile:
         model.compile()
@@ -157,7 +158,7 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
     best = Checkpoints(run_dir).best()
     if splits.val:  # the best weights were chosen on held-out training images: their test number is fair
         chosen = finetuned_model(config)
-        load_weights(chosen, Checkpoints(run_dir).dir / "best.safetensors")
+        load_weights(chosen, Checkpoints(run_dir).best_path)
         picked = chosen.ema.module if config.ema_decay else chosen.classifier
         final |= prefixed("test_best", classification_accuracy(picked.to(world.device), test_loader,
                                                                world.device, "test best"))
@@ -174,5 +175,5 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
         "wall_s": round(time.perf_counter() - start, 1),
     }
     write_results(run_dir, results)
-    tqdm.write("  ".join(f"{k} {v:.2f}" for k, v in final.items()))
+    logger.info("  ".join(f"{k} {v:.2f}" for k, v in final.items()))
     return results

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mimkit.errors import MimkitError
-from mimkit.eval.encoders import Encoder
 from mimkit.eval.features import probe_data, probe_layers
 from mimkit.eval.metrics import depth_results, prefixed, topk_correct, write_results
+from mimkit.runs import Encoder
 from mimkit.train.metrics import MetricsLog
 
 

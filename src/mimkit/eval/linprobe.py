@@ -20,10 +20,10 @@ from torch import nn
 from tqdm import tqdm
 
 from mimkit.errors import MimkitError
-from mimkit.eval.encoders import Encoder
 from mimkit.eval.features import probe_data, probe_layers
 from mimkit.eval.lars import LARS
 from mimkit.eval.metrics import depth_results, prefixed, topk_correct, write_results
+from mimkit.runs import Encoder
 from mimkit.train.metrics import MetricsLog
 from mimkit.train.schedule import cosine_schedule
 

@@ -15,13 +15,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
 from mimkit.data.seg_transforms import SegEvalView
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
-from mimkit.eval.encoders import load_encoder
 from mimkit.eval.seg_metrics import predict_logits
 from mimkit.eval.segment import load_segmenter
+from mimkit.runs import load_encoder
 from mimkit.viz import overlay, seg_palette
 
 

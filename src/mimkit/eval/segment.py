@@ -12,6 +12,7 @@ per-class table, go to ``results.json``.
 - BEiT v2: Peng et al., 2022, arXiv:2208.06366; UperNet: Xiao et al., 2018, arXiv:1807.10221
 """
 
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,27 +21,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
-from tqdm import tqdm
 
-from mimkit.config import PretrainConfig, from_dict, read_yaml, to_dict
-from mimkit.data.loader import SeededViews
+import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
+from mimkit.config import PretrainConfig, from_dict, to_dict
+from mimkit.data.loader import SeededViews, eval_loader
 from mimkit.data.seg_transforms import SegEvalView, SegTrainView
 from mimkit.data.segmentation import SegSource, build_seg_source
 from mimkit.errors import MimkitError
 from mimkit.eval.config import SegmentConfig
-from mimkit.eval.encoders import Encoder, load_encoder, random_encoder
-from mimkit.eval.features import eval_loader
 from mimkit.eval.metrics import write_results
 from mimkit.eval.seg_metrics import IGNORE_INDEX, MODES, evaluate_segmentation, format_table
 from mimkit.eval.subsets import label_subset
 from mimkit.models.segmentation import HEADS, Segmenter, segmentation_encoder
 from mimkit.pretrain import plan_run
-from mimkit.runs import hold_run_dir, keep_config, latest_weights
+from mimkit.runs import (
+    CONFIG,
+    Encoder,
+    best_weights,
+    hold_run_dir,
+    keep_config,
+    load_encoder,
+    random_encoder,
+    saved_values,
+)
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import train
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import poly_schedule
+
+logger = logging.getLogger(__name__)
 
 SCORES = ("aAcc", "mIoU", "mAcc")
 
@@ -70,23 +80,20 @@ def build_segmenter(config: SegmentConfig, encoder: nn.Module) -> Segmenter:
 
 def is_segmentation_run(run: str | Path) -> bool:
     """Whether ``run`` is a directory left by `mimkit segment`."""
-    path = Path(run) / "config.yaml"
-    return path.is_file() and "seg" in read_yaml(path)
+    return "seg" in saved_values(run)
 
 
 def load_segmenter(run_dir: str | Path) -> tuple[Segmenter, SegmentConfig]:
     """A segmentation run's model (its best weights, else its newest) in eval mode on CPU, and its
     configuration."""
     run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
-    values = read_yaml(path) if path.is_file() else {}
+    values = saved_values(run_dir)
     if "seg" not in values:
-        raise MimkitError(f"'{run_dir}' is not a segmentation run (no seg section in its config.yaml); "
+        raise MimkitError(f"'{run_dir}' is not a segmentation run (no seg section in its {CONFIG}); "
                           "make one with mimkit segment")
     config = from_dict(SegmentConfig, values)
     model = build_segmenter(config, random_encoder(from_dict(PretrainConfig, config.encoder_config)))
-    best = Checkpoints(run_dir).dir / "best.safetensors"
-    load_weights(model, best if best.exists() else latest_weights(run_dir))
+    load_weights(model, best_weights(run_dir))
     return model.eval(), config
 
 
@@ -119,8 +126,8 @@ def run_segment(config: SegmentConfig, run_dir: str | Path, force_config: bool =
     """Train ``config.encoder`` for segmentation on ``config.data`` into ``run_dir`` (resuming when it holds a
     checkpoint), holding the run directory's lock meanwhile (`mimkit.runs.hold_run_dir`).
 
-    ``run_dir`` receives ``config.yaml``, ``metrics.jsonl`` (loss, lr, and the validation aAcc/mIoU/mAcc),
-    ``checkpoints/`` (the last ones and ``best.safetensors``, highest val mIoU) and, once training has
+    ``run_dir`` receives its configuration, ``metrics.jsonl`` (loss, lr, and the validation aAcc/mIoU/mAcc),
+    ``checkpoints/`` (the last ones and the best weights, highest val mIoU) and, once training has
     finished, ``results.json`` (the scores with the per-class table).
 
     Args:
@@ -170,7 +177,7 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
         model.train()
         results = {f"val_{k}": last["scores"][k] for k in SCORES}
         if world.is_main:
-            tqdm.write("  ".join(f"{k} {v:.2f}" for k, v in results.items()))
+            logger.info("  ".join(f"{k} {v:.2f}" for k, v in results.items()))
         return results
 
     train_cfg, optim = config.train, config.optim
@@ -179,10 +186,10 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
 
     if world.is_main:
         keep_config(run_dir, config, force_config)
-        tqdm.write(f"segment {seg.init} {encoder.spec.model.name} with {seg.head} on {data.source}: "
-                   f"{len(train_set)} images ({100 * labels.fraction:g}% of them), "
-                   f"{seg.num_classes} classes, crop {seg.crop_size}, {plan.describe()}, "
-                   f"layer decay {optim.layer_decay}")
+        logger.info(f"segment {seg.init} {encoder.spec.model.name} with {seg.head} on {data.source}: "
+                    f"{len(train_set)} images ({100 * labels.fraction:g}% of them), "
+                    f"{seg.num_classes} classes, crop {seg.crop_size}, {plan.describe()}, "
+                    f"layer decay {optim.layer_decay}")
     if train_cfg.compile:
         model.compile()
     view = SegTrainView(seg.crop_size, seg.scale, data.mean, data.std, seg.ratio_range, seg.cat_max_ratio,
@@ -211,5 +218,5 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
         "per_class": scores["per_class"], "wall_s": round(time.perf_counter() - start, 1),
     }
     write_results(run_dir, results)
-    tqdm.write(format_table(scores))
+    logger.info(format_table(scores))
     return results

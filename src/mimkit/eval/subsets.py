@@ -14,18 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from mimkit.data.sources import split_train_val
+from mimkit.data.sources import shuffled_by_class, split_train_val
 from mimkit.errors import MimkitError
-
-
-def _by_class(labels: torch.Tensor, seed: int) -> dict[int, torch.Tensor]:
-    """Each class's indices, shuffled with one generator seeded by ``seed`` (classes in sorted order)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for label in labels.unique().tolist():
-        members = (labels == label).nonzero().flatten()
-        out[label] = members[torch.randperm(len(members), generator=g)]
-    return out
 
 
 def label_subset(labels: Sequence[int], fraction: float, seed: int = 0) -> list[int]:
@@ -49,7 +39,7 @@ def label_subset(labels: Sequence[int], fraction: float, seed: int = 0) -> list[
     if fraction == 1:
         return list(range(len(labels)))
     keep = []
-    for members in _by_class(labels, seed).values():
+    for members in shuffled_by_class(labels, seed).values():
         keep += members[: max(1, round(fraction * len(members)))].tolist()
     return sorted(keep)
 

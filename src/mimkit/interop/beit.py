@@ -13,8 +13,8 @@ codebook head): BEiT v2's aggregation head serves pretraining only.
 from mimkit.errors import MimkitError
 from mimkit.interop.keymaps import block_count, identity, nest
 from mimkit.interop.mae import HF_VIT_BLOCK
-from mimkit.interop.posembed import abs_grid, rel_grid
 from mimkit.models.beit import BEiT, default_agg_layer
+from mimkit.models.posembed import abs_grid, rel_grid
 
 BEIT_BLOCK_KEYS = (
     "gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias",

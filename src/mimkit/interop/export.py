@@ -19,6 +19,7 @@ import timm
 from safetensors.torch import save_file
 from torch import nn
 
+import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
 from mimkit.config import PretrainConfig
 from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.interop import beit, mae

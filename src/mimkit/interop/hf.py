@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from mimkit.errors import MimkitError
 from mimkit.interop.keymaps import rename
-from mimkit.interop.safe_load import load_sharded
+from mimkit.safe_load import load_sharded, read_json
 
 # Architecture -> (prefix of the base model's keys, top-level key prefixes that stay outside it).
 HF_ARCHS = {
@@ -62,13 +62,6 @@ def add_base(state: dict[str, torch.Tensor], architecture: str) -> dict[str, tor
     """Put the base model's keys under ``architecture``'s prefix (the inverse of `strip_base`)."""
     prefix, top_level = HF_ARCHS[architecture]
     return {(k if k.startswith(top_level) else prefix + k): v for k, v in state.items()}
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise MimkitError(f"cannot read '{path}': {err}") from None
 
 
 def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict]:

@@ -5,8 +5,8 @@ into mimkit's names (a `Foreign`, with what the checkpoint's training arguments 
 `resolve_arch` decides the architecture and records where each field came from (the weights, ``args``, a
 config file, a default, a guess); `load_foreign` loads the weights into a mimkit model, resizing position
 tables to the model's grid and refusing missing or unexpected keys unless asked not to;
-`import_checkpoint` writes ``config.yaml`` and a step-0 checkpoint that every command reads like one it
-wrote: ``visualize``, ``finetune``, ``linprobe``, ``knn``, ``export``, and ``pretrain`` (which continues
+`import_checkpoint` writes the run's configuration and a step-0 checkpoint that every command reads like one
+it wrote: ``visualize``, ``finetune``, ``linprobe``, ``knn``, ``export``, and ``pretrain`` (which continues
 from the imported weights with a fresh optimizer).
 
 Where the architecture comes from, first match wins: ``--set`` (``overrides``); the weights (widths,
@@ -28,22 +28,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from mimkit.config import PretrainConfig, from_dict, merge, save_config, to_dict
 from mimkit.errors import MimkitError
 from mimkit.interop import beit, mae, vqkd
-from mimkit.interop.hf import read_hf_folder, read_json
+from mimkit.interop.hf import read_hf_folder
 from mimkit.interop.keymaps import KeyMap, from_foreign
-from mimkit.interop.posembed import abs_grid, rel_grid, resize_abs_pos_embed, resize_rel_pos_table
-from mimkit.interop.safe_load import load_checkpoint, load_sharded, load_tensors
 from mimkit.methods import METHODS
 from mimkit.models.beit import BEIT_MODELS
 from mimkit.models.mae import MAE_MODELS
+from mimkit.models.posembed import abs_grid, rel_grid, resize_abs_pos_embed, resize_rel_pos_table
 from mimkit.models.vit import ENCODER_ARCHS
+from mimkit.runs import config_path
+from mimkit.safe_load import load_checkpoint, load_sharded, load_tensors, read_json
 from mimkit.train.checkpoint import Checkpoints
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+IMAGENET_MEAN, IMAGENET_STD = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)  # lists: YAML-friendly
 HALF = [0.5, 0.5, 0.5]  # BEiT's (and many timm ViTs') normalization: [-1, 1]
 
 
@@ -232,7 +234,7 @@ def _listing(keys: list[str], limit: int = 8) -> str:
 def load_foreign(model: nn.Module, foreign: Foreign, allow_mismatch: bool = False) -> list[str]:
     """Load ``foreign`` into ``model``, a fresh model of ``foreign.method``.
 
-    Position tables of another grid are resized (`mimkit.interop.posembed`). A part listed in
+    Position tables of another grid are resized (`mimkit.models.posembed`). A part listed in
     `OPTIONAL_PARTS` that the checkpoint lacks entirely (the decoder of an encoder-only file) keeps its fresh
     initialization. Other keys the model has but the checkpoint lacks ("missing"), and keys the model has
     no place for ("unexpected"), are an error unless ``allow_mismatch``; a shape that cannot be resized is
@@ -444,6 +446,6 @@ def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int
     model = METHODS[config.method].build_model(config)
     notes = foreign.notes + load_foreign(model, foreign, allow_mismatch)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    save_config(config, config_path(out))
     Checkpoints(out).save(0, model, {"step": 0, "imported_from": str(path), "format": fmt})
     return ImportReport(out, config, foreign.source, notes, origin)

@@ -19,6 +19,7 @@ from mimkit.masking import block_mask, count_for_ratio
 from mimkit.methods.dvae import find_tokenizer, load_tokenizer_encoder
 from mimkit.models.beit import BEiT, create_beit
 from mimkit.models.vit import check_patch_grid
+from mimkit.registry import LossFn, Method, View, register
 
 
 def resolve_config(config: PretrainConfig) -> PretrainConfig:
@@ -74,7 +75,7 @@ def masked_view(config: PretrainConfig, section: BEiTConfig, model: BEiT, tokeni
                     num_masked, section.min_block, section.crop_scale, section.color_jitter)
 
 
-def build_task(config: PretrainConfig, model: BEiT):
+def build_task(config: PretrainConfig, model: BEiT) -> tuple[View, LossFn]:
     beit, data = config.beit, config.data
     tokenizer = find_tokenizer(beit.tokenizer)
     encoder = load_tokenizer_encoder(tokenizer).to(next(model.parameters()).device)
@@ -86,3 +87,6 @@ def build_task(config: PretrainConfig, model: BEiT):
         return model(batch["image"], batch["mask"], target_ids)
 
     return view, loss_fn
+
+
+register(Method("beit", "pretraining", build_model, build_task, resolve_config=resolve_config))

@@ -16,6 +16,7 @@ from mimkit.errors import MimkitError
 from mimkit.methods.beit import masked_view
 from mimkit.methods.vqkd import load_vqkd_tokenizer, tokenizer_config
 from mimkit.models.beit import BEiTv2, create_beitv2
+from mimkit.registry import LossFn, Method, View, register
 
 
 def resolve_config(config: PretrainConfig) -> PretrainConfig:
@@ -45,7 +46,7 @@ def build_model(config: PretrainConfig) -> BEiTv2:
                          in_chans=config.data.channels, **config.model.kwargs)
 
 
-def build_task(config: PretrainConfig, model: BEiTv2):
+def build_task(config: PretrainConfig, model: BEiTv2) -> tuple[View, LossFn]:
     tokenizer, tokenizer_run = load_vqkd_tokenizer(config.beitv2.tokenizer)
     tokenizer = tokenizer.to(next(model.parameters()).device)
     data = tokenizer_run.data
@@ -56,3 +57,6 @@ def build_task(config: PretrainConfig, model: BEiTv2):
         return model(batch["image"], batch["mask"], target_ids)
 
     return view, loss_fn
+
+
+register(Method("beitv2", "pretraining", build_model, build_task, resolve_config=resolve_config))

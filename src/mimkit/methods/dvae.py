@@ -1,6 +1,6 @@
 """dVAE tokenizer training (BEiT's visual vocabulary), driven by the same loop as pretraining.
 
-The run directory is the tokenizer: its ``config.yaml`` rebuilds the dVAE and its newest checkpoint
+The run directory is the tokenizer: its configuration rebuilds the dVAE and its newest checkpoint
 holds the weights, so an interrupted tokenizer run resumes like any run and ``--tokenizer runs/dvae``
 reads whatever it reached. The Gumbel-softmax temperature and the KL weight are per-step schedules
 (`schedule_values`); the loop hands them to the loss in the batch and logs them with codebook usage
@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from mimkit.config import PretrainConfig, from_dict, read_yaml
+from mimkit.config import PretrainConfig
 from mimkit.data.transforms import crop_view
 from mimkit.errors import MimkitError
+from mimkit.registry import LossFn, Method, View, register
+from mimkit.runs import CONFIG, config_path, load_config
 from mimkit.tokenizers.dvae import DVAE, DVAE_FILE, DVAEEncoder, dvae_for
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.schedule import cosine_schedule
@@ -32,7 +34,7 @@ def build_model(config: PretrainConfig) -> DVAE:
                     d.hidden, d.num_res, d.recon_loss, d.tokenizer_size)
 
 
-def build_task(config: PretrainConfig, model: DVAE):
+def build_task(config: PretrainConfig, model: DVAE) -> tuple[View, LossFn]:
     view = crop_view(config.dvae.tokenizer_size or config.data.img_size, config.data.mean, config.data.std,
                      config.dvae.crop_scale)
 
@@ -92,10 +94,10 @@ def find_tokenizer(path: str | Path) -> Tokenizer:
     if not path.exists():
         raise MimkitError(f"tokenizer '{path}' does not exist; train one with: "
                           f"mimkit tokenizer train dvae --data ... --out {path}")
-    if not (path / "config.yaml").is_file():  # a save_dvae file or folder
+    if not config_path(path).is_file():  # a save_dvae file or folder
         file = path if path.is_file() else path / DVAE_FILE
         if not file.is_file():
-            raise MimkitError(f"'{path}' is neither a tokenizer run directory (no config.yaml) nor a dVAE "
+            raise MimkitError(f"'{path}' is neither a tokenizer run directory (no {CONFIG}) nor a dVAE "
                               "file (save_dvae)")
         try:  # a safetensors header only: a pickle (.pth) is refused unread
             with safe_open(str(file), framework="pt") as f:
@@ -106,7 +108,7 @@ def find_tokenizer(path: str | Path) -> Tokenizer:
             raise MimkitError(f"'{file}' is not a dVAE saved by mimkit (save_dvae, a safetensors file); "
                               "nothing in it was loaded")
         return Tokenizer(str(path), json.loads(metadata["config"]), None, None, None, file)
-    config = from_dict(PretrainConfig, read_yaml(path / "config.yaml"))
+    config = load_config(path)
     if config.method != "dvae":
         raise MimkitError(f"'{path}' holds a {config.method} run, not a dVAE tokenizer")
     step = Checkpoints(path).latest()
@@ -133,3 +135,6 @@ def load_tokenizer(tokenizer: Tokenizer) -> DVAE:
     model = DVAE(**tokenizer.dvae)
     load_weights(model, tokenizer.weights)
     return model.eval()
+
+
+register(Method("dvae", "tokenizer", build_model, build_task, schedule_values=schedule_values))

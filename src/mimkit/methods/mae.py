@@ -6,6 +6,7 @@
 from mimkit.config import PretrainConfig, check_model_kwargs
 from mimkit.data.transforms import mae_view
 from mimkit.models.mae import MAE, create_mae, num_kept
+from mimkit.registry import LossFn, Method, View, register
 
 
 def build_model(config: PretrainConfig) -> MAE:
@@ -15,7 +16,7 @@ def build_model(config: PretrainConfig) -> MAE:
                       **config.model.kwargs)
 
 
-def build_task(config: PretrainConfig, model: MAE):
+def build_task(config: PretrainConfig, model: MAE) -> tuple[View, LossFn]:
     mask_ratio = config.mae.mask_ratio
     num_kept(model.num_patches, mask_ratio)  # refuse an impossible ratio before training starts
     view = mae_view(config.data.img_size, config.data.mean, config.data.std, config.model.patch_size)
@@ -25,3 +26,6 @@ def build_task(config: PretrainConfig, model: MAE):
         return loss, {}
 
     return view, loss_fn
+
+
+register(Method("mae", "pretraining", build_model, build_task))

@@ -1,6 +1,6 @@
 """VQ-KD tokenizer training (BEiT v2's visual vocabulary), driven by the same loop as pretraining.
 
-The run directory is the tokenizer: its ``config.yaml`` rebuilds the VQ-KD (the teacher's width is
+The run directory is the tokenizer: its configuration rebuilds the VQ-KD (the teacher's width is
 written into it, ``vqkd.teacher_dim``, so the teacher is not needed afterwards) and its newest checkpoint
 holds the weights and the codebook; ``--tokenizer runs/vqkd`` reads whatever it reached. The frozen
 teacher runs inside the loss. Every step logs the batch's codebook usage and perplexity; every epoch end
@@ -16,23 +16,33 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import Subset
 
-from mimkit.config import PretrainConfig, check_model_kwargs, from_dict, read_yaml
+from mimkit.config import DataConfig, PretrainConfig, check_model_kwargs
+from mimkit.data.loader import eval_loader
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import crop_view, eval_view
 from mimkit.errors import MimkitError
 from mimkit.models.vit import check_patch_grid
+from mimkit.registry import Evaluate, LossFn, Method, View, register
+from mimkit.runs import config_path, load_config, load_encoder
 from mimkit.tokenizers.dvae import codebook_stats
 from mimkit.tokenizers.teachers import SPEC_FORMS, Teacher, load_teacher
 from mimkit.tokenizers.vqkd import VQKD, create_vqkd
 from mimkit.train.checkpoint import Checkpoints, load_weights
 
 
+def run_encoder(path: Path) -> tuple[nn.Module, DataConfig]:
+    """A mimkit run's encoder (`mimkit.runs.load_encoder`) and the data it was trained on, as a teacher."""
+    encoder = load_encoder(path)
+    return encoder.model, encoder.spec.data
+
+
 @lru_cache(maxsize=1)
 def _load_teacher(spec: str, grid: int, mean: tuple, std: tuple) -> Teacher:
     """One teacher per process, shared by `resolve_config`, `build_task` and `build_evaluate`."""
-    return load_teacher(spec, grid, mean, std)
+    return load_teacher(spec, grid, mean, std, run_encoder)
 
 
 def teacher_of(config: PretrainConfig) -> Teacher:
@@ -64,7 +74,7 @@ def build_model(config: PretrainConfig) -> VQKD:
                        **config.model.kwargs)
 
 
-def build_task(config: PretrainConfig, model: VQKD):
+def build_task(config: PretrainConfig, model: VQKD) -> tuple[View, LossFn]:
     teacher = teacher_of(config).to(next(model.parameters()).device)
     view = crop_view(config.data.img_size, config.data.mean, config.data.std, config.vqkd.crop_scale)
 
@@ -75,12 +85,10 @@ def build_task(config: PretrainConfig, model: VQKD):
     return view, loss_fn
 
 
-def build_evaluate(config: PretrainConfig, model: VQKD):
+def build_evaluate(config: PretrainConfig, model: VQKD) -> Evaluate:
     """``evaluate(model) -> {"val_usage", "val_perplexity", "val_cosine"}`` on held-out images: the
     ``val`` split when the data has one (Fashion-MNIST's test images), else the train split; a fixed,
     seeded subset of ``vqkd.eval_images`` of them. No labels are read."""
-    from mimkit.eval.features import eval_loader  # not at the top: mimkit.eval imports the methods
-
     data = config.data
     try:
         source = build_source(data.source, split="val", root=data.root, channels=data.channels)
@@ -118,10 +126,10 @@ def tokenizer_config(path: str | Path) -> PretrainConfig:
         path: a run directory of ``mimkit tokenizer train vqkd``.
     """
     path = Path(path)
-    if not (path / "config.yaml").is_file():
+    if not config_path(path).is_file():
         raise MimkitError(f"tokenizer '{path}' is not a run directory; train one with: "
                           f"mimkit tokenizer train vqkd --teacher runs/mae --data ... --out {path}")
-    config = from_dict(PretrainConfig, read_yaml(path / "config.yaml"))
+    config = load_config(path)
     if config.method != "vqkd":
         raise MimkitError(f"'{path}' holds a {config.method} run, not a VQ-KD tokenizer")
     return config
@@ -140,3 +148,7 @@ def load_vqkd_tokenizer(path: str | Path) -> tuple[VQKD, PretrainConfig]:
     model = build_model(config)
     load_weights(model, Checkpoints(path).weights_path(step))
     return model.eval().requires_grad_(False), config
+
+
+register(Method("vqkd", "tokenizer", build_model, build_task, resolve_config=resolve_config,
+                build_evaluate=build_evaluate))

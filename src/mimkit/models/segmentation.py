@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimkit.errors import MimkitError
-from mimkit.eval.classifier import check_encoder, set_drop_path
-from mimkit.interop.posembed import resize_abs_pos_embed, resize_rel_pos_table
+from mimkit.models.classifier import check_encoder, set_drop_path
+from mimkit.models.posembed import resize_abs_pos_embed, resize_rel_pos_table
 from mimkit.models.vit import check_patch_grid
 
 HEADS = ("upernet", "linear")
@@ -44,7 +44,7 @@ def resize_encoder(encoder: nn.Module, img_size: int) -> None:
     """Set a timm ViT/Beit encoder's input size in place, its position tables resized to the new grid.
 
     Absolute tables: MAE's sin-cos recomputed, learned ones bicubic; BEiT's relative bias tables: BEiT's
-    own geometric resize (`mimkit.interop.posembed`).
+    own geometric resize (`mimkit.models.posembed`).
     """
     grid = check_patch_grid(img_size, encoder.patch_embed.patch_size[0])
     if encoder.patch_embed.grid_size[0] == grid:

@@ -4,8 +4,8 @@ A convolutional encoder maps an image to logits over K codes at each cell of a g
 ViT's patch grid; training relaxes the categorical with Gumbel-softmax (temperature annealed by the
 caller) and decodes the relaxed one-hot through a codebook embedding and a convolutional decoder.
 The loss is a reconstruction term plus a weighted KL divergence of the code posterior from the
-uniform prior. Pretraining needs the encoder alone (`load_dvae_encoder`); the decoder serves
-tokenizer training and visualization.
+uniform prior. Pretraining needs the encoder alone (`mimkit.methods.dvae.load_tokenizer_encoder`); the
+decoder serves tokenizer training and visualization.
 
 - DALL-E dVAE: Ramesh et al., 2021, arXiv:2102.12092
 - Gumbel-softmax: Jang et al., 2016, arXiv:1611.01144; Maddison et al., 2016, arXiv:1611.00712
@@ -230,8 +230,8 @@ def save_dvae(model: DVAE, path: str | Path) -> Path:
     return path
 
 
-def _read(path: str | Path, prefix: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The saved config and the tensors whose names start with `prefix` (the others are not read)."""
+def _read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The saved config and tensors of `save_dvae`'s file or folder."""
     path = _dvae_file(path)
     if not path.is_file():
         raise MimkitError(f"no dVAE at '{path}'; give a file from save_dvae or a folder with {DVAE_FILE}")
@@ -239,25 +239,13 @@ def _read(path: str | Path, prefix: str) -> tuple[dict, dict[str, torch.Tensor]]
         metadata = f.metadata() or {}
         if metadata.get("format") != "mimkit-dvae":
             raise MimkitError(f"'{path}' is not a dVAE saved by mimkit (save_dvae)")
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     return json.loads(metadata["config"]), tensors
 
 
 def load_dvae(path: str | Path) -> DVAE:
     """The full dVAE (encoder, codebook, decoder) from `save_dvae`'s file or folder."""
-    config, tensors = _read(path, "")
+    config, tensors = _read(path)
     model = DVAE(**config)
     model.load_state_dict(tensors)
     return model
-
-
-def load_dvae_encoder(path: str | Path) -> DVAEEncoder:
-    """The encoder alone, frozen and in eval mode, for tokenizing during pretraining.
-
-    Only the encoder's tensors are read from the file.
-    """
-    config, tensors = _read(path, "encoder.")
-    encoder = DVAEEncoder(config["in_chans"], config["vocab_size"], config["hidden"], config["num_down"],
-                          config["num_res"])
-    encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in tensors.items()})
-    return encoder.eval().requires_grad_(False)

@@ -24,7 +24,7 @@ patch tokens after its final LayerNorm and, when the folder has it, its projecti
 """
 
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import timm
@@ -33,11 +33,13 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import nn
 
+from mimkit.config import DataConfig
 from mimkit.errors import MimkitError
-from mimkit.interop.hf import read_json
-from mimkit.interop.safe_load import load_tensors, refusal
+from mimkit.safe_load import load_tensors, read_json, refusal
 
 SPEC_FORMS = "a mimkit run directory or checkpoint, timm:NAME:FILE, or hf:DIR (CLIP or DINOv2)"
+
+RunEncoder = Callable[[Path], tuple[nn.Module, DataConfig]]  # a run -> its encoder, the data it expects
 
 
 def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
@@ -162,12 +164,11 @@ class Teacher(nn.Module):
         return features.flatten(2).transpose(1, 2)
 
 
-def _mimkit_teacher(path: Path) -> tuple[nn.Module, int, int, list, list]:
-    from mimkit.eval.encoders import load_encoder  # not at the top: it imports the methods, which import us
-
-    encoder = load_encoder(path)
-    data = encoder.spec.data
-    return TimmFeatures(encoder.model), data.img_size, data.channels, data.mean, data.std
+def _mimkit_teacher(path: Path, run_encoder: RunEncoder | None) -> tuple[nn.Module, int, int, list, list]:
+    if run_encoder is None:
+        raise MimkitError(f"teacher '{path}' is a mimkit run; pass run_encoder to load it")
+    model, data = run_encoder(path)
+    return TimmFeatures(model), data.img_size, data.channels, data.mean, data.std
 
 
 def _timm_teacher(name: str, weights: Path) -> tuple[nn.Module, int, int, list, list]:
@@ -242,7 +243,8 @@ def _hf_teacher(folder: Path) -> tuple[nn.Module, int, int, list, list]:
     return features, size, vision_config.get("num_channels", 3), mean, std
 
 
-def load_teacher(spec: str, grid: int, data_mean: Sequence[float], data_std: Sequence[float]) -> Teacher:
+def load_teacher(spec: str, grid: int, data_mean: Sequence[float], data_std: Sequence[float],
+                 run_encoder: RunEncoder | None = None) -> Teacher:
     """The frozen teacher a spec names, on the CPU in eval mode; nothing is downloaded.
 
     Args:
@@ -250,6 +252,8 @@ def load_teacher(spec: str, grid: int, data_mean: Sequence[float], data_std: Seq
             a Hugging Face folder (see the module docstring).
         grid: the tokenizer's grid side.
         data_mean, data_std: the normalization of the images the teacher will be given.
+        run_encoder: path -> (encoder, its data configuration) of a mimkit run or checkpoint, for the first
+            spec form (`mimkit.methods.vqkd.run_encoder`).
 
     Returns:
         `Teacher`: (B, C, H, W) data-normalized images -> (B, grid * grid, teacher.dim).
@@ -265,9 +269,9 @@ def load_teacher(spec: str, grid: int, data_mean: Sequence[float], data_std: Seq
         path = Path(spec)
         if not path.exists():
             raise MimkitError(f"teacher '{spec}' does not exist; give {SPEC_FORMS}")
-        if path.is_dir() and (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        if path.is_dir() and (path / "config.json").is_file():  # a mimkit run has no config.json
             parts = _hf_teacher(path)
         else:
-            parts = _mimkit_teacher(path)
+            parts = _mimkit_teacher(path, run_encoder)
     features, img_size, in_chans, mean, std = parts
     return Teacher(features, img_size, in_chans, mean, std, data_mean, data_std, grid, spec)

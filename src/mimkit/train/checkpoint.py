@@ -25,7 +25,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mimkit.errors import MimkitError, explain_write_errors
-from mimkit.interop.safe_load import load_pickle
+from mimkit.safe_load import load_pickle
 
 _NAME = re.compile(r"^step-(\d{8})\.safetensors$")
 _STATE_NAME = re.compile(r"^step-(\d{8})\.pt$")
@@ -101,10 +101,15 @@ class Checkpoints:
             if (_is_temporary(path.name) or orphan) and (path.is_symlink() or path.is_file()):
                 path.unlink(missing_ok=True)
 
+    @property
+    def best_path(self) -> Path:
+        """Where the best weights are kept (`save_best`)."""
+        return self.dir / "best.safetensors"
+
     def save_best(self, step: int, model: nn.Module, metric: str, value: float) -> None:
-        """Keep ``model``'s weights as the best so far by ``metric`` (``best.safetensors``, ``best.json``)."""
+        """Keep ``model``'s weights as the best so far by ``metric`` (`best_path`, ``best.json``)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic(self.dir / "best.safetensors", lambda tmp: save_model(model, str(tmp)))
+        _atomic(self.best_path, lambda tmp: save_model(model, str(tmp)))
         record = {"step": step, "metric": metric, "value": value}
         _atomic(self.dir / "best.json", lambda tmp: tmp.write_text(json.dumps(record)))
 

@@ -8,6 +8,7 @@ resumes from it.
 """
 
 import contextlib
+import logging
 import math
 import signal
 import time
@@ -25,6 +26,8 @@ from mimkit.errors import MimkitError
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.distributed import World, any_rank, gather_objects
 from mimkit.train.metrics import MetricsLog, drop_records_after
+
+logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict]]
 
@@ -104,7 +107,7 @@ def _check_resumable(state: dict, world: World, global_batch: int, force: bool) 
     if not force:
         raise MimkitError(f"{message}: resume it as it was trained, or pass --force-config to change it")
     if world.is_main:
-        tqdm.write(f"--force-config: {message}")
+        logger.warning(f"--force-config: {message}")
 
 
 def _grad_norm(model: nn.Module, clip_grad: float | None) -> torch.Tensor:
@@ -156,7 +159,7 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
         evaluate: called on the model every ``evaluate_every`` optimizer steps (default: at every epoch
             end) and at the end; its numbers are logged.
         keep_best: a key of ``evaluate``'s results; the weights where it was highest are kept as
-            ``checkpoints/best.safetensors`` (`Checkpoints.save_best`).
+            as the best weights (`Checkpoints.save_best`).
         after_step: called with the new step number after each optimizer step (e.g. a model EMA update).
         force_resume: resume a checkpoint trained by another number of processes or with another global
             batch (refused otherwise).
@@ -189,7 +192,7 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
         step = state["step"]
         if world.is_main:
             drop_records_after(run_dir, step)
-            tqdm.write(f"resuming from step {step} ({checkpoints.weights_path(step)})")
+            logger.info(f"resuming from step {step} ({checkpoints.weights_path(step)})")
 
     step_module = _Step(model, loss_fn)
     if world.size > 1:
@@ -274,6 +277,6 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
                     break
     log.close()
     if interrupted and world.is_main:
-        tqdm.write(f"interrupted: checkpoint saved at step {step} in {checkpoints.dir}; "
-                   "run the same command again to resume")
+        logger.info(f"interrupted: checkpoint saved at step {step} in {checkpoints.dir}; "
+                    "run the same command again to resume")
     return {"step": step, "interrupted": interrupted, "resumed_from": resumed_from, **results}

@@ -35,6 +35,14 @@ def refusal(path: str | Path, err: pickle.UnpicklingError) -> MimkitError:
                        "(nothing was executed)")
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file's content; an unreadable or malformed file is a one-line error."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise MimkitError(f"cannot read '{path}': {err}") from None
+
+
 def load_pickle(path: Path) -> object:
     """A PyTorch pickle read with `torch.load(weights_only=True)`; a one-line `MimkitError` when it would run
     code or is damaged."""

@@ -1,0 +1,117 @@
+"""The package's modules import each other without a cycle and only downwards through its layers, counting
+imports inside functions."""
+
+import ast
+from pathlib import Path
+
+import mimkit
+
+PACKAGE = Path(mimkit.__file__).parent
+
+
+def _module_names() -> dict[str, Path]:
+    names = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return names
+
+
+def _imports(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports anywhere in its file (a package imports its submodules
+    when they are named: ``from mimkit.methods import mae`` imports ``mimkit.methods.mae``)."""
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            found |= {known(t) for t in targets if t.split(".")[0] == "mimkit"}
+        graph[name] = found - {None, name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path of modules (first == last), or None (depth-first search)."""
+    state, path = {}, []  # state: 1 while on the path, 2 when done
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_no_relative_imports_hide_from_the_walk():
+    for name, path in _module_names().items():
+        tree = ast.parse(path.read_text())
+        relative = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+        assert not relative, f"{name} imports relatively; the walk reads absolute imports"
+
+
+def test_the_walk_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_the_walk_sees_imports_inside_functions(tmp_path):
+    (tmp_path / "a.py").write_text("def f():\n    from mimkit.b import g\n    import mimkit.c.d\n")
+    (tmp_path / "b.py").write_text("from mimkit.c import d, x\n")
+    modules = {"mimkit.a": tmp_path / "a.py", "mimkit.b": tmp_path / "b.py", "mimkit.c": tmp_path / "b.py",
+               "mimkit.c.d": tmp_path / "b.py"}
+    graph = _imports(modules)
+    assert graph["mimkit.a"] == {"mimkit.b", "mimkit.c.d"}
+    assert graph["mimkit.b"] == {"mimkit.c", "mimkit.c.d"}  # a named submodule is imported too
+
+
+def test_the_package_has_no_import_cycle():
+    cycle = _cycle(_imports(_module_names()))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# the package's layers, lowest first: a module imports only from its own layer and the ones below; the
+# longest name that matches decides (the configuration of evaluation runs is configuration)
+LAYERS = (
+    ("mimkit", "mimkit.errors", "mimkit.config", "mimkit.eval.config", "mimkit.cpus", "mimkit.safe_load",
+     "mimkit.recipes"),
+    ("mimkit.data", "mimkit.models", "mimkit.tokenizers", "mimkit.masking"),
+    ("mimkit.train",),
+    ("mimkit.registry", "mimkit.runs"),
+    ("mimkit.methods",),
+    ("mimkit.pretrain", "mimkit.eval", "mimkit.interop", "mimkit.viz"),
+    ("mimkit.cli",),
+)
+
+
+def _layer(module: str) -> int:
+    matches = [(len(name), level) for level, names in enumerate(LAYERS) for name in names
+               if module == name or module.startswith(name + ".") and name != "mimkit"]
+    assert matches, f"{module} is in no layer of LAYERS"
+    return max(matches)[1]
+
+
+def test_no_import_runs_upward():
+    upward = sorted(f"{m} -> {t}" for m, targets in _imports(_module_names()).items() for t in targets
+                    if _layer(t) > _layer(m))
+    assert upward == [], "imports from a higher layer: " + "; ".join(upward)
