@@ -2,6 +2,8 @@
 imports inside functions."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import mimkit
@@ -115,3 +117,12 @@ def test_no_import_runs_upward():
     upward = sorted(f"{m} -> {t}" for m, targets in _imports(_module_names()).items() for t in targets
                     if _layer(t) > _layer(m))
     assert upward == [], "imports from a higher layer: " + "; ".join(upward)
+
+
+def test_a_run_loads_without_importing_the_methods_first(mae_run):
+    """The registry finds the built-in methods itself: `mimkit.runs.load_run` works in a fresh process that
+    imported nothing else of mimkit (the README's library example)."""
+    code = (f"from mimkit.runs import load_run; model, config = load_run({str(mae_run)!r}); "
+            "print(config.method)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "mae", done.stderr

@@ -1,8 +1,13 @@
 """The methods a run can be trained with, by name: each ``mimkit/methods/<name>.py`` registers a `Method`
 record when it is imported (importing `mimkit.methods` imports them all), and whatever needs a run's model
 looks its method up here, below the methods in the package's layers.
+
+The built-in methods are plug-ins of this registry: `method_of` loads the `BUILTIN_METHODS` package by
+name the first time a name is not found, so ``mimkit.runs.load_run`` works without importing it first
+(the same discovery entry points give; no module here imports a method).
 """
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -44,6 +49,7 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
+BUILTIN_METHODS = "mimkit.methods"  # the package whose modules register mimkit's own methods
 
 
 def register(method: Method) -> Method:
@@ -60,8 +66,9 @@ def registered(kind: str | None = None) -> dict[str, Method]:
 
 
 def method_of(name: str) -> Method:
-    """The method a run's ``config.method`` names."""
+    """The method a run's ``config.method`` names (the built-in ones loaded on first use)."""
     if name not in _METHODS:
-        known = ", ".join(_METHODS) or "none registered: import mimkit.methods"
-        raise MimkitError(f"method {name!r} is unknown (methods: {known})")
+        importlib.import_module(BUILTIN_METHODS)
+    if name not in _METHODS:
+        raise MimkitError(f"method {name!r} is unknown (methods: {', '.join(_METHODS)})")
     return _METHODS[name]
