@@ -219,18 +219,25 @@ def segment_config(args: argparse.Namespace):
     return from_dict(SegmentConfig, merge(merge(values, flags), parse_overrides(args.set)))
 
 
-def cmd_segment(args: argparse.Namespace) -> None:
-    from mimkit.eval.segment import run_segment
+def refuse_another_run(out: Path, encoder: str, section: str) -> None:
+    """A fine-tuning or segmentation run resumes only a run of its kind (``section`` of its configuration)
+    from the same encoder."""
     from mimkit.runs import saved_values
     from mimkit.train.checkpoint import Checkpoints
 
+    saved = saved_values(out)
+    if saved and Checkpoints(out).latest() is not None and (saved.get("encoder") != encoder
+                                                            or section not in saved):
+        raise MimkitError(f"'{out}' holds another run ({saved.get('encoder') or saved.get('method')}); "
+                          "choose another --out")
+
+
+def cmd_segment(args: argparse.Namespace) -> None:
+    from mimkit.eval.segment import run_segment
+
     config = segment_config(args)
     out = Path(args.out)
-    saved = saved_values(out)
-    if saved and Checkpoints(out).latest() is not None:
-        if saved.get("encoder") != config.encoder or "seg" not in saved:
-            raise MimkitError(f"'{out}' holds another run ({saved.get('encoder') or saved.get('method')}); "
-                              "choose another --out")
+    refuse_another_run(out, config.encoder, "seg")
     results = run_segment(config, out, args.force_config)
     if results.get("interrupted"):
         raise Interrupted
@@ -304,16 +311,10 @@ def finetune_config(args: argparse.Namespace):
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from mimkit.eval.finetune import run_finetune
-    from mimkit.runs import saved_values
-    from mimkit.train.checkpoint import Checkpoints
 
     config = finetune_config(args)
     out = Path(args.out)
-    saved = saved_values(out)
-    if saved and Checkpoints(out).latest() is not None:
-        if saved.get("encoder") != config.encoder:
-            raise MimkitError(f"'{out}' holds another run ({saved.get('encoder') or saved.get('method')}); "
-                              "choose another --out")
+    refuse_another_run(out, config.encoder, "classifier")
     results = run_finetune(config, out, args.force_config)
     if results.get("interrupted"):
         raise Interrupted
