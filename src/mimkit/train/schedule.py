@@ -21,14 +21,8 @@ def cosine_schedule(base_value: float, final_value: float, total_steps: int, war
     Returns:
         A list of ``total_steps`` floats.
     """
-    warmup_steps = min(warmup_steps, total_steps)
-    warmup = [start_warmup_value + (base_value - start_warmup_value) * i / warmup_steps
-              for i in range(warmup_steps)]
-    decay_steps = total_steps - warmup_steps
-    span = max(decay_steps - 1, 1)  # the last step lands on final_value
-    decay = [final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * i / span))
-             for i in range(decay_steps)]
-    return warmup + decay
+    return _warmup_then_decay(base_value, final_value, total_steps, warmup_steps, start_warmup_value,
+                              lambda t: 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def poly_schedule(base_value: float, final_value: float, total_steps: int, warmup_steps: int = 0,
@@ -43,10 +37,16 @@ def poly_schedule(base_value: float, final_value: float, total_steps: int, warmu
     Returns:
         A list of ``total_steps`` floats.
     """
+    return _warmup_then_decay(base_value, final_value, total_steps, warmup_steps, start_warmup_value,
+                              lambda t: (1 - t) ** power)
+
+
+def _warmup_then_decay(base_value: float, final_value: float, total_steps: int, warmup_steps: int,
+                       start_warmup_value: float, shape) -> list[float]:
+    """Linear warmup, then ``final + (base - final) * shape(t)`` with ``t`` from 0 to 1 over the rest."""
     warmup_steps = min(warmup_steps, total_steps)
     warmup = [start_warmup_value + (base_value - start_warmup_value) * i / warmup_steps
               for i in range(warmup_steps)]
     decay_steps = total_steps - warmup_steps
     span = max(decay_steps - 1, 1)  # the last step lands on final_value
-    decay = [final_value + (base_value - final_value) * (1 - i / span) ** power for i in range(decay_steps)]
-    return warmup + decay
+    return warmup + [final_value + (base_value - final_value) * shape(i / span) for i in range(decay_steps)]
