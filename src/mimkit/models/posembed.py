@@ -2,7 +2,7 @@
 
 - Absolute tables ``(1, 1 + g*g, D)``: MAE's fixed 2-D sin-cos table is recomputed for the new grid
   (exact: it is a function of the grid); a learned table is resampled bicubically over the grid, the
-  class token's row kept.
+  class token's row kept (timm's `resample_abs_pos_embed`, the resize timm's own models use).
 - Relative position bias tables ``((2g-1)**2 + 3, heads)`` (BEiT): each head's ``(2g-1, 2g-1)`` grid of
   offsets is resampled as in the BEiT reference code: the old offsets are spread along a geometric
   progression so that the small offsets, which matter most, keep their spacing, and a cubic spline
@@ -15,7 +15,7 @@
 import math
 
 import torch
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
 from mimkit.errors import MimkitError
 from mimkit.models.vit import sincos_pos_embed_2d
@@ -63,11 +63,10 @@ def resize_abs_pos_embed(table: torch.Tensor, grid: int, prefix: int = 1) -> tup
     if prefix == 1 and is_sincos(table):
         table = sincos_pos_embed_2d(table.shape[-1], grid, cls_token=True).to(table.dtype)
         return table, "sin-cos recomputed"
-    head, patches = table[:, :prefix], table[:, prefix:]
-    patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()  # [1, D, g, g]
-    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
-    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(table.dtype)
-    return torch.cat([head, patches], dim=1), "bicubic"
+    # antialiased as timm does; the MAE reference code is not (same table when enlarging, not shrinking)
+    resized = resample_abs_pos_embed(table, [grid, grid], [old, old], num_prefix_tokens=prefix,
+                                     interpolation="bicubic", antialias=True)
+    return resized, "bicubic"
 
 
 def _spline_weights(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
