@@ -1,8 +1,14 @@
 """Configuration: recipes, dotted overrides, typed coercion and one-line errors."""
 
+import shutil
+from dataclasses import replace
+
 import pytest
+import torch
+import yaml
 
 from mimkit.config import (
+    METHOD_SECTIONS,
     PretrainConfig,
     from_dict,
     load_recipe,
@@ -13,8 +19,9 @@ from mimkit.config import (
     to_dict,
 )
 from mimkit.errors import MimkitError
+from mimkit.eval.config import FinetuneConfig
 from mimkit.methods import METHODS
-from mimkit.runs import load_config
+from mimkit.runs import config_path, keep_config, load_config, load_encoder, load_run
 
 
 @pytest.mark.parametrize("name", [n for n in recipe_names() if n.split("_")[0] in METHODS])
@@ -59,3 +66,45 @@ def test_saved_config_round_trips(tmp_path):
     config = from_dict(PretrainConfig, parse_overrides(["data.img_size=32", "optim.clip_grad=3.0"]))
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path) == config
+
+
+OWN_SECTION = {"mae": {"mask_ratio": 0.6}, "beit": {"mask_ratio": 0.3}, "beitv2": {"mask_ratio": 0.5},
+               "dvae": {"vocab_size": 64}, "vqkd": {"vocab_size": 64, "teacher_dim": 16}}
+
+
+@pytest.mark.parametrize("method", METHOD_SECTIONS)
+def test_saved_config_holds_its_method_section_only_and_round_trips(tmp_path, method):
+    config = from_dict(PretrainConfig, {"method": method, method: OWN_SECTION[method]})
+    save_config(config, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert set(saved) == {"method", "data", "model", "optim", "train", method}
+    assert saved[method] == to_dict(config)[method]
+    assert load_config(tmp_path) == config
+
+
+def test_fine_tuning_config_saves_its_encoder_method_section_only(tmp_path):
+    config = FinetuneConfig(encoder_config=to_dict(PretrainConfig(method="beit")))
+    save_config(config, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["encoder_config"]
+    assert set(saved) == {"method", "data", "model", "optim", "train", "beit"}
+    assert from_dict(PretrainConfig, saved) == PretrainConfig(method="beit")
+
+
+def test_run_saved_with_every_section_still_loads_and_resumes(mae_run, tmp_path):
+    """Runs saved before the trim hold every method's section; they load as before, and a section of
+    another method that differs from today's defaults does not block resuming."""
+    run = shutil.copytree(mae_run, tmp_path / "old")
+    config = load_config(run)
+    everything = to_dict(config) | {"beit": {**to_dict(config)["beit"], "mask_ratio": 0.3}}
+    config_path(run).write_text(yaml.safe_dump(everything, sort_keys=False))
+    assert set(METHOD_SECTIONS) <= set(yaml.safe_load(config_path(run).read_text()))
+
+    old = load_config(run)
+    assert old.beit.mask_ratio == 0.3 and replace(old, beit=config.beit) == config
+    model, _ = load_run(run)
+    reference, _ = load_run(mae_run)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 reference.state_dict().values(), strict=True))
+    assert load_encoder(run).spec == old
+    keep_config(run, config)  # step 2 trained: compared, not rewritten, and nothing of MAE's changed
+    assert yaml.safe_load(config_path(run).read_text()) == everything

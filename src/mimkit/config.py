@@ -168,6 +168,9 @@ class PretrainConfig:
     vqkd: VQKDConfig = field(default_factory=VQKDConfig)
 
 
+METHOD_SECTIONS = ("mae", "beit", "dvae", "beitv2", "vqkd")  # PretrainConfig's sections of one method each
+
+
 def _coerce(value, hint, key: str):
     """Convert a YAML value to the annotated type, or explain why it cannot be."""
     origin = typing.get_origin(hint)
@@ -237,6 +240,17 @@ def to_dict(config) -> dict:
     return plain(dataclasses.asdict(config))
 
 
+def as_saved(values: dict) -> dict:
+    """``values`` (a `to_dict` of a run's configuration) as a run saves it: a pretraining configuration, also
+    one nested as a fine-tuning or segmentation run's ``encoder_config``, keeps only its method's section
+    (the others fill in with their defaults when it is read back)."""
+    if isinstance(values.get("encoder_config"), dict):
+        values = {**values, "encoder_config": as_saved(values["encoder_config"])}
+    if "method" in values:
+        values = {k: v for k, v in values.items() if k not in METHOD_SECTIONS or k == values["method"]}
+    return values
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """``["optim.base_lr=1e-3", "train.epochs=5"]`` → nested dict, values parsed as YAML."""
     nested: dict = {}
@@ -304,6 +318,6 @@ def load_recipe(name_or_path: str) -> dict:
 
 
 def save_config(config, path: str | Path) -> None:
-    """Write the resolved configuration as YAML."""
+    """Write the resolved configuration as YAML, the active method's section only (`as_saved`)."""
     with explain_write_errors(path):
-        Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        Path(path).write_text(yaml.safe_dump(as_saved(to_dict(config)), sort_keys=False))

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mimkit.config import PretrainConfig, differences, from_dict, read_yaml, save_config, to_dict
+from mimkit.config import PretrainConfig, as_saved, differences, from_dict, read_yaml, save_config, to_dict
 from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.eval.config import FinetuneConfig
 from mimkit.models.classifier import FineTuned, build_classifier, check_encoder
@@ -138,8 +138,9 @@ def keep_config(run_dir: str | Path, config, force: bool = False) -> None:
     if not step or not path.is_file():
         save_config(config, path)
         return
-    saved = to_dict(from_dict(type(config), read_yaml(path)))
-    changed = {k: v for k, v in differences(saved, to_dict(config)).items() if k not in RESUMABLE_CHANGES}
+    saved = as_saved(to_dict(from_dict(type(config), read_yaml(path))))
+    changes = differences(saved, as_saved(to_dict(config)))
+    changed = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
     if not changed:
         return
     listing = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
