@@ -21,6 +21,7 @@ from mimkit.config import (
 from mimkit.errors import MimkitError
 from mimkit.eval.config import FinetuneConfig
 from mimkit.methods import METHODS
+from mimkit.registry import method_of
 from mimkit.runs import config_path, keep_config, load_config, load_encoder, load_run
 
 
@@ -108,3 +109,12 @@ def test_run_saved_with_every_section_still_loads_and_resumes(mae_run, tmp_path)
     assert load_encoder(run).spec == old
     keep_config(run, config)  # step 2 trained: compared, not rewritten, and nothing of MAE's changed
     assert yaml.safe_load(config_path(run).read_text()) == everything
+
+
+@pytest.mark.parametrize("method", ["mae", "beit", "beitv2", "vqkd"])  # the dVAE's own section shapes it
+def test_model_kwargs_typo_is_a_one_line_error_naming_the_key(method):
+    config = from_dict(PretrainConfig, {"method": method, "data": {"img_size": 32, "channels": 3},
+                                        "model": {"kwargs": {"dpeth": 2}}, "vqkd": {"teacher_dim": 16}})
+    message = r"^config 'model.kwargs.dpeth' is not an argument of \w+; it takes: .*\bdepth\b"
+    with pytest.raises(MimkitError, match=message):
+        method_of(method).build_model(config)
