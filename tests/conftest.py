@@ -1,5 +1,10 @@
 """Shared test set-up, and the helpers several test files use."""
 
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +18,27 @@ TINY = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_he
             decoder_depth=1, decoder_num_heads=2)
 IMPORT_SETS = ["--set", "model.kwargs.num_heads=2", "--set", "model.kwargs.decoder_num_heads=2",
                "--set", "data.source=synthetic:64", "--set", "data.num_workers=0"]
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
+                                   reason="apt-get install dataset-fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
+    """``array`` (uint8) as an IDX file, gzipped unless ``compress`` is False."""
+    payload = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+
+
+def perturb(module: torch.nn.Module, keep: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Move every parameter (but those whose names end with ``keep``) off its initialization: zero biases
+    and unit norms hide mapping mistakes and wrong head counts. Eval mode."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not name.endswith(keep):
+                p.add_(torch.randn_like(p) * 0.1)
+    return module.eval()
 
 
 def grid_size(columns: int, rows: int, side: int) -> tuple[int, int]:
@@ -53,6 +79,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def private_data_cache(monkeypatch, tmp_path):
+    """No MIMKIT_DATA from the environment and a private cache: nothing is read from or written to the
+    user's folders."""
+    monkeypatch.delenv("MIMKIT_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="session")

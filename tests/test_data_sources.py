@@ -1,11 +1,10 @@
-import gzip
-import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import needs_fashion, write_idx
 from PIL import Image
 
 from mimkit.data import sources
@@ -20,26 +19,14 @@ from mimkit.data.sources import (
 )
 from mimkit.errors import MimkitError
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
-                                   reason="dataset-fashion-mnist not installed")
-
 
 @pytest.fixture(autouse=True)
-def _isolated_lookup(monkeypatch, tmp_path):
+def _isolated_lookup(private_data_cache, monkeypatch):
     """No MIMKIT_DATA from the environment, a private cache, and never a network download."""
-    monkeypatch.delenv("MIMKIT_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
     def offline(name):
         raise RuntimeError("<urlopen error [Errno -2] Name or service not known>")
 
     monkeypatch.setattr(sources, "_download_idx", offline)
-
-
-def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
-    payload = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-    path.write_bytes(gzip.compress(payload) if compress else payload)
 
 
 def write_tiny_idx(folder: Path, prefix: str, n: int = 5, compress: bool = True) -> np.ndarray:

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import perturb
 from timm.models.beit import Beit
 
 from mimkit.cli import main
@@ -26,14 +27,6 @@ def mae_run(tmp_path_factory):
     return run
 
 
-def perturbed(model):
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
 @pytest.mark.parametrize("pool", ["avg", "cls"])
 @pytest.mark.parametrize("kind", ["vit", "classifier", "beit"])
 def test_block_features(kind, pool):
@@ -45,7 +38,7 @@ def test_block_features(kind, pool):
         encoder = Beit(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=3, num_heads=2,
                        num_classes=0, use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1,
                        global_pool="token")
-    encoder = perturbed(encoder)
+    encoder = perturb(encoder)
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         features = block_features(encoder, x, pool, [1, 2, 3])

@@ -5,6 +5,7 @@ import argparse
 
 import pytest
 import torch
+from conftest import perturb
 
 from mimkit.cli import main
 from mimkit.errors import MimkitError
@@ -22,15 +23,6 @@ from mimkit.runs import load_run
 TINY_MAE = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=4,
                 decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=4)
 TEST_NAME = "mae_vit_tiny_test"
-
-
-def perturb(module: torch.nn.Module) -> torch.nn.Module:
-    """Every parameter off its initialization, so a wrong mapping or a wrong head count shows."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return module.eval()
 
 
 def official_mae(path, trained_norm_pix: bool, **args) -> MAE:

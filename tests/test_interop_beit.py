@@ -6,6 +6,7 @@ import json
 import pytest
 import timm
 import torch
+from conftest import perturb
 from safetensors.torch import load_file
 from timm.models.beit import Beit, Block
 from transformers import BeitConfig, BeitForMaskedImageModeling, BeitModel
@@ -40,14 +41,6 @@ OFFICIAL_V2_KEYS = {
     "lm_head.weight", "lm_head.bias", *(f"{blocks}.{i}.{n}" for blocks in ("blocks", "cls_pt_layers")
                                         for i in range(2) for n in PER_BLOCK),
 }
-
-
-def perturb(module: torch.nn.Module) -> torch.nn.Module:
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return module.eval()
 
 
 def tiny_beit(shared: bool = False, **kw) -> BEiT:

@@ -7,6 +7,7 @@ import json
 import pytest
 import timm
 import torch
+from conftest import perturb
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -39,16 +40,6 @@ OFFICIAL_KEYS = {
 def tiny_vit(img_size: int = 32, num_classes: int = 0) -> VisionTransformer:
     return VisionTransformer(img_size=img_size, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                              num_classes=num_classes)
-
-
-def perturb(module: torch.nn.Module, keep: tuple[str, ...] = ()) -> torch.nn.Module:
-    """Move every parameter off its initialization (zero biases, unit norms hide mapping mistakes)."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if not name.endswith(keep):
-                p.add_(torch.randn_like(p) * 0.1)
-    return module.eval()
 
 
 def official_checkpoint(path, with_decoder=True, grid=4):

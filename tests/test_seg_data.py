@@ -1,10 +1,9 @@
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import needs_fashion, write_idx
 from PIL import Image
 
 from mimkit.data import segmentation
@@ -22,16 +21,7 @@ from mimkit.data.segmentation import (
 )
 from mimkit.errors import MimkitError
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
-                                   reason="apt-get install dataset-fashion-mnist")
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(monkeypatch, tmp_path):
-    """A private cache and no MIMKIT_DATA: nothing is read from or written to the user's folders."""
-    monkeypatch.delenv("MIMKIT_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_data_cache")
 
 
 def save(path: Path, array: np.ndarray, palette: bool = False) -> Path:
@@ -356,11 +346,6 @@ def test_seeded_joint_views_leave_the_global_rng_alone():
 
 # ---------------------------------------------------------------------------------------------------------
 # fmnist-scenes
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(gzip.compress(header + array.tobytes()))
 
 
 def tiny_fashion(folder: Path, n: int = 30) -> Path:
