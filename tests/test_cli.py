@@ -9,7 +9,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import grid_size
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -19,6 +18,7 @@ from mimkit.methods import METHODS
 from mimkit.runs import latest_weights, load_config, load_run
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.metrics import read_metrics
+from tests.conftest import grid_size
 
 TINY = ["--set", "model.kwargs.depth=2", "--set", "model.kwargs.decoder_depth=1",
         "--set", "data.num_workers=0"]

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import IMPORT_SETS, TINY
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -22,6 +21,7 @@ from mimkit.models.mae import MAE
 from mimkit.runs import latest_weights, load_config
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.metrics import MetricsLog
+from tests.conftest import IMPORT_SETS, TINY
 
 TINY_MAE = ["--set", "model.kwargs.depth=1", "--set", "model.kwargs.decoder_depth=1", "--set",
             "model.kwargs.embed_dim=32", "--set", "model.kwargs.num_heads=2", "--set",

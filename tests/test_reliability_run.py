@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-from conftest import Points, noisy_view, regression_loss
 from torch import nn
 
 from mimkit.cli import main
@@ -23,6 +22,7 @@ from mimkit.train.distributed import World
 from mimkit.train.loop import NonFiniteLoss, Schedule, train
 from mimkit.train.metrics import read_metrics
 from mimkit.train.optim import build_adamw, param_groups
+from tests.conftest import Points, noisy_view, regression_loss
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 TINY = ["--data", "synthetic", "--batch-size", "8", "--set", "model.kwargs.depth=2",

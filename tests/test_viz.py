@@ -4,13 +4,13 @@ decodes the ids the model predicts, and the grid draws each panel in its column.
 
 import pytest
 import torch
-from conftest import grid_size
 
 from mimkit.data.transforms import denormalize
 from mimkit.models.beit import BEiT
 from mimkit.models.mae import MAE
 from mimkit.tokenizers.dvae import dvae_for
 from mimkit.viz import beit_predictions, image_grid, mae_reconstructions
+from tests.conftest import grid_size
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 

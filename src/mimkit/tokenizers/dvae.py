@@ -146,7 +146,7 @@ class DVAE(nn.Module):
             temperature: Gumbel-softmax temperature (DALL-E anneals 1 -> 1/16).
             kl_weight: weight of KL(q || uniform). The KL is in nats per grid cell and the
                 reconstruction a per-pixel mean, so useful weights are small: 0.05 lifts codebook
-                usage on Fashion-MNIST (tests/test_dvae.py); 0 lets few codes take over.
+                usage on Fashion-MNIST (tests/tokenizers/test_dvae.py); 0 lets few codes take over.
 
         Returns:
             loss: scalar, recon + kl_weight * kl.

@@ -4,7 +4,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import needs_fashion, write_idx
 from PIL import Image
 
 from mimkit.data import sources
@@ -18,6 +17,7 @@ from mimkit.data.sources import (
     split_train_val,
 )
 from mimkit.errors import MimkitError
+from tests.conftest import needs_fashion, write_idx
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import Points, noisy_view, regression_loss
 from torch import nn
 
 from mimkit.data.loader import EpochBatches, SeededViews
@@ -13,6 +12,7 @@ from mimkit.train.loop import NonFiniteLoss, Schedule, train
 from mimkit.train.metrics import read_metrics
 from mimkit.train.optim import build_adamw, layer_id, param_groups
 from mimkit.train.schedule import cosine_schedule
+from tests.conftest import Points, noisy_view, regression_loss
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 

@@ -7,7 +7,6 @@ import json
 import pytest
 import timm
 import torch
-from conftest import perturb
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -18,6 +17,7 @@ from mimkit.interop.export import export_run
 from mimkit.interop.importer import import_checkpoint
 from mimkit.models.vit import sincos_pos_embed_2d
 from mimkit.runs import load_run
+from tests.conftest import perturb
 
 DIMS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
             patch_size=8, num_channels=3, layer_norm_eps=1e-6)

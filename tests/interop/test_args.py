@@ -5,7 +5,6 @@ import argparse
 
 import pytest
 import torch
-from conftest import perturb
 
 from mimkit.cli import main
 from mimkit.errors import MimkitError
@@ -18,6 +17,7 @@ from mimkit.interop.vqkd import official_vqkd_args
 from mimkit.models.beit import BEiTv2
 from mimkit.models.mae import MAE
 from mimkit.runs import load_run
+from tests.conftest import perturb
 
 # 8-wide encoder heads and 4-wide decoder heads: no head-width convention gives these.
 TINY_MAE = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=4,

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import Points, noisy_view, regression_loss
 from torch import nn
 
 from mimkit.data.loader import SeededViews
@@ -16,6 +15,7 @@ from mimkit.train.loop import Schedule, train
 from mimkit.train.metrics import read_metrics
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import cosine_schedule
+from tests.conftest import Points, noisy_view, regression_loss
 
 
 def toy_train(run_dir, world: World, *, batch_size: int, accum_steps: int = 1, total_steps: int = 6,

@@ -3,7 +3,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import needs_fashion, write_idx
 from PIL import Image
 
 from mimkit.data import segmentation
@@ -20,6 +19,7 @@ from mimkit.data.segmentation import (
     write_fmnist_scenes,
 )
 from mimkit.errors import MimkitError
+from tests.conftest import needs_fashion, write_idx
 
 pytestmark = pytest.mark.usefixtures("private_data_cache")
 

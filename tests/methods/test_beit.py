@@ -3,7 +3,6 @@ one-line errors; the two-view transform and the recipes."""
 
 import pytest
 import torch
-from conftest import grid_size
 from PIL import Image
 from safetensors.torch import load_file
 from timm.models.beit import Beit
@@ -19,6 +18,7 @@ from mimkit.runs import latest_weights, load_run
 from mimkit.tokenizers.dvae import dvae_for, save_dvae
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.metrics import read_metrics
+from tests.conftest import grid_size
 
 COMMON = ["--data", "synthetic:64", "--batch-size", "8", "--set", "data.num_workers=0"]  # 32 px, 3 channels
 TINY_DVAE = ["--set", "dvae.hidden=4", "--set", "dvae.vocab_size=32"]

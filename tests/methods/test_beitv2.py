@@ -3,7 +3,6 @@ loss falling on Fashion-MNIST, and the MAE -> VQ-KD -> BEiT v2 chain through the
 
 import pytest
 import torch
-from conftest import grid_size
 from PIL import Image
 from safetensors.torch import load_file
 from timm.models.beit import Beit
@@ -22,6 +21,7 @@ from mimkit.runs import load_encoder, load_run
 from mimkit.tokenizers.vqkd import create_vqkd
 from mimkit.train.metrics import read_metrics
 from mimkit.viz import codebook_usage_plot, token_maps
+from tests.conftest import grid_size
 
 VOCAB = 40  # no other layer of the tiny models is 40 wide
 

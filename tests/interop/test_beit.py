@@ -6,7 +6,6 @@ import json
 import pytest
 import timm
 import torch
-from conftest import perturb
 from safetensors.torch import load_file
 from timm.models.beit import Beit, Block
 from transformers import BeitConfig, BeitForMaskedImageModeling, BeitModel
@@ -18,6 +17,7 @@ from mimkit.interop.export import export_model
 from mimkit.interop.importer import load_foreign, read_checkpoint
 from mimkit.models.beit import BEiT, BEiTv2
 from mimkit.models.posembed import _geometric_offsets, resize_rel_pos_table
+from tests.conftest import perturb
 
 TINY = dict(img_size=32, patch_size=8, in_chans=3, vocab_size=24, embed_dim=32, depth=2, num_heads=2,
             drop_path_rate=0.0)

@@ -1,7 +1,6 @@
 """``mimkit import`` makes a run every other command takes; ``mimkit export`` writes timm and HF folders."""
 
 import torch
-from conftest import IMPORT_SETS, TINY, grid_size
 from PIL import Image
 from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
@@ -12,6 +11,7 @@ from mimkit.interop.mae import OFFICIAL_MAE
 from mimkit.models.mae import MAE
 from mimkit.runs import load_config
 from mimkit.train.checkpoint import Checkpoints
+from tests.conftest import IMPORT_SETS, TINY, grid_size
 
 
 def reference_checkpoint(path):
