@@ -19,9 +19,11 @@ from mimkit.errors import MimkitError
 from mimkit.runs import LOCK
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.distributed import World
-from mimkit.train.loop import NonFiniteLoss, Schedule, train
+from mimkit.train.loop import LoopOptions, train
 from mimkit.train.metrics import read_metrics
 from mimkit.train.optim import build_adamw, param_groups
+from mimkit.train.schedule import Schedule
+from mimkit.train.step import NonFiniteLoss
 from tests.conftest import Points, noisy_view, regression_loss
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
@@ -194,13 +196,13 @@ def test_resuming_two_processes_with_one_is_refused(tmp_path, capsys):
 def test_checkpoint_state_records_world_size_and_global_batch(tmp_path):
     model, optimizer, schedule = toy(total_steps=2, accum_steps=2)
     train(model, regression_loss, SeededViews(Points(), noisy_view), optimizer, schedule, tmp_path, CPU,
-          batch_size=4)
+          LoopOptions(batch_size=4))
     state = Checkpoints(tmp_path).load_state(2)
     assert (state["world_size"], state["global_batch"]) == (1, 8)
     model, optimizer, schedule = toy(total_steps=3)
     with pytest.raises(MimkitError, match="global batch 8; this run has 1 with global batch 4"):
         train(model, regression_loss, SeededViews(Points(), noisy_view), optimizer, schedule, tmp_path, CPU,
-              batch_size=4)
+              LoopOptions(batch_size=4))
 
 
 # 8: non-finite values never reach the weights, the optimizer or a checkpoint
@@ -242,7 +244,7 @@ def test_non_finite_values_stop_before_the_optimizer_step(tmp_path, fault, messa
     loss_fn = fails_at_call(3 * accum_steps, fault)
     with pytest.raises(NonFiniteLoss, match=message):
         train(model, loss_fn, SeededViews(Points(), noisy_view), optimizer, schedule, tmp_path, CPU,
-              batch_size=8 // accum_steps, checkpoint_every=1)
+              LoopOptions(batch_size=8 // accum_steps, checkpoint_every=1))
     checkpoints = Checkpoints(tmp_path)
     assert checkpoints.latest() == 2
     saved_model, _, _ = toy()
@@ -262,7 +264,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     model, optimizer, schedule = toy(total_steps=3, lr=float("inf"))  # finite loss and gradients
     with pytest.raises(NonFiniteLoss, match="is not finite after step 1; not saved"):
         train(model, regression_loss, SeededViews(Points(), noisy_view), optimizer, schedule, tmp_path, CPU,
-              batch_size=8, checkpoint_every=1)
+              LoopOptions(batch_size=8, checkpoint_every=1))
     assert Checkpoints(tmp_path).latest() is None
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from mimkit.config import OptimConfig, PretrainConfig, TrainConfig
+from mimkit.config import PretrainConfig
 from mimkit.cpus import usable_cpus
 from mimkit.data.filelist import train_source
 from mimkit.data.loader import SeededViews
@@ -21,9 +21,9 @@ from mimkit.methods import METHODS
 from mimkit.runs import file_list_path, hold_run_dir, keep_config, save_data_facts
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.distributed import World, init_world
-from mimkit.train.loop import Schedule, epoch_steps, train
+from mimkit.train.loop import Evaluation, LoopOptions, train
 from mimkit.train.optim import build_adamw, param_groups
-from mimkit.train.schedule import cosine_schedule
+from mimkit.train.schedule import RunPlan, plan_run
 
 logger = logging.getLogger(__name__)
 
@@ -36,41 +36,6 @@ def resolve_data(config: PretrainConfig, info: SourceInfo) -> PretrainConfig:
     data = replace(config.data, img_size=img_size, channels=info.channels,
                    mean=config.data.mean or list(info.mean), std=config.data.std or list(info.std))
     return replace(config, data=data)
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """How long a run is and how fast it learns, from its data size and configuration."""
-
-    schedule: Schedule
-    steps_per_epoch: int
-    global_batch: int
-    lr: float  # peak learning rate (after warmup)
-
-    def describe(self) -> str:
-        total = self.schedule.total_steps
-        return (f"{total} steps ({total / self.steps_per_epoch:.2f} epochs), "
-                f"global batch {self.global_batch}, lr {self.lr:.2e}")
-
-
-def plan_run(num_samples: int, world_size: int, train_cfg: TrainConfig, optim_cfg: OptimConfig,
-             values_fn=None, lr_schedule=cosine_schedule) -> RunPlan:
-    """Length (``train.epochs`` or ``train.max_steps``), lr = base_lr × global batch / 256, warmup + decay.
-
-    Args:
-        values_fn: optional ``total_steps -> {name: per-step list}`` of more scheduled values.
-        lr_schedule: the decay after warmup, ``(base, final, total_steps, warmup_steps) -> list``:
-            `cosine_schedule` (default) or `mimkit.train.schedule.poly_schedule`.
-    """
-    global_batch = train_cfg.batch_size * world_size * train_cfg.accum_steps
-    steps_per_epoch = epoch_steps(num_samples, train_cfg.batch_size * world_size, train_cfg.accum_steps)
-    total_steps = train_cfg.epochs * steps_per_epoch if train_cfg.max_steps is None else train_cfg.max_steps
-    lr = optim_cfg.base_lr * global_batch / 256
-    warmup = round(optim_cfg.warmup_epochs * steps_per_epoch)
-    values = values_fn(total_steps) if values_fn else {}
-    schedule = Schedule(total_steps, lr_schedule(lr, optim_cfg.min_lr, total_steps, warmup),
-                        train_cfg.accum_steps, optim_cfg.clip_grad, values)
-    return RunPlan(schedule, steps_per_epoch, global_batch, lr)
 
 
 @dataclass
@@ -205,11 +170,10 @@ def start_pretraining(job: Pretraining) -> dict:
     optimizer = build_adamw(param_groups(job.model, optim_cfg.weight_decay), optim_cfg.betas)
     if train_cfg.compile:
         job.model.compile()
+    options = LoopOptions.from_config(train_cfg, num_workers=job.num_workers, force_resume=job.force_config,
+                                      desc=f"pretrain {config.method}")
     return train(job.model, job.loss_fn, SeededViews(job.source, job.view), optimizer, job.plan.schedule,
-                 job.run_dir, job.world, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
-                 num_workers=job.num_workers, checkpoint_every=train_cfg.checkpoint_every,
-                 keep_last=train_cfg.keep_last, log_every=train_cfg.log_every, evaluate=job.evaluate,
-                 force_resume=job.force_config, desc=f"pretrain {config.method}")
+                 job.run_dir, job.world, options, Evaluation(job.evaluate) if job.evaluate else None)
 
 
 def run_pretraining(config: PretrainConfig, run_dir: str | Path,

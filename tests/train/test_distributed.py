@@ -1,6 +1,6 @@
 """The loop under DistributedDataParallel (2 gloo processes on CPU): gradient accumulation across
-processes trains the model one process trains on the global batch, and a 2-process run resumes
-bit for bit."""
+processes trains the model one process trains on the global batch, a 2-process run resumes
+bit for bit, and a non-finite loss in one process stops both before the optimizer step."""
 
 import pytest
 import torch
@@ -11,15 +11,17 @@ from torch import nn
 from mimkit.data.loader import SeededViews
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.distributed import World
-from mimkit.train.loop import Schedule, train
+from mimkit.train.loop import LoopOptions, train
 from mimkit.train.metrics import read_metrics
 from mimkit.train.optim import build_adamw, param_groups
-from mimkit.train.schedule import cosine_schedule
+from mimkit.train.schedule import Schedule, cosine_schedule
+from mimkit.train.step import NonFiniteLoss
 from tests.conftest import Points, noisy_view, regression_loss
 
 
 def toy_train(run_dir, world: World, *, batch_size: int, accum_steps: int = 1, total_steps: int = 6,
-              checkpoint_every: int = 100, dropout: float = 0.0, rng_seed: int = 0) -> dict:
+              checkpoint_every: int = 100, dropout: float = 0.0, rng_seed: int = 0,
+              loss_fn=regression_loss) -> dict:
     """The engine's toy regression: the weights after ``total_steps`` (resuming from ``run_dir``).
 
     The global RNG (dropout's) is seeded with ``rng_seed`` after the model is built. Gradients are
@@ -30,9 +32,20 @@ def toy_train(run_dir, world: World, *, batch_size: int, accum_steps: int = 1, t
     torch.manual_seed(rng_seed)
     optimizer = build_adamw(param_groups(model, 0.05))
     schedule = Schedule(total_steps, cosine_schedule(1e-2, 1e-4, total_steps, 2), accum_steps, clip_grad=1e3)
-    train(model, regression_loss, SeededViews(Points(), noisy_view), optimizer, schedule, run_dir, world,
-          batch_size=batch_size, checkpoint_every=checkpoint_every, keep_last=3, log_every=1)
+    train(model, loss_fn, SeededViews(Points(), noisy_view), optimizer, schedule, run_dir, world,
+          LoopOptions(batch_size=batch_size, checkpoint_every=checkpoint_every, keep_last=3, log_every=1))
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def nan_at_call(n: int):
+    calls = [0]
+
+    def loss_fn(model, batch):
+        calls[0] += 1
+        loss, metrics = regression_loss(model, batch)
+        return (loss * float("nan") if calls[0] == n else loss), metrics
+
+    return loss_fn
 
 
 def _worker(rank: int, tmp: str):
@@ -51,6 +64,11 @@ def _worker(rank: int, tmp: str):
             checkpoints.state_path(step).unlink()
     dist.barrier()
     results["resumed"] = toy_train(f"{tmp}/cut", world, batch_size=4, total_steps=7, **rank_rng)
+    try:  # rank 1's loss is NaN at step 2: both ranks stop before its optimizer step
+        toy_train(f"{tmp}/nan", world, batch_size=4, checkpoint_every=1,
+                  loss_fn=nan_at_call(2) if rank == 1 else regression_loss)
+    except NonFiniteLoss as err:
+        results["stopped"] = str(err)
     torch.save(results, f"{tmp}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -89,3 +107,11 @@ def test_two_process_run_resumes_bit_for_bit(two_ranks):
             assert torch.equal(rank["resumed"][name], value), name
     state = torch.load(Checkpoints(tmp / "cut").state_path(3), weights_only=True)
     assert len(state["rng"]["cpu"]) == 2  # each rank's RNG state is kept
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_in_one_process_stops_every_process_before_the_step(two_ranks):
+    ranks, tmp = two_ranks
+    assert ranks[1]["stopped"].startswith("loss is nan at step 2; stopped before the optimizer step")
+    assert ranks[0]["stopped"].startswith("another process's loss is not finite at step 2")
+    assert Checkpoints(tmp / "nan").steps() == [1]

@@ -8,10 +8,11 @@ from mimkit.data.loader import EpochBatches, SeededViews
 from mimkit.errors import MimkitError
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.distributed import World
-from mimkit.train.loop import NonFiniteLoss, Schedule, train
+from mimkit.train.loop import LoopOptions, train
 from mimkit.train.metrics import read_metrics
 from mimkit.train.optim import build_adamw, layer_id, param_groups
-from mimkit.train.schedule import cosine_schedule
+from mimkit.train.schedule import Schedule, cosine_schedule
+from mimkit.train.step import NonFiniteLoss
 from tests.conftest import Points, noisy_view, regression_loss
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
@@ -23,9 +24,10 @@ def toy_run(run_dir, total_steps=6, accum_steps=1, checkpoint_every=100, keep_la
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 1))  # dropout: global RNG
     optimizer = build_adamw(param_groups(model, 0.05))
     schedule = Schedule(total_steps, cosine_schedule(1e-2, 1e-4, total_steps, 2), accum_steps)
+    options = LoopOptions(batch_size=8 // accum_steps, checkpoint_every=checkpoint_every, keep_last=keep_last,
+                          log_every=1)
     summary = train(model, loss_fn, SeededViews(Points(), noisy_view), optimizer, schedule, run_dir, CPU,
-                    batch_size=8 // accum_steps, checkpoint_every=checkpoint_every, keep_last=keep_last,
-                    log_every=1)
+                    options)
     return model, summary
 
 
@@ -114,7 +116,7 @@ def test_named_per_step_values_reach_the_loss_and_the_log(tmp_path):
     schedule = Schedule(4, [0.1] * 4, values={"temperature": [1.0, 0.5, 0.25, 0.125]})
     optimizer = build_adamw(param_groups(model, 0))
     train(model, loss_with_temperature, SeededViews(Points(), noisy_view), optimizer, schedule, tmp_path, CPU,
-          batch_size=8, log_every=1)
+          LoopOptions(batch_size=8, log_every=1))
     assert seen == [1.0, 0.5, 0.25, 0.125]
     assert [r["temperature"] for r in read_metrics(tmp_path) if "loss" in r] == seen
 
@@ -135,4 +137,4 @@ def test_too_little_data_for_one_batch_is_a_clear_error(tmp_path):
     model = nn.Linear(4, 1)
     with pytest.raises(MimkitError, match="fewer than one global batch"):
         train(model, regression_loss, SeededViews(Points(4), noisy_view), build_adamw(param_groups(model, 0)),
-              Schedule(2, [0.1, 0.1]), tmp_path, CPU, batch_size=8)
+              Schedule(2, [0.1, 0.1]), tmp_path, CPU, LoopOptions(batch_size=8))

@@ -29,12 +29,12 @@ from mimkit.eval.config import FinetuneConfig
 from mimkit.eval.metrics import classification_accuracy, prefixed, write_results
 from mimkit.eval.subsets import make_splits
 from mimkit.models.classifier import FineTuned, build_classifier
-from mimkit.pretrain import plan_run
 from mimkit.runs import Encoder, finetuned_model, hold_run_dir, keep_config, load_encoder
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.distributed import World, init_world
-from mimkit.train.loop import train
+from mimkit.train.loop import Evaluation, LoopOptions, train
 from mimkit.train.optim import build_adamw, param_groups
+from mimkit.train.schedule import plan_run
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +140,11 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
     best_metric = "val_ema_top1" if config.ema_decay else "val_top1"
     view = finetune_view(data.img_size, data.mean, data.std, aug.crop_scale, aug.auto_augment, aug.reprob,
                          aug.remode)
+    options = LoopOptions.from_config(train_cfg, num_workers=data.num_workers, force_resume=force_config,
+                                      desc="fine-tune")
     summary = train(model, loss_fn, SeededViews(train_set, view), optimizer, plan.schedule, run_dir, world,
-                    batch_size=train_cfg.batch_size, seed=train_cfg.seed, num_workers=data.num_workers,
-                    checkpoint_every=train_cfg.checkpoint_every, keep_last=train_cfg.keep_last,
-                    log_every=train_cfg.log_every, evaluate=evaluate,
-                    evaluate_every=config.eval_every * steps_per_epoch, keep_best=best_metric,
-                    after_step=model.update_ema if config.ema_decay else None, force_resume=force_config,
-                    desc="fine-tune")
+                    options, Evaluation(evaluate, config.eval_every * steps_per_epoch, keep_best=best_metric),
+                    after_step=model.update_ema if config.ema_decay else None)
     if summary["interrupted"] or not world.is_main:
         return summary
 

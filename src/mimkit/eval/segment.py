@@ -33,7 +33,6 @@ from mimkit.eval.metrics import write_results
 from mimkit.eval.seg_metrics import IGNORE_INDEX, MODES, evaluate_segmentation, format_table
 from mimkit.eval.subsets import label_subset
 from mimkit.models.segmentation import HEADS, Segmenter, segmentation_encoder
-from mimkit.pretrain import plan_run
 from mimkit.runs import (
     CONFIG,
     Encoder,
@@ -46,9 +45,9 @@ from mimkit.runs import (
 )
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.distributed import World, init_world
-from mimkit.train.loop import train
+from mimkit.train.loop import Evaluation, LoopOptions, train
 from mimkit.train.optim import build_adamw, param_groups
-from mimkit.train.schedule import poly_schedule
+from mimkit.train.schedule import plan_run, poly_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -194,11 +193,10 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
         model.compile()
     view = SegTrainView(seg.crop_size, seg.scale, data.mean, data.std, seg.ratio_range, seg.cat_max_ratio,
                         photometric=seg.photometric)
+    options = LoopOptions.from_config(train_cfg, num_workers=data.num_workers, force_resume=force_config,
+                                      desc="segment")
     summary = train(model, loss_fn, SeededViews(train_set, view), optimizer, plan.schedule, run_dir, world,
-                    batch_size=train_cfg.batch_size, seed=train_cfg.seed, num_workers=data.num_workers,
-                    checkpoint_every=train_cfg.checkpoint_every, keep_last=train_cfg.keep_last,
-                    log_every=train_cfg.log_every, evaluate=evaluate, evaluate_every=config.eval_every,
-                    keep_best="val_mIoU", force_resume=force_config, desc="segment")
+                    options, Evaluation(evaluate, config.eval_every, keep_best="val_mIoU"))
     if summary["interrupted"]:
         return summary
     if "scores" not in last:  # the run had already finished: score its weights once more (every rank)

@@ -106,9 +106,16 @@ def any_rank(flag: bool, world: World) -> bool:
     """True when ``flag`` is true on any rank (so every rank takes the same branch)."""
     if world.size == 1:
         return flag
-    value = torch.tensor([float(flag)], device=world.device)
-    dist.all_reduce(value)
-    return bool(value.item() > 0)
+    return any_rank_each(torch.tensor([flag], device=world.device), world)[0]
+
+
+def any_rank_each(flags: torch.Tensor, world: World) -> list[bool]:
+    """For each of ``flags`` (a 1-D tensor on ``world.device``), whether it is true on any rank: one
+    all-reduce for them all, and one wait for the device."""
+    counts = flags.float()
+    if world.size > 1:
+        dist.all_reduce(counts)
+    return [count > 0 for count in counts.tolist()]
 
 
 def gather_objects(obj, world: World) -> list:
