@@ -16,6 +16,9 @@ it stopped when run again (`fmnist_quality.run_steps`). The table goes to ``OUT/
 
     .venv/bin/python benchmarks/segment_fmnist.py --encoders runs/fmnist-quality-all --out runs/seg-bench
     .venv/bin/python benchmarks/segment_fmnist.py --encoders /tmp/q --quick --out /tmp/seg-q   # smoke
+
+``--fractions`` and ``--heads`` pick a part of the table (e.g. a longer run of the UperNet rows at 10%:
+``--steps 600 --fractions 0.1 --heads upernet``).
 """
 
 import argparse
@@ -26,8 +29,8 @@ from pathlib import Path
 
 from fmnist_quality import Step, Timings, pct, run_steps
 
-FRACTIONS = (1.0, 0.1)
 TITLES = {"mae": "MAE", "beit": "BEiT", "beitv2": "BEiT v2"}
+BASELINES = {"upernet": ("scratch", "UperNet, end to end"), "linear": ("random", "linear, frozen encoder")}
 
 
 def main() -> None:
@@ -37,6 +40,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/segment-fmnist")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every run (batch 32)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, sharing the cores")
+    parser.add_argument("--fractions", default="1,0.1", help="fractions of the scenes, comma-separated")
+    parser.add_argument("--heads", default="upernet,linear", help="heads to train: upernet, linear or both")
     parser.add_argument("--quick", action="store_true", help="a few steps on a few scenes, to try the chain")
     args = parser.parse_args()
     encoders_dir, out = Path(args.encoders), Path(args.out)
@@ -46,6 +51,13 @@ def main() -> None:
                  "benchmarks/fmnist_quality.py first")
     if args.steps < 1 or args.jobs < 1:
         sys.exit("--steps and --jobs must be at least 1")
+    try:
+        fractions = tuple(float(f) for f in args.fractions.split(","))
+    except ValueError:
+        sys.exit(f"--fractions {args.fractions!r}: expected numbers like 1,0.1")
+    heads = tuple(args.heads.split(","))
+    if not all(0 < f <= 1 for f in fractions) or not set(heads) <= set(BASELINES):
+        sys.exit(f"--fractions must lie in (0, 1] and --heads be among {', '.join(BASELINES)}")
 
     def budget(fraction: float) -> list[str]:
         if args.quick:
@@ -54,12 +66,12 @@ def main() -> None:
         return ["--max-steps", str(args.steps), "--set", f"optim.warmup_epochs={warmup:g}"]
 
     frozen_linear = ["--head", "linear", "--set", "seg.freeze_encoder=true"]
-    runs = [(m, run, "pretrained", head, extra) for m, run in encoders.items()
-            for head, extra in (("upernet", []), ("linear", frozen_linear))]
-    runs += [("scratch", encoders["mae"], "random", "upernet", ["--set", "optim.layer_decay=1.0"]),
-             ("random", encoders["mae"], "random", "linear", frozen_linear)]
+    head_flags = {"upernet": [], "linear": frozen_linear}
+    runs = [(m, run, "pretrained", head, head_flags[head]) for m, run in encoders.items() for head in heads]
+    baseline_flags = {"upernet": ["--set", "optim.layer_decay=1.0"], "linear": frozen_linear}
+    runs += [(BASELINES[head][0], encoders["mae"], "random", head, baseline_flags[head]) for head in heads]
     steps, cells = [], []
-    for fraction in FRACTIONS:
+    for fraction in fractions:
         for method, run, init, head, extra in runs:
             name = f"seg-{method}-{head}-{pct(fraction).rstrip('%')}"
             command = ["segment", str(run), "--data", "fmnist-scenes", "--config", "segment_fmnist",
@@ -83,9 +95,9 @@ def main() -> None:
     miou = {(m, h, f): scores[name]["mIoU"] for m, h, f, name in cells}
     lines = ["| head | scenes | " + " | ".join(TITLES[m] for m in encoders) + " | baseline |",
              "|---|---|" + "---|" * (len(encoders) + 1)]
-    for head, baseline, title in (("upernet", "scratch", "UperNet, end to end"),
-                                  ("linear", "random", "linear, frozen encoder")):
-        for fraction in FRACTIONS:
+    for head in heads:
+        baseline, title = BASELINES[head]
+        for fraction in fractions:
             base = miou[(baseline, head, fraction)]
             row = " | ".join(f"{miou[(m, head, fraction)]:.2f} ({miou[(m, head, fraction)] - base:+.2f})"
                              for m in encoders)
