@@ -17,7 +17,7 @@ from mimkit.config import PretrainConfig
 from mimkit.errors import MimkitError
 from mimkit.interop.foreign import HALF, IMAGENET_MEAN, IMAGENET_STD, REFERENCE_NORM, Foreign, convert
 from mimkit.interop.keymaps import block_count, identity, nest, to_foreign
-from mimkit.interop.mae import HF_VIT_BLOCK, is_timm_vit
+from mimkit.interop.mae import BEIT_SIGNATURE, HF_VIT_BLOCK
 from mimkit.models.beit import BEiT, default_agg_layer
 from mimkit.models.posembed import abs_grid, rel_grid
 from mimkit.safe_load import load_checkpoint, load_tensors
@@ -181,8 +181,8 @@ def read_official_beitv2(path: Path) -> Foreign:
 
 
 def is_timm_beit(keys: Collection[str]) -> bool:
-    """Whether a timm state dict is a `Beit`'s (the complement of `mimkit.interop.mae.is_timm_vit`)."""
-    return not is_timm_vit(keys)
+    """Whether a timm state dict is a `Beit`'s: relative position tables or separate query biases."""
+    return any(k.endswith(BEIT_SIGNATURE) for k in keys)
 
 
 def timm_export(model: BEiT) -> tuple[str, dict, dict]:

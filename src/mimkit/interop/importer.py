@@ -53,8 +53,9 @@ def importing(method: str) -> Import:
 
 
 def read_timm(path: Path) -> Foreign:
-    """A timm `VisionTransformer` or `Beit` state dict: a weights file, or a folder with ``config.json``
-    (timm's ``architecture``, ``model_args``, ``pretrained_cfg``) and ``model.safetensors``."""
+    """A timm state dict of a class some method imports (its `mimkit.registry.TimmLayout`: a
+    `VisionTransformer` as MAE, a `Beit` as BEiT): a weights file, or a folder with ``config.json`` (timm's
+    ``architecture``, ``model_args``, ``pretrained_cfg``) and ``model.safetensors``."""
     timm_config: dict = {}
     if path.is_dir():
         timm_config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
@@ -69,8 +70,9 @@ def read_timm(path: Path) -> Foreign:
     layouts = {name: m.importing.timm for name, m in registered().items() if m.importing and m.importing.timm}
     method = next((name for name, layout in layouts.items() if layout.claims(state.keys())), None)
     if method is None:
-        raise MimkitError(f"'{path}' holds no timm model that mimkit imports "
-                          f"({', '.join(layout.name for layout in layouts.values())})")
+        raise MimkitError(f"'{path}' holds no timm model that mimkit imports (a "
+                          f"{' or '.join(layout.name for layout in layouts.values())} state dict; its keys "
+                          f"start: {', '.join(sorted(state)[:3])})")
     layout = layouts[method]
     return convert(method, state, layout.keymap, f"timm {layout.name}", layout.ignore, hints=hints,
                    origin=origin, mean=pretrained.get("mean", layout.mean),

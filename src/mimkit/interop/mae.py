@@ -242,10 +242,13 @@ def read_official_mae(path: Path) -> Foreign:
                    std=IMAGENET_STD, notes=unknown_name(args, OFFICIAL_MAE_MODELS))
 
 
+BEIT_SIGNATURE = ("attn.q_bias", "relative_position_bias_table")  # key endings of a timm Beit, never a ViT
+
+
 def is_timm_vit(keys: Collection[str]) -> bool:
-    """Whether a timm state dict is a `VisionTransformer`'s: it has neither relative position tables nor
-    separate query biases (a `Beit`'s)."""
-    return not any(k.endswith(("attn.q_bias", "relative_position_bias_table")) for k in keys)
+    """Whether a timm state dict is a `VisionTransformer`'s: a patch embedding, and neither relative position
+    tables nor separate query biases (`BEIT_SIGNATURE`, a `Beit`'s)."""
+    return "patch_embed.proj.weight" in keys and not any(k.endswith(BEIT_SIGNATURE) for k in keys)
 
 
 def timm_export(model: MAE) -> tuple[str, dict, dict]:
