@@ -5,6 +5,11 @@ looks its method up here, below the methods in the package's layers.
 The built-in methods are plug-ins of this registry: `method_of` loads the `BUILTIN_METHODS` package by
 name the first time a name is not found, so ``mimkit.runs.load_run`` works without importing it first
 (the same discovery entry points give; no module here imports a method).
+
+Besides training, a record carries the method's extras, which the commands look up here instead of naming
+methods: the pictures ``mimkit visualize`` draws (`Pictures`), how ``mimkit import`` reads foreign weights
+of it (`Import`) and how ``mimkit export`` writes them (`Export`), the start-up summary's note and the
+tokenizer a pretraining method takes. So a new method is its own module (and model), nothing else.
 """
 
 import importlib
