@@ -91,13 +91,18 @@ def same_weights(a: Path, b: Path) -> bool:
     return all(torch.equal(v, model_b.state_dict()[k]) for k, v in model_a.state_dict().items())
 
 
-def test_a_registered_method_trains_imports_draws_and_exports_with_no_edit_elsewhere(toy, tmp_path):
-    recipe = tmp_path / "toy.yaml"
+def pretrain_toy(tmp_path: Path) -> Path:
+    """A toy run of 2 steps (16 px synthetic images, 4 px patches, 8 wide) through ``mimkit pretrain``."""
+    recipe, run = tmp_path / "toy.yaml", tmp_path / "run"
     recipe.write_text("data: {source: 'synthetic:32', img_size: 16, num_workers: 0}\n"
                       "model: {patch_size: 4, kwargs: {embed_dim: 8}}\n")
-    run = tmp_path / "run"
     assert main(["pretrain", "toy", "--config", str(recipe), "--out", str(run), "--max-steps", "2",
                  "--batch-size", "8"]) == 0
+    return run
+
+
+def test_a_registered_method_trains_imports_draws_and_exports_with_no_edit_elsewhere(toy, tmp_path):
+    run = pretrain_toy(tmp_path)
 
     picture = tmp_path / "toy.png"
     assert main(["visualize", str(run), "--out", str(picture), "--n", "3"]) == 0
@@ -117,19 +122,14 @@ def test_a_registered_method_trains_imports_draws_and_exports_with_no_edit_elsew
     reference = tmp_path / "from-reference"
     assert main(["import", str(tmp_path / "toy.safetensors"), "--format", "toy", "--out", str(reference),
                  "--set", "data.source=synthetic:32"]) == 0
-    model, config = load_run(reference)
+    _, config = load_run(reference)
     assert (config.data.img_size, config.model.patch_size, config.model.kwargs) == (16, 4, {"embed_dim": 8})
     assert same_weights(run, reference)
 
 
 def test_a_method_without_extras_is_refused_by_each_command(toy, monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(registry._METHODS, "toy", Method("toy", "pretraining", build_model, build_task))
-    recipe = tmp_path / "toy.yaml"
-    recipe.write_text("data: {source: 'synthetic:16', img_size: 8, num_workers: 0}\n"
-                      "model: {patch_size: 4, kwargs: {embed_dim: 4}}\n")
-    run = tmp_path / "run"
-    assert main(["pretrain", "toy", "--config", str(recipe), "--out", str(run), "--max-steps", "1",
-                 "--batch-size", "8"]) == 0
+    run = pretrain_toy(tmp_path)
     assert main(["visualize", str(run), "--out", str(tmp_path / "toy.png")]) == 2
     assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
     errors = capsys.readouterr().err
