@@ -4,6 +4,7 @@ and no generic module spells a built-in method's name."""
 
 import ast
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,13 +17,16 @@ from torch import nn
 import mimkit
 from mimkit import registry
 from mimkit.cli import main
+from mimkit.config import PretrainConfig, save_config
 from mimkit.data.transforms import crop_view
+from mimkit.errors import MimkitError
 from mimkit.interop.foreign import convert
 from mimkit.interop.keymaps import to_foreign
 from mimkit.methods import METHODS
 from mimkit.registry import Export, HFLayout, Import, Method
-from mimkit.runs import load_run
+from mimkit.runs import config_path, keep_config, load_run
 from mimkit.safe_load import load_tensors
+from mimkit.train.checkpoint import Checkpoints
 
 
 class Toy(nn.Module):
@@ -157,3 +161,13 @@ def test_no_generic_module_spells_a_method_name():
         found += [f"{where}:{node.lineno} {node.value!r}" for node in ast.walk(tree)
                   if isinstance(node, ast.Constant) and node.value in METHODS and id(node) not in theirs]
     assert found == [], "generic modules name methods: " + "; ".join(found)
+
+
+def test_a_run_resumes_with_its_methods_own_resumable_settings_changed(tmp_path):
+    """VQ-KD's record lets ``vqkd.eval_images`` change on resume; its other settings stay refused."""
+    config = PretrainConfig(method="vqkd")
+    Checkpoints(tmp_path).save(1, nn.Linear(1, 1), {"step": 1})
+    save_config(config, config_path(tmp_path))
+    keep_config(tmp_path, replace(config, vqkd=replace(config.vqkd, eval_images=7)))
+    with pytest.raises(MimkitError, match=r"vqkd.vocab_size 8192 -> 16"):
+        keep_config(tmp_path, replace(config, vqkd=replace(config.vqkd, vocab_size=16)))

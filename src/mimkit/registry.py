@@ -141,6 +141,8 @@ class Method:
         pictures: what ``mimkit visualize`` draws of a run (`Pictures`); None: it draws nothing.
         importing: how ``mimkit import`` makes a run of it from foreign weights; None: nothing imports.
         export: how ``mimkit export`` writes its model; None: it does not export.
+        resumable: settings of its own (dotted keys) that a run may resume with changed values, besides
+            `mimkit.runs.RESUMABLE_CHANGES` (VQ-KD's held-out image count).
     """
 
     name: str
@@ -155,6 +157,7 @@ class Method:
     pictures: Pictures | None = None
     importing: Import | None = None
     export: Export | None = None
+    resumable: tuple[str, ...] = ()
 
 
 _METHODS: dict[str, Method] = {}

@@ -166,4 +166,5 @@ IMPORT = Import(
 )
 
 register(Method("vqkd", "tokenizer", build_model, build_task, resolve_config=resolve_config,
-                build_evaluate=build_evaluate, pictures=pictures, importing=IMPORT))
+                build_evaluate=build_evaluate, pictures=pictures, importing=IMPORT,
+                resumable=("vqkd.eval_images",)))
