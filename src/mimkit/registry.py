@@ -8,8 +8,9 @@ name the first time a name is not found, so ``mimkit.runs.load_run`` works witho
 
 Besides training, a record carries the method's extras, which the commands look up here instead of naming
 methods: the pictures ``mimkit visualize`` draws (`Pictures`), how ``mimkit import`` reads foreign weights
-of it (`Import`) and how ``mimkit export`` writes them (`Export`), the start-up summary's note and the
-tokenizer a pretraining method takes. So a new method is its own module (and model), nothing else.
+of it (`Import`) and how ``mimkit export`` writes them (`Export`), the start-up summary's note, the
+tokenizer a pretraining method takes and the settings of its own a run may resume with changed. So a new
+method is its own module (and model), nothing else.
 """
 
 import importlib

@@ -4,7 +4,9 @@ mimkit's BEiT is ``encoder.*`` (a timm `Beit`) plus ``mask_token`` and ``lm_head
 own names, so the reference layout and timm's are prefix changes; BEiT v2 adds the aggregation head's
 blocks. The reference code also saves each attention's ``relative_position_index``, a buffer derived from
 the grid; it is dropped on import. Exports hold the encoder (and for Hugging Face the mask token and
-codebook head): BEiT v2's aggregation head serves pretraining only.
+codebook head): BEiT v2's aggregation head serves pretraining only. The BEiT and BEiT v2 method records
+(`mimkit.methods.beit`, `mimkit.methods.beitv2`) name the readers, architecture inference and export
+functions here.
 
 - BEiT: Bao et al., 2021, arXiv:2106.08254
 - BEiT v2: Peng et al., 2022, arXiv:2208.06366

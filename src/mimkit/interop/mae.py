@@ -3,7 +3,8 @@
 mimkit's MAE is ``encoder.*`` (a timm `VisionTransformer`) plus the decoder under the reference code's
 own names, so the reference layout and timm's are prefix changes. Hugging Face's names are those its
 ``save_pretrained`` writes (the layout of the published checkpoints); `mimkit.interop.hf` maps the
-names of in-memory transformers 5 modules onto them first.
+names of in-memory transformers 5 modules onto them first. MAE's method record (`mimkit.methods.mae`) names
+the reader, architecture inference and export functions here; they read the models alone.
 
 - ViT: Dosovitskiy et al., 2020, arXiv:2010.11929
 - MAE: He et al., 2021, arXiv:2111.06377

@@ -7,7 +7,8 @@ separate (``attn.q_bias``, ``attn.v_bias``; there is no key bias, which timm's f
 as zeros) and the final LayerNorm is ``fc_norm`` (the reference applies it to the patch tokens, as timm's
 ``norm``). The codebook is ``quantize.embedding.weight``; the reference's EMA statistics, its frozen
 teacher (``teacher_model``, ``scaling_layer``) and its loss modules are not part of a mimkit tokenizer and
-are dropped on import.
+are dropped on import. The VQ-KD method record (`mimkit.methods.vqkd`) names the reader and architecture
+inference here.
 
 - BEiT v2: Peng et al., 2022, arXiv:2208.06366
 """
