@@ -117,6 +117,7 @@ def check_run_dir(out: Path, config: PretrainConfig, must_resume: bool) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from mimkit.pretrain import run_pretraining
+    from mimkit.registry import registered
     from mimkit.train.checkpoint import Checkpoints
 
     config, recipe = pretrain_config(args)
@@ -133,7 +134,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     if "val_usage" in summary:  # a VQ-KD tokenizer's held-out evaluation
         print(f"codebook usage {summary['val_usage']:.1%}, perplexity {summary['val_perplexity']:.1f}, "
               f"cosine to the teacher {summary['val_cosine']:.3f} (held-out images)")
-    user = {"dvae": "beit", "vqkd": "beitv2"}.get(config.method)
+    user = next((name for name, m in registered("pretraining").items() if m.tokenizer == config.method), None)
     use = f"; use it: mimkit pretrain {user} --tokenizer {out}" if user else ""
     print(f"run directory: {out}  (step {summary['step']}; "
           f"try: mimkit visualize {out} --out recon.png{use})")
@@ -432,14 +433,15 @@ def cmd_export(args: argparse.Namespace) -> None:
 def add_interop_commands(commands) -> None:
     """``import`` and ``export``: checkpoints of the reference code, timm and Hugging Face, both ways."""
     from mimkit.interop.export import TARGETS
-    from mimkit.interop.importer import FORMATS
+    from mimkit.interop.importer import formats
 
     imp = commands.add_parser("import", help="make a run directory from an MAE/BEiT/timm/HF checkpoint")
     imp.add_argument("checkpoint", help="a checkpoint file (.pth, .safetensors, …) or a timm/HF model folder")
-    imp.add_argument("--format", required=True, choices=FORMATS,
-                     help="mae, beit, beitv2, vqkd: the reference code's checkpoints (vqkd: BEiT v2's "
-                     "tokenizer); timm: a VisionTransformer or Beit state dict or folder; hf: a transformers "
-                     "ViTMAE, ViT or BEiT folder")
+    references = [name for name in formats() if name not in ("timm", "hf")]
+    imp.add_argument("--format", required=True, choices=formats(),
+                     help=f"{', '.join(references)}: the reference code's checkpoints of that method; "
+                     "timm: a VisionTransformer or Beit state dict or folder; hf: a transformers ViTMAE, ViT "
+                     "or BEiT folder")
     imp.add_argument("--out", required=True, help="run directory to create")
     imp.add_argument("--img-size", type=int, help="image size of the run (position tables are resized)")
     imp.add_argument("--allow-mismatch", action="store_true",
@@ -516,26 +518,30 @@ def cmd_data_pack(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mimkit.methods import PRETRAINING, TOKENIZERS
+    import mimkit.methods  # noqa: F401  (registers the built-in methods)
+    from mimkit.registry import registered
+
+    pretraining = registered("pretraining")
 
     parser = argparse.ArgumentParser(prog="mimkit",
                                      description="Masked image modeling for Vision Transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     pretrain = commands.add_parser("pretrain", help="pretrain an encoder with a MIM method")
-    pretrain.add_argument("method", choices=sorted(PRETRAINING))
+    pretrain.add_argument("method", choices=sorted(pretraining))
     add_run_arguments(pretrain)
     pretrain.add_argument("--model",
                           help="encoder: vit_mini, vit_tiny, vit_small, vit_base, vit_large, vit_huge")
-    pretrain.add_argument("--tokenizer", help="beit: a tokenizer run directory (mimkit tokenizer train "
-                          "dvae); beitv2: a VQ-KD one (mimkit tokenizer train vqkd)")
+    pretrain.add_argument("--tokenizer", help="; ".join(
+        f"{name}: a tokenizer run directory (mimkit tokenizer train {m.tokenizer})"
+        for name, m in pretraining.items() if m.tokenizer))
     pretrain.set_defaults(handler=cmd_pretrain, teacher=None)
 
     tokenizer = commands.add_parser("tokenizer", help="train a visual tokenizer (BEiT's dVAE, BEiT v2's "
                                     "VQ-KD)")
     actions = tokenizer.add_subparsers(dest="action", required=True)
     train = actions.add_parser("train", help="train a tokenizer; its run directory is what --tokenizer takes")
-    train.add_argument("method", choices=sorted(TOKENIZERS))
+    train.add_argument("method", choices=sorted(registered("tokenizer")))
     add_run_arguments(train)
     train.add_argument("--teacher", help="vqkd: the frozen teacher whose features the codes distill: a "
                        "mimkit run directory or checkpoint (e.g. an MAE run: no labels), timm:NAME:FILE, or "

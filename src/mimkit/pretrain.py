@@ -17,7 +17,7 @@ from mimkit.data.loader import SeededViews
 from mimkit.data.sources import MAX_IMAGE_PIXELS, SourceInfo
 from mimkit.data.survey import held_out_count, size_hint, survey
 from mimkit.errors import MimkitError
-from mimkit.methods import METHODS
+from mimkit.registry import method_of
 from mimkit.runs import file_list_path, hold_run_dir, keep_config, save_data_facts
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.distributed import World, init_world
@@ -68,7 +68,8 @@ class Pretraining:
         lines = [f"data      {f['data']}"]
         lines += [f"          {f['file_list']}"] if f["file_list"] else []
         lines += [f"recipe    {f['recipe']}"] if f["recipe"] else []
-        masked = f", {self.config.mae.mask_ratio:.0%} masked" if self.config.method == "mae" else ""
+        describe = method_of(self.config.method).describe
+        masked = describe(self.config) if describe else ""  # MAE's mask ratio
         lines += [f"model     {self.config.method} {model.name}, {data.img_size} px in {model.patch_size}-px "
                   f"patches ({grid}x{grid} grid){masked}",
                   f"run       {self.plan.describe()}",
@@ -133,7 +134,7 @@ def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, world: Worl
                               "which has checkpoints; use a new --out")
         config = _auto_sized(config, hint)
     config = resolve_data(config, source.info)
-    method = METHODS[config.method]
+    method = method_of(config.method)
     if method.resolve_config:  # fields left to something outside the run, e.g. a tokenizer
         config = method.resolve_config(config)
     model = method.build_model(config).to(world.device)

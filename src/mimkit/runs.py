@@ -34,11 +34,11 @@ DATA_FACTS = "data.json"
 FILE_LIST = "files.txt"
 INITS = ("pretrained", "random")  # what load_encoder gives: a run's weights, or its architecture afresh
 # settings a run may resume with changed values: its length and its upkeep, none of which changes what one
-# step computes
+# step computes (a method adds its own: `mimkit.registry.Method.resumable`)
 RESUMABLE_CHANGES = frozenset({
     "train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_last", "train.log_every",
     "train.compile", "data.num_workers", "data.skip_bad_images", "data.max_bad_images", "data.root",
-    "eval_batch_size", "vqkd.eval_images"})
+    "eval_batch_size"})
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -131,7 +131,8 @@ def keep_config(run_dir: str | Path, config, force: bool = False) -> None:
 
     A run with a trained checkpoint (step > 0; an imported run's step 0 starts training afresh) resumes
     only under the configuration it was trained with, apart from `RESUMABLE_CHANGES` (its length and
-    upkeep). Other differences are refused, each listed, unless ``force``: then they are said and saved.
+    upkeep) and its method's own (`mimkit.registry.Method.resumable`). Other differences are refused, each
+    listed, unless ``force``: then they are said and saved.
     """
     path = config_path(run_dir)
     step = Checkpoints(run_dir).latest()
@@ -139,8 +140,9 @@ def keep_config(run_dir: str | Path, config, force: bool = False) -> None:
         save_config(config, path)
         return
     saved = as_saved(to_dict(from_dict(type(config), read_yaml(path))))
-    changes = differences(saved, as_saved(to_dict(config)))
-    changed = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+    method = getattr(config, "method", None)  # a pretraining run's; evaluation runs have none
+    resumable = RESUMABLE_CHANGES | set(method_of(method).resumable if method else ())
+    changed = {k: v for k, v in differences(saved, as_saved(to_dict(config))).items() if k not in resumable}
     if not changed:
         return
     listing = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())

@@ -2,7 +2,9 @@
 through the tokenizer's decoder, VQ-KD token maps (BEiT v2's targets and predictions, one shade per
 code), and a tokenizer's codebook usage and perplexity over training.
 
-Grids are assembled as tensors and written with PIL; a header row names the columns.
+Grids are assembled as tensors and written with PIL; a header row names the columns. Which pictures a
+run gets is its method's (`mimkit.registry.Method.pictures`, composed of the drawings here), so this module
+sits below the methods and names none of them.
 """
 
 from collections.abc import Sequence
@@ -17,10 +19,9 @@ from mimkit.data.loader import SeededViews
 from mimkit.data.transforms import CENTER_CROP_MIN_SIZE, IMAGENET_CROP_PCT, denormalize, eval_view
 from mimkit.errors import MimkitError
 from mimkit.masking import block_mask, count_for_ratio
-from mimkit.methods.dvae import find_tokenizer, load_tokenizer
-from mimkit.methods.vqkd import load_vqkd_tokenizer
 from mimkit.models.beit import BEiT, BEiTv2
 from mimkit.models.mae import MAE
+from mimkit.registry import method_of
 from mimkit.tokenizers.dvae import DVAE
 from mimkit.tokenizers.vqkd import VQKD
 
@@ -160,7 +161,7 @@ def beitv2_predictions(model: BEiTv2, tokenizer: VQKD, images: torch.Tensor, tok
             "prediction": token_maps(predicted, tokenizer.vocab_size, p, c, mean, std)}
 
 
-def _masks(section, grid: int, n: int, generator: torch.Generator) -> torch.Tensor:
+def block_masks(section, grid: int, n: int, generator: torch.Generator) -> torch.Tensor:
     """n block masks (n, grid, grid) as a BEiT-style run's ``beit``/``beitv2`` section draws them."""
     num_masked = count_for_ratio(grid * grid, section.mask_ratio)
     return torch.stack([block_mask(grid, grid, num_masked, section.min_block, generator=generator)
@@ -174,7 +175,7 @@ def _images(source: Dataset, picks: Sequence[int], size: int, mean, std, crop_pc
 
 def run_panels(model, config: PretrainConfig, source: Dataset, picks: Sequence[int],
                seed: int = 0) -> dict[str, torch.Tensor]:
-    """The columns `mimkit visualize` draws for a run of any method.
+    """The columns `mimkit visualize` draws for a run: its method's pictures (`mimkit.registry.Pictures`).
 
     Args:
         model: the run's model in eval mode (`mimkit.runs.load_run`).
@@ -185,38 +186,16 @@ def run_panels(model, config: PretrainConfig, source: Dataset, picks: Sequence[i
     Returns:
         Column name -> (B, C, H, W) normalized images (columns may differ in size).
     """
+    pictures = method_of(config.method).pictures
+    if pictures is None:
+        raise MimkitError(f"visualize has no pictures for {config.method} runs")
     data = config.data
     crop_pct = IMAGENET_CROP_PCT if data.img_size >= CENTER_CROP_MIN_SIZE else 1.0  # the ViT view's, for all
-    generator = torch.Generator().manual_seed(seed)
-    if config.method == "mae":
-        images = _images(source, picks, data.img_size, data.mean, data.std, crop_pct)
-        noise = torch.rand(len(images), model.num_patches, generator=generator)
-        return mae_reconstructions(model, images, config.mae.mask_ratio, noise)
-    if config.method == "dvae":
-        size = config.dvae.tokenizer_size or data.img_size
-        return dvae_reconstructions(model, _images(source, picks, size, data.mean, data.std, crop_pct))
-    if config.method == "beit":
-        if not config.beit.tokenizer:
-            raise MimkitError("this BEiT run has no tokenizer (beit.tokenizer) to draw its predictions with")
-        found = find_tokenizer(config.beit.tokenizer)
-        tokenizer = load_tokenizer(found)
-        images = _images(source, picks, data.img_size, data.mean, data.std, crop_pct)
-        tokenizer_images = _images(source, picks, config.beit.tokenizer_size, found.mean or data.mean,
-                                   found.std or data.std, crop_pct)
-        mask = _masks(config.beit, data.img_size // config.model.patch_size, len(picks), generator)
-        return beit_predictions(model, tokenizer, images, tokenizer_images, mask)
-    if config.method == "vqkd":
-        images = _images(source, picks, data.img_size, data.mean, data.std, crop_pct)
-        return vqkd_tokens(model, images, data.mean, data.std)
-    if config.method == "beitv2":
-        tokenizer, tokenizer_run = load_vqkd_tokenizer(config.beitv2.tokenizer)
-        images = _images(source, picks, data.img_size, data.mean, data.std, crop_pct)
-        tokenizer_data = tokenizer_run.data
-        tokenizer_images = _images(source, picks, data.img_size, tokenizer_data.mean, tokenizer_data.std,
-                                   crop_pct)
-        mask = _masks(config.beitv2, data.img_size // config.model.patch_size, len(picks), generator)
-        return beitv2_predictions(model, tokenizer, images, tokenizer_images, mask, data.mean, data.std)
-    raise MimkitError(f"visualize has no pictures for {config.method} runs")
+
+    def images(size: int, mean, std) -> torch.Tensor:
+        return _images(source, picks, size, mean, std, crop_pct)
+
+    return pictures(model, config, images, torch.Generator().manual_seed(seed))
 
 
 def image_grid(panels: dict[str, torch.Tensor], mean, std, scale: int = 4) -> Image.Image:

@@ -4,17 +4,25 @@ mimkit's BEiT is ``encoder.*`` (a timm `Beit`) plus ``mask_token`` and ``lm_head
 own names, so the reference layout and timm's are prefix changes; BEiT v2 adds the aggregation head's
 blocks. The reference code also saves each attention's ``relative_position_index``, a buffer derived from
 the grid; it is dropped on import. Exports hold the encoder (and for Hugging Face the mask token and
-codebook head): BEiT v2's aggregation head serves pretraining only.
+codebook head): BEiT v2's aggregation head serves pretraining only. The BEiT and BEiT v2 method records
+(`mimkit.methods.beit`, `mimkit.methods.beitv2`) name the readers, architecture inference and export
+functions here.
 
 - BEiT: Bao et al., 2021, arXiv:2106.08254
 - BEiT v2: Peng et al., 2022, arXiv:2208.06366
 """
 
+from collections.abc import Collection
+from pathlib import Path
+
+from mimkit.config import PretrainConfig
 from mimkit.errors import MimkitError
-from mimkit.interop.keymaps import block_count, identity, nest
-from mimkit.interop.mae import HF_VIT_BLOCK
+from mimkit.interop.foreign import HALF, IMAGENET_MEAN, IMAGENET_STD, REFERENCE_NORM, Foreign, convert
+from mimkit.interop.keymaps import block_count, identity, nest, to_foreign
+from mimkit.interop.mae import BEIT_SIGNATURE, HF_VIT_BLOCK
 from mimkit.models.beit import BEiT, default_agg_layer
 from mimkit.models.posembed import abs_grid, rel_grid
+from mimkit.safe_load import load_checkpoint, load_tensors
 
 BEIT_BLOCK_KEYS = (
     "gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias",
@@ -155,3 +163,41 @@ def hf_beit_config(model: BEiT, head: bool) -> dict:
                 layer_scale_init_value=kw["init_values"] or 0.0, drop_path_rate=kw["drop_path_rate"],
                 use_mean_pooling=head, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
+
+
+def read_official_beit(path: Path) -> Foreign:
+    """A pretraining checkpoint of the BEiT reference code (mask token, codebook head included)."""
+    return convert("beit", load_tensors(path), OFFICIAL_BEIT, "BEiT reference checkpoint", DERIVED,
+                   origin={"normalization": f"{REFERENCE_NORM} ([-1, 1])"}, mean=HALF, std=HALF)
+
+
+def read_official_beitv2(path: Path) -> Foreign:
+    """A pretraining checkpoint of the BEiT v2 reference code (with the [CLS] aggregation blocks, and their
+    own norm and codebook layer when it ran with ``--shared_lm_head False``); its ``args`` give the block
+    the head reads (``early_layers``)."""
+    state, args = load_checkpoint(path)
+    hints, origin = official_beitv2_args(args)
+    return convert("beitv2", state, OFFICIAL_BEITV2, "BEiT v2 reference checkpoint", DERIVED, hints=hints,
+                   origin=origin | {"normalization": f"{REFERENCE_NORM} (ImageNet)"}, mean=IMAGENET_MEAN,
+                   std=IMAGENET_STD)
+
+
+def is_timm_beit(keys: Collection[str]) -> bool:
+    """Whether a timm state dict is a `Beit`'s: relative position tables or separate query biases."""
+    return any(k.endswith(BEIT_SIGNATURE) for k in keys)
+
+
+def timm_export(model: BEiT) -> tuple[str, dict, dict]:
+    """(timm model name, its kwargs, the encoder's state dict in timm's names) of a BEiT's encoder (BEiT
+    v2's too: its aggregation head serves pretraining only)."""
+    return "beit_base_patch16_224", timm_beit_kwargs(model), to_foreign(model.state_dict(), TIMM_BEIT)[0]
+
+
+def hf_export(model: BEiT, config: PretrainConfig, encoder_only: bool) -> tuple[str, dict, dict]:
+    """(transformers architecture, its config fields, its state dict): ``BeitForMaskedImageModeling`` (mask
+    token, codebook head) or ``BeitModel`` for the encoder alone; ``config`` is not needed."""
+    if encoder_only:
+        encoder = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+        return "BeitModel", hf_beit_config(model, head=False), to_foreign(encoder, HF_BEIT)[0]
+    return ("BeitForMaskedImageModeling", hf_beit_config(model, head=True),
+            to_foreign(model.state_dict(), HF_BEIT)[0])

@@ -10,58 +10,46 @@
   LayerNorm eps is timm's 1e-6 in every exported config (transformers' default is 1e-12). A ``ViTModel``
   export has no pooler (MAE has none): load it with ``add_pooling_layer=False``, or transformers adds a
   randomly initialized one.
+
+Each method's record says how its model is written (`mimkit.registry.Export`, the functions beside its key
+maps: `mimkit.interop.mae`, `mimkit.interop.beit`); this module writes the folders.
 """
 
 import json
 from pathlib import Path
 
-import timm
 from safetensors.torch import save_file
 from torch import nn
 
-import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
 from mimkit.config import PretrainConfig
 from mimkit.errors import MimkitError, explain_write_errors
-from mimkit.interop import beit, mae
 from mimkit.interop.hf import image_processor_config, write_hf_folder
-from mimkit.interop.keymaps import to_foreign
-from mimkit.models.beit import BEiT
-from mimkit.models.mae import MAE
-from mimkit.models.vit import ENCODER_ARCHS
+from mimkit.registry import Export, method_of
 from mimkit.runs import load_run
 
 TARGETS = ("timm", "hf")
 
 
-def timm_export(model: nn.Module) -> tuple[str, dict, dict]:
-    """(timm model name, its kwargs, the encoder's state dict in timm's names) for an MAE or a BEiT."""
-    if isinstance(model, MAE):
-        kwargs = mae.timm_vit_kwargs(model)
-        named = next((n for n, a in ENCODER_ARCHS.items()
-                      if (a["embed_dim"], a["depth"], a["num_heads"]) ==
-                      (kwargs["embed_dim"], kwargs["depth"], kwargs["num_heads"])), "vit_base")
-        name = f"{named}_patch16_224" if timm.is_model(f"{named}_patch16_224") else "vit_base_patch16_224"
-        return name, kwargs, to_foreign(model.state_dict(), mae.TIMM_VIT)[0]
-    if isinstance(model, BEiT):
-        state = to_foreign(model.state_dict(), beit.TIMM_BEIT)[0]
-        return "beit_base_patch16_224", beit.timm_beit_kwargs(model), state
-    raise MimkitError(f"cannot export a {type(model).__name__} to timm")
+def _hooks(config: PretrainConfig) -> Export:
+    """The export hooks of ``config``'s method (`mimkit.registry.Export`; none: an empty one)."""
+    return method_of(config.method).export or Export()
+
+
+def timm_export(model: nn.Module, config: PretrainConfig) -> tuple[str, dict, dict]:
+    """(timm model name, its kwargs, the encoder's state dict in timm's names): the method's hook."""
+    hook = _hooks(config).timm
+    if hook is None:
+        raise MimkitError(f"cannot export a {type(model).__name__} to timm")
+    return hook(model)
 
 
 def hf_export(model: nn.Module, config: PretrainConfig, encoder_only: bool) -> tuple[str, dict, dict]:
-    """(transformers architecture, its config fields, its state dict: saved names, no base prefix)."""
-    if isinstance(model, MAE):
-        if encoder_only:
-            return "ViTModel", mae.hf_vit_config(model), to_foreign(model.state_dict(), mae.HF_VIT)[0]
-        return ("ViTMAEForPreTraining", mae.hf_vitmae_config(model, config.mae.mask_ratio),
-                to_foreign(model.state_dict(), mae.HF_VITMAE)[0])
-    if isinstance(model, BEiT):
-        if encoder_only:
-            encoder = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
-            return "BeitModel", beit.hf_beit_config(model, head=False), to_foreign(encoder, beit.HF_BEIT)[0]
-        return ("BeitForMaskedImageModeling", beit.hf_beit_config(model, head=True),
-                to_foreign(model.state_dict(), beit.HF_BEIT)[0])
-    raise MimkitError(f"cannot export a {type(model).__name__} to Hugging Face")
+    """(transformers architecture, its config fields, its state dict: saved names, no base prefix): the
+    method's hook."""
+    hook = _hooks(config).hf
+    if hook is None:
+        raise MimkitError(f"cannot export a {type(model).__name__} to Hugging Face")
+    return hook(model, config, encoder_only)
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -75,7 +63,7 @@ def _check_out(out: Path, force: bool) -> None:
 
 def export_model(model: nn.Module, config: PretrainConfig, to: str, out: str | Path,
                  encoder_only: bool = False, force: bool = False) -> list[Path]:
-    """Export an MAE or a BEiT.
+    """Export a model whose method has export hooks (`mimkit.registry.Export`: MAE, BEiT, BEiT v2).
 
     Args:
         model: the model of ``config``'s method.
@@ -104,7 +92,7 @@ def _write(model: nn.Module, config: PretrainConfig, to: str, out: Path, encoder
         architecture, hf_config, state = hf_export(model, config, encoder_only)
         processor = image_processor_config(data.img_size, data.mean, data.std)
         return write_hf_folder(out, architecture, hf_config, state, processor)
-    name, kwargs, state = timm_export(model)
+    name, kwargs, state = timm_export(model, config)
     out.mkdir(parents=True, exist_ok=True)
     pretrained_cfg = {"input_size": [data.channels, data.img_size, data.img_size], "mean": data.mean,
                       "std": data.std, "interpolation": "bicubic", "crop_pct": 1.0, "num_classes": 0,

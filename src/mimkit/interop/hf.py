@@ -59,8 +59,9 @@ def strip_base(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def add_base(state: dict[str, torch.Tensor], architecture: str) -> dict[str, torch.Tensor]:
-    """Put the base model's keys under ``architecture``'s prefix (the inverse of `strip_base`)."""
-    prefix, top_level = HF_ARCHS[architecture]
+    """Put the base model's keys under ``architecture``'s prefix (the inverse of `strip_base`); an
+    architecture `HF_ARCHS` does not list keeps its keys as given (a base model's)."""
+    prefix, top_level = HF_ARCHS.get(architecture, ("", ()))
     return {(k if k.startswith(top_level) else prefix + k): v for k, v in state.items()}
 
 
@@ -90,7 +91,7 @@ def write_hf_folder(folder: str | Path, architecture: str, config: dict, state: 
 
     Args:
         folder: created if needed.
-        architecture: a key of `HF_ARCHS`.
+        architecture: the transformers class (`add_base` puts a head model's base under its prefix).
         config: the model's config fields (``model_type`` included).
         state: saved names without the base prefix (`strip_base`'s form).
         image_processor: the image processor's fields.

@@ -16,11 +16,12 @@ training arguments (``args.model`` of a released model name fixes the heads, ``a
 heads nothing else decides, the released models' head width (64; MAE's decoder 32), reported as guessed.
 A field no rule decides stops the import with an error naming the ``--set`` to pass.
 
-Formats: ``mae`` (the MAE reference code's checkpoints, with or without the decoder), ``beit`` and
-``beitv2`` (the BEiT and BEiT v2 reference code's pretraining checkpoints), ``vqkd`` (BEiT v2's
-reference tokenizer checkpoints), ``timm`` (a
+Formats (`formats`): each method's reference checkpoints under the method's name (``mae``: the MAE
+reference code's, with or without the decoder; ``beit``, ``beitv2``: the BEiT and BEiT v2 reference code's
+pretraining checkpoints; ``vqkd``: BEiT v2's reference tokenizer checkpoints), ``timm`` (a
 `VisionTransformer` or `Beit` state dict, or a timm folder with ``config.json``), ``hf`` (a transformers
-ViTMAE, ViT or BEiT folder).
+ViTMAE, ViT or BEiT folder). What each method reads, and how its fields land in the run's configuration,
+is its record's `mimkit.registry.Import`; nothing here names a method.
 """
 
 from collections.abc import Callable
@@ -28,153 +29,72 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+import mimkit.methods  # noqa: F401  (registers the built-in methods, whose hooks are looked up here)
 from mimkit.config import PretrainConfig, from_dict, merge, save_config, to_dict
 from mimkit.errors import MimkitError
-from mimkit.interop import beit, mae, vqkd
+from mimkit.interop.foreign import IMAGENET_MEAN, IMAGENET_STD, Foreign, convert
 from mimkit.interop.hf import read_hf_folder
-from mimkit.interop.keymaps import KeyMap, from_foreign
-from mimkit.methods import METHODS
-from mimkit.models.beit import BEIT_MODELS
-from mimkit.models.mae import MAE_MODELS
 from mimkit.models.posembed import abs_grid, rel_grid, resize_abs_pos_embed, resize_rel_pos_table
 from mimkit.models.vit import ENCODER_ARCHS
+from mimkit.registry import HFLayout, Import, method_of, registered
 from mimkit.runs import config_path
-from mimkit.safe_load import load_checkpoint, load_sharded, load_tensors, read_json
+from mimkit.safe_load import load_sharded, load_tensors, read_json
 from mimkit.train.checkpoint import Checkpoints
 
-IMAGENET_MEAN, IMAGENET_STD = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)  # lists: YAML-friendly
-HALF = [0.5, 0.5, 0.5]  # BEiT's (and many timm ViTs') normalization: [-1, 1]
 
-
-@dataclass
-class Foreign:
-    """A checkpoint in mimkit's names.
-
-    Attributes:
-        method: the mimkit method whose model holds these weights ("mae", "beit", "beitv2", "vqkd").
-        state: mimkit key -> tensor.
-        unexpected: the checkpoint's keys that no template accounts for, in its own names.
-        hints: architecture facts that weights do not show (attention heads, MAE's target, ...), from the
-            checkpoint's training arguments or a config file.
-        origin: where each hint (and the normalization, under "normalization") was read.
-        mean, std: the normalization the weights were trained with, when known.
-        source: what was read, for reports.
-        notes: what the reader noticed that changes nothing but is worth knowing.
-    """
-
-    method: str
-    state: dict[str, torch.Tensor]
-    unexpected: list[str]
-    hints: dict = field(default_factory=dict)
-    origin: dict[str, str] = field(default_factory=dict)
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    source: str = ""
-    notes: list[str] = field(default_factory=list)
-
-
-def _convert(method: str, state: dict, keymap: KeyMap, source: str, ignore=(), **extra) -> Foreign:
-    ours, unexpected = from_foreign(state, keymap, ignore)
-    return Foreign(method, ours, unexpected, source=source, **extra)
-
-
-REFERENCE_NORM = "default: the reference code's"
-
-
-def _unknown_name(args: dict, known: dict) -> list[str]:
-    """A note when ``args.model`` names no released model in ``known``."""
-    name = args.get("model")
-    if name is None or name in known:
-        return []
-    return [f"args.model {name!r} is not a released model name: it fixes no dimension"]
-
-
-def read_official_mae(path: Path) -> Foreign:
-    """A checkpoint of the MAE reference code (``{"model": …, "args": …}``; encoder-only pretrain files
-    too); its ``args`` give the model name's dims and heads, ``norm_pix_loss`` and ``mask_ratio``."""
-    state, args = load_checkpoint(path)
-    hints, origin = mae.official_mae_args(args)
-    return _convert("mae", state, mae.OFFICIAL_MAE, "MAE reference checkpoint", hints=hints,
-                    origin=origin | {"normalization": f"{REFERENCE_NORM} (ImageNet)"}, mean=IMAGENET_MEAN,
-                    std=IMAGENET_STD, notes=_unknown_name(args, mae.OFFICIAL_MAE_MODELS))
-
-
-def read_official_beit(path: Path) -> Foreign:
-    """A pretraining checkpoint of the BEiT reference code (mask token, codebook head included)."""
-    return _convert("beit", load_tensors(path), beit.OFFICIAL_BEIT, "BEiT reference checkpoint",
-                    beit.DERIVED, origin={"normalization": f"{REFERENCE_NORM} ([-1, 1])"}, mean=HALF,
-                    std=HALF)
-
-
-def read_official_beitv2(path: Path) -> Foreign:
-    """A pretraining checkpoint of the BEiT v2 reference code (with the [CLS] aggregation blocks, and their
-    own norm and codebook layer when it ran with ``--shared_lm_head False``); its ``args`` give the block
-    the head reads (``early_layers``)."""
-    state, args = load_checkpoint(path)
-    hints, origin = beit.official_beitv2_args(args)
-    return _convert("beitv2", state, beit.OFFICIAL_BEITV2, "BEiT v2 reference checkpoint", beit.DERIVED,
-                    hints=hints, origin=origin | {"normalization": f"{REFERENCE_NORM} (ImageNet)"},
-                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
-
-
-def read_official_vqkd(path: Path) -> Foreign:
-    """A tokenizer checkpoint of the BEiT v2 reference code (VQ-KD: encoder, codebook, decoder). It saw
-    images scaled to [-1, 1]."""
-    raw, args = load_checkpoint(path)
-    hints, origin = vqkd.official_vqkd_args(args)
-    foreign = _convert("vqkd", raw, vqkd.OFFICIAL_VQKD, "VQ-KD reference checkpoint", vqkd.VQKD_DROPPED,
-                       hints=hints, origin=origin | {"normalization": f"{REFERENCE_NORM} ([-1, 1])"},
-                       mean=HALF, std=HALF, notes=_unknown_name(args, vqkd.OFFICIAL_VQKD_MODELS))
-    if "quantize.codebook" in foreign.state:
-        foreign.state["quantize.initialized"] = torch.tensor(True)  # trained: no k-means start
-    teacher = sum(k.startswith(("teacher_model.", "scaling_layer.")) for k in raw)
-    if teacher:
-        foreign.notes.append(f"dropped the reference's frozen teacher ({teacher} tensors) and EMA statistics")
-    return foreign
+def importing(method: str) -> Import:
+    """The import hooks of a registered ``method`` (`mimkit.registry.Import`)."""
+    found = method_of(method).importing
+    if found is None:
+        raise MimkitError(f"mimkit imports no {method} weights")
+    return found
 
 
 def read_timm(path: Path) -> Foreign:
-    """A timm `VisionTransformer` or `Beit` state dict: a weights file, or a folder with ``config.json``
-    (timm's ``architecture``, ``model_args``, ``pretrained_cfg``) and ``model.safetensors``."""
+    """A timm state dict of a class some method imports (its `mimkit.registry.TimmLayout`: a
+    `VisionTransformer` as MAE, a `Beit` as BEiT): a weights file, or a folder with ``config.json`` (timm's
+    ``architecture``, ``model_args``, ``pretrained_cfg``) and ``model.safetensors``."""
     timm_config: dict = {}
     if path.is_dir():
         timm_config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
         state = load_sharded(path, ("model.safetensors", "pytorch_model.bin"))
     else:
         state = load_tensors(path)
-    is_beit = any(k.endswith(("attn.q_bias", "relative_position_bias_table")) for k in state)
     pretrained = timm_config.get("pretrained_cfg", {})
     model_args = timm_config.get("model_args", {})
     hints = {"num_heads": model_args["num_heads"]} if "num_heads" in model_args else {}
     origin = dict.fromkeys(hints, "config.json model_args")
     origin["normalization"] = "config.json pretrained_cfg" if "mean" in pretrained else "default: timm's"
-    if is_beit:
-        return _convert("beit", state, beit.TIMM_BEIT, "timm Beit", beit.DERIVED, hints=hints, origin=origin,
-                        mean=pretrained.get("mean", HALF), std=pretrained.get("std", HALF))
-    return _convert("mae", state, mae.TIMM_VIT, "timm VisionTransformer", hints=hints, origin=origin,
-                    mean=pretrained.get("mean", IMAGENET_MEAN), std=pretrained.get("std", IMAGENET_STD))
+    layouts = {name: m.importing.timm for name, m in registered().items() if m.importing and m.importing.timm}
+    method = next((name for name, layout in layouts.items() if layout.claims(state.keys())), None)
+    if method is None:
+        raise MimkitError(f"'{path}' holds no timm model that mimkit imports (a "
+                          f"{' or '.join(layout.name for layout in layouts.values())} state dict; its keys "
+                          f"start: {', '.join(sorted(state)[:3])})")
+    layout = layouts[method]
+    return convert(method, state, layout.keymap, f"timm {layout.name}", layout.ignore, hints=hints,
+                   origin=origin, mean=pretrained.get("mean", layout.mean),
+                   std=pretrained.get("std", layout.std))
 
 
-HF_MODEL_TYPES = {  # config.json model_type -> (mimkit method, key map)
-    "vit_mae": ("mae", mae.HF_VITMAE),
-    "vit": ("mae", mae.HF_VIT),
-    "beit": ("beit", beit.HF_BEIT),
-}
+def hf_model_types() -> dict[str, tuple[str, HFLayout]]:
+    """transformers ``model_type`` -> (the method its folders import as, their layout), from the registry."""
+    return {model_type: (name, layout) for name, m in registered().items() if m.importing
+            for model_type, layout in m.importing.hf.items()}
 
 
 def read_hf(path: Path) -> Foreign:
     """A transformers folder: ViTMAE (``ViTMAEForPreTraining`` or ``ViTMAEModel``), ViT or BEiT."""
     config, state, processor = read_hf_folder(path)
-    model_type = config.get("model_type")
-    if model_type not in HF_MODEL_TYPES:
-        raise MimkitError(f"'{path}' holds a {model_type!r} model; importable: {', '.join(HF_MODEL_TYPES)}")
+    model_type, model_types = config.get("model_type"), hf_model_types()
+    if model_type not in model_types:
+        raise MimkitError(f"'{path}' holds a {model_type!r} model; importable: {', '.join(model_types)}")
     if config.get("hidden_act", "gelu") != "gelu":
         raise MimkitError(f"'{path}' uses hidden_act {config['hidden_act']!r}; mimkit's blocks use gelu")
-    method, keymap = HF_MODEL_TYPES[model_type]
-    hints = mae.arch_from_hf_config(config) if method == "mae" else {}
+    method, layout = model_types[model_type]
+    hints = layout.hints(config) if layout.hints else {}
     source = f"transformers {model_type} ({', '.join(config.get('architectures', []))})"
     mean, std = processor.get("image_mean", IMAGENET_MEAN), processor.get("image_std", IMAGENET_STD)
     eps = config.get("layer_norm_eps", 1e-12)
@@ -182,36 +102,31 @@ def read_hf(path: Path) -> Foreign:
                                     "(a negligible difference for trained weights)"]
     origin = dict.fromkeys(hints, "config.json") | {
         "normalization": "preprocessor_config.json" if "image_mean" in processor else "default: ImageNet's"}
-    return _convert(method, state, keymap, source, beit.DERIVED, hints=hints, origin=origin, mean=mean,
-                    std=std, notes=notes)
+    return convert(method, state, layout.keymap, source, layout.ignore, hints=hints, origin=origin, mean=mean,
+                   std=std, notes=notes)
 
 
-FORMATS: dict[str, Callable[[Path], Foreign]] = {
-    "mae": read_official_mae,
-    "beit": read_official_beit,
-    "beitv2": read_official_beitv2,
-    "vqkd": read_official_vqkd,
-    "timm": read_timm,
-    "hf": read_hf,
-}
+def formats() -> dict[str, Callable[[Path], Foreign]]:
+    """``--format`` name -> reader: each registered method's reference checkpoints under its name, then
+    ``timm`` and ``hf``."""
+    references = {name: m.importing.reference for name, m in sorted(registered().items())
+                  if m.importing and m.importing.reference}
+    return references | {"timm": read_timm, "hf": read_hf}
 
 
 def read_checkpoint(path: str | Path, fmt: str) -> Foreign:
-    """Read ``path`` (a file, or a folder for ``hf``/``timm``) in format ``fmt`` (a key of `FORMATS`)."""
-    if fmt not in FORMATS:
-        raise MimkitError(f"unknown checkpoint format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    """Read ``path`` (a file, or a folder for ``hf``/``timm``) in format ``fmt`` (a key of `formats`)."""
+    readers = formats()
+    if fmt not in readers:
+        raise MimkitError(f"unknown checkpoint format {fmt!r}; choose one of: {', '.join(readers)}")
     path = Path(path)
     if not path.exists():
         raise MimkitError(f"'{path}' does not exist")
-    foreign = FORMATS[fmt](path)
+    foreign = readers[fmt](path)
     if not foreign.state:
         raise MimkitError(f"'{path}' holds no tensor of a {fmt} checkpoint (its keys start: "
                           f"{', '.join(foreign.unexpected[:3])})")
     return foreign
-
-
-OPTIONAL_PARTS = {"mae": mae.MAE_OPTIONAL_PARTS, "beit": beit.BEIT_OPTIONAL_PARTS,
-                  "beitv2": beit.BEITV2_OPTIONAL_PARTS, "vqkd": vqkd.VQKD_OPTIONAL_PARTS}
 
 
 def _fit_table(key: str, value: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, str] | None:
@@ -234,11 +149,11 @@ def _listing(keys: list[str], limit: int = 8) -> str:
 def load_foreign(model: nn.Module, foreign: Foreign, allow_mismatch: bool = False) -> list[str]:
     """Load ``foreign`` into ``model``, a fresh model of ``foreign.method``.
 
-    Position tables of another grid are resized (`mimkit.models.posembed`). A part listed in
-    `OPTIONAL_PARTS` that the checkpoint lacks entirely (the decoder of an encoder-only file) keeps its fresh
-    initialization. Other keys the model has but the checkpoint lacks ("missing"), and keys the model has
-    no place for ("unexpected"), are an error unless ``allow_mismatch``; a shape that cannot be resized is
-    always an error.
+    Position tables of another grid are resized (`mimkit.models.posembed`). An optional part of the method
+    (`mimkit.registry.Import.optional_parts`) that the checkpoint lacks entirely (the decoder of an
+    encoder-only file) keeps its fresh initialization. Other keys the model has but the checkpoint lacks
+    ("missing"), and keys the model has no place for ("unexpected"), are an error unless ``allow_mismatch``;
+    a shape that cannot be resized is always an error.
 
     Returns:
         One line per thing worth reporting: resized tables, freshly initialized parts, skipped keys.
@@ -257,7 +172,7 @@ def load_foreign(model: nn.Module, foreign: Foreign, allow_mismatch: bool = Fals
     if bad_shapes:
         raise MimkitError(f"the checkpoint does not fit the inferred model: {_listing(bad_shapes, 4)}")
     fresh = set()
-    for part, prefixes in OPTIONAL_PARTS[foreign.method].items():
+    for part, prefixes in importing(foreign.method).optional_parts.items():
         keys = {k for k in target if k.startswith(prefixes)}
         if keys and not keys & state.keys():
             fresh |= keys
@@ -277,33 +192,18 @@ def load_foreign(model: nn.Module, foreign: Foreign, allow_mismatch: bool = Fals
     return notes
 
 
-MODEL_NAMES = {"mae": MAE_MODELS, "beit": BEIT_MODELS, "beitv2": BEIT_MODELS, "vqkd": ENCODER_ARCHS}
-
-
 def _nearest_name(method: str, embed_dim: int) -> str:
     """The method's named model closest in width (it decides what the checkpoint does not, e.g. the size
     of a fresh decoder; every dimension the checkpoint shows overrides it in ``model.kwargs``)."""
-    return min(MODEL_NAMES[method], key=lambda name: abs(ENCODER_ARCHS[name]["embed_dim"] - embed_dim))
-
-
-MODEL_KWARGS = {
-    "mae": ("embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_embed_dim", "decoder_depth",
-            "decoder_num_heads"),
-    "beit": ("embed_dim", "depth", "num_heads", "mlp_ratio", "vocab_size", "layer_scale_init",
-             "shared_rel_pos_bias"),
-}
-MODEL_KWARGS["beitv2"] = MODEL_KWARGS["beit"] + ("agg_layer", "agg_depth", "shared_lm_head")
-MODEL_KWARGS["vqkd"] = ("embed_dim", "depth", "num_heads")
-# Inferred fields that live in the method's own configuration section rather than in model.kwargs.
-SECTION_FIELDS = {"mae": ("norm_pix_loss", "mask_ratio"),
-                  "vqkd": ("teacher_dim", "vocab_size", "code_dim", "decoder_depth")}
+    return min(importing(method).model_names,
+               key=lambda name: abs(ENCODER_ARCHS[name]["embed_dim"] - embed_dim))
 
 
 def setting(method: str, key: str) -> str:
     """The ``--set`` key (or flag) that decides architecture field ``key`` of an imported ``method`` run."""
-    if key in SECTION_FIELDS.get(method, ()):
+    if key in importing(method).section_fields:
         return f"{method}.{key}"
-    if key in MODEL_KWARGS[method]:
+    if key in importing(method).model_kwargs:
         return f"model.kwargs.{key}"
     return {"img_size": "--img-size", "patch_size": "model.patch_size", "in_chans": "data.channels",
             "normalization": "--set data.mean=[...] --set data.std=[...]"}.get(key, key)
@@ -319,19 +219,11 @@ def run_config(method: str, arch: dict, img_size: int | None, mean: list[float] 
               "data": {"img_size": img_size or arch["img_size"], "channels": channels, "mean": list(mean),
                        "std": list(std)},
               "model": {"name": _nearest_name(method, arch["embed_dim"]), "patch_size": arch["patch_size"],
-                        "kwargs": {k: arch[k] for k in MODEL_KWARGS[method] if k in arch}}}
-    section = {k: arch[k] for k in SECTION_FIELDS.get(method, ()) if k in arch}
+                        "kwargs": {k: arch[k] for k in importing(method).model_kwargs if k in arch}}}
+    section = {k: arch[k] for k in importing(method).section_fields if k in arch}
     if section:
         values[method] = section
     return values
-
-
-ARCHS = {"mae": mae.mae_arch, "beit": beit.beit_arch, "beitv2": beit.beitv2_arch, "vqkd": vqkd.vqkd_arch}
-# What fills the fields nothing read decides: (value or None, "guessed: why" / "default: why").
-FALLBACKS: dict[str, Callable[[dict], dict]] = {
-    "mae": mae.mae_head_guesses, "beit": lambda arch: {}, "beitv2": beit.beitv2_defaults,
-    "vqkd": vqkd.vqkd_head_guesses,
-}
 
 
 def resolve_arch(foreign: Foreign, overrides: dict | None = None) -> tuple[dict, dict[str, str]]:
@@ -339,12 +231,14 @@ def resolve_arch(foreign: Foreign, overrides: dict | None = None) -> tuple[dict,
 
     Order: ``overrides`` (a nested configuration, as ``--set`` gives) win; then what the weights show; then
     the training arguments or config file (``foreign.hints``), which must agree with the weights; then
-    `FALLBACKS` (a guess at attention heads, reported as such; None when no guess fits).
+    the method's guesses (`mimkit.registry.Import.guesses`: a guess at attention heads, reported as such;
+    None when no guess fits).
 
     Returns:
-        ``{field: value}`` (`ARCHS` names) and ``{field: origin}``.
+        ``{field: value}`` (the method's ``Import.arch`` names) and ``{field: origin}``.
     """
-    arch = ARCHS[foreign.method](foreign.state)
+    hooks = importing(foreign.method)
+    arch = hooks.arch(foreign.state)
     origin = dict.fromkeys(arch, "weights")
     clash = [f"{foreign.origin[k]} says {k}={v}, the weights {arch[k]}" for k, v in foreign.hints.items()
              if k in arch and arch[k] != v]
@@ -352,7 +246,7 @@ def resolve_arch(foreign: Foreign, overrides: dict | None = None) -> tuple[dict,
         raise MimkitError(f"the checkpoint contradicts itself: {'; '.join(clash)}")
     arch |= foreign.hints
     origin |= {k: foreign.origin[k] for k in foreign.hints}
-    for key, (value, why) in FALLBACKS[foreign.method](arch).items():
+    for key, (value, why) in (hooks.guesses(arch) if hooks.guesses else {}).items():
         if key not in arch:
             arch[key], origin[key] = value, why
     overrides = overrides or {}
@@ -382,7 +276,7 @@ class ImportReport:
         guess with the ``--set`` that changes it."""
         config, method = self.config, self.config.method
         data, model = config.data, config.model
-        section = {k: getattr(getattr(config, method), k) for k in SECTION_FIELDS.get(method, ())}
+        section = {k: getattr(getattr(config, method), k) for k in importing(method).section_fields}
         fields = {"img_size": data.img_size, "patch_size": model.patch_size, "in_chans": data.channels,
                   **model.kwargs, **section}
         lines = [f"imported {self.source} as {method}: {data.img_size} px, patch {model.patch_size}, "
@@ -412,7 +306,7 @@ def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int
 
     Args:
         path: the checkpoint file or folder.
-        fmt: a key of `FORMATS`.
+        fmt: a key of `formats`.
         out: the run directory to create; it must not hold a checkpoint yet.
         img_size: the image size of the run; position tables are resized when it differs from the
             checkpoint's. None keeps the checkpoint's.
@@ -428,9 +322,6 @@ def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int
     if Checkpoints(out).latest() is not None:
         raise MimkitError(f"'{out}' already holds a run; choose another --out")
     foreign = read_checkpoint(path, fmt)
-    if foreign.method not in METHODS:
-        raise MimkitError(f"'{path}' holds a {foreign.method} model, and mimkit has no {foreign.method} "
-                          f"method yet (methods: {', '.join(METHODS)})")
     arch, origin = resolve_arch(foreign, overrides)
     unknown = [k for k, v in arch.items() if v is None]
     if unknown:
@@ -443,7 +334,7 @@ def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int
     origin["normalization"] = foreign.origin.get("normalization", "default: [0.5] per channel")
     config = from_dict(PretrainConfig, values)
     torch.manual_seed(config.train.seed)  # the fresh parts, reproducibly
-    model = METHODS[config.method].build_model(config)
+    model = method_of(config.method).build_model(config)
     notes = foreign.notes + load_foreign(model, foreign, allow_mismatch)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, config_path(out))

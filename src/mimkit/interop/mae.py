@@ -3,20 +3,27 @@
 mimkit's MAE is ``encoder.*`` (a timm `VisionTransformer`) plus the decoder under the reference code's
 own names, so the reference layout and timm's are prefix changes. Hugging Face's names are those its
 ``save_pretrained`` writes (the layout of the published checkpoints); `mimkit.interop.hf` maps the
-names of in-memory transformers 5 modules onto them first.
+names of in-memory transformers 5 modules onto them first. MAE's method record (`mimkit.methods.mae`) names
+the reader, architecture inference and export functions here; they read the models alone.
 
 - ViT: Dosovitskiy et al., 2020, arXiv:2010.11929
 - MAE: He et al., 2021, arXiv:2111.06377
 """
 
 import math
+from collections.abc import Collection
+from pathlib import Path
 
+import timm
 import torch
 
+from mimkit.config import PretrainConfig
 from mimkit.errors import MimkitError
-from mimkit.interop.keymaps import block_count, identity, nest
+from mimkit.interop.foreign import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_NORM, Foreign, convert, unknown_name
+from mimkit.interop.keymaps import block_count, identity, nest, to_foreign
 from mimkit.models.mae import MAE
 from mimkit.models.vit import ENCODER_ARCHS
+from mimkit.safe_load import load_checkpoint
 
 VIT_BLOCK_KEYS = (
     "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
@@ -224,3 +231,41 @@ def arch_from_hf_config(config: dict) -> dict:
                      norm_pix_loss=config.get("norm_pix_loss", False),
                      mask_ratio=config.get("mask_ratio", 0.75))
     return {k: v for k, v in arch.items() if v is not None}
+
+
+def read_official_mae(path: Path) -> Foreign:
+    """A checkpoint of the MAE reference code (``{"model": …, "args": …}``; encoder-only pretrain files
+    too); its ``args`` give the model name's dims and heads, ``norm_pix_loss`` and ``mask_ratio``."""
+    state, args = load_checkpoint(path)
+    hints, origin = official_mae_args(args)
+    return convert("mae", state, OFFICIAL_MAE, "MAE reference checkpoint", hints=hints,
+                   origin=origin | {"normalization": f"{REFERENCE_NORM} (ImageNet)"}, mean=IMAGENET_MEAN,
+                   std=IMAGENET_STD, notes=unknown_name(args, OFFICIAL_MAE_MODELS))
+
+
+BEIT_SIGNATURE = ("attn.q_bias", "relative_position_bias_table")  # key endings of a timm Beit, never a ViT
+
+
+def is_timm_vit(keys: Collection[str]) -> bool:
+    """Whether a timm state dict is a `VisionTransformer`'s: a patch embedding, and neither relative position
+    tables nor separate query biases (`BEIT_SIGNATURE`, a `Beit`'s)."""
+    return "patch_embed.proj.weight" in keys and not any(k.endswith(BEIT_SIGNATURE) for k in keys)
+
+
+def timm_export(model: MAE) -> tuple[str, dict, dict]:
+    """(timm model name, its kwargs, the encoder's state dict in timm's names) of an MAE's encoder."""
+    kwargs = timm_vit_kwargs(model)
+    named = next((n for n, a in ENCODER_ARCHS.items()
+                  if (a["embed_dim"], a["depth"], a["num_heads"]) ==
+                  (kwargs["embed_dim"], kwargs["depth"], kwargs["num_heads"])), "vit_base")
+    name = f"{named}_patch16_224" if timm.is_model(f"{named}_patch16_224") else "vit_base_patch16_224"
+    return name, kwargs, to_foreign(model.state_dict(), TIMM_VIT)[0]
+
+
+def hf_export(model: MAE, config: PretrainConfig, encoder_only: bool) -> tuple[str, dict, dict]:
+    """(transformers architecture, its config fields, its state dict): ``ViTMAEForPreTraining`` with the
+    decoder (the run's mask ratio in its config), or ``ViTModel`` for the encoder alone."""
+    if encoder_only:
+        return "ViTModel", hf_vit_config(model), to_foreign(model.state_dict(), HF_VIT)[0]
+    return ("ViTMAEForPreTraining", hf_vitmae_config(model, config.mae.mask_ratio),
+            to_foreign(model.state_dict(), HF_VITMAE)[0])

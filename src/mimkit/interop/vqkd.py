@@ -7,14 +7,21 @@ separate (``attn.q_bias``, ``attn.v_bias``; there is no key bias, which timm's f
 as zeros) and the final LayerNorm is ``fc_norm`` (the reference applies it to the patch tokens, as timm's
 ``norm``). The codebook is ``quantize.embedding.weight``; the reference's EMA statistics, its frozen
 teacher (``teacher_model``, ``scaling_layer``) and its loss modules are not part of a mimkit tokenizer and
-are dropped on import.
+are dropped on import. The VQ-KD method record (`mimkit.methods.vqkd`) names the reader and architecture
+inference here.
 
 - BEiT v2: Peng et al., 2022, arXiv:2208.06366
 """
 
+from pathlib import Path
+
+import torch
+
 from mimkit.errors import MimkitError
+from mimkit.interop.foreign import HALF, REFERENCE_NORM, Foreign, convert, unknown_name
 from mimkit.interop.keymaps import block_count, identity, nest
 from mimkit.interop.mae import VIT_BLOCK_KEYS, encoder_heads, model_name_fields
+from mimkit.safe_load import load_checkpoint
 
 # A timm ViT (mimkit's VQ-KD encoder and decoder) -> the reference code's ViT with use_mean_pooling.
 REFERENCE_VIT = {
@@ -72,3 +79,19 @@ def vqkd_arch(state: dict) -> dict:
 def vqkd_head_guesses(arch: dict) -> dict[str, tuple[int | None, str]]:
     """A guess, with its origin, at the heads of the encoder and decoder (`encoder_heads`, MLP ratio 4)."""
     return {"num_heads": encoder_heads(arch["embed_dim"], arch["depth"], 4.0)}
+
+
+def read_official_vqkd(path: Path) -> Foreign:
+    """A tokenizer checkpoint of the BEiT v2 reference code (VQ-KD: encoder, codebook, decoder). It saw
+    images scaled to [-1, 1]."""
+    raw, args = load_checkpoint(path)
+    hints, origin = official_vqkd_args(args)
+    foreign = convert("vqkd", raw, OFFICIAL_VQKD, "VQ-KD reference checkpoint", VQKD_DROPPED, hints=hints,
+                      origin=origin | {"normalization": f"{REFERENCE_NORM} ([-1, 1])"}, mean=HALF, std=HALF,
+                      notes=unknown_name(args, OFFICIAL_VQKD_MODELS))
+    if "quantize.codebook" in foreign.state:
+        foreign.state["quantize.initialized"] = torch.tensor(True)  # trained: no k-means start
+    teacher = sum(k.startswith(("teacher_model.", "scaling_layer.")) for k in raw)
+    if teacher:
+        foreign.notes.append(f"dropped the reference's frozen teacher ({teacher} tensors) and EMA statistics")
+    return foreign

@@ -12,14 +12,17 @@ from dataclasses import replace
 
 import torch
 
+import mimkit.interop.beit as layouts
 from mimkit.config import BEiTConfig, PretrainConfig, check_model_kwargs
 from mimkit.data.transforms import BEiTView
 from mimkit.errors import MimkitError
+from mimkit.interop.foreign import HALF
 from mimkit.masking import block_mask, count_for_ratio
-from mimkit.methods.dvae import find_tokenizer, load_tokenizer_encoder
-from mimkit.models.beit import BEiT, create_beit
+from mimkit.methods.dvae import find_tokenizer, load_tokenizer, load_tokenizer_encoder
+from mimkit.models.beit import BEIT_MODELS, BEiT, create_beit
 from mimkit.models.vit import check_patch_grid
-from mimkit.registry import LossFn, Method, View, register
+from mimkit.registry import Export, HFLayout, Images, Import, LossFn, Method, TimmLayout, View, register
+from mimkit.viz import beit_predictions, block_masks
 
 
 def resolve_config(config: PretrainConfig) -> PretrainConfig:
@@ -89,4 +92,29 @@ def build_task(config: PretrainConfig, model: BEiT) -> tuple[View, LossFn]:
     return view, loss_fn
 
 
-register(Method("beit", "pretraining", build_model, build_task, resolve_config=resolve_config))
+def pictures(model: BEiT, config: PretrainConfig, images: Images, generator: torch.Generator) -> dict:
+    """What BEiT predicts at block-masked patches, drawn through its dVAE tokenizer's decoder."""
+    if not config.beit.tokenizer:
+        raise MimkitError("this BEiT run has no tokenizer (beit.tokenizer) to draw its predictions with")
+    found = find_tokenizer(config.beit.tokenizer)
+    tokenizer = load_tokenizer(found)
+    data = config.data
+    shown = images(data.img_size, data.mean, data.std)
+    tokenizer_images = images(config.beit.tokenizer_size, found.mean or data.mean, found.std or data.std)
+    mask = block_masks(config.beit, data.img_size // config.model.patch_size, len(shown), generator)
+    return beit_predictions(model, tokenizer, shown, tokenizer_images, mask)
+
+
+MODEL_KWARGS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "vocab_size", "layer_scale_init",
+                "shared_rel_pos_bias")
+# BEiT and BEiT v2 models export alike: the encoder (BEiT v2's aggregation head serves pretraining only)
+EXPORT = Export(timm=layouts.timm_export, hf=layouts.hf_export)
+IMPORT = Import(
+    arch=layouts.beit_arch, model_names=BEIT_MODELS, model_kwargs=MODEL_KWARGS,
+    optional_parts=layouts.BEIT_OPTIONAL_PARTS, reference=layouts.read_official_beit,
+    timm=TimmLayout("Beit", layouts.TIMM_BEIT, layouts.is_timm_beit, HALF, HALF, layouts.DERIVED),
+    hf={"beit": HFLayout(layouts.HF_BEIT, ignore=layouts.DERIVED)},
+)
+
+register(Method("beit", "pretraining", build_model, build_task, resolve_config=resolve_config,
+                tokenizer="dvae", pictures=pictures, importing=IMPORT, export=EXPORT))

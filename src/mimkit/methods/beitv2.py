@@ -11,12 +11,16 @@ and export never see it; ``model.kwargs.agg_layer`` / ``agg_depth`` choose its i
 
 from dataclasses import replace
 
+import torch
+
+import mimkit.interop.beit as layouts
 from mimkit.config import PretrainConfig, check_model_kwargs
 from mimkit.errors import MimkitError
-from mimkit.methods.beit import masked_view
+from mimkit.methods.beit import EXPORT, MODEL_KWARGS, masked_view
 from mimkit.methods.vqkd import load_vqkd_tokenizer, tokenizer_config
-from mimkit.models.beit import BEiTv2, create_beitv2
-from mimkit.registry import LossFn, Method, View, register
+from mimkit.models.beit import BEIT_MODELS, BEiTv2, create_beitv2
+from mimkit.registry import Images, Import, LossFn, Method, View, register
+from mimkit.viz import beitv2_predictions, block_masks
 
 
 def resolve_config(config: PretrainConfig) -> PretrainConfig:
@@ -59,4 +63,21 @@ def build_task(config: PretrainConfig, model: BEiTv2) -> tuple[View, LossFn]:
     return view, loss_fn
 
 
-register(Method("beitv2", "pretraining", build_model, build_task, resolve_config=resolve_config))
+def pictures(model: BEiTv2, config: PretrainConfig, images: Images, generator: torch.Generator) -> dict:
+    """BEiT v2's most likely codes at block-masked patches beside its VQ-KD tokenizer's, as token maps."""
+    tokenizer, tokenizer_run = load_vqkd_tokenizer(config.beitv2.tokenizer)
+    data, tokenizer_data = config.data, tokenizer_run.data
+    shown = images(data.img_size, data.mean, data.std)
+    tokenizer_images = images(data.img_size, tokenizer_data.mean, tokenizer_data.std)
+    mask = block_masks(config.beitv2, data.img_size // config.model.patch_size, len(shown), generator)
+    return beitv2_predictions(model, tokenizer, shown, tokenizer_images, mask, data.mean, data.std)
+
+
+IMPORT = Import(
+    arch=layouts.beitv2_arch, model_names=BEIT_MODELS,
+    model_kwargs=MODEL_KWARGS + ("agg_layer", "agg_depth", "shared_lm_head"), guesses=layouts.beitv2_defaults,
+    optional_parts=layouts.BEITV2_OPTIONAL_PARTS, reference=layouts.read_official_beitv2,
+)
+
+register(Method("beitv2", "pretraining", build_model, build_task, resolve_config=resolve_config,
+                tokenizer="vqkd", pictures=pictures, importing=IMPORT, export=EXPORT))

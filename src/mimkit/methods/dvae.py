@@ -21,11 +21,12 @@ from safetensors import safe_open
 from mimkit.config import PretrainConfig
 from mimkit.data.transforms import crop_view
 from mimkit.errors import MimkitError
-from mimkit.registry import LossFn, Method, View, register
+from mimkit.registry import Images, LossFn, Method, View, register
 from mimkit.runs import CONFIG, config_path, load_config
 from mimkit.tokenizers.dvae import DVAE, DVAE_FILE, DVAEEncoder, dvae_for
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.schedule import cosine_schedule
+from mimkit.viz import dvae_reconstructions
 
 
 def build_model(config: PretrainConfig) -> DVAE:
@@ -137,4 +138,12 @@ def load_tokenizer(tokenizer: Tokenizer) -> DVAE:
     return model.eval()
 
 
-register(Method("dvae", "tokenizer", build_model, build_task, schedule_values=schedule_values))
+def pictures(model: DVAE, config: PretrainConfig, images: Images, generator: torch.Generator) -> dict:
+    """Images at the tokenizer's size beside their reconstructions from the argmax tokens."""
+    data = config.data
+    size = config.dvae.tokenizer_size or data.img_size
+    return dvae_reconstructions(model, images(size, data.mean, data.std))
+
+
+register(Method("dvae", "tokenizer", build_model, build_task, schedule_values=schedule_values,
+                pictures=pictures))

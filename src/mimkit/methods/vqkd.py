@@ -19,18 +19,20 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+import mimkit.interop.vqkd as layouts
 from mimkit.config import DataConfig, PretrainConfig, check_model_kwargs
 from mimkit.data.loader import eval_loader
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import crop_view, eval_view
 from mimkit.errors import MimkitError
-from mimkit.models.vit import check_patch_grid
-from mimkit.registry import Evaluate, LossFn, Method, View, register
+from mimkit.models.vit import ENCODER_ARCHS, check_patch_grid
+from mimkit.registry import Evaluate, Images, Import, LossFn, Method, View, register
 from mimkit.runs import config_path, load_config, load_encoder
 from mimkit.tokenizers.dvae import codebook_stats
 from mimkit.tokenizers.teachers import SPEC_FORMS, Teacher, load_teacher
 from mimkit.tokenizers.vqkd import VQKD, create_vqkd
 from mimkit.train.checkpoint import Checkpoints, load_weights
+from mimkit.viz import vqkd_tokens
 
 
 def run_encoder(path: Path) -> tuple[nn.Module, DataConfig]:
@@ -150,5 +152,19 @@ def load_vqkd_tokenizer(path: str | Path) -> tuple[VQKD, PretrainConfig]:
     return model.eval().requires_grad_(False), config
 
 
+def pictures(model: VQKD, config: PretrainConfig, images: Images, generator: torch.Generator) -> dict:
+    """Images beside their token maps (a VQ-KD decodes to teacher features, not pixels)."""
+    data = config.data
+    return vqkd_tokens(model, images(data.img_size, data.mean, data.std), data.mean, data.std)
+
+
+IMPORT = Import(
+    arch=layouts.vqkd_arch, model_names=ENCODER_ARCHS, model_kwargs=("embed_dim", "depth", "num_heads"),
+    section_fields=("teacher_dim", "vocab_size", "code_dim", "decoder_depth"),
+    guesses=layouts.vqkd_head_guesses, optional_parts=layouts.VQKD_OPTIONAL_PARTS,
+    reference=layouts.read_official_vqkd,
+)
+
 register(Method("vqkd", "tokenizer", build_model, build_task, resolve_config=resolve_config,
-                build_evaluate=build_evaluate))
+                build_evaluate=build_evaluate, pictures=pictures, importing=IMPORT,
+                resumable=("vqkd.eval_images",)))
