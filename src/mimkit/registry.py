@@ -26,7 +26,7 @@ from mimkit.config import PretrainConfig
 from mimkit.errors import MimkitError
 from mimkit.interop.foreign import Foreign
 from mimkit.interop.keymaps import KeyMap
-from mimkit.train.loop import LossFn  # (model, batch) -> (loss, {name: metric})
+from mimkit.train.step import LossFn  # (model, batch) -> (loss, {name: metric})
 
 View = Callable[..., dict]  # one image (and its seed) -> the training sample: {"image", ...}
 Evaluate = Callable[[nn.Module], dict[str, float]]  # model -> {name: number}, logged
