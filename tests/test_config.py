@@ -111,10 +111,18 @@ def test_run_saved_with_every_section_still_loads_and_resumes(mae_run, tmp_path)
     assert yaml.safe_load(config_path(run).read_text()) == everything
 
 
-@pytest.mark.parametrize("method", ["mae", "beit", "beitv2", "vqkd"])  # the dVAE's own section shapes it
+@pytest.mark.parametrize("method", ["mae", "beit", "beitv2", "vqkd"])  # the dVAE: the test below
 def test_model_kwargs_typo_is_a_one_line_error_naming_the_key(method):
     config = from_dict(PretrainConfig, {"method": method, "data": {"img_size": 32, "channels": 3},
                                         "model": {"kwargs": {"dpeth": 2}}, "vqkd": {"teacher_dim": 16}})
     message = r"^config 'model.kwargs.dpeth' is not an argument of \w+; it takes: .*\bdepth\b"
     with pytest.raises(MimkitError, match=message):
         method_of(method).build_model(config)
+
+
+def test_model_kwargs_given_to_the_dvae_are_refused_naming_its_own_settings():
+    config = from_dict(PretrainConfig, {"method": "dvae", "data": {"img_size": 32, "channels": 3},
+                                        "model": {"kwargs": {"depth": 2}}})
+    message = r"^config 'model.kwargs.depth' does not apply to the dVAE: .*dvae.hidden"
+    with pytest.raises(MimkitError, match=message):
+        method_of("dvae").build_model(config)

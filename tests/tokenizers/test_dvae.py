@@ -6,12 +6,11 @@ from safetensors.torch import save_file
 
 from mimkit.data.sources import build_source
 from mimkit.errors import MimkitError
-from mimkit.methods.dvae import find_tokenizer, load_tokenizer_encoder
+from mimkit.methods.dvae import find_tokenizer, load_tokenizer, load_tokenizer_encoder
 from mimkit.tokenizers.dvae import (
     DVAE,
     codebook_stats,
     dvae_for,
-    load_dvae,
     save_dvae,
 )
 
@@ -101,7 +100,7 @@ def test_save_load_round_trip(trained, fashion, tmp_path):
     imgs = fashion[:64]
     written = save_dvae(model, tmp_path / "runs" / "dvae")  # a folder, created
     assert written.name == "dvae.safetensors"
-    loaded = load_dvae(tmp_path / "runs" / "dvae")
+    loaded = load_tokenizer(find_tokenizer(tmp_path / "runs" / "dvae"))
     assert torch.equal(loaded.tokenize(imgs), model.tokenize(imgs))
     assert torch.equal(loaded.decode(model.tokenize(imgs)), model.decode(model.tokenize(imgs)))
     encoder = load_tokenizer_encoder(find_tokenizer(written))
@@ -110,8 +109,8 @@ def test_save_load_round_trip(trained, fashion, tmp_path):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(MimkitError, match="no dVAE"):
-        load_dvae(tmp_path)
+    with pytest.raises(MimkitError, match="neither a tokenizer run directory"):
+        find_tokenizer(tmp_path)
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(MimkitError, match="not a dVAE"):
         load_tokenizer_encoder(find_tokenizer(tmp_path / "other.safetensors"))

@@ -11,7 +11,6 @@ and perplexity.
 - BEiT: Bao et al., 2021, arXiv:2106.08254
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from mimkit.data.transforms import crop_view
 from mimkit.errors import MimkitError
 from mimkit.registry import Images, LossFn, Method, View, register
 from mimkit.runs import CONFIG, config_path, load_config
-from mimkit.tokenizers.dvae import DVAE, DVAE_FILE, DVAEEncoder, dvae_for
+from mimkit.tokenizers.dvae import DVAE, DVAE_FILE, DVAEEncoder, dvae_for, saved_dvae_config
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.schedule import cosine_schedule
 from mimkit.viz import dvae_reconstructions
@@ -31,6 +30,10 @@ from mimkit.viz import dvae_reconstructions
 
 def build_model(config: PretrainConfig) -> DVAE:
     d = config.dvae
+    if config.model.kwargs:
+        key = next(iter(config.model.kwargs))
+        raise MimkitError(f"config 'model.kwargs.{key}' does not apply to the dVAE: its size is set by "
+                          "dvae.hidden, dvae.num_res and dvae.vocab_size")
     return dvae_for(config.data.img_size, config.model.patch_size, config.data.channels, d.vocab_size,
                     d.hidden, d.num_res, d.recon_loss, d.tokenizer_size)
 
@@ -100,15 +103,7 @@ def find_tokenizer(path: str | Path) -> Tokenizer:
         if not file.is_file():
             raise MimkitError(f"'{path}' is neither a tokenizer run directory (no {CONFIG}) nor a dVAE "
                               "file (save_dvae)")
-        try:  # a safetensors header only: a pickle (.pth) is refused unread
-            with safe_open(str(file), framework="pt") as f:
-                metadata = f.metadata() or {}
-        except Exception:  # safetensors raises its own error types
-            metadata = {}
-        if metadata.get("format") != "mimkit-dvae":
-            raise MimkitError(f"'{file}' is not a dVAE saved by mimkit (save_dvae, a safetensors file); "
-                              "nothing in it was loaded")
-        return Tokenizer(str(path), json.loads(metadata["config"]), None, None, None, file)
+        return Tokenizer(str(path), saved_dvae_config(file), None, None, None, file)
     config = load_config(path)
     if config.method != "dvae":
         raise MimkitError(f"'{path}' holds a {config.method} run, not a dVAE tokenizer")

@@ -230,22 +230,15 @@ def save_dvae(model: DVAE, path: str | Path) -> Path:
     return path
 
 
-def _read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The saved config and tensors of `save_dvae`'s file or folder."""
-    path = _dvae_file(path)
-    if not path.is_file():
-        raise MimkitError(f"no dVAE at '{path}'; give a file from save_dvae or a folder with {DVAE_FILE}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != "mimkit-dvae":
-            raise MimkitError(f"'{path}' is not a dVAE saved by mimkit (save_dvae)")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return json.loads(metadata["config"]), tensors
-
-
-def load_dvae(path: str | Path) -> DVAE:
-    """The full dVAE (encoder, codebook, decoder) from `save_dvae`'s file or folder."""
-    config, tensors = _read(path)
-    model = DVAE(**config)
-    model.load_state_dict(tensors)
-    return model
+def saved_dvae_config(file: Path) -> dict:
+    """The `DVAE` constructor arguments stored in a `save_dvae` file, read from its header alone (a pickle or
+    any other file is refused unread)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # safetensors raises its own error types
+        metadata = {}
+    if metadata.get("format") != "mimkit-dvae":
+        raise MimkitError(f"'{file}' is not a dVAE saved by mimkit (save_dvae, a safetensors file); "
+                          "nothing in it was loaded")
+    return json.loads(metadata["config"])
