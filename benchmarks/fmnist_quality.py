@@ -8,8 +8,8 @@ seeded, the same subset everywhere):
 - fine-tuning, beside the same ViT trained from scratch with the same budget (same epochs, recipe
   and subset; no layer-wise lr decay, which only makes sense for pretrained layers);
 - at 100% and 10% of the labels, the scratch ViT trained for the compute of MAE pretraining + fine-tuning
-  together (`compute_match.py`: the epochs come from the runs' own logged step speeds, not from wall
-  clock, so the match does not depend on how loaded the machine was);
+  together (`compute_match.py`: the per-image costs come from two short timing runs made alone on the
+  machine, not from the long runs' logs, which depend on what shared the cores with them);
 - each encoder's linear probe and k-NN at every block (``--layer all``, 10% of the labels): accuracy by
   depth, in a second table; with BEiT v2, the linear probe of its teacher (the MAE run) beside its rows.
 
@@ -27,7 +27,7 @@ continues where it stopped when run again. The table goes to ``OUT/table.md`` an
     .venv/bin/python benchmarks/fmnist_quality.py --quick --data synthetic:512 --out /tmp/q   # smoke
 
 Runs made by an earlier version are reused (finished steps are skipped); the steps this version adds
-(``finetune-scratch-matched-*``, ``*-depth-*``) run on the next invocation.
+(``timing-*``, ``finetune-scratch-matched-*``, ``*-depth-*``) run on the next invocation.
 """
 
 import argparse
@@ -54,6 +54,7 @@ class Step:
     name: str
     command: list[str] | Callable[[], list[str]]
     after: tuple[str, ...] = ()  # steps whose runs this one reads
+    alone: bool = False  # a timing run: the steps before it finish first, and none start beside it
 
 
 class Timings:
@@ -105,7 +106,9 @@ def mimkit(args: list[str], log: Path, threads: int) -> int:
 def run_steps(steps: list[Step], out: Path, timings: Timings, jobs: int) -> list[str]:
     """Run the unfinished steps, ``jobs`` at a time, each once the steps it reads have finished (earlier in
     ``steps`` first), with the cores shared among the steps that can run at that moment (MAE alone gets
-    all of them). A failed step is reported and its dependents are skipped; returns the failed names."""
+    all of them). A step marked ``alone`` waits for the running ones to finish, gets every core, and
+    nothing starts until it is done. A failed step is reported and its dependents are skipped; returns the
+    failed names."""
     cores = os.cpu_count() or 1
 
     def attempt(step: Step, threads: int) -> bool:
@@ -127,7 +130,11 @@ def run_steps(steps: list[Step], out: Path, timings: Timings, jobs: int) -> list
         while pending or running:
             ready = [s for s in pending if set(s.after) <= finished]
             threads = max(1, cores // min(jobs, len(running) + len(ready) or 1))
-            for step in ready[:jobs - len(running)]:
+            starting = ready[:jobs - len(running)]
+            if any(s.alone for s in [*ready, *running.values()]):
+                alone = [s for s in ready if s.alone]
+                starting, threads = (alone[:1], cores) if alone and not running else ([], cores)
+            for step in starting:
                 pending.remove(step)
                 running[pool.submit(attempt, step, threads)] = step
             blocked = [s for s in pending if set(s.after) & set(failed)]
@@ -171,21 +178,39 @@ def finetune_budget(epochs: int, quick: bool) -> list[str]:
 QUICK_FINETUNE_STEPS = 10
 
 
+TIMING_STEPS = 100  # of each timing run: ten logged windows
+
+
+def timing_steps(out: Path, data: str, pretraining: list[str], quick: bool) -> list[Step]:
+    """The two short runs whose speeds give the compute match its per-image costs: ``pretraining`` (the MAE
+    step's command without its length and output), then fine-tuning from it, each alone on the machine
+    (``compute_match.py``)."""
+    length = ["--max-steps", str(QUICK_FINETUNE_STEPS if quick else TIMING_STEPS)]
+    finetuning = ["finetune", str(out / "mae"), "--data", data, "--label-fraction", "1.0", "--init",
+                  "random", "--set", "optim.layer_decay=1.0", *(["--batch-size", "8"] if quick else [])]
+    return [Step("timing-pretrain", [*pretraining, *length, "--out", str(out / "timing-pretrain")], ("mae",),
+                 alone=True),
+            Step("timing-finetune", [*finetuning, *length, "--out", str(out / "timing-finetune")],
+                 ("timing-pretrain",), alone=True)]
+
+
 def matched_scratch_step(out: Path, data: str, fraction: float, epochs: int, quick: bool) -> Step:
     """The scratch ViT fine-tuned for the compute of MAE pretraining + fine-tuning at ``fraction``; its length
-    is computed when it starts, from the finished MAE and fine-tuning runs, and kept in
+    is computed when it starts, from the finished MAE, fine-tuning and timing runs, and kept in
     ``OUT/compute_match.json``."""
     from compute_match import matched_scratch
 
     label = pct(fraction).rstrip("%")
     name, finetuned = f"finetune-scratch-matched-{label}", out / f"finetune-mae-{label}"
+    timing = (out / "timing-pretrain", out / "timing-finetune")
 
     def command() -> list[str]:
         if quick:
-            match = matched_scratch(out / "mae", finetuned, max_steps=QUICK_FINETUNE_STEPS, batch_size=8)
+            match = matched_scratch(out / "mae", finetuned, timing, max_steps=QUICK_FINETUNE_STEPS,
+                                    batch_size=8)
             length = finetune_budget(match["max_steps"], quick)
         else:
-            match = matched_scratch(out / "mae", finetuned, epochs=epochs)
+            match = matched_scratch(out / "mae", finetuned, timing, epochs=epochs)
             length = finetune_budget(match["epochs"], quick)
         record = out / "compute_match.json"
         matches = json.loads(record.read_text()) if record.exists() else {}
@@ -193,7 +218,7 @@ def matched_scratch_step(out: Path, data: str, fraction: float, epochs: int, qui
         return ["finetune", str(out / "mae"), "--data", data, "--label-fraction", str(fraction), "--init",
                 "random", "--set", "optim.layer_decay=1.0", *length, "--out", str(out / name)]
 
-    return Step(name, command, ("mae", f"finetune-mae-{label}"))
+    return Step(name, command, ("mae", f"finetune-mae-{label}", "timing-finetune"))
 
 
 def depth_table(out: Path, encoders: dict[str, Path], titles: dict[str, str]) -> list[str]:
@@ -241,11 +266,10 @@ def main() -> None:
 
     # pretraining: MAE always (its run is the baselines' architecture and BEiT v2's teacher); the longest
     # chain (MAE, VQ-KD, BEiT v2) first, so that it starts first
-    length = ["--epochs", str(args.pretrain_epochs)]
-    if args.quick:
-        length = ["--max-steps", "20", "--batch-size", "32"]
-    steps = [Step("mae", ["pretrain", "mae", "--data", args.data, "--config", "mae_fmnist", "--out",
-                          str(out / "mae"), *length])]
+    mae = ["pretrain", "mae", "--data", args.data, "--config", "mae_fmnist",
+           *(["--batch-size", "32"] if args.quick else [])]
+    length = ["--max-steps", "20"] if args.quick else ["--epochs", str(args.pretrain_epochs)]
+    steps = [Step("mae", [*mae, *length, "--out", str(out / "mae")])]
     encoders = {"mae": out / "mae"}
     if "beitv2" in methods:
         from beitv2_chain import beitv2_steps
@@ -279,6 +303,7 @@ def main() -> None:
                     key=lambda s: not (s.name.startswith("finetune-") and s.name.endswith("-100")))
     # the scratch ViT at the compute of MAE pretraining + fine-tuning; every encoder probed at every block
     # (the k-NN after the linear probe: it reads the feature cache the probe wrote)
+    steps += timing_steps(out, args.data, mae, args.quick)
     steps += [matched_scratch_step(out, args.data, f, epochs[f], args.quick) for f in MATCHED_FRACTIONS]
     for method, run in encoders.items():
         probe = ["--data", args.data, "--label-fraction", str(DEPTH_FRACTION), "--pool", args.pool,
@@ -345,8 +370,9 @@ def main() -> None:
         lines.append(f"| {pct(fraction)} | {mae:.2f} ({own}) | {top1:.2f} ({match[key]} {unit}; "
                      f"{top1 - mae:+.2f}) | {base:.2f} ({own}) |")
     lines += ["", "Compute-matched scratch: the ViT from a random init, fine-tuned for the fine-tuning "
-              "budget plus the MAE pretraining converted into fine-tuning images at the runs' median logged "
-              "speeds (benchmarks/compute_match.py; its numbers in compute_match.json)."]
+              "budget plus the MAE pretraining converted into fine-tuning images at the speeds of two "
+              "timing runs made alone on the machine (benchmarks/compute_match.py; its numbers in "
+              "compute_match.json)."]
     if "beitv2" in methods:
         lines += ["", "BEiT v2 beside its teacher (the MAE run whose features VQ-KD distils), linear "
                   "probe: " + ", ".join(f"{pct(f)} BEiT v2 {table[('linprobe', f)]['beitv2']:.2f} vs teacher "
