@@ -13,11 +13,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mimkit.cli import build_parser, finetune_config, main, pretrain_config
-from mimkit.config import PretrainConfig, from_dict, load_recipe, merge, recipe_names, to_dict
+from mimkit.config import PretrainConfig, load_recipe, recipe_names
 from mimkit.eval.config import FinetuneConfig
 from mimkit.interop.keymaps import to_foreign
 from mimkit.interop.mae import OFFICIAL_MAE
 from mimkit.models.mae import MAE
+from mimkit.registry import read_config
 from mimkit.runs import latest_weights, load_config
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.metrics import MetricsLog
@@ -84,7 +85,7 @@ def test_config_file_is_the_recipe(tmp_path):
     run = tmp_path / "run"
     assert main(["pretrain", "mae", "--config", str(path), "--out", str(run), "--max-steps", "1"]) == 0
     config = load_config(run)
-    assert (config.data.source, config.model.patch_size, config.mae.mask_ratio) == ("synthetic", 8, 0.5)
+    assert (config.data.source, config.model.patch_size, config.settings.mask_ratio) == ("synthetic", 8, 0.5)
     assert config.model.kwargs["depth"] == 1 and config.train.batch_size == 4
     assert Checkpoints(run).latest() == 1
     assert len(load_file(str(latest_weights(run)))["encoder.pos_embed"][0]) == 1 + (32 // 8) ** 2
@@ -101,7 +102,7 @@ def test_folders_pick_the_in1k_recipe_and_builtin_data_the_fmnist_one(tmp_path, 
                                                           "--out", str(tmp_path / "run")]))[0]
 
     def recipe(name: str) -> PretrainConfig:
-        return from_dict(PretrainConfig, merge(to_dict(PretrainConfig(method=method)), load_recipe(name)))
+        return read_config(load_recipe(name) | {"method": method})
 
     folder = f"{method}_small" if f"{method}_small" in recipe_names() else f"{method}_in1k"
     in1k, fmnist = recipe(folder), recipe(f"{method}_fmnist")
@@ -213,4 +214,4 @@ def test_import_set_configures_the_run(tmp_path):
                  "--set", "mae.mask_ratio=0.6", "--set", "data.mean=[0.1,0.2,0.3]"]) == 0
     config = load_config(run)
     assert config.model.kwargs["num_heads"] == 2 and config.data.source == "synthetic:64"
-    assert config.mae.mask_ratio == 0.6 and config.data.mean == [0.1, 0.2, 0.3]
+    assert config.settings.mask_ratio == 0.6 and config.data.mean == [0.1, 0.2, 0.3]

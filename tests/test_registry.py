@@ -4,11 +4,12 @@ and no generic module spells a built-in method's name."""
 
 import ast
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -16,13 +17,13 @@ from torch import nn
 import mimkit
 from mimkit import registry
 from mimkit.cli import main
-from mimkit.config import PretrainConfig, save_config
+from mimkit.config import save_config
 from mimkit.data.transforms import crop_view
 from mimkit.errors import MimkitError
 from mimkit.interop.foreign import convert
 from mimkit.interop.keymaps import to_foreign
 from mimkit.methods import METHODS
-from mimkit.registry import Export, HFLayout, Import, Method
+from mimkit.registry import Export, HFLayout, Import, Method, read_config
 from mimkit.runs import config_path, keep_config, load_run
 from mimkit.safe_load import load_tensors
 from mimkit.train.checkpoint import Checkpoints
@@ -41,6 +42,13 @@ class Toy(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2) + self.pos  # (B, L, D)
 
 
+@dataclass
+class ToySettings:
+    """The toy's own settings: ``config.settings``, ``toy:`` in YAML."""
+
+    loss_scale: float = 1.0
+
+
 def build_model(config):
     return Toy(config.data.img_size, config.model.patch_size, config.data.channels,
                config.model.kwargs["embed_dim"])
@@ -48,7 +56,7 @@ def build_model(config):
 
 def build_task(config, model):
     def loss_fn(model, batch):
-        return model(batch["image"]).pow(2).mean(), {}
+        return config.settings.loss_scale * model(batch["image"]).pow(2).mean(), {}
 
     return crop_view(config.data.img_size, config.data.mean, config.data.std), loss_fn
 
@@ -76,7 +84,7 @@ def hf_export(model, config, encoder_only):
 
 
 TOY = Method(
-    "toy", "pretraining", build_model, build_task, pictures=pictures,
+    "toy", "pretraining", build_model, build_task, settings=ToySettings, pictures=pictures,
     importing=Import(arch, model_names=("vit_mini",), model_kwargs=("embed_dim",),
                      reference=lambda path: convert("toy", load_tensors(path), THEIRS, "toy checkpoint"),
                      hf={"toy": HFLayout(THEIRS)}),
@@ -95,13 +103,13 @@ def same_weights(a: Path, b: Path) -> bool:
     return all(torch.equal(v, model_b.state_dict()[k]) for k, v in model_a.state_dict().items())
 
 
-def pretrain_toy(tmp_path: Path) -> Path:
+def pretrain_toy(tmp_path: Path, *flags: str) -> Path:
     """A toy run of 2 steps (16 px synthetic images, 4 px patches, 8 wide) through ``mimkit pretrain``."""
     recipe, run = tmp_path / "toy.yaml", tmp_path / "run"
     recipe.write_text("data: {source: 'synthetic:32', img_size: 16, num_workers: 0}\n"
                       "model: {patch_size: 4, kwargs: {embed_dim: 8}}\n")
     assert main(["pretrain", "toy", "--config", str(recipe), "--out", str(run), "--max-steps", "2",
-                 "--batch-size", "8"]) == 0
+                 "--batch-size", "8", *flags]) == 0
     return run
 
 
@@ -131,8 +139,18 @@ def test_a_registered_method_trains_imports_draws_and_exports_with_no_edit_elsew
     assert same_weights(run, reference)
 
 
+def test_a_registered_methods_settings_are_set_saved_and_read_back_under_its_name(toy, tmp_path, capsys):
+    run = pretrain_toy(tmp_path, "--set", "toy.loss_scale=0.5")
+    assert yaml.safe_load(config_path(run).read_text())["toy"] == {"loss_scale": 0.5}
+    assert load_run(run)[1].settings == ToySettings(loss_scale=0.5)
+    assert main(["pretrain", "toy", "--config", str(tmp_path / "toy.yaml"), "--out", str(tmp_path / "typo"),
+                 "--set", "toy.loss_scael=2"]) == 2
+    assert "unknown config key 'toy.loss_scael'; known: loss_scale" in capsys.readouterr().err
+
+
 def test_a_method_without_extras_is_refused_by_each_command(toy, monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(registry._METHODS, "toy", Method("toy", "pretraining", build_model, build_task))
+    monkeypatch.setitem(registry._METHODS, "toy", Method("toy", "pretraining", build_model, build_task,
+                                                         settings=ToySettings))
     run = pretrain_toy(tmp_path)
     assert main(["visualize", str(run), "--out", str(tmp_path / "toy.png")]) == 2
     assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
@@ -142,7 +160,7 @@ def test_a_method_without_extras_is_refused_by_each_command(toy, monkeypatch, tm
 
 
 # Where a method may be named: its own modules (methods/, the models, the tokenizers, the per-model layouts of
-# interop), the recipes, and the configuration (its options' section and the default method).
+# interop), the recipes, and the configuration (the default method).
 OWN = ("methods", "models", "tokenizers", "recipes", "interop/mae.py", "interop/beit.py", "interop/vqkd.py",
        "config.py")
 
@@ -165,9 +183,9 @@ def test_no_generic_module_spells_a_method_name():
 
 def test_a_run_resumes_with_its_methods_own_resumable_settings_changed(tmp_path):
     """VQ-KD's record lets ``vqkd.eval_images`` change on resume; its other settings stay refused."""
-    config = PretrainConfig(method="vqkd")
+    config = read_config({"method": "vqkd"})
     Checkpoints(tmp_path).save(1, nn.Linear(1, 1), {"step": 1})
     save_config(config, config_path(tmp_path))
-    keep_config(tmp_path, replace(config, vqkd=replace(config.vqkd, eval_images=7)))
+    keep_config(tmp_path, replace(config, settings=replace(config.settings, eval_images=7)))
     with pytest.raises(MimkitError, match=r"vqkd.vocab_size 8192 -> 16"):
-        keep_config(tmp_path, replace(config, vqkd=replace(config.vqkd, vocab_size=16)))
+        keep_config(tmp_path, replace(config, settings=replace(config.settings, vocab_size=16)))

@@ -73,6 +73,7 @@ def pretrain_config(args: argparse.Namespace) -> tuple[PretrainConfig, str]:
     Returns:
         The configuration, and one line on which recipe it came from and why.
     """
+    from mimkit.registry import read_config
     from mimkit.runs import config_path, is_run_dir
 
     saved = config_path(args.out)
@@ -83,7 +84,6 @@ def pretrain_config(args: argparse.Namespace) -> tuple[PretrainConfig, str]:
     else:
         name, reason = choose_recipe(args.method, args.data or "fashion-mnist")
         recipe, why = load_recipe(name), f"{name}: {reason}"
-    values = merge(to_dict(PretrainConfig(method=args.method)), recipe)
     flags: dict = {"data": {}, "model": {}, "train": train_flags(args)}
     if args.data:
         flags["data"]["source"] = args.data
@@ -95,9 +95,9 @@ def pretrain_config(args: argparse.Namespace) -> tuple[PretrainConfig, str]:
         flags[args.method] = {"tokenizer": args.tokenizer}
     if args.teacher:
         flags[args.method] = {"teacher": args.teacher}
-    values = merge(merge(values, flags), parse_overrides(args.set))
+    values = merge(merge(recipe, flags), parse_overrides(args.set))
     values["method"] = args.method
-    return from_dict(PretrainConfig, values), why
+    return read_config(values), why
 
 
 def check_run_dir(out: Path, config: PretrainConfig, must_resume: bool) -> None:

@@ -9,9 +9,11 @@ import dataclasses
 import inspect
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -101,74 +103,18 @@ class TrainConfig:
 
 
 @dataclass
-class MAEConfig:
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-
-
-@dataclass
-class BEiTConfig:
-    tokenizer: str | None = None  # a dVAE run directory (`mimkit tokenizer train dvae`) or a save_dvae file
-    tokenizer_size: int | None = None  # side of the tokenizer's view; None: the size the tokenizer trained on
-    mask_ratio: float = 0.4  # share of patches masked block-wise (BEiT: 75 of 196)
-    min_block: int | None = None  # smallest block in patches; None: 16 at 14x14, scaled by grid area
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop, shared by both views
-    color_jitter: float = 0.4  # brightness, contrast and saturation jitter; 0 turns it off
-
-
-@dataclass
-class DVAEConfig:
-    vocab_size: int = 8192
-    hidden: int = 64
-    num_res: int = 1
-    recon_loss: str = "mse"
-    tokenizer_size: int | None = None  # side of the images the dVAE sees; None: data.img_size. Its code
-    # grid is the ViT's patch grid, data.img_size / model.patch_size
-    temperature: tuple[float, float] = (1.0, 1 / 16)  # Gumbel-softmax temperature: start, end (DALL-E)
-    temperature_anneal: float = 0.5  # share of the run over which it falls (cosine), then stays
-    kl_weight: float = 0.05  # weight of KL(q || uniform), reached after kl_warmup
-    kl_warmup: float = 0.1  # share of the run over which the KL weight rises from 0 (cosine)
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-
-
-@dataclass
-class BEiTv2Config(BEiTConfig):
-    """BEiT's masking and crops; the tokenizer is a VQ-KD run that reads the ViT's own view."""
-
-    tokenizer: str | None = None  # a VQ-KD run directory (`mimkit tokenizer train vqkd`)
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # BEiT v2's min_crop_scale
-
-
-@dataclass
-class VQKDConfig:
-    teacher: str | None = None  # a mimkit run or checkpoint, timm:NAME:FILE, or hf:DIR (CLIP, DINOv2)
-    teacher_dim: int | None = None  # None: the teacher's feature width, filled in when the run starts
-    vocab_size: int = 8192
-    code_dim: int = 32
-    decoder_depth: int = 3  # decoder blocks, as wide as the encoder (model.name)
-    decay: float = 0.99  # EMA of the codebook
-    commitment: float = 1.0  # beta of beta * mse(l2(z), sg(code)), averaged over dims (released: 1.0)
-    kmeans_iters: int = 10  # k-means rounds on the first batch; 0: random unit codes
-    dead_after: int | None = 100  # restart codes no patch chose for this many steps; null: never
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    eval_images: int = 1000  # held-out images tokenized at each epoch end: usage, perplexity, cosine
-
-
-@dataclass
 class PretrainConfig:
+    """A pretraining (or tokenizer) run: the sections every method has, and ``settings``, the method's own: an
+    instance of the dataclass its record names (`mimkit.registry.Method.settings`; None for a method without
+    one). YAML holds the settings under the method's name (``mae: {mask_ratio: 0.75}``); `to_dict` writes
+    that layout and `mimkit.registry.read_config` reads it."""
+
     method: str = "mae"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    mae: MAEConfig = field(default_factory=MAEConfig)
-    beit: BEiTConfig = field(default_factory=BEiTConfig)
-    dvae: DVAEConfig = field(default_factory=DVAEConfig)
-    beitv2: BEiTv2Config = field(default_factory=BEiTv2Config)
-    vqkd: VQKDConfig = field(default_factory=VQKDConfig)
-
-
-METHOD_SECTIONS = ("mae", "beit", "dvae", "beitv2", "vqkd")  # PretrainConfig's sections of one method each
+    settings: Any = None
 
 
 def _coerce(value, hint, key: str):
@@ -214,6 +160,26 @@ def from_dict(cls, values: dict, prefix: str = ""):
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in values.items()})
 
 
+def pretrain_from_dict(values: dict, settings: type | None, others: Collection[str] = ()) -> PretrainConfig:
+    """Build a `PretrainConfig` from its YAML layout (`to_dict`): the section under the method's name is read
+    as ``settings`` (its defaults where it is absent or partial); sections named in ``others`` (other
+    methods', which runs saved beside their own before each kept only its own) are dropped unread."""
+    method = values.get("method", PretrainConfig.method)
+    if "settings" in values:
+        raise MimkitError(f"unknown config key 'settings'; the {method} method's own settings go under "
+                          f"'{method}'")
+    if settings is None and method in values:
+        raise MimkitError(f"unknown config key '{method}': the {method} method has no settings of its own")
+    common = {k: v for k, v in values.items() if k != method and k not in others}
+    config = from_dict(PretrainConfig, common)
+    if settings is None:
+        return config
+    own = values.get(method) or {}
+    if not isinstance(own, dict):
+        raise MimkitError(f"config '{method}' must be a mapping, got {own!r}")
+    return dataclasses.replace(config, settings=from_dict(settings, own, prefix=f"{method}."))
+
+
 def check_model_kwargs(model_class: type, kwargs: dict) -> None:
     """Refuse ``model.kwargs`` that ``model_class``'s constructor (or a parent's it forwards ``**kwargs``
     to) does not take: a one-line error instead of a ``TypeError`` from deep inside the model."""
@@ -230,24 +196,18 @@ def check_model_kwargs(model_class: type, kwargs: dict) -> None:
 
 
 def to_dict(config) -> dict:
-    """The dataclass as plain YAML-friendly data (tuples become lists)."""
+    """The dataclass as plain YAML-friendly data (tuples become lists); a `PretrainConfig`'s ``settings``
+    under its method's name."""
     def plain(value):
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
         return value
-    return plain(dataclasses.asdict(config))
-
-
-def as_saved(values: dict) -> dict:
-    """``values`` (a `to_dict` of a run's configuration) as a run saves it: a pretraining configuration, also
-    one nested as a fine-tuning or segmentation run's ``encoder_config``, keeps only its method's section
-    (the others fill in with their defaults when it is read back)."""
-    if isinstance(values.get("encoder_config"), dict):
-        values = {**values, "encoder_config": as_saved(values["encoder_config"])}
-    if "method" in values:
-        values = {k: v for k, v in values.items() if k not in METHOD_SECTIONS or k == values["method"]}
+    values = plain(dataclasses.asdict(config))
+    if isinstance(config, PretrainConfig):
+        settings = values.pop("settings")
+        values |= {config.method: settings} if settings is not None else {}
     return values
 
 
@@ -318,6 +278,6 @@ def load_recipe(name_or_path: str) -> dict:
 
 
 def save_config(config, path: str | Path) -> None:
-    """Write the resolved configuration as YAML, the active method's section only (`as_saved`)."""
+    """Write the resolved configuration as YAML."""
     with explain_write_errors(path):
-        Path(path).write_text(yaml.safe_dump(as_saved(to_dict(config)), sort_keys=False))
+        Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -9,8 +9,9 @@ name the first time a name is not found, so ``mimkit.runs.load_run`` works witho
 Besides training, a record carries the method's extras, which the commands look up here instead of naming
 methods: the pictures ``mimkit visualize`` draws (`Pictures`), how ``mimkit import`` reads foreign weights
 of it (`Import`) and how ``mimkit export`` writes them (`Export`), the start-up summary's note, the
-tokenizer a pretraining method takes and the settings of its own a run may resume with changed. So a new
-method is its own module (and model), nothing else.
+tokenizer a pretraining method takes and which of its settings a run may resume with changed. Its settings
+are its own dataclass, which `read_config` reads from the section under its name. So a new method is its
+own module (and model), nothing else.
 """
 
 import importlib
@@ -22,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mimkit.config import PretrainConfig
+from mimkit.config import PretrainConfig, pretrain_from_dict
 from mimkit.errors import MimkitError
 from mimkit.interop.foreign import Foreign
 from mimkit.interop.keymaps import KeyMap
@@ -127,6 +128,8 @@ class Method:
     Attributes:
         name: ``config.method`` of its runs (``mimkit pretrain NAME`` / ``mimkit tokenizer train NAME``).
         kind: ``pretraining`` or ``tokenizer``: which command trains it.
+        settings: the dataclass of its own settings, ``config.settings`` (saved under its name, set as
+            ``--set NAME.FIELD=...``); None: it has none.
         build_model: config -> the module that is checkpointed.
         build_task: (config, model) -> (view, loss_fn): what the training loop needs.
         resolve_config: config -> config with the fields left to something outside the run filled in (BEiT's
@@ -150,6 +153,7 @@ class Method:
     kind: Literal["pretraining", "tokenizer"]
     build_model: Callable[[PretrainConfig], nn.Module]
     build_task: Callable[[PretrainConfig, nn.Module], tuple[View, LossFn]]
+    settings: type | None = None
     resolve_config: Callable[[PretrainConfig], PretrainConfig] | None = None
     schedule_values: Callable[[PretrainConfig, int], dict[str, list[float]]] | None = None
     build_evaluate: Callable[[PretrainConfig, nn.Module], Evaluate] | None = None
@@ -185,3 +189,11 @@ def method_of(name: str) -> Method:
     if name not in _METHODS:
         raise MimkitError(f"method {name!r} is unknown (methods: {', '.join(_METHODS)})")
     return _METHODS[name]
+
+
+def read_config(values: dict) -> PretrainConfig:
+    """A pretraining run's configuration from its YAML layout (a saved ``config.yaml``, a recipe with
+    overrides): the section under the method's name read as the settings the method registered. Sections of
+    other methods are dropped: runs saved every method's section before each kept only its own."""
+    method = method_of(values.get("method", PretrainConfig.method))
+    return pretrain_from_dict(values, method.settings, others=set(_METHODS) - {method.name})

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mimkit.config import PretrainConfig, as_saved, differences, from_dict, read_yaml, save_config, to_dict
+from mimkit.config import PretrainConfig, differences, from_dict, read_yaml, save_config, to_dict
 from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.eval.config import FinetuneConfig
 from mimkit.models.classifier import FineTuned, build_classifier, check_encoder
-from mimkit.registry import method_of
+from mimkit.registry import method_of, read_config
 from mimkit.train.checkpoint import Checkpoints, load_weights
 
 logger = logging.getLogger(__name__)
@@ -139,10 +139,11 @@ def keep_config(run_dir: str | Path, config, force: bool = False) -> None:
     if not step or not path.is_file():
         save_config(config, path)
         return
-    saved = as_saved(to_dict(from_dict(type(config), read_yaml(path))))
+    saved = _comparable(read_yaml(path), type(config))
     method = getattr(config, "method", None)  # a pretraining run's; evaluation runs have none
     resumable = RESUMABLE_CHANGES | set(method_of(method).resumable if method else ())
-    changed = {k: v for k, v in differences(saved, as_saved(to_dict(config))).items() if k not in resumable}
+    changed = {k: v for k, v in differences(saved, _comparable(to_dict(config), type(config))).items()
+               if k not in resumable}
     if not changed:
         return
     listing = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
@@ -153,12 +154,24 @@ def keep_config(run_dir: str | Path, config, force: bool = False) -> None:
     save_config(config, path)
 
 
+def _comparable(values: dict, kind: type) -> dict:
+    """A configuration's values (saved, or `to_dict` of a new one) of dataclass ``kind`` in the form two can
+    be compared in: read and written back, so defaults are filled in and other methods' sections dropped
+    (runs saved them before each kept only its own), also in an evaluation run's ``encoder_config``."""
+    if kind is PretrainConfig:
+        return to_dict(read_config(values))
+    values = to_dict(from_dict(kind, values))
+    if isinstance(values.get("encoder_config"), dict):
+        values["encoder_config"] = to_dict(read_config(values["encoder_config"]))
+    return values
+
+
 def load_config(run_dir: str | Path) -> PretrainConfig:
     """The resolved configuration a run saved."""
     path = config_path(run_dir)
     if not path.is_file():
         raise MimkitError(f"'{run_dir}' is not a mimkit run directory (no {CONFIG})")
-    return from_dict(PretrainConfig, read_yaml(path))
+    return read_config(read_yaml(path))
 
 
 def latest_weights(run_dir: str | Path) -> Path:
@@ -225,7 +238,7 @@ def random_encoder(spec: PretrainConfig, seed: int = 0) -> nn.Module:
 
 def finetuned_model(config: FinetuneConfig) -> FineTuned:
     """The (randomly initialized) module a fine-tuning run checkpoints, rebuilt from its configuration."""
-    spec = from_dict(PretrainConfig, config.encoder_config)
+    spec = read_config(config.encoder_config)
     classifier = build_classifier(random_encoder(spec), config.classifier.num_classes, config.classifier.pool,
                                   config.classifier.drop_path)
     return FineTuned(classifier, config.ema_decay)
@@ -248,7 +261,7 @@ def load_encoder(path: str | Path, init: str = "pretrained", seed: int = 0) -> E
     if "encoder_config" in values:  # the training augmentation does not shape the model (and older runs
         values.pop("augment", None)  # name other fields: torchvision's rand_augment_ops, ...)
     finetune = from_dict(FinetuneConfig, values) if "encoder_config" in values else None
-    spec = from_dict(PretrainConfig, finetune.encoder_config if finetune else values)
+    spec = read_config(finetune.encoder_config if finetune else values)
     if init == "random":
         return Encoder(random_encoder(spec, seed), spec, f"random init (seed {seed})", run_dir, finetune)
     if finetune:

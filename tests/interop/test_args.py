@@ -54,7 +54,7 @@ def test_mae_heads_from_the_model_name_and_target_from_args(tmp_path, tiny_name,
     original = official_mae(tmp_path / "c.pth", norm_pix_loss, model=TEST_NAME, norm_pix_loss=norm_pix_loss)
     report = import_checkpoint(tmp_path / "c.pth", "mae", tmp_path / "run")
     model, config = load_run(tmp_path / "run")
-    assert config.mae.norm_pix_loss is norm_pix_loss and model.norm_pix_loss is norm_pix_loss
+    assert config.settings.norm_pix_loss is norm_pix_loss and model.norm_pix_loss is norm_pix_loss
     assert (config.model.kwargs["num_heads"], config.model.kwargs["decoder_num_heads"]) == (4, 4)
     assert report.origin["num_heads"] == f"args.model {TEST_NAME!r}"
     assert report.origin["norm_pix_loss"] == "args.norm_pix_loss"
@@ -72,7 +72,7 @@ def test_without_args_the_target_is_the_reference_default(tmp_path):
     report = import_checkpoint(tmp_path / "c.pth", "mae", tmp_path / "run",
                                overrides={"model": {"kwargs": {"num_heads": 4, "decoder_num_heads": 4}}})
     model, config = load_run(tmp_path / "run")
-    assert config.mae.norm_pix_loss is False and report.origin["norm_pix_loss"].startswith("default:")
+    assert config.settings.norm_pix_loss is False and report.origin["norm_pix_loss"].startswith("default:")
     assert report.origin["num_heads"] == "--set"
     torch.testing.assert_close(mae_outputs(model)[0], mae_outputs(original)[0], rtol=0, atol=1e-5)
 

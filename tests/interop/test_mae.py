@@ -114,7 +114,7 @@ def test_hf_vitmae_to_mimkit(tmp_path, names):
         save_file(state, tmp_path / "hf" / "model.safetensors")
     import_checkpoint(tmp_path / "hf", "hf", tmp_path / "run")
     model, config = load_run(tmp_path / "run")
-    assert config.mae.norm_pix_loss and config.model.kwargs["num_heads"] == 2
+    assert config.settings.norm_pix_loss and config.model.kwargs["num_heads"] == 2
     x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     with torch.no_grad():
         out = hf(pixel_values=x, noise=noise)
@@ -134,7 +134,7 @@ def test_mimkit_to_hf_and_back_is_bit_identical(mae_run, tmp_path):
     x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     with torch.no_grad():
         out = hf(pixel_values=x, noise=noise)
-        loss, pred, _ = model(x, config.mae.mask_ratio, noise)
+        loss, pred, _ = model(x, config.settings.mask_ratio, noise)
     # float32 rounding of another order of operations: 4.8e-7 measured on this CPU
     torch.testing.assert_close(pred, out.logits, rtol=0, atol=1e-6)
 

@@ -101,7 +101,7 @@ def test_imported_tokenizer_drives_beitv2_pretraining_of_an_imported_beitv2(tmp_
                  "--set", "model.kwargs.num_heads=2", *data]) == 0
     assert main(["import", str(tmp_path / "beitv2.pth"), "--format", "beitv2", "--out", str(tmp_path / "v2"),
                  *data]) == 0
-    assert load_config(tmp_path / "vqkd").vqkd.teacher_dim == 12
+    assert load_config(tmp_path / "vqkd").settings.teacher_dim == 12
     assert main(["pretrain", "beitv2", "--out", str(tmp_path / "v2"), "--tokenizer", str(tmp_path / "vqkd"),
                  "--max-steps", "1", "--batch-size", "8"]) == 0
     assert Checkpoints(tmp_path / "v2").latest() == 1

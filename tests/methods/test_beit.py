@@ -8,12 +8,13 @@ from safetensors.torch import load_file
 from timm.models.beit import Beit
 
 from mimkit.cli import main
-from mimkit.config import PretrainConfig, from_dict, load_recipe
+from mimkit.config import load_recipe
 from mimkit.data.loader import SeededViews
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import BEiTView
 from mimkit.masking import count_for_ratio
 from mimkit.methods.dvae import find_tokenizer, load_tokenizer_encoder, schedule_values
+from mimkit.registry import read_config
 from mimkit.runs import latest_weights, load_run
 from mimkit.tokenizers.dvae import dvae_for, save_dvae
 from mimkit.train.checkpoint import Checkpoints
@@ -62,7 +63,7 @@ def test_dvae_run_is_a_loadable_tokenizer_with_codebook_metrics(dvae_run):
 
 
 def test_schedules_anneal_the_temperature_and_ramp_the_kl_weight():
-    config = from_dict(PretrainConfig, {"method": "dvae", "dvae": {"temperature": [1.0, 0.0625],
+    config = read_config({"method": "dvae", "dvae": {"temperature": [1.0, 0.0625],
                                         "temperature_anneal": 0.5, "kl_weight": 0.2, "kl_warmup": 0.1}})
     values = schedule_values(config, 100)
     temperature, kl_weight = values["temperature"], values["kl_weight"]
@@ -94,7 +95,7 @@ def test_beit_pretrains_on_the_tokenizer_and_resumes_bit_for_bit(dvae_run, tmp_p
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
     model, config = load_run(straight)
-    assert config.model.kwargs["vocab_size"] == 32 and config.beit.tokenizer_size == 32
+    assert config.model.kwargs["vocab_size"] == 32 and config.settings.tokenizer_size == 32
     assert model.lm_head.out_features == 32
     timm_beit = Beit(**model.encoder_kwargs)
     timm_beit.load_state_dict(model.encoder.state_dict(), strict=True)
@@ -167,13 +168,13 @@ def test_beit_view_masks_exact_counts_reproducibly_on_one_crop(img_size, tokeniz
 
 
 def test_beit_in1k_recipe_has_the_paper_hyperparameters():
-    config = from_dict(PretrainConfig, load_recipe("beit_in1k"))
+    config = read_config(load_recipe("beit_in1k"))
     assert (config.model.name, config.model.patch_size, config.data.img_size) == ("vit_base", 16, 224)
     assert config.optim.base_lr * 2048 / 256 == pytest.approx(1.5e-3)
     assert config.optim.betas == (0.9, 0.999) and config.optim.weight_decay == 0.05
     assert config.optim.warmup_epochs == 10 and config.train.epochs == 800
     assert config.model.kwargs == {"layer_scale_init": 0.1, "drop_path_rate": 0.1,
                                    "shared_rel_pos_bias": True}
-    assert count_for_ratio(196, config.beit.mask_ratio) == 75 and config.beit.min_block == 16
-    assert config.beit.tokenizer_size == 112
-    assert from_dict(PretrainConfig, load_recipe("dvae_in1k")).dvae.vocab_size == 8192
+    assert count_for_ratio(196, config.settings.mask_ratio) == 75 and config.settings.min_block == 16
+    assert config.settings.tokenizer_size == 112
+    assert read_config(load_recipe("dvae_in1k")).settings.vocab_size == 8192

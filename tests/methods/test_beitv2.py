@@ -9,7 +9,7 @@ from timm.models.beit import Beit
 from torch import nn
 
 from mimkit.cli import main
-from mimkit.config import PretrainConfig, from_dict, load_recipe
+from mimkit.config import load_recipe
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import denormalize
 from mimkit.errors import MimkitError
@@ -17,6 +17,7 @@ from mimkit.interop.export import export_run
 from mimkit.masking import block_mask, count_for_ratio
 from mimkit.methods.vqkd import load_vqkd_tokenizer
 from mimkit.models.beit import BEiT, BEiTv2, create_beitv2, default_agg_layer
+from mimkit.registry import read_config
 from mimkit.runs import load_encoder, load_run
 from mimkit.tokenizers.vqkd import create_vqkd
 from mimkit.train.metrics import read_metrics
@@ -153,7 +154,7 @@ def test_vqkd_run_logs_codebook_usage_and_is_a_tokenizer(runs, capsys):
     assert used == pytest.approx(round(used), abs=1e-4) and 1 <= held_out[0]["val_perplexity"] <= used + 1e-4
     assert held_out[0]["val_cosine"] != steps[-1]["cosine"]  # held-out images, not the last batch
     tokenizer, config = load_vqkd_tokenizer(runs / "vqkd")
-    assert config.vqkd.teacher_dim == 32 and tokenizer.quantize.initialized  # the MAE encoder's width
+    assert config.settings.teacher_dim == 32 and tokenizer.quantize.initialized  # the MAE encoder's width
     assert not tokenizer.training and not any(p.requires_grad for p in tokenizer.parameters())
     assert tokenizer.tokenize(torch.randn(2, 3, 32, 32)).shape == (2, 8, 8)
 
@@ -161,7 +162,7 @@ def test_vqkd_run_logs_codebook_usage_and_is_a_tokenizer(runs, capsys):
 def test_beitv2_run_rebuilds_and_exports_its_encoder_only(runs, tmp_path):
     model, config = load_run(runs / "b2")
     assert isinstance(model, BEiTv2) and config.model.kwargs["vocab_size"] == VOCAB
-    assert config.beitv2.tokenizer_size == 32 and model.agg_layer == 1
+    assert config.settings.tokenizer_size == 32 and model.agg_layer == 1
     assert [r for r in read_metrics(runs / "b2") if "agg_loss" in r]
     encoder = load_encoder(runs / "b2")  # what fine-tuning and the probes take
     assert isinstance(encoder.model, Beit) and not any("agg" in k for k in encoder.model.state_dict())
@@ -203,14 +204,14 @@ def test_visualize_draws_token_maps_and_the_codebook_over_training(runs, tmp_pat
 
 
 def test_in1k_recipes_have_the_paper_hyperparameters():
-    tokenizer = from_dict(PretrainConfig, load_recipe("vqkd_in1k"))
-    v = tokenizer.vqkd
+    tokenizer = read_config(load_recipe("vqkd_in1k"))
+    v = tokenizer.settings
     assert (v.vocab_size, v.code_dim, v.decoder_depth, v.decay) == (8192, 32, 3, 0.99)
     assert tokenizer.optim.base_lr * 512 / 256 == pytest.approx(2e-4) and tokenizer.optim.betas == (0.9, 0.99)
     model = tokenizer.model
     assert (model.name, model.patch_size, tokenizer.data.img_size) == ("vit_base", 16, 224)
-    beitv2 = from_dict(PretrainConfig, load_recipe("beitv2_in1k"))
+    beitv2 = read_config(load_recipe("beitv2_in1k"))
     assert beitv2.optim.base_lr * 2048 / 256 == pytest.approx(1.5e-3) and beitv2.optim.clip_grad == 3.0
-    assert count_for_ratio(196, beitv2.beitv2.mask_ratio) == 75 and beitv2.beitv2.crop_scale == (0.2, 1.0)
+    assert count_for_ratio(196, beitv2.settings.mask_ratio) == 75 and beitv2.settings.crop_scale == (0.2, 1.0)
     kwargs = beitv2.model.kwargs
     assert (kwargs["agg_layer"], kwargs["agg_depth"], kwargs["layer_scale_init"]) == (9, 2, 0.1)

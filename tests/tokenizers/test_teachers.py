@@ -8,10 +8,11 @@ from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
 
-from mimkit.config import PretrainConfig, from_dict, save_config
+from mimkit.config import save_config
 from mimkit.errors import MimkitError
 from mimkit.methods import METHODS
 from mimkit.methods.vqkd import run_encoder
+from mimkit.registry import read_config
 from mimkit.tokenizers.teachers import load_teacher
 from mimkit.train.checkpoint import Checkpoints
 
@@ -105,7 +106,7 @@ def test_hf_dinov2_with_its_preprocessor(tmp_path, images):
 
 
 def test_mimkit_run_is_a_label_free_teacher(tmp_path, images):
-    config = from_dict(PretrainConfig, {"method": "mae", "data": {"img_size": 28, "channels": 1,
+    config = read_config({"method": "mae", "data": {"img_size": 28, "channels": 1,
                        "mean": DATA_MEAN, "std": DATA_STD}, "model": {"name": "vit_mini", "patch_size": 4,
                        "kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2, "decoder_depth": 1,
                                   "decoder_embed_dim": 16, "decoder_num_heads": 2}}})

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
-from mimkit.config import PretrainConfig, from_dict, to_dict
+from mimkit.config import from_dict, to_dict
 from mimkit.data.loader import SeededViews, eval_loader
 from mimkit.data.seg_transforms import SegEvalView, SegTrainView
 from mimkit.data.segmentation import SegSource, build_seg_source
@@ -33,6 +33,7 @@ from mimkit.eval.metrics import write_results
 from mimkit.eval.seg_metrics import IGNORE_INDEX, MODES, evaluate_segmentation, format_table
 from mimkit.eval.subsets import label_subset
 from mimkit.models.segmentation import HEADS, Segmenter, segmentation_encoder
+from mimkit.registry import read_config
 from mimkit.runs import (
     CONFIG,
     Encoder,
@@ -91,7 +92,7 @@ def load_segmenter(run_dir: str | Path) -> tuple[Segmenter, SegmentConfig]:
         raise MimkitError(f"'{run_dir}' is not a segmentation run (no seg section in its {CONFIG}); "
                           "make one with mimkit segment")
     config = from_dict(SegmentConfig, values)
-    model = build_segmenter(config, random_encoder(from_dict(PretrainConfig, config.encoder_config)))
+    model = build_segmenter(config, random_encoder(read_config(config.encoder_config)))
     load_weights(model, best_weights(run_dir))
     return model.eval(), config
 

@@ -32,13 +32,13 @@ import torch
 from torch import nn
 
 import mimkit.methods  # noqa: F401  (registers the built-in methods, whose hooks are looked up here)
-from mimkit.config import PretrainConfig, from_dict, merge, save_config, to_dict
+from mimkit.config import PretrainConfig, merge, save_config
 from mimkit.errors import MimkitError
 from mimkit.interop.foreign import IMAGENET_MEAN, IMAGENET_STD, Foreign, convert
 from mimkit.interop.hf import read_hf_folder
 from mimkit.models.posembed import abs_grid, rel_grid, resize_abs_pos_embed, resize_rel_pos_table
 from mimkit.models.vit import ENCODER_ARCHS
-from mimkit.registry import HFLayout, Import, method_of, registered
+from mimkit.registry import HFLayout, Import, method_of, read_config, registered
 from mimkit.runs import config_path
 from mimkit.safe_load import load_sharded, load_tensors, read_json
 from mimkit.train.checkpoint import Checkpoints
@@ -276,7 +276,7 @@ class ImportReport:
         guess with the ``--set`` that changes it."""
         config, method = self.config, self.config.method
         data, model = config.data, config.model
-        section = {k: getattr(getattr(config, method), k) for k in importing(method).section_fields}
+        section = {k: getattr(config.settings, k) for k in importing(method).section_fields}
         fields = {"img_size": data.img_size, "patch_size": model.patch_size, "in_chans": data.channels,
                   **model.kwargs, **section}
         lines = [f"imported {self.source} as {method}: {data.img_size} px, patch {model.patch_size}, "
@@ -329,10 +329,10 @@ def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int
                           f"{arch['embed_dim']}-wide model ({'; '.join(origin[k] for k in unknown)}); pass "
                           + " ".join(f"--set {setting(foreign.method, k)}=N" for k in unknown))
     values = run_config(foreign.method, arch, img_size, foreign.mean, foreign.std)
-    values = merge(merge(to_dict(PretrainConfig(method=foreign.method)), values), overrides or {})
+    values = merge(values, overrides or {})
     origin |= {"img_size": "--img-size"} if img_size else {}
     origin["normalization"] = foreign.origin.get("normalization", "default: [0.5] per channel")
-    config = from_dict(PretrainConfig, values)
+    config = read_config(values)
     torch.manual_seed(config.train.seed)  # the fresh parts, reproducibly
     model = method_of(config.method).build_model(config)
     notes = foreign.notes + load_foreign(model, foreign, allow_mismatch)

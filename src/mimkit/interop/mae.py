@@ -267,5 +267,5 @@ def hf_export(model: MAE, config: PretrainConfig, encoder_only: bool) -> tuple[s
     decoder (the run's mask ratio in its config), or ``ViTModel`` for the encoder alone."""
     if encoder_only:
         return "ViTModel", hf_vit_config(model), to_foreign(model.state_dict(), HF_VIT)[0]
-    return ("ViTMAEForPreTraining", hf_vitmae_config(model, config.mae.mask_ratio),
+    return ("ViTMAEForPreTraining", hf_vitmae_config(model, config.settings.mask_ratio),
             to_foreign(model.state_dict(), HF_VITMAE)[0])

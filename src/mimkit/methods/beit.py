@@ -8,12 +8,12 @@ mode, and its vocabulary size and view size are written into the run's configura
 - BEiT: Bao et al., 2021, arXiv:2106.08254
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 import mimkit.interop.beit as layouts
-from mimkit.config import BEiTConfig, PretrainConfig, check_model_kwargs
+from mimkit.config import PretrainConfig, check_model_kwargs
 from mimkit.data.transforms import BEiTView
 from mimkit.errors import MimkitError
 from mimkit.interop.foreign import HALF
@@ -25,10 +25,22 @@ from mimkit.registry import Export, HFLayout, Images, Import, LossFn, Method, Ti
 from mimkit.viz import beit_predictions, block_masks
 
 
+@dataclass
+class BEiTConfig:
+    """A BEiT run's own settings (``config.settings``; ``beit:`` in YAML)."""
+
+    tokenizer: str | None = None  # a dVAE run directory (`mimkit tokenizer train dvae`) or a save_dvae file
+    tokenizer_size: int | None = None  # side of the tokenizer's view; None: the size the tokenizer trained on
+    mask_ratio: float = 0.4  # share of patches masked block-wise (BEiT: 75 of 196)
+    min_block: int | None = None  # smallest block in patches; None: 16 at 14x14, scaled by grid area
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop, shared by both views
+    color_jitter: float = 0.4  # brightness, contrast and saturation jitter; 0 turns it off
+
+
 def resolve_config(config: PretrainConfig) -> PretrainConfig:
     """Fill in what the tokenizer decides: the codebook size (``model.kwargs.vocab_size``) and the side
     of its view (``beit.tokenizer_size``); refuse a tokenizer whose code grid is not the patch grid."""
-    beit = config.beit
+    beit = config.settings
     if not beit.tokenizer:
         raise MimkitError("beit pretraining needs a tokenizer: --tokenizer runs/dvae "
                           "(train one with: mimkit tokenizer train dvae --data ... --out runs/dvae)")
@@ -50,7 +62,7 @@ def resolve_config(config: PretrainConfig) -> PretrainConfig:
         raise MimkitError(f"model.kwargs.vocab_size={config.model.kwargs['vocab_size']} differs from the "
                           f"tokenizer's {vocab_size} codes")
     model = replace(config.model, kwargs={**config.model.kwargs, "vocab_size": vocab_size})
-    return replace(config, model=model, beit=replace(beit, tokenizer_size=size))
+    return replace(config, model=model, settings=replace(beit, tokenizer_size=size))
 
 
 def build_model(config: PretrainConfig) -> BEiT:
@@ -79,7 +91,7 @@ def masked_view(config: PretrainConfig, section: BEiTConfig, model: BEiT, tokeni
 
 
 def build_task(config: PretrainConfig, model: BEiT) -> tuple[View, LossFn]:
-    beit, data = config.beit, config.data
+    beit, data = config.settings, config.data
     tokenizer = find_tokenizer(beit.tokenizer)
     encoder = load_tokenizer_encoder(tokenizer).to(next(model.parameters()).device)
     view = masked_view(config, beit, model, beit.tokenizer_size, tokenizer.mean or data.mean,
@@ -94,14 +106,14 @@ def build_task(config: PretrainConfig, model: BEiT) -> tuple[View, LossFn]:
 
 def pictures(model: BEiT, config: PretrainConfig, images: Images, generator: torch.Generator) -> dict:
     """What BEiT predicts at block-masked patches, drawn through its dVAE tokenizer's decoder."""
-    if not config.beit.tokenizer:
+    if not config.settings.tokenizer:
         raise MimkitError("this BEiT run has no tokenizer (beit.tokenizer) to draw its predictions with")
-    found = find_tokenizer(config.beit.tokenizer)
+    found = find_tokenizer(config.settings.tokenizer)
     tokenizer = load_tokenizer(found)
     data = config.data
     shown = images(data.img_size, data.mean, data.std)
-    tokenizer_images = images(config.beit.tokenizer_size, found.mean or data.mean, found.std or data.std)
-    mask = block_masks(config.beit, data.img_size // config.model.patch_size, len(shown), generator)
+    tokenizer_images = images(config.settings.tokenizer_size, found.mean or data.mean, found.std or data.std)
+    mask = block_masks(config.settings, data.img_size // config.model.patch_size, len(shown), generator)
     return beit_predictions(model, tokenizer, shown, tokenizer_images, mask)
 
 
@@ -116,5 +128,6 @@ IMPORT = Import(
     hf={"beit": HFLayout(layouts.HF_BEIT, ignore=layouts.DERIVED)},
 )
 
-register(Method("beit", "pretraining", build_model, build_task, resolve_config=resolve_config,
-                tokenizer="dvae", pictures=pictures, importing=IMPORT, export=EXPORT))
+register(Method("beit", "pretraining", build_model, build_task, settings=BEiTConfig,
+                resolve_config=resolve_config, tokenizer="dvae", pictures=pictures, importing=IMPORT,
+                export=EXPORT))

@@ -28,8 +28,25 @@ from mimkit.train.schedule import cosine_schedule
 from mimkit.viz import dvae_reconstructions
 
 
+@dataclass
+class DVAEConfig:
+    """A dVAE tokenizer run's own settings (``config.settings``; ``dvae:`` in YAML)."""
+
+    vocab_size: int = 8192
+    hidden: int = 64
+    num_res: int = 1
+    recon_loss: str = "mse"
+    tokenizer_size: int | None = None  # side of the images the dVAE sees; None: data.img_size. Its code
+    # grid is the ViT's patch grid, data.img_size / model.patch_size
+    temperature: tuple[float, float] = (1.0, 1 / 16)  # Gumbel-softmax temperature: start, end (DALL-E)
+    temperature_anneal: float = 0.5  # share of the run over which it falls (cosine), then stays
+    kl_weight: float = 0.05  # weight of KL(q || uniform), reached after kl_warmup
+    kl_warmup: float = 0.1  # share of the run over which the KL weight rises from 0 (cosine)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+
+
 def build_model(config: PretrainConfig) -> DVAE:
-    d = config.dvae
+    d = config.settings
     if config.model.kwargs:
         key = next(iter(config.model.kwargs))
         raise MimkitError(f"config 'model.kwargs.{key}' does not apply to the dVAE: its size is set by "
@@ -39,8 +56,8 @@ def build_model(config: PretrainConfig) -> DVAE:
 
 
 def build_task(config: PretrainConfig, model: DVAE) -> tuple[View, LossFn]:
-    view = crop_view(config.dvae.tokenizer_size or config.data.img_size, config.data.mean, config.data.std,
-                     config.dvae.crop_scale)
+    d, data = config.settings, config.data
+    view = crop_view(d.tokenizer_size or data.img_size, data.mean, data.std, d.crop_scale)
 
     def loss_fn(model: DVAE, batch: dict):
         loss, metrics, _ = model(batch["image"], batch["temperature"], batch["kl_weight"])
@@ -57,7 +74,7 @@ def _ramp(start: float, end: float, share: float, total_steps: int) -> list[floa
 
 def schedule_values(config: PretrainConfig, total_steps: int) -> dict[str, list[float]]:
     """The per-step Gumbel temperature and KL weight (DALL-E anneals both with cosine schedules)."""
-    d = config.dvae
+    d = config.settings
     if not 0 <= d.temperature_anneal <= 1 or not 0 <= d.kl_warmup <= 1:
         raise MimkitError(f"dvae.temperature_anneal={d.temperature_anneal} and dvae.kl_warmup={d.kl_warmup} "
                           "are shares of the run, in [0, 1]")
@@ -112,8 +129,8 @@ def find_tokenizer(path: str | Path) -> Tokenizer:
         raise MimkitError(f"tokenizer run '{path}' has no checkpoint yet")
     with torch.device("meta"):  # the constructor arguments, without allocating or drawing weights
         dvae = build_model(config).config
-    return Tokenizer(str(path), dvae, config.dvae.tokenizer_size or config.data.img_size, config.data.mean,
-                     config.data.std, Checkpoints(path).weights_path(step))
+    size, data = config.settings.tokenizer_size or config.data.img_size, config.data
+    return Tokenizer(str(path), dvae, size, data.mean, data.std, Checkpoints(path).weights_path(step))
 
 
 def load_tokenizer_encoder(tokenizer: Tokenizer) -> DVAEEncoder:
@@ -136,9 +153,9 @@ def load_tokenizer(tokenizer: Tokenizer) -> DVAE:
 def pictures(model: DVAE, config: PretrainConfig, images: Images, generator: torch.Generator) -> dict:
     """Images at the tokenizer's size beside their reconstructions from the argmax tokens."""
     data = config.data
-    size = config.dvae.tokenizer_size or data.img_size
+    size = config.settings.tokenizer_size or data.img_size
     return dvae_reconstructions(model, images(size, data.mean, data.std))
 
 
-register(Method("dvae", "tokenizer", build_model, build_task, schedule_values=schedule_values,
-                pictures=pictures))
+register(Method("dvae", "tokenizer", build_model, build_task, settings=DVAEConfig,
+                schedule_values=schedule_values, pictures=pictures))

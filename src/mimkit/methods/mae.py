@@ -3,6 +3,8 @@
 - He et al., Masked Autoencoders Are Scalable Vision Learners, 2021, arXiv:2111.06377
 """
 
+from dataclasses import dataclass
+
 import torch
 
 import mimkit.interop.mae as layouts
@@ -14,15 +16,23 @@ from mimkit.registry import Export, HFLayout, Images, Import, LossFn, Method, Ti
 from mimkit.viz import mae_reconstructions
 
 
+@dataclass
+class MAEConfig:
+    """An MAE run's own settings (``config.settings``; ``mae:`` in YAML)."""
+
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+
+
 def build_model(config: PretrainConfig) -> MAE:
     check_model_kwargs(MAE, config.model.kwargs)
     return create_mae(config.model.name, img_size=config.data.img_size, patch_size=config.model.patch_size,
-                      in_chans=config.data.channels, norm_pix_loss=config.mae.norm_pix_loss,
+                      in_chans=config.data.channels, norm_pix_loss=config.settings.norm_pix_loss,
                       **config.model.kwargs)
 
 
 def build_task(config: PretrainConfig, model: MAE) -> tuple[View, LossFn]:
-    mask_ratio = config.mae.mask_ratio
+    mask_ratio = config.settings.mask_ratio
     num_kept(model.num_patches, mask_ratio)  # refuse an impossible ratio before training starts
     view = mae_view(config.data.img_size, config.data.mean, config.data.std, config.model.patch_size)
 
@@ -35,7 +45,7 @@ def build_task(config: PretrainConfig, model: MAE) -> tuple[View, LossFn]:
 
 def describe(config: PretrainConfig) -> str:
     """The start-up summary's note: the share of patches hidden."""
-    return f", {config.mae.mask_ratio:.0%} masked"
+    return f", {config.settings.mask_ratio:.0%} masked"
 
 
 def pictures(model: MAE, config: PretrainConfig, images: Images, generator: torch.Generator) -> dict:
@@ -43,7 +53,7 @@ def pictures(model: MAE, config: PretrainConfig, images: Images, generator: torc
     data = config.data
     shown = images(data.img_size, data.mean, data.std)
     noise = torch.rand(len(shown), model.num_patches, generator=generator)
-    return mae_reconstructions(model, shown, config.mae.mask_ratio, noise)
+    return mae_reconstructions(model, shown, config.settings.mask_ratio, noise)
 
 
 IMPORT = Import(
@@ -57,5 +67,6 @@ IMPORT = Import(
         "vit": HFLayout(layouts.HF_VIT, layouts.arch_from_hf_config)},
 )
 
-register(Method("mae", "pretraining", build_model, build_task, describe=describe, pictures=pictures,
-                importing=IMPORT, export=Export(timm=layouts.timm_export, hf=layouts.hf_export)))
+register(Method("mae", "pretraining", build_model, build_task, settings=MAEConfig, describe=describe,
+                pictures=pictures, importing=IMPORT,
+                export=Export(timm=layouts.timm_export, hf=layouts.hf_export)))

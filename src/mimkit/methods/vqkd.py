@@ -11,7 +11,7 @@ teacher's).
 - BEiT v2: Peng et al., 2022, arXiv:2208.06366
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,6 +35,23 @@ from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.viz import vqkd_tokens
 
 
+@dataclass
+class VQKDConfig:
+    """A VQ-KD tokenizer run's own settings (``config.settings``; ``vqkd:`` in YAML)."""
+
+    teacher: str | None = None  # a mimkit run or checkpoint, timm:NAME:FILE, or hf:DIR (CLIP, DINOv2)
+    teacher_dim: int | None = None  # None: the teacher's feature width, filled in when the run starts
+    vocab_size: int = 8192
+    code_dim: int = 32
+    decoder_depth: int = 3  # decoder blocks, as wide as the encoder (model.name)
+    decay: float = 0.99  # EMA of the codebook
+    commitment: float = 1.0  # beta of beta * mse(l2(z), sg(code)), averaged over dims (released: 1.0)
+    kmeans_iters: int = 10  # k-means rounds on the first batch; 0: random unit codes
+    dead_after: int | None = 100  # restart codes no patch chose for this many steps; null: never
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    eval_images: int = 1000  # held-out images tokenized at each epoch end: usage, perplexity, cosine
+
+
 def run_encoder(path: Path) -> tuple[nn.Module, DataConfig]:
     """A mimkit run's encoder (`mimkit.runs.load_encoder`) and the data it was trained on, as a teacher."""
     encoder = load_encoder(path)
@@ -49,23 +66,23 @@ def _load_teacher(spec: str, grid: int, mean: tuple, std: tuple) -> Teacher:
 
 def teacher_of(config: PretrainConfig) -> Teacher:
     """The frozen teacher of a VQ-KD configuration, on the CPU (loaded once per process)."""
-    if not config.vqkd.teacher:
+    if not config.settings.teacher:
         raise MimkitError(f"vqkd training needs a teacher: --teacher {SPEC_FORMS} (e.g. --teacher runs/mae)")
     grid = check_patch_grid(config.data.img_size, config.model.patch_size)
-    return _load_teacher(config.vqkd.teacher, grid, tuple(config.data.mean), tuple(config.data.std))
+    return _load_teacher(config.settings.teacher, grid, tuple(config.data.mean), tuple(config.data.std))
 
 
 def resolve_config(config: PretrainConfig) -> PretrainConfig:
     """Write the teacher's feature width into ``vqkd.teacher_dim``; refuse a resumed run's other teacher."""
     dim = teacher_of(config).dim
-    if config.vqkd.teacher_dim not in (None, dim):
-        raise MimkitError(f"teacher '{config.vqkd.teacher}' gives {dim}-d features; this run was trained "
-                          f"on a {config.vqkd.teacher_dim}-d teacher")
-    return replace(config, vqkd=replace(config.vqkd, teacher_dim=dim))
+    if config.settings.teacher_dim not in (None, dim):
+        raise MimkitError(f"teacher '{config.settings.teacher}' gives {dim}-d features; this run was trained "
+                          f"on a {config.settings.teacher_dim}-d teacher")
+    return replace(config, settings=replace(config.settings, teacher_dim=dim))
 
 
 def build_model(config: PretrainConfig) -> VQKD:
-    v = config.vqkd
+    v = config.settings
     if v.teacher_dim is None:
         raise MimkitError("vqkd.teacher_dim is unset: the run's teacher fills it in when training starts")
     check_model_kwargs(VQKD, config.model.kwargs)
@@ -78,7 +95,7 @@ def build_model(config: PretrainConfig) -> VQKD:
 
 def build_task(config: PretrainConfig, model: VQKD) -> tuple[View, LossFn]:
     teacher = teacher_of(config).to(next(model.parameters()).device)
-    view = crop_view(config.data.img_size, config.data.mean, config.data.std, config.vqkd.crop_scale)
+    view = crop_view(config.data.img_size, config.data.mean, config.data.std, config.settings.crop_scale)
 
     def loss_fn(model: VQKD, batch: dict):
         loss, metrics, _ = model(batch["image"], teacher(batch["image"]))
@@ -96,7 +113,8 @@ def build_evaluate(config: PretrainConfig, model: VQKD) -> Evaluate:
         source = build_source(data.source, split="val", root=data.root, channels=data.channels)
     except MimkitError:  # folders without a held-out split
         source = build_source(data.source, split="train", root=data.root, channels=data.channels)
-    picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:config.vqkd.eval_images]
+    shuffled = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))
+    picks = shuffled[:config.settings.eval_images]
     loader = eval_loader(Subset(source, picks.tolist()), eval_view(data.img_size, data.mean, data.std),
                          batch_size=config.train.batch_size)
     device = next(model.parameters()).device
@@ -165,6 +183,6 @@ IMPORT = Import(
     reference=layouts.read_official_vqkd,
 )
 
-register(Method("vqkd", "tokenizer", build_model, build_task, resolve_config=resolve_config,
-                build_evaluate=build_evaluate, pictures=pictures, importing=IMPORT,
-                resumable=("vqkd.eval_images",)))
+register(Method("vqkd", "tokenizer", build_model, build_task, settings=VQKDConfig,
+                resolve_config=resolve_config, build_evaluate=build_evaluate, pictures=pictures,
+                importing=IMPORT, resumable=("vqkd.eval_images",)))
