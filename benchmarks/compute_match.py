@@ -7,8 +7,9 @@ steps), made one after the other with the machine to themselves and the same thr
 training loop's own step timings (``images_per_s`` in their ``metrics.jsonl``, logged every ``log_every``
 steps) as the median over the run. The long runs' own logs do not serve: they shared the cores with
 whatever else ran at the time (on the 2-core VM MAE's pretraining logged 98 images/s beside the BEiT
-chain, against 285 alone), so their ratio says as much about the load as about the work. Then, at a label
-fraction with ``N`` training images and ``E`` fine-tuning epochs:
+chain, against 335 alone), so their ratio says as much about the load as about the work. Alone, the ratio
+still drifted by about 10% within an hour on the VM (benchmarks/RESULTS.md), the precision of the match.
+Then, at a label fraction with ``N`` training images and ``E`` fine-tuning epochs:
 
     pretraining, in fine-tuning images = pretraining images x (fine-tuning speed / pretraining speed)
     scratch epochs = E + ceil(that / N)
