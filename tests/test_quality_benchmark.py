@@ -1,0 +1,56 @@
+"""`benchmarks/fmnist_quality.py`'s scheduler: a step marked ``alone`` (the compute match's timing runs) waits
+for the running steps, gets every core, and nothing starts beside it; the other steps share the cores."""
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import fmnist_quality as quality  # noqa: E402
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Steps run as sleeps instead of ``mimkit`` commands; each one's (start, end, threads) is recorded."""
+    spans: dict[str, tuple[float, float, int]] = {}
+    lock = threading.Lock()
+
+    def fake_mimkit(args: list[str], log: Path, threads: int) -> int:
+        start = time.perf_counter()
+        time.sleep(float(args[1]))
+        with lock:
+            spans[args[0]] = (start, time.perf_counter(), threads)
+        return 0
+
+    monkeypatch.setattr(quality, "mimkit", fake_mimkit)
+    monkeypatch.setattr(quality.os, "cpu_count", lambda: 4)
+    return spans
+
+
+def step(name: str, seconds: float, after: tuple[str, ...] = (), alone: bool = False) -> quality.Step:
+    return quality.Step(name, [name, str(seconds)], after, alone)
+
+
+def test_an_alone_step_waits_for_the_running_ones_and_runs_by_itself(recorded, tmp_path):
+    steps = [step("long", 0.4), step("short", 0.1), step("timing", 0.2, after=("short",), alone=True),
+             step("later", 0.1), step("reads-timing", 0.1, after=("timing",))]
+    failed = quality.run_steps(steps, tmp_path, quality.Timings(tmp_path / "timings.json"), jobs=2)
+
+    assert failed == [] and set(recorded) == {s.name for s in steps}
+    start, end, threads = recorded["timing"]
+    assert threads == 4  # every core
+    for name, (other_start, other_end, _) in recorded.items():
+        if name != "timing":
+            assert other_end <= start or other_start >= end, f"{name} overlaps the timing step"
+    assert recorded["timing"][0] >= recorded["long"][1]  # it waited for the long step to finish
+    assert recorded["long"][2] == 2  # two steps at a time share the cores
+
+
+def test_without_alone_steps_jobs_run_side_by_side(recorded, tmp_path):
+    steps = [step("a", 0.3), step("b", 0.3)]
+    quality.run_steps(steps, tmp_path, quality.Timings(tmp_path / "timings.json"), jobs=2)
+    (a_start, a_end, _), (b_start, b_end, _) = recorded["a"], recorded["b"]
+    assert a_start < b_end and b_start < a_end
