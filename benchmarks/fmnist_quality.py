@@ -133,7 +133,8 @@ def run_steps(steps: list[Step], out: Path, timings: Timings, jobs: int) -> list
             starting = ready[:jobs - len(running)]
             if any(s.alone for s in [*ready, *running.values()]):
                 alone = [s for s in ready if s.alone]
-                starting, threads = (alone[:1], cores) if alone and not running else ([], cores)
+                starting = alone[:1] if not running else []
+                threads = cores
             for step in starting:
                 pending.remove(step)
                 running[pool.submit(attempt, step, threads)] = step

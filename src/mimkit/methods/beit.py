@@ -71,10 +71,11 @@ def build_model(config: PretrainConfig) -> BEiT:
                        in_chans=config.data.channels, **config.model.kwargs)
 
 
-def masked_view(config: PretrainConfig, section: BEiTConfig, model: BEiT, tokenizer_size: int,
-                tokenizer_mean, tokenizer_std) -> BEiTView:
-    """The `BEiTView` of a BEiT-style run (``section``: its ``beit`` or ``beitv2`` configuration); a mask
-    ratio that masks nothing or blocks that cannot be placed are refused before training starts."""
+def masked_view(config: PretrainConfig, model: BEiT, tokenizer_size: int, tokenizer_mean,
+                tokenizer_std) -> BEiTView:
+    """The `BEiTView` of a BEiT-style run (its settings: a `BEiTConfig`, BEiT v2's included); a mask ratio
+    that masks nothing or blocks that cannot be placed are refused before training starts."""
+    section = config.settings
     grid = model.encoder.patch_embed.grid_size[0]
     num_masked = count_for_ratio(grid * grid, section.mask_ratio)
     if num_masked == 0:
@@ -94,7 +95,7 @@ def build_task(config: PretrainConfig, model: BEiT) -> tuple[View, LossFn]:
     beit, data = config.settings, config.data
     tokenizer = find_tokenizer(beit.tokenizer)
     encoder = load_tokenizer_encoder(tokenizer).to(next(model.parameters()).device)
-    view = masked_view(config, beit, model, beit.tokenizer_size, tokenizer.mean or data.mean,
+    view = masked_view(config, model, beit.tokenizer_size, tokenizer.mean or data.mean,
                        tokenizer.std or data.std)
 
     def loss_fn(model: BEiT, batch: dict):

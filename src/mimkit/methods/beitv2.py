@@ -63,7 +63,7 @@ def build_task(config: PretrainConfig, model: BEiTv2) -> tuple[View, LossFn]:
     tokenizer, tokenizer_run = load_vqkd_tokenizer(config.settings.tokenizer)
     tokenizer = tokenizer.to(next(model.parameters()).device)
     data = tokenizer_run.data
-    view = masked_view(config, config.settings, model, config.data.img_size, data.mean, data.std)
+    view = masked_view(config, model, config.data.img_size, data.mean, data.std)
 
     def loss_fn(model: BEiTv2, batch: dict):
         target_ids = tokenizer.tokenize(batch["tokenizer_image"])  # [B, h, w]; no_grad, codebook untouched
