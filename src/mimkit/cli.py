@@ -29,6 +29,7 @@ from mimkit.errors import Interrupted, MimkitError
 
 BUILTIN_DATA = ("fashion-mnist", "mnist", "synthetic")
 SMALL_DATA_IMAGES = 100_000  # a folder with fewer images gets the method's small-data recipe, when it has one
+SMALL_SEGMENTATION_IMAGES = 10_000  # a segmentation folder with fewer training images gets segment_small
 
 
 def choose_recipe(method: str, data: str) -> tuple[str, str]:
@@ -197,14 +198,33 @@ def visualize_segmentation(args: argparse.Namespace) -> None:
     print(f"wrote {save_picture(segmentation_figure(rows, seg.classes), args.out)}")
 
 
+def choose_segment_recipe(data: str) -> tuple[str, str]:
+    """The packaged segmentation recipe for a data set, and why: ``segment_fmnist`` for fmnist-scenes; for a
+    folder, ``segment_small`` below `SMALL_SEGMENTATION_IMAGES` training images, else the papers'
+    ``segment_ade20k``."""
+    from mimkit.data.sources import count_images
+
+    if data == "fmnist-scenes":
+        return "segment_fmnist", "the recipe of fmnist-scenes"
+    count = count_images(data, stop_after=SMALL_SEGMENTATION_IMAGES)
+    if count < SMALL_SEGMENTATION_IMAGES:
+        return "segment_small", (f"{count} training images, fewer than {SMALL_SEGMENTATION_IMAGES:,} "
+                                 "(segment_ade20k is the papers' ADE20K recipe; --config NAME picks another)")
+    return "segment_ade20k", f"{SMALL_SEGMENTATION_IMAGES:,} training images or more: the papers' ADE20K recipe"
+
+
 def segment_config(args: argparse.Namespace):
     """Defaults ← recipe (and its ``per_method`` part for the encoder's method) ← flags ← ``--set``, for
-    ``mimkit segment``."""
+    ``mimkit segment``.
+
+    Returns:
+        The configuration, and one line on which recipe it came from and why.
+    """
     from mimkit.eval.config import SegmentConfig
     from mimkit.runs import saved_values
 
-    default = "segment_fmnist" if args.data == "fmnist-scenes" else "segment_ade20k"
-    recipe = load_recipe(args.config or default)
+    name, why = (args.config, "--config") if args.config else choose_segment_recipe(args.data)
+    recipe = load_recipe(name)
     per_method = recipe.pop("per_method", {})
     run_dir = Path(args.run)
     run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir
@@ -217,7 +237,7 @@ def segment_config(args: argparse.Namespace):
         flags["seg"]["head"] = args.head
     if args.label_fraction is not None:
         flags["labels"]["fraction"] = args.label_fraction
-    return from_dict(SegmentConfig, merge(merge(values, flags), parse_overrides(args.set)))
+    return from_dict(SegmentConfig, merge(merge(values, flags), parse_overrides(args.set))), f"{name}: {why}"
 
 
 def refuse_another_run(out: Path, encoder: str, section: str) -> None:
@@ -236,10 +256,10 @@ def refuse_another_run(out: Path, encoder: str, section: str) -> None:
 def cmd_segment(args: argparse.Namespace) -> None:
     from mimkit.eval.segment import run_segment
 
-    config = segment_config(args)
+    config, recipe = segment_config(args)
     out = Path(args.out)
     refuse_another_run(out, config.encoder, "seg")
-    results = run_segment(config, out, args.force_config)
+    results = run_segment(config, out, args.force_config, recipe=recipe, auto_size=args.auto_size)
     if results.get("interrupted"):
         raise Interrupted
     if "mIoU" in results:
@@ -279,9 +299,16 @@ def add_segment_commands(commands) -> None:
     length.add_argument("--max-steps", type=int)
     segment.add_argument("--batch-size", type=int, help="per-process batch")
     segment.add_argument("--config", help="a packaged recipe name or a YAML file (default: segment_fmnist "
-                         "for fmnist-scenes, segment_ade20k otherwise)")
+                         "for fmnist-scenes, segment_small for a folder of fewer than 10,000 training images, "
+                         "segment_ade20k otherwise)")
     segment.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="dotted override, e.g. seg.num_classes=5 or seg.eval_mode=slide (repeatable)")
+                         help="dotted override (repeatable), e.g. seg.num_classes=6, 'seg.class_names=[bg,cat]', "
+                         "seg.crop_size=64, 'seg.scale=[64,64]', seg.eval_mode=whole|slide, seg.channels=48 "
+                         "(UperNet's width), seg.eval_flip=true, 'seg.eval_scales=[0.5,1.0,1.5]'")
+    segment.add_argument("--auto-size", action="store_true",
+                         help="for images at most half of the crop: crop and scale from the images, whole-image "
+                         "evaluation, UperNet a quarter of the encoder's width, a batch that fits the split "
+                         "(the start-up summary prints what it applies)")
     add_force_config(segment)
     segment.set_defaults(handler=cmd_segment)
 

@@ -185,7 +185,7 @@ class SegSource(Dataset):
             )
         return labels
 
-    def _image_size(self, index: int) -> tuple[int, int]:
+    def image_size(self, index: int) -> tuple[int, int]:
         """(width, height) of image `index` as decoded (EXIF orientation applied), from its header."""
         try:
             with Image.open(self.images[index]) as img:
@@ -204,7 +204,7 @@ class SegSource(Dataset):
         """
         found: set[int] = set()
         for index in tqdm(indices, desc=desc, unit="mask", delay=2.0, leave=False, dynamic_ncols=True):
-            found.update(np.unique(self._labels(index, self._image_size(index))).tolist())
+            found.update(np.unique(self._labels(index, self.image_size(index))).tolist())
         found.discard(IGNORE_INDEX)
         return found
 
