@@ -9,7 +9,9 @@
     mimkit finetune runs/mae --data fashion-mnist --out runs/ft [--label-fraction 0.1] [--init random]
     mimkit linprobe runs/mae --data fashion-mnist --out runs/lp     (knn: the same arguments)
     mimkit segment runs/mae --data fmnist-scenes --out runs/seg [--head linear] [--init random]
-    mimkit predict runs/seg --images DIR --out DIR      (a fine-tuning run too: predictions.csv)
+    mimkit segment runs/mae --data MY_VOC_FOLDER --out runs/seg --auto-size   (sized to small images)
+    mimkit evaluate runs/seg --out runs/seg-eval [--tta ms]   (a split's scores and confusion matrix)
+    mimkit predict runs/seg --images DIR --out DIR [--tta flip]   (a fine-tuning run too: predictions.csv)
     mimkit knn runs/mae --data fashion-mnist --out runs/knn-depth --layer all   (--layer N: block N)
     mimkit import mae_pretrain_vit_base.pth --format mae --out runs/mae-b   (mae|beit|beitv2|vqkd|timm|hf)
     mimkit export runs/mae --to hf --out exported/   (--to timm; --encoder-only)
@@ -272,11 +274,30 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from mimkit.eval.predict import predict_classes, predict_masks
     from mimkit.eval.segment import is_segmentation_run
 
+    if args.batch_size < 1:
+        raise MimkitError(f"--batch-size must be at least 1, got {args.batch_size}")
     if is_segmentation_run(args.run):
-        written = predict_masks(args.run, args.images, args.out)
-        print(f"wrote {len(written)} label maps (and their _overlay.png) to {args.out}")
+        written, naming = predict_masks(args.run, args.images, args.out, args.tta, args.batch_size, args.force)
+        print(f"wrote {len(written)} label maps (and their _overlay.png) to {args.out}: {naming}")
+    elif args.tta:
+        raise MimkitError("--tta is for segmentation runs; a classifier predicts each image once")
     else:
-        print(f"wrote {predict_classes(args.run, args.images, args.out)}")
+        print(f"wrote {predict_classes(args.run, args.images, args.out, force=args.force)}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import signal
+
+    from mimkit.eval.seg_evaluate import evaluate_run
+    from mimkit.eval.seg_metrics import format_table
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops at once, as Ctrl-C (exit 130)
+    if args.batch_size < 1:
+        raise MimkitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    results = evaluate_run(args.run, args.out, args.split, args.data, args.tta, args.batch_size)
+    print(format_table(results))
+    print(f"{args.split} of {results['data']}: mIoU {results['mIoU']:.2f}  (results: "
+          f"{Path(args.out) / 'results.json'}, confusion matrix: {Path(args.out) / 'confusion.png'})")
 
 
 def add_segment_commands(commands) -> None:
@@ -312,11 +333,31 @@ def add_segment_commands(commands) -> None:
     add_force_config(segment)
     segment.set_defaults(handler=cmd_segment)
 
+    evaluate = commands.add_parser("evaluate", help="score a trained segmentation run on a split (per-class "
+                                   "table, confusion matrix)")
+    evaluate.add_argument("run", help="a segmentation run directory (its best weights are scored)")
+    evaluate.add_argument("--out", required=True, help="a new folder for results.json and the confusion matrix")
+    evaluate.add_argument("--split", choices=("val", "train"), default="val")
+    evaluate.add_argument("--data", help="another folder with the run's classes (default: the run's data)")
+    evaluate.add_argument("--tta", choices=("flip", "ms"),
+                          help="flip, or ms (scales 0.5-1.75 with flip, the papers' multi-scale test); default: "
+                          "as the run evaluates")
+    evaluate.add_argument("--batch-size", type=int, default=1,
+                          help="images scored together (of one size: 1 for folders of mixed sizes)")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
     predict = commands.add_parser("predict", help="run a segmentation or fine-tuned classification run on "
                                   "images")
     predict.add_argument("run", help="a segmentation run (label maps) or a fine-tuning run (predictions.csv)")
-    predict.add_argument("--images", required=True, help="a folder of images (searched recursively)")
-    predict.add_argument("--out", required=True, help="folder to write")
+    predict.add_argument("--images", required=True, help="a folder of images (searched recursively, every "
+                         "split; of a segmentation folder its images, not its masks)")
+    predict.add_argument("--out", required=True, help="folder to write (new, empty, or one predict wrote)")
+    predict.add_argument("--tta", choices=("flip", "ms"),
+                         help="test-time augmentation of a segmentation run: flip, or ms (scales 0.5-1.75 with "
+                         "flip, as the papers' multi-scale test); default: as the run evaluates")
+    predict.add_argument("--batch-size", type=int, default=16, help="images of one size predicted together")
+    predict.add_argument("--force", action="store_true",
+                         help="write into an --out folder that holds other files (same names are replaced)")
     predict.set_defaults(handler=cmd_predict)
 
 

@@ -26,6 +26,8 @@ from mimkit.errors import MimkitError
 
 IGNORE_INDEX = 255
 MODES = ("whole", "slide")
+# test-time augmentations by name: (scales, flip); ms is the papers' multi-scale test (their _ms configs)
+TTA = {"flip": ((), True), "ms": ((0.5, 0.75, 1.0, 1.25, 1.5, 1.75), True)}
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
