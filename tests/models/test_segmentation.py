@@ -8,8 +8,14 @@ from transformers import BeitForSemanticSegmentation
 from mimkit.errors import MimkitError
 from mimkit.interop.segmentation import export_segmenter, hf_out_indices
 from mimkit.models.beit import BEiT
-from mimkit.models.segmentation import Segmenter, feature_blocks, segmentation_encoder
+from mimkit.models.segmentation import (
+    Segmenter,
+    feature_blocks,
+    segmentation_encoder,
+    vit_with_relative_positions,
+)
 from mimkit.models.vit import build_vit, sincos_pos_embed_2d
+from mimkit.train.optim import param_groups
 
 
 def tiny_vit(depth: int = 2):
@@ -129,3 +135,39 @@ def test_blocks_past_the_last_one_read_get_no_gradient():
     model = Segmenter(segmentation_encoder(tiny_vit(depth=4), 32), 3, blocks=[0, 0, 1, 1])
     assert not any(p.requires_grad for p in model.encoder.blocks[2:].parameters())
     assert all(p.requires_grad for p in model.encoder.blocks[:2].parameters())
+
+
+def _random_weights(module: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(1)
+    for parameter in module.parameters():
+        parameter.data.normal_(0, 0.2)  # zero biases and unit scales would hide a dropped or misplaced one
+    return module.eval()
+
+
+def test_a_vit_gains_zero_relative_position_biases_and_computes_the_same():
+    vit = _random_weights(build_vit("vit_tiny", 32, 8, 3, depth=2, embed_dim=32, num_heads=2))
+    beit = vit_with_relative_positions(vit).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for ours, theirs in zip(vit.forward_intermediates(x, indices=[0, 1], intermediates_only=True),
+                            beit.forward_intermediates(x, indices=[0, 1], intermediates_only=True), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    tables = [block.attn.relative_position_bias_table for block in beit.blocks]
+    assert all(table.requires_grad and not table.any() for table in tables)
+    assert all(torch.equal(block.gamma_1, torch.ones(32)) for block in beit.blocks)  # mmseg's init_values=1.0
+
+
+def test_beits_shared_table_becomes_one_per_block_computing_the_same():
+    shared = _random_weights(BEiT(32, 8, 3, vocab_size=16, embed_dim=32, depth=2, num_heads=2,
+                                  shared_rel_pos_bias=True).encoder)
+    encoder = segmentation_encoder(shared, 32)
+    assert encoder.rel_pos_bias is None
+    table = shared.rel_pos_bias.relative_position_bias_table
+    assert all(torch.equal(block.attn.relative_position_bias_table, table) for block in encoder.blocks)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(shared.eval().forward_intermediates(x, indices=[1], intermediates_only=True)[0],
+                               encoder.eval().forward_intermediates(x, indices=[1], intermediates_only=True)[0],
+                               rtol=0, atol=1e-5)
+    groups = param_groups(encoder, 0.05, 0.65, len(encoder.blocks))  # each table at its own block's lr
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale[id(encoder.blocks[0].attn.relative_position_bias_table)] == pytest.approx(0.65 ** 2)
+    assert scale[id(encoder.blocks[1].attn.relative_position_bias_table)] == pytest.approx(0.65)

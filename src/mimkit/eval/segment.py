@@ -76,7 +76,8 @@ def resolve_segment(config: SegmentConfig, encoder: Encoder, source: SegSource) 
 def build_segmenter(config: SegmentConfig, encoder: nn.Module) -> Segmenter:
     """The segmentation model of a resolved configuration around (a copy of) ``encoder``."""
     seg = config.seg
-    return Segmenter(segmentation_encoder(encoder, seg.crop_size, seg.drop_path), seg.num_classes, seg.head,
+    return Segmenter(segmentation_encoder(encoder, seg.crop_size, seg.drop_path, seg.rel_pos_bias), seg.num_classes,
+                     seg.head,
                      seg.blocks, seg.channels, seg.aux_channels, seg.freeze_encoder)
 
 

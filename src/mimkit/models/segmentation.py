@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.models.beit import Beit
 from torch import nn
 
 from mimkit.errors import MimkitError
@@ -63,10 +64,75 @@ def resize_encoder(encoder: nn.Module, img_size: int) -> None:
             encoder.get_parameter(key).copy_(value)
 
 
-def segmentation_encoder(encoder: nn.Module, img_size: int, drop_path: float = 0.0) -> nn.Module:
+_HEAD = ("norm.", "fc_norm.", "head.")  # what segmentation drops: taken from the new encoder as it is
+
+
+def _beit_of(encoder: nn.Module, layer_scale: float | None) -> Beit:
+    """A timm `Beit` of ``encoder``'s shape (a timm `Beit` or `VisionTransformer`) with a relative position
+    bias table in every block (zero), no head; ``layer_scale`` its blocks' initial layer scale (None: none)."""
+    block, embed = encoder.blocks[0], encoder.patch_embed
+    qkv_bias = (block.attn.q_bias if isinstance(encoder, Beit) else block.attn.qkv.bias) is not None
+    beit = Beit(img_size=embed.img_size, patch_size=embed.patch_size, in_chans=embed.proj.in_channels,
+                num_classes=0, global_pool="token", embed_dim=encoder.embed_dim, depth=len(encoder.blocks),
+                num_heads=block.attn.num_heads, qkv_bias=qkv_bias,
+                mlp_ratio=block.mlp.fc1.out_features / encoder.embed_dim, init_values=layer_scale,
+                use_abs_pos_emb=encoder.pos_embed is not None, use_rel_pos_bias=True)
+    for each in beit.blocks:
+        nn.init.zeros_(each.attn.relative_position_bias_table)
+    return beit
+
+
+def per_block_relative_positions(encoder: Beit) -> Beit:
+    """A BEiT encoder whose shared relative position bias table is copied into every block, each then
+    trained on its own at its block's lr, as the released BEiT and BEiT v2 segmentation code loads a
+    pretrained checkpoint (a table per block; the pretraining's one shared table)."""
+    beit = _beit_of(encoder, layer_scale=1.0 if getattr(encoder.blocks[0], "gamma_1", None) is not None else None)
+    state = {k: v for k, v in encoder.state_dict().items() if not k.startswith(("rel_pos_bias.", *_HEAD))}
+    shared = encoder.rel_pos_bias.relative_position_bias_table.detach()
+    state |= {f"blocks.{i}.attn.relative_position_bias_table": shared for i in range(len(encoder.blocks))}
+    state |= {k: v for k, v in beit.state_dict().items() if k.endswith("relative_position_index")
+              or k.startswith(_HEAD)}
+    beit.load_state_dict(state)
+    return beit
+
+
+def vit_with_relative_positions(encoder: nn.Module) -> Beit:
+    """A ViT encoder as a timm `Beit` that computes the same function and has a zero-initialised relative
+    position bias in every block and a layer scale of 1, as mmsegmentation's MAE segmentation backbone
+    (``use_rel_pos_bias``, ``init_values=1.0``). The key bias of the attention is dropped: adding one vector
+    to every key shifts each query's scores by a constant, which the softmax ignores."""
+    if getattr(encoder, "num_reg_tokens", 0) or getattr(encoder, "cls_token", None) is None:
+        raise MimkitError("seg.rel_pos_bias takes a ViT with a class token and no register tokens")
+    beit = _beit_of(encoder, layer_scale=1.0)
+    dim = encoder.embed_dim
+    state = {k: v for k, v in encoder.state_dict().items()
+             if not k.startswith((*_HEAD, "norm_pre.")) and ".attn.qkv.bias" not in k
+             and ".ls1." not in k and ".ls2." not in k}
+    for i, block in enumerate(encoder.blocks):
+        if block.attn.qkv.bias is not None:
+            state |= {f"blocks.{i}.attn.q_bias": block.attn.qkv.bias[:dim],
+                      f"blocks.{i}.attn.v_bias": block.attn.qkv.bias[2 * dim:]}
+        for mine, theirs in (("ls1", "gamma_1"), ("ls2", "gamma_2")):
+            scale = getattr(getattr(block, mine, None), "gamma", None)
+            state[f"blocks.{i}.{theirs}"] = scale if scale is not None else torch.ones(dim)
+    state |= {k: v for k, v in beit.state_dict().items()
+              if k.endswith(("relative_position_bias_table", "relative_position_index", "k_bias"))
+              or k.startswith(_HEAD)}
+    beit.load_state_dict(state)
+    return beit
+
+
+def segmentation_encoder(encoder: nn.Module, img_size: int, drop_path: float = 0.0,
+                         rel_pos_bias: bool = False) -> nn.Module:
     """A trainable copy of ``encoder`` for segmentation at ``img_size``: no head and no final norm (the
-    pyramid reads raw block outputs), stochastic depth rising to ``drop_path``."""
+    pyramid reads raw block outputs), stochastic depth rising to ``drop_path``. A BEiT encoder's shared
+    relative position table becomes one per block (`per_block_relative_positions`); with ``rel_pos_bias``
+    a ViT gains zero-initialised ones (`vit_with_relative_positions`)."""
     check_encoder(encoder)
+    if isinstance(encoder, Beit) and encoder.rel_pos_bias is not None:
+        encoder = per_block_relative_positions(encoder)
+    elif rel_pos_bias and not isinstance(encoder, Beit):
+        encoder = vit_with_relative_positions(encoder)
     encoder = copy.deepcopy(encoder).requires_grad_(True)
     encoder.reset_classifier(0)
     encoder.norm, encoder.fc_norm = nn.Identity(), nn.Identity()
