@@ -264,3 +264,42 @@ def test_segsource_refuses_a_jpeg_mask_by_content(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(mask, format="JPEG")
     with pytest.raises(MimkitError, match="is a JPEG"):
         SegSource("x", [image], [mask], ["a", "b"], reduce_zero_label=False)
+
+
+@pytest.mark.parametrize("method, lr, decay, drop_path, rel_pos_bias", [
+    ("mae", 1e-4, 0.65, 0.1, True), ("beit", 7e-4, 0.65, 0.1, False), ("beitv2", 5e-5, 0.75, 0.15, False)])
+def test_ade20k_recipe_takes_each_methods_released_values(tmp_path, method, lr, decay, drop_path, rel_pos_bias):
+    from mimkit.cli import build_parser, segment_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"method: {method}\n")
+    args = build_parser().parse_args(["segment", str(run), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                                      "--config", "segment_ade20k"])
+    config, _ = segment_config(args)
+    assert config.optim.base_lr * 16 / 256 == pytest.approx(lr)  # the released configs' lr at batch 16
+    assert (config.optim.layer_decay, config.seg.drop_path, config.seg.rel_pos_bias) == (decay, drop_path,
+                                                                                         rel_pos_bias)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_during_an_evaluation_resumes_exactly(voc, mae_run, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    args = ["--data", str(voc), *QUICK, "--max-steps", "4", "--set", "eval_every=2",
+            "--set", "train.checkpoint_every=2", "--set", "train.keep_last=3", "--set", "seg.num_classes=3"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert main(["segment", str(mae_run), "--out", str(straight), *args]) == 0
+    real = segment_module.evaluate_segmentation
+
+    def stopped(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(segment_module, "evaluate_segmentation", stopped)
+    assert main(["segment", str(mae_run), "--out", str(cut), *args]) == 130
+    assert Checkpoints(cut).latest() == 2
+    monkeypatch.setattr(segment_module, "evaluate_segmentation", real)
+    assert main(["segment", str(mae_run), "--out", str(cut), *args]) == 0
+    a, b = (load_file(str(Checkpoints(run).weights_path(4))) for run in (straight, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

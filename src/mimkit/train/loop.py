@@ -114,15 +114,18 @@ class _Evaluator:
     """Runs an `Evaluation` when it is due, logs it and keeps the best weights."""
 
     def __init__(self, evaluation: Evaluation, model: nn.Module, checkpointer: Checkpointer,
-                 progress: ProgressLog, every: int):
-        self.evaluation, self.model, self.every = evaluation, model, every
+                 progress: ProgressLog, every: int, device: torch.device):
+        self.evaluation, self.model, self.every, self.device = evaluation, model, every, device
         self.checkpointer, self.progress = checkpointer, progress
         self.best_value = checkpointer.best_value()
 
     def __call__(self, step: int, stop: "_StopRequest") -> dict | None:
-        """Evaluate at ``step``; None when a stop request ended the evaluation (nothing logged or kept)."""
+        """Evaluate at ``step``; None when a stop request ended the evaluation (nothing logged or kept).
+
+        The training's random stream is left as the evaluation found it (a data loader draws its seed from
+        it), so a run resumed from the checkpoint saved before an evaluation continues exactly."""
         results = None
-        with stop.during():
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), stop.during():
             results = self.evaluation.evaluate(self.model)
         if results is None:
             return None
@@ -171,8 +174,8 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
     progress = ProgressLog(run_dir, world, total_steps=schedule.total_steps, start_step=step,
                            log_every=options.log_every, images_per_step=images_per_step,
                            steps_per_epoch=steps_per_epoch, desc=options.desc)
-    evaluate = (_Evaluator(evaluation, model, checkpointer, progress, evaluation.every or steps_per_epoch)
-                if evaluation else None)
+    evaluate = (_Evaluator(evaluation, model, checkpointer, progress, evaluation.every or steps_per_epoch,
+                           world.device) if evaluation else None)
 
     model.train()
     results: dict = {}
