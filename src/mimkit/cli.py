@@ -193,7 +193,7 @@ def visualize_segmentation(args: argparse.Namespace) -> None:
         for index in picks.tolist():
             image, truth = source[index]
             logits = predict_logits(model, view.image(image)[None], seg.crop_size, seg.eval_mode,
-                                    seg.eval_stride, seg.eval_flip)
+                                    seg.eval_stride, seg.eval_flip, seg.eval_scales)
             logits = torch.nn.functional.interpolate(logits, size=truth.shape, mode="bilinear",
                                                      align_corners=False)
             rows.append((image, truth, logits.argmax(1)[0]))

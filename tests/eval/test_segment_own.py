@@ -303,3 +303,21 @@ def test_a_run_stopped_during_an_evaluation_resumes_exactly(voc, mae_run, tmp_pa
     assert main(["segment", str(mae_run), "--out", str(cut), *args]) == 0
     a, b = (load_file(str(Checkpoints(run).weights_path(4))) for run in (straight, cut))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_segmentation_images_are_decoded_as_pretraining_decodes_them(tmp_path):
+    root = tmp_path / "data"
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True)
+    stored = np.zeros((8, 12, 3), np.uint8)
+    stored[:, :4] = 200  # a bright left band: after a 90-degree turn it is the top or bottom band
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to display
+    Image.fromarray(stored).save(root / "images" / "a.jpg", exif=exif, quality=100)
+    Image.fromarray(np.zeros((12, 8), np.uint8)).save(root / "masks" / "a.png")  # drawn on the turned image
+    source = build_seg_source(str(root), "train", num_classes=2)
+    image, mask = source[0]
+    assert tuple(image.shape[1:]) == tuple(mask.shape) == (12, 8)
+    assert image[:, :4].float().mean() > 150 and image[:, -4:].float().mean() < 50  # turned as displayed
+    with pytest.raises(MimkitError, match="a.jpg.*above data.max_image_pixels"):  # 96 pixels, refused
+        build_seg_source(str(root), "train", num_classes=2, max_image_pixels=50)

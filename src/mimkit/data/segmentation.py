@@ -225,7 +225,8 @@ def spread(n: int, samples: int) -> list[int]:
 
 
 def folder_seg_source(folder: str | Path, split: str, num_classes: int | None = None,
-                      channels: int | None = None, class_list: list[str] | None = None) -> SegSource:
+                      channels: int | None = None, class_list: list[str] | None = None,
+                      max_image_pixels: int | None = None) -> SegSource:
     """A `SegSource` for one split of a folder in any known layout (`mimkit.data.layouts`)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -233,7 +234,8 @@ def folder_seg_source(folder: str | Path, split: str, num_classes: int | None = 
     layout = detect_layout(folder)
     classes = class_names(layout, num_classes, class_list)
     files = layout.split(split)
-    return SegSource(folder.name, files.images, files.masks, classes, layout.reduce_zero_label, channels)
+    return SegSource(folder.name, files.images, files.masks, classes, layout.reduce_zero_label, channels,
+                     max_image_pixels=max_image_pixels or MAX_IMAGE_PIXELS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -354,7 +356,8 @@ def fmnist_scenes_folder(cache_root: str | Path | None = None, idx_root: str | P
 
 
 def build_seg_source(spec: str, split: str, *, root: str | Path | None = None, num_classes: int | None = None,
-                     channels: int | None = None, class_list: list[str] | None = None) -> SegSource:
+                     channels: int | None = None, class_list: list[str] | None = None,
+                     max_image_pixels: int | None = None) -> SegSource:
     """Make a segmentation source from `"fmnist-scenes"` or a folder path.
 
     Args:
@@ -367,6 +370,8 @@ def build_seg_source(spec: str, split: str, *, root: str | Path | None = None, n
         channels: 1 or 3 to convert the images; None to follow the data.
         class_list: class names (``seg.class_names``); they replace the folder's own (`classes.txt`, the
             layout's).
+        max_image_pixels: an image with more pixels is refused before it is decoded (``data.max_image_pixels``;
+            None: `MAX_IMAGE_PIXELS`).
 
     Returns:
         A `SegSource` of `(image uint8 (C, H, W), mask uint8 (H, W))`.
@@ -375,7 +380,7 @@ def build_seg_source(spec: str, split: str, *, root: str | Path | None = None, n
         raise MimkitError(f"segmentation split {split!r} is not one of {', '.join(SEG_SPLITS)}")
     if spec == "fmnist-scenes":
         folder = fmnist_scenes_folder(root, idx_root=root)
-        source = folder_seg_source(folder, split, num_classes, channels, class_list)
+        source = folder_seg_source(folder, split, num_classes, channels, class_list, max_image_pixels)
         fmnist = _IDX_DATASETS["fashion-mnist"]  # the items' pixels, normalized as the encoders saw them
         source.info = replace(source.info, name="fmnist-scenes", mean=(fmnist.mean,) * source.channels,
                               std=(fmnist.std,) * source.channels)
@@ -383,4 +388,4 @@ def build_seg_source(spec: str, split: str, *, root: str | Path | None = None, n
     path = Path(spec).expanduser()
     if not path.exists():
         raise MimkitError(f"segmentation data '{spec}' does not exist (named datasets: fmnist-scenes)")
-    return folder_seg_source(path, split, num_classes, channels, class_list)
+    return folder_seg_source(path, split, num_classes, channels, class_list, max_image_pixels)

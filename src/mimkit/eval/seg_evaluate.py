@@ -42,7 +42,8 @@ def evaluate_run(run: str | Path, out: str | Path, split: str = "val", data: str
     model, config = load_segmenter(run)
     seg, data_cfg = config.seg, config.data
     source = build_seg_source(data or data_cfg.source, split, root=data_cfg.root, channels=data_cfg.channels,
-                              num_classes=seg.num_classes, class_list=seg.classes)
+                              num_classes=seg.num_classes, class_list=seg.classes,
+                              max_image_pixels=data_cfg.max_image_pixels)
     source.check_masks(range(len(source)))  # every mask, before the first image is scored
     scales, flip = TTA[tta] if tta else (seg.eval_scales, seg.eval_flip)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

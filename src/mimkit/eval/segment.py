@@ -198,9 +198,10 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
     encoder = load_encoder(config.encoder, seg.init, seed=config.train.seed)
     channels = encoder.spec.data.channels
     source = build_seg_source(data.source, "train", root=data.root, num_classes=seg.num_classes,
-                              channels=channels, class_list=seg.class_names or None)
+                              channels=channels, class_list=seg.class_names or None,
+                              max_image_pixels=data.max_image_pixels)
     val_set = build_seg_source(data.source, "val", root=data.root, num_classes=source.num_classes,
-                               channels=channels, class_list=source.classes)
+                               channels=channels, class_list=source.classes, max_image_pixels=data.max_image_pixels)
     if config.eval_images:
         val_set = Subset(val_set, range(min(config.eval_images, len(val_set))))
     facts = survey_seg_data(source, val_set)  # a bad mask stops the run here, before training
