@@ -256,10 +256,34 @@ def _is_hidden(name: str) -> bool:
 
 
 def _walk_images(folder: Path) -> Iterator[tuple[str, list[str]]]:
-    """`(directory, image file names)` for every directory under `folder`, hidden entries skipped."""
+    """`(directory, image file names)` for every directory under `folder`, hidden entries skipped.
+
+    Symlinked directories are followed, but each real directory (device and inode) is read once, under the
+    first path met in sorted order: a link back up the tree (a loop) or a second way into a folder already
+    listed is skipped, and named in one warning at the end.
+    """
+    seen = {_directory_id(folder)}
+    skipped = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+        kept = []
+        for name in sorted(d for d in dirnames if not _is_hidden(d)):
+            identity = _directory_id(Path(dirpath, name))
+            if identity in seen:
+                skipped.append(os.path.join(dirpath, name))
+            else:
+                seen.add(identity)
+                kept.append(name)
+        dirnames[:] = kept  # os.walk descends into these only
         yield dirpath, [f for f in filenames if not _is_hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+    if skipped:
+        warnings.warn(f"listing '{folder}': skipped {len(skipped)} symlinked folder(s) leading to a folder "
+                      f"already listed (a loop, or a second way in): {', '.join(skipped[:3])}"
+                      f"{', ...' if len(skipped) > 3 else ''}", stacklevel=2)
+
+
+def _directory_id(path: Path) -> tuple[int, int]:
+    stat = os.stat(path)  # follows the link: the directory it leads to
+    return stat.st_dev, stat.st_ino
 
 
 def _listing_bar(folder: Path) -> tqdm:
