@@ -13,6 +13,7 @@ from PIL import Image
 
 from mimkit.cli import main
 from mimkit.data import shards
+from mimkit.data.filelist import load_file_list, train_source
 from mimkit.data.shards import INDEX_NAME, ShardMembers, ShardReader, pack_files, parse_size, shard_files
 from mimkit.data.sources import build_source
 from mimkit.data.survey import survey
@@ -187,3 +188,40 @@ def test_start_up_survey_reads_sizes_from_the_shards(tmp_path):
     assert from_shards.sizes_read == from_folder.sizes_read == 12
     assert (from_shards.smallest, from_shards.largest, from_shards.median) == (
         from_folder.smallest, from_folder.largest, from_folder.median) == ((16, 20), (38, 31), (26, 25))
+
+
+def test_a_run_keeps_its_shard_members_and_refuses_fewer(tmp_path):
+    pack(image_folder(tmp_path / "images"), tmp_path / "shards")
+    spec, list_file = f"shards:{tmp_path / 'shards'}", tmp_path / "run" / "files.txt"
+    first, note = train_source(spec, list_file)
+    assert f"{len(first)} images listed, kept in" in note
+    stored = load_file_list(list_file)
+    assert stored.shards and stored.files[0] == (first.labels[0], "shard-000000.tar:cat/000.jpg")
+
+    resumed, _ = train_source(spec, list_file)
+    assert [resumed[i][0].tolist() for i in range(len(resumed))] == [first[i][0].tolist()
+                                                                     for i in range(len(first))]
+    last = shard_files(tmp_path / "shards")[-1]
+    lost = sum(member.startswith(f"{last.name}:") for _, member in stored.files)
+    last.unlink()
+    with pytest.raises(MimkitError, match=f"lack {lost} of the {len(first)} images .*{last.name}: {lost}.*"
+                                          "--rescan and a new --out"):
+        train_source(spec, list_file)
+    rescanned, _ = train_source(spec, tmp_path / "new" / "files.txt", rescan=True)
+    assert len(rescanned) == len(first) - lost
+
+
+@pytest.mark.slow
+def test_a_resume_on_shards_with_one_deleted_is_one_line(tmp_path, capsys):
+    pack(image_folder(tmp_path / "images"), tmp_path / "shards")
+    args = ["pretrain", "mae", "--data", f"shards:{tmp_path / 'shards'}", "--out", str(tmp_path / "run"),
+            "--model", "vit_mini", "--batch-size", "4", "--set", "data.img_size=16", "--set",
+            "model.patch_size=4", "--set", "model.kwargs.depth=1", "--set", "model.kwargs.decoder_depth=1",
+            "--set", "data.num_workers=0"]
+    assert main([*args, "--max-steps", "1"]) == 0
+    last = shard_files(tmp_path / "shards")[-1]
+    last.unlink()
+    capsys.readouterr()
+    assert main([*args, "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"({last.name}: " in err and "Traceback" not in err

@@ -152,6 +152,16 @@ class ShardMembers:
     def __len__(self) -> int:
         return len(self.names)
 
+    def key(self, index: int) -> str:
+        """`shard.tar:member/name.jpg`, the member's name in a run's file list (`mimkit.data.filelist`)."""
+        return f"{self.shards[self.shard_of[index]]}:{self.names[index]}"
+
+    def select(self, indices: Sequence[int]) -> "ShardMembers":
+        """The members at ``indices``, in that order."""
+        picked = np.asarray(indices, np.int64)
+        return ShardMembers(self.folder, self.shards, self.shard_of[picked], self.offsets[picked],
+                            self.sizes[picked], [self.names[i] for i in indices])
+
     def describe(self, index: int) -> str:
         """`shard.tar:member/name.jpg`, for messages."""
         return f"{self.folder / self.shards[self.shard_of[index]]}:{self.names[index]}"
