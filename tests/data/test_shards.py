@@ -190,6 +190,18 @@ def test_start_up_survey_reads_sizes_from_the_shards(tmp_path):
         from_folder.smallest, from_folder.largest, from_folder.median) == ((16, 20), (38, 31), (26, 25))
 
 
+def test_a_shard_cut_at_a_member_boundary_is_refused(tmp_path):
+    pack(image_folder(tmp_path / "images"), tmp_path / "shards", size="1MB")
+    shard = shard_files(tmp_path / "shards")[0]
+    with tarfile.open(shard) as tar:
+        fifth = tar.getmembers()[4]
+    with open(shard, "r+b") as f:
+        f.truncate(fifth.offset)  # 4 whole members are left: tarfile reads them and stops without a word
+    (tmp_path / "shards" / INDEX_NAME).unlink()
+    with pytest.raises(MimkitError, match=f"shard '{shard}' has no end-of-archive marker after its 4 images"):
+        build_source(f"shards:{tmp_path / 'shards'}")
+
+
 def test_a_run_keeps_its_shard_members_and_refuses_fewer(tmp_path):
     pack(image_folder(tmp_path / "images"), tmp_path / "shards")
     spec, list_file = f"shards:{tmp_path / 'shards'}", tmp_path / "run" / "files.txt"

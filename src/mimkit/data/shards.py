@@ -56,7 +56,11 @@ def shard_files(folder: str | Path) -> list[Path]:
 
 
 def _scan_shard(path: Path, is_image: Callable[[str], bool]) -> dict:
-    """One shard's entry: its size and mtime (to notice a rewrite) and its image members, in tar order."""
+    """One shard's entry: its size and mtime (to notice a rewrite) and its image members, in tar order.
+
+    A shard must end with tar's end-of-archive marker (a zero block) after its last member: one cut short,
+    even at a member boundary, which `tarfile` reads without a word, is refused.
+    """
     names, offsets, sizes = [], [], []
     try:
         with tarfile.open(path, "r:") as tar:  # "r:": compressed tars cannot be read at an offset
@@ -65,8 +69,14 @@ def _scan_shard(path: Path, is_image: Callable[[str], bool]) -> dict:
                     names.append(member.name)
                     offsets.append(member.offset_data)
                     sizes.append(member.size)
+            end = tar.offset  # just past the last member: where the marker must be
+        with open(path, "rb") as f:
+            marker = os.pread(f.fileno(), tarfile.BLOCKSIZE, end)
     except (tarfile.TarError, OSError) as e:
         raise MimkitError(f"cannot index shard '{path}' ({e}); shards must be uncompressed .tar files") from e
+    if marker != tarfile.NUL * tarfile.BLOCKSIZE:
+        raise MimkitError(f"shard '{path}' has no end-of-archive marker after its {len(names)} images: it "
+                          "was cut short (an interrupted copy or pack?); copy or pack it again")
     stat = path.stat()
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "names": names, "offsets": offsets,
             "sizes": sizes}
