@@ -431,6 +431,13 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, capsys, monkeypatch):
     one_line_error(capsys, "metrics.jsonl", "the disk is full")
 
 
+def test_a_torn_last_metrics_line_does_not_block_the_resume(run_with_checkpoints):
+    path = run_with_checkpoints / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 70, "epo')  # a crash while the line was written
+    with pytest.warns(UserWarning, match="last line was cut short"):
+        assert pretrain(run_with_checkpoints, "--max-steps", "4", "--set", "train.log_every=1") == 0
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()][-1] == 4
+
 def test_a_read_only_place_for_a_new_run_is_one_line(tmp_path, capsys, monkeypatch):
     """--out inside a read-only folder: creating the run directory fails in one line (root ignores
     permission bits, so the failure is injected)."""
