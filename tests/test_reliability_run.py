@@ -61,6 +61,11 @@ def one_line_error(capsys) -> str:
     (["--set", "data.mean=0.5"], "'data.mean' must be a list"),
     (["--set", "optim.betas=[0.9]"], "'optim.betas' must be a list of 2 values"),
     (["--set", "optim.betas=[0.9,1.5]"], "'optim.betas' must lie in [0, 1)"),
+    (["--set", "optim.base_lr=nan"], "'optim.base_lr' must be a finite number above 0, got nan"),
+    (["--set", "optim.base_lr=inf"], "'optim.base_lr' must be a finite number above 0, got inf"),
+    (["--set", "optim.base_lr=0"], "'optim.base_lr' must be above 0, got 0"),
+    (["--set", "optim.clip_grad=.nan"], "'optim.clip_grad' must be a finite number above 0"),
+    (["--set", "optim.warmup_epochs=.inf"], "'optim.warmup_epochs' must be a finite number at least 0"),
     (["--set", "model.kwargs.foo=1"], "'model.kwargs.foo' is not an argument of MAE"),
 ])
 def test_bad_numbers_are_one_line_errors(tmp_path, capsys, args, message):
@@ -68,6 +73,26 @@ def test_bad_numbers_are_one_line_errors(tmp_path, capsys, args, message):
     assert pretrain(tmp_path / "run", *length, *args) == 2
     assert message in one_line_error(capsys)
     assert Checkpoints(tmp_path / "run").latest() is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["linprobe", "--batch-size", "-4"], "--batch-size must be at least 1, got -4"),
+    (["linprobe", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["linprobe", "--lr", "nan"], "--lr must be a finite number above 0, got nan"),
+    (["linprobe", "--lr", "-1"], "--lr must be above 0, got -1"),
+    (["linprobe", "--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["linprobe", "--val-fraction", "-0.1"], "(--val-fraction) must be in [0, 1), got -0.1"),
+    (["linprobe", "--label-fraction", "nan"], "(--label-fraction) must be a finite number in (0, 1]"),
+    (["knn", "--k", "0"], "--k must be at least 1, got 0"),
+    (["knn", "--temperature", "inf"], "--temperature must be a finite number above 0, got inf"),
+    (["knn", "--num-workers", "-1"], "--num-workers must be at least 0, got -1"),
+])
+def test_probes_check_their_numbers_like_the_trainers(mae_run, tmp_path, capsys, args, message):
+    command, *flags = args
+    out = tmp_path / "probe"
+    assert main([command, str(mae_run), "--data", "synthetic", "--out", str(out), *flags]) == 2
+    assert message in one_line_error(capsys)
+    assert not (out / "results.json").exists()
 
 
 @pytest.mark.parametrize("command", [["tokenizer", "train", "dvae"], ["finetune", "no-such-run"]])

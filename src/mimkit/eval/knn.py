@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mimkit.config import check_range
 from mimkit.errors import MimkitError
 from mimkit.eval.features import probe_data, probe_layers
 from mimkit.eval.metrics import depth_results, prefixed, topk_correct, write_results
@@ -86,6 +87,9 @@ def run_knn(encoder: Encoder, data: str, out: str | Path, *, pool: str = "cls", 
         The results written to ``results.json``.
     """
     start = time.perf_counter()
+    check_range("--k", k, 1)
+    check_range("--temperature", temperature, 0, low_open=True)
+    check_range("--num-workers", num_workers, 0)
     features = probe_data(encoder, data, pool, root=root, label_fraction=label_fraction,
                           val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
                           layers=probe_layers(layer, len(encoder.model.blocks)))

@@ -19,6 +19,7 @@ from safetensors.torch import save_model
 from torch import nn
 from tqdm import tqdm
 
+from mimkit.config import check_range
 from mimkit.errors import MimkitError
 from mimkit.eval.features import probe_data, probe_layers
 from mimkit.eval.lars import LARS
@@ -155,6 +156,11 @@ def run_linprobe(encoder: Encoder, data: str, out: str | Path, *, pool: str = "c
         The results written to ``results.json``.
     """
     start = time.perf_counter()
+    check_range("--epochs", epochs, 1)
+    check_range("--batch-size", batch_size, 1)
+    check_range("--lr", base_lr, 0, low_open=True)
+    check_range("the weight decay", weight_decay, 0)
+    check_range("--num-workers", num_workers, 0)
     layers = probe_layers(layer, len(encoder.model.blocks))
     features = probe_data(encoder, data, pool, root=root, label_fraction=label_fraction,
                           val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
