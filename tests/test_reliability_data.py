@@ -21,6 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mimkit.cli import main
+from mimkit.data.filelist import FileList, save_file_list
+from mimkit.data.shards import INDEX_NAME
 from mimkit.data.sources import SyntheticSource, build_source
 from mimkit.errors import MimkitError
 from mimkit.eval.knn import run_knn
@@ -311,6 +313,33 @@ def test_planted_symlinks_at_temp_names_are_never_followed(run_with_checkpoints,
     assert Checkpoints(run_with_checkpoints).steps() == [4, 5]
     assert not any(p.is_symlink() for p in folder.iterdir())
 
+
+def test_no_temp_file_of_a_run_follows_a_planted_symlink(run_with_checkpoints, tmp_path):
+    """The run's other files (data.json, files.txt, a shard index, cached features) were written through
+    fixed temporary names; a symlink planted there redirected the write outside the run."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("victim")
+    run = run_with_checkpoints
+    (run / "data.json.tmp").symlink_to(victim)
+    (run / ".files.txt.tmp").symlink_to(victim)
+    image_folder(tmp_path / "images" / "a", 4)
+    shards = tmp_path / "shards"
+    assert main(["data", "pack", str(tmp_path / "images"), "--out", str(shards)]) == 0
+    (shards / INDEX_NAME).unlink()
+    (shards / f"{INDEX_NAME}.tmp-{os.getpid()}").symlink_to(victim)
+    cache = tmp_path / "cache"
+    knn = ["knn", str(run), "--data", "synthetic", "--features-cache", str(cache), "--num-workers", "0"]
+    assert main([*knn, "--out", str(tmp_path / "knn1")]) == 0
+    for path in list(cache.iterdir()):
+        path.unlink()
+        path.with_name(path.name + ".tmp").symlink_to(victim)
+
+    assert pretrain(run, "--max-steps", "4") == 0
+    save_file_list(FileList("x", str(tmp_path), "x", [], [(-1, "a.png")], 0), run / "files.txt")
+    assert len(build_source(f"shards:{shards}")) == 4
+    assert main([*knn, "--out", str(tmp_path / "knn2")]) == 0
+    assert victim.read_text() == "victim"
+    assert json.loads((run / "data.json").read_text())["resumed_from"] == 3
 
 def test_temp_files_are_created_exclusively(tmp_path, monkeypatch):
     """Even a symlink planted at the very name mkstemp picks is not written through: O_EXCL refuses it."""

@@ -22,6 +22,7 @@ from torch import nn
 from mimkit.config import PretrainConfig, differences, from_dict, read_yaml, save_config, to_dict
 from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.eval.config import FinetuneConfig
+from mimkit.files import write_text_atomically
 from mimkit.models.classifier import FineTuned, build_classifier, check_encoder
 from mimkit.registry import method_of, read_config
 from mimkit.train.checkpoint import Checkpoints, load_weights
@@ -66,10 +67,7 @@ def file_list_path(run_dir: str | Path) -> Path:
 
 def save_data_facts(run_dir: str | Path, facts: dict) -> None:
     """Write a run's start-up summary (JSON-friendly ``facts``) atomically."""
-    path = Path(run_dir) / DATA_FACTS
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(facts, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(Path(run_dir) / DATA_FACTS, json.dumps(facts, indent=2) + "\n")
 
 
 def split_weights_path(path: str | Path) -> tuple[Path, Path | None]:

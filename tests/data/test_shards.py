@@ -89,7 +89,7 @@ def test_index_is_cached_atomically_and_refreshed_when_a_shard_changes(tmp_path,
     out = tmp_path / "shards"
     index = json.loads((out / INDEX_NAME).read_text())
     assert sorted(index["shards"]) == [p.name for p in shard_files(out)]
-    assert not list(out.glob(f"{INDEX_NAME}.tmp-*"))
+    assert not list(out.glob(f".{INDEX_NAME}.*.tmp"))
 
     scanned = []
     real_scan = shards._scan_shard
@@ -116,7 +116,7 @@ def test_index_in_a_read_only_folder_is_rebuilt_with_a_warning(tmp_path, monkeyp
     monkeypatch.setattr(shards.os, "replace", read_only)
     with pytest.warns(UserWarning, match="cannot cache the shard index"):
         assert len(build_source(f"shards:{tmp_path / 'shards'}")) == 3
-    assert not list((tmp_path / "shards").glob(".*tmp-*"))
+    assert not list((tmp_path / "shards").glob(".*.tmp"))
 
 
 def test_pack_refuses_a_non_empty_out_and_bad_sizes(tmp_path, capsys):

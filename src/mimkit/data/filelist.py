@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from mimkit.data.shards import ShardReader
 from mimkit.data.sources import ListedFolderSource, build_source, listed_shard_source
 from mimkit.errors import MimkitError
+from mimkit.files import write_atomically
 
 _HEADER = "# mimkit file list "
 
@@ -80,13 +81,14 @@ def save_file_list(file_list: FileList, path: str | Path) -> Path:
     if bad := next((path for _, path in file_list.files if "\n" in path), None):
         raise MimkitError(f"image file name {bad!r} holds a line break; rename it")
     header = {k: v for k, v in asdict(file_list).items() if k != "files"}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(_HEADER + json.dumps(header) + "\n")
-        f.writelines(f"{label}\t{p}\n" for label, p in file_list.files)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(_HEADER + json.dumps(header) + "\n")
+            f.writelines(f"{label}\t{p}\n" for label, p in file_list.files)
+
+    write_atomically(path, write)
+    return Path(path)
 
 
 def load_file_list(path: str | Path) -> FileList | None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mimkit.errors import MimkitError
+from mimkit.files import write_text_atomically
 
 SHARD_SUFFIX = ".tar"
 INDEX_NAME = ".mimkit-shard-index.json"  # hidden, so folder scans skip it
@@ -82,13 +83,10 @@ def _scan_shard(path: Path, is_image: Callable[[str], bool]) -> dict:
             "sizes": sizes}
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+def _cache_index(path: Path, text: str) -> None:
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)  # readers see the old index or the new one, never half of one
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
+        write_text_atomically(path, text)  # readers see the old index or the new one, never half of one
+    except (OSError, MimkitError) as e:
         warnings.warn(f"cannot cache the shard index in '{path}' ({e}); it is rebuilt at every start",
                       stacklevel=3)
 
@@ -118,7 +116,7 @@ def load_index(folder: str | Path, is_image: Callable[[str], bool]) -> dict[str,
             entry, changed = _scan_shard(path, is_image), True
         index[path.name] = entry
     if changed or index.keys() != cached.keys():
-        _write_atomically(cache, json.dumps({"version": _INDEX_VERSION, "shards": index}))
+        _cache_index(cache, json.dumps({"version": _INDEX_VERSION, "shards": index}))
     return index
 
 

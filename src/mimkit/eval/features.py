@@ -7,7 +7,6 @@ default, or those of any block (``layer``): ``"all"`` caches every block in one 
 """
 
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
 from mimkit.eval.subsets import make_splits
+from mimkit.files import write_atomically
 from mimkit.models.classifier import block_features, pooled_features
 from mimkit.runs import Encoder
 
@@ -111,9 +111,8 @@ def cached_features(model: nn.Module, source: Dataset, view, pool: str, data_key
             features = torch.zeros(len(source), *new.shape[1:])
         features[missing], have[missing] = new, True
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"features": features, "labels": labels, "have": have.to(torch.uint8)}, str(tmp))
-        os.replace(tmp, path)
+        tensors = {"features": features, "labels": labels, "have": have.to(torch.uint8)}
+        write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
     return features[wanted], labels[wanted]
 
 

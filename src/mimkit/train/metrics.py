@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 from mimkit.errors import MimkitError, explain_write_errors
+from mimkit.files import write_text_atomically
 
 
 class MetricsLog:
@@ -66,4 +67,4 @@ def drop_records_after(run_dir: str | Path, step: int) -> None:
     path = Path(run_dir) / "metrics.jsonl"
     if path.exists():
         kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
