@@ -6,9 +6,11 @@ nothing earlier is lost."""
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -283,6 +285,51 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_earlier_ones(run_with_c
     after = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
     assert after == before | {"step-00000004.pt": after["step-00000004.pt"]}  # no temp file left
 
+
+@pytest.mark.parametrize("found", ["before", "after"])
+def test_a_full_disk_that_torch_save_does_not_name_is_one_line(run_with_checkpoints, capsys, monkeypatch,
+                                                                found):
+    """torch.save on a full disk raises ``RuntimeError: basic_ios::clear``, with no error number: the free
+    space is checked before the save (the room the checkpoint needs) and after a failure."""
+    run = run_with_checkpoints
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    real_usage, failed = shutil.disk_usage, []
+
+    def usage(path):
+        full = found == "before" or failed
+        return real_usage(path)._replace(free=1000) if full else real_usage(path)
+
+    def failing_save(state, path):
+        Path(path).write_bytes(b"partial")
+        failed.append(path)
+        raise RuntimeError("basic_ios::clear")
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    assert pretrain(run, "--max-steps", "4", "--set", "train.checkpoint_every=1") == 2
+    said = {"before": "checked before writing: 0.0 MB free", "after": "found after the write failed with "
+            "RuntimeError: basic_ios::clear; 0.0 MB free"}[found]
+    one_line_error(capsys, "step-00000004.pt", "the disk is full", said)
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+    assert bool(failed) == (found == "after")
+
+
+def test_a_read_only_run_folder_on_resume_is_one_line(run_with_checkpoints, capsys, monkeypatch):
+    """The run's own files (data.json) cannot be written: one line (root ignores permission bits, so the
+    failure is injected where a file in the run folder is created)."""
+    run = run_with_checkpoints
+    real_mkstemp, real_write_text = tempfile.mkstemp, Path.write_text
+
+    def refused(path):
+        if Path(path) == run:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, dir=None, **kw: refused(dir) or real_mkstemp(
+        *a, dir=dir, **kw))
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **kw: refused(self.parent) or real_write_text(
+        self, *a, **kw))
+    assert pretrain(run, "--max-steps", "4") == 2
+    one_line_error(capsys, "data.json", "read-only")
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_a_read_only_checkpoint_folder_is_one_line(run_with_checkpoints, capsys):

@@ -23,7 +23,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mimkit.errors import MimkitError, explain_write_errors
-from mimkit.files import write_atomically, write_text_atomically
+from mimkit.files import check_free_space, write_atomically, write_text_atomically
 from mimkit.safe_load import load_pickle
 
 _NAME = re.compile(r"^step-(\d{8})\.safetensors$")
@@ -33,6 +33,17 @@ _STATE_NAME = re.compile(r"^step-(\d{8})\.pt$")
 def _is_temporary(name: str) -> bool:
     """Ours end in ``.tmp``; safetensors writes ``.tmpXXXXXX`` next to its target, then renames it."""
     return name.endswith(".tmp") or name.startswith(".tmp")
+
+
+def _tensor_bytes(value) -> int:
+    """Bytes of the tensors in a (nested) state: about what saving it takes."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 class Checkpoints:
@@ -62,9 +73,11 @@ class Checkpoints:
         return steps[-1] if steps else None
 
     def save(self, step: int, model: nn.Module, state: dict) -> None:
-        """Write weights and training state for ``step``, then drop checkpoints beyond ``keep_last``."""
+        """Write weights and training state for ``step``, then drop checkpoints beyond ``keep_last``; refused
+        before anything is written when the disk has not the room for both."""
         with explain_write_errors(self.dir):
             self.dir.mkdir(parents=True, exist_ok=True)
+        check_free_space(self.state_path(step), _tensor_bytes(state) + _tensor_bytes(model.state_dict()))
         write_atomically(self.state_path(step), lambda tmp: torch.save(state, tmp))
         write_atomically(self.weights_path(step), lambda tmp: save_model(model, str(tmp)))
         for old in self.steps()[:-self.keep_last]:
