@@ -2,6 +2,7 @@
 into, a trained run keeps its configuration, one process per run directory, no silent change of the
 number of processes, non-finite values never step or get saved, and the CLI's thread defaults."""
 
+import json
 import os
 import signal
 import subprocess
@@ -131,6 +132,42 @@ def test_folder_that_is_not_a_run_is_never_written_into(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert pretrain(empty, "--max-steps", "1") == 0  # an empty folder is fine
+
+
+@pytest.mark.parametrize("command, other", [("linprobe", "knn"), ("knn", "linprobe")])
+def test_probes_write_only_into_a_folder_they_made_unless_forced(mae_run, tmp_path, capsys, command, other):
+    def probe(name: str, out, *extra: str) -> int:
+        epochs = ["--epochs", "1"] if name == "linprobe" else []
+        return main([name, str(mae_run), "--data", "synthetic", "--out", str(out), "--num-workers", "0",
+                     "--features-cache", str(tmp_path / "cache"), *epochs, *extra])
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text("keep\n")
+    (mine / "metrics.jsonl").write_text("keep\n")
+    assert probe(command, mine) == 2
+    assert f"files mimkit {command} did not write (metrics.jsonl, results.json); choose a new --out, or " \
+           "--force" in one_line_error(capsys)
+    assert (mine / "results.json").read_text() == (mine / "metrics.jsonl").read_text() == "keep\n"
+    assert probe(other, tmp_path / "other") == 0
+    capsys.readouterr()
+    assert probe(command, tmp_path / "other") == 2
+    assert f"holds the output of mimkit {other}" in one_line_error(capsys)
+    assert probe(command, tmp_path / "own") == probe(command, tmp_path / "own") == 0  # its own: run again
+    assert probe(command, mine, "--force") == 0
+    assert json.loads((mine / "results.json").read_text())["protocol"] == command
+
+
+def test_visualize_names_a_picture_in_a_folder_or_without_an_extension(mae_run, tmp_path, capsys):
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for _ in range(2):
+        assert main(["visualize", str(mae_run), "--out", str(pictures), "--n", "1"]) == 0
+    assert sorted(p.name for p in pictures.iterdir()) == ["recon-2.png", "recon.png"]
+    assert "is a folder: the picture is named recon-2.png" in capsys.readouterr().out
+    assert main(["visualize", str(mae_run), "--out", str(tmp_path / "plain"), "--n", "1"]) == 0
+    assert "has no picture extension: .png added" in capsys.readouterr().out
+    assert (tmp_path / "plain.png").is_file()
 
 
 def test_trained_run_keeps_its_config_unless_forced(tmp_path, capsys):
