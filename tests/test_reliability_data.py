@@ -440,6 +440,16 @@ def test_export_refuses_a_non_empty_out_unless_forced(run_with_checkpoints, tmp_
     assert json.loads((out / "config.json").read_text())["num_classes"] == 0
 
 
+def test_a_forced_export_removes_what_a_killed_export_left(run_with_checkpoints, tmp_path):
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / ".tmpX7b2Qz").write_bytes(b"half of a weights file")  # safetensors' own temporary name
+    (out / ".config.json.k3j2h1.tmp").write_text("{")  # ours
+    (out / "notes.tmp").write_text("mine")
+    assert main(["export", str(run_with_checkpoints), "--to", "timm", "--out", str(out), "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.tmp"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 17. A malicious pickle handed in as a tokenizer or inside a Hugging Face teacher: one line, never run
 

@@ -54,6 +54,17 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def remove_temporaries(folder: str | Path) -> None:
+    """Remove the temporary files killed writers left in ``folder``: ours (``.<name>.*.tmp``) and those of
+    safetensors (``.tmpXXXXXX``, renamed over its target when done). Only hidden names are touched; symlinks
+    are removed, never followed."""
+    for path in Path(folder).iterdir():
+        name = path.name
+        left = name.startswith(".tmp") or (name.startswith(".") and name.endswith(".tmp"))
+        if left and (path.is_symlink() or path.is_file()):
+            path.unlink(missing_ok=True)
+
+
 def write_text_atomically(path: str | Path, text: str) -> None:
     """Replace ``path``'s content with ``text`` (UTF-8) whole, through `write_atomically`."""
     write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
