@@ -1,5 +1,6 @@
 """Tar shards: `mimkit data pack`, the cached member index, map-style reading, labels and bad members."""
 
+import errno
 import io
 import json
 import tarfile
@@ -130,6 +131,16 @@ def test_pack_refuses_a_non_empty_out_and_bad_sizes(tmp_path, capsys):
     assert (tmp_path / "full" / "x").read_text() == "keep me" and not (tmp_path / "new").exists()
     with pytest.raises(MimkitError, match="no .tar shards"):
         build_source(f"shards:{folder}")
+
+
+def test_a_full_disk_while_packing_is_one_line(tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards.tarfile, "open", full)
+    assert pack(image_folder(tmp_path / "images"), tmp_path / "shards") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: cannot write") and "the disk is full" in err
 
 
 def test_pack_files_keeps_shards_near_the_size_and_order(tmp_path):

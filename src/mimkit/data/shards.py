@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimkit.errors import MimkitError
+from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.files import write_text_atomically
 
 SHARD_SUFFIX = ".tar"
@@ -256,6 +256,12 @@ def pack_files(files: Sequence[Path], root: Path, out: str | Path, shard_size: i
     """
     out = Path(out)
     check_new_folder(out)
+    with explain_write_errors(out):  # a full or read-only disk: one line
+        return _pack(files, root, out, shard_size, progress)
+
+
+def _pack(files: Sequence[Path], root: Path, out: Path, shard_size: int,
+          progress: Callable[[int], None] | None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
     tar, written = None, 0

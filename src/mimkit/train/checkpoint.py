@@ -106,7 +106,8 @@ class Checkpoints:
 
     def save_best(self, step: int, model: nn.Module, metric: str, value: float) -> None:
         """Keep ``model``'s weights as the best so far by ``metric`` (`best_path`, ``best.json``)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        with explain_write_errors(self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
         write_atomically(self.best_path, lambda tmp: save_model(model, str(tmp)))
         record = {"step": step, "metric": metric, "value": value}
         write_text_atomically(self.dir / "best.json", json.dumps(record))
