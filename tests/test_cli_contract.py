@@ -222,6 +222,15 @@ def test_import_refuses_a_folder_that_is_not_a_run_unless_forced(tmp_path, capsy
     assert load_config(mine).data.source == "synthetic:64"
 
 
+def test_import_checks_its_image_size(tmp_path, capsys):
+    reference_checkpoint(tmp_path / "mae.pth")
+    out = tmp_path / "run"
+    assert main(["import", str(tmp_path / "mae.pth"), "--format", "mae", "--out", str(out), "--img-size", "0",
+                 *IMPORT_SETS]) == 2  # 0 was taken for "not given": a run at the checkpoint's size
+    assert capsys.readouterr().err.strip() == "error: --img-size must be at least 1, got 0"
+    assert not out.exists()
+
+
 def test_import_set_configures_the_run(tmp_path):
     reference_checkpoint(tmp_path / "mae.pth")
     run = tmp_path / "run"

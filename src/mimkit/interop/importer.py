@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import mimkit.methods  # noqa: F401  (registers the built-in methods, whose hooks are looked up here)
-from mimkit.config import PretrainConfig, merge, save_config
+from mimkit.config import PretrainConfig, check_range, merge, save_config
 from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.interop.foreign import IMAGENET_MEAN, IMAGENET_STD, Foreign, convert
 from mimkit.interop.hf import read_hf_folder
@@ -321,6 +321,7 @@ def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int
         The run directory, its configuration, what was resized, initialized or skipped, and where each
         architecture field came from.
     """
+    check_range("--img-size", img_size, 1)
     out = Path(out)
     if Checkpoints(out).latest() is not None:
         raise MimkitError(f"'{out}' already holds a run; choose another --out")
