@@ -91,10 +91,11 @@ def run_knn(encoder: Encoder, data: str, out: str | Path, *, pool: str = "cls", 
     check_range("--k", k, 1)
     check_range("--temperature", temperature, 0, low_open=True)
     check_range("--num-workers", num_workers, 0)
+    layers = probe_layers(layer, len(encoder.model.blocks))
     out = claim_out_dir(out, "knn", force)
     features = probe_data(encoder, data, pool, root=root, label_fraction=label_fraction,
                           val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
-                          layers=probe_layers(layer, len(encoder.model.blocks)))
+                          layers=layers)
     train_images = len(features.train[1])
     if k > train_images:  # knn_scores caps k there: record the k that ran
         warnings.warn(f"k={k} is more than the {train_images} training images; k={train_images} is used",

@@ -163,8 +163,8 @@ def run_linprobe(encoder: Encoder, data: str, out: str | Path, *, pool: str = "c
     check_range("--lr", base_lr, 0, low_open=True)
     check_range("the weight decay", weight_decay, 0)
     check_range("--num-workers", num_workers, 0)
-    out = claim_out_dir(out, "linprobe", force)
     layers = probe_layers(layer, len(encoder.model.blocks))
+    out = claim_out_dir(out, "linprobe", force)
     features = probe_data(encoder, data, pool, root=root, label_fraction=label_fraction,
                           val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
                           layers=layers)
