@@ -102,8 +102,8 @@ def test_the_package_has_no_import_cycle():
 # looks a run's pictures up in the registry). The two interop commands, import and export, which load
 # methods and runs, stay above them.
 LAYERS = (
-    ("mimkit", "mimkit.errors", "mimkit.config", "mimkit.eval.config", "mimkit.cpus", "mimkit.safe_load",
-     "mimkit.recipes"),
+    ("mimkit", "mimkit.errors", "mimkit.files", "mimkit.config", "mimkit.eval.config", "mimkit.cpus",
+     "mimkit.safe_load", "mimkit.recipes"),
     ("mimkit.data", "mimkit.models", "mimkit.tokenizers", "mimkit.masking", "mimkit.interop"),
     ("mimkit.train",),
     ("mimkit.registry", "mimkit.runs", "mimkit.viz"),

@@ -207,6 +207,30 @@ def test_import_allow_mismatch_loads_the_rest(tmp_path, capsys):
         assert torch.equal(imported[name], weights[name]), name
 
 
+def test_import_refuses_a_folder_that_is_not_a_run_unless_forced(tmp_path, capsys):
+    reference_checkpoint(tmp_path / "mae.pth")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("mine\n")
+    args = ["import", str(tmp_path / "mae.pth"), "--format", "mae", "--out", str(mine), *IMPORT_SETS]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "not a mimkit run (it holds config.yaml)" in err and "--force" in err
+    assert (mine / "config.yaml").read_text() == "mine\n" and sorted(p.name for p in mine.iterdir()) == [
+        "config.yaml"]
+    assert main([*args, "--force"]) == 0
+    assert load_config(mine).data.source == "synthetic:64"
+
+
+def test_import_checks_its_image_size(tmp_path, capsys):
+    reference_checkpoint(tmp_path / "mae.pth")
+    out = tmp_path / "run"
+    assert main(["import", str(tmp_path / "mae.pth"), "--format", "mae", "--out", str(out), "--img-size", "0",
+                 *IMPORT_SETS]) == 2  # 0 was taken for "not given": a run at the checkpoint's size
+    assert capsys.readouterr().err.strip() == "error: --img-size must be at least 1, got 0"
+    assert not out.exists()
+
+
 def test_import_set_configures_the_run(tmp_path):
     reference_checkpoint(tmp_path / "mae.pth")
     run = tmp_path / "run"

@@ -6,9 +6,11 @@ nothing earlier is lost."""
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mimkit.cli import main
+from mimkit.data.filelist import FileList, save_file_list
+from mimkit.data.shards import INDEX_NAME
 from mimkit.data.sources import SyntheticSource, build_source
 from mimkit.errors import MimkitError
 from mimkit.eval.knn import run_knn
@@ -282,6 +286,51 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_earlier_ones(run_with_c
     assert after == before | {"step-00000004.pt": after["step-00000004.pt"]}  # no temp file left
 
 
+@pytest.mark.parametrize("found", ["before", "after"])
+def test_a_full_disk_that_torch_save_does_not_name_is_one_line(run_with_checkpoints, capsys, monkeypatch,
+                                                                found):
+    """torch.save on a full disk raises ``RuntimeError: basic_ios::clear``, with no error number: the free
+    space is checked before the save (the room the checkpoint needs) and after a failure."""
+    run = run_with_checkpoints
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    real_usage, failed = shutil.disk_usage, []
+
+    def usage(path):
+        full = found == "before" or failed
+        return real_usage(path)._replace(free=1000) if full else real_usage(path)
+
+    def failing_save(state, path):
+        Path(path).write_bytes(b"partial")
+        failed.append(path)
+        raise RuntimeError("basic_ios::clear")
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    assert pretrain(run, "--max-steps", "4", "--set", "train.checkpoint_every=1") == 2
+    said = {"before": "checked before writing: 0.0 MB free", "after": "found after the write failed with "
+            "RuntimeError: basic_ios::clear; 0.0 MB free"}[found]
+    one_line_error(capsys, "step-00000004.pt", "the disk is full", said)
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+    assert bool(failed) == (found == "after")
+
+
+def test_a_read_only_run_folder_on_resume_is_one_line(run_with_checkpoints, capsys, monkeypatch):
+    """The run's own files (data.json) cannot be written: one line (root ignores permission bits, so the
+    failure is injected where a file in the run folder is created)."""
+    run = run_with_checkpoints
+    real_mkstemp, real_write_text = tempfile.mkstemp, Path.write_text
+
+    def refused(path):
+        if Path(path) == run:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, dir=None, **kw: refused(dir) or real_mkstemp(
+        *a, dir=dir, **kw))
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **kw: refused(self.parent) or real_write_text(
+        self, *a, **kw))
+    assert pretrain(run, "--max-steps", "4") == 2
+    one_line_error(capsys, "data.json", "read-only")
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_a_read_only_checkpoint_folder_is_one_line(run_with_checkpoints, capsys):
     folder = run_with_checkpoints / "checkpoints"
@@ -311,6 +360,33 @@ def test_planted_symlinks_at_temp_names_are_never_followed(run_with_checkpoints,
     assert Checkpoints(run_with_checkpoints).steps() == [4, 5]
     assert not any(p.is_symlink() for p in folder.iterdir())
 
+
+def test_no_temp_file_of_a_run_follows_a_planted_symlink(run_with_checkpoints, tmp_path):
+    """The run's other files (data.json, files.txt, a shard index, cached features) were written through
+    fixed temporary names; a symlink planted there redirected the write outside the run."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("victim")
+    run = run_with_checkpoints
+    (run / "data.json.tmp").symlink_to(victim)
+    (run / ".files.txt.tmp").symlink_to(victim)
+    image_folder(tmp_path / "images" / "a", 4)
+    shards = tmp_path / "shards"
+    assert main(["data", "pack", str(tmp_path / "images"), "--out", str(shards)]) == 0
+    (shards / INDEX_NAME).unlink()
+    (shards / f"{INDEX_NAME}.tmp-{os.getpid()}").symlink_to(victim)
+    cache = tmp_path / "cache"
+    knn = ["knn", str(run), "--data", "synthetic", "--features-cache", str(cache), "--num-workers", "0"]
+    assert main([*knn, "--out", str(tmp_path / "knn1")]) == 0
+    for path in list(cache.iterdir()):
+        path.unlink()
+        path.with_name(path.name + ".tmp").symlink_to(victim)
+
+    assert pretrain(run, "--max-steps", "4") == 0
+    save_file_list(FileList("x", str(tmp_path), "x", [], [(-1, "a.png")], 0), run / "files.txt")
+    assert len(build_source(f"shards:{shards}")) == 4
+    assert main([*knn, "--out", str(tmp_path / "knn2")]) == 0
+    assert victim.read_text() == "victim"
+    assert json.loads((run / "data.json").read_text())["resumed_from"] == 3
 
 def test_temp_files_are_created_exclusively(tmp_path, monkeypatch):
     """Even a symlink planted at the very name mkstemp picks is not written through: O_EXCL refuses it."""
@@ -362,6 +438,16 @@ def test_export_refuses_a_non_empty_out_unless_forced(run_with_checkpoints, tmp_
     assert (out / "config.json").read_text() == "mine"
     assert main([*args, "--force"]) == 0
     assert json.loads((out / "config.json").read_text())["num_classes"] == 0
+
+
+def test_a_forced_export_removes_what_a_killed_export_left(run_with_checkpoints, tmp_path):
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / ".tmpX7b2Qz").write_bytes(b"half of a weights file")  # safetensors' own temporary name
+    (out / ".config.json.k3j2h1.tmp").write_text("{")  # ours
+    (out / "notes.tmp").write_text("mine")
+    assert main(["export", str(run_with_checkpoints), "--to", "timm", "--out", str(out), "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.tmp"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -430,6 +516,13 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, capsys, monkeypatch):
     assert pretrain(tmp_path / "run", "--max-steps", "2", "--set", "train.log_every=1") == 2
     one_line_error(capsys, "metrics.jsonl", "the disk is full")
 
+
+def test_a_torn_last_metrics_line_does_not_block_the_resume(run_with_checkpoints):
+    path = run_with_checkpoints / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 70, "epo')  # a crash while the line was written
+    with pytest.warns(UserWarning, match="last line was cut short"):
+        assert pretrain(run_with_checkpoints, "--max-steps", "4", "--set", "train.log_every=1") == 0
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()][-1] == 4
 
 def test_a_read_only_place_for_a_new_run_is_one_line(tmp_path, capsys, monkeypatch):
     """--out inside a read-only folder: creating the run directory fails in one line (root ignores

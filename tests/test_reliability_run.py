@@ -2,6 +2,7 @@
 into, a trained run keeps its configuration, one process per run directory, no silent change of the
 number of processes, non-finite values never step or get saved, and the CLI's thread defaults."""
 
+import json
 import os
 import signal
 import subprocess
@@ -61,6 +62,11 @@ def one_line_error(capsys) -> str:
     (["--set", "data.mean=0.5"], "'data.mean' must be a list"),
     (["--set", "optim.betas=[0.9]"], "'optim.betas' must be a list of 2 values"),
     (["--set", "optim.betas=[0.9,1.5]"], "'optim.betas' must lie in [0, 1)"),
+    (["--set", "optim.base_lr=nan"], "'optim.base_lr' must be a finite number above 0, got nan"),
+    (["--set", "optim.base_lr=inf"], "'optim.base_lr' must be a finite number above 0, got inf"),
+    (["--set", "optim.base_lr=0"], "'optim.base_lr' must be above 0, got 0"),
+    (["--set", "optim.clip_grad=.nan"], "'optim.clip_grad' must be a finite number above 0"),
+    (["--set", "optim.warmup_epochs=.inf"], "'optim.warmup_epochs' must be a finite number at least 0"),
     (["--set", "model.kwargs.foo=1"], "'model.kwargs.foo' is not an argument of MAE"),
 ])
 def test_bad_numbers_are_one_line_errors(tmp_path, capsys, args, message):
@@ -68,6 +74,26 @@ def test_bad_numbers_are_one_line_errors(tmp_path, capsys, args, message):
     assert pretrain(tmp_path / "run", *length, *args) == 2
     assert message in one_line_error(capsys)
     assert Checkpoints(tmp_path / "run").latest() is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["linprobe", "--batch-size", "-4"], "--batch-size must be at least 1, got -4"),
+    (["linprobe", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["linprobe", "--lr", "nan"], "--lr must be a finite number above 0, got nan"),
+    (["linprobe", "--lr", "-1"], "--lr must be above 0, got -1"),
+    (["linprobe", "--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["linprobe", "--val-fraction", "-0.1"], "(--val-fraction) must be in [0, 1), got -0.1"),
+    (["linprobe", "--label-fraction", "nan"], "(--label-fraction) must be a finite number in (0, 1]"),
+    (["knn", "--k", "0"], "--k must be at least 1, got 0"),
+    (["knn", "--temperature", "inf"], "--temperature must be a finite number above 0, got inf"),
+    (["knn", "--num-workers", "-1"], "--num-workers must be at least 0, got -1"),
+])
+def test_probes_check_their_numbers_like_the_trainers(mae_run, tmp_path, capsys, args, message):
+    command, *flags = args
+    out = tmp_path / "probe"
+    assert main([command, str(mae_run), "--data", "synthetic", "--out", str(out), *flags]) == 2
+    assert message in one_line_error(capsys)
+    assert not (out / "results.json").exists()
 
 
 @pytest.mark.parametrize("command", [["tokenizer", "train", "dvae"], ["finetune", "no-such-run"]])
@@ -106,6 +132,42 @@ def test_folder_that_is_not_a_run_is_never_written_into(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert pretrain(empty, "--max-steps", "1") == 0  # an empty folder is fine
+
+
+@pytest.mark.parametrize("command, other", [("linprobe", "knn"), ("knn", "linprobe")])
+def test_probes_write_only_into_a_folder_they_made_unless_forced(mae_run, tmp_path, capsys, command, other):
+    def probe(name: str, out, *extra: str) -> int:
+        epochs = ["--epochs", "1"] if name == "linprobe" else []
+        return main([name, str(mae_run), "--data", "synthetic", "--out", str(out), "--num-workers", "0",
+                     "--features-cache", str(tmp_path / "cache"), *epochs, *extra])
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text("keep\n")
+    (mine / "metrics.jsonl").write_text("keep\n")
+    assert probe(command, mine) == 2
+    assert f"files mimkit {command} did not write (metrics.jsonl, results.json); choose a new --out, or " \
+           "--force" in one_line_error(capsys)
+    assert (mine / "results.json").read_text() == (mine / "metrics.jsonl").read_text() == "keep\n"
+    assert probe(other, tmp_path / "other") == 0
+    capsys.readouterr()
+    assert probe(command, tmp_path / "other") == 2
+    assert f"holds the output of mimkit {other}" in one_line_error(capsys)
+    assert probe(command, tmp_path / "own") == probe(command, tmp_path / "own") == 0  # its own: run again
+    assert probe(command, mine, "--force") == 0
+    assert json.loads((mine / "results.json").read_text())["protocol"] == command
+
+
+def test_visualize_names_a_picture_in_a_folder_or_without_an_extension(mae_run, tmp_path, capsys):
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for _ in range(2):
+        assert main(["visualize", str(mae_run), "--out", str(pictures), "--n", "1"]) == 0
+    assert sorted(p.name for p in pictures.iterdir()) == ["recon-2.png", "recon.png"]
+    assert "is a folder: the picture is named recon-2.png" in capsys.readouterr().out
+    assert main(["visualize", str(mae_run), "--out", str(tmp_path / "plain"), "--n", "1"]) == 0
+    assert "has no picture extension: .png added" in capsys.readouterr().out
+    assert (tmp_path / "plain.png").is_file()
 
 
 def test_trained_run_keeps_its_config_unless_forced(tmp_path, capsys):

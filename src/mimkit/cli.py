@@ -149,13 +149,17 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     from mimkit.data.sources import build_source
     from mimkit.runs import load_run
     from mimkit.train.metrics import read_metrics
-    from mimkit.viz import codebook_usage_plot, image_grid, run_panels, save_picture
+    from mimkit.viz import codebook_usage_plot, image_grid, picture_path, run_panels, save_picture
 
     if args.n < 1:
         raise MimkitError("--n must be at least 1")
     from mimkit.eval.segment import is_segmentation_run
 
-    if is_segmentation_run(args.run):
+    segmentation = is_segmentation_run(args.run)
+    args.out, note = picture_path(args.out, "seg.png" if segmentation else "recon.png")
+    if note:
+        print(note)
+    if segmentation:
         return visualize_segmentation(args)
     model, config = load_run(args.run)
     data = config.data
@@ -399,7 +403,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
     fraction = 1.0 if args.label_fraction is None else args.label_fraction
     common = dict(pool=args.pool or "cls", label_fraction=fraction, val_fraction=args.val_fraction or 0.0,
                   seed=args.seed, cache_dir=args.features_cache, num_workers=args.num_workers,
-                  layer=args.layer)
+                  layer=args.layer, force=args.force)
     if args.command == "linprobe":
         from mimkit.eval.linprobe import run_linprobe
 
@@ -468,6 +472,9 @@ def add_eval_commands(commands) -> None:
         probe.add_argument("--layer", type=block_number, metavar="N|all",
                            help="read block N's features (1-based; default: the encoder's final ones), or "
                            "'all': one feature pass, a probe per block, accuracy by depth (table and plot)")
+        probe.add_argument("--force", action="store_true",
+                           help="write into an --out folder that another command made or that holds other "
+                           "files (files of the same names are replaced)")
         if name == "linprobe":
             probe.add_argument("--epochs", type=int, default=100)
             probe.add_argument("--batch-size", type=int, default=256)
@@ -483,7 +490,8 @@ def cmd_import(args: argparse.Namespace) -> None:
     from mimkit.interop.importer import import_checkpoint
 
     report = import_checkpoint(args.checkpoint, args.format, args.out, img_size=args.img_size,
-                               allow_mismatch=args.allow_mismatch, overrides=parse_overrides(args.set))
+                               allow_mismatch=args.allow_mismatch, overrides=parse_overrides(args.set),
+                               force=args.force)
     for line in report.summary():
         print(line)
     for note in report.notes:
@@ -516,6 +524,9 @@ def add_interop_commands(commands) -> None:
                      help="load what matches instead of refusing missing or unexpected keys (both listed)")
     imp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="configuration of the run, e.g. model.kwargs.num_heads=2 or data.source=DIR")
+    imp.add_argument("--force", action="store_true",
+                     help="write the run into an --out folder that holds other files (its config.yaml and "
+                     "checkpoints/ are replaced)")
     imp.set_defaults(handler=cmd_import)
 
     exp = commands.add_parser("export", help="write a run's model for timm or Hugging Face transformers")

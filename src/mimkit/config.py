@@ -7,6 +7,7 @@ can rebuild the run's model.
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from collections.abc import Collection
@@ -22,13 +23,38 @@ from mimkit.errors import MimkitError, explain_write_errors
 _FLAGS = {"train.epochs": "--epochs", "train.max_steps": "--max-steps", "train.batch_size": "--batch-size"}
 
 
+def check_range(name: str, value: float | None, low: float, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """The one check of every number a command reads (batch sizes, fractions, lrs, ...): refuse NaN, an
+    infinity, and a value outside ``[low, high]`` (an open end excludes it). None means "unset" and passes.
+
+    Args:
+        name: how the message names the number: a config key and its flag (`config_key`), or a flag.
+    """
+    if value is None:
+        return
+    inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if math.isfinite(value) and inside:
+        return
+    if high == math.inf:
+        allowed = f"{'above' if low_open else 'at least'} {low}"
+    else:
+        allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    finite = "" if math.isfinite(value) else "a finite number "
+    raise MimkitError(f"{name} must be {finite}{allowed}, got {value}")
+
+
+def config_key(section: str, name: str) -> str:
+    """``config 'train.batch_size' (--batch-size)``: a key as messages name it, with its flag if any."""
+    key = f"{section}.{name}" if section else name
+    return f"config '{key}'" + (f" ({_FLAGS[key]})" if key in _FLAGS else "")
+
+
 def at_least(minimum: float, section: str, **values) -> None:
-    """Refuse a number below ``minimum`` (None means "unset" and passes), naming the key and its flag."""
+    """Refuse a number below ``minimum``, or not finite (None means "unset" and passes), naming the key and
+    its flag."""
     for name, value in values.items():
-        if value is not None and value < minimum:
-            key = f"{section}.{name}" if section else name
-            flag = f" ({_FLAGS[key]})" if key in _FLAGS else ""
-            raise MimkitError(f"config '{key}'{flag} must be at least {minimum}, got {value}")
+        check_range(config_key(section, name), value, minimum)
 
 
 @dataclass
@@ -75,10 +101,10 @@ class OptimConfig:
     clip_grad: float | None = None
 
     def __post_init__(self):
-        at_least(0, "optim", base_lr=self.base_lr, min_lr=self.min_lr, weight_decay=self.weight_decay,
+        check_range(config_key("optim", "base_lr"), self.base_lr, 0, low_open=True)
+        at_least(0, "optim", min_lr=self.min_lr, weight_decay=self.weight_decay,
                  warmup_epochs=self.warmup_epochs)
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise MimkitError(f"config 'optim.clip_grad' must be positive or null, got {self.clip_grad}")
+        check_range(config_key("optim", "clip_grad"), self.clip_grad, 0, low_open=True)
         if not all(0 <= b < 1 for b in self.betas):
             raise MimkitError(f"config 'optim.betas' must lie in [0, 1), got {list(self.betas)}")
 

@@ -30,19 +30,23 @@ _WRITE_FAILURES = {
 }
 
 
+def error_number(err: Exception) -> int | None:
+    """The ``errno`` of a failed I/O call, or None. safetensors reports its I/O errors as
+    ``SafetensorError("... (os error 28)")``, not as ``OSError``: the number is read from that text."""
+    code = getattr(err, "errno", None)
+    if code is None and (found := re.search(r"os error (\d+)", str(err))):
+        code = int(found.group(1))
+    return code
+
+
 @contextlib.contextmanager
 def explain_write_errors(path: str | Path):
-    """Turn a failed write to ``path`` (disk full, read-only, no permission) into a one-line `MimkitError`.
-
-    safetensors reports its I/O errors as ``SafetensorError("... (os error 28)")``, not as ``OSError``, so
-    the error number is read from ``errno`` or from that text; any other error passes through.
-    """
+    """Turn a failed write to ``path`` (disk full, read-only, no permission) into a one-line `MimkitError`;
+    any other error passes through."""
     try:
         yield
     except Exception as err:
-        code = getattr(err, "errno", None)
-        if code is None and (found := re.search(r"os error (\d+)", str(err))):
-            code = int(found.group(1))
+        code = error_number(err)
         if code not in _WRITE_FAILURES:
             raise
         raise MimkitError(f"cannot write '{path}': {_WRITE_FAILURES[code]}; free space or choose a writable "

@@ -22,6 +22,7 @@ from torch import nn
 from mimkit.config import PretrainConfig, differences, from_dict, read_yaml, save_config, to_dict
 from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.eval.config import FinetuneConfig
+from mimkit.files import write_text_atomically
 from mimkit.models.classifier import FineTuned, build_classifier, check_encoder
 from mimkit.registry import method_of, read_config
 from mimkit.train.checkpoint import Checkpoints, load_weights
@@ -32,6 +33,7 @@ CONFIG = "config.yaml"
 LOCK = "run.lock"
 DATA_FACTS = "data.json"
 FILE_LIST = "files.txt"
+OUT_MARK = ".mimkit-out"  # in an --out folder an evaluation command (linprobe, knn) made: the command's name
 INITS = ("pretrained", "random")  # what load_encoder gives: a run's weights, or its architecture afresh
 # settings a run may resume with changed values: its length and its upkeep, none of which changes what one
 # step computes (a method adds its own: `mimkit.registry.Method.resumable`)
@@ -46,6 +48,38 @@ def is_run_dir(path: str | Path) -> bool:
     configuration with checkpoints (an imported run, or one from before the lock file)."""
     path = Path(path)
     return (path / LOCK).is_file() or (config_path(path).is_file() and Checkpoints(path).dir.is_dir())
+
+
+def some_names(folder: Path) -> str:
+    """The first three names in ``folder``, for messages."""
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def claim_out_dir(out: str | Path, command: str, force: bool = False) -> Path:
+    """Make ``out`` the output folder of ``command`` (``linprobe``, ``knn``): a new or empty folder is created
+    and marked as its (`OUT_MARK`), and one it marked before is used again (files of the same names are
+    replaced). A folder of another command, a run, or anyone's files is refused unless ``force``.
+
+    Returns:
+        ``out`` as a `Path`, created.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MimkitError(f"--out '{out}' is a file; give a folder")
+    mark = out / OUT_MARK
+    owner = mark.read_text().strip() if mark.is_file() else None
+    empty = not out.is_dir() or not any(out.iterdir())
+    if not empty and owner != command and not force:
+        held = (f"the output of mimkit {owner}" if owner else "a mimkit run" if is_run_dir(out)
+                else f"files mimkit {command} did not write ({some_names(out)})")
+        raise MimkitError(f"--out '{out}' holds {held}; choose a new --out, or --force to write into it "
+                          "anyway (files of the same names are replaced)")
+    with explain_write_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+    if empty:
+        write_text_atomically(mark, f"{command}\n")
+    return out
 
 
 def config_path(run_dir: str | Path) -> Path:
@@ -66,10 +100,7 @@ def file_list_path(run_dir: str | Path) -> Path:
 
 def save_data_facts(run_dir: str | Path, facts: dict) -> None:
     """Write a run's start-up summary (JSON-friendly ``facts``) atomically."""
-    path = Path(run_dir) / DATA_FACTS
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(facts, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(Path(run_dir) / DATA_FACTS, json.dumps(facts, indent=2) + "\n")
 
 
 def split_weights_path(path: str | Path) -> tuple[Path, Path | None]:
@@ -103,9 +134,8 @@ def hold_run_dir(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
     if run_dir.exists() and not run_dir.is_dir():
         raise MimkitError(f"--out '{run_dir}' is a file; give a folder for the run")
     if run_dir.is_dir() and not is_run_dir(run_dir) and any(run_dir.iterdir()):
-        held = ", ".join(sorted(p.name for p in run_dir.iterdir())[:3])
-        raise MimkitError(f"--out '{run_dir}' is a folder that is not a mimkit run (it holds {held}, ...); "
-                          "give a new or empty folder")
+        raise MimkitError(f"--out '{run_dir}' is a folder that is not a mimkit run (it holds "
+                          f"{some_names(run_dir)}); give a new or empty folder")
     with explain_write_errors(run_dir / LOCK):  # a read-only or full disk: one line, not a traceback
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)

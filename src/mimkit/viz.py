@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from mimkit.config import PretrainConfig
 from mimkit.data.loader import SeededViews
 from mimkit.data.transforms import CENTER_CROP_MIN_SIZE, IMAGENET_CROP_PCT, denormalize, eval_view
-from mimkit.errors import MimkitError
+from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.masking import block_mask, count_for_ratio
 from mimkit.models.beit import BEiT, BEiTv2
 from mimkit.models.mae import MAE
@@ -224,11 +224,32 @@ def image_grid(panels: dict[str, torch.Tensor], mean, std, scale: int = 4) -> Im
     return canvas
 
 
+def picture_path(out: str | Path, name: str) -> tuple[Path, str]:
+    """Where a picture asked for as ``out`` is written, and how it was named when that is not ``out``.
+
+    A folder gets the picture inside, as ``name`` (a PNG name), numbered (``recon-2.png``, ...) when that
+    is taken; a name without a picture extension gets ``.png``.
+
+    Returns:
+        `(path, note)`: the note is empty when the path is ``out`` itself.
+    """
+    out = Path(out)
+    if out.is_dir():
+        path, number = out / name, 2
+        while path.exists():
+            path, number = out / f"{Path(name).stem}-{number}.png", number + 1
+        return path, f"--out '{out}' is a folder: the picture is named {path.name}"
+    if out.suffix.lower() not in Image.registered_extensions():
+        return out.with_name(f"{out.name}.png"), f"--out '{out}' has no picture extension: .png added"
+    return out, ""
+
+
 def save_picture(image: Image.Image, path: str | Path) -> Path:
-    """Write a PNG, creating the parent folder."""
+    """Write a picture in the format its extension names, creating the parent folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    with explain_write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
     return path
 
 

@@ -1,3 +1,5 @@
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -412,6 +414,18 @@ def test_fmnist_scenes_writer_keeps_a_folder_another_process_finished(tmp_path):
     write_fmnist_scenes(folder, {"train": 3, "val": 2}, idx)  # as if it lost the race to rename
     assert marker.stat().st_mtime_ns == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_fmnist_scenes_writer_removes_what_a_killed_one_left(tmp_path):
+    idx = tiny_fashion(tmp_path / "idx")
+    host = socket.gethostname()
+    left = [f".scenes-999999999@{host}-k1ll3d00",  # its process is gone
+            f".scenes-{os.getpid()}@{host}-runn1ng0",  # still running
+            ".scenes-999999999@another-host-r3m0te00"]  # another machine's: not ours to judge
+    for name in left:
+        (tmp_path / name / "images").mkdir(parents=True)
+    write_fmnist_scenes(tmp_path / "scenes", {"train": 3, "val": 2}, idx)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(left[1:])
 
 
 @needs_fashion

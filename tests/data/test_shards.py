@@ -1,5 +1,6 @@
 """Tar shards: `mimkit data pack`, the cached member index, map-style reading, labels and bad members."""
 
+import errno
 import io
 import json
 import tarfile
@@ -13,6 +14,7 @@ from PIL import Image
 
 from mimkit.cli import main
 from mimkit.data import shards
+from mimkit.data.filelist import load_file_list, train_source
 from mimkit.data.shards import INDEX_NAME, ShardMembers, ShardReader, pack_files, parse_size, shard_files
 from mimkit.data.sources import build_source
 from mimkit.data.survey import survey
@@ -88,7 +90,7 @@ def test_index_is_cached_atomically_and_refreshed_when_a_shard_changes(tmp_path,
     out = tmp_path / "shards"
     index = json.loads((out / INDEX_NAME).read_text())
     assert sorted(index["shards"]) == [p.name for p in shard_files(out)]
-    assert not list(out.glob(f"{INDEX_NAME}.tmp-*"))
+    assert not list(out.glob(f".{INDEX_NAME}.*.tmp"))
 
     scanned = []
     real_scan = shards._scan_shard
@@ -115,7 +117,7 @@ def test_index_in_a_read_only_folder_is_rebuilt_with_a_warning(tmp_path, monkeyp
     monkeypatch.setattr(shards.os, "replace", read_only)
     with pytest.warns(UserWarning, match="cannot cache the shard index"):
         assert len(build_source(f"shards:{tmp_path / 'shards'}")) == 3
-    assert not list((tmp_path / "shards").glob(".*tmp-*"))
+    assert not list((tmp_path / "shards").glob(".*.tmp"))
 
 
 def test_pack_refuses_a_non_empty_out_and_bad_sizes(tmp_path, capsys):
@@ -129,6 +131,16 @@ def test_pack_refuses_a_non_empty_out_and_bad_sizes(tmp_path, capsys):
     assert (tmp_path / "full" / "x").read_text() == "keep me" and not (tmp_path / "new").exists()
     with pytest.raises(MimkitError, match="no .tar shards"):
         build_source(f"shards:{folder}")
+
+
+def test_a_full_disk_while_packing_is_one_line(tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards.tarfile, "open", full)
+    assert pack(image_folder(tmp_path / "images"), tmp_path / "shards") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: cannot write") and "the disk is full" in err
 
 
 def test_pack_files_keeps_shards_near_the_size_and_order(tmp_path):
@@ -187,3 +199,52 @@ def test_start_up_survey_reads_sizes_from_the_shards(tmp_path):
     assert from_shards.sizes_read == from_folder.sizes_read == 12
     assert (from_shards.smallest, from_shards.largest, from_shards.median) == (
         from_folder.smallest, from_folder.largest, from_folder.median) == ((16, 20), (38, 31), (26, 25))
+
+
+def test_a_shard_cut_at_a_member_boundary_is_refused(tmp_path):
+    pack(image_folder(tmp_path / "images"), tmp_path / "shards", size="1MB")
+    shard = shard_files(tmp_path / "shards")[0]
+    with tarfile.open(shard) as tar:
+        fifth = tar.getmembers()[4]
+    with open(shard, "r+b") as f:
+        f.truncate(fifth.offset)  # 4 whole members are left: tarfile reads them and stops without a word
+    (tmp_path / "shards" / INDEX_NAME).unlink()
+    with pytest.raises(MimkitError, match=f"shard '{shard}' has no end-of-archive marker after its 4 images"):
+        build_source(f"shards:{tmp_path / 'shards'}")
+
+
+def test_a_run_keeps_its_shard_members_and_refuses_fewer(tmp_path):
+    pack(image_folder(tmp_path / "images"), tmp_path / "shards")
+    spec, list_file = f"shards:{tmp_path / 'shards'}", tmp_path / "run" / "files.txt"
+    first, note = train_source(spec, list_file)
+    assert f"{len(first)} images listed, kept in" in note
+    stored = load_file_list(list_file)
+    assert stored.shards and stored.files[0] == (first.labels[0], "shard-000000.tar:cat/000.jpg")
+
+    resumed, _ = train_source(spec, list_file)
+    assert [resumed[i][0].tolist() for i in range(len(resumed))] == [first[i][0].tolist()
+                                                                     for i in range(len(first))]
+    last = shard_files(tmp_path / "shards")[-1]
+    lost = sum(member.startswith(f"{last.name}:") for _, member in stored.files)
+    last.unlink()
+    with pytest.raises(MimkitError, match=f"lack {lost} of the {len(first)} images .*{last.name}: {lost}.*"
+                                          "--rescan and a new --out"):
+        train_source(spec, list_file)
+    rescanned, _ = train_source(spec, tmp_path / "new" / "files.txt", rescan=True)
+    assert len(rescanned) == len(first) - lost
+
+
+@pytest.mark.slow
+def test_a_resume_on_shards_with_one_deleted_is_one_line(tmp_path, capsys):
+    pack(image_folder(tmp_path / "images"), tmp_path / "shards")
+    args = ["pretrain", "mae", "--data", f"shards:{tmp_path / 'shards'}", "--out", str(tmp_path / "run"),
+            "--model", "vit_mini", "--batch-size", "4", "--set", "data.img_size=16", "--set",
+            "model.patch_size=4", "--set", "model.kwargs.depth=1", "--set", "model.kwargs.decoder_depth=1",
+            "--set", "data.num_workers=0"]
+    assert main([*args, "--max-steps", "1"]) == 0
+    last = shard_files(tmp_path / "shards")[-1]
+    last.unlink()
+    capsys.readouterr()
+    assert main([*args, "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"({last.name}: " in err and "Traceback" not in err

@@ -142,6 +142,22 @@ def test_flat_folder_recursive_sorted_filtered(tmp_path):
     assert source.labels == [-1] * 5
 
 
+def test_symlink_loops_are_listed_once_and_named(tmp_path):
+    for i in range(3):
+        save(tmp_path / "data" / f"{i}.png", "RGB")
+    save(tmp_path / "data" / "sub" / "s.png", "RGB")
+    (tmp_path / "data" / "sub" / "up").symlink_to("..")  # a loop: data/sub/up/sub/up/...
+    (tmp_path / "elsewhere").mkdir()
+    save(tmp_path / "elsewhere" / "e.png", "RGB")
+    (tmp_path / "data" / "linked").symlink_to(tmp_path / "elsewhere")  # followed: a folder not listed yet
+    with pytest.warns(UserWarning, match="skipped 1 symlinked folder.*data/sub/up"):
+        source = FlatFolderSource(tmp_path / "data")
+    names = [Path(p).relative_to(tmp_path / "data").as_posix() for p in source.paths]
+    assert names == ["0.png", "1.png", "2.png", "linked/e.png", "sub/s.png"]
+    with pytest.warns(UserWarning, match="data/sub/up"):
+        assert sources.count_images(str(tmp_path / "data"), stop_after=100) == 5
+
+
 def test_mixed_sizes_have_no_image_size(tmp_path):
     save(tmp_path / "a.png", "RGB", size=(8, 8))
     save(tmp_path / "b.png", "RGB", size=(12, 8))

@@ -142,7 +142,7 @@ def test_probe_cli(mae_run, tmp_path, command, init):
     (["finetune", "{run}", "--label-fraction", "1.5", "--max-steps", "1"], "label fraction"),
     (["finetune", "/no/such/run", "--max-steps", "1"], "not a mimkit run"),
     (["finetune", "{run}", "--set", "classifier.pool=max", "--max-steps", "1"], "pool"),
-    (["linprobe", "{run}", "--val-fraction", "1.0"], "val_fraction"),
+    (["linprobe", "{run}", "--val-fraction", "1.0"], "--val-fraction"),
     (["knn", "{run}/config.yaml"], "not a checkpoint"),
 ])
 def test_bad_input_is_one_line_error(mae_run, tmp_path, capsys, args, message):

@@ -1,9 +1,11 @@
 """The file list is part of a run: a folder is listed once, when the run starts, and the list is kept in
 the run directory (`mimkit.runs.FILE_LIST`), so a resumed run reads the same files in the same order, and
-starts without walking a folder of a million files again.
+starts without walking a folder of a million files again. Tar shards keep the same promise: the list names
+their members, and a resume on shards that lost some of them is refused, naming the shards.
 
-The list file: a header line ``# mimkit file list {json}`` (data spec, root, name, classes, and the newest
-modification time of the listed directories), then one ``<label>\\t<path relative to root>`` per image.
+The list file: a header line ``# mimkit file list {json}`` (data spec, root, name, classes, whether the
+entries are shard members, and the newest modification time of the listed directories), then one
+``<label>\\t<path relative to root>`` (``<label>\\t<shard.tar>:<member>`` for shards) per image.
 """
 
 import json
@@ -13,8 +15,10 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from mimkit.data.sources import ListedFolderSource, build_source
+from mimkit.data.shards import ShardReader
+from mimkit.data.sources import ListedFolderSource, build_source, listed_shard_source
 from mimkit.errors import MimkitError
+from mimkit.files import write_atomically
 
 _HEADER = "# mimkit file list "
 
@@ -28,9 +32,11 @@ class FileList:
         root: the folder the paths are relative to.
         name: the source's name.
         classes: class names, index = label; empty when unlabeled.
-        files: `(label, relative path)` per image, in the source's order.
+        files: `(label, relative path)` per image, in the source's order; for shards `(label,
+            "shard.tar:member/name")` (`mimkit.data.shards.ShardMembers.key`).
         folder_mtime_ns: the newest modification time among the listed directories, when listed; a file
             added to or removed from one of them since makes it newer.
+        shards: whether the files are members of tar shards in `root`.
     """
 
     source: str
@@ -39,6 +45,7 @@ class FileList:
     classes: list[str]
     files: list[tuple[int, str]]
     folder_mtime_ns: int
+    shards: bool = False  # lists from before shards had one hold folders only
 
 
 def _directories(root: str, files: list[tuple[int, str]]) -> set[str]:
@@ -52,9 +59,10 @@ def newest_mtime_ns(root: str, files: list[tuple[int, str]]) -> int:
 
 
 def file_list_of(source: Dataset, spec: str) -> FileList | None:
-    """The file list of a source read from a folder; None for the others (IDX files, synthetic, and tar shards
-    and Hugging Face datasets, whose images are members of files that do not change)."""
-    if not hasattr(source, "paths") or source.reader is not None:
+    """The file list of a source read from a folder or from tar shards; None for the others (IDX files,
+    synthetic, and Hugging Face datasets, whose rows do not change)."""
+    shards = isinstance(getattr(source, "reader", None), ShardReader)
+    if not hasattr(source, "paths") or (source.reader is not None and not shards):
         return None
     root = os.path.abspath(source.root)
     prefix = str(Path(source.root)) + os.sep  # the paths' own start: cutting it is 10x faster than relpath
@@ -65,7 +73,7 @@ def file_list_of(source: Dataset, spec: str) -> FileList | None:
 
     files = [(label, relative(path)) for label, path in zip(source.labels, source.paths, strict=True)]
     return FileList(spec, root, source.info.name, list(source.info.classes), files,
-                    newest_mtime_ns(root, files))
+                    newest_mtime_ns(root, files), shards)
 
 
 def save_file_list(file_list: FileList, path: str | Path) -> Path:
@@ -73,13 +81,14 @@ def save_file_list(file_list: FileList, path: str | Path) -> Path:
     if bad := next((path for _, path in file_list.files if "\n" in path), None):
         raise MimkitError(f"image file name {bad!r} holds a line break; rename it")
     header = {k: v for k, v in asdict(file_list).items() if k != "files"}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(_HEADER + json.dumps(header) + "\n")
-        f.writelines(f"{label}\t{p}\n" for label, p in file_list.files)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(_HEADER + json.dumps(header) + "\n")
+            f.writelines(f"{label}\t{p}\n" for label, p in file_list.files)
+
+    write_atomically(path, write)
+    return Path(path)
 
 
 def load_file_list(path: str | Path) -> FileList | None:
@@ -116,8 +125,9 @@ def train_source(spec: str, list_file: str | Path, *, root: str | None = None, c
     """
     stored = None if rescan else load_file_list(list_file)
     if stored is not None and stored.source == spec:
-        source = ListedFolderSource(stored.root, stored.name, stored.files, stored.classes, channels,
-                                    skip_bad_images, max_bad_images, **decode)
+        listed = listed_shard_source if stored.shards else ListedFolderSource
+        source = listed(stored.root, stored.name, stored.files, stored.classes, channels, skip_bad_images,
+                        max_bad_images, **decode)
         note = (f"file list: {len(source)} images from {list_file}, the order this run "
                 "started with")
         if newest_mtime_ns(stored.root, stored.files) != stored.folder_mtime_ns:

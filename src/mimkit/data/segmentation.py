@@ -52,6 +52,7 @@ training), and every pair is checked again when it is read.
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
@@ -296,11 +297,32 @@ def make_scene(items: np.ndarray, labels: np.ndarray, seed: int, index: int) -> 
     return image, mask
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Remove the temporary folders that generators killed midway left beside `folder`: each is named for its
+    process (`.<name>-<pid>@<host>-XXXXXXXX`), and removed when that process is gone from this host."""
+    host = socket.gethostname()
+    for path in folder.parent.glob(f".{folder.name}-*@*"):
+        pid, _, rest = path.name.removeprefix(f".{folder.name}-").partition("@")
+        if rest.rpartition("-")[0] == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def write_fmnist_scenes(folder: Path, counts: dict[str, int], idx_root: str | Path | None = None) -> None:
     """Generate fmnist-scenes into `folder` (which must not exist), atomically, in ADE20K layout.
 
     The scenes are written to a temporary folder beside `folder` and renamed into place, so a folder that
-    exists is complete; when another process renamed its own first, that one is kept.
+    exists is complete; when another process renamed its own first, that one is kept. What a generator
+    killed midway left there (`_remove_abandoned`) is removed first.
 
     Args:
         folder: the dataset folder to create.
@@ -308,7 +330,9 @@ def write_fmnist_scenes(folder: Path, counts: dict[str, int], idx_root: str | Pa
         idx_root: a folder searched first for the Fashion-MNIST IDX files (see `IdxSource`).
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    _remove_abandoned(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-{os.getpid()}@{socket.gethostname()}-",
+                                dir=folder.parent))
     try:
         (tmp / "classes.txt").write_text("\n".join(fmnist_scene_classes()) + "\n")
         for split, count in counts.items():

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mimkit.errors import MimkitError
+from mimkit.errors import MimkitError, explain_write_errors
+from mimkit.files import write_text_atomically
 
 SHARD_SUFFIX = ".tar"
 INDEX_NAME = ".mimkit-shard-index.json"  # hidden, so folder scans skip it
@@ -56,7 +57,11 @@ def shard_files(folder: str | Path) -> list[Path]:
 
 
 def _scan_shard(path: Path, is_image: Callable[[str], bool]) -> dict:
-    """One shard's entry: its size and mtime (to notice a rewrite) and its image members, in tar order."""
+    """One shard's entry: its size and mtime (to notice a rewrite) and its image members, in tar order.
+
+    A shard must end with tar's end-of-archive marker (a zero block) after its last member: one cut short,
+    even at a member boundary, which `tarfile` reads without a word, is refused.
+    """
     names, offsets, sizes = [], [], []
     try:
         with tarfile.open(path, "r:") as tar:  # "r:": compressed tars cannot be read at an offset
@@ -65,20 +70,23 @@ def _scan_shard(path: Path, is_image: Callable[[str], bool]) -> dict:
                     names.append(member.name)
                     offsets.append(member.offset_data)
                     sizes.append(member.size)
+            end = tar.offset  # just past the last member: where the marker must be
+        with open(path, "rb") as f:
+            marker = os.pread(f.fileno(), tarfile.BLOCKSIZE, end)
     except (tarfile.TarError, OSError) as e:
         raise MimkitError(f"cannot index shard '{path}' ({e}); shards must be uncompressed .tar files") from e
+    if marker != tarfile.NUL * tarfile.BLOCKSIZE:
+        raise MimkitError(f"shard '{path}' has no end-of-archive marker after its {len(names)} images: it "
+                          "was cut short (an interrupted copy or pack?); copy or pack it again")
     stat = path.stat()
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "names": names, "offsets": offsets,
             "sizes": sizes}
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+def _cache_index(path: Path, text: str) -> None:
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)  # readers see the old index or the new one, never half of one
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
+        write_text_atomically(path, text)  # readers see the old index or the new one, never half of one
+    except (OSError, MimkitError) as e:
         warnings.warn(f"cannot cache the shard index in '{path}' ({e}); it is rebuilt at every start",
                       stacklevel=3)
 
@@ -108,7 +116,7 @@ def load_index(folder: str | Path, is_image: Callable[[str], bool]) -> dict[str,
             entry, changed = _scan_shard(path, is_image), True
         index[path.name] = entry
     if changed or index.keys() != cached.keys():
-        _write_atomically(cache, json.dumps({"version": _INDEX_VERSION, "shards": index}))
+        _cache_index(cache, json.dumps({"version": _INDEX_VERSION, "shards": index}))
     return index
 
 
@@ -151,6 +159,16 @@ class ShardMembers:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def key(self, index: int) -> str:
+        """`shard.tar:member/name.jpg`, the member's name in a run's file list (`mimkit.data.filelist`)."""
+        return f"{self.shards[self.shard_of[index]]}:{self.names[index]}"
+
+    def select(self, indices: Sequence[int]) -> "ShardMembers":
+        """The members at ``indices``, in that order."""
+        picked = np.asarray(indices, np.int64)
+        return ShardMembers(self.folder, self.shards, self.shard_of[picked], self.offsets[picked],
+                            self.sizes[picked], [self.names[i] for i in indices])
 
     def describe(self, index: int) -> str:
         """`shard.tar:member/name.jpg`, for messages."""
@@ -238,6 +256,12 @@ def pack_files(files: Sequence[Path], root: Path, out: str | Path, shard_size: i
     """
     out = Path(out)
     check_new_folder(out)
+    with explain_write_errors(out):  # a full or read-only disk: one line
+        return _pack(files, root, out, shard_size, progress)
+
+
+def _pack(files: Sequence[Path], root: Path, out: Path, shard_size: int,
+          progress: Callable[[int], None] | None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
     tar, written = None, 0

@@ -26,6 +26,7 @@ import gzip
 import math
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -260,10 +261,34 @@ def _is_hidden(name: str) -> bool:
 
 
 def _walk_images(folder: Path) -> Iterator[tuple[str, list[str]]]:
-    """`(directory, image file names)` for every directory under `folder`, hidden entries skipped."""
+    """`(directory, image file names)` for every directory under `folder`, hidden entries skipped.
+
+    Symlinked directories are followed, but each real directory (device and inode) is read once, under the
+    first path met in sorted order: a link back up the tree (a loop) or a second way into a folder already
+    listed is skipped, and named in one warning at the end.
+    """
+    seen = {_directory_id(folder)}
+    skipped = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+        kept = []
+        for name in sorted(d for d in dirnames if not _is_hidden(d)):
+            identity = _directory_id(Path(dirpath, name))
+            if identity in seen:
+                skipped.append(os.path.join(dirpath, name))
+            else:
+                seen.add(identity)
+                kept.append(name)
+        dirnames[:] = kept  # os.walk descends into these only
         yield dirpath, [f for f in filenames if not _is_hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+    if skipped:
+        warnings.warn(f"listing '{folder}': skipped {len(skipped)} symlinked folder(s) leading to a folder "
+                      f"already listed (a loop, or a second way in): {', '.join(skipped[:3])}"
+                      f"{', ...' if len(skipped) > 3 else ''}", stacklevel=2)
+
+
+def _directory_id(path: Path) -> tuple[int, int]:
+    stat = os.stat(path)  # follows the link: the directory it leads to
+    return stat.st_dev, stat.st_ino
 
 
 def _listing_bar(folder: Path) -> tqdm:
@@ -610,6 +635,42 @@ def _shard_source(folder: Path, channels: int | None, classes: Sequence[str] | N
     names = [members.describe(i) for i in range(len(members))]
     return _FolderSource(str(folder), names, labels, classes, channels, skip, max_bad, max_pixels, min_side,
                          ShardReader(members))
+
+
+def listed_shard_source(root: str | Path, name: str, members: Sequence[tuple[int, str]],
+                        classes: Sequence[str], channels: int | None = None, skip_bad_images: bool = False,
+                        max_bad_images: int = 100, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                        decode_min_side: int | None = None) -> Dataset:
+    """The shard members a run listed when it started (see `mimkit.data.filelist`), in that order, so a
+    resumed run reads the same images however the shards changed since.
+
+    Args:
+        root: the shards' folder.
+        name: the source's name (`SourceInfo.name`).
+        members: `(label, "shard.tar:member/name")` per image (`ShardMembers.key`), in the order listed.
+        classes, channels, skip_bad_images, max_bad_images, max_image_pixels, decode_min_side: as in
+            `ListedFolderSource`.
+
+    Raises:
+        MimkitError: naming the shards of the members that are gone (a shard deleted, cut short or
+            rewritten).
+    """
+    found = ShardMembers.from_folder(root, _is_image_name)
+    position = {found.key(i): i for i in range(len(found))}
+    missing = Counter(key.partition(":")[0] for _, key in members if key not in position)
+    if missing:
+        gone = ", ".join(f"{shard}: {count}" for shard, count in sorted(missing.items())[:5])
+        raise MimkitError(
+            f"the shards in '{root}' lack {missing.total()} of the {len(members)} images this run started "
+            f"with ({gone}{', ...' if len(missing) > 5 else ''}); a resumed run reads the images it started "
+            "with: restore those shards, or train on the shards as they are now: --rescan and a new --out")
+    picked = found.select([position[key] for _, key in members])
+    names = [picked.describe(i) for i in range(len(picked))]
+    source = _FolderSource(str(root), names, [label for label, _ in members], list(classes), channels,
+                           skip_bad_images, max_bad_images, max_image_pixels, decode_min_side,
+                           ShardReader(picked))
+    source.info = replace(source.info, name=name)
+    return source
 
 
 def _hf_source(spec: str, split: str, channels: int | None, skip: bool, max_bad: int, max_pixels: int,

@@ -7,7 +7,6 @@ default, or those of any block (``layer``): ``"all"`` caches every block in one 
 """
 
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,8 +21,9 @@ import mimkit.methods  # noqa: F401  (registers the methods whose runs this load
 from mimkit.data.loader import eval_loader, workers_end_with_errors
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
-from mimkit.errors import MimkitError
+from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.eval.subsets import make_splits
+from mimkit.files import write_atomically
 from mimkit.models.classifier import block_features, pooled_features
 from mimkit.runs import Encoder
 
@@ -110,10 +110,10 @@ def cached_features(model: nn.Module, source: Dataset, view, pool: str, data_key
         if features is None:
             features = torch.zeros(len(source), *new.shape[1:])
         features[missing], have[missing] = new, True
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"features": features, "labels": labels, "have": have.to(torch.uint8)}, str(tmp))
-        os.replace(tmp, path)
+        with explain_write_errors(path.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"features": features, "labels": labels, "have": have.to(torch.uint8)}
+        write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
     return features[wanted], labels[wanted]
 
 

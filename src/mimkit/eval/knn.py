@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mimkit.config import check_range
 from mimkit.errors import MimkitError
 from mimkit.eval.features import probe_data, probe_layers
 from mimkit.eval.metrics import depth_results, prefixed, topk_correct, write_results
-from mimkit.runs import Encoder
+from mimkit.runs import Encoder, claim_out_dir
 from mimkit.train.metrics import MetricsLog
 
 
@@ -72,30 +73,34 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, query
 def run_knn(encoder: Encoder, data: str, out: str | Path, *, pool: str = "cls", root: str | None = None,
             label_fraction: float = 1.0, val_fraction: float = 0.0, seed: int = 0, k: int = 20,
             temperature: float = 0.07, cache_dir: str | Path | None = None, num_workers: int = 0,
-            layer: int | str | None = None) -> dict:
+            layer: int | str | None = None, force: bool = False) -> dict:
     """The k-NN protocol end to end: cached features, neighbours among the label-fraction subset,
     accuracy on the held-out part (with ``val_fraction``) and on the test split; ``metrics.jsonl`` and
-    ``results.json`` in ``out``.
+    ``results.json`` in ``out``, which must be new, empty or an earlier knn's (`mimkit.runs.claim_out_dir`).
 
     Args:
         layer: the block whose features are compared (`probe_layers`): None, the final features; N, block
             N; ``"all"``, every block from one feature pass: one ``metrics.jsonl`` record per block (step =
             block), the table ``by_layer`` in ``results.json`` and ``accuracy_by_depth.png``.
+        force: write into an ``out`` folder that another command made, or that holds other files.
 
     Returns:
         The results written to ``results.json``.
     """
     start = time.perf_counter()
+    check_range("--k", k, 1)
+    check_range("--temperature", temperature, 0, low_open=True)
+    check_range("--num-workers", num_workers, 0)
+    layers = probe_layers(layer, len(encoder.model.blocks))
+    out = claim_out_dir(out, "knn", force)
     features = probe_data(encoder, data, pool, root=root, label_fraction=label_fraction,
                           val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
-                          layers=probe_layers(layer, len(encoder.model.blocks)))
+                          layers=layers)
     train_images = len(features.train[1])
     if k > train_images:  # knn_scores caps k there: record the k that ran
         warnings.warn(f"k={k} is more than the {train_images} training images; k={train_images} is used",
                       stacklevel=2)
         k = train_images
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out)
     rows = []
     for block, part in features.per_layer():

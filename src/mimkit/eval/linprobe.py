@@ -19,11 +19,13 @@ from safetensors.torch import save_model
 from torch import nn
 from tqdm import tqdm
 
+from mimkit.config import check_range
 from mimkit.errors import MimkitError
 from mimkit.eval.features import probe_data, probe_layers
 from mimkit.eval.lars import LARS
 from mimkit.eval.metrics import depth_results, prefixed, topk_correct, write_results
-from mimkit.runs import Encoder
+from mimkit.files import write_atomically
+from mimkit.runs import Encoder, claim_out_dir
 from mimkit.train.metrics import MetricsLog
 from mimkit.train.schedule import cosine_schedule
 
@@ -138,29 +140,34 @@ def run_linprobe(encoder: Encoder, data: str, out: str | Path, *, pool: str = "c
                  label_fraction: float = 1.0, val_fraction: float = 0.0, seed: int = 0, epochs: int = 100,
                  batch_size: int = 256, base_lr: float = 0.1, optimizer: str = "sgd",
                  weight_decay: float = 0.0, cache_dir: str | Path | None = None,
-                 num_workers: int = 0, layer: int | str | None = None) -> dict:
+                 num_workers: int = 0, layer: int | str | None = None, force: bool = False) -> dict:
     """The linear-probe protocol end to end: cached features, probe training, accuracy, ``results.json``.
 
     The probe is evaluated on the held-out validation part while it trains (when ``val_fraction`` > 0)
     and on the test split once, at the end. ``out`` receives ``metrics.jsonl``, ``probe.safetensors``
-    and ``results.json``.
+    and ``results.json``; it must be new, empty or an earlier linprobe's (`mimkit.runs.claim_out_dir`).
 
     Args:
         layer: the block whose features the probe reads (`probe_layers`): None, the final features; N,
             block N; ``"all"``, one probe per block from one feature pass: ``probe-blockN.safetensors``,
             one ``metrics.jsonl`` record per block (step = block), the table ``by_layer`` in
             ``results.json`` and ``accuracy_by_depth.png``.
+        force: write into an ``out`` folder that another command made, or that holds other files.
 
     Returns:
         The results written to ``results.json``.
     """
     start = time.perf_counter()
+    check_range("--epochs", epochs, 1)
+    check_range("--batch-size", batch_size, 1)
+    check_range("--lr", base_lr, 0, low_open=True)
+    check_range("the weight decay", weight_decay, 0)
+    check_range("--num-workers", num_workers, 0)
     layers = probe_layers(layer, len(encoder.model.blocks))
+    out = claim_out_dir(out, "linprobe", force)
     features = probe_data(encoder, data, pool, root=root, label_fraction=label_fraction,
                           val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
                           layers=layers)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out)
     every_block = layer == "all"
     rows = []
@@ -173,7 +180,7 @@ def run_linprobe(encoder: Encoder, data: str, out: str | Path, *, pool: str = "c
         final = (evaluate(probe) if evaluate else {}) | prefixed("test", probe_accuracy(probe, *part.test))
         log.write(block if every_block else epochs, **final)
         name = f"probe-block{block}.safetensors" if every_block else "probe.safetensors"
-        save_model(probe, str(out / name))
+        write_atomically(out / name, lambda tmp, probe=probe: save_model(probe, str(tmp)))
         rows.append({"layer": block, **final})
     log.close()
     results = {"protocol": "linprobe", "encoder": encoder.origin, "data": data, "pool": pool, "layer": layer,

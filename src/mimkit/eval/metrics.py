@@ -10,6 +10,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mimkit.data.loader import workers_end_with_errors
+from mimkit.errors import explain_write_errors
+from mimkit.files import write_text_atomically
 
 
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
@@ -48,8 +50,9 @@ def prefixed(prefix: str, metrics: dict) -> dict:
 def write_results(run_dir: str | Path, results: dict) -> Path:
     """Write ``<run>/results.json`` (indented, keys in insertion order)."""
     path = Path(run_dir) / "results.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    with explain_write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(path, json.dumps(results, indent=2) + "\n")
     return path
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from mimkit.config import check_range
 from mimkit.data.sources import shuffled_by_class, split_train_val
 from mimkit.errors import MimkitError
 
@@ -33,8 +34,7 @@ def label_subset(labels: Sequence[int], fraction: float, seed: int = 0) -> list[
     Returns:
         Sorted positions into ``labels``.
     """
-    if not 0 < fraction <= 1:
-        raise MimkitError(f"label fraction {fraction} must be in (0, 1], e.g. 0.01 or 0.1")
+    check_range("the label fraction (--label-fraction)", fraction, 0, 1, low_open=True)
     labels = torch.as_tensor(labels)
     if fraction == 1:
         return list(range(len(labels)))
@@ -71,6 +71,7 @@ def make_splits(source: Dataset, label_fraction: float = 1.0, val_fraction: floa
         val_fraction: in [0, 1); 0 means no hold-out.
         seed: seed of both draws.
     """
+    check_range("the val fraction (--val-fraction)", val_fraction, 0, 1, high_open=True)
     labels = torch.as_tensor(source.labels).tolist()
     if not labels or min(labels) < 0:
         raise MimkitError(f"evaluation needs labelled training images, but '{source.info.name}' is "

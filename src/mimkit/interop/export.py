@@ -23,6 +23,7 @@ from torch import nn
 
 from mimkit.config import PretrainConfig
 from mimkit.errors import MimkitError, explain_write_errors
+from mimkit.files import remove_temporaries
 from mimkit.interop.hf import image_processor_config, write_hf_folder
 from mimkit.registry import Export, method_of
 from mimkit.runs import load_run
@@ -53,12 +54,16 @@ def hf_export(model: nn.Module, config: PretrainConfig, encoder_only: bool) -> t
 
 
 def _check_out(out: Path, force: bool) -> None:
-    """Refuse to write into a file, or into a folder that already holds something unless ``force``."""
+    """Refuse to write into a file, or into a folder that already holds something unless ``force``; what an
+    export killed midway left there (a half-written weights file) is removed."""
     if out.exists() and not out.is_dir():
         raise MimkitError(f"export --out '{out}' is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise MimkitError(f"export --out '{out}' is not empty; choose a new folder, or pass --force to "
                           "overwrite the files of the same names in it")
+    if out.is_dir():
+        with explain_write_errors(out):
+            remove_temporaries(out)
 
 
 def export_model(model: nn.Module, config: PretrainConfig, to: str, out: str | Path,

@@ -32,14 +32,14 @@ import torch
 from torch import nn
 
 import mimkit.methods  # noqa: F401  (registers the built-in methods, whose hooks are looked up here)
-from mimkit.config import PretrainConfig, merge, save_config
-from mimkit.errors import MimkitError
+from mimkit.config import PretrainConfig, check_range, merge, save_config
+from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.interop.foreign import IMAGENET_MEAN, IMAGENET_STD, Foreign, convert
 from mimkit.interop.hf import read_hf_folder
 from mimkit.models.posembed import abs_grid, rel_grid, resize_abs_pos_embed, resize_rel_pos_table
 from mimkit.models.vit import ENCODER_ARCHS
 from mimkit.registry import HFLayout, Import, method_of, read_config, registered
-from mimkit.runs import config_path
+from mimkit.runs import config_path, is_run_dir, some_names
 from mimkit.safe_load import load_sharded, load_tensors, read_json
 from mimkit.train.checkpoint import Checkpoints
 
@@ -301,26 +301,34 @@ class ImportReport:
 
 
 def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int | None = None,
-                      allow_mismatch: bool = False, overrides: dict | None = None) -> ImportReport:
+                      allow_mismatch: bool = False, overrides: dict | None = None,
+                      force: bool = False) -> ImportReport:
     """Turn a foreign checkpoint into a mimkit run directory.
 
     Args:
         path: the checkpoint file or folder.
         fmt: a key of `formats`.
-        out: the run directory to create; it must not hold a checkpoint yet.
+        out: the run directory to create: new, empty, or a run without a checkpoint yet.
         img_size: the image size of the run; position tables are resized when it differs from the
             checkpoint's. None keeps the checkpoint's.
         allow_mismatch: load what matches instead of refusing missing or unexpected keys.
         overrides: nested configuration values applied last, e.g. ``{"model": {"kwargs": {"num_heads": 2}}}``
             for heads nothing in the checkpoint decides, ``{"data": {"source": "path/to/images"}}``.
+        force: write the run into an ``out`` folder that holds other files (its ``config.yaml`` and
+            ``checkpoints/`` are replaced).
 
     Returns:
         The run directory, its configuration, what was resized, initialized or skipped, and where each
         architecture field came from.
     """
+    check_range("--img-size", img_size, 1)
     out = Path(out)
     if Checkpoints(out).latest() is not None:
         raise MimkitError(f"'{out}' already holds a run; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not is_run_dir(out) and not force:
+        raise MimkitError(f"--out '{out}' is a folder that is not a mimkit run (it holds {some_names(out)}); "
+                          "give a new or empty folder, or --force to write the run into it (its config.yaml "
+                          "and checkpoints/ are replaced)")
     foreign = read_checkpoint(path, fmt)
     arch, origin = resolve_arch(foreign, overrides)
     unknown = [k for k, v in arch.items() if v is None]
@@ -336,7 +344,8 @@ def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int
     torch.manual_seed(config.train.seed)  # the fresh parts, reproducibly
     model = method_of(config.method).build_model(config)
     notes = foreign.notes + load_foreign(model, foreign, allow_mismatch)
-    out.mkdir(parents=True, exist_ok=True)
+    with explain_write_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
     save_config(config, config_path(out))
     Checkpoints(out).save(0, model, {"step": 0, "imported_from": str(path), "format": fmt})
     return ImportReport(out, config, foreign.source, notes, origin)

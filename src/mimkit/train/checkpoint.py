@@ -14,9 +14,7 @@ metric also keeps ``best.safetensors`` and ``best.json`` (its step and value) th
 """
 
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mimkit.errors import MimkitError, explain_write_errors
+from mimkit.files import check_free_space, write_atomically, write_text_atomically
 from mimkit.safe_load import load_pickle
 
 _NAME = re.compile(r"^step-(\d{8})\.safetensors$")
@@ -36,18 +35,15 @@ def _is_temporary(name: str) -> bool:
     return name.endswith(".tmp") or name.startswith(".tmp")
 
 
-def _atomic(path: Path, write) -> None:
-    """Call ``write(tmp)`` on a fresh file that ``mkstemp`` created (``O_EXCL``: never an existing name or a
-    symlink), then rename it to ``path``; a failed write removes it and says why in one line."""
-    with explain_write_errors(path):
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(name)
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+def _tensor_bytes(value) -> int:
+    """Bytes of the tensors in a (nested) state: about what saving it takes."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 class Checkpoints:
@@ -77,11 +73,13 @@ class Checkpoints:
         return steps[-1] if steps else None
 
     def save(self, step: int, model: nn.Module, state: dict) -> None:
-        """Write weights and training state for ``step``, then drop checkpoints beyond ``keep_last``."""
+        """Write weights and training state for ``step``, then drop checkpoints beyond ``keep_last``; refused
+        before anything is written when the disk has not the room for both."""
         with explain_write_errors(self.dir):
             self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic(self.state_path(step), lambda tmp: torch.save(state, tmp))
-        _atomic(self.weights_path(step), lambda tmp: save_model(model, str(tmp)))
+        check_free_space(self.state_path(step), _tensor_bytes(state) + _tensor_bytes(model.state_dict()))
+        write_atomically(self.state_path(step), lambda tmp: torch.save(state, tmp))
+        write_atomically(self.weights_path(step), lambda tmp: save_model(model, str(tmp)))
         for old in self.steps()[:-self.keep_last]:
             self.weights_path(old).unlink()
             self.state_path(old).unlink()
@@ -108,10 +106,11 @@ class Checkpoints:
 
     def save_best(self, step: int, model: nn.Module, metric: str, value: float) -> None:
         """Keep ``model``'s weights as the best so far by ``metric`` (`best_path`, ``best.json``)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic(self.best_path, lambda tmp: save_model(model, str(tmp)))
+        with explain_write_errors(self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.best_path, lambda tmp: save_model(model, str(tmp)))
         record = {"step": step, "metric": metric, "value": value}
-        _atomic(self.dir / "best.json", lambda tmp: tmp.write_text(json.dumps(record)))
+        write_text_atomically(self.dir / "best.json", json.dumps(record))
 
     def best(self) -> dict | None:
         """``{"step", "metric", "value"}`` of the kept best weights, or None."""

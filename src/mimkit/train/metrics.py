@@ -2,9 +2,11 @@
 ``tensorboard`` package is installed."""
 
 import json
+import warnings
 from pathlib import Path
 
-from mimkit.errors import explain_write_errors
+from mimkit.errors import MimkitError, explain_write_errors
+from mimkit.files import write_text_atomically
 
 
 class MetricsLog:
@@ -37,9 +39,27 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """All records of a run, in order."""
+    """All records of a run, in order.
+
+    A last line cut short (a crash while it was written, or NUL bytes after a power loss) is left out with a
+    warning (`drop_records_after` then trims it from the file); a damaged line before it is a one-line
+    `MimkitError`.
+    """
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise MimkitError(f"'{path}' line {number} is not a JSON record ({line[:40]!r}); remove or "
+                                  "repair that line") from None
+            warnings.warn(f"'{path}': the last line was cut short (a crash or power loss while it was "
+                          f"written) and is left out: {line[:40]!r}", stacklevel=2)
+    return records
 
 
 def drop_records_after(run_dir: str | Path, step: int) -> None:
@@ -47,4 +67,4 @@ def drop_records_after(run_dir: str | Path, step: int) -> None:
     path = Path(run_dir) / "metrics.jsonl"
     if path.exists():
         kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
