@@ -25,7 +25,16 @@ import logging
 import sys
 from pathlib import Path
 
-from mimkit.config import PretrainConfig, from_dict, load_recipe, merge, parse_overrides, read_yaml, to_dict
+from mimkit.config import (
+    PretrainConfig,
+    check_range,
+    from_dict,
+    load_recipe,
+    merge,
+    parse_overrides,
+    read_yaml,
+    to_dict,
+)
 from mimkit.cpus import set_thread_defaults
 from mimkit.errors import Interrupted, MimkitError
 
@@ -216,7 +225,8 @@ def choose_segment_recipe(data: str) -> tuple[str, str]:
     if count < SMALL_SEGMENTATION_IMAGES:
         return "segment_small", (f"{count} training images, fewer than {SMALL_SEGMENTATION_IMAGES:,} "
                                  "(segment_ade20k is the papers' ADE20K recipe; --config NAME picks another)")
-    return "segment_ade20k", f"{SMALL_SEGMENTATION_IMAGES:,} training images or more: the papers' ADE20K recipe"
+    return "segment_ade20k", (f"{SMALL_SEGMENTATION_IMAGES:,} training images or more: the papers' ADE20K "
+                              "recipe")
 
 
 def segment_config(args: argparse.Namespace):
@@ -278,10 +288,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from mimkit.eval.predict import predict_classes, predict_masks
     from mimkit.eval.segment import is_segmentation_run
 
-    if args.batch_size < 1:
-        raise MimkitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_range("--batch-size", args.batch_size, 1)
     if is_segmentation_run(args.run):
-        written, naming = predict_masks(args.run, args.images, args.out, args.tta, args.batch_size, args.force)
+        written, naming = predict_masks(args.run, args.images, args.out, args.tta, args.batch_size,
+                                        args.force)
         print(f"wrote {len(written)} label maps (and their _overlay.png) to {args.out}: {naming}")
     elif args.tta:
         raise MimkitError("--tta is for segmentation runs; a classifier predicts each image once")
@@ -296,8 +306,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from mimkit.eval.seg_metrics import format_table
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops at once, as Ctrl-C (exit 130)
-    if args.batch_size < 1:
-        raise MimkitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_range("--batch-size", args.batch_size, 1)
     results = evaluate_run(args.run, args.out, args.split, args.data, args.tta, args.batch_size)
     print(format_table(results))
     print(f"{args.split} of {results['data']}: mIoU {results['mIoU']:.2f}  (results: "
@@ -324,28 +333,30 @@ def add_segment_commands(commands) -> None:
     length.add_argument("--max-steps", type=int)
     segment.add_argument("--batch-size", type=int, help="per-process batch")
     segment.add_argument("--config", help="a packaged recipe name or a YAML file (default: segment_fmnist "
-                         "for fmnist-scenes, segment_small for a folder of fewer than 10,000 training images, "
-                         "segment_ade20k otherwise)")
+                         "for fmnist-scenes, segment_small for a folder of fewer than 10,000 training "
+                         "images, segment_ade20k otherwise)")
     segment.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="dotted override (repeatable), e.g. seg.num_classes=6, 'seg.class_names=[bg,cat]', "
-                         "seg.crop_size=64, 'seg.scale=[64,64]', seg.eval_mode=whole|slide, seg.channels=48 "
-                         "(UperNet's width), seg.eval_flip=true, 'seg.eval_scales=[0.5,1.0,1.5]'")
+                         help="dotted override (repeatable), e.g. seg.num_classes=6, "
+                         "'seg.class_names=[bg,cat]', seg.crop_size=64, 'seg.scale=[64,64]', "
+                         "seg.eval_mode=whole|slide, seg.channels=48 (UperNet's width), seg.eval_flip=true, "
+                         "'seg.eval_scales=[0.5,1.0,1.5]'")
     segment.add_argument("--auto-size", action="store_true",
-                         help="for images at most half of the crop: crop and scale from the images, whole-image "
-                         "evaluation, UperNet a quarter of the encoder's width, a batch that fits the split "
-                         "(the start-up summary prints what it applies)")
+                         help="for images at most half of the crop: crop and scale from the images, "
+                         "whole-image evaluation, UperNet a quarter of the encoder's width, a batch that "
+                         "fits the split (the start-up summary prints what it applies)")
     add_force_config(segment)
     segment.set_defaults(handler=cmd_segment)
 
     evaluate = commands.add_parser("evaluate", help="score a trained segmentation run on a split (per-class "
                                    "table, confusion matrix)")
     evaluate.add_argument("run", help="a segmentation run directory (its best weights are scored)")
-    evaluate.add_argument("--out", required=True, help="a new folder for results.json and the confusion matrix")
+    evaluate.add_argument("--out", required=True,
+                          help="a new folder for results.json and the confusion matrix")
     evaluate.add_argument("--split", choices=("val", "train"), default="val")
     evaluate.add_argument("--data", help="another folder with the run's classes (default: the run's data)")
     evaluate.add_argument("--tta", choices=("flip", "ms"),
-                          help="flip, or ms (scales 0.5-1.75 with flip, the papers' multi-scale test); default: "
-                          "as the run evaluates")
+                          help="flip, or ms (scales 0.5-1.75 with flip, the papers' multi-scale test); "
+                          "default: as the run evaluates")
     evaluate.add_argument("--batch-size", type=int, default=1,
                           help="images scored together (of one size: 1 for folders of mixed sizes)")
     evaluate.set_defaults(handler=cmd_evaluate)
@@ -357,8 +368,8 @@ def add_segment_commands(commands) -> None:
                          "split; of a segmentation folder its images, not its masks)")
     predict.add_argument("--out", required=True, help="folder to write (new, empty, or one predict wrote)")
     predict.add_argument("--tta", choices=("flip", "ms"),
-                         help="test-time augmentation of a segmentation run: flip, or ms (scales 0.5-1.75 with "
-                         "flip, as the papers' multi-scale test); default: as the run evaluates")
+                         help="test-time augmentation of a segmentation run: flip, or ms (scales 0.5-1.75 "
+                         "with flip, as the papers' multi-scale test); default: as the run evaluates")
     predict.add_argument("--batch-size", type=int, default=16, help="images of one size predicted together")
     predict.add_argument("--force", action="store_true",
                          help="write into an --out folder that holds other files (same names are replaced)")

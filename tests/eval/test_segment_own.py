@@ -64,8 +64,8 @@ def voc_mae(voc, tmp_path_factory):
     """A tiny MAE pretrained on the VOC folder (its train split) at its own 32 px."""
     run = tmp_path_factory.mktemp("own") / "mae"
     assert main(["pretrain", "mae", "--data", str(voc), "--out", str(run), "--max-steps", "1", "--batch-size",
-                 "4", "--set", "data.img_size=32", "--set", "model.patch_size=8", "--set", "data.num_workers=0",
-                 *TINY]) == 0
+                 "4", "--set", "data.img_size=32", "--set", "model.patch_size=8",
+                 "--set", "data.num_workers=0", *TINY]) == 0
     return run
 
 
@@ -112,7 +112,8 @@ def test_size_hint_values():
     assert hint == {"seg.crop_size": 64, "seg.scale": [96, 64], "seg.eval_mode": "whole",
                     "seg.eval_scale": [96, 64], "seg.channels": 48, "seg.aux_channels": 96,
                     "train.batch_size": 12}
-    assert seg_size_hint(facts, crop=96, patch_size=16, embed_dim=192, batch_size=16, train_images=100) is None
+    assert seg_size_hint(facts, crop=96, patch_size=16, embed_dim=192, batch_size=16,
+                         train_images=100) is None
     assert label_hint(facts, 3) == "" and "seg.num_classes=3?" in label_hint(facts, 21)
 
 
@@ -164,7 +165,8 @@ def test_empty_split_names_its_list(voc, tmp_path):
         build_seg_source(str(data), "val", num_classes=3)
 
 
-def test_final_checkpoint_is_kept_when_the_final_evaluation_fails(voc, mae_run, tmp_path, monkeypatch, capsys):
+def test_final_checkpoint_is_kept_when_the_final_evaluation_fails(voc, mae_run, tmp_path, monkeypatch,
+                                                                  capsys):
     def broken(*args, **kwargs):
         raise MimkitError("the evaluation broke")
 
@@ -268,14 +270,15 @@ def test_segsource_refuses_a_jpeg_mask_by_content(tmp_path):
 
 @pytest.mark.parametrize("method, lr, decay, drop_path, rel_pos_bias", [
     ("mae", 1e-4, 0.65, 0.1, True), ("beit", 7e-4, 0.65, 0.1, False), ("beitv2", 5e-5, 0.75, 0.15, False)])
-def test_ade20k_recipe_takes_each_methods_released_values(tmp_path, method, lr, decay, drop_path, rel_pos_bias):
+def test_ade20k_recipe_takes_each_methods_released_values(tmp_path, method, lr, decay, drop_path,
+                                                          rel_pos_bias):
     from mimkit.cli import build_parser, segment_config
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(f"method: {method}\n")
-    args = build_parser().parse_args(["segment", str(run), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
-                                      "--config", "segment_ade20k"])
+    args = build_parser().parse_args(["segment", str(run), "--data", str(tmp_path),
+                                      "--out", str(tmp_path / "o"), "--config", "segment_ade20k"])
     config, _ = segment_config(args)
     assert config.optim.base_lr * 16 / 256 == pytest.approx(lr)  # the released configs' lr at batch 16
     assert (config.optim.layer_decay, config.seg.drop_path, config.seg.rel_pos_bias) == (decay, drop_path,

@@ -148,8 +148,9 @@ def test_a_vit_gains_zero_relative_position_biases_and_computes_the_same():
     vit = _random_weights(build_vit("vit_tiny", 32, 8, 3, depth=2, embed_dim=32, num_heads=2))
     beit = vit_with_relative_positions(vit).eval()
     x = torch.randn(2, 3, 32, 32)
-    for ours, theirs in zip(vit.forward_intermediates(x, indices=[0, 1], intermediates_only=True),
-                            beit.forward_intermediates(x, indices=[0, 1], intermediates_only=True), strict=True):
+    blocks = dict(indices=[0, 1], intermediates_only=True)
+    for ours, theirs in zip(vit.forward_intermediates(x, **blocks), beit.forward_intermediates(x, **blocks),
+                            strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     tables = [block.attn.relative_position_bias_table for block in beit.blocks]
     assert all(table.requires_grad and not table.any() for table in tables)
@@ -164,9 +165,9 @@ def test_beits_shared_table_becomes_one_per_block_computing_the_same():
     table = shared.rel_pos_bias.relative_position_bias_table
     assert all(torch.equal(block.attn.relative_position_bias_table, table) for block in encoder.blocks)
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(shared.eval().forward_intermediates(x, indices=[1], intermediates_only=True)[0],
-                               encoder.eval().forward_intermediates(x, indices=[1], intermediates_only=True)[0],
-                               rtol=0, atol=1e-5)
+    last = dict(indices=[1], intermediates_only=True)
+    torch.testing.assert_close(shared.eval().forward_intermediates(x, **last)[0],
+                               encoder.eval().forward_intermediates(x, **last)[0], rtol=0, atol=1e-5)
     groups = param_groups(encoder, 0.05, 0.65, len(encoder.blocks))  # each table at its own block's lr
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     assert scale[id(encoder.blocks[0].attn.relative_position_bias_table)] == pytest.approx(0.65 ** 2)

@@ -158,8 +158,8 @@ class Layout:
             raise MimkitError(f"segmentation split {split!r} is not one of {', '.join(SEG_SPLITS)}")
         files = _READERS[self.name](self.root, split)
         if not files.images:
-            raise MimkitError(f"the {split} split of {self.name}-layout folder '{self.root}' holds no images: "
-                              f"{files.listed_by} is empty")
+            raise MimkitError(f"the {split} split of {self.name}-layout folder '{self.root}' holds no "
+                              f"images: {files.listed_by} is empty")
         return files
 
 

@@ -394,8 +394,8 @@ def build_seg_source(spec: str, split: str, *, root: str | Path | None = None, n
         channels: 1 or 3 to convert the images; None to follow the data.
         class_list: class names (``seg.class_names``); they replace the folder's own (`classes.txt`, the
             layout's).
-        max_image_pixels: an image with more pixels is refused before it is decoded (``data.max_image_pixels``;
-            None: `MAX_IMAGE_PIXELS`).
+        max_image_pixels: an image with more pixels is refused before it is decoded
+            (``data.max_image_pixels``; None: `MAX_IMAGE_PIXELS`).
 
     Returns:
         A `SegSource` of `(image uint8 (C, H, W), mask uint8 (H, W))`.

@@ -697,7 +697,8 @@ def _layout_source(layout: Layout, split: str, name: str, channels: int | None, 
     """The images of one split of a segmentation folder, without their masks (a test split is its val)."""
     files = layout.split("train" if split == "train" else "val")
     relative = [(-1, str(path.relative_to(layout.root))) for path in files.images]
-    source = ListedFolderSource(layout.root, name, relative, [], channels, skip, max_bad, max_pixels, min_side)
+    source = ListedFolderSource(layout.root, name, relative, [], channels, skip, max_bad, max_pixels,
+                                min_side)
     source.info = replace(source.info, layout_note=f"a {layout.name} segmentation folder: its {split} split "
                           f"({files.listed_by}), masks not read")
     return source

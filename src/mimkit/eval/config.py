@@ -8,7 +8,7 @@ this resolved configuration (`mimkit.runs.CONFIG`), including the configuration 
 
 from dataclasses import dataclass, field
 
-from mimkit.config import DataConfig, OptimConfig, TrainConfig, at_least
+from mimkit.config import DataConfig, OptimConfig, TrainConfig, at_least, check_range
 from mimkit.errors import MimkitError
 
 
@@ -77,7 +77,7 @@ class SegConfig:
     init: str = "pretrained"  # pretrained | random (the same architecture from scratch)
     freeze_encoder: bool = False  # train the head alone on fixed features (e.g. a frozen random encoder)
     num_classes: int | None = None  # None: the data's (a generic folder without classes.txt needs it)
-    class_names: list[str] = field(default_factory=list)  # names by class id; empty: classes.txt or the layout's
+    class_names: list[str] = field(default_factory=list)  # by class id; empty: classes.txt, the layout's
     classes: list[str] = field(default_factory=list)  # filled from the data when the run starts
     crop_size: int | None = None  # training crop and model input; None: the encoder's pretraining size
     scale: tuple[int, int] | None = None  # base (long, short) side that random rescale scales; None: the crop
@@ -100,8 +100,8 @@ class SegConfig:
     def __post_init__(self):
         at_least(1, "seg", num_classes=self.num_classes, crop_size=self.crop_size, channels=self.channels,
                  aux_channels=self.aux_channels, eval_stride=self.eval_stride)
-        if any(not 0 < ratio <= 8 for ratio in self.eval_scales):
-            raise MimkitError(f"config 'seg.eval_scales' holds ratios in (0, 8], got {self.eval_scales}")
+        for ratio in self.eval_scales:
+            check_range("config 'seg.eval_scales'", ratio, 0, 8, low_open=True)
         if self.num_classes is not None and self.class_names and len(self.class_names) != self.num_classes:
             raise MimkitError(f"seg.num_classes={self.num_classes} but seg.class_names names "
                               f"{len(self.class_names)}; give one of them")

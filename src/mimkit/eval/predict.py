@@ -14,8 +14,8 @@ none of the masks.
   the GPU when there is one, a batch of equally sized images at a time.
 - Classification: ``predictions.csv`` with the file, then the top-5 classes and their probabilities.
 
-``--out`` is a new folder, an empty one, or one that predict wrote before (it holds `OWN_MARK`); another
-folder is refused unless ``force``.
+``--out`` is a new folder, an empty one, or one that predict wrote before (`mimkit.runs.claim_out_dir`);
+another folder is refused unless ``force``.
 """
 
 import csv
@@ -35,10 +35,8 @@ from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
 from mimkit.eval.seg_metrics import TTA, predict_logits
 from mimkit.eval.segment import load_segmenter
-from mimkit.runs import load_encoder
+from mimkit.runs import claim_out_dir, load_encoder
 from mimkit.viz import overlay, seg_palette
-
-OWN_MARK = ".mimkit-predict"  # the file that marks a folder predict wrote
 
 
 def image_source(folder: str | Path, channels: int) -> ListedFolderSource | FlatFolderSource:
@@ -68,20 +66,6 @@ def output_names(paths: list[str], root: str | Path) -> tuple[list[Path], int]:
     return names, sum(count for count in stems.values() if count > 1)
 
 
-def prepare_out(out: str | Path, force: bool) -> Path:
-    """``out`` made ready for predictions: refused when it is a file, or a folder of other files that
-    predict did not write (unless ``force``); marked as predict's."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MimkitError(f"--out '{out}' is a file; give a folder for the predictions")
-    if out.is_dir() and not (out / OWN_MARK).is_file() and any(out.iterdir()) and not force:
-        raise MimkitError(f"--out '{out}' holds files that predict did not write; give a new or empty "
-                          "folder, or --force to write into it (files of the same names are replaced)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / OWN_MARK).touch()
-    return out
-
-
 class _Decoded(Dataset):
     """(index, image) of a source, for a loader that decodes in its workers."""
 
@@ -95,7 +79,8 @@ class _Decoded(Dataset):
         return index, self.source[index][0]
 
 
-def _same_size_batches(source: Dataset, batch_size: int, workers: int) -> Iterator[list[tuple[int, torch.Tensor]]]:
+def _same_size_batches(source: Dataset, batch_size: int,
+                       workers: int) -> Iterator[list[tuple[int, torch.Tensor]]]:
     """The images in order, in runs of up to ``batch_size`` consecutive ones of one size."""
     loader = DataLoader(_Decoded(source), batch_size=None, num_workers=workers)
     batch: list[tuple[int, torch.Tensor]] = []
@@ -129,20 +114,22 @@ def predict_masks(run: str | Path, images: str | Path, out: str | Path, tta: str
     scales, flip = TTA[tta] if tta else (seg.eval_scales, seg.eval_flip)
     source = image_source(images, data.channels)
     names, kept = output_names(source.paths, source.root)
-    out = prepare_out(out, force)
+    out = claim_out_dir(out, "predict", force)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     view = SegEvalView(seg.eval_scale, data.mean, data.std)
     palette = seg_palette(seg.num_classes)
-    flat = [int(v) for v in torch.cat([palette, torch.zeros(256 - len(palette), 3, dtype=torch.uint8)]).flatten()]
+    padded = torch.cat([palette, torch.zeros(256 - len(palette), 3, dtype=torch.uint8)])
+    flat = [int(v) for v in padded.flatten()]
     written = []
     with tqdm(total=len(source), desc="predict", unit="image") as bar:
         for batch in _same_size_batches(source, batch_size, workers):
             inputs = torch.stack([view.image(image) for _, image in batch]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = predict_logits(model, inputs, seg.crop_size, seg.eval_mode, seg.eval_stride, flip, scales)
-            logits = torch.nn.functional.interpolate(logits.float(), size=batch[0][1].shape[1:], mode="bilinear",
-                                                     align_corners=False)
+                logits = predict_logits(model, inputs, seg.crop_size, seg.eval_mode, seg.eval_stride, flip,
+                                        scales)
+            logits = torch.nn.functional.interpolate(logits.float(), size=batch[0][1].shape[1:],
+                                                     mode="bilinear", align_corners=False)
             for (index, image), labels in zip(batch, logits.argmax(1).to(torch.uint8).cpu(), strict=True):
                 path = out / names[index]
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +158,7 @@ def predict_classes(run: str | Path, images: str | Path, out: str | Path, top: i
     source = image_source(images, data.channels)
     view = eval_view(data.img_size, data.mean, data.std)
     k = min(top, len(classes))
-    path = prepare_out(out, force) / "predictions.csv"
+    path = claim_out_dir(out, "predict", force) / "predictions.csv"
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")])

@@ -3,7 +3,8 @@
 The run's best weights (else its newest) are scored on the ``val`` or ``train`` split of its own data, or of
 another folder with the same classes, as the run evaluates or with a test-time augmentation (`TTA`: flip, or
 the papers' multi-scale test), on the GPU when there is one. Every mask is checked before the first image
-is scored. ``out`` (a new or empty folder) receives ``results.json`` (aAcc, mIoU, mAcc, the per-class table)
+is scored. ``out`` (a new or empty folder, or one evaluate wrote: `mimkit.runs.claim_out_dir`) receives
+``results.json`` (aAcc, mIoU, mAcc, the per-class table)
 and the confusion matrix (`mimkit.eval.metrics.write_confusion`).
 """
 
@@ -20,6 +21,7 @@ from mimkit.errors import MimkitError
 from mimkit.eval.metrics import write_confusion, write_results
 from mimkit.eval.seg_metrics import TTA, evaluate_segmentation
 from mimkit.eval.segment import SCORES, load_segmenter
+from mimkit.runs import claim_out_dir
 
 
 def evaluate_run(run: str | Path, out: str | Path, split: str = "val", data: str | None = None,
@@ -35,9 +37,7 @@ def evaluate_run(run: str | Path, out: str | Path, split: str = "val", data: str
     """
     if tta is not None and tta not in TTA:
         raise MimkitError(f"--tta {tta!r} is not one of {', '.join(TTA)}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MimkitError(f"--out '{out}' exists and is not an empty folder; give a new one")
+    out = claim_out_dir(out, "evaluate")
     start = time.perf_counter()
     model, config = load_segmenter(run)
     seg, data_cfg = config.seg, config.data
@@ -51,7 +51,8 @@ def evaluate_run(run: str | Path, out: str | Path, split: str = "val", data: str
                          data_workers(data_cfg.num_workers))
     scores = evaluate_segmentation(model.to(device), loader, device, seg.num_classes, seg.crop_size,
                                    seg.eval_mode, seg.eval_stride, flip, seg.classes, scales=scales)
-    results = {"protocol": "segment-evaluate", "run": str(run), "data": data or data_cfg.source, "split": split,
+    results = {"protocol": "segment-evaluate", "run": str(run), "data": data or data_cfg.source,
+               "split": split,
                "images": len(source), "eval": {"mode": seg.eval_mode, "stride": seg.eval_stride, "flip": flip,
                                                "scales": list(scales)},
                **{k: scores[k] for k in SCORES}, "per_class": scores["per_class"],

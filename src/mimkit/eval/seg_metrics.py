@@ -136,7 +136,8 @@ def sliding_logits(model: nn.Module, images: torch.Tensor, crop: int, stride: in
 
 
 def predict_logits(model: nn.Module, images: torch.Tensor, crop: int, mode: str = "whole",
-                   stride: int | None = None, flip: bool = False, scales: Sequence[float] = ()) -> torch.Tensor:
+                   stride: int | None = None, flip: bool = False,
+                   scales: Sequence[float] = ()) -> torch.Tensor:
     """Logits (B, K, H, W) for images (B, C, H, W): ``whole`` or ``slide`` (``stride`` pixels apart), averaged
     with those of the horizontally flipped images when ``flip``, and over the images resized by each ratio
     of ``scales`` (bilinear; the logits resized back to (H, W)) when given: the papers' multi-scale test."""

@@ -42,10 +42,11 @@ class SegDataFacts:
     def describe_masks(self) -> str:
         train = ("all" if self.train_checked == self.train_images
                  else f"{self.train_checked} of {self.train_images}")
-        found = (f"labels {self.labels[0]}-{self.labels[-1]}" if self.labels and self.labels[-1] - self.labels[0]
-                 == len(self.labels) - 1 else f"labels {', '.join(map(str, self.labels)) or 'none'}")
-        return (f"{self.train_checked + self.val_images} checked in {self.seconds:.1f} s (every val mask, {train} "
-                f"train): {found} found (255 ignored)")
+        runs = self.labels and self.labels[-1] - self.labels[0] == len(self.labels) - 1
+        found = (f"labels {self.labels[0]}-{self.labels[-1]}" if runs
+                 else f"labels {', '.join(map(str, self.labels)) or 'none'}")
+        return (f"{self.train_checked + self.val_images} checked in {self.seconds:.1f} s (every val mask, "
+                f"{train} train): {found} found (255 ignored)")
 
 
 def _checked(source: SegSource | Subset) -> tuple[SegSource, list[int]]:
@@ -57,8 +58,8 @@ def _checked(source: SegSource | Subset) -> tuple[SegSource, list[int]]:
 
 def survey_seg_data(train: SegSource, val: SegSource | Subset,
                     train_samples: int = TRAIN_MASKS_CHECKED) -> SegDataFacts:
-    """Check every mask of ``val`` (a source, or the subset the run evaluates) and ``train_samples`` spread-out
-    train masks; raises the first bad one as a one-line error naming its file.
+    """Check every mask of ``val`` (a source, or the subset the run evaluates) and ``train_samples``
+    spread-out train masks; raises the first bad one as a one-line error naming its file.
 
     Returns:
         What was found (`SegDataFacts`).

@@ -76,8 +76,8 @@ def resolve_segment(config: SegmentConfig, encoder: Encoder, source: SegSource) 
 def build_segmenter(config: SegmentConfig, encoder: nn.Module) -> Segmenter:
     """The segmentation model of a resolved configuration around (a copy of) ``encoder``."""
     seg = config.seg
-    return Segmenter(segmentation_encoder(encoder, seg.crop_size, seg.drop_path, seg.rel_pos_bias), seg.num_classes,
-                     seg.head,
+    encoder = segmentation_encoder(encoder, seg.crop_size, seg.drop_path, seg.rel_pos_bias)
+    return Segmenter(encoder, seg.num_classes, seg.head,
                      seg.blocks, seg.channels, seg.aux_channels, seg.freeze_encoder)
 
 
@@ -153,7 +153,8 @@ def run_segment(config: SegmentConfig, run_dir: str | Path, force_config: bool =
 
 def _applied(config: SegmentConfig, settings: dict) -> SegmentConfig:
     """``config`` with dotted ``settings`` applied, as ``--set`` would."""
-    return from_dict(SegmentConfig, merge(to_dict(config), parse_overrides([f"{k}={v}" for k, v in settings.items()])))
+    overrides = parse_overrides([f"{k}={v}" for k, v in settings.items()])
+    return from_dict(SegmentConfig, merge(to_dict(config), overrides))
 
 
 def _summary(config: SegmentConfig, encoder: Encoder, facts: SegDataFacts, plan, recipe: str, engine: str,
@@ -172,7 +173,8 @@ def _summary(config: SegmentConfig, encoder: Encoder, facts: SegDataFacts, plan,
     grid = seg.crop_size // encoder.spec.model.patch_size
     head = (f"UperNet {seg.channels or encoder.model.embed_dim} wide, auxiliary {seg.aux_channels}"
             if seg.head == "upernet" else "BatchNorm + 1x1 convolution")
-    evaluation = seg.eval_mode + (f" stride {seg.eval_stride or seg.crop_size}" if seg.eval_mode == "slide" else "")
+    stride = f" stride {seg.eval_stride or seg.crop_size}" if seg.eval_mode == "slide" else ""
+    evaluation = seg.eval_mode + stride
     evaluation += " + flip" if seg.eval_flip else ""
     evaluation += f" at scales {seg.eval_scales}" if seg.eval_scales else ""
     lines += [f"model     {seg.head} on {seg.init} {encoder.spec.model.name} ({encoder.spec.method}), crop "
@@ -182,9 +184,10 @@ def _summary(config: SegmentConfig, encoder: Encoder, facts: SegDataFacts, plan,
               f"run       {plan.describe()}, layer decay {config.optim.layer_decay}",
               f"engine    {engine}"]
     if hint and not auto_size:
-        fit = " ".join(f"--set '{k}={v}'" if isinstance(v, list) else f"--set {k}={v}" for k, v in hint.items())
-        lines.append(f"hint      images (median {width}x{height}) are much smaller than the {seg.crop_size} px "
-                     f"crop: --auto-size fits them ({fit})")
+        fit = " ".join(f"--set '{k}={v}'" if isinstance(v, list) else f"--set {k}={v}"
+                       for k, v in hint.items())
+        lines.append(f"hint      images (median {width}x{height}) are much smaller than the {seg.crop_size} "
+                     f"px crop: --auto-size fits them ({fit})")
     elif auto_size:
         fitted = " ".join(f"{k}={v}" for k, v in hint.items()) if hint else "nothing: the images fit the crop"
         lines.append(f"auto-size {fitted}")
@@ -201,7 +204,8 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
                               channels=channels, class_list=seg.class_names or None,
                               max_image_pixels=data.max_image_pixels)
     val_set = build_seg_source(data.source, "val", root=data.root, num_classes=source.num_classes,
-                               channels=channels, class_list=source.classes, max_image_pixels=data.max_image_pixels)
+                               channels=channels, class_list=source.classes,
+                               max_image_pixels=data.max_image_pixels)
     if config.eval_images:
         val_set = Subset(val_set, range(min(config.eval_images, len(val_set))))
     facts = survey_seg_data(source, val_set)  # a bad mask stops the run here, before training
@@ -252,7 +256,8 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
         model.compile()
     view = SegTrainView(seg.crop_size, seg.scale, data.mean, data.std, seg.ratio_range, seg.cat_max_ratio,
                         photometric=seg.photometric)
-    options = LoopOptions.from_config(train_cfg, num_workers=workers, force_resume=force_config, desc="segment")
+    options = LoopOptions.from_config(train_cfg, num_workers=workers, force_resume=force_config,
+                                      desc="segment")
     summary = train(model, loss_fn, SeededViews(train_set, view), optimizer, plan.schedule, run_dir, world,
                     options, Evaluation(evaluate, config.eval_every, keep_best="val_mIoU"))
     if summary["interrupted"]:

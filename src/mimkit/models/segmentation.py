@@ -69,7 +69,8 @@ _HEAD = ("norm.", "fc_norm.", "head.")  # what segmentation drops: taken from th
 
 def _beit_of(encoder: nn.Module, layer_scale: float | None) -> Beit:
     """A timm `Beit` of ``encoder``'s shape (a timm `Beit` or `VisionTransformer`) with a relative position
-    bias table in every block (zero), no head; ``layer_scale`` its blocks' initial layer scale (None: none)."""
+    bias table in every block (zero), no head; ``layer_scale`` its blocks' initial layer scale (None:
+    none)."""
     block, embed = encoder.blocks[0], encoder.patch_embed
     qkv_bias = (block.attn.q_bias if isinstance(encoder, Beit) else block.attn.qkv.bias) is not None
     beit = Beit(img_size=embed.img_size, patch_size=embed.patch_size, in_chans=embed.proj.in_channels,
@@ -86,7 +87,8 @@ def per_block_relative_positions(encoder: Beit) -> Beit:
     """A BEiT encoder whose shared relative position bias table is copied into every block, each then
     trained on its own at its block's lr, as the released BEiT and BEiT v2 segmentation code loads a
     pretrained checkpoint (a table per block; the pretraining's one shared table)."""
-    beit = _beit_of(encoder, layer_scale=1.0 if getattr(encoder.blocks[0], "gamma_1", None) is not None else None)
+    scaled = getattr(encoder.blocks[0], "gamma_1", None) is not None
+    beit = _beit_of(encoder, layer_scale=1.0 if scaled else None)
     state = {k: v for k, v in encoder.state_dict().items() if not k.startswith(("rel_pos_bias.", *_HEAD))}
     shared = encoder.rel_pos_bias.relative_position_bias_table.detach()
     state |= {f"blocks.{i}.attn.relative_position_bias_table": shared for i in range(len(encoder.blocks))}

@@ -125,7 +125,8 @@ class _Evaluator:
         The training's random stream is left as the evaluation found it (a data loader draws its seed from
         it), so a run resumed from the checkpoint saved before an evaluation continues exactly."""
         results = None
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), stop.during():
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), stop.during():
             results = self.evaluation.evaluate(self.model)
         if results is None:
             return None

@@ -88,7 +88,7 @@ class RunPlan:
         warmup on a short run never reaches the lr it plans)."""
         total = self.schedule.total_steps
         warmup = min(self.warmup_steps, total)
-        flag = (f" (!) more than a tenth of the run: lower optim.warmup_epochs"
+        flag = (" (!) more than a tenth of the run: lower optim.warmup_epochs"
                 if warmup > WARMUP_SHARE_FLAGGED * total else "")
         return (f"{total} steps ({total / self.steps_per_epoch:.2f} epochs), "
                 f"global batch {self.global_batch}, lr {self.lr:.2e}, warmup {warmup} steps{flag}")
