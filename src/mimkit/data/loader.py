@@ -141,14 +141,32 @@ def workers_end_with_errors(loader: DataLoader):
     try:
         yield
     except BaseException as err:
-        # persistent workers live in the loader's iterator; torch has no public way to end them early
-        shutdown = getattr(loader._iterator, "_shutdown_workers", None)
-        if shutdown:
-            shutdown()
+        _shut_down(loader._iterator)  # persistent workers live in the loader's iterator
         found = _WORKER_MESSAGE.findall(str(err)) if isinstance(err, MimkitError) else []
         if found:
             raise MimkitError(found[-1]) from None
         raise
+
+
+def _shut_down(batches: Iterator | None) -> None:
+    """End a DataLoader iterator's workers now (torch has no public way to end them early)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown:
+        shutdown()
+
+
+@contextlib.contextmanager
+def evaluation_batches(loader: DataLoader) -> Iterator[Iterator]:
+    """The batches of an evaluation loader (`eval_loader`), its workers shut down however the loop ends: at
+    its end, on an error (a worker's `MimkitError` as its own line, as `workers_end_with_errors`), or on a
+    stop request. An iterator left to the garbage collector may outlive the command, and its workers, which
+    ignore SIGTERM, would then be waited for forever at the interpreter's exit."""
+    batches = iter(loader)
+    try:
+        with workers_end_with_errors(loader):
+            yield batches
+    finally:
+        _shut_down(batches)
 
 
 def eval_loader(source: Dataset, view, batch_size: int = 256, num_workers: int = 0) -> DataLoader:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
-from mimkit.data.loader import eval_loader, workers_end_with_errors
+from mimkit.data.loader import eval_loader, evaluation_batches
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError, explain_write_errors
@@ -50,8 +50,9 @@ def extract_features(model: nn.Module, loader: DataLoader, pool: str, device: to
     (N, K, D) of K ``layers`` (`block_features`); and labels (N,)."""
     model.eval().to(device)
     features, labels = [], []
-    with workers_end_with_errors(loader):
-        for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, unit="batch"):
+    with evaluation_batches(loader) as batches:
+        for batch in tqdm(batches, desc=desc, total=len(loader), leave=False, dynamic_ncols=True,
+                          unit="batch"):
             images = batch["image"].to(device)
             pooled = (pooled_features(model, images, pool) if layers is None
                       else block_features(model, images, pool, layers))

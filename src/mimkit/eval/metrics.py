@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mimkit.data.loader import workers_end_with_errors
+from mimkit.data.loader import evaluation_batches
 from mimkit.errors import explain_write_errors
 from mimkit.files import write_text_atomically
 
@@ -30,8 +30,8 @@ def classification_accuracy(model: nn.Module, loader: DataLoader, device: torch.
     """
     model.eval()
     top1 = top5 = seen = 0
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, unit="batch")
-    with workers_end_with_errors(loader):
+    with evaluation_batches(loader) as batches:
+        bar = tqdm(batches, desc=desc, total=len(loader), leave=False, dynamic_ncols=True, unit="batch")
         for batch in bar:
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
             with autocast:

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mimkit.data.loader import evaluation_batches
 from mimkit.errors import MimkitError
 
 IGNORE_INDEX = 255
@@ -180,15 +181,16 @@ def evaluate_segmentation(model: nn.Module, loader: DataLoader, device: torch.de
     """
     model.eval()
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, unit="batch")
-    for batch in bar:
-        images = batch["image"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = predict_logits(model, images, crop, mode, stride, flip, scales)
-        masks = batch["mask"].to(device)
-        if logits.shape[2:] != masks.shape[1:]:  # an image evaluated at another scale: score at the mask's
-            logits = F.interpolate(logits, size=masks.shape[1:], mode="bilinear", align_corners=False)
-        matrix += confusion_matrix(logits.argmax(1), masks, num_classes)
-        bar.set_postfix(mIoU=f"{segmentation_scores(matrix)['mIoU']:.2f}")
+    with evaluation_batches(loader) as batches:
+        bar = tqdm(batches, desc=desc, total=len(loader), leave=False, dynamic_ncols=True, unit="batch")
+        for batch in bar:
+            images = batch["image"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = predict_logits(model, images, crop, mode, stride, flip, scales)
+            masks = batch["mask"].to(device)
+            if logits.shape[2:] != masks.shape[1:]:  # evaluated at another scale: scored at the mask's
+                logits = F.interpolate(logits, size=masks.shape[1:], mode="bilinear", align_corners=False)
+            matrix += confusion_matrix(logits.argmax(1), masks, num_classes)
+            bar.set_postfix(mIoU=f"{segmentation_scores(matrix)['mIoU']:.2f}")
     matrix = all_reduce_sum(matrix).cpu()
     return segmentation_scores(matrix, classes) | {"confusion": matrix.tolist()}

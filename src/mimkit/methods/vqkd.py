@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 
 import mimkit.interop.vqkd as layouts
 from mimkit.config import DataConfig, PretrainConfig, check_model_kwargs
-from mimkit.data.loader import eval_loader
+from mimkit.data.loader import eval_loader, evaluation_batches
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import crop_view, eval_view
 from mimkit.errors import MimkitError
@@ -125,11 +125,12 @@ def build_evaluate(config: PretrainConfig, model: VQKD) -> Evaluate:
         was_training = model.training
         model.eval()  # the codebook stays as it is
         ids, cosine = [], 0.0
-        for batch in loader:
-            images = batch["image"].to(device)
-            _, metrics, batch_ids = model(images, teacher(images))
-            ids.append(batch_ids)
-            cosine += metrics["cosine"].item() * len(images)
+        with evaluation_batches(loader) as batches:
+            for batch in batches:
+                images = batch["image"].to(device)
+                _, metrics, batch_ids = model(images, teacher(images))
+                ids.append(batch_ids)
+                cosine += metrics["cosine"].item() * len(images)
         model.train(was_training)
         stats = codebook_stats(torch.cat(ids), model.vocab_size)
         return {"val_usage": stats["usage"].item(), "val_perplexity": stats["perplexity"].item(),
