@@ -313,6 +313,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
           f"{Path(args.out) / 'results.json'}, confusion matrix: {Path(args.out) / 'confusion.png'})")
 
 
+def add_tta(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--tta", choices=("flip", "ms"),
+                     help="test-time augmentation: flip, or ms (scales 0.5-1.75 with flip, the papers' "
+                     "multi-scale test); default: as the run evaluates")
+
+
 def add_segment_commands(commands) -> None:
     """``segment`` and ``predict``: dense prediction on a pretrained encoder, and using a trained model."""
     segment = commands.add_parser("segment", help="train a pretrained encoder for semantic segmentation")
@@ -354,9 +360,7 @@ def add_segment_commands(commands) -> None:
                           help="a new folder for results.json and the confusion matrix")
     evaluate.add_argument("--split", choices=("val", "train"), default="val")
     evaluate.add_argument("--data", help="another folder with the run's classes (default: the run's data)")
-    evaluate.add_argument("--tta", choices=("flip", "ms"),
-                          help="flip, or ms (scales 0.5-1.75 with flip, the papers' multi-scale test); "
-                          "default: as the run evaluates")
+    add_tta(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=1,
                           help="images scored together (of one size: 1 for folders of mixed sizes)")
     evaluate.set_defaults(handler=cmd_evaluate)
@@ -367,9 +371,7 @@ def add_segment_commands(commands) -> None:
     predict.add_argument("--images", required=True, help="a folder of images (searched recursively, every "
                          "split; of a segmentation folder its images, not its masks)")
     predict.add_argument("--out", required=True, help="folder to write (new, empty, or one predict wrote)")
-    predict.add_argument("--tta", choices=("flip", "ms"),
-                         help="test-time augmentation of a segmentation run: flip, or ms (scales 0.5-1.75 "
-                         "with flip, as the papers' multi-scale test); default: as the run evaluates")
+    add_tta(predict)
     predict.add_argument("--batch-size", type=int, default=16, help="images of one size predicted together")
     predict.add_argument("--force", action="store_true",
                          help="write into an --out folder that holds other files (same names are replaced)")

@@ -231,7 +231,8 @@ def test_predict_and_evaluate_on_a_trained_run(voc, mae_run, tmp_path, capsys):
     assert main(["evaluate", str(run), "--out", str(evaluation)]) == 0
     scored = json.loads((evaluation / "results.json").read_text())
     assert scored["mIoU"] == pytest.approx(trained["mIoU"]) and scored["images"] == 6
-    assert main(["evaluate", str(run), "--out", str(evaluation)]) == 2  # not a new folder
+    assert main(["evaluate", str(run), "--out", str(evaluation)]) == 0  # its own folder: written again
+    assert main(["evaluate", str(run), "--out", str(run)]) == 2  # a run's folder: refused
     assert main(["evaluate", str(run), "--out", str(tmp_path / "eval-ms"), "--tta", "ms"]) == 0
 
     images = tmp_path / "images"
