@@ -50,7 +50,7 @@ from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import Evaluation, LoopOptions, describe_engine, train
 from mimkit.train.optim import build_adamw, param_groups
-from mimkit.train.schedule import plan_run, poly_schedule
+from mimkit.train.schedule import RunPlan, plan_run, poly_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +157,8 @@ def _applied(config: SegmentConfig, settings: dict) -> SegmentConfig:
     return from_dict(SegmentConfig, merge(to_dict(config), overrides))
 
 
-def _summary(config: SegmentConfig, encoder: Encoder, facts: SegDataFacts, plan, recipe: str, engine: str,
-             hint: dict | None, auto_size: bool, labels_note: str) -> list[str]:
+def _summary(config: SegmentConfig, encoder: Encoder, facts: SegDataFacts, plan: RunPlan, recipe: str,
+             engine: str, hint: dict | None, auto_size: bool, labels_note: str) -> list[str]:
     """The start-up summary: one short line per subject."""
     seg, data = config.seg, config.data
     names = ", ".join(seg.classes[:8]) + (", ..." if seg.num_classes > 8 else "")
