@@ -41,6 +41,21 @@ def perturb(module: torch.nn.Module, keep: tuple[str, ...] = ()) -> torch.nn.Mod
     return module.eval()
 
 
+def voc_palette() -> list[int]:
+    """Pascal VOC's colour map as a PIL palette (768 values): the bits of index i spread over the high bits
+    of red, green and blue (1 -> dark red 128,0,0, 2 -> dark green, 255 -> 224,224,192). Written out here,
+    not taken from mimkit, so that a mask's colours and its indices differ as they do in VOC's PNGs."""
+    palette = []
+    for index in range(256):
+        rgb, bits = [0, 0, 0], index
+        for shift in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= (bits >> channel & 1) << shift
+            bits >>= 3
+        palette += rgb
+    return palette
+
+
 def grid_size(columns: int, rows: int, side: int) -> tuple[int, int]:
     """Pixel size of an `image_grid` of ``side``-px tiles (upscaled to at least 112 px, 4 px apart,
     under an 18 px header)."""

@@ -3,6 +3,7 @@ ADE20K, Pascal VOC and images + masks layouts: training, scores, exact resume, a
 
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -14,15 +15,17 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torch import nn
 
 from mimkit.cli import main
 from mimkit.config import read_yaml
-from mimkit.eval.segment import load_segmenter, optimizer_groups
+from mimkit.eval.segment import load_segmenter, optimizer_groups, segmentation_loss
 from mimkit.models.segmentation import Segmenter, segmentation_encoder
 from mimkit.models.vit import build_vit
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.metrics import read_metrics
 from mimkit.train.schedule import poly_schedule
+from tests.conftest import voc_palette
 
 TINY_MAE = [arg for kv in ("depth=2", "embed_dim=32", "num_heads=2", "decoder_depth=1",
                            "decoder_embed_dim=32", "decoder_num_heads=2")
@@ -65,15 +68,51 @@ def write_layout(root: Path, layout: str, train: int = 8, val: int = 6) -> Path:
                 paths = root / "JPEGImages" / f"{stem}.jpg", root / "SegmentationClass" / f"{stem}.png"
             else:
                 paths = root / "images" / split / f"{i}.png", root / "masks" / split / f"{i}.png"
-            for path, array in zip(paths, (image, labels), strict=True):
+            masks = Image.fromarray(labels)
+            if layout == "voc":  # Pascal VOC's own: palette PNGs whose indices are the labels, 255 borders
+                labels[labels != np.roll(labels, 1, axis=1)] = 255
+                masks = Image.fromarray(labels)
+                masks.putpalette(voc_palette())  # an L image with a palette becomes a P one
+            for path, picture in zip(paths, (Image.fromarray(image), masks), strict=True):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(array).save(path)
+                picture.save(path)
         if layout == "voc":
             lists = root / "ImageSets" / "Segmentation"
             lists.mkdir(parents=True, exist_ok=True)
             (lists / f"{split}.txt").write_text("".join(f"{split}{i}\n" for i in range(count)))
     (root / "classes.txt").write_text("background\nsquare\nblock\n")
     return root
+
+
+class FixedLogits(nn.Module):
+    """A stand-in segmenter whose heads give fixed logits."""
+
+    def __init__(self, *logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward_logits(self, images):
+        return list(self.logits)
+
+
+def test_segmentation_loss_leaves_ignored_pixels_out():
+    """Cross-entropy over the three labelled pixels of a 2x2 mask (one is 255): the ignored pixel's logits,
+    however wrong, change nothing; the auxiliary head's loss is added at its weight."""
+    masks = torch.tensor([[[0, 255], [1, 1]]])
+    log3 = math.log(3)
+    # pixel (0, 0) truth 0: p = 3/4; (1, 0) truth 1: p = 1/2; (1, 1) truth 1: p = 3/4; (0, 1) ignored
+    decode = torch.tensor([[[log3, -50.0], [0.0, 0.0]], [[0.0, 50.0], [0.0, log3]]])[None]
+    aux = torch.zeros(1, 2, 2, 2)  # p = 1/2 everywhere
+    images = torch.zeros(1, 3, 2, 2)
+    loss, metrics = segmentation_loss(FixedLogits(decode, aux), images, masks, aux_weight=0.4)
+    expected_decode = (2 * math.log(4 / 3) + math.log(2)) / 3
+    assert metrics["decode_loss"].item() == pytest.approx(expected_decode)
+    assert metrics["aux_loss"].item() == pytest.approx(math.log(2))
+    assert loss.item() == pytest.approx(expected_decode + 0.4 * math.log(2))
+    # the heads' logits at a coarser size are upsampled to the mask's first: a 1x1 map covers every pixel
+    coarse, _ = segmentation_loss(FixedLogits(torch.tensor([0.0, log3])[None, :, None, None]), images, masks,
+                                  aux_weight=0.4)
+    assert coarse.item() == pytest.approx((math.log(4) + 2 * math.log(4 / 3)) / 3)
 
 
 def test_poly_schedule_warms_up_then_decays_linearly():
