@@ -57,7 +57,7 @@ def ema_step(codebook: torch.Tensor, z: torch.Tensor, decay: float) -> torch.Ten
     return moved
 
 
-def test_the_first_training_batch_initialises_the_codebook_by_kmeans_of_its_patch_codes():
+def test_the_first_batch_sets_the_codebook_by_kmeans():
     """VQ-KD's first training step: spherical k-means (10 rounds, the default) over the batch's l2-normalized
     projected patch features becomes the codebook, which then takes that step's EMA update; from the second
     step on, EMA updates only."""
