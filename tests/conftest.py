@@ -1,7 +1,10 @@
 """Shared test set-up, and the helpers several test files use."""
 
 import gzip
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,18 @@ def perturb(module: torch.nn.Module, keep: tuple[str, ...] = ()) -> torch.nn.Mod
             if not name.endswith(keep):
                 p.add_(torch.randn_like(p) * 0.1)
     return module.eval()
+
+
+def torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``mimkit ARGS`` as a DDP job of 2 gloo processes (``torchrun --standalone``, a free port), one thread
+    each. A failed job fails the test with what both processes printed (``check=True`` would show only the
+    exit status), and a hung one after ``timeout`` seconds instead of blocking the suite."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mimkit.cli", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, f"exit {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
 
 
 def voc_palette() -> list[int]:

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mimkit.errors import MimkitError
@@ -136,6 +137,45 @@ def test_sliding_window_is_the_mean_over_every_window_that_covers_a_pixel():
     assert logits[0, 1].tolist() == [[float(r)] * 12 for r in rows]
     torch.testing.assert_close(logits[0, 2], images[0, 0])  # each window's logits land where it was cut
     assert (logits[0, 3] == 1).all()  # a mean, not a sum over the 1, 2, 3 or 6 windows
+
+
+def test_the_last_window_is_flush_with_the_border():
+    """Width 11, 8-px windows every 2 px: lefts 0, 2 and 3 (not 4, which would reach past the image and be
+    padded). Column c's mean position over the windows that cover it, by hand."""
+    logits = sliding_logits(WindowPosition(8), torch.randn(1, 3, 8, 11), crop=8, stride=2)
+    # c = 0, 1: window 0; c = 2: windows 0, 2; c = 3..7: 0, 2, 3 -> c - 5/3; c = 8, 9: 2, 3 -> c - 2.5;
+    # c = 10: window 3 -> 7
+    expected = [0, 1, 1, 4 / 3, 7 / 3, 10 / 3, 13 / 3, 16 / 3, 5.5, 6.5, 7]
+    assert logits[0, 0, 0].tolist() == pytest.approx(expected)
+    assert (logits[0, 3] == 1).all()
+
+
+class Recorder(nn.Module):
+    """Logits [first channel, 1]; keeps every input it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x)
+        return torch.stack([x[:, 0], torch.ones_like(x[:, 0])], dim=1)
+
+
+def test_whole_image_inference_resizes_bilinearly_to_the_crop_and_back():
+    """A 16x16 image and an 8-px model: the model sees the bilinear half-size image (each 2x2 block's mean),
+    and its logits come back at 16x16."""
+    images = torch.randn(2, 3, 16, 16)
+    model = Recorder()
+    logits = whole_logits(model, images, 8)
+    assert len(model.inputs) == 1
+    torch.testing.assert_close(model.inputs[0], F.avg_pool2d(images, 2))
+    assert logits.shape == (2, 2, 16, 16) and (logits[:, 1] == 1).all()
+    # back up bilinearly (pixel centres): row 0 is the small row 0, row 1 is 3/4 of it and 1/4 of small row 1
+    small = F.avg_pool2d(images, 2)[:, 0]
+    torch.testing.assert_close(logits[:, 0, 0, 0], small[:, 0, 0])
+    row = 0.75 * small[:, 0, 0] + 0.25 * small[:, 1, 0]
+    torch.testing.assert_close(logits[:, 0, 1, 0], row)
 
 
 def test_sliding_window_pads_a_short_side_and_cuts_the_padding_away():

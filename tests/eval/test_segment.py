@@ -4,10 +4,7 @@ ADE20K, Pascal VOC and images + masks layouts: training, scores, exact resume, a
 import csv
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +22,7 @@ from mimkit.models.vit import build_vit
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.metrics import read_metrics
 from mimkit.train.schedule import poly_schedule
-from tests.conftest import voc_palette
+from tests.conftest import torchrun, voc_palette
 
 TINY_MAE = [arg for kv in ("depth=2", "embed_dim=32", "num_heads=2", "decoder_depth=1",
                            "decoder_embed_dim=32", "decoder_num_heads=2")
@@ -115,6 +112,17 @@ def test_segmentation_loss_leaves_ignored_pixels_out():
     assert coarse.item() == pytest.approx((math.log(4) + 2 * math.log(4 / 3)) / 3)
 
 
+def test_segmentation_loss_upsamples_coarse_logits_bilinearly():
+    """Logits 1x2 for a 1x4 mask (all class 1): bilinear upsampling (pixel centres, align_corners=False) gives
+    class 1 the logits v0, 3/4 v0 + 1/4 v1, 1/4 v0 + 3/4 v1, v1 (class 0 stays 0)."""
+    v0, v1 = -1.0, 3.0
+    logits = torch.tensor([[0.0, 0.0], [v0, v1]])[None, :, None, :]  # [1, 2 classes, 1, 2]
+    masks = torch.ones(1, 1, 4, dtype=torch.long)
+    loss, _ = segmentation_loss(FixedLogits(logits), torch.zeros(1, 3, 1, 4), masks, aux_weight=0.4)
+    upsampled = [v0, 0.75 * v0 + 0.25 * v1, 0.25 * v0 + 0.75 * v1, v1]
+    assert loss.item() == pytest.approx(sum(math.log(1 + math.exp(-v)) for v in upsampled) / 4)
+
+
 def test_poly_schedule_warms_up_then_decays_linearly():
     values = poly_schedule(1.0, 0.0, 6, warmup_steps=2)
     assert values == pytest.approx([0.0, 0.5, 1.0, 2 / 3, 1 / 3, 0.0])
@@ -131,6 +139,14 @@ def test_layer_decay_covers_the_encoder_blocks_and_leaves_the_heads_at_scale_1()
     heads = [n for n in scale if not n.startswith(("blocks.", "pos_embed", "cls_token", "patch_embed"))]
     assert "1.psp_modules.blocks.0.conv.convolution.weight" in heads and all(scale[n] == 1.0 for n in heads)
     assert len(scale) == sum(1 for p in model.parameters() if p.requires_grad)
+    # weight decay on the matrices of the encoder and of the heads; none on biases, norms and embeddings
+    groups = optimizer_groups(model, 0.05, 0.5)
+    decay = {name: g["weight_decay"] for g in groups for name in g["names"]}
+    ndim = {name: p.ndim for g in groups for name, p in zip(g["names"], g["params"], strict=True)}
+    assert decay["blocks.0.attn.qkv.weight"] == 0.05
+    assert decay["pos_embed"] == decay["blocks.0.norm1.weight"] == decay["blocks.0.attn.qkv.bias"] == 0.0
+    assert [decay[n] for n in heads if ndim[n] > 1] == [0.05] * sum(ndim[n] > 1 for n in heads) != []
+    assert {decay[n] for n in heads if ndim[n] == 1} == {0.0}
 
 
 @pytest.mark.slow
@@ -297,9 +313,7 @@ def test_two_processes_score_the_validation_set_as_one(mae_run, tmp_path):
     assert main([*args, "--out", str(one)]) == 0
     shutil.copytree(one, two)
     (two / "results.json").unlink()
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "mimkit.cli", *args, "--force-config", "--out", str(two)],
-                   check=True, capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    torchrun(*args, "--force-config", "--out", str(two))
     a, b = (json.loads((run / "results.json").read_text()) for run in (one, two))
     assert b["val_images"] == 5 and a["per_class"] == b["per_class"]
     assert a["mIoU"] == pytest.approx(b["mIoU"]) and a["aAcc"] == pytest.approx(b["aAcc"])
