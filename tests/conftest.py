@@ -1,7 +1,10 @@
 """Shared test set-up, and the helpers several test files use."""
 
 import gzip
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,33 @@ def perturb(module: torch.nn.Module, keep: tuple[str, ...] = ()) -> torch.nn.Mod
             if not name.endswith(keep):
                 p.add_(torch.randn_like(p) * 0.1)
     return module.eval()
+
+
+def torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``mimkit ARGS`` as a DDP job of 2 gloo processes (``torchrun --standalone``, a free port), one thread
+    each. A failed job fails the test with what both processes printed (``check=True`` would show only the
+    exit status), and a hung one after ``timeout`` seconds instead of blocking the suite."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mimkit.cli", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, f"exit {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
+
+
+def voc_palette() -> list[int]:
+    """Pascal VOC's colour map as a PIL palette (768 values): the bits of index i spread over the high bits
+    of red, green and blue (1 -> dark red 128,0,0, 2 -> dark green, 255 -> 224,224,192). Written out here,
+    not taken from mimkit, so that a mask's colours and its indices differ as they do in VOC's PNGs."""
+    palette = []
+    for index in range(256):
+        rgb, bits = [0, 0, 0], index
+        for shift in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= (bits >> channel & 1) << shift
+            bits >>= 3
+        palette += rgb
+    return palette
 
 
 def grid_size(columns: int, rows: int, side: int) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from mimkit.methods import METHODS
 from mimkit.runs import latest_weights, load_config, load_run
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.metrics import read_metrics
-from tests.conftest import grid_size
+from tests.conftest import grid_size, torchrun
 
 TINY = ["--set", "model.kwargs.depth=2", "--set", "model.kwargs.decoder_depth=1",
         "--set", "data.num_workers=0"]
@@ -130,9 +130,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     common = ["pretrain", "mae", "--data", "synthetic", "--max-steps", "3", *TINY,
               "--set", "optim.warmup_epochs=0"]
     assert main([*common, "--out", str(tmp_path / "one"), "--batch-size", "8"]) == 0
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "mimkit.cli", *common, "--out", str(tmp_path / "two"), "--batch-size", "4"],
-                   check=True, capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    torchrun(*common, "--out", str(tmp_path / "two"), "--batch-size", "4")
     one, two = load_file(latest_weights(tmp_path / "one")), load_file(latest_weights(tmp_path / "two"))
     assert one.keys() == two.keys()
     for name in one:

@@ -25,7 +25,7 @@ from mimkit.train.metrics import read_metrics
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import Schedule
 from mimkit.train.step import NonFiniteLoss
-from tests.conftest import Points, noisy_view, regression_loss
+from tests.conftest import Points, noisy_view, regression_loss, torchrun
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 TINY = ["--data", "synthetic", "--batch-size", "8", "--set", "model.kwargs.depth=2",
@@ -242,9 +242,7 @@ def test_second_process_on_a_run_directory_is_refused_until_the_first_dies(tmp_p
 @pytest.mark.slow
 def test_resuming_two_processes_with_one_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "mimkit.cli", "pretrain", "mae", "--out", str(run), *TINY, "--batch-size", "4",
-                    "--max-steps", "1"], check=True, capture_output=True, env=QUIET_ENV)
+    torchrun("pretrain", "mae", "--out", str(run), *TINY, "--batch-size", "4", "--max-steps", "1")
     state = Checkpoints(run).load_state(1)
     assert (state["world_size"], state["global_batch"]) == (2, 8)
     assert pretrain(run, "--batch-size", "4", "--max-steps", "2") == 2

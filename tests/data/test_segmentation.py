@@ -21,7 +21,7 @@ from mimkit.data.segmentation import (
     write_fmnist_scenes,
 )
 from mimkit.errors import MimkitError
-from tests.conftest import needs_fashion, write_idx
+from tests.conftest import needs_fashion, voc_palette, write_idx
 
 pytestmark = pytest.mark.usefixtures("private_data_cache")
 
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("private_data_cache")
 def save(path: Path, array: np.ndarray, palette: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(array.astype(np.uint8))
-    if palette:  # indices stay the pixel values; the palette only colours them (as Pascal VOC's PNGs)
-        img.putpalette(np.random.default_rng(0).integers(0, 256, 768, dtype=np.uint8).tobytes())
+    if palette:  # indices stay the pixel values; VOC's palette only colours them (as in its PNGs)
+        img.putpalette(voc_palette())
     img.save(path)
     return path
 
@@ -87,7 +87,9 @@ def test_voc_layout_reads_palette_indices_and_keeps_255(tmp_path):
     for stem, mask in masks.items():
         save(root / "JPEGImages" / f"{stem}.jpg", rgb(0, mask.shape))
         save(root / "SegmentationClass" / f"{stem}.png", mask, palette=True)
-    assert Image.open(root / "SegmentationClass" / "a.png").mode == "P"
+    stored = Image.open(root / "SegmentationClass" / "a.png")
+    assert stored.mode == "P" and stored.convert("RGB").getpixel((1, 0)) == (192, 128, 128)  # person's colour
+    assert stored.convert("L").getpixel((1, 0)) != 15  # read as a grey picture, the label would be lost
     (root / "ImageSets" / "Segmentation").mkdir(parents=True)
     (root / "ImageSets" / "Segmentation" / "train.txt").write_text("a\nb\n")
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("b\n")

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mimkit.errors import MimkitError
@@ -34,6 +35,28 @@ def test_scores_of_a_hand_computed_matrix():
     assert scores["mAcc"] == pytest.approx(100 * (0.5 + 1 + 0.5) / 3)
     assert scores["per_class"][0] == {"class": "a", "IoU": 33.33, "Acc": 50.0}
     assert scores["per_class"][3] == {"class": "d", "IoU": None, "Acc": None}
+
+
+def test_scores_of_predictions_count_only_labelled_pixels():
+    """From pixels to scores: three ignored pixels (predicted as class d, the one absent from the truth)
+    are left out of every number, and d, absent from both, has no IoU and no Acc."""
+    target = torch.tensor([[0, 0, 1, 1, 255], [2, 2, 1, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1, 3], [2, 0, 1, 3, 3]])
+    matrix = confusion_matrix(pred, target, 4)
+    assert matrix.tolist() == [[1, 1, 0, 0], [0, 3, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    scores = segmentation_scores(matrix, ["a", "b", "c", "d"])
+    assert scores["aAcc"] == pytest.approx(100 * 5 / 7)  # 7 labelled pixels, not 10
+    # IoU: a 1/(2+2-1), b 3/(3+4-3), c 1/(2+1-1); Acc: a 1/2, b 3/3, c 1/2
+    assert scores["mIoU"] == pytest.approx(100 * (1 / 3 + 3 / 4 + 1 / 2) / 3)
+    assert scores["mAcc"] == pytest.approx(100 * (1 / 2 + 1 + 1 / 2) / 3)
+    assert scores["per_class"] == [{"class": "a", "IoU": 33.33, "Acc": 50.0},
+                                   {"class": "b", "IoU": 75.0, "Acc": 100.0},
+                                   {"class": "c", "IoU": 50.0, "Acc": 50.0},
+                                   {"class": "d", "IoU": None, "Acc": None}]
+    # another ignore index: 255 is then a label past the classes
+    assert confusion_matrix(pred, target.where(target != 255, 7), 4, ignore_index=7).equal(matrix)
+    with pytest.raises(MimkitError, match="label 255"):
+        confusion_matrix(pred, target, 4, ignore_index=7)
 
 
 def test_a_predicted_class_absent_from_the_truth_counts_as_zero_iou_but_has_no_acc():
@@ -84,6 +107,85 @@ def test_sliding_window_averages_overlapping_windows():
     torch.testing.assert_close(logits[..., 10:12], windows[2][..., 6:8])
 
 
+class WindowPosition(nn.Module):
+    """Logits that say where a pixel sits in the window the model sees: [column in the window, row in the
+    window, the image's first channel, 1]."""
+
+    def __init__(self, crop: int):
+        super().__init__()
+        self.crop = crop
+
+    def forward(self, x):
+        assert x.shape[2:] == (self.crop, self.crop)
+        b, _, h, w = x.shape
+        column = torch.arange(w, dtype=x.dtype).expand(b, h, w)
+        row = torch.arange(h, dtype=x.dtype)[:, None].expand(b, h, w)
+        return torch.stack([column, row, x[:, 0], torch.ones_like(column)], dim=1)
+
+
+def test_sliding_window_is_the_mean_over_every_window_that_covers_a_pixel():
+    """10x12 image, 8x8 windows every 2 px: tops 0, 2 and lefts 0, 2, 4 (6 windows). Column c lies in the
+    windows at lefts L <= c < L + 8, and its averaged position is the mean of c - L over them."""
+    images = torch.randn(1, 3, 10, 12)
+    logits = sliding_logits(WindowPosition(8), images, crop=8, stride=2)
+    assert logits.shape == (1, 4, 10, 12)
+    # c = 0, 1: window 0 -> c; 2, 3: windows 0, 2 -> c - 1; 4..7: 0, 2, 4 -> c - 2; 8, 9: 2, 4 -> c - 3;
+    # 10, 11: window 4 -> c - 4
+    columns = [0, 1, 1, 2, 2, 3, 4, 5, 5, 6, 6, 7]
+    rows = [0, 1, 1, 2, 3, 4, 5, 6, 6, 7]  # r = 0, 1: top 0; 2..7: tops 0, 2 -> r - 1; 8, 9: top 2 -> r - 2
+    assert logits[0, 0].tolist() == [[float(c) for c in columns]] * 10
+    assert logits[0, 1].tolist() == [[float(r)] * 12 for r in rows]
+    torch.testing.assert_close(logits[0, 2], images[0, 0])  # each window's logits land where it was cut
+    assert (logits[0, 3] == 1).all()  # a mean, not a sum over the 1, 2, 3 or 6 windows
+
+
+def test_the_last_window_is_flush_with_the_border():
+    """Width 11, 8-px windows every 2 px: lefts 0, 2 and 3 (not 4, which would reach past the image and be
+    padded). Column c's mean position over the windows that cover it, by hand."""
+    logits = sliding_logits(WindowPosition(8), torch.randn(1, 3, 8, 11), crop=8, stride=2)
+    # c = 0, 1: window 0; c = 2: windows 0, 2; c = 3..7: 0, 2, 3 -> c - 5/3; c = 8, 9: 2, 3 -> c - 2.5;
+    # c = 10: window 3 -> 7
+    expected = [0, 1, 1, 4 / 3, 7 / 3, 10 / 3, 13 / 3, 16 / 3, 5.5, 6.5, 7]
+    assert logits[0, 0, 0].tolist() == pytest.approx(expected)
+    assert (logits[0, 3] == 1).all()
+
+
+class Recorder(nn.Module):
+    """Logits [first channel, 1]; keeps every input it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x)
+        return torch.stack([x[:, 0], torch.ones_like(x[:, 0])], dim=1)
+
+
+def test_whole_image_inference_resizes_bilinearly_to_the_crop_and_back():
+    """A 16x16 image and an 8-px model: the model sees the bilinear half-size image (each 2x2 block's mean),
+    and its logits come back at 16x16."""
+    images = torch.randn(2, 3, 16, 16)
+    model = Recorder()
+    logits = whole_logits(model, images, 8)
+    assert len(model.inputs) == 1
+    torch.testing.assert_close(model.inputs[0], F.avg_pool2d(images, 2))
+    assert logits.shape == (2, 2, 16, 16) and (logits[:, 1] == 1).all()
+    # back up bilinearly (pixel centres): row 0 is the small row 0, row 1 is 3/4 of it and 1/4 of small row 1
+    small = F.avg_pool2d(images, 2)[:, 0]
+    torch.testing.assert_close(logits[:, 0, 0, 0], small[:, 0, 0])
+    row = 0.75 * small[:, 0, 0] + 0.25 * small[:, 1, 0]
+    torch.testing.assert_close(logits[:, 0, 1, 0], row)
+
+
+def test_sliding_window_pads_a_short_side_and_cuts_the_padding_away():
+    images = torch.randn(1, 3, 6, 12)  # 6 rows: one row of windows, padded to 8 below
+    logits = sliding_logits(WindowPosition(8), images, crop=8, stride=4)  # lefts 0, 4
+    assert logits[0, 1].tolist() == [[float(r)] * 12 for r in range(6)]
+    assert logits[0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 2.0, 3.0, 4.0, 5.0, 4.0, 5.0, 6.0, 7.0]
+    torch.testing.assert_close(logits[0, 2], images[0, 0])
+
+
 def test_sliding_window_pads_an_image_smaller_than_the_crop():
     model = PixelModel(16)
     assert sliding_logits(model, torch.randn(1, 3, 10, 12), crop=16, stride=8).shape == (1, 4, 10, 12)
@@ -92,6 +194,27 @@ def test_sliding_window_pads_an_image_smaller_than_the_crop():
 def test_flip_averaging_of_a_flip_equivariant_model_changes_nothing():
     model, images = PixelModel(8), torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(predict_logits(model, images, 8, flip=True), predict_logits(model, images, 8))
+
+
+class ColumnModel(nn.Module):
+    """Not flip-equivariant: logits [x, column, x * column] for the image's first channel x."""
+
+    def forward(self, x):
+        column = torch.arange(x.shape[-1], dtype=x.dtype).expand_as(x[:, 0])
+        return torch.stack([x[:, 0], column, x[:, 0] * column], dim=1)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_flip_averaging_unflips_the_logits_of_the_flipped_image(mode):
+    """The flipped image's logits, flipped back, are averaged with the image's: at column c of a width-8
+    image the column logit is (c + 7 - c) / 2 = 3.5, and x * column becomes x * 3.5."""
+    images = torch.randn(2, 3, 8, 8)
+    x = images[:, 0]
+    plain = predict_logits(ColumnModel(), images, 8, mode=mode)
+    column = torch.arange(8.0).expand_as(x)
+    torch.testing.assert_close(plain, torch.stack([x, column, x * column], 1))
+    flipped = predict_logits(ColumnModel(), images, 8, mode=mode, flip=True)
+    torch.testing.assert_close(flipped, torch.stack([x, torch.full_like(x, 3.5), x * 3.5], 1))
 
 
 def test_bad_inference_options_are_errors():

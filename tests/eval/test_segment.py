@@ -3,10 +3,8 @@ ADE20K, Pascal VOC and images + masks layouts: training, scores, exact resume, a
 
 import csv
 import json
-import os
+import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +12,17 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torch import nn
 
 from mimkit.cli import main
 from mimkit.config import read_yaml
-from mimkit.eval.segment import load_segmenter, optimizer_groups
+from mimkit.eval.segment import load_segmenter, optimizer_groups, segmentation_loss
 from mimkit.models.segmentation import Segmenter, segmentation_encoder
 from mimkit.models.vit import build_vit
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.metrics import read_metrics
 from mimkit.train.schedule import poly_schedule
+from tests.conftest import torchrun, voc_palette
 
 TINY_MAE = [arg for kv in ("depth=2", "embed_dim=32", "num_heads=2", "decoder_depth=1",
                            "decoder_embed_dim=32", "decoder_num_heads=2")
@@ -65,15 +65,62 @@ def write_layout(root: Path, layout: str, train: int = 8, val: int = 6) -> Path:
                 paths = root / "JPEGImages" / f"{stem}.jpg", root / "SegmentationClass" / f"{stem}.png"
             else:
                 paths = root / "images" / split / f"{i}.png", root / "masks" / split / f"{i}.png"
-            for path, array in zip(paths, (image, labels), strict=True):
+            masks = Image.fromarray(labels)
+            if layout == "voc":  # Pascal VOC's own: palette PNGs whose indices are the labels, 255 borders
+                labels[labels != np.roll(labels, 1, axis=1)] = 255
+                masks = Image.fromarray(labels)
+                masks.putpalette(voc_palette())  # an L image with a palette becomes a P one
+            for path, picture in zip(paths, (Image.fromarray(image), masks), strict=True):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(array).save(path)
+                picture.save(path)
         if layout == "voc":
             lists = root / "ImageSets" / "Segmentation"
             lists.mkdir(parents=True, exist_ok=True)
             (lists / f"{split}.txt").write_text("".join(f"{split}{i}\n" for i in range(count)))
     (root / "classes.txt").write_text("background\nsquare\nblock\n")
     return root
+
+
+class FixedLogits(nn.Module):
+    """A stand-in segmenter whose heads give fixed logits."""
+
+    def __init__(self, *logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward_logits(self, images):
+        return list(self.logits)
+
+
+def test_segmentation_loss_leaves_ignored_pixels_out():
+    """Cross-entropy over the three labelled pixels of a 2x2 mask (one is 255): the ignored pixel's logits,
+    however wrong, change nothing; the auxiliary head's loss is added at its weight."""
+    masks = torch.tensor([[[0, 255], [1, 1]]])
+    log3 = math.log(3)
+    # pixel (0, 0) truth 0: p = 3/4; (1, 0) truth 1: p = 1/2; (1, 1) truth 1: p = 3/4; (0, 1) ignored
+    decode = torch.tensor([[[log3, -50.0], [0.0, 0.0]], [[0.0, 50.0], [0.0, log3]]])[None]
+    aux = torch.zeros(1, 2, 2, 2)  # p = 1/2 everywhere
+    images = torch.zeros(1, 3, 2, 2)
+    loss, metrics = segmentation_loss(FixedLogits(decode, aux), images, masks, aux_weight=0.4)
+    expected_decode = (2 * math.log(4 / 3) + math.log(2)) / 3
+    assert metrics["decode_loss"].item() == pytest.approx(expected_decode)
+    assert metrics["aux_loss"].item() == pytest.approx(math.log(2))
+    assert loss.item() == pytest.approx(expected_decode + 0.4 * math.log(2))
+    # the heads' logits at a coarser size are upsampled to the mask's first: a 1x1 map covers every pixel
+    coarse, _ = segmentation_loss(FixedLogits(torch.tensor([0.0, log3])[None, :, None, None]), images, masks,
+                                  aux_weight=0.4)
+    assert coarse.item() == pytest.approx((math.log(4) + 2 * math.log(4 / 3)) / 3)
+
+
+def test_segmentation_loss_upsamples_coarse_logits_bilinearly():
+    """Logits 1x2 for a 1x4 mask (all class 1): bilinear upsampling (pixel centres, align_corners=False) gives
+    class 1 the logits v0, 3/4 v0 + 1/4 v1, 1/4 v0 + 3/4 v1, v1 (class 0 stays 0)."""
+    v0, v1 = -1.0, 3.0
+    logits = torch.tensor([[0.0, 0.0], [v0, v1]])[None, :, None, :]  # [1, 2 classes, 1, 2]
+    masks = torch.ones(1, 1, 4, dtype=torch.long)
+    loss, _ = segmentation_loss(FixedLogits(logits), torch.zeros(1, 3, 1, 4), masks, aux_weight=0.4)
+    upsampled = [v0, 0.75 * v0 + 0.25 * v1, 0.25 * v0 + 0.75 * v1, v1]
+    assert loss.item() == pytest.approx(sum(math.log(1 + math.exp(-v)) for v in upsampled) / 4)
 
 
 def test_poly_schedule_warms_up_then_decays_linearly():
@@ -92,6 +139,14 @@ def test_layer_decay_covers_the_encoder_blocks_and_leaves_the_heads_at_scale_1()
     heads = [n for n in scale if not n.startswith(("blocks.", "pos_embed", "cls_token", "patch_embed"))]
     assert "1.psp_modules.blocks.0.conv.convolution.weight" in heads and all(scale[n] == 1.0 for n in heads)
     assert len(scale) == sum(1 for p in model.parameters() if p.requires_grad)
+    # weight decay on the matrices of the encoder and of the heads; none on biases, norms and embeddings
+    groups = optimizer_groups(model, 0.05, 0.5)
+    decay = {name: g["weight_decay"] for g in groups for name in g["names"]}
+    ndim = {name: p.ndim for g in groups for name, p in zip(g["names"], g["params"], strict=True)}
+    assert decay["blocks.0.attn.qkv.weight"] == 0.05
+    assert decay["pos_embed"] == decay["blocks.0.norm1.weight"] == decay["blocks.0.attn.qkv.bias"] == 0.0
+    assert [decay[n] for n in heads if ndim[n] > 1] == [0.05] * sum(ndim[n] > 1 for n in heads) != []
+    assert {decay[n] for n in heads if ndim[n] == 1} == {0.0}
 
 
 @pytest.mark.slow
@@ -258,9 +313,7 @@ def test_two_processes_score_the_validation_set_as_one(mae_run, tmp_path):
     assert main([*args, "--out", str(one)]) == 0
     shutil.copytree(one, two)
     (two / "results.json").unlink()
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "mimkit.cli", *args, "--force-config", "--out", str(two)],
-                   check=True, capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    torchrun(*args, "--force-config", "--out", str(two))
     a, b = (json.loads((run / "results.json").read_text()) for run in (one, two))
     assert b["val_images"] == 5 and a["per_class"] == b["per_class"]
     assert a["mIoU"] == pytest.approx(b["mIoU"]) and a["aAcc"] == pytest.approx(b["aAcc"])

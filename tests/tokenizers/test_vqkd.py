@@ -6,8 +6,12 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from mimkit.config import load_recipe, merge, parse_overrides
 from mimkit.data.sources import build_source
+from mimkit.methods.vqkd import build_model
+from mimkit.registry import read_config
 from mimkit.tokenizers.dvae import codebook_stats
+from mimkit.tokenizers.quantizer import spherical_kmeans
 from mimkit.tokenizers.teachers import Teacher, TimmFeatures
 from mimkit.tokenizers.vqkd import VQKD, create_vqkd
 
@@ -40,6 +44,52 @@ def test_tokenize_never_moves_the_codebook():
     ids = model.tokenize(torch.randn(2, 1, 28, 28))
     assert ids.shape == (2, 7, 7) and torch.equal(model.quantize.codebook, before)
     assert not model.quantize.initialized  # k-means waits for the first training batch
+
+
+def ema_step(codebook: torch.Tensor, z: torch.Tensor, decay: float) -> torch.Tensor:
+    """One EMA step by hand: each code that unit vectors z chose moves to l2(decay * code + (1 - decay) *
+    l2(their sum)); the others stay."""
+    ids = (z @ codebook.T).argmax(1)
+    moved = codebook.clone()
+    for k in ids.unique():
+        mean = F.normalize(z[ids == k].sum(0), dim=0)
+        moved[k] = F.normalize(decay * codebook[k] + (1 - decay) * mean, dim=0)
+    return moved
+
+
+def test_the_first_batch_sets_the_codebook_by_kmeans():
+    """VQ-KD's first training step: spherical k-means (10 rounds, the default) over the batch's l2-normalized
+    projected patch features becomes the codebook, which then takes that step's EMA update; from the second
+    step on, EMA updates only."""
+    torch.manual_seed(0)
+    model = tiny(vocab_size=8, decay=0.9, dead_after=None).train()
+    batches = [(torch.randn(4, 1, 28, 28), torch.randn(4, 49, 24)) for _ in range(2)]
+    with torch.no_grad():
+        z = [F.normalize(model.forward_encoder(x), dim=-1).flatten(0, 1) for x, _ in batches]  # [B*L, d]
+    torch.manual_seed(1)
+    centers = spherical_kmeans(z[0], 8, iters=10)
+    torch.manual_seed(1)
+    one_round = spherical_kmeans(z[0], 8, iters=1)
+    assert not torch.allclose(centers, one_round, atol=1e-3)  # the rounds after the first one matter here
+    torch.manual_seed(1)  # the draw of k-means' first centers
+    model(*batches[0])
+    assert model.quantize.initialized
+    after_first = ema_step(centers, z[0], 0.9)
+    torch.testing.assert_close(model.quantize.codebook, after_first)
+    model(*batches[1])
+    torch.testing.assert_close(model.quantize.codebook, ema_step(after_first, z[1], 0.9))
+
+
+def test_the_recipe_and_its_overrides_reach_the_quantizer():
+    overrides = parse_overrides(["vqkd.teacher_dim=24", "vqkd.vocab_size=16", "vqkd.kmeans_iters=3",
+                                 "vqkd.decoder_depth=1", "model.kwargs.depth=1", "data.img_size=28",
+                                 "data.channels=1"])
+    model = build_model(read_config(merge(load_recipe("vqkd_fmnist"), overrides)))
+    assert model.quantize.kmeans_iters == 3 and not model.quantize.initialized
+    assert model.quantize.codebook.shape == (16, 32)
+    without = build_model(read_config(merge(load_recipe("vqkd_fmnist"), overrides | {
+        "vqkd": overrides["vqkd"] | {"kmeans_iters": 0}})))
+    assert without.quantize.initialized  # no k-means: the random codebook is the initialisation
 
 
 def test_straight_through_gradient_reaches_the_encoder():

@@ -71,6 +71,56 @@ def test_epoch_batches_shard_one_global_batch():
     assert list(next_epoch) != whole
 
 
+def indices(batches) -> list[int]:
+    return [index for batch in batches for index, _ in batch]
+
+
+def test_each_epoch_visits_the_data_in_a_new_order_and_a_resume_repeats_it():
+    """The order of the images (not only their augmentation seeds) changes from epoch to epoch; each epoch is
+    a permutation of the data; an epoch started at a later batch continues the same permutation."""
+    batches = EpochBatches(32, 8, seed=3)
+    epochs = []
+    for epoch in range(3):
+        batches.set_position(epoch, 0)
+        epochs.append(indices(batches))
+    assert all(sorted(order) == list(range(32)) for order in epochs)
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+    resumed = EpochBatches(32, 8, seed=3)
+    resumed.set_position(1, 2)
+    assert indices(resumed) == epochs[1][16:]
+    other_seed = EpochBatches(32, 8, seed=4)
+    assert indices(other_seed) != epochs[0]
+
+
+class Numbered(torch.utils.data.Dataset):
+    """Item i is the image [i, 0, 0, 0] with label 0."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return torch.tensor([i, 0, 0, 0], dtype=torch.uint8), 0
+
+
+def test_the_loop_reads_a_new_order_each_epoch(tmp_path):
+    seen = []
+
+    def recording_loss(model, batch):
+        seen.extend(batch["image"][:, 0].round().int().tolist())
+        return regression_loss(model, batch)
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    train(model, recording_loss, SeededViews(Numbered(), lambda image: {"image": image.float()}),
+          build_adamw(param_groups(model, 0)), Schedule(6, [0.1] * 6), tmp_path, CPU,
+          LoopOptions(batch_size=4, log_every=100))  # 4 steps an epoch: 1.5 epochs
+    expected = EpochBatches(16, 4, seed=0)
+    first = indices(expected)
+    expected.set_position(1, 0)
+    assert seen == first + indices(expected)[:8]
+    assert sorted(seen[:16]) == list(range(16)) and seen[16:] != first[:8]
+
+
 def test_seeded_views_repeat_exactly():
     views = SeededViews(Points(), noisy_view)
     assert torch.equal(views[(3, 77)]["image"], views[(3, 77)]["image"])

@@ -18,6 +18,7 @@ from mimkit.models.mae import create_mae
 from mimkit.runs import latest_weights
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.distributed import expand_nodelist, slurm_environment
+from tests.conftest import torchrun
 
 TINY = ["--model", "vit_mini", "--set", "model.kwargs.depth=2", "--set", "model.kwargs.decoder_depth=1",
         "--set", "data.img_size=32", "--set", "model.patch_size=8", "--set", "optim.warmup_epochs=0"]
@@ -76,9 +77,7 @@ def test_two_processes_match_one(tmp_path, kind):
     data = make_data(kind, tmp_path)
     common = ["pretrain", "mae", "--data", data, *TINY, "--max-steps", "2", "--set", "data.num_workers=0"]
     assert main([*common, "--out", str(tmp_path / "one"), "--batch-size", "8"]) == 0
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "mimkit.cli", *common, "--out", str(tmp_path / "two"), "--batch-size", "4"],
-                   check=True, capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    torchrun(*common, "--out", str(tmp_path / "two"), "--batch-size", "4")
     assert_same_weights(latest_weights(tmp_path / "one"), latest_weights(tmp_path / "two"), exact=False)
 
 

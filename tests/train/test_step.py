@@ -1,9 +1,12 @@
 """The training loop's parts: what one optimizer step logs of its micro-batches, and how often it waits for
-the device."""
+the device, and how often it all-reduces the gradients."""
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 
 from mimkit.data.loader import SeededViews
 from mimkit.train import step as step_module
@@ -12,6 +15,7 @@ from mimkit.train.loop import LoopOptions, train
 from mimkit.train.metrics import read_metrics
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import Schedule
+from mimkit.train.step import OptimizerStep
 from tests.conftest import Points, noisy_view, regression_loss
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
@@ -54,3 +58,40 @@ def test_one_finiteness_check_per_optimizer_step_whatever_the_accumulation(tmp_p
     records = run(tmp_path, regression_loss, total_steps=3, accum_steps=4, log_every=100)
     assert checks == [[False, False]] * 3
     assert [r["step"] for r in records] == [3]  # logged at the last step only
+
+
+@pytest.fixture
+def group_of_one():
+    """A gloo process group of one process on an in-memory store: DDP without a second process or a port."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_gradients_are_all_reduced_once_per_optimizer_step_under_accumulation(group_of_one):
+    """DDP syncs on the last of the accum_steps micro-batches only (``no_sync`` on the others), and what it
+    all-reduces then is the step's whole gradient: the mean over its micro-batches. The step believes in 2
+    processes (so it wraps the model in DDP); the group has one, so the all-reduce keeps what it is given."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    reference = nn.Linear(4, 1)
+    reference.load_state_dict(model.state_dict())
+    world = World(rank=0, size=2, device=torch.device("cpu"))
+    step = OptimizerStep(model, regression_loss, build_adamw(param_groups(model, 0)),
+                         Schedule(2, [0.1, 0.1], accum_steps=3), world, last_checkpoint=lambda: None)
+    assert isinstance(step.forward, DistributedDataParallel)
+    reduced = []
+
+    def counting_allreduce(state, bucket):
+        reduced.append(bucket.buffer().clone())
+        return default_hooks.allreduce_hook(state, bucket)
+
+    step.forward.register_comm_hook(None, counting_allreduce)
+    batches = [{"image": torch.randn(2, 4), "label": torch.tensor([0, 1])} for _ in range(6)]
+    step(0, iter(batches[:3]))
+    assert len(reduced) == 1  # one bucket (a Linear's 5 numbers), once: not once per micro-batch
+    sum(regression_loss(reference, b)[0] for b in batches[:3]).div(3).backward()
+    whole = torch.cat([reference.weight.grad.flatten(), reference.bias.grad])
+    torch.testing.assert_close(reduced[0].sort().values, whole.sort().values)  # bucket order is DDP's own
+    step(1, iter(batches[3:]))
+    assert len(reduced) == 2
