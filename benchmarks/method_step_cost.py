@@ -1,0 +1,97 @@
+"""Pretraining step cost of registered methods at their Fashion-MNIST recipes, in one process, back to back.
+
+Each method's model, view and loss come from its registry record and its ``NAME_fmnist`` recipe (a method
+whose recipe needs a tokenizer or teacher is not for this script). One batch of Fashion-MNIST training
+images goes through each method's own view once (seeded per sample, as in training); a step is forward +
+backward + AdamW step on that same batch. After warm-up steps, every method runs ``--steps`` steps, then
+the next; ``--rounds`` repeats that, the order reversed every other round, so a shared machine's load falls
+on all alike. Reported: images/s per round and the mean, the ratio to the first method, images per
+second of process CPU time (all threads; less sensitive to waiting for a core on a loaded machine), and
+the load average (``os.getloadavg``) before and after.
+
+    .venv/bin/python benchmarks/method_step_cost.py --methods mae,simmim,maskfeat --batch-size 256 --steps 20
+"""
+
+import argparse
+import os
+import time
+
+import torch
+
+from mimkit.config import load_recipe
+from mimkit.data.loader import SeededViews
+from mimkit.data.sources import build_source
+from mimkit.pretrain import resolve_data
+from mimkit.registry import method_of, read_config
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default="mae,maskfeat", help="comma-separated; the first is the reference")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per method per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per method before the first round")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+def make_step(name: str, batch_size: int):
+    """(step closure, model description) for method ``name`` at its fmnist recipe on a fixed batch."""
+    method = method_of(name)
+    source = build_source("fashion-mnist")
+    config = resolve_data(read_config(load_recipe(f"{name}_fmnist")), source.info)
+    torch.manual_seed(0)
+    model = method.build_model(config).train()
+    view, loss_fn = method.build_task(config, model)
+    items = SeededViews(source, view)
+    samples = [items[(i, i)] for i in range(batch_size)]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+
+    def step() -> None:
+        loss, _ = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return step, f"{config.model.name}/{config.model.patch_size}, {params:.2f}M parameters"
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    names = a.methods.split(",")
+    steps = {}
+    for name in names:
+        steps[name], about = make_step(name, a.batch_size)
+        print(f"{name}: {about}")
+        for _ in range(a.warmup):
+            steps[name]()
+    load_before = os.getloadavg()
+    rates = {name: [] for name in names}
+    cpu = dict.fromkeys(names, 0.0)
+    for r in range(a.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            for _ in range(a.steps):
+                steps[name]()
+            rates[name].append(a.steps * a.batch_size / (time.perf_counter() - start))
+            cpu[name] += time.process_time() - start_cpu
+    load_after = os.getloadavg()
+    loads = ", ".join(f"{when} {' / '.join(f'{x:.1f}' for x in load)}"
+                      for when, load in (("before", load_before), ("after", load_after)))
+    print(f"batch {a.batch_size}, {a.steps} steps per method per round, {a.rounds} rounds, {a.threads} "
+          f"threads; load average (1 / 5 / 15 min): {loads}")
+    reference = sum(rates[names[0]]) / a.rounds
+    images = a.rounds * a.steps * a.batch_size
+    for name in names:
+        mean = sum(rates[name]) / a.rounds
+        rounds = ", ".join(f"{x:.1f}" for x in rates[name])
+        print(f"{name:10s} {mean:7.1f} images/s (rounds: {rounds}); {mean / reference:.2f}x {names[0]}; "
+              f"{images / cpu[name]:.1f} images per CPU-second ({cpu[names[0]] / cpu[name]:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
