@@ -9,7 +9,9 @@
     mimkit finetune runs/mae --data fashion-mnist --out runs/ft [--label-fraction 0.1] [--init random]
     mimkit linprobe runs/mae --data fashion-mnist --out runs/lp     (knn: the same arguments)
     mimkit segment runs/mae --data fmnist-scenes --out runs/seg [--head linear] [--init random]
-    mimkit predict runs/seg --images DIR --out DIR      (a fine-tuning run too: predictions.csv)
+    mimkit segment runs/mae --data MY_VOC_FOLDER --out runs/seg --auto-size   (sized to small images)
+    mimkit evaluate runs/seg --out runs/seg-eval [--tta ms]   (a split's scores and confusion matrix)
+    mimkit predict runs/seg --images DIR --out DIR [--tta flip]   (a fine-tuning run too: predictions.csv)
     mimkit knn runs/mae --data fashion-mnist --out runs/knn-depth --layer all   (--layer N: block N)
     mimkit import mae_pretrain_vit_base.pth --format mae --out runs/mae-b   (mae|beit|beitv2|vqkd|timm|hf)
     mimkit export runs/mae --to hf --out exported/   (--to timm; --encoder-only)
@@ -29,6 +31,7 @@ from mimkit.errors import Interrupted, MimkitError
 
 BUILTIN_DATA = ("fashion-mnist", "mnist", "synthetic")
 SMALL_DATA_IMAGES = 100_000  # a folder with fewer images gets the method's small-data recipe, when it has one
+SMALL_SEGMENTATION_IMAGES = 10_000  # a segmentation folder with fewer training images gets segment_small
 
 
 def choose_recipe(method: str, data: str) -> tuple[str, str]:
@@ -197,14 +200,33 @@ def visualize_segmentation(args: argparse.Namespace) -> None:
     print(f"wrote {save_picture(segmentation_figure(rows, seg.classes), args.out)}")
 
 
+def choose_segment_recipe(data: str) -> tuple[str, str]:
+    """The packaged segmentation recipe for a data set, and why: ``segment_fmnist`` for fmnist-scenes; for a
+    folder, ``segment_small`` below `SMALL_SEGMENTATION_IMAGES` training images, else the papers'
+    ``segment_ade20k``."""
+    from mimkit.data.sources import count_images
+
+    if data == "fmnist-scenes":
+        return "segment_fmnist", "the recipe of fmnist-scenes"
+    count = count_images(data, stop_after=SMALL_SEGMENTATION_IMAGES)
+    if count < SMALL_SEGMENTATION_IMAGES:
+        return "segment_small", (f"{count} training images, fewer than {SMALL_SEGMENTATION_IMAGES:,} "
+                                 "(segment_ade20k is the papers' ADE20K recipe; --config NAME picks another)")
+    return "segment_ade20k", f"{SMALL_SEGMENTATION_IMAGES:,} training images or more: the papers' ADE20K recipe"
+
+
 def segment_config(args: argparse.Namespace):
     """Defaults ← recipe (and its ``per_method`` part for the encoder's method) ← flags ← ``--set``, for
-    ``mimkit segment``."""
+    ``mimkit segment``.
+
+    Returns:
+        The configuration, and one line on which recipe it came from and why.
+    """
     from mimkit.eval.config import SegmentConfig
     from mimkit.runs import saved_values
 
-    default = "segment_fmnist" if args.data == "fmnist-scenes" else "segment_ade20k"
-    recipe = load_recipe(args.config or default)
+    name, why = (args.config, "--config") if args.config else choose_segment_recipe(args.data)
+    recipe = load_recipe(name)
     per_method = recipe.pop("per_method", {})
     run_dir = Path(args.run)
     run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir
@@ -217,7 +239,7 @@ def segment_config(args: argparse.Namespace):
         flags["seg"]["head"] = args.head
     if args.label_fraction is not None:
         flags["labels"]["fraction"] = args.label_fraction
-    return from_dict(SegmentConfig, merge(merge(values, flags), parse_overrides(args.set)))
+    return from_dict(SegmentConfig, merge(merge(values, flags), parse_overrides(args.set))), f"{name}: {why}"
 
 
 def refuse_another_run(out: Path, encoder: str, section: str) -> None:
@@ -236,10 +258,10 @@ def refuse_another_run(out: Path, encoder: str, section: str) -> None:
 def cmd_segment(args: argparse.Namespace) -> None:
     from mimkit.eval.segment import run_segment
 
-    config = segment_config(args)
+    config, recipe = segment_config(args)
     out = Path(args.out)
     refuse_another_run(out, config.encoder, "seg")
-    results = run_segment(config, out, args.force_config)
+    results = run_segment(config, out, args.force_config, recipe=recipe, auto_size=args.auto_size)
     if results.get("interrupted"):
         raise Interrupted
     if "mIoU" in results:
@@ -252,11 +274,30 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from mimkit.eval.predict import predict_classes, predict_masks
     from mimkit.eval.segment import is_segmentation_run
 
+    if args.batch_size < 1:
+        raise MimkitError(f"--batch-size must be at least 1, got {args.batch_size}")
     if is_segmentation_run(args.run):
-        written = predict_masks(args.run, args.images, args.out)
-        print(f"wrote {len(written)} label maps (and their _overlay.png) to {args.out}")
+        written, naming = predict_masks(args.run, args.images, args.out, args.tta, args.batch_size, args.force)
+        print(f"wrote {len(written)} label maps (and their _overlay.png) to {args.out}: {naming}")
+    elif args.tta:
+        raise MimkitError("--tta is for segmentation runs; a classifier predicts each image once")
     else:
-        print(f"wrote {predict_classes(args.run, args.images, args.out)}")
+        print(f"wrote {predict_classes(args.run, args.images, args.out, force=args.force)}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import signal
+
+    from mimkit.eval.seg_evaluate import evaluate_run
+    from mimkit.eval.seg_metrics import format_table
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops at once, as Ctrl-C (exit 130)
+    if args.batch_size < 1:
+        raise MimkitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    results = evaluate_run(args.run, args.out, args.split, args.data, args.tta, args.batch_size)
+    print(format_table(results))
+    print(f"{args.split} of {results['data']}: mIoU {results['mIoU']:.2f}  (results: "
+          f"{Path(args.out) / 'results.json'}, confusion matrix: {Path(args.out) / 'confusion.png'})")
 
 
 def add_segment_commands(commands) -> None:
@@ -279,17 +320,44 @@ def add_segment_commands(commands) -> None:
     length.add_argument("--max-steps", type=int)
     segment.add_argument("--batch-size", type=int, help="per-process batch")
     segment.add_argument("--config", help="a packaged recipe name or a YAML file (default: segment_fmnist "
-                         "for fmnist-scenes, segment_ade20k otherwise)")
+                         "for fmnist-scenes, segment_small for a folder of fewer than 10,000 training images, "
+                         "segment_ade20k otherwise)")
     segment.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="dotted override, e.g. seg.num_classes=5 or seg.eval_mode=slide (repeatable)")
+                         help="dotted override (repeatable), e.g. seg.num_classes=6, 'seg.class_names=[bg,cat]', "
+                         "seg.crop_size=64, 'seg.scale=[64,64]', seg.eval_mode=whole|slide, seg.channels=48 "
+                         "(UperNet's width), seg.eval_flip=true, 'seg.eval_scales=[0.5,1.0,1.5]'")
+    segment.add_argument("--auto-size", action="store_true",
+                         help="for images at most half of the crop: crop and scale from the images, whole-image "
+                         "evaluation, UperNet a quarter of the encoder's width, a batch that fits the split "
+                         "(the start-up summary prints what it applies)")
     add_force_config(segment)
     segment.set_defaults(handler=cmd_segment)
+
+    evaluate = commands.add_parser("evaluate", help="score a trained segmentation run on a split (per-class "
+                                   "table, confusion matrix)")
+    evaluate.add_argument("run", help="a segmentation run directory (its best weights are scored)")
+    evaluate.add_argument("--out", required=True, help="a new folder for results.json and the confusion matrix")
+    evaluate.add_argument("--split", choices=("val", "train"), default="val")
+    evaluate.add_argument("--data", help="another folder with the run's classes (default: the run's data)")
+    evaluate.add_argument("--tta", choices=("flip", "ms"),
+                          help="flip, or ms (scales 0.5-1.75 with flip, the papers' multi-scale test); default: "
+                          "as the run evaluates")
+    evaluate.add_argument("--batch-size", type=int, default=1,
+                          help="images scored together (of one size: 1 for folders of mixed sizes)")
+    evaluate.set_defaults(handler=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="run a segmentation or fine-tuned classification run on "
                                   "images")
     predict.add_argument("run", help="a segmentation run (label maps) or a fine-tuning run (predictions.csv)")
-    predict.add_argument("--images", required=True, help="a folder of images (searched recursively)")
-    predict.add_argument("--out", required=True, help="folder to write")
+    predict.add_argument("--images", required=True, help="a folder of images (searched recursively, every "
+                         "split; of a segmentation folder its images, not its masks)")
+    predict.add_argument("--out", required=True, help="folder to write (new, empty, or one predict wrote)")
+    predict.add_argument("--tta", choices=("flip", "ms"),
+                         help="test-time augmentation of a segmentation run: flip, or ms (scales 0.5-1.75 with "
+                         "flip, as the papers' multi-scale test); default: as the run evaluates")
+    predict.add_argument("--batch-size", type=int, default=16, help="images of one size predicted together")
+    predict.add_argument("--force", action="store_true",
+                         help="write into an --out folder that holds other files (same names are replaced)")
     predict.set_defaults(handler=cmd_predict)
 
 

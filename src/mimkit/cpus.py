@@ -25,6 +25,12 @@ def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
         return count
 
 
+def data_workers(requested: int) -> int:
+    """Data loader workers: as many as asked, no more than the CPUs each local process may use."""
+    per_process = usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(requested, max(1, per_process))
+
+
 def set_thread_defaults(environ: MutableMapping[str, str] = os.environ, cpus: int | None = None) -> None:
     """Passive OpenMP waiting, and no more threads than `usable_cpus`, unless the user set either.
 

@@ -1,7 +1,6 @@
 """Set up and run a pretraining job from a resolved configuration."""
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -11,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mimkit.config import PretrainConfig
-from mimkit.cpus import usable_cpus
+from mimkit.cpus import data_workers, usable_cpus
 from mimkit.data.filelist import train_source
 from mimkit.data.loader import SeededViews
 from mimkit.data.sources import MAX_IMAGE_PIXELS, SourceInfo
@@ -84,12 +83,6 @@ class Pretraining:
             lines.append(f"auto-size {' '.join(f'{k}={v}' for k, v in f['size_hint'].items())} "
                          f"fits images of median {f['median_size']}")
         return lines
-
-
-def data_workers(requested: int) -> int:
-    """Data loader workers: as many as asked, no more than the CPUs each local process may use."""
-    per_process = usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return min(requested, max(1, per_process))
 
 
 def _auto_sized(config: PretrainConfig, hint: dict) -> PretrainConfig:

@@ -118,12 +118,28 @@ def hold_run_dir(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
                               "to end, or choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD_LOCKS.add(fd)
         try:
             yield
         finally:
+            _HELD_LOCKS.discard(fd)
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (a data loader worker): close the copies of the run locks its parent holds. A flock
+    belongs to the open file, so a worker orphaned by a killed trainer would otherwise keep the run locked;
+    closing a copy leaves the parent's lock in place."""
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+_HELD_LOCKS: set[int] = set()  # lock file descriptors held by this process (`hold_run_dir`)
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def keep_config(run_dir: str | Path, config, force: bool = False) -> None:

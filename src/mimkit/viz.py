@@ -362,3 +362,36 @@ def accuracy_by_depth_plot(rows: list[dict], title: str) -> Image.Image:
         lines["val"] = (blocks, [r["val_top1"] for r in rows], "darkorange")
     _plot(ImageDraw.Draw(canvas), (60, 30, 380, 270), title, lines, ".1f", x_label="block")
     return canvas
+
+
+def confusion_plot(matrix: Sequence[Sequence[int]], classes: Sequence[str], cell: int = 24) -> Image.Image:
+    """A segmentation confusion matrix as a picture: rows the true class, columns the predicted one, each
+    cell shaded by its share of its row's pixels (a perfect model is a dark diagonal) and labelled with
+    it in percent; a row with no pixels stays white.
+
+    Args:
+        matrix: (K, K) pixel counts, rows truth.
+        classes: K names.
+        cell: a cell's side in pixels (a matrix of many classes gets smaller cells, no text in them).
+    """
+    counts = torch.as_tensor(matrix, dtype=torch.float64)
+    share = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    k = len(classes)
+    cell = cell if k <= 24 else max(4, 600 // k)
+    margin = 8 + 6 * (min(max(len(name) for name in classes), 16) + len(str(k)) + 1)
+    top = 36  # the title, then the predicted classes' ids
+    canvas = Image.new("RGB", (max(margin + k * cell + 8, 340), top + k * cell + 8), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 2), "true class (rows) vs predicted (columns), % of each row", fill="black")
+    for i in range(k):
+        if cell >= 12:
+            draw.text((4, top + i * cell + cell // 2 - 6), f"{i} {classes[i][:16]}", fill="black")
+            draw.text((margin + i * cell + 2, top - 14), str(i), fill="black")
+        for j in range(k):
+            shade = 255 - round(float(share[i, j]) * 215)
+            box = [margin + j * cell, top + i * cell, margin + (j + 1) * cell - 1, top + (i + 1) * cell - 1]
+            draw.rectangle(box, fill=(shade, shade, 255), outline=(220, 220, 220))
+            if cell >= 20 and share[i, j] >= 0.005:
+                draw.text((box[0] + 2, box[1] + cell // 2 - 6), f"{100 * float(share[i, j]):.0f}",
+                          fill="white" if shade < 140 else "black")
+    return canvas

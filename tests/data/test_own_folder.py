@@ -7,7 +7,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from mimkit import cli, cpus, pretrain
+from mimkit import cli, cpus
 from mimkit.cli import choose_recipe, main
 from mimkit.data.filelist import load_file_list, train_source
 from mimkit.data.sources import ListedFolderSource, count_images
@@ -68,11 +68,10 @@ def test_workers_capped_by_affinity_and_cgroup_quota(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5}, raising=False)
     monkeypatch.setattr(cpus, "CGROUP_CPU_MAX", tmp_path / "absent")
-    monkeypatch.setattr(pretrain, "usable_cpus", cpus.usable_cpus)
-    assert pretrain.data_workers(8) == 1 and pretrain.data_workers(0) == 0
+    assert cpus.data_workers(8) == 1 and cpus.data_workers(0) == 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes share the eight CPUs
-    assert pretrain.data_workers(8) == 4
+    assert cpus.data_workers(8) == 4
 
 
 def test_stored_list_reused_on_resume(tmp_path, capsys):

@@ -7,9 +7,13 @@ sees exactly the images, crops and masks that one uninterrupted process would.
 """
 
 import contextlib
+import ctypes
+import os
 import re
 import signal
+import sys
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -20,6 +24,7 @@ _SEED_STRIDE = 1_000_003
 # The DataLoader re-raises a worker's exception with the worker's whole traceback as its message; the
 # original one-line message is its last line.
 _WORKER_MESSAGE = re.compile(r"^mimkit\.errors\.MimkitError: (.+)$", re.MULTILINE)
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -85,12 +90,35 @@ class EpochBatches:
                    for p in range(first, first + self.batch_size)]
 
 
-def leave_signals_to_the_trainer(worker_id: int) -> None:
-    """Data workers ignore Ctrl-C and SIGTERM. A terminal, Slurm or ``kill -- -PGID`` signal every process
-    of the job: a worker killed by it would make the DataLoader raise in the trainer before its checkpoint
-    is saved; ignoring it, the trainer finishes its step, saves, and shuts the workers down itself."""
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux's parent-death signal), however the
+    parent dies (``kill -9`` included); elsewhere nothing is set. A parent already gone ends it now."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the signal was set: nobody would send it
+        os._exit(1)
+
+
+def leave_signals_to_the_trainer(worker_id: int, trainer: int) -> None:
+    """Data workers ignore Ctrl-C and SIGTERM, and die with the trainer. A terminal, Slurm or ``kill --
+    -PGID`` signal every process of the job: a worker killed by it would make the DataLoader raise in the
+    trainer before its checkpoint is saved; ignoring it, the trainer finishes its step, saves, and shuts the
+    workers down itself. A trainer killed outright (``kill -9``, the OOM killer) takes its workers with it
+    (`die_with_parent`): none is left holding memory or the run's lock.
+
+    Args:
+        worker_id: the DataLoader's number for the worker.
+        trainer: the PID of the process that starts the workers.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent(trainer)
+
+
+def _worker_init() -> Callable[[int], None]:
+    """The workers' start-up, bound to this process as their trainer."""
+    return partial(leave_signals_to_the_trainer, trainer=os.getpid())
 
 
 def build_loader(dataset: SeededViews, batches: EpochBatches, num_workers: int = 0) -> DataLoader:
@@ -99,7 +127,7 @@ def build_loader(dataset: SeededViews, batches: EpochBatches, num_workers: int =
     # would shift the stream that dropout and drop path use, and a resumed run would drift.
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=torch.Generator(),
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=leave_signals_to_the_trainer)
+                      worker_init_fn=_worker_init())
 
 
 @contextlib.contextmanager
@@ -126,4 +154,5 @@ def workers_end_with_errors(loader: DataLoader):
 def eval_loader(source: Dataset, view, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
     """Batches ``{"image", "label"}`` of every item of ``source``, in order, through a deterministic view."""
     items = [(i, 0) for i in range(len(source))]  # (index, seed): the view is deterministic
-    return DataLoader(SeededViews(source, view), batch_size, sampler=items, num_workers=num_workers)
+    return DataLoader(SeededViews(source, view), batch_size, sampler=items, num_workers=num_workers,
+                      worker_init_fn=_worker_init())

@@ -21,26 +21,13 @@ Use:
 
 A *segmentation source* is a `SegSource`: a `torch.utils.data.Dataset` whose item is `(image, mask)`,
 `image` a uint8 tensor `(C, H, W)`, `mask` a uint8 tensor `(H, W)` of class ids, every one either below
-`num_classes` or `IGNORE_INDEX` (255). Pixels are read as stored: no EXIF rotation (masks are aligned with
-the stored pixels). A mask may be a grey (`L`) PNG or a palette (`P`) PNG, whose indices are the labels
-(Pascal VOC's colours are only a picture of them).
+`num_classes` or `IGNORE_INDEX` (255). Images are decoded as pretraining decodes them
+(`mimkit.data.sources.decode_image`: EXIF orientation applied, files above `MAX_IMAGE_PIXELS` refused
+before decoding), so training, evaluation and `mimkit predict` see the same pixels. A mask may be a grey
+(`L`) or palette (`P`) PNG, whose indices are the labels (Pascal VOC's colours are only a picture of them);
+a JPEG mask is refused (its compression noise would become labels near every edge).
 
-Layouts, recognised from a folder (or from its `ADEChallengeData2016` or `VOCdevkit/VOC2012` sub-folder):
-    - ADE20K: `images/{training,validation}/*.jpg` and `annotations/{training,validation}/*.png`, matched
-      by stem; 150 classes. Its masks store 0 for "other" and the classes from 1, so the layout has
-      `reduce_zero_label`: 0 becomes 255 (ignored) and every other value moves down by one, as the
-      benchmark reads them (`reduce_zero_label` is a property of the layout, never an option).
-    - Pascal VOC 2012: `JPEGImages/<id>.jpg`, `SegmentationClass/<id>.png` (palette PNGs),
-      `ImageSets/Segmentation/{train,val}.txt` listing the ids; 21 classes (background is class 0),
-      255 (the object borders) ignored.
-    - generic: `images/` and `masks/` matched by file stem (any image extension), stored labels used as
-      they are. With `images/{train,val}` and `masks/{train,val}` those are the splits; without them the
-      folder is split by a seeded hold-out: `GENERIC_VAL_FRACTION` of the pairs (at least one), the same
-      ones on every call, go to val and the rest to train (evaluating on the training images would
-      report a score the model has not earned); a folder of one pair uses it for both. Class names
-      come from `classes.txt`, or `num_classes` names them `class_0` ... (`--set seg.num_classes=N`).
-Any layout may hold a `classes.txt` at its root (one name per line, index = class id after
-`reduce_zero_label`): it replaces the layout's own names and number of classes.
+The folder layouts (ADE20K, Pascal VOC, images/ + masks/) and their class names are `mimkit.data.layouts`'.
 
 `fmnist-scenes`: 56x56 canvases holding 1 to 3 Fashion-MNIST items whose bounding boxes do not
 overlap, each pixel labelled with its item's class + 1 where the item's intensity reaches
@@ -53,9 +40,10 @@ so the folder reader is what runs. As in ADE20K the stored masks reserve 0 for "
 class k as k + 1; `reduce_zero_label` brings background back to 0, so no scene pixel is ignored.
 
 Bad input raises a one-line `MimkitError` naming the file: a mask whose size differs from its image,
-a label at or above `num_classes` (other than 255), an image without a mask, an empty split, a folder of
-no known layout. A few spread-out pairs are checked when a source is made (so a command fails at once)
-and every pair is checked again when it is read.
+a label at or above `num_classes` (other than 255), a mask stored in colour or as a JPEG, an image
+without a mask, an empty split, a folder of no known layout. `SegSource.check_masks` checks masks without
+decoding their images (`mimkit segment` checks every val mask and a sample of the train masks before
+training), and every pair is checked again when it is read.
 
 - ADE20K: Zhou et al., Scene Parsing through ADE20K Dataset, CVPR 2017
 - Pascal VOC: Everingham et al., The PASCAL Visual Object Classes Challenge, IJCV 2010
@@ -65,7 +53,8 @@ and every pair is checked again when it is read.
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -73,53 +62,27 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
-from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
+from mimkit.data.layouts import SEG_SPLITS, class_names, detect_layout
 from mimkit.data.sources import (
     _GRAY_MODES,
     _IDX_DATASETS,
     GRAY_MEAN,
     GRAY_STD,
-    IMAGE_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
     SourceInfo,
     _check_channels,
     _locate_idx,
-    _to_mode,
+    decode_image,
     mimkit_cache_dir,
     read_idx,
 )
 from mimkit.errors import MimkitError
 
 IGNORE_INDEX = 255
-SEG_SPLITS = ("train", "val")
-GENERIC_VAL_FRACTION = 0.1
-GENERIC_SPLIT_SEED = 0
-PROBE_SAMPLES = 16
-
-ADE20K_CLASSES = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence",
-    "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
-    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
-    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
-    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
-    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
-    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
-    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
-    "glass", "clock", "flag",
-)
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-)
+PROBE_SAMPLES = 16  # pairs decoded when a source is made
+MASK_MODES = ("L", "P", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -129,7 +92,10 @@ VOC_CLASSES = (
 def read_mask(path: str | Path) -> np.ndarray:
     """The stored labels of a mask file: `(H, W)` int64 (palette PNGs give their indices, not colours)."""
     with Image.open(path) as img:
-        if img.mode not in ("L", "P", "1", "I", "I;16", "I;16B", "I;16L", "I;16N"):
+        if img.format == "JPEG":
+            raise MimkitError(f"mask '{path}' is a JPEG: its compression changes labels near every edge; "
+                              "store masks losslessly (PNG label maps)")
+        if img.mode not in MASK_MODES:
             raise MimkitError(f"mask '{path}' is stored as {img.mode}; store masks as 8-bit label maps "
                               "(grey L or palette P PNGs), one class id per pixel")
         return np.asarray(img).astype(np.int64)
@@ -149,6 +115,7 @@ class SegSource(Dataset):
         reduce_zero_label: stored 0 becomes 255 (ignored) and every other stored value moves down by one.
         channels: 1 or 3 to convert every image; None to follow the data.
         mean, std: normalization statistics for `info`; None for the defaults above.
+        max_image_pixels: an image with more pixels is refused before it is decoded.
 
     Attributes:
         classes, num_classes, channels, ignore_index (255), reduce_zero_label, info (`SourceInfo`).
@@ -161,7 +128,8 @@ class SegSource(Dataset):
 
     def __init__(self, name: str, images: list[Path], masks: list[Path], classes: list[str],
                  reduce_zero_label: bool, channels: int | None = None,
-                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         _check_channels(channels)
         if not images:
             raise MimkitError(f"{name}: no image/mask pairs")
@@ -172,11 +140,12 @@ class SegSource(Dataset):
         self.images, self.masks = [str(p) for p in images], [str(p) for p in masks]
         self.classes, self.num_classes = list(classes), len(classes)
         self.reduce_zero_label = reduce_zero_label
+        self.max_image_pixels = max_image_pixels
         with Image.open(self.images[0]) as first:
             stored_grey = first.mode in _GRAY_MODES
         self.channels = channels or (1 if stored_grey else 3)
         self._mode = "L" if self.channels == 1 else "RGB"
-        sizes = {tuple(self[i][1].shape) for i in _spread(len(self), PROBE_SAMPLES)}  # fail now, not mid-run
+        sizes = {tuple(self[i][1].shape) for i in spread(len(self), PROBE_SAMPLES)}  # fail now, not mid-run
         (height, width), *others = sizes
         self.info = SourceInfo(
             name=name, channels=self.channels, image_size=width if not others and width == height else None,
@@ -192,25 +161,17 @@ class SegSource(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} pairs")
-        try:
-            with Image.open(self.images[index]) as img:
-                image = pil_to_tensor(_to_mode(img, self._mode))
-        except MimkitError:
-            raise
-        except Exception as e:  # PIL raises many types on bad files
-            raise MimkitError(f"cannot read image '{self.images[index]}': {e}") from e
+    def _labels(self, index: int, image_size: tuple[int, int]) -> np.ndarray:
+        """The checked class ids of mask `index`, whose image is `image_size` = (width, height)."""
         try:
             labels = read_mask(self.masks[index])
         except MimkitError:
             raise
-        except Exception as e:
+        except Exception as e:  # PIL raises many types on bad files
             raise MimkitError(f"cannot read mask '{self.masks[index]}': {e}") from e
-        if labels.shape != tuple(image.shape[1:]):
+        if labels.shape[::-1] != tuple(image_size):
             raise MimkitError(f"mask '{self.masks[index]}' is {labels.shape[1]}x{labels.shape[0]} but its "
-                              f"image '{self.images[index]}' is {image.shape[2]}x{image.shape[1]}; a mask "
+                              f"image '{self.images[index]}' is {image_size[0]}x{image_size[1]}; a mask "
                               "must have its image's size")
         if self.reduce_zero_label:
             labels = np.where((labels == 0) | (labels == IGNORE_INDEX), IGNORE_INDEX, labels - 1)
@@ -222,147 +183,57 @@ class SegSource(Dataset):
                 f"classes{' (stored from 1: 0 is ignored)' if self.reduce_zero_label else ''}; fix the mask, "
                 f"or give the class count (classes.txt or seg.num_classes); {IGNORE_INDEX} means ignore"
             )
+        return labels
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of image `index` as decoded (EXIF orientation applied), from its header."""
+        try:
+            with Image.open(self.images[index]) as img:
+                width, height = img.size
+                orientation = img.getexif().get(0x0112, 1)  # 5-8: turned by 90 degrees
+        except Exception as e:  # PIL raises many types on bad files
+            raise MimkitError(f"cannot read image '{self.images[index]}': {e}") from e
+        return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+    def check_masks(self, indices: Sequence[int], desc: str = "checking masks") -> set[int]:
+        """Check the masks of `indices` against their images' headers (size, mode, labels) without decoding
+        any image; raises the first problem as a one-line error naming the file.
+
+        Returns:
+            The class ids found in them (255 left out).
+        """
+        found: set[int] = set()
+        for index in tqdm(indices, desc=desc, unit="mask", delay=2.0, leave=False, dynamic_ncols=True):
+            found.update(np.unique(self._labels(index, self.image_size(index))).tolist())
+        found.discard(IGNORE_INDEX)
+        return found
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} pairs")
+        try:
+            image = decode_image(self.images[index], self._mode, self.max_image_pixels)
+        except Exception as e:  # PIL raises many types on bad files; ValueError: too many pixels
+            raise MimkitError(f"cannot read image '{self.images[index]}': {e}") from e
+        labels = self._labels(index, (image.shape[2], image.shape[1]))
         return image, torch.from_numpy(labels.astype(np.uint8))
 
 
-def _spread(n: int, samples: int) -> list[int]:
+def spread(n: int, samples: int) -> list[int]:
     """Up to `samples` indices spread evenly over `range(n)`, first and last included."""
     return sorted({round(k * (n - 1) / max(samples - 1, 1)) for k in range(samples)})
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Layouts
-
-
-@dataclass(frozen=True)
-class _Layout:
-    name: str
-    root: Path
-    classes: tuple[str, ...]  # the layout's own names; empty when the folder must name them
-    reduce_zero_label: bool
-
-
-def _read_classes(path: Path) -> list[str]:
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not names:
-        raise MimkitError(f"'{path}' lists no class names; write one name per line")
-    return names
-
-
-def _classes(layout: _Layout, num_classes: int | None) -> list[str]:
-    """`classes.txt` if present, else the layout's names, else `class_0 ...`; `num_classes` must agree."""
-    listed = layout.root / "classes.txt"
-    if listed.is_file():
-        names = _read_classes(listed)
-        if num_classes is not None and num_classes != len(names):
-            raise MimkitError(f"num_classes={num_classes} but '{listed}' lists {len(names)} classes; "
-                              "drop one of them or make them agree")
-        return names
-    if num_classes is not None:
-        if num_classes < 1:
-            raise MimkitError(f"num_classes={num_classes} must be at least 1")
-        return list(layout.classes) if num_classes == len(layout.classes) else [
-            f"class_{k}" for k in range(num_classes)]
-    if not layout.classes:
-        raise MimkitError(f"'{layout.root}' does not name its classes: write '{listed}' (one name per line) "
-                          "or give the count (--set seg.num_classes=N)")
-    return list(layout.classes)
-
-
-def _by_stem(folder: Path) -> dict[str, Path]:
-    """The images directly in `folder` by file stem; two files with one stem are an error."""
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
-            if path.stem in found:
-                raise MimkitError(f"'{found[path.stem]}' and '{path}' share a stem; keep one file per stem")
-            found[path.stem] = path
-    return found
-
-
-def _pair_by_stem(images: list[Path], mask_folder: Path, image_folder: Path) -> list[Path]:
-    masks = _by_stem(mask_folder)
-    for image in images:
-        if image.stem not in masks:
-            raise MimkitError(f"image '{image}' has no mask in '{mask_folder}' (masks are matched to "
-                              f"'{image_folder}' by file stem)")
-    return [masks[image.stem] for image in images]
-
-
-def _ade_pairs(root: Path, split: str) -> tuple[list[Path], list[Path]]:
-    sub = {"train": "training", "val": "validation"}[split]
-    image_folder = root / "images" / sub
-    if not image_folder.is_dir():
-        raise MimkitError(f"ADE20K-layout folder '{root}' has no '{image_folder}' for the {split} split")
-    images = list(_by_stem(image_folder).values())
-    return images, _pair_by_stem(images, root / "annotations" / sub, image_folder)
-
-
-def _voc_pairs(root: Path, split: str) -> tuple[list[Path], list[Path]]:
-    listing = root / "ImageSets" / "Segmentation" / f"{split}.txt"
-    if not listing.is_file():
-        raise MimkitError(f"Pascal VOC folder '{root}' has no '{listing}' listing the {split} images")
-    images, masks = [], []
-    for stem in listing.read_text().split():
-        image, mask = root / "JPEGImages" / f"{stem}.jpg", root / "SegmentationClass" / f"{stem}.png"
-        if not image.is_file():
-            raise MimkitError(f"'{listing}' lists '{stem}' but '{image}' does not exist")
-        if not mask.is_file():
-            raise MimkitError(f"image '{image}' has no mask '{mask}'")
-        images.append(image)
-        masks.append(mask)
-    return images, masks
-
-
-def _generic_pairs(root: Path, split: str) -> tuple[list[Path], list[Path]]:
-    if (root / "images" / "train").is_dir():
-        image_folder = root / "images" / split
-        if not image_folder.is_dir():
-            raise MimkitError(f"'{root}' has images/train but no '{image_folder}' for the {split} split")
-        images = list(_by_stem(image_folder).values())
-        return images, _pair_by_stem(images, root / "masks" / split, image_folder)
-    images = list(_by_stem(root / "images").values())
-    masks = _pair_by_stem(images, root / "masks", root / "images")
-    if len(images) < 2:  # nothing to hold out: both splits are the one pair, which the probe still checks
-        return images, masks
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(GENERIC_SPLIT_SEED)).tolist()
-    held_out = set(order[: max(1, round(GENERIC_VAL_FRACTION * len(images)))])
-    keep = [i for i in range(len(images)) if (i in held_out) == (split == "val")]
-    return [images[i] for i in keep], [masks[i] for i in keep]
-
-
-_READERS = {"ADE20K": _ade_pairs, "Pascal VOC": _voc_pairs, "generic": _generic_pairs}
-
-
-def detect_layout(folder: Path) -> _Layout:
-    """Which layout `folder` (or its `ADEChallengeData2016` / `VOCdevkit/VOC2012` sub-folder) is in."""
-    for root in (folder, folder / "ADEChallengeData2016", folder / "VOCdevkit" / "VOC2012"):
-        if (root / "images" / "training").is_dir() and (root / "annotations").is_dir():
-            return _Layout("ADE20K", root, ADE20K_CLASSES, reduce_zero_label=True)
-        if (root / "JPEGImages").is_dir() and (root / "SegmentationClass").is_dir():
-            return _Layout("Pascal VOC", root, VOC_CLASSES, reduce_zero_label=False)
-        if (root / "images").is_dir() and (root / "masks").is_dir():
-            return _Layout("generic", root, (), reduce_zero_label=False)
-    raise MimkitError(
-        f"'{folder}' is in no known segmentation layout: use ADE20K's (images/training + "
-        "annotations/training), Pascal VOC's (JPEGImages + SegmentationClass + ImageSets/Segmentation), "
-        "or images/ + masks/ matched by file stem"
-    )
-
-
 def folder_seg_source(folder: str | Path, split: str, num_classes: int | None = None,
-                      channels: int | None = None) -> SegSource:
-    """A `SegSource` for one split of a folder in any known layout (see the module docstring)."""
+                      channels: int | None = None, class_list: list[str] | None = None) -> SegSource:
+    """A `SegSource` for one split of a folder in any known layout (`mimkit.data.layouts`)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise MimkitError(f"segmentation data '{folder}' is not a folder (or use fmnist-scenes)")
     layout = detect_layout(folder)
-    classes = _classes(layout, num_classes)
-    images, masks = _READERS[layout.name](layout.root, split)
-    if not images:
-        raise MimkitError(f"the {split} split of {layout.name}-layout folder '{layout.root}' holds no images "
-                          f"({', '.join(IMAGE_EXTENSIONS)})")
-    return SegSource(folder.name, images, masks, classes, layout.reduce_zero_label, channels)
+    classes = class_names(layout, num_classes, class_list)
+    files = layout.split(split)
+    return SegSource(folder.name, files.images, files.masks, classes, layout.reduce_zero_label, channels)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -483,7 +354,7 @@ def fmnist_scenes_folder(cache_root: str | Path | None = None, idx_root: str | P
 
 
 def build_seg_source(spec: str, split: str, *, root: str | Path | None = None, num_classes: int | None = None,
-                     channels: int | None = None) -> SegSource:
+                     channels: int | None = None, class_list: list[str] | None = None) -> SegSource:
     """Make a segmentation source from `"fmnist-scenes"` or a folder path.
 
     Args:
@@ -494,6 +365,8 @@ def build_seg_source(spec: str, split: str, *, root: str | Path | None = None, n
         num_classes: the number of classes; required for a generic folder without `classes.txt`,
             otherwise it must agree with the data's.
         channels: 1 or 3 to convert the images; None to follow the data.
+        class_list: class names (``seg.class_names``); they replace the folder's own (`classes.txt`, the
+            layout's).
 
     Returns:
         A `SegSource` of `(image uint8 (C, H, W), mask uint8 (H, W))`.
@@ -502,7 +375,7 @@ def build_seg_source(spec: str, split: str, *, root: str | Path | None = None, n
         raise MimkitError(f"segmentation split {split!r} is not one of {', '.join(SEG_SPLITS)}")
     if spec == "fmnist-scenes":
         folder = fmnist_scenes_folder(root, idx_root=root)
-        source = folder_seg_source(folder, split, num_classes, channels)
+        source = folder_seg_source(folder, split, num_classes, channels, class_list)
         fmnist = _IDX_DATASETS["fashion-mnist"]  # the items' pixels, normalized as the encoders saw them
         source.info = replace(source.info, name="fmnist-scenes", mean=(fmnist.mean,) * source.channels,
                               std=(fmnist.std,) * source.channels)
@@ -510,4 +383,4 @@ def build_seg_source(spec: str, split: str, *, root: str | Path | None = None, n
     path = Path(spec).expanduser()
     if not path.exists():
         raise MimkitError(f"segmentation data '{spec}' does not exist (named datasets: fmnist-scenes)")
-    return folder_seg_source(path, split, num_classes, channels)
+    return folder_seg_source(path, split, num_classes, channels, class_list)

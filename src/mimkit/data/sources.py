@@ -40,11 +40,12 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 from mimkit.data.hf import open_hf_images
+from mimkit.data.image_files import IMAGE_EXTENSIONS
+from mimkit.data.layouts import Layout, find_layout
 from mimkit.data.shards import ShardMembers, ShardReader, member_labels, shard_files
 from mimkit.errors import MimkitError
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # Folder images carry no statistics of their own: ImageNet's for colour (timm's IMAGENET_DEFAULT_*), a
 # symmetric [-1, 1] map for grey.
 GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
@@ -70,6 +71,8 @@ class SourceInfo:
         num_classes: number of classes, 0 when unlabeled.
         classes: class names, index = label; empty when unlabeled.
         channels_note: how the channels were decided, when the data decided them (folders).
+        layout_note: which files of a segmentation folder were taken (pretraining reads one split's
+            images and none of its masks).
     """
 
     name: str
@@ -80,6 +83,7 @@ class SourceInfo:
     num_classes: int
     classes: list[str]
     channels_note: str = ""
+    layout_note: str = ""
 
 
 def _check_channels(channels: int | None) -> None:
@@ -290,6 +294,8 @@ def count_images(spec: str, stop_after: int) -> int:
         The count, or a number above `stop_after` when the folder holds more.
     """
     folder = Path(spec).expanduser()
+    if (layout := find_layout(folder)) is not None:
+        return len(layout.split("train").images)
     count = 0
     for _, names in _walk_images(folder / "train" if (folder / "train").is_dir() else folder):
         count += len(names)
@@ -625,6 +631,17 @@ def _folder_source(folder: Path, channels: int | None, classes: Sequence[str] | 
     return FlatFolderSource(folder, channels, skip, max_bad, max_pixels, min_side)
 
 
+def _layout_source(layout: Layout, split: str, name: str, channels: int | None, skip: bool, max_bad: int,
+                   max_pixels: int, min_side: int | None) -> ListedFolderSource:
+    """The images of one split of a segmentation folder, without their masks (a test split is its val)."""
+    files = layout.split("train" if split == "train" else "val")
+    relative = [(-1, str(path.relative_to(layout.root))) for path in files.images]
+    source = ListedFolderSource(layout.root, name, relative, [], channels, skip, max_bad, max_pixels, min_side)
+    source.info = replace(source.info, layout_note=f"a {layout.name} segmentation folder: its {split} split "
+                          f"({files.listed_by}), masks not read")
+    return source
+
+
 def build_source(spec: str, split: str = "train", root: str | Path | None = None, channels: int | None = None,
                  skip_bad_images: bool = False, max_bad_images: int = 100,
                  max_image_pixels: int = MAX_IMAGE_PIXELS, decode_min_side: int | None = None) -> Dataset:
@@ -639,7 +656,9 @@ def build_source(spec: str, split: str = "train", root: str | Path | None = None
           whose top level holds only sub-folders is read as labeled (`ImageFolderSource`, one class per
           sub-folder); one with images at its top level as unlabeled (`FlatFolderSource`); one with
           `.tar` files at its top level as tar shards (`mimkit.data.shards`: labeled by the members'
-          folders, unlabeled when members lie at the top level). The val split reuses the train split's
+          folders, unlabeled when members lie at the top level). A segmentation folder (ADE20K, Pascal
+          VOC, images/ + masks/: `mimkit.data.layouts`) gives its split's images, unlabeled, and never
+          its masks. The val split reuses the train split's
           channels and classes, so labels and shapes agree.
         - `"shards:DIR"`: the same, insisting on tar shards.
         - `"hf:PATH"` or `"hf:PATH:SPLIT"`: a Hugging Face dataset on disk (`mimkit.data.hf`); SPLIT is
@@ -679,6 +698,8 @@ def build_source(spec: str, split: str = "train", root: str | Path | None = None
                           f"{', '.join(_IDX_DATASETS)}, synthetic[:N])")
     if not path.is_dir():
         raise MimkitError(f"data path '{spec}' is not a folder")
+    if (layout := find_layout(path)) is not None:
+        return _layout_source(layout, split, path.name, channels, *folder_options)
     if not (path / "train").is_dir():
         if split != "train":
             raise MimkitError(

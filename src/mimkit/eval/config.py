@@ -77,6 +77,7 @@ class SegConfig:
     init: str = "pretrained"  # pretrained | random (the same architecture from scratch)
     freeze_encoder: bool = False  # train the head alone on fixed features (e.g. a frozen random encoder)
     num_classes: int | None = None  # None: the data's (a generic folder without classes.txt needs it)
+    class_names: list[str] = field(default_factory=list)  # names by class id; empty: classes.txt or the layout's
     classes: list[str] = field(default_factory=list)  # filled from the data when the run starts
     crop_size: int | None = None  # training crop and model input; None: the encoder's pretraining size
     scale: tuple[int, int] | None = None  # base (long, short) side that random rescale scales; None: the crop
@@ -88,14 +89,22 @@ class SegConfig:
     aux_channels: int = 256  # the auxiliary FCN head's width
     aux_weight: float = 0.4  # weight of the auxiliary head's loss
     drop_path: float = 0.1  # stochastic depth of the encoder's last block (rising linearly from 0)
+    rel_pos_bias: bool = False  # a ViT encoder gains zero-initialised relative position biases (mmseg's MAE)
     eval_mode: str = "whole"  # whole | slide
     eval_stride: int | None = None  # sliding window stride; None: the crop (no overlap)
     eval_flip: bool = False  # average the logits with those of the flipped image
     eval_scale: tuple[int, int] | None = None  # (long, short) side evaluated images fit in; None: as they are
+    eval_scales: list[float] = field(default_factory=list)  # multi-scale test: ratios of eval_scale whose
+    # logits are averaged (the papers' _ms: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] with eval_flip); empty: 1.0
 
     def __post_init__(self):
         at_least(1, "seg", num_classes=self.num_classes, crop_size=self.crop_size, channels=self.channels,
                  aux_channels=self.aux_channels, eval_stride=self.eval_stride)
+        if any(not 0 < ratio <= 8 for ratio in self.eval_scales):
+            raise MimkitError(f"config 'seg.eval_scales' holds ratios in (0, 8], got {self.eval_scales}")
+        if self.num_classes is not None and self.class_names and len(self.class_names) != self.num_classes:
+            raise MimkitError(f"seg.num_classes={self.num_classes} but seg.class_names names "
+                              f"{len(self.class_names)}; give one of them")
 
 
 @dataclass

@@ -53,6 +53,22 @@ def write_results(run_dir: str | Path, results: dict) -> Path:
     return path
 
 
+def write_confusion(run_dir: str | Path, scores: dict) -> Path:
+    """Write a segmentation run's confusion matrix (``scores["confusion"]``, rows truth) with its class names
+    to ``<run>/confusion.json``, and its picture to ``<run>/confusion.png`` (`mimkit.viz.confusion_plot`).
+
+    Returns:
+        The picture's path.
+    """
+    from mimkit.viz import confusion_plot, save_picture
+
+    names = [row["class"] for row in scores["per_class"]]
+    run_dir = Path(run_dir)
+    (run_dir / "confusion.json").write_text(json.dumps({"classes": names, "rows_truth_columns_prediction":
+                                                        scores["confusion"]}) + "\n")
+    return save_picture(confusion_plot(scores["confusion"], names), run_dir / "confusion.png")
+
+
 def depth_results(run_dir: str | Path, protocol: str, rows: list[dict]) -> dict:
     """The ``results.json`` fields of a probe run at several blocks, and its plot.
 

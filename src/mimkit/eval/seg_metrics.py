@@ -26,6 +26,8 @@ from mimkit.errors import MimkitError
 
 IGNORE_INDEX = 255
 MODES = ("whole", "slide")
+# test-time augmentations by name: (scales, flip); ms is the papers' multi-scale test (their _ms configs)
+TTA = {"flip": ((), True), "ms": ((0.5, 0.75, 1.0, 1.25, 1.5, 1.75), True)}
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -134,9 +136,10 @@ def sliding_logits(model: nn.Module, images: torch.Tensor, crop: int, stride: in
 
 
 def predict_logits(model: nn.Module, images: torch.Tensor, crop: int, mode: str = "whole",
-                   stride: int | None = None, flip: bool = False) -> torch.Tensor:
+                   stride: int | None = None, flip: bool = False, scales: Sequence[float] = ()) -> torch.Tensor:
     """Logits (B, K, H, W) for images (B, C, H, W): ``whole`` or ``slide`` (``stride`` pixels apart), averaged
-    with those of the horizontally flipped images when ``flip``."""
+    with those of the horizontally flipped images when ``flip``, and over the images resized by each ratio
+    of ``scales`` (bilinear; the logits resized back to (H, W)) when given: the papers' multi-scale test."""
     if mode not in MODES:
         raise MimkitError(f"inference mode {mode!r} is not one of {', '.join(MODES)}")
 
@@ -144,22 +147,35 @@ def predict_logits(model: nn.Module, images: torch.Tensor, crop: int, mode: str 
         return (sliding_logits(model, x, crop, stride or crop) if mode == "slide"
                 else whole_logits(model, x, crop).float())
 
-    logits = once(images)
-    if flip:
-        logits = (logits + once(images.flip(-1)).flip(-1)) / 2
-    return logits
+    def flipped(x: torch.Tensor) -> torch.Tensor:
+        logits = once(x)
+        return (logits + once(x.flip(-1)).flip(-1)) / 2 if flip else logits
+
+    size = images.shape[2:]
+    total = 0
+    for ratio in scales or (1.0,):
+        scaled = [max(1, round(side * ratio)) for side in size]
+        x = images if list(size) == scaled else F.interpolate(images, size=scaled, mode="bilinear",
+                                                              align_corners=False)
+        logits = flipped(x)
+        total = total + (logits if logits.shape[2:] == size else F.interpolate(
+            logits, size=size, mode="bilinear", align_corners=False))
+    return total / len(scales or (1.0,))
 
 
 @torch.inference_mode()
 def evaluate_segmentation(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
                           crop: int, mode: str = "whole", stride: int | None = None, flip: bool = False,
-                          classes: Sequence[str] | None = None, desc: str = "eval") -> dict:
-    """Scores of a segmentation model over a loader of ``{"image", "mask"}`` batches (all processes' images).
+                          classes: Sequence[str] | None = None, desc: str = "eval",
+                          scales: Sequence[float] = ()) -> dict:
+    """Scores of a segmentation model over a loader of ``{"image", "mask"}`` batches (all processes' images),
+    inferred as `predict_logits` does.
 
     The progress bar shows the running mIoU of this process's images. The model is left in eval mode.
 
     Returns:
-        `segmentation_scores` of the summed confusion matrix.
+        `segmentation_scores` of the summed confusion matrix, and the matrix itself under ``"confusion"``
+        (a list of rows: truth, columns: prediction).
     """
     model.eval()
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
@@ -167,10 +183,11 @@ def evaluate_segmentation(model: nn.Module, loader: DataLoader, device: torch.de
     for batch in bar:
         images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = predict_logits(model, images, crop, mode, stride, flip)
+            logits = predict_logits(model, images, crop, mode, stride, flip, scales)
         masks = batch["mask"].to(device)
         if logits.shape[2:] != masks.shape[1:]:  # an image evaluated at another scale: score at the mask's
             logits = F.interpolate(logits, size=masks.shape[1:], mode="bilinear", align_corners=False)
         matrix += confusion_matrix(logits.argmax(1), masks, num_classes)
         bar.set_postfix(mIoU=f"{segmentation_scores(matrix)['mIoU']:.2f}")
-    return segmentation_scores(all_reduce_sum(matrix).cpu(), classes)
+    matrix = all_reduce_sum(matrix).cpu()
+    return segmentation_scores(matrix, classes) | {"confusion": matrix.tolist()}

@@ -23,14 +23,16 @@ from torch import nn
 from torch.utils.data import Subset
 
 import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
-from mimkit.config import from_dict, to_dict
+from mimkit.config import from_dict, merge, parse_overrides, to_dict
+from mimkit.cpus import data_workers
 from mimkit.data.loader import SeededViews, eval_loader
 from mimkit.data.seg_transforms import SegEvalView, SegTrainView
 from mimkit.data.segmentation import SegSource, build_seg_source
 from mimkit.errors import MimkitError
 from mimkit.eval.config import SegmentConfig
-from mimkit.eval.metrics import write_results
+from mimkit.eval.metrics import write_confusion, write_results
 from mimkit.eval.seg_metrics import IGNORE_INDEX, MODES, evaluate_segmentation, format_table
+from mimkit.eval.seg_sizing import SegDataFacts, label_hint, seg_size_hint, survey_seg_data
 from mimkit.eval.subsets import label_subset
 from mimkit.models.segmentation import HEADS, Segmenter, segmentation_encoder
 from mimkit.registry import read_config
@@ -46,7 +48,7 @@ from mimkit.runs import (
 )
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.distributed import World, init_world
-from mimkit.train.loop import Evaluation, LoopOptions, train
+from mimkit.train.loop import Evaluation, LoopOptions, describe_engine, train
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import plan_run, poly_schedule
 
@@ -122,80 +124,133 @@ def optimizer_groups(model: Segmenter, weight_decay: float, layer_decay: float) 
             + param_groups(heads, weight_decay))
 
 
-def run_segment(config: SegmentConfig, run_dir: str | Path, force_config: bool = False) -> dict:
+def run_segment(config: SegmentConfig, run_dir: str | Path, force_config: bool = False, *, recipe: str = "",
+                auto_size: bool = False) -> dict:
     """Train ``config.encoder`` for segmentation on ``config.data`` into ``run_dir`` (resuming when it holds a
     checkpoint), holding the run directory's lock meanwhile (`mimkit.runs.hold_run_dir`).
 
-    ``run_dir`` receives its configuration, ``metrics.jsonl`` (loss, lr, and the validation aAcc/mIoU/mAcc),
-    ``checkpoints/`` (the last ones and the best weights, highest val mIoU) and, once training has
-    finished, ``results.json`` (the scores with the per-class table).
+    Before the first step the masks are checked (every evaluated val mask, a sample of the train ones:
+    `mimkit.eval.seg_sizing`) and a start-up summary is logged: data, masks and classes, recipe, model, run,
+    engine, and a hint when the images are much smaller than the crop. ``run_dir`` receives its
+    configuration, ``metrics.jsonl`` (loss, lr, and the validation aAcc/mIoU/mAcc), ``checkpoints/`` (the
+    last ones and the best weights, highest val mIoU) and, once training has finished, ``results.json``
+    (the scores with the per-class table) and the validation confusion matrix (`write_confusion`).
 
     Args:
         force_config: resume a trained run whose configuration, number of processes or global batch differ
             from this one's (otherwise refused; `mimkit.runs.keep_config`).
+        recipe: one line on which recipe the configuration came from and why, for the summary.
+        auto_size: for images at most half the crop, apply `mimkit.eval.seg_sizing.seg_size_hint`.
 
     Returns:
         The results (or, when interrupted, the training loop's summary).
     """
     world = init_world()
     with hold_run_dir(run_dir, enabled=world.is_main):
-        return _segment(config, Path(run_dir), world, force_config)
+        return _segment(config, Path(run_dir), world, force_config, recipe, auto_size)
 
 
-def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: bool) -> dict:
+def _applied(config: SegmentConfig, settings: dict) -> SegmentConfig:
+    """``config`` with dotted ``settings`` applied, as ``--set`` would."""
+    return from_dict(SegmentConfig, merge(to_dict(config), parse_overrides([f"{k}={v}" for k, v in settings.items()])))
+
+
+def _summary(config: SegmentConfig, encoder: Encoder, facts: SegDataFacts, plan, recipe: str, engine: str,
+             hint: dict | None, auto_size: bool, labels_note: str) -> list[str]:
+    """The start-up summary: one short line per subject."""
+    seg, data = config.seg, config.data
+    names = ", ".join(seg.classes[:8]) + (", ..." if seg.num_classes > 8 else "")
+    width, height = facts.median
+    lines = [f"data      {data.source}: {facts.train_images} train images ({100 * config.labels.fraction:g}% "
+             f"used), {facts.val_images} val images evaluated; median {width}x{height} px, "
+             f"{data.channels} channel{'s' if data.channels > 1 else ''}",
+             f"masks     {facts.describe_masks()}",
+             f"classes   {seg.num_classes}: {names}"]
+    lines += [f"hint      {labels_note}"] if labels_note else []
+    lines += [f"recipe    {recipe}"] if recipe else []
+    grid = seg.crop_size // encoder.spec.model.patch_size
+    head = (f"UperNet {seg.channels or encoder.model.embed_dim} wide, auxiliary {seg.aux_channels}"
+            if seg.head == "upernet" else "BatchNorm + 1x1 convolution")
+    evaluation = seg.eval_mode + (f" stride {seg.eval_stride or seg.crop_size}" if seg.eval_mode == "slide" else "")
+    evaluation += " + flip" if seg.eval_flip else ""
+    evaluation += f" at scales {seg.eval_scales}" if seg.eval_scales else ""
+    lines += [f"model     {seg.head} on {seg.init} {encoder.spec.model.name} ({encoder.spec.method}), crop "
+              f"{seg.crop_size} px ({grid}x{grid} patches), base scale {seg.scale[0]}x{seg.scale[1]} x "
+              f"{seg.ratio_range[0]:g}-{seg.ratio_range[1]:g}; {head}; drop path {seg.drop_path}; eval "
+              f"{evaluation}",
+              f"run       {plan.describe()}, layer decay {config.optim.layer_decay}",
+              f"engine    {engine}"]
+    if hint and not auto_size:
+        fit = " ".join(f"--set '{k}={v}'" if isinstance(v, list) else f"--set {k}={v}" for k, v in hint.items())
+        lines.append(f"hint      images (median {width}x{height}) are much smaller than the {seg.crop_size} px "
+                     f"crop: --auto-size fits them ({fit})")
+    elif auto_size:
+        fitted = " ".join(f"{k}={v}" for k, v in hint.items()) if hint else "nothing: the images fit the crop"
+        lines.append(f"auto-size {fitted}")
+    return lines
+
+
+def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: bool, recipe: str,
+             auto_size: bool) -> dict:
     start = time.perf_counter()
     seg, data = config.seg, config.data
     encoder = load_encoder(config.encoder, seg.init, seed=config.train.seed)
     channels = encoder.spec.data.channels
     source = build_seg_source(data.source, "train", root=data.root, num_classes=seg.num_classes,
-                              channels=channels)
+                              channels=channels, class_list=seg.class_names or None)
     val_set = build_seg_source(data.source, "val", root=data.root, num_classes=source.num_classes,
-                               channels=channels)
+                               channels=channels, class_list=source.classes)
+    if config.eval_images:
+        val_set = Subset(val_set, range(min(config.eval_images, len(val_set))))
+    facts = survey_seg_data(source, val_set)  # a bad mask stops the run here, before training
+    train_set = Subset(source, label_subset([0] * len(source), config.labels.fraction, config.labels.seed))
+    crop = seg.crop_size or encoder.spec.data.img_size
+    hint = seg_size_hint(facts, crop, encoder.spec.model.patch_size, encoder.model.embed_dim,
+                         config.train.batch_size, len(train_set))
+    if auto_size and hint:
+        config = _applied(config, hint)
     config = resolve_segment(config, encoder, source)
-    seg, data, labels = config.seg, config.data, config.labels
-    train_set = Subset(source, label_subset([0] * len(source), labels.fraction, labels.seed))
+    seg, data, train_cfg, optim = config.seg, config.data, config.train, config.optim
 
-    torch.manual_seed(config.train.seed)  # the heads' initialization, the same on every rank
+    torch.manual_seed(train_cfg.seed)  # the heads' initialization, the same on every rank
     model = build_segmenter(config, encoder.model).to(world.device)
+    if train_cfg.grad_checkpointing:
+        model.encoder.set_grad_checkpointing()
     if world.size > 1 and world.device.type == "cuda":  # BatchNorm over the global batch, as the papers
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (CPU processes keep their own statistics)
 
     def loss_fn(model: Segmenter, batch: dict):
         return segmentation_loss(model, batch["image"], batch["mask"], seg.aux_weight)
 
-    if config.eval_images:
-        val_set = Subset(val_set, range(min(config.eval_images, len(val_set))))
+    workers = data_workers(data.num_workers)
     eval_view = SegEvalView(seg.eval_scale, data.mean, data.std)
     own_part = Subset(val_set, range(world.rank, len(val_set), world.size))  # matrices summed over ranks
-    val_loader = eval_loader(own_part, eval_view, config.eval_batch_size, data.num_workers)
+    val_loader = eval_loader(own_part, eval_view, config.eval_batch_size, workers)
     last: dict = {}
 
     def evaluate(model: Segmenter) -> dict:
         last["scores"] = evaluate_segmentation(model, val_loader, world.device, seg.num_classes,
                                                seg.crop_size, seg.eval_mode, seg.eval_stride, seg.eval_flip,
-                                               seg.classes)
+                                               seg.classes, scales=seg.eval_scales)
         model.train()
         results = {f"val_{k}": last["scores"][k] for k in SCORES}
         if world.is_main:
             logger.info("  ".join(f"{k} {v:.2f}" for k, v in results.items()))
         return results
 
-    train_cfg, optim = config.train, config.optim
     plan = plan_run(len(train_set), world.size, train_cfg, optim, lr_schedule=poly_schedule)
     optimizer = build_adamw(optimizer_groups(model, optim.weight_decay, optim.layer_decay), optim.betas)
-
     if world.is_main:
         keep_config(run_dir, config, force_config)
-        logger.info(f"segment {seg.init} {encoder.spec.model.name} with {seg.head} on {data.source}: "
-                    f"{len(train_set)} images ({100 * labels.fraction:g}% of them), "
-                    f"{seg.num_classes} classes, crop {seg.crop_size}, {plan.describe()}, "
-                    f"layer decay {optim.layer_decay}")
+        engine = describe_engine(world, train_cfg, workers, data.num_workers)
+        labels_note = label_hint(facts, seg.num_classes)
+        for line in _summary(config, encoder, facts, plan, recipe, engine, hint, auto_size, labels_note):
+            logger.info(line)
     if train_cfg.compile:
         model.compile()
     view = SegTrainView(seg.crop_size, seg.scale, data.mean, data.std, seg.ratio_range, seg.cat_max_ratio,
                         photometric=seg.photometric)
-    options = LoopOptions.from_config(train_cfg, num_workers=data.num_workers, force_resume=force_config,
-                                      desc="segment")
+    options = LoopOptions.from_config(train_cfg, num_workers=workers, force_resume=force_config, desc="segment")
     summary = train(model, loss_fn, SeededViews(train_set, view), optimizer, plan.schedule, run_dir, world,
                     options, Evaluation(evaluate, config.eval_every, keep_best="val_mIoU"))
     if summary["interrupted"]:
@@ -208,14 +263,15 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
     best = Checkpoints(run_dir).best() or {"value": None, "step": None}  # no mIoU yet (no class present)
     results = {
         "protocol": "segment", "encoder": encoder.origin, "init": seg.init, "head": seg.head,
-        "frozen_encoder": seg.freeze_encoder, "data": data.source, "label_fraction": labels.fraction,
-        "seed": labels.seed, "train_images": len(train_set), "val_images": len(val_set),
+        "frozen_encoder": seg.freeze_encoder, "data": data.source, "label_fraction": config.labels.fraction,
+        "seed": config.labels.seed, "train_images": len(train_set), "val_images": len(val_set),
         "crop_size": seg.crop_size, "eval": {"mode": seg.eval_mode, "stride": seg.eval_stride,
-                                             "flip": seg.eval_flip},
+                                             "flip": seg.eval_flip, "scales": seg.eval_scales},
         "steps": summary["step"], "epochs": round(summary["step"] / plan.steps_per_epoch, 2),
         **{k: scores[k] for k in SCORES}, "best_val_mIoU": best["value"], "best_step": best["step"],
         "per_class": scores["per_class"], "wall_s": round(time.perf_counter() - start, 1),
     }
     write_results(run_dir, results)
+    write_confusion(run_dir, scores)
     logger.info(format_table(scores))
     return results

@@ -119,6 +119,7 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, encoder_only: bool
                               "--encoder-only")
         segmenter, seg_config = load_segmenter(run_dir)
         data = seg_config.data
-        return export_segmenter(segmenter, seg_config.seg.crop_size, data.mean, data.std, out)
+        return export_segmenter(segmenter, seg_config.seg.crop_size, data.mean, data.std, seg_config.seg.classes,
+                                out)
     model, config = load_run(run_dir)
     return export_model(model, config, to, out, encoder_only, force)

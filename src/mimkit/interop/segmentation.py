@@ -35,8 +35,9 @@ def hf_out_indices(blocks: list[int], depth: int) -> list[int]:
     return indices
 
 
-def hf_segmentation_config(model: Segmenter, img_size: int) -> dict:
-    """transformers `BeitConfig` fields of a BEiT `Segmenter` with the UperNet head."""
+def hf_segmentation_config(model: Segmenter, img_size: int, classes: list[str]) -> dict:
+    """transformers `BeitConfig` fields of a BEiT `Segmenter` with the UperNet head, its classes named
+    (``id2label``, ``label2id``)."""
     enc = model.encoder
     if not hasattr(enc, "rel_pos_bias") or model.auxiliary_head is None:
         raise MimkitError("only a BEiT encoder with the UperNet head exports to BeitForSemanticSegmentation")
@@ -61,6 +62,8 @@ def hf_segmentation_config(model: Segmenter, img_size: int) -> dict:
         auxiliary_channels=model.auxiliary_head.classifier.in_channels,
         auxiliary_num_convs=len(model.auxiliary_head.convs), auxiliary_concat_input=False,
         semantic_loss_ignore_index=255, num_labels=model.decode_head.classifier.out_channels,
+        id2label={str(i): name for i, name in enumerate(classes)},
+        label2id={name: i for i, name in enumerate(classes)},
     )
 
 
@@ -74,8 +77,8 @@ def hf_segmentation_state(model: nn.Module) -> dict:
     return renamed | {k: v for k, v in state.items() if not k.startswith("encoder.")}
 
 
-def export_segmenter(model: Segmenter, img_size: int, mean: list[float], std: list[float],
+def export_segmenter(model: Segmenter, img_size: int, mean: list[float], std: list[float], classes: list[str],
                      out: str | Path) -> list[Path]:
     """Write a ``BeitForSemanticSegmentation.from_pretrained`` folder; returns the files written."""
-    return write_hf_folder(out, ARCHITECTURE, hf_segmentation_config(model, img_size),
+    return write_hf_folder(out, ARCHITECTURE, hf_segmentation_config(model, img_size, classes),
                            hf_segmentation_state(model), image_processor_config(img_size, mean, std))

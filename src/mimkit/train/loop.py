@@ -4,9 +4,11 @@ It reads top to bottom as its parts: resume (`Checkpointer.resume`), then per op
 itself (`OptimizerStep`: lr, accumulation, autocast, DDP, a stop on a non-finite loss or gradient norm
 *before* the update, clipping), the log (`ProgressLog`), the evaluation with its best weights, and the
 checkpoint (`Checkpointer.save`, never non-finite weights). Ctrl-C or SIGTERM finishes the current step,
-saves a checkpoint and returns; running the same command again resumes from it.
+saves a checkpoint and returns; during an evaluation it ends the evaluation at once (the step's checkpoint
+is saved first). Running the same command again resumes from it.
 """
 
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from mimkit.config import TrainConfig
+from mimkit.cpus import usable_cpus
 from mimkit.data.loader import EpochBatches, SeededViews, build_loader, workers_end_with_errors
 from mimkit.train.checkpointer import Checkpointer
 from mimkit.train.distributed import World, any_rank
@@ -57,31 +60,28 @@ class Evaluation:
     # (`mimkit.train.checkpoint.Checkpoints.save_best`)
 
 
-class _Evaluator:
-    """Runs an `Evaluation` when it is due, logs it and keeps the best weights."""
+def describe_engine(world: World, train_cfg: TrainConfig, workers: int, asked_workers: int) -> str:
+    """One line on how a run computes: device, processes, precision, compile, gradient checkpointing, data
+    workers and torch threads."""
+    precision = "bf16 autocast" if world.device.type == "cuda" else "fp32"  # `OptimizerStep`'s rule
+    return (f"{world.device.type}, {world.size} process{'es' if world.size > 1 else ''}, {precision}, "
+            f"compile {'on' if train_cfg.compile else 'off'}, gradient checkpointing "
+            f"{'on' if train_cfg.grad_checkpointing else 'off'}, {workers} data worker"
+            f"{'' if workers == 1 else 's'} (asked {asked_workers}; {usable_cpus()} CPUs), "
+            f"{torch.get_num_threads()} torch threads")
 
-    def __init__(self, evaluation: Evaluation, model: nn.Module, checkpointer: Checkpointer,
-                 progress: ProgressLog, every: int):
-        self.evaluation, self.model, self.every = evaluation, model, every
-        self.checkpointer, self.progress = checkpointer, progress
-        self.best_value = checkpointer.best_value()
 
-    def __call__(self, step: int) -> dict:
-        results = self.evaluation.evaluate(self.model)
-        if results:
-            self.progress.evaluation(step, results)
-        key = self.evaluation.keep_best
-        if key and results[key] > self.best_value:
-            self.best_value = results[key]
-            self.checkpointer.save_best(step, key, self.best_value)
-        return results
+class _StopNow(Exception):
+    """Raised by a stop request that arrives while an evaluation runs."""
 
 
 class _StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps."""
+    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps; during an evaluation (`during`) it
+    ends the evaluation at once instead (it changes no weight, and the checkpoint is saved before it)."""
 
     def __init__(self):
         self.requested = False
+        self.immediate = False
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -91,10 +91,48 @@ class _StopRequest:
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
+        if self.immediate:
+            raise _StopNow
+
+    @contextlib.contextmanager
+    def during(self):
+        """Stop requests end the block (caught here) rather than wait for its end."""
+        self.immediate = True
+        try:
+            yield
+        except _StopNow:
+            pass
+        finally:
+            self.immediate = False
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+class _Evaluator:
+    """Runs an `Evaluation` when it is due, logs it and keeps the best weights."""
+
+    def __init__(self, evaluation: Evaluation, model: nn.Module, checkpointer: Checkpointer,
+                 progress: ProgressLog, every: int):
+        self.evaluation, self.model, self.every = evaluation, model, every
+        self.checkpointer, self.progress = checkpointer, progress
+        self.best_value = checkpointer.best_value()
+
+    def __call__(self, step: int, stop: "_StopRequest") -> dict | None:
+        """Evaluate at ``step``; None when a stop request ended the evaluation (nothing logged or kept)."""
+        results = None
+        with stop.during():
+            results = self.evaluation.evaluate(self.model)
+        if results is None:
+            return None
+        if results:
+            self.progress.evaluation(step, results)
+        key = self.evaluation.keep_best
+        if key and results[key] > self.best_value:
+            self.best_value = results[key]
+            self.checkpointer.save_best(step, key, self.best_value)
+        return results
 
 
 def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: torch.optim.Optimizer,
@@ -151,11 +189,14 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
                     after_step(step)
                 progress.step(step, values)
                 last = step == schedule.total_steps
-                if evaluate and (step % evaluate.every == 0 or last):
-                    results = evaluate(step)
                 interrupted = any_rank(stop.requested, world)
                 if interrupted or last or step % options.checkpoint_every == 0:
-                    checkpointer.save(step)
+                    checkpointer.save(step)  # before the evaluation: a failing one loses no training
+                if evaluate and not interrupted and (step % evaluate.every == 0 or last):
+                    results = evaluate(step, stop) or results
+                    interrupted = any_rank(stop.requested, world)
+                    if interrupted and not (last or step % options.checkpoint_every == 0):
+                        checkpointer.save(step)
                 if interrupted or last:
                     break
     if interrupted and world.is_main:

@@ -58,6 +58,9 @@ def _warmup_then_decay(base_value: float, final_value: float, total_steps: int, 
     return warmup + [final_value + (base_value - final_value) * shape(i / span) for i in range(decay_steps)]
 
 
+WARMUP_SHARE_FLAGGED = 0.1  # a warmup longer than this share of a run is flagged in its summary
+
+
 @dataclass
 class Schedule:
     """What the loop needs to know about the length of the run and its per-step values."""
@@ -78,11 +81,17 @@ class RunPlan:
     steps_per_epoch: int
     global_batch: int
     lr: float  # peak learning rate (after warmup)
+    warmup_steps: int = 0
 
     def describe(self) -> str:
+        """One line: length, batch, lr and warmup, flagging a warmup longer than a tenth of the run (a long
+        warmup on a short run never reaches the lr it plans)."""
         total = self.schedule.total_steps
+        warmup = min(self.warmup_steps, total)
+        flag = (f" (!) more than a tenth of the run: lower optim.warmup_epochs"
+                if warmup > WARMUP_SHARE_FLAGGED * total else "")
         return (f"{total} steps ({total / self.steps_per_epoch:.2f} epochs), "
-                f"global batch {self.global_batch}, lr {self.lr:.2e}")
+                f"global batch {self.global_batch}, lr {self.lr:.2e}, warmup {warmup} steps{flag}")
 
 
 def epoch_steps(num_samples: int, global_micro_batch: int, accum_steps: int) -> int:
@@ -115,4 +124,4 @@ def plan_run(num_samples: int, world_size: int, train_cfg: TrainConfig, optim_cf
     values = values_fn(total_steps) if values_fn else {}
     schedule = Schedule(total_steps, lr_schedule(lr, optim_cfg.min_lr, total_steps, warmup),
                         train_cfg.accum_steps, optim_cfg.clip_grad, values)
-    return RunPlan(schedule, steps_per_epoch, global_batch, lr)
+    return RunPlan(schedule, steps_per_epoch, global_batch, lr, warmup)
