@@ -680,6 +680,15 @@ def show_library_messages() -> None:
         logger.setLevel(logging.INFO)
 
 
+def leave_process_group() -> None:
+    """Tear down the DDP process group a command joined (`mimkit.train.distributed.init_world`). A gloo
+    process that exits with its group alive can abort in its exit handlers (SIGABRT, "terminate called
+    without an active exception"), and torchrun then fails the whole job."""
+    dist = sys.modules.get("torch.distributed")  # only a command that loaded torch can have joined one
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     set_thread_defaults()  # before anything loads torch
     show_library_messages()
@@ -694,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Interrupted:  # the training loop saved and said so
         return 130
+    finally:
+        leave_process_group()
     return 0
 
 
