@@ -115,6 +115,9 @@ def test_size_hint_values():
     assert seg_size_hint(facts, crop=96, patch_size=16, embed_dim=192, batch_size=16,
                          train_images=100) is None
     assert label_hint(facts, 3) == "" and "seg.num_classes=3?" in label_hint(facts, 21)
+    odd = SegDataFacts(100, 10, 100, (75, 50), (0, 1), 0.1)  # sides that are no multiple of the patch
+    assert seg_size_hint(odd, crop=224, patch_size=16, embed_dim=192, batch_size=16,
+                         train_images=100)["seg.crop_size"] == 48  # whole patches within the 50 px side
 
 
 def _voc_with(tmp_path: Path, voc: Path, name: str, change) -> Path:
