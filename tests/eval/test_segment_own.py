@@ -329,5 +329,6 @@ def test_segmentation_images_are_decoded_as_pretraining_decodes_them(tmp_path):
     image, mask = source[0]
     assert tuple(image.shape[1:]) == tuple(mask.shape) == (12, 8)
     assert image[:, :4].float().mean() > 150 and image[:, -4:].float().mean() < 50  # turned as displayed
+    assert source.check_masks([0]) == {0}  # the start-up check reads the turned size from the header too
     with pytest.raises(MimkitError, match="a.jpg.*above data.max_image_pixels"):  # 96 pixels, refused
         build_seg_source(str(root), "train", num_classes=2, max_image_pixels=50)
