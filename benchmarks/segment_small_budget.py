@@ -151,11 +151,15 @@ def main() -> None:
     gain = scores["mae-upernet"]["mIoU"] - scores["scratch-upernet"]["mIoU"]
     wall = timings.wall("mae") / 60
     mae = scores["mae-upernet"]
+    pretrained = yaml.safe_load((out / "mae" / "config.yaml").read_text())
+    model = (f"{pretrained['model']['name']}/{pretrained['model']['patch_size']} at "
+             f"{pretrained['data']['img_size']} px, mask {pretrained['mae']['mask_ratio']:g}, lr "
+             f"{pretrained['optim']['base_lr']:g} x batch / 256")
     lines += ["", f"mIoU, aAcc, mAcc (%) on the {mae['val_images']} validation scenes after {mae['steps']} "
               f"steps of {SEG_BATCH if not args.quick else 4} at {pct(args.fraction)} of the train scenes "
               f"({mae['train_images']}). Baselines: "
               "the same ViT from scratch (UperNet, no layer decay) and frozen at its random initialization "
-              f"(linear). Pretraining: MAE (mae_small, --auto-size), {budget['epochs']} epochs = "
+              f"(linear). Pretraining: MAE {model}, {budget['epochs']} epochs = "
               f"{budget['steps']} steps of {budget['batch']}, planned as {budget['minutes']:g} min at "
               f"{budget['images_per_s']} images/s ({budget['measured']}), {wall:.0f} min of wall time here.",
               "", f"Goal: MAE + UperNet >= scratch + {GOAL:g} mIoU. Gain {gain:+.2f}: "
