@@ -89,7 +89,7 @@ def test_summary_reports_classes_found_recipe_engine_and_a_size_hint(voc, mae_ru
     assert "labels 0-2 found, but the data set has 21 classes: --set seg.num_classes=3?" in text
     assert "engine    cpu, 1 process, fp32" in text and "0 data workers" in text
     assert "crop 64 px (16x16 patches)" in text
-    assert "--auto-size fits them (--set seg.crop_size=32" in text
+    assert "--auto-size fits the run to them (--set seg.crop_size=32" in text
     assert "warmup 2 steps (!) more than a tenth of the run" in text  # segment_small's 1 epoch of 2 steps
 
 
@@ -112,7 +112,11 @@ def test_size_hint_values():
     assert hint == {"seg.crop_size": 64, "seg.scale": [96, 64], "seg.eval_mode": "whole",
                     "seg.eval_scale": [96, 64], "seg.channels": 48, "seg.aux_channels": 96,
                     "train.batch_size": 12}
-    assert seg_size_hint(facts, crop=96, patch_size=16, embed_dim=192, batch_size=16,
+    # images that fit the crop: only the heads and the batch of a small crop
+    assert seg_size_hint(facts, crop=96, patch_size=16, embed_dim=192, batch_size=16, train_images=100) == {
+        "seg.channels": 48, "seg.aux_channels": 96, "train.batch_size": 12}
+    large = SegDataFacts(100, 10, 100, (400, 300), (0, 1), 0.1)
+    assert seg_size_hint(large, crop=512, patch_size=16, embed_dim=768, batch_size=16,
                          train_images=100) is None
     assert label_hint(facts, 3) == "" and "seg.num_classes=3?" in label_hint(facts, 21)
     odd = SegDataFacts(100, 10, 100, (75, 50), (0, 1), 0.1)  # sides that are no multiple of the patch

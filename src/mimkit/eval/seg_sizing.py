@@ -18,6 +18,7 @@ from mimkit.data.segmentation import SegSource, spread
 
 TRAIN_MASKS_CHECKED = 500  # train masks checked at start-up (evenly spread); every evaluated val mask is
 AUTO_SIZE_BATCH_STEPS = 8  # --auto-size: a batch small enough for this many steps per epoch of the split
+SMALL_CROP = 256  # --auto-size: a crop of at most this many px gets the narrow heads of a small-image run
 
 
 @dataclass(frozen=True)
@@ -92,23 +93,27 @@ def fitting_crop(short_side: int, patch_size: int) -> int:
 
 def seg_size_hint(facts: SegDataFacts, crop: int, patch_size: int, embed_dim: int,
                   batch_size: int, train_images: int) -> dict | None:
-    """The settings that fit images at most half the run's ``crop``, as ``--set`` keys; None when they fit.
+    """The settings that fit a run to small images, as ``--set`` keys; None when there is nothing to fit.
 
+    For images at most half the run's ``crop``:
     - crop: the images' median shorter side in whole patches; base scale: the median image, so the random
       rescale (0.5-2x) moves around the images' own size;
-    - whole-image evaluation at that scale (a sliding window over a small image is one window);
+    - whole-image evaluation at that scale (a sliding window over a small image is one window).
+    For a crop (fitted or not) of at most `SMALL_CROP` px:
     - UperNet a quarter of the encoder's width and the auxiliary head half of it (at the papers' full
       width a small image's pyramid costs several times the encoder: `segment_fmnist`'s 32 and 64 for a
-      128-wide encoder);
+      128-wide encoder, the widths that showed pretraining's worth on textured-scenes);
     - the batch: no more than gives `AUTO_SIZE_BATCH_STEPS` steps an epoch of the ``train_images`` trained
       on; the lr follows it (lr = base_lr x global batch / 256).
     """
-    width, height = facts.median
-    if min(width, height) > crop / 2:
-        return None
-    fit = fitting_crop(min(width, height), patch_size)
-    long_side = round(max(width, height) * fit / min(width, height))
-    return {"seg.crop_size": fit, "seg.scale": [long_side, fit], "seg.eval_mode": "whole",
-            "seg.eval_scale": [long_side, fit], "seg.channels": max(embed_dim // 4, 16),
-            "seg.aux_channels": max(embed_dim // 2, 16),
-            "train.batch_size": max(2, min(batch_size, train_images // AUTO_SIZE_BATCH_STEPS))}
+    side = min(facts.median)
+    settings: dict = {}
+    if side <= crop / 2:
+        crop = fitting_crop(side, patch_size)
+        long_side = round(max(facts.median) * crop / side)
+        settings = {"seg.crop_size": crop, "seg.scale": [long_side, crop], "seg.eval_mode": "whole",
+                    "seg.eval_scale": [long_side, crop]}
+    if crop > SMALL_CROP:
+        return settings or None
+    return settings | {"seg.channels": max(embed_dim // 4, 16), "seg.aux_channels": max(embed_dim // 2, 16),
+                       "train.batch_size": max(2, min(batch_size, train_images // AUTO_SIZE_BATCH_STEPS))}

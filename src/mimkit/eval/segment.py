@@ -186,8 +186,9 @@ def _summary(config: SegmentConfig, encoder: Encoder, facts: SegDataFacts, plan:
     if hint and not auto_size:
         fit = " ".join(f"--set '{k}={v}'" if isinstance(v, list) else f"--set {k}={v}"
                        for k, v in hint.items())
-        lines.append(f"hint      images (median {width}x{height}) are much smaller than the {seg.crop_size} "
-                     f"px crop: --auto-size fits them ({fit})")
+        why = (f"images (median {width}x{height}) are much smaller than the {seg.crop_size} px crop"
+               if "seg.crop_size" in hint else f"a {seg.crop_size} px crop")
+        lines.append(f"hint      {why}: --auto-size fits the run to them ({fit})")
     elif auto_size:
         fitted = " ".join(f"{k}={v}" for k, v in hint.items()) if hint else "nothing: the images fit the crop"
         lines.append(f"auto-size {fitted}")
