@@ -3,7 +3,8 @@
 Speed: a folder of 64x64 RGB JPEGs (generated, kept in --folder) pretrained by `mimkit pretrain mae` in a
 fresh process per setting; images/s is the median of the logged per-step speeds after the first two steps.
     old    --config mae_in1k (ViT-B/16 at 224 px, 8 data workers), as a folder got before mae_small
-    new    the folder's default now: mae_small (then ViT-Tiny/16 at 224 px; ViT-Mini/16 since), workers capped at the usable CPUs
+    new    the folder's default: mae_small (ViT-Tiny/16 at 224 px when measured; ViT-Mini/16 since),
+           workers capped at the usable CPUs
     new+auto-size   the same with --auto-size (64 px in 8-px patches)
 
 Start-up: --list-files N tiny files (one small JPEG's bytes, copied) in a temporary folder, then the time
