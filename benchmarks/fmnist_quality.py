@@ -154,6 +154,27 @@ def run_steps(steps: list[Step], out: Path, timings: Timings, jobs: int) -> list
     return failed
 
 
+def run_chain(steps: list[Step], out: Path, jobs: int) -> Timings:
+    """`run_steps` over a benchmark's whole chain, its wall time added to ``OUT/timings.json``; exits with a
+    message when interrupted (the same command continues where it stopped) or when a step failed or was
+    skipped.
+
+    Returns:
+        The chain's timings.
+    """
+    timings = Timings(out / "timings.json")
+    start = time.perf_counter()
+    try:
+        failed = run_steps(steps, out, timings, jobs)
+    except KeyboardInterrupt:  # the running steps got the signal too and saved their checkpoints
+        sys.exit("interrupted; the same command continues where it stopped")
+    finally:
+        timings.add(None, time.perf_counter() - start)
+    if failed:
+        sys.exit(f"failed or skipped: {', '.join(failed)}")
+    return timings
+
+
 def epochs_per_fraction(text: str) -> dict[float, int]:
     """``--finetune-epochs``: one positive whole number per label fraction, e.g. ``3,15,60``."""
     parts = text.split(",")
@@ -313,16 +334,7 @@ def main() -> None:
         steps += [Step(linprobe, ["linprobe", str(run), *probe, "--out", str(out / linprobe)], (method,)),
                   Step(knn, ["knn", str(run), *probe, "--out", str(out / knn)], (linprobe,))]
 
-    timings = Timings(out / "timings.json")
-    start = time.perf_counter()
-    try:
-        failed = run_steps(steps, out, timings, args.jobs)
-    except KeyboardInterrupt:  # the running steps got the signal too and saved their checkpoints
-        sys.exit("interrupted; the same command continues where it stopped")
-    finally:
-        timings.add(None, time.perf_counter() - start)
-    if failed:
-        sys.exit(f"failed or skipped: {', '.join(failed)}")
+    timings = run_chain(steps, out, args.jobs)
 
     notes = []
     if "beit" in methods:

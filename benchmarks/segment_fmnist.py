@@ -11,7 +11,7 @@ beside the MAE run's ViT from scratch with UperNet (no layer-wise lr decay) and 
 initialization with the linear head. Every run has the same number of steps; each scores the first 500
 validation scenes (made from the Fashion-MNIST test images). Steps run ``--jobs`` at a time; finished
 steps are skipped and every run resumes from its checkpoints, so an interrupted benchmark continues where
-it stopped when run again (`fmnist_quality.run_steps`). The table goes to ``OUT/table.md`` and
+it stopped when run again (`fmnist_quality.run_chain`). The table goes to ``OUT/table.md`` and
 ``OUT/summary.json``.
 
     .venv/bin/python benchmarks/segment_fmnist.py --encoders runs/fmnist-quality-all --out runs/seg-bench
@@ -24,10 +24,9 @@ it stopped when run again (`fmnist_quality.run_steps`). The table goes to ``OUT/
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from fmnist_quality import Step, Timings, pct, run_steps
+from fmnist_quality import Step, pct, run_chain
 
 TITLES = {"mae": "MAE", "beit": "BEiT", "beitv2": "BEiT v2"}
 BASELINES = {"upernet": ("scratch", "UperNet, end to end"), "linear": ("random", "linear, frozen encoder")}
@@ -80,16 +79,7 @@ def main() -> None:
             steps.append(Step(name, command))
             cells.append((method, head, fraction, name))
 
-    timings = Timings(out / "timings.json")
-    start = time.perf_counter()
-    try:
-        failed = run_steps(steps, out, timings, args.jobs)
-    except KeyboardInterrupt:  # the running steps got the signal too and saved their checkpoints
-        sys.exit("interrupted; the same command continues where it stopped")
-    finally:
-        timings.add(None, time.perf_counter() - start)
-    if failed:
-        sys.exit(f"failed: {', '.join(failed)}")
+    timings = run_chain(steps, out, args.jobs)
 
     scores = {name: json.loads((out / name / "results.json").read_text()) for *_, name in cells}
     miou = {(m, h, f): scores[name]["mIoU"] for m, h, f, name in cells}

@@ -20,7 +20,7 @@ is ``MAE + UperNet >= scratch + 3 mIoU`` at 10% of the scenes, after at most 45 
 5. writes ``OUT/table.md`` and ``OUT/summary.json``.
 
 Steps run ``--jobs`` at a time as soon as what they read is finished, and finished steps are skipped
-(``fmnist_quality.run_steps``); every run resumes from its checkpoints, so an interrupted benchmark
+(``fmnist_quality.run_chain``); every run resumes from its checkpoints, so an interrupted benchmark
 continues where it stopped when run again. On a machine other work shares, give ``--images-per-s`` (the
 speed measured alone, in a quiet moment) instead of the timing run: the pretraining is then matched by
 steps, not by wall time.
@@ -34,12 +34,11 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import yaml
 from compute_match import median_speed
-from fmnist_quality import TIMING_STEPS, Step, Timings, pct, run_steps
+from fmnist_quality import TIMING_STEPS, Step, pct, run_chain
 from textured_scenes import write_scenes
 
 SCENES = {"train": 5000, "val": 1000}
@@ -128,16 +127,7 @@ def main() -> None:
                                  "--label-fraction", str(args.fraction), "--init", init, *flags, *seg_length,
                                  "--out", str(out / name)], ("mae",)))
 
-    timings = Timings(out / "timings.json")
-    start = time.perf_counter()
-    try:
-        failed = run_steps(steps, out, timings, args.jobs)
-    except KeyboardInterrupt:  # the running steps got the signal too and saved their checkpoints
-        sys.exit("interrupted; the same command continues where it stopped")
-    finally:
-        timings.add(None, time.perf_counter() - start)
-    if failed:
-        sys.exit(f"failed or skipped: {', '.join(failed)}")
+    timings = run_chain(steps, out, args.jobs)
 
     budget = json.loads((out / "budget.json").read_text())
     scores = {name: json.loads((out / name / "results.json").read_text()) for name in ARMS}
