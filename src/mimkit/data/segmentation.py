@@ -55,7 +55,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,15 @@ def read_mask(path: str | Path) -> np.ndarray:
             raise MimkitError(f"mask '{path}' is stored as {img.mode}; store masks as 8-bit label maps "
                               "(grey L or palette P PNGs), one class id per pixel")
         return np.asarray(img).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class MaskCheck:
+    """What `SegSource.check_masks` read: the class ids found (255 left out) and each image's `(width,
+    height)`, in the order checked."""
+
+    labels: set[int]
+    sizes: list[tuple[int, int]]
 
 
 class SegSource(Dataset):
@@ -196,18 +205,20 @@ class SegSource(Dataset):
             raise MimkitError(f"cannot read image '{self.images[index]}': {e}") from e
         return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
-    def check_masks(self, indices: Sequence[int], desc: str = "checking masks") -> set[int]:
+    def check_masks(self, indices: Sequence[int], desc: str = "checking masks") -> MaskCheck:
         """Check the masks of `indices` against their images' headers (size, mode, labels) without decoding
         any image; raises the first problem as a one-line error naming the file.
 
         Returns:
-            The class ids found in them (255 left out).
+            The class ids found in them and the images' sizes, read on the way (`MaskCheck`).
         """
         found: set[int] = set()
+        sizes = []
         for index in tqdm(indices, desc=desc, unit="mask", delay=2.0, leave=False, dynamic_ncols=True):
-            found.update(np.unique(self._labels(index, self.image_size(index))).tolist())
+            sizes.append(self.image_size(index))
+            found.update(np.unique(self._labels(index, sizes[-1])).tolist())
         found.discard(IGNORE_INDEX)
-        return found
+        return MaskCheck(found, sizes)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not -len(self) <= index < len(self):

@@ -68,12 +68,12 @@ def survey_seg_data(train: SegSource, val: SegSource | Subset,
     start = time.perf_counter()
     val_source, val_indices = _checked(val)
     picks = spread(len(train), train_samples)
-    val_found = val_source.check_masks(val_indices, desc="checking val masks")
-    train_found = train.check_masks(picks, desc="checking train masks")
-    sizes = [train.image_size(i) for i in picks]
+    val_check = val_source.check_masks(val_indices, desc="checking val masks")
+    train_check = train.check_masks(picks, desc="checking train masks")
+    sizes = train_check.sizes
     median = (statistics.median_low(w for w, _ in sizes), statistics.median_low(h for _, h in sizes))
     return SegDataFacts(len(train), len(val_indices), len(picks), median,
-                        tuple(sorted(val_found | train_found)), time.perf_counter() - start)
+                        tuple(sorted(val_check.labels | train_check.labels)), time.perf_counter() - start)
 
 
 def label_hint(facts: SegDataFacts, num_classes: int) -> str:
