@@ -1,7 +1,10 @@
 """What pretraining is worth on Fashion-MNIST: one table, run by hand (not part of the test suite).
 
-MAE (and, with ``--methods``, BEiT and BEiT v2) pretrains the CPU-sized ViT (vit_mini, patch 4) on the
-60,000 training images without their labels. Then, at 100%, 10% and 1% of the labels (stratified,
+MAE (and, with ``--methods``, BEiT, BEiT v2 or any other registered pretraining method) pretrains the
+CPU-sized ViT (vit_mini, patch 4) on the 60,000 training images without their labels. BEiT and BEiT v2 run
+their chains for set epochs; every other method pretrains for MAE's wall-clock: a timing step, alone on
+the machine, runs the method's training step back to back with MAE's (``method_step_cost.py``), and
+the method trains for MAE's images times its speed over MAE's (``OUT/wallclock_match.json``). Then, at 100%, 10% and 1% of the labels (stratified,
 seeded, the same subset everywhere):
 
 - linear probe and k-NN on the frozen encoder, beside the same probes on a randomly initialized one;
@@ -24,6 +27,8 @@ continues where it stopped when run again. The table goes to ``OUT/table.md`` an
     .venv/bin/python benchmarks/fmnist_quality.py --out runs/fmnist-quality   # MAE: ~1 h 45 min
     .venv/bin/python benchmarks/fmnist_quality.py --methods mae,beit,beitv2 --pretrain-epochs 10 \
         --finetune-epochs 2,10,40 --out runs/fmnist-quality-all                 # all three: ~2 h
+    .venv/bin/python benchmarks/fmnist_quality.py --methods mae,simmim,maskfeat --pretrain-epochs 10 \
+        --finetune-epochs 2,10,40 --out runs/fmnist-quality-all   # more methods into the same folder
     .venv/bin/python benchmarks/fmnist_quality.py --quick --data synthetic:512 --out /tmp/q   # smoke
 
 Runs made by an earlier version are reused (finished steps are skipped); the steps this version adds
@@ -32,6 +37,7 @@ Runs made by an earlier version are reused (finished steps are skipped); the ste
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -42,9 +48,17 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+from mimkit.config import load_recipe
+from mimkit.errors import MimkitError
+from mimkit.registry import method_of
+
 FRACTIONS = (1.0, 0.1, 0.01)
 MATCHED_FRACTIONS = (1.0, 0.1)  # the compute-matched scratch rows
 DEPTH_FRACTION = 0.1  # the accuracy-by-depth probes
+CHAINED = ("mae", "beit", "beitv2")  # pretrained by their own chains, for set epochs
+TITLES = {"mae": "MAE", "beit": "BEiT", "beitv2": "BEiT v2", "cae": "CAE", "simmim": "SimMIM",
+          "maskfeat": "MaskFeat", "maskdistill": "MaskDistill", "data2vec": "data2vec"}
+HERE = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,7 @@ class Step:
     command: list[str] | Callable[[], list[str]]
     after: tuple[str, ...] = ()  # steps whose runs this one reads
     alone: bool = False  # a timing run: the steps before it finish first, and none start beside it
+    script: Path | None = None  # a Python script run with the command's arguments instead of ``mimkit``
 
 
 class Timings:
@@ -91,15 +106,16 @@ def chained(pairs: list[tuple[str, list[str]]], after: tuple[str, ...]) -> list[
     return steps
 
 
-def mimkit(args: list[str], log: Path, threads: int) -> int:
-    """Run one ``mimkit`` command with ``threads`` CPU threads, its output in ``log``; its exit status."""
+def mimkit(args: list[str], log: Path, threads: int, script: Path | None = None) -> int:
+    """Run one ``mimkit`` command (or ``script``) with ``threads`` CPU threads, its output in ``log``; its
+    exit status."""
     log.parent.mkdir(parents=True, exist_ok=True)
     # Idle OpenMP threads sleep instead of spinning: on a shared machine spinning threads slow every
     # process down many times over; alone, the cost is small.
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "OMP_NUM_THREADS": str(threads)}
     with log.open("a") as f:
-        done = subprocess.run([sys.executable, "-m", "mimkit.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                              env=env)
+        entry = [str(script)] if script else ["-m", "mimkit.cli"]
+        done = subprocess.run([sys.executable, *entry, *args], stdout=f, stderr=subprocess.STDOUT, env=env)
     return done.returncode
 
 
@@ -115,7 +131,8 @@ def run_steps(steps: list[Step], out: Path, timings: Timings, jobs: int) -> list
         start, log = time.perf_counter(), out / "logs" / f"{step.name}.log"
         status = 1
         try:
-            status = mimkit(step.command() if callable(step.command) else step.command, log, threads)
+            status = mimkit(step.command() if callable(step.command) else step.command, log, threads,
+                            step.script)
         finally:
             timings.add(step.name, time.perf_counter() - start, done=status == 0)
         outcome = "done" if status == 0 else "interrupted" if status == 130 else f"FAILED (see {log})"
@@ -243,6 +260,48 @@ def matched_scratch_step(out: Path, data: str, fraction: float, epochs: int, qui
     return Step(name, command, ("mae", f"finetune-mae-{label}", "timing-finetune"))
 
 
+def wallclock_steps(out: Path, data: str, methods: list[str], mae_epochs: int, quick: bool,
+                    with_dvae: bool) -> list[Step]:
+    """Each method of ``methods`` pretrained for the wall-clock of MAE's ``mae_epochs``: a timing step alone
+    on the machine per method (``method_step_cost.py``: its training step back to back with MAE's, in one
+    process, ``OUT/timing-METHOD.json``), then each method's run, its step count computed when it starts and kept in
+    ``OUT/wallclock_match.json``. A method that reads a dVAE tokenizer gets ``OUT/dvae``: BEiT's chain's
+    first step, added here unless ``with_dvae`` says the chain is run."""
+    tokenized = [m for m in methods if method_of(m).tokenizer is not None]
+    steps, after = [], ("dvae",) if tokenized else ()
+    if tokenized and not with_dvae:
+        from beit_chain import beit_steps
+        name, command = beit_steps(out, data, quick=quick)[0]
+        steps.append(Step(name, command))
+
+    def timing(method: str) -> Step:
+        cost = ["--methods", f"mae,{method}", "--data", data, "--json", str(out / f"timing-{method}.json"),
+                *(["--batch-size", "16", "--steps", "2", "--warmup", "1"] if quick else []),
+                *(["--set", f"{method}.tokenizer={out / 'dvae'}"] if method in tokenized else [])]
+        return Step(f"timing-{method}", cost, after, alone=True, script=HERE / "method_step_cost.py")
+
+    def pretraining(method: str) -> Callable[[], list[str]]:
+        def command() -> list[str]:
+            speeds = json.loads((out / f"timing-{method}.json").read_text())
+            images = mae_epochs * speeds["train_images"] * speeds["images_per_s"][method] / speeds[
+                "images_per_s"]["mae"]
+            batch = 32 if quick else load_recipe(f"{method}_fmnist")["train"]["batch_size"]
+            max_steps = 20 if quick else math.ceil(images / batch)
+            record = out / "wallclock_match.json"
+            matches = json.loads(record.read_text()) if record.exists() else {}
+            record.write_text(json.dumps(matches | {method: {"images": round(images), "batch_size": batch,
+                                                             "max_steps": max_steps, "speeds": speeds}},
+                                         indent=2))
+            extra = ["--tokenizer", str(out / "dvae")] if method in tokenized else []
+            return ["pretrain", method, "--data", data, "--config", f"{method}_fmnist", *extra,
+                    "--max-steps", str(max_steps), *(["--batch-size", "32"] if quick else []),
+                    "--out", str(out / method)]
+        return command
+
+    steps += [timing(m) for m in methods]
+    return steps + [Step(m, pretraining(m), (f"timing-{m}",)) for m in methods]
+
+
 def depth_table(out: Path, encoders: dict[str, Path], titles: dict[str, str]) -> list[str]:
     """Markdown lines: each encoder's linear probe and k-NN top-1 at every block."""
     lines = []
@@ -265,9 +324,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/fmnist-quality")
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--methods", default="mae",
-                        help="pretrained encoders to compare: mae[,beit][,beitv2] (BEiT: dVAE, then BEiT, "
-                        "benchmarks/beit_chain.py; BEiT v2: VQ-KD from the MAE run, then BEiT v2, "
-                        "benchmarks/beitv2_chain.py)")
+                        help="pretrained encoders to compare: mae[,beit][,beitv2][,OTHER...] (BEiT: dVAE, then "
+                        "BEiT, benchmarks/beit_chain.py; BEiT v2: VQ-KD from the MAE run, then BEiT v2, "
+                        "benchmarks/beitv2_chain.py; any other registered pretraining method: MAE's "
+                        "wall-clock)")
     parser.add_argument("--pretrain-epochs", type=int, default=20, help="MAE pretraining epochs")
     parser.add_argument("--beit-epochs", type=int, default=4, help="BEiT pretraining epochs")
     parser.add_argument("--beitv2-epochs", type=int, default=3, help="BEiT v2 pretraining epochs")
@@ -281,8 +341,14 @@ def main() -> None:
     out = Path(args.out)
     epochs = args.finetune_epochs
     methods = args.methods.split(",")
-    if unknown := set(methods) - {"mae", "beit", "beitv2"}:
-        sys.exit(f"unknown methods {sorted(unknown)}; choose among mae, beit, beitv2")
+    matched = [m for m in methods if m not in CHAINED]
+    try:
+        for m in matched:
+            if method_of(m).kind != "pretraining":
+                raise MimkitError(f"{m} is a tokenizer, not a pretraining method")
+            load_recipe(f"{m}_fmnist")
+    except MimkitError as e:
+        sys.exit(f"--methods: {e}")
     if args.jobs < 1:
         sys.exit("--jobs must be at least 1")
 
@@ -304,6 +370,10 @@ def main() -> None:
         chain = beit_steps(out, args.data, args.beit_epochs, args.tokenizer_epochs, quick=args.quick)
         steps += chained(chain, after=())
         encoders["beit"] = out / "beit"
+    if matched:
+        steps += wallclock_steps(out, args.data, matched, args.pretrain_epochs, args.quick,
+                                 with_dvae="beit" in methods)
+        encoders |= {m: out / m for m in matched}
     encoders = {m: encoders[m] for m in methods}
 
     # evaluation: every encoder (after the step of the same name), and the baselines (the MAE run's ViT,
@@ -344,7 +414,7 @@ def main() -> None:
         from beitv2_chain import tokenizer_summary
         notes.append(f"VQ-KD tokenizer: {tokenizer_summary(out / 'vqkd')}")
     table: dict[tuple[str, float], dict[str, float]] = {}
-    titles = {"mae": "MAE", "beit": "BEiT", "beitv2": "BEiT v2"}
+    titles = TITLES | {m: m for m in methods if m not in TITLES}
     for verb, fraction, method, step in evaluations:
         results = json.loads((out / step.name / "results.json").read_text())
         table.setdefault((verb, fraction), {})[method] = results["test_top1"]
@@ -360,9 +430,14 @@ def main() -> None:
             cells = " | ".join(f"{row[m]:.2f} ({row[m] - row['baseline']:+.2f})" for m in encoders)
             lines.append(f"| {name} | {pct(fraction)} | {budget} | {cells} | {row['baseline']:.2f} |")
     per_step = ", ".join(f"{s.name} {timings.wall(s.name) / 60:.1f}" for s in steps)
-    lengths = {"mae": args.pretrain_epochs, "beit": args.beit_epochs, "beitv2": args.beitv2_epochs}
+    lengths = {"mae": f"{args.pretrain_epochs} epochs", "beit": f"{args.beit_epochs} epochs",
+               "beitv2": f"{args.beitv2_epochs} epochs"}
+    if matched:
+        match = json.loads((out / "wallclock_match.json").read_text())
+        lengths |= {m: f"{match[m]['max_steps']} steps of {match[m]['batch_size']} (MAE's wall-clock)"
+                    for m in matched}
     pretraining = "20 steps each" if args.quick else ", ".join(
-        f"{titles[m]} {lengths[m]} epochs" for m in encoders) + (
+        f"{titles[m]} {lengths[m]}" for m in encoders) + (
         f", tokenizers {args.tokenizer_epochs} epoch(s)" if len(encoders) > 1 else "")
     lines += ["", "Top-1 test accuracy (%), gain over the baseline in brackets. Baselines: the MAE run's ViT "
               "randomly initialized and frozen (probes), trained from scratch with the same budget "

@@ -1,24 +1,28 @@
 """Pretraining step cost of registered methods at their Fashion-MNIST recipes, in one process, back to back.
 
-Each method's model, view and loss come from its registry record and its ``NAME_fmnist`` recipe (a method
-whose recipe needs a tokenizer or teacher is not for this script). One batch of Fashion-MNIST training
+Each method's model, view and loss come from its registry record and its ``NAME_fmnist`` recipe; a method
+that reads a tokenizer or teacher run gets it with ``--set``, as on the command line (``--set
+beit.tokenizer=runs/dvae``). One batch of Fashion-MNIST training
 images goes through each method's own view once (seeded per sample, as in training); a step is forward +
 backward + AdamW step on that same batch. After warm-up steps, every method runs ``--steps`` steps, then
 the next; ``--rounds`` repeats that, the order reversed every other round, so a shared machine's load falls
 on all alike. Reported: images/s per round and the mean, the ratio to the first method, images per
 second of process CPU time (all threads; less sensitive to waiting for a core on a loaded machine), and
-the load average (``os.getloadavg``) before and after.
+the load average (``os.getloadavg``) before and after; ``--json`` also writes them to a file (the quality
+benchmark's wall-clock match reads it: ``fmnist_quality.py``).
 
     .venv/bin/python benchmarks/method_step_cost.py --methods mae,simmim,maskfeat --batch-size 256 --steps 20
 """
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
 
-from mimkit.config import load_recipe
+from mimkit.config import load_recipe, merge, parse_overrides
 from mimkit.data.loader import SeededViews
 from mimkit.data.sources import build_source
 from mimkit.pretrain import resolve_data
@@ -33,14 +37,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per method before the first round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--data", default="fashion-mnist", help="the images of the batch")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override, e.g. beit.tokenizer=runs/dvae (repeatable)")
+    p.add_argument("--json", type=Path, help="also write the rates (and the data's image count) here")
     return p.parse_args(argv)
 
 
-def make_step(name: str, batch_size: int):
-    """(step closure, model description) for method ``name`` at its fmnist recipe on a fixed batch."""
+def make_step(name: str, batch_size: int, data: str = "fashion-mnist", overrides: dict | None = None):
+    """(step closure, model description, training images) for method ``name`` at its fmnist recipe (with
+    ``overrides`` of its own section) on a fixed batch of ``data``."""
     method = method_of(name)
-    source = build_source("fashion-mnist")
-    config = resolve_data(read_config(load_recipe(f"{name}_fmnist")), source.info)
+    source = build_source(data)
+    own = {key: section for key, section in (overrides or {}).items() if key == name}
+    values = merge(load_recipe(f"{name}_fmnist"), own)
+    config = resolve_data(read_config(values), source.info)
+    if method.resolve_config is not None:  # the vocabulary of a tokenizer, the width of a teacher
+        config = method.resolve_config(config)
     torch.manual_seed(0)
     model = method.build_model(config).train()
     view, loss_fn = method.build_task(config, model)
@@ -56,16 +69,17 @@ def make_step(name: str, batch_size: int):
         opt.zero_grad(set_to_none=True)
 
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return step, f"{config.model.name}/{config.model.patch_size}, {params:.2f}M parameters"
+    return step, f"{config.model.name}/{config.model.patch_size}, {params:.2f}M parameters", len(source)
 
 
 def main(argv=None) -> None:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
     names = a.methods.split(",")
+    overrides = parse_overrides(a.set)
     steps = {}
     for name in names:
-        steps[name], about = make_step(name, a.batch_size)
+        steps[name], about, train_images = make_step(name, a.batch_size, a.data, overrides)
         print(f"{name}: {about}")
         for _ in range(a.warmup):
             steps[name]()
@@ -91,6 +105,11 @@ def main(argv=None) -> None:
         rounds = ", ".join(f"{x:.1f}" for x in rates[name])
         print(f"{name:10s} {mean:7.1f} images/s (rounds: {rounds}); {mean / reference:.2f}x {names[0]}; "
               f"{images / cpu[name]:.1f} images per CPU-second ({cpu[names[0]] / cpu[name]:.2f}x)")
+    if a.json:
+        a.json.write_text(json.dumps({
+            "images_per_s": {name: sum(rates[name]) / a.rounds for name in names},
+            "images_per_cpu_s": {name: images / cpu[name] for name in names},
+            "train_images": train_images, "load_before": load_before, "load_after": load_after}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What pretraining is worth for segmentation: mIoU on fmnist-scenes, run by hand (not part of the tests).
 
 The encoders are those of the quality benchmark (``benchmarks/fmnist_quality.py``: ``ENCODERS/mae``,
-``ENCODERS/beit``, ``ENCODERS/beitv2``, whichever exist). At 100% and 10% of the 10,000 training scenes
+``ENCODERS/beit``, ``ENCODERS/simmim``, ... : a run of each method that exists). At 100% and 10% of the 10,000 training scenes
 (the same seeded subset everywhere), each encoder is trained with
 
 - UperNet, end to end (the papers' protocol, `segment_fmnist` recipe), and
@@ -26,16 +26,15 @@ import json
 import sys
 from pathlib import Path
 
-from fmnist_quality import Step, pct, run_chain
+from fmnist_quality import TITLES, Step, pct, run_chain
 
-TITLES = {"mae": "MAE", "beit": "BEiT", "beitv2": "BEiT v2"}
 BASELINES = {"upernet": ("scratch", "UperNet, end to end"), "linear": ("random", "linear, frozen encoder")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoders", required=True,
-                        help="the quality benchmark's output folder (its mae/, beit/, beitv2/ runs)")
+                        help="the quality benchmark's output folder (its mae/, beit/, ... runs)")
     parser.add_argument("--out", default="runs/segment-fmnist")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every run (batch 32)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, sharing the cores")
