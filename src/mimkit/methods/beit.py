@@ -22,6 +22,7 @@ from mimkit.methods.dvae import find_tokenizer, load_tokenizer, load_tokenizer_e
 from mimkit.models.beit import BEIT_MODELS, BEiT, create_beit
 from mimkit.models.vit import check_patch_grid
 from mimkit.registry import Export, HFLayout, Images, Import, LossFn, Method, TimmLayout, View, register
+from mimkit.tokenizers.dvae import DVAE
 from mimkit.viz import beit_predictions, block_masks
 
 
@@ -42,7 +43,7 @@ def resolve_config(config: PretrainConfig) -> PretrainConfig:
     of its view (``beit.tokenizer_size``); refuse a tokenizer whose code grid is not the patch grid."""
     beit = config.settings
     if not beit.tokenizer:
-        raise MimkitError("beit pretraining needs a tokenizer: --tokenizer runs/dvae "
+        raise MimkitError(f"{config.method} pretraining needs a tokenizer: --tokenizer runs/dvae "
                           "(train one with: mimkit tokenizer train dvae --data ... --out runs/dvae)")
     tokenizer = find_tokenizer(beit.tokenizer)
     img_size, patch_size = config.data.img_size, config.model.patch_size
@@ -105,17 +106,24 @@ def build_task(config: PretrainConfig, model: BEiT) -> tuple[View, LossFn]:
     return view, loss_fn
 
 
-def pictures(model: BEiT, config: PretrainConfig, images: Images, generator: torch.Generator) -> dict:
-    """What BEiT predicts at block-masked patches, drawn through its dVAE tokenizer's decoder."""
+def tokenizer_views(config: PretrainConfig, images: Images,
+                    generator: torch.Generator) -> tuple[DVAE, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a picture of a dVAE-target run (its settings a `BEiTConfig`, CAE's included) needs: its
+    tokenizer, the pictured images in the run's view and in the tokenizer's, and block masks (B, h, w)."""
     if not config.settings.tokenizer:
-        raise MimkitError("this BEiT run has no tokenizer (beit.tokenizer) to draw its predictions with")
+        raise MimkitError(f"this {config.method} run has no tokenizer ({config.method}.tokenizer) to draw "
+                          "its predictions with")
     found = find_tokenizer(config.settings.tokenizer)
-    tokenizer = load_tokenizer(found)
     data = config.data
     shown = images(data.img_size, data.mean, data.std)
     tokenizer_images = images(config.settings.tokenizer_size, found.mean or data.mean, found.std or data.std)
     mask = block_masks(config.settings, data.img_size // config.model.patch_size, len(shown), generator)
-    return beit_predictions(model, tokenizer, shown, tokenizer_images, mask)
+    return load_tokenizer(found), shown, tokenizer_images, mask
+
+
+def pictures(model: BEiT, config: PretrainConfig, images: Images, generator: torch.Generator) -> dict:
+    """What BEiT predicts at block-masked patches, drawn through its dVAE tokenizer's decoder."""
+    return beit_predictions(model, *tokenizer_views(config, images, generator))
 
 
 MODEL_KWARGS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "vocab_size", "layer_scale_init",
