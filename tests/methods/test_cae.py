@@ -19,7 +19,7 @@ from mimkit.interop.cae import OFFICIAL_CAE, read_official_cae
 from mimkit.interop.importer import resolve_arch
 from mimkit.interop.keymaps import to_foreign
 from mimkit.models.cae import CAE
-from mimkit.registry import read_config
+from mimkit.registry import method_of, read_config
 from mimkit.runs import latest_weights, load_run
 from mimkit.train.checkpoint import Checkpoints
 from tests.conftest import grid_size, perturb
@@ -117,6 +117,29 @@ def test_bad_setting_is_a_one_line_error(dvae_run, setting, message, tmp_path, c
     assert pretrain(tmp_path / "bad", dvae_run, "--max-steps", "1", "--set", setting) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err, err
+
+
+def test_the_runs_alignment_weight_reaches_the_loss(dvae_run):
+    data = {"source": "synthetic:64", "img_size": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3}
+    values = load_recipe("cae_fmnist") | {"data": data,
+                                          "model": {"name": "vit_mini", "patch_size": 4,
+                                                    "kwargs": {"depth": 1, "regressor_depth": 1,
+                                                               "decoder_depth": 1}}}
+    losses = {}
+    for weight in (0.0, 3.0):
+        values["cae"] = {"tokenizer": str(dvae_run), "align_weight": weight}
+        config = method_of("cae").resolve_config(read_config(values))
+        torch.manual_seed(0)
+        model = method_of("cae").build_model(config)
+        view, loss_fn = method_of("cae").build_task(config, model)
+        torch.manual_seed(0)
+        samples = [view(torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)) for _ in range(2)]
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        with torch.no_grad():
+            losses[weight] = loss_fn(model.eval(), batch)
+    (plain, metrics), (weighted, _) = losses[0.0], losses[3.0]
+    torch.testing.assert_close(plain, metrics["loss_tokens"])
+    torch.testing.assert_close(weighted, metrics["loss_tokens"] + 3.0 * metrics["loss_align"])
 
 
 def test_without_a_tokenizer_the_error_says_how_to_get_one(tmp_path, capsys):
