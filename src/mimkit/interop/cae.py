@@ -124,7 +124,7 @@ def read_official_cae(path: Path) -> Foreign:
     notes = unknown_name(args, OFFICIAL_CAE_MODELS)
     if any(k.startswith("alignment_encoder.") for k in state):
         notes.append("alignment_encoder.*: the encoder's own weights in the authors' code, not read")
-    norm = f"{REFERENCE_NORM} (ImageNet, --imagenet_default_mean_and_std)"
+    norm = f"{REFERENCE_NORM} (ImageNet)"
     return convert("cae", state, OFFICIAL_CAE, "CAE reference checkpoint", OFFICIAL_DERIVED, hints=hints,
                    origin=origin | {"normalization": norm}, mean=IMAGENET_MEAN, std=IMAGENET_STD, notes=notes)
 
