@@ -289,7 +289,7 @@ PLANTED = [
         "torch.cat([table[..., half:], table[..., :half]], dim=-1)",
         "torch.cat([table[..., :half], table[..., half:]], dim=-1)", ("tests/models/test_cae.py",)),
     Bug("CAE: the run's alignment weight dropped", "src/mimkit/methods/cae.py",
-        "target_ids, cae.align_weight)", "target_ids)",
+        "ids, weight))", "ids))",
         ("tests/methods/test_cae.py::test_the_runs_alignment_weight_reaches_the_loss",)),
 ]
 

@@ -159,8 +159,8 @@ def test_a_method_without_extras_is_refused_by_each_command(toy, monkeypatch, tm
     assert "cannot export a Toy to Hugging Face" in errors
 
 
-# Where a method may be named: its own modules (methods/, the models, the tokenizers, the per-method layouts of
-# interop: interop/NAME.py for a method NAME), the recipes, and the configuration (the default method).
+# Where a method may be named: its own modules (methods/, the models, the tokenizers, the per-method layouts
+# of interop: interop/NAME.py for a method NAME), the recipes, and the configuration (the default method).
 OWN = ("methods", "models", "tokenizers", "recipes", "config.py")
 
 

@@ -8,9 +8,11 @@ mode, and its vocabulary size and view size are written into the run's configura
 - BEiT: Bao et al., 2021, arXiv:2106.08254
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 import mimkit.interop.beit as layouts
 from mimkit.config import PretrainConfig, check_model_kwargs
@@ -92,18 +94,25 @@ def masked_view(config: PretrainConfig, model: BEiT, tokenizer_size: int, tokeni
                     num_masked, section.min_block, section.crop_scale, section.color_jitter)
 
 
-def build_task(config: PretrainConfig, model: BEiT) -> tuple[View, LossFn]:
-    beit, data = config.settings, config.data
-    tokenizer = find_tokenizer(beit.tokenizer)
+def tokenizer_task(config: PretrainConfig, model: nn.Module,
+                   forward: Callable[[nn.Module, dict, torch.Tensor], tuple]) -> tuple[View, LossFn]:
+    """The task of a run predicting a frozen dVAE's ids (its settings a `BEiTConfig`, CAE's included): the
+    two-view `masked_view`, and a loss that tokenizes the tokenizer's view (no gradient, eval mode) and hands
+    the ids (B, h, w) to ``forward(model, batch, ids)`` -> (loss, metrics)."""
+    settings, data = config.settings, config.data
+    tokenizer = find_tokenizer(settings.tokenizer)
     encoder = load_tokenizer_encoder(tokenizer).to(next(model.parameters()).device)
-    view = masked_view(config, model, beit.tokenizer_size, tokenizer.mean or data.mean,
+    view = masked_view(config, model, settings.tokenizer_size, tokenizer.mean or data.mean,
                        tokenizer.std or data.std)
 
-    def loss_fn(model: BEiT, batch: dict):
-        target_ids = encoder.tokenize(batch["tokenizer_image"])  # [B, h, w]; no_grad, eval mode
-        return model(batch["image"], batch["mask"], target_ids)
+    def loss_fn(model: nn.Module, batch: dict):
+        return forward(model, batch, encoder.tokenize(batch["tokenizer_image"]))
 
     return view, loss_fn
+
+
+def build_task(config: PretrainConfig, model: BEiT) -> tuple[View, LossFn]:
+    return tokenizer_task(config, model, lambda model, batch, ids: model(batch["image"], batch["mask"], ids))
 
 
 def tokenizer_views(config: PretrainConfig, images: Images,

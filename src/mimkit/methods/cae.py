@@ -20,8 +20,7 @@ import torch
 import mimkit.interop.cae as layouts
 from mimkit.config import PretrainConfig, check_model_kwargs, check_range
 from mimkit.interop.beit import timm_export
-from mimkit.methods.beit import BEiTConfig, masked_view, resolve_config, tokenizer_views
-from mimkit.methods.dvae import find_tokenizer, load_tokenizer_encoder
+from mimkit.methods.beit import BEiTConfig, resolve_config, tokenizer_task, tokenizer_views
 from mimkit.models.cae import CAE, CAE_MODELS, create_cae
 from mimkit.registry import Export, Images, Import, LossFn, Method, View, register
 from mimkit.viz import token_predictions
@@ -50,17 +49,9 @@ def build_model(config: PretrainConfig) -> CAE:
 
 
 def build_task(config: PretrainConfig, model: CAE) -> tuple[View, LossFn]:
-    cae, data = config.settings, config.data
-    tokenizer = find_tokenizer(cae.tokenizer)
-    encoder = load_tokenizer_encoder(tokenizer).to(next(model.parameters()).device)
-    view = masked_view(config, model, cae.tokenizer_size, tokenizer.mean or data.mean,
-                       tokenizer.std or data.std)
-
-    def loss_fn(model: CAE, batch: dict):
-        target_ids = encoder.tokenize(batch["tokenizer_image"])  # [B, h, w]; no_grad, eval mode
-        return model(batch["image"], batch["mask"], target_ids, cae.align_weight)
-
-    return view, loss_fn
+    weight = config.settings.align_weight
+    return tokenizer_task(config, model,
+                          lambda model, batch, ids: model(batch["image"], batch["mask"], ids, weight))
 
 
 def describe(config: PretrainConfig) -> str:
