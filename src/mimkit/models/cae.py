@@ -27,7 +27,7 @@ regressor's width, as in the authors' code.
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm, Mlp, trunc_normal_
+from timm.layers import DropPath, LayerNorm, Mlp, calculate_drop_path_rates, trunc_normal_
 from timm.models.beit import Beit, Block
 from torch import nn
 
@@ -109,10 +109,6 @@ class RegressorBlock(nn.Module):
         return x + self.drop_path(self.gamma_2_cross * self.mlp_cross(x))
 
 
-def _drop_path_rates(rate: float, depth: int) -> list[float]:
-    return [r.item() for r in torch.linspace(0, rate, depth)]
-
-
 class CAE(nn.Module):
     """Context Autoencoder pretraining over a discrete visual vocabulary (CAE, arXiv:2202.03026).
 
@@ -177,12 +173,12 @@ class CAE(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.regressor_blocks = nn.ModuleList(
             RegressorBlock(width, heads, mlp_ratio, decoder_layer_scale_init, rate)
-            for rate in _drop_path_rates(drop_path_rate, regressor_depth))
+            for rate in calculate_drop_path_rates(drop_path_rate, regressor_depth))
         self.regressor_norm = LayerNorm(width)
         self.decoder_blocks = nn.ModuleList(
             Block(width, heads, qkv_bias=True, mlp_ratio=mlp_ratio, drop_path=rate,
                   init_values=decoder_layer_scale_init or None)
-            for rate in _drop_path_rates(drop_path_rate, decoder_depth))
+            for rate in calculate_drop_path_rates(drop_path_rate, decoder_depth))
         self.decoder_norm = LayerNorm(width)
         self.lm_head = nn.Linear(width, vocab_size)
         self.initialize_weights()
