@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mimkit.cli import main
 
@@ -128,3 +129,23 @@ def mae_run(tmp_path_factory):
     assert main(["pretrain", "mae", "--data", "synthetic", "--out", str(run), "--max-steps", "2",
                  "--batch-size", "32", "--set", "data.num_workers=0", *tiny]) == 0
     return run
+
+
+def every_evaluation_command(run: Path, tmp_path: Path) -> None:
+    """Run each evaluation command on a pretraining run of synthetic 32-px images (``knn --layer all``,
+    ``linprobe``, a one-step ``finetune`` and ``predict`` with it, a quick ``segment``), each to success: what
+    every method's runs must take."""
+    from tests.eval.test_segment import QUICK, write_layout  # that module imports this one
+
+    probe = ["--data", "synthetic:64", "--num-workers", "0"]
+    assert main(["knn", str(run), *probe, "--layer", "all", "--out", str(tmp_path / "knn")]) == 0
+    assert main(["linprobe", str(run), *probe, "--out", str(tmp_path / "lin"), "--epochs", "1"]) == 0
+    assert main(["finetune", str(run), "--data", "synthetic:64", "--out", str(tmp_path / "ft"), "--max-steps",
+                 "1", "--batch-size", "8", "--set", "data.num_workers=0"]) == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 40), "gray").save(images / "a.png")
+    assert main(["predict", str(tmp_path / "ft"), "--images", str(images), "--out",
+                 str(tmp_path / "pred")]) == 0
+    scenes = write_layout(tmp_path / "scenes", "generic", train=4, val=2)
+    assert main(["segment", str(run), "--data", str(scenes), "--out", str(tmp_path / "seg"), *QUICK]) == 0

@@ -74,28 +74,38 @@ def _patch_pixels(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def beit_predictions(model: BEiT, tokenizer: DVAE, images: torch.Tensor, tokenizer_images: torch.Tensor,
-                     mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What BEiT predicts for hidden patches, drawn through the tokenizer's decoder.
+def token_predictions(tokenizer: DVAE, images: torch.Tensor, tokenizer_images: torch.Tensor,
+                      mask: torch.Tensor, predicted_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A model's token predictions at hidden patches, drawn through the tokenizer's decoder (any method whose
+    targets are dVAE ids: BEiT, CAE).
 
     Args:
-        model: a BEiT in eval mode.
-        tokenizer: the dVAE whose ids it learned to predict.
+        tokenizer: the dVAE whose ids the model learned to predict.
         images: (B, C, H, W) normalized images at the ViT's size.
         tokenizer_images: (B, C, H', W') the same images at the tokenizer's size.
         mask: bool (B, h, w), True where a patch is hidden.
+        predicted_ids: long (N,), the model's most likely id at each hidden patch, row-major per image.
 
     Returns:
         ``original``; ``masked`` (what the encoder saw); ``tokens``: the tokenizer's ids of every patch,
-        decoded; ``prediction``: the same with BEiT's most likely ids at the hidden patches, decoded.
+        decoded; ``prediction``: the same with the predicted ids at the hidden patches, decoded.
     """
     ids = tokenizer.tokenize(tokenizer_images)  # [B, h, w]
-    x, _ = model.forward_features(images, mask)
     predicted = ids.clone()
-    predicted[mask] = model.forward_head(x, mask).argmax(-1)
+    predicted[mask] = predicted_ids
     hidden = _patch_pixels(mask, images.shape[-1] // mask.shape[-1])
     return {"original": images, "masked": images * (1 - hidden), "tokens": tokenizer.decode(ids),
             "prediction": tokenizer.decode(predicted)}
+
+
+@torch.no_grad()
+def beit_predictions(model: BEiT, tokenizer: DVAE, images: torch.Tensor, tokenizer_images: torch.Tensor,
+                     mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What BEiT predicts for hidden patches, drawn through the tokenizer's decoder (`token_predictions`;
+    ``model`` a BEiT in eval mode, the other arguments its)."""
+    x, _ = model.forward_features(images, mask)
+    predicted_ids = model.forward_head(x, mask).argmax(-1)
+    return token_predictions(tokenizer, images, tokenizer_images, mask, predicted_ids)
 
 
 def token_maps(ids: torch.Tensor, vocab_size: int, patch_size: int, channels: int, mean, std) -> torch.Tensor:

@@ -8,9 +8,11 @@ mode, and its vocabulary size and view size are written into the run's configura
 - BEiT: Bao et al., 2021, arXiv:2106.08254
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 import mimkit.interop.beit as layouts
 from mimkit.config import PretrainConfig, check_model_kwargs
@@ -22,6 +24,7 @@ from mimkit.methods.dvae import find_tokenizer, load_tokenizer, load_tokenizer_e
 from mimkit.models.beit import BEIT_MODELS, BEiT, create_beit
 from mimkit.models.vit import check_patch_grid
 from mimkit.registry import Export, HFLayout, Images, Import, LossFn, Method, TimmLayout, View, register
+from mimkit.tokenizers.dvae import DVAE
 from mimkit.viz import beit_predictions, block_masks
 
 
@@ -42,7 +45,7 @@ def resolve_config(config: PretrainConfig) -> PretrainConfig:
     of its view (``beit.tokenizer_size``); refuse a tokenizer whose code grid is not the patch grid."""
     beit = config.settings
     if not beit.tokenizer:
-        raise MimkitError("beit pretraining needs a tokenizer: --tokenizer runs/dvae "
+        raise MimkitError(f"{config.method} pretraining needs a tokenizer: --tokenizer runs/dvae "
                           "(train one with: mimkit tokenizer train dvae --data ... --out runs/dvae)")
     tokenizer = find_tokenizer(beit.tokenizer)
     img_size, patch_size = config.data.img_size, config.model.patch_size
@@ -91,31 +94,45 @@ def masked_view(config: PretrainConfig, model: BEiT, tokenizer_size: int, tokeni
                     num_masked, section.min_block, section.crop_scale, section.color_jitter)
 
 
-def build_task(config: PretrainConfig, model: BEiT) -> tuple[View, LossFn]:
-    beit, data = config.settings, config.data
-    tokenizer = find_tokenizer(beit.tokenizer)
+def tokenizer_task(config: PretrainConfig, model: nn.Module,
+                   forward: Callable[[nn.Module, dict, torch.Tensor], tuple]) -> tuple[View, LossFn]:
+    """The task of a run predicting a frozen dVAE's ids (its settings a `BEiTConfig`, CAE's included): the
+    two-view `masked_view`, and a loss that tokenizes the tokenizer's view (no gradient, eval mode) and hands
+    the ids (B, h, w) to ``forward(model, batch, ids)`` -> (loss, metrics)."""
+    settings, data = config.settings, config.data
+    tokenizer = find_tokenizer(settings.tokenizer)
     encoder = load_tokenizer_encoder(tokenizer).to(next(model.parameters()).device)
-    view = masked_view(config, model, beit.tokenizer_size, tokenizer.mean or data.mean,
+    view = masked_view(config, model, settings.tokenizer_size, tokenizer.mean or data.mean,
                        tokenizer.std or data.std)
 
-    def loss_fn(model: BEiT, batch: dict):
-        target_ids = encoder.tokenize(batch["tokenizer_image"])  # [B, h, w]; no_grad, eval mode
-        return model(batch["image"], batch["mask"], target_ids)
+    def loss_fn(model: nn.Module, batch: dict):
+        return forward(model, batch, encoder.tokenize(batch["tokenizer_image"]))
 
     return view, loss_fn
 
 
-def pictures(model: BEiT, config: PretrainConfig, images: Images, generator: torch.Generator) -> dict:
-    """What BEiT predicts at block-masked patches, drawn through its dVAE tokenizer's decoder."""
+def build_task(config: PretrainConfig, model: BEiT) -> tuple[View, LossFn]:
+    return tokenizer_task(config, model, lambda model, batch, ids: model(batch["image"], batch["mask"], ids))
+
+
+def tokenizer_views(config: PretrainConfig, images: Images,
+                    generator: torch.Generator) -> tuple[DVAE, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a picture of a dVAE-target run (its settings a `BEiTConfig`, CAE's included) needs: its
+    tokenizer, the pictured images in the run's view and in the tokenizer's, and block masks (B, h, w)."""
     if not config.settings.tokenizer:
-        raise MimkitError("this BEiT run has no tokenizer (beit.tokenizer) to draw its predictions with")
+        raise MimkitError(f"this {config.method} run has no tokenizer ({config.method}.tokenizer) to draw "
+                          "its predictions with")
     found = find_tokenizer(config.settings.tokenizer)
-    tokenizer = load_tokenizer(found)
     data = config.data
     shown = images(data.img_size, data.mean, data.std)
     tokenizer_images = images(config.settings.tokenizer_size, found.mean or data.mean, found.std or data.std)
     mask = block_masks(config.settings, data.img_size // config.model.patch_size, len(shown), generator)
-    return beit_predictions(model, tokenizer, shown, tokenizer_images, mask)
+    return load_tokenizer(found), shown, tokenizer_images, mask
+
+
+def pictures(model: BEiT, config: PretrainConfig, images: Images, generator: torch.Generator) -> dict:
+    """What BEiT predicts at block-masked patches, drawn through its dVAE tokenizer's decoder."""
+    return beit_predictions(model, *tokenizer_views(config, images, generator))
 
 
 MODEL_KWARGS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "vocab_size", "layer_scale_init",

@@ -1,0 +1,206 @@
+"""CAE through the command line: pretraining on a dVAE's ids and resuming, the picture, exports to timm and
+transformers, the evaluation commands, one-line refusals of bad settings, the authors' checkpoints
+imported (built here from a tiny model in their key names, with their ``args``), and the recipes."""
+
+import json
+from argparse import Namespace
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from timm.models.beit import Beit
+from transformers import BeitModel
+
+from mimkit.cli import main
+from mimkit.config import load_recipe
+from mimkit.errors import MimkitError
+from mimkit.interop.cae import OFFICIAL_CAE, read_official_cae
+from mimkit.interop.importer import resolve_arch
+from mimkit.interop.keymaps import to_foreign
+from mimkit.models.cae import CAE
+from mimkit.registry import method_of, read_config
+from mimkit.runs import latest_weights, load_run
+from mimkit.train.checkpoint import Checkpoints
+from tests.conftest import every_evaluation_command, grid_size, perturb
+
+COMMON = ["--data", "synthetic:64", "--batch-size", "8", "--set", "data.num_workers=0"]  # 32 px, 3 channels
+TINY_DVAE = ["--set", "dvae.hidden=4", "--set", "dvae.vocab_size=32"]
+TINY = ["--model", "vit_mini", "--set", "model.kwargs.depth=2", "--set", "model.kwargs.embed_dim=32",
+        "--set", "model.kwargs.num_heads=2", "--set", "model.kwargs.regressor_depth=1",
+        "--set", "model.kwargs.decoder_depth=1"]  # 8x8 grid of 4-px patches
+
+
+@pytest.fixture(scope="module")
+def dvae_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "dvae"
+    assert main(["tokenizer", "train", "dvae", "--out", str(run), "--max-steps", "2", *COMMON,
+                 *TINY_DVAE]) == 0
+    return run
+
+
+def pretrain(out, tokenizer, *extra) -> int:
+    return main(["pretrain", "cae", "--tokenizer", str(tokenizer), "--out", str(out), *COMMON, *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def run(dvae_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cae") / "run"
+    assert pretrain(out, dvae_run, "--max-steps", "2") == 0
+    return out
+
+
+@pytest.mark.slow
+def test_pretrains_on_the_tokenizers_ids_and_resumes_bit_for_bit(dvae_run, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert pretrain(straight, dvae_run, "--max-steps", "4") == 0
+    _, config = load_run(straight)
+    assert config.model.kwargs["vocab_size"] == 32 and config.settings.tokenizer_size == 32
+    assert pretrain(resumed, dvae_run, "--max-steps", "4", "--set", "train.checkpoint_every=2") == 0
+    checkpoints = Checkpoints(resumed)
+    checkpoints.weights_path(4).unlink()  # as if stopped after the checkpoint of step 2
+    checkpoints.state_path(4).unlink()
+    assert pretrain(resumed, dvae_run, "--max-steps", "4") == 0
+    a, b = load_file(latest_weights(straight)), load_file(latest_weights(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logged = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert any({"mim_acc", "loss_tokens", "loss_align"} <= r.keys() for r in logged)
+
+
+@pytest.mark.slow
+def test_visualize_draws_original_masked_tokens_and_prediction(run, tmp_path):
+    assert main(["visualize", str(run), "--out", str(tmp_path / "cae.png"), "--n", "2"]) == 0
+    assert Image.open(tmp_path / "cae.png").size == grid_size(4, 2, 32)
+
+
+@pytest.mark.slow
+def test_exports_load_in_timm_and_transformers(run, tmp_path):
+    model, _ = load_run(run)
+    imgs = torch.randn(2, 3, 32, 32)
+    assert main(["export", str(run), "--to", "timm", "--out", str(tmp_path / "timm")]) == 0
+    timm_model = Beit(**json.loads((tmp_path / "timm" / "config.json").read_text())["model_args"]).eval()
+    timm_model.load_state_dict(load_file(tmp_path / "timm" / "model.safetensors"), strict=True)
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf = BeitModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        ours = model.encoder.forward_features(imgs)
+        torch.testing.assert_close(timm_model.forward_features(imgs), ours)
+        torch.testing.assert_close(hf(imgs).last_hidden_state, ours, atol=1e-5, rtol=1e-4)
+        # nothing masked: CAE's own encoder pass is the exported encoder's
+        torch.testing.assert_close(model.forward_encoder(imgs, torch.zeros(2, 64, dtype=torch.bool)), ours)
+
+
+@pytest.mark.slow
+def test_evaluation_commands_take_a_cae_run(run, tmp_path):
+    every_evaluation_command(run, tmp_path)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("cae.align_weight=-1", "config 'cae.align_weight' must be at least 0, got -1"),
+    ("cae.mask_ratio=1.0", "config 'cae.mask_ratio' must be in (0, 1), got 1.0"),
+    ("cae.mask_ratio=0", "config 'cae.mask_ratio' must be in (0, 1), got 0"),
+    ("cae.min_block=0", "config 'cae.min_block' must be at least 1"),
+])
+def test_bad_setting_is_a_one_line_error(dvae_run, setting, message, tmp_path, capsys):
+    assert pretrain(tmp_path / "bad", dvae_run, "--max-steps", "1", "--set", setting) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err, err
+
+
+def test_the_runs_alignment_weight_reaches_the_loss(dvae_run):
+    data = {"source": "synthetic:64", "img_size": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3}
+    values = load_recipe("cae_fmnist") | {"data": data,
+                                          "model": {"name": "vit_mini", "patch_size": 4,
+                                                    "kwargs": {"depth": 1, "regressor_depth": 1,
+                                                               "decoder_depth": 1}}}
+    losses = {}
+    for weight in (0.0, 3.0):
+        values["cae"] = {"tokenizer": str(dvae_run), "align_weight": weight}
+        config = method_of("cae").resolve_config(read_config(values))
+        torch.manual_seed(0)
+        model = method_of("cae").build_model(config)
+        view, loss_fn = method_of("cae").build_task(config, model)
+        torch.manual_seed(0)
+        samples = [view(torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)) for _ in range(2)]
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        with torch.no_grad():
+            losses[weight] = loss_fn(model.eval(), batch)
+    (plain, metrics), (weighted, _) = losses[0.0], losses[3.0]
+    torch.testing.assert_close(plain, metrics["loss_tokens"])
+    torch.testing.assert_close(weighted, metrics["loss_tokens"] + 3.0 * metrics["loss_align"])
+
+
+def test_without_a_tokenizer_the_error_says_how_to_get_one(tmp_path, capsys):
+    assert main(["pretrain", "cae", "--out", str(tmp_path / "bad"), *COMMON, *TINY, "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cae pretraining needs a tokenizer: --tokenizer" in err and "mimkit tokenizer train dvae" in err
+    assert "\n" not in err
+
+
+def authors_checkpoint(path, **args) -> CAE:
+    """A tiny CAE saved as the authors' ``tools/run_pretraining.py`` saves one: its state dict in their names
+    with the alignment encoder's copy and the regressor's position table, and their ``args``."""
+    model = perturb(CAE(img_size=32, patch_size=4, in_chans=3, vocab_size=32, embed_dim=32, depth=2,
+                        num_heads=2, decoder_embed_dim=16, decoder_num_heads=2, regressor_depth=2,
+                        decoder_depth=1, drop_path_rate=0.0))
+    state, left = to_foreign(model.state_dict(), OFFICIAL_CAE)
+    assert left == []
+    state |= {k.replace("encoder.", "alignment_encoder.", 1): v for k, v in state.items()
+              if k.startswith("encoder.")}
+    state["rd_pos_embed"] = model.latent_pos_embed
+    saved = {"model": state, "optimizer": {}, "epoch": 299}
+    if args:
+        saved["args"] = Namespace(**args)
+    torch.save(saved, path)
+    return model
+
+
+AUTHORS_ARGS = dict(model="cae_tiny_32px", model_type="cae", decoder_num_heads=2, num_mask_patches=32,
+                    align_loss_weight=1.5, layer_scale_init_value=0.1, decoder_layer_scale_init_value=0.1,
+                    drop_path=0.0)
+
+
+@pytest.mark.slow
+def test_authors_checkpoint_imports_from_its_weights_and_args(dvae_run, tmp_path, capsys):
+    model = authors_checkpoint(tmp_path / "checkpoint-299.pth", **AUTHORS_ARGS)
+    out = tmp_path / "run"
+    assert main(["import", str(tmp_path / "checkpoint-299.pth"), "--format", "cae", "--out", str(out),
+                 "--set", "model.kwargs.num_heads=2", "--set", "data.source=synthetic:64",
+                 "--set", "data.num_workers=0"]) == 0
+    printed = capsys.readouterr().out
+    assert "read from args.num_mask_patches (32 of 8x8): mask_ratio" in printed
+    assert "alignment_encoder.*: the encoder's own weights" in printed and "guessed" not in printed
+    imported, config = load_run(out)
+    assert (config.settings.mask_ratio, config.settings.align_weight) == (0.5, 1.5)
+    assert config.model.kwargs["decoder_num_heads"] == 2 and config.model.kwargs["decoder_embed_dim"] == 16
+    theirs, ours = model.state_dict(), imported.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert main(["pretrain", "cae", "--tokenizer", str(dvae_run), "--out", str(out), *COMMON,
+                 "--max-steps", "1"]) == 0  # continues from the imported weights
+
+
+def test_authors_weights_without_args_get_reported_guesses(tmp_path):
+    authors_checkpoint(tmp_path / "bare.pth")
+    arch, origin = resolve_arch(read_official_cae(tmp_path / "bare.pth"))
+    assert (arch["regressor_depth"], arch["decoder_depth"], arch["vocab_size"]) == (2, 1, 32)
+    assert origin["num_heads"].startswith(("guessed", "unknown"))
+    assert origin["decoder_num_heads"].startswith(("guessed", "unknown", "default"))
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"model_type": "caev2"}, "a caev2 checkpoint"),
+    ({"model": "cae_base_patch16_224_8k_vocab"}, "says embed_dim=768, the weights 32"),
+])
+def test_authors_checkpoints_mimkit_cannot_hold_are_refused(tmp_path, args, message):
+    authors_checkpoint(tmp_path / "ckpt.pth", **args)
+    with pytest.raises(MimkitError, match=message):
+        resolve_arch(read_official_cae(tmp_path / "ckpt.pth"))
+
+
+def test_recipes_quote_the_authors_vit_b_setting_and_size_fmnist_for_a_cpu():
+    in1k = read_config(load_recipe("cae_in1k"))
+    kwargs = in1k.model.kwargs
+    assert (in1k.model.name, kwargs["regressor_depth"], kwargs["decoder_depth"]) == ("vit_base", 4, 4)
+    assert (in1k.settings.mask_ratio, in1k.settings.align_weight, in1k.optim.clip_grad) == (0.5, 2.0, 3.0)
+    fmnist = read_config(load_recipe("cae_fmnist"))
+    assert fmnist.model.name == "vit_mini" and fmnist.settings.color_jitter == 0.0
