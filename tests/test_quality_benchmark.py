@@ -1,6 +1,8 @@
 """`benchmarks/fmnist_quality.py`'s scheduler: a step marked ``alone`` (the compute match's timing runs) waits
-for the running steps, gets every core, and nothing starts beside it; the other steps share the cores."""
+for the running steps, gets every core, and nothing starts beside it; the other steps share the cores. And
+the wall-clock match: a method beside MAE trains for MAE's images times its speed over MAE's."""
 
+import json
 import sys
 import threading
 import time
@@ -18,7 +20,7 @@ def recorded(monkeypatch):
     spans: dict[str, tuple[float, float, int]] = {}
     lock = threading.Lock()
 
-    def fake_mimkit(args: list[str], log: Path, threads: int) -> int:
+    def fake_mimkit(args: list[str], log: Path, threads: int, script: Path | None = None) -> int:
         start = time.perf_counter()
         time.sleep(float(args[1]))
         with lock:
@@ -54,3 +56,20 @@ def test_without_alone_steps_jobs_run_side_by_side(recorded, tmp_path):
     quality.run_steps(steps, tmp_path, quality.Timings(tmp_path / "timings.json"), jobs=2)
     (a_start, a_end, _), (b_start, b_end, _) = recorded["a"], recorded["b"]
     assert a_start < b_end and b_start < a_end
+
+
+def test_a_method_pretrains_for_the_wall_clock_of_mae(tmp_path):
+    steps = {s.name: s for s in quality.wallclock_steps(tmp_path, "fashion-mnist", ["simmim", "cae"],
+                                                         mae_epochs=10, quick=False, with_dvae=False)}
+    assert list(steps) == ["dvae", "timing-simmim", "timing-cae", "simmim", "cae"]  # CAE reads a dVAE
+    assert steps["timing-cae"].alone and steps["timing-cae"].after == ("dvae",)
+    assert steps["timing-simmim"].script.name == "method_step_cost.py"
+    speeds = {"images_per_s": {"mae": 300.0, "simmim": 150.0}, "train_images": 60000}
+    (tmp_path / "timing-simmim.json").write_text(json.dumps(speeds))
+    command = steps["simmim"].command()
+    # half MAE's speed: half of MAE's 600,000 images in the same time, in steps of the recipe's batch 256
+    assert command[command.index("--max-steps") + 1] == str(-(-300000 // 256))
+    assert json.loads((tmp_path / "wallclock_match.json").read_text())["simmim"]["images"] == 300000
+    (tmp_path / "timing-cae.json").write_text(json.dumps({**speeds, "images_per_s": {"mae": 300.0, "cae": 240.0}}))
+    cae = steps["cae"].command()
+    assert cae[cae.index("--tokenizer") + 1] == str(tmp_path / "dvae")
