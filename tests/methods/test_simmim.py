@@ -22,7 +22,7 @@ from mimkit.models.simmim import SimMIM
 from mimkit.runs import latest_weights, load_run
 from mimkit.train.checkpoint import Checkpoints
 from tests.conftest import grid_size, perturb
-from tests.eval.test_segment import QUICK, write_layout
+from tests.methods.evaluation import run_every_evaluation
 
 COMMON = ["--data", "synthetic:64", "--batch-size", "8", "--set", "data.num_workers=0"]  # 32 px, 3 channels
 TINY = ["--model", "vit_mini", "--set", "model.kwargs.depth=2", "--set", "model.kwargs.embed_dim=32",
@@ -89,18 +89,7 @@ def test_exports_load_in_timm_and_transformers(run, tmp_path):
 
 
 def test_evaluation_commands_take_a_simmim_run(run, tmp_path):
-    probe = ["--data", "synthetic:64", "--num-workers", "0"]
-    assert main(["knn", str(run), *probe, "--layer", "all", "--out", str(tmp_path / "knn")]) == 0
-    assert main(["linprobe", str(run), *probe, "--out", str(tmp_path / "lin"), "--epochs", "1"]) == 0
-    assert main(["finetune", str(run), "--data", "synthetic:64", "--out", str(tmp_path / "ft"), "--max-steps",
-                 "1", "--batch-size", "8", "--set", "data.num_workers=0"]) == 0
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.new("RGB", (40, 40), "gray").save(images / "a.png")
-    assert main(["predict", str(tmp_path / "ft"), "--images", str(images), "--out",
-                 str(tmp_path / "pred")]) == 0
-    scenes = write_layout(tmp_path / "scenes", "generic", train=4, val=2)
-    assert main(["segment", str(run), "--data", str(scenes), "--out", str(tmp_path / "seg"), *QUICK]) == 0
+    run_every_evaluation(run, tmp_path)
 
 
 @pytest.mark.parametrize("setting, message", [
