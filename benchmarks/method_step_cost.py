@@ -67,8 +67,10 @@ def make_step(name: str, batch_size: int, data: str = "fashion-mnist", overrides
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if method.after_step:  # what the loop runs after each optimizer step (data2vec's EMA teacher)
+            method.after_step(config, model, 1)
 
-    params = sum(p.numel() for p in model.parameters()) / 1e6
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6  # a frozen teacher aside
     return step, f"{config.model.name}/{config.model.patch_size}, {params:.2f}M parameters", len(source)
 
 

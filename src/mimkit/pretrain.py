@@ -166,8 +166,10 @@ def start_pretraining(job: Pretraining) -> dict:
         job.model.compile()
     options = LoopOptions.from_config(train_cfg, num_workers=job.num_workers, force_resume=job.force_config,
                                       desc=f"pretrain {config.method}")
+    after_step = method_of(config.method).after_step  # e.g. an EMA teacher's update
     return train(job.model, job.loss_fn, SeededViews(job.source, job.view), optimizer, job.plan.schedule,
-                 job.run_dir, job.world, options, Evaluation(job.evaluate) if job.evaluate else None)
+                 job.run_dir, job.world, options, Evaluation(job.evaluate) if job.evaluate else None,
+                 after_step=partial(after_step, config, job.model) if after_step else None)
 
 
 def run_pretraining(config: PretrainConfig, run_dir: str | Path,

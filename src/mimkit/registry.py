@@ -147,6 +147,9 @@ class Method:
         export: how ``mimkit export`` writes its model; None: it does not export.
         resumable: settings of its own (dotted keys) that a run may resume with changed values, besides
             `mimkit.runs.RESUMABLE_CHANGES` (VQ-KD's held-out image count).
+        after_step: (config, model, step) -> None, called once after each optimizer step with the new step
+            number, not per micro-batch (data2vec moves its EMA teacher); whatever it changes in the model
+            must live in its state dict to resume exactly. None: nothing.
     """
 
     name: str
@@ -163,6 +166,7 @@ class Method:
     importing: Import | None = None
     export: Export | None = None
     resumable: tuple[str, ...] = ()
+    after_step: Callable[[PretrainConfig, nn.Module, int], None] | None = None
 
 
 _METHODS: dict[str, Method] = {}
