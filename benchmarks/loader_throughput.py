@@ -8,8 +8,8 @@ reported per CPU second of that process (robust to other load on the machine) an
 second. The data: generated JPEGs of ImageNet-like sizes (about 400x350, quality 90; smooth waves plus
 noise, so they compress and decode like photographs), 10 class folders.
 
-Decoders (each replaces `mimkit.data.sources.decode_image` for its runs):
-    pillow        PIL, as `mimkit.data.sources.decode_image` decodes
+Decoders (each replaces `mimkit.data.decode.decode_image` for its runs):
+    pillow        PIL, as `mimkit.data.decode.decode_image` decodes
     pillow-draft  PIL with `Image.draft` asking for the smallest size that a 224 crop of scale >= 0.2 still
                   samples at full resolution (JPEG DCT scaling); it only shrinks images above ~1000 px
     torchvision   torchvision.io.decode_jpeg (libjpeg-turbo) straight to a uint8 tensor; deprecated since
@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mimkit.data import sources
+from mimkit.data import decode
 from mimkit.data.loader import SeededViews, sample_seed
 from mimkit.data.shards import pack_files
-from mimkit.data.sources import IMAGENET_MEAN, IMAGENET_STD, _to_mode, build_source
+from mimkit.data.decode import _to_mode
+from mimkit.data.sources import build_source
 from mimkit.data.transforms import mae_view
 
 MIN_CROP_SIDE = 0.2**0.5  # the smallest crop of the mae_in1k view: area scale 0.2 (of either side, ~0.45)
@@ -66,14 +67,14 @@ def make_images(folder: Path, n: int, seed: int = 0) -> None:
 
 
 def decode_pillow(file, mode: str) -> torch.Tensor:
-    return sources.pil_to_tensor(_to_mode(sources.ImageOps.exif_transpose(Image.open(file)), mode))
+    return decode.pil_to_tensor(_to_mode(decode.ImageOps.exif_transpose(Image.open(file)), mode))
 
 
 def decode_pillow_draft(file, mode: str) -> torch.Tensor:
     with Image.open(file) as img:
         side = int(CROP / MIN_CROP_SIDE) + 1  # smaller would sample the smallest crop below 224 px
         img.draft(mode, (side, side))  # JPEG only; keeps both sides >= side
-        return sources.pil_to_tensor(_to_mode(sources.ImageOps.exif_transpose(img), mode))
+        return decode.pil_to_tensor(_to_mode(decode.ImageOps.exif_transpose(img), mode))
 
 
 def _data(file) -> bytes:
@@ -186,14 +187,14 @@ def main(argv=None) -> None:
           f"torch {torch.__version__}, 1 torch thread; {len(data['folder'])} JPEGs, mean size "
           f"{statistics.mean(w for w, _ in sizes):.0f}x{statistics.mean(h for _, h in sizes):.0f}, "
           f"{sum(Path(p).stat().st_size for p in data['folder'].paths) / len(data['folder']) / 1e3:.0f} KB")
-    original = sources.decode_image
+    original = decode.decode_image
     try:
-        sources.decode_image = decode_pillow
+        decode.decode_image = decode_pillow
         reference = statistics_of(SeededViews(data["folder"], view), check)  # Pillow's view statistics
         for name, decoder in available_decoders().items():
             if a.decoders and name not in a.decoders:
                 continue
-            sources.decode_image = decoder
+            decode.decode_image = decoder
             pixels = max(int((decoder(p, "RGB").int() - decode_pillow(p, "RGB").int()).abs().max())
                          if decoder(p, "RGB").shape == decode_pillow(p, "RGB").shape else -1
                          for p in data["folder"].paths[:50])
@@ -210,7 +211,7 @@ def main(argv=None) -> None:
                 print(f"  {kind:>7} {name:>13}: {max(cpu):6.1f} img/s per worker (CPU time), best wall-clock "
                       f"{max(wall):6.1f} img/s", flush=True)
     finally:
-        sources.decode_image = original
+        decode.decode_image = original
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ PLANTED = [
         "auto_augment=auto_augment or None,", "auto_augment=None,", ("tests/eval/test_finetune_view.py",)),
     Bug("fine-tuning view: random erasing never applied", "src/mimkit/eval/augment.py",
         "re_prob=reprob,", "re_prob=0.0,", ("tests/eval/test_finetune_view.py",)),
-    Bug("reliability 2: a symlinked folder already listed is walked again", "src/mimkit/data/sources.py",
+    Bug("reliability 2: a symlinked folder already listed is walked again", "src/mimkit/data/image_files.py",
         "if identity in seen:", "if False:",
         ("tests/data/test_sources.py::test_symlink_loops_are_listed_once_and_named",)),
     Bug("reliability 2: a resume reads what is left of the shards", "src/mimkit/data/sources.py",

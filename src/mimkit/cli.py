@@ -589,7 +589,8 @@ def cmd_data_pack(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from mimkit.data.shards import check_new_folder, pack_files, parse_size
-    from mimkit.data.sources import SPLITS, build_source
+    from mimkit.data.source_info import SPLITS
+    from mimkit.data.sources import build_source
 
     folder, out, shard_size = Path(args.folder), Path(args.out), parse_size(args.shard_size)
     if not folder.is_dir():
