@@ -273,6 +273,18 @@ PLANTED = [
     Bug("own data: forked workers keep the run locked", "src/mimkit/runs.py",
         "        _HELD_LOCKS.add(fd)\n", "        pass\n",
         ("tests/test_runs.py",)),
+    Bug("crop decode: the crop is not turned upright (EXIF orientation)", "src/mimkit/data/crop_decode.py",
+        "crop = _upright(pixels[top:top + height, left:left + width], header.orientation)",
+        "crop = pixels[top:top + height, left:left + width]",
+        ("tests/data/test_crop_decode.py::test_crop_decode_turns_the_box_for_exif_orientation_not_the_image",)),
+    Bug("crop decode: a bad file's stand-in draws its box after the bad file's draws",
+        "src/mimkit/data/loader.py", "            rng.manual_seed(seed)  # every try",
+        "            pass  # every try",
+        ("tests/data/test_crop_decode.py",)),
+    Bug("crop decode: a box at the image's far edge is cut one pixel short", "src/mimkit/data/crop_decode.py",
+        "return min(ys), min(xs), max(ys) - min(ys) + 1, max(xs) - min(xs) + 1",
+        "return min(ys), min(xs), max(ys) - min(ys), max(xs) - min(xs)",
+        ("tests/data/test_crop_decode.py",)),
 ]
 
 

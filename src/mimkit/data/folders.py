@@ -14,6 +14,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
+from mimkit.data.crop_decode import DrawBox, crop_decode
 from mimkit.data.decode import GRAY_MODES, MAX_IMAGE_PIXELS, decode_image
 from mimkit.data.image_files import IMAGE_EXTENSIONS, image_files, listing_bar, subfolders
 from mimkit.data.source_info import GRAY_MEAN, GRAY_STD, SourceInfo, check_channels
@@ -111,21 +112,39 @@ class EncodedImageSource(Dataset):
         """Decode one image to uint8 `(C, H, W)`; raises whatever PIL raises (ValueError: too many pixels)."""
         return decode_image(self.image_file(index), self._mode, self.max_image_pixels, self.decode_min_side)
 
+    def load_crop(self, index: int, draw_box: DrawBox, out_size: int | None = None) -> torch.Tensor:
+        """Decode only the crop that `draw_box` picks from image `index`'s size (`mimkit.data.crop_decode`),
+        uint8 `(C, h, w)`; with `out_size` and `decode_min_side` set, a box at least twice `out_size` is
+        decoded at a reduced DCT scale. Raises as `load` does."""
+        file = self.image_file(index)
+        if isinstance(file, str):
+            with open(file, "rb") as f:
+                data = f.read()
+        else:
+            data = file.read()
+        scaled = out_size if self.decode_min_side else None
+        return crop_decode(data, self._mode, draw_box, self.max_image_pixels, scaled, self.decode_min_side)
+
+    def first_readable(self, index: int, load: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """`(load(i), label of i)` for `i = index`, or, with `skip_bad_images`, for the next image that
+        `load` reads without an error (a bad file's stand-in, the same in every process and epoch)."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        for offset in range(len(self)):
+            i = (index + offset) % len(self)
+            if i in self.bad_indices:
+                continue
+            try:
+                return load(i), self.labels[i]
+            except Exception as e:  # PIL and libjpeg raise many types on bad files
+                self._skip(i, e)
+        raise MimkitError(f"no readable image among the {len(self)} under '{self.root}'")
+
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
-        for offset in range(len(self)):
-            i = (index + offset) % len(self)  # a bad file's stand-in: the next readable one
-            if i in self.bad_indices:
-                continue
-            try:
-                return self.load(i), self.labels[i]
-            except Exception as e:  # PIL raises many types on bad files
-                self._skip(i, e)
-        raise MimkitError(f"no readable image among the {len(self)} under '{self.root}'")
+        return self.first_readable(index, self.load)
 
 
 class ImageFolderSource(EncodedImageSource):
