@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 from mimkit.data.crop_decode import crop_decode, dct_factor, read_header
 from mimkit.data.decode import MAX_IMAGE_PIXELS, decode_image
 from mimkit.data.folders import FlatFolderSource
-from mimkit.data.loader import SeededViews
+from mimkit.data.loader import EpochBatches, SeededViews, build_loader
 from mimkit.data.transforms import BICUBIC, mae_view, normalize
 from mimkit.errors import MimkitError
 
@@ -179,7 +179,7 @@ def _old_mae_view(size, patch_size):
     return lambda image: {"image": transform(image), "noise": torch.rand((size // patch_size) ** 2)}
 
 
-def test_crop_decoded_items_match_the_decode_then_view_pipeline(tmp_path):
+def test_crop_decoded_and_uint8_items_match_the_decode_then_view_pipeline(tmp_path):
     root = _folder(tmp_path, {f"{i}.jpg": jpeg(photo(120 + 7 * i, 90 + 5 * i, seed=i), orientation=1 + i % 8)
                               for i in range(6)})
     view = mae_view(32, MEAN, STD, patch_size=8)
@@ -190,3 +190,10 @@ def test_crop_decoded_items_match_the_decode_then_view_pipeline(tmp_path):
     for item in [(i, 1000 + i) for i in range(6)]:
         new, before = crop_decoded[item], old[item]
         assert torch.equal(new["image"], before["image"]) and torch.equal(new["noise"], before["noise"])
+    batches = EpochBatches(6, 3, seed=5)
+    float_batches = list(build_loader(old, batches))
+    uint8_loader = build_loader(crop_decoded, batches, device=torch.device("cpu"))
+    assert uint8_loader.dataset.uint8
+    for got, want in zip(uint8_loader, float_batches, strict=True):
+        assert got["image"].dtype == torch.float32 and torch.equal(got["image"], want["image"])
+    assert next(iter(build_loader(crop_decoded.handing_over_uint8(), batches)))["image"].dtype == torch.uint8
