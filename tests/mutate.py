@@ -289,6 +289,9 @@ PLANTED = [
         "yield self.finish({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})",
         "yield {k: v.to(self.device, non_blocking=True).float() for k, v in batch.items()}",
         ("tests/data/test_crop_decode.py",)),
+    Bug("pack --max-side: a rebuilt shard index forgets the max side", "src/mimkit/data/shards.py",
+        'packed = {"packed": whole["packed"]} if "packed" in whole else {}', "packed = {}",
+        ("tests/data/test_shards.py::test_pack_max_side_stores_larger_images_resized_upright_and_the_index_says_so",)),
 ]
 
 

@@ -17,7 +17,7 @@ _WIDE_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 MAX_IMAGE_PIXELS = 8192 * 8192
 
 
-def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+def to_mode(img: Image.Image, mode: str) -> Image.Image:
     if img.mode in _WIDE_GRAY_MODES:  # 16-bit grey: keep the top 8 bits (PIL's convert would clip)
         img = Image.fromarray((np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
     return img.convert(mode)
@@ -40,4 +40,4 @@ def decode_image(file: str | Path | BinaryIO, mode: str, max_pixels: int = MAX_I
             img.draft(None, (width // factor, height // factor))  # JPEG: decode at 1/2, 1/4 or 1/8
         if min_side and (factor := min(img.size) // min_side) > 1:  # before exif_transpose, which copies
             img = img.reduce(factor)
-        return pil_to_tensor(_to_mode(ImageOps.exif_transpose(img), mode))
+        return pil_to_tensor(to_mode(ImageOps.exif_transpose(img), mode))

@@ -26,6 +26,8 @@ class SourceInfo:
         channels_note: how the channels were decided, when the data decided them (folders).
         layout_note: which files of a segmentation folder were taken (pretraining reads one split's
             images and none of its masks).
+        storage_note: how the images were stored, where it changes what the model sees (tar shards packed
+            with a maximum side).
     """
 
     name: str
@@ -37,6 +39,7 @@ class SourceInfo:
     classes: list[str]
     channels_note: str = ""
     layout_note: str = ""
+    storage_note: str = ""
 
 
 def check_channels(channels: int | None) -> None:

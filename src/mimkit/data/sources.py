@@ -33,7 +33,7 @@ from mimkit.data.hf import open_hf_images
 from mimkit.data.idx import IDX_DATASETS, IdxSource
 from mimkit.data.image_files import has_top_level_images, is_image_name, subfolders, walk_images
 from mimkit.data.layouts import Layout, find_layout
-from mimkit.data.shards import ShardMembers, ShardReader, member_labels, shard_files
+from mimkit.data.shards import ShardMembers, ShardReader, member_labels, packed_with, shard_files
 from mimkit.data.source_info import check_channels, check_split
 from mimkit.data.synthetic import SyntheticSource
 from mimkit.errors import MimkitError
@@ -72,8 +72,17 @@ def _shard_source(folder: Path, channels: int | None, classes: Sequence[str] | N
     members = ShardMembers.from_folder(folder, is_image_name)
     labels, classes = member_labels(members.names, classes)
     names = [members.describe(i) for i in range(len(members))]
-    return EncodedImageSource(str(folder), names, labels, classes, channels, skip, max_bad, max_pixels,
-                              min_side, ShardReader(members))
+    return _noting_packing(EncodedImageSource(str(folder), names, labels, classes, channels, skip, max_bad,
+                                              max_pixels, min_side, ShardReader(members)), folder)
+
+
+def _noting_packing(source: EncodedImageSource, folder: str | Path) -> EncodedImageSource:
+    """The shard source, its info saying the maximum side and quality the shards were packed with."""
+    if packed := packed_with(folder):
+        source.info = replace(source.info, storage_note=(
+            f"shards packed at max side {packed['max_side']} px, JPEG quality {packed['quality']} "
+            "(resized before the crop)"))
+    return source
 
 
 def listed_shard_source(root: str | Path, name: str, members: Sequence[tuple[int, str]],
@@ -109,7 +118,7 @@ def listed_shard_source(root: str | Path, name: str, members: Sequence[tuple[int
                                 skip_bad_images, max_bad_images, max_image_pixels, decode_min_side,
                                 ShardReader(picked))
     source.info = replace(source.info, name=name)
-    return source
+    return _noting_packing(source, root)
 
 
 def _hf_source(spec: str, split: str, channels: int | None, skip: bool, max_bad: int, max_pixels: int,
