@@ -111,7 +111,8 @@ def test_other_files_take_the_decoding_path_of_today(kind, mode):
     pixels = photo(80, 50)
     data = {"png": lambda: _png(pixels), "progressive": lambda: jpeg(pixels, progressive=True),
             "cmyk": lambda: _cmyk(pixels), "colour read as grey": lambda: jpeg(pixels)}[kind]()
-    assert not read_header(data, mode).crop_decodable
+    header = read_header(data, mode)
+    assert header is None if kind == "png" else not header.crop_decodable
     for box in boxes(50, 80, n=4):
         assert torch.equal(crop_decode(data, mode, lambda h, w, box=box: box, MAX_IMAGE_PIXELS),
                            decode_then_crop(data, mode, box))

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import numpy as np
 import simplejpeg
 import torch
-from PIL import ExifTags, Image
 
 from mimkit.data.decode import decode_image
 
@@ -39,6 +38,8 @@ Box = tuple[int, int, int, int]  # top, left, height, width
 DrawBox = Callable[[int, int], Box]  # (height, width) of the oriented image -> its crop box
 DCT_FACTORS = (8, 4, 2)  # the DCT-domain reductions used, largest first
 _COLORSPACE = {"RGB": "RGB", "L": "GRAY"}
+_SEQUENTIAL_HUFFMAN = (0xC0, 0xC1)  # baseline and extended sequential frames: what decodes as Pillow does
+_FRAMES = (*_SEQUENTIAL_HUFFMAN, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
 # EXIF orientation -> how the stored pixels `a [H, W, C]` turn into the upright image (PIL's exif_transpose)
 _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     2: lambda a: a[:, ::-1],  # mirrored
@@ -79,13 +80,48 @@ class JpegHeader:
         return (self.width, self.height) if turned else (self.height, self.width)
 
 
-def read_header(data: bytes, mode: str) -> JpegHeader:
-    """Parse an encoded image's header (Pillow reads the markers only, not the pixels)."""
-    with Image.open(io.BytesIO(data)) as img:
-        orientation = img.getexif().get(ExifTags.Base.Orientation, 1) if img.format == "JPEG" else 1
-        decodable = (img.format == "JPEG" and img.mode == mode
-                     and mode in _COLORSPACE and not img.info.get("progressive"))
-        return JpegHeader(img.width, img.height, orientation, decodable)
+def _exif_orientation(tiff: bytes) -> int:
+    """The Orientation tag (0x0112) of an Exif block's first IFD; 1 when it has none."""
+    order = {b"II": "little", b"MM": "big"}[tiff[:2]]
+    ifd = int.from_bytes(tiff[4:8], order)
+    for entry in range(ifd + 2, ifd + 2 + 12 * int.from_bytes(tiff[ifd:ifd + 2], order), 12):
+        if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:
+            return int.from_bytes(tiff[entry + 8:entry + 10], order)  # a SHORT, first in its 4-byte field
+    return 1
+
+
+def read_header(data: bytes, mode: str) -> JpegHeader | None:
+    """Read a JPEG's markers up to its scan: size, EXIF orientation (the first Exif block, as Pillow reads
+    it) and the frame type. None when the data is not a JPEG or its markers cannot be followed (the
+    general path then decodes, or reports, it). A tenth of the time of opening it with Pillow.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos, orientation, frame = 2, None, None
+    try:
+        while data[pos] == 0xFF:
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if marker == 0xDA:  # start of scan: every header marker is behind
+                break
+            length = int.from_bytes(data[pos + 2:pos + 4], "big")
+            segment = data[pos + 4:pos + 2 + length]
+            if marker == 0xE1 and orientation is None and segment[:6] == b"Exif\x00\x00":
+                orientation = _exif_orientation(segment[6:])
+            elif marker in _FRAMES and frame is None:  # precision, height, width, components
+                frame = (marker, segment[0], int.from_bytes(segment[1:3], "big"),
+                         int.from_bytes(segment[3:5], "big"), segment[5])
+            pos += 2 + length
+    except (IndexError, KeyError):  # cut short, or an Exif block in no byte order
+        return None
+    if frame is None or data[pos:pos + 2] != b"\xff\xda":
+        return None
+    marker, precision, height, width, components = frame
+    decodable = (marker in _SEQUENTIAL_HUFFMAN and precision == 8 and mode in _COLORSPACE
+                 and components == len(mode) and width > 0 and height > 0)  # "RGB": 3 components, "L": 1
+    return JpegHeader(width, height, orientation or 1, decodable)
 
 
 def dct_factor(box: Box, out_size: int) -> int:
@@ -95,16 +131,19 @@ def dct_factor(box: Box, out_size: int) -> int:
 
 def _stored_box(box: Box, header: JpegHeader) -> Box:
     """The upright box `box` in the stored image's frame: the same pixels before orientation."""
-    rows = np.arange(header.height)[:, None, None]
-    cols = np.arange(header.width)[None, :, None]
-    # index maps of the upright image: entry [y, x] holds the stored row (column) it shows; views, no copies
-    row_of = _upright(np.broadcast_to(rows, (header.height, header.width, 1)), header.orientation)
-    col_of = _upright(np.broadcast_to(cols, (header.height, header.width, 1)), header.orientation)
     top, left, height, width = box
-    corners = [(top, left), (top + height - 1, left + width - 1)]
-    ys = [int(row_of[y, x, 0]) for y, x in corners]
-    xs = [int(col_of[y, x, 0]) for y, x in corners]
-    return min(ys), min(xs), max(ys) - min(ys) + 1, max(xs) - min(xs) + 1
+    bottom, right = top + height - 1, left + width - 1
+    last_row, last_col = header.height - 1, header.width - 1
+    rows, cols = {  # the stored rows and columns each orientation shows the upright box from (`_ORIENT`)
+        2: ((top, bottom), (last_col - right, last_col - left)),
+        3: ((last_row - bottom, last_row - top), (last_col - right, last_col - left)),
+        4: ((last_row - bottom, last_row - top), (left, right)),
+        5: ((left, right), (top, bottom)),
+        6: ((last_row - right, last_row - left), (top, bottom)),
+        7: ((last_row - right, last_row - left), (last_col - bottom, last_col - top)),
+        8: ((left, right), (last_col - bottom, last_col - top)),
+    }.get(header.orientation, ((top, bottom), (left, right)))
+    return rows[0], cols[0], rows[1] - rows[0] + 1, cols[1] - cols[0] + 1
 
 
 def _decode_stored(data: bytes, header: JpegHeader, mode: str, factor: int) -> np.ndarray:
@@ -138,7 +177,7 @@ def crop_decode(data: bytes, mode: str, draw_box: DrawBox, max_pixels: int, out_
         whatever Pillow or libjpeg raise on a bad file (truncated data, a header that lies about the size).
     """
     header = read_header(data, mode)
-    if header.width * header.height > max_pixels or not header.crop_decodable:
+    if header is None or not header.crop_decodable or header.width * header.height > max_pixels:
         image = decode_image(io.BytesIO(data), mode, max_pixels, min_side)
         top, left, height, width = draw_box(*image.shape[-2:])
         return image[:, top:top + height, left:left + width]

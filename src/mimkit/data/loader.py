@@ -25,6 +25,8 @@ _SEED_STRIDE = 1_000_003
 # original one-line message is its last line.
 _WORKER_MESSAGE = re.compile(r"^mimkit\.errors\.MimkitError: (.+)$", re.MULTILINE)
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+# what a view that can be cut has (`mimkit.data.transforms.CropView`): crop decoding and uint8 hand-over
+_VIEW_STAGES = ("draw_box", "from_crop", "from_image", "on_device")
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -50,7 +52,7 @@ class SeededViews(Dataset):
 
     def __init__(self, source: Dataset, view: Callable[..., dict], uint8: bool = False):
         self.source, self.view = source, view
-        self.staged = all(hasattr(view, stage) for stage in ("draw_box", "from_crop", "on_device"))
+        self.staged = all(hasattr(view, stage) for stage in _VIEW_STAGES)
         self.crop_first = self.staged and hasattr(source, "load_crop")
         self.uint8 = uint8 and self.staged
 
@@ -75,18 +77,16 @@ class SeededViews(Dataset):
             rng.set_state(saved)
         if isinstance(target, torch.Tensor):  # a mask: transformed with the image, not attached
             return out
-        return (out if self.uint8 or not self.staged else self.view.on_device(out)) | {
-            "label": torch.tensor(target)}
+        if self.staged and not self.uint8:
+            out = self.view.on_device(out)
+        return out | {"label": torch.tensor(target)}
 
     def _decoded_first(self, index: int, seed: int, rng: torch.Generator) -> tuple[dict, object]:
         image, target = self.source[index]
         rng.manual_seed(seed)
         if isinstance(target, torch.Tensor):
             return self.view(image, target), target
-        if not self.staged:
-            return self.view(image), target
-        top, left, height, width = self.view.draw_box(*image.shape[-2:])
-        return self.view.from_crop(image[..., top:top + height, left:left + width]), target
+        return (self.view.from_image(image) if self.staged else self.view(image)), target
 
     def _crop_first(self, index: int, seed: int, rng: torch.Generator) -> tuple[dict, int]:
         def draw_box(height: int, width: int) -> tuple[int, int, int, int]:

@@ -106,9 +106,13 @@ class CropView:
         """Normalize the uint8 `"image"` of an item or a batch `(..., C, H, W)`, wherever it lies."""
         return batch | {"image": self.normalize(batch["image"])}
 
-    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def from_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 `(C, H, W)` decoded whole -> the uint8 item of `from_crop`, its box drawn from the image."""
         top, left, height, width = self.draw_box(*image.shape[-2:])
-        return self.on_device(self.from_crop(image[..., top:top + height, left:left + width]))
+        return self.from_crop(image[..., top:top + height, left:left + width])
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.on_device(self.from_image(image))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(size={self.size}, crop={self.crop}, flip={self.flip}, "
