@@ -1,8 +1,8 @@
-"""Crop decoding: draw a view's crop box from a JPEG's header, then decode for that box only.
+"""Crop decoding: draw a view's crop box from a JPEG's header, then decode what that box needs.
 
-A random resized crop needs only the image's size to draw its box, and the header has it. So the box is
-drawn first (from the seeded torch RNG, as the view would draw it from the decoded image: resume stays
-exact), and the decoder produces only what the box needs:
+A random resized crop needs only the image's size to draw its box, and the header has it (read here
+from the JPEG markers, without Pillow). So the box is drawn first (from the seeded torch RNG, as the view
+would draw it from the decoded image: resume stays exact), then:
 
 - the pixels come from libjpeg-turbo through `simplejpeg`, bit-identical to Pillow's full decode (both
   use the accurate integer IDCT and fancy upsampling) and faster (no PIL image object, no mode copy);
@@ -19,8 +19,8 @@ PyTurboJPEG's crop is a lossless transform to a new JPEG, which measured slower 
 decoding so a decoder with partial decoding can replace `_decode_stored` alone.
 
 Files that are not baseline JPEGs in the mode asked for (PNG, progressive or CMYK JPEGs, a colour JPEG
-read as grey) take the general path: `decode_image`, then the box
-from the decoded size. A bad file raises there or here alike, for the source to report or skip.
+read as grey) take the general path: `decode_image`, then the box from the decoded size. A bad file
+raises there or here alike, for the source to report or skip.
 """
 
 import io

@@ -32,7 +32,9 @@ class EncodedImageSource(Dataset):
     With `skip_bad_images`, an unreadable file is warned about and replaced by the next readable one
     (the same replacement in every process and epoch); more than `max_bad_images` distinct unreadable
     images raise. The count is per process: each DataLoader worker keeps its own, so across workers up
-    to `num_workers * max_bad_images` images may be skipped before one gives up.
+    to `num_workers * max_bad_images` images may be skipped before one gives up. `load_crop` decodes only
+    what a view's crop needs (`mimkit.data.crop_decode`), with the same bad-image handling
+    (`first_readable`).
 
     Args:
         root: the folder (or dataset) the images come from, for messages and the source's name.
