@@ -8,7 +8,7 @@ DataLoader workers started with spawn/forkserver can pickle them.
 Building blocks for new views: `normalize` (uint8 -> normalized float, the last step of every view)
 and `ImageView` (wraps one transform as `{"image": ...}`); `CropView` is the random resized crop + flip
 that MAE and the dVAE train on (`crop_view`; `mae_view` adds MAE's mask noise), in stages that let the
-loader decode only the crop and hand over uint8; `BEiTView` crops once
+loader draw the crop before decoding and hand over uint8; `BEiTView` crops once
 for two resolutions (the ViT's and the tokenizer's) and adds BEiT's block mask.
 """
 
@@ -70,7 +70,7 @@ class CropView:
     pixels):
 
     - `draw_box(height, width)`: the crop box, drawn from the image's size alone, so it can be drawn from
-      a JPEG's header and only the crop decoded (`mimkit.data.crop_decode`);
+      a JPEG's header before decoding (`mimkit.data.crop_decode`);
     - `from_crop(crop)`: uint8 crop -> `{"image": uint8 (C, size, size), ...}`, what a data worker hands
       over: resized, flipped, and the mask noise drawn;
     - `on_device(batch)`: the float conversion and normalization, on the training device.
