@@ -35,7 +35,8 @@ def write_images(folder: Path) -> None:
 def read_one(folder: Path, decode_min_side: int, max_image_pixels: int) -> None:
     import warnings
 
-    from mimkit.data.sources import MAX_IMAGE_PIXELS, build_source
+    from mimkit.data.decode import MAX_IMAGE_PIXELS
+    from mimkit.data.sources import build_source
     from mimkit.data.transforms import crop_view
     from mimkit.errors import MimkitError
 

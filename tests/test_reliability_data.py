@@ -25,7 +25,8 @@ from torch import nn
 from mimkit.cli import main
 from mimkit.data.filelist import FileList, save_file_list
 from mimkit.data.shards import INDEX_NAME
-from mimkit.data.sources import SyntheticSource, build_source
+from mimkit.data.sources import build_source
+from mimkit.data.synthetic import SyntheticSource
 from mimkit.errors import MimkitError
 from mimkit.eval.knn import run_knn
 from mimkit.eval.subsets import make_splits

@@ -588,12 +588,19 @@ def add_run_arguments(sub: argparse.ArgumentParser) -> None:
 def cmd_data_pack(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from mimkit.data.shards import check_new_folder, pack_files, parse_size
-    from mimkit.data.sources import SPLITS, build_source
+    from mimkit.config import check_range
+    from mimkit.data.shards import DEFAULT_PACK_QUALITY, check_new_folder, pack_files, parse_size
+    from mimkit.data.source_info import SPLITS
+    from mimkit.data.sources import build_source
 
     folder, out, shard_size = Path(args.folder), Path(args.out), parse_size(args.shard_size)
     if not folder.is_dir():
         raise MimkitError(f"'{folder}' is not a folder of images")
+    check_range("--max-side", args.max_side, 1)
+    check_range("--quality", args.quality, 1, 100)
+    if args.quality is not None and args.max_side is None:
+        raise MimkitError("--quality sets the JPEG quality of the images --max-side resizes; give --max-side")
+    resize = {"max_side": args.max_side, "quality": args.quality or DEFAULT_PACK_QUALITY}
     check_new_folder(out)
     # a folder with train/ (val/, test/) is packed split by split, so out/ keeps the same layout
     splits = [name for name in SPLITS if (folder / name).is_dir()] if (folder / "train").is_dir() else [""]
@@ -602,10 +609,11 @@ def cmd_data_pack(args: argparse.Namespace) -> None:
     total = sum(p.stat().st_size for paths in files.values() for p in paths)
     with tqdm(total=total, unit="B", unit_scale=True, desc="pack") as bar:
         for name, paths in files.items():
-            shards = pack_files(paths, folder / name, out / name, shard_size, bar.update)
+            shards = pack_files(paths, folder / name, out / name, shard_size, bar.update, **resize)
             packed = build_source(f"shards:{out / name}")  # indexes the shards and reads a few back
             tqdm.write(f"{out / name}: {len(shards)} shards, {len(packed)} images, "
-                       f"{packed.info.num_classes or 'no'} classes")
+                       f"{packed.info.num_classes or 'no'} classes"
+                       f"{'; ' + packed.info.storage_note if packed.info.storage_note else ''}")
     print(f"train on them: mimkit pretrain mae --data shards:{out}")
 
 
@@ -659,6 +667,12 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--out", required=True,
                       help="a new folder for the shards (train with --data shards:OUT)")
     pack.add_argument("--shard-size", default="1GB", help="bytes per shard, e.g. 512MB or 1GB (default 1GB)")
+    pack.add_argument("--max-side", type=int,
+                      help="store images with a longer side above N pixels resized to N (upright, "
+                      "re-encoded as JPEG): less to read and decode at every epoch; the crops are then cut "
+                      "from the resized image (default: every file as it is)")
+    pack.add_argument("--quality", type=int,
+                      help="JPEG quality of the images --max-side resizes (default 90)")
     pack.set_defaults(handler=cmd_data_pack)
     return parser
 

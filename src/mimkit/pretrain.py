@@ -11,9 +11,10 @@ from torch.utils.data import Dataset
 
 from mimkit.config import PretrainConfig
 from mimkit.cpus import data_workers, usable_cpus
+from mimkit.data.decode import MAX_IMAGE_PIXELS
 from mimkit.data.filelist import train_source
 from mimkit.data.loader import SeededViews
-from mimkit.data.sources import MAX_IMAGE_PIXELS, SourceInfo
+from mimkit.data.source_info import SourceInfo
 from mimkit.data.survey import held_out_count, size_hint, survey
 from mimkit.errors import MimkitError
 from mimkit.registry import method_of

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mimkit.data.sources import build_source, decode_image
+from mimkit.data.decode import decode_image
+from mimkit.data.sources import build_source
 from mimkit.errors import MimkitError
 
 datasets = pytest.importorskip("datasets")

@@ -10,7 +10,8 @@ from PIL import Image
 from mimkit import cli, cpus
 from mimkit.cli import choose_recipe, main
 from mimkit.data.filelist import load_file_list, train_source
-from mimkit.data.sources import ListedFolderSource, count_images
+from mimkit.data.folders import ListedFolderSource
+from mimkit.data.sources import count_images
 from mimkit.data.survey import DataFacts, fitting_size, size_hint, survey
 from mimkit.runs import file_list_path, load_config
 

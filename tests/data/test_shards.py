@@ -248,3 +248,41 @@ def test_a_resume_on_shards_with_one_deleted_is_one_line(tmp_path, capsys):
     assert main([*args, "--max-steps", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and f"({last.name}: " in err and "Traceback" not in err
+
+
+def test_pack_max_side_stores_larger_images_resized_upright_and_the_index_says_so(tmp_path, capsys):
+    """`--max-side 24`: the larger images are stored upright with their longer side 24, re-encoded at the
+    quality asked; the others byte for byte; the index records both, and the survey's summary says so
+    (also after the index is rebuilt for a changed shard)."""
+    folder = image_folder(tmp_path / "images")  # sides 16..38
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40 wide, 30 high; upright 30 wide, 40 high
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(folder / "cat" / "turned.jpg", exif=exif)
+    assert main(["data", "pack", str(folder), "--out", str(tmp_path / "shards"), "--max-side", "24",
+                 "--quality", "70"]) == 0
+    assert "max side 24" in capsys.readouterr().out
+    packed = build_source(f"shards:{tmp_path / 'shards'}")
+    originals = build_source(str(folder))
+    for i, file in enumerate(originals.paths):
+        stored = packed.image_file(i).read()
+        width, height = Image.open(file).size
+        if max(width, height) <= 24:
+            assert stored == Path(file).read_bytes()
+            continue
+        with Image.open(io.BytesIO(stored)) as img:
+            upright = (height, width) if file.endswith("turned.jpg") else (width, height)
+            assert max(img.size) == 24 and abs(img.width / img.height - upright[0] / upright[1]) < 0.1
+            assert not img.getexif().get(0x0112)  # stored upright
+    index = json.loads((tmp_path / "shards" / INDEX_NAME).read_text())
+    assert index["packed"] == {"max_side": 24, "quality": 70}
+    assert "packed at max side 24 px, JPEG quality 70" in survey(packed, held_out_images=0).describe()
+    shard = shard_files(tmp_path / "shards")[0]
+    shard.write_bytes(shard.read_bytes())  # a newer mtime: the index is rebuilt
+    assert "max side 24" in build_source(f"shards:{tmp_path / 'shards'}").info.storage_note
+
+
+def test_pack_quality_without_max_side_is_refused(tmp_path, capsys):
+    folder = image_folder(tmp_path / "images", n=2)
+    assert main(["data", "pack", str(folder), "--out", str(tmp_path / "a"), "--quality", "80"]) == 2
+    assert main(["data", "pack", str(folder), "--out", str(tmp_path / "b"), "--max-side", "0"]) == 2
+    assert "--max-side" in capsys.readouterr().err

@@ -6,16 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mimkit.data import sources
-from mimkit.data.sources import (
-    FlatFolderSource,
-    IdxSource,
-    ImageFolderSource,
-    SyntheticSource,
-    build_source,
-    read_idx,
-    split_train_val,
-)
+from mimkit.data import idx, sources
+from mimkit.data.folders import FlatFolderSource, ImageFolderSource
+from mimkit.data.idx import IdxSource, read_idx
+from mimkit.data.sources import build_source
+from mimkit.data.splits import split_train_val
+from mimkit.data.synthetic import SyntheticSource
 from mimkit.errors import MimkitError
 from tests.conftest import needs_fashion, write_idx
 
@@ -26,7 +22,7 @@ def _isolated_lookup(private_data_cache, monkeypatch):
     def offline(name):
         raise RuntimeError("<urlopen error [Errno -2] Name or service not known>")
 
-    monkeypatch.setattr(sources, "_download_idx", offline)
+    monkeypatch.setattr(idx, "_download_idx", offline)
 
 
 def write_tiny_idx(folder: Path, prefix: str, n: int = 5, compress: bool = True) -> np.ndarray:
@@ -88,7 +84,7 @@ def test_idx_from_env_folder(tmp_path, monkeypatch):
 
 
 def test_idx_not_found_names_places_and_fixes(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "DEBIAN_DATASETS", tmp_path / "nowhere")
+    monkeypatch.setattr(idx, "DEBIAN_DATASETS", tmp_path / "nowhere")
     with pytest.raises(MimkitError) as e:
         build_source("fashion-mnist", root=tmp_path / "mine")
     message = str(e.value)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mimkit.data.sources import SyntheticSource
+from mimkit.data.synthetic import SyntheticSource
 from mimkit.data.transforms import eval_view
 from mimkit.eval.features import cached_features
 from mimkit.eval.knn import knn_accuracy, knn_scores

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from mimkit.cli import main
-from mimkit.data.sources import SyntheticSource
+from mimkit.data.synthetic import SyntheticSource
 from mimkit.errors import MimkitError
 from mimkit.eval.subsets import label_subset, make_splits
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from mimkit.data.folders import ListedFolderSource
 from mimkit.data.shards import ShardReader
-from mimkit.data.sources import ListedFolderSource, build_source, listed_shard_source
+from mimkit.data.sources import build_source, listed_shard_source
 from mimkit.errors import MimkitError
 from mimkit.files import write_atomically
 

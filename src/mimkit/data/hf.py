@@ -3,7 +3,7 @@
 `--data hf:PATH[:split]`. The rows are memory-mapped Arrow, so any row is read in any process in
 constant time and the seeded global order, DDP sharding and mid-epoch resume of `mimkit.data.loader`
 work as for a folder. The image column is read as its encoded bytes and decoded like a folder's files
-(`mimkit.data.sources.decode_image`), so bad images are reported and skipped the same way.
+(`mimkit.data.decode.decode_image`), so bad images are reported and skipped the same way.
 
 Nothing is downloaded. Parquet files are converted once into the `datasets` cache
 (`$HF_DATASETS_CACHE`, by default `~/.cache/huggingface/datasets`). `datasets` is an optional

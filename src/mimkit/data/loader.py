@@ -25,6 +25,8 @@ _SEED_STRIDE = 1_000_003
 # original one-line message is its last line.
 _WORKER_MESSAGE = re.compile(r"^mimkit\.errors\.MimkitError: (.+)$", re.MULTILINE)
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+# what a view that can be cut has (`mimkit.data.transforms.CropView`): crop decoding and uint8 hand-over
+_VIEW_STAGES = ("draw_box", "from_crop", "from_image", "on_device")
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -38,26 +40,62 @@ class SeededViews(Dataset):
     A source of ``(image, label int)`` gets ``view(image)`` plus ``"label"``; a source of ``(image, mask
     tensor)`` (segmentation) gets a joint view, ``view(image, mask)``, whose dict is the item as it is.
     Items are addressed by ``(index, seed)`` pairs from `EpochBatches`.
+
+    Two shortcuts give the same pixels for less work, when the view is a `mimkit.data.transforms.CropView`:
+
+    - *crop decoding*: from a source of encoded images (`EncodedImageSource`), the crop box is drawn from
+      the file's header and only the crop is decoded (`mimkit.data.crop_decode`);
+    - *uint8 until the device* (``uint8=True``): items carry the uint8 crop, and the view's ``on_device``
+      converts and normalizes the whole batch where it trains (`build_loader` with a device): a quarter of
+      the bytes through the workers' queues and the pinned-memory copy.
     """
 
-    def __init__(self, source: Dataset, view: Callable[..., dict]):
+    def __init__(self, source: Dataset, view: Callable[..., dict], uint8: bool = False):
         self.source, self.view = source, view
+        self.staged = all(hasattr(view, stage) for stage in _VIEW_STAGES)
+        self.crop_first = self.staged and hasattr(source, "load_crop")
+        self.uint8 = uint8 and self.staged
+
+    def handing_over_uint8(self) -> "SeededViews | None":
+        """The same items with uint8 images, to be finished by ``view.on_device``; None when the view cannot
+        be cut so."""
+        return SeededViews(self.source, self.view, uint8=True) if self.staged else None
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, seed = item
-        image, target = self.source[index]
-        dense = isinstance(target, torch.Tensor)  # a mask: transformed with the image, not attached
         rng = torch.default_generator  # seeded directly: fork_rng/manual_seed cost ~60x more per sample
         saved = rng.get_state()
-        rng.manual_seed(seed)
         try:
-            out = self.view(image, target) if dense else self.view(image)
+            if self.crop_first:
+                out, target = self._crop_first(index, seed, rng)
+            else:
+                out, target = self._decoded_first(index, seed, rng)
         finally:
             rng.set_state(saved)
-        return out if dense else out | {"label": torch.tensor(target)}
+        if isinstance(target, torch.Tensor):  # a mask: transformed with the image, not attached
+            return out
+        if self.staged and not self.uint8:
+            out = self.view.on_device(out)
+        return out | {"label": torch.tensor(target)}
+
+    def _decoded_first(self, index: int, seed: int, rng: torch.Generator) -> tuple[dict, object]:
+        image, target = self.source[index]
+        rng.manual_seed(seed)
+        if isinstance(target, torch.Tensor):
+            return self.view(image, target), target
+        return (self.view.from_image(image) if self.staged else self.view(image)), target
+
+    def _crop_first(self, index: int, seed: int, rng: torch.Generator) -> tuple[dict, int]:
+        def draw_box(height: int, width: int) -> tuple[int, int, int, int]:
+            rng.manual_seed(seed)  # every try (a bad file's stand-in too) draws from the sample's seed
+            return self.view.draw_box(height, width)
+
+        crop, label = self.source.first_readable(
+            index, lambda i: self.source.load_crop(i, draw_box, self.view.size))
+        return self.view.from_crop(crop), label
 
 
 class EpochBatches:
@@ -121,13 +159,35 @@ def _worker_init() -> Callable[[int], None]:
     return partial(leave_signals_to_the_trainer, trainer=os.getpid())
 
 
-def build_loader(dataset: SeededViews, batches: EpochBatches, num_workers: int = 0) -> DataLoader:
-    """A DataLoader over `SeededViews` driven by `EpochBatches`."""
+class _DeviceLoader(DataLoader):
+    """A DataLoader whose batches are moved to ``device`` and finished there by ``finish`` (the view's
+    ``on_device``: float conversion and normalization), in the training process."""
+
+    def __init__(self, dataset: Dataset, device: torch.device, finish: Callable[[dict], dict], **kwargs):
+        self.device, self.finish = device, finish
+        super().__init__(dataset, **kwargs)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in super().__iter__():
+            yield self.finish({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+
+
+def build_loader(dataset: SeededViews, batches: EpochBatches, num_workers: int = 0,
+                 device: torch.device | None = None) -> DataLoader:
+    """A DataLoader over `SeededViews` driven by `EpochBatches`.
+
+    With ``device``, a view that can be cut (`SeededViews.handing_over_uint8`) has its workers hand over
+    uint8 images, and its batches arrive on ``device`` already normalized.
+    """
     # A private generator for the workers' base seed: drawing it from the global RNG at each new epoch
     # would shift the stream that dropout and drop path use, and a resumed run would drift.
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=torch.Generator(),
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_worker_init())
+    options = dict(batch_sampler=batches, num_workers=num_workers, generator=torch.Generator(),
+                   persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                   worker_init_fn=_worker_init())
+    uint8 = dataset.handing_over_uint8() if device is not None else None
+    if uint8 is None:
+        return DataLoader(dataset, **options)
+    return _DeviceLoader(uint8, torch.device(device), dataset.view.on_device, **options)
 
 
 @contextlib.contextmanager

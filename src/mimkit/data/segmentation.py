@@ -17,12 +17,12 @@ Use:
     [0] * len(train), fraction, seed)` (seeded and nested; the masks carry no per-image class).
     Beyond the interface the model side codes against: `build_seg_source(..., channels=1|3)` converts the
     images (None follows the data, as image folders do), and `SegSource.info` is a
-    `mimkit.data.sources.SourceInfo` (normalization statistics, common image side when there is one).
+    `mimkit.data.source_info.SourceInfo` (normalization statistics, common image side when there is one).
 
 A *segmentation source* is a `SegSource`: a `torch.utils.data.Dataset` whose item is `(image, mask)`,
 `image` a uint8 tensor `(C, H, W)`, `mask` a uint8 tensor `(H, W)` of class ids, every one either below
 `num_classes` or `IGNORE_INDEX` (255). Images are decoded as pretraining decodes them
-(`mimkit.data.sources.decode_image`: EXIF orientation applied, files above `MAX_IMAGE_PIXELS` refused
+(`mimkit.data.decode.decode_image`: EXIF orientation applied, files above `MAX_IMAGE_PIXELS` refused
 before decoding), so training, evaluation and `mimkit predict` see the same pixels. A mask may be a grey
 (`L`) or palette (`P`) PNG, whose indices are the labels (Pascal VOC's colours are only a picture of them);
 a JPEG mask is refused (its compression noise would become labels near every edge).
@@ -65,20 +65,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from mimkit.data.decode import GRAY_MODES, MAX_IMAGE_PIXELS, decode_image
+from mimkit.data.idx import IDX_DATASETS, locate_idx, mimkit_cache_dir, read_idx
 from mimkit.data.layouts import SEG_SPLITS, class_names, detect_layout
-from mimkit.data.sources import (
-    _GRAY_MODES,
-    _IDX_DATASETS,
-    GRAY_MEAN,
-    GRAY_STD,
-    MAX_IMAGE_PIXELS,
-    SourceInfo,
-    _check_channels,
-    _locate_idx,
-    decode_image,
-    mimkit_cache_dir,
-    read_idx,
-)
+from mimkit.data.source_info import GRAY_MEAN, GRAY_STD, SourceInfo, check_channels
 from mimkit.errors import MimkitError
 
 IGNORE_INDEX = 255
@@ -140,7 +130,7 @@ class SegSource(Dataset):
                  reduce_zero_label: bool, channels: int | None = None,
                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                  max_image_pixels: int = MAX_IMAGE_PIXELS):
-        _check_channels(channels)
+        check_channels(channels)
         if not images:
             raise MimkitError(f"{name}: no image/mask pairs")
         if not 0 < len(classes) <= IGNORE_INDEX:
@@ -152,7 +142,7 @@ class SegSource(Dataset):
         self.reduce_zero_label = reduce_zero_label
         self.max_image_pixels = max_image_pixels
         with Image.open(self.images[0]) as first:
-            stored_grey = first.mode in _GRAY_MODES
+            stored_grey = first.mode in GRAY_MODES
         self.channels = channels or (1 if stored_grey else 3)
         self._mode = "L" if self.channels == 1 else "RGB"
         sizes = {tuple(self[i][1].shape) for i in spread(len(self), PROBE_SAMPLES)}  # fail now, not mid-run
@@ -266,7 +256,7 @@ _ADE_SPLIT = {"train": "training", "val": "validation"}
 
 def fmnist_scene_classes() -> list[str]:
     """`["background", "T-shirt/top", ..., "Ankle boot"]`: 11 names, background is class 0."""
-    return ["background", *_IDX_DATASETS["fashion-mnist"].classes]
+    return ["background", *IDX_DATASETS["fashion-mnist"].classes]
 
 
 def make_scene(items: np.ndarray, labels: np.ndarray, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -347,7 +337,7 @@ def write_fmnist_scenes(folder: Path, counts: dict[str, int], idx_root: str | Pa
     try:
         (tmp / "classes.txt").write_text("\n".join(fmnist_scene_classes()) + "\n")
         for split, count in counts.items():
-            images_path, labels_path = _locate_idx("fashion-mnist", split, idx_root)
+            images_path, labels_path = locate_idx("fashion-mnist", split, idx_root)
             items, labels = read_idx(images_path).numpy(), read_idx(labels_path).numpy()
             image_dir, mask_dir = tmp / "images" / _ADE_SPLIT[split], tmp / "annotations" / _ADE_SPLIT[split]
             image_dir.mkdir(parents=True)
@@ -416,7 +406,7 @@ def build_seg_source(spec: str, split: str, *, root: str | Path | None = None, n
     if spec == "fmnist-scenes":
         folder = fmnist_scenes_folder(root, idx_root=root)
         source = folder_seg_source(folder, split, num_classes, channels, class_list, max_image_pixels)
-        fmnist = _IDX_DATASETS["fashion-mnist"]  # the items' pixels, normalized as the encoders saw them
+        fmnist = IDX_DATASETS["fashion-mnist"]  # the items' pixels, normalized as the encoders saw them
         source.info = replace(source.info, name="fmnist-scenes", mean=(fmnist.mean,) * source.channels,
                               std=(fmnist.std,) * source.channels)
         return source

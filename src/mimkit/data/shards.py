@@ -11,12 +11,17 @@ folder; members named by their path in the packed folder, so `n01440764/img.JPEG
 class `n01440764` (the ImageNet layout) and `img.JPEG`, at the top level, is unlabeled. The images are
 in shard order, then member order: packing a folder keeps the order of the folder's own source.
 
+`mimkit data pack --max-side N --quality Q` stores every image whose longer side is above N resized to N
+(upright, re-encoded as JPEG at quality Q); the index records both (`packed_with`), and a source read from
+the shards says so (`SourceInfo.storage_note`).
+
 Like timm's in-tar reader (`timm.data.readers.reader_image_in_tar`), without its worker-shared handles:
 `os.pread` keeps no file position, so a descriptor inherited by forked workers is safe to share.
 """
 
 import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -26,13 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
 
+from mimkit.data.decode import GRAY_MODES, to_mode
 from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.files import write_text_atomically
 
 SHARD_SUFFIX = ".tar"
 INDEX_NAME = ".mimkit-shard-index.json"  # hidden, so folder scans skip it
 _INDEX_VERSION = 1
+DEFAULT_PACK_QUALITY = 90  # JPEG quality of the images `--max-side` resizes
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
                "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
 
@@ -103,11 +111,8 @@ def load_index(folder: str | Path, is_image: Callable[[str], bool]) -> dict[str,
     """
     folder = Path(folder)
     cache = folder / INDEX_NAME
-    try:
-        cached = json.loads(cache.read_text())
-        cached = cached["shards"] if cached.get("version") == _INDEX_VERSION else {}
-    except (OSError, ValueError, KeyError, AttributeError):
-        cached = {}
+    whole = _read_index(cache)
+    cached = whole["shards"] if whole.get("version") == _INDEX_VERSION else {}
     index, changed = {}, False
     for path in shard_files(folder):
         stat = path.stat()
@@ -116,8 +121,22 @@ def load_index(folder: str | Path, is_image: Callable[[str], bool]) -> dict[str,
             entry, changed = _scan_shard(path, is_image), True
         index[path.name] = entry
     if changed or index.keys() != cached.keys():
-        _cache_index(cache, json.dumps({"version": _INDEX_VERSION, "shards": index}))
+        packed = {"packed": whole["packed"]} if "packed" in whole else {}
+        _cache_index(cache, json.dumps({"version": _INDEX_VERSION, "shards": index} | packed))
     return index
+
+
+def _read_index(cache: Path) -> dict:
+    try:
+        whole = json.loads(cache.read_text())
+        return whole if isinstance(whole, dict) and isinstance(whole.get("shards", {}), dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def packed_with(folder: str | Path) -> dict | None:
+    """`{"max_side": N, "quality": Q}` when `mimkit data pack --max-side` wrote the shards in `folder`."""
+    return _read_index(Path(folder) / INDEX_NAME).get("packed")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,11 +257,15 @@ def check_new_folder(out: Path) -> None:
 
 
 def pack_files(files: Sequence[Path], root: Path, out: str | Path, shard_size: int,
-               progress: Callable[[int], None] | None = None) -> list[Path]:
+               progress: Callable[[int], None] | None = None, max_side: int | None = None,
+               quality: int = DEFAULT_PACK_QUALITY) -> list[Path]:
     """Write `files` into `.tar` shards of about `shard_size` bytes each, in order.
 
     A shard is closed before the member that would take it past `shard_size` (a member larger than
-    that gets a shard of its own). Members are named by their path relative to `root`.
+    that gets a shard of its own). Members are named by their path relative to `root`. With `max_side`,
+    an image whose longer side is above it is stored upright, resized to that side (bicubic) and re-encoded
+    as JPEG at `quality`, under its own name; the others, and files that cannot be read (the training
+    reports them as it meets them), are stored as they are; the index records both settings.
 
     Args:
         files: the files, in the order the reader will see them.
@@ -250,6 +273,8 @@ def pack_files(files: Sequence[Path], root: Path, out: str | Path, shard_size: i
         out: a new or empty folder.
         shard_size: bytes of members per shard (tar headers included; the end of archive adds a few KB).
         progress: called with the byte count of each file written.
+        max_side: the longest side stored; None stores every file as it is.
+        quality: the JPEG quality of the resized images.
 
     Returns:
         The shards written, named `shard-000000.tar`, `shard-000001.tar`, ...
@@ -257,17 +282,44 @@ def pack_files(files: Sequence[Path], root: Path, out: str | Path, shard_size: i
     out = Path(out)
     check_new_folder(out)
     with explain_write_errors(out):  # a full or read-only disk: one line
-        return _pack(files, root, out, shard_size, progress)
+        shards = _pack(files, root, out, shard_size, progress, max_side, quality)
+        if max_side:  # read back by load_index, which fills in the shards and keeps this
+            packed = {"max_side": max_side, "quality": quality}
+            _cache_index(out / INDEX_NAME,
+                          json.dumps({"version": _INDEX_VERSION, "shards": {}, "packed": packed}))
+        return shards
+
+
+def _within_side(path: Path, max_side: int, quality: int) -> bytes | None:
+    """The image upright, resized so that its longer side is `max_side`, as a JPEG; None when it is no
+    larger than that already, or cannot be read."""
+    try:
+        with Image.open(path) as img:
+            if max(img.size) <= max_side:
+                return None
+            scale = max_side / max(img.size)
+            img.draft(None, (math.ceil(img.width * scale), math.ceil(img.height * scale)))  # JPEG: DCT scale
+            img = to_mode(ImageOps.exif_transpose(img), "L" if img.mode in GRAY_MODES else "RGB")
+            scale = max_side / max(img.size)  # of the drafted size
+            img = img.resize((max(round(img.width * scale), 1), max(round(img.height * scale), 1)),
+                             Image.Resampling.BICUBIC)
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=quality)
+            return buf.getvalue()
+    except Exception as e:  # PIL raises many types on bad files
+        warnings.warn(f"packing '{path}' as it is: it cannot be read ({e})", stacklevel=2)
+        return None
 
 
 def _pack(files: Sequence[Path], root: Path, out: Path, shard_size: int,
-          progress: Callable[[int], None] | None) -> list[Path]:
+          progress: Callable[[int], None] | None, max_side: int | None, quality: int) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
     tar, written = None, 0
     try:
         for path in files:
-            size = path.stat().st_size
+            resized = _within_side(path, max_side, quality) if max_side else None
+            size = len(resized) if resized is not None else path.stat().st_size
             member_bytes = tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             if tar is None or (written and written + member_bytes > shard_size):
                 if tar is not None:
@@ -277,11 +329,11 @@ def _pack(files: Sequence[Path], root: Path, out: Path, shard_size: int,
             # a deterministic header (no owner, time or mode of the source) so packs are reproducible
             info = tarfile.TarInfo(path.relative_to(root).as_posix())
             info.size, info.mode = size, 0o644
-            with path.open("rb") as f:
+            with io.BytesIO(resized) if resized is not None else path.open("rb") as f:
                 tar.addfile(info, f)
             written += member_bytes
             if progress:
-                progress(size)
+                progress(path.stat().st_size)
     finally:
         if tar is not None:
             tar.close()

@@ -28,6 +28,7 @@ class DataFacts:
         classes: number of classes; 0 when unlabeled.
         channels_note: how the channels were decided, when the data decided them (folders).
         layout_note: which files of a segmentation folder were taken.
+        storage_note: how the images were stored (shards packed with a maximum side).
     """
 
     name: str
@@ -41,6 +42,7 @@ class DataFacts:
     classes: int
     channels_note: str = ""
     layout_note: str = ""
+    storage_note: str = ""
 
     def describe(self) -> str:
         held_out = f"{self.held_out_images} held out" if self.held_out_images else "none held out"
@@ -52,8 +54,9 @@ class DataFacts:
         labels = f"{self.classes} classes (labels unused by pretraining)" if self.classes else "no labels"
         how = f" ({self.channels_note})" if self.channels_note else ""
         layout = f" ({self.layout_note})" if self.layout_note else ""
+        stored = f"; {self.storage_note}" if self.storage_note else ""
         return (f"{self.name}: {self.train_images} images for training{layout}, {held_out}; {size} px "
-                f"({read}), {self.channels} channel{'s' if self.channels > 1 else ''}{how}, {labels}")
+                f"({read}), {self.channels} channel{'s' if self.channels > 1 else ''}{how}, {labels}{stored}")
 
 
 def _image_sizes(source: Dataset, samples: int) -> list[tuple[int, int]]:
@@ -95,7 +98,7 @@ def survey(source: Dataset, held_out_images: int, samples: int = SIZE_SAMPLES) -
     by_area = sorted(sizes, key=lambda s: (s[0] * s[1], s))
     median = (statistics.median_low(w for w, _ in sizes), statistics.median_low(h for _, h in sizes))
     return DataFacts(info.name, len(source), held_out_images, len(sizes), by_area[0], by_area[-1], median,
-                     info.channels, info.num_classes, info.channels_note, info.layout_note)
+                     info.channels, info.num_classes, info.channels_note, info.layout_note, info.storage_note)
 
 
 def fitting_size(side: int) -> tuple[int, int]:

@@ -6,8 +6,9 @@ noise are reproducible, resumable and the same under DDP. Views are small classe
 DataLoader workers started with spawn/forkserver can pickle them.
 
 Building blocks for new views: `normalize` (uint8 -> normalized float, the last step of every view)
-and `ImageView` (wraps one transform as `{"image": ...}`); `MaskNoiseView` adds MAE's mask noise;
-`crop_view` is the random resized crop + flip that MAE and the dVAE train on; `BEiTView` crops once
+and `ImageView` (wraps one transform as `{"image": ...}`); `CropView` is the random resized crop + flip
+that MAE and the dVAE train on (`crop_view`; `mae_view` adds MAE's mask noise), in stages that let the
+loader draw the crop before decoding and hand over uint8; `BEiTView` crops once
 for two resolutions (the ViT's and the tokenizer's) and adds BEiT's block mask.
 """
 
@@ -61,22 +62,65 @@ class ImageView:
         return f"{type(self).__name__}({self.transform})"
 
 
-class MaskNoiseView(ImageView):
-    """`ImageView` plus `"noise"`: L uniform numbers whose argsort is MAE's random mask.
+class CropView:
+    """Random resized crop (bicubic), horizontal flip, normalize, and optionally MAE's mask noise.
 
-    Drawing the noise here rather than in the model ties the mask to the sample's seed.
+    Called on a uint8 image it returns the normalized view, like any view. It is also cut into the three
+    stages a loader runs in different places, with the same random draws in the same order (so the same
+    pixels):
+
+    - `draw_box(height, width)`: the crop box, drawn from the image's size alone, so it can be drawn from
+      a JPEG's header before decoding (`mimkit.data.crop_decode`);
+    - `from_crop(crop)`: uint8 crop -> `{"image": uint8 (C, size, size), ...}`, what a data worker hands
+      over: resized, flipped, and the mask noise drawn;
+    - `on_device(batch)`: the float conversion and normalization, on the training device.
+
+    Drawing the mask noise here rather than in the model ties the mask to the sample's seed.
+
+    Args:
+        size: output side.
+        mean, std: per-channel normalization.
+        scale: area range of the crop, as a fraction of the image.
+        num_patches: L, the number of mask-noise values (MAE: their argsort is the random mask); 0 for none.
     """
 
-    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor], num_patches: int):
-        super().__init__(transform)
-        self.num_patches = num_patches
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float],
+                 scale: tuple[float, float] = (0.2, 1.0), num_patches: int = 0):
+        self.size, self.num_patches = size, num_patches
+        self.crop = v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True)
+        self.flip = v2.RandomHorizontalFlip()
+        self.normalize = normalize(mean, std)
+
+    def draw_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """`(top, left, height, width)` of the crop of an image of this size; draws from the torch RNG."""
+        shape_only = torch.empty(()).expand(1, height, width)  # no memory: the draw reads the size only
+        box = self.crop.make_params([shape_only])
+        return box["top"], box["left"], box["height"], box["width"]
+
+    def from_crop(self, crop: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 `(C, h, w)` crop -> `{"image": uint8 (C, size, size)}` (+ `"noise"` float `(L,)`)."""
+        image = self.flip(TF.resize(crop, [self.size, self.size], interpolation=BICUBIC, antialias=True))
+        return {"image": image} | ({"noise": torch.rand(self.num_patches)} if self.num_patches else {})
+
+    def on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Normalize the uint8 `"image"` of an item or a batch `(..., C, H, W)`, wherever it lies."""
+        return batch | {"image": self.normalize(batch["image"])}
+
+    def from_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 `(C, H, W)` decoded whole -> the uint8 item of `from_crop`, its box drawn from the image."""
+        top, left, height, width = self.draw_box(*image.shape[-2:])
+        return self.from_crop(image[..., top:top + height, left:left + width])
 
     def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return super().__call__(image) | {"noise": torch.rand(self.num_patches)}
+        return self.on_device(self.from_image(image))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={self.size}, crop={self.crop}, flip={self.flip}, "
+                f"normalize={self.normalize}, num_patches={self.num_patches})")
 
 
 def crop_view(img_size: int, mean: Sequence[float], std: Sequence[float],
-              scale: tuple[float, float] = (0.2, 1.0)) -> ImageView:
+              scale: tuple[float, float] = (0.2, 1.0)) -> CropView:
     """Random resized crop (bicubic), horizontal flip, normalize.
 
     Args:
@@ -87,15 +131,11 @@ def crop_view(img_size: int, mean: Sequence[float], std: Sequence[float],
     Returns:
         view: uint8 `(C, H, W)` -> `{"image": float (C, img_size, img_size)}`.
     """
-    return ImageView(v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=scale, interpolation=BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(),
-        normalize(mean, std),
-    ]))
+    return CropView(img_size, mean, std, scale)
 
 
 def mae_view(img_size: int, mean: Sequence[float], std: Sequence[float], patch_size: int,
-             scale: tuple[float, float] = (0.2, 1.0)) -> MaskNoiseView:
+             scale: tuple[float, float] = (0.2, 1.0)) -> CropView:
     """MAE pretraining view: random resized crop (bicubic), horizontal flip, normalize, mask noise.
 
     - He et al., Masked Autoencoders Are Scalable Vision Learners, 2021, arXiv:2111.06377
@@ -112,7 +152,7 @@ def mae_view(img_size: int, mean: Sequence[float], std: Sequence[float], patch_s
     """
     if img_size % patch_size:
         raise MimkitError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
-    return MaskNoiseView(crop_view(img_size, mean, std, scale).transform, (img_size // patch_size) ** 2)
+    return CropView(img_size, mean, std, scale, (img_size // patch_size) ** 2)
 
 
 class BEiTView:

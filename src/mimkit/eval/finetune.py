@@ -21,7 +21,8 @@ from torch.utils.data import Dataset, Subset
 import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
 from mimkit.config import to_dict
 from mimkit.data.loader import SeededViews, eval_loader
-from mimkit.data.sources import SourceInfo, build_source
+from mimkit.data.source_info import SourceInfo
+from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
 from mimkit.eval.augment import MixTargets, finetune_view

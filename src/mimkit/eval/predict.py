@@ -28,9 +28,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from mimkit.data.folders import FlatFolderSource, ListedFolderSource
 from mimkit.data.layouts import find_layout
 from mimkit.data.seg_transforms import SegEvalView
-from mimkit.data.sources import FlatFolderSource, ListedFolderSource, build_source
+from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
 from mimkit.eval.seg_metrics import TTA, predict_logits

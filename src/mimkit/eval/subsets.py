@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mimkit.config import check_range
-from mimkit.data.sources import shuffled_by_class, split_train_val
+from mimkit.data.splits import shuffled_by_class, split_train_val
 from mimkit.errors import MimkitError
 
 
@@ -61,7 +61,7 @@ def make_splits(source: Dataset, label_fraction: float = 1.0, val_fraction: floa
                 seed: int = 0) -> Splits:
     """Hold out ``val_fraction`` of a train split (if > 0), then keep ``label_fraction`` of the rest.
 
-    The hold-out is `mimkit.data.sources.split_train_val` (stratified, seeded); the validation part
+    The hold-out is `mimkit.data.splits.split_train_val` (stratified, seeded); the validation part
     never overlaps the training subset, and the subset at a given fraction is the same whatever model
     is evaluated.
 

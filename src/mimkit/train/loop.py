@@ -166,7 +166,7 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
     batches = EpochBatches(len(dataset), options.batch_size, options.seed, world.rank, world.size)
     steps_per_epoch = epoch_steps(len(dataset), options.batch_size * world.size, schedule.accum_steps)
     images_per_step = options.batch_size * world.size * schedule.accum_steps
-    loader = build_loader(dataset, batches, options.num_workers)
+    loader = build_loader(dataset, batches, options.num_workers, world.device)
 
     checkpointer = Checkpointer(run_dir, model, optimizer, world, images_per_step, options.keep_last)
     resumed_from = checkpointer.resume(options.force_resume)
