@@ -87,17 +87,17 @@ class Data2VecView:
 
     def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], grid: int, num_masked: int,
                  min_block: int | None, scale: tuple[float, float], color_jitter: float):
-        jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter else v2.Identity()
-        self.transform = v2.Compose([jitter, crop_view(img_size, mean, std, scale).transform])
+        self.jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter else v2.Identity()
+        self.crop = crop_view(img_size, mean, std, scale)
         self.grid, self.num_masked, self.min_block = grid, num_masked, min_block
 
     def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         mask = block_mask(self.grid, self.grid, self.num_masked, self.min_block)
-        return {"image": self.transform(image), "mask": mask.flatten()}
+        return self.crop(self.jitter(image)) | {"mask": mask.flatten()}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(grid={self.grid}, num_masked={self.num_masked}, "
-                f"min_block={self.min_block}, {self.transform})")
+                f"min_block={self.min_block}, jitter={self.jitter}, crop={self.crop})")
 
 
 def build_model(config: PretrainConfig) -> Data2Vec:
