@@ -106,7 +106,7 @@ LAYERS = (
      "mimkit.safe_load", "mimkit.recipes"),
     ("mimkit.data", "mimkit.models", "mimkit.tokenizers", "mimkit.masking", "mimkit.interop"),
     ("mimkit.train",),
-    ("mimkit.registry", "mimkit.runs", "mimkit.viz"),
+    ("mimkit.registry", "mimkit.kinds", "mimkit.runs", "mimkit.viz"),
     ("mimkit.methods",),
     ("mimkit.pretrain", "mimkit.eval", "mimkit.interop.importer", "mimkit.interop.export"),
     ("mimkit.cli",),
@@ -124,6 +124,13 @@ def test_no_import_runs_upward():
     upward = sorted(f"{m} -> {t}" for m, targets in _imports(_module_names()).items() for t in targets
                     if _layer(t) > _layer(m))
     assert upward == [], "imports from a higher layer: " + "; ".join(upward)
+
+
+def test_the_run_directory_layer_imports_no_evaluation_code():
+    """`mimkit.runs` reads every kind of run through the kinds' records (`mimkit.kinds`), so it names no
+    evaluation protocol: not even the configuration of one (which the layers alone would allow)."""
+    imported = _imports(_module_names())["mimkit.runs"]
+    assert not {m for m in imported if m == "mimkit.eval" or m.startswith("mimkit.eval.")}
 
 
 def test_a_run_loads_without_importing_the_methods_first(mae_run):

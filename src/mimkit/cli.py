@@ -32,7 +32,6 @@ from mimkit.config import (
     load_recipe,
     merge,
     parse_overrides,
-    read_yaml,
     to_dict,
 )
 from mimkit.cpus import set_thread_defaults
@@ -86,13 +85,13 @@ def pretrain_config(args: argparse.Namespace) -> tuple[PretrainConfig, str]:
         The configuration, and one line on which recipe it came from and why.
     """
     from mimkit.registry import read_config
-    from mimkit.runs import config_path, is_run_dir
+    from mimkit.runs import config_path, is_run_dir, saved_values
 
     saved = config_path(args.out)
     if args.config:
         recipe, why = load_recipe(args.config), f"{args.config} (--config)"
     elif saved.is_file() and is_run_dir(args.out):
-        recipe, why = read_yaml(saved), f"{saved} (the run's own, resumed)"
+        recipe, why = saved_values(args.out), f"{saved} (the run's own, resumed)"
     else:
         name, reason = choose_recipe(args.method, args.data or "fashion-mnist")
         recipe, why = load_recipe(name), f"{name}: {reason}"
@@ -143,9 +142,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                               force_config=args.force_config)
     if summary["interrupted"]:
         raise Interrupted
-    if "val_usage" in summary:  # a VQ-KD tokenizer's held-out evaluation
-        print(f"codebook usage {summary['val_usage']:.1%}, perplexity {summary['val_perplexity']:.1f}, "
-              f"cosine to the teacher {summary['val_cosine']:.3f} (held-out images)")
+    held_out = {key.removeprefix("val_"): value for key, value in summary.items() if key.startswith("val_")}
+    if held_out:  # the method's evaluation (a VQ-KD tokenizer's codebook usage on held-out images)
+        print("held-out images: " + ", ".join(f"{key} {value:.4g}" for key, value in held_out.items()))
     user = next((name for name, m in registered("pretraining").items() if m.tokenizer == config.method), None)
     use = f"; use it: mimkit pretrain {user} --tokenizer {out}" if user else ""
     print(f"run directory: {out}  (step {summary['step']}; "
@@ -153,64 +152,19 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
-    import torch
-
-    from mimkit.data.sources import build_source
-    from mimkit.runs import load_run
-    from mimkit.train.metrics import read_metrics
-    from mimkit.viz import codebook_usage_plot, image_grid, picture_path, run_panels, save_picture
+    from mimkit.runs import read_run
+    from mimkit.viz import picture_path
 
     if args.n < 1:
         raise MimkitError("--n must be at least 1")
-    from mimkit.eval.segment import is_segmentation_run
-
-    segmentation = is_segmentation_run(args.run)
-    args.out, note = picture_path(args.out, "seg.png" if segmentation else "recon.png")
+    kind, config = read_run(args.run)
+    if kind.visualize is None:
+        raise MimkitError(f"'{args.run}' is a {kind.name} run: mimkit visualize draws nothing of it")
+    out, note = picture_path(args.out, kind.picture)
     if note:
         print(note)
-    if segmentation:
-        return visualize_segmentation(args)
-    model, config = load_run(args.run)
-    data = config.data
-    try:
-        source = build_source(data.source, split="test", root=data.root, channels=data.channels)
-    except MimkitError:  # folders without a test split
-        source = build_source(data.source, split="train", root=data.root, channels=data.channels)
-    picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(args.seed))[:args.n]
-    panels = run_panels(model, config, source, picks.tolist(), args.seed)
-    print(f"wrote {save_picture(image_grid(panels, data.mean, data.std), args.out)}")
-    records = read_metrics(args.run)
-    if any("usage" in r for r in records):  # a tokenizer run: its codebook over training as well
-        usage = Path(args.out).with_name(f"{Path(args.out).stem}-usage.png")
-        print(f"wrote {save_picture(codebook_usage_plot(records), usage)}")
-
-
-def visualize_segmentation(args: argparse.Namespace) -> None:
-    """``mimkit visualize SEGRUN``: image | ground truth | prediction for ``--n`` validation images."""
-    import torch
-
-    from mimkit.data.seg_transforms import SegEvalView
-    from mimkit.data.segmentation import build_seg_source
-    from mimkit.eval.seg_metrics import predict_logits
-    from mimkit.eval.segment import load_segmenter
-    from mimkit.viz import save_picture, segmentation_figure
-
-    model, config = load_segmenter(args.run)
-    seg, data = config.seg, config.data
-    source = build_seg_source(data.source, "val", root=data.root, num_classes=seg.num_classes,
-                              channels=data.channels)
-    view = SegEvalView(seg.eval_scale, data.mean, data.std)
-    picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(args.seed))[:args.n]
-    rows = []
-    with torch.inference_mode():
-        for index in picks.tolist():
-            image, truth = source[index]
-            logits = predict_logits(model, view.image(image)[None], seg.crop_size, seg.eval_mode,
-                                    seg.eval_stride, seg.eval_flip, seg.eval_scales)
-            logits = torch.nn.functional.interpolate(logits, size=truth.shape, mode="bilinear",
-                                                     align_corners=False)
-            rows.append((image, truth, logits.argmax(1)[0]))
-    print(f"wrote {save_picture(segmentation_figure(rows, seg.classes), args.out)}")
+    for path in kind.visualize(config, Path(args.run), out, args.n, args.seed):
+        print(f"wrote {path}")
 
 
 def choose_segment_recipe(data: str) -> tuple[str, str]:
@@ -237,15 +191,13 @@ def segment_config(args: argparse.Namespace):
         The configuration, and one line on which recipe it came from and why.
     """
     from mimkit.eval.config import SegmentConfig
-    from mimkit.runs import saved_values
+    from mimkit.runs import read_run, split_weights_path
 
     name, why = (args.config, "--config") if args.config else choose_segment_recipe(args.data)
     recipe = load_recipe(name)
     per_method = recipe.pop("per_method", {})
-    run_dir = Path(args.run)
-    run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir
-    saved = saved_values(run_dir)
-    method = saved.get("encoder_config", saved).get("method")  # a fine-tuning run holds its encoder's
+    kind, saved = read_run(split_weights_path(args.run)[0])
+    method = kind.spec(saved).method if kind.spec else None  # a fine-tuning run's is its encoder's
     values = merge(merge(to_dict(SegmentConfig()), recipe), per_method.get(method, {}))
     flags: dict = {"encoder": args.run, "data": {"source": args.data}, "seg": {"init": args.init},
                    "labels": {}, "train": train_flags(args)}
@@ -256,15 +208,14 @@ def segment_config(args: argparse.Namespace):
     return from_dict(SegmentConfig, merge(merge(values, flags), parse_overrides(args.set))), f"{name}: {why}"
 
 
-def refuse_another_run(out: Path, encoder: str, section: str) -> None:
-    """A fine-tuning or segmentation run resumes only a run of its kind (``section`` of its configuration)
-    from the same encoder."""
-    from mimkit.runs import saved_values
+def refuse_another_run(out: Path, encoder: str, kind: str) -> None:
+    """A fine-tuning or segmentation run resumes only a run of its ``kind`` from the same encoder."""
+    from mimkit.runs import run_kind, saved_values
     from mimkit.train.checkpoint import Checkpoints
 
     saved = saved_values(out)
     if saved and Checkpoints(out).latest() is not None and (saved.get("encoder") != encoder
-                                                            or section not in saved):
+                                                            or run_kind(out).name != kind):
         raise MimkitError(f"'{out}' holds another run ({saved.get('encoder') or saved.get('method')}); "
                           "choose another --out")
 
@@ -274,7 +225,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
     config, recipe = segment_config(args)
     out = Path(args.out)
-    refuse_another_run(out, config.encoder, "seg")
+    refuse_another_run(out, config.encoder, "segment")
     results = run_segment(config, out, args.force_config, recipe=recipe, auto_size=args.auto_size)
     if results.get("interrupted"):
         raise Interrupted
@@ -285,18 +236,14 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from mimkit.eval.predict import predict_classes, predict_masks
-    from mimkit.eval.segment import is_segmentation_run
+    from mimkit.runs import read_run, split_weights_path
 
     check_range("--batch-size", args.batch_size, 1)
-    if is_segmentation_run(args.run):
-        written, naming = predict_masks(args.run, args.images, args.out, args.tta, args.batch_size,
-                                        args.force)
-        print(f"wrote {len(written)} label maps (and their _overlay.png) to {args.out}: {naming}")
-    elif args.tta:
-        raise MimkitError("--tta is for segmentation runs; a classifier predicts each image once")
-    else:
-        print(f"wrote {predict_classes(args.run, args.images, args.out, force=args.force)}")
+    kind, config = read_run(split_weights_path(args.run)[0])
+    if kind.predict is None:
+        raise MimkitError(f"'{args.run}' is a {kind.name} run: predict needs a segmentation run (mimkit "
+                          "segment) or a fine-tuned classifier (mimkit finetune)")
+    print(kind.predict(config, Path(args.run), args.images, args.out, args.tta, args.batch_size, args.force))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -400,7 +347,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     config = finetune_config(args)
     out = Path(args.out)
-    refuse_another_run(out, config.encoder, "classifier")
+    refuse_another_run(out, config.encoder, "finetune")
     results = run_finetune(config, out, args.force_config)
     if results.get("interrupted"):
         raise Interrupted

@@ -1,4 +1,5 @@
-"""Set up and run a pretraining job from a resolved configuration."""
+"""Set up and run a pretraining job from a resolved configuration; the ``pretraining`` and ``tokenizer`` run
+kinds (`mimkit.kinds`), whose methods are the registry's (`mimkit.registry`)."""
 
 import logging
 from collections.abc import Callable
@@ -13,16 +14,26 @@ from mimkit.config import PretrainConfig
 from mimkit.cpus import data_workers, usable_cpus
 from mimkit.data.filelist import train_source
 from mimkit.data.loader import SeededViews
-from mimkit.data.sources import MAX_IMAGE_PIXELS, SourceInfo
+from mimkit.data.sources import MAX_IMAGE_PIXELS, SourceInfo, build_source
 from mimkit.data.survey import held_out_count, size_hint, survey
 from mimkit.errors import MimkitError
-from mimkit.registry import method_of
-from mimkit.runs import file_list_path, hold_run_dir, keep_config, save_data_facts
+from mimkit.kinds import Kind, register_kind
+from mimkit.registry import method_of, read_config
+from mimkit.runs import (
+    file_list_path,
+    hold_run_dir,
+    keep_config,
+    load_run,
+    pretrained_encoder,
+    save_data_facts,
+)
 from mimkit.train.checkpoint import Checkpoints
 from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import Evaluation, LoopOptions, train
+from mimkit.train.metrics import read_metrics
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import RunPlan, plan_run
+from mimkit.viz import codebook_usage_plot, image_grid, run_panels, save_picture
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +159,7 @@ def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, world: Worl
              "num_workers": data_workers(config.data.num_workers), "usable_cpus": usable_cpus(),
              "torch_threads": torch.get_num_threads(), "run": plan.describe(), "resumed_from": resumed_from}
     if world.is_main:
-        keep_config(run_dir, config, force_config)
+        keep_config(run_dir, config, method.kind, force_config)
         save_data_facts(run_dir, facts)
     return Pretraining(config, run_dir, world, source, model, view, loss_fn, evaluate, plan,
                        facts["num_workers"], facts, force_config)
@@ -194,3 +205,29 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path,
 def _log_lines(lines: list[str]) -> None:
     for line in lines:
         logger.info(line)
+
+
+def visualize_pretraining(config: PretrainConfig, run_dir: Path, out: Path, n: int, seed: int) -> list[Path]:
+    """``mimkit visualize RUN``: the method's pictures (`mimkit.registry.Method.pictures`) of ``n`` test
+    images (training images for folders without a test split); a tokenizer run's codebook usage over training
+    beside them (``<out>-usage.png``)."""
+    model, _ = load_run(run_dir)
+    data = config.data
+    try:
+        source = build_source(data.source, split="test", root=data.root, channels=data.channels)
+    except MimkitError:  # folders without a test split
+        source = build_source(data.source, split="train", root=data.root, channels=data.channels)
+    picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]
+    panels = run_panels(model, config, source, picks.tolist(), seed)
+    written = [save_picture(image_grid(panels, data.mean, data.std), out)]
+    if method_of(config.method).kind == "tokenizer":  # its codebook over training as well
+        usage = out.with_name(f"{out.stem}-usage.png")
+        written.append(save_picture(codebook_usage_plot(read_metrics(run_dir)), usage))
+    return written
+
+
+for _name, _summary in (("pretraining", "mimkit pretrain METHOD: an encoder pretrained by a MIM method"),
+                        ("tokenizer", "mimkit tokenizer train METHOD: a visual tokenizer")):
+    register_kind(Kind(_name, PretrainConfig, _summary, read=read_config, spec=lambda config: config,
+                       encoder=pretrained_encoder, load=lambda config, run_dir: load_run(run_dir)[0],
+                       visualize=visualize_pretraining))

@@ -7,6 +7,9 @@ read once, at the end.
 
 - MAE: He et al., 2021, arXiv:2111.06377, appendix A.2
 - BEiT: Bao et al., 2021, arXiv:2106.08254, appendix (layer-wise lr decay)
+
+Registers the ``finetune`` run kind (`mimkit.kinds`): a fine-tuning run gives its classifier's encoder to the
+other protocols, and predicts classes.
 """
 
 import logging
@@ -18,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
-from mimkit.config import to_dict
+from mimkit.config import from_dict, to_dict
 from mimkit.data.loader import SeededViews, eval_loader
 from mimkit.data.sources import SourceInfo, build_source
 from mimkit.data.transforms import eval_view
@@ -27,9 +29,12 @@ from mimkit.errors import MimkitError
 from mimkit.eval.augment import MixTargets, finetune_view
 from mimkit.eval.config import FinetuneConfig
 from mimkit.eval.metrics import classification_accuracy, prefixed, write_results
+from mimkit.eval.predict import predict_classes
 from mimkit.eval.subsets import make_splits
+from mimkit.kinds import Kind, register_kind
 from mimkit.models.classifier import FineTuned, build_classifier
-from mimkit.runs import Encoder, finetuned_model, hold_run_dir, keep_config, load_encoder
+from mimkit.registry import read_config
+from mimkit.runs import Encoder, best_weights, hold_run_dir, keep_config, load_encoder, random_encoder
 from mimkit.train.checkpoint import Checkpoints, load_weights
 from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import Evaluation, LoopOptions, train
@@ -37,6 +42,38 @@ from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import plan_run
 
 logger = logging.getLogger(__name__)
+
+
+def finetuned_model(config: FinetuneConfig) -> FineTuned:
+    """The (randomly initialized) module a fine-tuning run checkpoints, rebuilt from its configuration."""
+    spec = read_config(config.encoder_config)
+    classifier = build_classifier(random_encoder(spec), config.classifier.num_classes, config.classifier.pool,
+                                  config.classifier.drop_path)
+    return FineTuned(classifier, config.ema_decay)
+
+
+def finetuned_encoder(config: FinetuneConfig, run_dir: Path, weights: Path | None) -> tuple[torch.nn.Module,
+                                                                                           Path]:
+    """A fine-tuning run's classifier (its encoder with the head), from ``weights``, else its best weights
+    (else its newest): the EMA's when it kept one, the weights "best" chose."""
+    model = finetuned_model(config)
+    weights = weights or best_weights(run_dir)
+    load_weights(model, weights)
+    return (model.ema.module if config.ema_decay else model.classifier), weights
+
+
+def read_finetune(values: dict) -> FinetuneConfig:
+    """A saved fine-tuning configuration, to rebuild its model: the training augmentation does not shape it
+    (and older runs name other fields of it: torchvision's rand_augment_ops, ...), so it is left out."""
+    return from_dict(FinetuneConfig, {k: v for k, v in values.items() if k != "augment"})
+
+
+def predict_with_classifier(config: FinetuneConfig, run_dir: Path, images: str, out: str, tta: str | None,
+                            batch_size: int, force: bool) -> str:
+    """``mimkit predict FINETUNERUN``: ``predictions.csv`` (`mimkit.eval.predict.predict_classes`)."""
+    if tta:
+        raise MimkitError("--tta is for segmentation runs; a classifier predicts each image once")
+    return f"wrote {predict_classes(run_dir, images, out, force=force)}"
 
 
 def resolve_finetune(config: FinetuneConfig, encoder: Encoder, info: SourceInfo) -> FinetuneConfig:
@@ -130,7 +167,7 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
     optimizer = build_adamw(groups, optim.betas)
 
     if world.is_main:
-        keep_config(run_dir, config, force_config)
+        keep_config(run_dir, config, "finetune", force_config)
         logger.info(f"fine-tune {cls.init} {encoder.spec.model.name} on {data.source}: {len(train_set)} "
                     f"images ({labels.fraction:g} of the labels), {plan.describe()}, "
                     f"layer decay {optim.layer_decay}")
@@ -175,3 +212,8 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
     write_results(run_dir, results)
     logger.info("  ".join(f"{k} {v:.2f}" for k, v in final.items()))
     return results
+
+
+register_kind(Kind("finetune", FinetuneConfig, "mimkit finetune RUN: a pretrained encoder fine-tuned into a "
+                   "classifier", read=read_finetune, spec=lambda config: read_config(config.encoder_config),
+                   encoder=finetuned_encoder, predict=predict_with_classifier))
