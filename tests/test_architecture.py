@@ -99,7 +99,8 @@ def test_the_package_has_no_import_cycle():
 # names its extras (`mimkit.registry.Method`), so what those point at sits below the methods: interop's
 # layouts (key maps, readers and writers of each model's foreign names, `interop/mae.py` ...: the models
 # alone; a new method's `interop/x.py` lands here by default) and the drawings of `viz` (models and data; it
-# looks a run's pictures up in the registry). The two interop commands, import and export, which load
+# looks a run's pictures up in the registry). The one runner of every training kind (`mimkit.runner`) sits
+# beside the methods, below the kinds that build its jobs. The two interop commands, import and export, which load
 # methods and runs, stay above them.
 LAYERS = (
     ("mimkit", "mimkit.errors", "mimkit.files", "mimkit.config", "mimkit.eval.config", "mimkit.cpus",
@@ -107,7 +108,7 @@ LAYERS = (
     ("mimkit.data", "mimkit.models", "mimkit.tokenizers", "mimkit.masking", "mimkit.interop"),
     ("mimkit.train",),
     ("mimkit.registry", "mimkit.kinds", "mimkit.runs", "mimkit.viz"),
-    ("mimkit.methods",),
+    ("mimkit.methods", "mimkit.runner"),
     ("mimkit.pretrain", "mimkit.eval", "mimkit.interop.importer", "mimkit.interop.export"),
     ("mimkit.cli",),
 )

@@ -34,11 +34,11 @@ from mimkit.eval.subsets import make_splits
 from mimkit.kinds import Kind, register_kind
 from mimkit.models.classifier import FineTuned, build_classifier
 from mimkit.registry import read_config
-from mimkit.runs import Encoder, best_weights, hold_run_dir, keep_config, load_encoder, random_encoder
-from mimkit.train.checkpoint import Checkpoints, load_weights
-from mimkit.train.distributed import World, init_world
-from mimkit.train.loop import Evaluation, LoopOptions, train
-from mimkit.train.optim import build_adamw, param_groups
+from mimkit.runner import Job, OpenedRun, open_run, run_job
+from mimkit.runs import Encoder, best_weights, load_encoder, random_encoder
+from mimkit.train.checkpoint import load_weights
+from mimkit.train.loop import Evaluation
+from mimkit.train.optim import param_groups
 from mimkit.train.schedule import plan_run
 
 logger = logging.getLogger(__name__)
@@ -107,8 +107,8 @@ def accuracies(model: FineTuned, loader, device: torch.device, split: str) -> di
 
 
 def run_finetune(config: FinetuneConfig, run_dir: str | Path, force_config: bool = False) -> dict:
-    """Fine-tune ``config.encoder`` on ``config.data`` into ``run_dir`` (resuming when it holds a checkpoint),
-    holding the run directory's lock meanwhile (`mimkit.runs.hold_run_dir`).
+    """Fine-tune ``config.encoder`` on ``config.data`` into ``run_dir`` (resuming when it holds a checkpoint)
+    with the one runner (`mimkit.runner`), holding the run directory's lock meanwhile.
 
     ``run_dir`` receives its configuration, ``metrics.jsonl``, ``checkpoints/`` (the last ones and the
     best weights) and, once training has finished, ``results.json``.
@@ -120,13 +120,13 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, force_config: bool
     Returns:
         The results (or, when interrupted, the training loop's summary).
     """
-    world = init_world()
-    with hold_run_dir(run_dir, enabled=world.is_main):
-        return _finetune(config, Path(run_dir), world, force_config)
+    with open_run(run_dir, force_config) as run:
+        return _finetune(config, run)
 
 
-def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config: bool) -> dict:
+def _finetune(config: FinetuneConfig, run: OpenedRun) -> dict:
     start = time.perf_counter()
+    world = run.world
     encoder = load_encoder(config.encoder, config.classifier.init, seed=config.train.seed)
     data = config.data
     source = build_source(data.source, "train", root=data.root, channels=encoder.spec.data.channels,
@@ -160,28 +160,20 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
             logger.info("  ".join(f"{k} {v:.2f}" for k, v in results.items()))
         return results
 
-    train_cfg, optim = config.train, config.optim
-    plan = plan_run(len(train_set), world.size, train_cfg, optim)
+    optim = config.optim
+    plan = plan_run(len(train_set), world.size, config.train, optim)
     steps_per_epoch = plan.steps_per_epoch
     groups = param_groups(model, optim.weight_decay, optim.layer_decay, len(model.classifier.blocks))
-    optimizer = build_adamw(groups, optim.betas)
-
-    if world.is_main:
-        keep_config(run_dir, config, "finetune", force_config)
-        logger.info(f"fine-tune {cls.init} {encoder.spec.model.name} on {data.source}: {len(train_set)} "
-                    f"images ({labels.fraction:g} of the labels), {plan.describe()}, "
-                    f"layer decay {optim.layer_decay}")
-    model.classifier.set_grad_checkpointing(train_cfg.grad_checkpointing)  # timm's own forward honours it
-    if train_cfg.compile:
-        model.compile()
     best_metric = "val_ema_top1" if config.ema_decay else "val_top1"
     view = finetune_view(data.img_size, data.mean, data.std, aug.crop_scale, aug.auto_augment, aug.reprob,
                          aug.remode)
-    options = LoopOptions.from_config(train_cfg, num_workers=data.num_workers, force_resume=force_config,
-                                      desc="fine-tune")
-    summary = train(model, loss_fn, SeededViews(train_set, view), optimizer, plan.schedule, run_dir, world,
-                    options, Evaluation(evaluate, config.eval_every * steps_per_epoch, keep_best=best_metric),
-                    after_step=model.update_ema if config.ema_decay else None)
+    summary = [f"fine-tune {cls.init} {encoder.spec.model.name} on {data.source}: {len(train_set)} images "
+               f"({labels.fraction:g} of the labels), {plan.describe()}, layer decay {optim.layer_decay}"]
+    job = Job("finetune", config, model, loss_fn, SeededViews(train_set, view), groups, optim.betas, plan,
+              data.num_workers, data.num_workers, "fine-tune", summary, checkpointed=model.classifier,
+              evaluation=Evaluation(evaluate, config.eval_every * steps_per_epoch, keep_best=best_metric),
+              after_step=model.update_ema if config.ema_decay else None)
+    summary = run_job(run, job)
     if summary["interrupted"] or not world.is_main:
         return summary
 
@@ -190,10 +182,10 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
     # when the validation split is the test split, the last evaluation was the test number already
     final = (prefixed("test", last) if val_is_test and last
              else accuracies(model, test_loader, world.device, "test"))
-    best = Checkpoints(run_dir).best()
+    best = run.checkpoints.best()
     if splits.val:  # the best weights were chosen on held-out training images: their test number is fair
         chosen = finetuned_model(config)
-        load_weights(chosen, Checkpoints(run_dir).best_path)
+        load_weights(chosen, run.checkpoints.best_path)
         picked = chosen.ema.module if config.ema_decay else chosen.classifier
         final |= prefixed("test_best", classification_accuracy(picked.to(world.device), test_loader,
                                                                world.device, "test best"))
@@ -209,7 +201,7 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
         f"best_{best_metric}": best["value"], "best_step": best["step"], **final,
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    write_results(run_dir, results)
+    write_results(run.dir, results)
     logger.info("  ".join(f"{k} {v:.2f}" for k, v in final.items()))
     return results
 

@@ -67,8 +67,8 @@ def describe_engine(world: World, train_cfg: TrainConfig, workers: int, asked_wo
     return (f"{world.device.type}, {world.size} process{'es' if world.size > 1 else ''}, {precision}, "
             f"compile {'on' if train_cfg.compile else 'off'}, gradient checkpointing "
             f"{'on' if train_cfg.grad_checkpointing else 'off'}, {workers} data worker"
-            f"{'' if workers == 1 else 's'} (asked {asked_workers}; {usable_cpus()} CPUs), "
-            f"{torch.get_num_threads()} torch threads")
+            f"{'' if workers == 1 else 's'} (asked {asked_workers}; this process may use {usable_cpus()} "
+            f"CPUs), {torch.get_num_threads()} torch threads")
 
 
 class _StopNow(Exception):
