@@ -100,8 +100,8 @@ def test_the_package_has_no_import_cycle():
 # layouts (key maps, readers and writers of each model's foreign names, `interop/mae.py` ...: the models
 # alone; a new method's `interop/x.py` lands here by default) and the drawings of `viz` (models and data; it
 # looks a run's pictures up in the registry). The one runner of every training kind (`mimkit.runner`) sits
-# beside the methods, below the kinds that build its jobs. The two interop commands, import and export, which load
-# methods and runs, stay above them.
+# beside the methods, below the kinds that build its jobs. The two interop commands, import and export, which
+# load methods and runs, stay above them.
 LAYERS = (
     ("mimkit", "mimkit.errors", "mimkit.files", "mimkit.config", "mimkit.eval.config", "mimkit.cpus",
      "mimkit.safe_load", "mimkit.recipes"),

@@ -27,6 +27,7 @@ from mimkit.data.filelist import FileList, save_file_list
 from mimkit.data.shards import INDEX_NAME
 from mimkit.data.sources import SyntheticSource, build_source
 from mimkit.errors import MimkitError
+from mimkit.eval.config import KnnConfig
 from mimkit.eval.knn import run_knn
 from mimkit.eval.subsets import make_splits
 from mimkit.runs import load_encoder
@@ -149,7 +150,8 @@ def test_rgb_folder_whose_first_file_is_grey_is_rgb(tmp_path, capsys):
 def test_knn_records_the_k_that_ran(tmp_path, run_with_checkpoints):
     encoder = load_encoder(run_with_checkpoints)
     with pytest.warns(UserWarning, match="k=1000 is more than the 256 training images"):
-        results = run_knn(encoder, "synthetic", tmp_path / "knn", k=1000, cache_dir=tmp_path / "cache")
+        results = run_knn(encoder, KnnConfig(data="synthetic", k=1000, cache_dir=str(tmp_path / "cache")),
+                          tmp_path / "knn")
     assert results["k"] == 256
     assert json.loads((tmp_path / "knn" / "results.json").read_text())["k"] == 256
 

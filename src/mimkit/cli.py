@@ -356,23 +356,29 @@ def cmd_finetune(args: argparse.Namespace) -> None:
               f"(results: {out / 'results.json'})")
 
 
+def probe_config(args: argparse.Namespace):
+    """The settings of ``mimkit linprobe`` or ``mimkit knn`` from their flags."""
+    from mimkit.eval.config import KnnConfig, LinprobeConfig
+
+    common = dict(encoder=args.run, init=args.init, data=args.data, pool=args.pool or "cls",
+                  label_fraction=1.0 if args.label_fraction is None else args.label_fraction,
+                  val_fraction=args.val_fraction or 0.0, seed=args.seed, cache_dir=args.features_cache,
+                  num_workers=args.num_workers, layer=args.layer)
+    if args.command == "linprobe":
+        return LinprobeConfig(**common, epochs=args.epochs, batch_size=args.batch_size, base_lr=args.lr,
+                              optimizer=args.optimizer)
+    return KnnConfig(**common, k=args.k, temperature=args.temperature)
+
+
 def cmd_probe(args: argparse.Namespace) -> None:
+    from mimkit.eval.knn import run_knn
+    from mimkit.eval.linprobe import run_linprobe
     from mimkit.runs import load_encoder
 
-    encoder = load_encoder(args.run, args.init, args.seed)
-    fraction = 1.0 if args.label_fraction is None else args.label_fraction
-    common = dict(pool=args.pool or "cls", label_fraction=fraction, val_fraction=args.val_fraction or 0.0,
-                  seed=args.seed, cache_dir=args.features_cache, num_workers=args.num_workers,
-                  layer=args.layer, force=args.force)
-    if args.command == "linprobe":
-        from mimkit.eval.linprobe import run_linprobe
-
-        results = run_linprobe(encoder, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
-                               base_lr=args.lr, optimizer=args.optimizer, **common)
-    else:
-        from mimkit.eval.knn import run_knn
-
-        results = run_knn(encoder, args.data, args.out, k=args.k, temperature=args.temperature, **common)
+    config = probe_config(args)
+    encoder = load_encoder(config.encoder, config.init, config.seed)
+    run = run_linprobe if args.command == "linprobe" else run_knn
+    results = run(encoder, config, args.out, args.force)
     for row in results.get("by_layer", ()):
         print(f"  block {row['layer']:>2}: test top-1 {row['test_top1']:.2f}%")
     at = "" if args.layer in (None, "all") else f" at block {args.layer}"

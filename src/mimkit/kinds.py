@@ -20,7 +20,8 @@ from mimkit.config import from_dict
 from mimkit.errors import MimkitError
 
 # the modules whose import registers mimkit's own kinds
-BUILTIN_KINDS = ("mimkit.pretrain", "mimkit.eval.finetune", "mimkit.eval.segment")
+BUILTIN_KINDS = ("mimkit.pretrain", "mimkit.eval.finetune", "mimkit.eval.segment", "mimkit.eval.linprobe",
+                 "mimkit.eval.knn")
 
 
 @dataclass(frozen=True)
