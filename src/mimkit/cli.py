@@ -16,6 +16,7 @@
     mimkit import mae_pretrain_vit_base.pth --format mae --out runs/mae-b   (mae|beit|beitv2|vqkd|timm|hf)
     mimkit export runs/mae --to hf --out exported/   (--to timm; --encoder-only)
     mimkit data pack images/ --out shards/ --shard-size 1GB   (then --data shards:shards/)
+    mimkit kinds   (the kinds of run: pretraining, tokenizer, finetune, segment, linprobe, knn, plug-ins)
 
 Bad input ends with a one-line ``error:`` message and exit status 2, never a traceback.
 """
@@ -538,6 +539,13 @@ def add_run_arguments(sub: argparse.ArgumentParser) -> None:
     add_force_config(sub)
 
 
+def cmd_kinds(args: argparse.Namespace) -> None:
+    from mimkit.kinds import registered_kinds
+
+    for name, kind in registered_kinds().items():
+        print(f"{name:<12} {kind.summary}")
+
+
 def cmd_data_pack(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -600,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--n", type=int, default=8, help="number of images")
     visualize.add_argument("--seed", type=int, default=0)
     visualize.set_defaults(handler=cmd_visualize)
+    kinds = commands.add_parser("kinds", help="list the kinds of run (what a run's config.yaml says under "
+                                "kind:)")
+    kinds.set_defaults(handler=cmd_kinds)
     add_eval_commands(commands)
     add_segment_commands(commands)
     add_interop_commands(commands)
