@@ -19,11 +19,11 @@ from mimkit.config import DataConfig, OptimConfig, TrainConfig
 from mimkit.data.loader import SeededViews
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
-from mimkit.eval.metrics import write_results
+from mimkit.eval.scores import write_results
 from mimkit.kinds import Kind, kind_of, register_kind
 from mimkit.runner import Job, open_run, run_job
 from mimkit.runs import config_path, kind_name, load_encoder, read_run
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.optim import param_groups
 from mimkit.train.schedule import plan_run
 from tests.conftest import TINY_MAE_KWARGS

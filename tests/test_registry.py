@@ -26,7 +26,7 @@ from mimkit.methods import METHODS
 from mimkit.registry import Export, HFLayout, Import, Method, read_config
 from mimkit.runs import config_path, keep_config, load_run
 from mimkit.safe_load import load_tensors
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from tests.conftest import grid_size
 
 

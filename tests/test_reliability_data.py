@@ -33,7 +33,7 @@ from mimkit.eval.subsets import make_splits
 from mimkit.runs import load_encoder
 from mimkit.safe_load import load_sharded
 from mimkit.train import checkpoint
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 
 TINY = ["--model", "vit_mini", "--batch-size", "8", "--set", "model.kwargs.depth=2",
         "--set", "model.kwargs.decoder_depth=1", "--set", "data.num_workers=0"]

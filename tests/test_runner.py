@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import mimkit.runner
 from mimkit.cli import main
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from tests.conftest import TINY_MAE_KWARGS
 from tests.eval.test_segment import QUICK as QUICK_SEGMENT
 from tests.eval.test_segment import write_layout

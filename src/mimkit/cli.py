@@ -115,7 +115,7 @@ def pretrain_config(args: argparse.Namespace) -> tuple[PretrainConfig, str]:
 def check_run_dir(out: Path, config: PretrainConfig, must_resume: bool) -> None:
     """Refuse to mix two different runs in one directory."""
     from mimkit.runs import load_config
-    from mimkit.train.checkpoint import Checkpoints
+    from mimkit.train.checkpoint_files import Checkpoints
 
     has_checkpoint = Checkpoints(out).latest() is not None
     if must_resume and not has_checkpoint:
@@ -130,7 +130,7 @@ def check_run_dir(out: Path, config: PretrainConfig, must_resume: bool) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from mimkit.pretrain import run_pretraining
     from mimkit.registry import registered
-    from mimkit.train.checkpoint import Checkpoints
+    from mimkit.train.checkpoint_files import Checkpoints
 
     config, recipe = pretrain_config(args)
     out = Path(args.out)
@@ -212,7 +212,7 @@ def segment_config(args: argparse.Namespace):
 def refuse_another_run(out: Path, encoder: str, kind: str) -> None:
     """A fine-tuning or segmentation run resumes only a run of its ``kind`` from the same encoder."""
     from mimkit.runs import run_kind, saved_values
-    from mimkit.train.checkpoint import Checkpoints
+    from mimkit.train.checkpoint_files import Checkpoints
 
     saved = saved_values(out)
     if saved and Checkpoints(out).latest() is not None and (saved.get("encoder") != encoder
@@ -571,7 +571,6 @@ def cmd_data_pack(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import mimkit.methods  # noqa: F401  (registers the built-in methods)
     from mimkit.registry import registered
 
     pretraining = registered("pretraining")

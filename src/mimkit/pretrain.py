@@ -21,7 +21,7 @@ from mimkit.registry import method_of, read_config
 from mimkit.runner import Job, OpenedRun, open_run, run_job
 from mimkit.runs import file_list_path, load_run, pretrained_encoder
 from mimkit.train.loop import Evaluation
-from mimkit.train.metrics import read_metrics
+from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import param_groups
 from mimkit.train.schedule import RunPlan, plan_run
 from mimkit.viz import codebook_usage_plot, image_grid, run_panels, save_picture

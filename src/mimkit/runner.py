@@ -22,7 +22,7 @@ from torch import nn
 from mimkit.data.loader import SeededViews
 from mimkit.errors import MimkitError
 from mimkit.runs import hold_run_dir, keep_config, save_data_facts
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import Evaluation, LoopOptions, describe_engine, train
 from mimkit.train.optim import build_adamw

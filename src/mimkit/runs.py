@@ -28,7 +28,7 @@ from mimkit.files import write_text_atomically
 from mimkit.kinds import Kind, kind_of
 from mimkit.models.classifier import check_encoder
 from mimkit.registry import method_of, read_config
-from mimkit.train.checkpoint import Checkpoints, load_weights
+from mimkit.train.checkpoint_files import Checkpoints, load_weights
 
 logger = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from mimkit.data.transforms import eval_view
 from mimkit.eval.augment import MixTargets
 from mimkit.eval.config import FinetuneConfig
 from mimkit.eval.finetune import finetuned_model
-from mimkit.eval.metrics import classification_accuracy
+from mimkit.eval.scores import classification_accuracy
 from mimkit.models.classifier import FineTuned, build_classifier, pooled_features
 from mimkit.models.vit import build_vit
 from mimkit.runs import latest_weights, load_encoder
-from mimkit.train.checkpoint import Checkpoints, load_weights
-from mimkit.train.metrics import read_metrics
+from mimkit.train.checkpoint_files import Checkpoints, load_weights
+from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import param_groups
 
 QUICK_FT = ["--max-steps", "4", "--batch-size", "32", "--set", "data.num_workers=0",

@@ -19,8 +19,8 @@ from mimkit.config import read_yaml
 from mimkit.eval.segment import load_segmentation_run, optimizer_groups, segmentation_loss
 from mimkit.models.segmentation import Segmenter, segmentation_encoder
 from mimkit.models.vit import build_vit
-from mimkit.train.checkpoint import Checkpoints
-from mimkit.train.metrics import read_metrics
+from mimkit.train.checkpoint_files import Checkpoints
+from mimkit.train.metrics_log import read_metrics
 from mimkit.train.schedule import poly_schedule
 from tests.conftest import torchrun, voc_palette
 

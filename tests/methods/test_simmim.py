@@ -20,7 +20,7 @@ from mimkit.interop.keymaps import to_foreign
 from mimkit.methods.simmim import OFFICIAL_SIMMIM, SimMIMView, read_official_simmim
 from mimkit.models.simmim import SimMIM
 from mimkit.runs import latest_weights, load_run
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from tests.conftest import grid_size, perturb
 from tests.eval.test_segment import QUICK, write_layout
 

@@ -28,15 +28,15 @@ from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
 from mimkit.eval.augment import MixTargets, finetune_view
 from mimkit.eval.config import FinetuneConfig
-from mimkit.eval.metrics import classification_accuracy, prefixed, write_results
 from mimkit.eval.predict import predict_classes
+from mimkit.eval.scores import classification_accuracy, prefixed, write_results
 from mimkit.eval.subsets import make_splits
 from mimkit.kinds import Kind, register_kind
 from mimkit.models.classifier import FineTuned, build_classifier
 from mimkit.registry import read_config
 from mimkit.runner import Job, OpenedRun, open_run, run_job
 from mimkit.runs import Encoder, best_weights, load_encoder, random_encoder
-from mimkit.train.checkpoint import load_weights
+from mimkit.train.checkpoint_files import load_weights
 from mimkit.train.loop import Evaluation
 from mimkit.train.optim import param_groups
 from mimkit.train.schedule import plan_run

@@ -18,10 +18,10 @@ from tqdm import tqdm
 from mimkit.errors import MimkitError
 from mimkit.eval.config import KnnConfig
 from mimkit.eval.features import probe_data, probe_layers
-from mimkit.eval.metrics import depth_results, prefixed, topk_correct, write_results
+from mimkit.eval.scores import depth_results, prefixed, topk_correct, write_results
 from mimkit.kinds import Kind, register_kind
 from mimkit.runs import Encoder, claim_out_dir, save_run_config
-from mimkit.train.metrics import MetricsLog
+from mimkit.train.metrics_log import MetricsLog
 
 
 @torch.no_grad()

@@ -23,11 +23,11 @@ from mimkit.errors import MimkitError
 from mimkit.eval.config import LinprobeConfig
 from mimkit.eval.features import probe_data, probe_layers
 from mimkit.eval.lars import LARS
-from mimkit.eval.metrics import depth_results, prefixed, topk_correct, write_results
+from mimkit.eval.scores import depth_results, prefixed, topk_correct, write_results
 from mimkit.files import write_atomically
 from mimkit.kinds import Kind, register_kind
 from mimkit.runs import Encoder, claim_out_dir, save_run_config
-from mimkit.train.metrics import MetricsLog
+from mimkit.train.metrics_log import MetricsLog
 from mimkit.train.schedule import cosine_schedule
 
 OPTIMIZERS = ("sgd", "lars")

@@ -32,8 +32,8 @@ from mimkit.data.seg_transforms import SegEvalView, SegTrainView
 from mimkit.data.segmentation import SegSource, build_seg_source
 from mimkit.errors import MimkitError
 from mimkit.eval.config import SegmentConfig
-from mimkit.eval.metrics import write_confusion, write_results
 from mimkit.eval.predict import predict_masks
+from mimkit.eval.scores import write_confusion, write_results
 from mimkit.eval.seg_metrics import IGNORE_INDEX, MODES, evaluate_segmentation, format_table, predict_logits
 from mimkit.eval.seg_sizing import SegDataFacts, label_hint, seg_size_hint, survey_seg_data
 from mimkit.eval.subsets import label_subset
@@ -48,7 +48,7 @@ from mimkit.runs import (
     random_encoder,
     read_run,
 )
-from mimkit.train.checkpoint import load_weights
+from mimkit.train.checkpoint_files import load_weights
 from mimkit.train.loop import Evaluation
 from mimkit.train.optim import param_groups
 from mimkit.train.schedule import RunPlan, plan_run, poly_schedule

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import mimkit.methods  # noqa: F401  (registers the built-in methods, whose hooks are looked up here)
 from mimkit.config import PretrainConfig, check_range, merge
 from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.interop.foreign import IMAGENET_MEAN, IMAGENET_STD, Foreign, convert
@@ -41,7 +40,7 @@ from mimkit.models.vit import ENCODER_ARCHS
 from mimkit.registry import HFLayout, Import, method_of, read_config, registered
 from mimkit.runs import is_run_dir, save_run_config, some_names
 from mimkit.safe_load import load_sharded, load_tensors, read_json
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 
 
 def importing(method: str) -> Import:
