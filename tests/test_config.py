@@ -105,7 +105,7 @@ def test_run_saved_with_every_section_still_loads_and_resumes(mae_run, tmp_path)
                                                  reference.state_dict().values(), strict=True))
     assert load_encoder(run).spec == old
     # step 2 trained: compared, not rewritten, and nothing of MAE's changed
-    keep_config(run, config, "pretraining")
+    keep_config(run, config, "pretraining", 2)
     assert yaml.safe_load(config_path(run).read_text()) == everything
 
 

@@ -140,3 +140,15 @@ def test_a_run_saved_without_its_kind_resumes_bit_for_bit(kind, mae_run, tmp_pat
     a, b = (load_file(Checkpoints(run).weights_path(4)) for run in (straight, old))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "kind" not in yaml.safe_load(config_path(old).read_text())
+
+
+def test_a_run_of_another_kind_or_encoder_is_never_resumed(mae_run, tmp_path, capsys):
+    other = shutil.copytree(mae_run, tmp_path / "pretrained")
+    argv = ["--data", "synthetic", "--max-steps", "1", "--batch-size", "8", "--set", "data.num_workers=0",
+            "--set", "eval_batch_size=256"]
+    assert main(["finetune", str(mae_run), "--out", str(other), *argv, "--force-config"]) == 2
+    assert "holds another run (a pretraining run of mae)" in capsys.readouterr().err
+    ft = tmp_path / "ft"
+    assert main(["finetune", str(mae_run), "--out", str(ft), *argv]) == 0
+    assert main(["finetune", str(other), "--out", str(ft), *argv, "--force-config"]) == 2
+    assert f"holds another run (a finetune run of {mae_run})" in capsys.readouterr().err

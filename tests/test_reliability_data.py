@@ -32,7 +32,7 @@ from mimkit.eval.knn import run_knn
 from mimkit.eval.subsets import make_splits
 from mimkit.runs import load_encoder
 from mimkit.safe_load import load_sharded
-from mimkit.train import checkpoint
+from mimkit.train import checkpoint_files as checkpoint
 from mimkit.train.checkpoint_files import Checkpoints
 
 TINY = ["--model", "vit_mini", "--batch-size", "8", "--set", "model.kwargs.depth=2",
@@ -171,7 +171,7 @@ def test_a_class_without_training_images_is_warned_about():
 KILLED_SAVE = """
 import os, signal, sys
 from mimkit.cli import main
-from mimkit.train import checkpoint
+from mimkit.train import checkpoint_files as checkpoint
 save_model, calls = checkpoint.save_model, []
 def killed_at_the_third(model, filename):
     calls.append(filename)

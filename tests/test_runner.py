@@ -4,6 +4,7 @@ loss. Each test runs over the kinds (`KINDS`) through the command line, with the
 
 import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -141,3 +142,37 @@ def test_each_kind_halts_on_a_non_finite_loss(kind, mae_run, tmp_path, monkeypat
     assert main(command(kind, mae_run, tmp_path) + ["--max-steps", "3", "--out", str(out)]) == 2
     assert "loss is nan at step 2" in capsys.readouterr().err
     assert Checkpoints(out).latest() is None  # step 1 was no checkpoint, and the bad step 2 is never saved
+
+
+def test_a_segmentation_run_directory_enters_each_module_once(mae_run, tmp_path):
+    """The measure of the opened run: followed from ``mimkit segment``, the run directory is handed from one
+    module into another (as an argument) a few times, each module at most twice, and never up a layer: what
+    lies below the runner gets the opened run's parts (`mimkit.runner.OpenedRun`), not the path again."""
+    from tests.test_architecture import _layer
+
+    out = tmp_path / "seg"
+    paths = {str(out), str(out.resolve())}
+    entries: dict[str, set] = {}
+
+    def record(frame, event, arg):
+        module = frame.f_globals.get("__name__", "")
+        caller = frame.f_back.f_globals.get("__name__", "") if frame.f_back else ""
+        if event != "call" or not module.startswith("mimkit") or caller == module:
+            return
+        code = frame.f_code
+        for name in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)) and str(value) in paths:
+                entries.setdefault(module, set()).add((caller, code.co_name))
+
+    argv = command("segment", mae_run, tmp_path) + ["--max-steps", "1", "--out", str(out)]
+    sys.setprofile(record)
+    try:
+        assert main(argv) == 0
+    finally:
+        sys.setprofile(None)
+    assert entries, "the tracer saw nothing"
+    climbs = [(caller, module) for module, calls in entries.items() for caller, _ in calls
+              if caller.startswith("mimkit") and _layer(module) > _layer(caller)]
+    assert climbs == []
+    assert {module: len(calls) for module, calls in entries.items() if len(calls) > 2} == {}

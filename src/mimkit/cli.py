@@ -19,6 +19,12 @@
     mimkit kinds   (the kinds of run: pretraining, tokenizer, finetune, segment, linprobe, knn, plug-ins)
 
 Bad input ends with a one-line ``error:`` message and exit status 2, never a traceback.
+
+Each subcommand parses its flags, builds its configuration and calls its kind's runner (`mimkit.runner`) or
+function; what a run does lives with its kind (`mimkit.kinds`). This module imports only what loads no torch
+at its top, and every handler imports the rest inside itself: OpenMP reads its thread settings once, when
+torch loads, so `main` must set them (`mimkit.cpus.set_thread_defaults`) before anything imports torch. That
+is why the imports below sit in functions; it is said here once, not at each of them.
 """
 
 import argparse
@@ -209,24 +215,11 @@ def segment_config(args: argparse.Namespace):
     return from_dict(SegmentConfig, merge(merge(values, flags), parse_overrides(args.set))), f"{name}: {why}"
 
 
-def refuse_another_run(out: Path, encoder: str, kind: str) -> None:
-    """A fine-tuning or segmentation run resumes only a run of its ``kind`` from the same encoder."""
-    from mimkit.runs import run_kind, saved_values
-    from mimkit.train.checkpoint_files import Checkpoints
-
-    saved = saved_values(out)
-    if saved and Checkpoints(out).latest() is not None and (saved.get("encoder") != encoder
-                                                            or run_kind(out).name != kind):
-        raise MimkitError(f"'{out}' holds another run ({saved.get('encoder') or saved.get('method')}); "
-                          "choose another --out")
-
-
 def cmd_segment(args: argparse.Namespace) -> None:
     from mimkit.eval.segment import run_segment
 
     config, recipe = segment_config(args)
     out = Path(args.out)
-    refuse_another_run(out, config.encoder, "segment")
     results = run_segment(config, out, args.force_config, recipe=recipe, auto_size=args.auto_size)
     if results.get("interrupted"):
         raise Interrupted
@@ -348,7 +341,6 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     config = finetune_config(args)
     out = Path(args.out)
-    refuse_another_run(out, config.encoder, "finetune")
     results = run_finetune(config, out, args.force_config)
     if results.get("interrupted"):
         raise Interrupted

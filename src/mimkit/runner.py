@@ -124,7 +124,7 @@ def run_job(run: OpenedRun, job: Job, report: Callable[[list[str]], None] | None
         job.checkpointed.set_grad_checkpointing()
     optimizer = build_adamw(job.param_groups, job.betas)
     if run.world.is_main:
-        keep_config(run.dir, job.config, job.kind, run.force_config)
+        keep_config(run.dir, job.config, job.kind, run.checkpoints.latest(), run.force_config)
         if job.facts is not None:
             save_data_facts(run.dir, job.facts)
         (report or _log_lines)(job.summary + [engine_line(run, job)])

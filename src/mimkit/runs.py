@@ -215,20 +215,28 @@ _HELD_LOCKS: set[int] = set()  # lock file descriptors held by this process (`ho
 os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
-def keep_config(run_dir: str | Path, config, kind: str, force: bool = False) -> None:
+def keep_config(run_dir: str | Path, config, kind: str, step: int | None, force: bool = False) -> None:
     """Save a new run's resolved configuration; check a trained run's against it instead of rewriting it.
 
     A run with a trained checkpoint (step > 0; an imported run's step 0 starts training afresh) resumes
-    only under the configuration it was trained with, apart from `RESUMABLE_CHANGES` (its length and
-    upkeep) and its method's own (`mimkit.registry.Method.resumable`). Other differences are refused, each
-    listed, unless ``force``: then they are said and saved, headed by ``kind``.
+    only as a run of the same ``kind`` (of the same encoder, for a run that evaluates one), and only under
+    the configuration it was trained with, apart from `RESUMABLE_CHANGES` (its length and upkeep) and its
+    method's own (`mimkit.registry.Method.resumable`). Other differences are refused, each listed, unless
+    ``force``: then they are said and saved, headed by ``kind``.
+
+    Args:
+        step: the run's newest checkpoint (`mimkit.train.checkpoint_files.Checkpoints.latest`), None if none.
     """
     path = config_path(run_dir)
-    step = Checkpoints(run_dir).latest()
     if not step or not path.is_file():
         save_run_config(run_dir, kind, config)
         return
-    saved = _comparable(saved_values(run_dir), type(config))
+    values = saved_values(run_dir)
+    then = kind_name(read_yaml(path))
+    if then != kind or values.get("encoder") != getattr(config, "encoder", None):  # not this run at all
+        origin = values.get("encoder") or values.get("method")
+        raise MimkitError(f"'{run_dir}' holds another run (a {then} run of {origin}); choose another --out")
+    saved = _comparable(values, type(config))
     method = getattr(config, "method", None)  # a pretraining run's; evaluation runs have none
     resumable = RESUMABLE_CHANGES | set(method_of(method).resumable if method else ())
     changed = {k: v for k, v in differences(saved, _comparable(to_dict(config), type(config))).items()
