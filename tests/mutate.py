@@ -273,6 +273,16 @@ PLANTED = [
     Bug("own data: forked workers keep the run locked", "src/mimkit/runs.py",
         "        _HELD_LOCKS.add(fd)\n", "        pass\n",
         ("tests/test_runs.py",)),
+    Bug("runner: gradient checkpointing ignored", "src/mimkit/runner.py",
+        "        job.checkpointed.set_grad_checkpointing()\n", "        pass\n",
+        ("tests/test_runner.py::test_each_kind_checkpoints_gradients_when_asked",)),
+    Bug("runner: a run of another kind or encoder resumed", "src/mimkit/runs.py",
+        "    if then != kind or values.get", "    if False and values.get",
+        ("tests/test_kinds.py::test_a_run_of_another_kind_or_encoder_is_never_resumed",)),
+    Bug("run kinds: an old run's kind not recognised", "src/mimkit/runs.py",
+        "    old = next((kind for section, kind in OLD_RUN_SECTIONS if section in values), None)",
+        "    old = None",
+        ("tests/test_kinds.py::test_runs_saved_before_config_said_their_kind_are_recognised",)),
 ]
 
 
