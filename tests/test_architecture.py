@@ -99,15 +99,16 @@ def test_the_package_has_no_import_cycle():
 # names its extras (`mimkit.registry.Method`), so what those point at sits below the methods: interop's
 # layouts (key maps, readers and writers of each model's foreign names, `interop/mae.py` ...: the models
 # alone; a new method's `interop/x.py` lands here by default) and the drawings of `viz` (models and data; it
-# looks a run's pictures up in the registry). The two interop commands, import and export, which load
-# methods and runs, stay above them.
+# looks a run's pictures up in the registry). The one runner of every training kind (`mimkit.runner`) sits
+# beside the methods, below the kinds that build its jobs. The two interop commands, import and export, which
+# load methods and runs, stay above them.
 LAYERS = (
     ("mimkit", "mimkit.errors", "mimkit.files", "mimkit.config", "mimkit.eval.config", "mimkit.cpus",
      "mimkit.safe_load", "mimkit.recipes"),
     ("mimkit.data", "mimkit.models", "mimkit.tokenizers", "mimkit.masking", "mimkit.interop"),
     ("mimkit.train",),
-    ("mimkit.registry", "mimkit.runs", "mimkit.viz"),
-    ("mimkit.methods",),
+    ("mimkit.registry", "mimkit.kinds", "mimkit.runs", "mimkit.viz"),
+    ("mimkit.methods", "mimkit.runner"),
     ("mimkit.pretrain", "mimkit.eval", "mimkit.interop.importer", "mimkit.interop.export"),
     ("mimkit.cli",),
 )
@@ -124,6 +125,13 @@ def test_no_import_runs_upward():
     upward = sorted(f"{m} -> {t}" for m, targets in _imports(_module_names()).items() for t in targets
                     if _layer(t) > _layer(m))
     assert upward == [], "imports from a higher layer: " + "; ".join(upward)
+
+
+def test_the_run_directory_layer_imports_no_evaluation_code():
+    """`mimkit.runs` reads every kind of run through the kinds' records (`mimkit.kinds`), so it names no
+    evaluation protocol: not even the configuration of one (which the layers alone would allow)."""
+    imported = _imports(_module_names())["mimkit.runs"]
+    assert not {m for m in imported if m == "mimkit.eval" or m.startswith("mimkit.eval.")}
 
 
 def test_a_run_loads_without_importing_the_methods_first(mae_run):

@@ -16,8 +16,8 @@ from mimkit.cli import main
 from mimkit.data.sources import build_source
 from mimkit.methods import METHODS
 from mimkit.runs import latest_weights, load_config, load_run
-from mimkit.train.checkpoint import Checkpoints
-from mimkit.train.metrics import read_metrics
+from mimkit.train.checkpoint_files import Checkpoints
+from mimkit.train.metrics_log import read_metrics
 from tests.conftest import grid_size, torchrun
 
 TINY = ["--set", "model.kwargs.depth=2", "--set", "model.kwargs.decoder_depth=1",

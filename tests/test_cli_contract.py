@@ -20,8 +20,8 @@ from mimkit.interop.mae import OFFICIAL_MAE
 from mimkit.models.mae import MAE
 from mimkit.registry import read_config
 from mimkit.runs import latest_weights, load_config
-from mimkit.train.checkpoint import Checkpoints
-from mimkit.train.metrics import MetricsLog
+from mimkit.train.checkpoint_files import Checkpoints
+from mimkit.train.metrics_log import MetricsLog
 from tests.conftest import IMPORT_SETS, TINY
 
 TINY_MAE = ["--set", "model.kwargs.depth=1", "--set", "model.kwargs.decoder_depth=1", "--set",

@@ -26,7 +26,7 @@ from mimkit.methods import METHODS
 from mimkit.registry import Export, HFLayout, Import, Method, read_config
 from mimkit.runs import config_path, keep_config, load_run
 from mimkit.safe_load import load_tensors
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from tests.conftest import grid_size
 
 
@@ -190,6 +190,7 @@ def test_a_run_resumes_with_its_methods_own_resumable_settings_changed(tmp_path)
     config = read_config({"method": "vqkd"})
     Checkpoints(tmp_path).save(1, nn.Linear(1, 1), {"step": 1})
     save_config(config, config_path(tmp_path))
-    keep_config(tmp_path, replace(config, settings=replace(config.settings, eval_images=7)))
+    keep_config(tmp_path, replace(config, settings=replace(config.settings, eval_images=7)), "tokenizer", 1)
     with pytest.raises(MimkitError, match=r"vqkd.vocab_size 8192 -> 16"):
-        keep_config(tmp_path, replace(config, settings=replace(config.settings, vocab_size=16)))
+        keep_config(tmp_path, replace(config, settings=replace(config.settings, vocab_size=16)), "tokenizer",
+                    1)

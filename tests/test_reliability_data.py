@@ -28,12 +28,13 @@ from mimkit.data.shards import INDEX_NAME
 from mimkit.data.sources import build_source
 from mimkit.data.synthetic import SyntheticSource
 from mimkit.errors import MimkitError
+from mimkit.eval.config import KnnConfig
 from mimkit.eval.knn import run_knn
 from mimkit.eval.subsets import make_splits
 from mimkit.runs import load_encoder
 from mimkit.safe_load import load_sharded
-from mimkit.train import checkpoint
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train import checkpoint_files as checkpoint
+from mimkit.train.checkpoint_files import Checkpoints
 
 TINY = ["--model", "vit_mini", "--batch-size", "8", "--set", "model.kwargs.depth=2",
         "--set", "model.kwargs.decoder_depth=1", "--set", "data.num_workers=0"]
@@ -150,7 +151,8 @@ def test_rgb_folder_whose_first_file_is_grey_is_rgb(tmp_path, capsys):
 def test_knn_records_the_k_that_ran(tmp_path, run_with_checkpoints):
     encoder = load_encoder(run_with_checkpoints)
     with pytest.warns(UserWarning, match="k=1000 is more than the 256 training images"):
-        results = run_knn(encoder, "synthetic", tmp_path / "knn", k=1000, cache_dir=tmp_path / "cache")
+        results = run_knn(encoder, KnnConfig(data="synthetic", k=1000, cache_dir=str(tmp_path / "cache")),
+                          tmp_path / "knn")
     assert results["k"] == 256
     assert json.loads((tmp_path / "knn" / "results.json").read_text())["k"] == 256
 
@@ -170,7 +172,7 @@ def test_a_class_without_training_images_is_warned_about():
 KILLED_SAVE = """
 import os, signal, sys
 from mimkit.cli import main
-from mimkit.train import checkpoint
+from mimkit.train import checkpoint_files as checkpoint
 save_model, calls = checkpoint.save_model, []
 def killed_at_the_third(model, filename):
     calls.append(filename)

@@ -18,10 +18,10 @@ from mimkit.cpus import set_thread_defaults, usable_cpus
 from mimkit.data.loader import SeededViews
 from mimkit.errors import MimkitError
 from mimkit.runs import LOCK
-from mimkit.train.checkpoint import Checkpoints, load_weights
+from mimkit.train.checkpoint_files import Checkpoints, load_weights
 from mimkit.train.distributed import World
 from mimkit.train.loop import LoopOptions, train
-from mimkit.train.metrics import read_metrics
+from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import Schedule
 from mimkit.train.step import NonFiniteLoss

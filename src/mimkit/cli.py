@@ -16,8 +16,15 @@
     mimkit import mae_pretrain_vit_base.pth --format mae --out runs/mae-b   (mae|beit|beitv2|vqkd|timm|hf)
     mimkit export runs/mae --to hf --out exported/   (--to timm; --encoder-only)
     mimkit data pack images/ --out shards/ --shard-size 1GB   (then --data shards:shards/)
+    mimkit kinds   (the kinds of run: pretraining, tokenizer, finetune, segment, linprobe, knn, plug-ins)
 
 Bad input ends with a one-line ``error:`` message and exit status 2, never a traceback.
+
+Each subcommand parses its flags, builds its configuration and calls its kind's runner (`mimkit.runner`) or
+function; what a run does lives with its kind (`mimkit.kinds`). This module imports only what loads no torch
+at its top, and every handler imports the rest inside itself: OpenMP reads its thread settings once, when
+torch loads, so `main` must set them (`mimkit.cpus.set_thread_defaults`) before anything imports torch. That
+is why the imports below sit in functions; it is said here once, not at each of them.
 """
 
 import argparse
@@ -32,7 +39,6 @@ from mimkit.config import (
     load_recipe,
     merge,
     parse_overrides,
-    read_yaml,
     to_dict,
 )
 from mimkit.cpus import set_thread_defaults
@@ -86,13 +92,13 @@ def pretrain_config(args: argparse.Namespace) -> tuple[PretrainConfig, str]:
         The configuration, and one line on which recipe it came from and why.
     """
     from mimkit.registry import read_config
-    from mimkit.runs import config_path, is_run_dir
+    from mimkit.runs import config_path, is_run_dir, saved_values
 
     saved = config_path(args.out)
     if args.config:
         recipe, why = load_recipe(args.config), f"{args.config} (--config)"
     elif saved.is_file() and is_run_dir(args.out):
-        recipe, why = read_yaml(saved), f"{saved} (the run's own, resumed)"
+        recipe, why = saved_values(args.out), f"{saved} (the run's own, resumed)"
     else:
         name, reason = choose_recipe(args.method, args.data or "fashion-mnist")
         recipe, why = load_recipe(name), f"{name}: {reason}"
@@ -115,7 +121,7 @@ def pretrain_config(args: argparse.Namespace) -> tuple[PretrainConfig, str]:
 def check_run_dir(out: Path, config: PretrainConfig, must_resume: bool) -> None:
     """Refuse to mix two different runs in one directory."""
     from mimkit.runs import load_config
-    from mimkit.train.checkpoint import Checkpoints
+    from mimkit.train.checkpoint_files import Checkpoints
 
     has_checkpoint = Checkpoints(out).latest() is not None
     if must_resume and not has_checkpoint:
@@ -130,7 +136,7 @@ def check_run_dir(out: Path, config: PretrainConfig, must_resume: bool) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from mimkit.pretrain import run_pretraining
     from mimkit.registry import registered
-    from mimkit.train.checkpoint import Checkpoints
+    from mimkit.train.checkpoint_files import Checkpoints
 
     config, recipe = pretrain_config(args)
     out = Path(args.out)
@@ -143,9 +149,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                               force_config=args.force_config)
     if summary["interrupted"]:
         raise Interrupted
-    if "val_usage" in summary:  # a VQ-KD tokenizer's held-out evaluation
-        print(f"codebook usage {summary['val_usage']:.1%}, perplexity {summary['val_perplexity']:.1f}, "
-              f"cosine to the teacher {summary['val_cosine']:.3f} (held-out images)")
+    held_out = {key.removeprefix("val_"): value for key, value in summary.items() if key.startswith("val_")}
+    if held_out:  # the method's evaluation (a VQ-KD tokenizer's codebook usage on held-out images)
+        print("held-out images: " + ", ".join(f"{key} {value:.4g}" for key, value in held_out.items()))
     user = next((name for name, m in registered("pretraining").items() if m.tokenizer == config.method), None)
     use = f"; use it: mimkit pretrain {user} --tokenizer {out}" if user else ""
     print(f"run directory: {out}  (step {summary['step']}; "
@@ -153,64 +159,19 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
-    import torch
-
-    from mimkit.data.sources import build_source
-    from mimkit.runs import load_run
-    from mimkit.train.metrics import read_metrics
-    from mimkit.viz import codebook_usage_plot, image_grid, picture_path, run_panels, save_picture
+    from mimkit.runs import read_run
+    from mimkit.viz import picture_path
 
     if args.n < 1:
         raise MimkitError("--n must be at least 1")
-    from mimkit.eval.segment import is_segmentation_run
-
-    segmentation = is_segmentation_run(args.run)
-    args.out, note = picture_path(args.out, "seg.png" if segmentation else "recon.png")
+    kind, config = read_run(args.run)
+    if kind.visualize is None:
+        raise MimkitError(f"'{args.run}' is a {kind.name} run: mimkit visualize draws nothing of it")
+    out, note = picture_path(args.out, kind.picture)
     if note:
         print(note)
-    if segmentation:
-        return visualize_segmentation(args)
-    model, config = load_run(args.run)
-    data = config.data
-    try:
-        source = build_source(data.source, split="test", root=data.root, channels=data.channels)
-    except MimkitError:  # folders without a test split
-        source = build_source(data.source, split="train", root=data.root, channels=data.channels)
-    picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(args.seed))[:args.n]
-    panels = run_panels(model, config, source, picks.tolist(), args.seed)
-    print(f"wrote {save_picture(image_grid(panels, data.mean, data.std), args.out)}")
-    records = read_metrics(args.run)
-    if any("usage" in r for r in records):  # a tokenizer run: its codebook over training as well
-        usage = Path(args.out).with_name(f"{Path(args.out).stem}-usage.png")
-        print(f"wrote {save_picture(codebook_usage_plot(records), usage)}")
-
-
-def visualize_segmentation(args: argparse.Namespace) -> None:
-    """``mimkit visualize SEGRUN``: image | ground truth | prediction for ``--n`` validation images."""
-    import torch
-
-    from mimkit.data.seg_transforms import SegEvalView
-    from mimkit.data.segmentation import build_seg_source
-    from mimkit.eval.seg_metrics import predict_logits
-    from mimkit.eval.segment import load_segmenter
-    from mimkit.viz import save_picture, segmentation_figure
-
-    model, config = load_segmenter(args.run)
-    seg, data = config.seg, config.data
-    source = build_seg_source(data.source, "val", root=data.root, num_classes=seg.num_classes,
-                              channels=data.channels)
-    view = SegEvalView(seg.eval_scale, data.mean, data.std)
-    picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(args.seed))[:args.n]
-    rows = []
-    with torch.inference_mode():
-        for index in picks.tolist():
-            image, truth = source[index]
-            logits = predict_logits(model, view.image(image)[None], seg.crop_size, seg.eval_mode,
-                                    seg.eval_stride, seg.eval_flip, seg.eval_scales)
-            logits = torch.nn.functional.interpolate(logits, size=truth.shape, mode="bilinear",
-                                                     align_corners=False)
-            rows.append((image, truth, logits.argmax(1)[0]))
-    print(f"wrote {save_picture(segmentation_figure(rows, seg.classes), args.out)}")
+    for path in kind.visualize(config, Path(args.run), out, args.n, args.seed):
+        print(f"wrote {path}")
 
 
 def choose_segment_recipe(data: str) -> tuple[str, str]:
@@ -237,15 +198,13 @@ def segment_config(args: argparse.Namespace):
         The configuration, and one line on which recipe it came from and why.
     """
     from mimkit.eval.config import SegmentConfig
-    from mimkit.runs import saved_values
+    from mimkit.runs import read_run, split_weights_path
 
     name, why = (args.config, "--config") if args.config else choose_segment_recipe(args.data)
     recipe = load_recipe(name)
     per_method = recipe.pop("per_method", {})
-    run_dir = Path(args.run)
-    run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir
-    saved = saved_values(run_dir)
-    method = saved.get("encoder_config", saved).get("method")  # a fine-tuning run holds its encoder's
+    kind, saved = read_run(split_weights_path(args.run)[0])
+    method = kind.spec(saved).method if kind.spec else None  # a fine-tuning run's is its encoder's
     values = merge(merge(to_dict(SegmentConfig()), recipe), per_method.get(method, {}))
     flags: dict = {"encoder": args.run, "data": {"source": args.data}, "seg": {"init": args.init},
                    "labels": {}, "train": train_flags(args)}
@@ -256,25 +215,11 @@ def segment_config(args: argparse.Namespace):
     return from_dict(SegmentConfig, merge(merge(values, flags), parse_overrides(args.set))), f"{name}: {why}"
 
 
-def refuse_another_run(out: Path, encoder: str, section: str) -> None:
-    """A fine-tuning or segmentation run resumes only a run of its kind (``section`` of its configuration)
-    from the same encoder."""
-    from mimkit.runs import saved_values
-    from mimkit.train.checkpoint import Checkpoints
-
-    saved = saved_values(out)
-    if saved and Checkpoints(out).latest() is not None and (saved.get("encoder") != encoder
-                                                            or section not in saved):
-        raise MimkitError(f"'{out}' holds another run ({saved.get('encoder') or saved.get('method')}); "
-                          "choose another --out")
-
-
 def cmd_segment(args: argparse.Namespace) -> None:
     from mimkit.eval.segment import run_segment
 
     config, recipe = segment_config(args)
     out = Path(args.out)
-    refuse_another_run(out, config.encoder, "seg")
     results = run_segment(config, out, args.force_config, recipe=recipe, auto_size=args.auto_size)
     if results.get("interrupted"):
         raise Interrupted
@@ -285,18 +230,14 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from mimkit.eval.predict import predict_classes, predict_masks
-    from mimkit.eval.segment import is_segmentation_run
+    from mimkit.runs import read_run, split_weights_path
 
     check_range("--batch-size", args.batch_size, 1)
-    if is_segmentation_run(args.run):
-        written, naming = predict_masks(args.run, args.images, args.out, args.tta, args.batch_size,
-                                        args.force)
-        print(f"wrote {len(written)} label maps (and their _overlay.png) to {args.out}: {naming}")
-    elif args.tta:
-        raise MimkitError("--tta is for segmentation runs; a classifier predicts each image once")
-    else:
-        print(f"wrote {predict_classes(args.run, args.images, args.out, force=args.force)}")
+    kind, config = read_run(split_weights_path(args.run)[0])
+    if kind.predict is None:
+        raise MimkitError(f"'{args.run}' is a {kind.name} run: predict needs a segmentation run (mimkit "
+                          "segment) or a fine-tuned classifier (mimkit finetune)")
+    print(kind.predict(config, Path(args.run), args.images, args.out, args.tta, args.batch_size, args.force))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -400,7 +341,6 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     config = finetune_config(args)
     out = Path(args.out)
-    refuse_another_run(out, config.encoder, "classifier")
     results = run_finetune(config, out, args.force_config)
     if results.get("interrupted"):
         raise Interrupted
@@ -409,23 +349,29 @@ def cmd_finetune(args: argparse.Namespace) -> None:
               f"(results: {out / 'results.json'})")
 
 
+def probe_config(args: argparse.Namespace):
+    """The settings of ``mimkit linprobe`` or ``mimkit knn`` from their flags."""
+    from mimkit.eval.config import KnnConfig, LinprobeConfig
+
+    common = dict(encoder=args.run, init=args.init, data=args.data, pool=args.pool or "cls",
+                  label_fraction=1.0 if args.label_fraction is None else args.label_fraction,
+                  val_fraction=args.val_fraction or 0.0, seed=args.seed, cache_dir=args.features_cache,
+                  num_workers=args.num_workers, layer=args.layer)
+    if args.command == "linprobe":
+        return LinprobeConfig(**common, epochs=args.epochs, batch_size=args.batch_size, base_lr=args.lr,
+                              optimizer=args.optimizer)
+    return KnnConfig(**common, k=args.k, temperature=args.temperature)
+
+
 def cmd_probe(args: argparse.Namespace) -> None:
+    from mimkit.eval.knn import run_knn
+    from mimkit.eval.linprobe import run_linprobe
     from mimkit.runs import load_encoder
 
-    encoder = load_encoder(args.run, args.init, args.seed)
-    fraction = 1.0 if args.label_fraction is None else args.label_fraction
-    common = dict(pool=args.pool or "cls", label_fraction=fraction, val_fraction=args.val_fraction or 0.0,
-                  seed=args.seed, cache_dir=args.features_cache, num_workers=args.num_workers,
-                  layer=args.layer, force=args.force)
-    if args.command == "linprobe":
-        from mimkit.eval.linprobe import run_linprobe
-
-        results = run_linprobe(encoder, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
-                               base_lr=args.lr, optimizer=args.optimizer, **common)
-    else:
-        from mimkit.eval.knn import run_knn
-
-        results = run_knn(encoder, args.data, args.out, k=args.k, temperature=args.temperature, **common)
+    config = probe_config(args)
+    encoder = load_encoder(config.encoder, config.init, config.seed)
+    run = run_linprobe if args.command == "linprobe" else run_knn
+    results = run(encoder, config, args.out, args.force)
     for row in results.get("by_layer", ()):
         print(f"  block {row['layer']:>2}: test top-1 {row['test_top1']:.2f}%")
     at = "" if args.layer in (None, "all") else f" at block {args.layer}"
@@ -585,6 +531,13 @@ def add_run_arguments(sub: argparse.ArgumentParser) -> None:
     add_force_config(sub)
 
 
+def cmd_kinds(args: argparse.Namespace) -> None:
+    from mimkit.kinds import registered_kinds
+
+    for name, kind in registered_kinds().items():
+        print(f"{name:<12} {kind.summary}")
+
+
 def cmd_data_pack(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -618,7 +571,6 @@ def cmd_data_pack(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import mimkit.methods  # noqa: F401  (registers the built-in methods)
     from mimkit.registry import registered
 
     pretraining = registered("pretraining")
@@ -655,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--n", type=int, default=8, help="number of images")
     visualize.add_argument("--seed", type=int, default=0)
     visualize.set_defaults(handler=cmd_visualize)
+    kinds = commands.add_parser("kinds", help="list the kinds of run (what a run's config.yaml says under "
+                                "kind:)")
+    kinds.set_defaults(handler=cmd_kinds)
     add_eval_commands(commands)
     add_segment_commands(commands)
     add_interop_commands(commands)

@@ -5,6 +5,7 @@ arguments). A run directory keeps the resolved configuration (`mimkit.runs.CONFI
 can rebuild the run's model.
 """
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -150,7 +151,11 @@ def _coerce(value, hint, key: str):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        hint = next(a for a in args if a is not type(None))
+        choices = [a for a in args if a is not type(None)]
+        for choice in choices[:-1]:  # ``int | str``: the first type the value is
+            with contextlib.suppress(MimkitError):
+                return _coerce(value, choice, key)
+        hint = choices[-1]
         origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):

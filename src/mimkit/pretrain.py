@@ -1,13 +1,13 @@
-"""Set up and run a pretraining job from a resolved configuration."""
+"""Set up and run a pretraining job from a resolved configuration; the ``pretraining`` and ``tokenizer`` run
+kinds (`mimkit.kinds`), whose methods are the registry's (`mimkit.registry`)."""
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from mimkit.config import PretrainConfig
 from mimkit.cpus import data_workers, usable_cpus
@@ -15,15 +15,18 @@ from mimkit.data.decode import MAX_IMAGE_PIXELS
 from mimkit.data.filelist import train_source
 from mimkit.data.loader import SeededViews
 from mimkit.data.source_info import SourceInfo
+from mimkit.data.sources import build_source
 from mimkit.data.survey import held_out_count, size_hint, survey
 from mimkit.errors import MimkitError
-from mimkit.registry import method_of
-from mimkit.runs import file_list_path, hold_run_dir, keep_config, save_data_facts
-from mimkit.train.checkpoint import Checkpoints
-from mimkit.train.distributed import World, init_world
-from mimkit.train.loop import Evaluation, LoopOptions, train
-from mimkit.train.optim import build_adamw, param_groups
+from mimkit.kinds import Kind, register_kind
+from mimkit.registry import method_of, read_config
+from mimkit.runner import Job, OpenedRun, open_run, run_job
+from mimkit.runs import file_list_path, load_run, pretrained_encoder
+from mimkit.train.loop import Evaluation
+from mimkit.train.metrics_log import read_metrics
+from mimkit.train.optim import param_groups
 from mimkit.train.schedule import RunPlan, plan_run
+from mimkit.viz import codebook_usage_plot, image_grid, run_panels, save_picture
 
 logger = logging.getLogger(__name__)
 
@@ -38,52 +41,28 @@ def resolve_data(config: PretrainConfig, info: SourceInfo) -> PretrainConfig:
     return replace(config, data=data)
 
 
-@dataclass
-class Pretraining:
-    """A pretraining job set up by `prepare_pretraining`, ready for `start_pretraining`.
-
-    Attributes:
-        facts: what the run reads and how it runs, JSON-friendly; also saved in the run
-            (`mimkit.runs.save_data_facts`).
-    """
-
-    config: PretrainConfig
-    run_dir: Path
-    world: World
-    source: Dataset
-    model: torch.nn.Module
-    view: Callable
-    loss_fn: Callable
-    evaluate: Callable | None
-    plan: RunPlan
-    num_workers: int
-    facts: dict
-    force_config: bool = False
-
-    def summary(self) -> list[str]:
-        """The start-up summary: one short line per subject."""
-        f = self.facts
-        model, data = self.config.model, self.config.data
-        grid = data.img_size // model.patch_size
-        lines = [f"data      {f['data']}"]
-        lines += [f"          {f['file_list']}"] if f["file_list"] else []
-        lines += [f"recipe    {f['recipe']}"] if f["recipe"] else []
-        describe = method_of(self.config.method).describe
-        masked = describe(self.config) if describe else ""  # MAE's mask ratio
-        lines += [f"model     {self.config.method} {model.name}, {data.img_size} px in {model.patch_size}-px "
-                  f"patches ({grid}x{grid} grid){masked}",
-                  f"run       {self.plan.describe()}",
-                  f"machine   {f['num_workers']} data worker{'' if f['num_workers'] == 1 else 's'} (asked "
-                  f"{data.num_workers}; this process may use {f['usable_cpus']} CPUs), "
-                  f"{f['torch_threads']} torch threads"]
-        if f["size_hint"] and not f["auto_size"] and f["resumed_from"] is None:  # too late for a resumed run
-            fit = " ".join(f"--set {k}={v}" for k, v in f["size_hint"].items())
-            lines.append(f"hint      images (median {f['median_size']}) are much smaller than "
-                         f"{data.img_size} px: {fit} fits them (or --auto-size)")
-        elif f["auto_size"]:
-            lines.append(f"auto-size {' '.join(f'{k}={v}' for k, v in f['size_hint'].items())} "
-                         f"fits images of median {f['median_size']}")
-        return lines
+def summary_lines(config: PretrainConfig, facts: dict, plan: RunPlan) -> list[str]:
+    """The start-up summary's lines of a pretraining job, one short line per subject (the runner adds how it
+    computes: `mimkit.runner.engine_line`)."""
+    f = facts
+    model, data = config.model, config.data
+    grid = data.img_size // model.patch_size
+    lines = [f"data      {f['data']}"]
+    lines += [f"          {f['file_list']}"] if f["file_list"] else []
+    lines += [f"recipe    {f['recipe']}"] if f["recipe"] else []
+    describe = method_of(config.method).describe
+    masked = describe(config) if describe else ""  # MAE's mask ratio
+    lines += [f"model     {config.method} {model.name}, {data.img_size} px in {model.patch_size}-px "
+              f"patches ({grid}x{grid} grid){masked}",
+              f"run       {plan.describe()}"]
+    if f["size_hint"] and not f["auto_size"] and f["resumed_from"] is None:  # too late for a resumed run
+        fit = " ".join(f"--set {k}={v}" for k, v in f["size_hint"].items())
+        lines.append(f"hint      images (median {f['median_size']}) are much smaller than "
+                     f"{data.img_size} px: {fit} fits them (or --auto-size)")
+    elif f["auto_size"]:
+        lines.append(f"auto-size {' '.join(f'{k}={v}' for k, v in f['size_hint'].items())} "
+                     f"fits images of median {f['median_size']}")
+    return lines
 
 
 def _auto_sized(config: PretrainConfig, hint: dict) -> PretrainConfig:
@@ -91,27 +70,23 @@ def _auto_sized(config: PretrainConfig, hint: dict) -> PretrainConfig:
     return replace(config, data=data, model=replace(config.model, patch_size=hint["model.patch_size"]))
 
 
-def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, world: World, *, recipe: str = "",
-                        rescan: bool = False, auto_size: bool = False, force_config: bool = False
-                        ) -> Pretraining:
+def pretraining_job(config: PretrainConfig, run: OpenedRun, *, recipe: str = "", rescan: bool = False,
+                    auto_size: bool = False) -> Job:
     """Set up a pretraining job: its data (the stored file list when resuming), model, plan and the facts of
-    its start-up summary. Writes the run's configuration, start-up summary and, for folders, file list
-    (`mimkit.runs`).
+    its start-up summary. Writes a folder's file list (`mimkit.runs.file_list_path`).
 
     Args:
         config: the resolved configuration.
-        run_dir: the run directory (resumed when it holds a checkpoint).
+        run: the opened run directory (resumed when it holds a checkpoint).
         recipe: one line on which recipe the configuration came from and why, for the summary.
         rescan: list a folder again instead of reading the stored file list (`mimkit.data.filelist`).
         auto_size: when the images are at most half of ``data.img_size``, train at the image and patch size
             that fit them (`mimkit.data.survey.size_hint`); refused for a run that has checkpoints.
-        force_config: resume a trained run whose configuration, number of processes or global batch differ
-            from this one's (otherwise refused; `mimkit.runs.keep_config`).
     """
-    run_dir = Path(run_dir)
+    world = run.world
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     data = config.data
-    source, list_note = train_source(data.source, file_list_path(run_dir), root=data.root,
+    source, list_note = train_source(data.source, file_list_path(run.dir), root=data.root,
                                      channels=data.channels,
                                      skip_bad_images=data.skip_bad_images, max_bad_images=data.max_bad_images,
                                      rescan=rescan, store=world.is_main,
@@ -121,10 +96,10 @@ def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, world: Worl
                                      decode_min_side=3 * data.img_size if data.img_size else None)
     found = survey(source, held_out_count(data.source, data.root))
     hint = size_hint(data.img_size, found)
-    resumed_from = Checkpoints(run_dir).latest()
+    resumed_from = run.checkpoints.latest()
     if auto_size and hint:
         if resumed_from is not None:
-            raise MimkitError(f"--auto-size would change the image and patch size of the run in '{run_dir}', "
+            raise MimkitError(f"--auto-size would change the image and patch size of the run in '{run.dir}', "
                               "which has checkpoints; use a new --out")
         config = _auto_sized(config, hint)
     config = resolve_data(config, source.info)
@@ -132,68 +107,65 @@ def prepare_pretraining(config: PretrainConfig, run_dir: str | Path, world: Worl
     if method.resolve_config:  # fields left to something outside the run, e.g. a tokenizer
         config = method.resolve_config(config)
     model = method.build_model(config).to(world.device)
-    if config.train.grad_checkpointing:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise MimkitError(f"train.grad_checkpointing is not available for {config.method}; "
-                              "it checkpoints ViT blocks (mae, beit, beitv2)")
-        model.set_grad_checkpointing()
     view, loss_fn = method.build_task(config, model)
     # evaluated at each epoch end and at the end, e.g. a tokenizer's codebook usage on held-out images
     evaluate = method.build_evaluate(config, model) if method.build_evaluate else None
     # more values scheduled per step, e.g. the dVAE's Gumbel temperature
     values_fn = partial(method.schedule_values, config) if method.schedule_values else None
     plan = plan_run(len(source), world.size, config.train, config.optim, values_fn)
+    workers = data_workers(config.data.num_workers)
     facts = {"data": found.describe(), **asdict(found), "median_size": "x".join(map(str, found.median)),
              "file_list": list_note, "recipe": recipe, "size_hint": hint,
              "auto_size": bool(auto_size and hint),
-             "num_workers": data_workers(config.data.num_workers), "usable_cpus": usable_cpus(),
+             "num_workers": workers, "usable_cpus": usable_cpus(),
              "torch_threads": torch.get_num_threads(), "run": plan.describe(), "resumed_from": resumed_from}
-    if world.is_main:
-        keep_config(run_dir, config, force_config)
-        save_data_facts(run_dir, facts)
-    return Pretraining(config, run_dir, world, source, model, view, loss_fn, evaluate, plan,
-                       facts["num_workers"], facts, force_config)
-
-
-def start_pretraining(job: Pretraining) -> dict:
-    """Train a prepared job to its end (or until interrupted).
-
-    Returns:
-        The training loop's summary (final step, whether it was interrupted, where it resumed from).
-    """
-    config, train_cfg, optim_cfg = job.config, job.config.train, job.config.optim
-    optimizer = build_adamw(param_groups(job.model, optim_cfg.weight_decay), optim_cfg.betas)
-    if train_cfg.compile:
-        job.model.compile()
-    options = LoopOptions.from_config(train_cfg, num_workers=job.num_workers, force_resume=job.force_config,
-                                      desc=f"pretrain {config.method}")
-    after_step = method_of(config.method).after_step  # e.g. an EMA teacher's update
-    return train(job.model, job.loss_fn, SeededViews(job.source, job.view), optimizer, job.plan.schedule,
-                 job.run_dir, job.world, options, Evaluation(job.evaluate) if job.evaluate else None,
-                 after_step=partial(after_step, config, job.model) if after_step else None)
+    return Job(method.kind, config, model, loss_fn, SeededViews(source, view),
+               param_groups(model, config.optim.weight_decay), config.optim.betas, plan, workers,
+               config.data.num_workers, f"pretrain {config.method}", summary_lines(config, facts, plan),
+               checkpointed=model, evaluation=Evaluation(evaluate) if evaluate else None, facts=facts,
+               after_step=partial(method.after_step, config, model) if method.after_step else None)
 
 
 def run_pretraining(config: PretrainConfig, run_dir: str | Path,
-                    report: Callable[[list[str]], None] | None = None, **options) -> dict:
-    """Pretrain ``config.method`` into ``run_dir`` (resuming when it holds a checkpoint), holding the run
-    directory's lock meanwhile (`mimkit.runs.hold_run_dir`).
+                    report: Callable[[list[str]], None] | None = None, *, force_config: bool = False,
+                    **options) -> dict:
+    """Pretrain ``config.method`` into ``run_dir`` (resuming when it holds a checkpoint) with the one runner
+    (`mimkit.runner`), holding the run directory's lock meanwhile.
 
     Args:
-        report: receives the start-up summary's lines (main process); None logs them (`logging`, logger
-            ``mimkit.pretrain``).
-        options: `prepare_pretraining`'s keyword arguments.
+        report: receives the start-up summary's lines (main process); None logs them (`logging`).
+        force_config: resume a trained run whose configuration, number of processes or global batch differ
+            from this one's (otherwise refused; `mimkit.runs.keep_config`).
+        options: `pretraining_job`'s keyword arguments.
 
     Returns:
         The training loop's summary (final step, whether it was interrupted, where it resumed from).
     """
-    world = init_world()
-    with hold_run_dir(run_dir, enabled=world.is_main):
-        job = prepare_pretraining(config, run_dir, world, **options)
-        if world.is_main:
-            (report or _log_lines)(job.summary())
-        return start_pretraining(job)
+    with open_run(run_dir, force_config) as run:
+        return run_job(run, pretraining_job(config, run, **options), report)
 
 
-def _log_lines(lines: list[str]) -> None:
-    for line in lines:
-        logger.info(line)
+def visualize_pretraining(config: PretrainConfig, run_dir: Path, out: Path, n: int, seed: int) -> list[Path]:
+    """``mimkit visualize RUN``: the method's pictures (`mimkit.registry.Method.pictures`) of ``n`` test
+    images (training images for folders without a test split); a tokenizer run's codebook usage over training
+    beside them (``<out>-usage.png``)."""
+    model, _ = load_run(run_dir)
+    data = config.data
+    try:
+        source = build_source(data.source, split="test", root=data.root, channels=data.channels)
+    except MimkitError:  # folders without a test split
+        source = build_source(data.source, split="train", root=data.root, channels=data.channels)
+    picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]
+    panels = run_panels(model, config, source, picks.tolist(), seed)
+    written = [save_picture(image_grid(panels, data.mean, data.std), out)]
+    if method_of(config.method).kind == "tokenizer":  # its codebook over training as well
+        usage = out.with_name(f"{out.stem}-usage.png")
+        written.append(save_picture(codebook_usage_plot(read_metrics(run_dir)), usage))
+    return written
+
+
+for _name, _summary in (("pretraining", "mimkit pretrain METHOD: an encoder pretrained by a MIM method"),
+                        ("tokenizer", "mimkit tokenizer train METHOD: a visual tokenizer")):
+    register_kind(Kind(_name, PretrainConfig, _summary, read=read_config, spec=lambda config: config,
+                       encoder=pretrained_encoder, load=lambda config, run_dir: load_run(run_dir)[0],
+                       visualize=visualize_pretraining))

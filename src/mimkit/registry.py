@@ -3,7 +3,8 @@ record when it is imported (importing `mimkit.methods` imports them all), and wh
 looks its method up here, below the methods in the package's layers.
 
 The built-in methods are plug-ins of this registry: `method_of` loads the `BUILTIN_METHODS` package by
-name the first time a name is not found, so ``mimkit.runs.load_run`` works without importing it first
+name the first time a name is not found, and `registered` before it lists them, so ``mimkit.runs.load_run``
+and the commands work without importing it first
 (the same discovery entry points give; no module here imports a method).
 
 Besides training, a record carries the method's extras, which the commands look up here instead of naming
@@ -182,7 +183,9 @@ def register(method: Method) -> Method:
 
 
 def registered(kind: str | None = None) -> dict[str, Method]:
-    """The registered methods by name, in registration order; only those of ``kind`` when given."""
+    """The registered methods by name (the built-in ones loaded first), in registration order; only those of
+    ``kind`` when given."""
+    importlib.import_module(BUILTIN_METHODS)
     return {name: m for name, m in _METHODS.items() if kind is None or m.kind == kind}
 
 

@@ -1,7 +1,9 @@
 """Run directories: what a finished (or interrupted) run leaves, and how to get its model back. This module
 owns the layout: no other module spells the names of the files below.
 
-``<run>/`CONFIG``` is the resolved configuration; ``<run>/checkpoints/`` the weights (`Checkpoints`: the
+``<run>/`CONFIG``` is the resolved configuration, headed by the run's kind (``kind: finetune``,
+`mimkit.kinds`; runs saved before it said its kind are recognised by `kind_name`, the one place that tells a
+kind by its keys); ``<run>/checkpoints/`` the weights (`Checkpoints`: the
 newest steps, and the best weights of a run that evaluates); ``<run>/`LOCK``` is locked by the one process
 that trains the run and holds its PID meanwhile; ``<run>/`DATA_FACTS``` is a pretraining run's start-up
 summary (what it reads and how it runs); ``<run>/`FILE_LIST``` the files of a folder it trains on.
@@ -17,19 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
-from mimkit.config import PretrainConfig, differences, from_dict, read_yaml, save_config, to_dict
+from mimkit.config import PretrainConfig, differences, from_dict, read_yaml, to_dict
 from mimkit.errors import MimkitError, explain_write_errors
-from mimkit.eval.config import FinetuneConfig
 from mimkit.files import write_text_atomically
-from mimkit.models.classifier import FineTuned, build_classifier, check_encoder
+from mimkit.kinds import Kind, kind_of
+from mimkit.models.classifier import check_encoder
 from mimkit.registry import method_of, read_config
-from mimkit.train.checkpoint import Checkpoints, load_weights
+from mimkit.train.checkpoint_files import Checkpoints, load_weights
 
 logger = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
+KIND = "kind"  # the key of config.yaml that names the run's kind (`mimkit.kinds`)
+# the sections that told a run's kind before config.yaml said it, first match wins; others were pretraining
+# or tokenizer runs, as their method is
+OLD_RUN_SECTIONS = (("seg", "segment"), ("encoder_config", "finetune"))
 LOCK = "run.lock"
 DATA_FACTS = "data.json"
 FILE_LIST = "files.txt"
@@ -88,9 +95,45 @@ def config_path(run_dir: str | Path) -> Path:
 
 
 def saved_values(run_dir: str | Path) -> dict:
-    """The configuration a run saved, as plain values (no type checked); ``{}`` when it saved none."""
+    """The configuration a run saved, as plain values (no type checked, its ``kind:`` left out); ``{}`` when
+    it saved none."""
     path = config_path(run_dir)
-    return read_yaml(path) if path.is_file() else {}
+    values = read_yaml(path) if path.is_file() else {}
+    values.pop(KIND, None)
+    return values
+
+
+def kind_name(values: dict) -> str:
+    """The kind of a run whose saved configuration (read as it is, ``kind:`` included) is ``values``.
+
+    A run saved before ``config.yaml`` said its kind is recognised by its sections (`OLD_RUN_SECTIONS`): this
+    is the one place that tells a run's kind by its keys, for those runs only.
+    """
+    if KIND in values:
+        return values[KIND]
+    old = next((kind for section, kind in OLD_RUN_SECTIONS if section in values), None)
+    return old or method_of(values.get("method", PretrainConfig.method)).kind
+
+
+def run_kind(run_dir: str | Path) -> Kind:
+    """The kind of the run in ``run_dir`` (`mimkit.kinds.Kind`)."""
+    path = config_path(run_dir)
+    if not path.is_file():
+        raise MimkitError(f"'{run_dir}' is not a mimkit run directory (no {CONFIG})")
+    return kind_of(kind_name(read_yaml(path)))
+
+
+def read_run(run_dir: str | Path) -> tuple[Kind, object]:
+    """The kind of the run in ``run_dir`` and its typed configuration."""
+    kind = run_kind(run_dir)
+    return kind, kind.read_config(saved_values(run_dir))
+
+
+def save_run_config(run_dir: str | Path, kind: str, config) -> None:
+    """Write a run's resolved configuration, headed by its kind."""
+    path = config_path(run_dir)
+    with explain_write_errors(path):
+        path.write_text(yaml.safe_dump({KIND: kind, **to_dict(config)}, sort_keys=False))
 
 
 def file_list_path(run_dir: str | Path) -> Path:
@@ -172,32 +215,40 @@ _HELD_LOCKS: set[int] = set()  # lock file descriptors held by this process (`ho
 os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
-def keep_config(run_dir: str | Path, config, force: bool = False) -> None:
+def keep_config(run_dir: str | Path, config, kind: str, step: int | None, force: bool = False) -> None:
     """Save a new run's resolved configuration; check a trained run's against it instead of rewriting it.
 
     A run with a trained checkpoint (step > 0; an imported run's step 0 starts training afresh) resumes
-    only under the configuration it was trained with, apart from `RESUMABLE_CHANGES` (its length and
-    upkeep) and its method's own (`mimkit.registry.Method.resumable`). Other differences are refused, each
-    listed, unless ``force``: then they are said and saved.
+    only as a run of the same ``kind`` (of the same encoder, for a run that evaluates one), and only under
+    the configuration it was trained with, apart from `RESUMABLE_CHANGES` (its length and upkeep) and its
+    method's own (`mimkit.registry.Method.resumable`). Other differences are refused, each listed, unless
+    ``force``: then they are said and saved, headed by ``kind``.
+
+    Args:
+        step: the run's newest checkpoint (`mimkit.train.checkpoint_files.Checkpoints.latest`), None if none.
     """
     path = config_path(run_dir)
-    step = Checkpoints(run_dir).latest()
     if not step or not path.is_file():
-        save_config(config, path)
+        save_run_config(run_dir, kind, config)
         return
-    saved = _comparable(read_yaml(path), type(config))
+    values = saved_values(run_dir)
+    then = kind_name(read_yaml(path))
+    if then != kind or values.get("encoder") != getattr(config, "encoder", None):  # not this run at all
+        origin = values.get("encoder") or values.get("method")
+        raise MimkitError(f"'{run_dir}' holds another run (a {then} run of {origin}); choose another --out")
+    saved = _comparable(values, type(config))
     method = getattr(config, "method", None)  # a pretraining run's; evaluation runs have none
     resumable = RESUMABLE_CHANGES | set(method_of(method).resumable if method else ())
     changed = {k: v for k, v in differences(saved, _comparable(to_dict(config), type(config))).items()
                if k not in resumable}
-    if not changed:
+    if not changed:  # (a run saved before config.yaml said its kind is left as it is: `kind_name` knows it)
         return
     listing = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
     if not force:
         raise MimkitError(f"'{run_dir}' holds a run trained to step {step} with other settings ({listing}); "
                           "choose another --out, or resume it with the new settings: --force-config")
     logger.warning(f"--force-config: resuming step {step} with {listing}")
-    save_config(config, path)
+    save_run_config(run_dir, kind, config)
 
 
 def _comparable(values: dict, kind: type) -> dict:
@@ -214,10 +265,9 @@ def _comparable(values: dict, kind: type) -> dict:
 
 def load_config(run_dir: str | Path) -> PretrainConfig:
     """The resolved configuration a run saved."""
-    path = config_path(run_dir)
-    if not path.is_file():
+    if not config_path(run_dir).is_file():
         raise MimkitError(f"'{run_dir}' is not a mimkit run directory (no {CONFIG})")
-    return read_config(read_yaml(path))
+    return read_config(saved_values(run_dir))
 
 
 def latest_weights(run_dir: str | Path) -> Path:
@@ -242,6 +292,15 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, PretrainConfig]:
     return model.eval(), config
 
 
+def load_trained(run_dir: str | Path) -> tuple[nn.Module, object]:
+    """A run's trained model (as its kind loads it: `mimkit.kinds.Kind.load`) in eval mode on CPU, and its
+    configuration."""
+    kind, config = read_run(run_dir)
+    if kind.load is None:
+        raise MimkitError(f"'{run_dir}' is a {kind.name} run, which keeps no model to load")
+    return kind.load(config, Path(run_dir)), config
+
+
 @dataclass
 class Encoder:
     """An encoder to evaluate.
@@ -253,14 +312,16 @@ class Encoder:
             ``channels``, ``mean``, ``std``).
         origin: what was loaded: a weights file, or ``random init (seed S)``.
         run_dir: the run it comes from.
-        finetune: the fine-tuning configuration when it comes from a fine-tuning run, else None.
+        kind: that run's kind (`mimkit.kinds`): ``pretraining``, ``finetune``, ...
+        config: that run's configuration (a `PretrainConfig` for a pretraining run).
     """
 
     model: nn.Module
     spec: PretrainConfig
     origin: str
     run_dir: Path
-    finetune: FinetuneConfig | None = None
+    kind: str
+    config: object
 
 
 def _encoder_of(model: nn.Module, method: str) -> nn.Module:
@@ -282,42 +343,35 @@ def random_encoder(spec: PretrainConfig, seed: int = 0) -> nn.Module:
         return _encoder_of(method_of(spec.method).build_model(spec), spec.method)
 
 
-def finetuned_model(config: FinetuneConfig) -> FineTuned:
-    """The (randomly initialized) module a fine-tuning run checkpoints, rebuilt from its configuration."""
-    spec = read_config(config.encoder_config)
-    classifier = build_classifier(random_encoder(spec), config.classifier.num_classes, config.classifier.pool,
-                                  config.classifier.drop_path)
-    return FineTuned(classifier, config.ema_decay)
+def pretrained_encoder(config: PretrainConfig, run_dir: Path, weights: Path | None) -> tuple[nn.Module, Path]:
+    """The encoder of a pretraining (or tokenizer) run and the weights it loaded: ``weights``, else the
+    run's newest (`mimkit.kinds.Kind.encoder` of those kinds)."""
+    model = method_of(config.method).build_model(config)
+    weights = weights or latest_weights(run_dir)
+    load_weights(model, weights)
+    return _encoder_of(model, config.method), weights
 
 
 def load_encoder(path: str | Path, init: str = "pretrained", seed: int = 0) -> Encoder:
     """The encoder of a run, on CPU in eval mode.
 
     Args:
-        path: a pretraining run directory (newest checkpoint), a fine-tuning run directory (its best
-            checkpoint, else its newest; the EMA weights when it kept an EMA), or a ``.safetensors``
-            checkpoint inside a run's ``checkpoints/``.
+        path: a run directory whose kind gives an encoder (`mimkit.kinds.Kind.encoder`: a pretraining run's
+            newest checkpoint; a fine-tuning run's best checkpoint, else its newest, the EMA weights when it
+            kept an EMA), or a ``.safetensors`` checkpoint inside a run's ``checkpoints/``.
         init: ``pretrained`` loads the weights; ``random`` gives the same architecture freshly initialized.
         seed: seed of the random initialization.
     """
     if init not in INITS:
         raise MimkitError(f"init {init!r} is not one of {', '.join(INITS)}")
     run_dir, weights = split_weights_path(path)
-    values = saved_values(run_dir)
-    if "encoder_config" in values:  # the training augmentation does not shape the model (and older runs
-        values.pop("augment", None)  # name other fields: torchvision's rand_augment_ops, ...)
-    finetune = from_dict(FinetuneConfig, values) if "encoder_config" in values else None
-    spec = read_config(finetune.encoder_config if finetune else values)
+    kind, config = read_run(run_dir)
+    if kind.encoder is None or kind.spec is None:
+        raise MimkitError(f"'{run_dir}' is a {kind.name} run, which holds no encoder to evaluate; give a "
+                          "pretraining or fine-tuning run")
+    spec = kind.spec(config)
     if init == "random":
-        return Encoder(random_encoder(spec, seed), spec, f"random init (seed {seed})", run_dir, finetune)
-    if finetune:
-        model = finetuned_model(finetune)
-        weights = weights or best_weights(run_dir)
-        load_weights(model, weights)
-        encoder = model.ema.module if finetune.ema_decay else model.classifier  # the weights "best" chose
-    else:
-        model = method_of(spec.method).build_model(spec)
-        weights = weights or latest_weights(run_dir)
-        load_weights(model, weights)
-        encoder = _encoder_of(model, spec.method)
-    return Encoder(encoder.eval(), spec, str(weights), run_dir, finetune)
+        return Encoder(random_encoder(spec, seed), spec, f"random init (seed {seed})", run_dir, kind.name,
+                       config)
+    encoder, weights = kind.encoder(config, run_dir, weights)
+    return Encoder(encoder.eval(), spec, str(weights), run_dir, kind.name, config)

@@ -4,7 +4,8 @@ code), and a tokenizer's codebook usage and perplexity over training.
 
 Grids are assembled as tensors and written with PIL; a header row names the columns. Which pictures a
 run gets is its method's (`mimkit.registry.Method.pictures`, composed of the drawings here), so this module
-sits below the methods and names none of them.
+sits below the methods: it names no method (a run's pictures are looked up by its ``config.method``), but it
+names the models it draws (MAE, BEiT, BEiT v2, the dVAE, VQ-KD), whose drawings live here.
 """
 
 from collections.abc import Sequence
@@ -293,7 +294,7 @@ def codebook_usage_plot(records: list[dict]) -> Image.Image:
     the training batches and, where logged (VQ-KD), on held-out images at each epoch end.
 
     Args:
-        records: the run's metrics (`mimkit.train.metrics.read_metrics`) with "usage" and "perplexity".
+        records: the run's metrics (`mimkit.train.metrics_log.read_metrics`) with "usage" and "perplexity".
 
     Returns:
         A 720 x 300 picture with one panel per quantity.

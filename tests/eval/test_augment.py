@@ -14,7 +14,7 @@ from mimkit.cli import main
 from mimkit.data.loader import SeededViews
 from mimkit.errors import MimkitError
 from mimkit.eval.augment import MixTargets, finetune_view, python_seed
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 
 POLICY = "rand-m9-mstd0.5-inc1"
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)

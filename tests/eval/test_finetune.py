@@ -8,18 +8,19 @@ import torch
 from safetensors.torch import load_file
 
 from mimkit.cli import main
-from mimkit.config import from_dict, read_yaml
+from mimkit.config import from_dict
 from mimkit.data.loader import eval_loader
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.eval.augment import MixTargets
 from mimkit.eval.config import FinetuneConfig
-from mimkit.eval.metrics import classification_accuracy
+from mimkit.eval.finetune import finetuned_model
+from mimkit.eval.scores import classification_accuracy
 from mimkit.models.classifier import FineTuned, build_classifier, pooled_features
 from mimkit.models.vit import build_vit
-from mimkit.runs import finetuned_model, latest_weights, load_encoder
-from mimkit.train.checkpoint import Checkpoints, load_weights
-from mimkit.train.metrics import read_metrics
+from mimkit.runs import latest_weights, load_encoder, saved_values
+from mimkit.train.checkpoint_files import Checkpoints, load_weights
+from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import param_groups
 
 QUICK_FT = ["--max-steps", "4", "--batch-size", "32", "--set", "data.num_workers=0",
@@ -101,7 +102,7 @@ def test_finetune_cli_from_pretrained_random_and_finetuned(mae_run, tmp_path, ca
     assert not torch.equal(last[f"ema.module.{qkv}"], pretrained)
     assert not torch.equal(last[f"ema.module.{qkv}"], last[f"classifier.{qkv}"])
     # ... and results.json's test_ema_top1 is the accuracy of those EMA weights on the test split
-    config = from_dict(FinetuneConfig, read_yaml(ft / "config.yaml"))
+    config = from_dict(FinetuneConfig, saved_values(ft))
     model = finetuned_model(config)
     load_weights(model, latest_weights(ft))
     test = eval_loader(build_source("synthetic", "test"), eval_view(32, config.data.mean, config.data.std))

@@ -11,7 +11,7 @@ from mimkit.cli import main
 from mimkit.eval.features import probe_layers
 from mimkit.models.classifier import block_features, build_classifier, pooled_features
 from mimkit.models.vit import build_vit
-from mimkit.train.metrics import read_metrics
+from mimkit.train.metrics_log import read_metrics
 from tests.conftest import perturb
 
 TINY_KWARGS = ("depth=3", "embed_dim=32", "num_heads=2", "decoder_depth=1", "decoder_embed_dim=32",

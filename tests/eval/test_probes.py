@@ -8,7 +8,7 @@ from mimkit.data.transforms import eval_view
 from mimkit.eval.features import cached_features
 from mimkit.eval.knn import knn_accuracy, knn_scores
 from mimkit.eval.linprobe import LinearProbe, probe_accuracy, train_linear_probe
-from mimkit.eval.metrics import topk_correct
+from mimkit.eval.scores import topk_correct
 from mimkit.models.classifier import pooled_features
 from mimkit.models.vit import build_vit
 

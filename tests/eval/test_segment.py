@@ -16,11 +16,11 @@ from torch import nn
 
 from mimkit.cli import main
 from mimkit.config import read_yaml
-from mimkit.eval.segment import load_segmenter, optimizer_groups, segmentation_loss
+from mimkit.eval.segment import load_segmentation_run, optimizer_groups, segmentation_loss
 from mimkit.models.segmentation import Segmenter, segmentation_encoder
 from mimkit.models.vit import build_vit
-from mimkit.train.checkpoint import Checkpoints
-from mimkit.train.metrics import read_metrics
+from mimkit.train.checkpoint_files import Checkpoints
+from mimkit.train.metrics_log import read_metrics
 from mimkit.train.schedule import poly_schedule
 from tests.conftest import torchrun, voc_palette
 
@@ -162,7 +162,7 @@ def test_segment_cli_in_each_layout(mae_run, tmp_path, capsys, layout):
     assert Checkpoints(out).best()["metric"] == "val_mIoU"
     assert any("val_mIoU" in r for r in read_metrics(out)) and any("aux_loss" in r for r in read_metrics(out))
     assert "mIoU" in capsys.readouterr().out
-    model, config = load_segmenter(out)
+    model, config = load_segmentation_run(out)
     assert config.seg.num_classes == 3 and config.data.channels == 3  # the synthetic MAE reads RGB
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
@@ -296,7 +296,7 @@ def test_beit_segmentation_run_exports_to_transformers(tmp_path):
     assert main(["export", str(out), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     hf, info = BeitForSemanticSegmentation.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    model, _ = load_segmenter(out)
+    model, _ = load_segmentation_run(out)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         theirs = hf.eval()(pixel_values=x).logits

@@ -20,8 +20,8 @@ from mimkit.eval import segment as segment_module
 from mimkit.eval.seg_metrics import predict_logits
 from mimkit.eval.seg_sizing import SegDataFacts, label_hint, seg_size_hint
 from mimkit.runs import saved_values
-from mimkit.train.checkpoint import Checkpoints
-from mimkit.train.metrics import read_metrics
+from mimkit.train.checkpoint_files import Checkpoints
+from mimkit.train.metrics_log import read_metrics
 from tests.conftest import TINY_MAE_KWARGS
 
 VOC_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0] * (768 - 12)

@@ -10,7 +10,7 @@ from mimkit.interop.keymaps import to_foreign
 from mimkit.interop.mae import OFFICIAL_MAE
 from mimkit.models.mae import MAE
 from mimkit.runs import load_config
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from tests.conftest import IMPORT_SETS, TINY, grid_size
 
 

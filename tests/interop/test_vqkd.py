@@ -12,7 +12,7 @@ from mimkit.interop.importer import load_foreign, read_checkpoint
 from mimkit.interop.vqkd import vqkd_arch
 from mimkit.runs import load_config
 from mimkit.tokenizers.vqkd import VQKD
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 
 BLOCK = ("norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias", "attn.qkv.weight", "attn.proj.weight",
          "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",

@@ -17,8 +17,8 @@ from mimkit.methods.dvae import find_tokenizer, load_tokenizer_encoder, schedule
 from mimkit.registry import read_config
 from mimkit.runs import latest_weights, load_run
 from mimkit.tokenizers.dvae import dvae_for, save_dvae
-from mimkit.train.checkpoint import Checkpoints
-from mimkit.train.metrics import read_metrics
+from mimkit.train.checkpoint_files import Checkpoints
+from mimkit.train.metrics_log import read_metrics
 from tests.conftest import grid_size
 
 COMMON = ["--data", "synthetic:64", "--batch-size", "8", "--set", "data.num_workers=0"]  # 32 px, 3 channels

@@ -20,7 +20,7 @@ from mimkit.models.beit import BEiT, BEiTv2, create_beitv2, default_agg_layer
 from mimkit.registry import read_config
 from mimkit.runs import load_encoder, load_run
 from mimkit.tokenizers.vqkd import create_vqkd
-from mimkit.train.metrics import read_metrics
+from mimkit.train.metrics_log import read_metrics
 from mimkit.viz import codebook_usage_plot, token_maps
 from tests.conftest import grid_size
 

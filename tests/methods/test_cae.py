@@ -21,7 +21,7 @@ from mimkit.interop.keymaps import to_foreign
 from mimkit.models.cae import CAE
 from mimkit.registry import method_of, read_config
 from mimkit.runs import latest_weights, load_run
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from tests.conftest import every_evaluation_command, grid_size, perturb
 
 COMMON = ["--data", "synthetic:64", "--batch-size", "8", "--set", "data.num_workers=0"]  # 32 px, 3 channels

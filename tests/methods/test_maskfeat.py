@@ -15,7 +15,7 @@ from mimkit.config import load_recipe
 from mimkit.methods.maskfeat import MaskFeatView, hog_glyphs, hog_strokes
 from mimkit.registry import read_config
 from mimkit.runs import latest_weights, load_run
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from tests.conftest import grid_size
 
 COMMON = ["--data", "synthetic:64", "--batch-size", "8", "--set", "data.num_workers=0"]  # 32 px, 3 channels

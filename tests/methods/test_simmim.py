@@ -20,7 +20,7 @@ from mimkit.interop.keymaps import to_foreign
 from mimkit.methods.simmim import OFFICIAL_SIMMIM, SimMIMView, read_official_simmim
 from mimkit.models.simmim import SimMIM
 from mimkit.runs import latest_weights, load_run
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from tests.conftest import every_evaluation_command, grid_size, perturb
 
 COMMON = ["--data", "synthetic:64", "--batch-size", "8", "--set", "data.num_workers=0"]  # 32 px, 3 channels

@@ -14,7 +14,7 @@ from mimkit.methods import METHODS
 from mimkit.methods.vqkd import run_encoder
 from mimkit.registry import read_config
 from mimkit.tokenizers.teachers import load_teacher
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 
 DATA_MEAN, DATA_STD = [0.286], [0.353]  # Fashion-MNIST's normalization: one channel
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,

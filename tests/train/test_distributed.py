@@ -9,10 +9,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from mimkit.data.loader import SeededViews
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import World
 from mimkit.train.loop import LoopOptions, train
-from mimkit.train.metrics import read_metrics
+from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import Schedule, cosine_schedule
 from mimkit.train.step import NonFiniteLoss

@@ -6,10 +6,10 @@ from torch import nn
 
 from mimkit.data.loader import EpochBatches, SeededViews
 from mimkit.errors import MimkitError
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import World
 from mimkit.train.loop import LoopOptions, train
-from mimkit.train.metrics import read_metrics
+from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import build_adamw, layer_id, param_groups
 from mimkit.train.schedule import Schedule, cosine_schedule
 from mimkit.train.step import NonFiniteLoss

@@ -9,7 +9,7 @@ from mimkit.cli import main
 from mimkit.data.loader import SeededViews
 from mimkit.models.beit import create_beit
 from mimkit.models.mae import create_mae
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import World
 from mimkit.train.loop import LoopOptions, train
 from mimkit.train.optim import build_adamw, param_groups

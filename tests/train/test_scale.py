@@ -16,7 +16,7 @@ from mimkit.cli import main
 from mimkit.models.beit import create_beitv2
 from mimkit.models.mae import create_mae
 from mimkit.runs import latest_weights
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import expand_nodelist, slurm_environment
 from tests.conftest import torchrun
 

@@ -11,7 +11,7 @@ from mimkit.config import OptimConfig, TrainConfig
 from mimkit.data.loader import SeededViews
 from mimkit.train.distributed import World
 from mimkit.train.loop import LoopOptions, train
-from mimkit.train.metrics import read_metrics
+from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import build_adamw
 from mimkit.train.schedule import Schedule, cosine_schedule, plan_run, poly_schedule
 from tests.conftest import Points, noisy_view, regression_loss

@@ -12,7 +12,7 @@ from mimkit.data.loader import SeededViews
 from mimkit.train import step as step_module
 from mimkit.train.distributed import World
 from mimkit.train.loop import LoopOptions, train
-from mimkit.train.metrics import read_metrics
+from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import Schedule
 from mimkit.train.step import OptimizerStep

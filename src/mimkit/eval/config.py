@@ -1,5 +1,6 @@
-"""Typed configuration of a fine-tuning run (``recipes/finetune_*.yaml``) and of a segmentation run
-(``recipes/segment_*.yaml``).
+"""Typed configuration of a fine-tuning run (``recipes/finetune_*.yaml``), of a segmentation run
+(``recipes/segment_*.yaml``) and of the two probes on frozen features (``mimkit linprobe`` / ``knn``: their
+flags).
 
 The data, optimizer and training sections reuse the pretraining dataclasses; a fine-tuning run saves
 this resolved configuration (`mimkit.runs.CONFIG`), including the configuration that built its encoder
@@ -139,3 +140,50 @@ class SegmentConfig:
         at_least(1, "", eval_every=self.eval_every, eval_batch_size=self.eval_batch_size,
                  eval_images=self.eval_images)
 
+
+
+@dataclass
+class ProbeConfig:
+    """What the probes on frozen features share (``mimkit linprobe`` and ``mimkit knn``)."""
+
+    encoder: str = ""  # the run directory or checkpoint the encoder comes from
+    init: str = "pretrained"  # pretrained | random (the same architecture from scratch)
+    data: str = "fashion-mnist"  # labelled data (`mimkit.data.sources.build_source`)
+    root: str | None = None  # the data's root folder, where it needs one
+    pool: str = "cls"  # cls: the [CLS] token | avg: mean of the patch tokens
+    label_fraction: float = 1.0  # stratified, seeded subset of the training labels
+    val_fraction: float = 0.0  # hold out this part of the train split for validation
+    seed: int = 0  # seed of the label subset, the hold-out, the probe and the random init
+    cache_dir: str | None = None  # where features are cached; None: beside the encoder's run
+    num_workers: int = 0  # data loader processes for the feature pass
+    layer: int | str | None = None  # block N's features (1-based), "all" (one probe per block), None: final
+
+    def __post_init__(self):
+        check_range("--num-workers", self.num_workers, 0)
+
+
+@dataclass
+class LinprobeConfig(ProbeConfig):
+    epochs: int = 100
+    batch_size: int = 256
+    base_lr: float = 0.1  # scaled by batch / 256
+    optimizer: str = "sgd"  # sgd | lars
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("--epochs", self.epochs, 1)
+        check_range("--batch-size", self.batch_size, 1)
+        check_range("--lr", self.base_lr, 0, low_open=True)
+        check_range("the weight decay", self.weight_decay, 0)
+
+
+@dataclass
+class KnnConfig(ProbeConfig):
+    k: int = 20  # neighbours
+    temperature: float = 0.07  # of the neighbours' similarity weights
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("--k", self.k, 1)
+        check_range("--temperature", self.temperature, 0, low_open=True)

@@ -17,7 +17,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
 from mimkit.data.loader import eval_loader, evaluation_batches
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view

@@ -7,6 +7,9 @@ read once, at the end.
 
 - MAE: He et al., 2021, arXiv:2111.06377, appendix A.2
 - BEiT: Bao et al., 2021, arXiv:2106.08254, appendix (layer-wise lr decay)
+
+Registers the ``finetune`` run kind (`mimkit.kinds`): a fine-tuning run gives its classifier's encoder to the
+other protocols, and predicts classes.
 """
 
 import logging
@@ -18,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
-from mimkit.config import to_dict
+from mimkit.config import from_dict, to_dict
 from mimkit.data.loader import SeededViews, eval_loader
 from mimkit.data.source_info import SourceInfo
 from mimkit.data.sources import build_source
@@ -27,17 +29,52 @@ from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
 from mimkit.eval.augment import MixTargets, finetune_view
 from mimkit.eval.config import FinetuneConfig
-from mimkit.eval.metrics import classification_accuracy, prefixed, write_results
+from mimkit.eval.predict import predict_classes
+from mimkit.eval.scores import classification_accuracy, prefixed, write_results
 from mimkit.eval.subsets import make_splits
+from mimkit.kinds import Kind, register_kind
 from mimkit.models.classifier import FineTuned, build_classifier
-from mimkit.runs import Encoder, finetuned_model, hold_run_dir, keep_config, load_encoder
-from mimkit.train.checkpoint import Checkpoints, load_weights
-from mimkit.train.distributed import World, init_world
-from mimkit.train.loop import Evaluation, LoopOptions, train
-from mimkit.train.optim import build_adamw, param_groups
+from mimkit.registry import read_config
+from mimkit.runner import Job, OpenedRun, open_run, run_job
+from mimkit.runs import Encoder, best_weights, load_encoder, random_encoder
+from mimkit.train.checkpoint_files import load_weights
+from mimkit.train.loop import Evaluation
+from mimkit.train.optim import param_groups
 from mimkit.train.schedule import plan_run
 
 logger = logging.getLogger(__name__)
+
+
+def finetuned_model(config: FinetuneConfig) -> FineTuned:
+    """The (randomly initialized) module a fine-tuning run checkpoints, rebuilt from its configuration."""
+    spec = read_config(config.encoder_config)
+    classifier = build_classifier(random_encoder(spec), config.classifier.num_classes, config.classifier.pool,
+                                  config.classifier.drop_path)
+    return FineTuned(classifier, config.ema_decay)
+
+
+def finetuned_encoder(config: FinetuneConfig, run_dir: Path, weights: Path | None) -> tuple[torch.nn.Module,
+                                                                                           Path]:
+    """A fine-tuning run's classifier (its encoder with the head), from ``weights``, else its best weights
+    (else its newest): the EMA's when it kept one, the weights "best" chose."""
+    model = finetuned_model(config)
+    weights = weights or best_weights(run_dir)
+    load_weights(model, weights)
+    return (model.ema.module if config.ema_decay else model.classifier), weights
+
+
+def read_finetune(values: dict) -> FinetuneConfig:
+    """A saved fine-tuning configuration, to rebuild its model: the training augmentation does not shape it
+    (and older runs name other fields of it: torchvision's rand_augment_ops, ...), so it is left out."""
+    return from_dict(FinetuneConfig, {k: v for k, v in values.items() if k != "augment"})
+
+
+def predict_with_classifier(config: FinetuneConfig, run_dir: Path, images: str, out: str, tta: str | None,
+                            batch_size: int, force: bool) -> str:
+    """``mimkit predict FINETUNERUN``: ``predictions.csv`` (`mimkit.eval.predict.predict_classes`)."""
+    if tta:
+        raise MimkitError("--tta is for segmentation runs; a classifier predicts each image once")
+    return f"wrote {predict_classes(run_dir, images, out, force=force)}"
 
 
 def resolve_finetune(config: FinetuneConfig, encoder: Encoder, info: SourceInfo) -> FinetuneConfig:
@@ -71,8 +108,8 @@ def accuracies(model: FineTuned, loader, device: torch.device, split: str) -> di
 
 
 def run_finetune(config: FinetuneConfig, run_dir: str | Path, force_config: bool = False) -> dict:
-    """Fine-tune ``config.encoder`` on ``config.data`` into ``run_dir`` (resuming when it holds a checkpoint),
-    holding the run directory's lock meanwhile (`mimkit.runs.hold_run_dir`).
+    """Fine-tune ``config.encoder`` on ``config.data`` into ``run_dir`` (resuming when it holds a checkpoint)
+    with the one runner (`mimkit.runner`), holding the run directory's lock meanwhile.
 
     ``run_dir`` receives its configuration, ``metrics.jsonl``, ``checkpoints/`` (the last ones and the
     best weights) and, once training has finished, ``results.json``.
@@ -84,13 +121,13 @@ def run_finetune(config: FinetuneConfig, run_dir: str | Path, force_config: bool
     Returns:
         The results (or, when interrupted, the training loop's summary).
     """
-    world = init_world()
-    with hold_run_dir(run_dir, enabled=world.is_main):
-        return _finetune(config, Path(run_dir), world, force_config)
+    with open_run(run_dir, force_config) as run:
+        return _finetune(config, run)
 
 
-def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config: bool) -> dict:
+def _finetune(config: FinetuneConfig, run: OpenedRun) -> dict:
     start = time.perf_counter()
+    world = run.world
     encoder = load_encoder(config.encoder, config.classifier.init, seed=config.train.seed)
     data = config.data
     source = build_source(data.source, "train", root=data.root, channels=encoder.spec.data.channels,
@@ -124,28 +161,20 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
             logger.info("  ".join(f"{k} {v:.2f}" for k, v in results.items()))
         return results
 
-    train_cfg, optim = config.train, config.optim
-    plan = plan_run(len(train_set), world.size, train_cfg, optim)
+    optim = config.optim
+    plan = plan_run(len(train_set), world.size, config.train, optim)
     steps_per_epoch = plan.steps_per_epoch
     groups = param_groups(model, optim.weight_decay, optim.layer_decay, len(model.classifier.blocks))
-    optimizer = build_adamw(groups, optim.betas)
-
-    if world.is_main:
-        keep_config(run_dir, config, force_config)
-        logger.info(f"fine-tune {cls.init} {encoder.spec.model.name} on {data.source}: {len(train_set)} "
-                    f"images ({labels.fraction:g} of the labels), {plan.describe()}, "
-                    f"layer decay {optim.layer_decay}")
-    model.classifier.set_grad_checkpointing(train_cfg.grad_checkpointing)  # timm's own forward honours it
-    if train_cfg.compile:
-        model.compile()
     best_metric = "val_ema_top1" if config.ema_decay else "val_top1"
     view = finetune_view(data.img_size, data.mean, data.std, aug.crop_scale, aug.auto_augment, aug.reprob,
                          aug.remode)
-    options = LoopOptions.from_config(train_cfg, num_workers=data.num_workers, force_resume=force_config,
-                                      desc="fine-tune")
-    summary = train(model, loss_fn, SeededViews(train_set, view), optimizer, plan.schedule, run_dir, world,
-                    options, Evaluation(evaluate, config.eval_every * steps_per_epoch, keep_best=best_metric),
-                    after_step=model.update_ema if config.ema_decay else None)
+    summary = [f"fine-tune {cls.init} {encoder.spec.model.name} on {data.source}: {len(train_set)} images "
+               f"({labels.fraction:g} of the labels), {plan.describe()}, layer decay {optim.layer_decay}"]
+    job = Job("finetune", config, model, loss_fn, SeededViews(train_set, view), groups, optim.betas, plan,
+              data.num_workers, data.num_workers, "fine-tune", summary, checkpointed=model.classifier,
+              evaluation=Evaluation(evaluate, config.eval_every * steps_per_epoch, keep_best=best_metric),
+              after_step=model.update_ema if config.ema_decay else None)
+    summary = run_job(run, job)
     if summary["interrupted"] or not world.is_main:
         return summary
 
@@ -154,10 +183,10 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
     # when the validation split is the test split, the last evaluation was the test number already
     final = (prefixed("test", last) if val_is_test and last
              else accuracies(model, test_loader, world.device, "test"))
-    best = Checkpoints(run_dir).best()
+    best = run.checkpoints.best()
     if splits.val:  # the best weights were chosen on held-out training images: their test number is fair
         chosen = finetuned_model(config)
-        load_weights(chosen, Checkpoints(run_dir).best_path)
+        load_weights(chosen, run.checkpoints.best_path)
         picked = chosen.ema.module if config.ema_decay else chosen.classifier
         final |= prefixed("test_best", classification_accuracy(picked.to(world.device), test_loader,
                                                                world.device, "test best"))
@@ -173,6 +202,11 @@ def _finetune(config: FinetuneConfig, run_dir: Path, world: World, force_config:
         f"best_{best_metric}": best["value"], "best_step": best["step"], **final,
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    write_results(run_dir, results)
+    write_results(run.dir, results)
     logger.info("  ".join(f"{k} {v:.2f}" for k, v in final.items()))
     return results
+
+
+register_kind(Kind("finetune", FinetuneConfig, "mimkit finetune RUN: a pretrained encoder fine-tuned into a "
+                   "classifier", read=read_finetune, spec=lambda config: read_config(config.encoder_config),
+                   encoder=finetuned_encoder, predict=predict_with_classifier))

@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mimkit.config import check_range
 from mimkit.errors import MimkitError
+from mimkit.eval.config import KnnConfig
 from mimkit.eval.features import probe_data, probe_layers
-from mimkit.eval.metrics import depth_results, prefixed, topk_correct, write_results
-from mimkit.runs import Encoder, claim_out_dir
-from mimkit.train.metrics import MetricsLog
+from mimkit.eval.scores import depth_results, prefixed, topk_correct, write_results
+from mimkit.kinds import Kind, register_kind
+from mimkit.runs import Encoder, claim_out_dir, save_run_config
+from mimkit.train.metrics_log import MetricsLog
 
 
 @torch.no_grad()
@@ -70,32 +71,31 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, query
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n}
 
 
-def run_knn(encoder: Encoder, data: str, out: str | Path, *, pool: str = "cls", root: str | None = None,
-            label_fraction: float = 1.0, val_fraction: float = 0.0, seed: int = 0, k: int = 20,
-            temperature: float = 0.07, cache_dir: str | Path | None = None, num_workers: int = 0,
-            layer: int | str | None = None, force: bool = False) -> dict:
+def run_knn(encoder: Encoder, config: KnnConfig, out: str | Path, force: bool = False) -> dict:
     """The k-NN protocol end to end: cached features, neighbours among the label-fraction subset,
     accuracy on the held-out part (with ``val_fraction``) and on the test split; ``metrics.jsonl`` and
     ``results.json`` in ``out``, which must be new, empty or an earlier knn's (`mimkit.runs.claim_out_dir`).
 
     Args:
-        layer: the block whose features are compared (`probe_layers`): None, the final features; N, block
-            N; ``"all"``, every block from one feature pass: one ``metrics.jsonl`` record per block (step =
-            block), the table ``by_layer`` in ``results.json`` and ``accuracy_by_depth.png``.
+        encoder: from `mimkit.runs.load_encoder` (``config.encoder`` loaded).
+        config: the protocol's settings. ``config.layer`` is the block whose features are compared
+            (`probe_layers`): None, the final features; N, block N; ``"all"``, every block from one feature
+            pass: one ``metrics.jsonl`` record per block (step = block), the table ``by_layer`` in
+            ``results.json`` and ``accuracy_by_depth.png``.
+        out: the output folder; its ``config.yaml`` says the kind (``knn``) and the settings.
         force: write into an ``out`` folder that another command made, or that holds other files.
 
     Returns:
         The results written to ``results.json``.
     """
     start = time.perf_counter()
-    check_range("--k", k, 1)
-    check_range("--temperature", temperature, 0, low_open=True)
-    check_range("--num-workers", num_workers, 0)
-    layers = probe_layers(layer, len(encoder.model.blocks))
+    c, k = config, config.k
+    layers = probe_layers(c.layer, len(encoder.model.blocks))
     out = claim_out_dir(out, "knn", force)
-    features = probe_data(encoder, data, pool, root=root, label_fraction=label_fraction,
-                          val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
-                          layers=layers)
+    save_run_config(out, "knn", config)
+    features = probe_data(encoder, c.data, c.pool, root=c.root, label_fraction=c.label_fraction,
+                          val_fraction=c.val_fraction, seed=c.seed, cache_dir=c.cache_dir,
+                          num_workers=c.num_workers, layers=layers)
     train_images = len(features.train[1])
     if k > train_images:  # knn_scores caps k there: record the k that ran
         warnings.warn(f"k={k} is more than the {train_images} training images; k={train_images} is used",
@@ -108,16 +108,20 @@ def run_knn(encoder: Encoder, data: str, out: str | Path, *, pool: str = "cls", 
         where = "" if block is None else f" block {block}"
         final = {}
         for name, (x, y) in parts.items():
-            final |= prefixed(name, knn_accuracy(*part.train, x, y, part.num_classes, k, temperature,
+            final |= prefixed(name, knn_accuracy(*part.train, x, y, part.num_classes, k, c.temperature,
                                                  desc=f"k-NN {name}{where}"))
         log.write(block or 0, **final)
         rows.append({"layer": block, **final})
     log.close()
-    results = {"protocol": "knn", "encoder": encoder.origin, "data": data, "pool": pool, "layer": layer,
-               "label_fraction": label_fraction, "val_fraction": val_fraction, "seed": seed,
-               "train_images": train_images, "k": k, "temperature": temperature,
+    results = {"protocol": "knn", "encoder": encoder.origin, "data": c.data, "pool": c.pool, "layer": c.layer,
+               "label_fraction": c.label_fraction, "val_fraction": c.val_fraction, "seed": c.seed,
+               "train_images": train_images, "k": k, "temperature": c.temperature,
                **{key: v for key, v in rows[-1].items() if key != "layer"},
-               **(depth_results(out, "knn", rows) if layer == "all" else {}),
+               **(depth_results(out, "knn", rows) if c.layer == "all" else {}),
                "wall_s": round(time.perf_counter() - start, 1)}
     write_results(out, results)
     return results
+
+
+register_kind(Kind("knn", KnnConfig, "mimkit knn RUN: k-nearest-neighbour classification on an encoder's "
+                   "frozen features"))

@@ -19,14 +19,15 @@ from safetensors.torch import save_model
 from torch import nn
 from tqdm import tqdm
 
-from mimkit.config import check_range
 from mimkit.errors import MimkitError
+from mimkit.eval.config import LinprobeConfig
 from mimkit.eval.features import probe_data, probe_layers
 from mimkit.eval.lars import LARS
-from mimkit.eval.metrics import depth_results, prefixed, topk_correct, write_results
+from mimkit.eval.scores import depth_results, prefixed, topk_correct, write_results
 from mimkit.files import write_atomically
-from mimkit.runs import Encoder, claim_out_dir
-from mimkit.train.metrics import MetricsLog
+from mimkit.kinds import Kind, register_kind
+from mimkit.runs import Encoder, claim_out_dir, save_run_config
+from mimkit.train.metrics_log import MetricsLog
 from mimkit.train.schedule import cosine_schedule
 
 OPTIMIZERS = ("sgd", "lars")
@@ -136,11 +137,7 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
     return probe.eval()
 
 
-def run_linprobe(encoder: Encoder, data: str, out: str | Path, *, pool: str = "cls", root: str | None = None,
-                 label_fraction: float = 1.0, val_fraction: float = 0.0, seed: int = 0, epochs: int = 100,
-                 batch_size: int = 256, base_lr: float = 0.1, optimizer: str = "sgd",
-                 weight_decay: float = 0.0, cache_dir: str | Path | None = None,
-                 num_workers: int = 0, layer: int | str | None = None, force: bool = False) -> dict:
+def run_linprobe(encoder: Encoder, config: LinprobeConfig, out: str | Path, force: bool = False) -> dict:
     """The linear-probe protocol end to end: cached features, probe training, accuracy, ``results.json``.
 
     The probe is evaluated on the held-out validation part while it trains (when ``val_fraction`` > 0)
@@ -148,47 +145,52 @@ def run_linprobe(encoder: Encoder, data: str, out: str | Path, *, pool: str = "c
     and ``results.json``; it must be new, empty or an earlier linprobe's (`mimkit.runs.claim_out_dir`).
 
     Args:
-        layer: the block whose features the probe reads (`probe_layers`): None, the final features; N,
-            block N; ``"all"``, one probe per block from one feature pass: ``probe-blockN.safetensors``,
-            one ``metrics.jsonl`` record per block (step = block), the table ``by_layer`` in
-            ``results.json`` and ``accuracy_by_depth.png``.
+        encoder: from `mimkit.runs.load_encoder` (``config.encoder`` loaded).
+        config: the protocol's settings. ``config.layer`` is the block whose features the probe reads
+            (`probe_layers`): None, the final features; N, block N; ``"all"``, one probe per block from one
+            feature pass: ``probe-blockN.safetensors``, one ``metrics.jsonl`` record per block (step =
+            block), the table ``by_layer`` in ``results.json`` and ``accuracy_by_depth.png``.
+        out: the output folder; its ``config.yaml`` says the kind (``linprobe``) and the settings.
         force: write into an ``out`` folder that another command made, or that holds other files.
 
     Returns:
         The results written to ``results.json``.
     """
     start = time.perf_counter()
-    check_range("--epochs", epochs, 1)
-    check_range("--batch-size", batch_size, 1)
-    check_range("--lr", base_lr, 0, low_open=True)
-    check_range("the weight decay", weight_decay, 0)
-    check_range("--num-workers", num_workers, 0)
-    layers = probe_layers(layer, len(encoder.model.blocks))
+    c = config
+    layers = probe_layers(c.layer, len(encoder.model.blocks))
     out = claim_out_dir(out, "linprobe", force)
-    features = probe_data(encoder, data, pool, root=root, label_fraction=label_fraction,
-                          val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
-                          layers=layers)
+    save_run_config(out, "linprobe", config)
+    features = probe_data(encoder, c.data, c.pool, root=c.root, label_fraction=c.label_fraction,
+                          val_fraction=c.val_fraction, seed=c.seed, cache_dir=c.cache_dir,
+                          num_workers=c.num_workers, layers=layers)
     log = MetricsLog(out)
-    every_block = layer == "all"
+    every_block = c.layer == "all"
     rows = []
     for block, part in features.per_layer():
         evaluate = (lambda p, part=part: prefixed("val", probe_accuracy(p, *part.val))) if part.val else None
-        probe = train_linear_probe(*part.train, part.num_classes, epochs=epochs, batch_size=batch_size,
-                                   base_lr=base_lr, optimizer=optimizer, weight_decay=weight_decay, seed=seed,
+        probe = train_linear_probe(*part.train, part.num_classes, epochs=c.epochs, batch_size=c.batch_size,
+                                   base_lr=c.base_lr, optimizer=c.optimizer, weight_decay=c.weight_decay,
+                                   seed=c.seed,
                                    evaluate=evaluate, log=None if every_block else log,
                                    desc="linprobe" if block is None else f"linprobe block {block}")
         final = (evaluate(probe) if evaluate else {}) | prefixed("test", probe_accuracy(probe, *part.test))
-        log.write(block if every_block else epochs, **final)
+        log.write(block if every_block else c.epochs, **final)
         name = f"probe-block{block}.safetensors" if every_block else "probe.safetensors"
         write_atomically(out / name, lambda tmp, probe=probe: save_model(probe, str(tmp)))
         rows.append({"layer": block, **final})
     log.close()
-    results = {"protocol": "linprobe", "encoder": encoder.origin, "data": data, "pool": pool, "layer": layer,
-               "label_fraction": label_fraction, "val_fraction": val_fraction, "seed": seed,
-               "train_images": len(features.train[1]), "feature_dim": features.train[0].shape[-1],
-               "optimizer": optimizer, "epochs": epochs, "base_lr": base_lr,
+    results = {"protocol": "linprobe", "encoder": encoder.origin, "data": c.data, "pool": c.pool,
+               "layer": c.layer, "label_fraction": c.label_fraction, "val_fraction": c.val_fraction,
+               "seed": c.seed, "train_images": len(features.train[1]),
+               "feature_dim": features.train[0].shape[-1],
+               "optimizer": c.optimizer, "epochs": c.epochs, "base_lr": c.base_lr,
                **{k: v for k, v in rows[-1].items() if k != "layer"},
                **(depth_results(out, "linprobe", rows) if every_block else {}),
                "wall_s": round(time.perf_counter() - start, 1)}
     write_results(out, results)
     return results
+
+
+register_kind(Kind("linprobe", LinprobeConfig, "mimkit linprobe RUN: a linear classifier on an encoder's "
+                   "frozen features"))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -35,7 +36,6 @@ from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
 from mimkit.eval.seg_metrics import TTA, predict_logits
-from mimkit.eval.segment import load_segmenter
 from mimkit.runs import claim_out_dir, load_encoder
 from mimkit.viz import overlay, seg_palette
 
@@ -95,11 +95,13 @@ def _same_size_batches(source: Dataset, batch_size: int,
 
 
 @torch.inference_mode()
-def predict_masks(run: str | Path, images: str | Path, out: str | Path, tta: str | None = None,
+def predict_masks(model: nn.Module, config, images: str | Path, out: str | Path, tta: str | None = None,
                   batch_size: int = 16, force: bool = False, workers: int = 1) -> tuple[list[Path], str]:
-    """Label maps and overlays of a segmentation run for each image under ``images``.
+    """Label maps and overlays of a segmentation run's model for each image under ``images``.
 
     Args:
+        model: the run's `mimkit.models.segmentation.Segmenter` in eval mode.
+        config: the run's `mimkit.eval.config.SegmentConfig`.
         tta: None (as the run evaluates), ``flip`` or ``ms`` (see the module's docstring).
         batch_size: images predicted together (of one size).
         force: write into an ``out`` folder that holds other files.
@@ -110,7 +112,6 @@ def predict_masks(run: str | Path, images: str | Path, out: str | Path, tta: str
     """
     if tta is not None and tta not in TTA:
         raise MimkitError(f"--tta {tta!r} is not one of {', '.join(TTA)}")
-    model, config = load_segmenter(run)
     seg, data = config.seg, config.data
     scales, flip = TTA[tta] if tta else (seg.eval_scales, seg.eval_flip)
     source = image_source(images, data.channels)
@@ -151,10 +152,10 @@ def predict_classes(run: str | Path, images: str | Path, out: str | Path, top: i
                     force: bool = False) -> Path:
     """``<out>/predictions.csv`` of a fine-tuned classifier: file, then the top classes and probabilities."""
     encoder = load_encoder(run)
-    if encoder.finetune is None:
-        raise MimkitError(f"'{run}' is a pretraining run: predict needs a segmentation run (mimkit segment) "
-                          "or a fine-tuned classifier (mimkit finetune)")
-    data = encoder.finetune.data
+    if encoder.kind != "finetune":
+        raise MimkitError(f"'{run}' is a {encoder.kind} run: predict needs a segmentation run (mimkit "
+                          "segment) or a fine-tuned classifier (mimkit finetune)")
+    data = encoder.config.data
     classes = build_source(data.source, "train", root=data.root, channels=data.channels).info.classes
     source = image_source(images, data.channels)
     view = eval_view(data.img_size, data.mean, data.std)

@@ -5,7 +5,7 @@ another folder with the same classes, as the run evaluates or with a test-time a
 the papers' multi-scale test), on the GPU when there is one. Every mask is checked before the first image
 is scored. ``out`` (a new or empty folder, or one evaluate wrote: `mimkit.runs.claim_out_dir`) receives
 ``results.json`` (aAcc, mIoU, mAcc, the per-class table)
-and the confusion matrix (`mimkit.eval.metrics.write_confusion`).
+and the confusion matrix (`mimkit.eval.scores.write_confusion`).
 """
 
 import time
@@ -18,9 +18,9 @@ from mimkit.data.loader import eval_loader
 from mimkit.data.seg_transforms import SegEvalView
 from mimkit.data.segmentation import build_seg_source
 from mimkit.errors import MimkitError
-from mimkit.eval.metrics import write_confusion, write_results
+from mimkit.eval.scores import write_confusion, write_results
 from mimkit.eval.seg_metrics import TTA, evaluate_segmentation
-from mimkit.eval.segment import SCORES, load_segmenter
+from mimkit.eval.segment import SCORES, load_segmentation_run
 from mimkit.runs import claim_out_dir
 
 
@@ -39,7 +39,7 @@ def evaluate_run(run: str | Path, out: str | Path, split: str = "val", data: str
         raise MimkitError(f"--tta {tta!r} is not one of {', '.join(TTA)}")
     out = claim_out_dir(out, "evaluate")
     start = time.perf_counter()
-    model, config = load_segmenter(run)
+    model, config = load_segmentation_run(run)
     seg, data_cfg = config.seg, config.data
     source = build_seg_source(data or data_cfg.source, split, root=data_cfg.root, channels=data_cfg.channels,
                               num_classes=seg.num_classes, class_list=seg.classes,

@@ -10,6 +10,9 @@ per-class table, go to ``results.json``.
 
 - BEiT: Bao et al., 2021, arXiv:2106.08254; MAE: He et al., 2021, arXiv:2111.06377
 - BEiT v2: Peng et al., 2022, arXiv:2208.06366; UperNet: Xiao et al., 2018, arXiv:1807.10221
+
+Registers the ``segment`` run kind (`mimkit.kinds`): a segmentation run loads as its `Segmenter`, draws
+image | ground truth | prediction, and predicts label maps.
 """
 
 import logging
@@ -22,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
-import mimkit.methods  # noqa: F401  (registers the methods whose runs this loads)
 from mimkit.config import from_dict, merge, parse_overrides, to_dict
 from mimkit.cpus import data_workers
 from mimkit.data.loader import SeededViews, eval_loader
@@ -30,27 +32,27 @@ from mimkit.data.seg_transforms import SegEvalView, SegTrainView
 from mimkit.data.segmentation import SegSource, build_seg_source
 from mimkit.errors import MimkitError
 from mimkit.eval.config import SegmentConfig
-from mimkit.eval.metrics import write_confusion, write_results
-from mimkit.eval.seg_metrics import IGNORE_INDEX, MODES, evaluate_segmentation, format_table
+from mimkit.eval.predict import predict_masks
+from mimkit.eval.scores import write_confusion, write_results
+from mimkit.eval.seg_metrics import IGNORE_INDEX, MODES, evaluate_segmentation, format_table, predict_logits
 from mimkit.eval.seg_sizing import SegDataFacts, label_hint, seg_size_hint, survey_seg_data
 from mimkit.eval.subsets import label_subset
+from mimkit.kinds import Kind, register_kind
 from mimkit.models.segmentation import HEADS, Segmenter, segmentation_encoder
 from mimkit.registry import read_config
+from mimkit.runner import Job, OpenedRun, open_run, run_job
 from mimkit.runs import (
-    CONFIG,
     Encoder,
     best_weights,
-    hold_run_dir,
-    keep_config,
     load_encoder,
     random_encoder,
-    saved_values,
+    read_run,
 )
-from mimkit.train.checkpoint import Checkpoints, load_weights
-from mimkit.train.distributed import World, init_world
-from mimkit.train.loop import Evaluation, LoopOptions, describe_engine, train
-from mimkit.train.optim import build_adamw, param_groups
+from mimkit.train.checkpoint_files import load_weights
+from mimkit.train.loop import Evaluation
+from mimkit.train.optim import param_groups
 from mimkit.train.schedule import RunPlan, plan_run, poly_schedule
+from mimkit.viz import save_picture, segmentation_figure
 
 logger = logging.getLogger(__name__)
 
@@ -81,23 +83,49 @@ def build_segmenter(config: SegmentConfig, encoder: nn.Module) -> Segmenter:
                      seg.blocks, seg.channels, seg.aux_channels, seg.freeze_encoder)
 
 
-def is_segmentation_run(run: str | Path) -> bool:
-    """Whether ``run`` is a directory left by `mimkit segment`."""
-    return "seg" in saved_values(run)
-
-
-def load_segmenter(run_dir: str | Path) -> tuple[Segmenter, SegmentConfig]:
-    """A segmentation run's model (its best weights, else its newest) in eval mode on CPU, and its
-    configuration."""
-    run_dir = Path(run_dir)
-    values = saved_values(run_dir)
-    if "seg" not in values:
-        raise MimkitError(f"'{run_dir}' is not a segmentation run (no seg section in its {CONFIG}); "
-                          "make one with mimkit segment")
-    config = from_dict(SegmentConfig, values)
+def load_segmenter(config: SegmentConfig, run_dir: Path) -> Segmenter:
+    """A segmentation run's model (its best weights, else its newest) in eval mode on CPU."""
     model = build_segmenter(config, random_encoder(read_config(config.encoder_config)))
     load_weights(model, best_weights(run_dir))
-    return model.eval(), config
+    return model.eval()
+
+
+def load_segmentation_run(run_dir: str | Path) -> tuple[Segmenter, SegmentConfig]:
+    """The model (`load_segmenter`) and configuration of the segmentation run in ``run_dir``; another kind of
+    run is refused."""
+    kind, config = read_run(run_dir)
+    if kind.name != "segment":
+        raise MimkitError(f"'{run_dir}' is a {kind.name} run, not a segmentation run; make one with "
+                          "mimkit segment")
+    return load_segmenter(config, Path(run_dir)), config
+
+
+def visualize_segmentation(config: SegmentConfig, run_dir: Path, out: Path, n: int, seed: int) -> list[Path]:
+    """``mimkit visualize SEGRUN``: image | ground truth | prediction for ``n`` validation images."""
+    model = load_segmenter(config, run_dir)
+    seg, data = config.seg, config.data
+    source = build_seg_source(data.source, "val", root=data.root, num_classes=seg.num_classes,
+                              channels=data.channels)
+    view = SegEvalView(seg.eval_scale, data.mean, data.std)
+    picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]
+    rows = []
+    with torch.inference_mode():
+        for index in picks.tolist():
+            image, truth = source[index]
+            logits = predict_logits(model, view.image(image)[None], seg.crop_size, seg.eval_mode,
+                                    seg.eval_stride, seg.eval_flip, seg.eval_scales)
+            logits = F.interpolate(logits, size=truth.shape, mode="bilinear", align_corners=False)
+            rows.append((image, truth, logits.argmax(1)[0]))
+    return [save_picture(segmentation_figure(rows, seg.classes), out)]
+
+
+def predict_label_maps(config: SegmentConfig, run_dir: Path, images: str, out: str, tta: str | None,
+                       batch_size: int, force: bool) -> str:
+    """``mimkit predict SEGRUN``: a label map (and its overlay) per image
+    (`mimkit.eval.predict.predict_masks`)."""
+    written, naming = predict_masks(load_segmenter(config, run_dir), config, images, out, tta, batch_size,
+                                    force)
+    return f"wrote {len(written)} label maps (and their _overlay.png) to {out}: {naming}"
 
 
 def segmentation_loss(model: Segmenter, images: torch.Tensor, masks: torch.Tensor,
@@ -128,7 +156,7 @@ def optimizer_groups(model: Segmenter, weight_decay: float, layer_decay: float) 
 def run_segment(config: SegmentConfig, run_dir: str | Path, force_config: bool = False, *, recipe: str = "",
                 auto_size: bool = False) -> dict:
     """Train ``config.encoder`` for segmentation on ``config.data`` into ``run_dir`` (resuming when it holds a
-    checkpoint), holding the run directory's lock meanwhile (`mimkit.runs.hold_run_dir`).
+    checkpoint) with the one runner (`mimkit.runner`), holding the run directory's lock meanwhile.
 
     Before the first step the masks are checked (every evaluated val mask, a sample of the train ones:
     `mimkit.eval.seg_sizing`) and a start-up summary is logged: data, masks and classes, recipe, model, run,
@@ -146,9 +174,8 @@ def run_segment(config: SegmentConfig, run_dir: str | Path, force_config: bool =
     Returns:
         The results (or, when interrupted, the training loop's summary).
     """
-    world = init_world()
-    with hold_run_dir(run_dir, enabled=world.is_main):
-        return _segment(config, Path(run_dir), world, force_config, recipe, auto_size)
+    with open_run(run_dir, force_config) as run:
+        return _segment(config, run, recipe, auto_size)
 
 
 def _applied(config: SegmentConfig, settings: dict) -> SegmentConfig:
@@ -158,8 +185,9 @@ def _applied(config: SegmentConfig, settings: dict) -> SegmentConfig:
 
 
 def _summary(config: SegmentConfig, encoder: Encoder, facts: SegDataFacts, plan: RunPlan, recipe: str,
-             engine: str, hint: dict | None, auto_size: bool, labels_note: str) -> list[str]:
-    """The start-up summary: one short line per subject."""
+             hint: dict | None, auto_size: bool, labels_note: str) -> list[str]:
+    """The start-up summary: one short line per subject (the runner adds how it computes:
+    `mimkit.runner.engine_line`)."""
     seg, data = config.seg, config.data
     names = ", ".join(seg.classes[:8]) + (", ..." if seg.num_classes > 8 else "")
     width, height = facts.median
@@ -181,8 +209,7 @@ def _summary(config: SegmentConfig, encoder: Encoder, facts: SegDataFacts, plan:
               f"{seg.crop_size} px ({grid}x{grid} patches), base scale {seg.scale[0]}x{seg.scale[1]} x "
               f"{seg.ratio_range[0]:g}-{seg.ratio_range[1]:g}; {head}; drop path {seg.drop_path}; eval "
               f"{evaluation}",
-              f"run       {plan.describe()}, layer decay {config.optim.layer_decay}",
-              f"engine    {engine}"]
+              f"run       {plan.describe()}, layer decay {config.optim.layer_decay}"]
     if hint and not auto_size:
         fit = " ".join(f"--set '{k}={v}'" if isinstance(v, list) else f"--set {k}={v}"
                        for k, v in hint.items())
@@ -195,9 +222,9 @@ def _summary(config: SegmentConfig, encoder: Encoder, facts: SegDataFacts, plan:
     return lines
 
 
-def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: bool, recipe: str,
-             auto_size: bool) -> dict:
+def _segment(config: SegmentConfig, run: OpenedRun, recipe: str, auto_size: bool) -> dict:
     start = time.perf_counter()
+    world = run.world
     seg, data = config.seg, config.data
     encoder = load_encoder(config.encoder, seg.init, seed=config.train.seed)
     channels = encoder.spec.data.channels
@@ -221,8 +248,6 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
 
     torch.manual_seed(train_cfg.seed)  # the heads' initialization, the same on every rank
     model = build_segmenter(config, encoder.model).to(world.device)
-    if train_cfg.grad_checkpointing:
-        model.encoder.set_grad_checkpointing()
     if world.size > 1 and world.device.type == "cuda":  # BatchNorm over the global batch, as the papers
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (CPU processes keep their own statistics)
 
@@ -246,21 +271,15 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
         return results
 
     plan = plan_run(len(train_set), world.size, train_cfg, optim, lr_schedule=poly_schedule)
-    optimizer = build_adamw(optimizer_groups(model, optim.weight_decay, optim.layer_decay), optim.betas)
-    if world.is_main:
-        keep_config(run_dir, config, force_config)
-        engine = describe_engine(world, train_cfg, workers, data.num_workers)
-        labels_note = label_hint(facts, seg.num_classes)
-        for line in _summary(config, encoder, facts, plan, recipe, engine, hint, auto_size, labels_note):
-            logger.info(line)
-    if train_cfg.compile:
-        model.compile()
     view = SegTrainView(seg.crop_size, seg.scale, data.mean, data.std, seg.ratio_range, seg.cat_max_ratio,
                         photometric=seg.photometric)
-    options = LoopOptions.from_config(train_cfg, num_workers=workers, force_resume=force_config,
-                                      desc="segment")
-    summary = train(model, loss_fn, SeededViews(train_set, view), optimizer, plan.schedule, run_dir, world,
-                    options, Evaluation(evaluate, config.eval_every, keep_best="val_mIoU"))
+    labels_note = label_hint(facts, seg.num_classes)
+    lines = _summary(config, encoder, facts, plan, recipe, hint, auto_size, labels_note)
+    job = Job("segment", config, model, loss_fn, SeededViews(train_set, view),
+              optimizer_groups(model, optim.weight_decay, optim.layer_decay), optim.betas, plan, workers,
+              data.num_workers, "segment", lines, checkpointed=model.encoder,
+              evaluation=Evaluation(evaluate, config.eval_every, keep_best="val_mIoU"))
+    summary = run_job(run, job)
     if summary["interrupted"]:
         return summary
     if "scores" not in last:  # the run had already finished: score its weights once more (every rank)
@@ -268,7 +287,7 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
     if not world.is_main:
         return summary
     scores = last["scores"]
-    best = Checkpoints(run_dir).best() or {"value": None, "step": None}  # no mIoU yet (no class present)
+    best = run.checkpoints.best() or {"value": None, "step": None}  # no mIoU yet (no class present)
     results = {
         "protocol": "segment", "encoder": encoder.origin, "init": seg.init, "head": seg.head,
         "frozen_encoder": seg.freeze_encoder, "data": data.source, "label_fraction": config.labels.fraction,
@@ -279,7 +298,14 @@ def _segment(config: SegmentConfig, run_dir: Path, world: World, force_config: b
         **{k: scores[k] for k in SCORES}, "best_val_mIoU": best["value"], "best_step": best["step"],
         "per_class": scores["per_class"], "wall_s": round(time.perf_counter() - start, 1),
     }
-    write_results(run_dir, results)
-    write_confusion(run_dir, scores)
+    write_results(run.dir, results)
+    write_confusion(run.dir, scores)
     logger.info(format_table(scores))
     return results
+
+
+register_kind(Kind("segment", SegmentConfig, "mimkit segment RUN: a pretrained encoder with UperNet (or a "
+                   "linear head) for semantic segmentation",
+                   spec=lambda config: read_config(config.encoder_config),
+                   load=load_segmenter, visualize=visualize_segmentation, predict=predict_label_maps,
+                   picture="seg.png"))

@@ -26,7 +26,7 @@ from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.files import remove_temporaries
 from mimkit.interop.hf import image_processor_config, write_hf_folder
 from mimkit.registry import Export, method_of
-from mimkit.runs import load_run
+from mimkit.runs import load_run, load_trained, run_kind
 
 TARGETS = ("timm", "hf")
 
@@ -114,15 +114,14 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, encoder_only: bool
                force: bool = False) -> list[Path]:
     """Export the newest weights of a run (see `export_model`); a BEiT segmentation run's best weights go to
     transformers' ``BeitForSemanticSegmentation`` (`mimkit.interop.segmentation`)."""
-    from mimkit.eval.segment import is_segmentation_run, load_segmenter
     from mimkit.interop.segmentation import export_segmenter
 
     _check_out(Path(out), force)  # before loading anything
-    if is_segmentation_run(run_dir):
+    if run_kind(run_dir).name == "segment":
         if to != "hf" or encoder_only:
             raise MimkitError("a segmentation run exports to Hugging Face whole: --to hf without "
                               "--encoder-only")
-        segmenter, seg_config = load_segmenter(run_dir)
+        segmenter, seg_config = load_trained(run_dir)
         data = seg_config.data
         return export_segmenter(segmenter, seg_config.seg.crop_size, data.mean, data.std,
                                 seg_config.seg.classes, out)

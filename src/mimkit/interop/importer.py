@@ -31,17 +31,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import mimkit.methods  # noqa: F401  (registers the built-in methods, whose hooks are looked up here)
-from mimkit.config import PretrainConfig, check_range, merge, save_config
+from mimkit.config import PretrainConfig, check_range, merge
 from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.interop.foreign import IMAGENET_MEAN, IMAGENET_STD, Foreign, convert
 from mimkit.interop.hf import read_hf_folder
 from mimkit.models.posembed import abs_grid, rel_grid, resize_abs_pos_embed, resize_rel_pos_table
 from mimkit.models.vit import ENCODER_ARCHS
 from mimkit.registry import HFLayout, Import, method_of, read_config, registered
-from mimkit.runs import config_path, is_run_dir, some_names
+from mimkit.runs import is_run_dir, save_run_config, some_names
 from mimkit.safe_load import load_sharded, load_tensors, read_json
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 
 
 def importing(method: str) -> Import:
@@ -346,6 +345,6 @@ def import_checkpoint(path: str | Path, fmt: str, out: str | Path, img_size: int
     notes = foreign.notes + load_foreign(model, foreign, allow_mismatch)
     with explain_write_errors(out):
         out.mkdir(parents=True, exist_ok=True)
-    save_config(config, config_path(out))
+    save_run_config(out, method_of(config.method).kind, config)
     Checkpoints(out).save(0, model, {"step": 0, "imported_from": str(path), "format": fmt})
     return ImportReport(out, config, foreign.source, notes, origin)

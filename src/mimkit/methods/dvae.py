@@ -23,7 +23,7 @@ from mimkit.errors import MimkitError
 from mimkit.registry import Images, LossFn, Method, View, register
 from mimkit.runs import CONFIG, config_path, load_config
 from mimkit.tokenizers.dvae import DVAE, DVAE_FILE, DVAEEncoder, dvae_for, saved_dvae_config
-from mimkit.train.checkpoint import Checkpoints, load_weights
+from mimkit.train.checkpoint_files import Checkpoints, load_weights
 from mimkit.train.schedule import cosine_schedule
 from mimkit.viz import dvae_reconstructions
 

@@ -31,7 +31,7 @@ from mimkit.runs import config_path, load_config, load_encoder
 from mimkit.tokenizers.dvae import codebook_stats
 from mimkit.tokenizers.teachers import SPEC_FORMS, Teacher, load_teacher
 from mimkit.tokenizers.vqkd import VQKD, create_vqkd
-from mimkit.train.checkpoint import Checkpoints, load_weights
+from mimkit.train.checkpoint_files import Checkpoints, load_weights
 from mimkit.viz import vqkd_tokens
 
 

@@ -1,7 +1,8 @@
 """ViT encoders over timm, and the fixed 2-D sin-cos position table of MAE.
 
-Every mimkit encoder is a plain timm `VisionTransformer` (class token, no classifier head), so an
-exported encoder loads anywhere timm does.
+The encoders built here are plain timm `VisionTransformer`s (class token, no classifier head); BEiT's are
+timm's `Beit` (relative position bias, layer scale: `mimkit.models.beit`). Either way an exported encoder is
+a timm model and loads anywhere timm does.
 
 - ViT: Dosovitskiy et al., 2020, arXiv:2010.11929
 - MAE sin-cos table: He et al., 2021, arXiv:2111.06377

@@ -21,11 +21,11 @@ from torch import nn
 from mimkit.config import TrainConfig
 from mimkit.cpus import usable_cpus
 from mimkit.data.loader import EpochBatches, SeededViews, build_loader, workers_end_with_errors
-from mimkit.train.checkpointer import Checkpointer
 from mimkit.train.distributed import World, any_rank
 from mimkit.train.progress import ProgressLog
 from mimkit.train.schedule import Schedule, epoch_steps
 from mimkit.train.step import LossFn, OptimizerStep
+from mimkit.train.training_state import Checkpointer
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Evaluation:
     evaluate: Callable[[nn.Module], dict]  # model -> {name: number}; logged
     every: int | None = None  # optimizer steps; None: at every epoch end. Always at the last step too.
     keep_best: str | None = None  # a key of the results: the weights where it was highest are kept
-    # (`mimkit.train.checkpoint.Checkpoints.save_best`)
+    # (`mimkit.train.checkpoint_files.Checkpoints.save_best`)
 
 
 def describe_engine(world: World, train_cfg: TrainConfig, workers: int, asked_workers: int) -> str:
@@ -67,8 +67,8 @@ def describe_engine(world: World, train_cfg: TrainConfig, workers: int, asked_wo
     return (f"{world.device.type}, {world.size} process{'es' if world.size > 1 else ''}, {precision}, "
             f"compile {'on' if train_cfg.compile else 'off'}, gradient checkpointing "
             f"{'on' if train_cfg.grad_checkpointing else 'off'}, {workers} data worker"
-            f"{'' if workers == 1 else 's'} (asked {asked_workers}; {usable_cpus()} CPUs), "
-            f"{torch.get_num_threads()} torch threads")
+            f"{'' if workers == 1 else 's'} (asked {asked_workers}; this process may use {usable_cpus()} "
+            f"CPUs), {torch.get_num_threads()} torch threads")
 
 
 class _StopNow(Exception):

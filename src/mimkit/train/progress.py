@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from mimkit.train.distributed import World
-from mimkit.train.metrics import MetricsLog
+from mimkit.train.metrics_log import MetricsLog
 
 
 def _scalar(value) -> float:

@@ -1,6 +1,6 @@
-"""What the loop saves and resumes from: the weights (never non-finite ones), the optimizer, the step, every
-process's RNG state, and the number of processes and the global batch the run was trained with, kept in the
-run's `Checkpoints` (the files)."""
+"""The training state the loop saves and resumes from (`Checkpointer`): the weights (never non-finite ones),
+the optimizer, the step, every process's RNG state, and the number of processes and the global batch the run
+was trained with, kept in the run's `Checkpoints` (the files: `mimkit.train.checkpoint_files`)."""
 
 import logging
 import math
@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from mimkit.errors import MimkitError
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import World, gather_objects
-from mimkit.train.metrics import drop_records_after
+from mimkit.train.metrics_log import drop_records_after
 from mimkit.train.step import NonFiniteLoss
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""Checkpoints that survive interruption and load without executing anything.
+"""The checkpoint files of a run (`Checkpoints`): written so that they survive interruption, and loaded
+without executing anything. (What the loop puts in them and restores is `mimkit.train.training_state`.)
 
 A checkpoint at optimizer step N is two files in ``<run>/checkpoints/``:
 ``step-0000000N.safetensors`` (model weights) and ``step-0000000N.pt`` (optimizer, step, data

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mimkit.errors import MimkitError
-from mimkit.train.metrics import MetricsLog, drop_records_after, read_metrics
+from mimkit.train.metrics_log import MetricsLog, drop_records_after, read_metrics
 
 
 def logged(run_dir, steps: int):

@@ -1,4 +1,6 @@
-"""Accuracy and the ``results.json`` every evaluation run leaves."""
+"""The scores of an evaluation (top-k accuracy, the confusion matrix, accuracy by depth) and the
+``results.json`` every evaluation run leaves. (The training log's ``metrics.jsonl`` is
+`mimkit.train.metrics_log`.)"""
 
 import json
 from collections.abc import Sequence

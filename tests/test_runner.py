@@ -1,0 +1,178 @@
+"""The one runner (`mimkit.runner`) gives every training kind every engine feature: gradient checkpointing,
+the compile flag, a stop request that saves and exits 130 and an exact resume, and the halt on a non-finite
+loss. Each test runs over the kinds (`KINDS`) through the command line, with the runner's loop wrapped."""
+
+import os
+import signal
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mimkit.runner
+from mimkit.cli import main
+from mimkit.train.checkpoint_files import Checkpoints
+from tests.conftest import TINY_MAE_KWARGS
+from tests.eval.test_segment import QUICK as QUICK_SEGMENT
+from tests.eval.test_segment import write_layout
+
+TINY = [arg for kv in TINY_MAE_KWARGS for arg in ("--set", f"model.kwargs.{kv}")]
+COMMON = ["--batch-size", "8", "--set", "data.num_workers=0"]
+
+
+def command(kind: str, mae_run, tmp_path) -> list[str]:
+    """The command line that trains a run of ``kind`` (without ``--out`` and its length)."""
+    if kind == "pretraining":
+        return ["pretrain", "mae", "--data", "synthetic", *TINY, *COMMON]
+    if kind == "finetune":
+        return ["finetune", str(mae_run), "--data", "synthetic", *COMMON, "--set", "eval_batch_size=256"]
+    data = tmp_path / "scenes"
+    if not data.exists():
+        write_layout(data, "generic")
+    return ["segment", str(mae_run), "--data", str(data), *QUICK_SEGMENT, "--batch-size", "4"]
+
+
+KINDS = ("pretraining", "finetune", "segment")
+
+
+class Captured:
+    """Replaces the runner's loop: keeps what the runner hands it and ends the run as interrupted."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        monkeypatch.setattr(mimkit.runner, "train", self)
+
+    def __call__(self, model, loss_fn, dataset, *args, **kwargs):
+        self.calls.append((model, loss_fn, dataset))
+        return {"step": 0, "interrupted": True, "resumed_from": None}
+
+
+def first_batch(dataset, n: int = 2) -> dict:
+    items = [dataset[(index, index)] for index in range(n)]
+    return {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
+
+
+def loss_and_saved(model, loss_fn, batch) -> tuple[torch.Tensor, int]:
+    """The loss of one batch (same random draws each time) and the elements autograd kept for backward."""
+    saved = []
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = loss_fn(model, batch)[0]
+    return loss.detach(), sum(saved)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_checkpoints_gradients_when_asked(kind, mae_run, tmp_path, monkeypatch, capsys):
+    captured = Captured(monkeypatch)
+    argv = command(kind, mae_run, tmp_path) + ["--max-steps", "2", "--out", str(tmp_path / kind)]
+    assert main(argv + ["--set", "train.grad_checkpointing=true"]) == 130
+    assert "gradient checkpointing on" in capsys.readouterr().out  # the summary's engine line
+    model, loss_fn, dataset = captured.calls[0]
+    switched = [m for m in model.modules() if getattr(m, "grad_checkpointing", False)]
+    assert switched, "no module of the model checkpoints its blocks"
+    model.train()
+    batch = first_batch(dataset)
+    checked_loss, checked_saved = loss_and_saved(model, loss_fn, batch)
+    for module in switched:
+        module.set_grad_checkpointing(False)
+    plain_loss, plain_saved = loss_and_saved(model, loss_fn, batch)
+    torch.testing.assert_close(checked_loss, plain_loss, rtol=1e-6, atol=0)
+    assert checked_saved < plain_saved  # the point: fewer activations kept for backward
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_compiles_when_asked(kind, mae_run, tmp_path, monkeypatch, capsys):
+    captured = Captured(monkeypatch)
+    argv = command(kind, mae_run, tmp_path) + ["--max-steps", "2"]
+    assert main(argv + ["--out", str(tmp_path / "plain")]) == 130
+    assert main(argv + ["--out", str(tmp_path / "compiled"), "--set", "train.compile=true"]) == 130
+    plain, compiled = (model for model, _, _ in captured.calls)
+    assert plain._compiled_call_impl is None and compiled._compiled_call_impl is not None
+    assert "compile on" in capsys.readouterr().out
+
+
+def wrap_loss(monkeypatch, fault) -> None:
+    """Run the runner's loop with ``fault(loss_fn)`` in place of each job's loss."""
+    real = mimkit.runner.train
+    monkeypatch.setattr(mimkit.runner, "train",
+                        lambda model, loss_fn, *args, **kwargs: real(model, fault(loss_fn), *args, **kwargs))
+
+
+def at_call(n: int, action):
+    """A loss wrapper that calls ``action(loss)`` on the ``n``-th call and returns what it gives."""
+    def fault(loss_fn):
+        calls = [0]
+
+        def wrapped(model, batch):
+            calls[0] += 1
+            loss, metrics = loss_fn(model, batch)
+            return (action(loss) if calls[0] == n else loss), metrics
+        return wrapped
+    return fault
+
+
+def stop_request(loss):
+    os.kill(os.getpid(), signal.SIGTERM)  # as Slurm or kill: the loop finishes this step, saves, exits 130
+    return loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_stops_on_sigterm_with_130_and_resumes_exactly(kind, mae_run, tmp_path, monkeypatch,
+                                                                  capsys):
+    argv = command(kind, mae_run, tmp_path) + ["--max-steps", "3"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert main(argv + ["--out", str(straight)]) == 0
+    with monkeypatch.context() as patch:
+        wrap_loss(patch, at_call(2, stop_request))
+        assert main(argv + ["--out", str(cut)]) == 130
+    assert Checkpoints(cut).latest() == 2
+    capsys.readouterr()
+    assert main(argv + ["--out", str(cut)]) == 0
+    assert "resuming from step 2" in capsys.readouterr().out
+    a, b = (load_file(Checkpoints(run).weights_path(3)) for run in (straight, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_halts_on_a_non_finite_loss(kind, mae_run, tmp_path, monkeypatch, capsys):
+    wrap_loss(monkeypatch, at_call(2, lambda loss: loss * float("nan")))
+    out = tmp_path / kind
+    assert main(command(kind, mae_run, tmp_path) + ["--max-steps", "3", "--out", str(out)]) == 2
+    assert "loss is nan at step 2" in capsys.readouterr().err
+    assert Checkpoints(out).latest() is None  # step 1 was no checkpoint, and the bad step 2 is never saved
+
+
+def test_a_segmentation_run_directory_enters_each_module_once(mae_run, tmp_path):
+    """The measure of the opened run: followed from ``mimkit segment``, the run directory is handed from one
+    module into another (as an argument) a few times, each module at most twice, and never up a layer: what
+    lies below the runner gets the opened run's parts (`mimkit.runner.OpenedRun`), not the path again."""
+    from tests.test_architecture import _layer
+
+    out = tmp_path / "seg"
+    paths = {str(out), str(out.resolve())}
+    entries: dict[str, set] = {}
+
+    def record(frame, event, arg):
+        module = frame.f_globals.get("__name__", "")
+        caller = frame.f_back.f_globals.get("__name__", "") if frame.f_back else ""
+        if event != "call" or not module.startswith("mimkit") or caller == module:
+            return
+        code = frame.f_code
+        for name in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)) and str(value) in paths:
+                entries.setdefault(module, set()).add((caller, code.co_name))
+
+    argv = command("segment", mae_run, tmp_path) + ["--max-steps", "1", "--out", str(out)]
+    sys.setprofile(record)
+    try:
+        assert main(argv) == 0
+    finally:
+        sys.setprofile(None)
+    assert entries, "the tracer saw nothing"
+    climbs = [(caller, module) for module, calls in entries.items() for caller, _ in calls
+              if caller.startswith("mimkit") and _layer(module) > _layer(caller)]
+    assert climbs == []
+    assert {module: len(calls) for module, calls in entries.items() if len(calls) > 2} == {}
