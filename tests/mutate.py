@@ -348,6 +348,10 @@ PLANTED = [
         "    old = next((kind for section, kind in OLD_RUN_SECTIONS if section in values), None)",
         "    old = None",
         ("tests/test_kinds.py::test_runs_saved_before_config_said_their_kind_are_recognised",)),
+    Bug("checkpoints: an old run's eight-digit names are not read", "src/mimkit/train/checkpoint_files.py",
+        'return padded if (self.dir / f"{padded}.safetensors").exists() else f"step-{step}"',
+        'return f"step-{step}"',
+        ("tests/test_reliability_data.py::test_a_run_saved_with_eight_digit_names_resumes_and_prunes_them",)),
 ]
 
 

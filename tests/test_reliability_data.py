@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import save_file, save_model
 from torch import nn
 
 from mimkit.cli import main
@@ -194,29 +194,43 @@ def test_kill_9_during_a_save_leaves_nothing_behind_on_resume(tmp_path, capsys):
                          timeout=120, env=ENV)
     assert job.returncode == -signal.SIGKILL, job.stderr
     left = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert "step-00000003.pt" in left and "step-00000003.safetensors" not in left  # an orphan state
+    assert "step-3.pt" in left and "step-3.safetensors" not in left  # an orphan state
     assert ".tmpK1LL3D" in left
     assert Checkpoints(run).steps() == [1, 2]
 
     assert main(args) == 0
     assert "resuming from step 2" in capsys.readouterr().out
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        f"step-{s:08d}.{ext}" for s in range(1, 6) for ext in ("pt", "safetensors")]
+        f"step-{s}.{ext}" for s in range(1, 6) for ext in ("pt", "safetensors")]
 
 
 def test_pruning_removes_leftovers(tmp_path):
     store = Checkpoints(tmp_path, keep_last=1)
     store.dir.mkdir()
-    leftovers = [store.dir / "step-00000001.pt.tmp", store.dir / ".step-00000001.safetensors.x1y2.tmp",
-                 store.dir / ".tmpAb12Cd", store.dir / "step-00000007.pt"]  # the last: an orphan state
+    leftovers = [store.dir / "step-1.pt.tmp", store.dir / ".step-1.safetensors.x1y2.tmp",
+                 store.dir / ".tmpAb12Cd", store.dir / "step-7.pt"]  # the last: an orphan state
     for path in leftovers:
         path.write_bytes(b"left by a killed save")
     (store.dir / "notes.txt").write_text("mine")
     model = nn.Linear(2, 2)
     store.save(1, model, {"step": 1})
     store.save(2, model, {"step": 2})
-    assert sorted(p.name for p in store.dir.iterdir()) == ["notes.txt", "step-00000002.pt",
-                                                          "step-00000002.safetensors"]
+    assert sorted(p.name for p in store.dir.iterdir()) == ["notes.txt", "step-2.pt",
+                                                          "step-2.safetensors"]
+
+
+def test_a_run_saved_with_eight_digit_names_resumes_and_prunes_them(tmp_path):
+    store = Checkpoints(tmp_path, keep_last=2)
+    store.dir.mkdir()
+    model = nn.Linear(2, 2)
+    for step in (1, 2):  # as runs saved them before the names lost their zeros
+        torch.save({"step": step}, store.dir / f"step-{step:08d}.pt")
+        save_model(model, str(store.dir / f"step-{step:08d}.safetensors"))
+    assert store.steps() == [1, 2] and store.weights_path(2).name == "step-00000002.safetensors"
+    store.save(3, model, {"step": 3})
+    assert sorted(p.name for p in store.dir.iterdir()) == ["step-00000002.pt", "step-00000002.safetensors",
+                                                          "step-3.pt", "step-3.safetensors"]
+    assert store.steps() == [2, 3]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,7 +259,7 @@ def test_a_poisoned_only_checkpoint_is_refused_and_never_runs(tmp_path, capsys):
     poison(Checkpoints(run).state_path(1), marker)
     with pytest.warns(UserWarning, match="would run posix.system"):
         assert pretrain(run, "--max-steps", "2") == 2
-    one_line_error(capsys, "refusing", "step-00000001.pt", "nothing was executed")
+    one_line_error(capsys, "refusing", "step-1.pt", "nothing was executed")
     assert not marker.exists()
 
 
@@ -260,7 +274,7 @@ def test_commands_on_a_damaged_checkpoint_say_so_in_one_line(run_with_checkpoint
     weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
     args = [a.format(run=run_with_checkpoints, tmp=tmp_path) for a in command]
     assert main(args) == 2
-    one_line_error(capsys, "cannot read weights", "step-00000003.safetensors")
+    one_line_error(capsys, "cannot read weights", "step-3.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,9 +298,9 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_earlier_ones(run_with_c
     monkeypatch.setattr(checkpoint, "save_model", failing_write)
     assert pretrain(run, "--max-steps", "4", "--set", "train.checkpoint_every=1") == 2
     why = "read-only" if failure.args[0] == errno.EROFS else "the disk is full"
-    one_line_error(capsys, "step-00000004.safetensors", why)
+    one_line_error(capsys, "step-4.safetensors", why)
     after = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
-    assert after == before | {"step-00000004.pt": after["step-00000004.pt"]}  # no temp file left
+    assert after == before | {"step-4.pt": after["step-4.pt"]}  # no temp file left
 
 
 @pytest.mark.parametrize("found", ["before", "after"])
@@ -312,7 +326,7 @@ def test_a_full_disk_that_torch_save_does_not_name_is_one_line(run_with_checkpoi
     assert pretrain(run, "--max-steps", "4", "--set", "train.checkpoint_every=1") == 2
     said = {"before": "checked before writing: 0.0 MB free", "after": "found after the write failed with "
             "RuntimeError: basic_ios::clear; 0.0 MB free"}[found]
-    one_line_error(capsys, "step-00000004.pt", "the disk is full", said)
+    one_line_error(capsys, "step-4.pt", "the disk is full", said)
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
     assert bool(failed) == (found == "after")
 
@@ -343,7 +357,7 @@ def test_a_read_only_checkpoint_folder_is_one_line(run_with_checkpoints, capsys)
         assert pretrain(run_with_checkpoints, "--max-steps", "4", "--set", "train.checkpoint_every=1") == 2
     finally:
         folder.chmod(0o755)
-    one_line_error(capsys, "step-00000004", "read-only")
+    one_line_error(capsys, "step-4", "read-only")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
@@ -357,7 +371,7 @@ def test_planted_symlinks_at_temp_names_are_never_followed(run_with_checkpoints,
     folder = run_with_checkpoints / "checkpoints"
     for step in (4, 5):
         for suffix in ("pt.tmp", "safetensors.tmp"):
-            (folder / f"step-{step:08d}.{suffix}").symlink_to(victim)
+            (folder / f"step-{step}.{suffix}").symlink_to(victim)
     assert pretrain(run_with_checkpoints, "--max-steps", "5", "--set", "train.checkpoint_every=1") == 0
     assert victim.read_text() == "victim"
     assert Checkpoints(run_with_checkpoints).steps() == [4, 5]
@@ -399,7 +413,7 @@ def test_temp_files_are_created_exclusively(tmp_path, monkeypatch):
     store.dir.mkdir()
     names = iter(["planted"] * 3 + ["fresh"] * 100)
     monkeypatch.setattr("tempfile._RandomNameSequence.__next__", lambda self: next(names))
-    (store.dir / ".step-00000001.pt.planted.tmp").symlink_to(victim)
+    (store.dir / ".step-1.pt.planted.tmp").symlink_to(victim)
     store.save(1, nn.Linear(2, 2), {"step": 1})
     assert victim.read_text() == "victim" and store.steps() == [1]
 

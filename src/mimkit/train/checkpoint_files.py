@@ -2,7 +2,7 @@
 without executing anything. (What the loop puts in them and restores is `mimkit.train.training_state`.)
 
 A checkpoint at optimizer step N is two files in ``<run>/checkpoints/``:
-``step-0000000N.safetensors`` (model weights) and ``step-0000000N.pt`` (optimizer, step, data
+``step-N.safetensors`` (model weights) and ``step-N.pt`` (optimizer, step, data
 position and RNG states; tensors and plain containers only, so it loads with
 ``torch.load(weights_only=True)``; an imported run's step-0 state holds only the step and where the
 weights came from, and training starts from them with a fresh optimizer). Each is written to a
@@ -11,7 +11,9 @@ and renamed, the state file first, so a checkpoint whose weights file exists is 
 killed save leaves (temporary files, ours and safetensors' own; a state file without its weights) is
 removed at start-up and after each pruning. A newest checkpoint that cannot be read (damaged, or a
 pickle that would run code) is skipped for the newest readable one. A run that tracks an evaluation
-metric also keeps ``best.safetensors`` and ``best.json`` (its step and value) there.
+metric also keeps ``best.safetensors`` and ``best.json`` (its step and value) there. Runs saved before
+2026-12-06 named the files with eight digits (``step-00000003.pt``); those names are still read, and a
+step's files keep the name they were saved under.
 """
 
 import json
@@ -27,8 +29,8 @@ from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.files import check_free_space, write_atomically, write_text_atomically
 from mimkit.safe_load import load_pickle
 
-_NAME = re.compile(r"^step-(\d{8})\.safetensors$")
-_STATE_NAME = re.compile(r"^step-(\d{8})\.pt$")
+_NAME = re.compile(r"^step-(\d+)\.safetensors$")
+_STATE_NAME = re.compile(r"^step-(\d+)\.pt$")
 
 
 def _is_temporary(name: str) -> bool:
@@ -63,11 +65,16 @@ class Checkpoints:
         found = (_NAME.match(p.name) for p in self.dir.iterdir())
         return sorted(int(m.group(1)) for m in found if m and (self.dir / f"step-{m.group(1)}.pt").exists())
 
+    def _stem(self, step: int) -> str:
+        """``step-N``, or an older run's eight-digit ``step-0000000N`` where that checkpoint exists."""
+        padded = f"step-{step:08d}"
+        return padded if (self.dir / f"{padded}.safetensors").exists() else f"step-{step}"
+
     def weights_path(self, step: int) -> Path:
-        return self.dir / f"step-{step:08d}.safetensors"
+        return self.dir / f"{self._stem(step)}.safetensors"
 
     def state_path(self, step: int) -> Path:
-        return self.dir / f"step-{step:08d}.pt"
+        return self.dir / f"{self._stem(step)}.pt"
 
     def latest(self) -> int | None:
         steps = self.steps()
@@ -82,8 +89,9 @@ class Checkpoints:
         write_atomically(self.state_path(step), lambda tmp: torch.save(state, tmp))
         write_atomically(self.weights_path(step), lambda tmp: save_model(model, str(tmp)))
         for old in self.steps()[:-self.keep_last]:
-            self.weights_path(old).unlink()
-            self.state_path(old).unlink()
+            weights, state = self.weights_path(old), self.state_path(old)  # named before either goes
+            weights.unlink()
+            state.unlink()
         self.clean()
 
     def clean(self) -> None:
