@@ -273,6 +273,9 @@ PLANTED = [
     Bug("own data: forked workers keep the run locked", "src/mimkit/runs.py",
         "        _HELD_LOCKS.add(fd)\n", "        pass\n",
         ("tests/test_runs.py",)),
+    Bug("rescan: a resumed run with --rescan keeps its stored list", "src/mimkit/data/filelist.py",
+        "if stored is not None and not rescan:", "if stored is not None:",
+        ("tests/data/test_shards.py::test_a_run_keeps_its_shard_members_and_refuses_fewer",)),
 ]
 
 

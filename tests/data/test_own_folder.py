@@ -87,16 +87,16 @@ def test_stored_list_reused_on_resume(tmp_path, capsys):
     (data / "100.jpg").rename(data / "000a_added.jpg")  # sorts second: a fresh list would shift the indices
     assert main([*args, "--max-steps", "4"]) == 0
     printed = capsys.readouterr().out
-    assert "12 images from" in printed and "new files are ignored (--rescan with a new --out" in printed
+    assert "12 images from" in printed and "new files are ignored (--rescan takes them in)" in printed
     assert file_list_path(out).read_text() == first
     source, _ = train_source(str(data), file_list_path(out))
     assert isinstance(source, ListedFolderSource) and len(source) == 12
     assert not any("added" in p for p in source.paths)
 
-    assert main([*args, "--max-steps", "6", "--rescan"]) == 2
-    assert "--rescan: " in capsys.readouterr().err
-    rescanned, _ = train_source(str(data), file_list_path(tmp_path / "new"), rescan=True)
-    assert len(rescanned) == 13 and len(load_file_list(file_list_path(tmp_path / "new")).files) == 13
+    assert main([*args, "--max-steps", "6", "--rescan"]) == 0  # the run goes on, on the folder as it is now
+    assert ("13 images listed again (--rescan): 0 files dropped and 1 added since" in capsys.readouterr().out
+            and len(load_file_list(file_list_path(out)).files) == 13)
+    assert json.loads((out / "data.json").read_text())["resumed_from"] == 4
 
 
 def facts_with_median(side: int) -> DataFacts:
