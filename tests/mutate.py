@@ -276,6 +276,22 @@ PLANTED = [
     Bug("rescan: a resumed run with --rescan keeps its stored list", "src/mimkit/data/filelist.py",
         "if stored is not None and not rescan:", "if stored is not None:",
         ("tests/data/test_shards.py::test_a_run_keeps_its_shard_members_and_refuses_fewer",)),
+    Bug("fresh set 4: the samples of a batch share one augmentation seed", "src/mimkit/data/loader.py",
+        "sample_seed(self.seed, self.epoch, p + 1))", "sample_seed(self.seed, self.epoch, b + 1))",
+        ("tests/train/test_loop.py::test_every_sample_draws_its_own_augmentation_seed",)),
+    Bug("fresh set 4: a stored file list of another data spec is read", "src/mimkit/data/filelist.py",
+        "    if stored is not None and stored.source != spec:\n", "    if False:\n",
+        ("tests/data/test_own_folder.py::test_a_stored_list_of_other_data_is_not_read",)),
+    Bug("fresh set 4: the feature cache key ignores the weights' values", "src/mimkit/eval/features.py",
+        'h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")', 'h.update(b"")',
+        ("tests/eval/test_probes.py::test_feature_cache_is_per_weights",)),
+    Bug("fresh set 4: the crop's class balance counts ignored pixels", "src/mimkit/data/seg_transforms.py",
+        "counts = labels[labels != IGNORE_INDEX].bincount()", "counts = labels.flatten().bincount()",
+        ("tests/data/test_segmentation.py::test_the_crop_balance_leaves_ignored_pixels_out",)),
+    Bug("fresh set 4: the timm export's mean and std swapped", "src/mimkit/interop/export.py",
+        '"mean": data.mean,\n                      "std": data.std,',
+        '"mean": data.std,\n                      "std": data.mean,',
+        ("tests/interop/test_mae.py::test_mimkit_to_timm_and_back_is_bit_identical",)),
 ]
 
 

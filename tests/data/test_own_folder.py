@@ -99,6 +99,18 @@ def test_stored_list_reused_on_resume(tmp_path, capsys):
     assert json.loads((out / "data.json").read_text())["resumed_from"] == 4
 
 
+def test_a_stored_list_of_other_data_is_not_read(tmp_path):
+    """A run's file list belongs to the data it was made for: a run given other data (one started afresh
+    before its first checkpoint, or resumed with --force-config) lists that data instead."""
+    write_images(tmp_path / "a", 3)
+    write_images(tmp_path / "b", 5, start=10)
+    list_file = file_list_path(tmp_path / "run")
+    train_source(str(tmp_path / "a"), list_file)
+    other, note = train_source(str(tmp_path / "b"), list_file)
+    assert len(other) == 5 and "5 images listed, kept in" in note
+    assert load_file_list(list_file).source == str(tmp_path / "b")
+
+
 def facts_with_median(side: int) -> DataFacts:
     return DataFacts("x", 10, 0, 10, (side, side), (side, side), (side, side), 3, 0)
 

@@ -11,6 +11,7 @@ from mimkit.eval.linprobe import LinearProbe, probe_accuracy, train_linear_probe
 from mimkit.eval.metrics import topk_correct
 from mimkit.models.classifier import pooled_features
 from mimkit.models.vit import build_vit
+from tests.conftest import perturb
 
 
 def clusters(n_per_class=60, num_classes=5, dim=16, seed=0, scale=3.0):
@@ -75,3 +76,20 @@ def test_feature_cache_extracts_each_image_once(tmp_path):
     torch.testing.assert_close(again[2:], expected)
     cached_features(encoder, source, view, "cls", "synthetic:train", tmp_path, [1])
     assert sum(calls) == 6 and len(list(tmp_path.iterdir())) == 2  # 1 for `expected`; another pooling, file
+
+
+def test_feature_cache_is_per_weights(tmp_path):
+    """Features cached for an encoder are never read for the same architecture with other weights (a run
+    trained further, or another run sharing --features-cache): the cache is named by the weights' values."""
+    torch.manual_seed(0)
+    encoder = build_vit(dict(embed_dim=32, depth=1, num_heads=2), img_size=16, patch_size=4, in_chans=3)
+    source = SyntheticSource(n=8, image_size=16)
+    view = eval_view(16, source.info.mean, source.info.std)
+    before, _ = cached_features(encoder.eval(), source, view, "avg", "synthetic:train", tmp_path, [0, 1])
+    perturb(encoder)  # the same names, shapes and dtypes; other values
+    with torch.no_grad():
+        expected = pooled_features(encoder, torch.stack([view(source[i][0])["image"] for i in (0, 1)]), "avg")
+    after, _ = cached_features(encoder, source, view, "avg", "synthetic:train", tmp_path, [0, 1])
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, expected)
+    assert len(list(tmp_path.iterdir())) == 2
