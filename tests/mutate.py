@@ -292,6 +292,10 @@ PLANTED = [
         '"mean": data.mean,\n                      "std": data.std,',
         '"mean": data.std,\n                      "std": data.mean,',
         ("tests/interop/test_mae.py::test_mimkit_to_timm_and_back_is_bit_identical",)),
+    Bug("fresh set 4: predict takes --batch-size 0", "src/mimkit/cli.py",
+        'check_range("--batch-size", args.batch_size, 1)\n    if is_segmentation_run',
+        'check_range("--batch-size", args.batch_size, 0)\n    if is_segmentation_run',
+        ("tests/test_reliability_run.py::test_predict_and_evaluate_check_their_batch_size",)),
 ]
 
 

@@ -103,6 +103,16 @@ def test_tokenizer_and_finetune_check_their_numbers_too(tmp_path, capsys, comman
     assert "'train.max_steps' (--max-steps) must be at least 1" in one_line_error(capsys)
 
 
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+@pytest.mark.parametrize("batch_size", ["0", "-2"])
+def test_predict_and_evaluate_check_their_batch_size(tmp_path, capsys, command, batch_size):
+    """Checked before anything is read (the run given here does not exist): one line naming the flag."""
+    where = ["--images", str(tmp_path)] if command == "predict" else []
+    args = [command, str(tmp_path / "no-such-run"), *where, "--out", str(tmp_path / "out")]
+    assert main([*args, "--batch-size", batch_size]) == 2
+    assert f"--batch-size must be at least 1, got {batch_size}" in one_line_error(capsys)
+
+
 @pytest.mark.slow
 def test_negative_batch_size_ends_at_once(tmp_path):
     """It used to loop forever over empty epochs, at full CPU, deaf to SIGTERM."""
