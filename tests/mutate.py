@@ -296,6 +296,12 @@ PLANTED = [
         'check_range("--batch-size", args.batch_size, 1)\n    if is_segmentation_run',
         'check_range("--batch-size", args.batch_size, 0)\n    if is_segmentation_run',
         ("tests/test_reliability_run.py::test_predict_and_evaluate_check_their_batch_size",)),
+    Bug("fresh set 4: an Adam beta of 1 is accepted", "src/mimkit/config.py",
+        "if not all(0 <= b < 1 for b in self.betas):", "if not all(0 <= b <= 1 for b in self.betas):",
+        ("tests/test_reliability_run.py::test_bad_numbers_are_one_line_errors",)),
+    Bug("fresh set 5: a folder's change is judged by its oldest directory", "src/mimkit/data/filelist.py",
+        "return max(times, default=0)", "return min(times, default=0)",
+        ("tests/data/test_own_folder.py::test_a_file_added_to_any_class_folder_is_noticed_on_resume",)),
 ]
 
 

@@ -62,6 +62,7 @@ def one_line_error(capsys) -> str:
     (["--set", "data.mean=0.5"], "'data.mean' must be a list"),
     (["--set", "optim.betas=[0.9]"], "'optim.betas' must be a list of 2 values"),
     (["--set", "optim.betas=[0.9,1.5]"], "'optim.betas' must lie in [0, 1)"),
+    (["--set", "optim.betas=[0.9,1.0]"], "'optim.betas' must lie in [0, 1)"),  # 1 never forgets a gradient
     (["--set", "optim.base_lr=nan"], "'optim.base_lr' must be a finite number above 0, got nan"),
     (["--set", "optim.base_lr=inf"], "'optim.base_lr' must be a finite number above 0, got inf"),
     (["--set", "optim.base_lr=0"], "'optim.base_lr' must be above 0, got 0"),

@@ -99,6 +99,20 @@ def test_stored_list_reused_on_resume(tmp_path, capsys):
     assert json.loads((out / "data.json").read_text())["resumed_from"] == 4
 
 
+def test_a_file_added_to_any_class_folder_is_noticed_on_resume(tmp_path):
+    """The resume's note compares the newest modification time of every listed folder with the stored one:
+    a file added to one class folder (the root and the other class untouched) is noticed."""
+    for name in ("a", "b"):
+        write_images(tmp_path / "data" / name, 3)
+    for folder in (tmp_path / "data", tmp_path / "data" / "a", tmp_path / "data" / "b"):
+        os.utime(folder, ns=(10**18, 10**18))  # all listed long ago
+    list_file = file_list_path(tmp_path / "run")
+    train_source(str(tmp_path / "data"), list_file)
+    write_images(tmp_path / "data" / "b", 1, start=100)
+    _, note = train_source(str(tmp_path / "data"), list_file)
+    assert "6 images from" in note and "the folder changed since" in note
+
+
 def test_a_stored_list_of_other_data_is_not_read(tmp_path):
     """A run's file list belongs to the data it was made for: a run given other data (one started afresh
     before its first checkpoint, or resumed with --force-config) lists that data instead."""
