@@ -302,7 +302,8 @@ PLANTED = [
     Bug("fresh set 5: a folder's change is judged by its oldest directory", "src/mimkit/data/filelist.py",
         "return max(times, default=0)", "return min(times, default=0)",
         ("tests/data/test_own_folder.py::test_a_file_added_to_any_class_folder_is_noticed_on_resume",)),
-    Bug("fresh set 4 (fast tier): a run's evaluation reads its newest weights, not its best", "src/mimkit/runs.py",
+    Bug("fresh set 4 (fast tier): an evaluation reads a run's newest weights, not its best",
+        "src/mimkit/runs.py",
         "return best if best.exists() else latest_weights(run_dir)", "return latest_weights(run_dir)",
         ("tests/test_runs.py::test_the_best_weights_are_the_kept_best_not_the_newest",)),
 ]
