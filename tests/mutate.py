@@ -306,6 +306,9 @@ PLANTED = [
         "src/mimkit/runs.py",
         "return best if best.exists() else latest_weights(run_dir)", "return latest_weights(run_dir)",
         ("tests/test_runs.py::test_the_best_weights_are_the_kept_best_not_the_newest",)),
+    Bug("fresh set 5: weights without their state count as a checkpoint", "src/mimkit/train/checkpoint.py",
+        'if m and (self.dir / f"step-{m.group(1)}.pt").exists())', "if m)",
+        ("tests/test_reliability_data.py::test_weights_without_their_state_are_no_checkpoint",)),
 ]
 
 
