@@ -158,5 +158,5 @@ def _rescan_note(stored: FileList, listed: FileList, list_file: str | Path) -> s
     if stored.files == listed.files:
         return f"file list: {len(now)} images listed again (--rescan), the same {what} in the same order"
     return (f"file list: {len(now)} images listed again (--rescan): {len(before - now)} {what} dropped and "
-            f"{len(now - before)} added since {list_file} was stored, now replaced; the data order changes from "
-            "here on")
+            f"{len(now - before)} added since {list_file} was stored, now replaced; the data order changes "
+            "from here on")
