@@ -309,6 +309,9 @@ PLANTED = [
     Bug("fresh set 5: weights without their state count as a checkpoint", "src/mimkit/train/checkpoint.py",
         'if m and (self.dir / f"step-{m.group(1)}.pt").exists())', "if m)",
         ("tests/test_reliability_data.py::test_weights_without_their_state_are_no_checkpoint",)),
+    Bug("fresh set 5: k-NN's training features are not normalized", "src/mimkit/eval/knn.py",
+        "train = F.normalize(train_features.float(), dim=1)", "train = train_features.float()",
+        ("tests/eval/test_probes.py::test_knn_compares_directions_not_lengths",)),
 ]
 
 

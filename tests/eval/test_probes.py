@@ -56,6 +56,16 @@ def test_knn_separates_clusters_and_weights_by_similarity():
     assert scores.shape == (1, 3) and scores.argmax().item() == 2
 
 
+def test_knn_compares_directions_not_lengths():
+    """Both sides are L2-normalized: a long training feature 45 degrees away is no nearer than a short one
+    along the query (by the dot product it would be), and the vote weighs the cosine."""
+    train, labels = torch.tensor([[1.0, 0.0], [10.0, 10.0]]), torch.tensor([0, 1])
+    query = torch.tensor([[1.0, 0.1]])
+    scores = knn_scores(train, labels, query, num_classes=2, k=1, temperature=0.1)
+    cosine = 1.0 / query.norm()
+    torch.testing.assert_close(scores, torch.stack([(cosine / 0.1).exp(), torch.tensor(0.0)])[None])
+
+
 def test_feature_cache_extracts_each_image_once(tmp_path):
     torch.manual_seed(0)
     encoder = build_vit(dict(embed_dim=32, depth=1, num_heads=2), img_size=16, patch_size=4, in_chans=3)
