@@ -312,6 +312,16 @@ PLANTED = [
     Bug("fresh set 5: k-NN's training features are not normalized", "src/mimkit/eval/knn.py",
         "train = F.normalize(train_features.float(), dim=1)", "train = train_features.float()",
         ("tests/eval/test_probes.py::test_knn_compares_directions_not_lengths",)),
+    Bug("fresh set 5: the linear probe's lr is not scaled by the batch", "src/mimkit/eval/linprobe.py",
+        "lr = base_lr * batch_size / 256", "lr = base_lr",
+        ("tests/eval/test_probes.py::test_linear_probe_lr_scales_with_the_batch",)),
+    Bug("fresh set 5: every block drops its path at the last block's rate",
+        "src/mimkit/models/classifier.py", "rates = torch.linspace(0, drop_path, len(model.blocks)).tolist()",
+        "rates = [drop_path] * len(model.blocks)",
+        ("tests/eval/test_finetune.py::test_stochastic_depth_grows_linearly_to_the_last_block",)),
+    Bug("fresh set 5: the linear probe decays its bias", "src/mimkit/eval/linprobe.py",
+        '{"params": biases, "weight_decay": 0.0}', '{"params": biases, "weight_decay": weight_decay}',
+        ("tests/eval/test_probes.py::test_linear_probe_decays_the_weights_only",)),
 ]
 
 

@@ -45,6 +45,36 @@ def test_linear_probe_shapes():
     assert probe(torch.randn(8, 16)).shape == (8, 5)
 
 
+class Records:
+    """A stand-in for `MetricsLog`: keeps what is written."""
+
+    def __init__(self):
+        self.records = []
+
+    def write(self, step, **values):
+        self.records.append({"step": step, **values})
+
+
+def test_linear_probe_lr_scales_with_the_batch():
+    """lr = base_lr x batch / 256 (MAE's linear probe), then cosine to 0: 4 steps of batch 32, no warmup."""
+    features, labels = clusters(n_per_class=16, num_classes=4)
+    log = Records()
+    train_linear_probe(features, labels, 4, epochs=2, batch_size=32, base_lr=0.1, warmup_epochs=0, log=log)
+    lr = 0.1 * 32 / 256
+    assert [r["lr"] for r in log.records] == pytest.approx([0.75 * lr, 0.0])  # each epoch's last step
+
+
+def test_linear_probe_decays_the_weights_only():
+    """weight_decay reaches the linear weights, never the bias: on features that carry nothing (all zero) the
+    bias learns the label frequencies alike with and without decay, and only the weights shrink."""
+    features, labels = torch.zeros(64, 4), torch.tensor([0] * 48 + [1] * 16)
+    plain, decayed = (train_linear_probe(features, labels, 2, epochs=3, batch_size=16, weight_decay=wd,
+                                         warmup_epochs=0)[1] for wd in (0.0, 0.5))
+    assert plain.bias[0] > plain.bias[1]  # the frequent class
+    torch.testing.assert_close(decayed.bias, plain.bias, rtol=0, atol=0)
+    assert decayed.weight.abs().sum() < plain.weight.abs().sum()
+
+
 def test_knn_separates_clusters_and_weights_by_similarity():
     x, y = clusters()
     test_x, test_y = clusters(seed=1)
