@@ -233,6 +233,19 @@ def test_a_run_saved_with_eight_digit_names_resumes_and_prunes_them(tmp_path):
     assert store.steps() == [2, 3]
 
 
+def test_weights_without_their_state_are_no_checkpoint(tmp_path):
+    """A checkpoint is its weights and its state: a weights file whose state is gone (deleted by hand, lost
+    with a disk) is neither the newest step nor resumed from."""
+    store, model = Checkpoints(tmp_path, keep_last=3), nn.Linear(2, 2)
+    store.save(1, model, {"step": 1})
+    store.save(2, model, {"step": 2})
+    store.state_path(2).unlink()
+    assert store.steps() == [1] and store.latest() == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping checkpoint step 2"
+        assert store.resume(model)["step"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 12 and 17. A damaged or poisoned newest checkpoint: resume falls back; elsewhere one line
 

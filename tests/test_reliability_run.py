@@ -62,6 +62,7 @@ def one_line_error(capsys) -> str:
     (["--set", "data.mean=0.5"], "'data.mean' must be a list"),
     (["--set", "optim.betas=[0.9]"], "'optim.betas' must be a list of 2 values"),
     (["--set", "optim.betas=[0.9,1.5]"], "'optim.betas' must lie in [0, 1)"),
+    (["--set", "optim.betas=[0.9,1.0]"], "'optim.betas' must lie in [0, 1)"),  # 1 never forgets a gradient
     (["--set", "optim.base_lr=nan"], "'optim.base_lr' must be a finite number above 0, got nan"),
     (["--set", "optim.base_lr=inf"], "'optim.base_lr' must be a finite number above 0, got inf"),
     (["--set", "optim.base_lr=0"], "'optim.base_lr' must be above 0, got 0"),
@@ -101,6 +102,16 @@ def test_tokenizer_and_finetune_check_their_numbers_too(tmp_path, capsys, comman
     args = [*command, "--data", "synthetic", "--out", str(tmp_path / "run"), "--max-steps", "0"]
     assert main(args) == 2
     assert "'train.max_steps' (--max-steps) must be at least 1" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+@pytest.mark.parametrize("batch_size", ["0", "-2"])
+def test_predict_and_evaluate_check_their_batch_size(tmp_path, capsys, command, batch_size):
+    """Checked before anything is read (the run given here does not exist): one line naming the flag."""
+    where = ["--images", str(tmp_path)] if command == "predict" else []
+    args = [command, str(tmp_path / "no-such-run"), *where, "--out", str(tmp_path / "out")]
+    assert main([*args, "--batch-size", batch_size]) == 2
+    assert f"--batch-size must be at least 1, got {batch_size}" in one_line_error(capsys)
 
 
 @pytest.mark.slow

@@ -1,9 +1,13 @@
-"""The run lock: held by the process that trains, never by the processes it forks."""
+"""Run directories: the lock (held by the process that trains, never by the processes it forks), and the
+weights an evaluation reads."""
 
 import os
 import time
 
-from mimkit.runs import hold_run_dir
+import torch
+
+from mimkit.runs import best_weights, hold_run_dir
+from mimkit.train.checkpoint import Checkpoints
 
 
 def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
@@ -24,3 +28,15 @@ def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
         os.waitpid(child, 0)
         os.close(ready)
         os.close(tell)
+
+
+def test_the_best_weights_are_the_kept_best_not_the_newest(tmp_path):
+    """A run that kept its best weights (fine-tuning, segmentation) is evaluated with those, not its newest;
+    a run without them, with its newest."""
+    model, files = torch.nn.Linear(2, 2), Checkpoints(tmp_path)
+    files.save(1, model, {"step": 1})
+    files.save_best(1, model, "val_top1", 50.0)
+    files.save(2, model, {"step": 2})
+    assert best_weights(tmp_path) == files.best_path
+    files.best_path.unlink()
+    assert best_weights(tmp_path) == files.weights_path(2)

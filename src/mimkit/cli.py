@@ -136,14 +136,10 @@ def check_run_dir(out: Path, config: PretrainConfig, must_resume: bool) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from mimkit.pretrain import run_pretraining
     from mimkit.registry import registered
-    from mimkit.train.checkpoint_files import Checkpoints
 
     config, recipe = pretrain_config(args)
     out = Path(args.out)
     check_run_dir(out, config, args.resume)
-    if args.rescan and Checkpoints(out).latest() is not None:
-        raise MimkitError(f"--rescan: '{out}' holds a run, which resumes with the file list it started with; "
-                          "give a new --out to train on the folder as it is now")
     summary = run_pretraining(config, out, report=lambda lines: print("\n".join(lines), flush=True),
                               recipe=recipe, rescan=args.rescan, auto_size=args.auto_size,
                               force_config=args.force_config)
@@ -523,8 +519,9 @@ def add_run_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--skip-bad-images", action="store_true",
                      help="warn about and skip unreadable images instead of stopping")
     sub.add_argument("--rescan", action="store_true",
-                     help="list the data folder again instead of reading the file list stored in --out "
-                     "(a new run only: a resumed run keeps its files and their order)")
+                     help="list the data folder (or shards) again instead of reading the file list stored in "
+                     "--out: a resumed run goes on from its checkpoint on the files there are now (its data "
+                     "order changes)")
     sub.add_argument("--auto-size", action="store_true",
                      help="for images at most half of data.img_size, train at the image and patch size that "
                      "fit them (the start-up summary prints the --set it applies)")

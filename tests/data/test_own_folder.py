@@ -88,16 +88,42 @@ def test_stored_list_reused_on_resume(tmp_path, capsys):
     (data / "100.jpg").rename(data / "000a_added.jpg")  # sorts second: a fresh list would shift the indices
     assert main([*args, "--max-steps", "4"]) == 0
     printed = capsys.readouterr().out
-    assert "12 images from" in printed and "new files are ignored (--rescan with a new --out" in printed
+    assert "12 images from" in printed and "new files are ignored (--rescan takes them in)" in printed
     assert file_list_path(out).read_text() == first
     source, _ = train_source(str(data), file_list_path(out))
     assert isinstance(source, ListedFolderSource) and len(source) == 12
     assert not any("added" in p for p in source.paths)
 
-    assert main([*args, "--max-steps", "6", "--rescan"]) == 2
-    assert "--rescan: " in capsys.readouterr().err
-    rescanned, _ = train_source(str(data), file_list_path(tmp_path / "new"), rescan=True)
-    assert len(rescanned) == 13 and len(load_file_list(file_list_path(tmp_path / "new")).files) == 13
+    assert main([*args, "--max-steps", "6", "--rescan"]) == 0  # the run goes on, on the folder as it is now
+    assert ("13 images listed again (--rescan): 0 files dropped and 1 added since" in capsys.readouterr().out
+            and len(load_file_list(file_list_path(out)).files) == 13)
+    assert json.loads((out / "data.json").read_text())["resumed_from"] == 4
+
+
+def test_a_file_added_to_any_class_folder_is_noticed_on_resume(tmp_path):
+    """The resume's note compares the newest modification time of every listed folder with the stored one:
+    a file added to one class folder (the root and the other class untouched) is noticed."""
+    for name in ("a", "b"):
+        write_images(tmp_path / "data" / name, 3)
+    for folder in (tmp_path / "data", tmp_path / "data" / "a", tmp_path / "data" / "b"):
+        os.utime(folder, ns=(10**18, 10**18))  # all listed long ago
+    list_file = file_list_path(tmp_path / "run")
+    train_source(str(tmp_path / "data"), list_file)
+    write_images(tmp_path / "data" / "b", 1, start=100)
+    _, note = train_source(str(tmp_path / "data"), list_file)
+    assert "6 images from" in note and "the folder changed since" in note
+
+
+def test_a_stored_list_of_other_data_is_not_read(tmp_path):
+    """A run's file list belongs to the data it was made for: a run given other data (one started afresh
+    before its first checkpoint, or resumed with --force-config) lists that data instead."""
+    write_images(tmp_path / "a", 3)
+    write_images(tmp_path / "b", 5, start=10)
+    list_file = file_list_path(tmp_path / "run")
+    train_source(str(tmp_path / "a"), list_file)
+    other, note = train_source(str(tmp_path / "b"), list_file)
+    assert len(other) == 5 and "5 images listed, kept in" in note
+    assert load_file_list(list_file).source == str(tmp_path / "b")
 
 
 def facts_with_median(side: int) -> DataFacts:

@@ -294,6 +294,21 @@ def test_crop_retries_while_one_class_dominates():
     assert balanced_share(0.75) > balanced_share(1.0) + 0.3
 
 
+def test_the_crop_balance_leaves_ignored_pixels_out():
+    """Ignored pixels are no class: a crop of one class and ignored pixels is drawn again, however the two
+    share it (counted as a class, 255 would make most such crops look balanced)."""
+    mask = torch.full((100, 100), 255, dtype=torch.uint8)
+    mask[:50, :50], mask[50:, 50:] = 1, 0  # two classes meet only at the centre; the rest is ignored
+    image = torch.zeros(3, 100, 100, dtype=torch.uint8)
+    view = SegTrainView(40, (100, 100), (0.5,) * 3, (0.5,) * 3, ratio_range=(1.0, 1.0), photometric=False)
+    two_classes = []
+    for seed in range(50):
+        torch.manual_seed(seed)
+        labels = view(image, mask)["mask"]
+        two_classes.append(len(labels[labels != 255].unique()) == 2)
+    assert sum(two_classes) / len(two_classes) > 0.9
+
+
 def test_photometric_distortion_changes_colours_only_within_range():
     image = torch.rand(3, 16, 16)
     distort = PhotometricDistortion()

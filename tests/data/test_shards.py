@@ -228,14 +228,15 @@ def test_a_run_keeps_its_shard_members_and_refuses_fewer(tmp_path):
     lost = sum(member.startswith(f"{last.name}:") for _, member in stored.files)
     last.unlink()
     with pytest.raises(MimkitError, match=f"lack {lost} of the {len(first)} images .*{last.name}: {lost}.*"
-                                          "--rescan and a new --out"):
+                                          "go on with the shards as they are now: --rescan"):
         train_source(spec, list_file)
-    rescanned, _ = train_source(spec, tmp_path / "new" / "files.txt", rescan=True)
-    assert len(rescanned) == len(first) - lost
+    rescanned, note = train_source(spec, list_file, rescan=True)  # the run's own list, listed again
+    assert len(rescanned) == len(first) - lost == len(load_file_list(list_file).files)
+    assert f"{lost} shard members dropped and 0 added" in note and "the data order changes" in note
 
 
 @pytest.mark.slow
-def test_a_resume_on_shards_with_one_deleted_is_one_line(tmp_path, capsys):
+def test_a_resume_on_fewer_shards_is_refused_and_rescan_goes_on(tmp_path, capsys):
     pack(image_folder(tmp_path / "images"), tmp_path / "shards")
     args = ["pretrain", "mae", "--data", f"shards:{tmp_path / 'shards'}", "--out", str(tmp_path / "run"),
             "--model", "vit_mini", "--batch-size", "4", "--set", "data.img_size=16", "--set",
@@ -249,6 +250,11 @@ def test_a_resume_on_shards_with_one_deleted_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and f"({last.name}: " in err and "Traceback" not in err
 
+    assert main([*args, "--max-steps", "2", "--rescan"]) == 0  # goes on from step 1 on the shards left
+    assert "shard members dropped and 0 added" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "data.json").read_text())["resumed_from"] == 1
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-2.pt", weights_only=True)
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {2}  # the optimizer went on too
 
 def test_pack_max_side_stores_larger_images_resized_upright_and_the_index_says_so(tmp_path, capsys):
     """`--max-side 24`: the larger images are stored upright with their longer side 24, re-encoded at the

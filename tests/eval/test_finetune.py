@@ -44,6 +44,14 @@ def test_layer_decay_scales_each_block():
     assert decay["classifier.blocks.0.attn.qkv.weight"] == 0.05 and decay["classifier.pos_embed"] == 0.0
 
 
+def test_stochastic_depth_grows_linearly_to_the_last_block():
+    """Block i of n drops its residual branches at drop_path * i / (n - 1): none in the first block."""
+    classifier = build_classifier(tiny_encoder(depth=3), 7, drop_path=0.2)
+    rates = [getattr(getattr(block, branch), "drop_prob", 0.0) for block in classifier.blocks
+             for branch in ("drop_path1", "drop_path2")]
+    assert rates == pytest.approx([0.0, 0.0, 0.1, 0.1, 0.2, 0.2])
+
+
 @pytest.mark.parametrize("pool", ["avg", "cls"])
 def test_classifier_keeps_every_encoder_weight(pool):
     encoder = tiny_encoder()

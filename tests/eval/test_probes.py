@@ -11,6 +11,7 @@ from mimkit.eval.linprobe import LinearProbe, probe_accuracy, train_linear_probe
 from mimkit.eval.scores import topk_correct
 from mimkit.models.classifier import pooled_features
 from mimkit.models.vit import build_vit
+from tests.conftest import perturb
 
 
 def clusters(n_per_class=60, num_classes=5, dim=16, seed=0, scale=3.0):
@@ -44,6 +45,36 @@ def test_linear_probe_shapes():
     assert probe(torch.randn(8, 16)).shape == (8, 5)
 
 
+class Records:
+    """A stand-in for `MetricsLog`: keeps what is written."""
+
+    def __init__(self):
+        self.records = []
+
+    def write(self, step, **values):
+        self.records.append({"step": step, **values})
+
+
+def test_linear_probe_lr_scales_with_the_batch():
+    """lr = base_lr x batch / 256 (MAE's linear probe), then cosine to 0: 4 steps of batch 32, no warmup."""
+    features, labels = clusters(n_per_class=16, num_classes=4)
+    log = Records()
+    train_linear_probe(features, labels, 4, epochs=2, batch_size=32, base_lr=0.1, warmup_epochs=0, log=log)
+    lr = 0.1 * 32 / 256
+    assert [r["lr"] for r in log.records] == pytest.approx([0.75 * lr, 0.0])  # each epoch's last step
+
+
+def test_linear_probe_decays_the_weights_only():
+    """weight_decay reaches the linear weights, never the bias: on features that carry nothing (all zero) the
+    bias learns the label frequencies alike with and without decay, and only the weights shrink."""
+    features, labels = torch.zeros(64, 4), torch.tensor([0] * 48 + [1] * 16)
+    plain, decayed = (train_linear_probe(features, labels, 2, epochs=3, batch_size=16, weight_decay=wd,
+                                         warmup_epochs=0)[1] for wd in (0.0, 0.5))
+    assert plain.bias[0] > plain.bias[1]  # the frequent class
+    torch.testing.assert_close(decayed.bias, plain.bias, rtol=0, atol=0)
+    assert decayed.weight.abs().sum() < plain.weight.abs().sum()
+
+
 def test_knn_separates_clusters_and_weights_by_similarity():
     x, y = clusters()
     test_x, test_y = clusters(seed=1)
@@ -53,6 +84,16 @@ def test_knn_separates_clusters_and_weights_by_similarity():
     labels = torch.tensor([2, 0, 0, 0])
     scores = knn_scores(train, labels, torch.tensor([[1.0, 0.05]]), 3, k=4, temperature=0.07)
     assert scores.shape == (1, 3) and scores.argmax().item() == 2
+
+
+def test_knn_compares_directions_not_lengths():
+    """Both sides are L2-normalized: a long training feature 45 degrees away is no nearer than a short one
+    along the query (by the dot product it would be), and the vote weighs the cosine."""
+    train, labels = torch.tensor([[1.0, 0.0], [10.0, 10.0]]), torch.tensor([0, 1])
+    query = torch.tensor([[1.0, 0.1]])
+    scores = knn_scores(train, labels, query, num_classes=2, k=1, temperature=0.1)
+    cosine = 1.0 / query.norm()
+    torch.testing.assert_close(scores, torch.stack([(cosine / 0.1).exp(), torch.tensor(0.0)])[None])
 
 
 def test_feature_cache_extracts_each_image_once(tmp_path):
@@ -75,3 +116,20 @@ def test_feature_cache_extracts_each_image_once(tmp_path):
     torch.testing.assert_close(again[2:], expected)
     cached_features(encoder, source, view, "cls", "synthetic:train", tmp_path, [1])
     assert sum(calls) == 6 and len(list(tmp_path.iterdir())) == 2  # 1 for `expected`; another pooling, file
+
+
+def test_feature_cache_is_per_weights(tmp_path):
+    """Features cached for an encoder are never read for the same architecture with other weights (a run
+    trained further, or another run sharing --features-cache): the cache is named by the weights' values."""
+    torch.manual_seed(0)
+    encoder = build_vit(dict(embed_dim=32, depth=1, num_heads=2), img_size=16, patch_size=4, in_chans=3)
+    source = SyntheticSource(n=8, image_size=16)
+    view = eval_view(16, source.info.mean, source.info.std)
+    before, _ = cached_features(encoder.eval(), source, view, "avg", "synthetic:train", tmp_path, [0, 1])
+    perturb(encoder)  # the same names, shapes and dtypes; other values
+    with torch.no_grad():
+        expected = pooled_features(encoder, torch.stack([view(source[i][0])["image"] for i in (0, 1)]), "avg")
+    after, _ = cached_features(encoder, source, view, "avg", "synthetic:train", tmp_path, [0, 1])
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, expected)
+    assert len(list(tmp_path.iterdir())) == 2

@@ -174,7 +174,9 @@ def test_mimkit_to_timm_and_back_is_bit_identical(mae_run, tmp_path):
     strict = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"]).eval()
     strict.load_state_dict(load_file(tmp_path / "timm" / "model.safetensors"), strict=True)
     local = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
-    model, _ = load_run(run)
+    model, config = load_run(run)
+    normalization = [list(local.pretrained_cfg[key]) for key in ("mean", "std")]
+    assert normalization == [config.data.mean, config.data.std]  # what timm's data config feeds it
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         for loaded in (strict, local):

@@ -92,6 +92,17 @@ def test_each_epoch_visits_the_data_in_a_new_order_and_a_resume_repeats_it():
     assert indices(other_seed) != epochs[0]
 
 
+def test_every_sample_draws_its_own_augmentation_seed():
+    """A sample's crop, flip and mask come from a seed of its own: no two positions of an epoch, nor of two
+    epochs, share one (a seed per batch would give every image of a batch the same crop and mask)."""
+    batches = EpochBatches(32, 8, seed=3)
+    seeds = []
+    for epoch in range(2):
+        batches.set_position(epoch, 0)
+        seeds += [seed for batch in batches for _, seed in batch]
+    assert len(seeds) == len(set(seeds)) == 64
+
+
 class Numbered(torch.utils.data.Dataset):
     """Item i is the image [i, 0, 0, 0] with label 0."""
 

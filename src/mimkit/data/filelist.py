@@ -1,7 +1,9 @@
 """The file list is part of a run: a folder is listed once, when the run starts, and the list is kept in
 the run directory (`mimkit.runs.FILE_LIST`), so a resumed run reads the same files in the same order, and
 starts without walking a folder of a million files again. Tar shards keep the same promise: the list names
-their members, and a resume on shards that lost some of them is refused, naming the shards.
+their members, and a resume on shards that lost some of them is refused, naming the shards. ``--rescan``
+lists the folder or the shards again: a new run, or a resumed one that is to train on what is there now (the
+note says how many files were dropped and added; the data order changes from the resumed step on).
 
 The list file: a header line ``# mimkit file list {json}`` (data spec, root, name, classes, whether the
 entries are shard members, and the newest modification time of the listed directories), then one
@@ -124,8 +126,10 @@ def train_source(spec: str, list_file: str | Path, *, root: str | None = None, c
     Returns:
         `(source, note)`: the note is one line on where the list came from, for the start-up summary.
     """
-    stored = None if rescan else load_file_list(list_file)
-    if stored is not None and stored.source == spec:
+    stored = load_file_list(list_file) if store or not rescan else None
+    if stored is not None and stored.source != spec:
+        stored = None
+    if stored is not None and not rescan:
         listed = listed_shard_source if stored.shards else ListedFolderSource
         source = listed(stored.root, stored.name, stored.files, stored.classes, channels, skip_bad_images,
                         max_bad_images, **decode)
@@ -133,7 +137,7 @@ def train_source(spec: str, list_file: str | Path, *, root: str | None = None, c
                 "started with")
         if newest_mtime_ns(stored.root, stored.files) != stored.folder_mtime_ns:
             note += ("; the folder changed since (files added or removed): this list is kept, new files are "
-                     "ignored (--rescan with a new --out takes them in)")
+                     "ignored (--rescan takes them in)")
         return source, note
     source = build_source(spec, split="train", root=root, channels=channels, skip_bad_images=skip_bad_images,
                           max_bad_images=max_bad_images, **decode)
@@ -143,4 +147,17 @@ def train_source(spec: str, list_file: str | Path, *, root: str | None = None, c
     if store:
         Path(list_file).parent.mkdir(parents=True, exist_ok=True)
         save_file_list(file_list, list_file)
+    if stored is not None:
+        return source, _rescan_note(stored, file_list, list_file)
     return source, f"file list: {len(source)} images listed, kept in {list_file} for resuming"
+
+
+def _rescan_note(stored: FileList, listed: FileList, list_file: str | Path) -> str:
+    """One line on what ``--rescan`` changed in a run's list: the files (shard members) dropped and added."""
+    before, now = {path for _, path in stored.files}, {path for _, path in listed.files}
+    what = "shard members" if listed.shards else "files"
+    if stored.files == listed.files:
+        return f"file list: {len(now)} images listed again (--rescan), the same {what} in the same order"
+    return (f"file list: {len(now)} images listed again (--rescan): {len(before - now)} {what} dropped and "
+            f"{len(now - before)} added since {list_file} was stored, now replaced; the data order changes "
+            "from here on")

@@ -111,7 +111,7 @@ def listed_shard_source(root: str | Path, name: str, members: Sequence[tuple[int
         raise MimkitError(
             f"the shards in '{root}' lack {missing.total()} of the {len(members)} images this run started "
             f"with ({gone}{', ...' if len(missing) > 5 else ''}); a resumed run reads the images it started "
-            "with: restore those shards, or train on the shards as they are now: --rescan and a new --out")
+            "with: restore those shards, or go on with the shards as they are now: --rescan")
     picked = found.select([position[key] for _, key in members])
     names = [picked.describe(i) for i in range(len(picked))]
     source = EncodedImageSource(str(root), names, [label for label, _ in members], list(classes), channels,
