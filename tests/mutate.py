@@ -352,6 +352,9 @@ PLANTED = [
         'return padded if (self.dir / f"{padded}.safetensors").exists() else f"step-{step}"',
         'return f"step-{step}"',
         ("tests/test_reliability_data.py::test_a_run_saved_with_eight_digit_names_resumes_and_prunes_them",)),
+    Bug("teacher: pretrain's --teacher ignores Method.teacher", "src/mimkit/cli.py",
+        'takers = ", ".join(name for name, m in methods.items() if m.teacher)', 'takers = ""',
+        ("tests/test_registry.py::test_a_method_that_takes_a_teacher_gets_the_flag_from_its_record",)),
 ]
 
 
