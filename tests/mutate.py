@@ -401,6 +401,24 @@ PLANTED = [
     Bug("fresh set 5: the linear probe decays its bias", "src/mimkit/eval/linprobe.py",
         '{"params": biases, "weight_decay": 0.0}', '{"params": biases, "weight_decay": weight_decay}',
         ("tests/eval/test_probes.py::test_linear_probe_decays_the_weights_only",)),
+    Bug("teacher: pretrain's --teacher ignores Method.teacher", "src/mimkit/cli.py",
+        'takers = ", ".join(name for name, m in methods.items() if m.teacher)', 'takers = ""',
+        ("tests/test_registry.py::test_a_method_that_takes_a_teacher_gets_the_flag_from_its_record",)),
+    Bug("maskdistill: the teacher's features not layer-normalized", "src/mimkit/models/maskdistill.py",
+        "return self.target_norm(teacher_features.float())", "return teacher_features.float()",
+        ("tests/models/test_maskdistill.py::test_the_targets_are_layer_normalized_without_affine",)),
+    Bug("maskdistill: the cosine loss is 1 - cos", "src/mimkit/models/maskdistill.py",
+        "return 2 - 2 * F.cosine_similarity(pred, target, dim=-1)",
+        "return 1 - F.cosine_similarity(pred, target, dim=-1)",
+        ("tests/models/test_maskdistill.py::test_cosine_distance_is_the_squared_distance_of_unit_vectors",)),
+    Bug("maskdistill: maskdistill.smooth_l1_beta ignored", "src/mimkit/models/maskdistill.py",
+        "partial(smooth_l1_distance, beta=smooth_l1_beta)", "partial(smooth_l1_distance, beta=1.0)",
+        ("tests/models/test_maskdistill.py::test_the_loss_is_the_distance_of_the_head_to_the_normalized_target",)),
+    Bug("maskdistill: the picture's cosine against the raw teacher features",
+        "src/mimkit/methods/maskdistill.py",
+        "target = model.forward_target(teacher_of(config)(shown))", "target = teacher_of(config)(shown)",
+        ("tests/methods/test_maskdistill.py"
+         "::test_the_pictures_cosine_is_the_prediction_against_the_normalized_target",)),
 ]
 
 

@@ -159,6 +159,23 @@ def test_a_method_without_extras_is_refused_by_each_command(toy, monkeypatch, tm
     assert "cannot export a Toy to Hugging Face" in errors
 
 
+@dataclass
+class TaughtSettings(ToySettings):
+    """A toy that takes a teacher: the flag's value lands in its settings' ``teacher``."""
+
+    teacher: str | None = None
+
+
+def test_a_method_that_takes_a_teacher_gets_the_flag_from_its_record(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(registry._METHODS, "toy", Method("toy", "pretraining", build_model, build_task,
+                                                         settings=TaughtSettings, teacher=True))
+    run = pretrain_toy(tmp_path, "--teacher", "runs/mae")
+    assert load_run(run)[1].settings.teacher == "runs/mae"
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    assert "toy: the frozen teacher" in " ".join(capsys.readouterr().out.split())
+
+
 # Where a method may be named: its own modules (methods/, the models, the tokenizers, the per-method layouts
 # of interop: interop/NAME.py for a method NAME), the recipes, and the configuration (the default method).
 OWN = ("methods", "models", "tokenizers", "recipes", "config.py")

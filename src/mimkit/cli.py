@@ -567,6 +567,14 @@ def cmd_data_pack(args: argparse.Namespace) -> None:
     print(f"train on them: mimkit pretrain mae --data shards:{out}")
 
 
+def teacher_help(methods: dict) -> str:
+    """``--teacher``'s help: the methods that take a teacher (`mimkit.registry.Method.teacher`), its forms."""
+    takers = ", ".join(name for name, m in methods.items() if m.teacher)
+    return (f"{takers}: the frozen teacher whose features it distills: a mimkit run directory or checkpoint "
+            "(e.g. an MAE run: no labels), timm:NAME:FILE, or hf:DIR (a CLIP or DINOv2 folder); nothing is "
+            "downloaded")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mimkit.registry import registered
 
@@ -584,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--tokenizer", help="; ".join(
         f"{name}: a tokenizer run directory (mimkit tokenizer train {m.tokenizer})"
         for name, m in pretraining.items() if m.tokenizer))
-    pretrain.set_defaults(handler=cmd_pretrain, teacher=None)
+    pretrain.add_argument("--teacher", help=teacher_help(pretraining))
+    pretrain.set_defaults(handler=cmd_pretrain)
 
     tokenizer = commands.add_parser("tokenizer", help="train a visual tokenizer (BEiT's dVAE, BEiT v2's "
                                     "VQ-KD)")
@@ -592,9 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = actions.add_parser("train", help="train a tokenizer; its run directory is what --tokenizer takes")
     train.add_argument("method", choices=sorted(registered("tokenizer")))
     add_run_arguments(train)
-    train.add_argument("--teacher", help="vqkd: the frozen teacher whose features the codes distill: a "
-                       "mimkit run directory or checkpoint (e.g. an MAE run: no labels), timm:NAME:FILE, or "
-                       "hf:DIR (a CLIP or DINOv2 folder); nothing is downloaded")
+    train.add_argument("--teacher", help=teacher_help(registered("tokenizer")))
     train.set_defaults(handler=cmd_pretrain, model=None, tokenizer=None)
 
     visualize = commands.add_parser("visualize", help="draw what a run's model reconstructs (a segmentation "

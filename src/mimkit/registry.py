@@ -10,7 +10,7 @@ and the commands work without importing it first
 Besides training, a record carries the method's extras, which the commands look up here instead of naming
 methods: the pictures ``mimkit visualize`` draws (`Pictures`), how ``mimkit import`` reads foreign weights
 of it (`Import`) and how ``mimkit export`` writes them (`Export`), the start-up summary's note, the
-tokenizer a pretraining method takes and which of its settings a run may resume with changed. Its settings
+tokenizer or teacher a method takes and which of its settings a run may resume with changed. Its settings
 are its own dataclass, which `read_config` reads from the section under its name. So a new method is its
 own module (and model), nothing else.
 """
@@ -143,6 +143,8 @@ class Method:
             None: nothing.
         tokenizer: for a pretraining method, the tokenizer method whose run directories ``--tokenizer``
             takes (BEiT: "dvae"); None: it takes none.
+        teacher: whether it takes ``--teacher``, a frozen feature teacher (`mimkit.tokenizers.teachers`
+            spec forms) kept in its settings' ``teacher`` field (VQ-KD, MaskDistill).
         pictures: what ``mimkit visualize`` draws of a run (`Pictures`); None: it draws nothing.
         importing: how ``mimkit import`` makes a run of it from foreign weights; None: nothing imports.
         export: how ``mimkit export`` writes its model; None: it does not export.
@@ -163,6 +165,7 @@ class Method:
     build_evaluate: Callable[[PretrainConfig, nn.Module], Evaluate] | None = None
     describe: Callable[[PretrainConfig], str] | None = None
     tokenizer: str | None = None
+    teacher: bool = False
     pictures: Pictures | None = None
     importing: Import | None = None
     export: Export | None = None

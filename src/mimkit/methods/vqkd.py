@@ -65,9 +65,12 @@ def _load_teacher(spec: str, grid: int, mean: tuple, std: tuple) -> Teacher:
 
 
 def teacher_of(config: PretrainConfig) -> Teacher:
-    """The frozen teacher of a VQ-KD configuration, on the CPU (loaded once per process)."""
+    """The frozen teacher of a configuration whose settings name one in ``teacher`` (a method with
+    `mimkit.registry.Method.teacher`: VQ-KD, MaskDistill), on the CPU (loaded once per process)."""
     if not config.settings.teacher:
-        raise MimkitError(f"vqkd training needs a teacher: --teacher {SPEC_FORMS} (e.g. --teacher runs/mae)")
+        raise MimkitError(f"{config.method} training needs a teacher: --teacher {SPEC_FORMS}; e.g. an MAE "
+                          "run, which needs no labels (mimkit pretrain mae --data ... --out runs/mae, then "
+                          "--teacher runs/mae)")
     grid = check_patch_grid(config.data.img_size, config.model.patch_size)
     return _load_teacher(config.settings.teacher, grid, tuple(config.data.mean), tuple(config.data.std))
 
@@ -184,6 +187,6 @@ IMPORT = Import(
     reference=layouts.read_official_vqkd,
 )
 
-register(Method("vqkd", "tokenizer", build_model, build_task, settings=VQKDConfig,
+register(Method("vqkd", "tokenizer", build_model, build_task, settings=VQKDConfig, teacher=True,
                 resolve_config=resolve_config, build_evaluate=build_evaluate, pictures=pictures,
                 importing=IMPORT, resumable=("vqkd.eval_images",)))
