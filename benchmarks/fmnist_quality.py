@@ -4,8 +4,8 @@ MAE (and, with ``--methods``, BEiT, BEiT v2 or any other registered pretraining 
 CPU-sized ViT (vit_mini, patch 4) on the 60,000 training images without their labels. BEiT and BEiT v2 run
 their chains for set epochs; every other method pretrains for MAE's wall-clock: a timing step, alone on
 the machine, runs the method's training step back to back with MAE's (``method_step_cost.py``), and
-the method trains for MAE's images times its speed over MAE's (``OUT/wallclock_match.json``). Then, at 100%, 10% and 1% of the labels (stratified,
-seeded, the same subset everywhere):
+the method trains for MAE's images times its speed over MAE's (``OUT/wallclock_match.json``). Then, at
+100%, 10% and 1% of the labels (stratified, seeded, the same subset everywhere):
 
 - linear probe and k-NN on the frozen encoder, beside the same probes on a randomly initialized one;
 - fine-tuning, beside the same ViT trained from scratch with the same budget (same epochs, recipe
@@ -264,9 +264,9 @@ def wallclock_steps(out: Path, data: str, methods: list[str], mae_epochs: int, q
                     with_dvae: bool) -> list[Step]:
     """Each method of ``methods`` pretrained for the wall-clock of MAE's ``mae_epochs``: a timing step alone
     on the machine per method (``method_step_cost.py``: its training step back to back with MAE's, in one
-    process, ``OUT/timing-METHOD.json``), then each method's run, its step count computed when it starts and kept in
-    ``OUT/wallclock_match.json``. A method that reads a dVAE tokenizer gets ``OUT/dvae``: BEiT's chain's
-    first step, added here unless ``with_dvae`` says the chain is run."""
+    process, ``OUT/timing-METHOD.json``), then each method's run, its step count computed when it starts
+    and kept in ``OUT/wallclock_match.json``. A method that reads a dVAE tokenizer gets ``OUT/dvae``: BEiT's
+    chain's first step, added here unless ``with_dvae`` says the chain is run."""
     tokenized = [m for m in methods if method_of(m).tokenizer is not None]
     steps, after = [], ("dvae",) if tokenized else ()
     if tokenized and not with_dvae:
@@ -324,8 +324,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/fmnist-quality")
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--methods", default="mae",
-                        help="pretrained encoders to compare: mae[,beit][,beitv2][,OTHER...] (BEiT: dVAE, then "
-                        "BEiT, benchmarks/beit_chain.py; BEiT v2: VQ-KD from the MAE run, then BEiT v2, "
+                        help="pretrained encoders to compare: mae[,beit][,beitv2][,OTHER...] (BEiT: dVAE, "
+                        "then BEiT, benchmarks/beit_chain.py; BEiT v2: VQ-KD from the MAE run, then BEiT v2, "
                         "benchmarks/beitv2_chain.py; any other registered pretraining method: MAE's "
                         "wall-clock)")
     parser.add_argument("--pretrain-epochs", type=int, default=20, help="MAE pretraining epochs")

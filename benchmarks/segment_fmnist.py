@@ -1,8 +1,8 @@
 """What pretraining is worth for segmentation: mIoU on fmnist-scenes, run by hand (not part of the tests).
 
 The encoders are those of the quality benchmark (``benchmarks/fmnist_quality.py``: ``ENCODERS/mae``,
-``ENCODERS/beit``, ``ENCODERS/simmim``, ... : a run of each method that exists). At 100% and 10% of the 10,000 training scenes
-(the same seeded subset everywhere), each encoder is trained with
+``ENCODERS/beit``, ``ENCODERS/simmim``, ... : a run of each method that exists). At 100% and 10% of the
+10,000 training scenes (the same seeded subset everywhere), each encoder is trained with
 
 - UperNet, end to end (the papers' protocol, `segment_fmnist` recipe), and
 - the linear head on its frozen last block (the cheap protocol for comparing encoders),

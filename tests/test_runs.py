@@ -7,7 +7,7 @@ import time
 import torch
 
 from mimkit.runs import best_weights, hold_run_dir
-from mimkit.train.checkpoint import Checkpoints
+from mimkit.train.checkpoint_files import Checkpoints
 
 
 def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):

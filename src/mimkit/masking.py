@@ -170,3 +170,24 @@ def block_mask(
         mask: bool (grid_h, grid_w), True where masked; `.flatten()` gives BEiT's (L,) order.
     """
     return sample_blocks(grid_h, grid_w, num_masked, min_block, max_block, aspect, generator)[0]
+
+
+def checked_block_count(section: str, grid: int, ratio: float, min_block: int | None) -> int:
+    """How many of a ``grid`` x ``grid`` image's patches a run's block-wise masking hides, refused before
+    training starts when it would hide none or all, or when its blocks cannot be placed.
+
+    Args:
+        section: the method's settings section, named in the errors (``maskfeat``).
+        grid: patches per side.
+        ratio, min_block: the section's ``mask_ratio`` and ``min_block``.
+    """
+    num_patches = grid * grid
+    num_masked = count_for_ratio(num_patches, ratio)
+    if not 0 < num_masked < num_patches:
+        raise MimkitError(f"{section}.mask_ratio={ratio} masks {num_masked} of the {num_patches} patches; it "
+                          "must mask some and leave some")
+    if min_block is not None and min_block > num_masked:
+        raise MimkitError(f"{section}.min_block={min_block} is more than the {num_masked} patches masked "
+                          f"({section}.mask_ratio={ratio} of {num_patches})")
+    block_mask(grid, grid, num_masked, min_block, generator=torch.Generator())  # the global RNG left alone
+    return num_masked

@@ -126,7 +126,7 @@ def test_a_save_dvae_file_is_a_tokenizer_too(tmp_path):
     (["--tokenizer", "DVAE", "--set", "model.patch_size=8"], "8x8 codes from 32 px views, but the patch grid "
                                                              "is 4x4"),
     (["--tokenizer", "DVAE", "--set", "data.channels=1"], "takes 3-channel images, the data has 1"),
-    (["--tokenizer", "DVAE", "--set", "beit.mask_ratio=0.0"], "masks no patch"),
+    (["--tokenizer", "DVAE", "--set", "beit.mask_ratio=0.0"], "beit.mask_ratio=0.0 masks 0 of the 64"),
     (["--tokenizer", "DVAE", "--set", "model.kwargs.vocab_size=99"], "differs from the tokenizer's 32 codes"),
     (["--tokenizer", "DVAE", "--set", "beit.min_block=50"], "beit.min_block=50 is more than the 26 patches"),
     (["--tokenizer", "DVAE", "--set", "beit.min_block=0"], "min_block=0"),

@@ -19,7 +19,7 @@ from mimkit.config import PretrainConfig, check_model_kwargs
 from mimkit.data.transforms import BEiTView
 from mimkit.errors import MimkitError
 from mimkit.interop.foreign import HALF
-from mimkit.masking import block_mask, count_for_ratio
+from mimkit.masking import checked_block_count
 from mimkit.methods.dvae import find_tokenizer, load_tokenizer, load_tokenizer_encoder
 from mimkit.models.beit import BEIT_MODELS, BEiT, create_beit
 from mimkit.models.vit import check_patch_grid
@@ -80,15 +80,7 @@ def masked_view(config: PretrainConfig, model: BEiT, tokenizer_size: int, tokeni
     that masks nothing or blocks that cannot be placed are refused before training starts."""
     section = config.settings
     grid = model.encoder.patch_embed.grid_size[0]
-    num_masked = count_for_ratio(grid * grid, section.mask_ratio)
-    if num_masked == 0:
-        raise MimkitError(f"{config.method}.mask_ratio={section.mask_ratio} masks no patch of {grid * grid}")
-    if section.min_block is not None and section.min_block > num_masked:
-        raise MimkitError(f"{config.method}.min_block={section.min_block} is more than the {num_masked} "
-                          f"patches masked ({config.method}.mask_ratio={section.mask_ratio} of "
-                          f"{grid * grid})")
-    # refuse impossible block sizes before training starts (a private generator leaves the global RNG alone)
-    block_mask(grid, grid, num_masked, section.min_block, generator=torch.Generator())
+    num_masked = checked_block_count(config.method, grid, section.mask_ratio, section.min_block)
     data = config.data
     return BEiTView(data.img_size, tokenizer_size, data.mean, data.std, tokenizer_mean, tokenizer_std, grid,
                     num_masked, section.min_block, section.crop_scale, section.color_jitter)

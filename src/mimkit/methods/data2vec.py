@@ -33,7 +33,7 @@ from mimkit.errors import MimkitError
 from mimkit.interop.beit import DERIVED, HF_BEIT, OFFICIAL_BEIT, beit_arch, hf_beit_config, timm_export
 from mimkit.interop.foreign import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_NORM, Foreign, convert
 from mimkit.interop.keymaps import block_count, nest, to_foreign
-from mimkit.masking import block_mask, count_for_ratio
+from mimkit.masking import block_mask, checked_block_count
 from mimkit.models.data2vec import DATA2VEC_MODELS, NORMS, Data2Vec, create_data2vec, teacher_decay
 from mimkit.models.posembed import rel_grid
 from mimkit.models.simmim import pixel_mask
@@ -87,7 +87,8 @@ class Data2VecView:
 
     def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], grid: int, num_masked: int,
                  min_block: int | None, scale: tuple[float, float], color_jitter: float):
-        self.jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter else v2.Identity()
+        jitter = color_jitter
+        self.jitter = v2.ColorJitter(jitter, jitter, jitter) if jitter else v2.Identity()
         self.crop = crop_view(img_size, mean, std, scale)
         self.grid, self.num_masked, self.min_block = grid, num_masked, min_block
 
@@ -112,14 +113,7 @@ def build_model(config: PretrainConfig) -> Data2Vec:
 def build_task(config: PretrainConfig, model: Data2Vec) -> tuple[View, LossFn]:
     s, data = config.settings, config.data
     grid = model.encoder.patch_embed.grid_size[0]
-    num_masked = count_for_ratio(grid * grid, s.mask_ratio)
-    if not 0 < num_masked < grid * grid:
-        raise MimkitError(f"data2vec.mask_ratio={s.mask_ratio} masks {num_masked} of the {grid * grid} "
-                          "patches; it must mask some and leave some")
-    if s.min_block is not None and s.min_block > num_masked:
-        raise MimkitError(f"data2vec.min_block={s.min_block} is more than the {num_masked} patches masked")
-    # refuse impossible block sizes before training starts (a private generator leaves the global RNG alone)
-    block_mask(grid, grid, num_masked, s.min_block, generator=torch.Generator())
+    num_masked = checked_block_count("data2vec", grid, s.mask_ratio, s.min_block)
     view = Data2VecView(data.img_size, data.mean, data.std, grid, num_masked, s.min_block, s.crop_scale,
                         s.color_jitter)
 

@@ -20,7 +20,7 @@ from mimkit.config import PretrainConfig, check_model_kwargs, check_range
 from mimkit.data.transforms import crop_view
 from mimkit.errors import MimkitError
 from mimkit.interop.keymaps import to_foreign
-from mimkit.masking import block_mask, count_for_ratio
+from mimkit.masking import block_mask, checked_block_count
 from mimkit.models.maskfeat import MaskFeat, create_maskfeat
 from mimkit.registry import Export, Images, LossFn, Method, register
 from mimkit.viz import block_masks
@@ -88,14 +88,7 @@ def build_model(config: PretrainConfig) -> MaskFeat:
 def build_task(config: PretrainConfig, model: MaskFeat) -> tuple[MaskFeatView, LossFn]:
     s, data = config.settings, config.data
     grid = model.encoder.patch_embed.grid_size[0]
-    num_masked = count_for_ratio(grid * grid, s.mask_ratio)
-    if not 0 < num_masked < grid * grid:
-        raise MimkitError(f"maskfeat.mask_ratio={s.mask_ratio} masks {num_masked} of the {grid * grid} "
-                          "patches; it must mask some and leave some")
-    if s.min_block is not None and s.min_block > num_masked:
-        raise MimkitError(f"maskfeat.min_block={s.min_block} is more than the {num_masked} patches masked")
-    # refuse impossible block sizes before training starts (a private generator leaves the global RNG alone)
-    block_mask(grid, grid, num_masked, s.min_block, generator=torch.Generator())
+    num_masked = checked_block_count("maskfeat", grid, s.mask_ratio, s.min_block)
     view = MaskFeatView(data.img_size, data.mean, data.std, grid, num_masked, s.min_block, s.crop_scale)
 
     def loss_fn(model: MaskFeat, batch: dict):
