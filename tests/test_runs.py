@@ -1,11 +1,12 @@
-"""Run directories: the lock (held by the process that trains, never by the processes it forks), and the
-weights an evaluation reads."""
+"""Run directories: the lock (held by the process that trains, never by the processes it forks, and gone
+with a run refused before it wrote anything), and the weights an evaluation reads."""
 
 import os
 import time
 
 import torch
 
+from mimkit.cli import main
 from mimkit.runs import best_weights, hold_run_dir
 from mimkit.train.checkpoint_files import Checkpoints
 
@@ -40,3 +41,14 @@ def test_the_best_weights_are_the_kept_best_not_the_newest(tmp_path):
     assert best_weights(tmp_path) == files.best_path
     files.best_path.unlink()
     assert best_weights(tmp_path) == files.weights_path(2)
+
+
+def test_a_run_refused_before_writing_anything_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "new"
+    refused = ["pretrain", "mae", "--data", "synthetic:16", "--set", "mae.mask_ratio=2", "--out"]
+    assert main([*refused, str(out)]) == 2
+    assert "mask_ratio" in capsys.readouterr().err and not out.exists()  # neither the folder nor its lock
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*refused, str(empty)]) == 2
+    assert empty.is_dir() and not any(empty.iterdir())  # the user's empty folder stays, empty

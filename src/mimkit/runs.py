@@ -164,7 +164,8 @@ def hold_run_dir(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
     """Hold the run directory's exclusive lock while the block runs, creating the directory if needed.
 
     A folder that is neither empty nor a run is refused (it is someone's files, not ours to write into),
-    and so is a run that another process holds: its PID is in the message.
+    and so is a run that another process holds: its PID is in the message. A run that ends before writing
+    anything (a setting refused at start-up) leaves no lock file behind, nor the folder when it made it.
 
     Args:
         enabled: False on the processes of a distributed job other than the main one (it holds the lock
@@ -179,6 +180,7 @@ def hold_run_dir(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
     if run_dir.is_dir() and not is_run_dir(run_dir) and any(run_dir.iterdir()):
         raise MimkitError(f"--out '{run_dir}' is a folder that is not a mimkit run (it holds "
                           f"{some_names(run_dir)}); give a new or empty folder")
+    made = not run_dir.exists()
     with explain_write_errors(run_dir / LOCK):  # a read-only or full disk: one line, not a traceback
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -197,6 +199,10 @@ def hold_run_dir(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
         finally:
             _HELD_LOCKS.discard(fd)
             os.ftruncate(fd, 0)
+            if [p.name for p in run_dir.iterdir()] == [LOCK]:  # nothing written: nothing to keep
+                (run_dir / LOCK).unlink()
+                if made:
+                    run_dir.rmdir()
     finally:
         os.close(fd)  # releases the lock
 
