@@ -45,6 +45,17 @@ def check_range(name: str, value: float | None, low: float, high: float = math.i
     raise MimkitError(f"{name} must be {finite}{allowed}, got {value}")
 
 
+def check_crop_scale(section: str, scale) -> None:
+    """A random resized crop's area range ``[low, high]``, a fraction of the image: ``0 < low <= high <= 1``.
+
+    Args:
+        section: the settings section that holds it, named in the message (``maskfeat``).
+    """
+    low, high = scale
+    if not 0 < low <= high <= 1:
+        raise MimkitError(f"config '{section}.crop_scale' must be 0 < low <= high <= 1, got {list(scale)}")
+
+
 def config_key(section: str, name: str) -> str:
     """``config 'train.batch_size' (--batch-size)``: a key as messages name it, with its flag if any."""
     key = f"{section}.{name}" if section else name

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
-from mimkit.config import PretrainConfig, check_model_kwargs, check_range
+from mimkit.config import PretrainConfig, check_crop_scale, check_model_kwargs, check_range
 from mimkit.data.transforms import crop_view
 from mimkit.errors import MimkitError
 from mimkit.interop.beit import DERIVED, HF_BEIT, OFFICIAL_BEIT, beit_arch, hf_beit_config, timm_export
@@ -71,10 +71,7 @@ class Data2VecConfig:
             if getattr(self, name) not in NORMS:
                 raise MimkitError(f"config 'data2vec.{name}' must be one of: {', '.join(NORMS)}, "
                                   f"got {getattr(self, name)!r}")
-        low, high = self.crop_scale
-        if not 0 < low <= high <= 1:
-            raise MimkitError("config 'data2vec.crop_scale' must be 0 < low <= high <= 1, "
-                              f"got {list(self.crop_scale)}")
+        check_crop_scale("data2vec", self.crop_scale)
 
 
 class Data2VecView:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mimkit.config import PretrainConfig, check_model_kwargs, check_range
+from mimkit.config import PretrainConfig, check_crop_scale, check_model_kwargs, check_range
 from mimkit.errors import MimkitError
 from mimkit.methods.beit import EXPORT, masked_view
 from mimkit.methods.vqkd import resolve_config as resolve_teacher_dim
@@ -53,10 +53,7 @@ class MaskDistillConfig:
         check_range("config 'maskdistill.min_block'", self.min_block, 1)
         check_range("config 'maskdistill.color_jitter'", self.color_jitter, 0)
         check_range("config 'maskdistill.teacher_dim'", self.teacher_dim, 1)
-        low, high = self.crop_scale
-        if not 0 < low <= high <= 1:
-            raise MimkitError("config 'maskdistill.crop_scale' must be 0 < low <= high <= 1, "
-                              f"got {list(self.crop_scale)}")
+        check_crop_scale("maskdistill", self.crop_scale)
 
 
 def build_model(config: PretrainConfig) -> MaskDistill:

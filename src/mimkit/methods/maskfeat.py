@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 
 import mimkit.interop.mae as vit_layouts
-from mimkit.config import PretrainConfig, check_model_kwargs, check_range
+from mimkit.config import PretrainConfig, check_crop_scale, check_model_kwargs, check_range
 from mimkit.data.transforms import crop_view
-from mimkit.errors import MimkitError
 from mimkit.interop.keymaps import to_foreign
 from mimkit.masking import block_mask, checked_block_count
 from mimkit.models.maskfeat import MaskFeat, create_maskfeat
@@ -45,10 +44,7 @@ class MaskFeatConfig:
         check_range("config 'maskfeat.hog_cell'", self.hog_cell, 1)
         check_range("config 'maskfeat.hog_window'", self.hog_window, 0)
         check_range("config 'maskfeat.min_block'", self.min_block, 1)
-        low, high = self.crop_scale
-        if not 0 < low <= high <= 1:
-            raise MimkitError("config 'maskfeat.crop_scale' must be 0 < low <= high <= 1, "
-                              f"got {list(self.crop_scale)}")
+        check_crop_scale("maskfeat", self.crop_scale)
 
 
 class MaskFeatView:
