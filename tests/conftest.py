@@ -34,6 +34,16 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
     path.write_bytes(gzip.compress(payload) if compress else payload)
 
 
+def run_records(run_dir, is_main: bool = True) -> dict:
+    """The checkpoints and metric records `mimkit.train.loop.train` keeps in ``run_dir`` (made here, as
+    `mimkit.runner.open_run` makes a run's), as its keyword arguments."""
+    from mimkit.train.checkpoint_files import Checkpoints
+    from mimkit.train.metrics_log import MetricsLog
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return {"checkpoints": Checkpoints(run_dir), "metrics": MetricsLog(run_dir, enabled=is_main)}
+
+
 def perturb(module: torch.nn.Module, keep: tuple[str, ...] = ()) -> torch.nn.Module:
     """Move every parameter (but those whose names end with ``keep``) off its initialization: zero biases
     and unit norms hide mapping mistakes and wrong head counts. Eval mode."""

@@ -160,6 +160,7 @@ def test_metrics_reach_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
     log = MetricsLog(tmp_path)
+    assert written == []  # opened at the first record: a run refused at start-up leaves no folder
     log.write(3, loss=0.5, lr=1e-3)
     log.close()
     assert written == [("dir", str(tmp_path / "tensorboard")), ("loss", 0.5, 3), ("lr", 1e-3, 3), "closed"]

@@ -25,7 +25,7 @@ from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import Schedule
 from mimkit.train.step import NonFiniteLoss
-from tests.conftest import Points, noisy_view, regression_loss, torchrun
+from tests.conftest import Points, noisy_view, regression_loss, run_records, torchrun
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 TINY = ["--data", "synthetic", "--batch-size", "8", "--set", "model.kwargs.depth=2",
@@ -266,14 +266,14 @@ def test_resuming_two_processes_with_one_is_refused(tmp_path, capsys):
 
 def test_checkpoint_state_records_world_size_and_global_batch(tmp_path):
     model, optimizer, schedule = toy(total_steps=2, accum_steps=2)
-    train(model, regression_loss, SeededViews(Points(), noisy_view), optimizer, schedule, tmp_path, CPU,
-          LoopOptions(batch_size=4))
+    train(model, regression_loss, SeededViews(Points(), noisy_view), optimizer, schedule, CPU,
+          LoopOptions(batch_size=4), **run_records(tmp_path))
     state = Checkpoints(tmp_path).load_state(2)
     assert (state["world_size"], state["global_batch"]) == (1, 8)
     model, optimizer, schedule = toy(total_steps=3)
     with pytest.raises(MimkitError, match="global batch 8; this run has 1 with global batch 4"):
-        train(model, regression_loss, SeededViews(Points(), noisy_view), optimizer, schedule, tmp_path, CPU,
-              LoopOptions(batch_size=4))
+        train(model, regression_loss, SeededViews(Points(), noisy_view), optimizer, schedule, CPU,
+              LoopOptions(batch_size=4), **run_records(tmp_path))
 
 
 # 8: non-finite values never reach the weights, the optimizer or a checkpoint
@@ -314,8 +314,8 @@ def test_non_finite_values_stop_before_the_optimizer_step(tmp_path, fault, messa
     # the fault comes with the last micro-batch of step 3: earlier ones have already added gradients
     loss_fn = fails_at_call(3 * accum_steps, fault)
     with pytest.raises(NonFiniteLoss, match=message):
-        train(model, loss_fn, SeededViews(Points(), noisy_view), optimizer, schedule, tmp_path, CPU,
-              LoopOptions(batch_size=8 // accum_steps, checkpoint_every=1))
+        train(model, loss_fn, SeededViews(Points(), noisy_view), optimizer, schedule, CPU,
+              LoopOptions(batch_size=8 // accum_steps, checkpoint_every=1), **run_records(tmp_path))
     checkpoints = Checkpoints(tmp_path)
     assert checkpoints.latest() == 2
     saved_model, _, _ = toy()
@@ -334,8 +334,8 @@ def test_non_finite_values_stop_before_the_optimizer_step(tmp_path, fault, messa
 def test_non_finite_weights_are_never_saved(tmp_path):
     model, optimizer, schedule = toy(total_steps=3, lr=float("inf"))  # finite loss and gradients
     with pytest.raises(NonFiniteLoss, match="is not finite after step 1; not saved"):
-        train(model, regression_loss, SeededViews(Points(), noisy_view), optimizer, schedule, tmp_path, CPU,
-              LoopOptions(batch_size=8, checkpoint_every=1))
+        train(model, regression_loss, SeededViews(Points(), noisy_view), optimizer, schedule, CPU,
+              LoopOptions(batch_size=8, checkpoint_every=1), **run_records(tmp_path))
     assert Checkpoints(tmp_path).latest() is None
 
 

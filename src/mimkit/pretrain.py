@@ -21,7 +21,7 @@ from mimkit.errors import MimkitError
 from mimkit.kinds import Kind, register_kind
 from mimkit.registry import method_of, read_config
 from mimkit.runner import Job, OpenedRun, open_run, run_job
-from mimkit.runs import file_list_path, load_run, pretrained_encoder
+from mimkit.runs import load_run, pretrained_encoder
 from mimkit.train.loop import Evaluation
 from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import param_groups
@@ -73,7 +73,7 @@ def _auto_sized(config: PretrainConfig, hint: dict) -> PretrainConfig:
 def pretraining_job(config: PretrainConfig, run: OpenedRun, *, recipe: str = "", rescan: bool = False,
                     auto_size: bool = False) -> Job:
     """Set up a pretraining job: its data (the stored file list when resuming), model, plan and the facts of
-    its start-up summary. Writes a folder's file list (`mimkit.runs.file_list_path`).
+    its start-up summary. Writes a folder's file list (`mimkit.runs.HeldRun.file_list`).
 
     Args:
         config: the resolved configuration.
@@ -86,7 +86,7 @@ def pretraining_job(config: PretrainConfig, run: OpenedRun, *, recipe: str = "",
     world = run.world
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     data = config.data
-    source, list_note = train_source(data.source, file_list_path(run.dir), root=data.root,
+    source, list_note = train_source(data.source, run.held.file_list, root=data.root,
                                      channels=data.channels,
                                      skip_bad_images=data.skip_bad_images, max_bad_images=data.max_bad_images,
                                      rescan=rescan, store=world.is_main,

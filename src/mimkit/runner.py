@@ -2,12 +2,13 @@
 plug-in registers): a kind builds a `Job` from its configuration, and the runner gives every job every engine
 feature the same way.
 
-`open_run` opens the run directory once (`OpenedRun`: the process group, the directory's lock, its
-checkpoints) and the kind builds its job inside it; `run_job` then keeps the configuration
-(`mimkit.runs.keep_config`, ``--force-config``), prints the start-up summary with its ``engine`` line, turns
-on gradient checkpointing and compilation as ``train`` asks, builds the optimizer, and hands the rest to the
-training loop (`mimkit.train.loop.train`: bf16 autocast on GPUs, SIGTERM and Ctrl-C, the stop on a non-finite
-loss, the best weights), whose summary it returns.
+`open_run` opens the run directory once (`OpenedRun`: the process group, the held directory, its checkpoints
+and metric records), and the kind builds its job inside it; the training loop is handed those parts, never the
+directory's path. `run_job` then keeps the configuration (`mimkit.runs.keep_config`, ``--force-config``),
+prints the start-up summary with its ``engine`` line, turns on gradient checkpointing and compilation as
+``train`` asks, builds the optimizer, and hands the rest to the training loop (`mimkit.train.loop.train`: bf16
+autocast on GPUs, SIGTERM and Ctrl-C, the stop on a non-finite loss, the best weights), whose summary it
+returns.
 """
 
 import contextlib
@@ -21,10 +22,11 @@ from torch import nn
 
 from mimkit.data.loader import SeededViews
 from mimkit.errors import MimkitError
-from mimkit.runs import hold_run_dir, keep_config, save_data_facts
+from mimkit.runs import HeldRun, hold_run_dir
 from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import World, init_world
 from mimkit.train.loop import Evaluation, LoopOptions, describe_engine, train
+from mimkit.train.metrics_log import MetricsLog
 from mimkit.train.optim import build_adamw
 from mimkit.train.schedule import RunPlan
 from mimkit.train.step import LossFn
@@ -37,17 +39,24 @@ class OpenedRun:
     """A run directory opened for training by `open_run`, passed down to whatever reads or writes it.
 
     Attributes:
-        dir: the run directory.
-        world: the process group (`mimkit.train.distributed.init_world`); the main process holds the lock.
+        held: the run directory (`mimkit.runs.HeldRun`); the main process holds its lock.
+        world: the process group (`mimkit.train.distributed.init_world`).
         checkpoints: the run's checkpoints (the newest step tells whether it resumes).
+        metrics: the run's metric records (``metrics.jsonl``; written by the main process only).
         force_config: resume a trained run although its configuration, number of processes or global batch
             differ from this one's (otherwise refused: `mimkit.runs.keep_config`).
     """
 
-    dir: Path
+    held: HeldRun
     world: World
     checkpoints: Checkpoints
+    metrics: MetricsLog
     force_config: bool = False
+
+    @property
+    def dir(self) -> Path:
+        """The run directory."""
+        return self.held.dir
 
 
 @contextlib.contextmanager
@@ -55,8 +64,9 @@ def open_run(run_dir: str | Path, force_config: bool = False) -> Iterator[Opened
     """Join the process group and hold ``run_dir``'s lock (main process; `mimkit.runs.hold_run_dir`) while
     the block runs."""
     world = init_world()
-    with hold_run_dir(run_dir, enabled=world.is_main):
-        yield OpenedRun(Path(run_dir), world, Checkpoints(run_dir), force_config)
+    with hold_run_dir(run_dir, enabled=world.is_main) as held:
+        yield OpenedRun(held, world, Checkpoints(held.dir), MetricsLog(held.dir, enabled=world.is_main),
+                        force_config)
 
 
 @dataclass
@@ -79,8 +89,8 @@ class Job:
             (timm's encoders, mimkit's method models); None: the kind has none.
         evaluation: what the loop evaluates and which weights it keeps as the best; None: nothing.
         after_step: called with the step number after each optimizer step (a model EMA update).
-        facts: the start-up summary as JSON-friendly facts, saved in the run (`mimkit.runs.save_data_facts`);
-            None: none saved.
+        facts: the start-up summary as JSON-friendly facts, saved in the run
+            (`mimkit.runs.HeldRun.save_data_facts`); None: none saved.
     """
 
     kind: str
@@ -124,16 +134,17 @@ def run_job(run: OpenedRun, job: Job, report: Callable[[list[str]], None] | None
         job.checkpointed.set_grad_checkpointing()
     optimizer = build_adamw(job.param_groups, job.betas)
     if run.world.is_main:
-        keep_config(run.dir, job.config, job.kind, run.checkpoints.latest(), run.force_config)
+        run.held.keep_config(job.config, job.kind, run.checkpoints.latest(), run.force_config)
         if job.facts is not None:
-            save_data_facts(run.dir, job.facts)
+            run.held.save_data_facts(job.facts)
         (report or _log_lines)(job.summary + [engine_line(run, job)])
     if train_cfg.compile:
         job.model.compile()
     options = LoopOptions.from_config(train_cfg, num_workers=job.workers, force_resume=run.force_config,
                                       desc=job.desc)
-    return train(job.model, job.loss_fn, job.dataset, optimizer, job.plan.schedule, run.dir, run.world,
-                 options, job.evaluation, after_step=job.after_step)
+    return train(job.model, job.loss_fn, job.dataset, optimizer, job.plan.schedule, run.world, options,
+                 checkpoints=run.checkpoints, metrics=run.metrics, evaluation=job.evaluation,
+                 after_step=job.after_step)
 
 
 def _log_lines(lines: list[str]) -> None:

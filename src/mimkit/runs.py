@@ -141,11 +141,6 @@ def file_list_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / FILE_LIST
 
 
-def save_data_facts(run_dir: str | Path, facts: dict) -> None:
-    """Write a run's start-up summary (JSON-friendly ``facts``) atomically."""
-    write_text_atomically(Path(run_dir) / DATA_FACTS, json.dumps(facts, indent=2) + "\n")
-
-
 def split_weights_path(path: str | Path) -> tuple[Path, Path | None]:
     """(run directory, weights file or None) for a run directory or a checkpoint file inside one."""
     path = Path(path)
@@ -159,8 +154,29 @@ def split_weights_path(path: str | Path) -> tuple[Path, Path | None]:
     return path, None
 
 
+@dataclass(frozen=True)
+class HeldRun:
+    """A run directory held for training (`hold_run_dir`): what the one who trains it writes there besides its
+    checkpoints and records."""
+
+    dir: Path
+
+    @property
+    def file_list(self) -> Path:
+        """Where the run keeps the files of a folder it trains on (`file_list_path`)."""
+        return file_list_path(self.dir)
+
+    def keep_config(self, config, kind: str, step: int | None, force: bool = False) -> None:
+        """Save the configuration, or check a trained run's against it (`keep_config`)."""
+        keep_config(self.dir, config, kind, step, force)
+
+    def save_data_facts(self, facts: dict) -> None:
+        """Write the run's start-up summary (JSON-friendly ``facts``) atomically."""
+        write_text_atomically(self.dir / DATA_FACTS, json.dumps(facts, indent=2) + "\n")
+
+
 @contextlib.contextmanager
-def hold_run_dir(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
+def hold_run_dir(run_dir: str | Path, enabled: bool = True) -> Iterator[HeldRun]:
     """Hold the run directory's exclusive lock while the block runs, creating the directory if needed.
 
     A folder that is neither empty nor a run is refused (it is someone's files, not ours to write into),
@@ -171,10 +187,10 @@ def hold_run_dir(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
         enabled: False on the processes of a distributed job other than the main one (it holds the lock
             for the job).
     """
-    if not enabled:
-        yield
-        return
     run_dir = Path(run_dir)
+    if not enabled:
+        yield HeldRun(run_dir)
+        return
     if run_dir.exists() and not run_dir.is_dir():
         raise MimkitError(f"--out '{run_dir}' is a file; give a folder for the run")
     if run_dir.is_dir() and not is_run_dir(run_dir) and any(run_dir.iterdir()):
@@ -195,7 +211,7 @@ def hold_run_dir(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _HELD_LOCKS.add(fd)
         try:
-            yield
+            yield HeldRun(run_dir)
         finally:
             _HELD_LOCKS.discard(fd)
             os.ftruncate(fd, 0)

@@ -16,7 +16,7 @@ from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import Schedule, cosine_schedule
 from mimkit.train.step import NonFiniteLoss
-from tests.conftest import Points, noisy_view, regression_loss
+from tests.conftest import Points, noisy_view, regression_loss, run_records
 
 
 def toy_train(run_dir, world: World, *, batch_size: int, accum_steps: int = 1, total_steps: int = 6,
@@ -32,8 +32,9 @@ def toy_train(run_dir, world: World, *, batch_size: int, accum_steps: int = 1, t
     torch.manual_seed(rng_seed)
     optimizer = build_adamw(param_groups(model, 0.05))
     schedule = Schedule(total_steps, cosine_schedule(1e-2, 1e-4, total_steps, 2), accum_steps, clip_grad=1e3)
-    train(model, loss_fn, SeededViews(Points(), noisy_view), optimizer, schedule, run_dir, world,
-          LoopOptions(batch_size=batch_size, checkpoint_every=checkpoint_every, keep_last=3, log_every=1))
+    train(model, loss_fn, SeededViews(Points(), noisy_view), optimizer, schedule, world,
+          LoopOptions(batch_size=batch_size, checkpoint_every=checkpoint_every, keep_last=3, log_every=1),
+          **run_records(run_dir, world.is_main))
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -13,7 +13,7 @@ from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import build_adamw, layer_id, param_groups
 from mimkit.train.schedule import Schedule, cosine_schedule
 from mimkit.train.step import NonFiniteLoss
-from tests.conftest import Points, noisy_view, regression_loss
+from tests.conftest import Points, noisy_view, regression_loss, run_records
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 
@@ -26,8 +26,8 @@ def toy_run(run_dir, total_steps=6, accum_steps=1, checkpoint_every=100, keep_la
     schedule = Schedule(total_steps, cosine_schedule(1e-2, 1e-4, total_steps, 2), accum_steps)
     options = LoopOptions(batch_size=8 // accum_steps, checkpoint_every=checkpoint_every, keep_last=keep_last,
                           log_every=1)
-    summary = train(model, loss_fn, SeededViews(Points(), noisy_view), optimizer, schedule, run_dir, CPU,
-                    options)
+    summary = train(model, loss_fn, SeededViews(Points(), noisy_view), optimizer, schedule, CPU, options,
+                    **run_records(run_dir))
     return model, summary
 
 
@@ -123,8 +123,8 @@ def test_the_loop_reads_a_new_order_each_epoch(tmp_path):
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     train(model, recording_loss, SeededViews(Numbered(), lambda image: {"image": image.float()}),
-          build_adamw(param_groups(model, 0)), Schedule(6, [0.1] * 6), tmp_path, CPU,
-          LoopOptions(batch_size=4, log_every=100))  # 4 steps an epoch: 1.5 epochs
+          build_adamw(param_groups(model, 0)), Schedule(6, [0.1] * 6), CPU,
+          LoopOptions(batch_size=4, log_every=100), **run_records(tmp_path))  # 4 steps an epoch: 1.5 epochs
     expected = EpochBatches(16, 4, seed=0)
     first = indices(expected)
     expected.set_position(1, 0)
@@ -163,6 +163,9 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, accum_steps):
     assert summary["resumed_from"] == 3
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    # the records logged after step 3 were forgotten and written again: each step once, the same losses
+    losses = [[(r["step"], r["loss"]) for r in read_metrics(tmp_path / run)] for run in ("straight", "cut")]
+    assert losses[1] == losses[0] and [step for step, _ in losses[1]] == list(range(1, 8))
 
 
 def test_named_per_step_values_reach_the_loss_and_the_log(tmp_path):
@@ -176,8 +179,8 @@ def test_named_per_step_values_reach_the_loss_and_the_log(tmp_path):
     model = nn.Linear(4, 1)
     schedule = Schedule(4, [0.1] * 4, values={"temperature": [1.0, 0.5, 0.25, 0.125]})
     optimizer = build_adamw(param_groups(model, 0))
-    train(model, loss_with_temperature, SeededViews(Points(), noisy_view), optimizer, schedule, tmp_path, CPU,
-          LoopOptions(batch_size=8, log_every=1))
+    train(model, loss_with_temperature, SeededViews(Points(), noisy_view), optimizer, schedule, CPU,
+          LoopOptions(batch_size=8, log_every=1), **run_records(tmp_path))
     assert seen == [1.0, 0.5, 0.25, 0.125]
     assert [r["temperature"] for r in read_metrics(tmp_path) if "loss" in r] == seen
 
@@ -198,4 +201,5 @@ def test_too_little_data_for_one_batch_is_a_clear_error(tmp_path):
     model = nn.Linear(4, 1)
     with pytest.raises(MimkitError, match="fewer than one global batch"):
         train(model, regression_loss, SeededViews(Points(4), noisy_view), build_adamw(param_groups(model, 0)),
-              Schedule(2, [0.1, 0.1]), tmp_path, CPU, LoopOptions(batch_size=8))
+              Schedule(2, [0.1, 0.1]), CPU, LoopOptions(batch_size=8),
+              **run_records(tmp_path))

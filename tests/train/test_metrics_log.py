@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mimkit.errors import MimkitError
-from mimkit.train.metrics_log import MetricsLog, drop_records_after, read_metrics
+from mimkit.train.metrics_log import MetricsLog, read_metrics
 
 
 def logged(run_dir, steps: int):
@@ -23,7 +23,7 @@ def test_a_torn_last_line_is_left_out_and_trimmed_on_resume(tmp_path, torn):
     with pytest.warns(UserWarning, match="last line was cut short"):
         assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     with pytest.warns(UserWarning, match="last line was cut short"):
-        drop_records_after(tmp_path, 2)
+        MetricsLog(tmp_path).drop_after(2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
 
 

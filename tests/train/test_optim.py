@@ -14,6 +14,7 @@ from mimkit.train.distributed import World
 from mimkit.train.loop import LoopOptions, train
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import Schedule
+from tests.conftest import run_records
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 
@@ -60,7 +61,7 @@ def test_each_layer_moves_by_its_decayed_lr(tmp_path):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = build_adamw(param_groups(model, weight_decay=0.0, layer_decay=decay, num_layers=depth))
     train(model, squared_error, SeededViews(Features(), lambda x: {"image": x}), optimizer,
-          Schedule(1, [lr]), tmp_path, CPU, LoopOptions(batch_size=16))
+          Schedule(1, [lr]), CPU, LoopOptions(batch_size=16), **run_records(tmp_path))
     expected_scale = {"cls_token": decay ** (depth + 1), "head.weight": 1.0, "head.bias": 1.0}
     expected_scale |= {f"blocks.{i}.{kind}": decay ** (depth - i) for i in range(depth)
                        for kind in ("weight", "bias")}

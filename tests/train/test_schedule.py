@@ -14,7 +14,7 @@ from mimkit.train.loop import LoopOptions, train
 from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import build_adamw
 from mimkit.train.schedule import Schedule, cosine_schedule, plan_run, poly_schedule
-from tests.conftest import Points, noisy_view, regression_loss
+from tests.conftest import Points, noisy_view, regression_loss, run_records
 
 
 def test_cosine_decay_by_hand():
@@ -56,7 +56,8 @@ def test_the_loop_sets_each_steps_lr_the_last_one_included(tmp_path):
     model = nn.Linear(4, 1)
     optimizer = build_adamw([{"params": [model.weight], "lr_scale": 0.5}, {"params": [model.bias]}])
     lr = cosine_schedule(1e-2, 1e-3, 6, 2)
-    train(model, regression_loss, SeededViews(Points(), noisy_view), optimizer, Schedule(6, lr), tmp_path,
-          World(rank=0, size=1, device=torch.device("cpu")), LoopOptions(batch_size=8, log_every=1))
+    train(model, regression_loss, SeededViews(Points(), noisy_view), optimizer, Schedule(6, lr),
+          World(rank=0, size=1, device=torch.device("cpu")), LoopOptions(batch_size=8, log_every=1),
+          **run_records(tmp_path))
     assert [g["lr"] for g in optimizer.param_groups] == [0.5e-3, 1e-3]
     assert [r["lr"] for r in read_metrics(tmp_path) if "loss" in r] == lr

@@ -16,7 +16,7 @@ from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import Schedule
 from mimkit.train.step import OptimizerStep
-from tests.conftest import Points, noisy_view, regression_loss
+from tests.conftest import Points, noisy_view, regression_loss, run_records
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 
@@ -26,7 +26,7 @@ def run(tmp_path, loss_fn, total_steps=2, accum_steps=2, log_every=1):
     model = nn.Linear(4, 1)
     schedule = Schedule(total_steps, [0.1] * total_steps, accum_steps)
     train(model, loss_fn, SeededViews(Points(), noisy_view), build_adamw(param_groups(model, 0)), schedule,
-          tmp_path, CPU, LoopOptions(batch_size=8 // accum_steps, log_every=log_every))
+          CPU, LoopOptions(batch_size=8 // accum_steps, log_every=log_every), **run_records(tmp_path))
     return [r for r in read_metrics(tmp_path) if "loss" in r]
 
 

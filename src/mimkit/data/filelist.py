@@ -114,8 +114,8 @@ def load_file_list(path: str | Path) -> FileList | None:
 def train_source(spec: str, list_file: str | Path, *, root: str | None = None, channels: int | None = None,
                  skip_bad_images: bool = False, max_bad_images: int = 100, rescan: bool = False,
                  store: bool = True, **decode) -> tuple[Dataset, str]:
-    """A run's train split: from its file list (``list_file``, `mimkit.runs.file_list_path`) when that holds
-    one for `spec`, else listed afresh (and stored there when `store`).
+    """A run's train split: from its file list (``list_file``, `mimkit.runs.HeldRun.file_list`) when that
+    holds one for `spec`, else listed afresh (and stored there when `store`).
 
     Args:
         spec, root, channels, skip_bad_images, max_bad_images: as in `build_source`.

@@ -58,17 +58,18 @@ def write_results(run_dir: str | Path, results: dict) -> Path:
     return path
 
 
-def write_confusion(run_dir: str | Path, scores: dict) -> Path:
-    """Write a segmentation run's confusion matrix (``scores["confusion"]``, rows truth) with its class names
-    to ``<run>/confusion.json``, and its picture to ``<run>/confusion.png`` (`mimkit.viz.confusion_plot`).
+def write_segmentation_results(run_dir: str | Path, results: dict, scores: dict) -> Path:
+    """Write a segmentation run's ``results.json`` (`write_results`), its confusion matrix (``scores
+    ["confusion"]``, rows truth) with its class names to ``<run>/confusion.json``, and the matrix's picture to
+    ``<run>/confusion.png`` (`mimkit.viz.confusion_plot`).
 
     Returns:
         The picture's path.
     """
     from mimkit.viz import confusion_plot, save_picture
 
+    run_dir = write_results(run_dir, results).parent
     names = [row["class"] for row in scores["per_class"]]
-    run_dir = Path(run_dir)
     (run_dir / "confusion.json").write_text(json.dumps({"classes": names, "rows_truth_columns_prediction":
                                                         scores["confusion"]}) + "\n")
     return save_picture(confusion_plot(scores["confusion"], names), run_dir / "confusion.png")

@@ -5,7 +5,7 @@ another folder with the same classes, as the run evaluates or with a test-time a
 the papers' multi-scale test), on the GPU when there is one. Every mask is checked before the first image
 is scored. ``out`` (a new or empty folder, or one evaluate wrote: `mimkit.runs.claim_out_dir`) receives
 ``results.json`` (aAcc, mIoU, mAcc, the per-class table)
-and the confusion matrix (`mimkit.eval.scores.write_confusion`).
+and the confusion matrix (`mimkit.eval.scores.write_segmentation_results`).
 """
 
 import time
@@ -18,7 +18,7 @@ from mimkit.data.loader import eval_loader
 from mimkit.data.seg_transforms import SegEvalView
 from mimkit.data.segmentation import build_seg_source
 from mimkit.errors import MimkitError
-from mimkit.eval.scores import write_confusion, write_results
+from mimkit.eval.scores import write_segmentation_results
 from mimkit.eval.seg_metrics import TTA, evaluate_segmentation
 from mimkit.eval.segment import SCORES, load_segmentation_run
 from mimkit.runs import claim_out_dir
@@ -57,6 +57,5 @@ def evaluate_run(run: str | Path, out: str | Path, split: str = "val", data: str
                                                "scales": list(scales)},
                **{k: scores[k] for k in SCORES}, "per_class": scores["per_class"],
                "wall_s": round(time.perf_counter() - start, 1)}
-    write_results(out, results)
-    write_confusion(out, scores)
+    write_segmentation_results(out, results, scores)
     return results

@@ -33,7 +33,7 @@ from mimkit.data.segmentation import SegSource, build_seg_source
 from mimkit.errors import MimkitError
 from mimkit.eval.config import SegmentConfig
 from mimkit.eval.predict import predict_masks
-from mimkit.eval.scores import write_confusion, write_results
+from mimkit.eval.scores import write_segmentation_results
 from mimkit.eval.seg_metrics import IGNORE_INDEX, MODES, evaluate_segmentation, format_table, predict_logits
 from mimkit.eval.seg_sizing import SegDataFacts, label_hint, seg_size_hint, survey_seg_data
 from mimkit.eval.subsets import label_subset
@@ -163,7 +163,8 @@ def run_segment(config: SegmentConfig, run_dir: str | Path, force_config: bool =
     engine, and a hint when the images are much smaller than the crop. ``run_dir`` receives its
     configuration, ``metrics.jsonl`` (loss, lr, and the validation aAcc/mIoU/mAcc), ``checkpoints/`` (the
     last ones and the best weights, highest val mIoU) and, once training has finished, ``results.json``
-    (the scores with the per-class table) and the validation confusion matrix (`write_confusion`).
+    (the scores with the per-class table) and the validation confusion matrix
+    (`mimkit.eval.scores.write_segmentation_results`).
 
     Args:
         force_config: resume a trained run whose configuration, number of processes or global batch differ
@@ -298,8 +299,7 @@ def _segment(config: SegmentConfig, run: OpenedRun, recipe: str, auto_size: bool
         **{k: scores[k] for k in SCORES}, "best_val_mIoU": best["value"], "best_step": best["step"],
         "per_class": scores["per_class"], "wall_s": round(time.perf_counter() - start, 1),
     }
-    write_results(run.dir, results)
-    write_confusion(run.dir, scores)
+    write_segmentation_results(run.dir, results, scores)
     logger.info(format_table(scores))
     return results
 

@@ -58,6 +58,10 @@ class Checkpoints:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
 
+    def keeping(self, keep_last: int) -> "Checkpoints":
+        """The same checkpoints, keeping the last ``keep_last`` from the next save on."""
+        return Checkpoints(self.dir.parent, keep_last)
+
     def steps(self) -> list[int]:
         """Steps with a complete checkpoint, ascending."""
         if not self.dir.is_dir():

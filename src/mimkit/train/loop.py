@@ -13,7 +13,6 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,7 +20,9 @@ from torch import nn
 from mimkit.config import TrainConfig
 from mimkit.cpus import usable_cpus
 from mimkit.data.loader import EpochBatches, SeededViews, build_loader, workers_end_with_errors
+from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import World, any_rank
+from mimkit.train.metrics_log import MetricsLog
 from mimkit.train.progress import ProgressLog
 from mimkit.train.schedule import Schedule, epoch_steps
 from mimkit.train.step import LossFn, OptimizerStep
@@ -140,10 +141,11 @@ class _Evaluator:
 
 
 def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: torch.optim.Optimizer,
-          schedule: Schedule, run_dir: str | Path, world: World, options: LoopOptions,
-          evaluation: Evaluation | None = None, after_step: Callable[[int], None] | None = None) -> dict:
-    """Train ``model`` to ``schedule.total_steps`` optimizer steps, resuming from ``run_dir`` if it
-    holds a checkpoint.
+          schedule: Schedule, world: World, options: LoopOptions, *, checkpoints: Checkpoints,
+          metrics: MetricsLog, evaluation: Evaluation | None = None,
+          after_step: Callable[[int], None] | None = None) -> dict:
+    """Train ``model`` to ``schedule.total_steps`` optimizer steps, resuming from the newest of
+    ``checkpoints``.
 
     Args:
         model: what is checkpointed; already on ``world.device``.
@@ -152,27 +154,26 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: SeededViews, optimizer: to
         dataset: items addressed by `EpochBatches`.
         optimizer: groups may carry ``lr_scale`` (layer-wise decay), applied on top of ``schedule.lr``.
         schedule: run length, per-step lr and values, accumulation and clipping.
-        run_dir: checkpoints and ``metrics.jsonl`` go here.
         world: process group description (`mimkit.train.distributed.init_world`).
         options: batches, logging, checkpoints.
+        checkpoints: the run's checkpoints, saved and resumed from (in its existing directory).
+        metrics: the run's records (enabled on the main process only).
         evaluation: what to evaluate during the run; its numbers are logged and returned.
         after_step: called with the new step number after each optimizer step (e.g. a model EMA update).
 
     Returns:
         ``{"step", "interrupted", "resumed_from", **last evaluation}``.
     """
-    if world.is_main:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
     batches = EpochBatches(len(dataset), options.batch_size, options.seed, world.rank, world.size)
     steps_per_epoch = epoch_steps(len(dataset), options.batch_size * world.size, schedule.accum_steps)
     images_per_step = options.batch_size * world.size * schedule.accum_steps
     loader = build_loader(dataset, batches, options.num_workers, world.device)
 
-    checkpointer = Checkpointer(run_dir, model, optimizer, world, images_per_step, options.keep_last)
+    checkpointer = Checkpointer(checkpoints, model, optimizer, world, images_per_step, options.keep_last)
     resumed_from = checkpointer.resume(options.force_resume)
     step = resumed_from or 0
     take_step = OptimizerStep(model, loss_fn, optimizer, schedule, world, last_checkpoint=checkpointer.latest)
-    progress = ProgressLog(run_dir, world, total_steps=schedule.total_steps, start_step=step,
+    progress = ProgressLog(metrics, world, total_steps=schedule.total_steps, start_step=step,
                            log_every=options.log_every, images_per_step=images_per_step,
                            steps_per_epoch=steps_per_epoch, desc=options.desc)
     evaluate = (_Evaluator(evaluation, model, checkpointer, progress, evaluation.every or steps_per_epoch,

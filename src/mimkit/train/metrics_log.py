@@ -3,6 +3,7 @@
 
 import json
 import warnings
+from functools import cached_property
 from pathlib import Path
 
 from mimkit.errors import MimkitError, explain_write_errors
@@ -10,18 +11,21 @@ from mimkit.files import write_text_atomically
 
 
 class MetricsLog:
-    """Appends metric records; a no-op on non-main ranks."""
+    """Appends metric records; a no-op on non-main ranks. Nothing is written, TensorBoard's folder included,
+    before the first record."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.tensorboard = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                return
-            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    @cached_property
+    def tensorboard(self):
+        """TensorBoard's event writer, opened at the first record; None without the (optional) package."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.path.parent / "tensorboard"))
 
     def write(self, step: int, **values: float) -> None:
         if not self.enabled:
@@ -33,16 +37,24 @@ class MetricsLog:
                 if isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key, value, step)
 
+    def drop_after(self, step: int) -> None:
+        """Forget records past ``step`` (a resumed run writes them again)."""
+        if self.enabled and self.path.exists():
+            kept = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= step]
+            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        """Close TensorBoard's writer, if a record opened it; a later record opens it again."""
+        writer = vars(self).pop("tensorboard", None)
+        if writer is not None:
+            writer.close()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All records of a run, in order.
 
     A last line cut short (a crash while it was written, or NUL bytes after a power loss) is left out with a
-    warning (`drop_records_after` then trims it from the file); a damaged line before it is a one-line
+    warning (`MetricsLog.drop_after` then trims it from the file); a damaged line before it is a one-line
     `MimkitError`.
     """
     path = Path(run_dir) / "metrics.jsonl"
@@ -60,11 +72,3 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             warnings.warn(f"'{path}': the last line was cut short (a crash or power loss while it was "
                           f"written) and is left out: {line[:40]!r}", stacklevel=2)
     return records
-
-
-def drop_records_after(run_dir: str | Path, step: int) -> None:
-    """Forget records past ``step`` (a resumed run writes them again)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.exists():
-        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-        write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))

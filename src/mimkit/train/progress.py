@@ -3,7 +3,6 @@
 where the loop waits for the device to hand over its numbers; between records nothing is read back."""
 
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -21,17 +20,18 @@ class ProgressLog:
     manager that closes both.
 
     Args:
-        run_dir: where ``metrics.jsonl`` (and TensorBoard events) go.
+        metrics: the run's records (enabled on the main process only).
         total_steps: the run's length in optimizer steps; the last one is always logged.
-        start_step: where the run (re)starts.
+        start_step: where the run (re)starts; records logged past it are forgotten (they come again).
         images_per_step: images of one optimizer step over all processes, for the speed.
         steps_per_epoch: optimizer steps in one epoch, for the records' ``epoch``.
         desc: the progress bar's label.
     """
 
-    def __init__(self, run_dir: str | Path, world: World, *, total_steps: int, start_step: int,
+    def __init__(self, metrics: MetricsLog, world: World, *, total_steps: int, start_step: int,
                  log_every: int, images_per_step: int, steps_per_epoch: int, desc: str):
-        self.metrics = MetricsLog(run_dir, enabled=world.is_main)
+        self.metrics = metrics
+        metrics.drop_after(start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not world.is_main,
                         dynamic_ncols=True, unit="step")
         self.total_steps, self.log_every = total_steps, log_every

@@ -4,7 +4,6 @@ was trained with, kept in the run's `Checkpoints` (the files: `mimkit.train.chec
 
 import logging
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,7 +11,6 @@ from torch import nn
 from mimkit.errors import MimkitError
 from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import World, gather_objects
-from mimkit.train.metrics_log import drop_records_after
 from mimkit.train.step import NonFiniteLoss
 
 logger = logging.getLogger(__name__)
@@ -48,17 +46,17 @@ class Checkpointer:
     """Saves and resumes one run's training (every process calls each method; the main one writes).
 
     Args:
-        run_dir: the run directory; what a killed save left in its checkpoints is removed.
+        checkpoints: the run's checkpoints; what a killed save left among them is removed.
         model: what is saved; already on ``world.device``.
         global_batch: images per optimizer step over all processes, recorded with each checkpoint.
-        keep_last: checkpoints kept (`Checkpoints`).
+        keep_last: checkpoints kept (`Checkpoints.keeping`).
     """
 
-    def __init__(self, run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
-                 global_batch: int, keep_last: int = 2):
-        self.run_dir, self.model, self.optimizer, self.world = Path(run_dir), model, optimizer, world
+    def __init__(self, checkpoints: Checkpoints, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 world: World, global_batch: int, keep_last: int = 2):
+        self.model, self.optimizer, self.world = model, optimizer, world
         self.global_batch = global_batch
-        self.files = Checkpoints(run_dir, keep_last)
+        self.files = checkpoints.keeping(keep_last)
         if world.is_main:
             self.files.clean()
 
@@ -68,7 +66,7 @@ class Checkpointer:
 
     def resume(self, force: bool = False) -> int | None:
         """Load the newest checkpoint that reads: weights, and (unless it is an import, which holds weights
-        only) the optimizer and the RNG states; records logged after it are forgotten (they come again).
+        only) the optimizer and the RNG states.
 
         Args:
             force: resume a checkpoint trained by another number of processes or with another global batch
@@ -86,7 +84,6 @@ class Checkpointer:
             _restore_rng(state["rng"], self.world)
         step = state["step"]
         if self.world.is_main:
-            drop_records_after(self.run_dir, step)
             logger.info(f"resuming from step {step} ({self.files.weights_path(step)})")
         return step
 
