@@ -266,9 +266,16 @@ def wallclock_steps(out: Path, data: str, methods: list[str], mae_epochs: int, q
     on the machine per method (``method_step_cost.py``: its training step back to back with MAE's, in one
     process, ``OUT/timing-METHOD.json``), then each method's run, its step count computed when it starts
     and kept in ``OUT/wallclock_match.json``. A method that reads a dVAE tokenizer gets ``OUT/dvae``: BEiT's
-    chain's first step, added here unless ``with_dvae`` says the chain is run."""
+    chain's first step, added here unless ``with_dvae`` says the chain is run. A method that distils a
+    teacher gets the MAE run (``OUT/mae``, as BEiT v2's VQ-KD does): its timing waits for that run."""
     tokenized = [m for m in methods if method_of(m).tokenizer is not None]
+    taught = [m for m in methods if method_of(m).teacher]
     steps, after = [], ("dvae",) if tokenized else ()
+
+    def reads(method: str) -> dict[str, Path]:
+        """The runs ``method`` reads, by the name of its setting and flag."""
+        return (({"tokenizer": out / "dvae"} if method in tokenized else {})
+                | ({"teacher": out / "mae"} if method in taught else {}))
     if tokenized and not with_dvae:
         from beit_chain import beit_steps
         name, command = beit_steps(out, data, quick=quick)[0]
@@ -277,8 +284,9 @@ def wallclock_steps(out: Path, data: str, methods: list[str], mae_epochs: int, q
     def timing(method: str) -> Step:
         cost = ["--methods", f"mae,{method}", "--data", data, "--json", str(out / f"timing-{method}.json"),
                 *(["--batch-size", "16", "--steps", "2", "--warmup", "1"] if quick else []),
-                *(["--set", f"{method}.tokenizer={out / 'dvae'}"] if method in tokenized else [])]
-        return Step(f"timing-{method}", cost, after, alone=True, script=HERE / "method_step_cost.py")
+                *[arg for name, run in reads(method).items() for arg in ("--set", f"{method}.{name}={run}")]]
+        waits = after + (("mae",) if method in taught else ())
+        return Step(f"timing-{method}", cost, waits, alone=True, script=HERE / "method_step_cost.py")
 
     def pretraining(method: str) -> Callable[[], list[str]]:
         def command() -> list[str]:
@@ -292,7 +300,7 @@ def wallclock_steps(out: Path, data: str, methods: list[str], mae_epochs: int, q
             record.write_text(json.dumps(matches | {method: {"images": round(images), "batch_size": batch,
                                                              "max_steps": max_steps, "speeds": speeds}},
                                          indent=2))
-            extra = ["--tokenizer", str(out / "dvae")] if method in tokenized else []
+            extra = [arg for name, run in reads(method).items() for arg in (f"--{name}", str(run))]
             return ["pretrain", method, "--data", data, "--config", f"{method}_fmnist", *extra,
                     "--max-steps", str(max_steps), *(["--batch-size", "32"] if quick else []),
                     "--out", str(out / method)]

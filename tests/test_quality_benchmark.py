@@ -74,3 +74,16 @@ def test_a_method_pretrains_for_the_wall_clock_of_mae(tmp_path):
     (tmp_path / "timing-cae.json").write_text(json.dumps(cae_speeds))
     cae = steps["cae"].command()
     assert cae[cae.index("--tokenizer") + 1] == str(tmp_path / "dvae")
+
+
+def test_a_method_with_a_teacher_distils_the_mae_run(tmp_path):
+    steps = {s.name: s for s in quality.wallclock_steps(tmp_path, "fashion-mnist", ["maskdistill"],
+                                                         mae_epochs=10, quick=True, with_dvae=False)}
+    assert list(steps) == ["timing-maskdistill", "maskdistill"]
+    timing = steps["timing-maskdistill"]
+    assert timing.after == ("mae",)  # it reads the finished MAE run
+    assert timing.command[timing.command.index("--set") + 1] == f"maskdistill.teacher={tmp_path / 'mae'}"
+    speeds = {"images_per_s": {"mae": 300.0, "maskdistill": 200.0}, "train_images": 60000}
+    (tmp_path / "timing-maskdistill.json").write_text(json.dumps(speeds))
+    command = steps["maskdistill"].command()
+    assert command[command.index("--teacher") + 1] == str(tmp_path / "mae")
