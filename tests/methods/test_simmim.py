@@ -96,7 +96,7 @@ def test_evaluation_commands_take_a_simmim_run(run, tmp_path):
     ("simmim.mask_ratio=0", "simmim.mask_ratio=0.0 must be in (0, 1)"),
     ("simmim.mask_patch_size=6", "simmim.mask_patch_size=6 is not a multiple of the patch size 4"),
     ("simmim.mask_patch_size=12", "simmim.mask_patch_size=12 does not tile 32 px images"),
-    ("simmim.crop_scale=[0.9,0.5]", "simmim.crop_scale=[0.9, 0.5] must be [low, high] with 0 < low <= high"),
+    ("simmim.crop_scale=[0.9,0.5]", "'simmim.crop_scale' must be 0 < low <= high <= 1, got [0.9, 0.5]"),
 ])
 def test_bad_setting_is_a_one_line_error(setting, message, tmp_path, capsys):
     assert pretrain(tmp_path / "bad", "--max-steps", "1", "--set", setting) == 2

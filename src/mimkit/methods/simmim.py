@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
-from mimkit.config import PretrainConfig, check_model_kwargs
+from mimkit.config import PretrainConfig, check_crop_scale, check_model_kwargs
 from mimkit.data.transforms import normalize
 from mimkit.errors import MimkitError
 from mimkit.interop.beit import DERIVED, HF_BEIT, TIMM_BEIT, beit_arch, timm_export
@@ -54,10 +54,7 @@ class SimMIMConfig:
     crop_scale: tuple[float, float] = (0.67, 1.0)  # random resized crop's area range
 
     def __post_init__(self):
-        low, high = self.crop_scale
-        if not 0 < low <= high <= 1:
-            raise MimkitError(f"simmim.crop_scale={list(self.crop_scale)} must be [low, high] with "
-                              "0 < low <= high <= 1")
+        check_crop_scale("simmim", self.crop_scale)
 
 
 def mask_geometry(config: PretrainConfig) -> tuple[int, int, int]:
