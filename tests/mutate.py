@@ -432,6 +432,22 @@ PLANTED = [
     Bug("runs: a run refused at start-up leaves its lock and folder", "src/mimkit/runs.py",
         "if [p.name for p in run_dir.iterdir()] == [LOCK]:", "if False:",
         ("tests/test_runs.py::test_a_run_refused_before_writing_anything_leaves_no_folder",)),
+    # fresh set 6 (2026-12-06): each survivor of the sixth fresh set, and the test written against it
+    Bug("fresh set 6: a min_block equal to the masked count is refused", "src/mimkit/masking.py",
+        "if min_block is not None and min_block > num_masked:",
+        "if min_block is not None and min_block >= num_masked:",
+        ("tests/test_masking.py::test_checked_block_count_takes_a_min_block_as_large_as_the_masked_count",)),
+    Bug("fresh set 6: the start-up check of the blocks draws from the global RNG", "src/mimkit/masking.py",
+        "block_mask(grid, grid, num_masked, min_block, generator=torch.Generator())",
+        "block_mask(grid, grid, num_masked, min_block)",
+        ("tests/test_masking.py::test_checked_block_count_leaves_the_global_rng_alone",)),
+    Bug("fresh set 6: pack --max-side saves at Pillow's default quality", "src/mimkit/data/shards.py",
+        'img.save(buf, "JPEG", quality=quality)', 'img.save(buf, "JPEG")',
+        ("tests/data/test_shards.py::test_pack_max_side_encodes_at_the_quality_asked",)),
+    Bug("fresh set 6: CAE's regressor values get the positions too", "src/mimkit/models/cae.py",
+        "attn = self.cross_attn(query, key, self.norm1_v(context))",
+        "attn = self.cross_attn(query, key, self.norm1_v(context + context_pos))",
+        ("tests/models/test_cae.py::test_the_positions_enter_the_regressors_queries_and_keys_not_its_values",)),
 ]
 
 
