@@ -448,6 +448,9 @@ PLANTED = [
         "attn = self.cross_attn(query, key, self.norm1_v(context))",
         "attn = self.cross_attn(query, key, self.norm1_v(context + context_pos))",
         ("tests/models/test_cae.py::test_the_positions_enter_the_regressors_queries_and_keys_not_its_values",)),
+    Bug("fresh set 6: data2vec.loss_beta does not reach the model", "src/mimkit/methods/data2vec.py",
+        "target_norm=s.target_norm, loss_beta=s.loss_beta,", "target_norm=s.target_norm,",
+        ("tests/methods/test_data2vec.py::test_the_runs_loss_beta_reaches_the_loss",)),
 ]
 
 
