@@ -451,6 +451,9 @@ PLANTED = [
     Bug("fresh set 6: data2vec.loss_beta does not reach the model", "src/mimkit/methods/data2vec.py",
         "target_norm=s.target_norm, loss_beta=s.loss_beta,", "target_norm=s.target_norm,",
         ("tests/methods/test_data2vec.py::test_the_runs_loss_beta_reaches_the_loss",)),
+    Bug("fresh set 6: a label smoothing of 1 is accepted", "src/mimkit/eval/augment.py",
+        "not 0 <= label_smoothing < 1:", "not 0 <= label_smoothing <= 1:",
+        ("tests/eval/test_augment.py::test_mix_refuses_settings_out_of_range",)),
 ]
 
 
