@@ -454,7 +454,8 @@ PLANTED = [
     Bug("fresh set 6: a label smoothing of 1 is accepted", "src/mimkit/eval/augment.py",
         "not 0 <= label_smoothing < 1:", "not 0 <= label_smoothing <= 1:",
         ("tests/eval/test_augment.py::test_mix_refuses_settings_out_of_range",)),
-    Bug("fresh set 6 (fast tier): the best of an EMA run judged by the raw weights", "src/mimkit/eval/finetune.py",
+    Bug("fresh set 6 (fast tier): the best of an EMA run judged by the raw weights",
+        "src/mimkit/eval/finetune.py",
         'best_metric = "val_ema_top1" if config.ema_decay else "val_top1"', 'best_metric = "val_top1"',
         ("tests/eval/test_ema.py::test_a_run_keeps_the_best_weights_by_the_accuracy_it_reports_last",)),
 ]

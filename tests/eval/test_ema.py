@@ -53,8 +53,8 @@ def test_accuracies_report_the_ema_beside_the_weights():
 
 
 @pytest.mark.parametrize("ema_decay, kept", [("0.9", "val_ema_top1"), ("null", "val_top1")])
-def test_a_run_keeps_the_best_weights_by_the_accuracy_it_reports_last(mae_run, tmp_path, monkeypatch, ema_decay,
-                                                                       kept):
+def test_a_run_keeps_the_best_weights_by_the_accuracy_it_reports_last(ema_decay, kept, mae_run, tmp_path,
+                                                                       monkeypatch):
     """A run with an EMA keeps the weights whose EMA scored best (the EMA is what it reports and exports);
     one without, by the weights' own accuracy. The loop is replaced: only what it is asked to keep is read."""
     asked = []
