@@ -458,6 +458,10 @@ PLANTED = [
         "src/mimkit/eval/finetune.py",
         'best_metric = "val_ema_top1" if config.ema_decay else "val_top1"', 'best_metric = "val_top1"',
         ("tests/eval/test_ema.py::test_a_run_keeps_the_best_weights_by_the_accuracy_it_reports_last",)),
+    Bug("fresh set 6: the Slurm master port is not wrapped into its range", "src/mimkit/train/distributed.py",
+        'str(_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % _PORT_SPAN)',
+        'str(_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")))',
+        ("tests/train/test_scale.py::test_a_large_slurm_job_id_still_gives_a_valid_port",)),
 ]
 
 
