@@ -462,6 +462,10 @@ PLANTED = [
         'str(_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % _PORT_SPAN)',
         'str(_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")))',
         ("tests/train/test_scale.py::test_a_large_slurm_job_id_still_gives_a_valid_port",)),
+    Bug("fresh set 6 (fast tier): --force-config does not reach the loop's resume check",
+        "src/mimkit/runner.py",
+        "force_resume=run.force_config,", "force_resume=False,",
+        ("tests/test_reliability_run.py::test_force_config_resumes_with_another_global_batch",)),
 ]
 
 
