@@ -8,6 +8,7 @@ import torch
 from mimkit.errors import MimkitError
 from mimkit.masking import (
     block_mask,
+    checked_block_count,
     count_for_ratio,
     default_min_block,
     random_mask,
@@ -141,3 +142,20 @@ def test_block_mask_is_fast():
 def test_block_mask_rejects_bad_arguments(kwargs, needle):
     with pytest.raises(MimkitError, match=needle):
         block_mask(**{"grid_h": 14, "grid_w": 14, "num_masked": 75, **kwargs})
+
+
+def test_checked_block_count_takes_a_min_block_as_large_as_the_masked_count():
+    """One block may hold every masked patch: 4 of a 4x4 grid in blocks of at least 4 is a valid setting,
+    5 is refused."""
+    assert checked_block_count("maskfeat", 4, 0.25, 4) == 4
+    with pytest.raises(MimkitError, match="maskfeat.min_block=5 is more than the 4 patches masked"):
+        checked_block_count("maskfeat", 4, 0.25, 5)
+
+
+def test_checked_block_count_leaves_the_global_rng_alone():
+    """The start-up check places a trial mask with its own generator: a run's random stream (its model's
+    init, drawn after the check) is the same with or without it."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    checked_block_count("data2vec", 8, 0.4, None)
+    assert torch.equal(torch.get_rng_state(), before)

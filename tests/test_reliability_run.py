@@ -264,6 +264,18 @@ def test_resuming_two_processes_with_one_is_refused(tmp_path, capsys):
     assert Checkpoints(run).latest() == 2
 
 
+def test_force_config_resumes_with_another_global_batch(tmp_path, capsys):
+    """One process, batch 8 then 4: refused as another global batch, resumed with --force-config (which the
+    runner passes to the loop's resume as well as to the configuration check)."""
+    run = tmp_path / "run"
+    assert pretrain(run, "--max-steps", "1") == 0
+    capsys.readouterr()
+    assert pretrain(run, "--batch-size", "4", "--max-steps", "2") == 2
+    assert "batch_size 8 -> 4" in one_line_error(capsys)
+    assert pretrain(run, "--batch-size", "4", "--max-steps", "2", "--force-config") == 0
+    assert Checkpoints(run).latest() == 2
+
+
 def test_checkpoint_state_records_world_size_and_global_batch(tmp_path):
     model, optimizer, schedule = toy(total_steps=2, accum_steps=2)
     train(model, regression_loss, SeededViews(Points(), noisy_view), optimizer, schedule, CPU,

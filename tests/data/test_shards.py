@@ -287,6 +287,21 @@ def test_pack_max_side_stores_larger_images_resized_upright_and_the_index_says_s
     assert "max side 24" in build_source(f"shards:{tmp_path / 'shards'}").info.storage_note
 
 
+def test_pack_max_side_encodes_at_the_quality_asked(tmp_path):
+    """A resized image is stored as a JPEG of the `--quality` asked: its quantization tables are those
+    Pillow writes at that quality (not at its default, 75)."""
+    big = tmp_path / "images" / "big.png"
+    big.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(big)
+    for quality in (30, 95):
+        out = tmp_path / f"q{quality}"
+        pack_files([big], big.parent, out, shard_size=1 << 20, max_side=24, quality=quality)
+        stored = build_source(f"shards:{out}").image_file(0).read()
+        reference = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(reference, "JPEG", quality=quality)
+        assert Image.open(io.BytesIO(stored)).quantization == Image.open(reference).quantization
+
+
 def test_pack_quality_without_max_side_is_refused(tmp_path, capsys):
     folder = image_folder(tmp_path / "images", n=2)
     assert main(["data", "pack", str(folder), "--out", str(tmp_path / "a"), "--quality", "80"]) == 2

@@ -97,6 +97,15 @@ def test_mix_is_timm_mixup_decided_by_the_torch_rng():
         mix(images[:7], labels[:7])
 
 
+@pytest.mark.parametrize("kwargs", [dict(label_smoothing=1.0), dict(label_smoothing=-0.1), dict(mixup=-1.0),
+                                    dict(switch_prob=1.5)])
+def test_mix_refuses_settings_out_of_range(kwargs):
+    """A label smoothing of 1 makes every target uniform (nothing left to learn): refused like the others."""
+    with pytest.raises(MimkitError, match="must be"):
+        MixTargets(4, **kwargs)
+    MixTargets(4, label_smoothing=0.99)
+
+
 @pytest.mark.slow
 def test_finetune_with_the_papers_augmentation_resumes_exactly(tmp_path):
     """RandAugment, pixel erasing, mixup/cutmix on: a run cut at step 2 and resumed ends bit-identical."""

@@ -1,8 +1,11 @@
 """The EMA of a fine-tuned classifier's weights: it moves by its decay after each optimizer step, and its
 accuracy is the one reported under ``*_ema_*``."""
 
+import pytest
 import torch
 
+import mimkit.runner
+from mimkit.cli import main
 from mimkit.eval.finetune import accuracies
 from mimkit.models.classifier import FineTuned, build_classifier
 from mimkit.models.vit import build_vit
@@ -47,3 +50,20 @@ def test_accuracies_report_the_ema_beside_the_weights():
     assert results["val_top1"] == 0 and results["val_ema_top1"] == 100
     assert "val_ema_top1" not in accuracies(tiny_classifier(2, ema_decay=None), batches, torch.device("cpu"),
                                             "val")
+
+
+@pytest.mark.parametrize("ema_decay, kept", [("0.9", "val_ema_top1"), ("null", "val_top1")])
+def test_a_run_keeps_the_best_weights_by_the_accuracy_it_reports_last(ema_decay, kept, mae_run, tmp_path,
+                                                                       monkeypatch):
+    """A run with an EMA keeps the weights whose EMA scored best (the EMA is what it reports and exports);
+    one without, by the weights' own accuracy. The loop is replaced: only what it is asked to keep is read."""
+    asked = []
+
+    def loop(*args, evaluation, **kwargs):
+        asked.append(evaluation.keep_best)
+        return {"step": 0, "interrupted": True, "resumed_from": None}
+
+    monkeypatch.setattr(mimkit.runner, "train", loop)
+    main(["finetune", str(mae_run), "--data", "synthetic", "--batch-size", "8", "--set", "data.num_workers=0",
+          "--set", f"ema_decay={ema_decay}", "--out", str(tmp_path / "ft")])
+    assert asked == [kept]

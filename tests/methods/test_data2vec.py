@@ -5,21 +5,25 @@ model and arguments) as well as transformers folders."""
 
 import argparse
 import json
+from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from timm.models.beit import Beit
 from transformers import Data2VecVisionModel
 
 from mimkit.cli import main
+from mimkit.config import load_recipe
 from mimkit.errors import MimkitError
 from mimkit.interop.beit import OFFICIAL_BEIT
 from mimkit.interop.importer import resolve_arch
 from mimkit.interop.keymaps import to_foreign
 from mimkit.methods.data2vec import read_official_data2vec
 from mimkit.models.data2vec import Data2Vec
+from mimkit.registry import method_of, read_config
 from mimkit.runs import latest_weights, load_run
 from mimkit.train.checkpoint_files import Checkpoints
 from tests.conftest import every_evaluation_command, grid_size, perturb
@@ -67,6 +71,30 @@ def test_teacher_moves_once_per_optimizer_step_at_that_steps_decay(tmp_path, mon
                     "--set", "data2vec.teacher_decay_start=0.5", "--set", "data2vec.teacher_decay_end=0.9",
                     "--set", "data2vec.teacher_anneal_steps=4") == 0
     assert decays == pytest.approx([0.5, 0.6])  # two optimizer steps of two micro-batches each
+
+
+def test_the_runs_loss_beta_reaches_the_loss():
+    """`data2vec.loss_beta` is the model's: 0 gives the squared error, 0.5 Smooth-L1 turning linear at 0.5,
+    between the student's predictions and the teacher's targets at the masked patches."""
+    data = {"source": "synthetic:64", "img_size": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3}
+    tiny = {"name": "vit_mini", "patch_size": 4, "kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}
+    expected = {0.0: F.mse_loss, 0.5: partial(F.smooth_l1_loss, beta=0.5)}
+    for beta, distance in expected.items():
+        values = load_recipe("data2vec_fmnist") | {"data": data, "model": tiny,
+                                                   "data2vec": {"top_k": 2, "loss_beta": beta}}
+        config = read_config(values)
+        torch.manual_seed(0)
+        model = perturb(method_of("data2vec").build_model(config))
+        view, loss_fn = method_of("data2vec").build_task(config, model)
+        torch.manual_seed(0)
+        samples = [view(torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)) for _ in range(2)]
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        with torch.no_grad():
+            loss, _ = loss_fn(model, batch)
+            x, _ = model.forward_features(batch["image"], batch["mask"])
+            pred = model.forward_head(x, batch["mask"])
+            targets = model.forward_targets(batch["image"])[batch["mask"]]
+        torch.testing.assert_close(loss, distance(pred, targets))
 
 
 def test_visualize_draws_image_mask_and_cosine_map(run, tmp_path):

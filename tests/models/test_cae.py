@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mimkit.errors import MimkitError
-from mimkit.models.cae import CAE, cae_sincos_pos_embed, create_cae
+from mimkit.models.cae import CAE, RegressorBlock, cae_sincos_pos_embed, create_cae
 from mimkit.models.vit import sincos_pos_embed_2d
 from tests.conftest import perturb
 
@@ -78,6 +78,19 @@ def test_the_queries_attend_to_each_other():
         before = model.forward_regressor(latent, mask)[0, 0]
         model.latent_pos_embed[0, 1 + 5] += torch.randn(32)  # not a constant: LayerNorm would remove it
         assert (model.forward_regressor(latent, mask)[0, 0] - before).abs().max() > 1e-3
+
+
+def test_the_positions_enter_the_regressors_queries_and_keys_not_its_values():
+    """With keys that score every context token alike (a zero key projection), attention returns the mean
+    of the values: the context's positions then change nothing, since they enter only queries and keys."""
+    block = perturb(RegressorBlock(32, 2, layer_scale_init=0.5))
+    torch.nn.init.zeros_(block.cross_attn.k.weight)
+    x, context = torch.randn(2, 3, 32), torch.randn(2, 7, 32)
+    pos, context_pos = torch.randn(2, 3, 32), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        out = block(x, context, pos, context_pos)
+        torch.testing.assert_close(block(x, context, pos, context_pos + torch.randn(2, 7, 32)), out)
+        assert (block(x, context + torch.randn(2, 7, 32), pos, context_pos) - out).abs().max() > 1e-3
 
 
 def test_alignment_targets_are_the_encoders_latents_of_the_masked_patches_without_gradient():

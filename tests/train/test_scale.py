@@ -113,6 +113,12 @@ def test_slurm_variables_become_torchrun_variables():
     assert slurm_environment({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"}) == {}
 
 
+def test_a_large_slurm_job_id_still_gives_a_valid_port():
+    """Job ids grow past 50 000 on a busy cluster: the port wraps into 15000..29999, below 65536."""
+    for job, port in (("7654321", 15000 + 7654321 % 15000), ("15000", 15000), ("14999", 29999)):
+        assert slurm_environment(SLURM | {"SLURM_JOB_ID": job})["MASTER_PORT"] == str(port)
+
+
 @pytest.mark.slow
 def test_two_srun_tasks_train_as_one_process_group(tmp_path):
     """Two processes given only Slurm's variables (as srun starts them) join one gloo group."""
