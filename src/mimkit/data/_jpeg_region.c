@@ -25,6 +25,10 @@
 
 #include <jpeglib.h>
 
+/* Rows asked of libjpeg per read: it returns what one pass of its upsampler makes (up to an iMCU row),
+ * so one row per call would add a call per row. */
+#define ROWS_PER_READ 16
+
 /* libjpeg's error manager, extended with where to jump on an error and the message to raise. */
 typedef struct {
     struct jpeg_error_mgr base;
@@ -54,9 +58,9 @@ static const char *decode_box(const unsigned char *data, unsigned long size, JDI
     struct jpeg_decompress_struct cinfo;
     JSAMPLE *volatile rows = NULL; /* set after the long jump's target: volatile, so the clean-up sees it */
     JDIMENSION first_col, decoded_width, right, skipped;
-    JSAMPROW row_pointers[16];
+    JSAMPROW row_pointers[ROWS_PER_READ];
     size_t box_bytes = (size_t)width * channels, decoded_bytes;
-    int batch, i;
+    int i;
 
     cinfo.err = jpeg_std_error(&trap->base);
     trap->base.error_exit = escape_on_error;
@@ -98,19 +102,18 @@ static const char *decode_box(const unsigned char *data, unsigned long size, JDI
         snprintf(trap->message, JMSG_LENGTH_MAX, "skipped %u of %u rows", skipped, top);
         longjmp(trap->escape, 1);
     }
-    batch = cinfo.rec_outbuf_height < 16 ? cinfo.rec_outbuf_height : 16;
     decoded_bytes = (size_t)decoded_width * channels;
-    rows = malloc(decoded_bytes * batch);
+    rows = malloc(decoded_bytes * ROWS_PER_READ);
     if (rows == NULL) {
         snprintf(trap->message, JMSG_LENGTH_MAX, "out of memory");
         longjmp(trap->escape, 1);
     }
-    for (i = 0; i < batch; i++)
+    for (i = 0; i < ROWS_PER_READ; i++)
         row_pointers[i] = rows + i * decoded_bytes;
     while (cinfo.output_scanline < top + height) {
         JDIMENSION at = cinfo.output_scanline - top, remaining = top + height - cinfo.output_scanline;
         JDIMENSION got = jpeg_read_scanlines(&cinfo, row_pointers,
-                                             remaining < (JDIMENSION)batch ? remaining : (JDIMENSION)batch);
+                                             remaining < ROWS_PER_READ ? remaining : ROWS_PER_READ);
         for (JDIMENSION r = 0; r < got; r++)
             memcpy(out + (at + r) * box_bytes, row_pointers[r] + (size_t)(left - first_col) * channels,
                    box_bytes);

@@ -4,23 +4,29 @@ A random resized crop needs only the image's size to draw its box, and the heade
 from the JPEG markers, without Pillow). So the box is drawn first (from the seeded torch RNG, as the view
 would draw it from the decoded image: resume stays exact), then:
 
-- the pixels come from libjpeg-turbo through `simplejpeg`, bit-identical to Pillow's full decode (both
-  use the accurate integer IDCT and fancy upsampling) and faster (no PIL image object, no mode copy);
+- only the box's region is decoded, by mimkit's own C extension (`mimkit.data._jpeg_region`, over
+  libjpeg-turbo's `jpeg_skip_scanlines` / `jpeg_crop_scanline`): the rows above the box are entropy-decoded
+  and dropped, the columns outside the box's iMCU columns skip the inverse DCT, upsampling and colour
+  conversion, and decoding stops at the box's last row. The pixels are bit-identical to Pillow's full
+  decode cut to the box (accurate integer IDCT, fancy upsampling; one column more is decoded on each side
+  so the box's edge columns are upsampled from their true neighbours);
 - where the box is at least twice the output side, the image is decoded at 1/2, 1/4 or 1/8 scale in the
   DCT domain (libjpeg's scaled IDCT), so a large image costs a fraction of its full decode; the pixels
   then differ from a full-size decode followed by the resize (measured in `benchmarks/RESULTS.md`);
 - EXIF orientation is kept by turning the box into the stored image's frame, cutting it there and turning
   only the crop.
 
-No Python binding of libjpeg-turbo that is maintained and installs from PyPI exposes partial decoding
-(libjpeg's `jpeg_crop_scanline` / `jpeg_skip_scanlines`, TurboJPEG 3's `tj3SetCroppingRegion`):
-PyTurboJPEG's crop is a lossless transform to a new JPEG, which measured slower than a full decode (see
-`benchmarks/RESULTS.md`). The crop is therefore cut from the decoded image; the box is drawn before
-decoding so a decoder with partial decoding can replace `_decode_stored` alone.
+The extension is optional (setup.py builds it where a compiler and libjpeg's headers are found). Without
+it, and for a file that does not end with the JPEG end marker (cut short, or trailing bytes), the whole
+image is decoded by libjpeg-turbo through `simplejpeg` and the box cut: the same pixels, slower. So a file
+cut short is reported whatever its box; a header that claims more rows than the data holds is reported
+only when a box reaches past the data (the region decoder never reads below the box). libjpeg's warnings
+(corrupt data) are errors on both paths, as `simplejpeg`'s strict mode makes them.
 
 Files that are not baseline JPEGs in the mode asked for (PNG, progressive or CMYK JPEGs, a colour JPEG
-read as grey) take the general path: `decode_image`, then the box from the decoded size. A bad file
-raises there or here alike, for the source to report or skip.
+read as grey) take the general path: `decode_image`, then the box from the decoded size (a progressive
+JPEG keeps every scan's coefficients before its first row, so a region saves it almost nothing: measured
+in `benchmarks/RESULTS.md`). A bad file raises there or here alike, for the source to report or skip.
 """
 
 import io
