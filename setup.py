@@ -6,4 +6,4 @@ pyproject.toml."""
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("mimkit.data._jpeg_region", ["src/mimkit/data/_jpeg_region.c"],
-                             libraries=["jpeg"], extra_compile_args=["-O2"], optional=True)])
+                             libraries=["jpeg"], optional=True)])
