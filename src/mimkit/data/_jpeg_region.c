@@ -114,6 +114,10 @@ static const char *decode_box(const unsigned char *data, unsigned long size, JDI
         JDIMENSION at = cinfo.output_scanline - top, remaining = top + height - cinfo.output_scanline;
         JDIMENSION got = jpeg_read_scanlines(&cinfo, row_pointers,
                                              remaining < ROWS_PER_READ ? remaining : ROWS_PER_READ);
+        if (got == 0) { /* only a suspending data source returns none; the memory source never does */
+            snprintf(trap->message, JMSG_LENGTH_MAX, "no row at %u", cinfo.output_scanline);
+            longjmp(trap->escape, 1);
+        }
         for (JDIMENSION r = 0; r < got; r++)
             memcpy(out + (at + r) * box_bytes, row_pointers[r] + (size_t)(left - first_col) * channels,
                    box_bytes);
