@@ -6,12 +6,22 @@ MIMKIT := $(VENV)/bin/mimkit
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_RUN := runs/demo
 
-.PHONY: demo test data lint clean
+.PHONY: demo test data jpeg-headers lint clean
 
-$(VENV)/.installed: pyproject.toml
+# $(call apt_install_unless,FILE,PACKAGE,WHAT HAPPENS WITHOUT IT): install the Debian package unless FILE
+# exists, where apt-get is usable (as root); otherwise say what the package's absence means.
+apt_install_unless = test -f $(1) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	(apt-get install -y -q $(2) || (apt-get update -q && apt-get install -y -q $(2))) || echo "apt-get not usable: $(3)"; }
+
+$(VENV)/.installed: pyproject.toml setup.py src/mimkit/data/_jpeg_region.c | jpeg-headers
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e .
 	touch $@
+
+# libjpeg-turbo's headers, for the optional region decoder (setup.py) where apt is usable; without them the
+# install still succeeds and crop decoding decodes whole images (the same pixels, slower).
+jpeg-headers:
+	@$(call apt_install_unless,/usr/include/jpeglib.h,libjpeg62-turbo-dev,mimkit installs without its region decoder)
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev]'
@@ -20,9 +30,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 # Fashion-MNIST from Debian's package where apt is usable; otherwise mimkit falls back to
 # torchvision's downloader (into ~/.cache/mimkit) the first time the data is read.
 data:
-	@test -f $(FMNIST) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) \
-		|| echo "apt-get not usable: Fashion-MNIST will be downloaded by torchvision on first use"; }
+	@$(call apt_install_unless,$(FMNIST),dataset-fashion-mnist,Fashion-MNIST will be downloaded by torchvision on first use)
 
 # Pretrain a small MAE, draw its reconstructions, and show what the pretraining is worth: a linear probe on
 # 10% of the labels, on the pretrained encoder and on the same encoder randomly initialized.

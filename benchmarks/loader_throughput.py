@@ -11,8 +11,13 @@ the first row's: on a shared machine the ratios hold where absolute rates drift.
 Rows (all from shards of generated JPEGs, about 400x350, quality 90; smooth waves plus noise, so they
 compress and decode like photographs; and one set at 1024x768):
     today            the whole image decoded by Pillow, then the view (float, normalized, in the worker)
-    crop decode      the box drawn from the header, the crop's pixels from libjpeg-turbo (`simplejpeg`)
-    + DCT scaling    boxes at least twice the output decoded at 1/2, 1/4, 1/8 (`decode_min_side` set)
+    crop decode      the box drawn from the header, the whole image decoded by libjpeg-turbo (`simplejpeg`),
+                     the box cut
+    region decode    the box drawn from the header, only its rows and iMCU columns decoded (mimkit's C
+                     extension, `mimkit.data._jpeg_region`; absent where it was not built, and then the
+                     rows below name "crop decode": the path the loader takes is printed first)
+    + DCT scaling    (on the loader's path) boxes at least twice the output decoded at 1/2, 1/4, 1/8
+                     (`decode_min_side` set)
     + uint8          the worker hands over uint8; normalization is left to the device (timed apart, per
                      image, as it would run in the main process on CPU)
     max side N       the same from shards packed with `--max-side N` (`mimkit data pack`)
@@ -38,6 +43,7 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from mimkit.data import crop_decode
 from mimkit.data.decode import decode_image
 from mimkit.data.loader import SeededViews, sample_seed
 from mimkit.data.shards import pack_files
@@ -46,6 +52,7 @@ from mimkit.data.transforms import mae_view
 
 CROP = 224
 PACK_SIDES = (256, 320, 512)
+LOADER_PATH = "region decode" if crop_decode.decode_region else "crop decode"  # what the loader uses here
 
 
 def make_images(folder: Path, n: int, size: tuple[int, int] | None = None, seed: int = 0) -> None:
@@ -90,6 +97,17 @@ class DecodedFirst(torch.utils.data.Dataset):
         return self.source[index]
 
 
+def whole_image_decoding(run: Callable[[tuple[int, int]], object]) -> Callable[[tuple[int, int]], object]:
+    """`run` with crop decoding's region decoder switched off: the whole image decoded, the box cut."""
+    def without_region(item):
+        region, crop_decode.decode_region = crop_decode.decode_region, None
+        try:
+            return run(item)
+        finally:
+            crop_decode.decode_region = region
+    return without_region
+
+
 def items(n_source: int, count: int, seed: int = 0) -> list[tuple[int, int]]:
     """The loader's (index, seed) pairs for the first `count` samples of epoch 0."""
     order = torch.randperm(n_source, generator=torch.Generator().manual_seed(sample_seed(seed, 0, 0)))
@@ -110,16 +128,19 @@ def rows_for(spec_full: str, work: Path, name: str, n: int, size, view, with_pac
     scaled = build_source(spec_full, decode_min_side=3 * CROP)
     rows = {
         "today (Pillow, decode then crop)": SeededViews(DecodedFirst(full), view).__getitem__,
-        "crop decode": SeededViews(full, view).__getitem__,
-        "crop decode + DCT scaling": SeededViews(scaled, view).__getitem__,
-        "crop decode + uint8": SeededViews(full, view, uint8=True).__getitem__,
-        "crop decode + DCT scaling + uint8": SeededViews(scaled, view, uint8=True).__getitem__,
+        "crop decode (whole image, then cut)": whole_image_decoding(SeededViews(full, view).__getitem__),
+    }
+    rows |= {
+        LOADER_PATH: SeededViews(full, view).__getitem__,
+        f"{LOADER_PATH} + DCT scaling": SeededViews(scaled, view).__getitem__,
+        f"{LOADER_PATH} + uint8": SeededViews(full, view, uint8=True).__getitem__,
+        f"{LOADER_PATH} + DCT scaling + uint8": SeededViews(scaled, view, uint8=True).__getitem__,
     }
     if with_packs:
         for side in PACK_SIDES:
             packed = build_source(shards_of(work, name, n, size, side), decode_min_side=3 * CROP)
             views = SeededViews(packed, view, uint8=True)
-            rows[f"max side {side} + crop decode + uint8"] = views.__getitem__
+            rows[f"max side {side} + {LOADER_PATH} + uint8"] = views.__getitem__
     return rows
 
 
@@ -149,8 +170,14 @@ def decoder_rates(spec: str, picks, view, repeats: int) -> dict[str, float]:
         top, left, h, w = box
         return simplejpeg.decode_jpeg(data, "RGB")[top:top + h, left:left + w]
 
+    def region(data, box):
+        top, left, h, w = box
+        return crop_decode.decode_region(data, top, left, h, w, 1, 3)
+
     decoders = {"Pillow (full decode, then crop)": pillow,
                 "simplejpeg (full decode, then crop)": simplejpeg_full}
+    if crop_decode.decode_region:
+        decoders["mimkit region decode (the box's rows and iMCU columns)"] = region
     try:
         import turbojpeg
 
@@ -225,13 +252,14 @@ def main(argv=None) -> None:
     large = shards_of(work, "1024", a.large_images, (1024, 768), None)
     print(f"machine: {os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
           f"torch {torch.__version__}, 1 torch thread; {a.images} JPEGs ~400x350 and {a.large_images} at "
-          f"1024x768, quality 90; {a.samples} samples per row and round, {a.rounds} rounds")
+          f"1024x768, quality 90; {a.samples} samples per row and round, {a.rounds} rounds; the loader's "
+          f"path: {LOADER_PATH}")
     picks = items(a.images, a.samples)
     full = build_source(imagenet)
     today = SeededViews(DecodedFirst(full), view).handing_over_uint8()
     check = items(a.images, min(100, a.images), seed=1)
     same = largest_difference(today, SeededViews(full, view, uint8=True), check)
-    print(f"crop decode vs today, {len(check)} samples: mean |diff| {same[0]:.4f}, largest {same[1]:.0f} "
+    print(f"{LOADER_PATH} vs today, {len(check)} samples: mean |diff| {same[0]:.4f}, largest {same[1]:.0f} "
           "(uint8 levels)")
     large_full = build_source(large)
     large_checks = items(a.large_images, min(100, a.large_images), seed=1)  # boxes >= 448 px: DCT scaled

@@ -1,6 +1,7 @@
 """Shared test set-up, and the helpers several test files use."""
 
 import gzip
+import io
 import os
 import struct
 import subprocess
@@ -159,3 +160,24 @@ def every_evaluation_command(run: Path, tmp_path: Path) -> None:
                  str(tmp_path / "pred")]) == 0
     scenes = write_layout(tmp_path / "scenes", "generic", train=4, val=2)
     assert main(["segment", str(run), "--data", str(scenes), "--out", str(tmp_path / "seg"), *QUICK]) == 0
+
+
+def photo(width: int, height: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """Smooth waves plus noise: compresses like a photograph, with detail everywhere a crop can land."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    waves = np.stack([np.sin(2 * np.pi * (rng.uniform(1, 4) * x + rng.uniform(1, 4) * y)) for _ in range(3)],
+                     -1)
+    pixels = (127 + 90 * waves + rng.normal(0, 12, waves.shape)).clip(0, 255).astype(np.uint8)
+    return pixels[..., 0] if channels == 1 else pixels
+
+
+def jpeg(pixels: np.ndarray, orientation: int = 1, **options) -> bytes:
+    """`pixels` as a JPEG (quality 90 unless given) with EXIF `orientation`; Pillow's save options pass on."""
+    img, buf = Image.fromarray(pixels), io.BytesIO()
+    if orientation != 1:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options["exif"] = exif
+    img.save(buf, "JPEG", quality=options.pop("quality", 90), **options)
+    return buf.getvalue()

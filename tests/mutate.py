@@ -38,6 +38,8 @@ class Bug:
 
 
 # the VQ-KD k-means tests (the file's other tests include a Fashion-MNIST run)
+# region decoding's pixels against the whole image's, at full size and at the DCT scales
+REGION_PIXELS = "tests/data/test_jpeg_region.py"
 VQKD_KMEANS = ("tests/tokenizers/test_vqkd.py::test_the_first_batch_sets_the_codebook_by_kmeans",
                "tests/tokenizers/test_vqkd.py::test_the_recipe_and_its_overrides_reach_the_quantizer")
 
@@ -329,8 +331,7 @@ PLANTED = [
         "6: ((left, right), (top, bottom)),",
         ("tests/data/test_crop_decode.py::test_crop_decode_turns_the_box_for_exif_orientation_not_the_image",)),
     Bug("crop decode: the crop is not turned upright (EXIF orientation)", "src/mimkit/data/crop_decode.py",
-        "crop = _upright(pixels[top:top + height, left:left + width], header.orientation)",
-        "crop = pixels[top:top + height, left:left + width]",
+        "crop = _upright(pixels, header.orientation)", "crop = pixels",
         ("tests/data/test_crop_decode.py::test_crop_decode_turns_the_box_for_exif_orientation_not_the_image",)),
     Bug("crop decode: a bad file's stand-in draws its box after the bad file's draws",
         "src/mimkit/data/loader.py", "            rng.manual_seed(seed)  # every try",
@@ -466,6 +467,25 @@ PLANTED = [
         "src/mimkit/runner.py",
         "force_resume=run.force_config,", "force_resume=False,",
         ("tests/test_reliability_run.py::test_force_config_resumes_with_another_global_batch",)),
+    Bug("region decode: no column decoded left of the box (its first column upsampled as an edge)",
+        "src/mimkit/data/_jpeg_region.c", "first_col = left > 0 ? left - 1 : 0;", "first_col = left;",
+        (REGION_PIXELS,)),
+    Bug("region decode: no column decoded right of the box (its last column upsampled as an edge)",
+        "src/mimkit/data/_jpeg_region.c", "? left + width + 1 : cinfo.output_width;",
+        "? left + width : cinfo.output_width;", (REGION_PIXELS,)),
+    Bug("region decode: the box cut as if the crop were not widened to iMCU columns (left edge off)",
+        "src/mimkit/data/_jpeg_region.c", "row_pointers[r] + (size_t)(left - first_col) * channels",
+        "row_pointers[r] + (size_t)(left > 0) * channels", (REGION_PIXELS,)),
+    Bug("region decode: one row too many skipped", "src/mimkit/data/_jpeg_region.c",
+        "skipped = jpeg_skip_scanlines(&cinfo, top);", "skipped = jpeg_skip_scanlines(&cinfo, top + 1) - 1;",
+        (REGION_PIXELS,)),
+    Bug("region decode: libjpeg's warnings (corrupt data) let through", "src/mimkit/data/_jpeg_region.c",
+        "if (level < 0) /* a warning", "if (level < -1) /* a warning",
+        ("tests/data/test_jpeg_region.py::test_a_bad_file_or_box_raises_value_error",)),
+    Bug("region decode: a file without its end marker region decoded (a cut below the box unseen)",
+        "src/mimkit/data/crop_decode.py", "if decode_region is not None and data.endswith(_END_OF_IMAGE):",
+        "if decode_region is not None:",
+        ("tests/data/test_jpeg_region.py::test_crop_decoding_takes_the_region_path_for_a_whole_jpeg_only",)),
 ]
 
 
@@ -480,12 +500,26 @@ def run_tests(src: Path, tests: list[str], timeout: float) -> str:
     return "survived" if done.returncode == 0 else "killed"
 
 
+def build_extension(copy: Path, path: str) -> None:
+    """Compile the C file ``path`` of the copy in place (setup.py), the built module removed first, so a
+    planted bug in C is what the tests load (a failed build leaves none: the tests see the fallback)."""
+    module = Path(path).with_suffix("")
+    for built in (copy / module.parent).glob(f"{module.name}*.so"):
+        built.unlink()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, copy)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=copy,
+                   capture_output=True, check=True)
+
+
 def with_mutant(path: str, text: str, tests: list[str], timeout: float) -> str:
     """Run ``tests`` against a copy of ``src/`` in which ``path`` reads ``text``."""
     with tempfile.TemporaryDirectory(prefix="mimkit-mutant-") as tmp:
         src = Path(tmp) / "src"
         shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         (Path(tmp) / path).write_text(text)
+        if path.endswith(".c"):
+            build_extension(Path(tmp), path)
         return run_tests(src, tests, timeout)
 
 

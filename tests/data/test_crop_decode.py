@@ -16,28 +16,9 @@ from mimkit.data.folders import FlatFolderSource
 from mimkit.data.loader import EpochBatches, SeededViews, build_loader
 from mimkit.data.transforms import BICUBIC, mae_view, normalize
 from mimkit.errors import MimkitError
+from tests.conftest import jpeg, photo
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-
-
-def photo(width: int, height: int, channels: int = 3, seed: int = 0) -> np.ndarray:
-    """Smooth waves plus noise: compresses like a photograph, with detail everywhere a crop can land."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    waves = np.stack([np.sin(2 * np.pi * (rng.uniform(1, 4) * x + rng.uniform(1, 4) * y)) for _ in range(3)],
-                     -1)
-    pixels = (127 + 90 * waves + rng.normal(0, 12, waves.shape)).clip(0, 255).astype(np.uint8)
-    return pixels[..., 0] if channels == 1 else pixels
-
-
-def jpeg(pixels: np.ndarray, orientation: int = 1, **options) -> bytes:
-    img, buf = Image.fromarray(pixels), io.BytesIO()
-    if orientation != 1:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        options["exif"] = exif
-    img.save(buf, "JPEG", quality=options.pop("quality", 90), **options)
-    return buf.getvalue()
 
 
 def boxes(height: int, width: int, n: int = 12, seed: int = 0) -> list[tuple[int, int, int, int]]:
@@ -142,10 +123,12 @@ def _lying_about_its_height(data: bytes) -> bytes:
     return data[:sof + 5] + (4000).to_bytes(2, "big") + data[sof + 7:]
 
 
-@pytest.mark.parametrize("bad", ["truncated", "lying header"])
+@pytest.mark.parametrize("bad", ["truncated", "truncated, end marker kept", "lying header"])
 def test_a_bad_jpeg_stops_with_its_path_or_is_skipped_on_the_crop_decode_path(tmp_path, bad):
     good = jpeg(photo(64, 48))
-    broken = good[:len(good) // 2] if bad == "truncated" else _lying_about_its_height(good)
+    broken = {"truncated": lambda: good[:len(good) // 2],
+              "truncated, end marker kept": lambda: good[:len(good) // 2] + b"\xff\xd9",  # region decoded
+              "lying header": lambda: _lying_about_its_height(good)}[bad]()
     root = _folder(tmp_path, {"a.jpg": broken, "b.jpg": good, "c.jpg": jpeg(photo(64, 48, seed=1))})
     view = mae_view(32, MEAN, STD, patch_size=8)
     item = (0, 123)

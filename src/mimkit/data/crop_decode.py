@@ -4,23 +4,29 @@ A random resized crop needs only the image's size to draw its box, and the heade
 from the JPEG markers, without Pillow). So the box is drawn first (from the seeded torch RNG, as the view
 would draw it from the decoded image: resume stays exact), then:
 
-- the pixels come from libjpeg-turbo through `simplejpeg`, bit-identical to Pillow's full decode (both
-  use the accurate integer IDCT and fancy upsampling) and faster (no PIL image object, no mode copy);
+- only the box's region is decoded, by mimkit's own C extension (`mimkit.data._jpeg_region`, over
+  libjpeg-turbo's `jpeg_skip_scanlines` / `jpeg_crop_scanline`): the rows above the box are entropy-decoded
+  and dropped, the columns outside the box's iMCU columns skip the inverse DCT, upsampling and colour
+  conversion, and decoding stops at the box's last row. The pixels are bit-identical to Pillow's full
+  decode cut to the box (accurate integer IDCT, fancy upsampling; one column more is decoded on each side
+  so the box's edge columns are upsampled from their true neighbours);
 - where the box is at least twice the output side, the image is decoded at 1/2, 1/4 or 1/8 scale in the
   DCT domain (libjpeg's scaled IDCT), so a large image costs a fraction of its full decode; the pixels
   then differ from a full-size decode followed by the resize (measured in `benchmarks/RESULTS.md`);
 - EXIF orientation is kept by turning the box into the stored image's frame, cutting it there and turning
   only the crop.
 
-No Python binding of libjpeg-turbo that is maintained and installs from PyPI exposes partial decoding
-(libjpeg's `jpeg_crop_scanline` / `jpeg_skip_scanlines`, TurboJPEG 3's `tj3SetCroppingRegion`):
-PyTurboJPEG's crop is a lossless transform to a new JPEG, which measured slower than a full decode (see
-`benchmarks/RESULTS.md`). The crop is therefore cut from the decoded image; the box is drawn before
-decoding so a decoder with partial decoding can replace `_decode_stored` alone.
+The extension is optional (setup.py builds it where a compiler and libjpeg's headers are found). Without
+it, and for a file that does not end with the JPEG end marker (cut short, or trailing bytes), the whole
+image is decoded by libjpeg-turbo through `simplejpeg` and the box cut: the same pixels, slower. So a file
+cut short is reported whatever its box; a header that claims more rows than the data holds is reported
+only when a box reaches past the data (the region decoder never reads below the box). libjpeg's warnings
+(corrupt data) are errors on both paths, as `simplejpeg`'s strict mode makes them.
 
 Files that are not baseline JPEGs in the mode asked for (PNG, progressive or CMYK JPEGs, a colour JPEG
-read as grey) take the general path: `decode_image`, then the box from the decoded size. A bad file
-raises there or here alike, for the source to report or skip.
+read as grey) take the general path: `decode_image`, then the box from the decoded size (a progressive
+JPEG keeps every scan's coefficients before its first row, so a region saves it almost nothing: measured
+in `benchmarks/RESULTS.md`). A bad file raises there or here alike, for the source to report or skip.
 """
 
 import io
@@ -34,10 +40,16 @@ import torch
 
 from mimkit.data.decode import decode_image
 
+try:  # the optional C extension (setup.py): built where a compiler and libjpeg's headers were found
+    from mimkit.data._jpeg_region import decode_region
+except ImportError:
+    decode_region = None
+
 Box = tuple[int, int, int, int]  # top, left, height, width
 DrawBox = Callable[[int, int], Box]  # (height, width) of the oriented image -> its crop box
 DCT_FACTORS = (8, 4, 2)  # the DCT-domain reductions used, largest first
 _COLORSPACE = {"RGB": "RGB", "L": "GRAY"}
+_END_OF_IMAGE = b"\xff\xd9"  # a file cut short lacks it: decoded whole, so the cut is seen whatever the box
 _SEQUENTIAL_HUFFMAN = (0xC0, 0xC1)  # baseline and extended sequential frames: what decodes as Pillow does
 _FRAMES = (*_SEQUENTIAL_HUFFMAN, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
 # EXIF orientation -> how the stored pixels `a [H, W, C]` turn into the upright image (PIL's exif_transpose)
@@ -146,14 +158,21 @@ def _stored_box(box: Box, header: JpegHeader) -> Box:
     return rows[0], cols[0], rows[1] - rows[0] + 1, cols[1] - cols[0] + 1
 
 
-def _decode_stored(data: bytes, header: JpegHeader, mode: str, factor: int) -> np.ndarray:
-    """The stored image at 1/factor of its size, `[H', W', C]` uint8 (libjpeg-turbo's scaled IDCT)."""
-    height, width = math.ceil(header.height / factor), math.ceil(header.width / factor)
-    pixels = simplejpeg.decode_jpeg(data, _COLORSPACE[mode], min_height=height, min_width=width)
-    if pixels.shape[:2] != (height, width):  # a header that lies about the size
+def _decode_stored(data: bytes, header: JpegHeader, mode: str, box: Box, factor: int) -> np.ndarray:
+    """The box `(top, left, height, width)` of the stored image decoded at 1/factor of its size (the box on
+    that reduced grid), `[height, width, C]` uint8: the region alone where the extension is built and the
+    file ends as a whole JPEG does; otherwise the whole image, then the cut. Raises ValueError on a bad file.
+    """
+    top, left, height, width = box
+    if decode_region is not None and data.endswith(_END_OF_IMAGE):
+        pixels = decode_region(data, top, left, height, width, factor, len(mode))
+        return np.frombuffer(pixels, np.uint8).reshape(height, width, len(mode))
+    full_height, full_width = math.ceil(header.height / factor), math.ceil(header.width / factor)
+    pixels = simplejpeg.decode_jpeg(data, _COLORSPACE[mode], min_height=full_height, min_width=full_width)
+    if pixels.shape[:2] != (full_height, full_width):  # a header that lies about the size
         raise ValueError(f"decoded {pixels.shape[1]}x{pixels.shape[0]}, the header says "
                          f"{header.width}x{header.height}")
-    return pixels
+    return pixels[top:top + height, left:left + width]
 
 
 def crop_decode(data: bytes, mode: str, draw_box: DrawBox, max_pixels: int, out_size: int | None = None,
@@ -184,10 +203,10 @@ def crop_decode(data: bytes, mode: str, draw_box: DrawBox, max_pixels: int, out_
     box = draw_box(*header.upright_size)
     factor = dct_factor(box, out_size) if out_size else 1
     top, left, height, width = _stored_box(box, header)
-    pixels = _decode_stored(data, header, mode, factor)
     if factor > 1:  # the box on the reduced grid: every stored pixel it covers, rounded outwards
         bottom, right = math.ceil((top + height) / factor), math.ceil((left + width) / factor)
         top, left = top // factor, left // factor
         height, width = bottom - top, right - left
-    crop = _upright(pixels[top:top + height, left:left + width], header.orientation)
+    pixels = _decode_stored(data, header, mode, (top, left, height, width), factor)
+    crop = _upright(pixels, header.orientation)
     return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)  # [C, h, w]
