@@ -185,8 +185,8 @@ class Teacher(nn.Module):
         features row-major; a teacher without a class token is refused in one line."""
         cls, patches = self.forward_class_and_patches(imgs)
         if cls is None:
-            raise MimkitError(f"teacher '{self.name}' has no class token, whose feature this method regresses "
-                              "too; give a ViT teacher (a mimkit run, a timm ViT, CLIP or DINOv2)")
+            raise MimkitError(f"teacher '{self.name}' has no class token, whose feature this method "
+                              "regresses too; give a ViT teacher (a mimkit run, a timm ViT, CLIP or DINOv2)")
         return torch.cat([cls[:, None].to(patches.dtype), patches], dim=1)
 
 
