@@ -218,5 +218,5 @@ def test_caev2_has_no_decoder_or_alignment_and_a_step_trains_the_rest():
     loss.backward()
     untouched = sorted(n for n, p in model.named_parameters() if p.grad is None)
     assert untouched == ["encoder.pos_embed"]
-    with pytest.raises(TypeError):  # the method refuses it in one line (check_model_kwargs)
+    with pytest.raises(MimkitError, match="CAEv2 takes no decoder_depth: CAE v2 has no token decoder"):
         create_cae("vit_mini", cls=CAEv2, img_size=16, patch_size=4, decoder_depth=1)

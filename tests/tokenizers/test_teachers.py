@@ -65,12 +65,18 @@ def test_hf_clip_vision_model(tmp_path, images):
     torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
 
 
-def test_hf_clip_model_with_projection_from_a_plain_folder(tmp_path, images):
+def clip_with_projection(folder) -> CLIPModel:
+    """A tiny CLIPModel (16-d projection) saved in ``folder``."""
     torch.manual_seed(0)
     config = CLIPConfig(vision_config=TINY, text_config=dict(hidden_size=32, intermediate_size=64,
                         num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
     clip = CLIPModel(config).eval()
-    clip.save_pretrained(tmp_path / "clip")
+    clip.save_pretrained(folder)
+    return clip
+
+
+def test_hf_clip_model_with_projection_from_a_plain_folder(tmp_path, images):
+    clip = clip_with_projection(tmp_path / "clip")
     teacher = load_teacher(str(tmp_path / "clip"), 4, DATA_MEAN, DATA_STD)  # a folder with config.json
     assert teacher.dim == 16
     with torch.no_grad():
@@ -167,11 +173,7 @@ def test_data_with_more_channels_than_the_teacher_is_refused(tmp_path):
 
 
 def test_clip_class_feature_goes_through_the_final_norm_and_projection_like_the_patches(tmp_path, images):
-    torch.manual_seed(0)
-    config = CLIPConfig(vision_config=TINY, text_config=dict(hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
-    clip = CLIPModel(config).eval()
-    clip.save_pretrained(tmp_path / "clip")
+    clip = clip_with_projection(tmp_path / "clip")
     teacher = load_teacher(str(tmp_path / "clip"), 4, DATA_MEAN, DATA_STD)
     tokens = teacher.forward_with_class(images)
     with torch.no_grad():  # CAE v2's CLIP: every token through ln_post, then the projection

@@ -349,32 +349,16 @@ class CAEv2(CAE):
 
     Args:
         teacher_dim: width of the teacher's features, the head's output (512 for CLIP ViT-B/16).
-        the rest: `CAE`'s (no ``vocab_size``, no ``decoder_depth``: CAE v2 has no token decoder).
+        **kwargs: `CAE`'s other arguments, except ``vocab_size`` and ``decoder_depth`` (CAE v2 has no token
+            decoder: its head maps to the teacher's width).
     """
 
-    def __init__(
-        self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        teacher_dim: int = 512,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        layer_scale_init: float = 0.1,
-        drop_path_rate: float = 0.1,
-        decoder_embed_dim: int | None = None,
-        decoder_num_heads: int | None = None,
-        regressor_depth: int = 4,
-        decoder_layer_scale_init: float = 0.1,
-    ):
-        super().__init__(img_size, patch_size, in_chans, vocab_size=teacher_dim, embed_dim=embed_dim,
-                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                         layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate,
-                         decoder_embed_dim=decoder_embed_dim, decoder_num_heads=decoder_num_heads,
-                         regressor_depth=regressor_depth, decoder_depth=0,
-                         decoder_layer_scale_init=decoder_layer_scale_init)
+    def __init__(self, teacher_dim: int = 512, **kwargs):
+        decoder = sorted({"vocab_size", "decoder_depth"} & kwargs.keys())
+        if decoder:
+            raise MimkitError(f"CAEv2 takes no {decoder[0]}: CAE v2 has no token decoder (its head maps to "
+                              "the teacher's width)")
+        super().__init__(vocab_size=teacher_dim, decoder_depth=0, **kwargs)
         self.regressor_norm = nn.Identity()  # the head's LayerNorm (decoder_norm) is the one after it
 
     def forward_head(self, latent: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
