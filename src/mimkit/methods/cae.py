@@ -30,9 +30,10 @@ import mimkit.interop.cae as layouts
 from mimkit.config import PretrainConfig, check_model_kwargs, check_range
 from mimkit.errors import MimkitError
 from mimkit.interop.beit import timm_export
-from mimkit.methods import beit, vqkd
 from mimkit.methods.beit import BEiTConfig, masked_view, tokenizer_task, tokenizer_views
+from mimkit.methods.beit import resolve_config as resolve_tokenizer
 from mimkit.methods.maskdistill import patch_map
+from mimkit.methods.vqkd import resolve_config as resolve_teacher_dim
 from mimkit.methods.vqkd import teacher_of
 from mimkit.models.cae import CAE, CAE_MODELS, CAEv2, create_cae, in_image_order
 from mimkit.models.simmim import pixel_mask
@@ -77,7 +78,7 @@ class CAEConfig(BEiTConfig):
 def resolve_config(config: PretrainConfig) -> PretrainConfig:
     """What is left to outside the run: the tokenizer's vocabulary and view size (BEiT's), or CAE v2's
     teacher's width."""
-    resolve = vqkd.resolve_config if config.settings.target == "teacher" else beit.resolve_config
+    resolve = resolve_teacher_dim if config.settings.target == "teacher" else resolve_tokenizer
     return resolve(config)
 
 
