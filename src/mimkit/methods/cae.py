@@ -157,7 +157,8 @@ IMPORT = Import(
     optional_parts=layouts.CAE_OPTIONAL_PARTS, reference=layouts.read_official_cae,
 )
 
+# Not `teacher=True`: that says every run of the method distils a teacher (the quality benchmark hands one
+# to each); CAE's default target is the tokenizer's ids, and --teacher reaches `CAEConfig.teacher` all the same.
 register(Method("cae", "pretraining", build_model, build_task, settings=CAEConfig,
-                resolve_config=resolve_config, describe=describe, tokenizer="dvae", teacher=True,
-                pictures=pictures,
+                resolve_config=resolve_config, describe=describe, tokenizer="dvae", pictures=pictures,
                 importing=IMPORT, export=Export(timm=timm_export, hf=layouts.hf_export)))
