@@ -1,8 +1,9 @@
 """Pretraining step cost of registered methods at their Fashion-MNIST recipes, in one process, back to back.
 
-Each method's model, view and loss come from its registry record and its ``NAME_fmnist`` recipe; a method
-that reads a tokenizer or teacher run gets it with ``--set``, as on the command line (``--set
-beit.tokenizer=runs/dvae``). One batch of Fashion-MNIST training
+Each method's model, view and loss come from its registry record and its ``NAME_fmnist`` recipe (a name may
+also be a variant's recipe, ``caev2`` for ``caev2_fmnist``, which trains ``cae``); a method that reads a
+tokenizer or teacher run gets it with ``--set``, as on the command line (``--set beit.tokenizer=runs/dvae``;
+``--set cae.teacher=runs/mae`` for ``caev2``). One batch of Fashion-MNIST training
 images goes through each method's own view once (seeded per sample, as in training); a step is forward +
 backward + AdamW step on that same batch. After warm-up steps, every method runs ``--steps`` steps, then
 the next; ``--rounds`` repeats that, the order reversed every other round, so a shared machine's load falls
@@ -47,10 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_step(name: str, batch_size: int, data: str = "fashion-mnist", overrides: dict | None = None):
     """(step closure, model description, training images) for method ``name`` at its fmnist recipe (with
     ``overrides`` of its own section) on a fixed batch of ``data``."""
-    method = method_of(name)
+    values = load_recipe(f"{name}_fmnist")  # a method's, or a variant's whose recipe names the method (caev2)
+    method = method_of(values["method"])
     source = build_source(data)
-    own = {key: section for key, section in (overrides or {}).items() if key == name}
-    values = merge(load_recipe(f"{name}_fmnist"), own)
+    own = {key: section for key, section in (overrides or {}).items() if key == method.name}
+    values = merge(values, own)
     config = resolve_data(read_config(values), source.info)
     if method.resolve_config is not None:  # the vocabulary of a tokenizer, the width of a teacher
         config = method.resolve_config(config)

@@ -111,8 +111,8 @@ def pretrain_config(args: argparse.Namespace) -> tuple[PretrainConfig, str]:
         flags["data"]["skip_bad_images"] = True
     if args.tokenizer:
         flags[args.method] = {"tokenizer": args.tokenizer}
-    if args.teacher:
-        flags[args.method] = {"teacher": args.teacher}
+    if args.teacher:  # beside --tokenizer, not instead: a method may take both (CAE's two targets)
+        flags[args.method] = {**flags.get(args.method, {}), "teacher": args.teacher}
     values = merge(merge(recipe, flags), parse_overrides(args.set))
     values["method"] = args.method
     return read_config(values), why

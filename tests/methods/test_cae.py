@@ -1,9 +1,12 @@
 """CAE through the command line: pretraining on a dVAE's ids and resuming, the picture, exports to timm and
 transformers, the evaluation commands, one-line refusals of bad settings, the authors' checkpoints
-imported (built here from a tiny model in their key names, with their ``args``), and the recipes."""
+imported (built here from a tiny model in their key names, with their ``args``), and the recipes. CAE v2
+(``--config caev2_fmnist``, an MAE run as its teacher): its run and loss, resuming, the cosine picture,
+exports and every evaluation command, its refusals and its recipes."""
 
 import json
 from argparse import Namespace
+from functools import partial
 
 import pytest
 import torch
@@ -18,9 +21,10 @@ from mimkit.errors import MimkitError
 from mimkit.interop.cae import OFFICIAL_CAE, read_official_cae
 from mimkit.interop.importer import resolve_arch
 from mimkit.interop.keymaps import to_foreign
-from mimkit.models.cae import CAE
+from mimkit.methods.vqkd import teacher_of
+from mimkit.models.cae import CAE, CAEv2
 from mimkit.registry import method_of, read_config
-from mimkit.runs import latest_weights, load_run
+from mimkit.runs import latest_weights, load_encoder, load_run
 from mimkit.train.checkpoint_files import Checkpoints
 from tests.conftest import every_evaluation_command, grid_size, perturb
 
@@ -39,30 +43,37 @@ def dvae_run(tmp_path_factory):
     return run
 
 
-def pretrain(out, tokenizer, *extra) -> int:
+def pretrain(out, *extra, tokenizer) -> int:
     return main(["pretrain", "cae", "--tokenizer", str(tokenizer), "--out", str(out), *COMMON, *TINY, *extra])
 
 
 @pytest.fixture(scope="module")
 def run(dvae_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("cae") / "run"
-    assert pretrain(out, dvae_run, "--max-steps", "2") == 0
+    assert pretrain(out, "--max-steps", "2", tokenizer=dvae_run) == 0
     return out
+
+
+def assert_resumes_bit_for_bit(train, tmp_path):
+    """``train(out, *flags)`` 4 steps straight, and 4 steps stopped after step 2's checkpoint and resumed: the
+    same weights. Returns the straight run."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(straight, "--max-steps", "4") == 0
+    assert train(resumed, "--max-steps", "4", "--set", "train.checkpoint_every=2") == 0
+    checkpoints = Checkpoints(resumed)
+    checkpoints.weights_path(4).unlink()  # as if stopped after the checkpoint of step 2
+    checkpoints.state_path(4).unlink()
+    assert train(resumed, "--max-steps", "4") == 0
+    a, b = load_file(latest_weights(straight)), load_file(latest_weights(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return straight
 
 
 @pytest.mark.slow
 def test_pretrains_on_the_tokenizers_ids_and_resumes_bit_for_bit(dvae_run, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert pretrain(straight, dvae_run, "--max-steps", "4") == 0
+    straight = assert_resumes_bit_for_bit(partial(pretrain, tokenizer=dvae_run), tmp_path)
     _, config = load_run(straight)
     assert config.model.kwargs["vocab_size"] == 32 and config.settings.tokenizer_size == 32
-    assert pretrain(resumed, dvae_run, "--max-steps", "4", "--set", "train.checkpoint_every=2") == 0
-    checkpoints = Checkpoints(resumed)
-    checkpoints.weights_path(4).unlink()  # as if stopped after the checkpoint of step 2
-    checkpoints.state_path(4).unlink()
-    assert pretrain(resumed, dvae_run, "--max-steps", "4") == 0
-    a, b = load_file(latest_weights(straight)), load_file(latest_weights(resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     logged = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert any({"mim_acc", "loss_tokens", "loss_align"} <= r.keys() for r in logged)
 
@@ -102,7 +113,7 @@ def test_evaluation_commands_take_a_cae_run(run, tmp_path):
     ("cae.min_block=0", "config 'cae.min_block' must be at least 1"),
 ])
 def test_bad_setting_is_a_one_line_error(dvae_run, setting, message, tmp_path, capsys):
-    assert pretrain(tmp_path / "bad", dvae_run, "--max-steps", "1", "--set", setting) == 2
+    assert pretrain(tmp_path / "bad", "--max-steps", "1", "--set", setting, tokenizer=dvae_run) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err, err
 
@@ -204,3 +215,129 @@ def test_recipes_quote_the_authors_vit_b_setting_and_size_fmnist_for_a_cpu():
     assert (in1k.settings.mask_ratio, in1k.settings.align_weight, in1k.optim.clip_grad) == (0.5, 2.0, 3.0)
     fmnist = read_config(load_recipe("cae_fmnist"))
     assert fmnist.model.name == "vit_mini" and fmnist.settings.color_jitter == 0.0
+
+
+# CAE v2: the caev2_fmnist recipe at the size of TINY, the regressor narrower than the encoder (the authors'
+# ViT-Tiny's projection to the regressor's width)
+V2_KWARGS = ("depth=2", "embed_dim=32", "num_heads=2", "decoder_embed_dim=16", "decoder_num_heads=2")
+TINY_V2 = ["--model", "vit_mini", *(arg for kv in V2_KWARGS for arg in ("--set", f"model.kwargs.{kv}"))]
+
+
+def pretrain_v2(out, *extra, teacher) -> int:
+    return main(["pretrain", "cae", "--config", "caev2_fmnist", "--teacher", str(teacher), "--out", str(out),
+                 *COMMON, *TINY_V2, *extra])
+
+
+@pytest.fixture(scope="module")
+def v2_run(mae_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("caev2") / "run"
+    assert pretrain_v2(out, "--max-steps", "2", teacher=mae_run) == 0
+    return out
+
+
+def v2_batch(config, model):
+    view, loss_fn = method_of("cae").build_task(config, model)
+    samples = [view(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)) for _ in range(2)]
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}, loss_fn
+
+
+def test_a_caev2_run_regresses_its_teachers_class_and_patch_features_of_the_whole_image(v2_run, mae_run):
+    model, config = load_run(v2_run)
+    teacher_width = load_encoder(mae_run).model.embed_dim
+    assert isinstance(model, CAEv2) and config.settings.target == "teacher"
+    assert config.settings.teacher == str(mae_run) and config.settings.teacher_dim == teacher_width == 32
+    assert model.lm_head.out_features == teacher_width and len(model.decoder_blocks) == 0
+    batch, loss_fn = v2_batch(config, model.eval())
+    assert torch.equal(batch["image"], batch["tokenizer_image"])  # the teacher's view is the ViT's image
+    with torch.no_grad():
+        loss, metrics = loss_fn(model, batch)
+        teacher = teacher_of(config).forward_with_class(batch["image"])  # [B, 1 + 64, 32]
+        expected, _ = model(batch["image"], batch["mask"], teacher)
+    torch.testing.assert_close(loss, expected)
+    assert {"cosine", "cosine_visible"} <= metrics.keys()
+
+
+@pytest.mark.slow
+def test_caev2_pretrains_and_resumes_bit_for_bit(v2_run, mae_run, tmp_path):
+    # v2_run first: a process's first load of a teacher draws from the run's seeded random stream, later ones
+    # come from the cache (MaskDistill's and VQ-KD's runs alike), so both runs here start from a loaded one
+    assert_resumes_bit_for_bit(partial(pretrain_v2, teacher=mae_run), tmp_path)
+
+
+@pytest.mark.slow
+def test_caev2_visualize_draws_the_image_the_masked_input_and_the_cosine_map(v2_run, tmp_path):
+    assert main(["visualize", str(v2_run), "--out", str(tmp_path / "cos.png"), "--n", "2"]) == 0
+    assert Image.open(tmp_path / "cos.png").size == grid_size(3, 2, 32)
+
+
+def test_the_caev2_pictures_cosine_is_each_patchs_prediction_against_its_normalized_target(v2_run):
+    model, config = load_run(v2_run)
+    shown = torch.randn(2, 3, 32, 32)
+    panels = method_of("cae").pictures(model, config, lambda size, mean, std: shown,
+                                       torch.Generator().manual_seed(0))
+    hidden = (panels["masked"][:, 0, ::4, ::4] != shown[:, 0, ::4, ::4]).flatten(1)  # [2, 64]
+    assert hidden.any() and not hidden.all()
+    with torch.no_grad():
+        latent = model.forward_encoder(shown, hidden)
+        pred = model.forward_head(latent, model.forward_regressor(latent, hidden))  # [CLS], visible, masked
+        teacher = torch.nn.functional.normalize(teacher_of(config).forward_with_class(shown), dim=-1)
+    drawn = panels["cosine"][:, 0, ::4, ::4].flatten(1) * config.data.std[0] + config.data.mean[0]
+    for b in range(2):
+        order = [*(~hidden[b]).nonzero().flatten(), *hidden[b].nonzero().flatten()]  # the patches in pred
+        cosine = torch.nn.functional.cosine_similarity(pred[b, 1:], teacher[b, 1:][order], dim=-1)
+        torch.testing.assert_close(drawn[b, order], cosine.clamp(0, 1))
+
+
+@pytest.mark.slow
+def test_a_caev2_run_exports_its_encoder_to_timm(v2_run, tmp_path):
+    model, _ = load_run(v2_run)
+    assert main(["export", str(v2_run), "--to", "timm", "--out", str(tmp_path / "timm")]) == 0
+    timm_model = Beit(**json.loads((tmp_path / "timm" / "config.json").read_text())["model_args"]).eval()
+    timm_model.load_state_dict(load_file(tmp_path / "timm" / "model.safetensors"), strict=True)
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model.forward_features(imgs), model.encoder.forward_features(imgs))
+
+
+@pytest.mark.slow
+def test_evaluation_commands_take_a_caev2_run(v2_run, tmp_path):
+    every_evaluation_command(v2_run, tmp_path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), "cae training needs a teacher: --teacher"),
+    (("--teacher", "{mae}", "--tokenizer", "{dvae}"), "cae.target=teacher (CAE v2) regresses the teacher's "
+                                                       "features and takes no tokenizer"),
+    (("--teacher", "{mae}", "--set", "cae.align_weight=2"),
+     "has no alignment branch, but cae.align_weight=2"),
+    (("--teacher", "{mae}", "--set", "cae.target=pixels"),
+     "config 'cae.target' must be one of tokens, teacher"),
+    (("--teacher", "{mae}", "--set", "model.kwargs.decoder_depth=1"),
+     "CAEv2 takes no decoder_depth: CAE v2 has no token decoder"),
+    (("--teacher", "{mae}", "--set", "cae.teacher_dim=7"),
+     "gives 32-d features; this run was trained on a 7-d"),
+])
+def test_bad_caev2_settings_are_one_line_errors(extra, message, mae_run, dvae_run, tmp_path, capsys):
+    extra = [arg.format(mae=mae_run, dvae=dvae_run) for arg in extra]
+    assert main(["pretrain", "cae", "--config", "caev2_fmnist", "--out", str(tmp_path / "bad"), *COMMON,
+                 *TINY_V2, "--max-steps", "1", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err, err
+
+
+def test_a_teacher_with_the_token_target_says_to_pick_caev2(mae_run, dvae_run, tmp_path, capsys):
+    assert pretrain(tmp_path / "bad", "--teacher", str(mae_run), "--max-steps", "1", tokenizer=dvae_run) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a teacher is CAE v2's target: set cae.target=teacher" in err and "\n" not in err
+
+
+def test_caev2_recipes_quote_the_authors_vit_b_script_and_size_fmnist_like_their_vit_t():
+    in1k = read_config(load_recipe("caev2_in1k"))
+    s, kwargs = in1k.settings, in1k.model.kwargs
+    assert (s.target, s.align_weight, s.mask_ratio, s.crop_scale, s.color_jitter) == ("teacher", 0.0, 0.5,
+                                                                                     (0.4, 1.0), 0.4)
+    assert (in1k.model.name, kwargs["regressor_depth"], "decoder_depth" in kwargs) == ("vit_base", 4, False)
+    assert (in1k.optim.base_lr * 2048 / 256, in1k.train.epochs, in1k.optim.clip_grad) == (1.5e-3, 300, 3.0)
+    fmnist = read_config(load_recipe("caev2_fmnist"))
+    assert (fmnist.settings.target, fmnist.settings.mask_ratio, fmnist.model.kwargs["regressor_depth"]) == (
+        "teacher", 0.15, 1)

@@ -1,12 +1,14 @@
 """CAE's model: the position table's layout, what each stage sees (the encoder the visible patches only,
 the regressor's queries the visible latents and each other, not [CLS]), the alignment targets (the
-encoder's current weights on the masked patches, no gradient), the loss, and the authors' init."""
+encoder's current weights on the masked patches, no gradient), the loss, and the authors' init; CAE v2's
+targets (the teacher's [CLS] and patch features, L2-normalized, [CLS] then visible then masked) and its loss
+(1 - cos at every token, through one LayerNorm and head, the regressor without its own norm)."""
 
 import pytest
 import torch
 
 from mimkit.errors import MimkitError
-from mimkit.models.cae import CAE, RegressorBlock, cae_sincos_pos_embed, create_cae
+from mimkit.models.cae import CAE, CAEv2, RegressorBlock, cae_sincos_pos_embed, create_cae, in_image_order
 from mimkit.models.vit import sincos_pos_embed_2d
 from tests.conftest import perturb
 
@@ -156,3 +158,65 @@ def test_init_is_the_authors():
 def test_bad_architectures_are_one_line_errors(kw, message):
     with pytest.raises(MimkitError, match=message):
         create_cae("vit_mini", img_size=16, patch_size=4, **kw)
+
+
+TEACHER = 12  # CAE v2's teacher width in these tests
+
+
+def tiny_v2(**kw) -> CAEv2:
+    args = dict(img_size=16, patch_size=4, in_chans=3, teacher_dim=TEACHER, depth=2, embed_dim=32,
+                num_heads=2, regressor_depth=2, drop_path_rate=0.0, decoder_embed_dim=16, decoder_num_heads=2)
+    return perturb(create_cae("vit_mini", cls=CAEv2, **(args | kw)))
+
+
+def test_caev2_targets_are_the_teachers_class_and_patch_features_unit_length_class_visible_masked():
+    model, mask = tiny_v2(), half_mask()
+    teacher = torch.randn(B, 1 + 16, TEACHER) * 3
+    target = model.forward_target(teacher, mask)
+    assert target.shape == (B, 1 + 16, TEACHER) and target.dtype == torch.float32
+    torch.testing.assert_close(target.norm(dim=-1), torch.ones(B, 17))  # the authors' labels / labels.norm()
+    for b in range(B):
+        order = [0, *(1 + i for i in range(16) if not mask[b, i]), *(1 + i for i in range(16) if mask[b, i])]
+        tokens = teacher[b, order]
+        torch.testing.assert_close(target[b], tokens / tokens.norm(dim=-1, keepdim=True))
+    unit = torch.nn.functional.normalize(teacher[:, 1:], dim=-1)
+    torch.testing.assert_close(in_image_order(target, mask), unit)  # the picture's way back
+
+
+def test_caev2_loss_is_one_minus_cosine_at_every_token_through_one_norm_and_head():
+    model, mask = tiny_v2(), half_mask()
+    imgs, teacher = torch.randn(B, 3, 16, 16), torch.randn(B, 17, TEACHER)
+    with torch.no_grad():
+        loss, metrics = model(imgs, mask, teacher)
+        latent = model.forward_encoder(imgs, mask)
+        # the regressor, by hand: the queries over the visible latents and themselves, no final LayerNorm
+        pos = model.latent_pos_embed[0, 1:]
+        x = model.mask_token.expand(B, 8, -1)
+        visible = model.to_latent(latent)[:, 1:]
+        pos_m = torch.stack([pos[m] for m in mask])
+        pos_kv = torch.cat([torch.stack([pos[~m] for m in mask]), pos_m], dim=1)
+        for block in model.regressor_blocks:
+            x = block(x, torch.cat([visible, x], dim=1), pos_m, pos_kv)
+        tokens = torch.cat([model.to_latent(latent), x], dim=1)  # [CLS], visible, masked
+        pred = model.lm_head(model.decoder_norm(tokens))
+        target = model.forward_target(teacher, mask)
+    cosine = torch.nn.functional.cosine_similarity(pred, target, dim=-1)  # [B, 17]
+    torch.testing.assert_close(loss, (1 - cosine).mean())
+    torch.testing.assert_close(metrics["cosine"], cosine[:, 9:].mean())
+    torch.testing.assert_close(metrics["cosine_visible"], cosine[:, :9].mean())
+    for token in (0, 1, 16):  # [CLS], patch 0 (masked in image 0), patch 15 (visible there): each counts
+        moved = teacher.clone()
+        moved[0, token] = torch.randn(TEACHER)
+        with torch.no_grad():
+            assert (model(imgs, mask, moved)[0] - loss).abs() > 1e-4
+
+
+def test_caev2_has_no_decoder_or_alignment_and_a_step_trains_the_rest():
+    model, mask = tiny_v2().train(), half_mask()
+    assert len(model.decoder_blocks) == 0 and model.lm_head.out_features == TEACHER
+    loss, _ = model(torch.randn(B, 3, 16, 16), mask, torch.randn(B, 17, TEACHER))
+    loss.backward()
+    untouched = sorted(n for n, p in model.named_parameters() if p.grad is None)
+    assert untouched == ["encoder.pos_embed"]
+    with pytest.raises(MimkitError, match="CAEv2 takes no decoder_depth: CAE v2 has no token decoder"):
+        create_cae("vit_mini", cls=CAEv2, img_size=16, patch_size=4, decoder_depth=1)

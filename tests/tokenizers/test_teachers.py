@@ -13,7 +13,7 @@ from mimkit.errors import MimkitError
 from mimkit.methods import METHODS
 from mimkit.methods.vqkd import run_encoder
 from mimkit.registry import read_config
-from mimkit.tokenizers.teachers import load_teacher
+from mimkit.tokenizers.teachers import Teacher, TimmFeatures, load_teacher
 from mimkit.train.checkpoint_files import Checkpoints
 
 DATA_MEAN, DATA_STD = [0.286], [0.353]  # Fashion-MNIST's normalization: one channel
@@ -65,12 +65,18 @@ def test_hf_clip_vision_model(tmp_path, images):
     torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
 
 
-def test_hf_clip_model_with_projection_from_a_plain_folder(tmp_path, images):
+def clip_with_projection(folder) -> CLIPModel:
+    """A tiny CLIPModel (16-d projection) saved in ``folder``."""
     torch.manual_seed(0)
     config = CLIPConfig(vision_config=TINY, text_config=dict(hidden_size=32, intermediate_size=64,
                         num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
     clip = CLIPModel(config).eval()
-    clip.save_pretrained(tmp_path / "clip")
+    clip.save_pretrained(folder)
+    return clip
+
+
+def test_hf_clip_model_with_projection_from_a_plain_folder(tmp_path, images):
+    clip = clip_with_projection(tmp_path / "clip")
     teacher = load_teacher(str(tmp_path / "clip"), 4, DATA_MEAN, DATA_STD)  # a folder with config.json
     assert teacher.dim == 16
     with torch.no_grad():
@@ -164,3 +170,31 @@ def test_data_with_more_channels_than_the_teacher_is_refused(tmp_path):
     CLIPVisionModel(CLIPVisionConfig(**TINY, num_channels=1)).save_pretrained(tmp_path / "gray")
     with pytest.raises(MimkitError, match="reads 1-channel images; the data has 3 channels"):
         load_teacher(f"hf:{tmp_path / 'gray'}", 7, [0.5] * 3, [0.5] * 3)
+
+
+def test_clip_class_feature_goes_through_the_final_norm_and_projection_like_the_patches(tmp_path, images):
+    clip = clip_with_projection(tmp_path / "clip")
+    teacher = load_teacher(str(tmp_path / "clip"), 4, DATA_MEAN, DATA_STD)
+    tokens = teacher.forward_with_class(images)
+    with torch.no_grad():  # CAE v2's CLIP: every token through ln_post, then the projection
+        x = teacher_input(images, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 32)
+        hidden = clip.vision_model(pixel_values=x).last_hidden_state
+        expected = clip.visual_projection(clip.vision_model.post_layernorm(hidden))
+    assert tokens.shape == (2, 17, 16) and not tokens.requires_grad
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=5e-6)
+    torch.testing.assert_close(tokens[:, 1:], teacher(images))  # the patches are forward's
+
+
+def test_a_run_teachers_class_feature_is_its_first_token_and_a_teacher_without_one_is_refused(images):
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, depth=1, img_size=28, patch_size=4,
+                            in_chans=1).eval()
+    teacher = Teacher(TimmFeatures(vit), 28, 1, DATA_MEAN, DATA_STD, DATA_MEAN, DATA_STD, 7, "a ViT")
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.forward_with_class(images), vit.forward_features(images))
+    pooled = timm.create_model("vit_tiny_patch16_224", num_classes=0, depth=1, img_size=28, patch_size=4,
+                               in_chans=1, class_token=False, global_pool="avg").eval()
+    teacher = Teacher(TimmFeatures(pooled), 28, 1, DATA_MEAN, DATA_STD, DATA_MEAN, DATA_STD, 7, "no class")
+    assert teacher(images).shape == (2, 49, 192)
+    with pytest.raises(MimkitError, match="teacher 'no class' has no class token") as err:
+        teacher.forward_with_class(images)
+    assert "\n" not in str(err.value)

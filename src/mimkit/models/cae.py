@@ -21,8 +21,17 @@ The loss is ``CE + align_weight * MSE`` (2 in the paper). With a ``decoder_embed
 encoder's, a linear layer and a LayerNorm take the encoder's latents (and the alignment targets) to the
 regressor's width, as in the authors' code.
 
+**CAE v2** (`CAEv2`, the authors' ``--model_type caev2``) keeps the encoder and the regressor and drops the
+rest: no alignment branch, no decoder blocks, no final norm in the regressor. One LayerNorm and one linear
+head (``decoder_norm``, ``lm_head``: the authors' ``decoder.norm`` and ``decoder.head``) map every latent, the
+encoder's [CLS] and visible ones and the regressor's masked ones, to a frozen teacher's width (CLIP's 512),
+and the loss is ``1 - cos`` against the teacher's features of the whole image at those same tokens, [CLS]
+included, averaged over all of them: the visible tokens are supervised as well as the masked ones.
+
 - CAE: Chen et al., Context Autoencoder for Self-Supervised Representation Learning, 2022 (IJCV 2023),
   arXiv:2202.03026 (code: github.com/Atten4Vis/CAE)
+- CAE v2: Zhang et al., CAE v2: Context Autoencoder with CLIP Latent Alignment, TMLR 2023,
+  arXiv:2211.09799 (code: github.com/Atten4Vis/CAE, ``project/CAEv2``)
 """
 
 import torch
@@ -317,8 +326,106 @@ class CAE(nn.Module):
         return self.forward_loss(logits, target_ids, mask, predicted, target, align_weight)
 
 
-def _cae(arch: str, **kw) -> CAE:
-    return CAE(**{**encoder_arch(arch), **kw})
+def class_visible_masked(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + L, D) [CLS] and patch tokens in image order, mask bool (B, L) -> (B, 1 + L, D) in CAE v2's
+    order: [CLS], the visible patches, the masked patches (each row-major)."""
+    B, D = tokens.shape[0], tokens.shape[-1]
+    patches = tokens[:, 1:]
+    return torch.cat([tokens[:, :1], patches[~mask].view(B, -1, D), patches[mask].view(B, -1, D)], dim=1)
+
+
+def in_image_order(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The inverse of `class_visible_masked` without [CLS]: (B, 1 + L, ...) -> (B, L, ...) in image order."""
+    patches = torch.empty_like(tokens[:, 1:])
+    num_visible = int((~mask[0]).sum())
+    patches[~mask] = tokens[:, 1:1 + num_visible].flatten(0, 1)
+    patches[mask] = tokens[:, 1 + num_visible:].flatten(0, 1)
+    return patches
+
+
+class CAEv2(CAE):
+    """CAE v2: the context autoencoder's encoder and regressor aligned with a frozen teacher's features at
+    every token (CAE v2, TMLR 2023; the authors' ``--model_type caev2``).
+
+    Args:
+        teacher_dim: width of the teacher's features, the head's output (512 for CLIP ViT-B/16).
+        **kwargs: `CAE`'s other arguments, except ``vocab_size`` and ``decoder_depth`` (CAE v2 has no token
+            decoder: its head maps to the teacher's width).
+    """
+
+    def __init__(self, teacher_dim: int = 512, **kwargs):
+        decoder = sorted({"vocab_size", "decoder_depth"} & kwargs.keys())
+        if decoder:
+            raise MimkitError(f"CAEv2 takes no {decoder[0]}: CAE v2 has no token decoder (its head maps to "
+                              "the teacher's width)")
+        super().__init__(vocab_size=teacher_dim, decoder_depth=0, **kwargs)
+        self.regressor_norm = nn.Identity()  # the head's LayerNorm (decoder_norm) is the one after it
+
+    def forward_head(self, latent: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+        """Every token's predicted teacher feature, L2-normalized.
+
+        Args:
+            latent: (B, 1 + L_visible, D) from `forward_encoder`; predicted: (B, L_masked, D_latent) from
+                `forward_regressor`.
+
+        Returns:
+            (B, 1 + L, teacher_dim) unit vectors: [CLS], the visible patches, the masked patches.
+        """
+        x = torch.cat([self.to_latent(latent), predicted], dim=1)  # [B, 1 + L, D_latent]
+        return F.normalize(self.lm_head(self.decoder_norm(x)).float(), dim=-1)
+
+    def forward_target(self, teacher_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The targets: the teacher's features L2-normalized, in `forward_head`'s order.
+
+        Args:
+            teacher_tokens: (B, 1 + L, teacher_dim) the teacher's [CLS] and patch features of the unmasked
+                image (`mimkit.tokenizers.teachers.Teacher.forward_with_class`).
+            mask: bool (B, L) or (B, h, w), True where a patch is masked.
+
+        Returns:
+            float32 (B, 1 + L, teacher_dim): [CLS], the visible patches, the masked patches.
+        """
+        with torch.no_grad():
+            return F.normalize(class_visible_masked(teacher_tokens.float(), mask.flatten(1)), dim=-1)
+
+    def forward_loss(self, pred: torch.Tensor, target: torch.Tensor,
+                     mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The mean of ``1 - cos`` over every token ([CLS], visible and masked patches alike).
+
+        Args:
+            pred, target: (B, 1 + L, teacher_dim) from `forward_head` and `forward_target`.
+            mask: bool (B, L) or (B, h, w).
+
+        Returns:
+            loss, and {"cosine": the mean cosine at the masked patches, "cosine_visible": at [CLS] and the
+            visible patches} (detached).
+        """
+        cosine = (pred * target).sum(-1)  # [B, 1 + L]: unit vectors
+        num_visible = 1 + int((~mask.flatten(1)[0]).sum())
+        metrics = {"cosine": cosine[:, num_visible:].mean().detach(),
+                   "cosine_visible": cosine[:, :num_visible].mean().detach()}
+        return (1 - cosine).mean(), metrics
+
+    def forward(self, imgs: torch.Tensor, mask: torch.Tensor,
+                teacher_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One pretraining step's loss.
+
+        Args:
+            imgs: (B, C, H, W) normalized images.
+            mask: bool (B, L) or (B, h, w), True where a patch is masked; the same count in every image.
+            teacher_tokens: (B, 1 + L, teacher_dim) the teacher's features of the unmasked images.
+
+        Returns:
+            loss (scalar) and the metrics of `forward_loss`.
+        """
+        mask = mask.flatten(1)
+        latent = self.forward_encoder(imgs, mask)
+        pred = self.forward_head(latent, self.forward_regressor(latent, mask))
+        return self.forward_loss(pred, self.forward_target(teacher_tokens, mask), mask)
+
+
+def _cae(arch: str, cls: type[CAE] = CAE, **kw) -> CAE:
+    return cls(**{**encoder_arch(arch), **kw})
 
 
 def cae_vit_mini(**kw) -> CAE:
@@ -353,7 +460,8 @@ CAE_MODELS = {
 
 def create_cae(name: str, **kw) -> CAE:
     """A CAE by encoder name, e.g. ``create_cae("vit_mini", img_size=28, patch_size=4, in_chans=1,
-    vocab_size=64)``; ``kw`` overrides any constructor argument (``depth=2``)."""
+    vocab_size=64)``; ``kw`` overrides any constructor argument (``depth=2``); ``cls=CAEv2`` builds CAE v2
+    (``teacher_dim=...`` instead of ``vocab_size``)."""
     if name not in CAE_MODELS:
         raise MimkitError(f"unknown CAE model {name!r}; choose one of: {', '.join(CAE_MODELS)}")
     return CAE_MODELS[name](**kw)

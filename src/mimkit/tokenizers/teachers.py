@@ -1,4 +1,5 @@
-"""Frozen teachers for VQ-KD: feature extractors that map images to patch features on a tokenizer's grid.
+"""Frozen teachers for VQ-KD: feature extractors that map images to patch features on a tokenizer's grid, and
+their [CLS] feature for the methods that regress it too (CAE v2).
 
 A teacher takes the images the tokenizer sees (normalized with the data's mean and std, the data's
 channels and size), converts them to its own input (its normalization, three channels from one by
@@ -17,7 +18,9 @@ the tokenizer's. Teachers are chosen by a spec string:
 
 Nothing is downloaded; a missing file is a one-line `MimkitError`. Feature choices follow BEiT v2: CLIP's
 patch tokens after its final LayerNorm and, when the folder has it, its projection; DINOv2's final
-(normalized) patch tokens; a timm or mimkit ViT's ``forward_features`` patch tokens.
+(normalized) patch tokens; a timm or mimkit ViT's ``forward_features`` patch tokens. The [CLS] feature is the
+same output's class token (CLIP's, as CAE v2's CLIP gives it, through the same LayerNorm and projection); a
+backbone without one (a CNN, a ViT without a class token) has none.
 
 - BEiT v2: Peng et al., 2022, arXiv:2208.06366
 - CLIP: Radford et al., 2021, arXiv:2103.00020; DINOv2: Oquab et al., 2023, arXiv:2304.07193
@@ -51,8 +54,12 @@ def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(b, d, side, side)
 
 
+ClassAndGrid = tuple[torch.Tensor | None, torch.Tensor]  # ([CLS] feature (B, D) or None, grid (B, D, h, w))
+
+
 class TimmFeatures(nn.Module):
-    """Patch features of a timm model: `forward_features` tokens after the prefix tokens, or its feature map.
+    """Patch features of a timm model: `forward_features` tokens after the prefix tokens, or its feature map;
+    its class token's feature when it has one (first of the prefix tokens).
 
     Args:
         model: a timm model (a `VisionTransformer`, a `Beit`, …, or a CNN whose `forward_features`
@@ -64,17 +71,19 @@ class TimmFeatures(nn.Module):
         self.model = model
         self.dim = model.num_features
         self.model_fmt = getattr(model, "output_fmt", "NCHW")
+        self.has_class_token = getattr(model, "cls_token", None) is not None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) teacher-normalized images -> (B, D, h, w)."""
+    def forward(self, x: torch.Tensor) -> ClassAndGrid:
+        """(B, C, H, W) teacher-normalized images -> ([CLS] (B, D) or None, (B, D, h, w))."""
         features = self.model.forward_features(x)
         if features.ndim == 4:  # a feature map, channels first unless the model says NHWC (Swin)
-            return features.permute(0, 3, 1, 2) if self.model_fmt == "NHWC" else features
-        return tokens_to_grid(features[:, self.model.num_prefix_tokens:])
+            return None, features.permute(0, 3, 1, 2) if self.model_fmt == "NHWC" else features
+        cls = features[:, 0] if self.has_class_token else None
+        return cls, tokens_to_grid(features[:, self.model.num_prefix_tokens:])
 
 
 class CLIPFeatures(nn.Module):
-    """CLIP's patch tokens after the final LayerNorm, projected when a projection is given.
+    """CLIP's tokens after the final LayerNorm, projected when a projection is given: the patches, and [CLS].
 
     Args:
         vision_model: a transformers CLIP vision transformer (`CLIPModel.vision_model`, or a
@@ -88,13 +97,14 @@ class CLIPFeatures(nn.Module):
         super().__init__()
         self.vision_model, self.projection, self.dim = vision_model, projection, dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.vision_model(pixel_values=x).last_hidden_state[:, 1:]  # [B, L, D]
-        return tokens_to_grid(self.projection(self.vision_model.post_layernorm(tokens)))
+    def forward(self, x: torch.Tensor) -> ClassAndGrid:
+        tokens = self.vision_model(pixel_values=x).last_hidden_state  # [B, 1 + L, D]
+        tokens = self.projection(self.vision_model.post_layernorm(tokens))
+        return tokens[:, 0], tokens_to_grid(tokens[:, 1:])
 
 
 class DINOv2Features(nn.Module):
-    """DINOv2's final patch tokens (already LayerNorm-ed), after [CLS] and any register tokens.
+    """DINOv2's final patch tokens (already LayerNorm-ed), after [CLS] and any register tokens; and [CLS].
 
     Args:
         model: a transformers `Dinov2Model` or `Dinov2WithRegistersModel`.
@@ -106,15 +116,17 @@ class DINOv2Features(nn.Module):
         self.dim = model.config.hidden_size
         self.prefix = 1 + getattr(model.config, "num_register_tokens", 0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tokens_to_grid(self.model(pixel_values=x).last_hidden_state[:, self.prefix:])
+    def forward(self, x: torch.Tensor) -> ClassAndGrid:
+        tokens = self.model(pixel_values=x).last_hidden_state
+        return tokens[:, 0], tokens_to_grid(tokens[:, self.prefix:])
 
 
 class Teacher(nn.Module):
     """A frozen backbone behind an input adapter and an output grid resize (BEiT v2, arXiv:2208.06366).
 
     Args:
-        features: maps (B, in_chans, img_size, img_size) teacher-normalized images to (B, D, h, w); has `dim`.
+        features: maps (B, in_chans, img_size, img_size) teacher-normalized images to ([CLS] feature (B, D) or
+            None, patch features (B, D, h, w)); has `dim`.
         img_size: the backbone's input side.
         in_chans: the backbone's input channels.
         mean, std: the backbone's input normalization (length `in_chans`).
@@ -145,6 +157,18 @@ class Teacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
+    def forward_class_and_patches(self, imgs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The teacher's [CLS] feature (B, dim), None when its backbone has no class token, and its patch
+        features (B, grid * grid, dim) of ``imgs`` (as `forward`)."""
+        x = imgs * self.scale + self.shift  # [B, in_chans, H, W]; one channel is repeated
+        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False)
+        cls, features = self.features(x)  # [B, D], [B, D, h, w]
+        if features.shape[-2:] != (self.grid, self.grid):
+            features = F.interpolate(features.float(), size=(self.grid, self.grid), mode="bilinear",
+                                     align_corners=False, antialias=True)
+        return cls, features.flatten(2).transpose(1, 2)
+
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         """Teacher features of the tokenizer's input.
 
@@ -154,14 +178,16 @@ class Teacher(nn.Module):
         Returns:
             (B, grid * grid, dim) patch features, row-major like the tokenizer's patches.
         """
-        x = imgs * self.scale + self.shift  # [B, in_chans, H, W]; one channel is repeated
-        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False)
-        features = self.features(x)  # [B, D, h, w]
-        if features.shape[-2:] != (self.grid, self.grid):
-            features = F.interpolate(features.float(), size=(self.grid, self.grid), mode="bilinear",
-                                     align_corners=False, antialias=True)
-        return features.flatten(2).transpose(1, 2)
+        return self.forward_class_and_patches(imgs)[1]
+
+    def forward_with_class(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) data-normalized images -> (B, 1 + grid * grid, dim): the [CLS] feature, then the patch
+        features row-major; a teacher without a class token is refused in one line."""
+        cls, patches = self.forward_class_and_patches(imgs)
+        if cls is None:
+            raise MimkitError(f"teacher '{self.name}' has no class token, whose feature this method "
+                              "regresses too; give a ViT teacher (a mimkit run, a timm ViT, CLIP or DINOv2)")
+        return torch.cat([cls[:, None].to(patches.dtype), patches], dim=1)
 
 
 def _mimkit_teacher(path: Path, run_encoder: RunEncoder | None) -> tuple[nn.Module, int, int, list, list]:
