@@ -158,7 +158,8 @@ IMPORT = Import(
 )
 
 # Not `teacher=True`: that says every run of the method distils a teacher (the quality benchmark hands one
-# to each); CAE's default target is the tokenizer's ids, and --teacher reaches `CAEConfig.teacher` all the same.
+# to each); CAE's default target is the tokenizer's ids, and --teacher reaches `CAEConfig.teacher` all the
+# same.
 register(Method("cae", "pretraining", build_model, build_task, settings=CAEConfig,
                 resolve_config=resolve_config, describe=describe, tokenizer="dvae", pictures=pictures,
                 importing=IMPORT, export=Export(timm=timm_export, hf=layouts.hf_export)))
