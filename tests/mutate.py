@@ -158,6 +158,10 @@ PLANTED = [
         "if number < len(lines):", "if True:",
         ("tests/train/test_metrics_log.py", "tests/test_reliability_data.py::"
          "test_a_torn_last_metrics_line_does_not_block_the_resume")),
+    Bug("teachers: loading one draws from the run's random stream", "src/mimkit/methods/vqkd.py",
+        "    with torch.random.fork_rng(devices=[]):\n        return load_teacher(",
+        "    if True:\n        return load_teacher(",
+        ("tests/methods/test_maskdistill.py::test_loading_the_teacher_leaves_the_runs_random_stream_alone",)),
     Bug("opened run: a resumed run keeps the records logged past its checkpoint",
         "src/mimkit/train/progress.py",
         "        metrics.drop_after(start_step)\n", "",

@@ -14,7 +14,7 @@ from transformers import BeitForMaskedImageModeling, BeitModel
 from mimkit.cli import main
 from mimkit.config import load_recipe
 from mimkit.methods.maskdistill import patch_map
-from mimkit.methods.vqkd import teacher_of
+from mimkit.methods.vqkd import _load_teacher, teacher_of
 from mimkit.registry import method_of, read_config
 from mimkit.runs import latest_weights, load_encoder, load_run
 from mimkit.train.checkpoint_files import Checkpoints
@@ -49,6 +49,16 @@ def test_a_run_regresses_its_teachers_features_seen_on_the_unmasked_image(run, m
         loss, _ = loss_fn(model, batch)
         expected, _ = model(batch["image"], batch["mask"], teacher_of(config)(batch["image"]))
     torch.testing.assert_close(loss, expected)
+
+
+def test_loading_the_teacher_leaves_the_runs_random_stream_alone(tmp_path, mae_run):
+    """The first run of a process loads the teacher, the second takes it from the cache: both start from
+    the same weights and train to the same ones."""
+    _load_teacher.cache_clear()
+    assert maskdistill(tmp_path / "loads", mae_run, "--max-steps", "1") == 0
+    assert maskdistill(tmp_path / "cached", mae_run, "--max-steps", "1") == 0
+    loaded, cached = (load_file(latest_weights(tmp_path / name)) for name in ("loads", "cached"))
+    assert all(torch.equal(loaded[key], cached[key]) for key in loaded)
 
 
 def test_pretrains_and_resumes_bit_for_bit(tmp_path, mae_run):

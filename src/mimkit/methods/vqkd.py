@@ -60,8 +60,11 @@ def run_encoder(path: Path) -> tuple[nn.Module, DataConfig]:
 
 @lru_cache(maxsize=1)
 def _load_teacher(spec: str, grid: int, mean: tuple, std: tuple) -> Teacher:
-    """One teacher per process, shared by `resolve_config`, `build_task` and `build_evaluate`."""
-    return load_teacher(spec, grid, mean, std, run_encoder)
+    """One teacher per process, shared by `resolve_config`, `build_task` and `build_evaluate`. Building it
+    draws nothing from the run's random stream: a run's weights are the same whether its teacher was
+    loaded here or came from the cache (a second run in the same process)."""
+    with torch.random.fork_rng(devices=[]):
+        return load_teacher(spec, grid, mean, std, run_encoder)
 
 
 def teacher_of(config: PretrainConfig) -> Teacher:
