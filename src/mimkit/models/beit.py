@@ -24,7 +24,7 @@ from timm.models.beit import Beit, Block
 from torch import nn
 
 from mimkit.errors import MimkitError
-from mimkit.models.vit import check_patch_grid, encoder_arch, run_blocks
+from mimkit.models.vit import check_patch_grid, embed_with_mask_token, encoder_arch, run_blocks
 
 
 class BEiT(nn.Module):
@@ -98,10 +98,7 @@ class BEiT(nn.Module):
         enc = self.encoder
         if any(not 1 <= i <= len(enc.blocks) for i in layers):
             raise MimkitError(f"layers {tuple(layers)} must be block numbers in 1..{len(enc.blocks)}")
-        x = enc.patch_embed(imgs)  # [B, L, D]
-        x = torch.where(bool_masked_pos.flatten(1)[..., None], self.mask_token.to(x.dtype), x)
-        x = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1 + L, D]
-        x = enc.pos_drop(x)
+        x = enc.pos_drop(embed_with_mask_token(enc, imgs, bool_masked_pos, self.mask_token))  # [B, 1 + L, D]
         shared_bias = enc.rel_pos_bias() if enc.rel_pos_bias is not None else None  # timm's layout
         hidden = []
         for i, block in enumerate(enc.blocks, start=1):

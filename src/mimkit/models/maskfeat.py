@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimkit.errors import MimkitError
-from mimkit.models.vit import build_vit, check_patch_grid, encoder_arch, run_blocks
+from mimkit.models.vit import build_vit, check_patch_grid, embed_with_mask_token, encoder_arch, run_blocks
 
 # Sobel's derivative along x: left column minus right column (a cross-correlation, as conv2d applies it).
 _SOBEL_X = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
@@ -185,9 +185,7 @@ class MaskFeat(nn.Module):
             (B, 1 + L, D) final-norm tokens, [CLS] first.
         """
         enc = self.encoder
-        x = enc.patch_embed(imgs)  # [B, L, D]
-        x = torch.where(mask.flatten(1)[..., None], self.mask_token.to(x.dtype), x)
-        x = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + enc.pos_embed  # [B, 1 + L, D]
+        x = embed_with_mask_token(enc, imgs, mask, self.mask_token) + enc.pos_embed  # [B, 1 + L, D]
         x = enc.norm_pre(enc.pos_drop(x))
         return enc.norm(run_blocks(enc.blocks, x, enc.grad_checkpointing))
 

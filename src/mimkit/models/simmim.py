@@ -33,7 +33,7 @@ from timm.models.beit import Beit
 from torch import nn
 
 from mimkit.errors import MimkitError
-from mimkit.models.vit import check_patch_grid, encoder_arch, run_blocks
+from mimkit.models.vit import check_patch_grid, embed_with_mask_token, encoder_arch, run_blocks
 
 INIT_STD = 0.02  # the reference code's weight init: truncated normal, cut at +-1 std
 
@@ -178,10 +178,7 @@ class SimMIM(nn.Module):
             (B, 1 + L, D) final-norm tokens, [CLS] first.
         """
         enc = self.encoder
-        x = enc.patch_embed(imgs)  # [B, L, D]
-        x = torch.where(mask.flatten(1)[..., None], self.mask_token.to(x.dtype), x)
-        x = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1 + L, D]
-        x = enc.pos_drop(x)
+        x = enc.pos_drop(embed_with_mask_token(enc, imgs, mask, self.mask_token))  # [B, 1 + L, D]
         shared_bias = enc.rel_pos_bias() if enc.rel_pos_bias is not None else None  # timm's layout
         x = run_blocks(enc.blocks, x, enc.grad_checkpointing, shared_rel_pos_bias=shared_bias)
         return enc.norm(x)

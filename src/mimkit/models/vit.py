@@ -49,6 +49,16 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, checkpointed: bool,
     return x
 
 
+def embed_with_mask_token(encoder: nn.Module, imgs: torch.Tensor, mask: torch.Tensor,
+                          mask_token: torch.Tensor) -> torch.Tensor:
+    """[CLS] and the patch embeddings of ``imgs`` (B, C, H, W), those where ``mask`` (bool (B, L) or
+    (B, h, w)) is True replaced by ``mask_token``: (B, 1 + L, D), before any position embedding. How BEiT,
+    SimMIM and MaskFeat hide patches from an encoder that sees them all."""
+    x = encoder.patch_embed(imgs)  # [B, L, D]
+    x = torch.where(mask.flatten(1)[..., None], mask_token.to(x.dtype), x)
+    return torch.cat([encoder.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+
+
 def encoder_arch(name: str) -> dict:
     """The dimensions of a named encoder: `embed_dim`, `depth`, `num_heads`, `mlp_ratio`.
 
