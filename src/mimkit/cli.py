@@ -550,7 +550,8 @@ def cmd_data_pack(args: argparse.Namespace) -> None:
     check_range("--quality", args.quality, 1, 100)
     if args.quality is not None and args.max_side is None:
         raise MimkitError("--quality sets the JPEG quality of the images --max-side resizes; give --max-side")
-    resize = {"max_side": args.max_side, "quality": args.quality or DEFAULT_PACK_QUALITY}
+    storing = {"max_side": args.max_side, "quality": args.quality or DEFAULT_PACK_QUALITY,
+              "mcu_index": args.mcu_index}
     check_new_folder(out)
     # a folder with train/ (val/, test/) is packed split by split, so out/ keeps the same layout
     splits = [name for name in SPLITS if (folder / name).is_dir()] if (folder / "train").is_dir() else [""]
@@ -559,7 +560,7 @@ def cmd_data_pack(args: argparse.Namespace) -> None:
     total = sum(p.stat().st_size for paths in files.values() for p in paths)
     with tqdm(total=total, unit="B", unit_scale=True, desc="pack") as bar:
         for name, paths in files.items():
-            shards = pack_files(paths, folder / name, out / name, shard_size, bar.update, **resize)
+            shards = pack_files(paths, folder / name, out / name, shard_size, bar.update, **storing)
             packed = build_source(f"shards:{out / name}")  # indexes the shards and reads a few back
             tqdm.write(f"{out / name}: {len(shards)} shards, {len(packed)} images, "
                        f"{packed.info.num_classes or 'no'} classes"
@@ -632,6 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "from the resized image (default: every file as it is)")
     pack.add_argument("--quality", type=int,
                       help="JPEG quality of the images --max-side resizes (default 90)")
+    pack.add_argument("--mcu-index", action="store_true",
+                      help="store sequential JPEGs re-encoded losslessly (the same pixels) with a restart "
+                      "marker after every MCU: crop decoding then reads only the MCUs around its box "
+                      "(needs mimkit's C extension)")
     pack.set_defaults(handler=cmd_data_pack)
     return parser
 

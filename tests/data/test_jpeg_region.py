@@ -115,3 +115,56 @@ def test_crop_decoding_takes_the_region_path_for_a_whole_jpeg_only(monkeypatch):
     with pytest.raises(ValueError):  # cut short, no end marker: the whole image is decoded, and fails
         crop_decode.crop_decode(good[:len(good) // 2], "RGB", lambda h, w: (0, 0, 4, 4), MAX_IMAGE_PIXELS)
     assert len(calls) == 1
+
+
+RESTART_EVERY_MCU = b"\xff\xdd\x00\x04\x00\x01"  # the DRI segment of restart interval 1
+
+
+def mcu_boundary_boxes(height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """Boxes that start and end on, just before and just after 16-px MCU boundaries on both axes, where
+    the MCU decode must take (or may leave out) the neighbouring MCU its fancy upsampling reads."""
+    sides = [s for s in (0, 1, 2, 14, 15, 16, 17, 31, 32, 33) if s < min(height, width)]
+    return [(top, left, min(height - top, 16 + top % 3), min(width - left, 16 - left % 2))
+            for top in sides for left in sides]
+
+
+@pytest.mark.parametrize("kind", ["4:4:4", "4:2:2", "4:2:0", "grey"])
+@pytest.mark.parametrize("size", [(400, 350), (61, 37), (123, 90), (19, 29)])
+def test_mcu_indexed_decode_is_the_whole_decode_cut_to_the_box_bit_for_bit(kind, size):
+    """A file re-encoded with a restart marker after every MCU holds the same pixels, and a box decoded
+    from the MCUs around it alone is the whole decode cut, at every edge (19 px: a narrow last MCU)."""
+    channels = 1 if kind == "grey" else 3
+    original = (jpeg(photo(*size, channels=1)) if kind == "grey"
+                else jpeg(photo(*size, seed=sum(size)), subsampling=["4:4:4", "4:2:2", "4:2:0"].index(kind)))
+    data = region.transcode_restart_every_mcu(original)
+    assert RESTART_EVERY_MCU in data
+    expected = whole(original, channels)
+    assert np.array_equal(whole(data, channels), expected)  # lossless
+    for box in edge_boxes(size[1], size[0], n=40, seed=sum(size)) + mcu_boundary_boxes(size[1], size[0]):
+        top, left, height, width = box
+        assert np.array_equal(decode_box(data, box, channels), expected[top:top + height, left:left + width]), box
+
+
+def test_mcu_indexed_decode_reads_only_the_mcus_around_the_box():
+    """Damage to an MCU far from the box changes the whole decode but nothing in the box: the box came from
+    the MCUs around it alone."""
+    clean = jpeg(photo(160, 128), subsampling=2)
+    data = bytearray(region.transcode_restart_every_mcu(clean))
+    last_marker = data.rindex(b"\xff\xd9") - 1
+    while not 0xD0 <= data[last_marker + 1] <= 0xD7 or data[last_marker] != 0xFF:
+        last_marker -= 1  # the restart marker before the last MCU
+    data[last_marker - 6:last_marker] = b"\x00" * 6  # garbage in the last row's second-to-last MCU
+    expected = whole(clean, 3)
+    assert not np.array_equal(whole(bytes(data), 3), expected)
+    assert np.array_equal(decode_box(bytes(data), (0, 0, 40, 40)), expected[:40, :40])
+
+
+def test_transcode_keeps_exif_orientation_and_refuses_a_bad_file():
+    original = jpeg(photo(90, 60), orientation=6)
+    data = region.transcode_restart_every_mcu(original)
+    assert crop_decode.read_header(data, "RGB").orientation == 6
+    box = lambda h, w: (5, 7, 30, 20)  # noqa: E731
+    assert torch.equal(crop_decode.crop_decode(data, "RGB", box, MAX_IMAGE_PIXELS),
+                       crop_decode.crop_decode(original, "RGB", box, MAX_IMAGE_PIXELS))
+    with pytest.raises(ValueError, match="JPEG transcode"):
+        region.transcode_restart_every_mcu(_cut_short(original))

@@ -307,3 +307,35 @@ def test_pack_quality_without_max_side_is_refused(tmp_path, capsys):
     assert main(["data", "pack", str(folder), "--out", str(tmp_path / "a"), "--quality", "80"]) == 2
     assert main(["data", "pack", str(folder), "--out", str(tmp_path / "b"), "--max-side", "0"]) == 2
     assert "--max-side" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shards.transcode_restart_every_mcu is None, reason="the C extension was not built")
+def test_pack_mcu_index_stores_sequential_jpegs_with_a_restart_marker_per_mcu_and_the_same_pixels(tmp_path):
+    """`--mcu-index`: every sequential JPEG is stored re-encoded with restart interval 1 (the same pixels);
+    a PNG, a progressive JPEG and a JPEG cut short (with a warning) are stored as they are; the index
+    records it and the storage note says nothing of it (the pixels do not change)."""
+    folder = image_folder(tmp_path / "images", n=6)
+    pixels = np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "cat" / "plain.png")
+    Image.fromarray(pixels).save(folder / "cat" / "progressive.jpg", progressive=True)
+    assert main(["data", "pack", str(folder), "--out", str(tmp_path / "shards"), "--mcu-index"]) == 0
+    packed, originals = build_source(f"shards:{tmp_path / 'shards'}"), build_source(str(folder))
+    for i, file in enumerate(originals.paths):
+        stored, original = packed.image_file(i).read(), Path(file).read_bytes()
+        as_is = file.endswith(("plain.png", "progressive.jpg"))
+        assert (stored == original) == as_is, file
+        assert (b"\xff\xdd\x00\x04\x00\x01" in stored) != as_is, file
+        if not as_is:
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored))), np.asarray(Image.open(file)))
+    assert json.loads((tmp_path / "shards" / INDEX_NAME).read_text())["packed"] == {"mcu_index": True}
+    assert packed.info.storage_note is None or "max side" not in packed.info.storage_note
+    whole_file = io.BytesIO()
+    Image.fromarray(pixels).save(whole_file, "JPEG")
+    with pytest.warns(UserWarning, match="as it is"):  # its header whole, its scan cut short
+        assert shards._restart_every_mcu(whole_file.getvalue()[:-200], Path("cut.jpg")) is None
+
+
+def test_pack_mcu_index_without_the_c_extension_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "transcode_restart_every_mcu", None)
+    with pytest.raises(MimkitError, match="C extension"):
+        pack_files([], tmp_path, tmp_path / "out", 2**20, mcu_index=True)

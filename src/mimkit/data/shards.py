@@ -13,7 +13,9 @@ in shard order, then member order: packing a folder keeps the order of the folde
 
 `mimkit data pack --max-side N --quality Q` stores every image whose longer side is above N resized to N
 (upright, re-encoded as JPEG at quality Q); the index records both (`packed_with`), and a source read from
-the shards says so (`SourceInfo.storage_note`).
+the shards says so (`SourceInfo.storage_note`). `--mcu-index` re-encodes every sequential JPEG losslessly
+(the same pixels) with a restart marker after every MCU, so crop decoding reads only the MCUs around its box
+(`mimkit.data._jpeg_region`); the index records it too.
 
 Like timm's in-tar reader (`timm.data.readers.reader_image_in_tar`), without its worker-shared handles:
 `os.pread` keeps no file position, so a descriptor inherited by forked workers is safe to share.
@@ -33,9 +35,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from mimkit.data.crop_decode import read_header
 from mimkit.data.decode import GRAY_MODES, to_mode
 from mimkit.errors import MimkitError, explain_write_errors
 from mimkit.files import write_text_atomically
+
+try:  # the optional C extension (setup.py): built where a compiler and libjpeg's headers were found
+    from mimkit.data._jpeg_region import transcode_restart_every_mcu
+except ImportError:
+    transcode_restart_every_mcu = None
 
 SHARD_SUFFIX = ".tar"
 INDEX_NAME = ".mimkit-shard-index.json"  # hidden, so folder scans skip it
@@ -258,14 +266,16 @@ def check_new_folder(out: Path) -> None:
 
 def pack_files(files: Sequence[Path], root: Path, out: str | Path, shard_size: int,
                progress: Callable[[int], None] | None = None, max_side: int | None = None,
-               quality: int = DEFAULT_PACK_QUALITY) -> list[Path]:
+               quality: int = DEFAULT_PACK_QUALITY, mcu_index: bool = False) -> list[Path]:
     """Write `files` into `.tar` shards of about `shard_size` bytes each, in order.
 
     A shard is closed before the member that would take it past `shard_size` (a member larger than
     that gets a shard of its own). Members are named by their path relative to `root`. With `max_side`,
     an image whose longer side is above it is stored upright, resized to that side (bicubic) and re-encoded
     as JPEG at `quality`, under its own name; the others, and files that cannot be read (the training
-    reports them as it meets them), are stored as they are; the index records both settings.
+    reports them as it meets them), are stored as they are; the index records both settings. With
+    `mcu_index`, every sequential JPEG is stored re-encoded losslessly with a restart marker after every MCU
+    (the same pixels; crop decoding then reads only the MCUs around its box); the index records that too.
 
     Args:
         files: the files, in the order the reader will see them.
@@ -275,16 +285,21 @@ def pack_files(files: Sequence[Path], root: Path, out: str | Path, shard_size: i
         progress: called with the byte count of each file written.
         max_side: the longest side stored; None stores every file as it is.
         quality: the JPEG quality of the resized images.
+        mcu_index: store sequential JPEGs with a restart marker after every MCU (needs the C extension).
 
     Returns:
         The shards written, named `shard-000000.tar`, `shard-000001.tar`, ...
     """
     out = Path(out)
+    if mcu_index and transcode_restart_every_mcu is None:
+        raise MimkitError("--mcu-index needs mimkit's C extension, not built here (setup.py needs a C "
+                          "compiler and libjpeg's headers)")
     check_new_folder(out)
     with explain_write_errors(out):  # a full or read-only disk: one line
-        shards = _pack(files, root, out, shard_size, progress, max_side, quality)
-        if max_side:  # read back by load_index, which fills in the shards and keeps this
-            packed = {"max_side": max_side, "quality": quality}
+        shards = _pack(files, root, out, shard_size, progress, max_side, quality, mcu_index)
+        packed = ({"max_side": max_side, "quality": quality} if max_side else {}) | (
+            {"mcu_index": True} if mcu_index else {})
+        if packed:  # read back by load_index, which fills in the shards and keeps this
             _cache_index(out / INDEX_NAME,
                           json.dumps({"version": _INDEX_VERSION, "shards": {}, "packed": packed}))
         return shards
@@ -311,15 +326,30 @@ def _within_side(path: Path, max_side: int, quality: int) -> bytes | None:
         return None
 
 
+def _restart_every_mcu(data: bytes, path: Path) -> bytes | None:
+    """The sequential JPEG `data` re-encoded losslessly with a restart marker after every MCU; None for
+    other files (PNG, progressive or CMYK JPEGs) and for those libjpeg cannot read (stored as they are)."""
+    if not any((header := read_header(data, mode)) and header.crop_decodable for mode in ("RGB", "L")):
+        return None
+    try:
+        return transcode_restart_every_mcu(data)
+    except ValueError as e:
+        warnings.warn(f"packing '{path}' as it is: {e}", stacklevel=2)
+        return None
+
+
 def _pack(files: Sequence[Path], root: Path, out: Path, shard_size: int,
-          progress: Callable[[int], None] | None, max_side: int | None, quality: int) -> list[Path]:
+          progress: Callable[[int], None] | None, max_side: int | None, quality: int,
+          mcu_index: bool) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
     tar, written = None, 0
     try:
         for path in files:
-            resized = _within_side(path, max_side, quality) if max_side else None
-            size = len(resized) if resized is not None else path.stat().st_size
+            stored = _within_side(path, max_side, quality) if max_side else None  # None: the file as is
+            if mcu_index:
+                stored = _restart_every_mcu(path.read_bytes() if stored is None else stored, path) or stored
+            size = len(stored) if stored is not None else path.stat().st_size
             member_bytes = tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             if tar is None or (written and written + member_bytes > shard_size):
                 if tar is not None:
@@ -329,7 +359,7 @@ def _pack(files: Sequence[Path], root: Path, out: Path, shard_size: int,
             # a deterministic header (no owner, time or mode of the source) so packs are reproducible
             info = tarfile.TarInfo(path.relative_to(root).as_posix())
             info.size, info.mode = size, 0o644
-            with io.BytesIO(resized) if resized is not None else path.open("rb") as f:
+            with io.BytesIO(stored) if stored is not None else path.open("rb") as f:
                 tar.addfile(info, f)
             written += member_bytes
             if progress:

@@ -78,7 +78,7 @@ def _shard_source(folder: Path, channels: int | None, classes: Sequence[str] | N
 
 def _noting_packing(source: EncodedImageSource, folder: str | Path) -> EncodedImageSource:
     """The shard source, its info saying the maximum side and quality the shards were packed with."""
-    if packed := packed_with(folder):
+    if (packed := packed_with(folder)) and "max_side" in packed:  # an MCU index alone keeps the pixels
         source.info = replace(source.info, storage_note=(
             f"shards packed at max side {packed['max_side']} px, JPEG quality {packed['quality']} "
             "(resized before the crop)"))
