@@ -21,10 +21,12 @@ compress and decode like photographs; and one set at 1024x768):
     + uint8          the worker hands over uint8; normalization is left to the device (timed apart, per
                      image, as it would run in the main process on CPU)
     max side N       the same from shards packed with `--max-side N` (`mimkit data pack`)
+    MCU-indexed      region decode from shards packed with `--mcu-index` (a restart marker after every MCU):
+                     only the MCUs around the box are decoded (where the C extension is built)
 
-Checks printed with the rows: crop decode against today on the same samples and seeds (largest pixel
-difference of the views: 0 means bit-identical); DCT scaling against the full-size decode (mean and
-largest difference of the 224-px uint8 views, on the large images where it applies).
+Checks printed with the rows: crop decode, and the MCU-indexed pack, against today on the same samples and
+seeds (largest pixel difference of the views: 0 means bit-identical); DCT scaling against the full-size
+decode (mean and largest difference of the 224-px uint8 views, on the large images where it applies).
 
     .venv/bin/python benchmarks/loader_throughput.py [--images 500] [--rounds 5] [--work DIR]
 """
@@ -72,15 +74,16 @@ def make_images(folder: Path, n: int, size: tuple[int, int] | None = None, seed:
         Image.fromarray(pixels).save(path, quality=90)
 
 
-def shards_of(work: Path, name: str, n: int, size: tuple[int, int] | None, max_side: int | None) -> str:
+def shards_of(work: Path, name: str, n: int, size: tuple[int, int] | None, max_side: int | None,
+              mcu_index: bool = False) -> str:
     """The spec of shards of generated images (made once in `work`)."""
     folder = work / f"images-{name}"
     if not folder.is_dir():
         make_images(folder, n, size)
-    out = work / f"shards-{name}-{max_side or 'full'}"
+    out = work / f"shards-{name}-{max_side or 'full'}{'-mcu' if mcu_index else ''}"
     if not out.is_dir():
         files = [Path(p) for p in build_source(str(folder)).paths]
-        pack_files(files, folder, out, 256 * 2**20, max_side=max_side)
+        pack_files(files, folder, out, 256 * 2**20, max_side=max_side, mcu_index=mcu_index)
     return f"shards:{out}"
 
 
@@ -136,6 +139,10 @@ def rows_for(spec_full: str, work: Path, name: str, n: int, size, view, with_pac
         f"{LOADER_PATH} + uint8": SeededViews(full, view, uint8=True).__getitem__,
         f"{LOADER_PATH} + DCT scaling + uint8": SeededViews(scaled, view, uint8=True).__getitem__,
     }
+    if crop_decode.decode_region:  # `--mcu-index` needs the C extension
+        mcu = build_source(shards_of(work, name, n, size, None, mcu_index=True))
+        rows |= {f"MCU-indexed pack + {LOADER_PATH}": SeededViews(mcu, view).__getitem__,
+                 f"MCU-indexed pack + {LOADER_PATH} + uint8": SeededViews(mcu, view, uint8=True).__getitem__}
     if with_packs:
         for side in PACK_SIDES:
             packed = build_source(shards_of(work, name, n, size, side), decode_min_side=3 * CROP)
@@ -261,6 +268,11 @@ def main(argv=None) -> None:
     same = largest_difference(today, SeededViews(full, view, uint8=True), check)
     print(f"{LOADER_PATH} vs today, {len(check)} samples: mean |diff| {same[0]:.4f}, largest {same[1]:.0f} "
           "(uint8 levels)")
+    if crop_decode.decode_region:
+        mcu = build_source(shards_of(work, "imagenet", a.images, None, None, mcu_index=True))
+        same = largest_difference(today, SeededViews(mcu, view, uint8=True), check)
+        print(f"MCU-indexed pack + {LOADER_PATH} vs today, {len(check)} samples: mean |diff| {same[0]:.4f}, "
+              f"largest {same[1]:.0f} (uint8 levels)")
     large_full = build_source(large)
     large_checks = items(a.large_images, min(100, a.large_images), seed=1)  # boxes >= 448 px: DCT scaled
     dct = largest_difference(SeededViews(DecodedFirst(large_full), view).handing_over_uint8(),
