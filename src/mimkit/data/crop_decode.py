@@ -9,7 +9,9 @@ would draw it from the decoded image: resume stays exact), then:
   and dropped, the columns outside the box's iMCU columns skip the inverse DCT, upsampling and colour
   conversion, and decoding stops at the box's last row. The pixels are bit-identical to Pillow's full
   decode cut to the box (accurate integer IDCT, fancy upsampling; one column more is decoded on each side
-  so the box's edge columns are upsampled from their true neighbours);
+  so the box's edge columns are upsampled from their true neighbours). In a file with a restart marker
+  after every MCU (`mimkit data pack --mcu-index`), the extension decodes, at full size, only the MCUs
+  around the box, cut out as a small JPEG of their own: no entropy decoding above or beside the box either;
 - where the box is at least twice the output side, the image is decoded at 1/2, 1/4 or 1/8 scale in the
   DCT domain (libjpeg's scaled IDCT), so a large image costs a fraction of its full decode; the pixels
   then differ from a full-size decode followed by the resize (measured in `benchmarks/RESULTS.md`);
