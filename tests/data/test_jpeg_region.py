@@ -84,10 +84,15 @@ def _cut_short(data: bytes) -> bytes:
     return data[:len(data) // 3] + b"\xff\xd9"
 
 
-@pytest.mark.parametrize("bad", ["cut short", "not a JPEG", "box outside", "too many components"])
+@pytest.mark.parametrize("bad", ["cut short", "not a JPEG", "box outside", "too many components",
+                                 "MCU-indexed, cut short", "MCU-indexed, a restart marker lost"])
 def test_a_bad_file_or_box_raises_value_error(bad):
     good = jpeg(photo(64, 48))
+    indexed = region.transcode_restart_every_mcu(good)
+    lost = indexed.index(b"\xff\xd3")  # the fourth MCU's marker
     data, box, channels = {
+        "MCU-indexed, cut short": (_cut_short(indexed), (0, 0, 8, 8), 3),  # its first MCUs are there
+        "MCU-indexed, a restart marker lost": (indexed[:lost] + indexed[lost + 2:], (0, 0, 8, 8), 3),
         "cut short": (_cut_short(good), (40, 0, 8, 64), 3),  # the box's rows are past the cut
         "not a JPEG": (b"\xff\xd8 nothing to decode \xff\xd9", (0, 0, 1, 1), 3),
         "box outside": (good, (40, 60, 9, 4), 3),

@@ -11,9 +11,14 @@
  *    warning is an error (as simplejpeg's strict mode), so a bad file raises ValueError for the caller's
  *    bad-image handling, never a crash: errors long-jump out of libjpeg to the one clean-up below.
  *
+ * A file with a restart marker after every MCU (`transcode_restart_every_mcu`, used by `mimkit data pack
+ * --mcu-index`) is decoded at full size from the MCUs around the box alone (below), so the entropy decoding
+ * above and beside the box is skipped too.
+ *
  * Python: decode_region(data, top, left, height, width, scale_denom, channels) -> bytearray of
  * height * width * channels bytes, row-major `[height, width, channels]`; the box is in the frame of the
- * image decoded at 1/scale_denom (libjpeg's DCT scaling), channels 1 (grey) or 3 (RGB).
+ * image decoded at 1/scale_denom (libjpeg's DCT scaling), channels 1 (grey) or 3 (RGB);
+ * transcode_restart_every_mcu(data) -> bytes, the file re-encoded losslessly with restart interval 1.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -248,6 +253,10 @@ static const char *decode_mcu_box(const unsigned char *data, size_t size, const 
     if (left + width > (JDIMENSION)layout->width || top + height > (JDIMENSION)layout->height) {
         snprintf(trap->message, JMSG_LENGTH_MAX, "box %ux%u at (%u, %u) outside the %dx%d image", width,
                  height, left, top, layout->width, layout->height);
+        return trap->message;
+    }
+    if (layout->scan_at + 2 > size || data[size - 2] != 0xFF || data[size - 1] != 0xD9) {
+        snprintf(trap->message, JMSG_LENGTH_MAX, "no end-of-image marker after the scan");
         return trap->message;
     }
     if (count - 1 > (size - layout->scan_at) / 2) { /* each MCU but the last ends with a 2-byte marker */
