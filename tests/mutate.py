@@ -502,6 +502,10 @@ PLANTED = [
         "src/mimkit/runner.py",
         "force_resume=run.force_config,", "force_resume=False,",
         ("tests/test_reliability_run.py::test_force_config_resumes_with_another_global_batch",)),
+    Bug("region decode: a crop one or two pixels wide upsampled without smoothing (no minimum width)",
+        "src/mimkit/data/_jpeg_region.c", "#define MIN_SMOOTHED_COLUMNS 5", "#define MIN_SMOOTHED_COLUMNS 1",
+        ("tests/data/test_jpeg_region.py::"
+         "test_a_box_one_or_two_pixels_wide_at_an_image_edge_is_upsampled_as_in_the_whole_image",)),
     Bug("region decode: no column decoded left of the box (its first column upsampled as an edge)",
         "src/mimkit/data/_jpeg_region.c", "first_col = left > 0 ? left - 1 : 0;", "first_col = left;",
         (REGION_PIXELS,)),

@@ -56,6 +56,18 @@ def test_region_decode_is_the_whole_decode_cut_to_the_box_bit_for_bit(subsamplin
         assert np.array_equal(decode_box(data, box), expected[top:top + height, left:left + width]), box
 
 
+@pytest.mark.parametrize("subsampling", [1, 2], ids=["4:2:2", "4:2:0"])
+def test_a_box_one_or_two_pixels_wide_at_an_image_edge_is_upsampled_as_in_the_whole_image(subsampling):
+    """A column crop whose subsampled chroma is two samples wide or less is upsampled by libjpeg without
+    smoothing: the region decoder keeps at least five columns. Width 34: the last two columns start an
+    iMCU column of their own."""
+    data = jpeg(photo(34, 20, seed=3), subsampling=subsampling)
+    expected = whole(data, 3)
+    for left, width in ((0, 1), (0, 2), (33, 1), (32, 2), (16, 1)):
+        box = (3, left, 12, width)
+        assert np.array_equal(decode_box(data, box), expected[3:15, left:left + width]), box
+
+
 @pytest.mark.parametrize("kind", ["grey", "restart markers"])
 def test_region_decode_of_grey_and_restart_marker_jpegs(kind):
     channels = 1 if kind == "grey" else 3

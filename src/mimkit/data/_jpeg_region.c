@@ -33,6 +33,7 @@
 /* Rows asked of libjpeg per read: it returns what one pass of its upsampler makes (up to an iMCU row),
  * so one row per call would add a call per row. */
 #define ROWS_PER_READ 16
+#define MIN_SMOOTHED_COLUMNS 5 /* a 2x-subsampled crop this wide has 3 chroma samples: libjpeg smooths it */
 
 /* libjpeg's error manager, extended with where to jump on an error and the message to raise. */
 typedef struct {
@@ -98,6 +99,13 @@ static const char *decode_box(const unsigned char *data, unsigned long size, JDI
     /* One column more on each side, so the box's edge pixels are upsampled from their true neighbours. */
     first_col = left > 0 ? left - 1 : 0;
     right = left + width < cinfo.output_width ? left + width + 1 : cinfo.output_width;
+    /* libjpeg upsamples a crop whose subsampled width is 2 samples or less without smoothing, unlike the
+       whole image: keep at least 5 columns where the image has them. */
+    if (right - first_col < MIN_SMOOTHED_COLUMNS) {
+        right = first_col + MIN_SMOOTHED_COLUMNS < cinfo.output_width ? first_col + MIN_SMOOTHED_COLUMNS
+                                                                      : cinfo.output_width;
+        first_col = right > MIN_SMOOTHED_COLUMNS ? right - MIN_SMOOTHED_COLUMNS : 0;
+    }
     decoded_width = right - first_col;
     if (decoded_width < cinfo.output_width)
         jpeg_crop_scanline(&cinfo, &first_col, &decoded_width); /* widened to iMCU columns */
