@@ -521,6 +521,16 @@ PLANTED = [
         "src/mimkit/data/crop_decode.py", "if decode_region is not None and data.endswith(_END_OF_IMAGE):",
         "if decode_region is not None:",
         ("tests/data/test_jpeg_region.py::test_crop_decoding_takes_the_region_path_for_a_whole_jpeg_only",)),
+    # the sweep (2026-12-06): every validated setting at its edges, every setting traced to its effect
+    Bug("sweep: BEiT's crop scale is not checked", "src/mimkit/methods/beit.py",
+        "        check_crop_scale(self.SECTION, self.crop_scale)\n", "",
+        ("tests/test_setting_edges.py::test_settings_checked_together_are_taken_at_their_limits_and_refused_just_past",)),
+    Bug("sweep: a layer decay just above 1 is accepted", "src/mimkit/eval/config.py",
+        "if not 0 < self.layer_decay <= 1:", "if not 0 < self.layer_decay <= 1.0001:",
+        ("tests/test_setting_edges.py::test_each_config_setting_is_taken_at_its_limit_and_refused_just_past_it",)),
+    Bug("sweep: a VQ-KD codebook decay of 1 is accepted", "src/mimkit/tokenizers/quantizer.py",
+        "if not 0.0 <= decay < 1.0:", "if not 0.0 <= decay <= 1.0:",
+        ("tests/test_setting_edges.py::test_each_check_in_the_code_takes_its_limit_and_refuses_just_past_it",)),
 ]
 
 
