@@ -531,6 +531,18 @@ PLANTED = [
     Bug("sweep: a VQ-KD codebook decay of 1 is accepted", "src/mimkit/tokenizers/quantizer.py",
         "if not 0.0 <= decay < 1.0:", "if not 0.0 <= decay <= 1.0:",
         ("tests/test_setting_edges.py::test_each_check_in_the_code_takes_its_limit_and_refuses_just_past_it",)),
+    Bug("sweep: CAE's align_weight does not reach the loss", "src/mimkit/methods/cae.py",
+        "weight = config.settings.align_weight", "weight = 2.0",
+        ("tests/methods/test_settings_reach.py::test_a_non_default_setting_changes_what_a_training_step_gives",)),
+    Bug("sweep: VQ-KD's commitment does not reach the quantizer", "src/mimkit/methods/vqkd.py",
+        "commitment=v.commitment, ", "",
+        ("tests/methods/test_settings_reach.py::test_a_non_default_setting_changes_what_a_training_step_gives",)),
+    Bug("sweep: MaskFeat's hog_window does not reach the targets", "src/mimkit/methods/maskfeat.py",
+        "hog_window=s.hog_window,", "",
+        ("tests/methods/test_settings_reach.py::test_a_non_default_setting_changes_what_a_training_step_gives",)),
+    Bug("sweep: MaskDistill's smooth_l1_beta does not reach the loss", "src/mimkit/methods/maskdistill.py",
+        "smooth_l1_beta=s.smooth_l1_beta,", "",
+        ("tests/methods/test_settings_reach.py::test_a_non_default_setting_changes_what_a_training_step_gives",)),
 ]
 
 
