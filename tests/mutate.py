@@ -543,6 +543,12 @@ PLANTED = [
     Bug("sweep: MaskDistill's smooth_l1_beta does not reach the loss", "src/mimkit/methods/maskdistill.py",
         "smooth_l1_beta=s.smooth_l1_beta,", "",
         ("tests/methods/test_settings_reach.py::test_a_non_default_setting_changes_what_a_training_step_gives",)),
+    Bug("sweep: fine-tuning's mixup_prob does not reach the mixing", "src/mimkit/eval/finetune.py",
+        "aug.mixup_switch_prob,\n                     aug.mixup_prob)", "aug.mixup_switch_prob)",
+        ("tests/test_job_settings.py::test_a_finetuning_setting_reaches_the_job",)),
+    Bug("sweep: fine-tuning's erasing mode does not reach the view", "src/mimkit/eval/finetune.py",
+        "aug.reprob,\n                         aug.remode)", "aug.reprob)",
+        ("tests/test_job_settings.py::test_a_finetuning_setting_reaches_the_job",)),
 ]
 
 

@@ -1,0 +1,123 @@
+"""Every setting of a pretraining and a fine-tuning run reaches the job the runner trains: a non-default value
+gives another plan (length, lr schedule, accumulation, clipping), optimizer groups or betas, training
+samples, loss or trained state, or evaluation than the default does.
+
+`job_of` runs a command's library entry point with the runner replaced by one that keeps the `Job` it is
+given, so nothing trains; `outcome` takes what the runner would use of the job, and a training step on two
+of its samples. A setting that the config holds but the job does not use (the run's value dropped for a
+default) leaves the outcome equal. Settings that only the runner or the loop read (``train.log_every``,
+``checkpoint_every``, ``keep_last``, ``compile``, ``grad_checkpointing``) are the loop's tests'.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+import mimkit.eval.finetune as finetune
+import mimkit.pretrain as pretrain
+from mimkit.config import from_dict, merge
+from mimkit.eval.config import FinetuneConfig
+from mimkit.registry import read_config
+from tests.conftest import TINY_MAE_KWARGS
+
+DATA = {"source": "synthetic:64", "num_workers": 0}  # 32 px, 3 channels, 10 classes
+TRAIN = {"batch_size": 4, "epochs": 2}  # 32 steps
+OPTIM = {"warmup_epochs": 0.5}  # (the defaults warm up longer than the run: its min_lr never reached)
+MAE_MODEL = {"name": "vit_mini", "kwargs": {k: int(v) for k, v in (kv.split("=") for kv in TINY_MAE_KWARGS)}}
+
+# (dotted key, value) of the sections every kind has
+COMMON = [("optim.base_lr", 1e-3), ("optim.min_lr", 1e-4), ("optim.weight_decay", 0.2),
+          ("optim.betas", (0.8, 0.9)), ("optim.warmup_epochs", 2.0), ("optim.clip_grad", 1.0),
+          ("train.max_steps", 30), ("train.batch_size", 2), ("train.accum_steps", 2), ("train.seed", 3)]
+PRETRAIN = [*COMMON, ("train.epochs", 3), ("data.img_size", 16), ("data.mean", [0.4] * 3),
+            ("data.std", [0.3] * 3)]
+FINETUNE = [*COMMON, ("train.epochs", 3), ("data.mean", [0.4] * 3), ("data.std", [0.3] * 3),
+            ("optim.layer_decay", 0.5), ("classifier.pool", "cls"), ("classifier.drop_path", 0.5),
+            ("classifier.init", "random"), ("classifier.num_classes", 12),
+            ("augment.crop_scale", (0.2, 0.4)), ("augment.auto_augment", None), ("augment.reprob", 1.0),
+            ("augment.mixup", 0.0), ("augment.cutmix", 0.0), ("augment.mixup_switch_prob", 0.0),
+            ("augment.mixup_prob", 0.0), ("augment.label_smoothing", 0.3),
+            ("labels.fraction", 0.5), ("labels.val_fraction", 0.25), ("ema_decay", 0.5), ("eval_every", 2)]
+# (dotted key, value, the base it changes): settings that matter only beside another's value
+FINETUNE_BESIDE = [("augment.remode", "const", {"augment": {"reprob": 1.0}}),
+                   ("labels.seed", 1, {"labels": {"fraction": 0.5}})]
+
+
+def nested(key: str, value) -> dict:
+    """``("optim.base_lr", 1e-3)`` -> ``{"optim": {"base_lr": 1e-3}}``."""
+    *parents, leaf = key.split(".")
+    out = {leaf: value}
+    for part in reversed(parents):
+        out = {part: out}
+    return out
+
+
+def job_of(monkeypatch, module, run, *args):
+    """The `Job` that ``module``'s entry point ``run`` hands the runner."""
+    jobs = []
+    monkeypatch.setattr(module, "run_job", lambda run, job, *rest: jobs.append(job) or {"interrupted": True})
+    run(*args)
+    return jobs[0]
+
+
+def outcome(job) -> list:
+    """What the runner uses of ``job``, and a training step on two of its samples (seeded as the loader
+    seeds them) with the job's own after_step."""
+    groups = [{k: v for k, v in group.items() if k != "params"} | {"size": len(group["params"])}
+              for group in job.param_groups]
+    evaluation = job.evaluation and (job.evaluation.every, job.evaluation.keep_best)
+    torch.manual_seed(0)
+    samples = [job.dataset[(index, 5 + index)] for index in range(2)]
+    batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    torch.manual_seed(1)
+    loss, _ = job.loss_fn(job.model, batch)
+    loss.backward()
+    torch.optim.SGD(job.model.parameters(), lr=0.5).step()
+    if job.after_step:
+        job.after_step(1)
+    images = list(getattr(job.dataset.source, "indices", range(len(job.dataset))))  # the images it trains on
+    described = [repr(job.plan), job.betas, groups, evaluation, images]
+    return [*described, *batch.values(), loss.detach(), *job.model.state_dict().values()]
+
+
+def same(a: list, b: list) -> bool:
+    def equal(x, y):
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
+        return x == y
+    return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def pretraining_outcome(monkeypatch, tmp_path, change: dict) -> list:
+    values = merge({"method": "mae", "data": DATA, "model": MAE_MODEL, "train": TRAIN,
+                    "optim": OPTIM, "mae": {"mask_ratio": 0.5}}, change)
+    out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    return outcome(job_of(monkeypatch, pretrain, pretrain.run_pretraining, read_config(values), out))
+
+
+def finetuning_outcome(monkeypatch, tmp_path, encoder, change: dict) -> list:
+    values = merge({"encoder": str(encoder), "data": DATA, "train": TRAIN, "optim": OPTIM,
+                    "eval_batch_size": 8}, change)
+    out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    config = from_dict(FinetuneConfig, values)
+    return outcome(job_of(monkeypatch, finetune, finetune.run_finetune, config, out))
+
+
+@pytest.mark.parametrize("key, value", PRETRAIN, ids=[key for key, _ in PRETRAIN])
+def test_a_pretraining_setting_reaches_the_job(monkeypatch, tmp_path, key, value):
+    default = pretraining_outcome(monkeypatch, tmp_path, {})
+    assert not same(default, pretraining_outcome(monkeypatch, tmp_path, nested(key, value)))
+
+
+FINETUNE_CASES = [(key, value, {}) for key, value in FINETUNE] + FINETUNE_BESIDE
+
+
+@pytest.mark.parametrize("key, value, base", FINETUNE_CASES, ids=[key for key, *_ in FINETUNE_CASES])
+def test_a_finetuning_setting_reaches_the_job(monkeypatch, tmp_path, mae_run, key, value, base):
+    section, _, name = key.rpartition(".")
+    defaults = getattr(FinetuneConfig(), section) if section else FinetuneConfig()
+    assert dataclasses.asdict(defaults)[name] != value
+    default = finetuning_outcome(monkeypatch, tmp_path, mae_run, base)
+    changed = finetuning_outcome(monkeypatch, tmp_path, mae_run, merge(base, nested(key, value)))
+    assert not same(default, changed)
