@@ -545,10 +545,16 @@ PLANTED = [
         ("tests/methods/test_settings_reach.py::test_a_non_default_setting_changes_what_a_training_step_gives",)),
     Bug("sweep: fine-tuning's mixup_prob does not reach the mixing", "src/mimkit/eval/finetune.py",
         "aug.mixup_switch_prob,\n                     aug.mixup_prob)", "aug.mixup_switch_prob)",
-        ("tests/test_job_settings.py::test_a_finetuning_setting_reaches_the_job",)),
+        ("tests/test_job_settings.py::test_a_non_default_setting_changes_the_job",)),
     Bug("sweep: fine-tuning's erasing mode does not reach the view", "src/mimkit/eval/finetune.py",
         "aug.reprob,\n                         aug.remode)", "aug.reprob)",
-        ("tests/test_job_settings.py::test_a_finetuning_setting_reaches_the_job",)),
+        ("tests/test_job_settings.py::test_a_non_default_setting_changes_the_job",)),
+    Bug("sweep: segmentation's flipped evaluation is never asked for", "src/mimkit/eval/segment.py",
+        "seg.eval_mode, seg.eval_stride, seg.eval_flip,", "seg.eval_mode, seg.eval_stride, False,",
+        ("tests/test_job_settings.py::test_a_non_default_setting_changes_the_job",)),
+    Bug("sweep: segmentation's aux_weight does not reach the loss", "src/mimkit/eval/segment.py",
+        'batch["mask"], seg.aux_weight)', 'batch["mask"], 0.4)',
+        ("tests/test_job_settings.py::test_a_non_default_setting_changes_the_job",)),
 ]
 
 

@@ -1,25 +1,28 @@
-"""Every setting of a pretraining and a fine-tuning run reaches the job the runner trains: a non-default value
-gives another plan (length, lr schedule, accumulation, clipping), optimizer groups or betas, training
-samples, loss or trained state, or evaluation than the default does.
+"""Every setting of a pretraining, fine-tuning and segmentation run reaches the job the runner trains: a
+non-default value gives another plan (length, lr schedule, accumulation, clipping), optimizer groups or
+betas, training images and samples, loss or trained state, or evaluation than the default does.
 
 `job_of` runs a command's library entry point with the runner replaced by one that keeps the `Job` it is
-given, so nothing trains; `outcome` takes what the runner would use of the job, and a training step on two
-of its samples. A setting that the config holds but the job does not use (the run's value dropped for a
-default) leaves the outcome equal. Settings that only the runner or the loop read (``train.log_every``,
+given, so nothing trains; `outcome` takes what the runner would use of the job, a training step on two of
+its samples, and (segmentation) the evaluation after it. A setting that the config holds but the job does
+not use (the run's value dropped for a default) leaves the outcome equal. The methods' own settings are
+`tests/methods/test_settings_reach.py`'s. Settings that only the runner or the loop read (``train.log_every``,
 ``checkpoint_every``, ``keep_last``, ``compile``, ``grad_checkpointing``) are the loop's tests'.
 """
 
-import dataclasses
+from functools import partial, reduce
 
 import pytest
 import torch
 
 import mimkit.eval.finetune as finetune
+import mimkit.eval.segment as segment
 import mimkit.pretrain as pretrain
 from mimkit.config import from_dict, merge
-from mimkit.eval.config import FinetuneConfig
+from mimkit.eval.config import FinetuneConfig, SegmentConfig
 from mimkit.registry import read_config
 from tests.conftest import TINY_MAE_KWARGS
+from tests.eval.test_segment import write_layout
 
 DATA = {"source": "synthetic:64", "num_workers": 0}  # 32 px, 3 channels, 10 classes
 TRAIN = {"batch_size": 4, "epochs": 2}  # 32 steps
@@ -44,13 +47,41 @@ FINETUNE_BESIDE = [("augment.remode", "const", {"augment": {"reprob": 1.0}}),
                    ("labels.seed", 1, {"labels": {"fraction": 0.5}})]
 
 
+SEGMENT = [*COMMON, ("train.epochs", 3), ("optim.layer_decay", 0.5), ("labels.fraction", 0.5),
+           ("eval_every", 2), ("eval_images", 2),
+           *[(f"seg.{name}", value) for name, value in
+             (("head", "linear"), ("init", "random"), ("freeze_encoder", True), ("crop_size", 16),
+              ("scale", (64, 48)), ("ratio_range", (1.0, 1.5)), ("cat_max_ratio", 0.3),
+              ("photometric", False), ("blocks", [0, 0, 1, 1]), ("channels", 16), ("aux_channels", 8),
+              ("aux_weight", 1.0),
+              ("drop_path", 0.5), ("rel_pos_bias", True), ("eval_flip", True), ("eval_scale", (64, 48)),
+              ("eval_scales", [0.5, 1.0]))]]
+SEGMENT_BESIDE = [("labels.seed", 1, {"labels": {"fraction": 0.5}}),
+                  ("seg.eval_mode", "slide", {"seg": {"crop_size": 16}}),  # a 16 px window on 32 px images
+                  ("seg.eval_stride", 8, {"seg": {"eval_mode": "slide", "crop_size": 16}})]
+CASES = [*[("pretrain", key, value, {}) for key, value in PRETRAIN],
+         *[("finetune", key, value, {}) for key, value in FINETUNE],
+         *[("finetune", *case) for case in FINETUNE_BESIDE],
+         *[("segment", key, value, {}) for key, value in SEGMENT],
+         *[("segment", *case) for case in SEGMENT_BESIDE]]
+# kind -> (its module, entry point, config reader, (encoder, scenes) -> the configuration the cases change)
+KINDS = {
+    "pretrain": (pretrain, pretrain.run_pretraining, read_config,
+                 lambda encoder, scenes: {"method": "mae", "data": DATA, "model": MAE_MODEL, "train": TRAIN,
+                                          "optim": OPTIM, "mae": {"mask_ratio": 0.5}}),
+    "finetune": (finetune, finetune.run_finetune, partial(from_dict, FinetuneConfig),
+                 lambda encoder, scenes: {"encoder": encoder, "data": DATA, "train": TRAIN, "optim": OPTIM,
+                                          "eval_batch_size": 8}),
+    "segment": (segment, segment.run_segment, partial(from_dict, SegmentConfig),
+                lambda encoder, scenes: {"encoder": encoder, "data": {"source": scenes, "num_workers": 0},
+                                         "train": TRAIN, "optim": OPTIM}),
+}
+
+
 def nested(key: str, value) -> dict:
     """``("optim.base_lr", 1e-3)`` -> ``{"optim": {"base_lr": 1e-3}}``."""
-    *parents, leaf = key.split(".")
-    out = {leaf: value}
-    for part in reversed(parents):
-        out = {part: out}
-    return out
+    *sections, name = key.split(".")
+    return reduce(lambda inner, section: {section: inner}, reversed(sections), {name: value})
 
 
 def job_of(monkeypatch, module, run, *args):
@@ -63,7 +94,7 @@ def job_of(monkeypatch, module, run, *args):
 
 def outcome(job) -> list:
     """What the runner uses of ``job``, and a training step on two of its samples (seeded as the loader
-    seeds them) with the job's own after_step."""
+    seeds them) with the job's own after_step; a segmentation job's evaluation after it."""
     groups = [{k: v for k, v in group.items() if k != "params"} | {"size": len(group["params"])}
               for group in job.param_groups]
     evaluation = job.evaluation and (job.evaluation.every, job.evaluation.keep_best)
@@ -77,7 +108,8 @@ def outcome(job) -> list:
     if job.after_step:
         job.after_step(1)
     images = list(getattr(job.dataset.source, "indices", range(len(job.dataset))))  # the images it trains on
-    described = [repr(job.plan), job.betas, groups, evaluation, images]
+    scores = job.evaluation.evaluate(job.model) if job.kind == "segment" else None  # a few small images
+    described = [repr(job.plan), job.betas, groups, evaluation, images, scores]
     return [*described, *batch.values(), loss.detach(), *job.model.state_dict().values()]
 
 
@@ -89,35 +121,26 @@ def same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def pretraining_outcome(monkeypatch, tmp_path, change: dict) -> list:
-    values = merge({"method": "mae", "data": DATA, "model": MAE_MODEL, "train": TRAIN,
-                    "optim": OPTIM, "mae": {"mask_ratio": 0.5}}, change)
-    out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-    return outcome(job_of(monkeypatch, pretrain, pretrain.run_pretraining, read_config(values), out))
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return write_layout(tmp_path_factory.mktemp("scenes"), "generic")
 
 
-def finetuning_outcome(monkeypatch, tmp_path, encoder, change: dict) -> list:
-    values = merge({"encoder": str(encoder), "data": DATA, "train": TRAIN, "optim": OPTIM,
-                    "eval_batch_size": 8}, change)
-    out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-    config = from_dict(FinetuneConfig, values)
-    return outcome(job_of(monkeypatch, finetune, finetune.run_finetune, config, out))
+_BASE_OUTCOMES: dict[str, list] = {}  # each kind's and base's outcome, computed once
 
 
-@pytest.mark.parametrize("key, value", PRETRAIN, ids=[key for key, _ in PRETRAIN])
-def test_a_pretraining_setting_reaches_the_job(monkeypatch, tmp_path, key, value):
-    default = pretraining_outcome(monkeypatch, tmp_path, {})
-    assert not same(default, pretraining_outcome(monkeypatch, tmp_path, nested(key, value)))
+@pytest.mark.parametrize("kind, key, value, base", CASES, ids=[f"{kind}:{k}" for kind, k, *_ in CASES])
+def test_a_non_default_setting_changes_the_job(monkeypatch, tmp_path, mae_run, scenes, kind, key, value,
+                                                base):
+    module, entry, read, configuration = KINDS[kind]
+    assert reduce(getattr, key.split("."), read({})) != value, "the case must leave the default"
+    values = configuration(str(mae_run), str(scenes))
 
+    def run(change: dict) -> list:
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        return outcome(job_of(monkeypatch, module, entry, read(merge(values, change)), out))
 
-FINETUNE_CASES = [(key, value, {}) for key, value in FINETUNE] + FINETUNE_BESIDE
-
-
-@pytest.mark.parametrize("key, value, base", FINETUNE_CASES, ids=[key for key, *_ in FINETUNE_CASES])
-def test_a_finetuning_setting_reaches_the_job(monkeypatch, tmp_path, mae_run, key, value, base):
-    section, _, name = key.rpartition(".")
-    defaults = getattr(FinetuneConfig(), section) if section else FinetuneConfig()
-    assert dataclasses.asdict(defaults)[name] != value
-    default = finetuning_outcome(monkeypatch, tmp_path, mae_run, base)
-    changed = finetuning_outcome(monkeypatch, tmp_path, mae_run, merge(base, nested(key, value)))
-    assert not same(default, changed)
+    name = f"{kind} {base}"
+    if name not in _BASE_OUTCOMES:
+        _BASE_OUTCOMES[name] = run(base)
+    assert not same(_BASE_OUTCOMES[name], run(merge(base, nested(key, value))))
