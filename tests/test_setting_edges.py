@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mimkit.cli import main
 from mimkit.config import DataConfig, OptimConfig, TrainConfig
 from mimkit.data.seg_transforms import SegTrainView
 from mimkit.errors import MimkitError
@@ -227,3 +228,26 @@ def test_each_check_in_the_code_takes_its_limit_and_refuses_just_past_it(build, 
         build(value)
     for value in refused:
         _one_line_refusal(build, value, words)
+
+
+# (arguments, flag, its limit, the value just past it); TMP: the test's folder. What the command does at
+# the limit fails later (a missing run, a folder that is not new): only the flag's check is asked here.
+FLAGS = [
+    (["predict", "TMP/missing", "--images", "TMP", "--out", "TMP/out"], "--batch-size", 1, 0),
+    (["evaluate", "TMP/missing", "--out", "TMP/out"], "--batch-size", 1, 0),
+    (["data", "pack", "TMP", "--out", "TMP"], "--max-side", 1, 0),
+    (["data", "pack", "TMP", "--out", "TMP", "--max-side", "8"], "--quality", 1, 0),
+    (["data", "pack", "TMP", "--out", "TMP", "--max-side", "8"], "--quality", 100, 101),
+    (["import", "TMP/missing.pth", "--format", "mae", "--out", "TMP/run"], "--img-size", 1, 0),
+]
+
+
+@pytest.mark.parametrize("arguments, flag, limit, past", FLAGS,
+                         ids=[f"{args[0]} {flag} {past}" for args, flag, _, past in FLAGS])
+def test_each_flag_takes_its_limit_and_refuses_just_past_it(tmp_path, capsys, arguments, flag, limit, past):
+    arguments = [a.replace("TMP", str(tmp_path)) for a in arguments]
+    main([*arguments, flag, str(limit)])
+    assert flag not in capsys.readouterr().err
+    assert main([*arguments, flag, str(past)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {flag} must be") and "\n" not in err
