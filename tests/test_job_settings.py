@@ -144,3 +144,13 @@ def test_a_non_default_setting_changes_the_job(monkeypatch, tmp_path, mae_run, s
     if name not in _BASE_OUTCOMES:
         _BASE_OUTCOMES[name] = run(base)
     assert not same(_BASE_OUTCOMES[name], run(merge(base, nested(key, value))))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_jobs_of_the_same_configuration_give_the_same(monkeypatch, tmp_path, mae_run, scenes, kind):
+    """What the test above compares is deterministic: otherwise every setting would seem to reach the job."""
+    module, entry, read, configuration = KINDS[kind]
+    values = configuration(str(mae_run), str(scenes))
+    first, second = (outcome(job_of(monkeypatch, module, entry, read(values), tmp_path / name))
+                     for name in ("a", "b"))
+    assert same(first, second)

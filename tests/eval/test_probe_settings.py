@@ -6,8 +6,12 @@ The probes' numbers are accuracies, which a dropped setting often leaves unchang
 (the fifth fresh set's linear probe lr survived so); the arguments it reached do not.
 """
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
+from torch import nn
 
 import mimkit.eval.knn as knn
 import mimkit.eval.linprobe as linprobe
@@ -24,12 +28,18 @@ SPIED = {"linprobe": (linprobe, ("probe_data", "train_linear_probe"), ["--epochs
 
 
 def flat(value) -> list:
-    """The tensors and plain values in nested calls' arguments, in order."""
+    """The tensors and plain values in nested calls' arguments, in order: a module by its state, a dataclass
+    (the `mimkit.runs.Encoder`) by its fields, any other object (the metrics log, a callback) by its type."""
+    if isinstance(value, nn.Module):
+        return flat(value.state_dict())
+    if dataclasses.is_dataclass(value):
+        return flat({field.name: getattr(value, field.name) for field in dataclasses.fields(value)})
     if isinstance(value, dict):
         return [item for key in value for item in [key, *flat(value[key])]]
     if isinstance(value, (list, tuple)):
         return [item for v in value for item in flat(v)]
-    return [value]
+    plain = value is None or isinstance(value, (torch.Tensor, int, float, str, Path))
+    return [value if plain else type(value).__name__]
 
 
 def same(a: list, b: list) -> bool:
@@ -67,3 +77,10 @@ def spied_run(monkeypatch, tmp_path, run, command: str, *flags: str) -> list:
 def test_a_non_default_flag_reaches_the_probe(monkeypatch, tmp_path, mae_run, command, flag, value):
     default = spied_run(monkeypatch, tmp_path, mae_run, command)
     assert not same(default, spied_run(monkeypatch, tmp_path, mae_run, command, flag, value))
+
+
+@pytest.mark.parametrize("command", SPIED)
+def test_two_runs_with_the_same_flags_record_the_same(monkeypatch, tmp_path, mae_run, command):
+    """What the test above compares is deterministic: otherwise every flag would seem to reach the probe."""
+    first = spied_run(monkeypatch, tmp_path, mae_run, command)
+    assert same(first, spied_run(monkeypatch, tmp_path, mae_run, command))
