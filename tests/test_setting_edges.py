@@ -86,6 +86,7 @@ DATACLASS_SETTINGS = [
     (KnnConfig, "k", AT_LEAST_1), (KnnConfig, "temperature", POSITIVE),
     (CAEConfig, "mask_ratio", OPEN_UNIT), (CAEConfig, "align_weight", NON_NEGATIVE),
     (CAEConfig, "color_jitter", NON_NEGATIVE), (CAEConfig, "min_block", AT_LEAST_1),
+    (CAEConfig, "teacher_dim", AT_LEAST_1),
     (Data2VecConfig, "mask_ratio", OPEN_UNIT), (Data2VecConfig, "min_block", AT_LEAST_1),
     (Data2VecConfig, "top_k", AT_LEAST_1), (Data2VecConfig, "loss_beta", NON_NEGATIVE),
     (Data2VecConfig, "teacher_decay_start", UNIT), (Data2VecConfig, "teacher_decay_end", UNIT),

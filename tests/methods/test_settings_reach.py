@@ -19,7 +19,7 @@ DATA = {"source": "synthetic:64", "img_size": 32, "channels": 3, "mean": [0.5] *
 VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 MODEL = {  # 4-px patches (an 8x8 grid) unless the method's case needs 8-px ones (a 4x4 grid)
     "mae": {"kwargs": VIT | {"decoder_depth": 1, "decoder_embed_dim": 32, "decoder_num_heads": 2}},
-    "cae": {"kwargs": VIT | {"regressor_depth": 1, "decoder_depth": 1}},
+    "cae": {"kwargs": VIT | {"regressor_depth": 1}},  # CAE v2 takes no decoder_depth
     "maskfeat": {"patch_size": 8},
     "maskdistill": {"patch_size": 8},
     "dvae": {"kwargs": {}},  # its size is its own settings'
@@ -49,6 +49,8 @@ CASES = [
     *[("cae", {"tokenizer": "DVAE"}, name, value) for name, value in
       (("mask_ratio", 0.3), ("min_block", 12), ("crop_scale", CROP), ("color_jitter", 0.4),
        ("align_weight", 0.5))],
+    *[("cae", {"target": "teacher", "teacher": "MAE", "align_weight": 0.0}, name, value) for name, value in
+      (("mask_ratio", 0.3), ("min_block", 12), ("crop_scale", CROP), ("color_jitter", 0.4))],  # CAE v2
     *[("maskdistill", {"teacher": "MAE"}, name, value) for name, value in
       (("loss", "cosine"), ("smooth_l1_beta", 0.1), ("target_norm", False), ("mask_ratio", 0.6),
        ("min_block", 4), ("crop_scale", CROP), ("color_jitter", 0.0))],
