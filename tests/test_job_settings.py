@@ -21,7 +21,7 @@ import mimkit.pretrain as pretrain
 from mimkit.config import from_dict, merge
 from mimkit.eval.config import FinetuneConfig, SegmentConfig
 from mimkit.registry import read_config
-from tests.conftest import TINY_MAE_KWARGS
+from tests.conftest import TINY_MAE_KWARGS, same_outcomes
 from tests.eval.test_segment import write_layout
 
 DATA = {"source": "synthetic:64", "num_workers": 0}  # 32 px, 3 channels, 10 classes
@@ -113,14 +113,6 @@ def outcome(job) -> list:
     return [*described, *batch.values(), loss.detach(), *job.model.state_dict().values()]
 
 
-def same(a: list, b: list) -> bool:
-    def equal(x, y):
-        if isinstance(x, torch.Tensor):
-            return isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
-        return x == y
-    return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))
-
-
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     return write_layout(tmp_path_factory.mktemp("scenes"), "generic")
@@ -143,7 +135,7 @@ def test_a_non_default_setting_changes_the_job(monkeypatch, tmp_path, mae_run, s
     name = f"{kind} {base}"
     if name not in _BASE_OUTCOMES:
         _BASE_OUTCOMES[name] = run(base)
-    assert not same(_BASE_OUTCOMES[name], run(merge(base, nested(key, value))))
+    assert not same_outcomes(_BASE_OUTCOMES[name], run(merge(base, nested(key, value))))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -153,4 +145,4 @@ def test_two_jobs_of_the_same_configuration_give_the_same(monkeypatch, tmp_path,
     values = configuration(str(mae_run), str(scenes))
     first, second = (outcome(job_of(monkeypatch, module, entry, read(values), tmp_path / name))
                      for name in ("a", "b"))
-    assert same(first, second)
+    assert same_outcomes(first, second)

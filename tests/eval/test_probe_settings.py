@@ -16,6 +16,7 @@ from torch import nn
 import mimkit.eval.knn as knn
 import mimkit.eval.linprobe as linprobe
 from mimkit.cli import main
+from tests.conftest import same_outcomes
 
 COMMON = [("--init", "random"), ("--pool", "avg"), ("--label-fraction", "0.5"), ("--val-fraction", "0.25"),
           ("--seed", "1"), ("--features-cache", "OTHER"), ("--num-workers", "1"), ("--layer", "1")]
@@ -40,14 +41,6 @@ def flat(value) -> list:
         return [item for v in value for item in flat(v)]
     plain = value is None or isinstance(value, (torch.Tensor, int, float, str, Path))
     return [value if plain else type(value).__name__]
-
-
-def same(a: list, b: list) -> bool:
-    def equal(x, y):
-        if isinstance(x, torch.Tensor):
-            return isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
-        return x == y
-    return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def spied_run(monkeypatch, tmp_path, run, command: str, *flags: str) -> list:
@@ -76,11 +69,11 @@ def spied_run(monkeypatch, tmp_path, run, command: str, *flags: str) -> list:
 @pytest.mark.parametrize("command, flag, value", CASES, ids=[f"{c} {f}" for c, f, _ in CASES])
 def test_a_non_default_flag_reaches_the_probe(monkeypatch, tmp_path, mae_run, command, flag, value):
     default = spied_run(monkeypatch, tmp_path, mae_run, command)
-    assert not same(default, spied_run(monkeypatch, tmp_path, mae_run, command, flag, value))
+    assert not same_outcomes(default, spied_run(monkeypatch, tmp_path, mae_run, command, flag, value))
 
 
 @pytest.mark.parametrize("command", SPIED)
 def test_two_runs_with_the_same_flags_record_the_same(monkeypatch, tmp_path, mae_run, command):
     """What the test above compares is deterministic: otherwise every flag would seem to reach the probe."""
     first = spied_run(monkeypatch, tmp_path, mae_run, command)
-    assert same(first, spied_run(monkeypatch, tmp_path, mae_run, command))
+    assert same_outcomes(first, spied_run(monkeypatch, tmp_path, mae_run, command))

@@ -14,6 +14,7 @@ import torch
 
 from mimkit.registry import method_of, read_config
 from mimkit.tokenizers.dvae import dvae_for, save_dvae
+from tests.conftest import same_outcomes
 
 DATA = {"source": "synthetic:64", "img_size": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3}
 VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -87,11 +88,6 @@ def run_once(method: str, settings: dict) -> list[torch.Tensor]:
     return [*batch.values(), loss.detach(), *map(torch.tensor, scheduled.values()), *state]
 
 
-def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y)
-                                    for x, y in zip(a, b, strict=True))
-
-
 def located(settings: dict, dvae_file, mae_run) -> dict:
     """``settings`` with DVAE and MAE (a tokenizer, a teacher) replaced by the fixtures' paths."""
     files = {"DVAE": str(dvae_file), "MAE": str(mae_run)}
@@ -110,11 +106,11 @@ def test_a_non_default_setting_changes_what_a_training_step_gives(method, base, 
                                                                    mae_run):
     base = located(base, dvae_file, mae_run)
     assert value != getattr(method_of(method).settings(), name)
-    assert not same(run_once(method, base), run_once(method, base | {name: value}))
+    assert not same_outcomes(run_once(method, base), run_once(method, base | {name: value}))
 
 
 @pytest.mark.parametrize("method", sorted({method for method, *_ in CASES}))
 def test_two_runs_with_the_same_settings_give_the_same(method, dvae_file, mae_run):
     """What the test above compares is deterministic: otherwise every setting would seem to reach."""
     base = located(next(base for m, base, *_ in CASES if m == method), dvae_file, mae_run)
-    assert same(run_once(method, base), run_once(method, base))
+    assert same_outcomes(run_once(method, base), run_once(method, base))
