@@ -521,6 +521,17 @@ PLANTED = [
         "src/mimkit/data/crop_decode.py", "if decode_region is not None and data.endswith(_END_OF_IMAGE):",
         "if decode_region is not None:",
         ("tests/data/test_jpeg_region.py::test_crop_decoding_takes_the_region_path_for_a_whole_jpeg_only",)),
+    # fresh set 7 (2026-12-06): each survivor of the seventh fresh set, and the test written against it
+    Bug("fresh set 7: the kinds listed before the built-in ones are loaded", "src/mimkit/kinds.py",
+        "    _load_builtin()\n    return dict(_KINDS)", "    return dict(_KINDS)",
+        ("tests/test_kinds.py::test_a_fresh_process_lists_every_built_in_kind",)),
+    Bug("fresh set 7: the lock file keeps the digits of a longer earlier PID", "src/mimkit/runs.py",
+        "        os.ftruncate(fd, 0)\n        os.pwrite(", "        os.pwrite(",
+        ("tests/test_runs.py::test_the_lock_holds_this_process_pid_alone",)),
+    Bug("fresh set 7: a checkpoint file's run is always its folder's parent", "src/mimkit/runs.py",
+        'run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent',
+        "run_dir = path.parent.parent",
+        ("tests/test_runs.py::test_a_weights_file_beside_the_config_belongs_to_that_run",)),
     # the sweep (2026-12-06): every validated setting at its edges, every setting traced to its effect
     Bug("sweep: BEiT's crop scale is not checked", "src/mimkit/methods/beit.py",
         "        check_crop_scale(self.SECTION, self.crop_scale)\n", "",

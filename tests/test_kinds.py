@@ -4,6 +4,8 @@ and runs saved before ``config.yaml`` said its kind are still recognised."""
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,3 +154,11 @@ def test_a_run_of_another_kind_or_encoder_is_never_resumed(mae_run, tmp_path, ca
     assert main(["finetune", str(mae_run), "--out", str(ft), *argv]) == 0
     assert main(["finetune", str(other), "--out", str(ft), *argv, "--force-config"]) == 2
     assert f"holds another run (a finetune run of {mae_run})" in capsys.readouterr().err
+
+
+def test_a_fresh_process_lists_every_built_in_kind():
+    """``registered_kinds`` loads the built-in kinds itself: a process that has imported none of their
+    modules (``mimkit kinds`` at start-up) still lists all of them."""
+    code = "from mimkit.kinds import registered_kinds; print(' '.join(registered_kinds()))"
+    listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert listed.stdout.split() == ["pretraining", "tokenizer", "finetune", "segment", "linprobe", "knn"]
