@@ -532,6 +532,12 @@ PLANTED = [
         'run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent',
         "run_dir = path.parent.parent",
         ("tests/test_runs.py::test_a_weights_file_beside_the_config_belongs_to_that_run",)),
+    Bug("fresh set 7: a random encoder ignores its seed", "src/mimkit/runs.py",
+        "return Encoder(random_encoder(spec, seed), spec,", "return Encoder(random_encoder(spec), spec,",
+        ("tests/test_runs.py::test_a_random_encoder_follows_its_seed",)),
+    Bug("fresh set 7: a resumed epoch's length counts the batches already done", "src/mimkit/data/loader.py",
+        "return self.batches_per_epoch - self.start", "return self.batches_per_epoch",
+        ("tests/train/test_loop.py::test_a_resumed_epoch_counts_only_the_batches_left",)),
     # the sweep (2026-12-06): every validated setting at its edges, every setting traced to its effect
     Bug("sweep: BEiT's crop scale is not checked", "src/mimkit/methods/beit.py",
         "        check_crop_scale(self.SECTION, self.crop_scale)\n", "",

@@ -7,7 +7,7 @@ import time
 import torch
 
 from mimkit.cli import main
-from mimkit.runs import LOCK, best_weights, hold_run_dir, split_weights_path
+from mimkit.runs import LOCK, best_weights, hold_run_dir, load_encoder, split_weights_path
 from mimkit.train.checkpoint_files import Checkpoints
 
 
@@ -72,3 +72,10 @@ def test_a_weights_file_beside_the_config_belongs_to_that_run(tmp_path):
     for path in (tmp_path / "chosen.safetensors", tmp_path / "checkpoints" / "step-1.safetensors"):
         path.write_bytes(b"")
         assert split_weights_path(path) == (tmp_path, path)
+
+
+def test_a_random_encoder_follows_its_seed(mae_run):
+    """``--init random`` draws the encoder from ``--seed``: two seeds give two encoders, one seed the same."""
+    def weights(seed):
+        return load_encoder(mae_run, "random", seed=seed).model.state_dict()["patch_embed.proj.weight"]
+    assert torch.equal(weights(1), weights(1)) and not torch.equal(weights(0), weights(1))
