@@ -524,7 +524,7 @@ PLANTED = [
     # fresh set 7 (2026-12-06): each survivor of the seventh fresh set, and the test written against it
     Bug("fresh set 7: the kinds listed before the built-in ones are loaded", "src/mimkit/kinds.py",
         "    _load_builtin()\n    return dict(_KINDS)", "    return dict(_KINDS)",
-        ("tests/test_kinds.py::test_a_fresh_process_lists_every_built_in_kind",)),
+        ("tests/test_kinds.py::test_listing_the_kinds_loads_the_built_in_ones",)),
     Bug("fresh set 7: the lock file keeps the digits of a longer earlier PID", "src/mimkit/runs.py",
         "        os.ftruncate(fd, 0)\n        os.pwrite(", "        os.pwrite(",
         ("tests/test_runs.py::test_the_lock_holds_this_process_pid_alone",)),
@@ -538,6 +538,10 @@ PLANTED = [
     Bug("fresh set 7: a resumed epoch's length counts the batches already done", "src/mimkit/data/loader.py",
         "return self.batches_per_epoch - self.start", "return self.batches_per_epoch",
         ("tests/train/test_loop.py::test_a_resumed_epoch_counts_only_the_batches_left",)),
+    Bug("fresh set 7: a worker's error reported by the first message, not its own",
+        "src/mimkit/data/loader.py",
+        "raise MimkitError(found[-1]) from None", "raise MimkitError(found[0]) from None",
+        ("tests/test_reliability_data.py::test_a_workers_error_ends_the_run_with_its_own_last_line",)),
     # the sweep (2026-12-06): every validated setting at its edges, every setting traced to its effect
     Bug("sweep: BEiT's crop scale is not checked", "src/mimkit/methods/beit.py",
         "        check_crop_scale(self.SECTION, self.crop_scale)\n", "",
