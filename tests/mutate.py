@@ -542,6 +542,9 @@ PLANTED = [
         "src/mimkit/data/loader.py",
         "raise MimkitError(found[-1]) from None", "raise MimkitError(found[0]) from None",
         ("tests/test_reliability_data.py::test_a_workers_error_ends_the_run_with_its_own_last_line",)),
+    Bug("fresh set 7: LARS's trust ratio applied to biases and norms", "src/mimkit/eval/lars.py",
+        "if p.ndim > 1:", "if p.ndim >= 1:",
+        ("tests/eval/test_probes.py::test_lars_steps_a_bias_by_plain_sgd_and_scales_a_matrix_by_its_trust_ratio",)),
     # the sweep (2026-12-06): every validated setting at its edges, every setting traced to its effect
     Bug("sweep: BEiT's crop scale is not checked", "src/mimkit/methods/beit.py",
         "        check_crop_scale(self.SECTION, self.crop_scale)\n", "",
