@@ -545,6 +545,13 @@ PLANTED = [
     Bug("fresh set 7: LARS's trust ratio applied to biases and norms", "src/mimkit/eval/lars.py",
         "if p.ndim > 1:", "if p.ndim >= 1:",
         ("tests/eval/test_probes.py::test_lars_steps_a_bias_by_plain_sgd_and_scales_a_matrix_by_its_trust_ratio",)),
+    Bug("fresh set 7: the timm export's input_size written channels last", "src/mimkit/interop/export.py",
+        '"input_size": [data.channels, data.img_size, data.img_size]',
+        '"input_size": [data.img_size, data.img_size, data.channels]',
+        ("tests/interop/test_mae.py::test_timm_reads_the_exports_input_size_channels_first",)),
+    Bug("fresh set 7: --set splits key=value at the last '='", "src/mimkit/config.py",
+        'key, sep, raw = pair.partition("=")', 'key, sep, raw = pair.rpartition("=")',
+        ("tests/test_config.py::test_an_override_value_may_hold_an_equals_sign",)),
     # the sweep (2026-12-06): every validated setting at its edges, every setting traced to its effect
     Bug("sweep: BEiT's crop scale is not checked", "src/mimkit/methods/beit.py",
         "        check_crop_scale(self.SECTION, self.crop_scale)\n", "",

@@ -237,3 +237,10 @@ def test_learned_table_is_resized_bicubically(tmp_path):
     model, _ = load_run(tmp_path / "run")
     torch.testing.assert_close(model.encoder.pos_embed, resample_abs_pos_embed(vit.pos_embed, [6, 6]))
     assert model.encoder(torch.randn(1, 3, 48, 48)).isfinite().all()
+
+
+def test_timm_reads_the_exports_input_size_channels_first(mae_run, tmp_path):
+    """timm's data config takes ``input_size`` as (C, H, W): the size its transforms resize and crop to."""
+    export_run(mae_run[0], "timm", tmp_path / "timm")
+    local = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
+    assert timm.data.resolve_data_config({}, model=local)["input_size"] == (3, 32, 32)
