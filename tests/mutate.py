@@ -548,7 +548,7 @@ PLANTED = [
     Bug("fresh set 7: the timm export's input_size written channels last", "src/mimkit/interop/export.py",
         '"input_size": [data.channels, data.img_size, data.img_size]',
         '"input_size": [data.img_size, data.img_size, data.channels]',
-        ("tests/interop/test_mae.py::test_timm_reads_the_exports_input_size_channels_first",)),
+        ("tests/interop/test_mae.py::test_the_timm_exports_input_size_is_channels_first",)),
     Bug("fresh set 7: --set splits key=value at the last '='", "src/mimkit/config.py",
         'key, sep, raw = pair.partition("=")', 'key, sep, raw = pair.rpartition("=")',
         ("tests/test_config.py::test_an_override_value_may_hold_an_equals_sign",)),

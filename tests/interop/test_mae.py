@@ -239,8 +239,9 @@ def test_learned_table_is_resized_bicubically(tmp_path):
     assert model.encoder(torch.randn(1, 3, 48, 48)).isfinite().all()
 
 
-def test_timm_reads_the_exports_input_size_channels_first(mae_run, tmp_path):
-    """timm's data config takes ``input_size`` as (C, H, W): the size its transforms resize and crop to."""
+def test_the_timm_exports_input_size_is_channels_first(mae_run, tmp_path):
+    """``pretrained_cfg.input_size`` of the exported ``config.json`` is (C, H, W), timm's order (timm itself
+    takes the size from the model's arguments on loading; the hub and other readers take it from here)."""
     export_run(mae_run[0], "timm", tmp_path / "timm")
-    local = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
-    assert timm.data.resolve_data_config({}, model=local)["input_size"] == (3, 32, 32)
+    cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
+    assert cfg["pretrained_cfg"]["input_size"] == [3, 32, 32]
