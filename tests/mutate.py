@@ -552,6 +552,9 @@ PLANTED = [
     Bug("fresh set 7: --set splits key=value at the last '='", "src/mimkit/config.py",
         'key, sep, raw = pair.partition("=")', 'key, sep, raw = pair.rpartition("=")',
         ("tests/test_config.py::test_an_override_value_may_hold_an_equals_sign",)),
+    Bug("fresh set 7: the held-out part in class order, not the source's", "src/mimkit/data/splits.py",
+        "for indices in (train, sorted(val)):", "for indices in (train, val):",
+        ("tests/data/test_sources.py::test_both_parts_keep_the_sources_order",)),
     # the sweep (2026-12-06): every validated setting at its edges, every setting traced to its effect
     Bug("sweep: BEiT's crop scale is not checked", "src/mimkit/methods/beit.py",
         "        check_crop_scale(self.SECTION, self.crop_scale)\n", "",
