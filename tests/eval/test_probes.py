@@ -145,3 +145,11 @@ def test_lars_steps_a_bias_by_plain_sgd_and_scales_a_matrix_by_its_trust_ratio()
     d = torch.ones(2, 2) + 0.5 * 2.0  # g + wd w: 2 everywhere
     torch.testing.assert_close(weight.detach(), 2.0 - 0.5 * 0.1 * 4.0 / d.norm() * d)  # |w| = 4
     torch.testing.assert_close(bias.detach(), torch.full((2,), 2.0 - 0.5))
+
+
+def test_knn_scores_the_same_in_chunks_of_queries():
+    """Queries scored a chunk at a time (bounded memory) get the votes they get all at once."""
+    train, labels, queries = torch.randn(12, 4), torch.arange(12) % 3, torch.randn(5, 4)
+    whole = knn_scores(train, labels, queries, 3, k=4)
+    assert whole.shape == (5, 3)
+    torch.testing.assert_close(knn_scores(train, labels, queries, 3, k=4, chunk=2), whole)
