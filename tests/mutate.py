@@ -556,7 +556,8 @@ PLANTED = [
         "for indices in (train, sorted(val)):", "for indices in (train, val):",
         ("tests/data/test_sources.py::test_both_parts_keep_the_sources_order",)),
     Bug("fresh set 7: k-NN's queries after the first chunk sliced from its start", "src/mimkit/eval/knn.py",
-        "query = F.normalize(query_features[start:start + chunk]", "query = F.normalize(query_features[start:chunk]",
+        "query = F.normalize(query_features[start:start + chunk]",
+        "query = F.normalize(query_features[start:chunk]",
         ("tests/eval/test_probes.py::test_knn_scores_the_same_in_chunks_of_queries",)),
     # the sweep (2026-12-06): every validated setting at its edges, every setting traced to its effect
     Bug("sweep: BEiT's crop scale is not checked", "src/mimkit/methods/beit.py",
