@@ -56,6 +56,16 @@ def perturb(module: torch.nn.Module, keep: tuple[str, ...] = ()) -> torch.nn.Mod
     return module.eval()
 
 
+def same_outcomes(a: list, b: list) -> bool:
+    """Whether two lists of tensors and plain values are equal item by item (tensors in shape and value):
+    the tests that trace a setting to its effect compare a run's outcomes with it."""
+    def equal(x, y):
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
+        return x == y
+    return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``mimkit ARGS`` as a DDP job of 2 gloo processes (``torchrun --standalone``, a free port), one thread
     each. A failed job fails the test with what both processes printed (``check=True`` would show only the

@@ -124,3 +124,8 @@ def test_model_kwargs_given_to_the_dvae_are_refused_naming_its_own_settings():
     message = r"^config 'model.kwargs.depth' does not apply to the dVAE: .*dvae.hidden"
     with pytest.raises(MimkitError, match=message):
         method_of("dvae").build_model(config)
+
+
+def test_an_override_value_may_hold_an_equals_sign():
+    """``--set KEY=VALUE`` splits at the first ``=``: a path or a timm spec may hold more."""
+    assert parse_overrides(["data.source=runs/a=b", "x==1"]) == {"data": {"source": "runs/a=b"}, "x": "=1"}

@@ -14,13 +14,14 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
+import mimkit.kinds as kinds
 from mimkit.cli import main
 from mimkit.config import DataConfig, OptimConfig, TrainConfig
 from mimkit.data.loader import SeededViews
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.eval.scores import write_results
-from mimkit.kinds import Kind, kind_of, register_kind
+from mimkit.kinds import Kind, kind_of, register_kind, registered_kinds
 from mimkit.runner import Job, open_run, run_job
 from mimkit.runs import config_path, kind_name, load_encoder, read_run
 from mimkit.train.checkpoint_files import Checkpoints
@@ -152,3 +153,14 @@ def test_a_run_of_another_kind_or_encoder_is_never_resumed(mae_run, tmp_path, ca
     assert main(["finetune", str(mae_run), "--out", str(ft), *argv]) == 0
     assert main(["finetune", str(other), "--out", str(ft), *argv, "--force-config"]) == 2
     assert f"holds another run (a finetune run of {mae_run})" in capsys.readouterr().err
+
+
+
+def test_listing_the_kinds_loads_the_built_in_ones(monkeypatch):
+    """``registered_kinds`` imports the built-in kinds' modules itself: a process that has imported none of
+    them (``mimkit kinds`` at start-up) still lists all of them."""
+    imported = []
+    monkeypatch.setattr(kinds, "_KINDS", {})
+    monkeypatch.setattr(kinds.importlib, "import_module", imported.append)
+    registered_kinds()
+    assert imported == list(kinds.BUILTIN_KINDS)

@@ -159,3 +159,22 @@ def test_checked_block_count_leaves_the_global_rng_alone():
     before = torch.get_rng_state()
     checked_block_count("data2vec", 8, 0.4, None)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("grid_h, grid_w", [(2, 4), (4, 2)])
+def test_a_block_may_span_the_whole_grid_side(grid_h, grid_w):
+    """The only block of 4 within the default aspect range on a 2-patch-wide grid is 2x2, as tall (or as
+    wide) as the grid: it is placed as a block, not left to the single-patch fill of a stalled draw."""
+    mask, blocks = sample_blocks(grid_h, grid_w, 4, min_block=4, generator=torch.Generator().manual_seed(0))
+    assert len(blocks) == 1 and blocks[0][2:] == (2, 2)
+    top, left, h, w = blocks[0]
+    assert mask[top:top + h, left:left + w].all() and mask.sum() == 4
+
+
+def test_blocks_reach_every_edge_of_the_grid():
+    """A block's top-left corner is drawn over every place it fits: some of 200 drawn blocks touch the last
+    row and the last column, as some touch the first."""
+    blocks = [block for seed in range(200) for block in
+              sample_blocks(6, 6, 6, min_block=4, generator=torch.Generator().manual_seed(seed))[1]]
+    assert min(top for top, *_ in blocks) == 0 and min(left for _, left, *_ in blocks) == 0
+    assert max(top + h for top, _, h, _ in blocks) == 6 and max(left + w for _, left, _, w in blocks) == 6

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from torch import nn
 
 from mimkit.cli import main
 from mimkit.data.filelist import FileList, save_file_list
+from mimkit.data.loader import workers_end_with_errors
 from mimkit.data.shards import INDEX_NAME
 from mimkit.data.sources import build_source
 from mimkit.data.synthetic import SyntheticSource
@@ -573,3 +575,16 @@ def test_a_full_disk_while_exporting_is_one_line(run_with_checkpoints, tmp_path,
     out = tmp_path / "exported"
     assert main(["export", str(run_with_checkpoints), "--to", "timm", "--out", str(out)]) == 2
     one_line_error(capsys, str(out), "the disk is full")
+
+
+def test_a_workers_error_ends_the_run_with_its_own_last_line():
+    """A DataLoader re-raises a worker's error with the worker's traceback as its message; an error raised
+    while handling another (a stand-in image that fails too) shows both, the one that ended the worker
+    last. That one is the run's one-line message."""
+    traceback = ("Caught MimkitError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                 "last):\nmimkit.errors.MimkitError: cannot read 'a.jpg'\n\nDuring handling of the above "
+                 "exception, another exception occurred:\n\nmimkit.errors.MimkitError: 101 bad images, "
+                 "more than data.max_bad_images=100\n")
+    with pytest.raises(MimkitError) as err, workers_end_with_errors(SimpleNamespace(_iterator=None)):
+        raise MimkitError(traceback)
+    assert str(err.value) == "101 bad images, more than data.max_bad_images=100"

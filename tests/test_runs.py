@@ -7,7 +7,7 @@ import time
 import torch
 
 from mimkit.cli import main
-from mimkit.runs import best_weights, hold_run_dir
+from mimkit.runs import LOCK, best_weights, hold_run_dir, load_encoder, split_weights_path
 from mimkit.train.checkpoint_files import Checkpoints
 
 
@@ -52,3 +52,30 @@ def test_a_run_refused_before_writing_anything_leaves_no_folder(tmp_path, capsys
     empty.mkdir()
     assert main([*refused, str(empty)]) == 2
     assert empty.is_dir() and not any(empty.iterdir())  # the user's empty folder stays, empty
+
+
+def test_the_lock_holds_this_process_pid_alone(tmp_path):
+    """A lock file left by a process with a longer PID is rewritten whole: the message naming the holder of
+    a busy run reads this PID, not its digits over the old one's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK).write_text("123456789\n")
+    with hold_run_dir(run):
+        assert (run / LOCK).read_text() == f"{os.getpid()}\n"
+
+
+def test_a_weights_file_beside_the_config_belongs_to_that_run(tmp_path):
+    """A checkpoint inside ``checkpoints/`` belongs to the folder above; one beside ``config.yaml`` (copied
+    there, or an imported file) to the folder it is in."""
+    (tmp_path / "config.yaml").write_text("method: mae\n")
+    (tmp_path / "checkpoints").mkdir()
+    for path in (tmp_path / "chosen.safetensors", tmp_path / "checkpoints" / "step-1.safetensors"):
+        path.write_bytes(b"")
+        assert split_weights_path(path) == (tmp_path, path)
+
+
+def test_a_random_encoder_follows_its_seed(mae_run):
+    """``--init random`` draws the encoder from ``--seed``: two seeds give two encoders, one seed the same."""
+    def weights(seed):
+        return load_encoder(mae_run, "random", seed=seed).model.state_dict()["patch_embed.proj.weight"]
+    assert torch.equal(weights(1), weights(1)) and not torch.equal(weights(0), weights(1))

@@ -293,6 +293,13 @@ def test_split_train_val_stratified():
         split_train_val(source, 1.0)
 
 
+def test_both_parts_keep_the_sources_order():
+    """Each part lists its images in the source's order, not class by class: what reads the held-out part
+    in order (an evaluation's first images, a feature cache) sees the same images whatever the classes."""
+    train, val = split_train_val(SyntheticSource(n=100, num_classes=4), 0.2, seed=1)
+    assert train.indices == sorted(train.indices) and val.indices == sorted(val.indices)
+
+
 def test_split_train_val_unlabeled(tmp_path):
     for i in range(10):
         save(tmp_path / f"{i}.png", "L")

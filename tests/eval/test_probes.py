@@ -7,6 +7,7 @@ from mimkit.data.synthetic import SyntheticSource
 from mimkit.data.transforms import eval_view
 from mimkit.eval.features import cached_features
 from mimkit.eval.knn import knn_accuracy, knn_scores
+from mimkit.eval.lars import LARS
 from mimkit.eval.linprobe import LinearProbe, probe_accuracy, train_linear_probe
 from mimkit.eval.scores import topk_correct
 from mimkit.models.classifier import pooled_features
@@ -133,3 +134,22 @@ def test_feature_cache_is_per_weights(tmp_path):
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, expected)
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_lars_steps_a_bias_by_plain_sgd_and_scales_a_matrix_by_its_trust_ratio():
+    """LARS scales a weight matrix's step to the matrix's norm (eta |w| / |g + wd w|) and leaves a bias (any
+    1-d parameter) a plain SGD step, without weight decay: MAE's linear probe."""
+    weight, bias = torch.nn.Parameter(torch.full((2, 2), 2.0)), torch.nn.Parameter(torch.full((2,), 2.0))
+    weight.grad, bias.grad = torch.ones(2, 2), torch.ones(2)
+    LARS([weight, bias], lr=0.5, weight_decay=0.5, trust_coefficient=0.1).step()
+    d = torch.ones(2, 2) + 0.5 * 2.0  # g + wd w: 2 everywhere
+    torch.testing.assert_close(weight.detach(), 2.0 - 0.5 * 0.1 * 4.0 / d.norm() * d)  # |w| = 4
+    torch.testing.assert_close(bias.detach(), torch.full((2,), 2.0 - 0.5))
+
+
+def test_knn_scores_the_same_in_chunks_of_queries():
+    """Queries scored a chunk at a time (bounded memory) get the votes they get all at once."""
+    train, labels, queries = torch.randn(12, 4), torch.arange(12) % 3, torch.randn(5, 4)
+    whole = knn_scores(train, labels, queries, 3, k=4)
+    assert whole.shape == (5, 3)
+    torch.testing.assert_close(knn_scores(train, labels, queries, 3, k=4, chunk=2), whole)

@@ -237,3 +237,11 @@ def test_learned_table_is_resized_bicubically(tmp_path):
     model, _ = load_run(tmp_path / "run")
     torch.testing.assert_close(model.encoder.pos_embed, resample_abs_pos_embed(vit.pos_embed, [6, 6]))
     assert model.encoder(torch.randn(1, 3, 48, 48)).isfinite().all()
+
+
+def test_the_timm_exports_input_size_is_channels_first(mae_run, tmp_path):
+    """``pretrained_cfg.input_size`` of the exported ``config.json`` is (C, H, W), timm's order (timm itself
+    takes the size from the model's arguments on loading; the hub and other readers take it from here)."""
+    export_run(mae_run[0], "timm", tmp_path / "timm")
+    cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
+    assert cfg["pretrained_cfg"]["input_size"] == [3, 32, 32]

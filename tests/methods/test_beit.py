@@ -126,10 +126,10 @@ def test_a_save_dvae_file_is_a_tokenizer_too(tmp_path):
     (["--tokenizer", "DVAE", "--set", "model.patch_size=8"], "8x8 codes from 32 px views, but the patch grid "
                                                              "is 4x4"),
     (["--tokenizer", "DVAE", "--set", "data.channels=1"], "takes 3-channel images, the data has 1"),
-    (["--tokenizer", "DVAE", "--set", "beit.mask_ratio=0.0"], "beit.mask_ratio=0.0 masks 0 of the 64"),
+    (["--tokenizer", "DVAE", "--set", "beit.mask_ratio=0.001"], "beit.mask_ratio=0.001 masks 0 of the 64"),
     (["--tokenizer", "DVAE", "--set", "model.kwargs.vocab_size=99"], "differs from the tokenizer's 32 codes"),
     (["--tokenizer", "DVAE", "--set", "beit.min_block=50"], "beit.min_block=50 is more than the 26 patches"),
-    (["--tokenizer", "DVAE", "--set", "beit.min_block=0"], "min_block=0"),
+    (["--tokenizer", "DVAE", "--set", "beit.min_block=0"], "'beit.min_block' must be at least 1"),
 ])
 def test_bad_beit_input_is_one_line_error(dvae_run, tmp_path, capsys, extra, message):
     extra = [str(dvae_run) if e == "DVAE" else e for e in extra]

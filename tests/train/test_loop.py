@@ -203,3 +203,11 @@ def test_too_little_data_for_one_batch_is_a_clear_error(tmp_path):
         train(model, regression_loss, SeededViews(Points(4), noisy_view), build_adamw(param_groups(model, 0)),
               Schedule(2, [0.1, 0.1]), CPU, LoopOptions(batch_size=8),
               **run_records(tmp_path))
+
+
+def test_a_resumed_epoch_counts_only_the_batches_left():
+    """After ``set_position(epoch, 3)`` an epoch of 5 batches has 2 left, as its length says (the
+    DataLoader's length, and a progress bar's total, come from it)."""
+    batches = EpochBatches(num_samples=10, batch_size=2, seed=0)
+    batches.set_position(1, 3)
+    assert len(batches) == 2 == len(list(batches))

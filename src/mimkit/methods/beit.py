@@ -10,12 +10,20 @@ mode, and its vocabulary size and view size are written into the run's configura
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 import mimkit.interop.beit as layouts
-from mimkit.config import PretrainConfig, check_model_kwargs
+from mimkit.config import (
+    PretrainConfig,
+    at_least,
+    check_crop_scale,
+    check_model_kwargs,
+    check_range,
+    config_key,
+)
 from mimkit.data.transforms import BEiTView
 from mimkit.errors import MimkitError
 from mimkit.interop.foreign import HALF
@@ -38,6 +46,14 @@ class BEiTConfig:
     min_block: int | None = None  # smallest block in patches; None: 16 at 14x14, scaled by grid area
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop, shared by both views
     color_jitter: float = 0.4  # brightness, contrast and saturation jitter; 0 turns it off
+    SECTION: ClassVar[str] = "beit"  # how messages name the section (the subclasses' own)
+
+    def __post_init__(self):
+        ratio = config_key(self.SECTION, "mask_ratio")
+        check_range(ratio, self.mask_ratio, 0, 1, low_open=True, high_open=True)
+        at_least(1, self.SECTION, min_block=self.min_block, tokenizer_size=self.tokenizer_size)
+        at_least(0, self.SECTION, color_jitter=self.color_jitter)
+        check_crop_scale(self.SECTION, self.crop_scale)
 
 
 def resolve_config(config: PretrainConfig) -> PretrainConfig:

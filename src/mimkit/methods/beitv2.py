@@ -10,6 +10,7 @@ and export never see it; ``model.kwargs.agg_layer`` / ``agg_depth`` choose its i
 """
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
@@ -30,6 +31,7 @@ class BEiTv2Config(BEiTConfig):
 
     tokenizer: str | None = None  # a VQ-KD run directory (`mimkit tokenizer train vqkd`)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # BEiT v2's min_crop_scale
+    SECTION: ClassVar[str] = "beitv2"
 
 
 def resolve_config(config: PretrainConfig) -> PretrainConfig:

@@ -22,6 +22,7 @@ run rebuilds without it; the picture is MaskDistill's per-patch cosine map.
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,12 +55,11 @@ class CAEConfig(BEiTConfig):
     target: str = "tokens"  # tokens: the dVAE's ids (CAE); teacher: the teacher's features (CAE v2)
     teacher: str | None = None  # CAE v2's: a mimkit run or checkpoint, timm:NAME:FILE, or hf:DIR (CLIP)
     teacher_dim: int | None = None  # None: the teacher's feature width, filled in when the run starts
+    SECTION: ClassVar[str] = "cae"
 
     def __post_init__(self):
-        check_range("config 'cae.mask_ratio'", self.mask_ratio, 0, 1, low_open=True, high_open=True)
+        super().__post_init__()
         check_range("config 'cae.align_weight'", self.align_weight, 0)
-        check_range("config 'cae.color_jitter'", self.color_jitter, 0)
-        check_range("config 'cae.min_block'", self.min_block, 1)
         check_range("config 'cae.teacher_dim'", self.teacher_dim, 1)
         if self.target not in TARGETS:
             raise MimkitError(f"config 'cae.target' must be one of {', '.join(TARGETS)}, got {self.target!r}")

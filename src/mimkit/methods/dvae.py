@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from mimkit.config import PretrainConfig
+from mimkit.config import PretrainConfig, at_least, check_crop_scale, check_range, config_key
 from mimkit.data.transforms import crop_view
 from mimkit.errors import MimkitError
 from mimkit.registry import Images, LossFn, Method, View, register
@@ -43,6 +43,16 @@ class DVAEConfig:
     kl_weight: float = 0.05  # weight of KL(q || uniform), reached after kl_warmup
     kl_warmup: float = 0.1  # share of the run over which the KL weight rises from 0 (cosine)
     crop_scale: tuple[float, float] = (0.08, 1.0)
+
+    def __post_init__(self):
+        at_least(1, "dvae", vocab_size=self.vocab_size, hidden=self.hidden,
+                 tokenizer_size=self.tokenizer_size)
+        at_least(0, "dvae", num_res=self.num_res, kl_weight=self.kl_weight)
+        for name in ("temperature_anneal", "kl_warmup"):  # shares of the run
+            check_range(config_key("dvae", name), getattr(self, name), 0, 1)
+        for end in self.temperature:
+            check_range(config_key("dvae", "temperature"), end, 0, low_open=True)
+        check_crop_scale("dvae", self.crop_scale)
 
 
 def build_model(config: PretrainConfig) -> DVAE:
@@ -75,11 +85,6 @@ def _ramp(start: float, end: float, share: float, total_steps: int) -> list[floa
 def schedule_values(config: PretrainConfig, total_steps: int) -> dict[str, list[float]]:
     """The per-step Gumbel temperature and KL weight (DALL-E anneals both with cosine schedules)."""
     d = config.settings
-    if not 0 <= d.temperature_anneal <= 1 or not 0 <= d.kl_warmup <= 1:
-        raise MimkitError(f"dvae.temperature_anneal={d.temperature_anneal} and dvae.kl_warmup={d.kl_warmup} "
-                          "are shares of the run, in [0, 1]")
-    if min(d.temperature) <= 0:
-        raise MimkitError(f"dvae.temperature={list(d.temperature)} must be positive")
     return {"temperature": _ramp(*d.temperature, d.temperature_anneal, total_steps),
             "kl_weight": _ramp(0.0, d.kl_weight, d.kl_warmup, total_steps)}
 

@@ -20,7 +20,15 @@ from torch import nn
 from torch.utils.data import Subset
 
 import mimkit.interop.vqkd as layouts
-from mimkit.config import DataConfig, PretrainConfig, check_model_kwargs
+from mimkit.config import (
+    DataConfig,
+    PretrainConfig,
+    at_least,
+    check_crop_scale,
+    check_model_kwargs,
+    check_range,
+    config_key,
+)
 from mimkit.data.loader import eval_loader, evaluation_batches
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import crop_view, eval_view
@@ -50,6 +58,14 @@ class VQKDConfig:
     dead_after: int | None = 100  # restart codes no patch chose for this many steps; null: never
     crop_scale: tuple[float, float] = (0.08, 1.0)
     eval_images: int = 1000  # held-out images tokenized at each epoch end: usage, perplexity, cosine
+
+    def __post_init__(self):
+        at_least(1, "vqkd", teacher_dim=self.teacher_dim, vocab_size=self.vocab_size, code_dim=self.code_dim,
+                 decoder_depth=self.decoder_depth, dead_after=self.dead_after)
+        at_least(0, "vqkd", commitment=self.commitment, kmeans_iters=self.kmeans_iters,
+                 eval_images=self.eval_images)
+        check_range(config_key("vqkd", "decay"), self.decay, 0, 1, high_open=True)
+        check_crop_scale("vqkd", self.crop_scale)
 
 
 def run_encoder(path: Path) -> tuple[nn.Module, DataConfig]:

@@ -1,0 +1,116 @@
+"""Every setting of every method reaches what it changes: a non-default value gives another view, loss,
+scheduled value or trained state than the default does.
+
+The fresh planted sets found settings dropped on their way (a run's ``data2vec.loss_beta`` not handed to the
+model, whose own default was the method's): the config held the value, no result showed it. `run_once`
+does what a pretraining run does with a method (`mimkit.pretrain.pretraining_job`: resolve the settings,
+build the model and its view, then a training step on two seeded samples and the method's ``after_step``)
+and returns everything that step gives. Each case changes one setting (on top of a base that makes it
+matter: a teacher decay anneals only with ``teacher_anneal_steps``) and asserts the outcome differs.
+"""
+
+import pytest
+import torch
+
+from mimkit.registry import method_of, read_config
+from mimkit.tokenizers.dvae import dvae_for, save_dvae
+from tests.conftest import same_outcomes
+
+DATA = {"source": "synthetic:64", "img_size": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3}
+VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+MODEL = {  # 4-px patches (an 8x8 grid) unless the method's case needs 8-px ones (a 4x4 grid)
+    "mae": {"kwargs": VIT | {"decoder_depth": 1, "decoder_embed_dim": 32, "decoder_num_heads": 2}},
+    "cae": {"kwargs": VIT | {"regressor_depth": 1}},  # CAE v2 takes no decoder_depth
+    "maskfeat": {"patch_size": 8},
+    "maskdistill": {"patch_size": 8},
+    "dvae": {"kwargs": {}},  # its size is its own settings'
+}
+CROP = (0.2, 0.4)  # a crop scale none of the methods has by default
+
+CASES = [
+    ("mae", {}, "mask_ratio", 0.5), ("mae", {}, "norm_pix_loss", False),
+    ("simmim", {"mask_patch_size": 8}, "mask_ratio", 0.3),
+    ("simmim", {"mask_patch_size": 8}, "mask_patch_size", 16),
+    ("simmim", {"mask_patch_size": 8}, "crop_scale", CROP),
+    *[("maskfeat", {"hog_cell": 4}, name, value) for name, value in
+      (("mask_ratio", 0.6), ("min_block", 4), ("hog_bins", 6), ("hog_cell", 2), ("hog_window", 0),
+       ("crop_scale", CROP))],
+    *[("data2vec", {"top_k": 2}, name, value) for name, value in
+      (("mask_ratio", 0.4), ("min_block", 4), ("top_k", 1), ("block_norm", "instance"),
+       ("target_norm", "none"), ("loss_beta", 0.0), ("teacher_decay_end", 0.5), ("crop_scale", CROP),
+       ("color_jitter", 0.0))],
+    ("data2vec", {"top_k": 2, "teacher_anneal_steps": 10}, "teacher_decay_start", 0.5),
+    ("data2vec", {"top_k": 2, "teacher_decay_start": 0.0}, "teacher_anneal_steps", 10),
+    *[("dvae", {"hidden": 4, "vocab_size": 32}, name, value) for name, value in
+      (("vocab_size", 16), ("hidden", 8), ("num_res", 2), ("recon_loss", "l1"), ("tokenizer_size", 64),
+       ("temperature", (0.5, 0.1)), ("temperature_anneal", 0.2), ("kl_weight", 0.5), ("kl_warmup", 0.5),
+       ("crop_scale", CROP))],
+    *[("beit", {"tokenizer": "DVAE"}, name, value) for name, value in
+      (("mask_ratio", 0.6), ("min_block", 4), ("crop_scale", CROP), ("color_jitter", 0.0))],
+    *[("cae", {"tokenizer": "DVAE"}, name, value) for name, value in
+      (("mask_ratio", 0.3), ("min_block", 12), ("crop_scale", CROP), ("color_jitter", 0.4),
+       ("align_weight", 0.5))],
+    *[("cae", {"target": "teacher", "teacher": "MAE", "align_weight": 0.0}, name, value) for name, value in
+      (("mask_ratio", 0.3), ("min_block", 12), ("crop_scale", CROP), ("color_jitter", 0.4))],  # CAE v2
+    *[("maskdistill", {"teacher": "MAE"}, name, value) for name, value in
+      (("loss", "cosine"), ("smooth_l1_beta", 0.1), ("target_norm", False), ("mask_ratio", 0.6),
+       ("min_block", 4), ("crop_scale", CROP), ("color_jitter", 0.0))],
+    *[("vqkd", {"teacher": "MAE", "vocab_size": 32, "decoder_depth": 1}, name, value) for name, value in
+      (("vocab_size", 16), ("code_dim", 8), ("decoder_depth", 2), ("decay", 0.5), ("commitment", 0.5),
+       ("kmeans_iters", 0), ("crop_scale", CROP))],
+    ("vqkd", {"teacher": "MAE", "vocab_size": 32, "decoder_depth": 1, "kmeans_iters": 0}, "dead_after", 1),
+]
+
+
+def run_once(method: str, settings: dict) -> list[torch.Tensor]:
+    """One training step of ``method`` with ``settings``, as a run takes it: the two samples its view made,
+    the loss, the values scheduled for step 3 of 10, and the model's state after the step and after_step."""
+    record = method_of(method)
+    model = {"name": "vit_mini", "kwargs": VIT} | MODEL.get(method, {})
+    config = read_config({"method": method, "data": DATA, "model": model, method: settings})
+    if record.resolve_config:
+        config = record.resolve_config(config)
+    torch.manual_seed(0)
+    model = record.build_model(config)
+    view, loss_fn = record.build_task(config, model)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    samples = [view(image) for image in images]
+    batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    scheduled = record.schedule_values(config, 10) if record.schedule_values else {}
+    loss, _ = loss_fn(model, batch | {name: values[3] for name, values in scheduled.items()})
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    if record.after_step:
+        record.after_step(config, model, 1)
+    state = model.state_dict().values()
+    return [*batch.values(), loss.detach(), *map(torch.tensor, scheduled.values()), *state]
+
+
+def located(settings: dict, dvae_file, mae_run) -> dict:
+    """``settings`` with DVAE and MAE (a tokenizer, a teacher) replaced by the fixtures' paths."""
+    files = {"DVAE": str(dvae_file), "MAE": str(mae_run)}
+    return {key: files.get(v, v) if isinstance(v, str) else v for key, v in settings.items()}
+
+
+@pytest.fixture(scope="module")
+def dvae_file(tmp_path_factory):
+    """A tiny untrained dVAE whose 8x8 code grid is the 4-px patch grid of a 32 px image."""
+    return save_dvae(dvae_for(32, 4, 3, vocab_size=32, hidden=4), tmp_path_factory.mktemp("dvae") / "dvae.st")
+
+
+@pytest.mark.parametrize("method, base, name, value", CASES,
+                         ids=[f"{method}.{name}" for method, _, name, _ in CASES])
+def test_a_non_default_setting_changes_what_a_training_step_gives(method, base, name, value, dvae_file,
+                                                                   mae_run):
+    base = located(base, dvae_file, mae_run)
+    assert value != getattr(method_of(method).settings(), name)
+    assert not same_outcomes(run_once(method, base), run_once(method, base | {name: value}))
+
+
+@pytest.mark.parametrize("method", sorted({method for method, *_ in CASES}))
+def test_two_runs_with_the_same_settings_give_the_same(method, dvae_file, mae_run):
+    """What the test above compares is deterministic: otherwise every setting would seem to reach."""
+    base = located(next(base for m, base, *_ in CASES if m == method), dvae_file, mae_run)
+    assert same_outcomes(run_once(method, base), run_once(method, base))
