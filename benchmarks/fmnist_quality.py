@@ -97,6 +97,20 @@ class Timings:
             self.path.write_text(json.dumps(self.data, indent=2))
 
 
+_RECORDS_LOCK = threading.Lock()  # steps start in worker threads: one read-modify-write of a record at a time
+
+
+def add_record(path: Path, key: str, value: dict) -> None:
+    """Add ``key: value`` to the JSON record at ``path`` (``OUT/wallclock_match.json``,
+    ``compute_match.json``): under a lock, since two steps may start at once, and replaced in one rename, so a
+    reader never sees it half written."""
+    with _RECORDS_LOCK:
+        records = json.loads(path.read_text()) if path.exists() else {}
+        partial = path.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(records | {key: value}, indent=2))
+        partial.replace(path)
+
+
 def chained(pairs: list[tuple[str, list[str]]], after: tuple[str, ...]) -> list[Step]:
     """Steps from ``(name, command)`` pairs, each reading the run before it; the first reads ``after``."""
     steps = []
@@ -251,9 +265,7 @@ def matched_scratch_step(out: Path, data: str, fraction: float, epochs: int, qui
         else:
             match = matched_scratch(out / "mae", finetuned, timing, epochs=epochs)
             length = finetune_budget(match["epochs"], quick)
-        record = out / "compute_match.json"
-        matches = json.loads(record.read_text()) if record.exists() else {}
-        record.write_text(json.dumps(matches | {label: match}, indent=2))
+        add_record(out / "compute_match.json", label, match)
         return ["finetune", str(out / "mae"), "--data", data, "--label-fraction", str(fraction), "--init",
                 "random", "--set", "optim.layer_decay=1.0", *length, "--out", str(out / name)]
 
@@ -295,11 +307,8 @@ def wallclock_steps(out: Path, data: str, methods: list[str], mae_epochs: int, q
                 "images_per_s"]["mae"]
             batch = 32 if quick else load_recipe(f"{method}_fmnist")["train"]["batch_size"]
             max_steps = 20 if quick else math.ceil(images / batch)
-            record = out / "wallclock_match.json"
-            matches = json.loads(record.read_text()) if record.exists() else {}
-            record.write_text(json.dumps(matches | {method: {"images": round(images), "batch_size": batch,
-                                                             "max_steps": max_steps, "speeds": speeds}},
-                                         indent=2))
+            add_record(out / "wallclock_match.json", method, {"images": round(images), "batch_size": batch,
+                                                              "max_steps": max_steps, "speeds": speeds})
             extra = [arg for name, run in reads(method).items() for arg in (f"--{name}", str(run))]
             return ["pretrain", method, "--data", data, "--config", f"{method}_fmnist", *extra,
                     "--max-steps", str(max_steps), *(["--batch-size", "32"] if quick else []),

@@ -87,3 +87,16 @@ def test_a_method_with_a_teacher_distils_the_mae_run(tmp_path):
     (tmp_path / "timing-maskdistill.json").write_text(json.dumps(speeds))
     command = steps["maskdistill"].command()
     assert command[command.index("--teacher") + 1] == str(tmp_path / "mae")
+
+
+def test_records_added_from_many_threads_at_once_keep_every_key(tmp_path):
+    """Two steps that start together each add their match to one record: none is lost, none reads it half
+    written (the benchmark once stopped on a JSONDecodeError there)."""
+    path = tmp_path / "wallclock_match.json"
+    threads = [threading.Thread(target=lambda i=i: [quality.add_record(path, f"m{i}-{k}", {"steps": k})
+                                                    for k in range(20)]) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(json.loads(path.read_text())) == 80
