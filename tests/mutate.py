@@ -693,23 +693,61 @@ OPERATORS = [
 ]
 
 
-def mutants(text: str):
-    """(line number, mutated line, mutated text) for every operator occurrence outside comments,
-    docstrings and import lines (a rough filter: lines inside triple quotes are skipped)."""
-    lines = text.splitlines(keepends=True)
+def code_lines(text: str):
+    """(index, line, code) of every line that holds code: not in a docstring, not a comment, blank or
+    import line; ``code`` is the line without its trailing comment."""
     in_docstring = False
-    for n, line in enumerate(lines):
+    for n, line in enumerate(text.splitlines(keepends=True)):
         stripped = line.strip()
         if stripped.count('"""') % 2 == 1:
             in_docstring = not in_docstring
             continue
         if in_docstring or stripped.startswith(("#", "import ", "from ", '"""')) or not stripped:
             continue
-        code = line.split("  #")[0]
+        yield n, line, line.split("  #")[0]
+
+
+def operator_mutants(lines: list[str]):
+    """(index, mutated line) for every operator occurrence of OPERATORS."""
+    for n, line, code in code_lines("".join(lines)):
         for pattern, replacement in OPERATORS:
             for match in re.finditer(pattern, code):
-                mutated = line[:match.start()] + replacement + line[match.end():]
-                yield n + 1, mutated.rstrip(), "".join(lines[:n] + [mutated] + lines[n + 1:])
+                yield n, line[:match.start()] + replacement + line[match.end():]
+
+
+# a keyword argument with a plain value (a name, attribute, number, string or subscript), dropped
+KEYWORD = re.compile(r", \w+=[\w.\[\]\"']+(?=[,)])")
+# lines that open or continue a block: deleting them would not parse
+BLOCK_LINE = re.compile(r"^(def|class|if|elif|else|for|while|try|except|finally|with|async|@)\b")
+
+
+def statement_mutants(lines: list[str]):
+    """(index, mutated line) deleting each one-line statement (``pass`` in its place) and dropping each
+    plain keyword argument: the bugs of a forgotten call, update or argument."""
+    depth = 0  # open brackets before the line: a line inside a bracket is part of a longer statement
+    code_at = {n: code for n, _, code in code_lines("".join(lines))}
+    for n, line in enumerate(lines):
+        code = code_at.get(n)
+        if code is None:
+            continue
+        opened = depth
+        depth = max(0, depth + sum(code.count(c) for c in "([{") - sum(code.count(c) for c in ")]}"))
+        stripped = code.strip()
+        if opened == 0 and depth == 0 and not stripped.endswith(("\\", ":")) and not BLOCK_LINE.match(stripped):
+            yield n, line[:len(line) - len(line.lstrip())] + "pass\n"
+        if not stripped.startswith(("def ", "async def ")):  # a default is not an argument
+            for match in KEYWORD.finditer(code):
+                yield n, line[:match.start()] + line[match.end():]
+
+
+def mutants(text: str):
+    """(line number, mutated line, mutated text) for every operator occurrence, one-line statement and
+    plain keyword argument outside comments, docstrings and import lines (a rough filter: lines inside
+    triple quotes are skipped)."""
+    lines = text.splitlines(keepends=True)
+    for mutate in (operator_mutants, statement_mutants):
+        for n, mutated in mutate(lines):
+            yield n + 1, mutated.rstrip(), "".join(lines[:n] + [mutated] + lines[n + 1:])
 
 
 def auto(path: str, tests: list[str], timeout: float) -> int:
