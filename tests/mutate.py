@@ -144,7 +144,17 @@ PLANTED = [
     Bug("fine-tuning view: RandAugment never applied", "src/mimkit/eval/augment.py",
         "auto_augment=auto_augment or None,", "auto_augment=None,", ("tests/eval/test_finetune_view.py",)),
     Bug("fine-tuning view: random erasing never applied", "src/mimkit/eval/augment.py",
-        "re_prob=reprob,", "re_prob=0.0,", ("tests/eval/test_finetune_view.py",)),
+        "if self.erasing:", "if False:", ("tests/eval/test_finetune_view.py",)),
+    Bug("fine-tuning view: a worker's random erasing drawn outside the sample's seed",
+        "src/mimkit/data/loader.py",
+        "            if self.staged and not self.uint8:  # under the sample's seed: it may draw\n"
+        "                out = self.view.on_device(out)\n"
+        "        finally:\n            rng.set_state(saved)\n",
+        "        finally:\n            rng.set_state(saved)\n        if self.staged and not self.uint8:\n"
+        "            out = self.view.on_device(out)\n", ("tests/eval/test_finetune_view.py",)),
+    Bug("fine-tuning view: the batch finished on the device is not normalized", "src/mimkit/eval/augment.py",
+        'images = self.normalize(batch["image"])', 'images = batch["image"].float()',
+        ("tests/eval/test_augment.py",)),
     Bug("reliability 2: a symlinked folder already listed is walked again", "src/mimkit/data/image_files.py",
         "if identity in seen:", "if False:",
         ("tests/data/test_sources.py::test_symlink_loops_are_listed_once_and_named",)),
@@ -736,7 +746,8 @@ def statement_mutants(lines: list[str]):
         opened = depth
         depth = max(0, depth + sum(code.count(c) for c in "([{") - sum(code.count(c) for c in ")]}"))
         stripped = code.strip()
-        if opened == 0 and depth == 0 and not stripped.endswith(("\\", ":")) and not BLOCK_LINE.match(stripped):
+        whole = opened == 0 and depth == 0 and not stripped.endswith(("\\", ":"))
+        if whole and not BLOCK_LINE.match(stripped):
             yield n, line[:len(line) - len(line.lstrip())] + "pass\n"
         if not stripped.startswith(("def ", "async def ")):  # a default is not an argument
             for match in KEYWORD.finditer(code):

@@ -8,12 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from timm.data import Mixup, create_transform
+from timm.data.random_erasing import RandomErasing
+from torchvision.transforms.functional import resized_crop
 from torchvision.transforms.v2.functional import to_pil_image
 
 from mimkit.cli import main
 from mimkit.data.loader import SeededViews
 from mimkit.errors import MimkitError
-from mimkit.eval.augment import MixTargets, finetune_view, python_seed
+from mimkit.eval.augment import FinetuneView, MixTargets, python_seed
 from mimkit.train.checkpoint_files import Checkpoints
 
 POLICY = "rand-m9-mstd0.5-inc1"
@@ -25,31 +27,68 @@ def image(channels=3, seed=0):
     return torch.randint(0, 256, (channels, 32, 32), dtype=torch.uint8, generator=generator)
 
 
-def timm_reference(img, seed, **kw):
-    """timm's transform with the same policy, its RNGs set as the view sets them from torch seed `seed`."""
-    torch.manual_seed(seed)
+def seed_python_from_torch() -> None:
     python = python_seed()
     random.seed(python)
     np.random.seed(python)
-    transform = create_transform(32, is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=None,
-                                 auto_augment=POLICY, interpolation="bicubic", re_prob=0.25, re_mode="pixel",
-                                 mean=MEAN, std=STD, **kw)
-    return transform(to_pil_image(img))
+
+
+def timm_reference(img, seed):
+    """timm's training transform in the stages of its GPU prefetcher (crop and flip, RandAugment to uint8;
+    then normalize and erase), its RNGs set as the view sets them from torch seed `seed`: Python's and
+    NumPy's seeded from torch before the crop box, before RandAugment and before the erasing."""
+    crop_and_flip, augment, to_tensor = create_transform(
+        32, is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=None, auto_augment=POLICY,
+        interpolation="bicubic", mean=MEAN, std=STD, use_prefetcher=True, separate=True)
+    crop, flip = crop_and_flip.transforms
+    picture = to_pil_image(img)
+    torch.manual_seed(seed)
+    seed_python_from_torch()
+    box = crop.get_params(picture, crop.scale, crop.ratio)
+    picture = flip(resized_crop(picture, *box, list(crop.size), crop.interpolation))
+    seed_python_from_torch()
+    uint8 = to_tensor(augment(picture))
+    normalized = (uint8.float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    seed_python_from_torch()
+    return uint8, RandomErasing(0.25, mode="pixel", device="cpu")(normalized)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 12345])
 def test_view_equals_timm_transform_with_the_same_policy_and_rng(seed):
-    view = finetune_view(32, MEAN, STD, auto_augment=POLICY, reprob=0.25, remode="pixel")
+    view = FinetuneView(32, MEAN, STD, auto_augment=POLICY, reprob=0.25, remode="pixel")
     text = repr(view)
     assert "RandAugment(n=2" in text and "m=9, mstd=0.5" in text and "Increasing" in text
     assert "RandomErasing(p=0.25, mode=pixel" in text
+    uint8, expected = timm_reference(image(), seed)
     torch.manual_seed(seed)
-    ours = view(image())["image"]
-    assert torch.equal(ours, timm_reference(image(), seed))
+    handed_over = view.from_image(image())["image"]
+    assert handed_over.dtype == torch.uint8 and torch.equal(handed_over, uint8)
+    torch.testing.assert_close(view.on_device({"image": handed_over})["image"], expected)
+
+
+def test_workers_hand_over_uint8_and_the_batch_is_finished_where_it_lies():
+    """With a uint8 hand-over the items are the augmented uint8 images of the float path, and `on_device`
+    normalizes and erases a whole batch: about `reprob` of its images get one erased rectangle."""
+    source = [(image(seed=i), i % 3) for i in range(32)]
+    plain = FinetuneView(32, MEAN, STD, reprob=0.0)
+    floats, uint8 = SeededViews(source, plain), SeededViews(source, plain).handing_over_uint8()
+    items = [uint8[(i, 7 + i)] for i in range(32)]
+    assert all(item["image"].dtype == torch.uint8 for item in items)
+    batch = plain.on_device({"image": torch.stack([item["image"] for item in items])})["image"]
+    assert torch.equal(batch, torch.stack([floats[(i, 7 + i)]["image"] for i in range(32)]))
+    erasing = FinetuneView(32, MEAN, STD, reprob=0.5, remode="const")
+    torch.manual_seed(0)
+    erased = erasing.on_device({"image": torch.stack([item["image"] for item in items])})["image"]
+    zeroed = [(row == 0).all(0).sum().item() for row in erased]  # "const" erasing writes 0 in every channel
+    assert 8 <= sum(n > 0 for n in zeroed) <= 24
+    assert all(n == 0 or n >= 0.02 * 32 * 32 - 1 for n in zeroed)  # a rectangle of at least 2% of the image
+    torch.manual_seed(0)
+    again = erasing.on_device({"image": torch.stack([item["image"] for item in items])})["image"]
+    assert torch.equal(erased, again)
 
 
 def test_seeded_views_are_reproducible_and_leave_global_rngs_alone():
-    view = finetune_view(32, MEAN, STD)
+    view = FinetuneView(32, MEAN, STD)
     source = [(image(seed=i), i % 3) for i in range(4)]
     views = SeededViews(source, view)
     random.seed(5)
@@ -66,14 +105,14 @@ def test_seeded_views_are_reproducible_and_leave_global_rngs_alone():
 
 
 def test_gray_images_and_bad_policies():
-    view = finetune_view(32, (0.3,), (0.35,))
+    view = FinetuneView(32, (0.3,), (0.35,))
     for seed in range(40):  # every operation of the policy works on one channel
         torch.manual_seed(seed)
         assert view(image(channels=1, seed=seed))["image"].shape == (1, 32, 32)
     with pytest.raises(MimkitError, match="not a timm policy"):
-        finetune_view(32, MEAN, STD, auto_augment="bogus-m9")
+        FinetuneView(32, MEAN, STD, auto_augment="bogus-m9")
     with pytest.raises(MimkitError, match="remode"):
-        finetune_view(32, MEAN, STD, remode="zeros")
+        FinetuneView(32, MEAN, STD, remode="zeros")
 
 
 def test_mix_is_timm_mixup_decided_by_the_torch_rng():

@@ -5,7 +5,7 @@ different seeds and the same for the same seed; switched off, the view does not 
 import torch
 
 from mimkit.data.loader import SeededViews
-from mimkit.eval.augment import finetune_view
+from mimkit.eval.augment import FinetuneView
 
 
 class HorizontalStripes(torch.utils.data.Dataset):
@@ -21,7 +21,7 @@ class HorizontalStripes(torch.utils.data.Dataset):
 
 
 def views(auto_augment: str | None, reprob: float) -> SeededViews:
-    return SeededViews(HorizontalStripes(), finetune_view(32, [0.5] * 3, [0.25] * 3, crop_scale=(1.0, 1.0),
+    return SeededViews(HorizontalStripes(), FinetuneView(32, [0.5] * 3, [0.25] * 3, crop_scale=(1.0, 1.0),
                                                           auto_augment=auto_augment, reprob=reprob))
 
 

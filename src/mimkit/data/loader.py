@@ -41,13 +41,16 @@ class SeededViews(Dataset):
     tensor)`` (segmentation) gets a joint view, ``view(image, mask)``, whose dict is the item as it is.
     Items are addressed by ``(index, seed)`` pairs from `EpochBatches`.
 
-    Two shortcuts give the same pixels for less work, when the view is a `mimkit.data.transforms.CropView`:
+    Two shortcuts give the same pixels for less work, when the view is cut into stages
+    (`mimkit.data.transforms.CropView`, `mimkit.eval.augment.FinetuneView`):
 
     - *crop decoding*: from a source of encoded images (`EncodedImageSource`), the crop box is drawn from
       the file's header and only the crop is decoded (`mimkit.data.crop_decode`);
     - *uint8 until the device* (``uint8=True``): items carry the uint8 crop, and the view's ``on_device``
       converts and normalizes the whole batch where it trains (`build_loader` with a device): a quarter of
-      the bytes through the workers' queues and the pinned-memory copy.
+      the bytes through the workers' queues and the pinned-memory copy. (A view whose ``on_device`` draws,
+      the fine-tuning view's random erasing, then draws from the training process's stream instead of the
+      sample's.)
     """
 
     def __init__(self, source: Dataset, view: Callable[..., dict], uint8: bool = False):
@@ -73,12 +76,12 @@ class SeededViews(Dataset):
                 out, target = self._crop_first(index, seed, rng)
             else:
                 out, target = self._decoded_first(index, seed, rng)
+            if self.staged and not self.uint8:  # under the sample's seed: it may draw
+                out = self.view.on_device(out)
         finally:
             rng.set_state(saved)
         if isinstance(target, torch.Tensor):  # a mask: transformed with the image, not attached
             return out
-        if self.staged and not self.uint8:
-            out = self.view.on_device(out)
         return out | {"label": torch.tensor(target)}
 
     def _decoded_first(self, index: int, seed: int, rng: torch.Generator) -> tuple[dict, object]:

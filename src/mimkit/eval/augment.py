@@ -19,9 +19,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from timm.data import Mixup, create_transform
+from timm.data.random_erasing import RandomErasing
+from torchvision.transforms import functional as F
 from torchvision.transforms import v2
 
-from mimkit.data.transforms import ImageView
+from mimkit.data.transforms import normalize
 from mimkit.errors import MimkitError
 
 RE_MODES = ("pixel", "rand", "const")
@@ -56,29 +58,37 @@ class PythonSeeded:
 
 def timm_train_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
                          crop_scale: tuple[float, float] = (0.08, 1.0),
-                         auto_augment: str | None = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
-                         remode: str = "pixel") -> Callable:
+                         auto_augment: str | None = "rand-m9-mstd0.5-inc1") -> tuple[Callable, Callable]:
     """timm's training transform as the MAE and BEiT fine-tuning code builds it (``create_transform``, no
-    colour jitter): PIL image -> normalized float (C, img_size, img_size)."""
+    colour jitter), in the two stages timm hands to its GPU prefetcher: ``(crop, augment)``, the random
+    resized crop (bicubic) and flip on a PIL image, then RandAugment and the conversion to a uint8 tensor."""
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
         raise MimkitError(f"crop_scale {tuple(crop_scale)} must satisfy 0 < low <= high <= 1")
-    if remode not in RE_MODES:
-        raise MimkitError(f"augment.remode {remode!r} is not one of {', '.join(RE_MODES)}")
     try:
-        return create_transform(img_size, is_training=True, scale=tuple(crop_scale), hflip=0.5,
-                                color_jitter=None, auto_augment=auto_augment or None, interpolation="bicubic",
-                                re_prob=reprob, re_mode=remode, re_count=1, mean=tuple(mean), std=tuple(std))
+        crop, augment, to_tensor = create_transform(
+            img_size, is_training=True, scale=tuple(crop_scale), hflip=0.5, color_jitter=None,
+            auto_augment=auto_augment or None, interpolation="bicubic", mean=tuple(mean), std=tuple(std),
+            use_prefetcher=True, separate=True)
     except (AssertionError, ValueError, KeyError) as err:
         raise MimkitError(f"augment.auto_augment {auto_augment!r} is not a timm policy such as "
                           f"'rand-m9-mstd0.5-inc1' ({err})") from None
+    return crop, v2.Compose([augment, to_tensor])
 
 
-def finetune_view(img_size: int, mean: Sequence[float], std: Sequence[float],
-                  crop_scale: tuple[float, float] = (0.08, 1.0),
-                  auto_augment: str | None = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
-                  remode: str = "pixel") -> ImageView:
+class FinetuneView:
     """Training view: timm's random resized crop (bicubic), horizontal flip, RandAugment, normalize, random
     erasing, with every RNG it uses decided by the torch RNG (`PythonSeeded`).
+
+    It is cut into the stages a loader runs in different places, as `mimkit.data.transforms.CropView` is
+    (so a crop can be decoded from a JPEG's header, and workers hand over uint8):
+
+    - `draw_box(height, width)`: timm's crop box, from the image's size alone;
+    - `from_crop(crop)`: uint8 crop -> `{"image": uint8 (C, img_size, img_size)}`: resized (Pillow,
+      bicubic), flipped and RandAugmented, as timm's workers do before its prefetcher;
+    - `on_device(batch)`: float conversion, normalization and random erasing of an item or a batch
+      `(..., C, H, W)`, where it lies (timm's prefetcher erases on the GPU too). Its draws come from the
+      torch RNG of the process that runs it: the sample's seed in a worker, the training process's (which
+      checkpoints keep) for a uint8 hand-over. So a run resumes exactly either way.
 
     Args:
         img_size: output side.
@@ -89,11 +99,50 @@ def finetune_view(img_size: int, mean: Sequence[float], std: Sequence[float],
         remode: what fills it: ``pixel`` (per-pixel normal noise, the papers'), ``rand`` (per channel),
             ``const`` (zeros, the mean after normalization).
 
-    Returns:
-        view: uint8 ``(C, H, W)`` -> ``{"image": float (C, img_size, img_size)}``.
+    Call: uint8 ``(C, H, W)`` -> ``{"image": float (C, img_size, img_size)}``.
     """
-    transform = timm_train_transform(img_size, mean, std, crop_scale, auto_augment, reprob, remode)
-    return ImageView(PythonSeeded(v2.Compose([v2.ToPILImage(), transform])))
+
+    def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float],
+                 crop_scale: tuple[float, float] = (0.08, 1.0),
+                 auto_augment: str | None = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
+                 remode: str = "pixel"):
+        if remode not in RE_MODES:
+            raise MimkitError(f"augment.remode {remode!r} is not one of {', '.join(RE_MODES)}")
+        crop_and_flip, self.augment = timm_train_transform(img_size, mean, std, crop_scale, auto_augment)
+        self.crop, self.flip = crop_and_flip.transforms
+        self.size = img_size
+        self.normalize = normalize(mean, std)
+        self.erasing = RandomErasing(reprob, mode=remode, max_count=1, device="cpu") if reprob > 0 else None
+
+    def draw_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """`(top, left, height, width)` of timm's crop of an image of this size."""
+        shape_only = torch.empty(()).expand(1, height, width)  # no memory: the draw reads the size only
+        return PythonSeeded(self.crop.get_params)(shape_only, self.crop.scale, self.crop.ratio)
+
+    def from_crop(self, crop: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 `(C, h, w)` crop -> `{"image": uint8 (C, img_size, img_size)}`."""
+        picture = F.resize(F.to_pil_image(crop), list(self.crop.size), self.crop.interpolation)
+        return {"image": PythonSeeded(self.augment)(self.flip(picture))}
+
+    def from_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 `(C, H, W)` decoded whole -> the uint8 item of `from_crop`, its box drawn from the image."""
+        top, left, height, width = self.draw_box(*image.shape[-2:])
+        return self.from_crop(image[..., top:top + height, left:left + width])
+
+    def on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Normalize and randomly erase the uint8 `"image"` of an item or a batch `(..., C, H, W)`."""
+        images = self.normalize(batch["image"])
+        if self.erasing:
+            self.erasing.device = images.device  # the noise is drawn where the images lie
+            images = PythonSeeded(self.erasing)(images)
+        return batch | {"image": images}
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.on_device(self.from_image(image))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(crop={self.crop}, flip={self.flip}, augment={self.augment}, "
+                f"normalize={self.normalize}, erasing={self.erasing})")
 
 
 class MixTargets:

@@ -27,7 +27,7 @@ from mimkit.data.source_info import SourceInfo
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
-from mimkit.eval.augment import MixTargets, finetune_view
+from mimkit.eval.augment import FinetuneView, MixTargets
 from mimkit.eval.config import FinetuneConfig
 from mimkit.eval.predict import predict_classes
 from mimkit.eval.scores import classification_accuracy, prefixed, write_results
@@ -166,8 +166,8 @@ def _finetune(config: FinetuneConfig, run: OpenedRun) -> dict:
     steps_per_epoch = plan.steps_per_epoch
     groups = param_groups(model, optim.weight_decay, optim.layer_decay, len(model.classifier.blocks))
     best_metric = "val_ema_top1" if config.ema_decay else "val_top1"
-    view = finetune_view(data.img_size, data.mean, data.std, aug.crop_scale, aug.auto_augment, aug.reprob,
-                         aug.remode)
+    view = FinetuneView(data.img_size, data.mean, data.std, aug.crop_scale, aug.auto_augment, aug.reprob,
+                        aug.remode)
     summary = [f"fine-tune {cls.init} {encoder.spec.model.name} on {data.source}: {len(train_set)} images "
                f"({labels.fraction:g} of the labels), {plan.describe()}, layer decay {optim.layer_decay}"]
     job = Job("finetune", config, model, loss_fn, SeededViews(train_set, view), groups, optim.betas, plan,
