@@ -152,6 +152,9 @@ PLANTED = [
         "        finally:\n            rng.set_state(saved)\n",
         "        finally:\n            rng.set_state(saved)\n        if self.staged and not self.uint8:\n"
         "            out = self.view.on_device(out)\n", ("tests/eval/test_finetune_view.py",)),
+    Bug("crop decoding: a label subset's items read from the wrong images", "src/mimkit/data/loader.py",
+        "return source.dataset, source.indices", "return source.dataset, range(len(source))",
+        ("tests/data/test_crop_decode.py",)),
     Bug("fine-tuning view: the batch finished on the device is not normalized", "src/mimkit/eval/augment.py",
         'images = self.normalize(batch["image"])', 'images = batch["image"].float()',
         ("tests/eval/test_augment.py",)),

@@ -16,6 +16,7 @@ from mimkit.data.folders import FlatFolderSource
 from mimkit.data.loader import EpochBatches, SeededViews, build_loader
 from mimkit.data.transforms import BICUBIC, mae_view, normalize
 from mimkit.errors import MimkitError
+from mimkit.eval.augment import FinetuneView
 from tests.conftest import jpeg, photo
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -181,3 +182,16 @@ def test_crop_decoded_and_uint8_items_match_the_decode_then_view_pipeline(tmp_pa
     for got, want in zip(uint8_loader, float_batches, strict=True):
         assert got["image"].dtype == torch.float32 and torch.equal(got["image"], want["image"])
     assert next(iter(build_loader(crop_decoded.handing_over_uint8(), batches)))["image"].dtype == torch.uint8
+
+
+def test_a_subset_of_encoded_images_is_crop_decoded_with_the_same_items(tmp_path):
+    """A fine-tuning run trains on a label subset (a `Subset` of the source): its items are crop decoded
+    too, each the item of its own image, for the MAE view and the fine-tuning view alike."""
+    root = _folder(tmp_path, {f"{i}.jpg": jpeg(photo(100 + 9 * i, 80 + 6 * i, seed=i)) for i in range(6)})
+    subset = torch.utils.data.Subset(FlatFolderSource(root), [4, 1, 3])
+    for view in (mae_view(32, MEAN, STD, patch_size=8), FinetuneView(32, MEAN, STD)):
+        crop_decoded, decoded = SeededViews(subset, view), SeededViews(_DecodedFirst(subset), view)
+        assert crop_decoded.crop_first and not decoded.crop_first
+        for item in [(i, 70 + i) for i in range(3)]:
+            assert torch.equal(crop_decoded[item]["image"], decoded[item]["image"]), (view, item)
+            assert crop_decoded[item]["label"] == decoded[item]["label"]

@@ -12,11 +12,11 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from mimkit.errors import MimkitError
 
@@ -56,7 +56,8 @@ class SeededViews(Dataset):
     def __init__(self, source: Dataset, view: Callable[..., dict], uint8: bool = False):
         self.source, self.view = source, view
         self.staged = all(hasattr(view, stage) for stage in _VIEW_STAGES)
-        self.crop_first = self.staged and hasattr(source, "load_crop")
+        self.encoded, self.positions = _encoded_source(source)
+        self.crop_first = self.staged and self.encoded is not None
         self.uint8 = uint8 and self.staged
 
     def handing_over_uint8(self) -> "SeededViews | None":
@@ -96,9 +97,19 @@ class SeededViews(Dataset):
             rng.manual_seed(seed)  # every try (a bad file's stand-in too) draws from the sample's seed
             return self.view.draw_box(height, width)
 
-        crop, label = self.source.first_readable(
-            index, lambda i: self.source.load_crop(i, draw_box, self.view.size))
+        crop, label = self.encoded.first_readable(
+            self.positions[index], lambda i: self.encoded.load_crop(i, draw_box, self.view.size))
         return self.view.from_crop(crop), label
+
+
+def _encoded_source(source: Dataset) -> tuple[Dataset | None, Sequence[int] | range]:
+    """The source of encoded images under ``source`` (itself, or a `Subset`'s dataset, as a fine-tuning
+    run's label subset is) and the position of each of ``source``'s items in it; ``(None, ...)`` when
+    there is none (decoded images, or a joint image-and-mask source). A bad file's stand-in is then
+    found as the `Subset` finds it: the next readable image of the dataset under it."""
+    if isinstance(source, Subset) and hasattr(source.dataset, "load_crop"):
+        return source.dataset, source.indices
+    return (source, range(len(source))) if hasattr(source, "load_crop") else (None, range(0))
 
 
 class EpochBatches:
