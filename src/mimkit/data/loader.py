@@ -102,7 +102,7 @@ class SeededViews(Dataset):
         return self.view.from_crop(crop), label
 
 
-def _encoded_source(source: Dataset) -> tuple[Dataset | None, Sequence[int] | range]:
+def _encoded_source(source: Dataset) -> tuple[Dataset | None, Sequence[int]]:
     """The source of encoded images under ``source`` (itself, or a `Subset`'s dataset, as a fine-tuning
     run's label subset is) and the position of each of ``source``'s items in it; ``(None, ...)`` when
     there is none (decoded images, or a joint image-and-mask source). A bad file's stand-in is then
