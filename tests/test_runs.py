@@ -187,7 +187,7 @@ def test_a_held_run_names_its_holder_and_empties_the_lock_after(tmp_path):
 
 def test_a_run_without_weights_or_encoder_says_so(tmp_path):
     """The one-line errors of the readers of a run: no config.yaml, no checkpoint yet, a kind that keeps no
-    encoder or no model, an unknown ``init``."""
+    encoder or no model, a tokenizer whose encoder is no ViT, an unknown ``init``."""
     empty = make_run(tmp_path / "empty")
     for read in (run_kind, load_config, split_weights_path):
         with pytest.raises(MimkitError, match="not a mimkit run directory"):
