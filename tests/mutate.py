@@ -639,6 +639,28 @@ PLANTED = [
     Bug("sweep: segmentation's aux_weight does not reach the loss", "src/mimkit/eval/segment.py",
         'batch["mask"], seg.aux_weight)', 'batch["mask"], 0.4)',
         ("tests/test_job_settings.py::test_a_non_default_setting_changes_the_job",)),
+    # mutation sweep, third pass (sweepcore, 2026-12-06): `auto` survivors of runs.py and runner.py
+    Bug("sweepcore: the run lock is never taken", "src/mimkit/runs.py",
+        "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "            pass\n",
+        ("tests/test_runs.py::test_a_held_run_names_its_holder_and_empties_the_lock_after",)),
+    Bug("sweepcore: a forked child keeps its copy of the run lock open", "src/mimkit/runs.py",
+        "        _HELD_LOCKS.add(fd)\n", "",
+        ("tests/test_runs.py::test_a_forked_child_does_not_keep_the_run_locked",)),
+    Bug("sweepcore: a pretraining run's encoder is evaluated without its weights", "src/mimkit/runs.py",
+        "    load_weights(model, weights)\n    return _encoder_of", "    return _encoder_of",
+        ("tests/test_runs.py::test_a_trained_run_loads_as_its_kind_loads_it_with_its_newest_weights",)),
+    Bug("sweepcore: an untrained run's configuration is compared instead of saved", "src/mimkit/runs.py",
+        "if not step or not path.is_file():", "if not step and not path.is_file():",
+        ("tests/test_runs.py::test_a_saved_configuration_is_headed_by_its_kind_reads_back_and_is_kept",)),
+    Bug("sweepcore: settings an older config.yaml lacks are taken for changes", "src/mimkit/runs.py",
+        "    values = to_dict(from_dict(kind, values))\n", "",
+        ("tests/test_runs.py::test_settings_an_older_config_yaml_lacks_are_compared_as_their_defaults",)),
+    Bug("sweepcore: every process of a distributed job takes the run lock", "src/mimkit/runner.py",
+        "hold_run_dir(run_dir, enabled=world.is_main)", "hold_run_dir(run_dir)",
+        ("tests/test_runner.py::test_only_the_main_process_holds_the_run_and_writes_its_records",)),
+    Bug("sweepcore: the loop never gets data.num_workers", "src/mimkit/runner.py",
+        "num_workers=job.workers, ", "",
+        ("tests/test_runner.py::test_the_loop_gets_the_runs_upkeep_records_and_evaluation",)),
 ]
 
 

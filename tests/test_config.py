@@ -6,9 +6,21 @@ import pytest
 import torch
 import yaml
 
-from mimkit.config import load_recipe, parse_overrides, recipe_names, save_config, to_dict
+from mimkit.config import (
+    DataConfig,
+    TrainConfig,
+    differences,
+    from_dict,
+    load_recipe,
+    merge,
+    parse_overrides,
+    read_yaml,
+    recipe_names,
+    save_config,
+    to_dict,
+)
 from mimkit.errors import MimkitError
-from mimkit.eval.config import FinetuneConfig
+from mimkit.eval.config import FinetuneConfig, ProbeConfig
 from mimkit.methods import METHODS
 from mimkit.registry import method_of, read_config
 from mimkit.runs import config_path, keep_config, load_config, load_encoder, load_run
@@ -61,6 +73,7 @@ def test_saved_config_round_trips(tmp_path):
     config = read_config(parse_overrides(["data.img_size=32", "optim.clip_grad=3.0", "mae.mask_ratio=0.6"]))
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path) == config
+    assert (tmp_path / "config.yaml").read_text().startswith("method: mae\ndata:")  # in its fields' order
 
 
 OWN_SECTION = {"mae": {"mask_ratio": 0.6}, "beit": {"mask_ratio": 0.3}, "beitv2": {"mask_ratio": 0.5},
@@ -129,3 +142,47 @@ def test_model_kwargs_given_to_the_dvae_are_refused_naming_its_own_settings():
 def test_an_override_value_may_hold_an_equals_sign():
     """``--set KEY=VALUE`` splits at the first ``=``: a path or a timm spec may hold more."""
     assert parse_overrides(["data.source=runs/a=b", "x==1"]) == {"data": {"source": "runs/a=b"}, "x": "=1"}
+
+
+@pytest.mark.parametrize("value", [3, "all", None])
+def test_a_union_setting_keeps_the_first_type_its_value_is(value):
+    """``layer: int | str | None``: 3 stays the int 3 (not refused as no str), ``all`` a str, None None."""
+    assert from_dict(ProbeConfig, {"layer": value}).layer == value
+
+
+def test_the_defaults_ask_for_nothing_the_user_did_not():
+    """A run without settings trains in one process step by step, seed 0, nothing compiled or recomputed,
+    a bad image an error; one data loader worker."""
+    train, data = TrainConfig(), DataConfig()
+    assert (train.accum_steps, train.seed, train.compile, train.grad_checkpointing) == (1, 0, False, False)
+    assert (data.num_workers, data.skip_bad_images) == (1, False)
+
+
+def test_differences_are_listed_leaf_by_leaf_and_merge_goes_deep():
+    old = {"optim": {"lr": 1, "betas": [0.9, 0.95]}, "train": {"epochs": 2}, 3: "a", "gone": 1}
+    new = {"optim": {"lr": 2, "betas": [0.9, 0.95]}, "train": 5, 3: "b"}
+    assert differences(old, new) == {"optim.lr": (1, 2), "train": ({"epochs": 2}, 5), "3": ("a", "b"),
+                                     "gone": (1, None)}
+    assert merge(old, {"optim": {"lr": 3}, "train": {"seed": 1}, 3: {"x": 1}}) == {
+        "optim": {"lr": 3, "betas": [0.9, 0.95]}, "train": {"epochs": 2, "seed": 1}, 3: {"x": 1}, "gone": 1}
+    assert merge({"train": 5}, {"train": {"seed": 1}}) == {"train": {"seed": 1}}
+    assert old["optim"]["lr"] == 1  # the base is left as it was
+
+
+def test_config_files_and_recipes_are_one_line_errors(tmp_path):
+    with pytest.raises(MimkitError, match="config file '.*missing.yaml' does not exist"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+    with pytest.raises(MimkitError, match="unknown recipe 'mae_fmnsit'; packaged recipes: .*mae_fmnist"):
+        load_recipe("mae_fmnsit")
+    bad = tmp_path / "bad"
+    bad.write_text("train: [1\n")
+    with pytest.raises(MimkitError, match=r"config file '.*bad' is not valid YAML: while parsing a flow "
+                                          r"sequence$"):
+        load_recipe(str(bad))
+    bad.write_text("- 1\n")
+    with pytest.raises(MimkitError, match="config file '.*bad' must hold a mapping"):
+        read_yaml(bad)
+    bad.write_text("train:\n  epochs: 3\n")  # a file without a YAML suffix is read too
+    assert load_recipe(str(bad)) == {"train": {"epochs": 3}}
+    bad.write_text("")
+    assert read_yaml(bad) == {}

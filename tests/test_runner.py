@@ -5,6 +5,7 @@ loss. Each test runs over the kinds (`KINDS`) through the command line, with the
 import os
 import signal
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,12 @@ from safetensors.torch import load_file
 
 import mimkit.runner
 from mimkit.cli import main
+from mimkit.config import TrainConfig
+from mimkit.errors import MimkitError
+from mimkit.runner import Job
+from mimkit.runs import LOCK
 from mimkit.train.checkpoint_files import Checkpoints
+from mimkit.train.distributed import World
 from tests.conftest import TINY_MAE_KWARGS
 from tests.eval.test_segment import QUICK as QUICK_SEGMENT
 from tests.eval.test_segment import write_layout
@@ -40,11 +46,12 @@ class Captured:
     """Replaces the runner's loop: keeps what the runner hands it and ends the run as interrupted."""
 
     def __init__(self, monkeypatch):
-        self.calls = []
+        self.calls, self.arguments = [], []
         monkeypatch.setattr(mimkit.runner, "train", self)
 
     def __call__(self, model, loss_fn, dataset, *args, **kwargs):
         self.calls.append((model, loss_fn, dataset))
+        self.arguments.append((args, kwargs))
         return {"step": 0, "interrupted": True, "resumed_from": None}
 
 
@@ -90,6 +97,25 @@ def test_each_kind_compiles_when_asked(kind, mae_run, tmp_path, monkeypatch, cap
     plain, compiled = (model for model, _, _ in captured.calls)
     assert plain._compiled_call_impl is None and compiled._compiled_call_impl is not None
     assert "compile on" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_loop_gets_the_runs_upkeep_records_and_evaluation(kind, mae_run, tmp_path, monkeypatch):
+    """What ``train`` asks of the loop reaches it: seed, log and checkpoint intervals, checkpoints kept, the
+    data workers, ``--force-config``; the run's records (written by the main process) and, for the kinds
+    that evaluate, their evaluation."""
+    captured = Captured(monkeypatch)
+    upkeep = [f"train.{key}" for key in ("seed=3", "log_every=2", "checkpoint_every=3", "keep_last=4")]
+    workers = 1 if kind == "pretraining" else 0  # the others' evaluation loaders would start them
+    argv = command(kind, mae_run, tmp_path) + ["--max-steps", "2", "--out", str(tmp_path / kind),
+                                                "--set", f"data.num_workers={workers}", "--force-config"]
+    assert main(argv + [arg for kv in upkeep for arg in ("--set", kv)]) == 130
+    (_, _, _, options), records = captured.arguments[0]
+    assert (options.seed, options.log_every, options.checkpoint_every, options.keep_last) == (3, 2, 3, 4)
+    assert (options.num_workers, options.force_resume) == (workers, True)
+    assert records["metrics"].enabled and records["checkpoints"].dir.parent == tmp_path / kind
+    assert (records["evaluation"] is not None) == (kind != "pretraining")
+    assert (tmp_path / kind / "data.json").is_file() == (kind == "pretraining")  # its start-up facts
 
 
 def wrap_loss(monkeypatch, fault) -> None:
@@ -179,3 +205,27 @@ def test_a_run_directory_enters_each_module_once(kind, mae_run, tmp_path):
               if caller.startswith("mimkit") and _layer(module) > _layer(caller)]
     assert climbs == []
     assert {module: sorted(calls) for module, calls in entries.items() if len(calls) > 1} == {}
+
+
+def test_only_the_main_process_holds_the_run_and_writes_its_records(tmp_path, monkeypatch):
+    """`mimkit.runner.open_run`: the main process locks the run directory (made for it) and writes its
+    records; another process of a distributed job neither makes, locks nor writes into it."""
+    with mimkit.runner.open_run(tmp_path / "main") as run:
+        assert (run.dir / LOCK).read_text() == f"{os.getpid()}\n" and run.metrics.enabled
+        assert not run.force_config
+    other_rank = World(rank=1, size=2, device=torch.device("cpu"))
+    monkeypatch.setattr(mimkit.runner, "init_world", lambda: other_rank)
+    with mimkit.runner.open_run(tmp_path / "other", force_config=True) as run:
+        assert run.dir == tmp_path / "other" and run.force_config and not run.metrics.enabled
+        assert not run.dir.exists()  # (a run that wrote nothing leaves nothing: checked while it is held)
+
+
+def test_gradient_checkpointing_of_a_job_without_vit_blocks_is_one_line():
+    """A kind whose job names no module to checkpoint refuses ``train.grad_checkpointing`` before anything
+    is built or written."""
+    config = SimpleNamespace(train=TrainConfig(grad_checkpointing=True))
+    job = Job("test", config, torch.nn.Linear(2, 2), None, None, [], (0.9, 0.95), None, 0, 0, "a test job",
+              [])
+    with pytest.raises(MimkitError, match="^train.grad_checkpointing is not available for a test job; it "
+                                          "checkpoints ViT blocks$"):
+        mimkit.runner.run_job(None, job)

@@ -1,20 +1,49 @@
 """Run directories: the lock (held by the process that trains, never by the processes it forks, and gone
 with a run refused before it wrote anything), and the weights an evaluation reads."""
 
+import json
 import os
 import time
+from functools import partial
 
+import pytest
 import torch
+import yaml
 
+import mimkit.runs as runs
 from mimkit.cli import main
-from mimkit.runs import LOCK, best_weights, hold_run_dir, load_encoder, split_weights_path
+from mimkit.config import to_dict
+from mimkit.errors import MimkitError
+from mimkit.eval.config import FinetuneConfig
+from mimkit.registry import read_config
+from mimkit.runs import (
+    DATA_FACTS,
+    LOCK,
+    OUT_MARK,
+    best_weights,
+    claim_out_dir,
+    config_path,
+    hold_run_dir,
+    is_run_dir,
+    keep_config,
+    latest_weights,
+    load_config,
+    load_encoder,
+    load_run,
+    load_trained,
+    read_run,
+    run_kind,
+    save_run_config,
+    split_weights_path,
+)
 from mimkit.train.checkpoint_files import Checkpoints
 
 
 def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
     run = tmp_path / "run"
     ready, tell = os.pipe()
-    with hold_run_dir(run):
+    with hold_run_dir(run) as held:
+        held.save_data_facts({})  # a run that wrote something keeps its lock file (else a new one is made)
         child = os.fork()
         if child == 0:  # a data worker's place: it outlives its trainer's hold on the run
             os.write(tell, b"!")  # os.fork has returned here: the fork hooks have run
@@ -22,8 +51,9 @@ def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
             os._exit(0)
         assert os.read(ready, 1) == b"!"
     try:
-        with hold_run_dir(run):  # free, though the child is alive with the file descriptors it inherited
+        with hold_run_dir(str(run)):  # free, though the child is alive with the file descriptors it inherited
             pass
+        assert not runs._HELD_LOCKS  # forgotten once closed: a later fork closes none
     finally:
         os.kill(child, 9)
         os.waitpid(child, 0)
@@ -79,3 +109,159 @@ def test_a_random_encoder_follows_its_seed(mae_run):
     def weights(seed):
         return load_encoder(mae_run, "random", seed=seed).model.state_dict()["patch_embed.proj.weight"]
     assert torch.equal(weights(1), weights(1)) and not torch.equal(weights(0), weights(1))
+
+
+def make_run(folder, *parts: str):
+    """A folder holding ``parts``: the lock file, ``config.yaml`` (a pretraining run's), ``checkpoints/``."""
+    folder.mkdir()
+    if "lock" in parts:
+        (folder / LOCK).write_text("")
+    if "config" in parts:
+        config_path(folder).write_text("method: mae\n")
+    if "checkpoints" in parts:
+        Checkpoints(folder).dir.mkdir()
+    return folder
+
+
+@pytest.mark.parametrize("parts, is_run", [
+    ((), False), (("lock",), True), (("config",), False), (("checkpoints",), False),
+    (("config", "checkpoints"), True)])
+def test_a_run_is_a_lock_file_or_a_configuration_with_checkpoints(tmp_path, parts, is_run):
+    assert is_run_dir(make_run(tmp_path / "run", *parts)) is is_run
+
+
+def test_an_out_folder_is_claimed_once_and_refused_to_others(tmp_path):
+    """`claim_out_dir`: a new folder (its parents too) is made and marked as the command's; the command may
+    write into it again, another command or someone's files may not, unless forced; a file is no folder."""
+    out = tmp_path / "a" / "knn"
+    assert claim_out_dir(out, "knn") == out and (out / OUT_MARK).read_text() == "knn\n"
+    (out / "results.json").write_text("{}")
+    assert claim_out_dir(out, "knn") == out
+    with pytest.raises(MimkitError, match="holds the output of mimkit knn; choose a new --out, or --force"):
+        claim_out_dir(out, "linprobe")
+    assert claim_out_dir(out, "linprobe", force=True) == out
+    assert (out / OUT_MARK).read_text() == "knn\n"  # forced in: the folder stays the other command's
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    for name in ("a", "b", "c"):
+        (theirs / name).write_text("")
+    with pytest.raises(MimkitError, match=r"files mimkit knn did not write \(a, b, c\);"):
+        claim_out_dir(theirs, "knn")
+    (theirs / "d").write_text("")
+    with pytest.raises(MimkitError, match=r"did not write \(a, b, c, \.\.\.\);"):
+        claim_out_dir(theirs, "knn")
+    assert not (theirs / OUT_MARK).exists()
+    with pytest.raises(MimkitError, match="holds a mimkit run;"):
+        claim_out_dir(make_run(tmp_path / "run", "lock"), "knn")
+    with pytest.raises(MimkitError, match="is a file; give a folder"):
+        claim_out_dir(theirs / "a", "knn")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert claim_out_dir(empty, "linprobe") == empty and (empty / OUT_MARK).read_text() == "linprobe\n"
+
+
+def test_a_held_run_names_its_holder_and_empties_the_lock_after(tmp_path):
+    """While one hold is on, another (here: a second open file of the same process) is refused naming the
+    holder's PID; after it the lock file is empty. A hold made in a new nested folder creates it; a file or a
+    folder of someone's files is refused; a distributed job's other processes take no lock at all."""
+    run = tmp_path / "a" / "run"
+    with hold_run_dir(run) as held:
+        assert held.dir == run and (run / LOCK).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(MimkitError, match=rf"being trained by another process \(PID {os.getpid()}\); "
+                                                 "wait for it to end, or choose another --out"):
+            with hold_run_dir(run):
+                pass
+        held.save_data_facts({"images": 3})
+    assert (run / LOCK).read_text() == "" and json.loads((run / DATA_FACTS).read_text()) == {"images": 3}
+    with hold_run_dir(run):  # released
+        pass
+    with hold_run_dir(tmp_path / "other", enabled=False) as held:
+        assert held.dir == tmp_path / "other" and not held.dir.exists()
+    with pytest.raises(MimkitError, match="is a file; give a folder for the run"):
+        with hold_run_dir(run / LOCK):
+            pass
+    with pytest.raises(MimkitError, match=r"not a mimkit run \(it holds config.yaml\); give a new or empty"):
+        with hold_run_dir(make_run(tmp_path / "x", "config")):
+            pass
+
+
+def test_a_run_without_weights_or_encoder_says_so(tmp_path):
+    """The one-line errors of the readers of a run: no config.yaml, no checkpoint yet, a kind that keeps no
+    encoder or no model, a tokenizer whose encoder is no ViT, an unknown ``init``."""
+    empty = make_run(tmp_path / "empty")
+    for read in (run_kind, load_config, split_weights_path):
+        with pytest.raises(MimkitError, match="not a mimkit run directory"):
+            read(empty)
+    other = tmp_path / "weights.pt"
+    other.write_bytes(b"")
+    with pytest.raises(MimkitError, match="is not a checkpoint"):
+        split_weights_path(other)
+    with pytest.raises(MimkitError, match="has no checkpoint yet"):
+        latest_weights(make_run(tmp_path / "new", "config"))
+    for kind in ("segment", "knn"):
+        run = make_run(tmp_path / kind)
+        config_path(run).write_text(f"kind: {kind}\n")
+        with pytest.raises(MimkitError, match=f"is a {kind} run, which holds no encoder to evaluate; "
+                                              "give a pretraining or fine-tuning run"):
+            load_encoder(run)
+    with pytest.raises(MimkitError, match="is a knn run, which keeps no model to load"):
+        load_trained(tmp_path / "knn")
+    with pytest.raises(MimkitError, match="init 'fresh' is not one of pretrained, random"):
+        load_encoder(tmp_path / "knn", "fresh")
+    tokenizer = make_run(tmp_path / "dvae")
+    config_path(tokenizer).write_text("kind: tokenizer\nmethod: dvae\ndata: {img_size: 16, channels: 1}\n")
+    with pytest.raises(MimkitError, match="^a dvae run has no ViT encoder to evaluate \\(DVAEEncoder is not"):
+        load_encoder(tokenizer, "random")
+
+
+def test_a_saved_configuration_is_headed_by_its_kind_reads_back_and_is_kept(tmp_path):
+    """``config.yaml`` starts with the run's kind, then the configuration in its own order; a held run checks
+    a trained run's configuration against it and refuses another (`HeldRun.keep_config` forces nothing
+    unless asked)."""
+    run = make_run(tmp_path / "run", "lock")
+    config = read_config({"method": "mae", "train": {"epochs": 3}})
+    save_run_config(run, "pretraining", config)
+    text = config_path(run).read_text()
+    assert text.startswith("kind: pretraining\nmethod: mae\ndata:")  # in the configuration's order
+    kind, saved = read_run(run)
+    assert kind.name == "pretraining" and saved == config and load_config(run) == config
+    other = read_config({"method": "mae", "optim": {"base_lr": 1.0}})
+    with hold_run_dir(run) as held:
+        for keep in (held.keep_config, partial(keep_config, run)):
+            with pytest.raises(MimkitError, match="trained to step 1 with other settings .*base_lr.*; choose "
+                                                  "another --out, or resume it with the new settings"):
+                keep(other, "pretraining", 1)
+            assert config_path(run).read_text() == text
+        held.keep_config(other, "pretraining", 1, force=True)
+    assert load_config(run) == other
+    for untrained in (0, None):  # an imported run's step 0, or no checkpoint: the new configuration is saved
+        keep_config(run, config, "pretraining", untrained)
+        assert config_path(run).read_text() == text
+        save_run_config(run, "pretraining", other)
+
+
+def test_settings_an_older_config_yaml_lacks_are_compared_as_their_defaults(tmp_path):
+    """A trained run whose ``config.yaml`` lacks settings added since (here ``eval_every``, and
+    ``train.seed`` inside the encoder's section) resumes: the missing ones read as their defaults, not as
+    changes."""
+    run = make_run(tmp_path / "run", "lock")
+    config = FinetuneConfig(encoder="runs/mae", encoder_config=to_dict(read_config({"method": "mae"})))
+    save_run_config(run, "finetune", config)
+    values = yaml.safe_load(config_path(run).read_text())
+    del values["eval_every"], values["encoder_config"]["train"]["seed"]
+    config_path(run).write_text(yaml.safe_dump(values, sort_keys=False))
+    keep_config(run, config, "finetune", 1)
+    assert yaml.safe_load(config_path(run).read_text()) == values  # compared, not rewritten
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    return all(torch.equal(x, y) for x, y in pairs)
+
+
+def test_a_trained_run_loads_as_its_kind_loads_it_with_its_newest_weights(mae_run):
+    model, config = load_trained(mae_run)
+    reference, saved = load_run(mae_run)
+    assert not model.training and config == saved and same_weights(model, reference)
+    encoder = load_encoder(mae_run)
+    assert encoder.origin == str(latest_weights(mae_run)) and same_weights(encoder.model, reference.encoder)

@@ -8,7 +8,7 @@ from mimkit.data.loader import EpochBatches, SeededViews
 from mimkit.errors import MimkitError
 from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import World
-from mimkit.train.loop import LoopOptions, train
+from mimkit.train.loop import Evaluation, LoopOptions, train
 from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import build_adamw, layer_id, param_groups
 from mimkit.train.schedule import Schedule, cosine_schedule
@@ -211,3 +211,27 @@ def test_a_resumed_epoch_counts_only_the_batches_left():
     batches = EpochBatches(num_samples=10, batch_size=2, seed=0)
     batches.set_position(1, 3)
     assert len(batches) == 2 == len(list(batches))
+
+
+def test_an_evaluation_runs_when_due_is_logged_and_keeps_the_first_best(tmp_path):
+    """Every ``every`` steps and at the last step (here steps 2, 4, 5), its numbers logged and returned; the
+    best weights are those of the first step that reached the highest value (a tie keeps the earlier); a
+    resumed run compares with the kept best, not afresh."""
+    scores = iter([1.0, 3.0, 3.0, 2.0])
+
+    def evaluate(model):
+        return {"score": next(scores)}
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    options = LoopOptions(batch_size=8, log_every=100)
+    data, evaluation = SeededViews(Points(), noisy_view), Evaluation(evaluate, every=2, keep_best="score")
+    summary = train(model, regression_loss, data, build_adamw(param_groups(model, 0)), Schedule(5, [0.1] * 5),
+                    CPU, options, **run_records(tmp_path), evaluation=evaluation)
+    assert summary == {"step": 5, "interrupted": False, "resumed_from": None, "score": 3.0}
+    assert [(r["step"], r["score"]) for r in read_metrics(tmp_path) if "score" in r] == [(2, 1.0), (4, 3.0),
+                                                                                          (5, 3.0)]
+    assert Checkpoints(tmp_path).best() == {"step": 4, "metric": "score", "value": 3.0}
+    train(model, regression_loss, data, build_adamw(param_groups(model, 0)), Schedule(6, [0.1] * 6), CPU,
+          options, **run_records(tmp_path), evaluation=evaluation)
+    assert Checkpoints(tmp_path).best()["step"] == 4  # 2.0 at step 6 is below the kept 3.0
