@@ -110,7 +110,8 @@ DATACLASS_SETTINGS = [
 ]
 # the probes' settings are flags; their messages name the flag
 PROBE_FLAGS = {"num_workers": "--num-workers", "epochs": "--epochs", "batch_size": "--batch-size",
-               "base_lr": "--lr", "weight_decay": "weight decay", "k": "--k", "temperature": "--temperature"}
+               "base_lr": "--lr", "weight_decay": "--weight-decay", "k": "--k",
+               "temperature": "--temperature"}
 
 
 def _one_line_refusal(build, value, words: str) -> None:
