@@ -40,6 +40,8 @@ class Bug:
 # the VQ-KD k-means tests (the file's other tests include a Fashion-MNIST run)
 # region decoding's pixels against the whole image's, at full size and at the DCT scales
 REGION_PIXELS = "tests/data/test_jpeg_region.py"
+# one case of the probes' sweep of flags
+PROBE_FLAG_REACHES = "tests/eval/test_probe_settings.py::test_a_non_default_flag_reaches_the_probe"
 VQKD_KMEANS = ("tests/tokenizers/test_vqkd.py::test_the_first_batch_sets_the_codebook_by_kmeans",
                "tests/tokenizers/test_vqkd.py::test_the_recipe_and_its_overrides_reach_the_quantizer")
 
@@ -595,7 +597,7 @@ PLANTED = [
         ("tests/eval/test_probe_settings.py::test_a_non_default_flag_reaches_the_probe",)),
     Bug("sweep: the linear probe's --weight-decay does not reach its training", "src/mimkit/cli.py",
         "optimizer=args.optimizer, weight_decay=args.weight_decay)", "optimizer=args.optimizer)",
-        ("tests/eval/test_probe_settings.py::test_a_non_default_flag_reaches_the_probe",)),
+        (f"{PROBE_FLAG_REACHES}[linprobe --weight-decay]",)),
     Bug("sweep (auto): a block as tall as the grid is never placed", "src/mimkit/masking.py",
         "if not (1 <= h <= grid_h and", "if not (1 <= h < grid_h and",
         ("tests/test_masking.py::test_a_block_may_span_the_whole_grid_side",)),
@@ -639,6 +641,9 @@ PLANTED = [
     Bug("sweep eval: a probe run does not read named data from its root", "src/mimkit/eval/knn.py",
         "c.pool, root=c.root, label_fraction", "c.pool, label_fraction",
         ("tests/eval/test_probes.py::test_a_probe_run_saves_its_kind_its_final_record_and_its_wall_time",)),
+    Bug("sweep eval: linprobe's --seed does not reach the label subset", "src/mimkit/eval/linprobe.py",
+        "val_fraction=c.val_fraction, seed=c.seed, cache_dir", "val_fraction=c.val_fraction, cache_dir",
+        ("tests/eval/test_subsets.py::test_probe_seed_flag_picks_the_subset",)),
     Bug("sweep eval: the linear probe's SGD without momentum", "src/mimkit/eval/linprobe.py",
         "torch.optim.SGD(groups, lr=0.0, momentum=0.9)", "torch.optim.SGD(groups, lr=0.0)",
         ("tests/eval/test_probes.py::test_linear_probe_steps_by_sgd_with_momentum_along_its_schedule",)),
