@@ -14,6 +14,7 @@ from mimkit.data import idx
 from mimkit.data.synthetic import SyntheticSource
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
+from mimkit.eval import features as features_module
 from mimkit.eval.config import KnnConfig, LinprobeConfig
 from mimkit.eval.features import cached_features, probe_data, weights_digest
 from mimkit.eval.knn import knn_accuracy, knn_scores, run_knn
@@ -221,6 +222,8 @@ def test_feature_cache_extracts_each_image_once(tmp_path):
     assert sum(calls) == 6  # 1 for `expected`; another pooling, another file, each named by data and pooling
     assert sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.iterdir()) == ["synthetic_train-avg",
                                                                             "synthetic_train-cls"]
+    nothing, no_labels = cached_features(encoder, source, view, "avg", "synthetic:train", tmp_path, [])
+    assert nothing.shape == (0, 32) and no_labels.shape == (0,) and sum(calls) == 6  # none asked, none made
 
 
 def test_feature_cache_is_per_weights(tmp_path):
@@ -283,6 +286,19 @@ def test_probe_data_reads_named_data_from_root_in_the_encoders_channels(mae_run,
                       cache_dir=tmp_path / "features")
     assert data.train[0].shape == (10, 32) and data.test[0].shape == (4, 32)
     assert data.test[1].tolist() == [0, 1, 2, 3]
+
+
+def test_probe_data_extracts_with_the_workers_asked_for(mae_run, tmp_path, monkeypatch):
+    """``num_workers`` reaches the loaders of the feature pass (train and test), not only `probe_data`."""
+    asked, real = [], features_module.eval_loader
+
+    def loader(source, view, batch_size, num_workers):
+        asked.append(num_workers)
+        return real(source, view, batch_size, 0)
+
+    monkeypatch.setattr(features_module, "eval_loader", loader)
+    probe_data(load_encoder(mae_run), "synthetic:16", "avg", num_workers=2, cache_dir=tmp_path)
+    assert asked == [2, 2]
 
 
 def test_lars_steps_a_bias_by_plain_sgd_and_scales_a_matrix_by_its_trust_ratio():
