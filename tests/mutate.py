@@ -40,6 +40,8 @@ class Bug:
 # the VQ-KD k-means tests (the file's other tests include a Fashion-MNIST run)
 # region decoding's pixels against the whole image's, at full size and at the DCT scales
 REGION_PIXELS = "tests/data/test_jpeg_region.py"
+# one case of the probes' sweep of flags
+PROBE_FLAG_REACHES = "tests/eval/test_probe_settings.py::test_a_non_default_flag_reaches_the_probe"
 VQKD_KMEANS = ("tests/tokenizers/test_vqkd.py::test_the_first_batch_sets_the_codebook_by_kmeans",
                "tests/tokenizers/test_vqkd.py::test_the_recipe_and_its_overrides_reach_the_quantizer")
 
@@ -609,6 +611,9 @@ PLANTED = [
     Bug("uint8 hand-over: a crop decode's channel-last image handed over as it is",
         "src/mimkit/data/transforms.py", "self.flip(resized.contiguous())", "self.flip(resized)",
         ("tests/data/test_transforms.py",)),
+    Bug("sweep: the linear probe's --weight-decay does not reach its training", "src/mimkit/cli.py",
+        "optimizer=args.optimizer, weight_decay=args.weight_decay)", "optimizer=args.optimizer)",
+        (f"{PROBE_FLAG_REACHES}[linprobe --weight-decay]",)),
     Bug("sweep (auto): a block as tall as the grid is never placed", "src/mimkit/masking.py",
         "if not (1 <= h <= grid_h and", "if not (1 <= h < grid_h and",
         ("tests/test_masking.py::test_a_block_may_span_the_whole_grid_side",)),
@@ -631,7 +636,7 @@ PLANTED = [
         "aug.mixup_switch_prob,\n                     aug.mixup_prob)", "aug.mixup_switch_prob)",
         ("tests/test_job_settings.py::test_a_non_default_setting_changes_the_job",)),
     Bug("sweep: fine-tuning's erasing mode does not reach the view", "src/mimkit/eval/finetune.py",
-        "aug.reprob,\n                         aug.remode)", "aug.reprob)",
+        "aug.reprob,\n                        aug.remode)", "aug.reprob)",
         ("tests/test_job_settings.py::test_a_non_default_setting_changes_the_job",)),
     Bug("sweep: segmentation's flipped evaluation is never asked for", "src/mimkit/eval/segment.py",
         "seg.eval_mode, seg.eval_stride, seg.eval_flip,", "seg.eval_mode, seg.eval_stride, False,",
@@ -661,6 +666,40 @@ PLANTED = [
     Bug("sweepcore: the loop never gets data.num_workers", "src/mimkit/runner.py",
         "num_workers=job.workers, ", "",
         ("tests/test_runner.py::test_the_loop_gets_the_runs_upkeep_records_and_evaluation",)),
+    # the third mutation sweep (sweepeval, 2026-12-06): survivors of `auto` on the evaluation modules
+    Bug("sweep eval: k-NN's accuracy leaves out the first query", "src/mimkit/eval/knn.py",
+        "bar = tqdm(range(0, len(query_features), chunk)", "bar = tqdm(range(1, len(query_features), chunk)",
+        ("tests/eval/test_probes.py::test_knn_accuracy_counts_every_query_of_every_chunk_at_top1_and_top5",)),
+    Bug("sweep eval: k-NN's top-1 counts a hit among the two best classes", "src/mimkit/eval/knn.py",
+        "query_labels[start:start + chunk], (1, 5))", "query_labels[start:start + chunk], (2, 5))",
+        ("tests/eval/test_probes.py::test_knn_accuracy_counts_every_query_of_every_chunk_at_top1_and_top5",)),
+    Bug("sweep eval: a k-NN run's record at step 1", "src/mimkit/eval/knn.py",
+        "log.write(block or 0, **final)", "log.write(block or 1, **final)",
+        ("tests/eval/test_probes.py::test_a_probe_run_saves_its_kind_its_final_record_and_its_wall_time",)),
+    Bug("sweep eval: a probe run does not read named data from its root", "src/mimkit/eval/knn.py",
+        "c.pool, root=c.root, label_fraction", "c.pool, label_fraction",
+        ("tests/eval/test_probes.py::test_a_probe_run_saves_its_kind_its_final_record_and_its_wall_time",)),
+    Bug("sweep eval: linprobe's --seed does not reach the label subset", "src/mimkit/eval/linprobe.py",
+        "val_fraction=c.val_fraction, seed=c.seed, cache_dir", "val_fraction=c.val_fraction, cache_dir",
+        ("tests/eval/test_subsets.py::test_probe_seed_flag_picks_the_subset",)),
+    Bug("sweep eval: the feature cache fails when no image is asked for", "src/mimkit/eval/features.py",
+        "torch.as_tensor(indices, dtype=torch.long)", "torch.as_tensor(indices)",
+        ("tests/eval/test_probes.py::test_feature_cache_extracts_each_image_once",)),
+    Bug("sweep eval: the probes' --num-workers stops at probe_data", "src/mimkit/eval/features.py",
+        "batch_size=batch_size, num_workers=num_workers)", "batch_size=batch_size)",
+        ("tests/eval/test_probes.py::test_probe_data_extracts_with_the_workers_asked_for",)),
+    Bug("sweep eval: the linear probe's SGD without momentum", "src/mimkit/eval/linprobe.py",
+        "torch.optim.SGD(groups, lr=0.0, momentum=0.9)", "torch.optim.SGD(groups, lr=0.0)",
+        ("tests/eval/test_probes.py::test_linear_probe_steps_by_sgd_with_momentum_along_its_schedule",)),
+    Bug("sweep eval: the linear probe trains in eval mode after an evaluation", "src/mimkit/eval/linprobe.py",
+        "            probe.train()\n", "",
+        ("tests/eval/test_probes.py::test_an_evaluation_leaves_the_probes_training_alone",)),
+    Bug("sweep eval: the linear probe's data order from the global RNG", "src/mimkit/eval/linprobe.py",
+        "order = torch.randperm(len(features), generator=g)", "order = torch.randperm(len(features))",
+        ("tests/eval/test_probes.py::test_linear_probe_follows_its_seed_alone",)),
+    Bug("sweep eval: the feature cache named by the weights' values alone", "src/mimkit/eval/features.py",
+        '        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())\n', "",
+        ("tests/eval/test_probes.py::test_weights_digest_tells_names_shapes_dtypes_and_values_apart",)),
 ]
 
 

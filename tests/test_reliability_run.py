@@ -83,6 +83,8 @@ def test_bad_numbers_are_one_line_errors(tmp_path, capsys, args, message):
     (["linprobe", "--lr", "nan"], "--lr must be a finite number above 0, got nan"),
     (["linprobe", "--lr", "-1"], "--lr must be above 0, got -1"),
     (["linprobe", "--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["linprobe", "--weight-decay", "-0.1"], "--weight-decay must be at least 0, got -0.1"),
+    (["linprobe", "--weight-decay", "inf"], "--weight-decay must be a finite number at least 0, got inf"),
     (["linprobe", "--val-fraction", "-0.1"], "(--val-fraction) must be in [0, 1), got -0.1"),
     (["linprobe", "--label-fraction", "nan"], "(--label-fraction) must be a finite number in (0, 1]"),
     (["knn", "--k", "0"], "--k must be at least 1, got 0"),

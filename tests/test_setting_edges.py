@@ -29,6 +29,7 @@ from mimkit.eval.config import (
     SegmentConfig,
 )
 from mimkit.eval.knn import knn_scores
+from mimkit.eval.linprobe import train_linear_probe
 from mimkit.eval.subsets import label_subset, make_splits
 from mimkit.masking import block_mask, checked_block_count, count_for_ratio
 from mimkit.methods.beit import BEiTConfig
@@ -110,7 +111,8 @@ DATACLASS_SETTINGS = [
 ]
 # the probes' settings are flags; their messages name the flag
 PROBE_FLAGS = {"num_workers": "--num-workers", "epochs": "--epochs", "batch_size": "--batch-size",
-               "base_lr": "--lr", "weight_decay": "weight decay", "k": "--k", "temperature": "--temperature"}
+               "base_lr": "--lr", "weight_decay": "--weight-decay", "k": "--k",
+               "temperature": "--temperature"}
 
 
 def _one_line_refusal(build, value, words: str) -> None:
@@ -210,6 +212,10 @@ FUNCTIONS = [
     ("quantizer dead_after", lambda n: NormEMAQuantizer(4, 2, dead_after=n), *AT_LEAST_1, "dead_after"),
     ("knn k", lambda k: knn_scores(FEATURES, LABELS, FEATURES, 4, k=k), *AT_LEAST_1, "k=0"),
     ("knn temperature", lambda t: knn_scores(FEATURES, LABELS, FEATURES, 4, temperature=t), *POSITIVE, "T=0"),
+    ("linear probe images", lambda n: train_linear_probe(torch.zeros(n, 2), torch.arange(n) % 2, 2, epochs=1,
+                                                         warmup_epochs=0), (2,), (1,), "2 training images"),
+    ("linear probe epochs", lambda e: train_linear_probe(torch.zeros(2, 2), torch.arange(2), 2, epochs=e,
+                                                         warmup_epochs=0), *AT_LEAST_1, "and 1 epoch"),
     ("label fraction", lambda f: label_subset(LABELS, f), *UNIT_ABOVE_ZERO, "label fraction"),
     ("val fraction", lambda f: make_splits(Labelled(), val_fraction=f),
      (0.0,), (BELOW_ZERO, 1.0), "val fraction"),

@@ -355,7 +355,7 @@ def probe_config(args: argparse.Namespace):
                   num_workers=args.num_workers, layer=args.layer)
     if args.command == "linprobe":
         return LinprobeConfig(**common, epochs=args.epochs, batch_size=args.batch_size, base_lr=args.lr,
-                              optimizer=args.optimizer)
+                              optimizer=args.optimizer, weight_decay=args.weight_decay)
     return KnnConfig(**common, k=args.k, temperature=args.temperature)
 
 
@@ -435,6 +435,8 @@ def add_eval_commands(commands) -> None:
             probe.add_argument("--batch-size", type=int, default=256)
             probe.add_argument("--lr", type=float, default=0.1, help="base lr, scaled by batch / 256")
             probe.add_argument("--optimizer", choices=("sgd", "lars"), default="sgd")
+            probe.add_argument("--weight-decay", type=float, default=0.0,
+                               help="on the linear weights, never the bias (MAE's probe: 0)")
         else:
             probe.add_argument("--k", type=int, default=20)
             probe.add_argument("--temperature", type=float, default=0.07)

@@ -289,8 +289,15 @@ def test_split_train_val_stratified():
     assert val.info is source.info and val[0][1] == val.labels[0]
     assert split_train_val(source, 0.2, seed=1)[1].indices == val.indices
     assert split_train_val(source, 0.2, seed=2)[1].indices != val.indices
-    with pytest.raises(MimkitError, match="val_fraction"):
+    with pytest.raises(MimkitError, match=r"val_fraction=1.0 must be between 0 and 1 \(exclusive\)"):
         split_train_val(source, 1.0)
+
+
+@pytest.mark.parametrize("fraction, empty", [(0.01, "val"), (0.99, "train")])
+def test_a_hold_out_that_leaves_a_part_empty_names_it(fraction, empty):
+    """4 images a class: 1% rounds to none held out, 99% to all of them."""
+    with pytest.raises(MimkitError, match=f"of 8 images leaves an empty {empty} part"):
+        split_train_val(SyntheticSource(n=8, num_classes=2), fraction)
 
 
 def test_both_parts_keep_the_sources_order():

@@ -55,9 +55,11 @@ def test_block_features(kind, pool):
 
 def test_probe_layers():
     assert probe_layers(None, 12) is None and probe_layers("all", 3) == (1, 2, 3)
-    assert probe_layers(9, 12) == (9,)
-    with pytest.raises(Exception, match="block number in 1..12"):
-        probe_layers(13, 12)
+    assert probe_layers(9, 12) == (9,) and probe_layers(1, 12) == (1,) and probe_layers(12, 12) == (12,)
+    assert probe_layers("9", 12) == (9,)  # a number read back as text
+    for outside in (0, 13):
+        with pytest.raises(Exception, match="block number in 1..12"):
+            probe_layers(outside, 12)
 
 
 @pytest.mark.parametrize("command", ["linprobe", "knn"])

@@ -22,7 +22,8 @@ COMMON = [("--init", "random"), ("--pool", "avg"), ("--label-fraction", "0.5"), 
           ("--seed", "1"), ("--features-cache", "OTHER"), ("--num-workers", "1"), ("--layer", "1")]
 CASES = [*[("linprobe", *flag) for flag in COMMON], *[("knn", *flag) for flag in COMMON],
          ("linprobe", "--epochs", "3"), ("linprobe", "--batch-size", "16"), ("linprobe", "--lr", "0.05"),
-         ("linprobe", "--optimizer", "lars"), ("knn", "--k", "5"), ("knn", "--temperature", "0.5")]
+         ("linprobe", "--optimizer", "lars"), ("linprobe", "--weight-decay", "0.05"), ("knn", "--k", "5"),
+         ("knn", "--temperature", "0.5")]
 # command -> its module, the functions spied there, and its flags of every run
 SPIED = {"linprobe": (linprobe, ("probe_data", "train_linear_probe"), ["--epochs", "2"]),
          "knn": (knn, ("probe_data", "knn_accuracy"), [])}

@@ -1,18 +1,35 @@
 """Linear probe, LARS and k-NN on separable synthetic features; top-k counting; the feature cache."""
 
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
+from mimkit.data import idx
 from mimkit.data.synthetic import SyntheticSource
 from mimkit.data.transforms import eval_view
-from mimkit.eval.features import cached_features
-from mimkit.eval.knn import knn_accuracy, knn_scores
+from mimkit.errors import MimkitError
+from mimkit.eval import features as features_module
+from mimkit.eval.config import KnnConfig, LinprobeConfig
+from mimkit.eval.features import cached_features, probe_data, weights_digest
+from mimkit.eval.knn import knn_accuracy, knn_scores, run_knn
 from mimkit.eval.lars import LARS
-from mimkit.eval.linprobe import LinearProbe, probe_accuracy, train_linear_probe
+from mimkit.eval.linprobe import LinearProbe, probe_accuracy, run_linprobe, single_thread, train_linear_probe
 from mimkit.eval.scores import topk_correct
 from mimkit.models.classifier import pooled_features
 from mimkit.models.vit import build_vit
-from tests.conftest import perturb
+from mimkit.runs import load_encoder, read_run
+from mimkit.train.metrics_log import read_metrics
+from tests.conftest import perturb, write_idx
+
+# scores that rank class 0 first, then 1, 2, ..., 7, for 5 queries, and their labels: 2 top-1 hits (class 0),
+# 2 more top-5 hits (classes 1 and 3), 1 miss (class 6); a top-2 count would find 3
+RANKED_SCORES, RANKED_LABELS = torch.linspace(8, 1, 8).repeat(5, 1), torch.tensor([0, 1, 6, 0, 3])
 
 
 def clusters(n_per_class=60, num_classes=5, dim=16, seed=0, scale=3.0):
@@ -41,9 +58,29 @@ def test_linear_probe_separates_clusters(optimizer):
     assert probe_accuracy(probe, test_x, test_y)["top1"] >= 95
 
 
-def test_linear_probe_shapes():
+def test_linear_probe_shapes_and_initialization():
+    """MAE's head: BatchNorm without affine parameters (eps 1e-6), a linear layer of std 0.01, zero bias."""
     probe = LinearProbe(16, 5)
     assert probe(torch.randn(8, 16)).shape == (8, 5)
+    assert not probe[0].affine and probe[0].eps == 1e-6
+    assert 0.005 < probe[1].weight.std() < 0.02 and not probe[1].bias.any()
+
+
+def test_probe_accuracy_counts_top1_and_top5_and_leaves_the_probe_in_eval_mode():
+    probe = nn.Sequential(nn.BatchNorm1d(8, affine=False)).train()
+    assert probe_accuracy(probe, RANKED_SCORES, RANKED_LABELS) == {"top1": 40.0, "top5": 80.0}
+    assert not probe.training
+
+
+def test_single_thread_gives_the_threads_back():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with single_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 class Records:
@@ -74,6 +111,72 @@ def test_linear_probe_decays_the_weights_only():
     assert plain.bias[0] > plain.bias[1]  # the frequent class
     torch.testing.assert_close(decayed.bias, plain.bias, rtol=0, atol=0)
     assert decayed.weight.abs().sum() < plain.weight.abs().sum()
+
+
+def test_linear_probe_steps_by_sgd_with_momentum_along_its_schedule():
+    """On features that carry nothing (all zero) only the bias learns, and every step can be followed by hand:
+    one step of all 64 images an epoch, lr 4.0 x 64 / 256 = 1 then cosine to 0, momentum 0.9; each epoch's
+    record holds the loss before its step, its lr and the share of images the bias got right (class 0, the
+    first of a tie at the start: 48 of 64)."""
+    features, labels = torch.zeros(64, 4), torch.tensor([0] * 48 + [1] * 16)
+    log = Records()
+    probe = train_linear_probe(features, labels, 2, epochs=3, batch_size=64, base_lr=4.0, warmup_epochs=0,
+                               log=log)
+    frequency = torch.tensor([0.75, 0.25])
+    bias, velocity, expected = torch.zeros(2), torch.zeros(2), []
+    for lr in (1.0, 0.5, 0.0):
+        expected.append({"step": len(expected) + 1, "loss": -(frequency * bias.log_softmax(0)).sum().item(),
+                         "lr": lr, "train_top1": 75.0})
+        velocity = 0.9 * velocity + bias.softmax(0) - frequency  # the mean gradient of the cross-entropy
+        bias = bias - lr * velocity
+    assert log.records == [pytest.approx(record) for record in expected]
+    torch.testing.assert_close(probe[1].bias.detach(), bias)
+
+
+def test_linear_probe_epoch_averages_its_steps_and_counts_each_image_once():
+    """4 steps of 16 an epoch at an lr too small to move the bias from 0: every step's loss is log 2 whatever
+    its labels, and the prediction (class 0) is right for the 48 images of class 0 among 64."""
+    features, labels = torch.zeros(64, 4), torch.tensor([0] * 48 + [1] * 16)
+    log = Records()
+    train_linear_probe(features, labels, 2, epochs=2, batch_size=16, base_lr=1e-9, warmup_epochs=0, log=log)
+    assert [r["loss"] for r in log.records] == pytest.approx([math.log(2)] * 2)
+    assert [r["train_top1"] for r in log.records] == [75.0] * 2
+
+
+def test_linear_probe_evaluates_every_eval_every_epochs_and_at_the_end():
+    features, labels = clusters(n_per_class=8, num_classes=2)
+    log = Records()
+    train_linear_probe(features, labels, 2, epochs=5, batch_size=8, warmup_epochs=0, eval_every=2, log=log,
+                       evaluate=lambda probe: {"val_top1": 50.0})
+    assert [r["step"] for r in log.records if "val_top1" in r] == [2, 4, 5]
+
+
+def test_an_evaluation_leaves_the_probes_training_alone():
+    """Scoring the probe (in eval mode) after every epoch changes nothing in how it trains: each epoch trains
+    in train mode again (BatchNorm on the batch's statistics)."""
+    features, labels = clusters(n_per_class=8, num_classes=2)
+    plain = train_linear_probe(features, labels, 2, epochs=3, batch_size=8, warmup_epochs=0)
+    watched = train_linear_probe(features, labels, 2, epochs=3, batch_size=8, warmup_epochs=0, eval_every=1,
+                                 evaluate=lambda probe: probe_accuracy(probe, features, labels))
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(watched.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_linear_probe_follows_its_seed_alone():
+    """The probe's initialization and data order come from ``seed``, whatever the global random state."""
+    features, labels = clusters(n_per_class=8, num_classes=2)
+    weights = []
+    for global_seed, seed in ((0, 3), (1, 3), (0, 4)):
+        torch.manual_seed(global_seed)
+        probe = train_linear_probe(features, labels, 2, epochs=2, batch_size=4, warmup_epochs=0, seed=seed)
+        weights.append(probe[1].weight.detach())
+    torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=0)
+    assert not torch.equal(weights[2], weights[0])
+
+
+def test_linear_probe_refuses_an_unknown_optimizer():
+    with pytest.raises(MimkitError, match="optimizer 'adam' is not one of sgd, lars"):
+        train_linear_probe(torch.zeros(4, 2), torch.arange(4) % 2, 2, optimizer="adam")
 
 
 def test_knn_separates_clusters_and_weights_by_similarity():
@@ -116,24 +219,86 @@ def test_feature_cache_extracts_each_image_once(tmp_path):
         expected = pooled_features(encoder, torch.stack([view(source[5][0])["image"]]), "avg")
     torch.testing.assert_close(again[2:], expected)
     cached_features(encoder, source, view, "cls", "synthetic:train", tmp_path, [1])
-    assert sum(calls) == 6 and len(list(tmp_path.iterdir())) == 2  # 1 for `expected`; another pooling, file
+    assert sum(calls) == 6  # 1 for `expected`; another pooling, another file, each named by data and pooling
+    assert sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.iterdir()) == ["synthetic_train-avg",
+                                                                            "synthetic_train-cls"]
+    nothing, no_labels = cached_features(encoder, source, view, "avg", "synthetic:train", tmp_path, [])
+    assert nothing.shape == (0, 32) and no_labels.shape == (0,) and sum(calls) == 6  # none asked, none made
 
 
 def test_feature_cache_is_per_weights(tmp_path):
     """Features cached for an encoder are never read for the same architecture with other weights (a run
-    trained further, or another run sharing --features-cache): the cache is named by the weights' values."""
+    trained further, or another run sharing --features-cache): the cache is named by the weights' values. The
+    cache folder is made with its parents; the encoder is put in eval mode."""
     torch.manual_seed(0)
     encoder = build_vit(dict(embed_dim=32, depth=1, num_heads=2), img_size=16, patch_size=4, in_chans=3)
     source = SyntheticSource(n=8, image_size=16)
     view = eval_view(16, source.info.mean, source.info.std)
-    before, _ = cached_features(encoder.eval(), source, view, "avg", "synthetic:train", tmp_path, [0, 1])
+    cache = tmp_path / "features" / "cache"
+    before, _ = cached_features(encoder.eval(), source, view, "avg", "synthetic:train", cache, [0, 1])
     perturb(encoder)  # the same names, shapes and dtypes; other values
     with torch.no_grad():
         expected = pooled_features(encoder, torch.stack([view(source[i][0])["image"] for i in (0, 1)]), "avg")
-    after, _ = cached_features(encoder, source, view, "avg", "synthetic:train", tmp_path, [0, 1])
+    after, _ = cached_features(encoder.train(), source, view, "avg", "synthetic:train", cache, [0, 1])
+    assert not encoder.training
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, expected)
-    assert len(list(tmp_path.iterdir())) == 2
+    assert len(list(cache.iterdir())) == 2
+
+
+class Holder(nn.Module):
+    """A module holding one tensor, as its buffer ``tensor``."""
+
+    def __init__(self, tensor: torch.Tensor):
+        super().__init__()
+        self.register_buffer("tensor", tensor)
+
+
+def test_weights_digest_tells_names_shapes_dtypes_and_values_apart():
+    """Ones in five ways (names, shapes, dtypes, values): the caches of their features must differ."""
+    ones = torch.ones(2, 3)
+    modules = [Holder(ones), Holder(ones.reshape(3, 2)), Holder(ones.double()), Holder(2 * ones),
+               nn.Sequential(Holder(ones))]
+    assert len({weights_digest(module) for module in modules}) == 5
+    assert weights_digest(Holder(ones.clone())) == weights_digest(modules[0])
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path, monkeypatch, private_data_cache) -> Path:
+    """A folder holding a tiny MNIST (10 train images, one a class, and 4 test images), the only one the test
+    can find (no download): data that only a ``root`` reaches."""
+    def offline(name):
+        raise RuntimeError("no network in the tests")
+
+    monkeypatch.setattr(idx, "_download_idx", offline)
+    root = tmp_path / "mine"
+    root.mkdir()
+    for prefix, n in (("train", 10), ("t10k", 4)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", np.full((n, 8, 8), 100, np.uint8))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n, dtype=np.uint8))
+    return root
+
+
+def test_probe_data_reads_named_data_from_root_in_the_encoders_channels(mae_run, tmp_path, tiny_mnist):
+    """Named IDX data is looked up in ``root`` first, and its grey images reach the 3-channel encoder as RGB:
+    features of every train and test image."""
+    data = probe_data(load_encoder(mae_run), "mnist", "avg", root=str(tiny_mnist),
+                      cache_dir=tmp_path / "features")
+    assert data.train[0].shape == (10, 32) and data.test[0].shape == (4, 32)
+    assert data.test[1].tolist() == [0, 1, 2, 3]
+
+
+def test_probe_data_extracts_with_the_workers_asked_for(mae_run, tmp_path, monkeypatch):
+    """``num_workers`` reaches the loaders of the feature pass (train and test), not only `probe_data`."""
+    asked, real = [], features_module.eval_loader
+
+    def loader(source, view, batch_size, num_workers):
+        asked.append(num_workers)
+        return real(source, view, batch_size, 0)
+
+    monkeypatch.setattr(features_module, "eval_loader", loader)
+    probe_data(load_encoder(mae_run), "synthetic:16", "avg", num_workers=2, cache_dir=tmp_path)
+    assert asked == [2, 2]
 
 
 def test_lars_steps_a_bias_by_plain_sgd_and_scales_a_matrix_by_its_trust_ratio():
@@ -153,3 +318,46 @@ def test_knn_scores_the_same_in_chunks_of_queries():
     whole = knn_scores(train, labels, queries, 3, k=4)
     assert whole.shape == (5, 3)
     torch.testing.assert_close(knn_scores(train, labels, queries, 3, k=4, chunk=2), whole)
+
+
+def test_knn_accuracy_counts_every_query_of_every_chunk_at_top1_and_top5():
+    """One training feature per class along its own axis; every query points the same way, nearest to class 0,
+    then 1, 2, ...: a query of class 0 is a top-1 hit, of classes 1 to 4 a top-5 hit, of 6 a miss. Five
+    queries in chunks of 2, the first of them a hit."""
+    train, labels = torch.eye(8), torch.arange(8)
+    scores = knn_accuracy(train, labels, RANKED_SCORES, RANKED_LABELS, 8, k=8, chunk=2)
+    assert scores == {"top1": 40.0, "top5": 80.0}
+
+
+# k = the 10 training images: no warning that k is capped
+PROBE_RUNS = {"knn": (run_knn, KnnConfig(data="mnist", k=10), 0, {"k": 10, "train_images": 10}),
+              "linprobe": (run_linprobe, LinprobeConfig(data="mnist", epochs=2), 2,
+                           {"feature_dim": 32, "epochs": 2, "weight_decay": 0.0, "train_images": 10})}
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("protocol", PROBE_RUNS)
+def test_a_probe_run_saves_its_kind_its_final_record_and_its_wall_time(mae_run, tmp_path, tiny_mnist,
+                                                                       protocol):
+    """The library call as the command makes it: the data from its ``root``, ``config.yaml`` (kind and
+    settings) read back, the last metrics record (step 0 for k-NN, the last epoch for the linear probe)
+    holding the results' numbers, the files it writes, the time it took; another's folder is refused unless
+    forced."""
+    run, config, step, expected = PROBE_RUNS[protocol]
+    config = dataclasses.replace(config, root=str(tiny_mnist), cache_dir=str(tmp_path / "features"))
+    encoder = load_encoder(mae_run)
+    started = time.perf_counter()
+    results = run(encoder, config, tmp_path / "out")
+    assert 0 <= results["wall_s"] <= time.perf_counter() - started + 0.1
+    assert expected.items() <= results.items()
+    kind, saved = read_run(tmp_path / "out")
+    assert kind.name == protocol and saved == config
+    assert read_metrics(tmp_path / "out")[-1] == {"step": step, "test_top1": results["test_top1"],
+                                                  "test_top5": results["test_top5"]}
+    probe_file = ["probe.safetensors"] if protocol == "linprobe" else []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [".mimkit-out", "config.yaml", "metrics.jsonl", "results.json", *probe_file])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine\n")
+    with pytest.raises(MimkitError, match="--force"):
+        run(encoder, config, tmp_path / "notes")

@@ -2,6 +2,7 @@
 that picks them reaches them from the command line (``--seed``, ``--set labels.seed=N``)."""
 
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -60,6 +61,13 @@ def test_unlabelled_data_is_an_error():
         make_splits(source)
 
 
+def test_a_class_left_without_training_images_is_named_by_its_number_when_the_data_names_none():
+    info = SimpleNamespace(name="mine", num_classes=3, classes=[])
+    unnamed = SimpleNamespace(labels=[1, 1, 2, 2], info=info)
+    with pytest.warns(UserWarning, match=r"1 of 3 classes have no training image .* \(e.g. \['0'\]\)"):
+        make_splits(unnamed)
+
+
 def test_the_seed_picks_the_subset_and_the_holdout():
     source = SyntheticSource(n=500, image_size=8)
     for val_fraction in (0.0, 0.2):
@@ -70,22 +78,26 @@ def test_the_seed_picks_the_subset_and_the_holdout():
         assert set(other.val) != set(one.val) or val_fraction == 0
 
 
-def knn_train_rows(mae_run, tmp_path, name: str, seed: int) -> list[int]:
-    """The training images a k-NN run at 10% of the labels encoded: the rows its feature cache filled."""
+def probe_train_rows(command: str, mae_run, tmp_path, name: str, seed: int) -> list[int]:
+    """The training images a probe run at 10% of the labels encoded: the rows its feature cache filled."""
     cache = tmp_path / f"cache-{name}"
-    assert main(["knn", str(mae_run), "--data", "synthetic", "--out", str(tmp_path / name),
+    epochs = ["--epochs", "1"] if command == "linprobe" else []
+    assert main([command, str(mae_run), "--data", "synthetic", "--out", str(tmp_path / name),
                  "--label-fraction", "0.1", "--seed", str(seed), "--features-cache", str(cache),
-                 "--num-workers", "0"]) == 0
+                 "--num-workers", "0", *epochs]) == 0
     [train_cache] = cache.glob("synthetic_train-*.safetensors")
     assert len(list(cache.glob("synthetic_test-*.safetensors"))) == 1
     return load_file(str(train_cache))["have"].nonzero().flatten().tolist()
 
 
-def test_probe_seed_flag_picks_the_subset(mae_run, tmp_path):
-    first = knn_train_rows(mae_run, tmp_path, "a", seed=1)
+@pytest.mark.parametrize("command", ["knn", "linprobe"])
+def test_probe_seed_flag_picks_the_subset(mae_run, tmp_path, command):
+    """For both probes: the linear probe's seed also seeds its probe, which hides from
+    `test_probe_settings.py` a seed that misses the subset."""
+    first = probe_train_rows(command, mae_run, tmp_path, "a", seed=1)
     assert len(first) == round(0.1 * len(SyntheticSource()))
-    assert knn_train_rows(mae_run, tmp_path, "b", seed=1) == first
-    assert knn_train_rows(mae_run, tmp_path, "c", seed=2) != first
+    assert probe_train_rows(command, mae_run, tmp_path, "b", seed=1) == first
+    assert probe_train_rows(command, mae_run, tmp_path, "c", seed=2) != first
 
 
 class SplitsChosen(Exception):

@@ -175,7 +175,7 @@ class LinprobeConfig(ProbeConfig):
         check_range("--epochs", self.epochs, 1)
         check_range("--batch-size", self.batch_size, 1)
         check_range("--lr", self.base_lr, 0, low_open=True)
-        check_range("the weight decay", self.weight_decay, 0)
+        check_range("--weight-decay", self.weight_decay, 0)
 
 
 @dataclass

@@ -185,6 +185,7 @@ def run_linprobe(encoder: Encoder, config: LinprobeConfig, out: str | Path, forc
                "seed": c.seed, "train_images": len(features.train[1]),
                "feature_dim": features.train[0].shape[-1],
                "optimizer": c.optimizer, "epochs": c.epochs, "base_lr": c.base_lr,
+               "weight_decay": c.weight_decay,
                **{k: v for k, v in rows[-1].items() if k != "layer"},
                **(depth_results(out, "linprobe", rows) if every_block else {}),
                "wall_s": round(time.perf_counter() - start, 1)}
