@@ -38,7 +38,7 @@ PRETRAIN = [*COMMON, ("train.epochs", 3), ("data.img_size", 16), ("data.mean", [
 FINETUNE = [*COMMON, ("train.epochs", 3), ("data.mean", [0.4] * 3), ("data.std", [0.3] * 3),
             ("optim.layer_decay", 0.5), ("classifier.pool", "cls"), ("classifier.drop_path", 0.5),
             ("classifier.init", "random"), ("classifier.num_classes", 12),
-            ("augment.crop_scale", (0.2, 0.4)), ("augment.auto_augment", None), ("augment.reprob", 1.0),
+            ("augment.crop_scale", (0.2, 0.4)), ("augment.auto_augment", None), ("augment.reprob", 0.0),
             ("augment.mixup", 0.0), ("augment.cutmix", 0.0), ("augment.mixup_switch_prob", 0.0),
             ("augment.mixup_prob", 0.0), ("augment.label_smoothing", 0.3),
             ("labels.fraction", 0.5), ("labels.val_fraction", 0.25), ("ema_decay", 0.5), ("eval_every", 2)]
