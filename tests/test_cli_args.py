@@ -227,3 +227,40 @@ def test_probe_defaults(calls, tmp_path):
     config = calls[1].args[1]
     assert (config.init, config.pool, config.label_fraction, config.val_fraction) == ("pretrained", "cls", 1.0, 0.0)
     assert (config.seed, config.layer, calls[1].args[3]) == (0, None, False)
+
+
+def test_segment_takes_the_recipes_part_for_the_encoders_method_before_set(calls, monkeypatch, tmp_path):
+    fake_run(monkeypatch, spec=lambda saved: SimpleNamespace(method="mae"))
+    calls.record("mimkit.eval.segment", "run_segment", {})
+    args = ["segment", "enc", "--data", "fmnist-scenes", "--out", str(tmp_path), "--config", "segment_ade20k"]
+    assert cli.main([*args, "--set", "seg.drop_path=0.2"]) == 0
+    config = calls.only.args[0]
+    assert (config.optim.base_lr, config.seg.rel_pos_bias, config.seg.drop_path) == (1.6e-3, True, 0.2)
+    assert calls.only.kwargs["recipe"] == "segment_ade20k: --config"
+
+
+@pytest.mark.parametrize("count, recipe", [(9_999, "segment_small"), (10_000, "segment_ade20k")])
+def test_a_segmentation_folder_gets_the_recipe_of_its_size(monkeypatch, tmp_path, count, recipe):
+    monkeypatch.setattr("mimkit.data.sources.count_images", lambda data, stop_after: count)
+    assert cli.choose_segment_recipe(str(tmp_path))[0] == recipe
+    assert cli.choose_segment_recipe("fmnist-scenes")[0] == "segment_fmnist"
+
+
+@pytest.mark.parametrize("method, count, recipe", [("mae", 99_999, "mae_small"), ("mae", 100_000, "mae_in1k"),
+                                                   ("beit", 10, "beit_in1k")])
+def test_a_pretraining_folder_gets_the_recipe_of_its_size(monkeypatch, tmp_path, method, count, recipe):
+    monkeypatch.setattr("mimkit.data.sources.count_images", lambda data, stop_after: count)
+    assert cli.default_recipe(method, str(tmp_path)) == recipe
+    assert cli.default_recipe(method, "synthetic:8") == f"{method}_fmnist"
+    assert cli.default_recipe(method, str(tmp_path / "not-a-folder")) == f"{method}_in1k"
+
+
+def test_layer_takes_a_block_number_or_all(calls, tmp_path, capsys):
+    calls.record("mimkit.runs", "load_encoder", "the encoder")
+    calls.record("mimkit.eval.knn", "run_knn", {"test_top1": 1.0})
+    assert cli.main(["knn", "enc", "--data", "synthetic:8", "--out", str(tmp_path), "--layer", "all"]) == 0
+    assert calls[1].args[1].layer == "all"
+    assert "knn: test top-1 1.00%  (results: " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["knn", "enc", "--data", "synthetic:8", "--out", str(tmp_path), "--layer", "last"])
+    assert "'last' is neither a block number nor 'all'" in capsys.readouterr().err

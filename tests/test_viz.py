@@ -8,13 +8,14 @@ import pytest
 import torch
 from PIL import Image, ImageColor
 
-from mimkit.data.transforms import denormalize
+from mimkit.data.transforms import denormalize, eval_view
 from mimkit.errors import MimkitError
 from mimkit.models.beit import BEiT, BEiTv2
 from mimkit.models.mae import MAE
 from mimkit.tokenizers.dvae import dvae_for
 from mimkit.tokenizers.vqkd import VQKD
 from mimkit.viz import (
+    _plot,
     accuracy_by_depth_plot,
     beit_predictions,
     beitv2_predictions,
@@ -26,6 +27,7 @@ from mimkit.viz import (
     mae_reconstructions,
     overlay,
     picture_path,
+    run_panels,
     save_picture,
     seg_palette,
     segmentation_figure,
@@ -124,20 +126,28 @@ def test_beit_prediction_panel_decodes_the_predicted_ids():
     assert torch.equal(panels["masked"], images * (1 - hidden))
 
 
-def test_grid_draws_each_panel_in_its_column():
-    """Three columns of flat tiles: each tile's pixels are its panel's denormalized colour."""
+@pytest.mark.parametrize("side, channels", [(8, 3), (60, 3), (64, 3), (8, 1)])
+def test_grid_draws_each_panel_in_its_column(side, channels):
+    """Three columns of flat tiles (the last at half size: tiles take the first column's size), upscaled
+    to at least 112 px below 64 px and 4x from 64 px, gray for one channel: each tile's pixels, corner to
+    corner, are its panel's denormalized colour, and 4 px of white part them."""
     shades = torch.tensor([-1.0, 0.0, 1.0])
-    panels = {name: torch.full((2, 3, 8, 8), float(s)) for name, s in zip("abc", shades, strict=True)}
-    picture = image_grid(panels, MEAN, STD)
-    scale, pad, header = 112 // 8, 4, 18
-    tile = 8 * scale
-    assert picture.size == grid_size(3, 2, 8)
+    mean, std = MEAN[:channels], STD[:channels]
+    panels = {name: torch.full((2, channels) + (side // (1 + (name == "c")),) * 2, float(s))
+              for name, s in zip("abc", shades, strict=True)}
+    picture = image_grid(panels, mean, std)
+    pad, header = 4, 18
+    tile = side * {8: 14, 60: 1, 64: 4}[side]
+    assert picture.size == grid_size(3, 2, side)
+    white = (255, 255, 255)
     for column, shade in enumerate(shades):
-        colour = (denormalize(torch.full((3, 1, 1), float(shade)), MEAN, STD).flatten() * 255).round()
+        colour = denormalize(torch.full((channels, 1, 1), float(shade)), mean, std).flatten() * 255
+        colour = tuple(int(v) for v in colour.round().expand(3))
         for row in range(2):
-            x = pad + column * (tile + pad) + tile // 2
-            y = header + pad + row * (tile + pad) + tile // 2
-            assert picture.getpixel((x, y)) == tuple(int(v) for v in colour)
+            left, top = pad + column * (tile + pad), header + pad + row * (tile + pad)
+            for x, y in ((left, top), (left + tile // 2, top + tile // 2), (left + tile - 1, top + tile - 1)):
+                assert picture.getpixel((x, y)) == colour
+            assert picture.getpixel((left - 1, top)) == picture.getpixel((left, top - 1)) == white
 
 
 def test_token_maps_draw_one_fixed_shade_per_code_normalized_like_the_images():
@@ -188,6 +198,29 @@ def test_beitv2_prediction_panel_puts_the_models_codes_at_hidden_patches_only():
     hidden = mask.float().repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None]
     assert torch.equal(panels["masked"], images * (1 - hidden))
     assert torch.equal(panels["original"], images)
+
+
+@pytest.mark.parametrize("img_size, crop_pct", [(127, 1.0), (128, 0.875)])
+def test_run_panels_draw_the_picked_images_in_the_vit_views_crop(monkeypatch, img_size, crop_pct):
+    """Every column's images (here one at 16 px, as a tokenizer's) are cut with the crop of the ViT's own
+    evaluation view: ImageNet's from 128 px, the whole image below."""
+    g = torch.Generator().manual_seed(0)
+    source = [(torch.randint(0, 256, (3, 40, 40), generator=g, dtype=torch.uint8), 0) for _ in range(3)]
+    seen = {}
+
+    def pictures(model, config, images, generator):
+        seen.update(model=model, seed=generator.initial_seed())
+        return {"small": images(16, MEAN, STD)}
+
+    monkeypatch.setattr("mimkit.viz.method_of", lambda method: SimpleNamespace(pictures=pictures))
+    config = SimpleNamespace(method="fake", data=SimpleNamespace(img_size=img_size))
+    panels = run_panels("the model", config, source, [2, 0], seed=4)
+    view = eval_view(16, MEAN, STD, crop_pct)
+    assert torch.equal(panels["small"], torch.stack([view(source[i][0])["image"] for i in (2, 0)]))
+    assert seen == {"model": "the model", "seed": 4}
+    monkeypatch.setattr("mimkit.viz.method_of", lambda method: SimpleNamespace(pictures=None))
+    with pytest.raises(MimkitError, match="no pictures for fake runs"):
+        run_panels("the model", config, source, [0])
 
 
 def test_block_masks_hide_the_sections_share_of_each_grid():
@@ -326,3 +359,41 @@ def test_confusion_plot_shades_each_cell_by_its_share_of_the_row():
     assert shade(2, 2) == (255, 255, 255)  # a row with no pixels stays white
     big = confusion_plot([[1] * 30 for _ in range(30)], [f"class{i}" for i in range(30)])
     assert big.size[1] == top + 30 * 20 + 8  # many classes: smaller cells (600 // 30 px)
+
+
+class Drawing:
+    """Records what is drawn: (method, arguments, keyword arguments) per call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+    def of(self, name: str) -> list:
+        return [(args, kwargs) for called, args, kwargs in self.calls if called == name]
+
+
+def test_a_plots_axes_run_from_zero_to_its_largest_step_and_value():
+    """The y axis ends 5% above the largest value (ticks at 0, half and the end), the x axis at the largest
+    step; points are placed on that scale, with dots below 30 points and no line for a single point."""
+    draw = Drawing()
+    series = {"a": ([2, 4], [1.0, 2.0], "red"), "b": ([3], [0.5], "blue")}
+    _plot(draw, (60, 30, 380, 270), "title", series, ".2f", x_label="block")
+    texts = {args[1]: args[0] for args, _ in draw.of("text")}
+    assert texts == {"title": (60, 16), "0.00": (14, 264), "1.05": (14, 144), "2.10": (14, 24), "0": (60, 273),
+                     "block 4": (340, 273), "a": (66, 34), "b": (66, 46)}
+    ticks = [args[0] for args, kwargs in draw.of("line") if kwargs["fill"] == "black"]
+    assert ticks == [[(57, y), (60, y)] for y in (270, 150, 30)]
+    lines = [(args[0], kwargs["fill"]) for args, kwargs in draw.of("line") if kwargs["fill"] != "black"]
+    assert len(lines) == 1 and lines[0][1] == "red"
+    torch.testing.assert_close(torch.tensor(lines[0][0]), torch.tensor([(220, 270 - 240 / 2.1),
+                                                                        (380, 270 - 480 / 2.1)]))
+    dots = [(args[0][0][0] + 2, args[0][0][1] + 2, kwargs["fill"]) for args, kwargs in draw.of("ellipse")]
+    assert all(b[0] == a[0] + 4 and b[1] == a[1] + 4 for ((a, b),), _ in draw.of("ellipse"))  # 4 px across
+    assert [(round(x), round(y), c) for x, y, c in dots] == [(220, 156, "red"), (380, 41, "red"),
+                                                             (300, 213, "blue")]
+    assert draw.of("rectangle") == [(((60, 30, 380, 270),), {"outline": "black"})]
+    many = Drawing()
+    _plot(many, (60, 30, 380, 270), "t", {"a": (list(range(30)), [1.0] * 30, "red")}, ".1f")
+    assert not many.of("ellipse") and "step 29" in {args[1] for args, _ in many.of("text")}
