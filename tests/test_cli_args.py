@@ -2,10 +2,12 @@
 does the work, which is replaced here by a recorder (the commands themselves run in the slow tests), and
 what the command prints and returns from that function's answer."""
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch.distributed as dist
 
 from mimkit import cli
 from mimkit.errors import Interrupted, MimkitError
@@ -264,3 +266,17 @@ def test_layer_takes_a_block_number_or_all(calls, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["knn", "enc", "--data", "synthetic:8", "--out", str(tmp_path), "--layer", "last"])
     assert "'last' is neither a block number nor 'all'" in capsys.readouterr().err
+
+
+def test_library_messages_reach_the_user_once(capsys):
+    cli.show_library_messages()
+    cli.show_library_messages()
+    logging.getLogger("mimkit.somewhere").info("a library message")
+    assert capsys.readouterr().out == "a library message\n"
+
+
+def test_a_command_leaves_the_process_group_it_joined(calls, tmp_path):
+    calls.record("mimkit.interop.export", "export_run", [])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert cli.main(["export", "r", "--to", "timm", "--out", "o"]) == 0
+    assert not dist.is_initialized()

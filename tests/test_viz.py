@@ -307,6 +307,7 @@ def test_colorize_and_overlay_paint_each_label_and_leave_ignored_pixels_white():
     mask = torch.tensor([[0, 1], [2, 255]])
     coloured = colorize(mask, palette)
     assert coloured.dtype == torch.uint8 and coloured.shape == (3, 2, 2)
+    assert coloured[:, 0, 0].tolist() == [0, 0, 0]
     assert coloured[:, 0, 1].tolist() == [128, 0, 0] and coloured[:, 1, 0].tolist() == [0, 128, 0]
     assert coloured[:, 1, 1].tolist() == [255, 255, 255]
     assert colorize(torch.tensor([[7]]), palette)[:, 0, 0].tolist() == [255, 255, 255]  # beyond the classes
