@@ -319,29 +319,42 @@ def test_colorize_and_overlay_paint_each_label_and_leave_ignored_pixels_white():
 
 
 def test_segmentation_figure_draws_image_truth_and_prediction_per_row_and_a_legend():
+    """Rows of any size: the tallest sets the upscaling (to at least 224 px below 64 px, 4x from 64 px) and
+    the row height, the widest the column width; ignored pixels are white and the legend lists the classes
+    shown (three to a row), not all."""
     image = torch.full((3, 8, 8), 90, dtype=torch.uint8)
     truth = torch.zeros(8, 8, dtype=torch.long)
     truth[4:] = 1
     prediction = torch.full((8, 8), 2)
-    rows = [(image, truth, prediction), (image[:1], prediction, truth)]
+    wide = torch.full((3, 4, 12), 30, dtype=torch.uint8)
+    rows = [(image, truth, prediction), (image[:1], prediction, truth),
+            (wide, torch.full((4, 12), 255), torch.zeros(4, 12, dtype=torch.long))]
     figure = segmentation_figure(rows, ["sky", "road", "car", "tree"])
     scale = 224 // 8
-    tile, pad, header = 8 * scale, 4, 18
-    assert figure.size == (3 * (tile + pad) + pad, header + 2 * (tile + pad) + pad + 16 + 8)  # 3 classes: 1 row
+    h, w, pad, header = 8 * scale, 12 * scale, 4, 18
+    assert figure.size == (3 * (w + pad) + pad, header + 3 * (h + pad) + pad + 16 + 8)  # 3 classes: 1 row
     palette = seg_palette(4)
+    white = (255, 255, 255)
 
-    def at(row, column, y):
-        return figure.getpixel((pad + column * (tile + pad) + tile // 2, header + pad + row * (tile + pad) + y))
+    def at(row, column, x, y):
+        return figure.getpixel((pad + column * (w + pad) + x, header + pad + row * (h + pad) + y))
 
-    assert at(0, 0, 10) == (90, 90, 90) and at(1, 0, 10) == (90, 90, 90)  # a gray image shown in gray
-    assert at(0, 1, 10) == tuple(palette[0].tolist()) and at(0, 1, tile - 10) == tuple(palette[1].tolist())
-    assert at(0, 2, 10) == tuple(palette[2].tolist()) and at(1, 1, 10) == tuple(palette[2].tolist())
-    assert at(1, 2, tile - 10) == tuple(palette[1].tolist())
-    legend = header + 2 * (tile + pad) + pad
-    swatch = [figure.getpixel((pad + k * ((3 * (tile + pad)) // 3) + 5, legend + 7)) for k in range(3)]
+    assert at(0, 0, 10, 10) == (90, 90, 90) and at(1, 0, 10, 10) == (90, 90, 90)  # a gray image shown in gray
+    assert at(0, 1, 10, 10) == tuple(palette[0].tolist()) and at(0, 1, 10, h - 10) == tuple(palette[1].tolist())
+    assert at(0, 2, 10, 10) == tuple(palette[2].tolist()) and at(1, 1, 10, 10) == tuple(palette[2].tolist())
+    assert at(1, 2, 10, h - 10) == tuple(palette[1].tolist())
+    assert at(2, 0, w - 5, 10) == (30, 30, 30) and at(0, 0, w - 5, 10) == white  # tiles keep their own size
+    assert at(2, 1, 10, 10) == white and at(2, 2, 10, 10) == tuple(palette[0].tolist())
+    legend = header + 3 * (h + pad) + pad
+    swatch = [figure.getpixel((pad + k * (w + pad) + 5, legend + 7)) for k in range(3)]
     assert swatch == [tuple(palette[c].tolist()) for c in range(3)]  # the classes shown, not "tree"
     many = segmentation_figure(rows, [f"c{i}" for i in range(4)] + ["x"] * 3)
-    assert many.size == figure.size  # the legend lists the classes shown, not all
+    assert many.size == figure.size
+    four = segmentation_figure([(image, truth, torch.arange(64).view(8, 8) % 4)], ["a", "b", "c", "d"])
+    assert four.size[1] == header + (8 * scale + pad) + pad + 2 * 16 + 8  # 4 classes shown: 2 legend rows
+    large = segmentation_figure([(torch.zeros(3, 64, 64, dtype=torch.uint8), truth.repeat(8, 8),
+                                  truth.repeat(8, 8))], ["a", "b"])
+    assert large.size == (3 * (256 + pad) + pad, header + 256 + 2 * pad + 16 + 8)
 
 
 def test_confusion_plot_shades_each_cell_by_its_share_of_the_row():
