@@ -318,6 +318,13 @@ def test_colorize_and_overlay_paint_each_label_and_leave_ignored_pixels_white():
     assert overlay(gray, mask, palette)[:, 1, 1].tolist() == [178, 178, 178]  # half and half, rounded
 
 
+def inked(picture: Image.Image, box: tuple[int, int, int, int]) -> bool:
+    """Whether text (a dark pixel) is drawn in ``box`` (left, top, right, bottom, inclusive)."""
+    left, top, right, bottom = box
+    return any(sum(picture.getpixel((x, y))) < 300 for x in range(max(left, 0), right + 1)
+               for y in range(top, bottom + 1))
+
+
 def test_segmentation_figure_draws_image_truth_and_prediction_per_row_and_a_legend():
     """Rows of any size: the tallest sets the upscaling (to at least 224 px below 64 px, 4x from 64 px) and
     the row height, the widest the column width; ignored pixels are white and the legend lists the classes
@@ -345,6 +352,12 @@ def test_segmentation_figure_draws_image_truth_and_prediction_per_row_and_a_lege
     assert at(1, 2, 10, h - 10) == tuple(palette[1].tolist())
     assert at(2, 0, w - 5, 10) == (30, 30, 30) and at(0, 0, w - 5, 10) == white  # tiles keep their own size
     assert at(2, 1, 10, 10) == white and at(2, 2, 10, 10) == tuple(palette[0].tolist())
+    for row in range(2):  # each tile from its corner, white gaps before and above it
+        for column in range(3):
+            assert at(row, column, 0, 0) != white and at(row, column, -1, 0) == at(row, column, 0, -1) == white
+    for column in range(3):  # its name above each column, none in the gap before it
+        left = pad + column * (w + pad)
+        assert inked(figure, (left, 3, left + 12, 15)) and not inked(figure, (left - 4, 3, left - 1, 15))
     legend = header + 3 * (h + pad) + pad
     swatch = [figure.getpixel((pad + k * (w + pad) + 5, legend + 7)) for k in range(3)]
     assert swatch == [tuple(palette[c].tolist()) for c in range(3)]  # the classes shown, not "tree"
