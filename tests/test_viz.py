@@ -159,7 +159,8 @@ def test_token_maps_draw_one_fixed_shade_per_code_normalized_like_the_images():
     assert torch.equal(patches, patches[..., :1, :1].expand_as(patches))  # each patch is one shade
     colour = patches[..., 0, 0]  # (C, 2, 2)
     assert torch.equal(colour[:, 0, 1], colour[:, 1, 0])  # same code, same shade
-    assert not torch.equal(colour[:, 0, 0], colour[:, 0, 1]) and not torch.equal(colour[:, 0, 1], colour[:, 1, 1])
+    assert not torch.equal(colour[:, 0, 0], colour[:, 0, 1])
+    assert not torch.equal(colour[:, 0, 1], colour[:, 1, 1])
     assert torch.equal(token_maps(ids, 3, 3, 3, MEAN, STD), maps)  # the palette does not change per call
     gray = token_maps(ids, 3, 3, 1, [0.5], [0.25])
     assert gray.shape == (1, 1, 6, 6)
@@ -267,7 +268,7 @@ def test_codebook_plot_draws_held_out_lines_only_where_logged():
         codebook_usage_plot([{"step": 1, "loss": 1.0}])
 
 
-def line_extent(picture: Image.Image, colour: str, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+def line_extent(picture: Image.Image, colour: str, box: tuple[int, ...]) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the pixels of ``colour`` inside ``box`` (a panel's frame, its legend
     in the top left corner excluded)."""
     wanted = ImageColor.getrgb(colour)
@@ -347,14 +348,16 @@ def test_segmentation_figure_draws_image_truth_and_prediction_per_row_and_a_lege
         return figure.getpixel((pad + column * (w + pad) + x, header + pad + row * (h + pad) + y))
 
     assert at(0, 0, 10, 10) == (90, 90, 90) and at(1, 0, 10, 10) == (90, 90, 90)  # a gray image shown in gray
-    assert at(0, 1, 10, 10) == tuple(palette[0].tolist()) and at(0, 1, 10, h - 10) == tuple(palette[1].tolist())
+    assert at(0, 1, 10, 10) == tuple(palette[0].tolist())
+    assert at(0, 1, 10, h - 10) == tuple(palette[1].tolist())
     assert at(0, 2, 10, 10) == tuple(palette[2].tolist()) and at(1, 1, 10, 10) == tuple(palette[2].tolist())
     assert at(1, 2, 10, h - 10) == tuple(palette[1].tolist())
     assert at(2, 0, w - 5, 10) == (30, 30, 30) and at(0, 0, w - 5, 10) == white  # tiles keep their own size
     assert at(2, 1, 10, 10) == white and at(2, 2, 10, 10) == tuple(palette[0].tolist())
     for row in range(2):  # each tile from its corner, white gaps before and above it
         for column in range(3):
-            assert at(row, column, 0, 0) != white and at(row, column, -1, 0) == at(row, column, 0, -1) == white
+            assert at(row, column, 0, 0) != white
+            assert at(row, column, -1, 0) == at(row, column, 0, -1) == white
     for column in range(3):  # its name above each column, none in the gap before it
         left = pad + column * (w + pad)
         assert inked(figure, (left, 3, left + 12, 15)) and not inked(figure, (left - 4, 3, left - 1, 15))
@@ -371,21 +374,36 @@ def test_segmentation_figure_draws_image_truth_and_prediction_per_row_and_a_lege
 
 
 def test_confusion_plot_shades_each_cell_by_its_share_of_the_row():
+    """Cells right of a margin as wide as the longest name (cut at 16 characters) and the ids, labelled rows
+    and columns, each cell's share of its row as its shade and, where it is not 0, as a number."""
     matrix = [[10, 0, 0], [5, 5, 0], [0, 0, 0]]
-    plot = confusion_plot(matrix, ["a", "b", "c"])
+    plot = confusion_plot(matrix, ["a", "b" * 24, "c"])
     cell, top = 24, 36
-    margin = 8 + 6 * (1 + 1 + 1)
+    margin = 8 + 6 * (16 + 1 + 1)
     assert plot.size == (340, top + 3 * cell + 8)
 
     def shade(i, j):
-        return plot.getpixel((margin + j * cell + cell - 3, top + i * cell + cell - 3))
+        """The cell's fill, the same at its inner top-left and bottom-right corners (inside the outline)."""
+        x, y = margin + j * cell, top + i * cell
+        fill = plot.getpixel((x + 1, y + 1))
+        assert plot.getpixel((x + cell - 2, y + cell - 2)) == fill
+        assert plot.getpixel((x, y)) == (220, 220, 220)
+        return fill
 
     assert shade(0, 0) == (40, 40, 255)  # all of row 0: darkest
     assert shade(0, 1) == (255, 255, 255)
     assert shade(1, 0) == shade(1, 1) == (147, 147, 255)  # half of row 1 each: 255 - round(107.5)
     assert shade(2, 2) == (255, 255, 255)  # a row with no pixels stays white
-    big = confusion_plot([[1] * 30 for _ in range(30)], [f"class{i}" for i in range(30)])
-    assert big.size[1] == top + 30 * 20 + 8  # many classes: smaller cells (600 // 30 px)
+    assert inked(plot, (margin + 2, top + cell + 4, margin + 14, top + 2 * cell - 6))  # "50" in black
+    assert not inked(plot, (margin + cell + 2, top + 4, margin + 2 * cell - 3, top + cell - 4))  # 0: none
+    for i in range(3):
+        assert inked(plot, (4, top + i * cell + 4, 12, top + (i + 1) * cell - 4))  # the row's "i name"
+        assert inked(plot, (margin + i * cell + 2, top - 14, margin + i * cell + 8, top - 4))  # column's id
+    names = [f"class{i}" for i in range(30)]
+    big = confusion_plot([[1] * 30 for _ in range(30)], names)
+    assert big.size == (8 + 6 * (7 + 2 + 1) + 30 * 20 + 8, top + 30 * 20 + 8)  # smaller cells: 600 // 30 px
+    many = confusion_plot(torch.eye(200, dtype=torch.long).tolist(), [f"c{i}" for i in range(200)])
+    assert many.size == (8 + 6 * (4 + 3 + 1) + 200 * 4 + 8, top + 200 * 4 + 8)  # 4 px cells at least
 
 
 class Drawing:
@@ -408,8 +426,8 @@ def test_a_plots_axes_run_from_zero_to_its_largest_step_and_value():
     series = {"a": ([2, 4], [1.0, 2.0], "red"), "b": ([3], [0.5], "blue")}
     _plot(draw, (60, 30, 380, 270), "title", series, ".2f", x_label="block")
     texts = {args[1]: args[0] for args, _ in draw.of("text")}
-    assert texts == {"title": (60, 16), "0.00": (14, 264), "1.05": (14, 144), "2.10": (14, 24), "0": (60, 273),
-                     "block 4": (340, 273), "a": (66, 34), "b": (66, 46)}
+    assert texts == {"title": (60, 16), "0.00": (14, 264), "1.05": (14, 144), "2.10": (14, 24),
+                     "0": (60, 273), "block 4": (340, 273), "a": (66, 34), "b": (66, 46)}
     ticks = [args[0] for args, kwargs in draw.of("line") if kwargs["fill"] == "black"]
     assert ticks == [[(57, y), (60, y)] for y in (270, 150, 30)]
     lines = [(args[0], kwargs["fill"]) for args, kwargs in draw.of("line") if kwargs["fill"] != "black"]
