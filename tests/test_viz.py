@@ -376,11 +376,11 @@ def test_segmentation_figure_draws_image_truth_and_prediction_per_row_and_a_lege
 def test_confusion_plot_shades_each_cell_by_its_share_of_the_row():
     """Cells right of a margin as wide as the longest name (cut at 16 characters) and the ids, labelled rows
     and columns, each cell's share of its row as its shade and, where it is not 0, as a number."""
-    matrix = [[10, 0, 0], [5, 5, 0], [0, 0, 0]]
-    plot = confusion_plot(matrix, ["a", "b" * 24, "c"])
+    matrix = [[10, 0, 0, 0], [5, 5, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+    plot = confusion_plot(matrix, ["a", "b" * 24, "c", "d"])
     cell, top = 24, 36
     margin = 8 + 6 * (16 + 1 + 1)
-    assert plot.size == (340, top + 3 * cell + 8)
+    assert plot.size == (340, top + 4 * cell + 8)
 
     def shade(i, j):
         """The cell's fill, the same at its inner top-left and bottom-right corners (inside the outline)."""
@@ -394,11 +394,13 @@ def test_confusion_plot_shades_each_cell_by_its_share_of_the_row():
     assert shade(0, 1) == (255, 255, 255)
     assert shade(1, 0) == shade(1, 1) == (147, 147, 255)  # half of row 1 each: 255 - round(107.5)
     assert shade(2, 2) == (255, 255, 255)  # a row with no pixels stays white
+    assert shade(3, 3) == (40, 40, 255)  # a row of one pixel
     assert inked(plot, (margin + 2, top + cell + 4, margin + 14, top + 2 * cell - 6))  # "50" in black
     assert not inked(plot, (margin + cell + 2, top + 4, margin + 2 * cell - 3, top + cell - 4))  # 0: none
-    for i in range(3):
+    for i in range(4):
         assert inked(plot, (4, top + i * cell + 4, 12, top + (i + 1) * cell - 4))  # the row's "i name"
         assert inked(plot, (margin + i * cell + 2, top - 14, margin + i * cell + 8, top - 4))  # column's id
+    assert confusion_plot(torch.eye(24).tolist(), ["a"] * 24).size[1] == top + 24 * 24 + 8  # 24: full cells
     names = [f"class{i}" for i in range(30)]
     big = confusion_plot([[1] * 30 for _ in range(30)], names)
     assert big.size == (8 + 6 * (7 + 2 + 1) + 30 * 20 + 8, top + 30 * 20 + 8)  # smaller cells: 600 // 30 px
