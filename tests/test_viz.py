@@ -404,6 +404,7 @@ def test_confusion_plot_shades_each_cell_by_its_share_of_the_row():
     names = [f"class{i}" for i in range(30)]
     big = confusion_plot([[1] * 30 for _ in range(30)], names)
     assert big.size == (8 + 6 * (7 + 2 + 1) + 30 * 20 + 8, top + 30 * 20 + 8)  # smaller cells: 600 // 30 px
+    assert inked(big, (70, top + 4, 80, top + 15))  # 20 px cells still hold their number ("3")
     fifty = confusion_plot(torch.eye(50).tolist(), ["a"] * 50)  # 12 px cells: still labelled
     assert inked(fifty, (4, top, 10, top + 11)) and inked(fifty, (32 + 2, top - 14, 32 + 8, top - 4))
     many = confusion_plot(torch.eye(200, dtype=torch.long).tolist(), [f"c{i}" for i in range(200)])
