@@ -248,6 +248,24 @@ def test_weights_without_their_state_are_no_checkpoint(tmp_path):
         assert store.resume(model)["step"] == 1
 
 
+def test_a_state_without_a_step_is_skipped_for_an_older_checkpoint(tmp_path):
+    """A newest state file that reads but holds no step (another program's pickle) is no training state."""
+    store, model = Checkpoints(tmp_path, keep_last=3), nn.Linear(2, 2)
+    store.save(1, model, {"step": 1})
+    store.save(2, model, {"optimizer": {}})
+    with pytest.warns(UserWarning, match="skipping checkpoint step 2"):
+        assert store.resume(model)["step"] == 1
+
+
+def test_an_evaluation_of_a_checkpoint_file_reads_that_file(run_with_checkpoints):
+    """`mimkit knn RUN/checkpoints/step-2.safetensors` evaluates step 2, not the run's newest (step 3)."""
+    store = Checkpoints(run_with_checkpoints)
+    older, newest = load_encoder(store.weights_path(2)), load_encoder(run_with_checkpoints)
+    assert older.origin == str(store.weights_path(2)) and newest.origin == str(store.weights_path(3))
+    a, b = older.model.state_dict(), newest.model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 12 and 17. A damaged or poisoned newest checkpoint: resume falls back; elsewhere one line
 

@@ -58,6 +58,8 @@ def one_line_error(capsys) -> str:
     (["--set", "data.num_workers=-2"], "'data.num_workers' must be at least 0"),
     (["--set", "data.img_size=0"], "'data.img_size' must be at least 1"),
     (["--set", "data.mean=[0.5,0.5]"], "'data.mean' has 2 values for 3 channels"),
+    (["--set", "data.mean=[0.5]", "--set", "data.std=[0.2,0.3,0.4]"],
+     "'data.mean' has 1 values and 'data.std' 3"),
     (["--set", "data.std=[0.5,0,0.5]"], "'data.std' must be positive"),
     (["--set", "data.mean=0.5"], "'data.mean' must be a list"),
     (["--set", "optim.betas=[0.9]"], "'optim.betas' must be a list of 2 values"),

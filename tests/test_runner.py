@@ -118,6 +118,27 @@ def test_the_loop_gets_the_runs_upkeep_records_and_evaluation(kind, mae_run, tmp
     assert (tmp_path / kind / "data.json").is_file() == (kind == "pretraining")  # its start-up facts
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_optimizer_takes_the_configured_betas(kind, mae_run, tmp_path, monkeypatch):
+    captured = Captured(monkeypatch)
+    argv = command(kind, mae_run, tmp_path) + ["--max-steps", "2", "--out", str(tmp_path / kind)]
+    assert main(argv + ["--set", "optim.betas=[0.5,0.75]"]) == 130
+    (optimizer, *_), _ = captured.arguments[0]
+    assert {group["betas"] for group in optimizer.param_groups} == {(0.5, 0.75)}
+
+
+def test_finetunes_eval_every_counts_epochs(mae_run, tmp_path, monkeypatch):
+    """``eval_every`` of a fine-tuning run is in epochs (of several steps here), a segmentation run's in
+    steps."""
+    captured = Captured(monkeypatch)
+    for epochs in (1, 2):
+        argv = command("finetune", mae_run, tmp_path) + ["--max-steps", "2", "--out",
+                                                         str(tmp_path / f"e{epochs}")]
+        assert main(argv + ["--set", f"eval_every={epochs}"]) == 130
+    one, two = (kwargs["evaluation"].every for _, kwargs in captured.arguments)
+    assert one > 1 and two == 2 * one
+
+
 def wrap_loss(monkeypatch, fault) -> None:
     """Run the runner's loop with ``fault(loss_fn)`` in place of each job's loss."""
     real = mimkit.runner.train

@@ -111,6 +111,8 @@ def test_dct_scaling_applies_where_the_box_is_twice_the_output_and_stays_close()
     scaled = v2.functional.resize(scaled_crop, [224, 224], interpolation=BICUBIC, antialias=True)
     difference = (scaled.float() - exact.float()).abs()
     assert 0 < difference.mean() < 2.0  # not the same pixels, but within a JPEG quality step of them
+    odd = (11, 21, 700, 900)  # edges off the 1/2 grid: every stored pixel the box covers, rounded out
+    assert crop_decode(data, "RGB", lambda h, w: odd, MAX_IMAGE_PIXELS, out_size=224).shape == (3, 351, 451)
 
 
 def _folder(tmp_path, files: dict[str, bytes]):

@@ -177,6 +177,21 @@ def test_image_folder_classes(tmp_path):
     assert source.labels == [0, 0, 1] and [source[i][1] for i in range(3)] == [0, 0, 1]
 
 
+@pytest.mark.parametrize("sizes, side", [([(8, 8)], 8), ([(12, 8)], None), ([(8, 12)], None),
+                                         ([(8, 8), (12, 12)], None)])
+def test_a_folder_has_a_native_side_only_when_its_images_share_one_square_size(tmp_path, sizes, side):
+    for i in range(4):
+        save(tmp_path / f"{i}.png", "RGB", size=sizes[i % len(sizes)])
+    assert build_source(str(tmp_path)).info.image_size == side
+
+
+def test_with_val_and_test_each_split_reads_its_own_folder(tmp_path):
+    for split in ("train", "val", "test"):
+        save(tmp_path / split / "a" / f"{split}.png", "L")
+    for split in ("val", "test"):
+        assert [Path(p).name for p in build_source(str(tmp_path), split=split).paths] == [f"{split}.png"]
+
+
 def test_split_subfolders(tmp_path):
     save(tmp_path / "train" / "a" / "1.png", "L")
     save(tmp_path / "train" / "b" / "1.png", "L")

@@ -102,6 +102,15 @@ def test_linear_probe_lr_scales_with_the_batch():
     assert [r["lr"] for r in log.records] == pytest.approx([0.75 * lr, 0.0])  # each epoch's last step
 
 
+def test_linear_probe_warms_up_over_epochs_not_steps():
+    """4 steps an epoch, 2 warmup epochs: the lr ramps over 8 steps (each epoch's record: its last step)."""
+    features, labels = clusters(n_per_class=8, num_classes=4)
+    log = Records()
+    train_linear_probe(features, labels, 4, epochs=4, batch_size=8, base_lr=0.1, warmup_epochs=2, log=log)
+    lr = 0.1 * 8 / 256
+    assert [r["lr"] for r in log.records[:2]] == pytest.approx([3 / 8 * lr, 7 / 8 * lr])
+
+
 def test_linear_probe_decays_the_weights_only():
     """weight_decay reaches the linear weights, never the bias: on features that carry nothing (all zero) the
     bias learns the label frequencies alike with and without decay, and only the weights shrink."""

@@ -94,6 +94,8 @@ def test_mimkit_to_hf_and_back_is_bit_identical(tmp_path, shared):
     model = tiny_beit(shared)
     export_model(model, CONFIG, "hf", tmp_path / "hf")
     hf = BeitForMaskedImageModeling.from_pretrained(tmp_path / "hf").eval()
+    published = {"beit", "layernorm", "lm_head"}  # microsoft/beit-base-patch16-224-pt22k's top-level names
+    assert {key.split(".")[0] for key in load_file(tmp_path / "hf" / "model.safetensors")} == published
     x, mask = torch.randn(2, 3, 32, 32), masks()
     with torch.no_grad():
         logits = hf(pixel_values=x, bool_masked_pos=mask).logits

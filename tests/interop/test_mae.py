@@ -130,6 +130,10 @@ def test_mimkit_to_hf_and_back_is_bit_identical(mae_run, tmp_path):
     export_run(run, "hf", tmp_path / "hf")
     hf = ViTMAEForPreTraining.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.layer_norm_eps == 1e-6
+    # the published layout (facebook/vit-mae-base): the encoder under `vit.`, the decoder at the top level
+    # (transformers' `from_pretrained` would also take it under `vit.`; other readers of the format would not)
+    top_level = {key.split(".")[0] for key in load_file(tmp_path / "hf" / "model.safetensors")}
+    assert top_level == {"vit", "decoder"}
     model, config = load_run(run)
     x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     with torch.no_grad():

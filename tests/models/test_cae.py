@@ -95,6 +95,18 @@ def test_the_positions_enter_the_regressors_queries_and_keys_not_its_values():
         assert (block(x, context + torch.randn(2, 7, 32), pos, context_pos) - out).abs().max() > 1e-3
 
 
+def test_the_decoder_reads_where_each_predicted_patch_lies():
+    """The decoder adds the masked patches' positions to the regressor's outputs: the same latents
+    predicted at other places give other tokens."""
+    model = tiny().eval()
+    predicted = torch.randn(B, 8, 32)
+    first, other = half_mask(), half_mask().flip(0)  # each image's masked places swapped
+    with torch.no_grad():
+        logits = model.forward_decoder(predicted, first)
+        torch.testing.assert_close(model.forward_decoder(predicted, first.clone()), logits)
+        assert (model.forward_decoder(predicted, other) - logits).abs().max() > 1e-3
+
+
 def test_alignment_targets_are_the_encoders_latents_of_the_masked_patches_without_gradient():
     model, mask = tiny(decoder_embed_dim=16, decoder_num_heads=2).train(), half_mask()
     imgs = torch.randn(B, 3, 16, 16)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mimkit.config import load_recipe, merge, parse_overrides
 from mimkit.data.sources import build_source
+from mimkit.methods import vqkd as vqkd_method
 from mimkit.methods.vqkd import build_model
 from mimkit.registry import read_config
 from mimkit.tokenizers.dvae import codebook_stats
@@ -154,3 +155,22 @@ def test_short_fashion_mnist_run_fills_the_codebook_and_approaches_the_teacher(f
     assert after["usage"] > 0.5, after  # more than half of the 128 codes used by held-out patches
     assert after["cosine"] > max(0.5, before["cosine"] + 0.3), (before, after)
     assert after["perplexity"] > 32
+
+
+def test_the_held_out_evaluation_leaves_the_tokenizer_in_the_mode_it_found(monkeypatch):
+    """The evaluation runs in eval mode (the codebook frozen) and hands the tokenizer back training: the
+    codebook's EMA must go on moving after it."""
+    config = read_config(merge(load_recipe("vqkd_fmnist"), parse_overrides([
+        "data.source=synthetic:8", "vqkd.teacher_dim=24", "vqkd.vocab_size=16", "vqkd.decoder_depth=1",
+        "model.kwargs.depth=1", "data.img_size=28", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]",
+        "vqkd.eval_images=4"])))
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=0,
+                            embed_dim=24, depth=1, num_heads=2)
+    teacher = Teacher(TimmFeatures(vit), 28, 1, (0.5,), (0.5,), (0.5,), (0.5,), 7, "random ViT")
+    monkeypatch.setattr(vqkd_method, "teacher_of", lambda config: teacher)
+    model = build_model(config)
+    evaluate = vqkd_method.build_evaluate(config, model)
+    for training in (True, False):
+        model.train(training)
+        assert set(evaluate(model)) == {"val_usage", "val_perplexity", "val_cosine"}
+        assert model.training == training

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mimkit.data.loader import EpochBatches, SeededViews
+from mimkit.data.loader import EpochBatches, SeededViews, sample_seed
 from mimkit.errors import MimkitError
 from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import World
@@ -235,3 +235,10 @@ def test_an_evaluation_runs_when_due_is_logged_and_keeps_the_first_best(tmp_path
     train(model, regression_loss, data, build_adamw(param_groups(model, 0)), Schedule(6, [0.1] * 6), CPU,
           options, **run_records(tmp_path), evaluation=evaluation)
     assert Checkpoints(tmp_path).best()["step"] == 4  # 2.0 at step 6 is below the kept 3.0
+
+
+def test_sample_seeds_never_repeat_across_run_seeds_epochs_and_positions():
+    """Two runs of neighbouring --seed values must not see each other's augmentations an epoch apart."""
+    seeds = {sample_seed(seed, epoch, position) for seed in range(5) for epoch in range(5)
+             for position in range(40)}
+    assert len(seeds) == 5 * 5 * 40
