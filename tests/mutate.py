@@ -430,7 +430,7 @@ PLANTED = [
     Bug("fresh set 4: the timm export's mean and std swapped", "src/mimkit/interop/export.py",
         '"mean": data.mean,\n                      "std": data.std,',
         '"mean": data.std,\n                      "std": data.mean,',
-        ("tests/interop/test_mae.py::test_mimkit_to_timm_and_back_is_bit_identical",)),
+        ("tests/interop/test_mae.py::test_a_timm_folder_brings_its_own_normalization",)),
     Bug("fresh set 4: predict takes --batch-size 0", "src/mimkit/cli.py",
         'check_range("--batch-size", args.batch_size, 1)\n    kind, config = read_run(',
         'check_range("--batch-size", args.batch_size, 0)\n    kind, config = read_run(',
@@ -787,6 +787,10 @@ PLANTED = [
         '        model.train(was_training)\n        stats = codebook_stats',
         '        stats = codebook_stats',
         ('tests/tokenizers/test_vqkd.py::test_the_held_out_evaluation_leaves_the_tokenizer_in_the_mode_it_found',)),
+    Bug("fresh set 8: import: a timm folder's mean and std ignored for timm's defaults",
+        "src/mimkit/interop/importer.py",
+        'mean=pretrained.get("mean", layout.mean),', "mean=layout.mean,",
+        ("tests/interop/test_mae.py::test_a_timm_folder_brings_its_own_normalization",)),
 ]
 
 

@@ -12,12 +12,13 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from transformers import ViTConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTModel
 
+from mimkit.cli import main
 from mimkit.errors import MimkitError
 from mimkit.interop.export import export_run
 from mimkit.interop.importer import import_checkpoint
 from mimkit.models.vit import sincos_pos_embed_2d
 from mimkit.runs import load_run
-from tests.conftest import perturb
+from tests.conftest import TINY_MAE_KWARGS, perturb
 
 DIMS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
             patch_size=8, num_channels=3, layer_norm_eps=1e-6)
@@ -190,6 +191,18 @@ def test_mimkit_to_timm_and_back_is_bit_identical(mae_run, tmp_path):
     back, _ = load_run(tmp_path / "back")
     original, returned = model.encoder.state_dict(), back.encoder.state_dict()
     assert all(torch.equal(original[k], returned[k]) for k in original)
+
+
+def test_a_timm_folder_brings_its_own_normalization(tmp_path):
+    """A run on data normalized otherwise than ImageNet (synthetic: mean 0.5, std 0.2), exported to timm and
+    imported back, keeps config.json's mean and std rather than timm's defaults."""
+    tiny = [arg for kv in TINY_MAE_KWARGS for arg in ("--set", f"model.kwargs.{kv}")]
+    assert main(["pretrain", "mae", "--data", "synthetic", "--out", str(tmp_path / "run"), "--max-steps", "1",
+                 "--batch-size", "8", "--set", "data.num_workers=0", *tiny]) == 0
+    export_run(tmp_path / "run", "timm", tmp_path / "timm")
+    import_checkpoint(tmp_path / "timm", "timm", tmp_path / "back")
+    data = load_run(tmp_path / "back")[1].data
+    assert (data.mean, data.std) == ([0.5] * 3, [0.2] * 3)
 
 
 def test_timm_state_dict_file_imports(tmp_path):
