@@ -791,6 +791,10 @@ PLANTED = [
         "src/mimkit/interop/importer.py",
         'mean=pretrained.get("mean", layout.mean),', "mean=layout.mean,",
         ("tests/interop/test_mae.py::test_a_timm_folder_brings_its_own_normalization",)),
+    Bug("probes: the training images read in the data's channels, not the encoder's",
+        "src/mimkit/eval/features.py", 'build_source(data, "train", root=root, channels=spec.channels)',
+        'build_source(data, "train", root=root)',
+        ("tests/eval/test_probes.py::test_probe_data_reads_colour_data_grey_for_a_grey_encoder",)),
 ]
 
 

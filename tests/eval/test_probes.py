@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from mimkit.cli import main
 from mimkit.data import idx
 from mimkit.data.synthetic import SyntheticSource
 from mimkit.data.transforms import eval_view
@@ -25,7 +26,7 @@ from mimkit.models.classifier import pooled_features
 from mimkit.models.vit import build_vit
 from mimkit.runs import load_encoder, read_run
 from mimkit.train.metrics_log import read_metrics
-from tests.conftest import perturb, write_idx
+from tests.conftest import TINY_MAE_KWARGS, perturb, write_idx
 
 # scores that rank class 0 first, then 1, 2, ..., 7, for 5 queries, and their labels: 2 top-1 hits (class 0),
 # 2 more top-5 hits (classes 1 and 3), 1 miss (class 6); a top-2 count would find 3
@@ -295,6 +296,17 @@ def test_probe_data_reads_named_data_from_root_in_the_encoders_channels(mae_run,
                       cache_dir=tmp_path / "features")
     assert data.train[0].shape == (10, 32) and data.test[0].shape == (4, 32)
     assert data.test[1].tolist() == [0, 1, 2, 3]
+
+
+def test_probe_data_reads_colour_data_grey_for_a_grey_encoder(tmp_path):
+    """The other way round: a 1-channel encoder probed on RGB data (synthetic) gets its images converted to
+    grey, train and test alike, rather than 3 channels it cannot take."""
+    tiny = [arg for kv in TINY_MAE_KWARGS for arg in ("--set", f"model.kwargs.{kv}")]
+    run = tmp_path / "grey"
+    assert main(["pretrain", "mae", "--data", "synthetic:8", "--out", str(run), "--max-steps", "1",
+                 "--batch-size", "8", "--set", "data.num_workers=0", "--set", "data.channels=1", *tiny]) == 0
+    data = probe_data(load_encoder(run), "synthetic:8", "avg", cache_dir=tmp_path / "features")
+    assert data.train[0].shape == (8, 32) and data.test[0].shape[1] == 32
 
 
 def test_probe_data_extracts_with_the_workers_asked_for(mae_run, tmp_path, monkeypatch):
