@@ -795,6 +795,10 @@ PLANTED = [
         "src/mimkit/eval/features.py", 'build_source(data, "train", root=root, channels=spec.channels)',
         'build_source(data, "train", root=root)',
         ("tests/eval/test_probes.py::test_probe_data_reads_colour_data_grey_for_a_grey_encoder",)),
+    Bug("sweep (lead): the poly decay multiplies by its power (fast tier)", "src/mimkit/train/schedule.py",
+        "lambda t: (1 - t) ** power)", "lambda t: (1 - t) * power)", ("tests/train/test_schedule.py",)),
+    Bug("sweep (lead): data of exactly one global batch refused", "src/mimkit/train/schedule.py",
+        "    if steps == 0:", "    if steps <= 1:", ("tests/train/test_schedule.py",)),
 ]
 
 

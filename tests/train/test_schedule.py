@@ -9,11 +9,12 @@ from torch import nn
 
 from mimkit.config import OptimConfig, TrainConfig
 from mimkit.data.loader import SeededViews
+from mimkit.errors import MimkitError
 from mimkit.train.distributed import World
 from mimkit.train.loop import LoopOptions, train
 from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import build_adamw
-from mimkit.train.schedule import Schedule, cosine_schedule, plan_run, poly_schedule
+from mimkit.train.schedule import Schedule, cosine_schedule, epoch_steps, plan_run, poly_schedule
 from tests.conftest import Points, noisy_view, regression_loss, run_records
 
 
@@ -47,6 +48,34 @@ def test_the_plan_ends_on_min_lr_after_its_warmup(schedule):
     short = plan_run(64, 1, TrainConfig(max_steps=5, batch_size=8), OptimConfig(min_lr=1e-5, warmup_epochs=0),
                      lr_schedule=schedule)
     assert short.schedule.lr[-1] == 1e-5 and len(short.schedule.lr) == 5
+
+
+def test_poly_decay_and_a_warmup_from_a_start_value_by_hand():
+    assert poly_schedule(1.0, 0.0, 5, power=2.0) == pytest.approx([1.0, 0.5625, 0.25, 0.0625, 0.0])
+    assert cosine_schedule(1.0, 0.0, 3) == pytest.approx([1.0, 0.5, 0.0])  # no warmup unless asked
+    assert cosine_schedule(1.0, 0.0, 3, warmup_steps=5) == pytest.approx([0, 1 / 3, 2 / 3])  # cut to the run
+    assert cosine_schedule(1.0, 0.0, 6, warmup_steps=2, start_warmup_value=0.5)[:3] == pytest.approx(
+        [0.5, 0.75, 1.0])
+
+
+def test_an_epoch_is_its_whole_global_batches():
+    assert epoch_steps(16, 8, 2) == 1 and epoch_steps(31, 8, 2) == 1  # exactly one, and a dropped remainder
+    assert epoch_steps(8, 1, 1) == 8  # a batch of one image is a batch
+    for images, batch, accum in ((15, 8, 2), (8, 0, 1), (8, 4, 0)):
+        with pytest.raises(MimkitError):
+            epoch_steps(images, batch, accum)
+
+
+@pytest.mark.parametrize("warmup_epochs, max_steps, shown", [
+    (0.2, None, "20 steps (2.00 epochs), global batch 10, lr 3.91e-04, warmup 2 steps"),  # a tenth: no flag
+    (0.3, None, "warmup 3 steps (!) more than a tenth of the run"),
+    (1.0, 5, "5 steps (0.50 epochs), global batch 10, lr 3.91e-04, warmup 5 steps (!)"),  # capped at the run
+])
+def test_the_plans_summary_line(warmup_epochs, max_steps, shown):
+    plan = plan_run(100, 1, TrainConfig(epochs=2, max_steps=max_steps, batch_size=10),
+                    OptimConfig(base_lr=0.01, warmup_epochs=warmup_epochs))
+    assert shown in plan.describe()
+    assert ("(!)" in plan.describe()) == ("(!)" in shown)
 
 
 def test_the_loop_sets_each_steps_lr_the_last_one_included(tmp_path):
