@@ -305,7 +305,8 @@ def test_probe_data_reads_colour_data_grey_for_a_grey_encoder(tmp_path):
     run = tmp_path / "grey"
     assert main(["pretrain", "mae", "--data", "synthetic:8", "--out", str(run), "--max-steps", "1",
                  "--batch-size", "8", "--set", "data.num_workers=0", "--set", "data.channels=1", *tiny]) == 0
-    data = probe_data(load_encoder(run), "synthetic:8", "avg", cache_dir=tmp_path / "features")
+    with pytest.warns(UserWarning, match="2 of 10 classes have no training image"):  # 8 images, 10 classes
+        data = probe_data(load_encoder(run), "synthetic:8", "avg", cache_dir=tmp_path / "features")
     assert data.train[0].shape == (8, 32) and data.test[0].shape[1] == 32
 
 
