@@ -347,8 +347,9 @@ def _pack(files: Sequence[Path], root: Path, out: Path, shard_size: int,
     try:
         for path in files:
             stored = _within_side(path, max_side, quality) if max_side else None  # None: the file as is
-            if mcu_index:
-                stored = _restart_every_mcu(path.read_bytes() if stored is None else stored, path) or stored
+            if mcu_index:  # the bytes read here are stored as they are when they take no index
+                data = path.read_bytes() if stored is None else stored
+                stored = _restart_every_mcu(data, path) or data
             size = len(stored) if stored is not None else path.stat().st_size
             member_bytes = tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             if tar is None or (written and written + member_bytes > shard_size):
