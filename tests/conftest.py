@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from mimkit.cli import main
+from mimkit.data import idx
 
 TINY_MAE_KWARGS = ("depth=2", "embed_dim=32", "num_heads=2", "decoder_depth=1", "decoder_embed_dim=32",
                    "decoder_num_heads=2")
@@ -139,6 +140,22 @@ def private_data_cache(monkeypatch, tmp_path):
     user's folders."""
     monkeypatch.delenv("MIMKIT_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path, monkeypatch, private_data_cache) -> Path:
+    """A folder holding a tiny MNIST (10 train images, one a class, and 4 test images), the only one the test
+    can find (no download): data that only a ``root`` reaches."""
+    def offline(name):
+        raise RuntimeError("no network in the tests")
+
+    monkeypatch.setattr(idx, "_download_idx", offline)
+    root = tmp_path / "mine"
+    root.mkdir()
+    for prefix, n in (("train", 10), ("t10k", 4)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", np.full((n, 8, 8), 100, np.uint8))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n, dtype=np.uint8))
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,26 @@
 """The classifier built from a pretrained encoder, layer-wise lr decay, and finetune / linprobe / knn
 through the command line on a tiny MAE run."""
 
+import csv
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
+import mimkit.eval.finetune as finetune
 from mimkit.cli import main
 from mimkit.config import from_dict
 from mimkit.data.loader import eval_loader
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
+from mimkit.errors import MimkitError
 from mimkit.eval.augment import MixTargets
 from mimkit.eval.config import FinetuneConfig
-from mimkit.eval.finetune import finetuned_model
+from mimkit.eval.finetune import finetuned_encoder, finetuned_model, read_finetune, run_finetune, same_images
 from mimkit.eval.scores import classification_accuracy
 from mimkit.models.classifier import FineTuned, build_classifier, pooled_features
 from mimkit.models.vit import build_vit
@@ -151,6 +157,7 @@ def test_probe_cli(mae_run, tmp_path, command, init):
     (["finetune", "{run}", "--label-fraction", "1.5", "--max-steps", "1"], "label fraction"),
     (["finetune", "/no/such/run", "--max-steps", "1"], "not a mimkit run"),
     (["finetune", "{run}", "--set", "classifier.pool=max", "--max-steps", "1"], "pool"),
+    (["finetune", "{run}", "--set", "data.img_size=64", "--max-steps", "1"], "differs from the encoder's 32"),
     (["linprobe", "{run}", "--val-fraction", "1.0"], "--val-fraction"),
     (["knn", "{run}/config.yaml"], "not a checkpoint"),
 ])
@@ -159,3 +166,197 @@ def test_bad_input_is_one_line_error(mae_run, tmp_path, capsys, args, message):
     assert main([*args, "--data", "synthetic", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def three_split_folder(root: Path) -> Path:
+    """32-px images of two classes in train/ (8 each), val/ (2 each) and test/ (3 each): a validation split
+    that is not the test split."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 2), ("test", 3)):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / name /
+                                                                                        f"{i}.png")
+    return root
+
+
+def spy_accuracies(monkeypatch) -> list:
+    """Record each accuracy the fine-tuning module computes: (what for, its weights, how many images)."""
+    calls, real = [], finetune.classification_accuracy
+
+    def spy(model, loader, device, desc="eval"):
+        calls.append((desc, {k: v.clone() for k, v in model.state_dict().items()}, len(loader.dataset)))
+        return real(model, loader, device, desc)
+
+    monkeypatch.setattr(finetune, "classification_accuracy", spy)
+    return calls
+
+
+def finetune_job(monkeypatch, out: Path, **values):
+    """The `Job` ``run_finetune`` hands the runner for a configuration of ``values`` (nothing trains)."""
+    jobs = []
+    monkeypatch.setattr(finetune, "run_job", lambda run, job: jobs.append(job) or {"interrupted": True})
+    run_finetune(from_dict(FinetuneConfig, values), out)
+    return jobs[0]
+
+
+def test_an_evaluation_scores_the_data_val_split_and_leaves_the_model_training(mae_run, tmp_path,
+                                                                              monkeypatch):
+    """The loop evaluates the classifier and its EMA on val/ (not test/), then goes on training: the model
+    is back in train mode (dropout, drop path)."""
+    calls = spy_accuracies(monkeypatch)
+    data = three_split_folder(tmp_path / "shapes")
+    job = finetune_job(monkeypatch, tmp_path / "ft", encoder=str(mae_run), ema_decay=0.5, eval_batch_size=3,
+                       train={"batch_size": 4}, data={"source": str(data), "num_workers": 0})
+    results = job.evaluation.evaluate(job.model.train())
+    assert set(results) == {"val_top1", "val_top5", "val_ema_top1", "val_ema_top5"}
+    assert [(desc, images) for desc, _, images in calls] == [("val", 4), ("val ema", 4)]
+    assert job.model.training and job.model.classifier.training
+
+
+def test_named_data_comes_from_its_root_and_a_random_encoder_from_the_seed(mae_run, tmp_path, monkeypatch,
+                                                                          tiny_mnist):
+    """A data set by name is looked up in ``data.root`` (here the only place it is); ``--init random`` draws
+    the encoder's weights from ``train.seed``."""
+    def encoder_weights(seed: int) -> list[torch.Tensor]:
+        job = finetune_job(monkeypatch, tmp_path / f"ft{seed}", encoder=str(mae_run),
+                           train={"seed": seed, "batch_size": 4},
+                           data={"source": "mnist", "root": str(tiny_mnist), "num_workers": 0},
+                           classifier={"init": "random"})
+        assert len(job.dataset) == 10
+        return list(job.model.classifier.blocks.state_dict().values())
+
+    first = encoder_weights(0)
+    assert not all(torch.equal(a, b) for a, b in zip(first, encoder_weights(3), strict=True))
+
+
+def nudge_best_weights(monkeypatch) -> None:
+    """Let the runner train, then move the kept best weights off the last ones (in a 3-step run both are the
+    last step's): the test number of the best weights must be that of the file."""
+    real = finetune.run_job
+
+    def run_job(run, job):
+        summary = real(run, job)
+        path = run.checkpoints.best_path
+        weights = load_file(str(path))
+        save_file({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, str(path))
+        return summary
+
+    monkeypatch.setattr(finetune, "run_job", run_job)
+
+
+@pytest.mark.parametrize("data, val_fraction, ema, val_split, evaluated", [
+    ("folder", 0.25, 0.5, "0.25 of train, held out",
+     [("val", 4), ("val ema", 4), ("test", 6), ("test ema", 6), ("test best", 6)]),
+    ("folder", 0.0, None, "the data's val split", [("val", 4), ("test", 6)]),
+    ("synthetic:16", 0.0, None, "the test split (no validation split: for watching only)", [("val", 16)]),
+])
+def test_a_finetune_run_reports_its_splits_length_and_test_numbers(mae_run, tmp_path, monkeypatch, data,
+                                                                   val_fraction, ema, val_split, evaluated):
+    """results.json after 3 steps of batch 4: the validation split it watched, the steps and epochs, the test
+    numbers (the last evaluation's when val is the test split), and, when the best weights were chosen on
+    held-out training images, the test number of those weights (the EMA's when it keeps one)."""
+    calls = spy_accuracies(monkeypatch)
+    nudge_best_weights(monkeypatch)
+    source = str(three_split_folder(tmp_path / "shapes")) if data == "folder" else data
+    ft = tmp_path / "ft"
+    config = from_dict(FinetuneConfig, {"encoder": str(mae_run), "eval_batch_size": 4, "ema_decay": ema,
+                                        "data": {"source": source, "num_workers": 0},
+                                        "labels": {"val_fraction": val_fraction},
+                                        "train": {"batch_size": 4, "max_steps": 3}})
+    results = run_finetune(config, ft)
+    assert json.loads((ft / "results.json").read_text()) == results
+    train_images = 16 - round(16 * val_fraction)
+    assert results["val_split"] == val_split and results["train_images"] == train_images
+    assert results["steps"] == 3 and results["epochs"] == round(3 / (train_images // 4), 2)
+    assert [(desc, images) for desc, _, images in calls] == evaluated
+    metric = "val_ema_top1" if ema else "val_top1"
+    best = Checkpoints(ft).best()
+    assert (results[f"best_{metric}"], results["best_step"]) == (best["value"], best["step"])
+    assert (best["value"], best["step"]) == (results[metric], 3)
+    if val_split.startswith("the test split"):
+        assert (results["test_top1"], results["test_top5"]) == (results["val_top1"], results["val_top5"])
+    if "test best" in dict(evaluated):
+        kept = load_file(str(Checkpoints(ft).best_path))
+        prefix = "ema.module." if ema else "classifier."
+        weights = calls[-1][1]
+        assert weights.keys() == {k.removeprefix(prefix) for k in kept if k.startswith(prefix)}
+        assert all(torch.equal(kept[prefix + k], v) for k, v in weights.items())
+        assert {"test_best_top1", "test_best_top5"} <= set(results)
+    assert 0 < results["wall_s"] < 600
+
+
+@pytest.fixture(scope="module")
+def ft_run(mae_run, tmp_path_factory) -> Path:
+    """A fine-tuning run of 2 steps on 16 synthetic images, a checkpoint at each step."""
+    ft = tmp_path_factory.mktemp("ft") / "ft"
+    assert main(["finetune", str(mae_run), "--data", "synthetic:16", "--out", str(ft), "--batch-size", "8",
+                 "--max-steps", "2", "--set", "data.num_workers=0", "--set", "train.checkpoint_every=1"]) == 0
+    return ft
+
+
+def test_a_finetuned_encoder_comes_from_the_weights_asked_for_else_the_best(ft_run):
+    config = read_finetune(saved_values(ft_run))
+    assert finetuned_encoder(config, ft_run, None)[1] == Checkpoints(ft_run).best_path
+    first = Checkpoints(ft_run).weights_path(1)  # (the best are step 2's: the one evaluation was at the end)
+    model, weights = finetuned_encoder(config, ft_run, first)
+    kept = load_file(str(first))
+    assert weights == first
+    assert all(torch.equal(kept[f"classifier.{k}"], v) for k, v in model.state_dict().items())
+
+
+def test_a_classifier_predicts_the_top_classes_of_each_image(ft_run, tmp_path):
+    """``mimkit predict FTRUN``: one row per image, the top 5 of the 10 classes by falling probability; with
+    ``force``, into a folder that holds other files."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, shade in enumerate((20, 200)):
+        Image.new("RGB", (40, 40), (shade, shade, shade)).save(images / f"{i}.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    config = read_finetune(saved_values(ft_run))
+    said = finetune.predict_with_classifier(config, ft_run, str(images), str(out), None, 8, True)
+    assert said == f"wrote {out / 'predictions.csv'}"
+    header, *rows = list(csv.reader((out / "predictions.csv").open()))
+    assert header == ["file"] + [f"{name}_{i}" for i in range(1, 6) for name in ("class", "prob")]
+    assert [row[0] for row in rows] == [str(images / "0.png"), str(images / "1.png")]
+    for row in rows:
+        probs = [float(p) for p in row[2::2]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+        assert len(set(row[1::2])) == 5 and set(row[1::2]) <= {f"class_{c}" for c in range(10)}
+
+
+def test_a_classifier_refuses_test_time_augmentation(tmp_path):
+    with pytest.raises(MimkitError, match="--tta is for segmentation runs"):
+        finetune.predict_with_classifier(FinetuneConfig(), tmp_path, str(tmp_path), str(tmp_path / "out"),
+                                         "flip", 8, False)
+
+
+def test_a_saved_configuration_is_read_without_its_augmentation():
+    """Older runs name augmentation fields this version lacks; the rest of the configuration is kept."""
+    config = read_finetune({"encoder": "runs/mae", "eval_every": 3, "augment": {"rand_augment_ops": 2}})
+    assert (config.encoder, config.eval_every) == ("runs/mae", 3)
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, values: list[float], labels: list[int]):
+        self.values, self.labels = values, labels
+
+    def __len__(self):
+        return len(self.values)
+
+    def __getitem__(self, i):
+        return torch.full((1, 2, 2), self.values[i]), self.labels[i]
+
+
+@pytest.mark.parametrize("other, same", [
+    (Images([0.0, 1.0, 2.0], [0, 1, 0]), True),
+    (Images([0.0, 1.0], [0, 1]), False),  # fewer images
+    (Images([0.0, 1.0, 2.0], [0, 1, 1]), False),  # a label differs
+    (Images([0.0, 1.0, 5.0], [0, 1, 0]), False),  # the last image differs
+    (Images([5.0, 1.0, 2.0], [0, 1, 0]), False),  # the first image differs
+])
+def test_same_images_compares_length_labels_and_images(other, same):
+    assert same_images(Images([0.0, 1.0, 2.0], [0, 1, 0]), other) is same

@@ -3,15 +3,12 @@
 import dataclasses
 import math
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from mimkit.cli import main
-from mimkit.data import idx
 from mimkit.data.synthetic import SyntheticSource
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
@@ -26,7 +23,7 @@ from mimkit.models.classifier import pooled_features
 from mimkit.models.vit import build_vit
 from mimkit.runs import load_encoder, read_run
 from mimkit.train.metrics_log import read_metrics
-from tests.conftest import TINY_MAE_KWARGS, perturb, write_idx
+from tests.conftest import TINY_MAE_KWARGS, perturb
 
 # scores that rank class 0 first, then 1, 2, ..., 7, for 5 queries, and their labels: 2 top-1 hits (class 0),
 # 2 more top-5 hits (classes 1 and 3), 1 miss (class 6); a top-2 count would find 3
@@ -271,22 +268,6 @@ def test_weights_digest_tells_names_shapes_dtypes_and_values_apart():
                nn.Sequential(Holder(ones))]
     assert len({weights_digest(module) for module in modules}) == 5
     assert weights_digest(Holder(ones.clone())) == weights_digest(modules[0])
-
-
-@pytest.fixture
-def tiny_mnist(tmp_path, monkeypatch, private_data_cache) -> Path:
-    """A folder holding a tiny MNIST (10 train images, one a class, and 4 test images), the only one the test
-    can find (no download): data that only a ``root`` reaches."""
-    def offline(name):
-        raise RuntimeError("no network in the tests")
-
-    monkeypatch.setattr(idx, "_download_idx", offline)
-    root = tmp_path / "mine"
-    root.mkdir()
-    for prefix, n in (("train", 10), ("t10k", 4)):
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", np.full((n, 8, 8), 100, np.uint8))
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n, dtype=np.uint8))
-    return root
 
 
 def test_probe_data_reads_named_data_from_root_in_the_encoders_channels(mae_run, tmp_path, tiny_mnist):

@@ -14,8 +14,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+import mimkit.eval.seg_evaluate as seg_evaluate
+import mimkit.eval.segment as segment
 from mimkit.cli import main
-from mimkit.config import read_yaml
+from mimkit.config import from_dict, read_yaml
+from mimkit.errors import MimkitError
+from mimkit.eval.config import SegmentConfig
+from mimkit.eval.seg_metrics import TTA
 from mimkit.eval.segment import load_segmentation_run, optimizer_groups, segmentation_loss
 from mimkit.models.segmentation import Segmenter, segmentation_encoder
 from mimkit.models.vit import build_vit
@@ -317,3 +322,117 @@ def test_two_processes_score_the_validation_set_as_one(mae_run, tmp_path):
     a, b = (json.loads((run / "results.json").read_text()) for run in (one, two))
     assert b["val_images"] == 5 and a["per_class"] == b["per_class"]
     assert a["mIoU"] == pytest.approx(b["mIoU"]) and a["aAcc"] == pytest.approx(b["aAcc"])
+
+
+class ShadeSegmenter(nn.Module):
+    """A stand-in segmenter of `scene` images: class k where the shade is nearest shade k (k x 125), under
+    a normalization by mean 0.5 and std 0.5. Records the size of each input it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.centers = ((torch.arange(3) * 125 / 255 - 0.5) / 0.5).view(1, 3, 1, 1)
+        self.inputs = []
+
+    def forward(self, images):
+        self.inputs.append(tuple(images.shape))
+        return -(images[:, :1] - self.centers).abs()
+
+
+CLASSES = ["background", "square", "block"]
+
+
+def resolved_seg_config(data: Path, **seg) -> SegmentConfig:
+    """The configuration a segmentation run of `ShadeSegmenter` on ``data`` would have saved."""
+    return from_dict(SegmentConfig, {"data": {"source": str(data), "channels": 3, "mean": [0.5] * 3,
+                                              "std": [0.5] * 3, "num_workers": 0},
+                                     "seg": {"num_classes": 3, "classes": CLASSES, "crop_size": 32, **seg}})
+
+
+def spy_scoring(monkeypatch, module) -> list:
+    """Record the arguments of each ``evaluate_segmentation`` call of ``module``, then score as it would."""
+    calls, real = [], module.evaluate_segmentation
+
+    def spy(model, loader, device, num_classes, crop, mode="whole", stride=None, flip=False, classes=None,
+            desc="eval", scales=()):
+        calls.append({"images": len(loader.dataset), "batch": loader.batch_size, "num_classes": num_classes,
+                      "crop": crop, "mode": mode, "stride": stride, "flip": flip, "classes": classes,
+                      "scales": list(scales)})
+        return real(model, loader, device, num_classes, crop, mode, stride, flip, classes, desc, scales)
+
+    monkeypatch.setattr(module, "evaluate_segmentation", spy)
+    return calls
+
+
+@pytest.mark.parametrize("split, other, tta, images, flip, scales", [
+    ("val", False, None, 3, False, [1.0, 0.5]),  # as the run evaluates
+    ("train", True, "flip", 2, True, []),
+    ("val", True, "ms", 5, True, list(TTA["ms"][0])),
+])
+def test_evaluate_scores_a_split_of_the_runs_data_or_another_folder(tmp_path, monkeypatch, split, other, tta,
+                                                                    images, flip, scales):
+    """``mimkit evaluate RUN``: the split asked for, of the run's data or another folder's, scored with the
+    run's evaluation settings (or a test-time augmentation's), written to ``out``."""
+    data = write_layout(tmp_path / "scenes", "generic", train=4, val=3)
+    config = resolved_seg_config(data, eval_mode="slide", eval_stride=16, eval_scales=[1.0, 0.5],
+                                 eval_scale=[64, 64])
+    model = ShadeSegmenter()
+    monkeypatch.setattr(seg_evaluate, "load_segmentation_run", lambda run: (model, config))
+    calls = spy_scoring(monkeypatch, seg_evaluate)
+    elsewhere = str(write_layout(tmp_path / "other", "generic", train=2, val=5)) if other else None
+    out = tmp_path / "out"
+    results = seg_evaluate.evaluate_run("runs/seg", out, split, elsewhere, tta, batch_size=2)
+    assert calls == [{"images": images, "batch": 2, "num_classes": 3, "crop": 32, "mode": "slide",
+                      "stride": 16, "flip": flip, "classes": CLASSES, "scales": scales}]
+    assert (results["run"], results["data"], results["split"], results["images"]) == (
+        "runs/seg", elsewhere or str(data), split, images)
+    assert results["eval"] == {"mode": "slide", "stride": 16, "flip": flip, "scales": scales}
+    assert max(size[-1] for size in model.inputs) == 32  # 64-px images (eval_scale) in 32-px windows
+    assert results["aAcc"] > 95 and [row["class"] for row in results["per_class"]] == CLASSES
+    assert json.loads((out / "results.json").read_text()) == results and (out / "confusion.json").is_file()
+    assert 0 <= results["wall_s"] < 600
+
+
+def test_evaluate_refuses_an_unknown_tta_a_bad_mask_and_a_run_of_another_kind(tmp_path, monkeypatch, mae_run):
+    data = write_layout(tmp_path / "scenes", "generic", train=2, val=2)
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(data / "masks" / "val" / "1.png")
+    monkeypatch.setattr(seg_evaluate, "load_segmentation_run",
+                        lambda run: (ShadeSegmenter(), resolved_seg_config(data)))
+    calls = spy_scoring(monkeypatch, seg_evaluate)
+    with pytest.raises(MimkitError, match="--tta 'big' is not one of flip, ms"):
+        seg_evaluate.evaluate_run("runs/seg", tmp_path / "out", tta="big")
+    with pytest.raises(MimkitError, match="holds label 7"):
+        seg_evaluate.evaluate_run("runs/seg", tmp_path / "out")
+    assert calls == []  # every mask is checked before the first image is scored
+    with pytest.raises(MimkitError, match="is a pretraining run, not a segmentation run"):
+        load_segmentation_run(mae_run)
+
+
+def test_visualize_shows_seeded_validation_images_with_their_masks_and_predictions(tmp_path, monkeypatch):
+    """``mimkit visualize SEGRUN``: ``n`` validation images picked by the seed, each beside its mask and the
+    run's prediction at the mask's size, inferred as the run evaluates."""
+    data = write_layout(tmp_path / "scenes", "generic", train=2, val=6)
+    truths = [np.asarray(Image.open(data / "masks" / "val" / f"{i}.png")) for i in range(6)]
+    model = ShadeSegmenter()
+    monkeypatch.setattr(segment, "load_segmenter", lambda config, run_dir: model)
+    shown = []
+    monkeypatch.setattr(segment, "segmentation_figure", lambda rows, classes: shown.append((rows, classes)))
+    monkeypatch.setattr(segment, "save_picture", lambda figure, out: out)
+    config = resolved_seg_config(data, eval_scale=[64, 64], eval_flip=True)
+
+    def picked(seed: int) -> list[int]:
+        shown.clear()
+        assert segment.visualize_segmentation(config, tmp_path, tmp_path / "seg.png", 2, seed) == [
+            tmp_path / "seg.png"]
+        (rows, classes), = shown
+        assert classes == CLASSES and len(rows) == 2
+        found = []
+        for image, truth, prediction in rows:
+            assert image.shape == (3, 32, 32) and prediction.shape == truth.shape == (32, 32)
+            assert (prediction == truth).float().mean() > 0.95
+            found.append(next(i for i, t in enumerate(truths) if np.array_equal(t, truth.numpy())))
+        return found
+
+    first = picked(0)
+    assert picked(0) == first and len(set(first)) == 2
+    assert any(picked(seed) != first for seed in (1, 2, 3))
+    assert {size[-1] for size in model.inputs} == {32}  # the 64-px view, resized to the 32-px crop
