@@ -231,6 +231,28 @@ def test_named_data_comes_from_its_root_and_a_random_encoder_from_the_seed(mae_r
     assert not all(torch.equal(a, b) for a, b in zip(first, encoder_weights(3), strict=True))
 
 
+@pytest.mark.parametrize("bad_images, problem", [
+    ({}, "cannot read image"),
+    ({"skip_bad_images": True, "max_bad_images": 0}, "more than max_bad_images=0"),
+    ({"skip_bad_images": True, "max_bad_images": 1}, None),
+])
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_an_unreadable_training_image_is_skipped_as_the_run_asks(mae_run, tmp_path, monkeypatch, bad_images,
+                                                                 problem):
+    """``--skip-bad-images`` (at most ``max_bad_images``) in a folder with val/ and test/ splits: those
+    splits read train/ again (for its classes), so they too must skip its unreadable file."""
+    data = three_split_folder(tmp_path / "shapes")
+    (data / "train" / "a" / "0.png").write_bytes(b"not a png")
+    values = {"encoder": str(mae_run), "train": {"batch_size": 4},
+              "data": {"source": str(data), "num_workers": 0, **bad_images}}
+    if problem:
+        with pytest.raises(MimkitError, match=problem):
+            finetune_job(monkeypatch, tmp_path / "ft", **values)
+    else:
+        train = finetune_job(monkeypatch, tmp_path / "ft", **values).dataset.source
+        assert len([train[i] for i in range(len(train))]) == 16
+
+
 def nudge_best_weights(monkeypatch) -> None:
     """Let the runner train, then move the kept best weights off the last ones (in a 3-step run both are the
     last step's): the test number of the best weights must be that of the file."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from mimkit.config import from_dict, to_dict
+from mimkit.config import DataConfig, from_dict, to_dict
 from mimkit.data.loader import SeededViews, eval_loader
 from mimkit.data.source_info import SourceInfo
 from mimkit.data.sources import build_source
@@ -90,6 +90,13 @@ def resolve_finetune(config: FinetuneConfig, encoder: Encoder, info: SourceInfo)
     return replace(config, encoder_config=to_dict(encoder.spec), data=data, classifier=classifier)
 
 
+def read_split(data: DataConfig, split: str, channels: int) -> Dataset:
+    """``split`` of the run's data in ``channels``, unreadable images skipped as the run asks in every split
+    (a folder's val/ and test/ read its train/ again, for its classes)."""
+    return build_source(data.source, split, root=data.root, channels=channels,
+                        skip_bad_images=data.skip_bad_images, max_bad_images=data.max_bad_images)
+
+
 def same_images(a: Dataset, b: Dataset, probes: int = 8) -> bool:
     """Whether two sources hold the same images: equal length and labels, and equal images at a few
     spread-out positions (a data set without a validation split serves its test split for both)."""
@@ -130,15 +137,13 @@ def _finetune(config: FinetuneConfig, run: OpenedRun) -> dict:
     world = run.world
     encoder = load_encoder(config.encoder, config.classifier.init, seed=config.train.seed)
     data = config.data
-    source = build_source(data.source, "train", root=data.root, channels=encoder.spec.data.channels,
-                          skip_bad_images=data.skip_bad_images, max_bad_images=data.max_bad_images)
+    source = read_split(data, "train", encoder.spec.data.channels)
     config = resolve_finetune(config, encoder, source.info)
     data, labels, aug, cls = config.data, config.labels, config.augment, config.classifier
     splits = make_splits(source, labels.fraction, labels.val_fraction, labels.seed)
     train_set = Subset(source, splits.train)
-    val_set = Subset(source, splits.val) if splits.val else build_source(
-        data.source, "val", root=data.root, channels=data.channels)
-    test_set = build_source(data.source, "test", root=data.root, channels=data.channels)
+    val_set = Subset(source, splits.val) if splits.val else read_split(data, "val", data.channels)
+    test_set = read_split(data, "test", data.channels)
     val_is_test = not splits.val and same_images(val_set, test_set)
     test_view = eval_view(data.img_size, data.mean, data.std)
 
