@@ -28,6 +28,7 @@ from mimkit.runs import latest_weights, load_encoder, saved_values
 from mimkit.train.checkpoint_files import Checkpoints, load_weights
 from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import param_groups
+from tests.conftest import TINY_MAE_KWARGS
 
 QUICK_FT = ["--max-steps", "4", "--batch-size", "32", "--set", "data.num_workers=0",
             "--set", "eval_batch_size=128"]
@@ -229,6 +230,21 @@ def test_named_data_comes_from_its_root_and_a_random_encoder_from_the_seed(mae_r
 
     first = encoder_weights(0)
     assert not all(torch.equal(a, b) for a, b in zip(first, encoder_weights(3), strict=True))
+
+
+def test_colour_data_reaches_a_grey_encoder_grey_in_every_split(tmp_path, monkeypatch):
+    """A 1-channel encoder fine-tuned on an RGB folder: its training, val and test images are read grey."""
+    tiny = [arg for kv in TINY_MAE_KWARGS for arg in ("--set", f"model.kwargs.{kv}")]
+    grey = tmp_path / "grey"
+    assert main(["pretrain", "mae", "--data", "synthetic:8", "--out", str(grey), "--max-steps", "1",
+                 "--batch-size", "8", "--set", "data.num_workers=0", "--set", "data.channels=1", *tiny]) == 0
+    calls = spy_accuracies(monkeypatch)
+    ft = tmp_path / "ft"
+    results = run_finetune(from_dict(FinetuneConfig, {
+        "encoder": str(grey), "eval_batch_size": 4, "train": {"batch_size": 4, "max_steps": 1},
+        "data": {"source": str(three_split_folder(tmp_path / "shapes")), "num_workers": 0}}), ft)
+    assert [(desc, images) for desc, _, images in calls] == [("val", 4), ("test", 6)]
+    assert results["data"].endswith("shapes") and read_finetune(saved_values(ft)).data.channels == 1
 
 
 @pytest.mark.parametrize("bad_images, problem", [

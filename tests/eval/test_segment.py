@@ -18,6 +18,7 @@ import mimkit.eval.seg_evaluate as seg_evaluate
 import mimkit.eval.segment as segment
 from mimkit.cli import main
 from mimkit.config import from_dict, read_yaml
+from mimkit.data.segmentation import PROBE_SAMPLES, build_seg_source, spread
 from mimkit.errors import MimkitError
 from mimkit.eval.config import SegmentConfig
 from mimkit.eval.seg_metrics import TTA
@@ -363,26 +364,34 @@ def spy_scoring(monkeypatch, module) -> list:
     return calls
 
 
-@pytest.mark.parametrize("split, other, tta, images, flip, scales", [
-    ("val", False, None, 3, False, [1.0, 0.5]),  # as the run evaluates
-    ("train", True, "flip", 2, True, []),
-    ("val", True, "ms", 5, True, list(TTA["ms"][0])),
+@pytest.mark.parametrize("split, other, tta, batch, images, flip, scales", [
+    ("val", False, None, None, 3, False, [1.0, 0.5]),  # as the run evaluates, one image at a time
+    ("train", True, "flip", 2, 2, True, []),
+    ("val", True, "ms", 2, 5, True, list(TTA["ms"][0])),
 ])
 def test_evaluate_scores_a_split_of_the_runs_data_or_another_folder(tmp_path, monkeypatch, split, other, tta,
-                                                                    images, flip, scales):
+                                                                    batch, images, flip, scales):
     """``mimkit evaluate RUN``: the split asked for, of the run's data or another folder's, scored with the
-    run's evaluation settings (or a test-time augmentation's), written to ``out``."""
+    run's evaluation settings (or a test-time augmentation's), written to ``out``; a run of a grey encoder
+    reads colour images grey."""
     data = write_layout(tmp_path / "scenes", "generic", train=4, val=3)
     config = resolved_seg_config(data, eval_mode="slide", eval_stride=16, eval_scales=[1.0, 0.5],
                                  eval_scale=[64, 64])
+    config.data.channels, config.data.mean, config.data.std = 1, [0.5], [0.5]
     model = ShadeSegmenter()
     monkeypatch.setattr(seg_evaluate, "load_segmentation_run", lambda run: (model, config))
     calls = spy_scoring(monkeypatch, seg_evaluate)
-    elsewhere = str(write_layout(tmp_path / "other", "generic", train=2, val=5)) if other else None
+    elsewhere = None
+    if other:
+        elsewhere = str(write_layout(tmp_path / "other", "generic", train=2, val=5))
+        for path in (tmp_path / "other" / "images").rglob("*.png"):
+            Image.open(path).convert("RGB").save(path)
     out = tmp_path / "out"
-    results = seg_evaluate.evaluate_run("runs/seg", out, split, elsewhere, tta, batch_size=2)
-    assert calls == [{"images": images, "batch": 2, "num_classes": 3, "crop": 32, "mode": "slide",
+    sizes = {} if batch is None else {"batch_size": batch}
+    results = seg_evaluate.evaluate_run("runs/seg", out, split, elsewhere, tta, **sizes)
+    assert calls == [{"images": images, "batch": batch or 1, "num_classes": 3, "crop": 32, "mode": "slide",
                       "stride": 16, "flip": flip, "classes": CLASSES, "scales": scales}]
+    assert {size[1] for size in model.inputs} == {1}
     assert (results["run"], results["data"], results["split"], results["images"]) == (
         "runs/seg", elsewhere or str(data), split, images)
     assert results["eval"] == {"mode": "slide", "stride": 16, "flip": flip, "scales": scales}
@@ -392,9 +401,12 @@ def test_evaluate_scores_a_split_of_the_runs_data_or_another_folder(tmp_path, mo
     assert 0 <= results["wall_s"] < 600
 
 
-def test_evaluate_refuses_an_unknown_tta_a_bad_mask_and_a_run_of_another_kind(tmp_path, monkeypatch, mae_run):
-    data = write_layout(tmp_path / "scenes", "generic", train=2, val=2)
-    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(data / "masks" / "val" / "1.png")
+def test_evaluate_refuses_a_bad_tta_mask_or_folder_and_another_kind(tmp_path, monkeypatch,
+                                                                                  mae_run):
+    """Every mask is checked before the first image is scored: also one the source's few samples miss."""
+    data = write_layout(tmp_path / "scenes", "generic", train=2, val=PROBE_SAMPLES + 2)
+    unsampled = min(set(range(PROBE_SAMPLES + 2)) - set(spread(PROBE_SAMPLES + 2, PROBE_SAMPLES)))
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(build_seg_source(str(data), "val").masks[unsampled])
     monkeypatch.setattr(seg_evaluate, "load_segmentation_run",
                         lambda run: (ShadeSegmenter(), resolved_seg_config(data)))
     calls = spy_scoring(monkeypatch, seg_evaluate)
@@ -402,7 +414,12 @@ def test_evaluate_refuses_an_unknown_tta_a_bad_mask_and_a_run_of_another_kind(tm
         seg_evaluate.evaluate_run("runs/seg", tmp_path / "out", tta="big")
     with pytest.raises(MimkitError, match="holds label 7"):
         seg_evaluate.evaluate_run("runs/seg", tmp_path / "out")
-    assert calls == []  # every mask is checked before the first image is scored
+    assert calls == []
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    with pytest.raises(MimkitError, match="did not write"):
+        seg_evaluate.evaluate_run("runs/seg", used, split="train")
     with pytest.raises(MimkitError, match="is a pretraining run, not a segmentation run"):
         load_segmentation_run(mae_run)
 
@@ -436,3 +453,43 @@ def test_visualize_shows_seeded_validation_images_with_their_masks_and_predictio
     assert picked(0) == first and len(set(first)) == 2
     assert any(picked(seed) != first for seed in (1, 2, 3))
     assert {size[-1] for size in model.inputs} == {32}  # the 64-px view, resized to the 32-px crop
+
+
+def quick_segment_config(encoder: Path, data: Path, **values) -> SegmentConfig:
+    """A segmentation run of 2 steps of 4 images at 32 px with narrow heads, as QUICK makes from the CLI."""
+    return from_dict(SegmentConfig, {"encoder": str(encoder), "data": {"source": str(data), "num_workers": 0},
+                                     "train": {"batch_size": 4, "max_steps": 2}, "eval_batch_size": 8,
+                                     "seg": {"crop_size": 32, "channels": 16, "aux_channels": 16}, **values})
+
+
+def test_a_finished_run_is_scored_again_and_left_training(mae_run, tmp_path, monkeypatch):
+    """A run that had already finished (the runner trains and evaluates nothing) scores its weights once more
+    for results.json, on the ``eval_images`` it evaluates, and leaves its model in train mode."""
+    jobs = []
+    finished = {"interrupted": False, "step": 2}
+    monkeypatch.setattr(segment, "run_job", lambda run, job: jobs.append(job) or finished)
+    data = write_layout(tmp_path / "scenes", "generic", train=8, val=6)
+    results = segment.run_segment(quick_segment_config(mae_run, data, eval_images=4), tmp_path / "seg")
+    assert jobs[0].model.training
+    assert (results["steps"], results["epochs"], results["val_images"]) == (2, 1.0, 4)
+    assert 0 <= results["mIoU"] <= 100 and results["best_val_mIoU"] is None
+    assert json.loads((tmp_path / "seg" / "results.json").read_text())["mIoU"] == results["mIoU"]
+
+
+def test_a_segmentation_run_loads_its_best_weights_in_eval_mode(mae_run, tmp_path, monkeypatch):
+    jobs = []
+    monkeypatch.setattr(segment, "run_job", lambda run, job: jobs.append(job) or {"interrupted": True})
+    data = write_layout(tmp_path / "scenes", "generic", train=4, val=2)
+    run = tmp_path / "seg"
+    segment.run_segment(quick_segment_config(mae_run, data), run)
+    model, config = jobs[0].model, jobs[0].config
+    checkpoints = Checkpoints(run)
+    checkpoints.save(2, model, {})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    checkpoints.save_best(1, model, "val_mIoU", 50.0)
+    loaded = segment.load_segmenter(config, run)
+    assert not loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(),
+                                                  strict=True))
