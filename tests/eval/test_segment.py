@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+import mimkit.eval.predict as predict
 import mimkit.eval.seg_evaluate as seg_evaluate
 import mimkit.eval.segment as segment
 from mimkit.cli import main
@@ -493,3 +494,49 @@ def test_a_segmentation_run_loads_its_best_weights_in_eval_mode(mae_run, tmp_pat
     assert not loaded.training
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(),
                                                   strict=True))
+
+
+def test_predict_writes_each_images_label_map_batched_by_size_as_the_run_evaluates(tmp_path, monkeypatch):
+    """``mimkit predict SEGRUN`` on a segmentation folder: the images of both splits (not the masks), each
+    label map at its image's size and path (a palette PNG of the class ids) beside its overlay, images of
+    one size predicted together up to the batch size, with the run's evaluation settings or ``--tta``."""
+    data = write_layout(tmp_path / "scenes", "generic", train=3, val=2)
+    for picture, folder in zip(scene(9, size=40), ("images", "masks"), strict=True):  # one of another size
+        Image.fromarray(picture).save(data / folder / "val" / "9.png")
+    real, asked = predict.predict_logits, []
+
+    def spy(model, images, crop, mode, stride, flip, scales):
+        asked.append((len(images), images.shape[-1], crop, mode, stride, flip, list(scales)))
+        return real(model, images, crop, mode, stride, flip, scales)
+
+    monkeypatch.setattr(predict, "predict_logits", spy)
+    config = resolved_seg_config(data, eval_mode="slide", eval_stride=16, eval_scales=[1.0])
+    out = tmp_path / "out"
+    written, _ = predict.predict_masks(ShadeSegmenter(), config, data, out, tta="flip", batch_size=2,
+                                       workers=0)
+    assert asked == [(2, 32, 32, "slide", 16, True, []), (2, 32, 32, "slide", 16, True, []),
+                     (1, 32, 32, "slide", 16, True, []), (1, 40, 32, "slide", 16, True, [])]
+    names = ["train/0.png", "train/1.png", "train/2.png", "val/0.png", "val/1.png", "val/9.png"]
+    assert sorted(str(path.relative_to(out / "images")) for path in written) == names
+    for name in names:
+        label_map = Image.open(out / "images" / name)
+        truth = np.asarray(Image.open(data / "masks" / name))
+        assert label_map.mode == "P" and label_map.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]
+        assert (np.asarray(label_map) == truth).mean() > 0.95
+        assert (out / "images" / name.replace(".png", "_overlay.png")).is_file()
+    assert not (out / "masks").exists()
+    asked.clear()
+    predict.predict_masks(ShadeSegmenter(), config, data / "images" / "val", tmp_path / "again",
+                          batch_size=4, workers=0)
+    assert [(n, flip, scales) for n, _, _, _, _, flip, scales in asked] == [(2, False, [1.0]),
+                                                                            (1, False, [1.0])]
+
+
+def test_predict_refuses_an_unknown_tta_a_missing_folder_and_a_pretraining_run(tmp_path, mae_run):
+    config = resolved_seg_config(tmp_path)
+    with pytest.raises(MimkitError, match="--tta 'big' is not one of flip, ms"):
+        predict.predict_masks(ShadeSegmenter(), config, tmp_path, tmp_path / "out", tta="big")
+    with pytest.raises(MimkitError, match="is not a folder of images"):
+        predict.predict_masks(ShadeSegmenter(), config, tmp_path / "nothing", tmp_path / "out")
+    with pytest.raises(MimkitError, match="is a pretraining run: predict needs a segmentation run"):
+        predict.predict_classes(mae_run, tmp_path, tmp_path / "out")
