@@ -10,6 +10,8 @@ from torch import nn
 from mimkit.errors import MimkitError
 from mimkit.eval.seg_metrics import (
     confusion_matrix,
+    evaluate_segmentation,
+    format_table,
     predict_logits,
     segmentation_scores,
     sliding_logits,
@@ -217,8 +219,77 @@ def test_flip_averaging_unflips_the_logits_of_the_flipped_image(mode):
     torch.testing.assert_close(flipped, torch.stack([x, torch.full_like(x, 3.5), x * 3.5], 1))
 
 
-def test_bad_inference_options_are_errors():
+@pytest.mark.parametrize("stride", [9, 0])
+def test_bad_inference_options_are_errors(stride):
     with pytest.raises(MimkitError, match="stride"):
-        sliding_logits(PixelModel(8), torch.randn(1, 3, 8, 8), crop=8, stride=9)
+        sliding_logits(PixelModel(8), torch.randn(1, 3, 8, 8), crop=8, stride=stride)
     with pytest.raises(MimkitError, match="mode"):
         predict_logits(PixelModel(8), torch.randn(1, 3, 8, 8), 8, mode="tiles")
+
+
+def test_a_stride_of_one_pixel_is_a_window_at_every_offset():
+    images = torch.randn(1, 3, 8, 10)
+    model = Recorder()
+    torch.testing.assert_close(sliding_logits(model, images, crop=8, stride=1)[:, 0], images[:, 0])
+    assert len(model.inputs) == 3  # lefts 0, 1, 2
+
+
+@pytest.mark.parametrize("mode, windows", [("whole", [(16, 16)]), ("slide", [(16, 16)] * 4)])
+def test_the_mode_decides_whole_image_or_windows(mode, windows):
+    """A 32-px image and a 16-px crop: ``whole`` resizes the image to the crop once, ``slide`` (stride: the
+    crop) gives the model its four quarters."""
+    model = Recorder()
+    predict_logits(model, torch.randn(1, 3, 32, 32), 16, mode=mode)
+    assert [tuple(x.shape[-2:]) for x in model.inputs] == windows
+
+
+def test_scores_of_classes_of_a_single_pixel():
+    """A class of one labelled pixel, predicted right, and one of one pixel predicted as the other: the
+    divisions by one pixel are not rounded up."""
+    matrix = torch.tensor([[1, 0], [1, 0]])
+    scores = segmentation_scores(matrix)
+    assert scores["per_class"] == [{"class": "class_0", "IoU": 50.0, "Acc": 100.0},
+                                   {"class": "class_1", "IoU": 0.0, "Acc": 0.0}]
+    assert segmentation_scores(torch.tensor([[1, 0], [0, 0]]))["aAcc"] == 100.0
+
+
+def test_the_table_aligns_each_class_row_under_its_columns():
+    scores = segmentation_scores(torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]]),
+                                 ["background", "cat", "x"])
+    assert format_table(scores).splitlines() == [
+        "class         IoU    Acc",
+        "background  75.00  75.00",
+        "cat         66.67  100.00",
+        "x               -      -",
+        "aAcc 83.33  mIoU 70.83  mAcc 87.50",
+    ]
+
+
+class HalfPlanes(nn.Module):
+    """A 1x1 convolution: class 1 where the first channel is positive, else 0; keeps its outputs' dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, 0, 0, 0] = torch.tensor([-1.0, 1.0])
+        self.dtypes = []
+
+    def forward(self, x):
+        logits = self.conv(x)
+        self.dtypes.append(logits.dtype)
+        return logits
+
+
+def test_evaluation_scores_at_the_masks_size_in_full_precision_and_leaves_eval_mode():
+    """8-px images (left half negative) scored against 16-px masks (left half class 0): the logits are
+    upsampled to the masks, the arg-max class counted, every pixel right; float32 on the CPU."""
+    images = torch.ones(2, 3, 8, 8)
+    images[..., :4] = -1
+    masks = torch.zeros(2, 16, 16, dtype=torch.long)
+    masks[..., 8:] = 1
+    model = HalfPlanes().train()
+    scores = evaluate_segmentation(model, [{"image": images, "mask": masks}], torch.device("cpu"), 2, crop=8)
+    assert scores["confusion"] == [[256, 0], [0, 256]] and scores["aAcc"] == 100.0
+    assert not model.training and model.dtypes == [torch.float32]
