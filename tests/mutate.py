@@ -37,6 +37,10 @@ class Bug:
     tests: tuple[str, ...]  # pytest node ids or files that must fail
 
 
+# sweepevalx: what a fine-tuning run reports at its end
+FINETUNE_RESULTS = ("tests/eval/test_finetune.py::"
+                    "test_a_finetune_run_reports_its_splits_length_and_test_numbers")
+SEG = "tests/eval/test_segment.py::"  # sweepevalx
 # the VQ-KD k-means tests (the file's other tests include a Fashion-MNIST run)
 # region decoding's pixels against the whole image's, at full size and at the DCT scales
 REGION_PIXELS = "tests/data/test_jpeg_region.py"
@@ -799,8 +803,94 @@ PLANTED = [
         "lambda t: (1 - t) ** power)", "lambda t: (1 - t) * power)", ("tests/train/test_schedule.py",)),
     Bug("sweep (lead): data of exactly one global batch refused", "src/mimkit/train/schedule.py",
         "    if steps == 0:", "    if steps <= 1:", ("tests/train/test_schedule.py",)),
+    # sweepevalx
+    Bug("sweepevalx: finetune: after an evaluation the classifier trains in eval mode",
+        "src/mimkit/eval/finetune.py", "        model.train()\n", "",
+        ("tests/eval/test_finetune.py::test_an_evaluation_scores_the_data_val_split_and_leaves_the_model_"
+         "training",)),
+    Bug("sweepevalx: finetune: the validation images read from test/", "src/mimkit/eval/finetune.py",
+        'else read_split(data, "val", data.channels)', 'else read_split(data, "test", data.channels)',
+        ("tests/eval/test_finetune.py::test_an_evaluation_scores_the_data_val_split_and_leaves_the_model_"
+         "training",)),
+    Bug("sweepevalx: finetune: the test number of the best weights is the last weights'",
+        "src/mimkit/eval/finetune.py", "load_weights(chosen, run.checkpoints.best_path)", "chosen = model",
+        (FINETUNE_RESULTS,)),
+    Bug("sweepevalx: finetune: the best weights' test number from the classifier, not its EMA",
+        "src/mimkit/eval/finetune.py",
+        "picked = chosen.ema.module if config.ema_decay else chosen.classifier", "picked = chosen.classifier",
+        (FINETUNE_RESULTS,)),
+    Bug("sweepevalx: finetune: the best weights scored on the validation images",
+        "src/mimkit/eval/finetune.py",
+        "classification_accuracy(picked.to(world.device), test_loader,",
+        "classification_accuracy(picked.to(world.device), val_loader,", (FINETUNE_RESULTS,)),
+    Bug("sweepevalx: finetune: the encoder from the best weights even when others are asked for",
+        "src/mimkit/eval/finetune.py", "weights = weights or best_weights(run_dir)",
+        "weights = best_weights(run_dir)",
+        ("tests/eval/test_finetune.py::test_a_finetuned_encoder_comes_from_the_weights_asked_for_else_the_"
+         "best",)),
+    Bug("sweepevalx: finetune: epochs counted over the whole train split, held-out images included",
+        "src/mimkit/eval/finetune.py", "plan = plan_run(len(train_set), world.size",
+        "plan = plan_run(len(source), world.size", (FINETUNE_RESULTS,)),
+    Bug("sweepevalx: finetune: the data read in its own channels, not the encoder's",
+        "src/mimkit/eval/finetune.py", "split, root=data.root, channels=channels,", "split, root=data.root,",
+        ("tests/eval/test_finetune.py::test_colour_data_reaches_a_grey_encoder_grey_in_every_split",)),
+    Bug("sweepevalx: finetune: --skip-bad-images not passed on to the data",
+        "src/mimkit/eval/finetune.py",
+        "skip_bad_images=data.skip_bad_images, max_bad_images=data.max_bad_images)", ")",
+        ("tests/eval/test_finetune.py::test_an_unreadable_training_image_is_skipped_as_the_run_asks",)),
+    Bug("sweepevalx: finetune: a random encoder drawn from seed 0 whatever train.seed says",
+        "src/mimkit/eval/finetune.py", "config.classifier.init, seed=config.train.seed)",
+        "config.classifier.init)",
+        ("tests/eval/test_finetune.py::test_named_data_comes_from_its_root_and_a_random_encoder_from_the_seed",)),
+    Bug("sweepevalx: segment: after an evaluation the segmenter trains in eval mode (BatchNorm frozen)",
+        "src/mimkit/eval/segment.py", "        model.train()\n", "",
+        (SEG + "test_a_finished_run_is_scored_again_and_left_training",)),
+    Bug("sweepevalx: segment: a finished run resumed writes results without scoring its weights",
+        "src/mimkit/eval/segment.py", '    if "scores" not in last:', "    if False:",
+        (SEG + "test_a_finished_run_is_scored_again_and_left_training",)),
+    Bug("sweepevalx: segment: a run's newest weights loaded instead of its best",
+        "src/mimkit/eval/segment.py",
+        "load_weights(model, best_weights(run_dir))",
+        'load_weights(model, sorted(Path(run_dir, "checkpoints").glob("step-*.safetensors"))[-1])',
+        (SEG + "test_a_segmentation_run_loads_its_best_weights_in_eval_mode",)),
+    Bug("sweepevalx: evaluate: the masks not checked before scoring", "src/mimkit/eval/seg_evaluate.py",
+        "    source.check_masks(range(len(source)))", "    pass",
+        (SEG + "test_evaluate_refuses_a_bad_tta_mask_or_folder_and_another_kind",)),
+    Bug("sweepevalx: evaluate: --tta ignored for the run's own settings", "src/mimkit/eval/seg_evaluate.py",
+        "scales, flip = TTA[tta] if tta else (seg.eval_scales, seg.eval_flip)",
+        "scales, flip = seg.eval_scales, seg.eval_flip",
+        (SEG + "test_evaluate_scores_a_split_of_the_runs_data_or_another_folder",)),
+    Bug("sweepevalx: evaluate: --data ignored for the run's own data", "src/mimkit/eval/seg_evaluate.py",
+        "build_seg_source(data or data_cfg.source, split,", "build_seg_source(data_cfg.source, split,",
+        (SEG + "test_evaluate_scores_a_split_of_the_runs_data_or_another_folder",)),
+    Bug("sweepevalx: visualize: the pictures drawn from the training images", "src/mimkit/eval/segment.py",
+        'source = build_seg_source(data.source, "val", root=data.root, num_classes=seg.num_classes,',
+        'source = build_seg_source(data.source, "train", root=data.root, num_classes=seg.num_classes,',
+        (SEG + "test_visualize_shows_seeded_validation_images_with_their_masks_and_predictions",)),
+    Bug("sweepevalx: segmentation scored in bfloat16 on the CPU too", "src/mimkit/eval/seg_metrics.py",
+        'enabled=device.type == "cuda"):', "enabled=True):",
+        ("tests/eval/test_seg_metrics.py::test_evaluation_scores_at_the_masks_size_in_full_precision_and_"
+         "leaves_eval_mode",)),
+    Bug("sweepevalx: seg_metrics: whole and slide swapped", "src/mimkit/eval/seg_metrics.py",
+        'if mode == "slide"\n', 'if mode == "whole"\n',
+        ("tests/eval/test_seg_metrics.py::test_the_mode_decides_whole_image_or_windows",)),
+    Bug("sweepevalx: predict: a segmentation folder's train images left out", "src/mimkit/eval/predict.py",
+        'for split in ("train", "val")', 'for split in ("val",)',
+        (SEG + "test_predict_writes_each_images_label_map_batched_by_size_as_the_run_evaluates",)),
+    Bug("sweepevalx: predict: --tta ignored for the run's own settings", "src/mimkit/eval/predict.py",
+        "scales, flip = TTA[tta] if tta else (seg.eval_scales, seg.eval_flip)",
+        "scales, flip = seg.eval_scales, seg.eval_flip",
+        (SEG + "test_predict_writes_each_images_label_map_batched_by_size_as_the_run_evaluates",)),
+    Bug("sweepevalx: predict: label maps at the rescaled input's size, not the image's",
+        "src/mimkit/eval/predict.py", "size=batch[0][1].shape[1:],", "size=inputs.shape[2:],",
+        (SEG + "test_predict_writes_each_images_label_map_batched_by_size_as_the_run_evaluates",)),
+    Bug("sweepevalx: segmentation logits upsampled to the masks corner-aligned",
+        "src/mimkit/eval/seg_metrics.py",
+        'size=masks.shape[1:], mode="bilinear", align_corners=False)',
+        'size=masks.shape[1:], mode="bilinear", align_corners=True)',
+        ("tests/eval/test_seg_metrics.py::test_evaluation_scores_at_the_masks_size_in_full_precision_and_"
+         "leaves_eval_mode",)),
 ]
-
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:
     """``killed`` / ``survived`` / ``timeout`` of ``tests`` against the package in ``src``."""

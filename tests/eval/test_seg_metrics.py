@@ -250,7 +250,9 @@ def test_scores_of_classes_of_a_single_pixel():
     scores = segmentation_scores(matrix)
     assert scores["per_class"] == [{"class": "class_0", "IoU": 50.0, "Acc": 100.0},
                                    {"class": "class_1", "IoU": 0.0, "Acc": 0.0}]
-    assert segmentation_scores(torch.tensor([[1, 0], [0, 0]]))["aAcc"] == 100.0
+    alone = segmentation_scores(torch.tensor([[1, 0], [0, 0]]))
+    assert alone["aAcc"] == 100.0
+    assert alone["per_class"][0] == {"class": "class_0", "IoU": 100.0, "Acc": 100.0}
 
 
 def test_the_table_aligns_each_class_row_under_its_columns():
@@ -265,7 +267,7 @@ def test_the_table_aligns_each_class_row_under_its_columns():
     ]
 
 
-class HalfPlanes(nn.Module):
+class RampClasses(nn.Module):
     """A 1x1 convolution: class 1 where the first channel is positive, else 0; keeps its outputs' dtypes."""
 
     def __init__(self):
@@ -283,13 +285,14 @@ class HalfPlanes(nn.Module):
 
 
 def test_evaluation_scores_at_the_masks_size_in_full_precision_and_leaves_eval_mode():
-    """8-px images (left half negative) scored against 16-px masks (left half class 0): the logits are
-    upsampled to the masks, the arg-max class counted, every pixel right; float32 on the CPU."""
-    images = torch.ones(2, 3, 8, 8)
-    images[..., :4] = -1
+    """8-px images whose first channel rises by 1 a column from -0.8, scored against 16-px masks: the logits
+    are upsampled bilinearly (pixel centres: mask column j reads image column j / 2 - 1/4) to the masks, so
+    class 1 starts at mask column 3 (corner-aligned upsampling would start it at 2); float32 on the CPU."""
+    images = (torch.arange(8.0) - 0.8).expand(2, 3, 8, 8).contiguous()
     masks = torch.zeros(2, 16, 16, dtype=torch.long)
-    masks[..., 8:] = 1
-    model = HalfPlanes().train()
+    masks[..., 3:] = 1
+    model = RampClasses().train()
     scores = evaluate_segmentation(model, [{"image": images, "mask": masks}], torch.device("cpu"), 2, crop=8)
-    assert scores["confusion"] == [[256, 0], [0, 256]] and scores["aAcc"] == 100.0
+    assert scores["confusion"] == [[96, 0], [0, 416]] and scores["aAcc"] == 100.0
+    assert all(type(count) is int for row in scores["confusion"] for count in row)  # exact past 2**24 pixels
     assert not model.training and model.dtypes == [torch.float32]

@@ -499,7 +499,8 @@ def test_a_segmentation_run_loads_its_best_weights_in_eval_mode(mae_run, tmp_pat
 def test_predict_writes_each_images_label_map_batched_by_size_as_the_run_evaluates(tmp_path, monkeypatch):
     """``mimkit predict SEGRUN`` on a segmentation folder: the images of both splits (not the masks), each
     label map at its image's size and path (a palette PNG of the class ids) beside its overlay, images of
-    one size predicted together up to the batch size, with the run's evaluation settings or ``--tta``."""
+    one size predicted together up to the batch size, with the run's evaluation settings or ``--tta``
+    (the images rescaled to the run's eval_scale, the label maps at the images' own size)."""
     data = write_layout(tmp_path / "scenes", "generic", train=3, val=2)
     for picture, folder in zip(scene(9, size=40), ("images", "masks"), strict=True):  # one of another size
         Image.fromarray(picture).save(data / folder / "val" / "9.png")
@@ -510,12 +511,13 @@ def test_predict_writes_each_images_label_map_batched_by_size_as_the_run_evaluat
         return real(model, images, crop, mode, stride, flip, scales)
 
     monkeypatch.setattr(predict, "predict_logits", spy)
-    config = resolved_seg_config(data, eval_mode="slide", eval_stride=16, eval_scales=[1.0])
+    config = resolved_seg_config(data, eval_mode="slide", eval_stride=16, eval_scales=[1.0],
+                                 eval_scale=[64, 64])
     out = tmp_path / "out"
     written, _ = predict.predict_masks(ShadeSegmenter(), config, data, out, tta="flip", batch_size=2,
                                        workers=0)
-    assert asked == [(2, 32, 32, "slide", 16, True, []), (2, 32, 32, "slide", 16, True, []),
-                     (1, 32, 32, "slide", 16, True, []), (1, 40, 32, "slide", 16, True, [])]
+    assert asked == [(2, 64, 32, "slide", 16, True, []), (2, 64, 32, "slide", 16, True, []),
+                     (1, 64, 32, "slide", 16, True, []), (1, 64, 32, "slide", 16, True, [])]  # (eval_scale)
     names = ["train/0.png", "train/1.png", "train/2.png", "val/0.png", "val/1.png", "val/9.png"]
     assert sorted(str(path.relative_to(out / "images")) for path in written) == names
     for name in names:
