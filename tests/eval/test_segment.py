@@ -542,3 +542,35 @@ def test_predict_refuses_an_unknown_tta_a_missing_folder_and_a_pretraining_run(t
         predict.predict_masks(ShadeSegmenter(), config, tmp_path / "nothing", tmp_path / "out")
     with pytest.raises(MimkitError, match="is a pretraining run: predict needs a segmentation run"):
         predict.predict_classes(mae_run, tmp_path, tmp_path / "out")
+
+
+class ColumnClasses(nn.Module):
+    """Class 1 right of x = 2.3 (in input pixels), else 0, whatever the image; passes the image through a
+    1x1 convolution on the way and keeps that output's dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        self.dtypes = []
+
+    def forward(self, images):
+        seen = self.conv(images)
+        self.dtypes.append(seen.dtype)
+        x = (torch.arange(images.shape[-1], dtype=torch.float32) - 2.3).expand_as(images[:, 0])
+        return torch.stack([-x, x], 1) + 0 * seen
+
+
+def test_predict_brings_the_logits_to_the_image_size_by_pixel_centres_in_full_precision(tmp_path):
+    """An 8-px image evaluated at 16 px (eval_scale): label map column j reads logit column 2j + 1/2, so class
+    1 starts at column 1 (corner-aligned, 15j/7, it would start at 2); float32 on the CPU; a folder holding
+    other files is refused without ``force``."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8), "gray").save(images / "a.png")
+    model = ColumnClasses()
+    config = resolved_seg_config(tmp_path, crop_size=16, eval_scale=[16, 16])
+    predict.predict_masks(model, config, images, tmp_path / "out", workers=0)
+    assert np.asarray(Image.open(tmp_path / "out" / "a.png"))[0].tolist() == [0, 1, 1, 1, 1, 1, 1, 1]
+    assert model.dtypes == [torch.float32]
+    with pytest.raises(MimkitError, match="did not write"):
+        predict.predict_masks(model, config, images, images, workers=0)
