@@ -197,7 +197,8 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
         loss, metrics = regression_loss(model, batch)
         return (loss * float("nan") if calls[0] == 3 else loss), metrics
 
-    with pytest.raises(NonFiniteLoss, match="at step 3"):
+    stopped = r"at step 3; stopped before the optimizer step \(last checkpoint: step 2\)"
+    with pytest.raises(NonFiniteLoss, match=stopped):
         toy_run(tmp_path, loss_fn=explodes_at_third_call, checkpoint_every=1)
     assert Checkpoints(tmp_path).latest() == 2
 
@@ -374,3 +375,15 @@ def test_the_loop_trains_in_train_mode_and_loads_in_the_asked_worker_processes(t
           Schedule(2, [0.1] * 2), CPU, LoopOptions(batch_size=8, num_workers=1), **run_records(tmp_path))
     assert modes == [True, True]
     assert workers == []  # made in the worker: nothing recorded in this process
+
+
+def test_non_finite_weights_are_never_kept_as_the_best(tmp_path):
+    """An evaluation due where no checkpoint is (which would have refused them) keeps no NaN weights."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    schedule = Schedule(3, [float("inf")] * 3)  # finite loss and gradients, infinite weights
+    evaluation = Evaluation(constant_score, every=1, keep_best="score")
+    with pytest.raises(NonFiniteLoss, match="is not finite after step 1; not saved"):
+        train(model, regression_loss, SeededViews(Points(), noisy_view), build_adamw(param_groups(model, 0)),
+              schedule, CPU, LoopOptions(batch_size=8), **run_records(tmp_path), evaluation=evaluation)
+    assert Checkpoints(tmp_path).best() is None and not Checkpoints(tmp_path).best_path.exists()
