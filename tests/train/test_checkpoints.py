@@ -137,3 +137,13 @@ def test_the_main_process_removes_what_a_killed_save_left_when_it_starts(tmp_pat
     assert all(path.exists() for path in leftovers)  # another process's files are not its to touch
     checkpointer(tmp_path)
     assert not any(path.exists() for path in leftovers) and Checkpoints(tmp_path).steps() == [2]
+
+
+def test_a_resume_takes_the_newest_checkpoint(tmp_path):
+    store, model = Checkpoints(tmp_path, keep_last=3), nn.Linear(2, 1)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        store.save(step, model, {"step": step})
+    resumed = nn.Linear(2, 1)
+    assert store.resume(resumed)["step"] == 3 and torch.equal(resumed.weight, torch.full((1, 2), 3.0))

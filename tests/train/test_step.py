@@ -95,3 +95,25 @@ def test_gradients_are_all_reduced_once_per_optimizer_step_under_accumulation(gr
     torch.testing.assert_close(reduced[0].sort().values, whole.sort().values)  # bucket order is DDP's own
     step(1, iter(batches[3:]))
     assert len(reduced) == 2
+
+
+@pytest.mark.parametrize("accum_steps, clip_grad", [(1, None), (3, None), (1, 1e-3), (3, 1e-3)])
+def test_a_step_moves_by_the_mean_gradient_of_its_micro_batches_clipped_when_asked(accum_steps, clip_grad):
+    """Under plain SGD at lr 1 the update is the gradient itself: the mean over the micro-batches (not their
+    sum), scaled down to ``clip_grad`` in norm when set; the norm returned is the one before clipping."""
+    torch.manual_seed(0)
+    model, reference = nn.Linear(4, 1), nn.Linear(4, 1)
+    reference.load_state_dict(model.state_dict())
+    before = [p.detach().clone() for p in model.parameters()]
+    step = OptimizerStep(model, regression_loss, torch.optim.SGD(model.parameters(), lr=0.0),
+                         Schedule(1, [1.0], accum_steps, clip_grad), CPU, last_checkpoint=lambda: None)
+    batches = [{"image": torch.randn(2, 4), "label": torch.tensor([0, 1])} for _ in range(accum_steps)]
+    values = step(0, iter(batches))
+    sum(regression_loss(reference, b)[0] for b in batches).div(accum_steps).backward()
+    gradient = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    torch.testing.assert_close(values["grad_norm"], gradient.norm())
+    if clip_grad is not None:
+        gradient = gradient * clip_grad / gradient.norm()
+    moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters(), strict=True)])
+    torch.testing.assert_close(moved, gradient)
+    assert all(p.grad is None for p in model.parameters())  # nothing carried into the next step
