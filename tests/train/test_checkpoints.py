@@ -4,6 +4,9 @@ an optimizer, who warns about a forced resume) and the weights files' one-line e
 (`mimkit.train.checkpoint_files`). The bit-for-bit resume of a run is `test_loop.py`'s; damaged, partial and
 old-named checkpoints are `tests/test_reliability_data.py`'s."""
 
+import shutil
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -147,3 +150,28 @@ def test_a_resume_takes_the_newest_checkpoint(tmp_path):
         store.save(step, model, {"step": step})
     resumed = nn.Linear(2, 1)
     assert store.resume(resumed)["step"] == 3 and torch.equal(resumed.weight, torch.full((1, 2), 3.0))
+
+
+@pytest.mark.parametrize("free, saved", [(31, True), (30, False)])
+def test_a_save_needs_the_room_its_tensors_take_or_writes_nothing(tmp_path, monkeypatch, free, saved):
+    """The weights (a 2->1 linear layer: 3 float32, 12 bytes) and the state's tensors wherever they are nested
+    (16 + 3 bytes here; the step and other plain values count for nothing)."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=free))
+    state = {"step": 1, "optimizer": {"state": {0: {"exp_avg": torch.zeros(2, dtype=torch.float64)}}},
+             "rng": [torch.zeros(3, dtype=torch.uint8), "plain"]}
+    store = Checkpoints(tmp_path)
+    if saved:
+        store.save(1, nn.Linear(2, 1), state)
+    else:
+        with pytest.raises(MimkitError, match="the disk is full .checked before writing"):
+            store.save(1, nn.Linear(2, 1), state)
+    assert store.steps() == ([1] if saved else []) and len(list(store.dir.iterdir())) == 2 * saved
+
+
+def test_the_best_weights_are_kept_with_their_step_metric_and_value_in_a_new_folder(tmp_path):
+    store, model = Checkpoints(tmp_path / "new" / "run"), nn.Linear(2, 1)
+    store.save_best(3, model, "val_top1", 0.5)
+    assert store.best() == {"step": 3, "metric": "val_top1", "value": 0.5} and store.steps() == []
+    kept = nn.Linear(2, 1)
+    load_weights(kept, store.best_path)
+    assert torch.equal(kept.weight, model.weight) and torch.equal(kept.bias, model.bias)
