@@ -1,6 +1,8 @@
 """The training loop's parts: what one optimizer step logs of its micro-batches, and how often it waits for
 the device, and how often it all-reduces the gradients."""
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,7 +17,7 @@ from mimkit.train.loop import LoopOptions, train
 from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import build_adamw, param_groups
 from mimkit.train.schedule import Schedule
-from mimkit.train.step import OptimizerStep
+from mimkit.train.step import NonFiniteLoss, OptimizerStep
 from tests.conftest import Points, noisy_view, regression_loss, run_records
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
@@ -117,3 +119,43 @@ def test_a_step_moves_by_the_mean_gradient_of_its_micro_batches_clipped_when_ask
     moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters(), strict=True)])
     torch.testing.assert_close(moved, gradient)
     assert all(p.grad is None for p in model.parameters())  # nothing carried into the next step
+
+
+BATCH = {"image": torch.randn(2, 4), "label": torch.tensor([0, 1])}
+
+
+def one_step(model, loss_fn=regression_loss, world=CPU, last_checkpoint=None) -> OptimizerStep:
+    """An `OptimizerStep` of one step at lr 0.1 under AdamW."""
+    return OptimizerStep(model, loss_fn, build_adamw(param_groups(model, 0)), Schedule(1, [0.1]), world,
+                         last_checkpoint=lambda: last_checkpoint)
+
+
+@pytest.mark.parametrize("flags, message", [([True, False], "another process's loss is not finite at step 1"),
+                                            ([False, True], "gradient norm is")])
+def test_a_process_whose_values_are_finite_stops_with_the_others_and_says_why(monkeypatch, flags, message):
+    """Every process stops when any one's loss or gradient norm is not finite (`any_rank_each`, here as if
+    another process had reported it); this one names the other's loss, not its own finite one."""
+    monkeypatch.setattr(step_module, "any_rank_each", lambda values, world: flags)
+    model = nn.Linear(4, 1)
+    before = model.weight.detach().clone()
+    with pytest.raises(NonFiniteLoss, match=f"{message}.*last checkpoint: step 7"):
+        one_step(model, last_checkpoint=7)(0, iter([BATCH]))
+    assert torch.equal(model.weight, before)
+
+
+def test_a_gpu_step_runs_under_bf16_autocast_and_a_cpu_step_in_float32():
+    """The precision the engine line announces (`mimkit.train.loop.describe_engine`): bf16 autocast on a GPU
+    (float16 would need a gradient scaler), none on a CPU."""
+    dtypes = []
+
+    def recording_loss(model, batch):
+        loss, metrics = regression_loss(model, batch)
+        dtypes.append(model(batch["image"]).dtype)
+        return loss, metrics
+
+    one_step(nn.Linear(4, 1), recording_loss)(0, iter([BATCH]))
+    assert dtypes == [torch.float32]
+    with warnings.catch_warnings():  # "CUDA is not available": on a machine without a GPU, only made
+        warnings.simplefilter("ignore")
+        on_gpu = one_step(nn.Linear(4, 1), world=World(rank=0, size=1, device=torch.device("cuda", 0)))
+    assert on_gpu.autocast.device == "cuda" and on_gpu.autocast.fast_dtype == torch.bfloat16
