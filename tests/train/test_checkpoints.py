@@ -1,8 +1,9 @@
-"""A run's checkpoints: what a resume restores (`mimkit.train.training_state.Checkpointer`: each process's
-own random stream, checkpoints older than the world size and global batch records, imported weights without
-an optimizer, who warns about a forced resume) and the weights files' one-line errors
-(`mimkit.train.checkpoint_files`). The bit-for-bit resume of a run is `test_loop.py`'s; damaged, partial and
-old-named checkpoints are `tests/test_reliability_data.py`'s."""
+"""A run's checkpoints: what a resume restores (`mimkit.train.training_state.Checkpointer`: the newest
+checkpoint, each process's own random stream, on a CPU and a GPU, checkpoints older than the world size and
+global batch records, imported weights without an optimizer, who warns about a forced resume and who cleans
+up at start) and the files (`mimkit.train.checkpoint_files`: the room a save checks for, the best weights,
+weights that do not fit in one line). The bit-for-bit resume of a run is `test_loop.py`'s; damaged, partial
+and old-named checkpoints are `tests/test_reliability_data.py`'s."""
 
 import shutil
 import types
