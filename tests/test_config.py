@@ -14,6 +14,7 @@ from mimkit.config import (
     load_recipe,
     merge,
     parse_overrides,
+    pretrain_from_dict,
     read_yaml,
     recipe_names,
     save_config,
@@ -186,3 +187,10 @@ def test_config_files_and_recipes_are_one_line_errors(tmp_path):
     assert load_recipe(str(bad)) == {"train": {"epochs": 3}}
     bad.write_text("")
     assert read_yaml(bad) == {}
+
+
+def test_a_method_without_settings_of_its_own_refuses_a_section_under_its_name():
+    config = pretrain_from_dict({"method": "plain", "train": {"seed": 3}}, settings=None)
+    assert config.method == "plain" and config.train.seed == 3 and config.settings is None
+    with pytest.raises(MimkitError, match="unknown config key 'plain': the plain method has no settings"):
+        pretrain_from_dict({"method": "plain", "plain": {"mask_ratio": 0.5}}, settings=None)

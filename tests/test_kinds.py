@@ -20,6 +20,7 @@ from mimkit.config import DataConfig, OptimConfig, TrainConfig
 from mimkit.data.loader import SeededViews
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
+from mimkit.errors import MimkitError
 from mimkit.eval.scores import write_results
 from mimkit.kinds import Kind, kind_of, register_kind, registered_kinds
 from mimkit.runner import Job, open_run, run_job
@@ -164,3 +165,19 @@ def test_listing_the_kinds_loads_the_built_in_ones(monkeypatch):
     monkeypatch.setattr(kinds.importlib, "import_module", imported.append)
     registered_kinds()
     assert imported == list(kinds.BUILTIN_KINDS)
+
+
+
+def test_an_unknown_kind_is_looked_for_among_the_built_in_ones_and_a_name_is_registered_once(monkeypatch):
+    """``kind_of`` loads the built-in kinds before it refuses a name it does not know (one line, listing the
+    known); a second kind under a name taken is refused."""
+    monkeypatch.setattr(kinds, "_KINDS", dict(registered_kinds()))
+    imported = []
+    monkeypatch.setattr(kinds.importlib, "import_module", imported.append)
+    pretraining = kind_of("pretraining")
+    assert pretraining.name == "pretraining" and imported == []
+    with pytest.raises(MimkitError, match=r"run kind .nonsense. is unknown \(kinds: .*pretraining, "):
+        kind_of("nonsense")
+    assert imported == list(kinds.BUILTIN_KINDS)
+    with pytest.raises(ValueError, match="run kind 'pretraining' is registered twice"):
+        register_kind(pretraining)

@@ -150,6 +150,34 @@ def test_checked_block_count_takes_a_min_block_as_large_as_the_masked_count():
     assert checked_block_count("maskfeat", 4, 0.25, 4) == 4
     with pytest.raises(MimkitError, match="maskfeat.min_block=5 is more than the 4 patches masked"):
         checked_block_count("maskfeat", 4, 0.25, 5)
+    with pytest.raises(MimkitError, match="min_block=0, max_block=4 need 1 <= min <= max"):  # a trial mask
+        checked_block_count("maskfeat", 4, 0.25, 0)
+
+
+@pytest.mark.parametrize("ratio, masked", [(0.01, 0), (1.0, 16)])
+def test_checked_block_count_refuses_a_ratio_that_masks_none_or_all(ratio, masked):
+    with pytest.raises(MimkitError, match=f"maskfeat.mask_ratio={ratio} masks {masked} of the 16 patches; it "
+                                          "must mask some and leave some"):
+        checked_block_count("maskfeat", 4, ratio, None)
+
+
+def test_block_masks_take_beits_aspect_range_by_default():
+    """BEiT's blocks have an aspect ratio h/w between 0.3 and 1/0.3 (`block_mask` is what methods call)."""
+    for seed in range(5):
+        expected = sample_blocks(14, 14, 75, aspect=(0.3, 1 / 0.3), generator=gen(seed))[0]
+        assert torch.equal(block_mask(14, 14, 75, generator=gen(seed)), expected)
+        assert torch.equal(sample_blocks(14, 14, 75, generator=gen(seed))[0], expected)
+
+
+def test_a_stalled_mask_is_finished_from_its_own_generator():
+    """No block of 7 patches fits a 4x4 grid (7 is prime): every patch comes from the patch-by-patch
+    fallback, which draws from the mask's generator (reproducible, the global RNG left alone)."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    masks = [sample_blocks(4, 4, 7, min_block=7, generator=gen(seed)) for seed in (1, 1, 2)]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert masks[0][1] == [] and int(masks[0][0].sum()) == 7
+    assert torch.equal(masks[0][0], masks[1][0]) and not torch.equal(masks[0][0], masks[2][0])
 
 
 def test_checked_block_count_leaves_the_global_rng_alone():

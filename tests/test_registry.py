@@ -211,3 +211,9 @@ def test_a_run_resumes_with_its_methods_own_resumable_settings_changed(tmp_path)
     with pytest.raises(MimkitError, match=r"vqkd.vocab_size 8192 -> 16"):
         keep_config(tmp_path, replace(config, settings=replace(config.settings, vocab_size=16)), "tokenizer",
                     1)
+
+
+def test_a_method_name_is_registered_once():
+    with pytest.raises(ValueError, match="method 'mae' is registered twice"):
+        registry.register(registry.method_of("mae"))
+    assert registry.method_of("mae") is METHODS["mae"]

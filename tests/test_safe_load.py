@@ -9,7 +9,7 @@ import torch
 
 from mimkit.cli import main
 from mimkit.errors import MimkitError
-from mimkit.safe_load import load_tensors
+from mimkit.safe_load import load_pickle, load_sharded, load_tensors, read_json
 
 
 class Payload:
@@ -64,3 +64,31 @@ def test_files_that_are_not_checkpoints(tmp_path):
         load_tensors(tmp_path / "empty.pth")
     with pytest.raises(MimkitError, match="does not exist"):
         load_tensors(tmp_path / "missing.pth")
+
+
+
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("name, content, read, message", [
+    ("config.json", '{"a": ', read_json, "cannot read '.*config.json': Expecting value"),
+    ("config.json", None, read_json, "cannot read '.*config.json': .*No such file"),
+    ("state.pt", "a folder", load_pickle, "cannot read '.*state.pt': Is a directory$"),
+    ("state.pt", b"PK\x03\x04 damaged", load_pickle, r"nor a PyTorch checkpoint \(\w+\)$"),
+    ("model.safetensors.index.json", '{"weights": {}}', lambda path: load_sharded(path.parent, WEIGHTS),
+     "is not a shard index .*: KeyError$"),
+    ("model.safetensors", None, lambda path: load_sharded(path.parent, WEIGHTS),
+     "holds none of model.safetensors, pytorch_model.bin$"),
+], ids=["malformed json", "missing json", "unreadable pickle", "damaged zip", "not a shard index",
+        "no weights"])
+def test_unreadable_files_are_one_line_errors(tmp_path, name, content, read, message):
+    path = tmp_path / name
+    if content == "a folder":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(MimkitError, match=message) as refused:
+        read(path)
+    assert "\n" not in str(refused.value)

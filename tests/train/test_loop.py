@@ -1,14 +1,17 @@
 """The training engine on a toy problem: schedules, parameter groups, the resumable loader, the loop."""
 
+import signal
+
 import pytest
 import torch
 from torch import nn
 
+from mimkit.config import TrainConfig
 from mimkit.data.loader import EpochBatches, SeededViews, sample_seed
 from mimkit.errors import MimkitError
 from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import World
-from mimkit.train.loop import Evaluation, LoopOptions, train
+from mimkit.train.loop import Evaluation, LoopOptions, describe_engine, train
 from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import build_adamw, layer_id, param_groups
 from mimkit.train.schedule import Schedule, cosine_schedule
@@ -19,7 +22,8 @@ CPU = World(rank=0, size=1, device=torch.device("cpu"))
 
 
 def toy_run(run_dir, total_steps=6, accum_steps=1, checkpoint_every=100, keep_last=2,
-            loss_fn=regression_loss):
+            loss_fn=regression_loss, **hooks):
+    """A dropout MLP trained on `Points` (4 steps an epoch); ``hooks``: `train`'s evaluation, after_step."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 1))  # dropout: global RNG
     optimizer = build_adamw(param_groups(model, 0.05))
@@ -27,7 +31,7 @@ def toy_run(run_dir, total_steps=6, accum_steps=1, checkpoint_every=100, keep_la
     options = LoopOptions(batch_size=8 // accum_steps, checkpoint_every=checkpoint_every, keep_last=keep_last,
                           log_every=1)
     summary = train(model, loss_fn, SeededViews(Points(), noisy_view), optimizer, schedule, CPU, options,
-                    **run_records(run_dir))
+                    **run_records(run_dir), **hooks)
     return model, summary
 
 
@@ -113,7 +117,9 @@ class Numbered(torch.utils.data.Dataset):
         return torch.tensor([i, 0, 0, 0], dtype=torch.uint8), 0
 
 
-def test_the_loop_reads_a_new_order_each_epoch(tmp_path):
+@pytest.mark.parametrize("seed", [0, 5])
+def test_the_loop_reads_a_new_order_each_epoch(tmp_path, seed):
+    """The order is the run seed's (`EpochBatches`), epoch after epoch."""
     seen = []
 
     def recording_loss(model, batch):
@@ -124,8 +130,8 @@ def test_the_loop_reads_a_new_order_each_epoch(tmp_path):
     model = nn.Linear(4, 1)
     train(model, recording_loss, SeededViews(Numbered(), lambda image: {"image": image.float()}),
           build_adamw(param_groups(model, 0)), Schedule(6, [0.1] * 6), CPU,
-          LoopOptions(batch_size=4, log_every=100), **run_records(tmp_path))  # 4 steps an epoch: 1.5 epochs
-    expected = EpochBatches(16, 4, seed=0)
+          LoopOptions(batch_size=4, seed=seed, log_every=100), **run_records(tmp_path))  # 1.5 epochs
+    expected = EpochBatches(16, 4, seed=seed)
     first = indices(expected)
     expected.set_position(1, 0)
     assert seen == first + indices(expected)[:8]
@@ -191,7 +197,8 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
         loss, metrics = regression_loss(model, batch)
         return (loss * float("nan") if calls[0] == 3 else loss), metrics
 
-    with pytest.raises(NonFiniteLoss, match="at step 3"):
+    stopped = r"at step 3; stopped before the optimizer step \(last checkpoint: step 2\)"
+    with pytest.raises(NonFiniteLoss, match=stopped):
         toy_run(tmp_path, loss_fn=explodes_at_third_call, checkpoint_every=1)
     assert Checkpoints(tmp_path).latest() == 2
 
@@ -242,3 +249,141 @@ def test_sample_seeds_never_repeat_across_run_seeds_epochs_and_positions():
     seeds = {sample_seed(seed, epoch, position) for seed in range(5) for epoch in range(5)
              for position in range(40)}
     assert len(seeds) == 5 * 5 * 40
+
+
+def signalling_at(call: int, signum: int = signal.SIGINT, times: int = 1, then=regression_loss):
+    """``then``, that sends this process ``signum`` ``times`` during its ``call``-th call (Ctrl-C is SIGINT;
+    Slurm and ``kill`` send SIGTERM)."""
+    calls = [0]
+
+    def function(*args):
+        calls[0] += 1
+        for _ in range(times if calls[0] == call else 0):
+            signal.raise_signal(signum)
+        return then(*args)
+    return function
+
+
+def constant_score(model):
+    return {"score": 1.0}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_request_ends_the_run_after_its_step_with_a_checkpoint_and_the_run_resumes(tmp_path, signum,
+                                                                                        caplog):
+    """The step under way finishes, is saved (although no checkpoint is due) and the run returns, saying
+    so; an evaluation before it (step 2) does not make the request raise inside the training step; the
+    signal handlers are given back; the same call again resumes from that step."""
+    before = signal.getsignal(signum)
+    evaluation = Evaluation(constant_score, every=2)
+    with caplog.at_level("INFO", logger="mimkit.train.loop"):
+        _, summary = toy_run(tmp_path, loss_fn=signalling_at(3, signum), evaluation=evaluation)
+    assert summary == {"step": 3, "interrupted": True, "resumed_from": None, "score": 1.0}
+    assert Checkpoints(tmp_path).steps() == [3]
+    assert "interrupted: checkpoint saved at step 3" in caplog.text
+    assert signal.getsignal(signum) is before
+    _, summary = toy_run(tmp_path, evaluation=evaluation)
+    assert summary == {"step": 6, "interrupted": False, "resumed_from": 3, "score": 1.0}
+
+
+def test_a_second_stop_request_stops_at_once(tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        toy_run(tmp_path, loss_fn=signalling_at(2, times=2))
+    assert Checkpoints(tmp_path).steps() == []
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("checkpoint_every, saved", [(100, [4]), (3, [3, 4])])
+def test_a_stop_request_during_an_evaluation_ends_it_at_once_and_saves_the_step(tmp_path, checkpoint_every,
+                                                                                 saved):
+    """Nothing of the cut evaluation is logged, returned or kept as best; the step it followed (4) is
+    saved although no checkpoint was due there."""
+    evaluation = Evaluation(signalling_at(1, then=constant_score), every=4, keep_best="score")
+    _, summary = toy_run(tmp_path, checkpoint_every=checkpoint_every, evaluation=evaluation)
+    assert summary == {"step": 4, "interrupted": True, "resumed_from": None}
+    assert Checkpoints(tmp_path).steps() == saved and Checkpoints(tmp_path).best() is None
+    assert not [r for r in read_metrics(tmp_path) if "score" in r]
+
+
+def test_an_evaluation_without_a_period_runs_at_each_epoch_end_and_leaves_the_training_as_it_was(tmp_path,
+                                                                                                 caplog):
+    """Every 4 steps (an epoch of `Points`) and at the last; its random draws do not shift the training's
+    stream (dropout, augmentation): the weights are those of a run without it. It saves no checkpoint
+    of its own."""
+    steps = []
+
+    def draws(model):
+        steps.append(len(steps))
+        torch.rand(100)
+        return {"score": float(len(steps))}
+
+    plain, _ = toy_run(tmp_path / "plain", total_steps=10)
+    with caplog.at_level("INFO", logger="mimkit.train.loop"):
+        evaluated, summary = toy_run(tmp_path / "evaluated", total_steps=10, evaluation=Evaluation(draws))
+    assert [r["step"] for r in read_metrics(tmp_path / "evaluated") if "score" in r] == [4, 8, 10]
+    assert Checkpoints(tmp_path / "evaluated").steps() == [10] and "interrupted" not in caplog.text
+    assert summary["score"] == 3.0
+    for (name, a), b in zip(plain.state_dict().items(), evaluated.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_after_step_is_called_with_each_new_step_number_before_its_checkpoint(tmp_path):
+    calls = []
+    toy_run(tmp_path, total_steps=5, checkpoint_every=2,
+            after_step=lambda step: calls.append((step, Checkpoints(tmp_path).latest())))
+    assert calls == [(1, None), (2, None), (3, 2), (4, 2), (5, 4)]
+
+
+def test_loop_options_from_config_take_the_train_section():
+    train_cfg = TrainConfig(batch_size=3, seed=7, log_every=5, checkpoint_every=11, keep_last=4)
+    options = LoopOptions.from_config(train_cfg, num_workers=2, desc="pretrain")
+    assert options == LoopOptions(batch_size=3, seed=7, num_workers=2, log_every=5, checkpoint_every=11,
+                                  keep_last=4, desc="pretrain")
+
+
+@pytest.mark.parametrize("device, size, workers, expected", [
+    ("cpu", 1, 1, "cpu, 1 process, fp32, compile on, gradient checkpointing off, 1 data worker (asked 3;"),
+    ("cuda", 2, 2, "cuda, 2 processes, bf16 autocast, compile on, gradient checkpointing off, 2 data workers "
+                   "(asked 3;"),
+    ("cpu", 1, 0, "cpu, 1 process, fp32, compile on, gradient checkpointing off, 0 data workers (asked 3;"),
+])
+def test_the_engine_line_names_device_processes_precision_and_workers(device, size, workers, expected):
+    world = World(rank=0, size=size, device=torch.device(device))
+    line = describe_engine(world, TrainConfig(compile=True), workers, asked_workers=3)
+    assert line.startswith(expected)
+    assert line.endswith(f"{torch.get_num_threads()} torch threads")
+    assert "gradient checkpointing on" in describe_engine(world, TrainConfig(grad_checkpointing=True), 1, 1)
+
+
+def test_the_loop_trains_in_train_mode_and_loads_in_the_asked_worker_processes(tmp_path):
+    """A model handed over in eval mode (as loading leaves it) is trained in train mode; the views are made
+    in ``num_workers`` data loader processes, not in the trainer."""
+    modes, workers = [], []
+
+    def recording_view(image):
+        workers.append(torch.utils.data.get_worker_info() is not None)
+        return noisy_view(image)
+
+    def recording_loss(model, batch):
+        modes.append(model.training)
+        return regression_loss(model, batch)
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1).eval()
+    train(model, recording_loss, SeededViews(Points(), recording_view), build_adamw(param_groups(model, 0)),
+          Schedule(2, [0.1] * 2), CPU, LoopOptions(batch_size=8, num_workers=1), **run_records(tmp_path))
+    assert modes == [True, True]
+    assert workers == []  # made in the worker: nothing recorded in this process
+
+
+def test_non_finite_weights_are_never_kept_as_the_best(tmp_path):
+    """An evaluation due where no checkpoint is (which would have refused them) keeps no NaN weights."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    schedule = Schedule(3, [float("inf")] * 3)  # finite loss and gradients, infinite weights
+    evaluation = Evaluation(constant_score, every=1, keep_best="score")
+    with pytest.raises(NonFiniteLoss, match="is not finite after step 1; not saved"):
+        train(model, regression_loss, SeededViews(Points(), noisy_view), build_adamw(param_groups(model, 0)),
+              schedule, CPU, LoopOptions(batch_size=8), **run_records(tmp_path), evaluation=evaluation)
+    assert Checkpoints(tmp_path).best() is None and not Checkpoints(tmp_path).best_path.exists()

@@ -1,6 +1,8 @@
 """The run's metrics log: records written, read back, and forgotten past a resumed step."""
 
 import json
+import sys
+import types
 
 import pytest
 
@@ -33,3 +35,48 @@ def test_a_damaged_line_before_the_last_is_one_line(tmp_path):
     path.write_text("\n".join([lines[0], '{"step": 2, "lo', lines[2]]) + "\n")
     with pytest.raises(MimkitError, match="line 2 is not a JSON record"):
         read_metrics(tmp_path)
+
+
+def test_a_disabled_log_of_another_process_writes_and_trims_nothing(tmp_path):
+    path = logged(tmp_path, 3)
+    other = MetricsLog(tmp_path, enabled=False)
+    other.write(4, loss=0.1)
+    other.drop_after(1)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3] and path.exists()
+    MetricsLog(tmp_path / "other", enabled=False).write(1, loss=0.1)
+    assert not (tmp_path / "other").exists() and read_metrics(tmp_path / "other") == []
+
+
+class FakeWriter:
+    """TensorBoard's ``SummaryWriter``, recording what it is given."""
+
+    opened: list = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        self.opened.append(self)
+
+    def add_scalar(self, key, value, step):
+        self.scalars.append((key, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_numbers_also_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
+    """Opened at the first record in ``<run>/tensorboard``; numbers only; closed, and opened again by a later
+    record."""
+    fake_package = types.SimpleNamespace(SummaryWriter=FakeWriter)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_package)
+    monkeypatch.setattr(FakeWriter, "opened", [])
+    log = MetricsLog(tmp_path)
+    assert FakeWriter.opened == []
+    log.write(3, loss=0.5, epoch=1, note="text")
+    log.write(4, loss=0.25)
+    [writer] = FakeWriter.opened
+    assert writer.log_dir == str(tmp_path / "tensorboard")
+    assert writer.scalars == [("loss", 0.5, 3), ("epoch", 1, 3), ("loss", 0.25, 4)]
+    log.close()
+    assert writer.closed
+    log.write(5, loss=0.125)
+    assert len(FakeWriter.opened) == 2 and FakeWriter.opened[1].scalars == [("loss", 0.125, 5)]

@@ -95,3 +95,16 @@ def test_matrices_declared_or_named_as_tokens_get_no_weight_decay():
         no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
         shapes = dict(model.named_parameters())
         assert {n for n in no_decay if shapes[n].ndim > 1} == matrices
+
+
+def test_frozen_parameters_are_left_out_and_the_decay_and_betas_reach_adamw():
+    """A frozen part (a teacher, fixed position tables) is no one's to update; the matrices get the weight
+    decay asked, the 1-D tensors none, and every group the betas asked, with the lr the loop sets."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    model[0].requires_grad_(False)
+    groups = param_groups(model, weight_decay=0.3)
+    assert [g["names"] for g in groups] == [["1.weight"], ["1.bias"]]
+    optimizer = build_adamw(groups, betas=(0.8, 0.9))
+    assert [(g["weight_decay"], g["betas"], g["lr_scale"], g["lr"]) for g in optimizer.param_groups] == [
+        (0.3, (0.8, 0.9), 1.0, 0.0), (0.0, (0.8, 0.9), 1.0, 0.0)]
+    assert all("names" not in g for g in optimizer.param_groups)
