@@ -61,6 +61,13 @@ def test_dataset_dict_splits_and_a_named_split(tmp_path):
         build_source(f"hf:{tmp_path / 'dd'}:nope")
 
 
+def test_a_colon_in_the_path_or_a_relative_path_is_not_taken_for_a_split(tmp_path, monkeypatch):
+    labeled(4).save_to_disk(str(tmp_path / "a:b" / "ds"))
+    assert len(build_source(f"hf:{tmp_path / 'a:b' / 'ds'}")) == 4  # "b/ds" is no split name
+    monkeypatch.chdir(tmp_path / "a:b")
+    assert len(build_source("hf:ds")) == 4 and len(build_source("hf:ds:train")) == 4
+
+
 def test_parquet_files_unlabeled_and_split_by_name(tmp_path):
     unlabeled = datasets.Dataset.from_dict({"img": pictures(5)}).cast_column("img", datasets.Image())
     (tmp_path / "pq").mkdir()
