@@ -1,12 +1,66 @@
-"""Data loader workers end with the process that started them, however it ends."""
+"""The loaders: the training loader leaves the training's random stream alone, an evaluation loader reads
+every item once in order, errors end the workers with their own line, and workers end with the process
+that started them, however it ends."""
 
 import os
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
+
+from mimkit.data.loader import (
+    EpochBatches,
+    SeededViews,
+    build_loader,
+    eval_loader,
+    evaluation_batches,
+    workers_end_with_errors,
+)
+from mimkit.errors import MimkitError
+from tests.conftest import Points, noisy_view
+
+
+def test_the_loader_leaves_the_training_random_stream_alone():
+    """Neither a loader's epochs (its workers' base seed) nor the items' views (seeded per sample) move the
+    global RNG that dropout and drop path draw from: a resumed run would drift from an uninterrupted one."""
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    batches = EpochBatches(32, 8, seed=1)
+    for epoch in range(2):
+        batches.set_position(epoch, 0)
+        assert len(list(build_loader(SeededViews(Points(), noisy_view), batches))) == 4
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_an_evaluation_loader_reads_every_item_once_in_order_in_batches_of_its_size():
+    points = Points(5)
+    batches = list(eval_loader(points, lambda image: {"image": image.float().flatten()}, batch_size=2))
+    assert [len(batch["label"]) for batch in batches] == [2, 2, 1]
+    assert torch.equal(torch.cat([batch["image"] for batch in batches]), points.x.float().flatten(1))
+    assert torch.cat([batch["label"] for batch in batches]).tolist() == [0, 1, 0, 1, 0]
+
+
+def test_an_error_shuts_the_workers_down_and_passes_on_unless_it_is_a_workers_message():
+    shut = []
+    loader = SimpleNamespace(_iterator=SimpleNamespace(_shutdown_workers=lambda: shut.append(True)))
+    for error in (ValueError("not ours"), MimkitError("ours, raised in this process")):
+        with pytest.raises(type(error)) as raised, workers_end_with_errors(loader):
+            raise error
+        assert raised.value is error
+    assert shut == [True, True]
+
+
+def test_evaluation_batches_end_their_workers_when_the_loop_leaves_early():
+    loader = eval_loader(Points(8), noisy_view, batch_size=2, num_workers=1)
+    with evaluation_batches(loader) as batches:
+        assert len(next(batches)["label"]) == 2
+    assert batches._shutdown and not any(worker.is_alive() for worker in batches._workers)
+
 
 # a trainer whose workers are busy decoding when it is killed: torch's own check for a dead parent only runs
 # between items, so without the parent-death signal they would live on for the rest of a slow item
