@@ -5,6 +5,8 @@ import json
 import os
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from mimkit import cli, cpus
@@ -124,6 +126,28 @@ def test_a_stored_list_of_other_data_is_not_read(tmp_path):
     other, note = train_source(str(tmp_path / "b"), list_file)
     assert len(other) == 5 and "5 images listed, kept in" in note
     assert load_file_list(list_file).source == str(tmp_path / "b")
+
+
+@pytest.mark.parametrize("shards", [False, True])
+def test_a_resumed_source_reads_as_the_listed_one(tmp_path, shards):
+    """From its file list, a resumed run's source keeps the first one's name (the dataset's, not its
+    train/'s), classes, labels, pixels, and the channels and bad-image and decode settings it is given."""
+    for k, name in enumerate(("boot", "sandal")):
+        write_images(tmp_path / "shoes" / "train" / name, 2, (40, 40), start=10 * k)
+    spec = str(tmp_path / "shoes")
+    if shards:
+        assert main(["data", "pack", spec, "--out", str(tmp_path / "packed")]) == 0
+        spec = f"shards:{tmp_path / 'packed'}"
+    list_file, options = file_list_path(tmp_path / "run"), dict(channels=1, skip_bad_images=True,
+                                                                 max_bad_images=3, decode_min_side=10)
+    first, _ = train_source(spec, list_file, **options)
+    resumed, note = train_source(spec, list_file, **options)
+    assert "4 images from" in note
+    assert resumed.info == first.info and resumed.info.name == ("packed" if shards else "shoes")
+    assert resumed.info.classes == ["boot", "sandal"] and resumed.labels == first.labels == [0, 0, 1, 1]
+    assert resumed.info.channels == 1 and torch.equal(resumed[3][0], first[3][0])
+    assert resumed[3][0].shape == (1, 10, 10)  # decoded reduced 4x: a shorter side of 10
+    assert (resumed.skip_bad_images, resumed.max_bad_images) == (True, 3)
 
 
 def facts_with_median(side: int) -> DataFacts:

@@ -251,8 +251,9 @@ def test_folder_errors(tmp_path):
         build_source(str(tmp_path / "flat"), split="val")
     with pytest.raises(MimkitError, match="split 'dev'"):
         build_source(str(tmp_path / "flat"), split="dev")
-    with pytest.raises(MimkitError, match="channels=2"):
-        build_source(str(tmp_path / "flat"), channels=2)
+    for spec in (str(tmp_path / "flat"), "mnist"):  # refused before any file is looked for
+        with pytest.raises(MimkitError, match="channels=2"):
+            build_source(spec, channels=2)
 
 
 def test_count_images_counts_the_train_split_and_stops_past_the_limit(tmp_path):
