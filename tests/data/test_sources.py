@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from mimkit.data import idx, sources
-from mimkit.data.folders import FlatFolderSource, ImageFolderSource
+from mimkit.data.folders import FlatFolderSource, ImageFolderSource, ListedFolderSource
 from mimkit.data.idx import IdxSource, read_idx
 from mimkit.data.sources import build_source
 from mimkit.data.splits import split_train_val
@@ -187,7 +187,7 @@ def test_class_folders_outside_the_given_classes_are_refused(tmp_path):
     save(tmp_path / "eel" / "1.png", "L")
     with pytest.raises(MimkitError, match=r"class folders \['eel'\] under .* are not among the classes"):
         ImageFolderSource(tmp_path, classes=["cat", "dog"])
-    assert ImageFolderSource(tmp_path, classes=["cat", "dog", "eel"]).labels == [0, 2]
+    assert ImageFolderSource(str(tmp_path), classes=["cat", "dog", "eel"]).labels == [0, 2]  # a str root too
 
 
 def test_mixed_sizes_have_no_image_size(tmp_path):
@@ -254,6 +254,8 @@ def test_folder_errors(tmp_path):
     for spec in (str(tmp_path / "flat"), "mnist"):  # refused before any file is looked for
         with pytest.raises(MimkitError, match="channels=2"):
             build_source(spec, channels=2)
+    with pytest.raises(MimkitError, match="channels=2"):  # a library user's source too
+        FlatFolderSource(tmp_path / "flat", channels=2)
 
 
 def test_count_images_counts_the_train_split_and_stops_past_the_limit(tmp_path):
@@ -368,8 +370,23 @@ def test_skip_bad_images_found_while_reading(tmp_path):
     with pytest.warns(UserWarning, match=r"1\.png"):
         assert int(source[1][0][0, 0, 0]) == 20
     assert source.num_bad_images == 1
+    assert torch.equal(source[-6][0], source[0][0])  # Python's negative indices, down to -len
     with pytest.raises(IndexError):
         source[6]
+    with pytest.raises(IndexError):
+        source[-7]
+
+
+@pytest.mark.parametrize("make", [
+    lambda root: FlatFolderSource(root),
+    lambda root: ImageFolderSource(root.parent),
+    lambda root: ListedFolderSource(root, "x", [(-1, f"{i}.png") for i in range(6)], []),
+])
+def test_a_bad_image_stops_a_folder_source_unless_asked_to_skip_it(tmp_path, make):
+    """Skipping is asked for (`--skip-bad-images`), never the default: `mimkit predict` reads its images
+    through a `ListedFolderSource` with the defaults."""
+    with pytest.raises(MimkitError, match=r"cannot read image '.*2\.png'"):
+        make(corrupt_folder(tmp_path / "a", bad=[2]))
 
 
 # ---------------------------------------------------------------------------------------------------------
