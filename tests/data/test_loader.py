@@ -2,6 +2,7 @@
 every item once in order, errors end the workers with their own line, and workers end with the process
 that started them, however it ends."""
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from mimkit.data.loader import (
     EpochBatches,
     SeededViews,
     build_loader,
+    die_with_parent,
     eval_loader,
     evaluation_batches,
     workers_end_with_errors,
@@ -82,6 +84,45 @@ next(batches)
 print(" ".join(str(w.pid) for w in batches._workers), flush=True)
 time.sleep(60)
 """
+
+
+def _death_signal() -> int:
+    """This process's parent-death signal (prctl PR_GET_PDEATHSIG); 0 when none is set."""
+    number = ctypes.c_int(0)
+    ctypes.CDLL(None).prctl(2, ctypes.byref(number))
+    return number.value
+
+
+def where_it_ran(image):
+    """A view that reports its process: PID, Ctrl-C and SIGTERM ignored or not, the parent-death signal."""
+    ignored = [int(signal.getsignal(s) == signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)]
+    return {"image": torch.tensor([os.getpid(), *ignored, _death_signal()])}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_training_workers_run_apart_ignore_stop_signals_and_die_with_the_trainer():
+    """The fast check of what the slow tests see: the loader starts the workers asked for, and each leaves
+    Ctrl-C and SIGTERM to the trainer and has the kernel SIGKILL it when the trainer dies."""
+    loader = build_loader(SeededViews(Points(8), where_it_ran), EpochBatches(8, 4, seed=0), num_workers=1)
+    try:
+        facts = torch.cat([batch["image"] for batch in loader])
+    finally:
+        loader._iterator._shutdown_workers()
+    assert (facts[:, 0] != os.getpid()).all()
+    assert facts[:, 1:].tolist() == [[1, 1, signal.SIGKILL]] * 8
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_worker_whose_trainer_is_already_gone_ends_at_once():
+    child = os.fork()
+    if child == 0:
+        try:
+            die_with_parent(-1)  # not its parent: as if the trainer had died before the signal was set
+            os._exit(0)
+        except BaseException:
+            os._exit(99)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 1
 
 
 def _alive(pid: int) -> bool:
