@@ -155,3 +155,39 @@ def test_eval_view_takes_the_imagenet_crop_from_128_px_up(img_size, crop_pct):
 def test_eval_view_refuses_a_crop_pct_outside_0_1(crop_pct):
     with pytest.raises(MimkitError, match=rf"crop_pct={crop_pct} must be in \(0, 1\]"):
         eval_view(32, MEAN, STD, crop_pct=crop_pct)
+
+
+def test_crop_view_gives_the_image_alone():
+    """No mask noise for a view that asks for none (the dVAE's)."""
+    assert set(crop_view(16, MEAN, STD)(random_image())) == {"image"}
+
+
+def checkerboard(side: int) -> torch.Tensor:
+    """0 and 255 in alternate pixels: any downscaling that is not antialiased keeps extremes."""
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return ((rows + cols) % 2 * 255).to(torch.uint8).expand(3, side, side).contiguous()
+
+
+def test_downscaling_views_are_antialiased():
+    """A 1-pixel checkerboard shrunk 4x is a flat grey, in the BEiT view's two resolutions and the evaluation
+    view (bicubic without antialiasing samples the pattern: values near 0 and 1 stay)."""
+    beit = BEiTView(16, 8, (0.0,) * 3, (1.0,) * 3, (0.0,) * 3, (1.0,) * 3, grid=4, num_masked=1,
+                    scale=(1.0, 1.0), color_jitter=0.0)
+    out = beit(checkerboard(64))
+    evaluated = eval_view(16, (0.0,) * 3, (1.0,) * 3)(checkerboard(64))["image"]
+    for image in (out["image"], out["tokenizer_image"], evaluated):
+        assert (image - 0.5).abs().max() < 0.1
+
+
+def test_beit_view_crops_within_its_aspect_ratio_range():
+    """Channel 0 is the column and channel 1 the row: the spans of a view's values give its crop's width
+    and height, whose ratio stays in BEiT's (3/4, 4/3) (with a margin for the resampling)."""
+    rows, cols = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    coordinates = torch.stack([cols * 4, rows * 4, rows * 0]).to(torch.uint8)
+    view = BEiTView(32, 16, (0.0,) * 3, (1.0,) * 3, (0.0,) * 3, (1.0,) * 3, grid=4, num_masked=1,
+                    color_jitter=0.0)
+    torch.manual_seed(0)
+    for _ in range(30):
+        image = view(coordinates)["image"]
+        width, height = (image[c].max() - image[c].min() for c in (0, 1))
+        assert 0.6 < width / height < 1.6
