@@ -85,10 +85,23 @@ def test_eval_view_is_deterministic_and_picklable():
     assert mae(image)["noise"].shape == (16,)
 
 
+def test_an_evaluation_views_repr_tells_its_settings_apart():
+    """The feature cache is keyed by the view's repr (`mimkit.eval.features`): equal settings give one
+    repr, any other size, crop or normalization another."""
+    key = repr(eval_view(32, MEAN, STD))
+    assert key == repr(eval_view(32, MEAN, STD)) and key.startswith("ImageView(")
+    others = [eval_view(28, MEAN, STD), eval_view(32, MEAN, STD, crop_pct=0.875), eval_view(32, (0.5,), STD),
+              eval_view(32, MEAN, (0.5,))]
+    assert len({key, *map(repr, others)}) == 5
+
+
 def test_denormalize_batch_and_clamp():
     x = torch.tensor([-100.0, 0.0, 100.0]).view(1, 1, 1, 3).expand(2, 1, 1, 3)
     out = denormalize(x, (0.5,), (0.1,))
     assert out.shape == (2, 1, 1, 3) and out.flatten().tolist() == [0.0, 0.5, 1.0] * 2
+    # the statistics follow the images' dtype and device (the meta device stands in for a GPU here)
+    assert denormalize(x.bfloat16(), (0.5,), (0.1,)).dtype == torch.bfloat16
+    assert denormalize(x.to("meta"), (0.5,), (0.1,)).device.type == "meta"
 
 
 def test_a_channel_last_crop_comes_out_contiguous_with_the_same_pixels():
