@@ -204,3 +204,16 @@ def test_beit_view_crops_within_its_aspect_ratio_range():
         image = view(coordinates)["image"]
         width, height = (image[c].max() - image[c].min() for c in (0, 1))
         assert 0.6 < width / height < 1.6
+
+
+def test_views_resample_bicubic():
+    """An upscaled step from 50 to 200 overshoots on both sides with bicubic resampling (the papers' and
+    timm's choice); bilinear stays within [50, 200]."""
+    step = torch.full((3, 8, 8), 50, dtype=torch.uint8)
+    step[..., 4:] = 200
+    beit = BEiTView(32, 16, (0.0,) * 3, (1.0,) * 3, (0.0,) * 3, (1.0,) * 3, grid=4, num_masked=1,
+                    scale=(1.0, 1.0), color_jitter=0.0)(step)
+    crop = crop_view(32, (0.0,) * 3, (1.0,) * 3, scale=(1.0, 1.0))(step)["image"]
+    evaluated = eval_view(32, (0.0,) * 3, (1.0,) * 3)(step)["image"]
+    for image in (beit["image"], beit["tokenizer_image"], evaluated, crop):
+        assert image.min() < 49 / 255 and image.max() > 201 / 255
