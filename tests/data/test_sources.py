@@ -251,7 +251,7 @@ def test_folder_errors(tmp_path):
         build_source(str(tmp_path / "flat"), split="val")
     with pytest.raises(MimkitError, match="split 'dev'"):
         build_source(str(tmp_path / "flat"), split="dev")
-    for spec in (str(tmp_path / "flat"), "mnist"):  # refused before any file is looked for
+    for spec in (str(tmp_path / "flat"), "mnist", "nope"):  # refused before any file is looked for
         with pytest.raises(MimkitError, match="channels=2"):
             build_source(spec, channels=2)
     with pytest.raises(MimkitError, match="channels=2"):  # a library user's source too
