@@ -104,7 +104,8 @@ def test_training_workers_run_apart_ignore_stop_signals_and_die_with_the_trainer
     """The fast check of what the slow tests see: the loader starts the workers asked for, and each leaves
     Ctrl-C and SIGTERM to the trainer and has the kernel SIGKILL it when the trainer dies."""
     # as in a terminal: a job started in the background (`cmd &`) may inherit Ctrl-C ignored already
-    previous = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s, handler in ((signal.SIGINT, signal.default_int_handler),
+                                                               (signal.SIGTERM, signal.SIG_DFL))}
     loader = build_loader(SeededViews(Points(8), where_it_ran), EpochBatches(8, 4, seed=0), num_workers=1)
     try:
         facts = torch.cat([batch["image"] for batch in loader])
