@@ -3,6 +3,7 @@ the recipe chosen by folder size."""
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,10 +12,11 @@ from PIL import Image
 
 from mimkit import cli, cpus
 from mimkit.cli import choose_recipe, main
-from mimkit.data.filelist import load_file_list, train_source
+from mimkit.data.filelist import load_file_list, save_file_list, train_source
 from mimkit.data.folders import ListedFolderSource
 from mimkit.data.sources import count_images
 from mimkit.data.survey import DataFacts, fitting_size, size_hint, survey
+from mimkit.errors import MimkitError
 from mimkit.runs import file_list_path, load_config
 
 TINY = ["--model", "vit_mini", "--set", "model.kwargs.depth=2", "--set", "model.kwargs.decoder_depth=1",
@@ -148,6 +150,20 @@ def test_a_resumed_source_reads_as_the_listed_one(tmp_path, shards):
     assert resumed.info.channels == 1 and torch.equal(resumed[3][0], first[3][0])
     assert resumed[3][0].shape == (1, 10, 10)  # decoded reduced 4x: a shorter side of 10
     assert (resumed.skip_bad_images, resumed.max_bad_images) == (True, 3)
+
+
+def test_file_list_refusals_and_a_rescan_that_changes_nothing(tmp_path):
+    write_images(tmp_path / "data", 3)
+    list_file = file_list_path(tmp_path / "run")
+    train_source(str(tmp_path / "data"), list_file)
+    _, note = train_source(str(tmp_path / "data"), list_file, rescan=True)
+    assert note == "file list: 3 images listed again (--rescan), the same files in the same order"
+    listed = load_file_list(list_file)
+    with pytest.raises(MimkitError, match=r"image file name 'a\\nb.jpg' holds a line break; rename it"):
+        save_file_list(replace(listed, files=[(-1, "a\nb.jpg")]), tmp_path / "other.txt")
+    list_file.write_text("0\ta.jpg\n")
+    with pytest.raises(MimkitError, match="is not a mimkit file list; delete it to list the folder again"):
+        train_source(str(tmp_path / "data"), list_file)
 
 
 def facts_with_median(side: int) -> DataFacts:
