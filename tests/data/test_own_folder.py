@@ -161,6 +161,12 @@ def test_file_list_refusals_and_a_rescan_that_changes_nothing(tmp_path):
     listed = load_file_list(list_file)
     with pytest.raises(MimkitError, match=r"image file name 'a\\nb.jpg' holds a line break; rename it"):
         save_file_list(replace(listed, files=[(-1, "a\nb.jpg")]), tmp_path / "other.txt")
+    header, *files = list_file.read_text().splitlines(keepends=True)  # a list from before shards had one
+    old = json.loads(header.removeprefix("# mimkit file list "))
+    del old["shards"]
+    list_file.write_text("# mimkit file list " + json.dumps(old) + "\n" + "".join(files))
+    resumed, note = train_source(str(tmp_path / "data"), list_file)
+    assert isinstance(resumed, ListedFolderSource) and "3 images from" in note and len(resumed[2][0]) == 3
     list_file.write_text("0\ta.jpg\n")
     with pytest.raises(MimkitError, match="is not a mimkit file list; delete it to list the folder again"):
         train_source(str(tmp_path / "data"), list_file)
