@@ -854,6 +854,10 @@ PLANTED = [
         "None, skip_bad_images: bool = False, max_bad_images",
         "None, skip_bad_images: bool = True, max_bad_images",
         ("tests/data/test_sources.py::test_a_bad_image_stops_a_folder_source_unless_asked_to_skip_it",)),
+    Bug("sweepdata: a run's train source looks for a named dataset without data.root",
+        "src/mimkit/data/filelist.py",
+        'split="train", root=root, channels=channels,', 'split="train", channels=channels,',
+        ("tests/data/test_sources.py::test_a_runs_train_source_reads_a_named_dataset_from_root",)),
 ]
 
 

@@ -149,7 +149,8 @@ def test_a_resumed_source_reads_as_the_listed_one(tmp_path, shards):
     assert resumed.info.classes == ["boot", "sandal"] and resumed.labels == first.labels == [0, 0, 1, 1]
     assert resumed.info.channels == 1 and torch.equal(resumed[3][0], first[3][0])
     assert resumed[3][0].shape == (1, 10, 10)  # decoded reduced 4x: a shorter side of 10
-    assert (resumed.skip_bad_images, resumed.max_bad_images) == (True, 3)
+    for source in (first, resumed):
+        assert (source.skip_bad_images, source.max_bad_images) == (True, 3)
 
 
 def test_file_list_refusals_and_a_rescan_that_changes_nothing(tmp_path):

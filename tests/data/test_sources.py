@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from mimkit.data import idx, sources
+from mimkit.data.filelist import train_source
 from mimkit.data.folders import FlatFolderSource, ImageFolderSource, ListedFolderSource
 from mimkit.data.idx import IdxSource, read_idx
 from mimkit.data.sources import build_source
@@ -66,6 +67,13 @@ def test_idx_from_root(tmp_path, compress):
     image, label = source[3]
     assert torch.equal(image, torch.from_numpy(images[3])[None]) and label == 3
     assert source.info.image_size == 4 and source.info.classes == [str(d) for d in range(10)]
+
+
+def test_a_runs_train_source_reads_a_named_dataset_from_root(tmp_path):
+    """`data.root` reaches the lookup through a run's `train_source` (no file list: its rows never change)."""
+    write_tiny_idx(tmp_path / "mine", "train", n=6)
+    source, note = train_source("mnist", tmp_path / "run" / "files.txt", root=tmp_path / "mine")
+    assert len(source) == 6 and note == ""
 
 
 def test_idx_from_env_subfolder_and_three_channels(tmp_path, monkeypatch):
