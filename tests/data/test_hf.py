@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from mimkit.data.decode import decode_image
+from mimkit.data.filelist import train_source
 from mimkit.data.sources import build_source
 from mimkit.errors import MimkitError
 
@@ -59,6 +60,21 @@ def test_dataset_dict_splits_and_a_named_split(tmp_path):
     assert len(build_source(f"hf:{tmp_path / 'dd'}:extra")) == 4
     with pytest.raises(MimkitError, match="no nope split.*it has train, validation, extra"):
         build_source(f"hf:{tmp_path / 'dd'}:nope")
+
+
+def test_a_colon_in_the_path_or_a_relative_path_is_not_taken_for_a_split(tmp_path, monkeypatch):
+    labeled(4).save_to_disk(str(tmp_path / "a:b" / "ds"))
+    assert len(build_source(f"hf:{tmp_path / 'a:b' / 'ds'}")) == 4  # "b/ds" is no split name
+    monkeypatch.chdir(tmp_path / "a:b")
+    assert len(build_source("hf:ds")) == 4 and len(build_source("hf:ds:train")) == 4
+
+
+def test_a_dataset_whose_rows_do_not_change_gets_no_file_list(tmp_path):
+    """A run lists folders and shards only: hf rows and named datasets are read as they are."""
+    labeled(3).save_to_disk(str(tmp_path / "ds"))
+    for spec in (f"hf:{tmp_path / 'ds'}", "synthetic:4"):
+        source, note = train_source(spec, tmp_path / "run" / "files.txt")
+        assert note == "" and not (tmp_path / "run" / "files.txt").exists() and len(source) in (3, 4)
 
 
 def test_parquet_files_unlabeled_and_split_by_name(tmp_path):

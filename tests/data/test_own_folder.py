@@ -3,16 +3,20 @@ the recipe chosen by folder size."""
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from mimkit import cli, cpus
 from mimkit.cli import choose_recipe, main
-from mimkit.data.filelist import load_file_list, train_source
+from mimkit.data.filelist import load_file_list, save_file_list, train_source
 from mimkit.data.folders import ListedFolderSource
 from mimkit.data.sources import count_images
 from mimkit.data.survey import DataFacts, fitting_size, size_hint, survey
+from mimkit.errors import MimkitError
 from mimkit.runs import file_list_path, load_config
 
 TINY = ["--model", "vit_mini", "--set", "model.kwargs.depth=2", "--set", "model.kwargs.decoder_depth=1",
@@ -124,6 +128,49 @@ def test_a_stored_list_of_other_data_is_not_read(tmp_path):
     other, note = train_source(str(tmp_path / "b"), list_file)
     assert len(other) == 5 and "5 images listed, kept in" in note
     assert load_file_list(list_file).source == str(tmp_path / "b")
+
+
+@pytest.mark.parametrize("shards", [False, True])
+def test_a_resumed_source_reads_as_the_listed_one(tmp_path, shards):
+    """From its file list, a resumed run's source keeps the first one's name (the dataset's, not its
+    train/'s), classes, labels, pixels, and the channels and bad-image and decode settings it is given."""
+    for k, name in enumerate(("boot", "sandal")):
+        write_images(tmp_path / "shoes" / "train" / name, 2, (40, 40), start=10 * k)
+    spec = str(tmp_path / "shoes")
+    if shards:
+        assert main(["data", "pack", spec, "--out", str(tmp_path / "packed")]) == 0
+        spec = f"shards:{tmp_path / 'packed'}"
+    list_file, options = file_list_path(tmp_path / "run"), dict(channels=1, skip_bad_images=True,
+                                                                 max_bad_images=3, decode_min_side=10)
+    first, _ = train_source(spec, list_file, **options)
+    resumed, note = train_source(spec, list_file, **options)
+    assert "4 images from" in note
+    assert resumed.info == first.info and resumed.info.name == ("packed" if shards else "shoes")
+    assert resumed.info.classes == ["boot", "sandal"] and resumed.labels == first.labels == [0, 0, 1, 1]
+    assert resumed.info.channels == 1 and torch.equal(resumed[3][0], first[3][0])
+    assert resumed[3][0].shape == (1, 10, 10)  # decoded reduced 4x: a shorter side of 10
+    for source in (first, resumed):
+        assert (source.skip_bad_images, source.max_bad_images) == (True, 3)
+
+
+def test_file_list_refusals_and_a_rescan_that_changes_nothing(tmp_path):
+    write_images(tmp_path / "data", 3)
+    list_file = file_list_path(tmp_path / "run")
+    train_source(str(tmp_path / "data"), list_file)
+    _, note = train_source(str(tmp_path / "data"), list_file, rescan=True)
+    assert note == "file list: 3 images listed again (--rescan), the same files in the same order"
+    listed = load_file_list(list_file)
+    with pytest.raises(MimkitError, match=r"image file name 'a\\nb.jpg' holds a line break; rename it"):
+        save_file_list(replace(listed, files=[(-1, "a\nb.jpg")]), tmp_path / "other.txt")
+    header, *files = list_file.read_text().splitlines(keepends=True)  # a list from before shards had one
+    old = json.loads(header.removeprefix("# mimkit file list "))
+    del old["shards"]
+    list_file.write_text("# mimkit file list " + json.dumps(old) + "\n" + "".join(files))
+    resumed, note = train_source(str(tmp_path / "data"), list_file)
+    assert isinstance(resumed, ListedFolderSource) and "3 images from" in note and len(resumed[2][0]) == 3
+    list_file.write_text("0\ta.jpg\n")
+    with pytest.raises(MimkitError, match="is not a mimkit file list; delete it to list the folder again"):
+        train_source(str(tmp_path / "data"), list_file)
 
 
 def facts_with_median(side: int) -> DataFacts:

@@ -1,6 +1,7 @@
 """Tar shards: `mimkit data pack`, the cached member index, map-style reading, labels and bad members."""
 
 import errno
+import gzip
 import io
 import json
 import tarfile
@@ -15,9 +16,11 @@ from PIL import Image
 from mimkit.cli import main
 from mimkit.data import shards
 from mimkit.data.filelist import load_file_list, train_source
+from mimkit.data.loader import SeededViews
 from mimkit.data.shards import INDEX_NAME, ShardMembers, ShardReader, pack_files, parse_size, shard_files
 from mimkit.data.sources import build_source
 from mimkit.data.survey import survey
+from mimkit.data.transforms import mae_view
 from mimkit.errors import MimkitError
 
 
@@ -68,6 +71,12 @@ def test_shards_read_like_the_folder_they_were_packed_from(tmp_path):
         assert torch.equal(image, from_folder[i][0]) and label == from_folder[i][1]
     # a plain folder of .tar files is read as shards too
     assert build_source(str(tmp_path / "shards")).labels == from_folder.labels
+    # a view's crop is decoded from the member's bytes as from the file's (`load_crop` on a shard reader)
+    view = mae_view(16, (0.5,) * 3, (0.5,) * 3, patch_size=8)
+    folder_views, shard_views = SeededViews(from_folder, view), SeededViews(from_shards, view)
+    assert shard_views.crop_first
+    for item in [(i, 40 + i) for i in range(len(from_folder))]:
+        assert torch.equal(shard_views[item]["image"], folder_views[item]["image"])
 
 
 def test_unlabeled_members_and_splits(tmp_path):
@@ -211,6 +220,28 @@ def test_a_shard_cut_at_a_member_boundary_is_refused(tmp_path):
     (tmp_path / "shards" / INDEX_NAME).unlink()
     with pytest.raises(MimkitError, match=f"shard '{shard}' has no end-of-archive marker after its 4 images"):
         build_source(f"shards:{tmp_path / 'shards'}")
+
+
+def test_a_shard_cut_after_it_was_indexed_or_compressed_is_one_line(tmp_path):
+    pack(image_folder(tmp_path / "images", n=4, classes=()), tmp_path / "shards", size="1MB")
+    source = build_source(f"shards:{tmp_path / 'shards'}")
+    shard = shard_files(tmp_path / "shards")[0]
+    with open(shard, "r+b") as f:  # the source indexed it whole: its last member now ends early
+        f.truncate(int(source.reader.members.offsets[3]) + 10)
+    with pytest.raises(MimkitError, match=r"cannot read image '.*:003\.jpg': shard ends \d+ bytes early"):
+        source[3]
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "a.tar").write_bytes(gzip.compress(b"\0" * 2048))
+    with pytest.raises(MimkitError, match="cannot index shard .*a.tar.*shards must be uncompressed"):
+        build_source(f"shards:{tmp_path / 'gz'}")
+
+
+def test_held_out_shards_with_a_class_the_train_shards_lack_are_refused(tmp_path):
+    image_folder(tmp_path / "split" / "train", n=4, classes=("cat", "dog"))
+    image_folder(tmp_path / "split" / "val", n=2, classes=("cat", "eel"))
+    pack(tmp_path / "split", tmp_path / "shards")
+    with pytest.raises(MimkitError, match=r"shard member folders \['eel'\] are not among the classes"):
+        build_source(f"shards:{tmp_path / 'shards'}", split="val")
 
 
 def test_a_run_keeps_its_shard_members_and_refuses_fewer(tmp_path):

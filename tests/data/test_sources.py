@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from mimkit.data import idx, sources
-from mimkit.data.folders import FlatFolderSource, ImageFolderSource
+from mimkit.data.filelist import train_source
+from mimkit.data.folders import FlatFolderSource, ImageFolderSource, ListedFolderSource
 from mimkit.data.idx import IdxSource, read_idx
 from mimkit.data.sources import build_source
 from mimkit.data.splits import split_train_val
@@ -66,6 +67,13 @@ def test_idx_from_root(tmp_path, compress):
     image, label = source[3]
     assert torch.equal(image, torch.from_numpy(images[3])[None]) and label == 3
     assert source.info.image_size == 4 and source.info.classes == [str(d) for d in range(10)]
+
+
+def test_a_runs_train_source_reads_a_named_dataset_from_root(tmp_path):
+    """`data.root` reaches the lookup through a run's `train_source` (no file list: its rows never change)."""
+    write_tiny_idx(tmp_path / "mine", "train", n=6)
+    source, note = train_source("mnist", tmp_path / "run" / "files.txt", root=tmp_path / "mine")
+    assert len(source) == 6 and note == ""
 
 
 def test_idx_from_env_subfolder_and_three_channels(tmp_path, monkeypatch):
@@ -136,6 +144,8 @@ def test_flat_folder_recursive_sorted_filtered(tmp_path):
     names = [Path(p).relative_to(tmp_path).as_posix() for p in source.paths]
     assert names == ["a/deep/y.jpeg", "b/z.png", "c.bmp", "d.TIFF", "x.webp"]
     assert source.labels == [-1] * 5
+    found = build_source(str(tmp_path))  # images at the top level: unlabeled, whatever sub-folders it has
+    assert isinstance(found, FlatFolderSource) and found.paths == source.paths
 
 
 def test_symlink_loops_are_listed_once_and_named(tmp_path):
@@ -152,6 +162,40 @@ def test_symlink_loops_are_listed_once_and_named(tmp_path):
     assert names == ["0.png", "1.png", "2.png", "linked/e.png", "sub/s.png"]
     with pytest.warns(UserWarning, match="data/sub/up"):
         assert sources.count_images(str(tmp_path / "data"), stop_after=100) == 5
+
+
+def test_channels_follow_files_sampled_across_the_whole_folder(tmp_path):
+    """32 files spread over the folder are sampled, the last one among them: a colour file at the end of
+    40 grey ones makes the folder RGB, and the note says how many of the sampled files were in colour."""
+    for i in range(40):
+        save(tmp_path / f"{i:02d}.png", "RGB" if i == 39 else "L")
+    source = build_source(str(tmp_path))
+    assert source.info.channels == 3
+    assert source.info.channels_note == "RGB: 1 of 32 sampled files are in colour"
+    (tmp_path / "39.png").unlink()
+    assert build_source(str(tmp_path)).info.channels_note == "L: all 32 sampled files are grey"
+
+
+def test_a_folder_with_no_readable_image_is_one_line(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning), pytest.raises(MimkitError, match="none of the sampled images under"):
+        build_source(str(tmp_path), skip_bad_images=True)
+    for i in range(3):
+        save(tmp_path / f"{i}.png", "L")
+    source = build_source(str(tmp_path), skip_bad_images=True)
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning), pytest.raises(MimkitError, match="no readable image among the 3 under"):
+        source[1]
+
+
+def test_class_folders_outside_the_given_classes_are_refused(tmp_path):
+    save(tmp_path / "cat" / "1.png", "L")
+    save(tmp_path / "eel" / "1.png", "L")
+    with pytest.raises(MimkitError, match=r"class folders \['eel'\] under .* are not among the classes"):
+        ImageFolderSource(tmp_path, classes=["cat", "dog"])
+    assert ImageFolderSource(str(tmp_path), classes=["cat", "dog", "eel"]).labels == [0, 2]  # a str root too
 
 
 def test_mixed_sizes_have_no_image_size(tmp_path):
@@ -215,8 +259,77 @@ def test_folder_errors(tmp_path):
         build_source(str(tmp_path / "flat"), split="val")
     with pytest.raises(MimkitError, match="split 'dev'"):
         build_source(str(tmp_path / "flat"), split="dev")
-    with pytest.raises(MimkitError, match="channels=2"):
-        build_source(str(tmp_path / "flat"), channels=2)
+    for spec in (str(tmp_path / "flat"), "mnist", "nope"):  # refused before any file is looked for
+        with pytest.raises(MimkitError, match="channels=2"):
+            build_source(spec, channels=2)
+    with pytest.raises(MimkitError, match="channels=2"):  # a library user's source too
+        FlatFolderSource(tmp_path / "flat", channels=2)
+
+
+def test_count_images_counts_the_train_split_and_stops_past_the_limit(tmp_path):
+    """The size hint's count: only a dataset's train/ (or a segmentation folder's train split), and it stops
+    at the first folder that takes it past `stop_after`."""
+    for folder in "abc":
+        save(tmp_path / "flat" / folder / f"{folder}.png", "L")
+    assert sources.count_images(str(tmp_path / "flat"), stop_after=10) == 3
+    assert sources.count_images(str(tmp_path / "flat"), stop_after=1) == 2  # a: 1, b: 2 > 1, c never read
+    save(tmp_path / "split" / "train" / "a" / "1.png", "L")
+    for i in range(3):
+        save(tmp_path / "split" / "val" / "a" / f"{i}.png", "L")
+    assert sources.count_images(str(tmp_path / "split"), stop_after=10) == 1
+    for split, n in (("train", 2), ("val", 3)):
+        for i in range(n):
+            save(tmp_path / "seg" / "images" / split / f"{i}.png", "L")
+            save(tmp_path / "seg" / "masks" / split / f"{i}.png", "L")
+    assert sources.count_images(str(tmp_path / "seg"), stop_after=10) == 2
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_a_segmentation_folder_gives_its_splits_images_without_masks(tmp_path, split):
+    """A test split of a folder that has train and val splits only is its val split."""
+    for part, n in (("train", 2), ("val", 3)):
+        for i in range(n):
+            save(tmp_path / "seg" / "images" / part / f"{part}{i}.png", "RGB")
+            save(tmp_path / "seg" / "masks" / part / f"{part}{i}.png", "L")
+    source = build_source(str(tmp_path / "seg"), split=split, channels=1)
+    part = "train" if split == "train" else "val"
+    assert [Path(p).name for p in source.paths] == [f"{part}{i}.png" for i in range((2, 3)[part == "val"])]
+    assert all(f"images/{part}/" in p for p in source.paths) and source.labels == [-1] * len(source)
+    assert source.info.name == "seg" and source[0][0].shape == (1, 8, 8)
+    assert source.info.layout_note.startswith(f"a generic segmentation folder: its {split} split")
+
+
+def test_a_held_out_split_decodes_as_the_train_split_was_asked_to(tmp_path):
+    """skip_bad_images, max_bad_images, max_image_pixels and decode_min_side reach val/ as train/."""
+    for split in ("train", "val"):
+        for i in range(3):
+            save(tmp_path / split / "a" / f"{i}.png", "L", size=(40, 40), color=10 * i)
+    (tmp_path / "val" / "a" / "1.png").write_bytes(b"truncated")
+    with pytest.raises(MimkitError, match=r"1\.png"):
+        build_source(str(tmp_path), split="val")
+    with pytest.warns(UserWarning, match=r"1\.png"):
+        val = build_source(str(tmp_path), split="val", skip_bad_images=True, max_bad_images=1,
+                           decode_min_side=10)
+    assert val.skip_bad_images and val.max_bad_images == 1 and val.decode_min_side == 10
+    assert int(val[1][0][0, 0, 0]) == 20 and val[0][0].shape == (1, 10, 10)  # reduced 4x: a side of 10
+    with pytest.raises(MimkitError, match="cannot read image"):
+        build_source(str(tmp_path), split="val", max_image_pixels=1000)[0]
+
+
+def test_folder_layout_errors(tmp_path):
+    save(tmp_path / "file.png", "L")
+    with pytest.raises(MimkitError, match="data path '.*file.png' is not a folder"):
+        build_source(str(tmp_path / "file.png"))
+    save(tmp_path / "only_train" / "train" / "a" / "1.png", "L")
+    assert len(build_source(str(tmp_path / "only_train"))) == 1
+    with pytest.raises(MimkitError, match="has train/ but no val/ or test/ sub-folder for 'val'"):
+        build_source(str(tmp_path / "only_train"), split="val")
+    save(tmp_path / "mixed" / "train" / "a" / "1.png", "L")
+    save(tmp_path / "mixed" / "val" / "1.png", "L")
+    with pytest.raises(MimkitError, match="mixed/val' is unlabeled but '.*mixed/train' is not"):
+        build_source(str(tmp_path / "mixed"), split="val")
+    with pytest.raises(MimkitError, match="no .tar shards"):
+        build_source(f"shards:{tmp_path / 'mixed'}")
 
 
 def corrupt_folder(tmp_path: Path, bad: list[int], n: int = 6) -> Path:
@@ -265,8 +378,23 @@ def test_skip_bad_images_found_while_reading(tmp_path):
     with pytest.warns(UserWarning, match=r"1\.png"):
         assert int(source[1][0][0, 0, 0]) == 20
     assert source.num_bad_images == 1
+    assert torch.equal(source[-6][0], source[0][0])  # Python's negative indices, down to -len
     with pytest.raises(IndexError):
         source[6]
+    with pytest.raises(IndexError):
+        source[-7]
+
+
+@pytest.mark.parametrize("make", [
+    lambda root: FlatFolderSource(root),
+    lambda root: ImageFolderSource(root.parent),
+    lambda root: ListedFolderSource(root, "x", [(-1, f"{i}.png") for i in range(6)], []),
+])
+def test_a_bad_image_stops_a_folder_source_unless_asked_to_skip_it(tmp_path, make):
+    """Skipping is asked for (`--skip-bad-images`), never the default: `mimkit predict` reads its images
+    through a `ListedFolderSource` with the defaults."""
+    with pytest.raises(MimkitError, match=r"cannot read image '.*2\.png'"):
+        make(corrupt_folder(tmp_path / "a", bad=[2]))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,9 +419,12 @@ def test_build_synthetic_specs():
     train, val = build_source("synthetic:12", channels=1), build_source("synthetic:12", split="val")
     assert len(train) == 12 and train[0][0].shape == (1, 32, 32) and val.info.channels == 3
     assert not torch.equal(train[0][0], val[0][0][:1])
-    assert len(build_source("synthetic")) == 256
-    with pytest.raises(MimkitError, match="positive integer"):
-        build_source("synthetic:x")
+    for split, seed in (("train", 0), ("val", 1), ("test", 1)):  # the documented seeds
+        assert torch.equal(build_source("synthetic:3", split)[2][0], SyntheticSource(3, seed=seed)[2][0])
+    assert len(build_source("synthetic")) == 256 and len(build_source("synthetic:1")) == 1
+    for spec in ("synthetic:x", "synthetic:0", "synthetic:-3"):
+        with pytest.raises(MimkitError, match="positive integer"):
+            build_source(spec)
 
 
 def test_split_train_val_stratified():

@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from mimkit.data.transforms import denormalize, eval_view, mae_view, normalize
+from mimkit.data.transforms import BEiTView, crop_view, denormalize, eval_view, mae_view, normalize
 from mimkit.errors import MimkitError
 
 MEAN, STD = (0.2860,), (0.3530,)
@@ -85,10 +85,23 @@ def test_eval_view_is_deterministic_and_picklable():
     assert mae(image)["noise"].shape == (16,)
 
 
+def test_an_evaluation_views_repr_tells_its_settings_apart():
+    """The feature cache is keyed by the view's repr (`mimkit.eval.features`): equal settings give one
+    repr, any other size, crop or normalization another."""
+    key = repr(eval_view(32, MEAN, STD))
+    assert key == repr(eval_view(32, MEAN, STD)) and key.startswith("ImageView(")
+    others = [eval_view(28, MEAN, STD), eval_view(32, MEAN, STD, crop_pct=0.875), eval_view(32, (0.5,), STD),
+              eval_view(32, MEAN, (0.5,))]
+    assert len({key, *map(repr, others)}) == 5
+
+
 def test_denormalize_batch_and_clamp():
     x = torch.tensor([-100.0, 0.0, 100.0]).view(1, 1, 1, 3).expand(2, 1, 1, 3)
     out = denormalize(x, (0.5,), (0.1,))
     assert out.shape == (2, 1, 1, 3) and out.flatten().tolist() == [0.0, 0.5, 1.0] * 2
+    # the statistics follow the images' dtype and device (the meta device stands in for a GPU here)
+    assert denormalize(x.bfloat16(), (0.5,), (0.1,)).dtype == torch.bfloat16
+    assert denormalize(x.to("meta"), (0.5,), (0.1,)).device.type == "meta"
 
 
 def test_a_channel_last_crop_comes_out_contiguous_with_the_same_pixels():
@@ -102,3 +115,106 @@ def test_a_channel_last_crop_comes_out_contiguous_with_the_same_pixels():
     handed_over = view.from_crop(channel_last)["image"]
     assert handed_over.is_contiguous()
     assert torch.equal(handed_over, expected)
+
+
+@pytest.mark.parametrize("make", [lambda scale: crop_view(16, MEAN, STD, scale=scale),
+                                  lambda scale: mae_view(16, MEAN, STD, patch_size=8, scale=scale)])
+def test_the_crop_scale_reaches_the_crop(make):
+    """A scale of (1, 1) on a square image leaves the whole image for every draw (an aspect ratio away from
+    1 cannot fit: the crop falls back to the whole image); the default (0.2, 1) rarely does."""
+    torch.manual_seed(0)
+    assert {make((1.0, 1.0)).draw_box(20, 20) for _ in range(20)} == {(0, 0, 20, 20)}
+    assert len({make((0.2, 1.0)).draw_box(20, 20) for _ in range(20)}) > 10
+
+
+def test_beit_view_normalizes_each_resolution_with_its_own_statistics_and_jitters_only_when_asked():
+    image = torch.full((3, 40, 40), 102, dtype=torch.uint8)  # 0.4 everywhere: every crop is the same
+    view = BEiTView(16, 8, (0.2,) * 3, (0.5,) * 3, (0.3,) * 3, (0.5,) * 3, grid=4, num_masked=5,
+                    color_jitter=0.0)
+    out = view(image)
+    assert out["image"].shape == (3, 16, 16) and torch.allclose(out["image"], torch.tensor(0.4), atol=1e-5)
+    assert out["tokenizer_image"].shape == (3, 8, 8)
+    assert torch.allclose(out["tokenizer_image"], torch.tensor(0.2), atol=1e-5)  # (0.4 - 0.3) / 0.5
+    assert out["mask"].shape == (16,) and int(out["mask"].sum()) == 5
+    jittered = BEiTView(16, 8, (0.2,) * 3, (0.5,) * 3, (0.3,) * 3, (0.5,) * 3, grid=4, num_masked=5)
+    assert not torch.allclose(jittered(image)["image"], out["image"], atol=1e-3)
+
+
+def test_beit_view_crop_scale_and_aspect_ratio():
+    """A scale of (1, 1) keeps the whole image: a left-to-right ramp stays a full ramp at both sizes."""
+    ramp = torch.arange(32, dtype=torch.uint8).mul(8).expand(3, 32, 32).contiguous()
+    view = BEiTView(32, 16, (0.0,) * 3, (1.0,) * 3, (0.0,) * 3, (1.0,) * 3, grid=4, num_masked=1,
+                    scale=(1.0, 1.0), color_jitter=0.0)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out = view(ramp)["image"]
+        assert any(torch.allclose(out, whole / 255, atol=1e-6) for whole in (ramp, ramp.flip(-1)))
+    torch.manual_seed(0)
+    cropping = BEiTView(32, 16, MEAN, STD, MEAN, STD, grid=4, num_masked=1, color_jitter=0.0)
+    first_pixels = {tuple(cropping(ramp)["image"][0, 0, :2].tolist()) for _ in range(10)}
+    assert len(first_pixels) > 5  # the default scale (0.08, 1) crops
+
+
+@pytest.mark.parametrize("img_size, crop_pct", [(127, 1.0), (128, 0.875)])
+def test_eval_view_takes_the_imagenet_crop_from_128_px_up(img_size, crop_pct):
+    image = random_image(1, 150, 170)
+    default = eval_view(img_size, MEAN, STD)(image)["image"]
+    assert torch.equal(default, eval_view(img_size, MEAN, STD, crop_pct=crop_pct)(image)["image"])
+    other = 1.0 if crop_pct < 1 else 0.875
+    assert not torch.equal(default, eval_view(img_size, MEAN, STD, crop_pct=other)(image)["image"])
+
+
+@pytest.mark.parametrize("crop_pct", [0.0, -0.5, 1.01])
+def test_eval_view_refuses_a_crop_pct_outside_0_1(crop_pct):
+    with pytest.raises(MimkitError, match=rf"crop_pct={crop_pct} must be in \(0, 1\]"):
+        eval_view(32, MEAN, STD, crop_pct=crop_pct)
+
+
+def test_crop_view_gives_the_image_alone():
+    """No mask noise for a view that asks for none (the dVAE's)."""
+    assert set(crop_view(16, MEAN, STD)(random_image())) == {"image"}
+
+
+def checkerboard(side: int) -> torch.Tensor:
+    """0 and 255 in alternate pixels: any downscaling that is not antialiased keeps extremes."""
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return ((rows + cols) % 2 * 255).to(torch.uint8).expand(3, side, side).contiguous()
+
+
+def test_downscaling_views_are_antialiased():
+    """A 1-pixel checkerboard shrunk 3.75x and 7.5x is a flat grey, in the BEiT view's two resolutions and
+    the evaluation view (bicubic without antialiasing samples the pattern: values near 0 and 1 stay; at
+    whole factors it samples half-way between pixels, grey too, hence 60 px)."""
+    beit = BEiTView(16, 8, (0.0,) * 3, (1.0,) * 3, (0.0,) * 3, (1.0,) * 3, grid=4, num_masked=1,
+                    scale=(1.0, 1.0), color_jitter=0.0)
+    out = beit(checkerboard(60))
+    evaluated = eval_view(16, (0.0,) * 3, (1.0,) * 3)(checkerboard(60))["image"]
+    for image in (out["image"], out["tokenizer_image"], evaluated):
+        assert (image - 0.5).abs().max() < 0.1
+
+
+def test_beit_view_crops_within_its_aspect_ratio_range():
+    """Channel 0 is the column and channel 1 the row: the spans of a view's values give its crop's width
+    and height, whose ratio stays in BEiT's (3/4, 4/3) (with a margin for the resampling)."""
+    rows, cols = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    coordinates = torch.stack([cols * 4, rows * 4, rows * 0]).to(torch.uint8)
+    view = BEiTView(32, 16, (0.0,) * 3, (1.0,) * 3, (0.0,) * 3, (1.0,) * 3, grid=4, num_masked=1,
+                    color_jitter=0.0)
+    torch.manual_seed(0)
+    for _ in range(30):
+        image = view(coordinates)["image"]
+        width, height = (image[c].max() - image[c].min() for c in (0, 1))
+        assert 0.6 < width / height < 1.6
+
+
+def test_views_resample_bicubic():
+    """An upscaled step from 50 to 200 overshoots on both sides with bicubic resampling (the papers' and
+    timm's choice); bilinear stays within [50, 200]."""
+    step = torch.full((3, 8, 8), 50, dtype=torch.uint8)
+    step[..., 4:] = 200
+    beit = BEiTView(32, 16, (0.0,) * 3, (1.0,) * 3, (0.0,) * 3, (1.0,) * 3, grid=4, num_masked=1,
+                    scale=(1.0, 1.0), color_jitter=0.0)(step)
+    crop = crop_view(32, (0.0,) * 3, (1.0,) * 3, scale=(1.0, 1.0))(step)["image"]
+    evaluated = eval_view(32, (0.0,) * 3, (1.0,) * 3)(step)["image"]
+    for image in (beit["image"], beit["tokenizer_image"], evaluated, crop):
+        assert image.min() < 49 / 255 and image.max() > 201 / 255
