@@ -21,6 +21,7 @@ from mimkit.errors import MimkitError
 from mimkit.interop.cae import OFFICIAL_CAE, read_official_cae
 from mimkit.interop.importer import resolve_arch
 from mimkit.interop.keymaps import to_foreign
+from mimkit.methods.dvae import find_tokenizer, load_tokenizer
 from mimkit.methods.vqkd import teacher_of
 from mimkit.models.cae import CAE, CAEv2
 from mimkit.registry import method_of, read_config
@@ -82,6 +83,31 @@ def test_pretrains_on_the_tokenizers_ids_and_resumes_bit_for_bit(dvae_run, tmp_p
 def test_visualize_draws_original_masked_tokens_and_prediction(run, tmp_path):
     assert main(["visualize", str(run), "--out", str(tmp_path / "cae.png"), "--n", "2"]) == 0
     assert Image.open(tmp_path / "cae.png").size == grid_size(4, 2, 32)
+
+
+def test_the_picture_decodes_the_decoders_ids_at_the_hidden_patches_and_the_tokenizers_elsewhere(run):
+    model, config = load_run(run)
+    torch.manual_seed(0)
+    images = {}  # the pictured images at each size asked for
+
+    def draw(size, mean, std):
+        return images.setdefault(size, torch.randn(2, 3, size, size))
+
+    panels = method_of("cae").pictures(model, config, draw, torch.Generator().manual_seed(0))
+    shown = images[config.data.img_size]
+    hidden = (panels["masked"] == 0).all(1)[:, ::4, ::4]  # [2, 8, 8]: the 4-px patches it masked
+    assert hidden.any() and not hidden.all()
+    tokenizer = load_tokenizer(find_tokenizer(config.settings.tokenizer))
+    ids = tokenizer.tokenize(images[config.settings.tokenizer_size])
+    with torch.no_grad():
+        flat = hidden.flatten(1)
+        predicted_latents = model.forward_regressor(model.forward_encoder(shown, flat), flat)
+        logits = model.forward_decoder(predicted_latents, flat)
+    predicted = ids.clone()
+    predicted[hidden] = logits.argmax(-1).flatten()
+    assert not torch.equal(predicted, ids)
+    torch.testing.assert_close(panels["tokens"], tokenizer.decode(ids))
+    torch.testing.assert_close(panels["prediction"], tokenizer.decode(predicted))
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from timm.models.beit import Beit
 from transformers import BeitModel
 
@@ -19,6 +19,7 @@ from mimkit.interop.importer import resolve_arch
 from mimkit.interop.keymaps import to_foreign
 from mimkit.methods.simmim import OFFICIAL_SIMMIM, SimMIMView, read_official_simmim
 from mimkit.models.simmim import SimMIM
+from mimkit.registry import method_of
 from mimkit.runs import latest_weights, load_run
 from mimkit.train.checkpoint_files import Checkpoints
 from tests.conftest import every_evaluation_command, grid_size, perturb
@@ -63,6 +64,21 @@ def test_pretrains_and_resumes_bit_for_bit(tmp_path):
 def test_visualize_draws_masked_input_prediction_and_original(run, tmp_path, capsys):
     assert main(["visualize", str(run), "--out", str(tmp_path / "simmim.png"), "--n", "2"]) == 0
     assert Image.open(tmp_path / "simmim.png").size == grid_size(4, 2, 32)
+
+
+def test_the_pictures_hide_the_masked_squares_and_paste_the_prediction_into_them(run):
+    model, config = load_run(run)
+    torch.manual_seed(0)
+    shown = torch.randn(2, 3, 32, 32)
+    panels = method_of("simmim").pictures(model, config, lambda size, mean, std: shown,
+                                          torch.Generator().manual_seed(0))
+    hidden = (panels["masked input"] == 0).all(1, keepdim=True).float()  # [2, 1, 32, 32]
+    assert 0 < hidden.mean() < 1 and torch.equal(panels["original"], shown)
+    torch.testing.assert_close(panels["masked input"], shown * (1 - hidden))
+    with torch.no_grad():
+        _, pred = model(shown, hidden[:, 0, ::4, ::4].bool())
+    torch.testing.assert_close(panels["prediction"], pred)
+    torch.testing.assert_close(panels["pasted"], shown * (1 - hidden) + pred * hidden)
 
 
 def test_exports_load_in_timm_and_transformers(run, tmp_path):
@@ -171,8 +187,20 @@ def test_reference_weights_without_config_get_reported_defaults(tmp_path, capsys
 @pytest.mark.parametrize("vit, message", [
     ({"TYPE": "swin"}, "a SimMIM swin checkpoint: mimkit's SimMIM is the ViT one"),
     ({"NUM_HEADS": 4}, "config MODEL.VIT.NUM_HEADS says num_heads=4, the weights 2"),
+    ({"USE_APE": True}, r"absolute position embeddings \(MODEL.VIT.USE_APE\)"),
 ])
 def test_reference_checkpoints_mimkit_cannot_hold_are_refused(fake_yacs, tmp_path, vit, message):
     reference_checkpoint(tmp_path / "ckpt.pth", fake_yacs, **vit)
     with pytest.raises(MimkitError, match=message):
         resolve_arch(read_official_simmim(tmp_path / "ckpt.pth"))
+
+
+def test_reference_weights_in_a_safetensors_file_import(tmp_path):
+    """The reference layout saved as ``.safetensors`` (no config, no pickle): the same weights."""
+    model = reference_checkpoint(tmp_path / "ckpt.pth")
+    save_file(torch.load(tmp_path / "ckpt.pth", weights_only=True)["model"], tmp_path / "simmim.safetensors")
+    assert main(["import", str(tmp_path / "simmim.safetensors"), "--format", "simmim", "--out",
+                 str(tmp_path / "run")]) == 0
+    imported, _ = load_run(tmp_path / "run")
+    theirs, ours = model.state_dict(), imported.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
