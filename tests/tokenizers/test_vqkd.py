@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mimkit.config import load_recipe, merge, parse_overrides
 from mimkit.data.sources import build_source
+from mimkit.data.transforms import eval_view
 from mimkit.methods import vqkd as vqkd_method
 from mimkit.methods.vqkd import build_model
 from mimkit.registry import read_config
@@ -174,3 +175,30 @@ def test_the_held_out_evaluation_leaves_the_tokenizer_in_the_mode_it_found(monke
         model.train(training)
         assert set(evaluate(model)) == {"val_usage", "val_perplexity", "val_cosine"}
         assert model.training == training
+
+
+def test_the_held_out_evaluation_tokenizes_a_seeded_subset_of_the_val_split(monkeypatch):
+    """``vqkd.eval_images`` images of the data's ``val`` split (the same ones at every evaluation), in the
+    evaluation view; the held-out cosine is their mean."""
+    config = read_config(merge(load_recipe("vqkd_fmnist"), parse_overrides([
+        "data.source=synthetic:8", "vqkd.teacher_dim=24", "vqkd.vocab_size=16", "vqkd.decoder_depth=1",
+        "model.kwargs.depth=1", "data.img_size=28", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]",
+        "vqkd.eval_images=3"])))
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=0,
+                            embed_dim=24, depth=1, num_heads=2)
+    teacher = Teacher(TimmFeatures(vit), 28, 1, (0.5,), (0.5,), (0.5,), (0.5,), 7, "random ViT")
+    seen = []
+    teacher.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    monkeypatch.setattr(vqkd_method, "teacher_of", lambda config: teacher)
+    model = build_model(config)
+    evaluate = vqkd_method.build_evaluate(config, model)
+    first, second = evaluate(model), evaluate(model)
+    assert first == second
+    val = build_source("synthetic:8", split="val", channels=1)
+    view = eval_view(28, [0.5], [0.5])
+    picks = torch.randperm(8, generator=torch.Generator().manual_seed(0))[:3]
+    expected = torch.stack([view(val[int(i)][0])["image"] for i in picks])
+    torch.testing.assert_close(seen[0], expected)
+    with torch.no_grad():
+        _, metrics, _ = model.eval()(expected, teacher(expected))
+    assert first["val_cosine"] == pytest.approx(metrics["cosine"].item(), abs=1e-6)
