@@ -283,6 +283,15 @@ def test_a_caev2_run_regresses_its_teachers_class_and_patch_features_of_the_whol
     assert {"cosine", "cosine_visible"} <= metrics.keys()
 
 
+def test_the_start_up_summary_names_the_alignment_weight_or_the_caev2_teacher(run, v2_run, mae_run):
+    _, config = load_run(run)
+    assert method_of("cae").describe(config) == ", 50% masked block-wise, alignment weight 2"
+    _, config = load_run(v2_run)
+    expected = (f", {config.settings.mask_ratio:.0%} masked block-wise, CAE v2: cosine to the 32-d "
+                f"features of teacher '{mae_run}' at every token")
+    assert method_of("cae").describe(config) == expected
+
+
 @pytest.mark.slow
 def test_caev2_pretrains_and_resumes_bit_for_bit(v2_run, mae_run, tmp_path):
     # v2_run first: a process's first load of a teacher draws from the run's seeded random stream, later ones
@@ -303,6 +312,8 @@ def test_the_caev2_pictures_cosine_is_each_patchs_prediction_against_its_normali
                                        torch.Generator().manual_seed(0))
     hidden = (panels["masked"][:, 0, ::4, ::4] != shown[:, 0, ::4, ::4]).flatten(1)  # [2, 64]
     assert hidden.any() and not hidden.all()
+    pixels = hidden.view(2, 8, 8).repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None]  # [2, 1, 32, 32]
+    torch.testing.assert_close(panels["masked"], shown * ~pixels)  # hidden patches blank
     with torch.no_grad():
         latent = model.forward_encoder(shown, hidden)
         pred = model.forward_head(latent, model.forward_regressor(latent, hidden))  # [CLS], visible, masked

@@ -143,3 +143,14 @@ def test_a_model_argument_the_model_does_not_take_is_a_one_line_error(method):
     config = read_config({"method": method, "data": DATA, "model": model, method: own})
     with pytest.raises(MimkitError, match=r"^config 'model.kwargs.wings' is not an argument of \w+; "):
         method_of(method).build_model(config)
+
+
+@pytest.mark.parametrize("method, own", [("maskdistill", {}),
+                                         ("cae", {"target": "teacher", "align_weight": 0.0})])
+def test_a_teachers_width_left_unresolved_is_a_one_line_error(method, own):
+    """``teacher_dim`` is the run's teacher's, written in when training starts: a model built before is
+    refused in one line (not a ``TypeError`` from inside the model)."""
+    config = read_config({"method": method, "data": DATA, "model": {"name": "vit_mini", "kwargs": VIT},
+                          method: own | {"teacher": "runs/mae"}})
+    with pytest.raises(MimkitError, match=rf"^{method}.teacher_dim is unset: the run's teacher fills it in"):
+        method_of(method).build_model(config)
