@@ -54,6 +54,8 @@ BEIT_TOKENIZER_NORM = ("tests/methods/test_beit.py::"
                        "test_the_tokenizers_images_are_normalized_as_it_was_trained_not_as_the_run")
 BEITV2_TOKENIZER_NORM = ("tests/methods/test_beitv2.py::"
                          "test_the_tokenizers_images_are_normalized_as_its_run_was_not_as_this_run")
+VQKD_HELD_OUT = ("tests/tokenizers/test_vqkd.py::"
+                 "test_the_held_out_evaluation_tokenizes_a_seeded_subset_of_the_val_split")
 SETTING_REACHES = ("tests/methods/test_settings_reach.py::"
                    "test_a_non_default_setting_changes_what_a_training_step_gives")
 
@@ -852,6 +854,13 @@ PLANTED = [
         "self.forward_encoder(imgs, ~mask.flatten(1))[:, 1:]",
         "self.forward_encoder(imgs, mask.flatten(1))[:, 1:]",
         ("tests/models/test_cae.py",)),
+    Bug("sweepmethods: CAE: CAE v2's start-up summary told as CAE's", "src/mimkit/methods/cae.py",
+        'if cae.target == "teacher":\n        return (f"', 'if cae.target != "teacher":\n        return (f"',
+        ("tests/methods/test_cae.py::test_the_start_up_summary_names_the_alignment_weight_or_the_caev2_teacher",)),
+    Bug("sweepmethods: CAE v2: the picture's masked panel not blanked", "src/mimkit/methods/cae.py",
+        '"masked": shown * (1 - pixel_mask(mask, p)),', '"masked": shown * (1 + pixel_mask(mask, p)),',
+        ("tests/methods/test_cae.py::"
+         "test_the_caev2_pictures_cosine_is_each_patchs_prediction_against_its_normalized_target",)),
     Bug("sweepmethods: SimMIM: the picture pastes the prediction into the visible squares",
         "src/mimkit/methods/simmim.py", '"pasted": shown * (1 - hidden) + pred * hidden',
         '"pasted": shown * hidden + pred * (1 - hidden)',
@@ -885,6 +894,14 @@ PLANTED = [
         "size, data = config.settings.tokenizer_size or config.data.img_size, config.data",
         "size, data = config.data.img_size, config.data",
         ("tests/methods/test_beit.py::test_a_tokenizer_trained_on_smaller_views_gives_the_run_its_view_size",)),
+    Bug("sweepmethods: VQ-KD: the held-out images read from the train split", "src/mimkit/methods/vqkd.py",
+        'split="val", root=data.root', 'split="train", root=data.root', (VQKD_HELD_OUT,)),
+    Bug("sweepmethods: VQ-KD: every image of the split held out, not vqkd.eval_images",
+        "src/mimkit/methods/vqkd.py", "picks = shuffled[:config.settings.eval_images]", "picks = shuffled",
+        (VQKD_HELD_OUT,)),
+    Bug("sweepmethods: VQ-KD: the held-out subset drawn from the run's random stream",
+        "src/mimkit/methods/vqkd.py", "randperm(len(source), generator=torch.Generator().manual_seed(0))",
+        "randperm(len(source))", (VQKD_HELD_OUT,)),
     Bug("sweepmethods: BEiT v2: the tokenizer's view normalized as the run's data, not as the VQ-KD run's",
         "src/mimkit/methods/beitv2.py", "    data = tokenizer_run.data\n", "    data = config.data\n",
         (BEITV2_TOKENIZER_NORM,)),
