@@ -20,7 +20,7 @@ from mimkit.runs import latest_weights, load_run
 from mimkit.tokenizers.dvae import dvae_for, save_dvae
 from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.metrics_log import read_metrics
-from tests.conftest import grid_size
+from tests.conftest import assert_two_views_normalized, grid_size
 
 COMMON = ["--data", "synthetic:64", "--batch-size", "8", "--set", "data.num_workers=0"]  # 32 px, 3 channels
 TINY_DVAE = ["--set", "dvae.hidden=4", "--set", "dvae.vocab_size=32"]
@@ -194,11 +194,7 @@ def test_the_tokenizers_images_are_normalized_as_it_was_trained_not_as_the_run(d
                           method: {"tokenizer": str(dvae_run), "color_jitter": 0.0}})
     config = method_of(method).resolve_config(config)
     view, _ = method_of(method).build_task(config, method_of(method).build_model(config))
-    gray = view(torch.full((3, 40, 40), 128, dtype=torch.uint8))
-    for key, mean, std in (("image", data["mean"], data["std"]),
-                           ("tokenizer_image", tokenizer.mean, tokenizer.std)):
-        expected = (128 / 255 - torch.tensor(mean)) / torch.tensor(std)
-        torch.testing.assert_close(gray[key], expected.view(3, 1, 1).expand_as(gray[key]))
+    assert_two_views_normalized(view, (data["mean"], data["std"]), (tokenizer.mean, tokenizer.std))
     asked = []
     tokenizer_views(config, lambda size, mean, std: asked.append((size, list(mean), list(std)))
                     or torch.zeros(1, 3, size, size), torch.Generator())
@@ -207,11 +203,16 @@ def test_the_tokenizers_images_are_normalized_as_it_was_trained_not_as_the_run(d
 
 
 def test_a_tokenizer_trained_on_smaller_views_gives_the_run_its_view_size(tmp_path):
-    """A dVAE run trained on 16 px views of 32 px images (one halving to the 8x8 patch grid): a BEiT run on
-    it feeds it 16 px views, as trained."""
+    """A dVAE run trained on 16 px views of 32 px images (one halving to the 8x8 patch grid): its pictures
+    and a BEiT run on it feed it 16 px views, as trained."""
     assert main(["tokenizer", "train", "dvae", "--out", str(tmp_path / "dvae"), "--max-steps", "1", *COMMON,
                  *TINY_DVAE, "--set", "dvae.tokenizer_size=16"]) == 0
     assert find_tokenizer(tmp_path / "dvae").img_size == 16
+    dvae, dvae_config = load_run(tmp_path / "dvae")
+    asked = []
+    panels = method_of("dvae").pictures(dvae, dvae_config, lambda size, mean, std: asked.append(size)
+                                        or torch.zeros(2, 3, size, size), torch.Generator())
+    assert asked == [16] and all(panel.shape == (2, 3, 16, 16) for panel in panels.values())  # as trained
     data = {"source": "synthetic:8", "img_size": 32, "channels": 3}
     config = read_config({"method": "beit", "data": data, "model": {"name": "vit_mini", "patch_size": 4},
                           "beit": {"tokenizer": str(tmp_path / "dvae")}})

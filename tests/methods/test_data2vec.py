@@ -178,6 +178,9 @@ def reference_checkpoint(path, ema: bool = True, **args) -> tuple[Data2Vec, dict
     state, left = to_foreign({k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")},
                              OFFICIAL_BEIT)
     assert left == []
+    # the authors' names, written out (the map under test must not make its own fixture)
+    assert {"cls_token", "mask_token", "patch_embed.proj.weight", "blocks.1.attn.qkv.weight",
+            "blocks.1.gamma_2", "rel_pos_bias.relative_position_bias_table", "lm_head.weight"} <= state.keys()
     index = model.encoder.rel_pos_bias.relative_position_index
     saved = {"model": state | {"rel_pos_bias.relative_position_index": index}, "epoch": 799}
     if ema:
