@@ -22,7 +22,7 @@ from mimkit.runs import load_encoder, load_run
 from mimkit.tokenizers.vqkd import create_vqkd
 from mimkit.train.metrics_log import read_metrics
 from mimkit.viz import codebook_usage_plot, token_maps
-from tests.conftest import grid_size
+from tests.conftest import assert_two_views_normalized, grid_size
 
 VOCAB = 40  # no other layer of the tiny models is 40 wide
 
@@ -182,11 +182,7 @@ def test_the_tokenizers_images_are_normalized_as_its_run_was_not_as_this_run(run
     config = method_of("beitv2").resolve_config(config)
     model = method_of("beitv2").build_model(config).eval()
     view, _ = method_of("beitv2").build_task(config, model)
-    gray = view(torch.full((3, 40, 40), 128, dtype=torch.uint8))
-    for key, mean, std in (("image", data["mean"], data["std"]),
-                           ("tokenizer_image", tokenizer_data.mean, tokenizer_data.std)):
-        expected = (128 / 255 - torch.tensor(mean)) / torch.tensor(std)
-        torch.testing.assert_close(gray[key], expected.view(3, 1, 1).expand_as(gray[key]))
+    assert_two_views_normalized(view, (data["mean"], data["std"]), (tokenizer_data.mean, tokenizer_data.std))
     asked = []
     method_of("beitv2").pictures(model, config, lambda size, mean, std: asked.append((list(mean), list(std)))
                                  or torch.zeros(1, 3, size, size), torch.Generator())
