@@ -94,6 +94,15 @@ def voc_palette() -> list[int]:
     return palette
 
 
+def assert_two_views_normalized(view, image_norm: tuple, tokenizer_norm: tuple) -> None:
+    """A two-view sample (``image``, ``tokenizer_image``) of a uniform mid-grey uint8 image: each view is that
+    grey normalized by its own (mean, std), so a view normalized the other's way shows (3 channels)."""
+    grey = view(torch.full((3, 40, 40), 128, dtype=torch.uint8))
+    for key, (mean, std) in (("image", image_norm), ("tokenizer_image", tokenizer_norm)):
+        expected = (128 / 255 - torch.tensor(mean)) / torch.tensor(std)
+        torch.testing.assert_close(grey[key], expected.view(3, 1, 1).expand_as(grey[key]))
+
+
 def grid_size(columns: int, rows: int, side: int) -> tuple[int, int]:
     """Pixel size of an `image_grid` of ``side``-px tiles (upscaled to at least 112 px, 4 px apart,
     under an 18 px header)."""

@@ -49,6 +49,20 @@ PROBE_FLAG_REACHES = "tests/eval/test_probe_settings.py::test_a_non_default_flag
 VQKD_KMEANS = ("tests/tokenizers/test_vqkd.py::test_the_first_batch_sets_the_codebook_by_kmeans",
                "tests/tokenizers/test_vqkd.py::test_the_recipe_and_its_overrides_reach_the_quantizer")
 
+# sweepmethods: the tests its planted bugs name
+D2V_PICTURES = ("tests/methods/test_data2vec.py::"
+                "test_the_pictures_hide_the_masked_patches_and_draw_each_patchs_cosine_to_its_target")
+CAE_PICTURE = ("tests/methods/test_cae.py::"
+               "test_the_picture_decodes_the_decoders_ids_at_the_hidden_patches_and_the_tokenizers_elsewhere")
+BEIT_TOKENIZER_NORM = ("tests/methods/test_beit.py::"
+                       "test_the_tokenizers_images_are_normalized_as_it_was_trained_not_as_the_run")
+BEITV2_TOKENIZER_NORM = ("tests/methods/test_beitv2.py::"
+                         "test_the_tokenizers_images_are_normalized_as_its_run_was_not_as_this_run")
+VQKD_HELD_OUT = ("tests/tokenizers/test_vqkd.py::"
+                 "test_the_held_out_evaluation_tokenizes_a_seeded_subset_of_the_val_split")
+SETTING_REACHES = ("tests/methods/test_settings_reach.py::"
+                   "test_a_non_default_setting_changes_what_a_training_step_gives")
+
 PLANTED = [
     Bug("layer decay: the loop ignores lr_scale", "src/mimkit/train/step.py",
         'group["lr"] = lr * group.get("lr_scale", 1.0)', 'group["lr"] = lr',
@@ -989,6 +1003,112 @@ PLANTED = [
         "src/mimkit/data/filelist.py",
         'split="train", root=root, channels=channels,', 'split="train", channels=channels,',
         ("tests/data/test_sources.py::test_a_runs_train_source_reads_a_named_dataset_from_root",)),
+    # sweepmethods (mutation sweep, fourth pass, 2026-12-06): blind-style bugs of the methods and their models
+    Bug("sweepmethods: data2vec: the picture's masked panel blanks the visible patches",
+        "src/mimkit/methods/data2vec.py", '"masked": shown * (1 - hidden), "cosine": cosine}',
+        '"masked": shown * hidden, "cosine": cosine}', (D2V_PICTURES,)),
+    Bug("sweepmethods: data2vec: the picture's student is shown no mask token",
+        "src/mimkit/methods/data2vec.py",
+        "    x, _ = model.forward_features(shown, mask)\n",
+        "    x, _ = model.forward_features(shown, torch.zeros_like(mask))\n", (D2V_PICTURES,)),
+    Bug("sweepmethods: data2vec: the teacher's decay read one step late", "src/mimkit/methods/data2vec.py",
+        "teacher_decay(step - 1,", "teacher_decay(step,",
+        ("tests/methods/test_data2vec.py::test_teacher_moves_once_per_optimizer_step_at_that_steps_decay",)),
+    Bug("sweepmethods: data2vec: the view never jitters colours", "src/mimkit/methods/data2vec.py",
+        "return self.crop(self.jitter(image))", "return self.crop(image)",
+        (SETTING_REACHES + "[data2vec.color_jitter]",)),
+    Bug("sweepmethods: data2vec: a DDP-saved teacher's 'module.' keys kept",
+        "src/mimkit/methods/data2vec.py",
+        '{"model_ema." + k: v for k, v in _strip_module(ema).items()}',
+        '{"model_ema." + k: v for k, v in ema.items()}',
+        ("tests/methods/test_data2vec.py::test_a_reference_checkpoint_saved_under_ddp_imports_alike",)),
+    Bug("sweepmethods: data2vec: the model built for three channels whatever the data's",
+        "src/mimkit/methods/data2vec.py", "in_chans=config.data.channels, top_k=s.top_k,", "top_k=s.top_k,",
+        ("tests/methods/test_settings_reach.py::test_the_model_is_built_for_the_datas_channels_and_size",)),
+    Bug("sweepmethods: data2vec: an imported checkpoint's ImageNet normalization dropped",
+        "src/mimkit/methods/data2vec.py", "mean=IMAGENET_MEAN,\n", "\n",
+        ("tests/methods/test_data2vec.py::test_reference_checkpoint_imports_student_teacher_and_arguments",)),
+    Bug("sweepmethods: data2vec: the targets come from the student", "src/mimkit/models/data2vec.py",
+        "blocks = self.teacher.forward_intermediates(", "blocks = self.encoder.forward_intermediates(",
+        ("tests/models/test_data2vec.py",)),
+    Bug("sweepmethods: data2vec: the targets pass the final norm", "src/mimkit/models/data2vec.py",
+        'norm=False, output_fmt="NLC"', 'norm=True, output_fmt="NLC"', ("tests/models/test_data2vec.py",)),
+    Bug("sweepmethods: data2vec: the teacher follows the student into train mode",
+        "src/mimkit/models/data2vec.py",
+        "        self.teacher.eval()\n        return self", "        return self",
+        ("tests/models/test_data2vec.py",)),
+    Bug("sweepmethods: CAE: the picture encodes the hidden patches and predicts the visible ones",
+        "src/mimkit/methods/cae.py", "model.forward_encoder(shown, flat), flat), flat)",
+        "model.forward_encoder(shown, ~flat), flat), flat)", (CAE_PICTURE,)),
+    Bug("sweepmethods: CAE: the alignment targets encode the visible patches", "src/mimkit/models/cae.py",
+        "self.forward_encoder(imgs, ~mask.flatten(1))[:, 1:]",
+        "self.forward_encoder(imgs, mask.flatten(1))[:, 1:]",
+        ("tests/models/test_cae.py",)),
+    Bug("sweepmethods: CAE: CAE v2's start-up summary told as CAE's", "src/mimkit/methods/cae.py",
+        'if cae.target == "teacher":\n        return (f"', 'if cae.target != "teacher":\n        return (f"',
+        ("tests/methods/test_cae.py::test_the_start_up_summary_names_the_alignment_weight_or_the_caev2_teacher",)),
+    Bug("sweepmethods: CAE v2: the picture's masked panel not blanked", "src/mimkit/methods/cae.py",
+        '"masked": shown * (1 - pixel_mask(mask, p)),', '"masked": shown * (1 + pixel_mask(mask, p)),',
+        ("tests/methods/test_cae.py::"
+         "test_the_caev2_pictures_cosine_is_each_patchs_prediction_against_its_normalized_target",)),
+    Bug("sweepmethods: SimMIM: the picture pastes the prediction into the visible squares",
+        "src/mimkit/methods/simmim.py", '"pasted": shown * (1 - hidden) + pred * hidden',
+        '"pasted": shown * hidden + pred * (1 - hidden)',
+        ("tests/methods/test_simmim.py::"
+         "test_the_pictures_hide_the_masked_squares_and_paste_the_prediction_into_them",)),
+    Bug("sweepmethods: SimMIM: a .safetensors reference file read as a pickle",
+        "src/mimkit/methods/simmim.py",
+        'if path.suffix == ".safetensors":', 'if path.suffix == ".safetensor":',
+        ("tests/methods/test_simmim.py::test_reference_weights_in_a_safetensors_file_import",)),
+    Bug("sweepmethods: SimMIM: the reference layout's encoder names without their 'encoder.' prefix",
+        "src/mimkit/methods/simmim.py", 'nest(TIMM_BEIT, theirs="encoder.")', "nest(TIMM_BEIT)",
+        ("tests/methods/test_simmim.py::test_reference_checkpoint_imports_from_its_weights_and_config",)),
+    Bug("sweepmethods: SimMIM: the exported transformers config asks for absolute positions",
+        "src/mimkit/methods/simmim.py", "use_absolute_position_embeddings=False,",
+        "use_absolute_position_embeddings=True,",
+        ("tests/methods/test_simmim.py::test_exports_load_in_timm_and_transformers",)),
+    Bug("sweepmethods: SimMIM: the loss over the visible pixels", "src/mimkit/models/simmim.py",
+        "(error * hidden).sum()", "(error * (1 - hidden)).sum()", ("tests/models/test_simmim.py",)),
+    Bug("sweepmethods: MaskFeat: the picture's prediction panel takes the model at the visible patches",
+        "src/mimkit/methods/maskfeat.py", "torch.where(mask.flatten(1)[..., None], pred.float(), target)",
+        "torch.where(mask.flatten(1)[..., None], target, pred.float())",
+        ("tests/methods/test_maskfeat.py::"
+         "test_the_pictures_draw_the_hog_and_the_prediction_at_the_hidden_patches_only",)),
+    Bug("sweepmethods: MaskFeat: hog_window never reaches the model", "src/mimkit/methods/maskfeat.py",
+        "hog_window=s.hog_window,", "", (SETTING_REACHES + "[maskfeat.hog_window]",)),
+    *[Bug(f"sweepmethods: {name}: gradient checkpointing switched on does nothing",
+          f"src/mimkit/models/{name}.py",
+          "        self.encoder.set_grad_checkpointing(enable)", "        pass",
+          (f"tests/train/test_scale.py::test_grad_checkpointing_gives_the_same_loss_and_gradients[{name}]",))
+      for name in ("simmim", "cae", "maskfeat")],
+    Bug("sweepmethods: BEiT/CAE: the tokenizer's view normalized as the run's data, not as it was trained",
+        "src/mimkit/methods/beit.py", "tokenizer.mean or data.mean,", "data.mean,", (BEIT_TOKENIZER_NORM,)),
+    Bug("sweepmethods: BEiT/CAE: the pictures' tokenizer images normalized as the run's data",
+        "src/mimkit/methods/beit.py", "found.mean or data.mean, found.std or data.std)",
+        "data.mean, data.std)", (BEIT_TOKENIZER_NORM,)),
+    Bug("sweepmethods: dVAE: a tokenizer run's view size read as its data's image size",
+        "src/mimkit/methods/dvae.py",
+        "size, data = config.settings.tokenizer_size or config.data.img_size, config.data",
+        "size, data = config.data.img_size, config.data",
+        ("tests/methods/test_beit.py::test_a_tokenizer_trained_on_smaller_views_gives_the_run_its_view_size",)),
+    Bug("sweepmethods: VQ-KD: the held-out images read from the train split", "src/mimkit/methods/vqkd.py",
+        'split="val", root=data.root', 'split="train", root=data.root', (VQKD_HELD_OUT,)),
+    Bug("sweepmethods: VQ-KD: every image of the split held out, not vqkd.eval_images",
+        "src/mimkit/methods/vqkd.py", "picks = shuffled[:config.settings.eval_images]", "picks = shuffled",
+        (VQKD_HELD_OUT,)),
+    Bug("sweepmethods: VQ-KD: the held-out subset drawn from the run's random stream",
+        "src/mimkit/methods/vqkd.py", "randperm(len(source), generator=torch.Generator().manual_seed(0))",
+        "randperm(len(source))", (VQKD_HELD_OUT,)),
+    Bug("sweepmethods: dVAE: the pictures drawn at the data's size, not at the tokenizer's view size",
+        "src/mimkit/methods/dvae.py", "size = config.settings.tokenizer_size or data.img_size",
+        "size = data.img_size",
+        ("tests/methods/test_beit.py::test_a_tokenizer_trained_on_smaller_views_gives_the_run_its_view_size",)),
+    Bug("sweepmethods: BEiT v2: the tokenizer's view normalized as the run's data, not as the VQ-KD run's",
+        "src/mimkit/methods/beitv2.py", "    data = tokenizer_run.data\n", "    data = config.data\n",
+        (BEITV2_TOKENIZER_NORM,)),
+    Bug("sweepmethods: BEiT v2: the pictures' tokenizer images normalized as the run's data",
+        "src/mimkit/methods/beitv2.py", "images(data.img_size, tokenizer_data.mean, tokenizer_data.std)",
+        "images(data.img_size, data.mean, data.std)", (BEITV2_TOKENIZER_NORM,)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

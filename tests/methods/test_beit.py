@@ -13,13 +13,14 @@ from mimkit.data.loader import SeededViews
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import BEiTView
 from mimkit.masking import count_for_ratio
+from mimkit.methods.beit import tokenizer_views
 from mimkit.methods.dvae import find_tokenizer, load_tokenizer_encoder, schedule_values
-from mimkit.registry import read_config
+from mimkit.registry import method_of, read_config
 from mimkit.runs import latest_weights, load_run
 from mimkit.tokenizers.dvae import dvae_for, save_dvae
 from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.metrics_log import read_metrics
-from tests.conftest import grid_size
+from tests.conftest import assert_two_views_normalized, grid_size
 
 COMMON = ["--data", "synthetic:64", "--batch-size", "8", "--set", "data.num_workers=0"]  # 32 px, 3 channels
 TINY_DVAE = ["--set", "dvae.hidden=4", "--set", "dvae.vocab_size=32"]
@@ -178,3 +179,41 @@ def test_beit_in1k_recipe_has_the_paper_hyperparameters():
     assert count_for_ratio(196, config.settings.mask_ratio) == 75 and config.settings.min_block == 16
     assert config.settings.tokenizer_size == 112
     assert read_config(load_recipe("dvae_in1k")).settings.vocab_size == 8192
+
+
+@pytest.mark.parametrize("method", ["beit", "cae"])
+def test_the_tokenizers_images_are_normalized_as_it_was_trained_not_as_the_run(dvae_run, method):
+    """A run whose data is normalized otherwise than its tokenizer's data was: the ViT's view is the run's,
+    the tokenizer's view (in training and in the pictures) the tokenizer's own."""
+    tokenizer = find_tokenizer(dvae_run)
+    data = {"source": "synthetic:8", "img_size": 32, "channels": 3, "mean": [0.2] * 3, "std": [0.3] * 3}
+    assert tokenizer.mean != data["mean"] and tokenizer.std != data["std"]
+    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    kwargs |= {"regressor_depth": 1} if method == "cae" else {}
+    config = read_config({"method": method, "data": data, "model": {"name": "vit_mini", "kwargs": kwargs},
+                          method: {"tokenizer": str(dvae_run), "color_jitter": 0.0}})
+    config = method_of(method).resolve_config(config)
+    view, _ = method_of(method).build_task(config, method_of(method).build_model(config))
+    assert_two_views_normalized(view, (data["mean"], data["std"]), (tokenizer.mean, tokenizer.std))
+    asked = []
+    tokenizer_views(config, lambda size, mean, std: asked.append((size, list(mean), list(std)))
+                    or torch.zeros(1, 3, size, size), torch.Generator())
+    assert asked == [(32, data["mean"], data["std"]),
+                     (config.settings.tokenizer_size, tokenizer.mean, tokenizer.std)]
+
+
+def test_a_tokenizer_trained_on_smaller_views_gives_the_run_its_view_size(tmp_path):
+    """A dVAE run trained on 16 px views of 32 px images (one halving to the 8x8 patch grid): its pictures
+    and a BEiT run on it feed it 16 px views, as trained."""
+    assert main(["tokenizer", "train", "dvae", "--out", str(tmp_path / "dvae"), "--max-steps", "1", *COMMON,
+                 *TINY_DVAE, "--set", "dvae.tokenizer_size=16"]) == 0
+    assert find_tokenizer(tmp_path / "dvae").img_size == 16
+    dvae, dvae_config = load_run(tmp_path / "dvae")
+    asked = []
+    panels = method_of("dvae").pictures(dvae, dvae_config, lambda size, mean, std: asked.append(size)
+                                        or torch.zeros(2, 3, size, size), torch.Generator())
+    assert asked == [16] and all(panel.shape == (2, 3, 16, 16) for panel in panels.values())  # as trained
+    data = {"source": "synthetic:8", "img_size": 32, "channels": 3}
+    config = read_config({"method": "beit", "data": data, "model": {"name": "vit_mini", "patch_size": 4},
+                          "beit": {"tokenizer": str(tmp_path / "dvae")}})
+    assert method_of("beit").resolve_config(config).settings.tokenizer_size == 16

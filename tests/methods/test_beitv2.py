@@ -15,14 +15,14 @@ from mimkit.data.transforms import denormalize
 from mimkit.errors import MimkitError
 from mimkit.interop.export import export_run
 from mimkit.masking import block_mask, count_for_ratio
-from mimkit.methods.vqkd import load_vqkd_tokenizer
+from mimkit.methods.vqkd import load_vqkd_tokenizer, tokenizer_config
 from mimkit.models.beit import BEiT, BEiTv2, create_beitv2, default_agg_layer
-from mimkit.registry import read_config
+from mimkit.registry import method_of, read_config
 from mimkit.runs import load_encoder, load_run
 from mimkit.tokenizers.vqkd import create_vqkd
 from mimkit.train.metrics_log import read_metrics
 from mimkit.viz import codebook_usage_plot, token_maps
-from tests.conftest import grid_size
+from tests.conftest import assert_two_views_normalized, grid_size
 
 VOCAB = 40  # no other layer of the tiny models is 40 wide
 
@@ -168,6 +168,25 @@ def test_beitv2_run_rebuilds_and_exports_its_encoder_only(runs, tmp_path):
     assert isinstance(encoder.model, Beit) and not any("agg" in k for k in encoder.model.state_dict())
     files = export_run(runs / "b2", "timm", tmp_path / "timm")
     assert not any("agg" in k for k in load_file(files[0]))
+
+
+def test_the_tokenizers_images_are_normalized_as_its_run_was_not_as_this_run(runs):
+    """A BEiT v2 run whose data is normalized otherwise than its VQ-KD run's: the ViT's view is the run's, the
+    tokenizer's view (in training and in the pictures) the VQ-KD run's own."""
+    tokenizer_data = tokenizer_config(runs / "vqkd").data
+    data = {"source": "synthetic:8", "img_size": 32, "channels": 3, "mean": [0.2] * 3, "std": [0.3] * 3}
+    assert tokenizer_data.mean != data["mean"] and tokenizer_data.std != data["std"]
+    tiny = {"name": "vit_mini", "kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}
+    config = read_config({"method": "beitv2", "data": data, "model": tiny,
+                          "beitv2": {"tokenizer": str(runs / "vqkd"), "color_jitter": 0.0}})
+    config = method_of("beitv2").resolve_config(config)
+    model = method_of("beitv2").build_model(config).eval()
+    view, _ = method_of("beitv2").build_task(config, model)
+    assert_two_views_normalized(view, (data["mean"], data["std"]), (tokenizer_data.mean, tokenizer_data.std))
+    asked = []
+    method_of("beitv2").pictures(model, config, lambda size, mean, std: asked.append((list(mean), list(std)))
+                                 or torch.zeros(1, 3, size, size), torch.Generator())
+    assert asked == [(data["mean"], data["std"]), (tokenizer_data.mean, tokenizer_data.std)]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -21,6 +21,7 @@ from mimkit.errors import MimkitError
 from mimkit.interop.cae import OFFICIAL_CAE, read_official_cae
 from mimkit.interop.importer import resolve_arch
 from mimkit.interop.keymaps import to_foreign
+from mimkit.methods.dvae import find_tokenizer, load_tokenizer
 from mimkit.methods.vqkd import teacher_of
 from mimkit.models.cae import CAE, CAEv2
 from mimkit.registry import method_of, read_config
@@ -82,6 +83,31 @@ def test_pretrains_on_the_tokenizers_ids_and_resumes_bit_for_bit(dvae_run, tmp_p
 def test_visualize_draws_original_masked_tokens_and_prediction(run, tmp_path):
     assert main(["visualize", str(run), "--out", str(tmp_path / "cae.png"), "--n", "2"]) == 0
     assert Image.open(tmp_path / "cae.png").size == grid_size(4, 2, 32)
+
+
+def test_the_picture_decodes_the_decoders_ids_at_the_hidden_patches_and_the_tokenizers_elsewhere(run):
+    model, config = load_run(run)
+    torch.manual_seed(0)
+    images = {}  # the pictured images at each size asked for
+
+    def draw(size, mean, std):
+        return images.setdefault(size, torch.randn(2, 3, size, size))
+
+    panels = method_of("cae").pictures(model, config, draw, torch.Generator().manual_seed(0))
+    shown = images[config.data.img_size]
+    hidden = (panels["masked"] == 0).all(1)[:, ::4, ::4]  # [2, 8, 8]: the 4-px patches it masked
+    assert hidden.any() and not hidden.all()
+    tokenizer = load_tokenizer(find_tokenizer(config.settings.tokenizer))
+    ids = tokenizer.tokenize(images[config.settings.tokenizer_size])
+    with torch.no_grad():
+        flat = hidden.flatten(1)
+        predicted_latents = model.forward_regressor(model.forward_encoder(shown, flat), flat)
+        logits = model.forward_decoder(predicted_latents, flat)
+    predicted = ids.clone()
+    predicted[hidden] = logits.argmax(-1).flatten()
+    assert not torch.equal(predicted, ids)
+    torch.testing.assert_close(panels["tokens"], tokenizer.decode(ids))
+    torch.testing.assert_close(panels["prediction"], tokenizer.decode(predicted))
 
 
 @pytest.mark.slow
@@ -257,6 +283,15 @@ def test_a_caev2_run_regresses_its_teachers_class_and_patch_features_of_the_whol
     assert {"cosine", "cosine_visible"} <= metrics.keys()
 
 
+def test_the_start_up_summary_names_the_alignment_weight_or_the_caev2_teacher(run, v2_run, mae_run):
+    _, config = load_run(run)
+    assert method_of("cae").describe(config) == ", 50% masked block-wise, alignment weight 2"
+    _, config = load_run(v2_run)
+    expected = (f", {config.settings.mask_ratio:.0%} masked block-wise, CAE v2: cosine to the 32-d "
+                f"features of teacher '{mae_run}' at every token")
+    assert method_of("cae").describe(config) == expected
+
+
 @pytest.mark.slow
 def test_caev2_pretrains_and_resumes_bit_for_bit(v2_run, mae_run, tmp_path):
     # v2_run first: a process's first load of a teacher draws from the run's seeded random stream, later ones
@@ -277,6 +312,8 @@ def test_the_caev2_pictures_cosine_is_each_patchs_prediction_against_its_normali
                                        torch.Generator().manual_seed(0))
     hidden = (panels["masked"][:, 0, ::4, ::4] != shown[:, 0, ::4, ::4]).flatten(1)  # [2, 64]
     assert hidden.any() and not hidden.all()
+    pixels = hidden.view(2, 8, 8).repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None]  # [2, 1, 32, 32]
+    torch.testing.assert_close(panels["masked"], shown * ~pixels)  # hidden patches blank
     with torch.no_grad():
         latent = model.forward_encoder(shown, hidden)
         pred = model.forward_head(latent, model.forward_regressor(latent, hidden))  # [CLS], visible, masked

@@ -102,6 +102,27 @@ def test_visualize_draws_image_mask_and_cosine_map(run, tmp_path):
     assert Image.open(tmp_path / "d2v.png").size == grid_size(3, 2, 32)
 
 
+def test_the_pictures_hide_the_masked_patches_and_draw_each_patchs_cosine_to_its_target(run):
+    """The masked panel blanks what the student was shown as the mask token; the cosine panel is, per patch,
+    the student's prediction (given that mask) against the teacher's target on the whole image."""
+    model, config = load_run(run)
+    torch.manual_seed(0)
+    shown = torch.randn(2, 3, 32, 32)
+    panels = method_of("data2vec").pictures(model, config, lambda size, mean, std: shown,
+                                            torch.Generator().manual_seed(0))
+    torch.testing.assert_close(panels["original"], shown)
+    hidden = (panels["masked"] == 0).all(1)[:, ::4, ::4]  # [2, 8, 8]: a masked 4-px patch is zero
+    assert hidden.any() and not hidden.all()
+    pixels = hidden.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None].float()  # [2, 1, 32, 32]
+    torch.testing.assert_close(panels["masked"], shown * (1 - pixels))
+    with torch.no_grad():
+        x, _ = model.forward_features(shown, hidden.flatten(1))
+        pred, targets = model.lm_head(x[:, 1:]), model.forward_targets(shown)  # every patch's
+    cosine = F.cosine_similarity(pred, targets, dim=-1)
+    drawn = panels["cosine"][:, 0, ::4, ::4].flatten(1) * config.data.std[0] + config.data.mean[0]
+    torch.testing.assert_close(drawn, (cosine + 1) / 2)
+
+
 def test_exports_load_in_timm_and_transformers(run, tmp_path):
     model, _ = load_run(run)
     imgs = torch.randn(2, 3, 32, 32)
@@ -113,6 +134,7 @@ def test_exports_load_in_timm_and_transformers(run, tmp_path):
     assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert main(["export", str(run), "--to", "hf", "--encoder-only", "--out", str(tmp_path / "enc")]) == 0
     hf = Data2VecVisionModel.from_pretrained(tmp_path / "hf").eval()
+    assert "embeddings.mask_token" not in load_file(tmp_path / "enc" / "model.safetensors")
     assert Data2VecVisionModel.from_pretrained(tmp_path / "enc").embeddings.mask_token is None
     with torch.no_grad():
         torch.testing.assert_close(timm_model.forward_features(imgs), model.encoder.forward_features(imgs))
@@ -156,6 +178,9 @@ def reference_checkpoint(path, ema: bool = True, **args) -> tuple[Data2Vec, dict
     state, left = to_foreign({k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")},
                              OFFICIAL_BEIT)
     assert left == []
+    # the authors' names, written out (the map under test must not make its own fixture)
+    assert {"cls_token", "mask_token", "patch_embed.proj.weight", "blocks.1.attn.qkv.weight",
+            "blocks.1.gamma_2", "rel_pos_bias.relative_position_bias_table", "lm_head.weight"} <= state.keys()
     index = model.encoder.rel_pos_bias.relative_position_index
     saved = {"model": state | {"rel_pos_bias.relative_position_index": index}, "epoch": 799}
     if ema:
@@ -183,6 +208,7 @@ def test_reference_checkpoint_imports_student_teacher_and_arguments(tmp_path, ca
     assert (s.teacher_decay_start, s.teacher_decay_end, s.teacher_anneal_steps) == (0.999, 0.9998, 0)
     assert (s.mask_ratio, s.block_norm, s.target_norm) == (40 / 64, "layer", "layer")
     assert config.model.kwargs["attn_drop_rate"] == 0.05 and config.model.kwargs["drop_path_rate"] == 0.25
+    assert (config.data.mean, config.data.std) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # ImageNet's
     ours = imported.state_dict()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in ours.items() if not k.startswith("teacher."))
     assert torch.equal(ours["teacher.blocks.1.mlp.fc2.weight"], saved["model_ema"]["blocks.1.mlp.fc2.weight"])
@@ -198,8 +224,23 @@ def test_reference_weights_without_ema_or_arguments_are_reported(tmp_path, capsy
     printed = capsys.readouterr().out
     assert "default top_k 2 (the authors' ViT-B command's); if not, --set data2vec.top_k=..." in printed
     assert "the teacher starts as a copy of the student" in printed
-    imported, _ = load_run(tmp_path / "run")
+    imported, config = load_run(tmp_path / "run")
     torch.testing.assert_close(imported.teacher.state_dict(), imported.encoder.state_dict(), rtol=0, atol=0)
+    s = config.settings  # the authors' ViT-B command's
+    assert (s.mask_ratio, s.block_norm, s.target_norm, s.loss_beta) == (120 / 196, "layer", "layer", 2.0)
+    assert (s.teacher_decay_start, s.teacher_decay_end, s.teacher_anneal_steps) == (0.999, 0.9998, 0)
+
+
+def test_a_reference_checkpoint_saved_under_ddp_imports_alike(tmp_path):
+    """Student and teacher under DDP's ``module.`` prefix read as without it."""
+    _, saved = reference_checkpoint(tmp_path / "plain.pth")
+    plain = read_official_data2vec(tmp_path / "plain.pth")
+    for part in ("model", "model_ema"):
+        saved[part] = {"module." + k: v for k, v in saved[part].items()}
+    torch.save(saved, tmp_path / "ddp.pth")
+    ddp = read_official_data2vec(tmp_path / "ddp.pth")
+    assert ddp.unexpected == plain.unexpected == [] and ddp.state.keys() == plain.state.keys()
+    assert all(torch.equal(ddp.state[k], plain.state[k]) for k in plain.state)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -207,8 +248,25 @@ def test_reference_weights_without_ema_or_arguments_are_reported(tmp_path, capsy
     ({"target_layers": "[0]"}, r"--target_layers \[0\]: mimkit averages the top K blocks \(of 2\)"),
     ({"target_batch_norm": True}, "--target_batch_norm"),
     ({"post_target_instance_norm": True}, "normalizing the average twice"),
+    ({"ema_annealing_till_end": True}, "--ema_annealing_till_end: its anneal length is the run's"),
 ])
 def test_reference_targets_mimkit_cannot_build_are_refused(tmp_path, args, message):
     reference_checkpoint(tmp_path / "ckpt.pth", **args)
     with pytest.raises(MimkitError, match=message):
         resolve_arch(read_official_data2vec(tmp_path / "ckpt.pth"))
+
+
+def test_reference_arguments_without_the_mask_count_leave_the_ratio_to_the_default(tmp_path):
+    _, saved = reference_checkpoint(tmp_path / "ckpt.pth")
+    del saved["args"].num_mask_patches
+    torch.save(saved, tmp_path / "ckpt.pth")
+    foreign = read_official_data2vec(tmp_path / "ckpt.pth")
+    assert "mask_ratio" not in foreign.hints and foreign.hints["top_k"] == 2
+
+
+@pytest.mark.parametrize("saved", [{"epoch": 799}, {"model": {"blocks.0.norm1.weight": [1.0]}}],
+                         ids=["no model", "not tensors"])
+def test_a_file_without_a_state_dict_is_a_one_line_error(tmp_path, saved):
+    torch.save(saved, tmp_path / "ckpt.pth")
+    with pytest.raises(MimkitError, match="holds no data2vec state dict"):
+        read_official_data2vec(tmp_path / "ckpt.pth")

@@ -12,11 +12,11 @@ from transformers import ViTModel
 
 from mimkit.cli import main
 from mimkit.config import load_recipe
-from mimkit.methods.maskfeat import MaskFeatView, hog_glyphs, hog_strokes
-from mimkit.registry import read_config
+from mimkit.methods.maskfeat import GLYPH_SCALE, MaskFeatView, hog_glyphs, hog_strokes
+from mimkit.registry import method_of, read_config
 from mimkit.runs import latest_weights, load_run
 from mimkit.train.checkpoint_files import Checkpoints
-from tests.conftest import grid_size
+from tests.conftest import grid_size, perturb
 
 COMMON = ["--data", "synthetic:64", "--batch-size", "8", "--set", "data.num_workers=0"]  # 32 px, 3 channels
 TINY = [arg for kv in ("depth=2", "embed_dim=32", "num_heads=2") for arg in ("--set", f"model.kwargs.{kv}")]
@@ -55,6 +55,26 @@ def test_visualize_draws_the_hog_and_its_prediction(maskfeat_run, tmp_path):
     assert main(["visualize", str(maskfeat_run), "--out", str(tmp_path / "hog.png"), "--n", "2"]) == 0
     # original, masked, HOG, prediction
     assert Image.open(tmp_path / "hog.png").size == grid_size(4, 2, 32)
+
+
+def test_the_pictures_draw_the_hog_and_the_prediction_at_the_hidden_patches_only(maskfeat_run):
+    """The HOG panel is the image's; the prediction panel the same but for the model's features at the patches
+    it was shown masked (a perturbed head makes them differ visibly)."""
+    model, config = load_run(maskfeat_run)
+    perturb(model.head)
+    torch.manual_seed(0)
+    shown = torch.randn(2, 3, 32, 32)
+    panels = method_of("maskfeat").pictures(model, config, lambda size, mean, std: shown,
+                                            torch.Generator().manual_seed(0))
+    hidden = (panels["masked"] == 0).all(1)[:, ::8, ::8]  # [2, 4, 4]: the 8-px patches it masked
+    assert hidden.any() and not hidden.all()
+    with torch.no_grad():
+        _, pred, target = model(shown, hidden)
+    predicted = torch.where(hidden.flatten(1)[..., None], pred, target)
+    glyph, norm = GLYPH_SCALE * model.hog.cell_size, (3, config.data.mean, config.data.std)
+    for panel, features in (("HOG", target), ("prediction", predicted)):
+        torch.testing.assert_close(panels[panel], hog_glyphs(model.hog.to_cells(features, 8), glyph, *norm))
+    assert not torch.equal(panels["prediction"], panels["HOG"])
 
 
 def test_glyphs_draw_each_bin_along_its_edge():

@@ -12,6 +12,7 @@ matter: a teacher decay anneals only with ``teacher_anneal_steps``) and asserts 
 import pytest
 import torch
 
+from mimkit.errors import MimkitError
 from mimkit.registry import method_of, read_config
 from mimkit.tokenizers.dvae import dvae_for, save_dvae
 from tests.conftest import same_outcomes
@@ -114,3 +115,42 @@ def test_two_runs_with_the_same_settings_give_the_same(method, dvae_file, mae_ru
     """What the test above compares is deterministic: otherwise every setting would seem to reach."""
     base = located(next(base for m, base, *_ in CASES if m == method), dvae_file, mae_run)
     assert same_outcomes(run_once(method, base), run_once(method, base))
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim", "maskfeat", "data2vec"])
+def test_the_model_is_built_for_the_datas_channels_and_size(method):
+    """A run of one-channel 24 px images: its model embeds one channel at 24 px, and a training step on its
+    view's samples gives a finite loss (a pixel target of three channels would not fit)."""
+    record = method_of(method)
+    data = DATA | {"img_size": 24, "channels": 1, "mean": [0.5], "std": [0.5]}
+    own = {"data2vec": {"top_k": 2}, "simmim": {"mask_patch_size": 8}}.get(method, {})
+    config = read_config({"method": method, "data": data, "model": {"name": "vit_mini", "kwargs": VIT}
+                          | MODEL.get(method, {}), method: own})
+    torch.manual_seed(0)
+    model = record.build_model(config)
+    view, loss_fn = record.build_task(config, model)
+    samples = [view(torch.randint(0, 256, (1, 30, 30), dtype=torch.uint8)) for _ in range(2)]
+    loss, _ = loss_fn(model, {key: torch.stack([s[key] for s in samples]) for key in samples[0]})
+    embed = model.encoder.patch_embed
+    assert (embed.proj.in_channels, embed.img_size) == (1, (24, 24)) and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim", "maskfeat", "data2vec", "beit", "beitv2", "cae",
+                                    "maskdistill"])
+def test_a_model_argument_the_model_does_not_take_is_a_one_line_error(method):
+    own = {"maskdistill": {"teacher_dim": 32}}.get(method, {})
+    model = {"name": "vit_mini", "kwargs": {"wings": 2}}
+    config = read_config({"method": method, "data": DATA, "model": model, method: own})
+    with pytest.raises(MimkitError, match=r"^config 'model.kwargs.wings' is not an argument of \w+; "):
+        method_of(method).build_model(config)
+
+
+@pytest.mark.parametrize("method, own", [("maskdistill", {}),
+                                         ("cae", {"target": "teacher", "align_weight": 0.0})])
+def test_a_teachers_width_left_unresolved_is_a_one_line_error(method, own):
+    """``teacher_dim`` is the run's teacher's, written in when training starts: a model built before is
+    refused in one line (not a ``TypeError`` from inside the model)."""
+    config = read_config({"method": method, "data": DATA, "model": {"name": "vit_mini", "kwargs": VIT},
+                          method: own | {"teacher": "runs/mae"}})
+    with pytest.raises(MimkitError, match=rf"^{method}.teacher_dim is unset: the run's teacher fills it in"):
+        method_of(method).build_model(config)

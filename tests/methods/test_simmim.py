@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from timm.models.beit import Beit
 from transformers import BeitModel
 
@@ -19,6 +19,7 @@ from mimkit.interop.importer import resolve_arch
 from mimkit.interop.keymaps import to_foreign
 from mimkit.methods.simmim import OFFICIAL_SIMMIM, SimMIMView, read_official_simmim
 from mimkit.models.simmim import SimMIM
+from mimkit.registry import method_of
 from mimkit.runs import latest_weights, load_run
 from mimkit.train.checkpoint_files import Checkpoints
 from tests.conftest import every_evaluation_command, grid_size, perturb
@@ -45,6 +46,8 @@ def test_view_masks_ceil_ratio_of_mask_patches_per_sample():
     sample = view(torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8))
     assert sample["image"].shape == (3, 32, 32) and sample["mask"].shape == (64,)
     assert sample["mask"].sum() == 10 * 4
+    crop = view.transform.transforms[0]  # the reference's aspect ratios
+    assert crop.ratio == (3 / 4, 4 / 3) and crop.scale == (0.67, 1.0) and crop.antialias
 
 
 def test_pretrains_and_resumes_bit_for_bit(tmp_path):
@@ -65,6 +68,26 @@ def test_visualize_draws_masked_input_prediction_and_original(run, tmp_path, cap
     assert Image.open(tmp_path / "simmim.png").size == grid_size(4, 2, 32)
 
 
+def test_the_pictures_hide_the_masked_squares_and_paste_the_prediction_into_them(run):
+    model, config = load_run(run)
+    torch.manual_seed(0)
+    shown = torch.randn(2, 3, 32, 32)
+    panels = method_of("simmim").pictures(model, config, lambda size, mean, std: shown,
+                                          torch.Generator().manual_seed(0))
+    hidden = (panels["masked input"] == 0).all(1, keepdim=True).float()  # [2, 1, 32, 32]
+    assert 0 < hidden.mean() < 1 and torch.equal(panels["original"], shown)
+    torch.testing.assert_close(panels["masked input"], shown * (1 - hidden))
+    with torch.no_grad():
+        _, pred = model(shown, hidden[:, 0, ::4, ::4].bool())
+    torch.testing.assert_close(panels["prediction"], pred)
+    torch.testing.assert_close(panels["pasted"], shown * (1 - hidden) + pred * hidden)
+
+
+def test_the_start_up_summary_counts_the_hidden_squares(run):
+    _, config = load_run(run)
+    assert method_of("simmim").describe(config) == ", 10 of 4x4 masked in 8 px squares"  # ceil(0.6 * 16)
+
+
 def test_exports_load_in_timm_and_transformers(run, tmp_path):
     model, _ = load_run(run)
     imgs = torch.randn(2, 3, 32, 32)
@@ -75,8 +98,10 @@ def test_exports_load_in_timm_and_transformers(run, tmp_path):
     timm_model.load_state_dict(load_file(tmp_path / "timm" / "model.safetensors"), strict=True)
     assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert main(["export", str(run), "--to", "hf", "--encoder-only", "--out", str(tmp_path / "enc")]) == 0
-    hf = BeitModel.from_pretrained(tmp_path / "hf").eval()
-    encoder_only = BeitModel.from_pretrained(tmp_path / "enc").eval()
+    hf, loading = BeitModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    encoder_only, encoder_loading = BeitModel.from_pretrained(tmp_path / "enc", output_loading_info=True)
+    assert not loading["missing_keys"] and not encoder_loading["missing_keys"]  # every weight is ours
+    hf, encoder_only = hf.eval(), encoder_only.eval()
     assert encoder_only.embeddings.mask_token is None
     with torch.no_grad():
         torch.testing.assert_close(timm_model.forward_features(imgs), model.encoder.forward_features(imgs))
@@ -133,6 +158,10 @@ def reference_checkpoint(path, node=None, **vit):
                            drop_path_rate=0.0))
     state, left = to_foreign(model.state_dict(), OFFICIAL_SIMMIM)
     assert left == []
+    # the reference code's names, written out (the map under test must not make its own fixture)
+    assert {"encoder.cls_token", "encoder.mask_token", "encoder.patch_embed.proj.weight",
+            "encoder.blocks.1.attn.qkv.weight", "encoder.rel_pos_bias.relative_position_bias_table",
+            "decoder.0.weight"} <= state.keys()
     state["encoder.rel_pos_bias.relative_position_index"] = model.encoder.rel_pos_bias.relative_position_index
     saved = {"model": state, "optimizer": {}, "epoch": 799}
     if node:
@@ -171,8 +200,28 @@ def test_reference_weights_without_config_get_reported_defaults(tmp_path, capsys
 @pytest.mark.parametrize("vit, message", [
     ({"TYPE": "swin"}, "a SimMIM swin checkpoint: mimkit's SimMIM is the ViT one"),
     ({"NUM_HEADS": 4}, "config MODEL.VIT.NUM_HEADS says num_heads=4, the weights 2"),
+    ({"USE_APE": True}, r"absolute position embeddings \(MODEL.VIT.USE_APE\)"),
 ])
 def test_reference_checkpoints_mimkit_cannot_hold_are_refused(fake_yacs, tmp_path, vit, message):
     reference_checkpoint(tmp_path / "ckpt.pth", fake_yacs, **vit)
     with pytest.raises(MimkitError, match=message):
         resolve_arch(read_official_simmim(tmp_path / "ckpt.pth"))
+
+
+def test_reference_weights_in_a_safetensors_file_import(tmp_path):
+    """The reference layout saved as ``.safetensors`` (no config, no pickle): the same weights."""
+    model = reference_checkpoint(tmp_path / "ckpt.pth")
+    save_file(torch.load(tmp_path / "ckpt.pth", weights_only=True)["model"], tmp_path / "simmim.safetensors")
+    assert main(["import", str(tmp_path / "simmim.safetensors"), "--format", "simmim", "--out",
+                 str(tmp_path / "run")]) == 0
+    imported, _ = load_run(tmp_path / "run")
+    theirs, ours = model.state_dict(), imported.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("saved", [{"epoch": 799}, {"model": {"encoder.cls_token": [1.0]}}],
+                         ids=["no model", "not tensors"])
+def test_a_file_without_a_state_dict_is_a_one_line_error(tmp_path, saved):
+    torch.save(saved, tmp_path / "ckpt.pth")
+    with pytest.raises(MimkitError, match="holds no SimMIM state dict"):
+        read_official_simmim(tmp_path / "ckpt.pth")

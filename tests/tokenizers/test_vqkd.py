@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mimkit.config import load_recipe, merge, parse_overrides
 from mimkit.data.sources import build_source
+from mimkit.data.transforms import eval_view
 from mimkit.methods import vqkd as vqkd_method
 from mimkit.methods.vqkd import build_model
 from mimkit.registry import read_config
@@ -157,20 +158,44 @@ def test_short_fashion_mnist_run_fills_the_codebook_and_approaches_the_teacher(f
     assert after["perplexity"] > 32
 
 
-def test_the_held_out_evaluation_leaves_the_tokenizer_in_the_mode_it_found(monkeypatch):
-    """The evaluation runs in eval mode (the codebook frozen) and hands the tokenizer back training: the
-    codebook's EMA must go on moving after it."""
+def held_out_evaluation(monkeypatch, eval_images: int) -> tuple:
+    """A tiny VQ-KD on 28 px grey synthetic images, its teacher a random ViT (no run loaded), and its
+    held-out evaluation: (model, teacher, evaluate)."""
     config = read_config(merge(load_recipe("vqkd_fmnist"), parse_overrides([
         "data.source=synthetic:8", "vqkd.teacher_dim=24", "vqkd.vocab_size=16", "vqkd.decoder_depth=1",
         "model.kwargs.depth=1", "data.img_size=28", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]",
-        "vqkd.eval_images=4"])))
+        f"vqkd.eval_images={eval_images}"])))
     vit = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=0,
                             embed_dim=24, depth=1, num_heads=2)
     teacher = Teacher(TimmFeatures(vit), 28, 1, (0.5,), (0.5,), (0.5,), (0.5,), 7, "random ViT")
     monkeypatch.setattr(vqkd_method, "teacher_of", lambda config: teacher)
     model = build_model(config)
-    evaluate = vqkd_method.build_evaluate(config, model)
+    return model, teacher, vqkd_method.build_evaluate(config, model)
+
+
+def test_the_held_out_evaluation_leaves_the_tokenizer_in_the_mode_it_found(monkeypatch):
+    """The evaluation runs in eval mode (the codebook frozen) and hands the tokenizer back training: the
+    codebook's EMA must go on moving after it."""
+    model, _, evaluate = held_out_evaluation(monkeypatch, 4)
     for training in (True, False):
         model.train(training)
         assert set(evaluate(model)) == {"val_usage", "val_perplexity", "val_cosine"}
         assert model.training == training
+
+
+def test_the_held_out_evaluation_tokenizes_a_seeded_subset_of_the_val_split(monkeypatch):
+    """``vqkd.eval_images`` images of the data's ``val`` split (the same ones at every evaluation), in the
+    evaluation view; the held-out cosine is their mean."""
+    model, teacher, evaluate = held_out_evaluation(monkeypatch, 3)
+    seen = []
+    teacher.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    first, second = evaluate(model), evaluate(model)
+    assert first == second
+    val = build_source("synthetic:8", split="val", channels=1)
+    view = eval_view(28, [0.5], [0.5])
+    picks = torch.randperm(8, generator=torch.Generator().manual_seed(0))[:3]
+    expected = torch.stack([view(val[int(i)][0])["image"] for i in picks])
+    torch.testing.assert_close(seen[0], expected)
+    with torch.no_grad():
+        _, metrics, _ = model.eval()(expected, teacher(expected))
+    assert first["val_cosine"] == pytest.approx(metrics["cosine"].item(), abs=1e-6)

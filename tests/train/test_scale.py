@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 
 from mimkit.cli import main
 from mimkit.models.beit import create_beitv2
+from mimkit.models.cae import create_cae
 from mimkit.models.mae import create_mae
+from mimkit.models.maskfeat import create_maskfeat
+from mimkit.models.simmim import create_simmim
 from mimkit.runs import latest_weights
 from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import expand_nodelist, slurm_environment
@@ -149,16 +152,34 @@ def loss_and_grads(model, inputs, checkpointed: bool) -> tuple[torch.Tensor, dic
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("build", ["mae", "beitv2"])
+def half_masked() -> torch.Tensor:
+    """bool (2, 16): 8 of a 4x4 grid's patches masked in each image, other ones in each."""
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, ::2], mask[1, 1::2] = True, True
+    return mask
+
+
+# what each model is built with and called with (a 4x4 grid of 8-px patches, 2 images)
+CHECKPOINTED = {
+    "mae": lambda: (create_mae("vit_mini", img_size=32, patch_size=8, depth=2, decoder_depth=2),
+                    (torch.randn(2, 3, 32, 32), 0.75, torch.rand(2, 16))),
+    "beitv2": lambda: (create_beitv2("vit_mini", img_size=32, patch_size=8, depth=4, vocab_size=16,
+                                     drop_path_rate=0.2),
+                       (torch.randn(2, 3, 32, 32), torch.rand(2, 16) < 0.4, torch.randint(0, 16, (2, 16)))),
+    "simmim": lambda: (create_simmim("vit_mini", img_size=32, patch_size=8, depth=4),
+                       (torch.randn(2, 3, 32, 32), half_masked())),
+    "maskfeat": lambda: (create_maskfeat("vit_mini", img_size=32, patch_size=8, depth=4, hog_cell=4),
+                         (torch.randn(2, 3, 32, 32), half_masked())),
+    "cae": lambda: (create_cae("vit_mini", img_size=32, patch_size=8, depth=4, vocab_size=16,
+                               regressor_depth=2, decoder_depth=2),
+                    (torch.randn(2, 3, 32, 32), half_masked(), torch.randint(0, 16, (2, 16)))),
+}
+
+
+@pytest.mark.parametrize("build", sorted(CHECKPOINTED))
 def test_grad_checkpointing_gives_the_same_loss_and_gradients(build):
     torch.manual_seed(0)
-    if build == "mae":
-        model = create_mae("vit_mini", img_size=32, patch_size=8, depth=2, decoder_depth=2)
-        inputs = (torch.randn(2, 3, 32, 32), 0.75, torch.rand(2, 16))
-    else:
-        model = create_beitv2("vit_mini", img_size=32, patch_size=8, depth=4, vocab_size=16,
-                              drop_path_rate=0.2)
-        inputs = (torch.randn(2, 3, 32, 32), torch.rand(2, 16) < 0.4, torch.randint(0, 16, (2, 16)))
+    model, inputs = CHECKPOINTED[build]()
     model.train()
     plain_loss, plain = loss_and_grads(model, inputs, checkpointed=False)
     saved = []
