@@ -1109,6 +1109,26 @@ PLANTED = [
     Bug("sweepmethods: BEiT v2: the pictures' tokenizer images normalized as the run's data",
         "src/mimkit/methods/beitv2.py", "images(data.img_size, tokenizer_data.mean, tokenizer_data.std)",
         "images(data.img_size, data.mean, data.std)", (BEITV2_TOKENIZER_NORM,)),
+    # fresh set 9 (2026-12-06): its five survivors, each now killed by a test written after the set ran
+    Bug("fresh set 9: CLI: --epochs keeps a recipe's train.max_steps (the run stops at the recipe's steps)",
+        "src/mimkit/cli.py", 'train |= {"epochs": args.epochs, "max_steps": None}',
+        'train["epochs"] = args.epochs',
+        ("tests/test_cli_args.py::test_epochs_replace_a_recipes_step_count",)),
+    Bug("fresh set 9: runs: a trained run resumed with another train.epochs is refused", "src/mimkit/runs.py",
+        '"train.epochs", "train.max_steps", "train.checkpoint_every"',
+        '"train.max_steps", "train.checkpoint_every"',
+        ("tests/test_runs.py::test_a_trained_run_resumes_with_its_length_or_upkeep_changed",)),
+    Bug("fresh set 9: scores: a classifier scored in the mode its caller left it in (dropout on in training)",
+        "src/mimkit/eval/scores.py", "    model.eval()\n    top1 = top5 = seen = 0\n",
+        "    top1 = top5 = seen = 0\n",
+        ("tests/eval/test_probes.py::test_classification_accuracy_scores_the_model_as_at_inference",)),
+    Bug("fresh set 9: linprobe: --seed reaches the label split but not the probe's initialisation and order",
+        "src/mimkit/eval/linprobe.py", "seed=c.seed,\n                                   evaluate=evaluate",
+        "evaluate=evaluate",
+        ("tests/eval/test_probe_settings.py::test_the_seed_reaches_the_linear_probe_itself",)),
+    Bug("fresh set 9: HF export: the image processor resizes bilinearly, not bicubic as mimkit's views",
+        "src/mimkit/interop/hf.py", '"resample": 3', '"resample": 2',
+        ("tests/interop/test_mae.py::test_mimkit_to_hf_and_back_is_bit_identical",)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

@@ -247,6 +247,17 @@ def test_segment_takes_the_recipes_part_for_the_encoders_method_before_set(calls
     assert calls.only.kwargs["recipe"] == "segment_ade20k: --config"
 
 
+def test_epochs_replace_a_recipes_step_count(calls, monkeypatch, tmp_path):
+    """``--epochs`` sets a run's length even where its recipe counts it in steps (segment_ade20k's 160,000):
+    the steps are dropped, not kept as a cap that would end the run first."""
+    fake_run(monkeypatch, spec=lambda saved: SimpleNamespace(method="mae"))
+    calls.record("mimkit.eval.segment", "run_segment", {})
+    args = ["segment", "enc", "--data", "fmnist-scenes", "--out", str(tmp_path), "--config", "segment_ade20k"]
+    assert cli.main(args) == 0 and cli.main([*args, "--epochs", "2"]) == 0
+    recipe, flagged = (call.args[0].train for call in calls)
+    assert recipe.max_steps == 160_000 and (flagged.epochs, flagged.max_steps) == (2, None)
+
+
 @pytest.mark.parametrize("count, recipe", [(9_999, "segment_small"), (10_000, "segment_ade20k")])
 def test_a_segmentation_folder_gets_the_recipe_of_its_size(monkeypatch, tmp_path, count, recipe):
     monkeypatch.setattr("mimkit.data.sources.count_images", lambda data, stop_after: count)

@@ -240,6 +240,26 @@ def test_a_saved_configuration_is_headed_by_its_kind_reads_back_and_is_kept(tmp_
         save_run_config(run, "pretraining", other)
 
 
+@pytest.mark.parametrize("change", [{"train": {"epochs": 9}}, {"train": {"max_steps": 9}},
+                                    {"train": {"checkpoint_every": 9}}, {"train": {"keep_last": 9}},
+                                    {"train": {"log_every": 9}}, {"train": {"compile": True}},
+                                    {"data": {"num_workers": 3}}, {"data": {"skip_bad_images": True}},
+                                    {"data": {"max_bad_images": 9}}, {"data": {"root": "elsewhere"}}],
+                         ids=lambda change: next(f"{k}.{next(iter(v))}" for k, v in change.items()))
+def test_a_trained_run_resumes_with_its_length_or_upkeep_changed(tmp_path, change):
+    """`RESUMABLE_CHANGES`: more epochs or steps for a finished run, another checkpoint rhythm, more workers,
+    a moved data folder; none changes what a step computes, so a trained run resumes with each, its saved
+    configuration compared, not rewritten."""
+    run = make_run(tmp_path / "run", "lock")
+    values = {"method": "mae", "train": {"epochs": 3}}
+    save_run_config(run, "pretraining", read_config(values))
+    text = config_path(run).read_text()
+    section = next(iter(change))
+    changed = values | {section: values.get(section, {}) | change[section]}
+    keep_config(run, read_config(changed), "pretraining", 1)
+    assert config_path(run).read_text() == text
+
+
 def test_settings_an_older_config_yaml_lacks_are_compared_as_their_defaults(tmp_path):
     """A trained run whose ``config.yaml`` lacks settings added since (here ``eval_every``, and
     ``train.seed`` inside the encoder's section) resumes: the missing ones read as their defaults, not as

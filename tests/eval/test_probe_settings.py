@@ -73,6 +73,15 @@ def test_a_non_default_flag_reaches_the_probe(monkeypatch, tmp_path, mae_run, co
     assert not same_outcomes(default, spied_run(monkeypatch, tmp_path, mae_run, command, flag, value))
 
 
+def test_the_seed_reaches_the_linear_probe_itself(monkeypatch, tmp_path, mae_run):
+    """``--seed`` draws the probe's initialisation and data order, not only the label split: with only
+    `train_linear_probe` spied (the whole labels, so the features it gets are the same), the seed still tells
+    the two runs apart."""
+    monkeypatch.setitem(SPIED, "linprobe", (linprobe, ("train_linear_probe",), ["--epochs", "2"]))
+    default = spied_run(monkeypatch, tmp_path, mae_run, "linprobe")
+    assert not same_outcomes(default, spied_run(monkeypatch, tmp_path, mae_run, "linprobe", "--seed", "1"))
+
+
 @pytest.mark.parametrize("command", SPIED)
 def test_two_runs_with_the_same_flags_record_the_same(monkeypatch, tmp_path, mae_run, command):
     """What the test above compares is deterministic: otherwise every flag would seem to reach the probe."""

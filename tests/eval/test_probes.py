@@ -18,7 +18,7 @@ from mimkit.eval.features import cached_features, probe_data, weights_digest
 from mimkit.eval.knn import knn_accuracy, knn_scores, run_knn
 from mimkit.eval.lars import LARS
 from mimkit.eval.linprobe import LinearProbe, probe_accuracy, run_linprobe, single_thread, train_linear_probe
-from mimkit.eval.scores import topk_correct
+from mimkit.eval.scores import classification_accuracy, topk_correct
 from mimkit.models.classifier import pooled_features
 from mimkit.models.vit import build_vit
 from mimkit.runs import load_encoder, read_run
@@ -43,6 +43,19 @@ def clusters(n_per_class=60, num_classes=5, dim=16, seed=0, scale=3.0):
 def test_topk_correct():
     scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
     assert topk_correct(scores, torch.tensor([1, 1, 0]), (1, 2, 5)) == [1, 2, 3]
+
+
+def test_classification_accuracy_scores_the_model_as_at_inference():
+    """A classifier handed over in train mode (dropout, drop path on) is scored in eval mode, and left so: the
+    scores do not depend on the mode its caller's training left it in."""
+    labels = torch.arange(40) % 4
+    images = nn.functional.one_hot(labels, 4).float() + 1  # the label's logit 2, the others 1
+    items = [{"image": x, "label": y} for x, y in zip(images, labels, strict=True)]
+    loader = torch.utils.data.DataLoader(items, batch_size=8)
+    model = nn.Dropout(0.9).train()  # in train mode 9 of 10 logits would be zeroed, the others scaled by 10
+    torch.manual_seed(0)
+    assert classification_accuracy(model, loader, torch.device("cpu")) == {"top1": 100.0, "top5": 100.0}
+    assert not model.training
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "lars"])

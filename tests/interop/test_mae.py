@@ -7,10 +7,11 @@ import json
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
-from transformers import ViTConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTModel
+from transformers import AutoImageProcessor, ViTConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTModel
 
 from mimkit.cli import main
 from mimkit.errors import MimkitError
@@ -146,6 +147,10 @@ def test_mimkit_to_hf_and_back_is_bit_identical(mae_run, tmp_path):
     import_checkpoint(tmp_path / "hf", "hf", tmp_path / "back")
     back, back_config = load_run(tmp_path / "back")
     assert back_config.data.mean == config.data.mean  # preprocessor_config.json carries the normalization
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")  # what a transformers user prepares with
+    assert (processor.resample, processor.size) == (Image.Resampling.BICUBIC, {"height": 32, "width": 32})
+    assert list(processor.image_mean) == list(config.data.mean)
+    assert list(processor.image_std) == list(config.data.std)
     original, returned = model.state_dict(), back.state_dict()
     assert original.keys() == returned.keys() and all(torch.equal(original[k], returned[k]) for k in original)
 
