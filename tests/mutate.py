@@ -1220,16 +1220,23 @@ def operator_mutants(lines: list[str]):
                 yield n, line[:match.start()] + replacement + line[match.end():]
 
 
-# a keyword argument with a plain value (a name, attribute, number, string or subscript), dropped
-KEYWORD = re.compile(r", \w+=[\w.\[\]\"']+(?=[,)])")
+PLAIN = r"[\w.\[\]\"']+"  # a plain value: a name, attribute, number, string or subscript
+# what statement_mutants drops from a line: a keyword argument with a plain value after a comma, a string
+# item before another (of a set or list of names), a dict entry with a plain value after the first
+DROPPED = [re.compile(rf", \w+={PLAIN}(?=[,)])"), re.compile(r'(?<!: )"[^"\n]*", (?=")'),
+           re.compile(rf', "\w+": {PLAIN}(?=[,}}])')]
+# a keyword argument with a plain value first on a line that continues a call, dropped (indentation kept)
+LEADING_KEYWORD = re.compile(rf"^\s*(\w+={PLAIN}(?:, ?|(?=\))))")
 # lines that open or continue a block: deleting them would not parse
 BLOCK_LINE = re.compile(r"^(def|class|if|elif|else|for|while|try|except|finally|with|async|@)\b")
 
 
 def statement_mutants(lines: list[str]):
-    """(index, mutated line) deleting each one-line statement (``pass`` in its place) and dropping each
-    plain keyword argument: the bugs of a forgotten call, update or argument."""
+    """(index, mutated line) deleting each one-line statement (``pass`` in its place), dropping each plain
+    keyword argument (also one that starts a continued call's line), each string item followed by another
+    and each dict entry after the first: the bugs of a forgotten call, update, argument or name."""
     depth = 0  # open brackets before the line: a line inside a bracket is part of a longer statement
+    in_signature = False  # inside a def's brackets, where `name=value` is a default, not an argument
     code_at = {n: code for n, _, code in code_lines("".join(lines))}
     for n, line in enumerate(lines):
         code = code_at.get(n)
@@ -1238,12 +1245,19 @@ def statement_mutants(lines: list[str]):
         opened = depth
         depth = max(0, depth + sum(code.count(c) for c in "([{") - sum(code.count(c) for c in ")]}"))
         stripped = code.strip()
+        if opened == 0:
+            in_signature = stripped.startswith(("def ", "async def "))
         whole = opened == 0 and depth == 0 and not stripped.endswith(("\\", ":"))
         if whole and not BLOCK_LINE.match(stripped):
             yield n, line[:len(line) - len(line.lstrip())] + "pass\n"
-        if not stripped.startswith(("def ", "async def ")):  # a default is not an argument
-            for match in KEYWORD.finditer(code):
+        if in_signature:
+            continue
+        for pattern in DROPPED:
+            for match in pattern.finditer(code):
                 yield n, line[:match.start()] + line[match.end():]
+        leading = LEADING_KEYWORD.match(code) if opened else None
+        if leading:
+            yield n, line[:leading.start(1)] + line[leading.end(1):]
 
 
 def mutants(text: str):
