@@ -159,3 +159,15 @@ def test_recipes_read_and_the_in1k_one_is_the_papers_setting():
     assert (s.loss, s.target_norm, s.min_block, s.crop_scale) == ("smooth_l1", True, 16, (0.2, 1.0))
     assert round(196 * s.mask_ratio) == 78 and in1k.model.kwargs["shared_rel_pos_bias"]
     assert (in1k.optim.base_lr * 2048 / 256, in1k.optim.clip_grad, in1k.train.epochs) == (1.5e-3, 3.0, 300)
+
+
+def test_the_student_is_built_for_the_datas_channels_and_size():
+    """A one-channel 24 px run's student embeds one channel at 24 px, its head as wide as the teacher."""
+    config = read_config({"method": "maskdistill", "maskdistill": {"teacher_dim": 20},
+                          "data": {"source": "synthetic:8", "img_size": 24, "channels": 1, "mean": [0.5],
+                                   "std": [0.5]},
+                          "model": {"name": "vit_mini", "patch_size": 8,
+                                    "kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2}}})
+    model = method_of("maskdistill").build_model(config)
+    embed = model.encoder.patch_embed
+    assert (embed.proj.in_channels, embed.img_size, model.lm_head.out_features) == (1, (24, 24), 20)

@@ -146,6 +146,20 @@ def test_masked_pixels_do_not_reach_the_encoder_but_shape_the_target():
     assert not torch.allclose(model.forward_target(imgs)[:, 0], model.forward_target(other)[:, 0])
 
 
+def test_nothing_masked_the_encoder_is_timms_vit_and_each_patch_token_predicts_its_own_hog():
+    """With no patch masked, the features are timm's forward of the encoder (position table added, final
+    norm applied), and the head reads patch token i for patch i: the class token predicts nothing."""
+    torch.manual_seed(0)
+    model = create_maskfeat("vit_mini", **TINY).eval()
+    with torch.no_grad():
+        model.encoder.pos_embed.normal_(std=1.0)  # a position table that cannot go unnoticed
+    imgs = torch.randn(2, 3, 32, 32)
+    features = model.forward_features(imgs, torch.zeros(2, 16, dtype=torch.bool))
+    assert torch.allclose(features, model.encoder.forward_features(imgs), atol=1e-5)
+    _, pred, _ = model(imgs, torch.zeros(2, 16, dtype=torch.bool))
+    assert torch.allclose(pred, model.head(features[:, 1:]), atol=1e-6)
+
+
 def test_the_encoder_is_a_timm_vit_and_the_hog_has_no_weights():
     model = create_maskfeat("vit_mini", **TINY)
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,

@@ -6,7 +6,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+)
 
 from mimkit.config import save_config
 from mimkit.errors import MimkitError
@@ -43,6 +52,7 @@ def on_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def assert_frozen(teacher):
+    assert not any(m.training for m in teacher.features.modules())  # as loaded, before any train()
     teacher.train()
     assert not teacher.training and not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -109,6 +119,18 @@ def test_hf_dinov2_with_its_preprocessor(tmp_path, images):
         tokens = dino(pixel_values=x).last_hidden_state[:, 1:]
     # float32 rounding of another order of operations: 2.4e-7 measured on this CPU
     torch.testing.assert_close(teacher(images), on_grid(tokens, 7), rtol=0, atol=5e-7)
+
+
+def test_hf_dinov2_with_registers_gives_the_patch_tokens_after_its_registers(tmp_path, images):
+    torch.manual_seed(0)
+    dino = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY, num_register_tokens=2)).eval()
+    dino.save_pretrained(tmp_path / "dino")
+    teacher = load_teacher(f"hf:{tmp_path / 'dino'}", 4, DATA_MEAN, DATA_STD)
+    with torch.no_grad():
+        x = teacher_input(images, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, 224)
+        tokens = dino(pixel_values=x).last_hidden_state  # [2, 1 + 2 + 28 * 28, 32]
+    assert tokens.shape[1] == 3 + 28 * 28
+    torch.testing.assert_close(teacher(images), on_grid(tokens[:, 3:], 4), rtol=0, atol=5e-6)
 
 
 def test_mimkit_run_is_a_label_free_teacher(tmp_path, images):

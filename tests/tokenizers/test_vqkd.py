@@ -85,9 +85,10 @@ def test_the_first_batch_sets_the_codebook_by_kmeans():
 def test_the_recipe_and_its_overrides_reach_the_quantizer():
     overrides = parse_overrides(["vqkd.teacher_dim=24", "vqkd.vocab_size=16", "vqkd.kmeans_iters=3",
                                  "vqkd.decoder_depth=1", "model.kwargs.depth=1", "data.img_size=28",
-                                 "data.channels=1"])
+                                 "data.channels=1", "vqkd.dead_after=7"])
     model = build_model(read_config(merge(load_recipe("vqkd_fmnist"), overrides)))
     assert model.quantize.kmeans_iters == 3 and not model.quantize.initialized
+    assert model.quantize.dead_after == 7
     assert model.quantize.codebook.shape == (16, 32)
     without = build_model(read_config(merge(load_recipe("vqkd_fmnist"), overrides | {
         "vqkd": overrides["vqkd"] | {"kmeans_iters": 0}})))
