@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Subset
 
 from mimkit.cli import main
-from mimkit.data.segmentation import SegSource, build_seg_source
+from mimkit.data.segmentation import MaskCheck, SegSource, build_seg_source
 from mimkit.errors import MimkitError
 from mimkit.eval import segment as segment_module
 from mimkit.eval.seg_metrics import predict_logits
-from mimkit.eval.seg_sizing import SegDataFacts, label_hint, seg_size_hint
+from mimkit.eval.seg_sizing import SegDataFacts, label_hint, seg_size_hint, survey_seg_data
 from mimkit.runs import saved_values
 from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.metrics_log import read_metrics
@@ -122,6 +123,38 @@ def test_size_hint_values():
     odd = SegDataFacts(100, 10, 100, (75, 50), (0, 1), 0.1)  # sides that are no multiple of the patch
     assert seg_size_hint(odd, crop=224, patch_size=16, embed_dim=192, batch_size=16,
                          train_images=100)["seg.crop_size"] == 48  # whole patches within the 50 px side
+
+
+class _Masks:
+    """A source whose mask checks record what was asked: image i is (10 + i) x (20 + i) px, its mask holds
+    label ``labels(i)``."""
+
+    def __init__(self, n: int, labels):
+        self.n, self.labels, self.checked = n, labels, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def check_masks(self, indices, desc=""):
+        self.checked += list(indices)
+        return MaskCheck({self.labels(i) for i in indices}, [(10 + i, 20 + i) for i in indices])
+
+
+def test_the_survey_checks_the_evaluated_val_masks_and_a_spread_of_train_masks():
+    """Every val mask the run evaluates (the subset's), ``train_samples`` train masks first to last; the
+    labels of both splits; the median image of the train sample, per side."""
+    train, val = _Masks(20, lambda i: i % 3), _Masks(10, lambda i: 7)
+    facts = survey_seg_data(train, Subset(val, [2, 3, 4]), train_samples=5)
+    assert val.checked == [2, 3, 4] and train.checked == [0, 5, 10, 14, 19]
+    assert (facts.train_images, facts.val_images, facts.train_checked) == (20, 3, 5)
+    assert facts.labels == (0, 1, 2, 7) and facts.median == (20, 30)
+
+
+def test_the_size_hint_sizes_the_batch_to_the_images_trained_on():
+    """At a label fraction the batch fits the images kept (40 of 100: 5 a step), not all of the split's."""
+    facts = SegDataFacts(100, 10, 100, (32, 32), (0, 1), 0.1)
+    assert seg_size_hint(facts, crop=64, patch_size=16, embed_dim=64, batch_size=16,
+                         train_images=40)["train.batch_size"] == 5
 
 
 def _voc_with(tmp_path: Path, voc: Path, name: str, change) -> Path:
