@@ -1129,6 +1129,37 @@ PLANTED = [
     Bug("fresh set 9: HF export: the image processor resizes bilinearly, not bicubic as mimkit's views",
         "src/mimkit/interop/hf.py", '"resample": 3', '"resample": 2',
         ("tests/interop/test_mae.py::test_mimkit_to_hf_and_back_is_bit_identical",)),
+    # sweepevalrest
+    Bug("sweepevalrest: augment: augment.mixup_switch_prob never reaches timm's Mixup (always its 0.5)",
+        "src/mimkit/eval/augment.py", "switch_prob=switch_prob,\n", "\n",
+        ("tests/eval/test_augment.py::test_mix_is_timm_mixup_decided_by_the_torch_rng",)),
+    Bug("sweepevalrest: scores: top-5 accuracy reported as the top-1 count",
+        "src/mimkit/eval/scores.py", '"top5": 100 * top5 / seen', '"top5": 100 * top1 / seen',
+        ("tests/eval/test_probes.py::test_classification_accuracy_counts_top1_and_top5_over_the_batches",)),
+    Bug("sweepevalrest: scores: best_layer is the last block, not the best one",
+        "src/mimkit/eval/scores.py", 'best = max(rows, key=lambda r: r["test_top1"])["layer"]',
+        'best = rows[-1]["layer"]',
+        ("tests/eval/test_probes.py::"
+         "test_the_results_files_name_the_best_block_and_keep_the_confusion_rows_as_truth",)),
+    Bug("sweepevalrest: scores: confusion.json written transposed (rows prediction)",
+        "src/mimkit/eval/scores.py", 'scores["confusion"]}) + "\\n")',
+        '[list(r) for r in zip(*scores["confusion"])]}) + "\\n")',
+        ("tests/eval/test_probes.py::"
+         "test_the_results_files_name_the_best_block_and_keep_the_confusion_rows_as_truth",)),
+    Bug("sweepevalrest: seg_sizing: the survey's labels are the val masks' only",
+        "src/mimkit/eval/seg_sizing.py", "val_check.labels | train_check.labels", "val_check.labels",
+        ("tests/eval/test_segment_own.py::"
+         "test_the_survey_checks_the_evaluated_val_masks_and_a_spread_of_train_masks",)),
+    Bug("sweepevalrest: seg_sizing: the batch hint counts the split, not the images at the label fraction",
+        "src/mimkit/eval/seg_sizing.py", "train_images // AUTO_SIZE_BATCH_STEPS",
+        "facts.train_images // AUTO_SIZE_BATCH_STEPS",
+        ("tests/eval/test_segment_own.py::test_the_size_hint_sizes_the_batch_to_the_images_trained_on",)),
+    Bug("sweepevalrest: config: segmentation's default layer decay is fine-tuning's 0.75",
+        "src/mimkit/eval/config.py", "layer_decay: float = 0.65", "layer_decay: float = 0.75",
+        ("tests/test_config.py::test_the_evaluation_defaults_are_the_papers_recipes",)),
+    Bug("sweepevalrest: config: UperNet's auxiliary loss weighs 1.0 by default, not BEiT's 0.4",
+        "src/mimkit/eval/config.py", "aux_weight: float = 0.4", "aux_weight: float = 1.0",
+        ("tests/test_config.py::test_the_evaluation_defaults_are_the_papers_recipes",)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:
