@@ -1160,6 +1160,20 @@ PLANTED = [
     Bug("sweepevalrest: config: UperNet's auxiliary loss weighs 1.0 by default, not BEiT's 0.4",
         "src/mimkit/eval/config.py", "aux_weight: float = 0.4", "aux_weight: float = 1.0",
         ("tests/test_config.py::test_the_evaluation_defaults_are_the_papers_recipes",)),
+    Bug("sweepevalrest: predict: a classifier of fewer classes than --top asks for more than it has",
+        "src/mimkit/eval/predict.py", "k = min(top, len(classes))", "k = top",
+        ("tests/eval/test_segment.py::test_a_classifier_of_fewer_classes_than_the_top_asked_ranks_them_all",)),
+    Bug("sweepevalrest: segment: the heads drawn from whatever state the RNG was left in, not train.seed",
+        "src/mimkit/eval/segment.py", "    torch.manual_seed(train_cfg.seed)  # the heads", "    # the heads",
+        ("tests/eval/test_segment_own.py::test_the_seed_decides_the_heads_initialisation_whatever_ran_before",)),
+    Bug("sweepevalrest: segment: labels.seed never reaches the training subset (always seed 0)",
+        "src/mimkit/eval/segment.py", "config.labels.fraction, config.labels.seed)", "config.labels.fraction)",
+        ("tests/eval/test_segment_own.py::"
+         "test_the_labels_seed_picks_the_images_and_the_eval_scales_reach_the_evaluation",)),
+    Bug("sweepevalrest: segment: the evaluation during training ignores seg.eval_scales",
+        "src/mimkit/eval/segment.py", "seg.classes, scales=seg.eval_scales)", "seg.classes)",
+        ("tests/eval/test_segment_own.py::"
+         "test_the_labels_seed_picks_the_images_and_the_eval_scales_reach_the_evaluation",)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

@@ -195,6 +195,54 @@ def test_a_bad_val_mask_stops_segment_before_training(mae_run, tmp_path, capsys,
     assert Checkpoints(out).latest() is None and not (out / "metrics.jsonl").exists()
 
 
+class _Built(Exception):
+    """Stops a run once its model is built."""
+
+
+def test_the_seed_decides_the_heads_initialisation_whatever_ran_before(voc, mae_run, tmp_path, monkeypatch):
+    """The heads are drawn from ``train.seed`` (the same on every rank, and in a resumed process), not from
+    whatever state the RNG was left in: one seed after different draws builds the same heads."""
+    draws = []
+
+    def built(config, encoder):
+        draws.append(torch.rand(3))
+        raise _Built
+
+    monkeypatch.setattr(segment_module, "build_segmenter", built)
+    for seed, noise in ((0, 1), (0, 2), (1, 1)):
+        torch.manual_seed(noise)
+        with pytest.raises(_Built):
+            main(["segment", str(mae_run), "--data", str(voc), "--out", str(tmp_path / f"{seed}_{noise}"),
+                  *QUICK, "--set", "seg.num_classes=3", "--set", f"train.seed={seed}"])
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_the_labels_seed_picks_the_images_and_the_eval_scales_reach_the_evaluation(voc, mae_run, tmp_path,
+                                                                                   monkeypatch):
+    """At a label fraction, ``labels.seed`` picks which training images the run trains on; the evaluation
+    during training uses the run's multi-scale setting."""
+    trained, asked = [], []
+    real_views = segment_module.SeededViews
+
+    def views(train_set, view):
+        trained.append(list(train_set.indices))
+        return real_views(train_set, view)
+
+    def evaluated(*args, scales: list[float]):
+        asked.append(scales)
+        raise _Built
+
+    monkeypatch.setattr(segment_module, "SeededViews", views)
+    monkeypatch.setattr(segment_module, "evaluate_segmentation", evaluated)
+    for seed in (0, 1):
+        with pytest.raises(_Built):
+            main(["segment", str(mae_run), "--data", str(voc), "--out", str(tmp_path / str(seed)), *QUICK,
+                  "--set", "seg.num_classes=3", "--set", "labels.fraction=0.5", "--set",
+                  f"labels.seed={seed}", "--set", "seg.eval_scales=[0.5,1.0]"])
+    assert len(trained[0]) == len(trained[1]) and trained[0] != trained[1]
+    assert asked == [[0.5, 1.0]] * 2
+
+
 def test_masks_are_checked_without_decoding_images(voc):
     source = build_seg_source(str(voc), "val", num_classes=3)
     assert source.check_masks(range(len(source))).labels == {0, 1, 2}
