@@ -1167,7 +1167,8 @@ PLANTED = [
         "src/mimkit/eval/segment.py", "    torch.manual_seed(train_cfg.seed)  # the heads", "    # the heads",
         ("tests/eval/test_segment_own.py::test_the_seed_decides_the_heads_initialisation_whatever_ran_before",)),
     Bug("sweepevalrest: segment: labels.seed never reaches the training subset (always seed 0)",
-        "src/mimkit/eval/segment.py", "config.labels.fraction, config.labels.seed)", "config.labels.fraction)",
+        "src/mimkit/eval/segment.py", "config.labels.fraction, config.labels.seed)",
+        "config.labels.fraction)",
         ("tests/eval/test_segment_own.py::"
          "test_the_labels_seed_picks_the_images_and_the_eval_scales_reach_the_evaluation",)),
     Bug("sweepevalrest: segment: the evaluation during training ignores seg.eval_scales",
