@@ -1175,6 +1175,9 @@ PLANTED = [
         "src/mimkit/eval/segment.py", "seg.classes, scales=seg.eval_scales)", "seg.classes)",
         ("tests/eval/test_segment_own.py::"
          "test_the_labels_seed_picks_the_images_and_the_eval_scales_reach_the_evaluation",)),
+    Bug("sweepevalrest: segment: results.json's seed is train.seed, not the labels' seed",
+        "src/mimkit/eval/segment.py", '"seed": config.labels.seed', '"seed": config.train.seed',
+        ("tests/eval/test_segment_own.py::test_auto_size_fits_the_crop_to_the_images",)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

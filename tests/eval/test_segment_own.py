@@ -98,9 +98,11 @@ def test_auto_size_fits_the_crop_to_the_images(voc, mae_run, tmp_path, caplog):
     out = tmp_path / "seg"
     caplog.set_level("INFO", logger="mimkit")
     assert main(["segment", str(mae_run), "--data", str(voc), "--out", str(out), *QUICK, "--auto-size",
-                 "--set", "seg.crop_size=128", "--set", "seg.class_names=[bg,dark,light]"]) == 0
+                 "--set", "seg.crop_size=128", "--set", "seg.class_names=[bg,dark,light]",
+                 "--set", "labels.seed=3"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["crop_size"] == 32 and results["eval"]["mode"] == "whole"
+    assert results["seed"] == 3  # the labels' seed, which picked the images (not train.seed, 0)
     assert [row["class"] for row in results["per_class"]] == ["bg", "dark", "light"]
     assert "auto-size seg.crop_size=32 seg.scale=[32, 32]" in caplog.text
     assert "train.batch_size=2" in caplog.text  # 8 images would give one step an epoch: the floor of 2
