@@ -198,7 +198,7 @@ def test_a_bad_val_mask_stops_segment_before_training(mae_run, tmp_path, capsys,
 
 
 class _Built(Exception):
-    """Stops a run once its model is built."""
+    """Stops a run where a test has seen what it asks about."""
 
 
 def test_the_seed_decides_the_heads_initialisation_whatever_ran_before(voc, mae_run, tmp_path, monkeypatch):
