@@ -1,5 +1,6 @@
 """Configuration: recipes, dotted overrides, typed coercion and one-line errors."""
 
+import dataclasses
 import shutil
 
 import pytest
@@ -21,7 +22,7 @@ from mimkit.config import (
     to_dict,
 )
 from mimkit.errors import MimkitError
-from mimkit.eval.config import FinetuneConfig, ProbeConfig
+from mimkit.eval.config import FinetuneConfig, KnnConfig, LinprobeConfig, ProbeConfig, SegmentConfig
 from mimkit.methods import METHODS
 from mimkit.registry import method_of, read_config
 from mimkit.runs import config_path, keep_config, load_config, load_encoder, load_run
@@ -157,6 +158,27 @@ def test_the_defaults_ask_for_nothing_the_user_did_not():
     train, data = TrainConfig(), DataConfig()
     assert (train.accum_steps, train.seed, train.compile, train.grad_checkpointing) == (1, 0, False, False)
     assert (data.num_workers, data.skip_bad_images) == (1, False)
+
+
+def test_the_evaluation_defaults_are_the_papers_recipes():
+    """Without a recipe: MAE's and BEiT's fine-tuning augmentation and AdamW, BEiT's UperNet recipe (auxiliary
+    weight 0.4, layer decay 0.65), DINO's k-NN (k 20, temperature 0.07), the linear probe (lr 0.1, SGD)."""
+    ft = FinetuneConfig()
+    assert dataclasses.asdict(ft.augment) == {
+        "crop_scale": (0.08, 1.0), "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "remode": "pixel",
+        "mixup": 0.8, "cutmix": 1.0, "mixup_switch_prob": 0.5, "mixup_prob": 1.0, "label_smoothing": 0.1}
+    assert (ft.optim.base_lr, ft.optim.betas, ft.optim.warmup_epochs, ft.optim.layer_decay) == (
+        5e-4, (0.9, 0.999), 5.0, 0.75)
+    assert (ft.classifier.pool, ft.classifier.drop_path, ft.train.epochs) == ("avg", 0.1, 100)
+    seg = SegmentConfig()
+    assert (seg.seg.aux_weight, seg.seg.aux_channels, seg.seg.ratio_range, seg.seg.cat_max_ratio) == (
+        0.4, 256, (0.5, 2.0), 0.75)
+    assert (seg.optim.base_lr, seg.optim.betas, seg.optim.layer_decay, seg.optim.min_lr) == (
+        6.4e-3, (0.9, 0.999), 0.65, 0.0)
+    assert (KnnConfig().k, KnnConfig().temperature) == (20, 0.07)
+    linprobe = LinprobeConfig()
+    assert (linprobe.base_lr, linprobe.optimizer, linprobe.epochs, linprobe.weight_decay) == (
+        0.1, "sgd", 100, 0.0)
 
 
 def test_differences_are_listed_leaf_by_leaf_and_merge_goes_deep():

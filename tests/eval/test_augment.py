@@ -104,6 +104,18 @@ def test_seeded_views_are_reproducible_and_leave_global_rngs_alone():
     assert not torch.equal(other, first[0])
 
 
+def test_the_crop_scale_reaches_the_crop_box():
+    """A crop area of exactly the whole image leaves timm one box: the image itself, whatever the seed."""
+    whole = FinetuneView(32, MEAN, STD, crop_scale=(1.0, 1.0))
+    default = FinetuneView(32, MEAN, STD)
+    boxes = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        assert whole.draw_box(32, 32) == (0, 0, 32, 32)
+        boxes.append(default.draw_box(32, 32))
+    assert len(set(boxes)) > 1
+
+
 def test_gray_images_and_bad_policies():
     view = FinetuneView(32, (0.3,), (0.35,))
     for seed in range(40):  # every operation of the policy works on one channel
@@ -115,19 +127,26 @@ def test_gray_images_and_bad_policies():
         FinetuneView(32, MEAN, STD, remode="zeros")
 
 
-def test_mix_is_timm_mixup_decided_by_the_torch_rng():
+# the papers' settings, and others that must reach timm too
+MIX_SETTINGS = [dict(mixup=0.8, cutmix=1.0, label_smoothing=0.1, switch_prob=0.5, prob=1.0),
+                dict(mixup=0.3, cutmix=0.6, label_smoothing=0.0, switch_prob=0.9, prob=0.6)]
+
+
+@pytest.mark.parametrize("settings", MIX_SETTINGS)
+def test_mix_is_timm_mixup_decided_by_the_torch_rng(settings):
     images, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 4
-    mix = MixTargets(4, mixup=0.8, cutmix=1.0, label_smoothing=0.1, switch_prob=0.5)
+    mix = MixTargets(4, **settings)
     outputs = []
-    for seed in range(6):
+    for seed in range(16):  # enough batches that each setting decides some
         torch.manual_seed(seed)
         mixed, targets = mix(images, labels)
         torch.manual_seed(seed)
         python = python_seed()
         np.random.seed(python)
         random.seed(python)
-        expected = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1,
-                         num_classes=4)(images.clone(), labels)
+        expected = Mixup(mixup_alpha=settings["mixup"], cutmix_alpha=settings["cutmix"],
+                         switch_prob=settings["switch_prob"], prob=settings["prob"],
+                         label_smoothing=settings["label_smoothing"], num_classes=4)(images.clone(), labels)
         assert torch.equal(mixed, expected[0]) and torch.equal(targets, expected[1])
         outputs.append(mixed)
     assert not all(torch.equal(outputs[0], o) for o in outputs[1:])

@@ -1,6 +1,7 @@
 """Linear probe, LARS and k-NN on separable synthetic features; top-k counting; the feature cache."""
 
 import dataclasses
+import json
 import math
 import time
 
@@ -18,7 +19,12 @@ from mimkit.eval.features import cached_features, probe_data, weights_digest
 from mimkit.eval.knn import knn_accuracy, knn_scores, run_knn
 from mimkit.eval.lars import LARS
 from mimkit.eval.linprobe import LinearProbe, probe_accuracy, run_linprobe, single_thread, train_linear_probe
-from mimkit.eval.scores import classification_accuracy, topk_correct
+from mimkit.eval.scores import (
+    classification_accuracy,
+    depth_results,
+    topk_correct,
+    write_segmentation_results,
+)
 from mimkit.models.classifier import pooled_features
 from mimkit.models.vit import build_vit
 from mimkit.runs import load_encoder, read_run
@@ -56,6 +62,27 @@ def test_classification_accuracy_scores_the_model_as_at_inference():
     torch.manual_seed(0)
     assert classification_accuracy(model, loader, torch.device("cpu")) == {"top1": 100.0, "top5": 100.0}
     assert not model.training
+
+
+def test_classification_accuracy_counts_top1_and_top5_over_the_batches():
+    """The ranked scores as a classifier's logits, in batches of 2: 2 of 5 top-1 hits, 4 of 5 top-5 hits."""
+    items = [{"image": x, "label": y} for x, y in zip(RANKED_SCORES, RANKED_LABELS, strict=True)]
+    loader = torch.utils.data.DataLoader(items, batch_size=2)
+    assert classification_accuracy(nn.Identity(), loader, torch.device("cpu")) == {"top1": 40.0, "top5": 80.0}
+
+
+def test_the_results_files_name_the_best_block_and_keep_the_confusion_rows_as_truth(tmp_path):
+    """``best_layer`` is the block of highest test top-1 (not the last); ``confusion.json`` keeps the matrix
+    as given, rows truth, with the classes in order."""
+    rows = [{"layer": 1, "test_top1": 50.0}, {"layer": 2, "test_top1": 70.0}, {"layer": 3, "test_top1": 60.0}]
+    depth = depth_results(tmp_path, "knn", rows)
+    assert depth == {"by_layer": rows, "best_layer": 2, "plot": "accuracy_by_depth.png"}
+    assert (tmp_path / "accuracy_by_depth.png").is_file()
+    scores = {"confusion": [[5, 1], [0, 2]], "per_class": [{"class": "sky"}, {"class": "road"}]}
+    write_segmentation_results(tmp_path / "seg", {"mIoU": 1.0}, scores)
+    assert json.loads((tmp_path / "seg" / "confusion.json").read_text()) == {
+        "classes": ["sky", "road"], "rows_truth_columns_prediction": [[5, 1], [0, 2]]}
+    assert json.loads((tmp_path / "seg" / "results.json").read_text()) == {"mIoU": 1.0}
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "lars"])

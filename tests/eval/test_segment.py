@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import mimkit.eval.predict as predict
 import mimkit.eval.seg_evaluate as seg_evaluate
 import mimkit.eval.segment as segment
 from mimkit.cli import main
-from mimkit.config import from_dict, read_yaml
+from mimkit.config import DataConfig, from_dict, read_yaml
 from mimkit.data.segmentation import PROBE_SAMPLES, build_seg_source, spread
 from mimkit.errors import MimkitError
 from mimkit.eval.config import SegmentConfig
@@ -542,6 +543,24 @@ def test_predict_refuses_an_unknown_tta_a_missing_folder_and_a_pretraining_run(t
         predict.predict_masks(ShadeSegmenter(), config, tmp_path / "nothing", tmp_path / "out")
     with pytest.raises(MimkitError, match="is a pretraining run: predict needs a segmentation run"):
         predict.predict_classes(mae_run, tmp_path, tmp_path / "out")
+
+
+def test_a_classifier_of_fewer_classes_than_the_top_asked_ranks_them_all(tmp_path, monkeypatch):
+    """``top`` 5 of a 3-class classifier: each image's 3 classes by falling probability, named from the
+    run's training split."""
+    logits = torch.tensor([[0.0, 2.0, 1.0]])
+    data = DataConfig(img_size=16, mean=[0.5] * 3, std=[0.5] * 3)
+    classifier = SimpleNamespace(kind="finetune", config=SimpleNamespace(data=data),
+                                 model=lambda images: logits.expand(len(images), 3))
+    splits = []
+    monkeypatch.setattr(predict, "load_encoder", lambda run: classifier)
+    monkeypatch.setattr(predict, "build_source", lambda source, split, **kwargs: splits.append(split)
+                        or SimpleNamespace(info=SimpleNamespace(classes=["sky", "road", "car"])))
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    header, row = csv.reader(predict.predict_classes("run", tmp_path, tmp_path / "out").open())
+    assert splits == ["train"]
+    assert header == ["file", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3"]
+    assert row[1::2] == ["road", "car", "sky"] and row[2] == f"{logits.softmax(-1).max():.4f}"
 
 
 class ColumnClasses(nn.Module):

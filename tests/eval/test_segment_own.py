@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Subset
 
 from mimkit.cli import main
-from mimkit.data.segmentation import SegSource, build_seg_source
+from mimkit.data.segmentation import MaskCheck, SegSource, build_seg_source
 from mimkit.errors import MimkitError
 from mimkit.eval import segment as segment_module
 from mimkit.eval.seg_metrics import predict_logits
-from mimkit.eval.seg_sizing import SegDataFacts, label_hint, seg_size_hint
+from mimkit.eval.seg_sizing import SegDataFacts, label_hint, seg_size_hint, survey_seg_data
 from mimkit.runs import saved_values
 from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.metrics_log import read_metrics
@@ -97,9 +98,11 @@ def test_auto_size_fits_the_crop_to_the_images(voc, mae_run, tmp_path, caplog):
     out = tmp_path / "seg"
     caplog.set_level("INFO", logger="mimkit")
     assert main(["segment", str(mae_run), "--data", str(voc), "--out", str(out), *QUICK, "--auto-size",
-                 "--set", "seg.crop_size=128", "--set", "seg.class_names=[bg,dark,light]"]) == 0
+                 "--set", "seg.crop_size=128", "--set", "seg.class_names=[bg,dark,light]",
+                 "--set", "labels.seed=3"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["crop_size"] == 32 and results["eval"]["mode"] == "whole"
+    assert results["seed"] == 3  # the labels' seed, which picked the images (not train.seed, 0)
     assert [row["class"] for row in results["per_class"]] == ["bg", "dark", "light"]
     assert "auto-size seg.crop_size=32 seg.scale=[32, 32]" in caplog.text
     assert "train.batch_size=2" in caplog.text  # 8 images would give one step an epoch: the floor of 2
@@ -122,6 +125,38 @@ def test_size_hint_values():
     odd = SegDataFacts(100, 10, 100, (75, 50), (0, 1), 0.1)  # sides that are no multiple of the patch
     assert seg_size_hint(odd, crop=224, patch_size=16, embed_dim=192, batch_size=16,
                          train_images=100)["seg.crop_size"] == 48  # whole patches within the 50 px side
+
+
+class _Masks:
+    """A source whose mask checks record what was asked: image i is (10 + i) x (20 + i) px, its mask holds
+    label ``labels(i)``."""
+
+    def __init__(self, n: int, labels):
+        self.n, self.labels, self.checked = n, labels, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def check_masks(self, indices, desc=""):
+        self.checked += list(indices)
+        return MaskCheck({self.labels(i) for i in indices}, [(10 + i, 20 + i) for i in indices])
+
+
+def test_the_survey_checks_the_evaluated_val_masks_and_a_spread_of_train_masks():
+    """Every val mask the run evaluates (the subset's), ``train_samples`` train masks first to last; the
+    labels of both splits; the median image of the train sample, per side."""
+    train, val = _Masks(20, lambda i: i % 3), _Masks(10, lambda i: 7)
+    facts = survey_seg_data(train, Subset(val, [2, 3, 4]), train_samples=5)
+    assert val.checked == [2, 3, 4] and train.checked == [0, 5, 10, 14, 19]
+    assert (facts.train_images, facts.val_images, facts.train_checked) == (20, 3, 5)
+    assert facts.labels == (0, 1, 2, 7) and facts.median == (20, 30)
+
+
+def test_the_size_hint_sizes_the_batch_to_the_images_trained_on():
+    """At a label fraction the batch fits the images kept (40 of 100: 5 a step), not all of the split's."""
+    facts = SegDataFacts(100, 10, 100, (32, 32), (0, 1), 0.1)
+    assert seg_size_hint(facts, crop=64, patch_size=16, embed_dim=64, batch_size=16,
+                         train_images=40)["train.batch_size"] == 5
 
 
 def _voc_with(tmp_path: Path, voc: Path, name: str, change) -> Path:
@@ -160,6 +195,54 @@ def test_a_bad_val_mask_stops_segment_before_training(mae_run, tmp_path, capsys,
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert Checkpoints(out).latest() is None and not (out / "metrics.jsonl").exists()
+
+
+class _Built(Exception):
+    """Stops a run where a test has seen what it asks about."""
+
+
+def test_the_seed_decides_the_heads_initialisation_whatever_ran_before(voc, mae_run, tmp_path, monkeypatch):
+    """The heads are drawn from ``train.seed`` (the same on every rank, and in a resumed process), not from
+    whatever state the RNG was left in: one seed after different draws builds the same heads."""
+    draws = []
+
+    def built(config, encoder):
+        draws.append(torch.rand(3))
+        raise _Built
+
+    monkeypatch.setattr(segment_module, "build_segmenter", built)
+    for seed, noise in ((0, 1), (0, 2), (1, 1)):
+        torch.manual_seed(noise)
+        with pytest.raises(_Built):
+            main(["segment", str(mae_run), "--data", str(voc), "--out", str(tmp_path / f"{seed}_{noise}"),
+                  *QUICK, "--set", "seg.num_classes=3", "--set", f"train.seed={seed}"])
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_the_labels_seed_picks_the_images_and_the_eval_scales_reach_the_evaluation(voc, mae_run, tmp_path,
+                                                                                   monkeypatch):
+    """At a label fraction, ``labels.seed`` picks which training images the run trains on; the evaluation
+    during training uses the run's multi-scale setting."""
+    trained, asked = [], []
+    real_views = segment_module.SeededViews
+
+    def views(train_set, view):
+        trained.append(list(train_set.indices))
+        return real_views(train_set, view)
+
+    def evaluated(*args, scales: list[float]):
+        asked.append(scales)
+        raise _Built
+
+    monkeypatch.setattr(segment_module, "SeededViews", views)
+    monkeypatch.setattr(segment_module, "evaluate_segmentation", evaluated)
+    for seed in (0, 1):
+        with pytest.raises(_Built):
+            main(["segment", str(mae_run), "--data", str(voc), "--out", str(tmp_path / str(seed)), *QUICK,
+                  "--set", "seg.num_classes=3", "--set", "labels.fraction=0.5", "--set",
+                  f"labels.seed={seed}", "--set", "seg.eval_scales=[0.5,1.0]"])
+    assert len(trained[0]) == len(trained[1]) and trained[0] != trained[1]
+    assert asked == [[0.5, 1.0]] * 2
 
 
 def test_masks_are_checked_without_decoding_images(voc):
