@@ -15,7 +15,7 @@ from transformers import AutoImageProcessor, ViTConfig, ViTMAEConfig, ViTMAEForP
 
 from mimkit.cli import main
 from mimkit.errors import MimkitError
-from mimkit.interop.export import export_run
+from mimkit.interop.export import export_model, export_run
 from mimkit.interop.importer import import_checkpoint
 from mimkit.models.vit import sincos_pos_embed_2d
 from mimkit.runs import load_run
@@ -338,3 +338,46 @@ def test_timms_data_config_of_an_export_is_the_runs_preprocessing(mae_run, tmp_p
                         "crop_mode": "center", "mean": data.mean, "std": data.std}
     # what timm's training scripts and the hub read of it: no classifier stored, positions for one size only
     assert (model.pretrained_cfg["num_classes"], model.pretrained_cfg["fixed_input_size"]) == (0, True)
+
+
+def test_export_model_called_directly_keeps_a_folders_files_unless_forced(mae_run, tmp_path):
+    (tmp_path / "config.json").write_text("mine")
+    model, config = load_run(mae_run[0])
+    with pytest.raises(MimkitError, match="is not empty; .* --force"):
+        export_model(model, config, "timm", tmp_path)
+    assert (tmp_path / "config.json").read_text() == "mine"
+    export_model(model, config, "timm", tmp_path, force=True)
+    assert json.loads((tmp_path / "config.json").read_text())["num_classes"] == 0
+
+
+def test_an_hf_folders_preprocessor_gives_the_runs_normalization(tmp_path):
+    _hf_vit_folder(tmp_path / "hf")
+    processor = {"image_processor_type": "ViTImageProcessor", "image_mean": [0.5] * 3, "image_std": [0.2] * 3}
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(processor))
+    report = import_checkpoint(tmp_path / "hf", "hf", tmp_path / "run")
+    assert (report.config.data.mean, report.config.data.std) == ([0.5] * 3, [0.2] * 3)
+    assert report.origin["normalization"] == "preprocessor_config.json"
+
+
+def test_a_grayscale_checkpoint_gets_one_channel_normalization(tmp_path):
+    """timm's default normalization has 3 channels; a 1-channel model gets [0.5] rather than a mismatch."""
+    vit = VisionTransformer(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=1, num_heads=2,
+                            num_classes=0)
+    save_file(vit.state_dict(), tmp_path / "vit.safetensors")
+    report = import_checkpoint(tmp_path / "vit.safetensors", "timm", tmp_path / "run", overrides=HEADS)
+    data = report.config.data
+    assert (data.channels, data.mean, data.std) == (1, [0.5], [0.5])
+
+
+def test_import_is_reproducible_and_keeps_settings_beside_the_architecture(tmp_path):
+    """The fresh decoder of an encoder-only file comes from train.seed (two imports are identical whatever
+    ran before); a --set outside the architecture (data.source) reaches the run's configuration."""
+    official_checkpoint(tmp_path / "mae_pretrain.pth", with_decoder=False)
+    overrides = {"model": {"kwargs": {"num_heads": 2}}, "data": {"source": "synthetic:32"}}
+    states = []
+    for name in ("one", "two"):
+        torch.rand(7)  # a caller's use of the global generator must not change the import
+        report = import_checkpoint(tmp_path / "mae_pretrain.pth", "mae", tmp_path / name, overrides=overrides)
+        assert report.config.data.source == "synthetic:32"
+        states.append(load_run(tmp_path / name)[0].state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -195,6 +195,10 @@ def test_a_segmentation_run_exports_at_its_crop_with_its_normalization_and_class
         with pytest.raises(MimkitError, match="--to hf without --encoder-only"):
             export.export_run(tmp_path / "run", to, tmp_path / "refused", encoder_only)
     assert not (tmp_path / "refused").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "config.json").write_text("mine")
+    with pytest.raises(MimkitError, match="is not empty"):
+        export.export_run(tmp_path / "run", "hf", tmp_path / "full")
     export.export_run(tmp_path / "run", "hf", tmp_path / "hf")
     hf = BeitForSemanticSegmentation.from_pretrained(tmp_path / "hf")
     assert hf.config.image_size == 32 and hf.config.id2label == {0: "sky", 1: "road", 2: "car"}
