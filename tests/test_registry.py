@@ -154,9 +154,10 @@ def test_a_method_without_extras_is_refused_by_each_command(toy, monkeypatch, tm
     run = pretrain_toy(tmp_path)
     assert main(["visualize", str(run), "--out", str(tmp_path / "toy.png")]) == 2
     assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert main(["export", str(run), "--to", "timm", "--out", str(tmp_path / "timm")]) == 2
     errors = capsys.readouterr().err
     assert "visualize has no pictures for toy runs" in errors
-    assert "cannot export a Toy to Hugging Face" in errors
+    assert "cannot export a Toy to Hugging Face" in errors and "cannot export a Toy to timm" in errors
 
 
 @dataclass

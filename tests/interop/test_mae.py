@@ -15,7 +15,7 @@ from transformers import AutoImageProcessor, ViTConfig, ViTMAEConfig, ViTMAEForP
 
 from mimkit.cli import main
 from mimkit.errors import MimkitError
-from mimkit.interop.export import export_run
+from mimkit.interop.export import export_model, export_run
 from mimkit.interop.importer import import_checkpoint
 from mimkit.models.vit import sincos_pos_embed_2d
 from mimkit.runs import load_run
@@ -267,3 +267,117 @@ def test_the_timm_exports_input_size_is_channels_first(mae_run, tmp_path):
     export_run(mae_run[0], "timm", tmp_path / "timm")
     cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
     assert cfg["pretrained_cfg"]["input_size"] == [3, 32, 32]
+
+
+def _hf_vit_folder(folder, **config):
+    torch.manual_seed(0)
+    vit = perturb(ViTModel(ViTConfig(**(DIMS | config)), add_pooling_layer=False))
+    vit.save_pretrained(folder)
+    return vit
+
+
+@pytest.mark.parametrize(("config", "error"), [
+    ({"hidden_act": "relu"}, "uses hidden_act 'relu'; mimkit's blocks use gelu"),
+    ({"model_type": "swin"}, "holds a 'swin' model; importable: "),
+], ids=["activation", "model-type"])
+def test_hf_folders_mimkit_cannot_compute_are_refused(tmp_path, config, error):
+    _hf_vit_folder(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | config))
+    with pytest.raises(MimkitError, match=error):
+        import_checkpoint(tmp_path / "hf", "hf", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_another_layer_norm_eps_is_reported_and_the_weights_still_load(tmp_path):
+    vit = _hf_vit_folder(tmp_path / "hf", layer_norm_eps=1e-12)
+    report = import_checkpoint(tmp_path / "hf", "hf", tmp_path / "run")
+    assert any(note.startswith("its config has LayerNorm eps 1e-12") for note in report.notes)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # only the eps differs: 4e-5 measured on these perturbed weights
+        torch.testing.assert_close(features(load_run(tmp_path / "run")[0].encoder, x),
+                                   vit(pixel_values=x).last_hidden_state, rtol=0, atol=1e-3)
+
+
+def test_missing_keys_keep_their_fresh_init_when_mismatch_is_allowed(tmp_path):
+    vit = perturb(tiny_vit())
+    state = {k: v for k, v in vit.state_dict().items() if k != "norm.bias"}
+    save_file(state, tmp_path / "vit.safetensors")
+    with pytest.raises(MimkitError, match=r"missing 1: encoder.norm.bias"):
+        import_checkpoint(tmp_path / "vit.safetensors", "timm", tmp_path / "run", overrides=HEADS)
+    report = import_checkpoint(tmp_path / "vit.safetensors", "timm", tmp_path / "run", allow_mismatch=True,
+                               overrides=HEADS)
+    assert "kept the fresh init of 1 missing keys: encoder.norm.bias" in report.notes
+    encoder = load_run(tmp_path / "run")[0].encoder
+    assert not encoder.norm.bias.any()  # a LayerNorm's fresh bias
+    assert torch.equal(encoder.norm.weight, vit.norm.weight)
+
+
+@pytest.mark.parametrize(("to", "out", "error"), [
+    ("hf", "a-file", "is a file; give a folder"),
+    ("onnx", "new", "unknown export target 'onnx'; choose one of: timm, hf"),
+], ids=["out-is-a-file", "target"])
+def test_an_export_it_cannot_write_is_refused_and_writes_nothing(mae_run, tmp_path, to, out, error):
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(MimkitError, match=error):
+        export_run(mae_run[0], to, tmp_path / out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("out", ["exports/timm/run1", "empty"], ids=["nested-new-folder", "existing-empty"])
+def test_timms_data_config_of_an_export_is_the_runs_preprocessing(mae_run, tmp_path, out):
+    """What `timm.data.resolve_data_config` gives a user of the exported folder (a new nested one, or an empty
+    one that exists) is how mimkit fed the model: its size, bicubic resizing, no centre crop, its mean/std."""
+    (tmp_path / "empty").mkdir()
+    export_run(mae_run[0], "timm", tmp_path / out)
+    model = timm.create_model(f"local-dir:{tmp_path / out}", pretrained=True)
+    data = load_run(mae_run[0])[1].data
+    resolved = timm.data.resolve_data_config(model=model)
+    assert resolved == {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 1.0,
+                        "crop_mode": "center", "mean": data.mean, "std": data.std}
+    # what timm's training scripts and the hub read of it: no classifier stored, positions for one size only
+    assert (model.pretrained_cfg["num_classes"], model.pretrained_cfg["fixed_input_size"]) == (0, True)
+
+
+def test_export_model_called_directly_keeps_a_folders_files_unless_forced(mae_run, tmp_path):
+    (tmp_path / "config.json").write_text("mine")
+    model, config = load_run(mae_run[0])
+    with pytest.raises(MimkitError, match="is not empty; .* --force"):
+        export_model(model, config, "timm", tmp_path)
+    assert (tmp_path / "config.json").read_text() == "mine"
+    export_model(model, config, "timm", tmp_path, force=True)
+    assert json.loads((tmp_path / "config.json").read_text())["num_classes"] == 0
+
+
+def test_an_hf_folders_preprocessor_gives_the_runs_normalization(tmp_path):
+    _hf_vit_folder(tmp_path / "hf")
+    processor = {"image_processor_type": "ViTImageProcessor", "image_mean": [0.5] * 3, "image_std": [0.2] * 3}
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(processor))
+    report = import_checkpoint(tmp_path / "hf", "hf", tmp_path / "run")
+    assert (report.config.data.mean, report.config.data.std) == ([0.5] * 3, [0.2] * 3)
+    assert report.origin["normalization"] == "preprocessor_config.json"
+
+
+def test_a_grayscale_checkpoint_gets_one_channel_normalization(tmp_path):
+    """timm's default normalization has 3 channels; a 1-channel model gets [0.5] rather than a mismatch."""
+    vit = VisionTransformer(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=1, num_heads=2,
+                            num_classes=0)
+    save_file(vit.state_dict(), tmp_path / "vit.safetensors")
+    report = import_checkpoint(tmp_path / "vit.safetensors", "timm", tmp_path / "run", overrides=HEADS)
+    data = report.config.data
+    assert (data.channels, data.mean, data.std) == (1, [0.5], [0.5])
+
+
+def test_import_is_reproducible_and_keeps_settings_beside_the_architecture(tmp_path):
+    """The fresh decoder of an encoder-only file comes from train.seed (two imports are identical whatever
+    ran before); a --set outside the architecture (data.source) reaches the run's configuration."""
+    official_checkpoint(tmp_path / "mae_pretrain.pth", with_decoder=False)
+    overrides = {"model": {"kwargs": {"num_heads": 2}}, "data": {"source": "synthetic:32"}}
+    states = []
+    for name in ("one", "two"):
+        torch.rand(7)  # a caller's use of the global generator must not change the import
+        report = import_checkpoint(tmp_path / "mae_pretrain.pth", "mae", tmp_path / name, overrides=overrides)
+        assert report.config.data.source == "synthetic:32"
+        states.append(load_run(tmp_path / name)[0].state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
