@@ -44,6 +44,8 @@ SEG = "tests/eval/test_segment.py::"  # sweepevalx
 # sweepdatarest: the segmentation sources and views, directly and through `mimkit segment` own data
 SEG_DATA = "tests/data/test_segmentation.py"
 SHARD_DATA = "tests/data/test_shards.py"
+IDX_DATA = ("tests/data/test_sources.py::"
+            "test_idx_files_come_from_root_first_and_val_reads_the_test_files")
 SEG_DECODED = ("tests/eval/test_segment_own.py::"
                "test_segmentation_images_are_decoded_as_pretraining_decodes_them")
 SEG_PY, VIEW_PY = "src/mimkit/data/segmentation.py", "src/mimkit/data/seg_transforms.py"
@@ -1227,7 +1229,8 @@ PLANTED = [
         "return sorted(p for p in Path(folder).iterdir()", "return list(p for p in Path(folder).iterdir()",
         (SHARD_DATA,)),
     Bug("sweepdatarest: shards: hidden .tar files are read as shards", SHARDS_PY,
-        "and p.is_file() and not p.name.startswith(\".\"))", "and p.is_file())", (SHARD_DATA,)),
+        "and p.is_file() and not p.name.startswith(\".\"))", "and p.is_file())",
+        (SHARD_DATA + "::test_hidden_tar_files_beside_the_shards_are_no_shards",)),
     Bug("sweepdatarest: shards: a rewritten shard's cached index is reused", SHARDS_PY,
         'if entry is None or (entry["size"], entry["mtime_ns"]) != (stat.st_size, stat.st_mtime_ns):',
         "if entry is None:", (SHARD_DATA,)),
@@ -1241,14 +1244,26 @@ PLANTED = [
         (SHARD_DATA,)),
     Bug("sweepdatarest: shards: a shard closed after the member that takes it past shard_size",
         SHARDS_PY, "if tar is None or (written and written + member_bytes > shard_size):",
-        "if tar is None or written > shard_size:", (SHARD_DATA,)),
+        "if tar is None or written > shard_size:",
+        (SHARD_DATA + "::test_a_shard_is_closed_before_the_member_that_would_take_it_past_the_size",)),
     Bug("sweepdatarest: shards: --max-side stores images as oriented in the file", SHARDS_PY,
         "img = to_mode(ImageOps.exif_transpose(img),", "img = to_mode(img,", (SHARD_DATA,)),
     Bug("sweepdatarest: shards: --max-side stores grey images as RGB", SHARDS_PY,
-        '"L" if img.mode in GRAY_MODES else "RGB")', '"RGB")', (SHARD_DATA,)),
+        '"L" if img.mode in GRAY_MODES else "RGB")', '"RGB")',
+        (SHARD_DATA + "::test_pack_max_side_keeps_a_grey_image_grey",)),
     Bug("sweepdatarest: shards: member names relative to the file's folder, not the packed root",
         SHARDS_PY, "info = tarfile.TarInfo(path.relative_to(root).as_posix())",
         "info = tarfile.TarInfo(path.name)", (SHARD_DATA,)),
+    Bug("sweepdatarest: idx: val reads the train files", "src/mimkit/data/idx.py",
+        '_IDX_PREFIX = {"train": "train", "val": "t10k", "test": "t10k"}',
+        '_IDX_PREFIX = {"train": "train", "val": "train", "test": "t10k"}', (IDX_DATA,)),
+    Bug("sweepdatarest: idx: $MIMKIT_DATA searched before root", "src/mimkit/data/idx.py",
+        'for base in (root, os.environ.get("MIMKIT_DATA")):',
+        'for base in (os.environ.get("MIMKIT_DATA"), root):',
+        (IDX_DATA,)),
+    Bug("sweepdatarest: idx: channels=3 still gives one channel", "src/mimkit/data/idx.py",
+        "return self.images[index].repeat(self.channels, 1, 1), int(self.labels[index])",
+        "return self.images[index], int(self.labels[index])", ("tests/data/test_sources.py",)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:
