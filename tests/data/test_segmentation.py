@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mimkit.data import segmentation
+from mimkit.data import seg_transforms, segmentation
 from mimkit.data.loader import SeededViews
 from mimkit.data.seg_transforms import PhotometricDistortion, SegEvalView, SegTrainView, rescaled_size
 from mimkit.data.segmentation import (
@@ -123,6 +123,25 @@ def test_generic_layout_without_split_holds_out_a_seeded_part(tmp_path):
     assert val.images == build_seg_source(str(tmp_path), "val", num_classes=2).images  # the same every time
 
 
+def test_a_layout_lists_its_files_by_name_hidden_ones_left_out(tmp_path):
+    """The pairs come in file-name order whatever order the folder lists them in (a run's order and its
+    hold-out must not depend on the file system), and hidden files (`._img0.png` of macOS) are no images."""
+    masks = {i: stored_mask(i, [0, 1]) for i in (5, 2, 7, 0, 3, 6, 1, 4)}  # written out of order
+    for i, mask in masks.items():
+        save(tmp_path / "images" / "train" / f"img{i}.png", (mask * 40).astype(np.uint8))
+        save(tmp_path / "masks" / "train" / f"img{i}.png", mask)
+    save(tmp_path / "images" / "train" / "._img0.png", np.zeros((2, 2)))
+    source = build_seg_source(str(tmp_path), "train", num_classes=2)
+    assert [Path(p).name for p in source.images] == [f"img{i}.png" for i in range(8)]
+    assert [source[i][1].tolist() for i in range(8)] == [masks[i].tolist() for i in range(8)]
+
+
+def test_class_names_given_replace_a_folders_classes_txt(tmp_path):
+    make_generic(tmp_path, [stored_mask(0, [0, 1])], ["a", "b"])
+    assert build_seg_source(str(tmp_path), "train", class_list=["sky", "road"]).classes == ["sky", "road"]
+    one_line_error("num_classes=3", build_seg_source, str(tmp_path), "train", num_classes=3)
+
+
 def test_generic_single_pair_is_both_splits(tmp_path):
     make_generic(tmp_path, [stored_mask(0, [0, 1])])
     train, val = (build_seg_source(str(tmp_path), s, num_classes=2) for s in ("train", "val"))
@@ -181,6 +200,23 @@ def test_bad_mask_outside_the_probe_fails_when_read(tmp_path, monkeypatch):
     source = build_seg_source(str(tmp_path), "train")
     source[2]
     one_line_error("img1.png", source.__getitem__, 1)
+
+
+def test_the_probe_reads_pairs_spread_to_the_last(tmp_path):
+    """A source is made after reading pairs up to the last: a bad last mask fails at once, and images
+    of two sizes leave no common image size."""
+    make_generic(tmp_path, [stored_mask(i, [0, 1]) for i in range(3)] + [stored_mask(3, [0, 1], (6, 6))],
+                 ["a", "b"], split="train")
+    assert build_seg_source(str(tmp_path), "train").info.image_size is None
+    save(tmp_path / "masks" / "train" / "img3.png", np.full((6, 6), 9))
+    one_line_error("img3.png", build_seg_source, str(tmp_path), "train")
+
+
+def test_check_masks_reports_the_classes_found_without_the_ignore_index(tmp_path):
+    make_generic(tmp_path, [np.array([[0, 2], [255, 2]], np.uint8), np.array([[255, 1]], np.uint8)],
+                 split="train")
+    found = build_seg_source(str(tmp_path), "train", num_classes=3).check_masks([0, 1])
+    assert found.labels == {0, 1, 2} and found.sizes == [(2, 2), (2, 1)]
 
 
 def test_image_without_a_mask(tmp_path):
@@ -332,6 +368,73 @@ def test_eval_view_resizes_image_and_keeps_mask():
     assert SegEvalView(None, (0.5,) * 3, (0.5,) * 3).image(image).shape == (3, 30, 40)
 
 
+def unnormalized(view_image: torch.Tensor) -> torch.Tensor:
+    """A view's image (normalized with mean 0.5, std 0.25) back in [0, 1]."""
+    return view_image * 0.25 + 0.5
+
+
+def whole_image_view(side: int, **options) -> SegTrainView:
+    """A train view whose crop is the whole (rescaled) `side` x `side` image: only the flip is random."""
+    return SegTrainView(side, (side, side), (0.5,) * 3, (0.25,) * 3, **options)
+
+
+def test_train_view_flips_left_right_and_keeps_pixels_without_photometric():
+    """ratio 1 and a crop of the whole image: the view is the image itself or its mirror (left-right, never
+    upside down), mask with it; `photometric=False` leaves every pixel as stored."""
+    image, mask = checkerboard(24, 24, 3)
+    view = whole_image_view(24, ratio_range=(1.0, 1.0), photometric=False)
+    flips = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = view(image, mask)
+        pixels = (unnormalized(out["image"]) * 255).round().to(torch.uint8)
+        flipped = not torch.equal(pixels, image)
+        assert torch.equal(pixels, image.flip(-1) if flipped else image)
+        assert torch.equal(out["mask"], (mask.flip(-1) if flipped else mask).long())
+        flips.add(flipped)
+    assert flips == {True, False}
+
+
+def test_train_view_rescales_by_its_ratio():
+    """ratio 2: a 12-pixel image with its own size as the scale is seen at 24 pixels, each mask pixel
+    twice as wide (nearest at pixel centres), classes never mixed at their edges."""
+    mask = torch.tensor([0, 2, 0, 2, 2, 0, 0, 2, 0, 0, 2, 2], dtype=torch.uint8).expand(12, 12).clone()
+    image = (mask * 100).expand(3, 12, 12).clone()
+    view = SegTrainView(24, (12, 12), (0.5,) * 3, (0.25,) * 3, ratio_range=(2.0, 2.0), photometric=False)
+    torch.manual_seed(0)
+    out = view(image, mask)["mask"]
+    expected = mask.long().repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert torch.equal(out, expected) or torch.equal(out, expected.flip(-1))
+
+
+def test_photometric_distortion_acts_before_normalize():
+    """The distortion works on [0, 1] pixels: a black and white image keeps most of its contrast (after
+    normalize, its clamps would squeeze every pixel into [0.5, 0.75])."""
+    image, mask = checkerboard(16, 16, 2)
+    image = torch.where(mask.bool(), 255, 0).to(torch.uint8).expand(3, 16, 16).clone()
+    view = whole_image_view(16, ratio_range=(1.0, 1.0))
+    for seed in range(12):
+        torch.manual_seed(seed)
+        pixels = unnormalized(view(image, mask)["image"])
+        assert pixels.max() - pixels.min() > 0.35, seed
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_photometric_distortion_changes_saturation_and_hue_of_colour_images_only(channels, monkeypatch):
+    called = []
+
+    def spy(name):
+        return lambda image, factor: called.append(name) or image
+
+    for name in ("adjust_saturation", "adjust_hue"):
+        monkeypatch.setattr(seg_transforms.TF, name, spy(name))
+    distort = PhotometricDistortion()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        distort(torch.rand(channels, 8, 8))
+    assert set(called) == ({"adjust_saturation", "adjust_hue"} if channels == 3 else set())
+
+
 class PairSource(torch.utils.data.Dataset):
     def __init__(self, n: int = 4):
         self.pairs = [checkerboard(40, 50, 3 + i) for i in range(n)]
@@ -457,3 +560,16 @@ def test_fmnist_scenes_from_the_debian_files(tmp_path, monkeypatch):
     assert image.shape == (1, SCENE_SIZE, SCENE_SIZE) and mask.shape == (SCENE_SIZE, SCENE_SIZE)
     assert not torch.equal(train[0][0], val[0][0])  # train and test images make different scenes
     assert isinstance(train, SegSource)
+
+
+def test_fmnist_scenes_take_the_settings_a_folder_takes(tmp_path, monkeypatch):
+    """class names, channels and the pixel limit reach the fmnist-scenes source; its normalization is
+    Fashion-MNIST's, one value per channel."""
+    idx = tiny_fashion(tmp_path / "idx")
+    monkeypatch.setattr(segmentation, "SCENE_COUNTS", {"train": 3, "val": 2})
+    names = [f"thing {k}" for k in range(11)]
+    source = build_seg_source("fmnist-scenes", "val", root=idx, channels=3, class_list=names)
+    assert (len(source), source.classes, source.channels, source[0][0].shape[0]) == (2, names, 3, 3)
+    assert source.info.mean == (0.2860,) * 3 and source.info.classes == names
+    with pytest.raises(MimkitError, match="max_image_pixels"):
+        build_seg_source("fmnist-scenes", "val", root=idx, max_image_pixels=SCENE_SIZE * SCENE_SIZE - 1)

@@ -370,3 +370,32 @@ def test_pack_mcu_index_without_the_c_extension_is_refused(tmp_path, monkeypatch
     monkeypatch.setattr(shards, "transcode_restart_every_mcu", None)
     with pytest.raises(MimkitError, match="C extension"):
         pack_files([], tmp_path, tmp_path / "out", 2**20, mcu_index=True)
+
+
+def test_hidden_tar_files_beside_the_shards_are_no_shards(tmp_path):
+    """`._shard-000000.tar` (macOS's resource fork copies) and other hidden .tar files are left out."""
+    pack(image_folder(tmp_path / "images", n=4), tmp_path / "shards")
+    packed = shard_files(tmp_path / "shards")
+    (tmp_path / "shards" / f"._{packed[0].name}").write_bytes(packed[0].read_bytes())
+    assert shard_files(tmp_path / "shards") == packed
+    assert len(build_source(f"shards:{tmp_path / 'shards'}")) == 4
+
+
+def test_a_shard_is_closed_before_the_member_that_would_take_it_past_the_size(tmp_path):
+    folder = image_folder(tmp_path / "images", n=8, classes=())
+    files = sorted(folder.iterdir())
+    shard_size = 3 * (tarfile.BLOCKSIZE + max(f.stat().st_size for f in files))  # at least three members fit
+    written = pack_files(files, folder, tmp_path / "out", shard_size=shard_size)
+    entries = shards.load_index(tmp_path / "out", lambda name: True).values()
+    block = tarfile.BLOCKSIZE
+    member_bytes = [sum(block + -(-s // block) * block for s in e["sizes"]) for e in entries]
+    assert 1 < len(written) < 8 and all(b <= shard_size for b in member_bytes), member_bytes
+
+
+def test_pack_max_side_keeps_a_grey_image_grey(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((40, 30), 128, np.uint8)).save(tmp_path / "images" / "grey.jpg")
+    pack_files([tmp_path / "images" / "grey.jpg"], tmp_path / "images", tmp_path / "out", 10**6, max_side=20)
+    reader = ShardReader(ShardMembers.from_folder(tmp_path / "out", lambda name: True))
+    with Image.open(reader(0)) as stored:
+        assert (stored.mode, stored.size) == ("L", (15, 20))

@@ -458,3 +458,13 @@ def test_split_train_val_unlabeled(tmp_path):
         save(tmp_path / f"{i}.png", "L")
     train, val = split_train_val(build_source(str(tmp_path)), 0.3)
     assert len(val) == 3 and val.labels == [-1] * 3 and len(train) == 7
+
+
+def test_idx_files_come_from_root_first_and_val_reads_the_test_files(tmp_path, monkeypatch):
+    for folder, train, test in (("root", 5, 3), ("env", 7, 2)):
+        write_tiny_idx(tmp_path / folder, "train", train)
+        write_tiny_idx(tmp_path / folder, "t10k", test)
+    monkeypatch.setenv("MIMKIT_DATA", str(tmp_path / "env"))
+    lengths = {split: len(IdxSource("fashion-mnist", split, root=tmp_path / "root"))
+               for split in ("train", "val", "test")}
+    assert lengths == {"train": 5, "val": 3, "test": 3}
