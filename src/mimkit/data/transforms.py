@@ -62,7 +62,22 @@ class ImageView:
         return f"{type(self).__name__}({self.transform})"
 
 
-class CropView:
+class StagedView:
+    """A view cut into the stages a loader runs in different places (`mimkit.data.loader.SeededViews`):
+    ``draw_box(height, width)``, the crop box from the image's size alone; ``from_crop(crop)``, the uint8
+    item a worker hands over; ``on_device(batch)``, the float conversion and what follows it. A subclass
+    gives those three; the whole image's path is theirs in order, with the same draws (so the same pixels)."""
+
+    def from_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 `(C, H, W)` decoded whole -> the uint8 item of `from_crop`, its box drawn from the image."""
+        top, left, height, width = self.draw_box(*image.shape[-2:])
+        return self.from_crop(image[..., top:top + height, left:left + width])
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.on_device(self.from_image(image))
+
+
+class CropView(StagedView):
     """Random resized crop (bicubic), horizontal flip, normalize, and optionally MAE's mask noise.
 
     Called on a uint8 image it returns the normalized view, like any view. It is also cut into the three
@@ -110,14 +125,6 @@ class CropView:
     def on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Normalize the uint8 `"image"` of an item or a batch `(..., C, H, W)`, wherever it lies."""
         return batch | {"image": self.normalize(batch["image"])}
-
-    def from_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """uint8 `(C, H, W)` decoded whole -> the uint8 item of `from_crop`, its box drawn from the image."""
-        top, left, height, width = self.draw_box(*image.shape[-2:])
-        return self.from_crop(image[..., top:top + height, left:left + width])
-
-    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.on_device(self.from_image(image))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(size={self.size}, crop={self.crop}, flip={self.flip}, "

@@ -23,7 +23,7 @@ from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import functional as F
 from torchvision.transforms import v2
 
-from mimkit.data.transforms import normalize
+from mimkit.data.transforms import StagedView, normalize
 from mimkit.errors import MimkitError
 
 RE_MODES = ("pixel", "rand", "const")
@@ -75,7 +75,7 @@ def timm_train_transform(img_size: int, mean: Sequence[float], std: Sequence[flo
     return crop, v2.Compose([augment, to_tensor])
 
 
-class FinetuneView:
+class FinetuneView(StagedView):
     """Training view: timm's random resized crop (bicubic), horizontal flip, RandAugment, normalize, random
     erasing, with every RNG it uses decided by the torch RNG (`PythonSeeded`).
 
@@ -124,11 +124,6 @@ class FinetuneView:
         picture = F.resize(F.to_pil_image(crop), list(self.crop.size), self.crop.interpolation)
         return {"image": PythonSeeded(self.augment)(self.flip(picture))}
 
-    def from_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """uint8 `(C, H, W)` decoded whole -> the uint8 item of `from_crop`, its box drawn from the image."""
-        top, left, height, width = self.draw_box(*image.shape[-2:])
-        return self.from_crop(image[..., top:top + height, left:left + width])
-
     def on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Normalize and randomly erase the uint8 `"image"` of an item or a batch `(..., C, H, W)`."""
         images = self.normalize(batch["image"])
@@ -136,9 +131,6 @@ class FinetuneView:
             self.erasing.device = images.device  # the noise is drawn where the images lie
             images = PythonSeeded(self.erasing)(images)
         return batch | {"image": images}
-
-    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.on_device(self.from_image(image))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(crop={self.crop}, flip={self.flip}, augment={self.augment}, "
