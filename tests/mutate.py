@@ -73,6 +73,22 @@ MASKFEAT_TIMM_FORWARD = ("tests/models/test_maskfeat.py::"
                          "test_nothing_masked_the_encoder_is_timms_vit_and_each_patch_token_predicts_its_own_hog")
 SETTING_REACHES = ("tests/methods/test_settings_reach.py::"
                    "test_a_non_default_setting_changes_what_a_training_step_gives")
+# s6interop: the tokenizers' and the interop modules' tests its planted bugs name
+QUANTIZER_PY, QUANTIZER_TESTS = "src/mimkit/tokenizers/quantizer.py", "tests/tokenizers/test_quantizer.py"
+VQKD_PY = "src/mimkit/methods/vqkd.py"
+VQKD_HELD_OUT_TESTS = tuple(f"tests/tokenizers/test_vqkd.py::test_{name}" for name in (
+    "the_held_out_numbers_cover_every_picked_image_across_batches",
+    "a_folder_without_a_held_out_split_is_evaluated_on_its_train_images"))
+DVAE_PY = "src/mimkit/tokenizers/dvae.py"
+DVAE_TESTS = tuple(f"tests/tokenizers/test_dvae.py::test_{name}" for name in (
+    "a_saved_dvae_of_non_default_size_loads_whole_and_as_a_frozen_encoder",
+    "hard_codes_decode_as_their_one_hot_relaxation_does"))
+VQKD_TESTS = tuple(f"tests/tokenizers/test_vqkd.py::test_{name}" for name in (  # the fast ones
+    "shapes_ids_and_loss", "tokenize_never_moves_the_codebook", "the_first_batch_sets_the_codebook_by_kmeans",
+    "the_recipe_and_its_overrides_reach_the_quantizer", "straight_through_gradient_reaches_the_encoder",
+    "the_decoder_sees_each_patchs_code_at_the_patchs_place_on_the_grid",
+    "each_patchs_code_feature_comes_from_its_own_token_not_the_class_token",
+    "explicit_sizes_override_the_named_arch"))
 
 PLANTED = [
     Bug("layer decay: the loop ignores lr_scale", "src/mimkit/train/step.py",
@@ -1422,6 +1438,64 @@ PLANTED = [
     Bug("sweepdatarest: idx: channels=3 still gives one channel", "src/mimkit/data/idx.py",
         "return self.images[index].repeat(self.channels, 1, 1), int(self.labels[index])",
         "return self.images[index], int(self.labels[index])", ("tests/data/test_sources.py",)),
+    # s6interop
+    Bug("s6interop: quantizer: the k-means flag is not saved (a resumed run reruns k-means)",
+        QUANTIZER_PY,
+        'self.register_buffer("initialized", torch.tensor(kmeans_iters == 0))',
+        'self.register_buffer("initialized", torch.tensor(kmeans_iters == 0), '
+        'persistent=False)',
+        (QUANTIZER_TESTS,)),
+    Bug("s6interop: quantizer: the unused-step counts are not saved", QUANTIZER_PY,
+        'self.register_buffer("unused_steps", torch.zeros(num_codes, dtype=torch.long))',
+        'self.register_buffer("unused_steps", torch.zeros(num_codes, dtype=torch.long), '
+        'persistent=False)',
+        (QUANTIZER_TESTS,)),
+    Bug("s6interop: quantizer: k-means runs its default 10 rounds, not kmeans_iters", QUANTIZER_PY,
+        "spherical_kmeans(z, self.num_codes, self.kmeans_iters)", "spherical_kmeans(z, self.num_codes)",
+        (QUANTIZER_TESTS,)),
+    Bug("s6interop: k-means: a center left with one vector stays put", QUANTIZER_PY,
+        "hit = torch.bincount(ids, minlength=k) > 0", "hit = torch.bincount(ids, minlength=k) > 1",
+        (QUANTIZER_TESTS,)),
+    Bug("s6interop: k-means: a batch of exactly k vectors is drawn with replacement", QUANTIZER_PY,
+        "if n >= k:", "if n > k:", (QUANTIZER_TESTS,)),
+    Bug("s6interop: VQ-KD: the decoder reads the code grid without moving the code dims to channels",
+        "src/mimkit/tokenizers/vqkd.py",
+        "grid = quantized.transpose(1, 2).reshape(b, -1, self.grid, self.grid)",
+        "grid = quantized.reshape(b, -1, self.grid, self.grid)", VQKD_TESTS),
+    Bug("s6interop: VQ-KD: the named arch wins over the explicit arguments", "src/mimkit/tokenizers/vqkd.py",
+        "return VQKD(**{**dims, **kwargs})", "return VQKD(**{**kwargs, **dims})", VQKD_TESTS),
+    Bug("s6interop: VQ-KD: tokenize keeps the prefix token in the grid's place",
+        "src/mimkit/tokenizers/vqkd.py",
+        "[:, self.encoder.num_prefix_tokens:]  # [B, L, D]\n        return self.encode_task_layer",
+        "[:, :-self.encoder.num_prefix_tokens]  # [B, L, D]\n        return self.encode_task_layer",
+        VQKD_TESTS),
+    Bug("s6interop: VQ-KD: the held-out cosine is the mean of the batches' means", VQKD_PY,
+        'cosine += metrics["cosine"].item() * len(images)',
+        'cosine += metrics["cosine"].item() * len(picks) / len(loader)', VQKD_HELD_OUT_TESTS),
+    Bug("s6interop: VQ-KD: a folder without a val split gets no held-out evaluation", VQKD_PY,
+        '    except MimkitError:  # folders without a held-out split\n',
+        '    except MimkitError:  # folders without a held-out split\n        raise\n',
+        VQKD_HELD_OUT_TESTS),
+    Bug("s6interop: VQ-KD: the teacher reads the data's mean as its std", VQKD_PY,
+        "tuple(config.data.mean), tuple(config.data.std))",
+        "tuple(config.data.mean), tuple(config.data.mean))",
+        ("tests/tokenizers/test_vqkd.py::"
+         "test_the_teacher_is_told_the_datas_normalization_and_the_patch_grid",)),
+    Bug("s6interop: VQ-KD: a tokenizer run is loaded in training mode", VQKD_PY,
+        "return model.eval().requires_grad_(False), config", "return model.requires_grad_(False), config",
+        ("tests/methods/test_beitv2.py", "tests/interop/test_vqkd.py")),
+    Bug("s6interop: dVAE: a tokenizer run's mean and std swapped", "src/mimkit/methods/dvae.py",
+        "return Tokenizer(str(path), dvae, size, data.mean, data.std,",
+        "return Tokenizer(str(path), dvae, size, data.std, data.mean,", ("tests/methods/test_beit.py",)),
+    Bug("s6interop: dVAE: a schedule's annealing length rounded down", "src/mimkit/methods/dvae.py",
+        "steps = min(total_steps, round(share * total_steps))",
+        "steps = min(total_steps, int(share * total_steps))",
+        ("tests/methods/test_beit.py",)),
+    Bug("s6interop: dVAE: decode transposes the code grid", DVAE_PY,
+        "self.codebook(ids).permute(0, 3, 1, 2)", "self.codebook(ids).permute(0, 3, 2, 1)", DVAE_TESTS),
+    Bug("s6interop: dVAE: a saved file forgets num_res", DVAE_PY,
+        "num_down=num_down,\n                           num_res=num_res, recon_loss=recon_loss)",
+        "num_down=num_down,\n                           recon_loss=recon_loss)", DVAE_TESTS),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

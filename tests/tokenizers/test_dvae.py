@@ -108,6 +108,37 @@ def test_save_load_round_trip(trained, fashion, tmp_path):
     assert torch.equal(encoder.tokenize(imgs), model.tokenize(imgs))
 
 
+@pytest.mark.parametrize("where", ["file", "folder"])
+def test_a_saved_dvae_of_non_default_size_loads_whole_and_as_a_frozen_encoder(tmp_path, where):
+    """Every constructor argument travels in the file: a model built from the defaults would not take the
+    weights of a 3-channel, 2-block, 4-wide, 16-code dVAE."""
+    torch.manual_seed(0)
+    model = dvae_for(16, 4, 3, vocab_size=16, hidden=4, num_res=2, recon_loss="l1")
+    path = tmp_path / "dvae.safetensors" if where == "file" else tmp_path / "tok"
+    written = save_dvae(model, path)
+    imgs = torch.randn(2, 3, 16, 16)
+    ids = model.tokenize(imgs)
+    loaded = load_tokenizer(find_tokenizer(path))
+    assert loaded.config == model.config and loaded.recon_fn is torch.nn.functional.l1_loss
+    assert not loaded.training
+    assert torch.equal(loaded.tokenize(imgs), ids) and torch.equal(loaded.decode(ids), model.decode(ids))
+    encoder = load_tokenizer_encoder(find_tokenizer(written))
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    assert torch.equal(encoder.tokenize(imgs), ids)
+
+
+def test_hard_codes_decode_as_their_one_hot_relaxation_does():
+    """`decode` puts each cell's code vector where the cell is: what the training forward decodes when the
+    relaxed sample is one-hot (a transposed grid would decode another image)."""
+    torch.manual_seed(0)
+    model = DVAE(in_chans=1, vocab_size=8, hidden=4, num_down=1)
+    ids = torch.randint(0, 8, (2, 3, 5))  # not square: rows and columns cannot be confused
+    one_hot = torch.nn.functional.one_hot(ids, 8).float()  # [B, h, w, K]
+    expected = model.decoder(torch.einsum("bhwk,kc->bchw", one_hot, model.codebook.weight))
+    torch.testing.assert_close(model.decode(ids), expected)
+    assert model.decode(ids).shape == (2, 1, 6, 10)
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(MimkitError, match="neither a tokenizer run directory"):
         find_tokenizer(tmp_path)

@@ -74,6 +74,44 @@ def test_commitment_is_the_released_beta_times_mse(beta):
     assert z.grad.abs().sum() > 0
 
 
+def test_without_kmeans_the_codebook_starts_as_random_unit_codes():
+    q = NormEMAQuantizer(8, 4, kmeans_iters=0)
+    assert q.initialized
+    torch.testing.assert_close(q.codebook.norm(dim=1), torch.ones(8))
+    assert q.codebook.unique(dim=0).shape == (8, 4)
+
+
+def test_a_quantizer_loaded_from_its_state_keeps_its_codebook_and_dead_counts():
+    """A resumed run: the k-means flag and the unused-step counts come back with the codebook, so the first
+    training batch after a resume neither reruns k-means nor forgets how long a code has been unused."""
+    torch.manual_seed(0)
+    trained = NormEMAQuantizer(8, 4, kmeans_iters=2, decay=0.5, dead_after=50).train()
+    trained(torch.randn(32, 4))
+    trained.unused_steps[0] = 7
+    resumed = NormEMAQuantizer(8, 4, kmeans_iters=2, decay=0.5, dead_after=50).train()
+    resumed.load_state_dict(trained.state_dict())
+    assert resumed.initialized and torch.equal(resumed.unused_steps, trained.unused_steps)
+    batch = torch.randn(32, 4)
+    expected = trained.codebook.clone()
+    resumed(batch)
+    trained(batch)
+    torch.testing.assert_close(resumed.codebook, trained.codebook)
+    assert not torch.equal(resumed.codebook, expected)  # the step moved it: the comparison means something
+
+
+@pytest.mark.parametrize("iters", [1, 2])
+def test_the_quantizers_kmeans_runs_its_own_number_of_rounds(iters):
+    torch.manual_seed(0)
+    data = F.normalize(torch.randn(64, 4), dim=1)
+    q = NormEMAQuantizer(6, 4, kmeans_iters=iters, dead_after=None)
+    torch.manual_seed(1)
+    q.init_codebook(data)
+    torch.manual_seed(1)
+    torch.testing.assert_close(q.codebook, spherical_kmeans(data, 6, iters))
+    torch.manual_seed(1)
+    assert not torch.allclose(q.codebook, spherical_kmeans(data, 6, 10))
+
+
 def test_eval_mode_leaves_the_codebook_alone():
     q = quantizer(torch.randn(8, 4)).eval()
     before = {k: v.clone() for k, v in q.state_dict().items()}
@@ -133,6 +171,41 @@ def test_bad_arguments_are_one_line_errors():
         NormEMAQuantizer(8, 4, decay=1.0)
     with pytest.raises(MimkitError, match="dead_after"):
         NormEMAQuantizer(8, 4, dead_after=0)
+    # the edges of the ranges are accepted: no averaging, and a restart after one unused step
+    assert NormEMAQuantizer(8, 4, decay=0.0, dead_after=1).dead_after == 1
+
+
+@pytest.mark.parametrize("n, k", [(6, 6), (9, 4)])
+def test_kmeans_starts_at_distinct_vectors_of_the_batch(n, k):
+    """Without rounds the centers are the draw itself: k different rows of the batch (all of them when it
+    has exactly k), never a row drawn twice while others are left."""
+    x = F.normalize(torch.randn(n, 2, generator=torch.Generator().manual_seed(0)), dim=1)  # n > d rows
+    for seed in range(4):
+        centers = spherical_kmeans(x, k, iters=0, generator=torch.Generator().manual_seed(seed))
+        rows = [int((x == c).all(1).nonzero()) for c in centers]
+        assert len(set(rows)) == k
+
+
+@pytest.mark.parametrize("n", [20, 3])  # with and without replacement (k = 5)
+def test_kmeans_draws_its_start_from_the_generator_given(n):
+    x = F.normalize(torch.randn(n, 3, generator=torch.Generator().manual_seed(0)), dim=1)
+    draws = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        draws.append(spherical_kmeans(x, 5, iters=0, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)])
+def test_a_center_left_with_one_vector_moves_onto_it(order):
+    """Two close vectors at 0 and 10 degrees and one at 90, two centers. Whichever two start, k-means ends
+    with one center on the close pair's mean and one on the lone vector; when the pair starts as the
+    centers, the far vector first pulls one of them away, then is its only vector."""
+    angles = torch.tensor([0.0, 10.0, 90.0]).deg2rad()[list(order)]
+    x = torch.stack([angles.cos(), angles.sin()], dim=1)
+    centers = spherical_kmeans(x, 2, iters=10, generator=torch.Generator().manual_seed(0))
+    degrees = sorted(torch.atan2(centers[:, 1], centers[:, 0]).rad2deg().tolist())
+    assert degrees == pytest.approx([5.0, 90.0], abs=1e-4)
 
 
 def _ddp_worker(rank: int, tmp: str, data: torch.Tensor):

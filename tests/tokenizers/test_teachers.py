@@ -11,6 +11,7 @@ from transformers import (
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    CLIPVisionModelWithProjection,
     Dinov2Config,
     Dinov2Model,
     Dinov2WithRegistersConfig,
@@ -75,18 +76,23 @@ def test_hf_clip_vision_model(tmp_path, images):
     torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
 
 
-def clip_with_projection(folder) -> CLIPModel:
-    """A tiny CLIPModel (16-d projection) saved in ``folder``."""
+def clip_with_projection(folder, vision_only: bool = False) -> CLIPModel | CLIPVisionModelWithProjection:
+    """A tiny CLIPModel (16-d projection) saved in ``folder``; its vision tower and projection alone
+    (``CLIPVisionModelWithProjection``) when ``vision_only``."""
     torch.manual_seed(0)
-    config = CLIPConfig(vision_config=TINY, text_config=dict(hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
-    clip = CLIPModel(config).eval()
+    if vision_only:
+        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY, projection_dim=16)).eval()
+    else:
+        config = CLIPConfig(vision_config=TINY, text_config=dict(hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
+        clip = CLIPModel(config).eval()
     clip.save_pretrained(folder)
     return clip
 
 
-def test_hf_clip_model_with_projection_from_a_plain_folder(tmp_path, images):
-    clip = clip_with_projection(tmp_path / "clip")
+@pytest.mark.parametrize("vision_only", [False, True], ids=["CLIPModel", "CLIPVisionModelWithProjection"])
+def test_hf_clip_model_with_projection_from_a_plain_folder(tmp_path, images, vision_only):
+    clip = clip_with_projection(tmp_path / "clip", vision_only)
     teacher = load_teacher(str(tmp_path / "clip"), 4, DATA_MEAN, DATA_STD)  # a folder with config.json
     assert teacher.dim == 16
     with torch.no_grad():
@@ -169,6 +175,22 @@ def test_timm_model_with_a_local_weights_file(tmp_path, images):
         tokens = full.forward_features(teacher_input(images, cfg["mean"], cfg["std"], 224))[:, 1:]
     # float32 rounding and a resized grid: 6.0e-7 measured on this CPU
     torch.testing.assert_close(teacher(images), on_grid(tokens, 7), rtol=0, atol=2e-6)
+
+
+def test_a_timm_feature_map_is_channels_first_whether_the_model_gives_nhwc_or_nchw():
+    """A Swin's `forward_features` is (B, h, w, D) (its ``output_fmt`` NHWC), a CNN's (B, D, h, w): both
+    become a (B, D, h, w) grid, without a [CLS] feature."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", num_classes=0, img_size=32, window_size=4,
+                             embed_dim=16, depths=(1, 1), num_heads=(1, 1)).eval()
+    cnn = timm.create_model("resnet10t", num_classes=0).eval()
+    with torch.no_grad():
+        for model, channels_first in ((swin, swin.forward_features(x).permute(0, 3, 1, 2)),
+                                      (cnn, cnn.forward_features(x))):
+            cls, grid = TimmFeatures(model)(x)
+            assert cls is None and grid.shape[1] == model.num_features
+            torch.testing.assert_close(grid, channels_first)
 
 
 @pytest.mark.parametrize("spec, match", [

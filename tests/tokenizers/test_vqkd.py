@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from mimkit.config import load_recipe, merge, parse_overrides
 from mimkit.data.sources import build_source
@@ -38,6 +39,45 @@ def test_shapes_ids_and_loss():
     pred = model.forward_decoder(quantized)
     torch.testing.assert_close(loss, 1 - F.cosine_similarity(pred, target, dim=-1).mean() + commitment)
     assert torch.equal(model.tokenize(imgs), ids)
+
+
+def test_the_decoder_sees_each_patchs_code_at_the_patchs_place_on_the_grid():
+    """The decoder's input is a code_dim-channel image of the patch grid: pixel (r, c) holds the code of
+    patch r * grid + c (row-major, as the encoder numbers its patches), the code's dims as channels."""
+    torch.manual_seed(0)
+    model = tiny()
+    seen = []
+    model.decoder.patch_embed.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    quantized = torch.randn(2, 49, 32)
+    model.forward_decoder(quantized)
+    expected = quantized.reshape(2, 7, 7, 32).permute(0, 3, 1, 2)  # [B, d, rows, cols]
+    assert torch.equal(seen[0], expected)
+
+
+def test_each_patchs_code_feature_comes_from_its_own_token_not_the_class_token():
+    """With the blocks' residual branches zeroed, a patch token depends on its own pixels only: changing
+    the top-left patch changes the first code feature and no other (the class token is left out)."""
+    torch.manual_seed(0)
+    model = tiny()
+    with torch.no_grad():
+        for block in model.encoder.blocks:
+            for layer in (block.attn.proj, block.mlp.fc2):
+                layer.weight.zero_()
+                layer.bias.zero_()
+    x = torch.randn(1, 1, 28, 28)
+    changed = x.clone()
+    changed[..., :4, :4] += 1.0
+    with torch.no_grad():
+        moved = (model.forward_encoder(changed) - model.forward_encoder(x)).abs().sum(-1)[0]  # [L]
+    assert moved.shape == (49,) and moved[0] > 0 and (moved[1:] == 0).all()
+
+
+def test_explicit_sizes_override_the_named_arch():
+    model = create_vqkd("vit_mini", img_size=16, patch_size=4, in_chans=1, teacher_dim=8, vocab_size=8,
+                        embed_dim=32, depth=1, num_heads=2, decoder_depth=1)
+    assert (model.encoder.embed_dim, len(model.encoder.blocks), model.encoder.blocks[0].attn.num_heads) == (
+        32, 1, 2)
+    assert len(create_vqkd("vit_mini", img_size=16, patch_size=4, teacher_dim=8).encoder.blocks) == 6
 
 
 def test_tokenize_never_moves_the_codebook():
@@ -159,13 +199,13 @@ def test_short_fashion_mnist_run_fills_the_codebook_and_approaches_the_teacher(f
     assert after["perplexity"] > 32
 
 
-def held_out_evaluation(monkeypatch, eval_images: int) -> tuple:
-    """A tiny VQ-KD on 28 px grey synthetic images, its teacher a random ViT (no run loaded), and its
-    held-out evaluation: (model, teacher, evaluate)."""
+def held_out_evaluation(monkeypatch, eval_images: int, *overrides: str) -> tuple:
+    """A tiny VQ-KD on 28 px grey synthetic images (unless ``overrides`` say otherwise), its teacher a random
+    ViT (no run loaded), and its held-out evaluation: (model, teacher, evaluate)."""
     config = read_config(merge(load_recipe("vqkd_fmnist"), parse_overrides([
         "data.source=synthetic:8", "vqkd.teacher_dim=24", "vqkd.vocab_size=16", "vqkd.decoder_depth=1",
         "model.kwargs.depth=1", "data.img_size=28", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]",
-        f"vqkd.eval_images={eval_images}"])))
+        f"vqkd.eval_images={eval_images}", *overrides])))
     vit = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=0,
                             embed_dim=24, depth=1, num_heads=2)
     teacher = Teacher(TimmFeatures(vit), 28, 1, (0.5,), (0.5,), (0.5,), (0.5,), 7, "random ViT")
@@ -200,3 +240,53 @@ def test_the_held_out_evaluation_tokenizes_a_seeded_subset_of_the_val_split(monk
     with torch.no_grad():
         _, metrics, _ = model.eval()(expected, teacher(expected))
     assert first["val_cosine"] == pytest.approx(metrics["cosine"].item(), abs=1e-6)
+
+
+def test_the_held_out_numbers_cover_every_picked_image_across_batches(monkeypatch):
+    """Three images in batches of two: the cosine is the mean over the three images (not over the batches,
+    which would weigh the lone last image as much as the first two), usage and perplexity those of all
+    their codes."""
+    model, teacher, evaluate = held_out_evaluation(monkeypatch, 3, "train.batch_size=2")
+    seen = []
+    teacher.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    numbers = evaluate(model)
+    assert [len(batch) for batch in seen] == [2, 1]
+    images = torch.cat(seen)
+    with torch.no_grad():
+        _, metrics, ids = model.eval()(images, teacher(images))
+    assert numbers["val_cosine"] == pytest.approx(metrics["cosine"].item(), abs=1e-6)
+    stats = codebook_stats(ids, 16)
+    assert (numbers["val_usage"], numbers["val_perplexity"]) == pytest.approx(
+        (stats["usage"].item(), stats["perplexity"].item()))
+
+
+def test_a_folder_without_a_held_out_split_is_evaluated_on_its_train_images(monkeypatch, tmp_path):
+    for i in range(4):
+        Image.fromarray(torch.full((28, 28), 60 * i, dtype=torch.uint8).numpy()).save(tmp_path / f"{i}.png")
+    model, teacher, evaluate = held_out_evaluation(monkeypatch, 4, f"data.source={tmp_path}")
+    seen = []
+    teacher.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    evaluate(model)
+    means = sorted(torch.cat(seen).mean((1, 2, 3)).tolist())  # each image is one grey level
+    assert means == pytest.approx([(60 * i / 255 - 0.5) / 0.5 for i in range(4)], abs=1e-5)
+
+
+def test_the_teacher_is_told_the_datas_normalization_and_the_patch_grid(monkeypatch):
+    """The teacher converts the run's images back to pixels with the data's mean and std (a mean read as
+    the std would feed it other images) and resizes its features to the run's patch grid."""
+    calls = []
+
+    def load_teacher(spec, grid, mean, std, run_encoder):
+        calls.append((spec, grid, mean, std))
+        return "a teacher"
+
+    monkeypatch.setattr(vqkd_method, "load_teacher", load_teacher)
+    config = read_config(merge(load_recipe("vqkd_fmnist"), parse_overrides([
+        "vqkd.teacher=runs/some-mae", "data.img_size=28", "model.patch_size=4", "data.channels=1",
+        "data.mean=[0.2]", "data.std=[0.3]"])))
+    vqkd_method._load_teacher.cache_clear()
+    try:
+        assert vqkd_method.teacher_of(config) == "a teacher"
+    finally:
+        vqkd_method._load_teacher.cache_clear()
+    assert calls == [("runs/some-mae", 7, (0.2,), (0.3,))]
