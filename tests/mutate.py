@@ -1490,7 +1490,7 @@ PLANTED = [
     Bug("s6interop: dVAE: a schedule's annealing length rounded down", "src/mimkit/methods/dvae.py",
         "steps = min(total_steps, round(share * total_steps))",
         "steps = min(total_steps, int(share * total_steps))",
-        ("tests/methods/test_beit.py",)),
+        ("tests/methods/test_beit.py::test_schedules_anneal_the_temperature_and_ramp_the_kl_weight",)),
     Bug("s6interop: dVAE: decode transposes the code grid", DVAE_PY,
         "self.codebook(ids).permute(0, 3, 1, 2)", "self.codebook(ids).permute(0, 3, 2, 1)", DVAE_TESTS),
     Bug("s6interop: dVAE: a saved file forgets num_res", DVAE_PY,

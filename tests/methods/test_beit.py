@@ -73,6 +73,12 @@ def test_schedules_anneal_the_temperature_and_ramp_the_kl_weight():
     assert all(a >= b for a, b in zip(temperature, temperature[1:], strict=False))
     assert kl_weight[0] == 0.0 and kl_weight[9] == kl_weight[-1] == 0.2
     assert all(a <= b for a, b in zip(kl_weight, kl_weight[1:], strict=False))
+    # a share that is not a whole number of steps is rounded to the nearest: 0.1 of 7 steps is 1 step of
+    # warmup (the KL weight starts at 0, not at its full value), 0.5 of 7 is 4 steps of annealing, not 3
+    short = schedule_values(read_config({"method": "dvae", "dvae": {"kl_warmup": 0.1, "kl_weight": 0.2,
+                                                                    "temperature_anneal": 0.5}}), 7)
+    assert short["kl_weight"][:2] == [0.0, 0.2]
+    assert short["temperature"][2] > short["temperature"][3] == short["temperature"][-1] == 1 / 16
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from mimkit.cli import main
 from mimkit.config import load_recipe
 from mimkit.errors import MimkitError
 from mimkit.interop.cae import OFFICIAL_CAE, read_official_cae
+from mimkit.interop.export import export_model
 from mimkit.interop.importer import resolve_arch
 from mimkit.interop.keymaps import to_foreign
 from mimkit.methods.dvae import find_tokenizer, load_tokenizer
@@ -174,12 +175,17 @@ def test_without_a_tokenizer_the_error_says_how_to_get_one(tmp_path, capsys):
     assert "\n" not in err
 
 
-def authors_checkpoint(path, **args) -> CAE:
+def tiny_cae(layer_scale_init: float = 0.1) -> CAE:
+    """A tiny CAE (8x8 grid of 4-px patches) whose weights are off their initialization."""
+    return perturb(CAE(img_size=32, patch_size=4, in_chans=3, vocab_size=32, embed_dim=32, depth=2,
+                       num_heads=2, decoder_embed_dim=16, decoder_num_heads=2, regressor_depth=2,
+                       decoder_depth=1, drop_path_rate=0.0, layer_scale_init=layer_scale_init))
+
+
+def authors_checkpoint(path, layer_scale_init: float = 0.1, **args) -> CAE:
     """A tiny CAE saved as the authors' ``tools/run_pretraining.py`` saves one: its state dict in their names
     with the alignment encoder's copy and the regressor's position table, and their ``args``."""
-    model = perturb(CAE(img_size=32, patch_size=4, in_chans=3, vocab_size=32, embed_dim=32, depth=2,
-                        num_heads=2, decoder_embed_dim=16, decoder_num_heads=2, regressor_depth=2,
-                        decoder_depth=1, drop_path_rate=0.0))
+    model = tiny_cae(layer_scale_init)
     state, left = to_foreign(model.state_dict(), OFFICIAL_CAE)
     assert left == []
     state |= {k.replace("encoder.", "alignment_encoder.", 1): v for k, v in state.items()
@@ -222,6 +228,39 @@ def test_authors_weights_without_args_get_reported_guesses(tmp_path):
     assert (arch["regressor_depth"], arch["decoder_depth"], arch["vocab_size"]) == (2, 1, 32)
     assert origin["num_heads"].startswith(("guessed", "unknown"))
     assert origin["decoder_num_heads"].startswith(("guessed", "unknown", "default"))
+
+
+def test_authors_args_give_the_heads_layer_scales_drop_path_weight_and_mask_ratio(tmp_path):
+    authors_checkpoint(tmp_path / "ckpt.pth", **AUTHORS_ARGS | {"drop_path": 0.05})
+    arch, origin = resolve_arch(read_official_cae(tmp_path / "ckpt.pth"))
+    assert {k: arch[k] for k in ("decoder_num_heads", "layer_scale_init", "decoder_layer_scale_init",
+                                 "drop_path_rate", "align_weight", "mask_ratio")} == {
+        "decoder_num_heads": 2, "layer_scale_init": 0.1, "decoder_layer_scale_init": 0.1,
+        "drop_path_rate": 0.05, "align_weight": 1.5, "mask_ratio": 0.5}
+    assert origin["drop_path_rate"] == "args.drop_path"
+    assert origin["mask_ratio"] == "args.num_mask_patches (32 of 8x8)"
+
+
+def test_authors_weights_without_layer_scale_import_without_it(tmp_path):
+    authors_checkpoint(tmp_path / "bare.pth", layer_scale_init=0.0)
+    arch, origin = resolve_arch(read_official_cae(tmp_path / "bare.pth"))
+    assert arch["layer_scale_init"] == 0.0 and origin["layer_scale_init"] == "weights"
+
+
+@pytest.mark.parametrize("layer_scale_init", [0.1, 0.0])
+def test_the_encoder_exports_as_a_transformers_beit_model_giving_its_features(layer_scale_init, tmp_path):
+    """A model exported without a run (the CLI's export of a run is a slow test): transformers loads the
+    folder as a BeitModel that gives the encoder's tokens, with and without layer scale."""
+    model = tiny_cae(layer_scale_init)
+    config = read_config({"method": "cae", "data": {"img_size": 32, "channels": 3, "mean": [0.5] * 3,
+                                                    "std": [0.5] * 3}})
+    export_model(model, config, "hf", tmp_path / "hf")
+    hf = BeitModel.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.layer_scale_init_value == layer_scale_init
+    imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(imgs).last_hidden_state, model.encoder.forward_features(imgs),
+                                   atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("args, message", [
