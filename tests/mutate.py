@@ -80,6 +80,11 @@ VQKD_HELD_OUT_TESTS = tuple(f"tests/tokenizers/test_vqkd.py::test_{name}" for na
     "the_held_out_numbers_cover_every_picked_image_across_batches",
     "a_folder_without_a_held_out_split_is_evaluated_on_its_train_images"))
 DVAE_PY = "src/mimkit/tokenizers/dvae.py"
+CAE_INTEROP_PY = "src/mimkit/interop/cae.py"
+CAE_INTEROP_TESTS = tuple(f"tests/methods/test_cae.py::test_{name}" for name in (
+    "authors_args_give_the_heads_layer_scales_drop_path_weight_and_mask_ratio",
+    "authors_weights_without_layer_scale_import_without_it",
+    "the_encoder_exports_as_a_transformers_beit_model_giving_its_features"))
 DVAE_TESTS = tuple(f"tests/tokenizers/test_dvae.py::test_{name}" for name in (
     "a_saved_dvae_of_non_default_size_loads_whole_and_as_a_frozen_encoder",
     "hard_codes_decode_as_their_one_hot_relaxation_does"))
@@ -1496,6 +1501,22 @@ PLANTED = [
     Bug("s6interop: dVAE: a saved file forgets num_res", DVAE_PY,
         "num_down=num_down,\n                           num_res=num_res, recon_loss=recon_loss)",
         "num_down=num_down,\n                           recon_loss=recon_loss)", DVAE_TESTS),
+    Bug("s6interop: CAE import: the authors' args.drop_path is not read", CAE_INTEROP_PY,
+        '"drop_path": "drop_path_rate", ', "", CAE_INTEROP_TESTS),
+    Bug("s6interop: CAE import: weights without layer scale are given the default 0.1", CAE_INTEROP_PY,
+        'not in state:\n        arch["layer_scale_init"] = 0.0', 'not in state:\n        pass',
+        CAE_INTEROP_TESTS),
+    Bug("s6interop: CAE export: no layer scale exported as 0.1", CAE_INTEROP_PY,
+        'layer_scale_init_value=kw["init_values"] or 0.0', 'layer_scale_init_value=kw["init_values"] or 0.1',
+        CAE_INTEROP_TESTS),
+    Bug("s6interop: BEiT import: weights without layer scale are given layer scale", "src/mimkit/interop/beit.py",
+        'arch["layer_scale_init"] = 0.0  # timm builds', 'pass  # timm builds',
+        ("tests/interop/test_beit.py::test_official_weights_without_layer_scale_import_without_it",)),
+    Bug("s6interop: import: a named ViT's heads guessed from its width and MLP ratio alone",
+        "src/mimkit/interop/mae.py",
+        '(arch["embed_dim"], arch["depth"], arch["mlp_ratio"]) == (embed_dim, depth, mlp_ratio)',
+        '(arch["embed_dim"], arch["mlp_ratio"]) == (embed_dim, mlp_ratio)',
+        ("tests/interop/test_args.py::test_an_encoder_of_a_named_vits_shape_gets_that_vits_heads",)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

@@ -91,6 +91,17 @@ def test_released_names_fix_the_heads():
     assert official_vqkd_args({"model": "vqkd_custom"}) == ({}, {})
 
 
+@pytest.mark.parametrize("dims, heads, why", [
+    ((128, 6, 4.0), 4, "guessed: vit_mini's, the named ViT of this shape"),  # 32-wide heads, not 64
+    ((768, 12, 4.0), 12, "guessed: vit_base's, the named ViT of this shape"),
+    ((128, 5, 4.0), 2, "guessed: 64-wide heads"),  # another depth: no named ViT, the released convention
+    ((128, 6, 2.0), 2, "guessed: 64-wide heads"),  # another MLP ratio
+])
+def test_an_encoder_of_a_named_vits_shape_gets_that_vits_heads(dims, heads, why):
+    guess, origin = mae_interop.encoder_heads(*dims)
+    assert guess == heads and origin.startswith(why)
+
+
 def test_unknown_name_guesses_heads_by_the_released_convention_and_says_so(tmp_path, capsys):
     """A name the reference code does not define, 64- and 32-wide layers: one head each, reported as guessed
     with the --set that changes it (the acceptance's `mae_vit_custom`)."""

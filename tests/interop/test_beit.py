@@ -157,6 +157,19 @@ def test_official_layout(tmp_path):
                                    atol=0)
 
 
+def test_official_weights_without_layer_scale_import_without_it(tmp_path):
+    torch.manual_seed(0)
+    beit = perturb(Beit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+                        use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=None, global_pool="token"))
+    torch.save({"model": beit.state_dict()}, tmp_path / "beit_pt.pth")
+    foreign = read_checkpoint(tmp_path / "beit_pt.pth", "beit")
+    assert beit_arch(foreign.state)["layer_scale_init"] == 0.0
+    model, _ = load_into_new(foreign)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder.forward_features(x), beit.forward_features(x), rtol=0, atol=0)
+
+
 def test_official_beitv2_layout(tmp_path):
     torch.manual_seed(0)
     beit = perturb(Beit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
