@@ -167,7 +167,8 @@ def test_official_weights_without_layer_scale_import_without_it(tmp_path):
     model, _ = load_into_new(foreign)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model.encoder.forward_features(x), beit.forward_features(x), rtol=0, atol=0)
+        torch.testing.assert_close(model.encoder.forward_features(x), beit.forward_features(x), rtol=0,
+                                   atol=0)
 
 
 def test_official_beitv2_layout(tmp_path):
