@@ -10,6 +10,7 @@ from PIL import Image
 from mimkit.config import load_recipe, merge, parse_overrides
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import eval_view
+from mimkit.errors import MimkitError
 from mimkit.methods import vqkd as vqkd_method
 from mimkit.methods.vqkd import build_model
 from mimkit.registry import read_config
@@ -290,3 +291,23 @@ def test_the_teacher_is_told_the_datas_normalization_and_the_patch_grid(monkeypa
     finally:
         vqkd_method._load_teacher.cache_clear()
     assert calls == [("runs/some-mae", 7, (0.2,), (0.3,))]
+
+
+@pytest.mark.parametrize("has_val", [True, False])
+def test_the_held_out_images_come_from_the_datas_root_with_its_channels(monkeypatch, tmp_path, has_val):
+    """``data.root`` and ``data.channels`` reach the held-out source, whether it is the val split or, for
+    data without one, the train split."""
+    asked = []
+
+    def build_source(spec, split="train", root=None, channels=None):
+        asked.append((spec, split, root, channels))
+        if split == "val" and not has_val:
+            raise MimkitError("no val split")
+        return real_build_source("synthetic:8", split=split, channels=channels)
+
+    real_build_source = vqkd_method.build_source
+    monkeypatch.setattr(vqkd_method, "build_source", build_source)
+    held_out_evaluation(monkeypatch, 2, "data.source=fashion-mnist", f"data.root={tmp_path}")
+    expected = [("fashion-mnist", "val", str(tmp_path), 1)] + (
+        [] if has_val else [("fashion-mnist", "train", str(tmp_path), 1)])
+    assert [(spec, split, str(root), channels) for spec, split, root, channels in asked] == expected
