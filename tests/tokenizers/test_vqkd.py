@@ -311,3 +311,15 @@ def test_the_held_out_images_come_from_the_datas_root_with_its_channels(monkeypa
     expected = [("fashion-mnist", "val", str(tmp_path), 1)] + (
         [] if has_val else [("fashion-mnist", "train", str(tmp_path), 1)])
     assert [(spec, split, str(root), channels) for spec, split, root, channels in asked] == expected
+
+
+@pytest.mark.parametrize("override, message", [
+    ("vqkd.teacher_dim=null", "vqkd.teacher_dim is unset: the run's teacher fills it in"),
+    ("model.kwargs.decoder_embed_dim=16", "decoder_embed_dim"),  # an MAE argument, not a VQ-KD one
+])
+def test_a_model_the_settings_cannot_build_is_a_one_line_error(override, message):
+    config = read_config(merge(load_recipe("vqkd_fmnist"), parse_overrides([
+        "vqkd.teacher_dim=24", "vqkd.vocab_size=16", "vqkd.decoder_depth=1", "model.kwargs.depth=1",
+        override])))
+    with pytest.raises(MimkitError, match=message):
+        build_model(config)
