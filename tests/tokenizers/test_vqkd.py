@@ -13,7 +13,8 @@ from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
 from mimkit.methods import vqkd as vqkd_method
 from mimkit.methods.vqkd import build_model
-from mimkit.registry import read_config
+from mimkit.registry import method_of, read_config
+from mimkit.runs import save_run_config
 from mimkit.tokenizers.dvae import codebook_stats
 from mimkit.tokenizers.quantizer import spherical_kmeans
 from mimkit.tokenizers.teachers import Teacher, TimmFeatures
@@ -323,3 +324,10 @@ def test_a_model_the_settings_cannot_build_is_a_one_line_error(override, message
         override])))
     with pytest.raises(MimkitError, match=message):
         build_model(config)
+
+
+def test_a_tokenizer_run_without_a_checkpoint_is_a_one_line_error(tmp_path):
+    config = read_config(merge(load_recipe("vqkd_fmnist"), parse_overrides(["vqkd.teacher_dim=24"])))
+    save_run_config(tmp_path, method_of("vqkd").kind, config)
+    with pytest.raises(MimkitError, match="has no checkpoint yet"):
+        vqkd_method.load_vqkd_tokenizer(tmp_path)
