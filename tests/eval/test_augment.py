@@ -155,6 +155,15 @@ def test_mix_is_timm_mixup_decided_by_the_torch_rng(settings):
         mix(images[:7], labels[:7])
 
 
+def test_with_mixup_and_cutmix_off_the_batch_passes_and_the_targets_are_smoothed_one_hot():
+    """Any batch size, odd included; every image as it came; target ``1 - eps + eps / C`` at the label."""
+    images, labels = torch.randn(7, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    torch.manual_seed(0)
+    mixed, targets = MixTargets(4, mixup=0.0, cutmix=0.0, label_smoothing=0.2)(images, labels)
+    assert torch.equal(mixed, images)
+    torch.testing.assert_close(targets, torch.nn.functional.one_hot(labels, 4) * 0.8 + 0.05)
+
+
 @pytest.mark.parametrize("kwargs", [dict(label_smoothing=1.0), dict(label_smoothing=-0.1), dict(mixup=-1.0),
                                     dict(switch_prob=1.5)])
 def test_mix_refuses_settings_out_of_range(kwargs):
