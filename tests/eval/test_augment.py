@@ -99,6 +99,21 @@ def test_erasing_paints_one_rectangle_per_image_as_the_papers():
         assert len(rows) == box
 
 
+@pytest.mark.parametrize("remode", ["pixel", "rand", "const"])
+def test_each_erasing_mode_paints_what_it_names(remode):
+    """``pixel``: noise per pixel; ``rand``: one random value per channel over the rectangle; ``const``: 0."""
+    torch.manual_seed(0)
+    batch = torch.full((8, 3, 32, 32), 200, dtype=torch.uint8)
+    images = FinetuneView(32, MEAN, STD, reprob=1.0, remode=remode).on_device({"image": batch})["image"]
+    untouched = FinetuneView(32, MEAN, STD, reprob=0.0).on_device({"image": batch[0]})["image"][:, 0, 0]
+    for erased in images:
+        painted = erased[:, (erased != untouched[:, None, None]).any(0)]  # (C, pixels of the rectangle)
+        assert painted.shape[1] > 0
+        values_per_channel = {len(channel.unique()) for channel in painted}
+        assert values_per_channel == ({1} if remode != "pixel" else values_per_channel - {1})
+        assert (painted == 0).all() == (remode == "const")
+
+
 def test_seeded_views_are_reproducible_and_leave_global_rngs_alone():
     view = FinetuneView(32, MEAN, STD)
     source = [(image(seed=i), i % 3) for i in range(4)]
