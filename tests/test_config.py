@@ -198,7 +198,7 @@ def test_the_evaluation_defaults_turn_on_nothing_the_user_did_not_ask_for():
     classifier = ft.classifier
     assert (classifier.init, classifier.num_classes, ft.ema_decay, ft.eval_every, ft.eval_batch_size) == (
         "pretrained", None, None, 1, 256)
-    assert ft.optim.min_lr == 1e-6
+    assert ft.optim.min_lr == 1e-6 and ft.data == DataConfig()
     assert dataclasses.asdict(seg.labels) == {"fraction": 1.0, "seed": 0}
     head = seg.seg
     assert (head.head, head.init, head.freeze_encoder, head.photometric, head.rel_pos_bias) == (
