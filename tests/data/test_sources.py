@@ -142,6 +142,30 @@ def test_idx_unknown_name_and_files_that_do_not_pair_up(tmp_path):
         IdxSource("mnist", root=tmp_path)
 
 
+def test_idx_names_its_classes_and_passes_over_a_folder_missing_one_of_the_pair(tmp_path, monkeypatch):
+    """Fashion-MNIST's ten class names in label order; a folder holding the images without their labels is
+    skipped for the next place (here $MIMKIT_DATA), not paired with nothing."""
+    write_tiny_idx(tmp_path / "env", "train", n=6)
+    write_tiny_idx(tmp_path / "root", "train", n=3)
+    (tmp_path / "root" / "train-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setenv("MIMKIT_DATA", str(tmp_path / "env"))
+    source = IdxSource("fashion-mnist", root=tmp_path / "root")
+    assert len(source) == 6
+    assert source.info.classes == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                   "Sneaker", "Bag", "Ankle boot"]
+    assert IdxSource("mnist", root=tmp_path / "env").info.classes == [str(d) for d in range(10)]
+    with pytest.raises(MimkitError, match="split"):
+        IdxSource("mnist", split="dev", root=tmp_path / "env")
+    with pytest.raises(MimkitError, match="channels"):
+        IdxSource("mnist", root=tmp_path / "env", channels=2)
+
+
+def test_downloads_go_to_the_users_cache_folder_without_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert idx.mimkit_cache_dir() == tmp_path / ".cache" / "mimkit"
+
+
 def test_idx_bad_file(tmp_path):
     (tmp_path / "x").write_bytes(b"not an idx file")
     with pytest.raises(MimkitError, match="not an IDX file"):
