@@ -95,6 +95,11 @@ VQKD_TESTS = tuple(f"tests/tokenizers/test_vqkd.py::test_{name}" for name in (  
     "each_patchs_code_feature_comes_from_its_own_token_not_the_class_token",
     "explicit_sizes_override_the_named_arch"))
 
+# s6data: the tests its planted bugs name
+AUGMENT, AUGMENT_PY = "tests/eval/test_augment.py::", "src/mimkit/eval/augment.py"
+EVAL_CONFIG_PY = "src/mimkit/eval/config.py"
+EVAL_DEFAULTS = "tests/test_config.py::test_the_evaluation_defaults_turn_on_nothing_the_user_did_not_ask_for"
+
 PLANTED = [
     Bug("layer decay: the loop ignores lr_scale", "src/mimkit/train/step.py",
         'group["lr"] = lr * group.get("lr_scale", 1.0)', 'group["lr"] = lr',
@@ -1518,6 +1523,38 @@ PLANTED = [
         '(arch["embed_dim"], arch["depth"], arch["mlp_ratio"]) == (embed_dim, depth, mlp_ratio)',
         '(arch["embed_dim"], arch["mlp_ratio"]) == (embed_dim, mlp_ratio)',
         ("tests/interop/test_args.py::test_an_encoder_of_a_named_vits_shape_gets_that_vits_heads",)),
+    # s6data: eval/ config, augment, subsets, scores and data/ idx (sixth-pass sweep)
+    Bug("s6data: augment: mixup and cutmix off still go through timm's Mixup (an odd batch: a traceback)",
+        AUGMENT_PY, "        if not self.mixing:  # timm", "        if False:  # timm",
+        (AUGMENT + "test_with_mixup_and_cutmix_off_the_batch_passes_and_the_targets_are_smoothed_one_hot",)),
+    Bug("s6data: augment: cutmix alone turns mixing off", AUGMENT_PY,
+        "self.mixing = mixup > 0 or cutmix > 0", "self.mixing = mixup > 0",
+        (AUGMENT + "test_mix_is_timm_mixup_decided_by_the_torch_rng",)),
+    Bug("s6data: augment: the caller's batch mixed in place", AUGMENT_PY,
+        "return self.mix(images.clone(), labels)", "return self.mix(images, labels)",
+        (AUGMENT + "test_mix_is_timm_mixup_decided_by_the_torch_rng",)),
+    Bug("s6data: augment: timm's colour jitter on when no policy is given", AUGMENT_PY,
+        "hflip=0.5, color_jitter=None,", "hflip=0.5,",
+        (AUGMENT + "test_without_a_policy_the_view_only_crops_and_flips",)),
+    Bug("s6data: augment: up to two erased rectangles per image", AUGMENT_PY, "max_count=1,", "max_count=2,",
+        (AUGMENT + "test_erasing_paints_one_rectangle_per_image_as_the_papers",)),
+    Bug("s6data: scores: bfloat16 autocast on the CPU too", "src/mimkit/eval/scores.py",
+        'enabled=device.type == "cuda"', "enabled=True",
+        ("tests/eval/test_probes.py::test_classification_accuracy_scores_in_full_precision_on_the_cpu",)),
+    Bug("s6data: subsets: partly unlabelled data accepted", "src/mimkit/eval/subsets.py",
+        "min(labels) < 0", "max(labels) < 0",
+        ("tests/eval/test_subsets.py::test_data_with_some_unlabelled_images_is_an_error_too",)),
+    Bug("s6data: config: fine-tuning's optimizer section skips the pretraining checks", EVAL_CONFIG_PY,
+        "        super().__post_init__()\n        if not 0 < self.layer_decay",
+        "        if not 0 < self.layer_decay",
+        ("tests/test_config.py::test_the_evaluations_optimizer_sections_keep_the_pretraining_checks",)),
+    Bug("s6data: config: the probes pool the patch tokens by default", EVAL_CONFIG_PY,
+        'pool: str = "cls"', 'pool: str = "avg"', (EVAL_DEFAULTS,)),
+    Bug("s6data: config: segmentation's test-time flip on by default", EVAL_CONFIG_PY,
+        "eval_flip: bool = False", "eval_flip: bool = True", (EVAL_DEFAULTS,)),
+    Bug("s6data: idx: torchvision never asked to download", "src/mimkit/data/idx.py",
+        "download=True", "download=False",
+        ("tests/data/test_sources.py::test_the_download_is_torchvisions_into_mimkits_cache",)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

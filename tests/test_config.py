@@ -22,7 +22,15 @@ from mimkit.config import (
     to_dict,
 )
 from mimkit.errors import MimkitError
-from mimkit.eval.config import FinetuneConfig, KnnConfig, LinprobeConfig, ProbeConfig, SegmentConfig
+from mimkit.eval.config import (
+    FinetuneConfig,
+    FinetuneOptimConfig,
+    KnnConfig,
+    LinprobeConfig,
+    ProbeConfig,
+    SegmentConfig,
+    SegmentOptimConfig,
+)
 from mimkit.methods import METHODS
 from mimkit.registry import method_of, read_config
 from mimkit.runs import config_path, keep_config, load_config, load_encoder, load_run
@@ -179,6 +187,37 @@ def test_the_evaluation_defaults_are_the_papers_recipes():
     linprobe = LinprobeConfig()
     assert (linprobe.base_lr, linprobe.optimizer, linprobe.epochs, linprobe.weight_decay) == (
         0.1, "sgd", 100, 0.0)
+
+
+def test_the_evaluation_defaults_turn_on_nothing_the_user_did_not_ask_for():
+    """Seed 0 for every subset, every label, no hold-out; evaluated every epoch; the whole encoder trained
+    from its pretrained weights; no test-time flip, no relative position biases added, the probes' features
+    read in this process from the [CLS] token of the final block."""
+    ft, seg = FinetuneConfig(), SegmentConfig()
+    assert dataclasses.asdict(ft.labels) == {"fraction": 1.0, "val_fraction": 0.0, "seed": 0}
+    classifier = ft.classifier
+    assert (classifier.init, classifier.num_classes, ft.ema_decay, ft.eval_every, ft.eval_batch_size) == (
+        "pretrained", None, None, 1, 256)
+    assert ft.optim.min_lr == 1e-6 and ft.data == DataConfig()
+    assert dataclasses.asdict(seg.labels) == {"fraction": 1.0, "seed": 0}
+    head = seg.seg
+    assert (head.head, head.init, head.freeze_encoder, head.photometric, head.rel_pos_bias) == (
+        "upernet", "pretrained", False, True, False)
+    assert (head.drop_path, head.eval_mode, head.eval_flip, head.eval_scales) == (0.1, "whole", False, [])
+    assert (seg.eval_every, seg.eval_batch_size, seg.eval_images) == (None, 1, None)
+    assert (seg.data.source, seg.train.epochs, seg.train.batch_size) == ("fmnist-scenes", 10, 16)
+    probe = ProbeConfig()
+    assert (probe.init, probe.pool, probe.label_fraction, probe.val_fraction, probe.seed, probe.num_workers,
+            probe.layer) == ("pretrained", "cls", 1.0, 0.0, 0, 0, None)
+
+
+@pytest.mark.parametrize("optim", [FinetuneOptimConfig, SegmentOptimConfig])
+@pytest.mark.parametrize("values, message", [
+    ({"base_lr": 0.0}, "optim.base_lr"), ({"betas": (0.9, 1.0)}, "betas"),
+    ({"warmup_epochs": -1.0}, "warmup")])
+def test_the_evaluations_optimizer_sections_keep_the_pretraining_checks(optim, values, message):
+    with pytest.raises(MimkitError, match=message):
+        optim(**values)
 
 
 def test_differences_are_listed_leaf_by_leaf_and_merge_goes_deep():

@@ -89,6 +89,19 @@ def test_parquet_files_unlabeled_and_split_by_name(tmp_path):
     assert len(build_source(f"hf:{tmp_path / 'pq' / 'train-00000-of-00001.parquet'}")) == 5
 
 
+def test_parquet_files_named_by_no_split_are_all_train_and_a_folder_without_any_is_one_line(tmp_path):
+    unlabeled = datasets.Dataset.from_dict({"img": pictures(5)}).cast_column("img", datasets.Image())
+    (tmp_path / "pq" / "part").mkdir(parents=True)
+    unlabeled.to_parquet(str(tmp_path / "pq" / "part" / "data-0.parquet"))
+    unlabeled.select(range(2)).to_parquet(str(tmp_path / "pq" / "part" / "data-1.parquet"))
+    assert len(build_source(f"hf:{tmp_path / 'pq'}")) == 7
+    with pytest.raises(MimkitError, match="no validation/val/valid/test split"):
+        build_source(f"hf:{tmp_path / 'pq'}", split="val")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MimkitError, match="'.*empty' holds no .parquet files and is not a save_to_disk"):
+        build_source(f"hf:{tmp_path / 'empty'}")
+
+
 def test_bad_row_is_named_and_skipped(tmp_path):
     rows = [{"bytes": png_bytes, "path": None} for png_bytes in
             [image_bytes(p) for p in pictures(4)]]

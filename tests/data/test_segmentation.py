@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from mimkit.data import seg_transforms, segmentation
+from mimkit.data.layouts import detect_layout
 from mimkit.data.loader import SeededViews
 from mimkit.data.seg_transforms import PhotometricDistortion, SegEvalView, SegTrainView, rescaled_size
 from mimkit.data.segmentation import (
@@ -249,6 +250,43 @@ def test_folder_of_no_known_layout_and_other_bad_specs(tmp_path):
     one_line_error("no known segmentation layout", build_seg_source, str(tmp_path), "train")
     one_line_error("does not exist", build_seg_source, str(tmp_path / "missing"), "train")
     one_line_error("split 'test'", build_seg_source, str(tmp_path), "test")
+
+
+def two_stems(root: Path) -> None:
+    make_generic(root, [stored_mask(0, [0, 1])], ["a", "b"])
+    save(root / "images" / "img0.jpg", rgb(0))
+
+
+def ade_without_val(root: Path) -> None:
+    make_ade(root, {"train": [stored_mask(0, [1])], "val": []})
+
+
+def voc_listing(root: Path, split: str = "train", listed: str = "a") -> None:
+    save(root / "JPEGImages" / "a.jpg", rgb(0))
+    save(root / "SegmentationClass" / "a.png", stored_mask(0, [0, 1]))
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text(f"{listed}\n")
+
+
+def empty_classes_txt(root: Path) -> None:
+    make_generic(root, [stored_mask(0, [0, 1])])
+    (root / "classes.txt").write_text("\n  \n")
+
+
+@pytest.mark.parametrize("build, split, match", [
+    (two_stems, "train", "'.*img0.(png|jpg)' and '.*img0.(png|jpg)' share a stem"),
+    (ade_without_val, "val", "ADE20K-layout folder .* has no .*validation' for the val split"),
+    (voc_listing, "val", "Pascal VOC folder .* has no .*val.txt' listing the val images"),
+    (lambda root: voc_listing(root, listed="a b"), "train",
+     "train.txt' lists 'b' but .*b.jpg' does not exist"),
+    (lambda root: make_generic(root, [stored_mask(0, [0, 1])], ["a", "b"], split="train"), "val",
+     "has images/train but no .*val' for the val split"),
+    (empty_classes_txt, "train", "classes.txt' lists no class names"),
+])
+def test_each_layouts_missing_files_are_one_line_errors_naming_them(tmp_path, build, split, match):
+    build(tmp_path)
+    one_line_error(match, build_seg_source, str(tmp_path), split)
+    one_line_error("split 'test' is not one of train, val", detect_layout(tmp_path).split, "test")
 
 
 def test_generic_without_class_names(tmp_path):

@@ -399,3 +399,14 @@ def test_pack_max_side_keeps_a_grey_image_grey(tmp_path):
     reader = ShardReader(ShardMembers.from_folder(tmp_path / "out", lambda name: True))
     with Image.open(reader(0)) as stored:
         assert (stored.mode, stored.size) == ("L", (15, 20))
+
+
+def test_pack_max_side_stores_an_unreadable_file_as_it_is_with_a_warning(tmp_path):
+    """The training reports a bad file when it meets it (``data.skip_bad_images``); packing keeps it."""
+    (tmp_path / "images").mkdir()
+    bad = tmp_path / "images" / "bad.jpg"
+    bad.write_bytes(b"not a JPEG at all")
+    with pytest.warns(UserWarning, match="packing '.*bad.jpg' as it is: it cannot be read"):
+        [shard] = pack_files([bad], tmp_path / "images", tmp_path / "shards", 1 << 20, max_side=8)
+    with tarfile.open(shard) as tar:
+        assert tar.extractfile("bad.jpg").read() == b"not a JPEG at all"

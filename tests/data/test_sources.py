@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from mimkit.data import idx, sources
@@ -15,6 +16,8 @@ from mimkit.data.splits import split_train_val
 from mimkit.data.synthetic import SyntheticSource
 from mimkit.errors import MimkitError
 from tests.conftest import needs_fashion, write_idx
+
+DOWNLOAD_IDX = idx._download_idx  # the real one, before the fixture below replaces it
 
 
 @pytest.fixture(autouse=True)
@@ -103,6 +106,64 @@ def test_idx_not_found_names_places_and_fixes(tmp_path, monkeypatch):
     with pytest.raises(MimkitError, match="MIMKIT_DATA") as e:
         build_source("mnist")
     assert "apt-get" not in str(e.value)  # no Debian package for MNIST
+
+
+def test_idx_found_nowhere_is_downloaded_and_a_download_without_the_split_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(idx, "DEBIAN_DATASETS", tmp_path / "nowhere")
+    write_tiny_idx(tmp_path / "fetched", "train", n=3)
+    asked = []
+    monkeypatch.setattr(idx, "_download_idx", lambda name: asked.append(name) or tmp_path / "fetched")
+    assert len(IdxSource("mnist", "train")) == 3 and asked == ["mnist"]
+    with pytest.raises(MimkitError, match=r"the mnist download in '.*fetched' lacks the test IDX files"):
+        IdxSource("mnist", "test")
+    write_tiny_idx(idx.mimkit_cache_dir() / "MNIST" / "raw", "t10k", n=2)  # an earlier download: no new one
+    assert len(IdxSource("mnist", "test")) == 2 and asked == ["mnist", "mnist"]
+
+
+def test_the_download_is_torchvisions_into_mimkits_cache(monkeypatch):
+    made = []
+
+    class Downloaded:
+        def __init__(self, root, download=False):
+            made.append((root, download))
+            self.raw_folder = f"{root}/FashionMNIST/raw"
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Downloaded)
+    assert DOWNLOAD_IDX("fashion-mnist") == idx.mimkit_cache_dir() / "FashionMNIST" / "raw"
+    assert made == [(str(idx.mimkit_cache_dir()), True)]
+
+
+def test_idx_unknown_name_and_files_that_do_not_pair_up(tmp_path):
+    with pytest.raises(MimkitError, match="unknown IDX dataset 'kmnist'; use one of fashion-mnist, mnist"):
+        IdxSource("kmnist")
+    write_tiny_idx(tmp_path, "train", n=5)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(4, np.uint8))
+    with pytest.raises(MimkitError, match=r"\(5, 4, 4\) and .* \(4,\) do not pair up"):
+        IdxSource("mnist", root=tmp_path)
+
+
+def test_idx_names_its_classes_and_passes_over_a_folder_missing_one_of_the_pair(tmp_path, monkeypatch):
+    """Fashion-MNIST's ten class names in label order; a folder holding the images without their labels is
+    skipped for the next place (here $MIMKIT_DATA), not paired with nothing."""
+    write_tiny_idx(tmp_path / "env", "train", n=6)
+    write_tiny_idx(tmp_path / "root", "train", n=3)
+    (tmp_path / "root" / "train-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setenv("MIMKIT_DATA", str(tmp_path / "env"))
+    source = IdxSource("fashion-mnist", root=tmp_path / "root")
+    assert len(source) == 6
+    assert source.info.classes == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                   "Sneaker", "Bag", "Ankle boot"]
+    assert IdxSource("mnist", root=tmp_path / "env").info.classes == [str(d) for d in range(10)]
+    with pytest.raises(MimkitError, match="split"):
+        IdxSource("mnist", split="dev", root=tmp_path / "env")
+    with pytest.raises(MimkitError, match="channels"):
+        IdxSource("mnist", root=tmp_path / "env", channels=2)
+
+
+def test_downloads_go_to_the_users_cache_folder_without_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert idx.mimkit_cache_dir() == tmp_path / ".cache" / "mimkit"
 
 
 def test_idx_bad_file(tmp_path):

@@ -87,6 +87,33 @@ def test_workers_hand_over_uint8_and_the_batch_is_finished_where_it_lies():
     assert torch.equal(erased, again)
 
 
+def test_erasing_paints_one_rectangle_per_image_as_the_papers():
+    """MAE's and BEiT's random erasing (``max_count=1``): at ``reprob=1`` every image gets exactly one
+    rectangle, so its erased pixels fill their own bounding box."""
+    erasing = FinetuneView(32, MEAN, STD, reprob=1.0, remode="const")
+    torch.manual_seed(0)
+    batch = torch.full((32, 3, 32, 32), 200, dtype=torch.uint8)  # no pixel is 0 after normalization
+    for erased in erasing.on_device({"image": batch})["image"]:
+        rows, cols = (erased == 0).all(0).nonzero().unbind(1)
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert len(rows) == box
+
+
+@pytest.mark.parametrize("remode", ["pixel", "rand", "const"])
+def test_each_erasing_mode_paints_what_it_names(remode):
+    """``pixel``: noise per pixel; ``rand``: one random value per channel over the rectangle; ``const``: 0."""
+    torch.manual_seed(0)
+    batch = torch.full((8, 3, 32, 32), 200, dtype=torch.uint8)
+    images = FinetuneView(32, MEAN, STD, reprob=1.0, remode=remode).on_device({"image": batch})["image"]
+    untouched = FinetuneView(32, MEAN, STD, reprob=0.0).on_device({"image": batch[0]})["image"][:, 0, 0]
+    for erased in images:
+        painted = erased[:, (erased != untouched[:, None, None]).any(0)]  # (C, pixels of the rectangle)
+        assert painted.shape[1] > 0
+        one_value_per_channel = all(len(channel.unique()) == 1 for channel in painted)
+        assert one_value_per_channel == (remode != "pixel")
+        assert (painted == 0).all() == (remode == "const")
+
+
 def test_seeded_views_are_reproducible_and_leave_global_rngs_alone():
     view = FinetuneView(32, MEAN, STD)
     source = [(image(seed=i), i % 3) for i in range(4)]
@@ -116,6 +143,24 @@ def test_the_crop_scale_reaches_the_crop_box():
     assert len(set(boxes)) > 1
 
 
+def test_without_a_policy_the_view_only_crops_and_flips():
+    """``auto_augment: null`` leaves RandAugment out and puts nothing in its place (timm's colour jitter,
+    which `create_transform` adds when no policy is given, stays off): a whole-image crop comes back as the
+    image or its mirror, pixel for pixel. With the policy, some seeds change the pixels."""
+    plain = FinetuneView(32, MEAN, STD, crop_scale=(1.0, 1.0), auto_augment=None, reprob=0.0)
+    augmented = FinetuneView(32, MEAN, STD, crop_scale=(1.0, 1.0), reprob=0.0)
+    original = image()
+    changed = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = plain.from_image(original)["image"]
+        assert torch.equal(out, original) or torch.equal(out, original.flip(-1))
+        torch.manual_seed(seed)
+        out = augmented.from_image(original)["image"]
+        changed += not (torch.equal(out, original) or torch.equal(out, original.flip(-1)))
+    assert changed > 0
+
+
 def test_gray_images_and_bad_policies():
     view = FinetuneView(32, (0.3,), (0.35,))
     for seed in range(40):  # every operation of the policy works on one channel
@@ -129,12 +174,15 @@ def test_gray_images_and_bad_policies():
 
 # the papers' settings, and others that must reach timm too
 MIX_SETTINGS = [dict(mixup=0.8, cutmix=1.0, label_smoothing=0.1, switch_prob=0.5, prob=1.0),
-                dict(mixup=0.3, cutmix=0.6, label_smoothing=0.0, switch_prob=0.9, prob=0.6)]
+                dict(mixup=0.3, cutmix=0.6, label_smoothing=0.0, switch_prob=0.9, prob=0.6),
+                dict(mixup=0.0, cutmix=1.0, label_smoothing=0.1, switch_prob=0.5, prob=1.0),  # cutmix alone
+                dict(mixup=0.8, cutmix=0.0, label_smoothing=0.1, switch_prob=0.5, prob=1.0)]  # mixup alone
 
 
 @pytest.mark.parametrize("settings", MIX_SETTINGS)
 def test_mix_is_timm_mixup_decided_by_the_torch_rng(settings):
     images, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 4
+    given = images.clone()
     mix = MixTargets(4, **settings)
     outputs = []
     for seed in range(16):  # enough batches that each setting decides some
@@ -150,9 +198,19 @@ def test_mix_is_timm_mixup_decided_by_the_torch_rng(settings):
         assert torch.equal(mixed, expected[0]) and torch.equal(targets, expected[1])
         outputs.append(mixed)
     assert not all(torch.equal(outputs[0], o) for o in outputs[1:])
+    assert torch.equal(images, given)  # timm mixes in place: the caller's batch must be left as it was
     torch.testing.assert_close(targets.sum(1), torch.ones(8))
     with pytest.raises(MimkitError, match="even batch"):
         mix(images[:7], labels[:7])
+
+
+def test_with_mixup_and_cutmix_off_the_batch_passes_and_the_targets_are_smoothed_one_hot():
+    """Any batch size, odd included; every image as it came; target ``1 - eps + eps / C`` at the label."""
+    images, labels = torch.randn(7, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    torch.manual_seed(0)
+    mixed, targets = MixTargets(4, mixup=0.0, cutmix=0.0, label_smoothing=0.2)(images, labels)
+    assert torch.equal(mixed, images)
+    torch.testing.assert_close(targets, torch.nn.functional.one_hot(labels, 4) * 0.8 + 0.05)
 
 
 @pytest.mark.parametrize("kwargs", [dict(label_smoothing=1.0), dict(label_smoothing=-0.1), dict(mixup=-1.0),

@@ -22,7 +22,9 @@ from mimkit.eval.linprobe import LinearProbe, probe_accuracy, run_linprobe, sing
 from mimkit.eval.scores import (
     classification_accuracy,
     depth_results,
+    prefixed,
     topk_correct,
+    write_results,
     write_segmentation_results,
 )
 from mimkit.models.classifier import pooled_features
@@ -49,6 +51,27 @@ def clusters(n_per_class=60, num_classes=5, dim=16, seed=0, scale=3.0):
 def test_topk_correct():
     scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
     assert topk_correct(scores, torch.tensor([1, 1, 0]), (1, 2, 5)) == [1, 2, 3]
+    assert topk_correct(RANKED_SCORES, RANKED_LABELS) == [2, 4]  # top-1 and top-5 unless asked otherwise
+    assert prefixed("val", {"top1": 1.0, "top5": 2.0}) == {"val_top1": 1.0, "val_top5": 2.0}
+
+
+def test_classification_accuracy_scores_in_full_precision_on_the_cpu():
+    """bfloat16 autocast is for CUDA only: on the CPU two logits 0.1% apart stay apart (in bfloat16 the
+    weights 1.0 and 1.001 round to the same number, and the tie would go to class 0)."""
+    model = nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0], [1.001]]))
+    items = [{"image": torch.ones(1), "label": torch.tensor(1)}] * 4
+    loader = torch.utils.data.DataLoader(items, batch_size=2)
+    assert classification_accuracy(model, loader, torch.device("cpu"))["top1"] == 100.0
+
+
+def test_results_json_is_written_indented_into_a_new_or_an_existing_folder(tmp_path):
+    """Folders above the run are made; a second write (a resumed run's) replaces the first."""
+    path = write_results(tmp_path / "runs" / "probe", {"test_top1": 1.0})
+    assert path == tmp_path / "runs" / "probe" / "results.json"
+    write_results(tmp_path / "runs" / "probe", {"test_top1": 2.0})
+    assert path.read_text() == '{\n  "test_top1": 2.0\n}\n'
 
 
 def test_classification_accuracy_scores_the_model_as_at_inference():
@@ -83,6 +106,7 @@ def test_the_results_files_name_the_best_block_and_keep_the_confusion_rows_as_tr
     assert json.loads((tmp_path / "seg" / "confusion.json").read_text()) == {
         "classes": ["sky", "road"], "rows_truth_columns_prediction": [[5, 1], [0, 2]]}
     assert json.loads((tmp_path / "seg" / "results.json").read_text()) == {"mIoU": 1.0}
+    assert (tmp_path / "seg" / "confusion.png").is_file()
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "lars"])

@@ -61,6 +61,22 @@ def test_unlabelled_data_is_an_error():
         make_splits(source)
 
 
+def test_data_with_some_unlabelled_images_is_an_error_too():
+    """One image without a label (-1) would be trained on as a class that does not exist."""
+    source = SyntheticSource(n=20, image_size=8)
+    source.labels = torch.arange(20) % 2
+    source.labels[3] = -1
+    with pytest.raises(MimkitError, match="unlabelled"):
+        make_splits(source)
+
+
+def test_without_a_seed_the_subsets_are_those_of_seed_0():
+    """What the configurations' default seed (0) picks, a caller of the functions gets too."""
+    assert label_subset(LABELS, 0.1) == label_subset(LABELS, 0.1, seed=0)
+    source = SyntheticSource(n=100, image_size=8)
+    assert make_splits(source, 0.5, 0.2) == make_splits(source, 0.5, 0.2, seed=0)
+
+
 def test_a_class_left_without_training_images_is_named_by_its_number_when_the_data_names_none():
     info = SimpleNamespace(name="mine", num_classes=3, classes=[])
     unnamed = SimpleNamespace(labels=[1, 1, 2, 2], info=info)

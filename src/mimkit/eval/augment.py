@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from timm.data import Mixup, create_transform
+from timm.data.mixup import mixup_target
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import functional as F
 from torchvision.transforms import v2
@@ -151,7 +152,7 @@ class MixTargets:
 
     Call:
         ``(images (B, C, H, W), labels (B,)) -> (mixed images, soft targets (B, num_classes))``; with
-        mixing on, B must be even (timm mixes the batch with its reverse).
+        mixing on, B must be even (timm mixes the batch with its reverse); off, any B passes unchanged.
     """
 
     def __init__(self, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0,
@@ -162,13 +163,15 @@ class MixTargets:
         if not (0 <= switch_prob <= 1 and 0 <= prob <= 1):
             raise MimkitError(f"mixup switch_prob {switch_prob} and prob {prob} must be in [0, 1]")
         self.mixing = mixup > 0 or cutmix > 0
-        mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob,
-                    label_smoothing=label_smoothing, num_classes=num_classes)
-        mix.mixup_enabled = self.mixing  # off: timm returns the images and the smoothed one-hot targets
-        self.mix = PythonSeeded(mix)
+        self.num_classes, self.label_smoothing = num_classes, label_smoothing
+        self.mix = PythonSeeded(Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob,
+                                      switch_prob=switch_prob,
+                                      label_smoothing=label_smoothing, num_classes=num_classes))
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mixing and len(images) % 2:
+        if not self.mixing:  # timm's Mixup refuses an odd batch even when it has nothing to mix
+            return images, mixup_target(labels, self.num_classes, smoothing=self.label_smoothing)
+        if len(images) % 2:
             raise MimkitError(f"mixup and cutmix need an even batch, got {len(images)}; change "
                               "train.batch_size or turn augment.mixup and augment.cutmix off")
         return self.mix(images.clone(), labels)
