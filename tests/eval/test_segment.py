@@ -471,11 +471,35 @@ def test_a_finished_run_is_scored_again_and_left_training(mae_run, tmp_path, mon
     finished = {"interrupted": False, "step": 2}
     monkeypatch.setattr(segment, "run_job", lambda run, job: jobs.append(job) or finished)
     data = write_layout(tmp_path / "scenes", "generic", train=8, val=6)
-    results = segment.run_segment(quick_segment_config(mae_run, data, eval_images=4), tmp_path / "seg")
+    config = quick_segment_config(mae_run, data, eval_images=4, labels={"fraction": 0.5, "seed": 2},
+                                  seg={"crop_size": 32, "channels": 16, "aux_channels": 16, "head": "linear",
+                                       "init": "random", "freeze_encoder": True, "eval_flip": True})
+    results = segment.run_segment(config, tmp_path / "seg")
     assert jobs[0].model.training
-    assert (results["steps"], results["epochs"], results["val_images"]) == (2, 1.0, 4)
+    assert (results["steps"], results["epochs"], results["val_images"]) == (2, 2.0, 4)  # 4 images, 2 a step
+    assert {k: results[k] for k in ("protocol", "init", "head", "frozen_encoder", "data", "label_fraction",
+                                    "seed", "train_images", "crop_size", "eval")} == {
+        "protocol": "segment", "init": "random", "head": "linear", "frozen_encoder": True, "data": str(data),
+        "label_fraction": 0.5, "seed": 2, "train_images": 4, "crop_size": 32,
+        "eval": {"mode": "whole", "stride": None, "flip": True, "scales": []}}
     assert 0 <= results["mIoU"] <= 100 and results["best_val_mIoU"] is None
     assert json.loads((tmp_path / "seg" / "results.json").read_text())["mIoU"] == results["mIoU"]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_the_pixel_limit_reaches_the_images_of_both_splits(mae_run, tmp_path, monkeypatch, split):
+    """``data.max_image_pixels`` refuses a train image and a val image alike (one 40x40 image among 32x32
+    ones, a limit of 32x32), before anything trains."""
+    monkeypatch.setattr(segment, "run_job", lambda run, job: {"interrupted": True})
+    data = write_layout(tmp_path / "scenes", "generic", train=4, val=2)
+    for picture, folder in zip(scene(0, size=40), ("images", "masks"), strict=True):
+        Image.fromarray(picture).save(data / folder / split / "1.png")
+    config = quick_segment_config(mae_run, data)
+    config.data.max_image_pixels = 32 * 32
+    with pytest.raises(MimkitError, match=f"{split}/1.png.*above data.max_image_pixels"):
+        segment.run_segment(config, tmp_path / "seg")
+    config.data.max_image_pixels = 40 * 40
+    segment.run_segment(config, tmp_path / "seg")
 
 
 def test_a_segmentation_run_loads_its_best_weights_in_eval_mode(mae_run, tmp_path, monkeypatch):
