@@ -1470,6 +1470,22 @@ PLANTED = [
     Bug("s6seg: seg view: contrast factors drawn in [0.5, 1.0]", VIEW_PY,
         "contrast: tuple[float, float] = (0.5, 1.5)", "contrast: tuple[float, float] = (0.5, 1.0)",
         (SEG_DATA,)),
+    Bug("s6seg: seg view: contrast always before the colour changes", VIEW_PY,
+        "contrast_first = _coin()", "contrast_first = True", (SEG_DATA,)),
+    Bug("s6seg: seg view: a train image shrunk without antialiasing", VIEW_PY,
+        "image = TF.resize(image, list(size), interpolation=BILINEAR, antialias=True)\n        mask",
+        "image = TF.resize(image, list(size), interpolation=BILINEAR, antialias=False)\n        mask",
+        (SEG_DATA,)),
+    Bug("s6seg: seg view: the crop's height capped by its width", VIEW_PY,
+        "crop_h, crop_w = min(self.crop_size[0], height)", "crop_h, crop_w = min(self.crop_size[1], height)",
+        (SEG_DATA,)),
+    Bug("s6seg: segment: visualize ignores seg.eval_scale", "src/mimkit/eval/segment.py",
+        "    view = SegEvalView(seg.eval_scale, data.mean, data.std)\n    picks",
+        "    view = SegEvalView(None, data.mean, data.std)\n    picks",
+        (SEG + "test_visualize_shows_seeded_validation_images_with_their_masks_and_predictions",)),
+    Bug("s6seg: segment: visualize ignores seg.eval_flip", "src/mimkit/eval/segment.py",
+        "seg.eval_stride, seg.eval_flip, seg.eval_scales)", "seg.eval_stride, False, seg.eval_scales)",
+        (SEG + "test_visualize_shows_seeded_validation_images_with_their_masks_and_predictions",)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

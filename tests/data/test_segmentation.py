@@ -326,7 +326,8 @@ def test_rescaled_size_fits_long_and_short_sides():
     assert rescaled_size(480, 640, (2048, 512)) == (512, 683)
     assert rescaled_size(100, 4000, (2048, 512)) == (51, 2048)  # the long side binds
     assert rescaled_size(56, 56, (56, 56)) == (56, 56)
-    assert rescaled_size(1, 8000, (2048, 512)) == (1, 2048) and rescaled_size(8000, 1, (2048, 512)) == (2048, 1)
+    assert rescaled_size(1, 8000, (2048, 512)) == (1, 2048)  # never below one pixel
+    assert rescaled_size(8000, 1, (2048, 512)) == (2048, 1)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -347,6 +348,37 @@ def test_train_view_keeps_mask_on_image(channels):
     # Only block edges blurred by the bilinear resize may disagree. A mask half a pixel off (plain
     # NEAREST instead of pixel-centre sampling) agrees about 0.94 on average; one pixel off, about 0.93.
     assert min(agreement) > 0.93 and sum(agreement) / len(agreement) > 0.98, agreement
+
+
+def test_a_crop_of_height_and_width_is_cut_and_padded_to_that_shape():
+    image, mask = checkerboard(60, 90, 7)
+    wide = SegTrainView((24, 40), (90, 60), (0.5,) * 3, (0.5,) * 3, ratio_range=(1.0, 1.0), photometric=False)
+    tall = SegTrainView((80, 20), (90, 60), (0.5,) * 3, (0.5,) * 3, ratio_range=(1.0, 1.0), photometric=False)
+    torch.manual_seed(0)
+    out = wide(image, mask)
+    assert out["image"].shape == (3, 24, 40) and out["mask"].shape == (24, 40) and (out["mask"] != 255).all()
+    out = tall(image, mask)  # 60 rows of image: 20 rows of padding below
+    assert out["image"].shape == (3, 80, 20)
+    assert (out["mask"][60:] == 255).all() and (out["mask"][:60] != 255).all()
+
+
+def test_views_shrink_images_with_antialiasing():
+    """A 4x smaller image averages each 4 pixels (a plain bilinear resize would read 2 of them): columns of
+    255, 0, 0, 0 become about 64 everywhere, in the train view and the eval view."""
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    image[..., ::4] = 255
+    mask = torch.zeros(64, 64, dtype=torch.uint8)
+    train = SegTrainView(16, (64, 64), (0.5,) * 3, (0.25,) * 3, ratio_range=(0.25, 0.25), photometric=False)
+    evaluated = SegEvalView((16, 16), (0.5,) * 3, (0.25,) * 3)
+    for view in (train, evaluated):
+        pixels = unnormalized(view(image, mask)["image"])[:, 2:-2, 2:-2]  # (the borders average fewer)
+        assert ((pixels - 64 / 255).abs() < 0.05).all(), type(view).__name__
+
+
+def test_train_view_distorts_colours_unless_asked_not_to():
+    assert isinstance(SegTrainView(8, (8, 8), [0.5], [0.5]).photometric, PhotometricDistortion)
+    assert not isinstance(SegTrainView(8, (8, 8), [0.5], [0.5], photometric=False).photometric,
+                          PhotometricDistortion)
 
 
 def test_train_view_pads_small_images_with_ignore():
@@ -493,13 +525,23 @@ def test_photometric_distortion_draws_each_change_over_its_whole_range(monkeypat
         shifts.append((grey(torch.full((3, 4, 4), 0.5)) - 0.5).flatten().unique().item())
     assert max(abs(d) for d in shifts) <= 32 / 255 + 1e-6
     assert min(shifts) < -20 / 255 and max(shifts) > 20 / 255 and 15 < sum(abs(d) < 1e-4 for d in shifts) < 45
+    for seed in range(20):  # brightened white and darkened black stay in [0, 1]
+        torch.manual_seed(seed)
+        assert grey(torch.ones(1, 2, 2)).max() <= 1 and grey(torch.zeros(1, 2, 2)).min() >= 0
     factors: dict[str, list[float]] = {"adjust_contrast": [], "adjust_saturation": [], "adjust_hue": []}
+    order: list[str] = []
     for name, drawn in factors.items():
-        monkeypatch.setattr(seg_transforms.TF, name, lambda image, factor, drawn=drawn: drawn.append(factor)
-                            or image)
+        monkeypatch.setattr(seg_transforms.TF, name, lambda image, factor, name=name, drawn=drawn:
+                            drawn.append(factor) or order.append(name) or image)
+    contrast_first = set()
     for seed in range(60):
         torch.manual_seed(seed)
+        order.clear()
         grey(torch.rand(3, 4, 4))
+        assert order.count("adjust_contrast") <= 1
+        if "adjust_contrast" in order and len(order) > 1:
+            contrast_first.add(order[0] == "adjust_contrast")
+    assert contrast_first == {True, False}  # contrast before the colour changes in some images, after others
     for name, (low, high) in (("adjust_contrast", (0.5, 1.5)), ("adjust_saturation", (0.5, 1.5)),
                               ("adjust_hue", (-0.1, 0.1))):
         drawn = factors[name]
