@@ -436,7 +436,15 @@ def test_visualize_shows_seeded_validation_images_with_their_masks_and_predictio
     shown = []
     monkeypatch.setattr(segment, "segmentation_figure", lambda rows, classes: shown.append((rows, classes)))
     monkeypatch.setattr(segment, "save_picture", lambda figure, out: out)
-    config = resolved_seg_config(data, eval_scale=[64, 64], eval_flip=True)
+    real, asked = segment.predict_logits, []
+
+    def spy(model, images, crop, mode, stride, flip, scales):
+        asked.append((images.shape[-1], crop, mode, stride, flip, tuple(scales)))
+        return real(model, images, crop, mode, stride, flip, scales)
+
+    monkeypatch.setattr(segment, "predict_logits", spy)
+    config = resolved_seg_config(data, eval_scale=[64, 64], eval_flip=True, eval_mode="slide", eval_stride=16,
+                                 eval_scales=[1.0, 0.5])
 
     def picked(seed: int) -> list[int]:
         shown.clear()
@@ -454,7 +462,8 @@ def test_visualize_shows_seeded_validation_images_with_their_masks_and_predictio
     first = picked(0)
     assert picked(0) == first and len(set(first)) == 2
     assert any(picked(seed) != first for seed in (1, 2, 3))
-    assert {size[-1] for size in model.inputs} == {32}  # the 64-px view, resized to the 32-px crop
+    assert set(asked) == {(64, 32, "slide", 16, True, (1.0, 0.5))}  # the 64-px view (eval_scale), as run
+    assert {size[-1] for size in model.inputs} == {32}  # in 32-px windows
 
 
 def quick_segment_config(encoder: Path, data: Path, **values) -> SegmentConfig:
