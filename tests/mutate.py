@@ -1486,6 +1486,8 @@ PLANTED = [
     Bug("s6seg: segment: visualize ignores seg.eval_flip", "src/mimkit/eval/segment.py",
         "seg.eval_stride, seg.eval_flip, seg.eval_scales)", "seg.eval_stride, False, seg.eval_scales)",
         (SEG + "test_visualize_shows_seeded_validation_images_with_their_masks_and_predictions",)),
+    Bug("s6seg: seg view: a cat_max_ratio of 1 still retries", VIEW_PY,
+        "if balanced or self.cat_max_ratio >= 1:", "if balanced or self.cat_max_ratio > 1:", (SEG_DATA,)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

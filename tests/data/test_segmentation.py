@@ -409,6 +409,23 @@ def test_crop_retries_while_one_class_dominates():
     assert balanced_share(0.75) > balanced_share(1.0) + 0.3
 
 
+def test_a_cat_max_ratio_of_1_draws_each_crop_once():
+    """1 turns the retries off: every crop is the first one drawn, as with a single try."""
+    mask = torch.zeros(100, 100, dtype=torch.uint8)
+    mask[:40, :40] = 1  # most crops hold one class: a view that retried would move them
+    image = torch.zeros(3, 100, 100, dtype=torch.uint8)
+    off = SegTrainView(40, (100, 100), (0.5,) * 3, (0.5,) * 3, ratio_range=(1.0, 1.0), cat_max_ratio=1.0,
+                       photometric=False)
+    once = SegTrainView(40, (100, 100), (0.5,) * 3, (0.5,) * 3, ratio_range=(1.0, 1.0), crop_tries=1,
+                        photometric=False)
+    for seed in range(20):
+        crops = []
+        for view in (off, once):
+            torch.manual_seed(seed)
+            crops.append(view(image, mask)["mask"])
+        assert torch.equal(*crops), seed
+
+
 def test_the_crop_balance_leaves_ignored_pixels_out():
     """Ignored pixels are no class: a crop of one class and ignored pixels is drawn again, however the two
     share it (counted as a class, 255 would make most such crops look balanced)."""
