@@ -1488,6 +1488,8 @@ PLANTED = [
         (SEG + "test_visualize_shows_seeded_validation_images_with_their_masks_and_predictions",)),
     Bug("s6seg: seg view: a cat_max_ratio of 1 still retries", VIEW_PY,
         "if balanced or self.cat_max_ratio >= 1:", "if balanced or self.cat_max_ratio > 1:", (SEG_DATA,)),
+    Bug("s6seg: seg view: a brightened pixel left above 1", VIEW_PY,
+        "self.brightness)).clamp(0, 1)", "self.brightness)).clamp(0, 2)", (SEG_DATA,)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

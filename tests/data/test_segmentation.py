@@ -542,7 +542,7 @@ def test_photometric_distortion_draws_each_change_over_its_whole_range(monkeypat
         shifts.append((grey(torch.full((3, 4, 4), 0.5)) - 0.5).flatten().unique().item())
     assert max(abs(d) for d in shifts) <= 32 / 255 + 1e-6
     assert min(shifts) < -20 / 255 and max(shifts) > 20 / 255 and 15 < sum(abs(d) < 1e-4 for d in shifts) < 45
-    for seed in range(20):  # brightened white and darkened black stay in [0, 1]
+    for seed in range(60):  # brightened white and darkened black stay in [0, 1]
         torch.manual_seed(seed)
         assert grey(torch.ones(1, 2, 2)).max() <= 1 and grey(torch.zeros(1, 2, 2)).min() >= 0
     factors: dict[str, list[float]] = {"adjust_contrast": [], "adjust_saturation": [], "adjust_hue": []}
