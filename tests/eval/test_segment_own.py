@@ -147,6 +147,8 @@ def test_the_mask_line_and_the_hints_at_their_edges():
     assert seg_size_hint(large, 256, 16, 768, 16, 8) == {"seg.channels": 192, "seg.aux_channels": 384,
                                                          "train.batch_size": 2}
     assert seg_size_hint(large, 257, 16, 768, 16, 8) is None
+    tiny = SegDataFacts(100, 10, 100, (12, 10), (0, 1), 0.1)  # smaller than a patch: a crop of one patch
+    assert seg_size_hint(tiny, 64, 16, 32, 16, 100)["seg.scale"] == [19, 16]
     facts = SegDataFacts(100, 10, 100, (32, 32), (0, 1, 2), 0.1)
     assert label_hint(facts, 3) == ""
     assert label_hint(facts, 4).startswith("labels 0-2 found, but the data set has 4 classes: "
@@ -175,7 +177,7 @@ def test_the_survey_checks_the_evaluated_val_masks_and_a_spread_of_train_masks()
     facts = survey_seg_data(train, Subset(val, [2, 3, 4]), train_samples=5)
     assert val.checked == [2, 3, 4] and train.checked == [0, 5, 10, 14, 19]
     assert (facts.train_images, facts.val_images, facts.train_checked) == (20, 3, 5)
-    assert facts.labels == (0, 1, 2, 7) and facts.median == (20, 30)
+    assert facts.labels == (0, 1, 2, 7) and facts.median == (20, 30) and 0 <= facts.seconds < 60
 
 
 def test_the_size_hint_sizes_the_batch_to_the_images_trained_on():
