@@ -137,6 +137,7 @@ def test_the_mask_line_and_the_hints_at_their_edges():
     assert SegDataFacts(700, 4, 500, (32, 32), (0, 2, 5), 0.26).describe_masks() == (
         "504 checked in 0.3 s (every val mask, 500 of 700 train): labels 0, 2, 5 found (255 ignored)")
     assert "labels none found" in SegDataFacts(1, 1, 1, (8, 8), (), 0.0).describe_masks()
+    assert "labels 1-3 found" in SegDataFacts(1, 1, 1, (8, 8), (1, 2, 3), 0.0).describe_masks()
     half = SegDataFacts(100, 10, 100, (64, 64), (0, 1), 0.1)
     assert seg_size_hint(half, 128, 16, 32, 16, 100) == {
         "seg.crop_size": 64, "seg.scale": [64, 64], "seg.eval_mode": "whole", "seg.eval_scale": [64, 64],
