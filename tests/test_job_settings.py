@@ -48,7 +48,7 @@ FINETUNE_BESIDE = [("augment.remode", "const", {"augment": {"reprob": 1.0}}),
 
 
 SEGMENT = [*COMMON, ("train.epochs", 3), ("optim.layer_decay", 0.5), ("labels.fraction", 0.5),
-           ("eval_every", 2), ("eval_images", 2),
+           ("eval_every", 2), ("eval_images", 2), ("data.mean", [0.4] * 3), ("data.std", [0.3] * 3),
            *[(f"seg.{name}", value) for name, value in
              (("head", "linear"), ("init", "random"), ("freeze_encoder", True), ("crop_size", 16),
               ("scale", (64, 48)), ("ratio_range", (1.0, 1.5)), ("cat_max_ratio", 0.3),

@@ -19,6 +19,7 @@ from mimkit.data.segmentation import (
     fmnist_scene_classes,
     fmnist_scenes_folder,
     make_scene,
+    spread,
     write_fmnist_scenes,
 )
 from mimkit.errors import MimkitError
@@ -143,6 +144,18 @@ def test_class_names_given_replace_a_folders_classes_txt(tmp_path):
     one_line_error("num_classes=3", build_seg_source, str(tmp_path), "train", num_classes=3)
 
 
+def test_a_source_is_a_sequence_of_its_pairs(tmp_path):
+    """Indices from -len to len - 1 read pairs; the next one raises IndexError (as a sequence's does, which
+    ends iterating it), not a message about a file."""
+    masks = [stored_mask(i, [0, 1]) for i in range(3)]
+    source = build_seg_source(str(make_generic(tmp_path, masks, ["a", "b"], split="train")), "train")
+    assert [mask.tolist() for _, mask in source] == [m.tolist() for m in masks]
+    assert source[-3][1].tolist() == masks[0].tolist()
+    for index in (3, -4):
+        with pytest.raises(IndexError, match=f"index {index} out of range for 3 pairs"):
+            source[index]
+
+
 def test_generic_single_pair_is_both_splits(tmp_path):
     make_generic(tmp_path, [stored_mask(0, [0, 1])])
     train, val = (build_seg_source(str(tmp_path), s, num_classes=2) for s in ("train", "val"))
@@ -159,7 +172,10 @@ def test_channels_can_be_converted(tmp_path):
     make_generic(tmp_path, [stored_mask(0, [0, 1])], ["a", "b"])
     source = build_seg_source(str(tmp_path), "train", channels=3)
     assert source.channels == 3 and source[0][0].shape == (3, 6, 8)
-    assert source.info.mean == (0.485, 0.456, 0.406)
+    assert (source.info.mean, source.info.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    grey = build_seg_source(str(tmp_path), "train")  # as stored: grey, normalized by 0.5 and 0.5
+    assert (grey.channels, grey[0][0].shape[0], grey.info.mean, grey.info.std) == (1, 1, (0.5,), (0.5,))
+    one_line_error("channels=2 is not supported", build_seg_source, str(tmp_path), "train", channels=2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,17 +191,17 @@ def one_line_error(match: str, fn, *args, **kwargs) -> str:
 
 
 def test_mask_of_another_size_is_refused_at_once(tmp_path):
-    save(tmp_path / "images" / "a.png", np.zeros((32, 32)))
-    save(tmp_path / "masks" / "a.png", np.zeros((16, 16)))
+    save(tmp_path / "images" / "a.png", np.zeros((24, 32)))
+    save(tmp_path / "masks" / "a.png", np.zeros((12, 16)))
     message = one_line_error("size", build_seg_source, str(tmp_path), "train", num_classes=2)
-    assert str(tmp_path / "masks" / "a.png") in message and "16x16" in message and "32x32" in message
+    assert str(tmp_path / "masks" / "a.png") in message and "16x12" in message and "32x24" in message  # WxH
 
 
 def test_label_at_or_above_num_classes_is_refused(tmp_path):
-    make_generic(tmp_path, [stored_mask(0, [0, 1]), np.array([[0, 1], [3, 255]], np.uint8)])
-    message = one_line_error("label 3", build_seg_source, str(tmp_path), "train", num_classes=3)
+    make_generic(tmp_path, [stored_mask(0, [0, 1]), np.array([[0, 7], [3, 255]], np.uint8)])
+    message = one_line_error("label 7", build_seg_source, str(tmp_path), "train", num_classes=3)  # largest
     assert "img1.png" in message
-    assert build_seg_source(str(tmp_path), "train", num_classes=4)  # 255 is ignore, not a label
+    assert build_seg_source(str(tmp_path), "train", num_classes=8)  # 255 is ignore, not a label
 
 
 def test_ade_label_above_150_names_the_stored_value(tmp_path):
@@ -220,6 +236,29 @@ def test_check_masks_reports_the_classes_found_without_the_ignore_index(tmp_path
     assert found.labels == {0, 1, 2} and found.sizes == [(2, 2), (2, 1)]
 
 
+def test_a_source_holds_one_to_255_classes_and_at_least_one_pair(tmp_path):
+    """A mask stores class ids 0-254 (255 is the ignore index): 255 classes are the most, one the fewest; a
+    source of no pairs is refused by name."""
+    image, mask = save(tmp_path / "a.png", np.zeros((2, 3))), save(tmp_path / "a_mask.png", np.zeros((2, 3)))
+    for count in (1, 255):
+        assert SegSource("mine", [image], [mask], [f"c{k}" for k in range(count)], False).num_classes == count
+    for count in (0, 256):
+        one_line_error(f"mine: {count} classes; a mask stores 1 to 255 classes", SegSource, "mine", [image],
+                       [mask], [f"c{k}" for k in range(count)], False)
+    one_line_error("mine: no image/mask pairs", SegSource, "mine", [], [], ["a", "b"], False)
+
+
+@pytest.mark.parametrize("broken", ["images", "masks"])
+def test_an_unreadable_file_is_named_when_checked_and_when_read(tmp_path, broken):
+    make_generic(tmp_path, [stored_mask(i, [0, 1]) for i in range(2)], ["a", "b"], split="train")
+    source = build_seg_source(str(tmp_path), "train")
+    (tmp_path / broken / "train" / "img1.png").write_bytes(b"not a picture")
+    what = {"images": "image", "masks": "mask"}[broken]
+    one_line_error(f"cannot read {what} '.*img1.png'", source.check_masks, [0, 1])
+    one_line_error(f"cannot read {what} '.*img1.png'", source.__getitem__, 1)
+    one_line_error(f"cannot read {what} '.*img1.png'", build_seg_source, str(tmp_path), "train")
+
+
 def test_image_without_a_mask(tmp_path):
     make_generic(tmp_path, [stored_mask(0, [0, 1])], ["a", "b"])
     save(tmp_path / "images" / "lonely.png", np.zeros((6, 8)))
@@ -250,6 +289,13 @@ def test_folder_of_no_known_layout_and_other_bad_specs(tmp_path):
     one_line_error("no known segmentation layout", build_seg_source, str(tmp_path), "train")
     one_line_error("does not exist", build_seg_source, str(tmp_path / "missing"), "train")
     one_line_error("split 'test'", build_seg_source, str(tmp_path), "test")
+    (tmp_path / "scenes.zip").write_bytes(b"PK")
+    one_line_error("'.*scenes.zip' is not a folder", build_seg_source, str(tmp_path / "scenes.zip"), "train")
+
+
+def test_spread_picks_indices_evenly_first_and_last_included():
+    assert spread(10, 2) == [0, 9] and spread(10, 4) == [0, 3, 6, 9] and spread(7, 3) == [0, 3, 6]
+    assert spread(3, 16) == [0, 1, 2] and spread(1, 5) == [0]
 
 
 def two_stems(root: Path) -> None:
@@ -318,6 +364,8 @@ def test_rescaled_size_fits_long_and_short_sides():
     assert rescaled_size(480, 640, (2048, 512)) == (512, 683)
     assert rescaled_size(100, 4000, (2048, 512)) == (51, 2048)  # the long side binds
     assert rescaled_size(56, 56, (56, 56)) == (56, 56)
+    assert rescaled_size(1, 8000, (2048, 512)) == (1, 2048)  # never below one pixel
+    assert rescaled_size(8000, 1, (2048, 512)) == (2048, 1)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -338,6 +386,37 @@ def test_train_view_keeps_mask_on_image(channels):
     # Only block edges blurred by the bilinear resize may disagree. A mask half a pixel off (plain
     # NEAREST instead of pixel-centre sampling) agrees about 0.94 on average; one pixel off, about 0.93.
     assert min(agreement) > 0.93 and sum(agreement) / len(agreement) > 0.98, agreement
+
+
+def test_a_crop_of_height_and_width_is_cut_and_padded_to_that_shape():
+    image, mask = checkerboard(60, 90, 7)
+    wide = SegTrainView((24, 40), (90, 60), (0.5,) * 3, (0.5,) * 3, ratio_range=(1.0, 1.0), photometric=False)
+    tall = SegTrainView((80, 20), (90, 60), (0.5,) * 3, (0.5,) * 3, ratio_range=(1.0, 1.0), photometric=False)
+    torch.manual_seed(0)
+    out = wide(image, mask)
+    assert out["image"].shape == (3, 24, 40) and out["mask"].shape == (24, 40) and (out["mask"] != 255).all()
+    out = tall(image, mask)  # 60 rows of image: 20 rows of padding below
+    assert out["image"].shape == (3, 80, 20)
+    assert (out["mask"][60:] == 255).all() and (out["mask"][:60] != 255).all()
+
+
+def test_views_shrink_images_with_antialiasing():
+    """A 4x smaller image averages each 4 pixels (a plain bilinear resize would read 2 of them): columns of
+    255, 0, 0, 0 become about 64 everywhere, in the train view and the eval view."""
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    image[..., ::4] = 255
+    mask = torch.zeros(64, 64, dtype=torch.uint8)
+    train = SegTrainView(16, (64, 64), (0.5,) * 3, (0.25,) * 3, ratio_range=(0.25, 0.25), photometric=False)
+    evaluated = SegEvalView((16, 16), (0.5,) * 3, (0.25,) * 3)
+    for view in (train, evaluated):
+        pixels = unnormalized(view(image, mask)["image"])[:, 2:-2, 2:-2]  # (the borders average fewer)
+        assert ((pixels - 64 / 255).abs() < 0.05).all(), type(view).__name__
+
+
+def test_train_view_distorts_colours_unless_asked_not_to():
+    assert isinstance(SegTrainView(8, (8, 8), [0.5], [0.5]).photometric, PhotometricDistortion)
+    assert not isinstance(SegTrainView(8, (8, 8), [0.5], [0.5], photometric=False).photometric,
+                          PhotometricDistortion)
 
 
 def test_train_view_pads_small_images_with_ignore():
@@ -366,6 +445,23 @@ def test_crop_retries_while_one_class_dominates():
         return sum(shares) / len(shares)
 
     assert balanced_share(0.75) > balanced_share(1.0) + 0.3
+
+
+def test_a_cat_max_ratio_of_1_draws_each_crop_once():
+    """1 turns the retries off: every crop is the first one drawn, as with a single try."""
+    mask = torch.zeros(100, 100, dtype=torch.uint8)
+    mask[:40, :40] = 1  # most crops hold one class: a view that retried would move them
+    image = torch.zeros(3, 100, 100, dtype=torch.uint8)
+    off = SegTrainView(40, (100, 100), (0.5,) * 3, (0.5,) * 3, ratio_range=(1.0, 1.0), cat_max_ratio=1.0,
+                       photometric=False)
+    once = SegTrainView(40, (100, 100), (0.5,) * 3, (0.5,) * 3, ratio_range=(1.0, 1.0), crop_tries=1,
+                        photometric=False)
+    for seed in range(20):
+        crops = []
+        for view in (off, once):
+            torch.manual_seed(seed)
+            crops.append(view(image, mask)["mask"])
+        assert torch.equal(*crops), seed
 
 
 def test_the_crop_balance_leaves_ignored_pixels_out():
@@ -473,6 +569,42 @@ def test_photometric_distortion_changes_saturation_and_hue_of_colour_images_only
     assert set(called) == ({"adjust_saturation", "adjust_hue"} if channels == 3 else set())
 
 
+def test_photometric_distortion_draws_each_change_over_its_whole_range(monkeypatch):
+    """mmsegmentation's ranges, both ways: brightness +-32/255 (a grey image, which contrast, saturation and
+    hue leave as it is but for rounding, shows it), contrast and saturation factors in [0.5, 1.5], hue
+    +-0.1 of the circle; each change is drawn in about half of the images."""
+    grey = PhotometricDistortion()
+    shifts = []
+    for seed in range(60):
+        torch.manual_seed(seed)
+        shifts.append((grey(torch.full((3, 4, 4), 0.5)) - 0.5).flatten().unique().item())
+    assert max(abs(d) for d in shifts) <= 32 / 255 + 1e-6
+    assert min(shifts) < -20 / 255 and max(shifts) > 20 / 255 and 15 < sum(abs(d) < 1e-4 for d in shifts) < 45
+    for seed in range(60):  # brightened white and darkened black stay in [0, 1]
+        torch.manual_seed(seed)
+        assert grey(torch.ones(1, 2, 2)).max() <= 1 and grey(torch.zeros(1, 2, 2)).min() >= 0
+    factors: dict[str, list[float]] = {"adjust_contrast": [], "adjust_saturation": [], "adjust_hue": []}
+    order: list[str] = []
+    for name, drawn in factors.items():
+        monkeypatch.setattr(seg_transforms.TF, name, lambda image, factor, name=name, drawn=drawn:
+                            drawn.append(factor) or order.append(name) or image)
+    contrast_first = set()
+    for seed in range(60):
+        torch.manual_seed(seed)
+        order.clear()
+        grey(torch.rand(3, 4, 4))
+        assert order.count("adjust_contrast") <= 1
+        if "adjust_contrast" in order and len(order) > 1:
+            contrast_first.add(order[0] == "adjust_contrast")
+    assert contrast_first == {True, False}  # contrast before the colour changes in some images, after others
+    for name, (low, high) in (("adjust_contrast", (0.5, 1.5)), ("adjust_saturation", (0.5, 1.5)),
+                              ("adjust_hue", (-0.1, 0.1))):
+        drawn = factors[name]
+        assert 15 < len(drawn) < 45 and low <= min(drawn) and max(drawn) <= high, name
+        middle = (low + high) / 2
+        assert min(drawn) < middle - 0.3 * (high - low) and max(drawn) > middle + 0.3 * (high - low), name
+
+
 class PairSource(torch.utils.data.Dataset):
     def __init__(self, n: int = 4):
         self.pairs = [checkerboard(40, 50, 3 + i) for i in range(n)]
@@ -508,17 +640,19 @@ def test_seeded_joint_views_leave_the_global_rng_alone():
 # fmnist-scenes
 
 
-def tiny_fashion(folder: Path, n: int = 30) -> Path:
-    """IDX files of n 28x28 'items': a bright rectangle of random size on black, labels i % 10."""
+def tiny_fashion(folder: Path, n: int = 30, split_classes: bool = False) -> Path:
+    """IDX files of n 28x28 'items': a bright rectangle of random size on black, labels i % 10 (with
+    ``split_classes``: classes 0-4 in the training files, 5-9 in the test files)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     items = np.zeros((n, 28, 28), np.uint8)
     for i in range(n):
         h, w = rng.integers(6, 20, 2)
         items[i, 3:3 + h, 5:5 + w] = rng.integers(SCENE_THRESHOLD, 256)
-    for prefix in ("train", "t10k"):
+    for prefix, first in (("train", 0), ("t10k", 5 if split_classes else 0)):
+        labels = first + np.arange(n) % (5 if split_classes else 10)
         write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", items)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
     return folder
 
 
@@ -536,6 +670,45 @@ def test_make_scene_is_deterministic_and_labels_bright_pixels():
         counts.append(len(np.unique(mask[mask > 0])))
     assert 1 <= min(counts) and max(counts) <= 3 and len(set(counts)) > 1
     assert not np.array_equal(make_scene(items, labels, 1, 0)[0], make_scene(items, labels, 0, 0)[0])
+
+
+def test_scenes_hold_one_to_three_whole_items_reaching_every_edge():
+    """Items that are solid rectangles, each of its own class: every class's pixels are whole copies of its
+    item (no item overlaps another), scenes hold 1, 2 and 3 items, and items are placed up to the canvas's
+    last row and column. An item without a pixel bright enough (the last) is left out."""
+    sizes = [(4 + i % 5, 3 + (2 * i) % 7) for i in range(10)]
+    items = np.zeros((10, 28, 28), np.uint8)
+    for i, (h, w) in enumerate(sizes[:-1]):
+        items[i, 2:2 + h, 5:5 + w] = 200
+    items[-1, 2:20, 2:20] = SCENE_THRESHOLD - 1
+    counts, edges, labels = set(), set(), set()
+    for index in range(300):
+        _, mask = make_scene(items, np.arange(10), 0, index)
+        labels |= set(np.unique(mask).tolist())
+        placed = 0
+        for k in np.unique(mask[mask > 0]).tolist():
+            copies, rest = divmod(int((mask == k).sum()), sizes[k - 1][0] * sizes[k - 1][1])
+            assert rest == 0, (index, k)  # an item partly covered by another would leave a remainder
+            placed += copies
+        counts.add(placed)
+        edges |= {name for name, line in (("top", mask[0]), ("bottom", mask[-1]), ("left", mask[:, 0]),
+                                          ("right", mask[:, -1])) if line.any()}
+    assert {1, 2, 3} <= counts <= {0, 1, 2, 3} and 10 not in labels  # (0: the dark item alone)
+    assert edges == {"top", "bottom", "left", "right"}
+
+
+def test_fmnist_scenes_read_roots_files_train_from_the_training_items_val_from_the_test_items(tmp_path,
+                                                                                           monkeypatch):
+    """``root`` holds the IDX files (found before the installed Fashion-MNIST); train scenes are made of the
+    training items, val scenes of the test items (here of disjoint classes: 0-4 and 5-9, stored + 1)."""
+    idx = tiny_fashion(tmp_path / "idx", split_classes=True)
+    monkeypatch.setattr(segmentation, "SCENE_COUNTS", {"train": 6, "val": 6})
+    found = {}
+    for split in ("train", "val"):
+        source = build_seg_source("fmnist-scenes", split, root=idx)
+        found[split] = set().union(*(source[i][1].unique().tolist() for i in range(len(source)))) - {0}
+    assert found["train"] and found["train"] <= {1, 2, 3, 4, 5}
+    assert found["val"] and found["val"] <= {6, 7, 8, 9, 10}
 
 
 def test_fmnist_scenes_cached_in_ade_layout(tmp_path, monkeypatch):
@@ -588,6 +761,7 @@ def test_fmnist_scenes_writer_removes_what_a_killed_one_left(tmp_path):
 
 @needs_fashion
 def test_fmnist_scenes_from_the_debian_files(tmp_path, monkeypatch):
+    assert segmentation.SCENE_COUNTS == {"train": 10_000, "val": 2_000}  # the benchmark's (the docstring's)
     monkeypatch.setattr(segmentation, "SCENE_COUNTS", {"train": 20, "val": 10})
     train = build_seg_source("fmnist-scenes", "train", root=tmp_path)
     val = build_seg_source("fmnist-scenes", "val", root=tmp_path)

@@ -436,7 +436,15 @@ def test_visualize_shows_seeded_validation_images_with_their_masks_and_predictio
     shown = []
     monkeypatch.setattr(segment, "segmentation_figure", lambda rows, classes: shown.append((rows, classes)))
     monkeypatch.setattr(segment, "save_picture", lambda figure, out: out)
-    config = resolved_seg_config(data, eval_scale=[64, 64], eval_flip=True)
+    real, asked = segment.predict_logits, []
+
+    def spy(model, images, crop, mode, stride, flip, scales):
+        asked.append((images.shape[-1], crop, mode, stride, flip, tuple(scales)))
+        return real(model, images, crop, mode, stride, flip, scales)
+
+    monkeypatch.setattr(segment, "predict_logits", spy)
+    config = resolved_seg_config(data, eval_scale=[64, 64], eval_flip=True, eval_mode="slide", eval_stride=16,
+                                 eval_scales=[1.0, 0.5])
 
     def picked(seed: int) -> list[int]:
         shown.clear()
@@ -454,7 +462,8 @@ def test_visualize_shows_seeded_validation_images_with_their_masks_and_predictio
     first = picked(0)
     assert picked(0) == first and len(set(first)) == 2
     assert any(picked(seed) != first for seed in (1, 2, 3))
-    assert {size[-1] for size in model.inputs} == {32}  # the 64-px view, resized to the 32-px crop
+    assert set(asked) == {(64, 32, "slide", 16, True, (1.0, 0.5))}  # the 64-px view (eval_scale), as run
+    assert {size[-1] for size in model.inputs} == {32}  # in 32-px windows
 
 
 def quick_segment_config(encoder: Path, data: Path, **values) -> SegmentConfig:
@@ -471,11 +480,35 @@ def test_a_finished_run_is_scored_again_and_left_training(mae_run, tmp_path, mon
     finished = {"interrupted": False, "step": 2}
     monkeypatch.setattr(segment, "run_job", lambda run, job: jobs.append(job) or finished)
     data = write_layout(tmp_path / "scenes", "generic", train=8, val=6)
-    results = segment.run_segment(quick_segment_config(mae_run, data, eval_images=4), tmp_path / "seg")
+    config = quick_segment_config(mae_run, data, eval_images=4, labels={"fraction": 0.5, "seed": 2},
+                                  seg={"crop_size": 32, "channels": 16, "aux_channels": 16, "head": "linear",
+                                       "init": "random", "freeze_encoder": True, "eval_flip": True})
+    results = segment.run_segment(config, tmp_path / "seg")
     assert jobs[0].model.training
-    assert (results["steps"], results["epochs"], results["val_images"]) == (2, 1.0, 4)
+    assert (results["steps"], results["epochs"], results["val_images"]) == (2, 2.0, 4)  # 4 images, 2 a step
+    assert {k: results[k] for k in ("protocol", "init", "head", "frozen_encoder", "data", "label_fraction",
+                                    "seed", "train_images", "crop_size", "eval")} == {
+        "protocol": "segment", "init": "random", "head": "linear", "frozen_encoder": True, "data": str(data),
+        "label_fraction": 0.5, "seed": 2, "train_images": 4, "crop_size": 32,
+        "eval": {"mode": "whole", "stride": None, "flip": True, "scales": []}}
     assert 0 <= results["mIoU"] <= 100 and results["best_val_mIoU"] is None
     assert json.loads((tmp_path / "seg" / "results.json").read_text())["mIoU"] == results["mIoU"]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_the_pixel_limit_reaches_the_images_of_both_splits(mae_run, tmp_path, monkeypatch, split):
+    """``data.max_image_pixels`` refuses a train image and a val image alike (one 40x40 image among 32x32
+    ones, a limit of 32x32), before anything trains."""
+    monkeypatch.setattr(segment, "run_job", lambda run, job: {"interrupted": True})
+    data = write_layout(tmp_path / "scenes", "generic", train=4, val=2)
+    for picture, folder in zip(scene(0, size=40), ("images", "masks"), strict=True):
+        Image.fromarray(picture).save(data / folder / split / "1.png")
+    config = quick_segment_config(mae_run, data)
+    config.data.max_image_pixels = 32 * 32
+    with pytest.raises(MimkitError, match=f"{split}/1.png.*above data.max_image_pixels"):
+        segment.run_segment(config, tmp_path / "seg")
+    config.data.max_image_pixels = 40 * 40
+    segment.run_segment(config, tmp_path / "seg")
 
 
 def test_a_segmentation_run_loads_its_best_weights_in_eval_mode(mae_run, tmp_path, monkeypatch):

@@ -127,6 +127,35 @@ def test_size_hint_values():
                          train_images=100)["seg.crop_size"] == 48  # whole patches within the 50 px side
 
 
+def test_the_mask_line_and_the_hints_at_their_edges():
+    """The masks line: a run of labels as a range, others listed, none; all train masks or k of n. The size
+    hint starts at images of exactly half the crop, the narrow heads at a crop of 256 px, never below 16
+    channels, the batch never below 2 nor above the run's; the label hint once the largest label is below
+    the last class."""
+    assert SegDataFacts(10, 4, 10, (32, 32), (0, 1, 2), 1.5).describe_masks() == (
+        "14 checked in 1.5 s (every val mask, all train): labels 0-2 found (255 ignored)")
+    assert SegDataFacts(700, 4, 500, (32, 32), (0, 2, 5), 0.26).describe_masks() == (
+        "504 checked in 0.3 s (every val mask, 500 of 700 train): labels 0, 2, 5 found (255 ignored)")
+    assert "labels none found" in SegDataFacts(1, 1, 1, (8, 8), (), 0.0).describe_masks()
+    assert "labels 1-3 found" in SegDataFacts(1, 1, 1, (8, 8), (1, 2, 3), 0.0).describe_masks()
+    half = SegDataFacts(100, 10, 100, (64, 64), (0, 1), 0.1)
+    assert seg_size_hint(half, 128, 16, 32, 16, 100) == {
+        "seg.crop_size": 64, "seg.scale": [64, 64], "seg.eval_mode": "whole", "seg.eval_scale": [64, 64],
+        "seg.channels": 16, "seg.aux_channels": 16, "train.batch_size": 12}
+    assert seg_size_hint(half, 126, 16, 40, 16, 800) == {"seg.channels": 16, "seg.aux_channels": 20,
+                                                         "train.batch_size": 16}
+    large = SegDataFacts(100, 10, 100, (400, 300), (0, 1), 0.1)
+    assert seg_size_hint(large, 256, 16, 768, 16, 8) == {"seg.channels": 192, "seg.aux_channels": 384,
+                                                         "train.batch_size": 2}
+    assert seg_size_hint(large, 257, 16, 768, 16, 8) is None
+    tiny = SegDataFacts(100, 10, 100, (12, 10), (0, 1), 0.1)  # smaller than a patch: a crop of one patch
+    assert seg_size_hint(tiny, 64, 16, 32, 16, 100)["seg.scale"] == [19, 16]
+    facts = SegDataFacts(100, 10, 100, (32, 32), (0, 1, 2), 0.1)
+    assert label_hint(facts, 3) == ""
+    assert label_hint(facts, 4).startswith("labels 0-2 found, but the data set has 4 classes: "
+                                           "--set seg.num_classes=3?")
+
+
 class _Masks:
     """A source whose mask checks record what was asked: image i is (10 + i) x (20 + i) px, its mask holds
     label ``labels(i)``."""
@@ -149,7 +178,7 @@ def test_the_survey_checks_the_evaluated_val_masks_and_a_spread_of_train_masks()
     facts = survey_seg_data(train, Subset(val, [2, 3, 4]), train_samples=5)
     assert val.checked == [2, 3, 4] and train.checked == [0, 5, 10, 14, 19]
     assert (facts.train_images, facts.val_images, facts.train_checked) == (20, 3, 5)
-    assert facts.labels == (0, 1, 2, 7) and facts.median == (20, 30)
+    assert facts.labels == (0, 1, 2, 7) and facts.median == (20, 30) and 0 <= facts.seconds < 60
 
 
 def test_the_size_hint_sizes_the_batch_to_the_images_trained_on():

@@ -75,6 +75,24 @@ def test_segmentation_encoder_has_no_head_or_final_norm_and_resizes_its_tables()
     assert beit(torch.randn(1, 1, 64, 64)).shape == (1, 32)
 
 
+def test_segmentation_encoder_is_a_trainable_copy_leaving_the_given_encoder_as_it_was():
+    """The pretrained encoder given (frozen, as a probe or a teacher keeps one) is left untouched: its
+    head, final norm, input size and frozen weights; the copy trains every weight."""
+    given = tiny_vit().requires_grad_(False)
+    before = {k: v.clone() for k, v in given.state_dict().items()}
+    encoder = segmentation_encoder(given, 64, drop_path=0.2)
+    assert all(p.requires_grad for p in encoder.parameters())
+    assert not any(p.requires_grad for p in given.parameters())
+    assert not isinstance(given.norm, torch.nn.Identity) and given.patch_embed.img_size == (32, 32)
+    assert given.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in given.state_dict().items())
+
+
+def test_the_heads_drop_channels_at_the_papers_rate_while_training():
+    model = Segmenter(segmentation_encoder(tiny_vit(), 32), 3)
+    assert model.decode_head.dropout.p == model.auxiliary_head.dropout.p == 0.1
+
+
 def test_frozen_encoder_gets_no_gradient_and_stays_in_eval_mode():
     model = Segmenter(segmentation_encoder(tiny_vit(), 32, drop_path=0.1), 3, head="linear",
                       freeze_encoder=True).train()
