@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mimkit.errors import MimkitError
-from mimkit.models.posembed import resize_abs_pos_embed
+from mimkit.models.posembed import _geometric_offsets, rel_grid, resize_abs_pos_embed, resize_rel_pos_table
 from mimkit.models.vit import sincos_pos_embed_2d
 
 
@@ -41,3 +41,49 @@ def test_sincos_table_is_recomputed_not_resampled():
 def test_table_that_is_not_a_square_grid_is_refused():
     with pytest.raises(MimkitError, match="not 1 \\+ a square grid"):
         resize_abs_pos_embed(torch.zeros(1, 1 + 15, 8), 4)
+
+
+def test_geometric_offsets_put_the_old_ends_on_the_new_ends_with_gaps_growing_by_q():
+    """BEiT's spacing: gaps 1, q, q**2 from the centre out, q chosen so the last offset is the new grid's last
+    (1 + q + q**2 = 5 for a 4x4 grid's offsets read at a 6x6 grid's), and q < 1 when shrinking."""
+    q = (17 ** 0.5 - 1) / 2
+    expected = torch.tensor([-5, -1 - q, -1, 0, 1, 1 + q, 5], dtype=torch.float64)
+    torch.testing.assert_close(_geometric_offsets(3, 5), expected)
+    shrunk = _geometric_offsets(5, 3)
+    gaps = shrunk[6:] - shrunk[5:-1]
+    assert shrunk[-1].item() == pytest.approx(3) and torch.equal(shrunk, -shrunk.flip(0))
+    assert gaps[0] == 1 and (gaps[1:] < gaps[:-1]).all()
+
+
+def test_a_two_by_two_grids_relative_table_is_read_off_the_parabola_through_its_offsets():
+    """A 2x2 grid has offsets -1, 0, 1 only: too few for a cubic spline, so the interpolating polynomial
+    (here exact for a quadratic) is read at the new grid's offsets."""
+    def quadratic(y, x):
+        return 0.5 * y**2 - y * x + 2 * x + 1
+
+    old = torch.arange(-1, 2, dtype=torch.float64)
+    y, x = torch.meshgrid(old, old, indexing="ij")
+    extra = torch.tensor([[7.0], [8.0], [9.0]], dtype=torch.float64)
+    table = torch.cat([quadratic(y, x).reshape(-1, 1), extra])
+    resized = resize_rel_pos_table(table, 3)
+    new = torch.arange(-2, 3, dtype=torch.float64)
+    y, x = torch.meshgrid(new, new, indexing="ij")
+    torch.testing.assert_close(resized[:-3, 0], quadratic(y, x).flatten())
+    assert resized[-3:, 0].tolist() == [7.0, 8.0, 9.0]
+
+
+def test_relative_tables_that_cannot_be_resized_are_refused():
+    with pytest.raises(MimkitError, match="table of 13 rows is not"):  # 10 rows of offsets: not a square
+        rel_grid(torch.zeros(13, 2))
+    with pytest.raises(MimkitError, match="table of 7 rows is not"):  # 4 = 2**2: an even span
+        resize_rel_pos_table(torch.zeros(7, 2), 3)
+    with pytest.raises(MimkitError, match="between grids 1 and 3"):
+        resize_rel_pos_table(torch.zeros(4, 2), 3)
+    assert rel_grid(torch.zeros(28, 2)) == 3
+
+
+def test_a_learned_table_whose_width_no_sincos_table_has_is_resampled():
+    torch.manual_seed(0)
+    table = torch.randn(1, 1 + 16, 30)
+    resized, how = resize_abs_pos_embed(table, 6)
+    assert how == "bicubic" and torch.equal(resized, bicubic_by_hand(table, 6, 1))
