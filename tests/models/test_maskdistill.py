@@ -110,3 +110,18 @@ def test_training_brings_the_predictions_to_the_teacher():
 def test_an_unknown_loss_is_refused():
     with pytest.raises(MimkitError, match="unknown MaskDistill loss 'l2'; choose one of: smooth_l1, cosine"):
         tiny(loss="l2")
+
+
+def test_the_students_settings_reach_its_encoder_and_one_bias_table_is_shared_by_default():
+    """MaskDistill's default (BEiT v2's pretraining) is one relative position table for all blocks, unlike
+    BEiT's; drop path and layer scale reach every block."""
+    shared = tiny()
+    assert shared.encoder.rel_pos_bias is not None
+    assert all(block.attn.relative_position_bias_table is None for block in shared.encoder.blocks)
+    own = tiny(shared_rel_pos_bias=False, depth=3, drop_path_rate=0.2, layer_scale_init=0.05)
+    assert own.encoder.rel_pos_bias is None
+    assert all(block.attn.relative_position_bias_table is not None for block in own.encoder.blocks)
+    rates = [getattr(block.drop_path1, "drop_prob", 0.0) for block in own.encoder.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])
+    gammas = torch.cat([block.gamma_1 for block in own.encoder.blocks])
+    assert torch.equal(gammas, torch.full_like(gammas, 0.05))
