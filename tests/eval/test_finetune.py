@@ -97,6 +97,15 @@ def test_a_classifier_rebuilt_with_the_other_pool_moves_the_final_norm_back_with
 def test_a_classifier_without_classes_is_a_one_line_error(num_classes):
     with pytest.raises(MimkitError, match=f"at least one class, got {num_classes}"):
         build_classifier(tiny_encoder(), num_classes)
+    assert build_classifier(tiny_encoder(), 1)(torch.randn(2, 1, 16, 16)).shape == (2, 1)
+
+
+def test_a_model_that_is_no_vit_encoder_or_an_unknown_pool_is_a_one_line_error():
+    with pytest.raises(MimkitError, match=r"^Linear is not a timm ViT-style encoder \(it lacks blocks, norm, "
+                                          r"fc_norm, .*\); evaluation takes timm VisionTransformer or Beit"):
+        build_classifier(torch.nn.Linear(2, 2), 3)
+    with pytest.raises(MimkitError, match="^pool 'max' is not one of avg, cls$"):
+        build_classifier(tiny_encoder(), 3, "max")
 
 
 def test_pretrained_encoder_loads_with_no_missing_key(mae_run):
