@@ -22,7 +22,7 @@ from mimkit.eval.augment import MixTargets
 from mimkit.eval.config import FinetuneConfig
 from mimkit.eval.finetune import finetuned_encoder, finetuned_model, read_finetune, run_finetune, same_images
 from mimkit.eval.scores import classification_accuracy
-from mimkit.models.classifier import FineTuned, build_classifier, pooled_features
+from mimkit.models.classifier import FineTuned, block_features, build_classifier, pooled_features
 from mimkit.models.vit import build_vit
 from mimkit.runs import latest_weights, load_encoder, saved_values
 from mimkit.train.checkpoint_files import Checkpoints, load_weights
@@ -105,8 +105,12 @@ def test_a_model_that_is_no_vit_encoder_or_an_unknown_pool_is_a_one_line_error()
                                           r"fc_norm, num_prefix_tokens, forward_features, reset_classifier\); "
                                           r"evaluation takes timm VisionTransformer or Beit"):
         build_classifier(torch.nn.Linear(2, 2), 3)
-    with pytest.raises(MimkitError, match="^pool 'max' is not one of avg, cls$"):
-        build_classifier(tiny_encoder(), 3, "max")
+    images = torch.randn(1, 1, 16, 16)
+    for read in (lambda: build_classifier(tiny_encoder(), 3, "max"),
+                 lambda: pooled_features(tiny_encoder(), images, "max"),  # a probe's --set pool=max
+                 lambda: block_features(tiny_encoder(), images, "max", [1])):
+        with pytest.raises(MimkitError, match="^pool 'max' is not one of avg, cls$"):
+            read()
 
 
 def test_pretrained_encoder_loads_with_no_missing_key(mae_run):
