@@ -101,8 +101,8 @@ def test_a_classifier_without_classes_is_a_one_line_error(num_classes):
 
 
 def test_a_model_that_is_no_vit_encoder_or_an_unknown_pool_is_a_one_line_error():
-    with pytest.raises(MimkitError, match=r"^Linear is not a timm ViT-style encoder \(it lacks blocks, norm, "
-                                          r"fc_norm, num_prefix_tokens, forward_features, reset_classifier\); "
+    lacks = "blocks, norm, fc_norm, num_prefix_tokens, forward_features, reset_classifier"
+    with pytest.raises(MimkitError, match=rf"^Linear is not a timm ViT-style encoder \(it lacks {lacks}\); "
                                           r"evaluation takes timm VisionTransformer or Beit"):
         build_classifier(torch.nn.Linear(2, 2), 3)
     images = torch.randn(1, 1, 16, 16)
