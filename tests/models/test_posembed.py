@@ -73,9 +73,11 @@ def test_a_two_by_two_grids_relative_table_is_read_off_the_parabola_through_its_
 
 
 def test_relative_tables_that_cannot_be_resized_are_refused():
-    with pytest.raises(MimkitError, match=r"^relative position table of 13 rows is not \(2g-1\)\*\*2 \+ 3$"):  # 10 rows of offsets: not a square
+    # 10 rows of offsets: not a square
+    with pytest.raises(MimkitError, match=r"^relative position table of 13 rows is not \(2g-1\)\*\*2 \+ 3$"):
         rel_grid(torch.zeros(13, 2))
-    with pytest.raises(MimkitError, match=r"^relative position table of 7 rows is not \(2g-1\)\*\*2 \+ 3$"):  # 4 = 2**2: an even span
+    # 4 rows of offsets = 2**2: an even span
+    with pytest.raises(MimkitError, match=r"^relative position table of 7 rows is not \(2g-1\)\*\*2 \+ 3$"):
         resize_rel_pos_table(torch.zeros(7, 2), 3)
     with pytest.raises(MimkitError, match="between grids 1 and 3"):
         resize_rel_pos_table(torch.zeros(4, 2), 3)
