@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from mimkit.errors import MimkitError
-from mimkit.models.posembed import _geometric_offsets, rel_grid, resize_abs_pos_embed, resize_rel_pos_table
+from mimkit.models.posembed import (
+    _geometric_offsets,
+    _spline_weights,
+    rel_grid,
+    resize_abs_pos_embed,
+    resize_rel_pos_table,
+)
 from mimkit.models.vit import sincos_pos_embed_2d
 
 
@@ -89,3 +95,19 @@ def test_a_learned_table_whose_width_no_sincos_table_has_is_resampled():
     table = torch.randn(1, 1 + 16, 30)
     resized, how = resize_abs_pos_embed(table, 6)
     assert how == "bicubic" and torch.equal(resized, bicubic_by_hand(table, 6, 1))
+
+
+def test_the_spline_passes_through_its_knots_and_extends_its_end_pieces():
+    """Each offset is read on its own interval: at the knots the spline gives the table's values back whatever
+    they are (a cubic table cannot tell the intervals apart: every piece is the same cubic), and beyond the
+    ends the end pieces go on (exact for a cubic)."""
+    knots = _geometric_offsets(3, 5)
+    torch.testing.assert_close(_spline_weights(knots, knots), torch.eye(7, dtype=torch.float64))
+    outside = torch.tensor([-6.0, 5.5], dtype=torch.float64)
+    torch.testing.assert_close(_spline_weights(knots, outside) @ knots**3, outside**3)
+    torch.manual_seed(0)
+    table = torch.randn(7 * 7 + 3, 2, dtype=torch.float64)
+    resized = resize_rel_pos_table(table, 6).T.reshape(2, -1)[:, :121].reshape(2, 11, 11)
+    on_knots = [0, 4, 5, 6, 10]  # the new offsets -5, -1, 0, 1, 5 are old ones (old rows 0, 2, 3, 4, 6)
+    old = table[:49].T.reshape(2, 7, 7)[:, [0, 2, 3, 4, 6]][:, :, [0, 2, 3, 4, 6]]
+    torch.testing.assert_close(resized[:, on_knots][:, :, on_knots], old)
