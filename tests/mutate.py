@@ -1495,7 +1495,8 @@ PLANTED = [
     Bug("s6models: MaskDistill: per-block bias tables whatever shared_rel_pos_bias says",
         MASKDISTILL_MODEL_PY, "shared_rel_pos_bias=shared_rel_pos_bias,\n", "\n",
         (MASKDISTILL_STUDENT,)),
-    Bug("s6models: posembed: the spline reads each offset on the next interval", "src/mimkit/models/posembed.py",
+    Bug("s6models: posembed: the spline reads each offset on the next interval",
+        "src/mimkit/models/posembed.py",
         "k = (torch.searchsorted(x, t) - 1).clamp(0, n - 2)", "k = torch.searchsorted(x, t).clamp(0, n - 2)",
         ("tests/models/test_posembed.py::test_the_spline_passes_through_its_knots_and_extends_its_end_pieces",)),
 ]
