@@ -61,21 +61,31 @@ def test_geometric_offsets_put_the_old_ends_on_the_new_ends_with_gaps_growing_by
     assert gaps[0] == 1 and (gaps[1:] < gaps[:-1]).all()
 
 
-def test_a_two_by_two_grids_relative_table_is_read_off_the_parabola_through_its_offsets():
-    """A 2x2 grid has offsets -1, 0, 1 only: too few for a cubic spline, so the interpolating polynomial
-    (here exact for a quadratic) is read at the new grid's offsets."""
-    def quadratic(y, x):
-        return 0.5 * y**2 - y * x + 2 * x + 1
+def cubic(y, x):
+    return 0.3 * y**3 - y * x + 0.5 * x**2 + 1
 
-    old = torch.arange(-1, 2, dtype=torch.float64)
+
+def quadratic(y, x):
+    return 0.5 * y**2 - y * x + 2 * x + 1
+
+
+@pytest.mark.parametrize("function, old, grid", [
+    (cubic, _geometric_offsets(3, 5), 6),  # a 4x4 grid's offsets -3..3 placed for a 6x6 grid's -5..5
+    # a 2x2 grid has offsets -1, 0, 1 only: too few for a cubic spline, so the interpolating parabola is read
+    (quadratic, torch.arange(-1, 2, dtype=torch.float64), 3),
+], ids=["cubic spline on BEiT's geometric offsets", "2x2 grid's parabola"])
+def test_a_relative_table_is_read_exactly_at_the_new_offsets_where_its_interpolant_is(function, old, grid):
+    """A table that is a cubic in the (geometrically spaced) old offsets, or a quadratic in a 2x2 grid's, is
+    read exactly at the new grid's integer offsets; the three class-token rows are kept."""
     y, x = torch.meshgrid(old, old, indexing="ij")
     extra = torch.tensor([[7.0], [8.0], [9.0]], dtype=torch.float64)
-    table = torch.cat([quadratic(y, x).reshape(-1, 1), extra])
-    resized = resize_rel_pos_table(table, 3)
-    new = torch.arange(-2, 3, dtype=torch.float64)
+    table = torch.cat([function(y, x).reshape(-1, 1), extra])
+    resized = resize_rel_pos_table(table, grid)
+    new = torch.arange(1 - grid, grid, dtype=torch.float64)
     y, x = torch.meshgrid(new, new, indexing="ij")
-    torch.testing.assert_close(resized[:-3, 0], quadratic(y, x).flatten())
-    assert resized[-3:, 0].tolist() == [7.0, 8.0, 9.0]
+    torch.testing.assert_close(resized[:-3, 0], function(y, x).flatten())
+    old_grid = (len(old) + 1) // 2
+    assert torch.equal(resized[-3:], extra) and torch.equal(resize_rel_pos_table(table, old_grid), table)
 
 
 def test_relative_tables_that_cannot_be_resized_are_refused():
