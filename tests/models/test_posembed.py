@@ -1,6 +1,8 @@
 """Absolute position tables at another grid: mimkit's resize is timm's bicubic resample, bit for bit, with
 the prefix (class / register token) rows kept; MAE's sin-cos table is recomputed instead."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,3 +123,33 @@ def test_the_spline_passes_through_its_knots_and_extends_its_end_pieces():
     on_knots = [0, 4, 5, 6, 10]  # the new offsets -5, -1, 0, 1, 5 are old ones (old rows 0, 2, 3, 4, 6)
     old = table[:49].T.reshape(2, 7, 7)[:, [0, 2, 3, 4, 6]][:, :, [0, 2, 3, 4, 6]]
     torch.testing.assert_close(resized[:, on_knots][:, :, on_knots], old)
+
+
+def not_a_knot_spline(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The not-a-knot cubic spline through (x, y) read at t, solved for each piece's 4 coefficients at once:
+    both ends of each piece on the data, first and second derivatives continuous at the inner knots, and the
+    third continuous at the second and the second-to-last knot."""
+    m = len(x) - 1
+
+    def row(piece, at, order):
+        out = torch.zeros(4 * m, dtype=torch.float64)
+        for j in range(order, 4):
+            out[4 * piece + j] = math.perm(j, order) * (at - x[piece]) ** (j - order)
+        return out
+
+    rows = [row(p, x[p + e], 0) for p in range(m) for e in (0, 1)]
+    values = [y[p + e] for p in range(m) for e in (0, 1)]
+    for p in range(m - 1):
+        rows += [row(p, x[p + 1], order) - row(p + 1, x[p + 1], order) for order in (1, 2)]
+    rows += [row(0, x[1], 3) - row(1, x[1], 3), row(m - 2, x[m - 1], 3) - row(m - 1, x[m - 1], 3)]
+    coefficients = torch.linalg.solve(torch.stack(rows), torch.tensor(values + [0.0] * (2 * m)))
+    piece = (torch.searchsorted(x, t, right=True) - 1).clamp(0, m - 1)
+    return torch.stack([sum(coefficients[4 * p + j] * (s - x[p]) ** j for j in range(4))
+                        for p, s in zip(piece, t, strict=True)])
+
+
+def test_the_spline_between_the_knots_is_the_not_a_knot_spline_of_the_data():
+    torch.manual_seed(0)
+    knots, y = _geometric_offsets(3, 5), torch.randn(7, dtype=torch.float64)
+    t = torch.linspace(-5, 5, 23, dtype=torch.float64)
+    torch.testing.assert_close(_spline_weights(knots, t) @ y, not_a_knot_spline(knots, y, t))
