@@ -100,6 +100,19 @@ AUGMENT, AUGMENT_PY = "tests/eval/test_augment.py::", "src/mimkit/eval/augment.p
 EVAL_CONFIG_PY = "src/mimkit/eval/config.py"
 EVAL_DEFAULTS = "tests/test_config.py::test_the_evaluation_defaults_turn_on_nothing_the_user_did_not_ask_for"
 
+# s6models: the modules and tests its planted bugs name
+CLASSIFIER_PY = "src/mimkit/models/classifier.py"
+CLASSIFIER_KEEPS = "tests/eval/test_finetune.py::test_classifier_keeps_every_encoder_weight"
+BEIT_MODEL_PY = "src/mimkit/models/beit.py"
+MAE_MODEL_PY = "src/mimkit/models/mae.py"
+MASKDISTILL_MODEL_PY = "src/mimkit/models/maskdistill.py"
+MASKDISTILL_STUDENT = ("tests/models/test_maskdistill.py::"
+                       "test_the_students_settings_reach_its_encoder_and_one_bias_table_is_shared_by_default")
+MAE_INIT = ("tests/models/test_mae.py::"
+            "test_the_patch_embedding_is_xavier_uniform_as_a_linear_and_mlp_ratio_reaches_the_decoder")
+BEIT_SCHEDULE = ("tests/methods/test_beitv2.py::"
+                 "test_drop_path_and_layer_scale_reach_every_block_and_the_head_continues_the_encoders_schedule")
+
 PLANTED = [
     Bug("layer decay: the loop ignores lr_scale", "src/mimkit/train/step.py",
         'group["lr"] = lr * group.get("lr_scale", 1.0)', 'group["lr"] = lr',
@@ -1623,6 +1636,70 @@ PLANTED = [
         "if balanced or self.cat_max_ratio >= 1:", "if balanced or self.cat_max_ratio > 1:", (SEG_DATA,)),
     Bug("s6seg: seg view: a brightened pixel left above 1", VIEW_PY,
         "self.brightness)).clamp(0, 1)", "self.brightness)).clamp(0, 2)", (SEG_DATA,)),
+    # s6models
+    Bug("s6models: classifier: a frozen encoder weight (MAE's sin-cos table) stays frozen in fine-tuning",
+        CLASSIFIER_PY, "model = copy.deepcopy(encoder).requires_grad_(True)",
+        "model = copy.deepcopy(encoder)",
+        (CLASSIFIER_KEEPS,)),
+    Bug("s6models: classifier: the head keeps timm's init, not MAE's std 2e-5", CLASSIFIER_PY,
+        "nn.init.trunc_normal_(model.head.weight, std=2e-5)", "pass", (CLASSIFIER_KEEPS,)),
+    Bug("s6models: classifier: a cls classifier made from an avg one leaves its norm after the pooling",
+        CLASSIFIER_PY, "model.norm, model.fc_norm = model.fc_norm, nn.Identity()", "pass",
+        ("tests/eval/test_finetune.py::"
+         "test_a_classifier_rebuilt_with_the_other_pool_moves_the_final_norm_back_with_its_weights",)),
+    Bug("s6models: classifier: the last block's features read as an earlier block's", CLASSIFIER_PY,
+        "if layer == depth:", "if layer == len(layers):",
+        ("tests/eval/test_layers.py::test_block_features",)),
+    Bug("s6models: posembed: BEiT's offsets spaced q, q**2, ... from the centre instead of 1, q, ...",
+        "src/mimkit/models/posembed.py", "right = torch.tensor([q**m for m in range(old_half)]",
+        "right = torch.tensor([q**m for m in range(1, old_half + 1)]", ("tests/models/test_posembed.py",)),
+    Bug("s6models: BEiT: drop_path_rate never reaches the encoder", BEIT_MODEL_PY,
+        'global_pool="token", drop_path_rate=drop_path_rate,', 'global_pool="token",', (BEIT_SCHEDULE,)),
+    Bug("s6models: BEiT: the arch's layer scale overrides the one asked for", BEIT_MODEL_PY,
+        'return cls(**{**dims, "layer_scale_init": default_layer_scale, **kwargs})',
+        'return cls(**{**dims, **kwargs, "layer_scale_init": default_layer_scale})', (BEIT_SCHEDULE,)),
+    Bug("s6models: BEiT v2: the head's blocks take the first blocks' drop path", BEIT_MODEL_PY,
+        'drop_path=dpr[min(self.agg_layer + i, depth - 1)]', 'drop_path=dpr[i]', (BEIT_SCHEDULE,)),
+    Bug("s6models: BEiT v2: the head's blocks without layer scale", BEIT_MODEL_PY,
+        'init_values=kw["init_values"],', 'init_values=None,', (BEIT_SCHEDULE,)),
+    Bug("s6models: BEiT v2: the head's init rescaled as the first blocks'", BEIT_MODEL_PY,
+        'scale = math.sqrt(2.0 * (self.agg_layer + i + 1))', 'scale = math.sqrt(2.0 * (i + 1))',
+        (BEIT_SCHEDULE,)),
+    Bug("s6models: MAE: the patch embedding keeps the conv's default init", MAE_MODEL_PY,
+        "nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))", "pass", (MAE_INIT,)),
+    Bug("s6models: MAE: mlp_ratio does not reach the decoder", MAE_MODEL_PY,
+        "Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True",
+        "Block(decoder_embed_dim, decoder_num_heads, qkv_bias=True", (MAE_INIT,)),
+    Bug("s6models: MAE: the decoder is never checkpointed", MAE_MODEL_PY,
+        "x = run_blocks(self.decoder_blocks, x, self.encoder.grad_checkpointing)",
+        "x = run_blocks(self.decoder_blocks, x, False)",
+        ("tests/train/test_scale.py::test_grad_checkpointing_gives_the_same_loss_and_gradients[mae]",)),
+    Bug("s6models: MAE: the pictures mask 75% whatever the run's mask_ratio", "src/mimkit/methods/mae.py",
+        "return mae_reconstructions(model, shown, config.settings.mask_ratio, noise)",
+        "return mae_reconstructions(model, shown, 0.75, noise)", ("tests/methods/test_mae.py",)),
+    Bug("s6models: MAE: the pictures' masks not drawn from the run's generator", "src/mimkit/methods/mae.py",
+        "noise = torch.rand(len(shown), model.num_patches, generator=generator)",
+        "noise = torch.rand(len(shown), model.num_patches)", ("tests/methods/test_mae.py",)),
+    Bug("s6models: MaskFeat: the class token and the patch embedding keep timm's init",
+        "src/mimkit/models/maskfeat.py",
+        "for table in (enc.pos_embed, enc.cls_token, self.mask_token, enc.patch_embed.proj.weight):",
+        "for table in (enc.pos_embed, self.mask_token):",
+        ("tests/models/test_maskfeat.py::"
+         "test_init_is_the_authors_truncated_normal_for_tables_tokens_linears_and_the_patch_embedding",)),
+    Bug("s6models: BEiT v2: a tokenizer of other channels accepted", "src/mimkit/methods/beitv2.py",
+        "if (data.img_size, tokenizer.model.patch_size, data.channels) != ours:",
+        "if (data.img_size, tokenizer.model.patch_size) != ours[:2]:",
+        ("tests/methods/test_beitv2.py::test_bad_input_is_a_one_line_error",)),
+    Bug("s6models: MaskDistill: drop_path_rate does not reach the student", MASKDISTILL_MODEL_PY,
+        "                         drop_path_rate=drop_path_rate)", "                         )",
+        (MASKDISTILL_STUDENT,)),
+    Bug("s6models: MaskDistill: per-block bias tables whatever shared_rel_pos_bias says",
+        MASKDISTILL_MODEL_PY, "shared_rel_pos_bias=shared_rel_pos_bias,\n", "\n",
+        (MASKDISTILL_STUDENT,)),
+    Bug("s6models: posembed: the spline reads each offset on the next interval",
+        "src/mimkit/models/posembed.py",
+        "k = (torch.searchsorted(x, t) - 1).clamp(0, n - 2)", "k = torch.searchsorted(x, t).clamp(0, n - 2)",
+        ("tests/models/test_posembed.py::test_the_spline_between_the_knots_is_the_not_a_knot_spline_of_the_data",)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

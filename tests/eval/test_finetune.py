@@ -22,13 +22,13 @@ from mimkit.eval.augment import MixTargets
 from mimkit.eval.config import FinetuneConfig
 from mimkit.eval.finetune import finetuned_encoder, finetuned_model, read_finetune, run_finetune, same_images
 from mimkit.eval.scores import classification_accuracy
-from mimkit.models.classifier import FineTuned, build_classifier, pooled_features
+from mimkit.models.classifier import FineTuned, block_features, build_classifier, pooled_features
 from mimkit.models.vit import build_vit
 from mimkit.runs import latest_weights, load_encoder, saved_values
 from mimkit.train.checkpoint_files import Checkpoints, load_weights
 from mimkit.train.metrics_log import read_metrics
 from mimkit.train.optim import param_groups
-from tests.conftest import TINY_MAE_KWARGS
+from tests.conftest import TINY_MAE_KWARGS, perturb
 
 QUICK_FT = ["--max-steps", "4", "--batch-size", "32", "--set", "data.num_workers=0",
             "--set", "eval_batch_size=128"]
@@ -62,7 +62,9 @@ def test_stochastic_depth_grows_linearly_to_the_last_block():
 @pytest.mark.parametrize("pool", ["avg", "cls"])
 def test_classifier_keeps_every_encoder_weight(pool):
     encoder = tiny_encoder()
+    encoder.pos_embed.requires_grad_(False)  # as MAE's fixed sin-cos table: fine-tuning trains it all
     classifier = build_classifier(encoder, 7, pool, drop_path=0.2)
+    assert 0 < classifier.head.weight.std() < 1e-4 and not classifier.head.bias.any()  # MAE's head init
     weights = classifier.state_dict()
     renamed = {(k.replace("norm.", "fc_norm.", 1) if pool == "avg" and k.startswith("norm.") else k): v
                for k, v in encoder.state_dict().items()}
@@ -76,6 +78,39 @@ def test_classifier_keeps_every_encoder_weight(pool):
     with torch.no_grad():  # the probes' features are what the head reads
         expected = classifier.forward_head(classifier.forward_features(images), pre_logits=True)
         torch.testing.assert_close(pooled_features(classifier, images, pool), expected)
+
+
+def test_a_classifier_rebuilt_with_the_other_pool_moves_the_final_norm_back_with_its_weights():
+    """A fine-tuned ``avg`` classifier (its norm in ``fc_norm``) taken as the encoder of a ``cls`` one: the
+    trained norm returns before the pooling, and the features are the normalized [CLS] token."""
+    avg = build_classifier(perturb(tiny_encoder()), 7, "avg")
+    cls = build_classifier(avg, 5, "cls")
+    assert isinstance(cls.fc_norm, torch.nn.Identity) and isinstance(avg.norm, torch.nn.Identity)
+    torch.testing.assert_close(cls.norm.weight, avg.fc_norm.weight)
+    images = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        tokens = cls.blocks(cls._pos_embed(cls.patch_embed(images)))
+        torch.testing.assert_close(pooled_features(cls.eval(), images, "cls"), avg.fc_norm(tokens)[:, 0])
+
+
+@pytest.mark.parametrize("num_classes", [0, -1])
+def test_a_classifier_without_classes_is_a_one_line_error(num_classes):
+    with pytest.raises(MimkitError, match=f"at least one class, got {num_classes}"):
+        build_classifier(tiny_encoder(), num_classes)
+    assert build_classifier(tiny_encoder(), 1)(torch.randn(2, 1, 16, 16)).shape == (2, 1)
+
+
+def test_a_model_that_is_no_vit_encoder_or_an_unknown_pool_is_a_one_line_error():
+    lacks = "blocks, norm, fc_norm, num_prefix_tokens, forward_features, reset_classifier"
+    with pytest.raises(MimkitError, match=rf"^Linear is not a timm ViT-style encoder \(it lacks {lacks}\); "
+                                          r"evaluation takes timm VisionTransformer or Beit"):
+        build_classifier(torch.nn.Linear(2, 2), 3)
+    images = torch.randn(1, 1, 16, 16)
+    for read in (lambda: build_classifier(tiny_encoder(), 3, "max"),
+                 lambda: pooled_features(tiny_encoder(), images, "max"),  # a probe's --set pool=max
+                 lambda: block_features(tiny_encoder(), images, "max", [1])):
+        with pytest.raises(MimkitError, match="^pool 'max' is not one of avg, cls$"):
+            read()
 
 
 def test_pretrained_encoder_loads_with_no_missing_key(mae_run):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from timm.models.beit import Beit
 
 from mimkit.cli import main
+from mimkit.errors import MimkitError
 from mimkit.eval.features import probe_layers
 from mimkit.models.classifier import block_features, build_classifier, pooled_features
 from mimkit.models.vit import build_vit
@@ -50,7 +51,16 @@ def test_block_features(kind, pool):
                                                intermediates_only=True, return_prefix_tokens=True)[0]
         pooled = tokens[0].mean(1) if pool == "avg" else tokens[1][:, 0]
         torch.testing.assert_close(features[:, 0], F.layer_norm(pooled, (32,), eps=1e-6))
-        torch.testing.assert_close(block_features(encoder, x, pool, [2])[:, 0], features[:, 1])
+        for alone in (1, 2, 3):  # one block asked for alone: the same features as among the others
+            alone_features = block_features(encoder, x, pool, [alone])
+            torch.testing.assert_close(alone_features[:, 0], features[:, alone - 1])
+
+
+@pytest.mark.parametrize("layers", [[2, 1], [1, 1], [0, 1], [1, 4]])
+def test_block_features_refuses_layers_out_of_order_or_outside_the_blocks(layers):
+    encoder = build_vit(dict(embed_dim=32, depth=3, num_heads=2), img_size=16, patch_size=4, in_chans=1)
+    with pytest.raises(MimkitError, match=r"layers \[.*\] must be increasing block numbers in 1\.\.3"):
+        block_features(encoder, torch.randn(1, 1, 16, 16), "avg", layers)
 
 
 def test_probe_layers():

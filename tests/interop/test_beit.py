@@ -16,7 +16,6 @@ from mimkit.interop.beit import beit_arch, beitv2_arch
 from mimkit.interop.export import export_model
 from mimkit.interop.importer import load_foreign, read_checkpoint
 from mimkit.models.beit import BEiT, BEiTv2
-from mimkit.models.posembed import _geometric_offsets, resize_rel_pos_table
 from tests.conftest import perturb
 
 TINY = dict(img_size=32, patch_size=8, in_chans=3, vocab_size=24, embed_dim=32, depth=2, num_heads=2,
@@ -213,19 +212,3 @@ def test_relative_tables_resize_to_a_larger_grid(tmp_path):
     assert big.forward_features(x, mask)[0].isfinite().all()
     with pytest.raises(MimkitError, match="does not fit the inferred model: encoder.patch_embed"):
         load_into_new(foreign, patch_size=4)
-
-
-def test_relative_resize_is_a_cubic_spline_on_beit_geometric_offsets():
-    """A table that is a cubic in the (geometrically spaced) old offsets is read exactly at the new ones."""
-    def cubic(y, x):
-        return 0.3 * y**3 - y * x + 0.5 * x**2 + 1
-
-    old = _geometric_offsets(3, 5)  # a 4x4 grid's offsets -3..3 placed for a 6x6 grid's -5..5
-    y, x = torch.meshgrid(old, old, indexing="ij")
-    extra = torch.tensor([[7.0], [8.0], [9.0]], dtype=torch.float64)
-    table = torch.cat([cubic(y, x).reshape(-1, 1), extra])
-    resized = resize_rel_pos_table(table, 6)
-    new = torch.arange(-5, 6, dtype=torch.float64)
-    y, x = torch.meshgrid(new, new, indexing="ij")
-    torch.testing.assert_close(resized[:-3, 0], cubic(y, x).flatten())
-    assert torch.equal(resized[-3:], extra) and torch.equal(resize_rel_pos_table(table, 4), table)

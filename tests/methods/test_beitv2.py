@@ -93,6 +93,23 @@ def test_head_is_absent_from_the_encoder():
     Beit(**model.encoder_kwargs).load_state_dict(model.encoder.state_dict(), strict=True)
 
 
+def test_drop_path_and_layer_scale_reach_every_block_and_the_head_continues_the_encoders_schedule():
+    """Stochastic depth grows to ``drop_path_rate`` at the last block and the head's blocks take the rates
+    (and the init rescaling by sqrt(2 * block number)) of the blocks after ``agg_layer``, as in the reference
+    code; ``layer_scale_init`` overrides the arch's default in every block, the head's too."""
+    torch.manual_seed(0)
+    model = tiny(depth=4, agg_layer=2, embed_dim=64, drop_path_rate=0.3, layer_scale_init=0.05)
+    blocks = [*model.encoder.blocks, *model.agg_blocks]
+    rates = [getattr(block.drop_path1, "drop_prob", 0.0) for block in blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.2, 0.3])
+    gammas = torch.cat([block.gamma_1 for block in blocks])
+    assert torch.equal(gammas, torch.full_like(gammas, 0.05))
+    for number, block in enumerate(model.agg_blocks, start=3):  # blocks 3 and 4 after agg_layer 2
+        for weight in (block.attn.proj.weight, block.mlp.fc2.weight):
+            assert weight.std().item() == pytest.approx(0.02 / (2 * number) ** 0.5, rel=0.1)
+        assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
 def test_bad_agg_layer_is_a_one_line_error():
     with pytest.raises(MimkitError, match="agg_layer 4 must be a block number in 1..3"):
         tiny(agg_layer=4)
@@ -195,6 +212,10 @@ def test_the_tokenizers_images_are_normalized_as_its_run_was_not_as_this_run(run
     (["pretrain", "beitv2", "--tokenizer", "{runs}/nothing"], "is not a run directory"),
     (["pretrain", "beitv2", "--tokenizer", "{runs}/vqkd", "--set", "model.patch_size=8"],
      "reads 32 px 3-channel images in 4 px patches; this run has 32 px 3-channel images in 8 px"),
+    (["pretrain", "beitv2", "--tokenizer", "{runs}/vqkd", "--set", "data.channels=1"],
+     "reads 32 px 3-channel images in 4 px patches; this run has 32 px 1-channel images in 4 px"),
+    (["pretrain", "beitv2", "--tokenizer", "{runs}/vqkd", "--set", "model.kwargs.vocab_size=7"],
+     f"model.kwargs.vocab_size=7 differs from the tokenizer's {VOCAB} codes"),
     (["tokenizer", "train", "vqkd"], "needs a teacher: --teacher"),
     (["tokenizer", "train", "vqkd", "--teacher", "{runs}/nothing"], "does not exist"),
 ])

@@ -171,3 +171,12 @@ def test_the_student_is_built_for_the_datas_channels_and_size():
     model = method_of("maskdistill").build_model(config)
     embed = model.encoder.patch_embed
     assert (embed.proj.in_channels, embed.img_size, model.lm_head.out_features) == (1, (24, 24), 20)
+
+
+@pytest.mark.parametrize("target_norm, target", [(True, "normalized features"), (False, "features")])
+def test_the_start_up_summary_tells_the_masking_the_loss_and_the_teacher(target_norm, target):
+    config = read_config({"method": "maskdistill", "maskdistill": {
+        "teacher": "runs/mae", "teacher_dim": 48, "loss": "cosine", "target_norm": target_norm,
+        "mask_ratio": 0.3}})
+    assert method_of("maskdistill").describe(config) == (
+        f", 30% masked block-wise, cosine to the 48-d {target} of teacher 'runs/mae'")

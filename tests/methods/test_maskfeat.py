@@ -159,3 +159,10 @@ def test_recipes_read_and_the_in1k_one_is_the_authors_setting():
     assert (s.hog_bins, s.hog_cell, s.hog_window, s.min_block, s.crop_scale) == (9, 8, 16, 15, (0.5, 1.0))
     assert round(196 * s.mask_ratio) == 78
     assert (in1k.optim.base_lr, in1k.optim.clip_grad, in1k.train.epochs) == (2e-4, 0.02, 300)
+
+
+def test_the_start_up_summary_tells_the_masking_and_the_hog():
+    config = read_config({"method": "maskfeat",
+                          "maskfeat": {"mask_ratio": 0.5, "hog_bins": 6, "hog_cell": 4}})
+    expected = ", 50% masked block-wise, HOG targets (6 bins, 4-px cells)"
+    assert method_of("maskfeat").describe(config) == expected

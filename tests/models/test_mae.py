@@ -137,6 +137,25 @@ def test_init_follows_mae():
     assert mae.mask_token.abs().sum() > 0 and mae.encoder.cls_token.abs().sum() > 0
 
 
+
+def test_the_patch_embedding_is_xavier_uniform_as_a_linear_and_mlp_ratio_reaches_the_decoder():
+    """MAE initializes the patch-embedding conv as the linear map it is (xavier over (D, C*p*p)), not by the
+    conv's own default; ``mlp_ratio`` sizes the decoder's MLPs as well as the encoder's."""
+    torch.manual_seed(0)
+    mae = tiny_mae(embed_dim=64, mlp_ratio=2.0)  # proj (64, 3, 8, 8): fan in 192, fan out 64
+    bound = (6 / (192 + 64)) ** 0.5  # the conv default's bound would be 1 / sqrt(192), half as wide
+    proj = mae.encoder.patch_embed.proj.weight
+    assert 0.95 * bound < proj.abs().max().item() <= bound
+    assert proj.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
+    widths = [block.mlp.fc1.out_features for block in [*mae.encoder.blocks, *mae.decoder_blocks]]
+    assert widths == [128, 128, 64]
+
+
+def test_norm_pix_loss_refuses_patches_of_one_value():
+    with pytest.raises(MimkitError, match="norm_pix_loss needs patches of at least 2 values"):
+        tiny_mae(img_size=4, patch_size=1, in_chans=1, norm_pix_loss=True)
+    assert tiny_mae(img_size=4, patch_size=1, in_chans=1, norm_pix_loss=False).num_patches == 16
+
 # ---- masking ---------------------------------------------------------------------------------------
 
 

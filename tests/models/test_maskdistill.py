@@ -76,7 +76,9 @@ def test_the_loss_is_the_distance_of_the_head_to_the_normalized_target():
             x, _ = model.forward_features(imgs, mask)
             pred = model.lm_head(x[:, 1:])[mask]  # the head at the masked patches
             target = F.layer_norm(teacher, (TEACHER_DIM,), eps=1e-6)[mask]
-            torch.testing.assert_close(model(imgs, mask, teacher)[0], distance(pred, target))
+            loss, metrics = model(imgs, mask, teacher)
+            torch.testing.assert_close(loss, distance(pred, target))
+            torch.testing.assert_close(metrics["cosine"], F.cosine_similarity(pred, target, dim=-1).mean())
 
 
 def test_gradients_reach_the_student_and_the_mask_token_and_not_the_teacher():
@@ -110,3 +112,19 @@ def test_training_brings_the_predictions_to_the_teacher():
 def test_an_unknown_loss_is_refused():
     with pytest.raises(MimkitError, match="unknown MaskDistill loss 'l2'; choose one of: smooth_l1, cosine"):
         tiny(loss="l2")
+
+
+def test_the_students_settings_reach_its_encoder_and_one_bias_table_is_shared_by_default():
+    """MaskDistill's default (BEiT v2's pretraining) is one relative position table for all blocks, unlike
+    BEiT's; drop path and layer scale reach every block."""
+    shared = tiny()
+    assert shared.encoder.rel_pos_bias is not None
+    assert all(block.attn.relative_position_bias_table is None for block in shared.encoder.blocks)
+    own = tiny(shared_rel_pos_bias=False, depth=3, drop_path_rate=0.2, layer_scale_init=0.05, mlp_ratio=2.0)
+    assert own.encoder.blocks[0].mlp.fc1.out_features == 64
+    assert own.encoder.rel_pos_bias is None
+    assert all(block.attn.relative_position_bias_table is not None for block in own.encoder.blocks)
+    rates = [getattr(block.drop_path1, "drop_prob", 0.0) for block in own.encoder.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])
+    gammas = torch.cat([block.gamma_1 for block in own.encoder.blocks])
+    assert torch.equal(gammas, torch.full_like(gammas, 0.05))

@@ -170,6 +170,21 @@ def test_the_encoder_is_a_timm_vit_and_the_hog_has_no_weights():
         "mask_token", "head.weight", "head.bias"}
 
 
+
+def test_init_is_the_authors_truncated_normal_for_tables_tokens_linears_and_the_patch_embedding():
+    torch.manual_seed(0)
+    model = create_maskfeat("vit_mini", **{**TINY, "embed_dim": 64})
+    enc = model.encoder
+    for name, weight in (("pos_embed", enc.pos_embed), ("cls_token", enc.cls_token),
+                         ("mask", model.mask_token),
+                         ("patch_embed", enc.patch_embed.proj.weight), ("qkv", enc.blocks[0].attn.qkv.weight),
+                         ("head", model.head.weight)):
+        assert weight.std().item() == pytest.approx(0.02, rel=0.3), name
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(not m.bias.any() for m in linears) and enc.patch_embed.proj.bias.any()  # PyTorch's, kept
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in model.modules()
+               if isinstance(m, torch.nn.LayerNorm))
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(hog_cell=3), "the HOG cell size 3 does not divide the patch size 8"),
     (dict(hog_window=12), "the HOG Gaussian window 12 does not divide the image size 32"),

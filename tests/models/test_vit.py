@@ -42,8 +42,10 @@ def test_build_vit_takes_explicit_dims():
 def test_check_patch_grid():
     assert check_patch_grid(32, 8) == 4
     assert check_patch_grid(28, 4) == 7
+    assert check_patch_grid(4, 1) == 4 and check_patch_grid(8, 8) == 1  # one-pixel patches, one patch
     for img, patch in ((30, 8), (8, 16), (32, 0)):
-        with pytest.raises(MimkitError, match=f"img_size {img}.*patch_size {patch}"):
+        message = f"img_size {img} is not a positive multiple of patch_size {patch};"
+        with pytest.raises(MimkitError, match=message):
             check_patch_grid(img, patch)
     with pytest.raises(MimkitError):
         build_vit("vit_tiny", img_size=30, patch_size=8, depth=1)
