@@ -127,10 +127,11 @@ def test_upernet_matches_transformers_beit_for_semantic_segmentation(tmp_path, s
     model = Segmenter(segmentation_encoder(beit, 32), 5, blocks=[0, 1, 2, 4]).eval()
     _randomize_batch_norms(model)
     classes = ["background", "cat", "dog", "bird", "boat"]
-    export_segmenter(model, 32, [0.5] * 3, [0.5] * 3, classes, tmp_path / "hf")
+    export_segmenter(model, 32, [0.5] * 3, [0.5] * 3, classes, 0.25, tmp_path / "hf")
     hf, info = BeitForSemanticSegmentation.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert hf.config.id2label == dict(enumerate(classes)) and hf.config.label2id["dog"] == 2
+    assert hf.config.auxiliary_loss_weight == 0.25  # seg.aux_weight, for training on
     hf.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -124,6 +124,6 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, encoder_only: bool
         segmenter, seg_config = load_trained(run_dir)
         data = seg_config.data
         return export_segmenter(segmenter, seg_config.seg.crop_size, data.mean, data.std,
-                                seg_config.seg.classes, out)
+                                seg_config.seg.classes, seg_config.seg.aux_weight, out)
     model, config = load_run(run_dir)
     return export_model(model, config, to, out, encoder_only, force)

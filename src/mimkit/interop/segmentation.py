@@ -35,9 +35,9 @@ def hf_out_indices(blocks: list[int], depth: int) -> list[int]:
     return indices
 
 
-def hf_segmentation_config(model: Segmenter, img_size: int, classes: list[str]) -> dict:
+def hf_segmentation_config(model: Segmenter, img_size: int, classes: list[str], aux_weight: float) -> dict:
     """transformers `BeitConfig` fields of a BEiT `Segmenter` with the UperNet head, its classes named
-    (``id2label``, ``label2id``)."""
+    (``id2label``, ``label2id``) and its auxiliary loss weighted as it was trained (``seg.aux_weight``)."""
     enc = model.encoder
     if not hasattr(enc, "rel_pos_bias") or model.auxiliary_head is None:
         raise MimkitError("only a BEiT encoder with the UperNet head exports to BeitForSemanticSegmentation")
@@ -58,7 +58,7 @@ def hf_segmentation_config(model: Segmenter, img_size: int, classes: list[str]) 
         layer_scale_init_value=0.1 if layer_scale is not None else 0.0, drop_path_rate=0.0,
         use_mean_pooling=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         out_indices=hf_out_indices(model.blocks, len(enc.blocks)), pool_scales=list(POOL_SCALES),
-        use_auxiliary_head=True, auxiliary_loss_weight=0.4,
+        use_auxiliary_head=True, auxiliary_loss_weight=aux_weight,
         auxiliary_channels=model.auxiliary_head.classifier.in_channels,
         auxiliary_num_convs=len(model.auxiliary_head.convs), auxiliary_concat_input=False,
         semantic_loss_ignore_index=255, num_labels=model.decode_head.classifier.out_channels,
@@ -78,7 +78,7 @@ def hf_segmentation_state(model: nn.Module) -> dict:
 
 
 def export_segmenter(model: Segmenter, img_size: int, mean: list[float], std: list[float], classes: list[str],
-                     out: str | Path) -> list[Path]:
+                     aux_weight: float, out: str | Path) -> list[Path]:
     """Write a ``BeitForSemanticSegmentation.from_pretrained`` folder; returns the files written."""
-    return write_hf_folder(out, ARCHITECTURE, hf_segmentation_config(model, img_size, classes),
+    return write_hf_folder(out, ARCHITECTURE, hf_segmentation_config(model, img_size, classes, aux_weight),
                            hf_segmentation_state(model), image_processor_config(img_size, mean, std))
