@@ -71,6 +71,8 @@ VQKD_HELD_OUT = ("tests/tokenizers/test_vqkd.py::"
                  "test_the_held_out_evaluation_tokenizes_a_seeded_subset_of_the_val_split")
 MASKFEAT_TIMM_FORWARD = ("tests/models/test_maskfeat.py::"
                          "test_nothing_masked_the_encoder_is_timms_vit_and_each_patch_token_predicts_its_own_hog")
+# s6core: the pretraining job's set-up and visualize
+PRETRAIN_PY, PRETRAIN_TESTS = "src/mimkit/pretrain.py", "tests/test_pretrain.py"
 SETTING_REACHES = ("tests/methods/test_settings_reach.py::"
                    "test_a_non_default_setting_changes_what_a_training_step_gives")
 
@@ -1422,6 +1424,27 @@ PLANTED = [
     Bug("sweepdatarest: idx: channels=3 still gives one channel", "src/mimkit/data/idx.py",
         "return self.images[index].repeat(self.channels, 1, 1), int(self.labels[index])",
         "return self.images[index], int(self.labels[index])", ("tests/data/test_sources.py",)),
+    # s6core
+    Bug("s6core: pretrain: visualize draws the training images of data that has a test split", PRETRAIN_PY,
+        'source = build_source(data.source, split="test",',
+        'source = build_source(data.source, split="train",', (PRETRAIN_TESTS,)),
+    Bug("s6core: pretrain: visualize picks its images without the seed", PRETRAIN_PY,
+        "picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]",
+        "picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:n]",
+        (PRETRAIN_TESTS,)),
+    Bug("s6core: pretrain: the job drops the method's after_step (data2vec's teacher never moves)",
+        PRETRAIN_PY, "after_step=partial(method.after_step, config, model) if method.after_step else None)",
+        "after_step=None)", (PRETRAIN_TESTS,)),
+    Bug("s6core: pretrain: the job drops the method's scheduled values (the dVAE's temperature)", PRETRAIN_PY,
+        "values_fn = partial(method.schedule_values, config) if method.schedule_values else None",
+        "values_fn = None", (PRETRAIN_TESTS,)),
+    Bug("s6core: pretrain: the job drops the method's evaluation (VQ-KD's held-out usage)", PRETRAIN_PY,
+        "evaluation=Evaluation(evaluate) if evaluate else None,", "evaluation=None,", (PRETRAIN_TESTS,)),
+    Bug("s6core: pretrain: the method's resolve_config is not applied (vqkd.teacher_dim unset)", PRETRAIN_PY,
+        "    if method.resolve_config:", "    if False:", (PRETRAIN_TESTS,)),
+    Bug("s6core: pretrain: the source's normalization replaces the configured one", PRETRAIN_PY,
+        "mean=config.data.mean or list(info.mean), std=config.data.std or list(info.std))",
+        "mean=list(info.mean), std=list(info.std))", (PRETRAIN_TESTS,)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

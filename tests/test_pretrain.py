@@ -1,0 +1,110 @@
+"""A pretraining run's set-up (`mimkit.pretrain`): the data fields left to the source, and what ``mimkit
+visualize`` draws of a run: the test images the seed picks, a folder's training images when it has no test
+split."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mimkit.pretrain as pretrain
+from mimkit.config import PretrainConfig
+from mimkit.data.source_info import SourceInfo
+from mimkit.data.sources import build_source
+from mimkit.errors import MimkitError
+from mimkit.pretrain import resolve_data, visualize_pretraining
+from mimkit.registry import method_of, read_config
+from mimkit.runs import load_config
+from tests.test_job_settings import job_of
+
+# 32-px tiles are drawn 3x (`mimkit.viz.image_grid`), 4 px from the left, under an 18-px header
+SCALE, LEFT, TOP = 3, 4, 22
+
+
+def first_tile(picture) -> torch.Tensor:
+    """The first drawn image (the original, MAE's first column) at its own size, as (C, H, W) pixels."""
+    drawn = np.array(Image.open(picture).convert("RGB"))
+    side = 32 * SCALE
+    return torch.tensor(drawn[TOP:TOP + side, LEFT:LEFT + side][::SCALE, ::SCALE]).permute(2, 0, 1).int()
+
+
+def test_the_sources_size_channels_and_normalization_fill_only_what_the_config_leaves():
+    info = SourceInfo("folder", 3, 48, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 0, [])
+    filled = resolve_data(PretrainConfig(), info).data
+    assert (filled.img_size, filled.channels, filled.mean, filled.std) == (48, 3, [0.1, 0.2, 0.3],
+                                                                          [0.4, 0.5, 0.6])
+    config = PretrainConfig()
+    config = replace(config, data=replace(config.data, img_size=32, mean=[0.5] * 3, std=[0.25] * 3))
+    kept = resolve_data(config, info).data
+    assert (kept.img_size, kept.mean, kept.std) == (32, [0.5] * 3, [0.25] * 3)
+    with pytest.raises(MimkitError, match="differ in size; set one with --set data.img_size=224$"):
+        resolve_data(PretrainConfig(), replace(info, image_size=None))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_visualize_draws_the_test_images_the_seed_picks(mae_run, tmp_path, seed):
+    config = load_config(mae_run)
+    picture = tmp_path / "recon.png"
+    assert visualize_pretraining(config, mae_run, picture, 2, seed) == [picture]
+    test = build_source(config.data.source, "test")
+    first = int(torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[0])
+    assert (first_tile(picture) - test[first][0].int()).abs().max() <= 1
+
+
+def test_visualize_draws_a_folders_training_images_when_it_has_no_test_split(mae_run, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images = [np.full((32, 32, 3), value, np.uint8) for value in (40, 200)]
+    for i, pixels in enumerate(images):
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    config = load_config(mae_run)
+    config = replace(config, data=replace(config.data, source=str(folder)))
+    picture = tmp_path / "recon.png"
+    visualize_pretraining(config, mae_run, picture, 1, 0)
+    first = int(torch.randperm(2, generator=torch.Generator().manual_seed(0))[0])
+    assert (first_tile(picture) - torch.tensor(images[first]).permute(2, 0, 1).int()).abs().max() <= 1
+
+
+TINY_VIT = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+# method -> (its settings, its model): the methods whose record has a hook the job must carry
+HOOKED = {
+    "data2vec": ({"top_k": 1}, {"kwargs": TINY_VIT}),  # after_step: the EMA teacher
+    "dvae": ({"hidden": 4, "vocab_size": 16}, {"kwargs": {}}),  # schedule_values: the Gumbel temperature
+    "vqkd": ({"vocab_size": 16, "decoder_depth": 1, "kmeans_iters": 0, "eval_images": 4},  # resolve_config,
+             {"kwargs": TINY_VIT}),  # build_evaluate
+}
+
+
+@pytest.mark.parametrize("method", HOOKED)
+def test_a_pretraining_job_carries_its_methods_hooks(monkeypatch, tmp_path, mae_run, method):
+    """`pretraining_job` hands the runner the method's extras, built on the job's own (resolved)
+    configuration and model: the teacher the config names fills ``vqkd.teacher_dim``, the temperature is in
+    the plan, the teacher moves after each step, the held-out evaluation runs on the model."""
+    settings, model = HOOKED[method]
+    settings = {**settings, "teacher": str(mae_run)} if method == "vqkd" else settings
+    values = {"method": method, "data": {"source": "synthetic:16", "num_workers": 0}, "model": model,
+              "train": {"batch_size": 4, "max_steps": 6}, method: settings}
+    job = job_of(monkeypatch, pretrain, pretrain.run_pretraining, read_config(values), tmp_path / "run")
+    record = method_of(method)
+    if record.schedule_values:
+        assert job.plan.schedule.values == record.schedule_values(job.config, 6)
+        assert job.plan.schedule.values["temperature"][0] != job.plan.schedule.values["temperature"][-1]
+    else:
+        assert job.plan.schedule.values == {}
+    if record.after_step:
+        before = [t.clone() for t in job.model.teacher.state_dict().values()]
+        with torch.no_grad():
+            for p in job.model.parameters():
+                p.add_(1.0)
+        job.after_step(1)
+        after = list(job.model.teacher.state_dict().values())
+        assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    else:
+        assert job.after_step is None
+    if record.build_evaluate:
+        assert job.config.settings.teacher_dim == 32  # the MAE run's width, resolved before the model
+        assert set(job.evaluation.evaluate(job.model)) == {"val_usage", "val_perplexity", "val_cosine"}
+    else:
+        assert job.evaluation is None
