@@ -71,6 +71,7 @@ VQKD_HELD_OUT = ("tests/tokenizers/test_vqkd.py::"
                  "test_the_held_out_evaluation_tokenizes_a_seeded_subset_of_the_val_split")
 MASKFEAT_TIMM_FORWARD = ("tests/models/test_maskfeat.py::"
                          "test_nothing_masked_the_encoder_is_timms_vit_and_each_patch_token_predicts_its_own_hog")
+SAFE_LOAD_PY, SAFE_LOAD_TESTS = "src/mimkit/safe_load.py", "tests/test_safe_load.py"  # s6core
 # s6core: the pretraining job's set-up and visualize
 PRETRAIN_PY, PRETRAIN_TESTS = "src/mimkit/pretrain.py", "tests/test_pretrain.py"
 SETTING_REACHES = ("tests/methods/test_settings_reach.py::"
@@ -1445,6 +1446,21 @@ PLANTED = [
     Bug("s6core: pretrain: the source's normalization replaces the configured one", PRETRAIN_PY,
         "mean=config.data.mean or list(info.mean), std=config.data.std or list(info.std))",
         "mean=list(info.mean), std=list(info.std))", (PRETRAIN_TESTS,)),
+    Bug("s6core: kinds: a built-in kind's module left out of BUILTIN_KINDS (mimkit kinds lists no knn)",
+        "src/mimkit/kinds.py", '"mimkit.eval.linprobe",\n                 "mimkit.eval.knn")',
+        '"mimkit.eval.linprobe")', ("tests/test_kinds.py",)),
+    Bug("s6core: safe_load: weights under 'module' are not looked for", SAFE_LOAD_PY,
+        'STATE_DICT_KEYS = ("model", "state_dict", "module")', 'STATE_DICT_KEYS = ("model", "state_dict")',
+        (SAFE_LOAD_TESTS,)),
+    Bug("s6core: safe_load: the DDP prefix is removed from the keys that have it, not only when all do",
+        SAFE_LOAD_PY, 'if all(k.startswith("module.") for k in state):',
+        'if any(k.startswith("module.") for k in state):', (SAFE_LOAD_TESTS,)),
+    Bug("s6core: safe_load: a checkpoint's saved arguments are dropped", SAFE_LOAD_PY,
+        "args = vars(stored) if isinstance(stored, argparse.Namespace) else {}", "args = {}",
+        (SAFE_LOAD_TESTS,)),
+    Bug("s6core: safe_load: each shard replaces the weights of the ones before", SAFE_LOAD_PY,
+        "state.update(load_tensors(folder / shard))", "state = load_tensors(folder / shard)",
+        (SAFE_LOAD_TESTS,)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:
