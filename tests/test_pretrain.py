@@ -3,6 +3,7 @@ visualize`` draws of a run: the test images the seed picks, a folder's training 
 split."""
 
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
@@ -16,8 +17,9 @@ from mimkit.data.sources import build_source
 from mimkit.errors import MimkitError
 from mimkit.pretrain import resolve_data, visualize_pretraining
 from mimkit.registry import method_of, read_config
-from mimkit.runs import load_config
-from tests.test_job_settings import job_of
+from mimkit.runs import load_config, load_run, load_trained
+from tests.conftest import jpeg, photo
+from tests.test_job_settings import MAE_MODEL, job_of
 
 # 32-px tiles are drawn 3x (`mimkit.viz.image_grid`), 4 px from the left, under an 18-px header
 SCALE, LEFT, TOP = 3, 4, 22
@@ -108,3 +110,91 @@ def test_a_pretraining_job_carries_its_methods_hooks(monkeypatch, tmp_path, mae_
         assert set(job.evaluation.evaluate(job.model)) == {"val_usage", "val_perplexity", "val_cosine"}
     else:
         assert job.evaluation is None
+
+
+def image_folder(folder, side: int, count: int):
+    """``count`` JPEG photographs of ``side`` px, unlabeled, in ``folder``."""
+    folder.mkdir(exist_ok=True)
+    for i in range(count):
+        (folder / f"{i}.jpg").write_bytes(jpeg(photo(side, side, seed=i)))
+    return folder
+
+
+def folder_job(monkeypatch, folder, out, img_size: int, **options):
+    values = {"method": "mae", "data": {"source": str(folder), "img_size": img_size, "num_workers": 0},
+              "model": MAE_MODEL, "train": {"batch_size": 2, "max_steps": 1}} | options.pop("values", {})
+    run = partial(pretrain.run_pretraining, **options)
+    return job_of(monkeypatch, pretrain, run, read_config(values), out)
+
+
+def test_a_library_call_neither_resizes_nor_lists_the_folder_again_unless_asked(monkeypatch, tmp_path):
+    """`run_pretraining`'s defaults: images much smaller than ``data.img_size`` are trained at that size
+    (``auto_size=True`` fits them), and a run directory's stored file list is read (``rescan=True`` lists
+    the folder again)."""
+    folder, out = image_folder(tmp_path / "images", 16, 4), tmp_path / "run"
+    assert folder_job(monkeypatch, folder, out, 64).config.data.img_size == 64
+    (folder / "new.jpg").write_bytes(jpeg(photo(16, 16, seed=9)))
+    assert len(folder_job(monkeypatch, folder, out, 64).dataset) == 4
+    assert len(folder_job(monkeypatch, folder, out, 64, rescan=True).dataset) == 5
+    assert folder_job(monkeypatch, folder, tmp_path / "auto", 64, auto_size=True).config.data.img_size == 16
+
+
+def test_a_large_jpeg_is_decoded_at_three_times_the_image_size_and_data_max_image_pixels_applies(
+        monkeypatch, tmp_path):
+    """A 256-px JPEG trained at 32 px is decoded at the smallest DCT scale that keeps 3 x 32 = 96 px (128,
+    not 32: every crop keeps its detail); a configured pixel limit below its 65,536 pixels refuses it."""
+    folder = image_folder(tmp_path / "images", 256, 2)
+    job = folder_job(monkeypatch, folder, tmp_path / "run", 32)
+    assert job.dataset.source.load(0).shape == (3, 128, 128)
+    job = folder_job(monkeypatch, folder, tmp_path / "limited", 32,
+                     values={"data": {"source": str(folder), "img_size": 32, "num_workers": 0,
+                                      "max_image_pixels": 60_000}})
+    with pytest.raises(ValueError):
+        job.dataset.source.load(0)
+
+
+def test_a_pretraining_run_is_loaded_as_its_kind_loads_it(mae_run):
+    """`load_trained` gives the run's model with its weights (`mimkit.kinds.Kind.load`)."""
+    model, config = load_trained(mae_run)
+    reference, _ = load_run(mae_run)
+    assert config == load_config(mae_run)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values(),
+                                                   strict=True))
+
+
+def test_a_library_call_resumes_only_under_the_runs_own_configuration_unless_forced(monkeypatch, tmp_path):
+    """`run_pretraining` opens the run with ``force_config`` False unless given (the runner then refuses a
+    trained run's other configuration: `mimkit.runs.keep_config`)."""
+    forced = []
+    monkeypatch.setattr(pretrain, "run_job", lambda run, job, *rest: forced.append(run.force_config) or {})
+    config = read_config({"method": "mae", "data": {"source": "synthetic:8", "num_workers": 0},
+                          "model": MAE_MODEL, "train": {"batch_size": 2}})
+    pretrain.run_pretraining(config, tmp_path / "a")
+    pretrain.run_pretraining(config, tmp_path / "b", force_config=True)
+    assert forced == [False, True]
+
+
+class _Plan:
+    def describe(self) -> str:
+        return "10 steps"
+
+
+@pytest.mark.parametrize("auto_size, resumed_from, last", [
+    (False, None, "hint      images (median 16x16) are much smaller than 64 px: --set data.img_size=16 "
+                  "--set model.patch_size=2 fits them (or --auto-size)"),
+    (False, 3, "run       10 steps"),  # too late to change a resumed run's size
+    (True, None, "auto-size data.img_size=16 model.patch_size=2 fits images of median 16x16"),
+])
+def test_the_summary_names_the_data_list_recipe_model_plan_and_the_size_that_fits(auto_size, resumed_from,
+                                                                                    last):
+    config = read_config({"method": "mae", "data": {"img_size": 64}, "model": {"patch_size": 8}})
+    facts = {"data": "folder: 4 images", "file_list": "file list: stored", "recipe": "mae_small: why",
+             "size_hint": {"data.img_size": 16, "model.patch_size": 2}, "median_size": "16x16",
+             "auto_size": auto_size, "resumed_from": resumed_from}
+    lines = pretrain.summary_lines(config, facts, _Plan())
+    assert lines[:4] == ["data      folder: 4 images", "          file list: stored",
+                         "recipe    mae_small: why",
+                         "model     mae vit_mini, 64 px in 8-px patches (8x8 grid), 75% masked"]
+    assert lines[-1] == last and lines[4] == "run       10 steps"
+    facts |= {"file_list": "", "recipe": "", "size_hint": {}, "auto_size": False}  # as the job says it
+    assert len(pretrain.summary_lines(config, facts, _Plan())) == 3
