@@ -112,6 +112,9 @@ def test_a_pretraining_job_carries_its_methods_hooks(monkeypatch, tmp_path, mae_
         assert job.evaluation is None
 
 
+MAE_PATCH = 8  # the folder jobs' patch size, which --auto-size changes for 16-px images
+
+
 def image_folder(folder, side: int, count: int):
     """``count`` JPEG photographs of ``side`` px, unlabeled, in ``folder``."""
     folder.mkdir(exist_ok=True)
@@ -122,7 +125,8 @@ def image_folder(folder, side: int, count: int):
 
 def folder_job(monkeypatch, folder, out, img_size: int, **options):
     values = {"method": "mae", "data": {"source": str(folder), "img_size": img_size, "num_workers": 0},
-              "model": MAE_MODEL, "train": {"batch_size": 2, "max_steps": 1}} | options.pop("values", {})
+              "model": MAE_MODEL | {"patch_size": MAE_PATCH}, "train": {"batch_size": 2, "max_steps": 1}}
+    values |= options.pop("values", {})
     run = partial(pretrain.run_pretraining, **options)
     return job_of(monkeypatch, pretrain, run, read_config(values), out)
 
@@ -136,7 +140,9 @@ def test_a_library_call_neither_resizes_nor_lists_the_folder_again_unless_asked(
     (folder / "new.jpg").write_bytes(jpeg(photo(16, 16, seed=9)))
     assert len(folder_job(monkeypatch, folder, out, 64).dataset) == 4
     assert len(folder_job(monkeypatch, folder, out, 64, rescan=True).dataset) == 5
-    assert folder_job(monkeypatch, folder, tmp_path / "auto", 64, auto_size=True).config.data.img_size == 16
+    fitted = folder_job(monkeypatch, folder, tmp_path / "auto", 64, auto_size=True)
+    assert fitted.config.data.img_size == 16 and fitted.facts["auto_size"]
+    assert fitted.config.model.patch_size == fitted.facts["size_hint"]["model.patch_size"] != MAE_PATCH
 
 
 def test_a_large_jpeg_is_decoded_at_three_times_the_image_size_and_data_max_image_pixels_applies(
@@ -198,3 +204,29 @@ def test_the_summary_names_the_data_list_recipe_model_plan_and_the_size_that_fit
     assert lines[-1] == last and lines[4] == "run       10 steps"
     facts |= {"file_list": "", "recipe": "", "size_hint": {}, "auto_size": False}  # as the job says it
     assert len(pretrain.summary_lines(config, facts, _Plan())) == 3
+
+
+def test_a_job_reads_its_data_from_data_root_in_data_channels(monkeypatch, tmp_path, tiny_mnist):
+    values = {"method": "mae", "data": {"source": "mnist", "root": str(tiny_mnist), "channels": 3,
+                                        "num_workers": 0},
+              "model": MAE_MODEL | {"patch_size": 4}, "train": {"batch_size": 2}}
+    job = job_of(monkeypatch, pretrain, pretrain.run_pretraining, read_config(values), tmp_path / "run")
+    assert len(job.dataset) == 10 and job.dataset.source[0][0].shape == (3, 8, 8)
+    assert (job.config.data.img_size, job.config.data.channels) == (8, 3)
+    assert "10 images for training, 4 held out" in job.facts["data"]
+
+
+def test_the_initial_weights_follow_train_seed_and_nothing_else(monkeypatch, tmp_path):
+    """Every process of a run starts from the same weights: those ``train.seed`` draws, whatever was drawn
+    before the job was set up."""
+    def initial(seed: int) -> list[torch.Tensor]:
+        torch.rand(seed + 1)  # the global generator's state before the job differs from call to call
+        values = {"method": "mae", "data": {"source": "synthetic:8", "num_workers": 0}, "model": MAE_MODEL,
+                  "train": {"batch_size": 2, "seed": seed}}
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        job = job_of(monkeypatch, pretrain, pretrain.run_pretraining, read_config(values), out)
+        return list(job.model.state_dict().values())
+
+    first, again, other = initial(0), initial(0), initial(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
