@@ -72,6 +72,7 @@ VQKD_HELD_OUT = ("tests/tokenizers/test_vqkd.py::"
 MASKFEAT_TIMM_FORWARD = ("tests/models/test_maskfeat.py::"
                          "test_nothing_masked_the_encoder_is_timms_vit_and_each_patch_token_predicts_its_own_hog")
 SAFE_LOAD_PY, SAFE_LOAD_TESTS = "src/mimkit/safe_load.py", "tests/test_safe_load.py"  # s6core
+CLI_PY, CLI_ARGS_TESTS = "src/mimkit/cli.py", "tests/test_cli_args.py"  # s6core
 # s6core: the pretraining job's set-up and visualize
 PRETRAIN_PY, PRETRAIN_TESTS = "src/mimkit/pretrain.py", "tests/test_pretrain.py"
 SETTING_REACHES = ("tests/methods/test_settings_reach.py::"
@@ -1461,6 +1462,25 @@ PLANTED = [
     Bug("s6core: safe_load: each shard replaces the weights of the ones before", SAFE_LOAD_PY,
         "state.update(load_tensors(folder / shard))", "state = load_tensors(folder / shard)",
         (SAFE_LOAD_TESTS,)),
+    Bug("s6core: pretrain: the initial weights are not seeded by train.seed", PRETRAIN_PY,
+        "    torch.manual_seed(config.train.seed)  # identical initial weights on every rank\n", "",
+        (PRETRAIN_TESTS,)),
+    Bug("s6core: pretrain: --auto-size keeps the configured patch size", PRETRAIN_PY,
+        'model=replace(config.model, patch_size=hint["model.patch_size"]))', "model=config.model)",
+        (PRETRAIN_TESTS,)),
+    Bug("s6core: pretrain: a large JPEG is decoded at the image size, not three times it", PRETRAIN_PY,
+        "decode_min_side=3 * data.img_size if data.img_size else None)",
+        "decode_min_side=data.img_size if data.img_size else None)", (PRETRAIN_TESTS,)),
+    Bug("s6core: cli: a run directory's own configuration is not its recipe on resume", CLI_PY,
+        "elif saved.is_file() and is_run_dir(args.out):", "elif False:", (CLI_ARGS_TESTS,)),
+    Bug("s6core: cli: --set applies before the flags", CLI_PY,
+        "values = merge(merge(recipe, flags), parse_overrides(args.set))",
+        "values = merge(merge(recipe, parse_overrides(args.set)), flags)", (CLI_ARGS_TESTS,)),
+    Bug("s6core: cli: --resume without a checkpoint starts a new run", CLI_PY,
+        "if must_resume and not has_checkpoint:", "if False:", (CLI_ARGS_TESTS,)),
+    Bug("s6core: cli: another method's run in --out is trained over", CLI_PY,
+        "if (saved.method, saved.model.name) != (config.method, config.model.name):",
+        "if saved.model.name != config.model.name:", (CLI_ARGS_TESTS,)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:
