@@ -69,6 +69,16 @@ def test_visualize_draws_a_folders_training_images_when_it_has_no_test_split(mae
     assert (first_tile(picture) - torch.tensor(images[first]).permute(2, 0, 1).int()).abs().max() <= 1
 
 
+
+def test_visualize_reads_data_root_in_data_channels(mae_run, tmp_path, tiny_mnist):
+    """A run's MNIST from its ``data.root``, grey images repeated to the run's 3 channels."""
+    config = load_config(mae_run)
+    config = replace(config, data=replace(config.data, source="mnist", root=str(tiny_mnist), channels=3))
+    picture = tmp_path / "recon.png"
+    visualize_pretraining(config, mae_run, picture, 1, 0)
+    assert (first_tile(picture) - 100).abs().max() <= 1  # every pixel of the tiny MNIST is 100
+
+
 TINY_VIT = {"depth": 1, "embed_dim": 32, "num_heads": 2}
 # method -> (its settings, its model): the methods whose record has a hook the job must carry
 HOOKED = {

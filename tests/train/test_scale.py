@@ -20,7 +20,7 @@ from mimkit.models.maskfeat import create_maskfeat
 from mimkit.models.simmim import create_simmim
 from mimkit.runs import latest_weights
 from mimkit.train.checkpoint_files import Checkpoints
-from mimkit.train.distributed import expand_nodelist, slurm_environment
+from mimkit.train.distributed import World, expand_nodelist, init_world, slurm_environment
 from tests.conftest import torchrun
 
 TINY = ["--model", "vit_mini", "--set", "model.kwargs.depth=2", "--set", "model.kwargs.decoder_depth=1",
@@ -194,3 +194,17 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(build):
     kept_checkpointed = sum(n for n in saved if n > 0)
     kept_plain = -sum(n for n in saved if n < 0)
     assert kept_checkpointed < kept_plain / 2  # the point: far fewer activations kept for backward
+
+
+def test_a_one_task_srun_step_joins_as_a_world_of_one_and_publishes_its_rendezvous(monkeypatch):
+    """`init_world` puts the variables a Slurm task stands for into the environment, where
+    ``init_process_group`` reads them, and reads its rank and size from them."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NUM_TASKS",
+                 "SLURM_STEP_NODELIST"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (SLURM | {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert init_world() == World(rank=0, size=1, device=torch.device("cpu"))
+    published = {name: os.environ[name] for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    assert published == {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "node07", "MASTER_PORT": "19242"}
