@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import mimkit.pretrain as pretrain
+from mimkit.cli import main
 from mimkit.config import PretrainConfig
 from mimkit.data.source_info import SourceInfo
 from mimkit.data.sources import build_source
@@ -47,9 +48,10 @@ def test_the_sources_size_channels_and_normalization_fill_only_what_the_config_l
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_visualize_draws_the_test_images_the_seed_picks(mae_run, tmp_path, seed):
+    """``mimkit visualize`` on a pretraining run (its kind's `visualize_pretraining`)."""
     config = load_config(mae_run)
     picture = tmp_path / "recon.png"
-    assert visualize_pretraining(config, mae_run, picture, 2, seed) == [picture]
+    assert main(["visualize", str(mae_run), "--out", str(picture), "--n", "2", "--seed", str(seed)]) == 0
     test = build_source(config.data.source, "test")
     first = int(torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[0])
     assert (first_tile(picture) - test[first][0].int()).abs().max() <= 1
