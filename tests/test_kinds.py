@@ -194,3 +194,5 @@ def test_an_unknown_kind_is_looked_for_among_the_built_in_ones_and_a_name_is_reg
     assert imported == list(kinds.BUILTIN_KINDS)
     with pytest.raises(ValueError, match="run kind 'pretraining' is registered twice"):
         register_kind(pretraining)
+    toy = Kind("toy", dict)
+    assert register_kind(toy) is toy and kind_of("toy") is toy  # a module may keep the record it registers
