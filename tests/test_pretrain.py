@@ -19,7 +19,7 @@ from mimkit.errors import MimkitError
 from mimkit.pretrain import resolve_data, visualize_pretraining
 from mimkit.registry import method_of, read_config
 from mimkit.runs import load_config, load_run, load_trained
-from tests.conftest import jpeg, photo
+from tests.conftest import TINY_MAE_KWARGS, jpeg, photo
 from tests.test_job_settings import MAE_MODEL, job_of
 
 # 32-px tiles are drawn 3x (`mimkit.viz.image_grid`), 4 px from the left, under an 18-px header
@@ -81,6 +81,33 @@ def test_visualize_reads_data_root_in_data_channels(mae_run, tmp_path, tiny_mnis
     picture = tmp_path / "recon.png"
     visualize_pretraining(config, mae_run, picture, 1, 0)
     assert (first_tile(picture) - 100).abs().max() <= 1  # every pixel of the tiny MNIST is 100
+
+
+
+@pytest.fixture(scope="module")
+def grey_run(tmp_path_factory):
+    """A tiny MAE trained one step on 1-channel synthetic images."""
+    run = tmp_path_factory.mktemp("grey") / "mae"
+    tiny = [arg for kv in TINY_MAE_KWARGS for arg in ("--set", f"model.kwargs.{kv}")]
+    assert main(["pretrain", "mae", "--data", "synthetic:16", "--out", str(run), "--max-steps", "1",
+                 "--batch-size", "8", "--set", "data.num_workers=0", "--set", "data.channels=1", *tiny]) == 0
+    return run
+
+
+def test_visualize_reads_the_images_in_the_runs_channels(grey_run, tmp_path):
+    """A 1-channel run draws the 3-channel test images of its data, and a colour folder's, as grey."""
+    assert main(["visualize", str(grey_run), "--out", str(tmp_path / "test.png"), "--n", "1"]) == 0
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(photo(32, 32)).save(folder / "colour.png")
+    config = load_config(grey_run)
+    picture = tmp_path / "folder.png"
+    visualize_pretraining(replace(config, data=replace(config.data, source=str(folder))), grey_run, picture,
+                          1, 0)
+    tile = first_tile(picture)
+    assert torch.equal(tile[0], tile[1]) and torch.equal(tile[1], tile[2])
+    grey = torch.tensor(np.array(Image.fromarray(photo(32, 32)).convert("L"))).int()
+    assert (tile[0] - grey).abs().max() <= 1
 
 
 TINY_VIT = {"depth": 1, "embed_dim": 32, "num_heads": 2}
