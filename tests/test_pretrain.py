@@ -177,7 +177,9 @@ def test_a_library_call_neither_resizes_nor_lists_the_folder_again_unless_asked(
     (``auto_size=True`` fits them), and a run directory's stored file list is read (``rescan=True`` lists
     the folder again)."""
     folder, out = image_folder(tmp_path / "images", 16, 4), tmp_path / "run"
-    assert folder_job(monkeypatch, folder, out, 64).config.data.img_size == 64
+    job = folder_job(monkeypatch, folder, out, 64)
+    assert job.config.data.img_size == 64 and not job.facts["auto_size"]
+    assert job.summary[-1].startswith("hint      images (median 16x16) are much smaller than 64 px")
     (folder / "new.jpg").write_bytes(jpeg(photo(16, 16, seed=9)))
     assert len(folder_job(monkeypatch, folder, out, 64).dataset) == 4
     assert len(folder_job(monkeypatch, folder, out, 64, rescan=True).dataset) == 5
