@@ -19,7 +19,7 @@ from mimkit.errors import MimkitError
 from mimkit.pretrain import resolve_data, visualize_pretraining
 from mimkit.registry import method_of, read_config
 from mimkit.runs import load_config, load_run, load_trained
-from tests.conftest import TINY_MAE_KWARGS, jpeg, photo
+from tests.conftest import TINY_MAE_KWARGS, jpeg, photo, write_idx
 from tests.test_job_settings import MAE_MODEL, job_of
 
 # 32-px tiles are drawn 3x (`mimkit.viz.image_grid`), 4 px from the left, under an 18-px header
@@ -74,13 +74,15 @@ def test_visualize_draws_a_folders_training_images_when_it_has_no_test_split(mae
 
 
 
-def test_visualize_reads_data_root_in_data_channels(mae_run, tmp_path, tiny_mnist):
-    """A run's MNIST from its ``data.root``, grey images repeated to the run's 3 channels."""
+def test_visualize_reads_the_test_images_from_data_root(mae_run, tmp_path, tiny_mnist):
+    """A run's MNIST test images from its ``data.root`` (not its training images, which a source without a
+    test split would give)."""
+    write_idx(tiny_mnist / "t10k-images-idx3-ubyte.gz", np.full((4, 8, 8), 200, np.uint8))
     config = load_config(mae_run)
     config = replace(config, data=replace(config.data, source="mnist", root=str(tiny_mnist), channels=3))
     picture = tmp_path / "recon.png"
     visualize_pretraining(config, mae_run, picture, 1, 0)
-    assert (first_tile(picture) - 100).abs().max() <= 1  # every pixel of the tiny MNIST is 100
+    assert (first_tile(picture) - 200).abs().max() <= 1
 
 
 
@@ -257,6 +259,7 @@ def test_a_job_reads_its_data_from_data_root_in_data_channels(monkeypatch, tmp_p
     assert len(job.dataset) == 10 and job.dataset.source[0][0].shape == (3, 8, 8)
     assert (job.config.data.img_size, job.config.data.channels) == (8, 3)
     assert "10 images for training, 4 held out" in job.facts["data"]
+    assert job.checkpointed is job.model  # what train.grad_checkpointing turns on
 
 
 def test_the_initial_weights_follow_train_seed_and_nothing_else(monkeypatch, tmp_path):
