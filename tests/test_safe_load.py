@@ -58,6 +58,7 @@ def test_training_checkpoints_with_arguments_load(tmp_path):
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": {"module.w": torch.ones(2)}, "args": argparse.Namespace(lr=1.0), "epoch": 3}, path)
     assert list(load_tensors(path)) == ["w"]
+    assert list(load_tensors(str(path))) == ["w"]  # a path given as text
 
 
 def test_files_that_are_not_checkpoints(tmp_path):
