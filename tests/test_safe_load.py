@@ -114,7 +114,7 @@ def test_a_model_folders_first_named_file_is_read_or_every_shard_its_index_names
     save_file({"b": torch.zeros(1)}, sharded / "two.safetensors")
     index = {"weight_map": {"a": "one.safetensors", "b": "two.safetensors"}}
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert sorted(load_sharded(sharded, WEIGHTS)) == ["a", "b"]
+    assert sorted(load_sharded(str(sharded), WEIGHTS)) == ["a", "b"]  # a folder given as text
 
 
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
