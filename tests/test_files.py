@@ -15,11 +15,23 @@ from mimkit.files import check_free_space, remove_temporaries, write_atomically,
 Usage = namedtuple("Usage", "total used free")
 
 
-def test_a_write_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
+def test_a_write_replaces_the_file_whole_and_leaves_no_temporary_nor_descriptor(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("old")
-    write_text_atomically(path, "nouveau é")
+    descriptors = len(os.listdir("/proc/self/fd"))
+    write_text_atomically(str(path), "nouveau é")  # a path given as text
     assert path.read_bytes() == "nouveau é".encode() and os.listdir(tmp_path) == ["notes.txt"]
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
+def test_the_temporary_a_killed_writer_leaves_is_one_remove_temporaries_removes(tmp_path):
+    """What a writer killed mid-write leaves is a hidden ``.<name>.*.tmp`` beside the target."""
+    names = []
+    write_atomically(tmp_path / "notes.txt", lambda tmp: names.append(tmp.name) or tmp.write_text("x"))
+    left = tmp_path / names[0]
+    left.write_text("half")
+    remove_temporaries(tmp_path)
+    assert names[0].startswith(".notes.txt.") and not left.exists()
 
 
 def failing(err: Exception):
