@@ -1,6 +1,8 @@
-"""A pretraining run's set-up (`mimkit.pretrain`): the data fields left to the source, and what ``mimkit
-visualize`` draws of a run: the test images the seed picks, a folder's training images when it has no test
-split."""
+"""A pretraining run's set-up (`mimkit.pretrain`): the data fields left to the source; the job handed to the
+runner (its method's hooks, the library call's defaults, the data settings that reach its source, the seeded
+initial weights, the start-up summary), taken as `tests.test_job_settings.job_of` takes it, so nothing trains;
+and what ``mimkit visualize`` draws of a run: the test images the seed picks, from ``data.root``, in the run's
+channels, a folder's training images when it has no test split."""
 
 from dataclasses import replace
 from functools import partial
