@@ -93,8 +93,9 @@ def test_expand_nodelist():
     assert expand_nodelist("gpu5") == ["gpu5"]
     assert expand_nodelist("a[8-10],b,c[1]") == ["a8", "a9", "a10", "b", "c1"]
     assert expand_nodelist("r[1-2]-n[09-10]") == ["r1-n09", "r1-n10", "r2-n09", "r2-n10"]
-    with pytest.raises(ValueError, match="bad range"):
-        expand_nodelist("n[a-b]")
+    for bad in ("n[a-b]", "n[1-b]", "n[a-3]"):  # either end not a number
+        with pytest.raises(ValueError, match="bad range"):
+            expand_nodelist(bad)
 
 
 SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
@@ -114,6 +115,8 @@ def test_slurm_variables_become_torchrun_variables():
         "RANK", "WORLD_SIZE", "LOCAL_RANK"}
     assert slurm_environment(SLURM | {"RANK": "0", "WORLD_SIZE": "2"}) == {}
     assert slurm_environment({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"}) == {}
+    no_job_id = {name: value for name, value in SLURM.items() if name != "SLURM_JOB_ID"}
+    assert slurm_environment(no_job_id)["MASTER_PORT"] == "15000"
 
 
 def test_a_large_slurm_job_id_still_gives_a_valid_port():
@@ -205,6 +208,16 @@ def test_a_one_task_srun_step_joins_as_a_world_of_one_and_publishes_its_rendezvo
     for name, value in (SLURM | {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert init_world() == World(rank=0, size=1, device=torch.device("cpu"))
+    world = init_world()
+    assert world == World(rank=0, size=1, device=torch.device("cpu")) and world.is_main
     published = {name: os.environ[name] for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     assert published == {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "node07", "MASTER_PORT": "19242"}
+
+
+def test_a_plain_launch_is_a_world_of_one_main_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", *SLURM):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    world = init_world()
+    assert world == World(rank=0, size=1, device=torch.device("cpu")) and world.is_main
+    assert not World(rank=1, size=2, device=torch.device("cpu")).is_main
