@@ -20,7 +20,15 @@ from mimkit.models.maskfeat import create_maskfeat
 from mimkit.models.simmim import create_simmim
 from mimkit.runs import latest_weights
 from mimkit.train.checkpoint_files import Checkpoints
-from mimkit.train.distributed import World, expand_nodelist, init_world, slurm_environment
+from mimkit.train.distributed import (
+    World,
+    any_rank,
+    barrier,
+    expand_nodelist,
+    gather_objects,
+    init_world,
+    slurm_environment,
+)
 from tests.conftest import torchrun
 
 TINY = ["--model", "vit_mini", "--set", "model.kwargs.depth=2", "--set", "model.kwargs.decoder_depth=1",
@@ -113,7 +121,8 @@ def test_slurm_variables_become_torchrun_variables():
     # the user's rendezvous wins; torchrun's variables switch Slurm's off; no Slurm, nothing
     assert slurm_environment(SLURM | {"MASTER_ADDR": "head", "MASTER_PORT": "29500"}).keys() == {
         "RANK", "WORLD_SIZE", "LOCAL_RANK"}
-    assert slurm_environment(SLURM | {"RANK": "0", "WORLD_SIZE": "2"}) == {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # any one of torchrun's
+        assert slurm_environment(SLURM | {name: "0"}) == {}
     assert slurm_environment({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"}) == {}
     no_job_id = {name: value for name, value in SLURM.items() if name != "SLURM_JOB_ID"}
     assert slurm_environment(no_job_id)["MASTER_PORT"] == "15000"
@@ -221,3 +230,6 @@ def test_a_plain_launch_is_a_world_of_one_main_process(monkeypatch):
     world = init_world()
     assert world == World(rank=0, size=1, device=torch.device("cpu")) and world.is_main
     assert not World(rank=1, size=2, device=torch.device("cpu")).is_main
+    barrier(world)  # no process group to wait for
+    assert gather_objects({"a": 1}, world) == [{"a": 1}]
+    assert (any_rank(True, world), any_rank(False, world)) == (True, False)
