@@ -124,6 +124,8 @@ def test_slurm_variables_become_torchrun_variables():
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # any one of torchrun's
         assert slurm_environment(SLURM | {name: "0"}) == {}
     assert slurm_environment({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"}) == {}
+    for name in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):  # not a task of srun without any one
+        assert slurm_environment({key: value for key, value in SLURM.items() if key != name}) == {}
     no_job_id = {name: value for name, value in SLURM.items() if name != "SLURM_JOB_ID"}
     assert slurm_environment(no_job_id)["MASTER_PORT"] == "15000"
 
