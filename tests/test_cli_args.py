@@ -3,6 +3,7 @@ does the work, which is replaced here by a recorder (the commands themselves run
 what the command prints and returns from that function's answer."""
 
 import logging
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +11,9 @@ import pytest
 import torch.distributed as dist
 
 from mimkit import cli
+from mimkit.config import load_recipe
 from mimkit.errors import Interrupted, MimkitError
+from mimkit.runs import load_config
 
 
 class Calls(list):
@@ -297,3 +300,33 @@ def test_a_command_leaves_the_process_group_it_joined(calls, tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     assert cli.main(["export", "r", "--to", "timm", "--out", "o"]) == 0
     assert not dist.is_initialized()
+
+
+def test_pretrain_resumes_a_run_directory_with_its_own_configuration_unless_a_config_is_given(
+        calls, mae_run, tmp_path):
+    """Without ``--config``, a run directory that holds a configuration is its own recipe (its tiny model, not
+    the recipe's); flags and ``--set`` still apply on top, ``--set`` last."""
+    calls.record("mimkit.pretrain", "run_pretraining", SUMMARY)
+    run = tmp_path / "mae"
+    shutil.copytree(mae_run, run)
+    assert cli.main(["pretrain", "mae", "--out", str(run), "--batch-size", "4",
+                     "--set", "train.batch_size=8"]) == 0
+    config = calls.only.args[0]
+    assert config.model == load_config(mae_run).model and config.train.batch_size == 8
+    assert calls.only.kwargs["recipe"] == f"{run / 'config.yaml'} (the run's own, resumed)"
+    calls.clear()
+    assert cli.main(["pretrain", "mae", "--out", str(run), "--config", "mae_fmnist"]) == 0
+    assert calls.only.args[0].model.kwargs == load_recipe("mae_fmnist")["model"].get("kwargs", {})
+
+
+def test_pretrain_refuses_another_methods_run_in_out_and_a_resume_without_checkpoint(calls, mae_run, tmp_path,
+                                                                                       capsys):
+    calls.record("mimkit.pretrain", "run_pretraining", SUMMARY)
+    run = tmp_path / "mae"
+    shutil.copytree(mae_run, run)
+    assert cli.main(["pretrain", "simmim", "--out", str(run), "--config", "simmim_fmnist"]) == 2
+    refusal = f"'{run}' holds a mae vit_mini run; choose another --out for simmim vit_mini"
+    assert refusal in capsys.readouterr().err
+    assert cli.main(["pretrain", "mae", "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "--resume: " in capsys.readouterr().err and calls == []
+    assert cli.main(["pretrain", "mae", "--out", str(run), "--resume"]) == 0

@@ -10,6 +10,8 @@ import yaml
 from mimkit.config import (
     DataConfig,
     TrainConfig,
+    check_crop_scale,
+    check_range,
     differences,
     from_dict,
     load_recipe,
@@ -72,6 +74,20 @@ def test_overrides_are_parsed_as_yaml_and_nested():
 def test_bad_values_name_the_key(values, message):
     with pytest.raises(MimkitError, match=message):
         read_config(values)
+
+
+@pytest.mark.parametrize("check, message", [
+    (lambda: check_range("--n", 0, 1), "--n must be at least 1, got 0"),
+    (lambda: check_range("x", 0.0, 0, low_open=True), "x must be above 0, got 0.0"),
+    (lambda: check_range("x", 1.0, 0, 1, high_open=True), r"x must be in \[0, 1\), got 1.0"),
+    (lambda: check_range("x", 0.0, 0, 1, low_open=True), r"x must be in \(0, 1\], got 0.0"),
+    (lambda: check_range("x", float("inf"), 0), "x must be a finite number at least 0, got inf"),
+    (lambda: check_crop_scale("simmim", (0.5, 0.4)),
+     r"config 'simmim.crop_scale' must be 0 < low <= high <= 1, got \[0.5, 0.4\]"),
+])
+def test_a_number_out_of_range_is_refused_saying_what_is_allowed(check, message):
+    with pytest.raises(MimkitError, match=f"^{message}$"):
+        check()
 
 
 def test_bad_override_syntax():

@@ -2,8 +2,10 @@
 with the one runner, resumes, writes its results, is read back by its ``kind:`` and is listed by the CLI;
 and runs saved before ``config.yaml`` said its kind are still recognised."""
 
+import importlib
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,6 +170,17 @@ def test_listing_the_kinds_loads_the_built_in_ones(monkeypatch):
 
 
 
+def test_the_built_in_modules_register_the_six_built_in_kinds(monkeypatch):
+    """A process that has imported none of the kinds' modules (``mimkit kinds`` at start-up) gets every
+    built-in kind from `BUILTIN_KINDS`, in the order ``mimkit kinds`` lists them: none of them is left out."""
+    monkeypatch.setattr(kinds, "_KINDS", {})
+    for name in kinds.BUILTIN_KINDS:  # imported afresh, then put back as they were
+        parent, _, child = name.rpartition(".")
+        monkeypatch.setattr(importlib.import_module(parent), child, sys.modules[name])
+        monkeypatch.delitem(sys.modules, name)
+    assert list(registered_kinds()) == ["pretraining", "tokenizer", "finetune", "segment", "linprobe", "knn"]
+
+
 def test_an_unknown_kind_is_looked_for_among_the_built_in_ones_and_a_name_is_registered_once(monkeypatch):
     """``kind_of`` loads the built-in kinds before it refuses a name it does not know (one line, listing the
     known); a second kind under a name taken is refused."""
@@ -181,3 +194,5 @@ def test_an_unknown_kind_is_looked_for_among_the_built_in_ones_and_a_name_is_reg
     assert imported == list(kinds.BUILTIN_KINDS)
     with pytest.raises(ValueError, match="run kind 'pretraining' is registered twice"):
         register_kind(pretraining)
+    toy = Kind("toy", dict)
+    assert register_kind(toy) is toy and kind_of("toy") is toy  # a module may keep the record it registers

@@ -218,3 +218,27 @@ def test_a_method_name_is_registered_once():
     with pytest.raises(ValueError, match="method 'mae' is registered twice"):
         registry.register(registry.method_of("mae"))
     assert registry.method_of("mae") is METHODS["mae"]
+
+
+def test_the_built_in_methods_are_loaded_on_first_use_and_a_registered_record_is_listed_by_kind(monkeypatch):
+    """``method_of`` imports the built-in methods only for a name it does not know (then refuses it in one
+    line, listing the known ones); ``registered`` imports them first; a record registers as it is given."""
+    monkeypatch.setattr(registry, "_METHODS", dict(registry.registered()))
+    imported = []
+    monkeypatch.setattr(registry.importlib, "import_module", imported.append)
+    assert registry.method_of("mae").name == "mae" and imported == []
+    with pytest.raises(MimkitError, match=r"^method 'sparkle' is unknown \(methods: dvae, beit, "):
+        registry.method_of("sparkle")
+    assert imported == [registry.BUILTIN_METHODS]
+    toy = Method("toy", "tokenizer", build_model=lambda config: nn.Identity(),
+                 build_task=lambda config, model: (None, None))
+    assert registry.register(toy) is toy
+    tokenizers, pretraining = registry.registered("tokenizer"), registry.registered("pretraining")
+    assert imported == [registry.BUILTIN_METHODS] * 3
+    assert tokenizers["toy"] is toy and "toy" not in pretraining
+    assert set(tokenizers) == {"dvae", "vqkd", "toy"}
+
+
+def test_only_the_methods_whose_record_says_so_take_a_teacher():
+    """Those that always distil one (CAE takes ``--teacher`` for CAE v2 only: not in its record)."""
+    assert sorted(name for name, m in registry.registered().items() if m.teacher) == ["maskdistill", "vqkd"]

@@ -1,15 +1,23 @@
 """Checkpoints are read without running anything in them."""
 
 import argparse
+import json
 import os
 import pickle
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from mimkit.cli import main
 from mimkit.errors import MimkitError
-from mimkit.safe_load import load_pickle, load_sharded, load_tensors, read_json
+from mimkit.safe_load import (
+    load_checkpoint,
+    load_pickle,
+    load_sharded,
+    load_tensors,
+    read_json,
+)
 
 
 class Payload:
@@ -50,6 +58,7 @@ def test_training_checkpoints_with_arguments_load(tmp_path):
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": {"module.w": torch.ones(2)}, "args": argparse.Namespace(lr=1.0), "epoch": 3}, path)
     assert list(load_tensors(path)) == ["w"]
+    assert list(load_tensors(str(path))) == ["w"]  # a path given as text
 
 
 def test_files_that_are_not_checkpoints(tmp_path):
@@ -65,6 +74,47 @@ def test_files_that_are_not_checkpoints(tmp_path):
     with pytest.raises(MimkitError, match="does not exist"):
         load_tensors(tmp_path / "missing.pth")
 
+
+
+
+@pytest.mark.parametrize("key", ["model", "state_dict", "module"])  # the reference codes' keys
+def test_a_training_checkpoints_weights_are_found_under_each_usual_key(tmp_path, key):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 3, key: {"w": torch.ones(2)}}, path)
+    assert list(load_tensors(path)) == ["w"]
+
+
+def test_the_weights_are_the_first_entry_of_tensors_and_their_arguments_come_beside_them(tmp_path):
+    """An entry under a usual key that holds no tensors (an optimizer's step counts) is passed over; the
+    arguments the reference code saved are read back as a dict; a file without them gives an empty one."""
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": {"step": 3}, "state_dict": {"w": torch.ones(2)}, "module": {"v": torch.ones(1)},
+                "args": argparse.Namespace(lr=1.0, model="vit")}, path)
+    state, args = load_checkpoint(path)
+    assert list(state) == ["w"] and args == {"lr": 1.0, "model": "vit"}
+    torch.save({"w": torch.ones(2)}, path)
+    assert load_checkpoint(path)[1] == {}
+
+
+def test_the_ddp_prefix_is_removed_only_when_every_key_has_it(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"module.w": torch.ones(2), "module.b": torch.ones(1)}, path)
+    assert list(load_tensors(path)) == ["w", "b"]
+    torch.save({"module.w": torch.ones(2), "head.b": torch.ones(1)}, path)
+    assert list(load_tensors(path)) == ["module.w", "head.b"]
+
+
+def test_a_model_folders_first_named_file_is_read_or_every_shard_its_index_names(tmp_path):
+    save_file({"w": torch.ones(2)}, tmp_path / "model.safetensors")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
+    assert torch.equal(load_sharded(tmp_path, WEIGHTS)["w"], torch.ones(2))
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_file({"a": torch.ones(1)}, sharded / "one.safetensors")
+    save_file({"b": torch.zeros(1)}, sharded / "two.safetensors")
+    index = {"weight_map": {"a": "one.safetensors", "b": "two.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert sorted(load_sharded(str(sharded), WEIGHTS)) == ["a", "b"]  # a folder given as text
 
 
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")

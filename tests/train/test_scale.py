@@ -20,7 +20,15 @@ from mimkit.models.maskfeat import create_maskfeat
 from mimkit.models.simmim import create_simmim
 from mimkit.runs import latest_weights
 from mimkit.train.checkpoint_files import Checkpoints
-from mimkit.train.distributed import expand_nodelist, slurm_environment
+from mimkit.train.distributed import (
+    World,
+    any_rank,
+    barrier,
+    expand_nodelist,
+    gather_objects,
+    init_world,
+    slurm_environment,
+)
 from tests.conftest import torchrun
 
 TINY = ["--model", "vit_mini", "--set", "model.kwargs.depth=2", "--set", "model.kwargs.decoder_depth=1",
@@ -93,8 +101,9 @@ def test_expand_nodelist():
     assert expand_nodelist("gpu5") == ["gpu5"]
     assert expand_nodelist("a[8-10],b,c[1]") == ["a8", "a9", "a10", "b", "c1"]
     assert expand_nodelist("r[1-2]-n[09-10]") == ["r1-n09", "r1-n10", "r2-n09", "r2-n10"]
-    with pytest.raises(ValueError, match="bad range"):
-        expand_nodelist("n[a-b]")
+    for bad in ("n[a-b]", "n[1-b]", "n[a-3]"):  # either end not a number
+        with pytest.raises(ValueError, match="bad range"):
+            expand_nodelist(bad)
 
 
 SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
@@ -112,8 +121,13 @@ def test_slurm_variables_become_torchrun_variables():
     # the user's rendezvous wins; torchrun's variables switch Slurm's off; no Slurm, nothing
     assert slurm_environment(SLURM | {"MASTER_ADDR": "head", "MASTER_PORT": "29500"}).keys() == {
         "RANK", "WORLD_SIZE", "LOCAL_RANK"}
-    assert slurm_environment(SLURM | {"RANK": "0", "WORLD_SIZE": "2"}) == {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # any one of torchrun's
+        assert slurm_environment(SLURM | {name: "0"}) == {}
     assert slurm_environment({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"}) == {}
+    for name in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):  # not a task of srun without any one
+        assert slurm_environment({key: value for key, value in SLURM.items() if key != name}) == {}
+    no_job_id = {name: value for name, value in SLURM.items() if name != "SLURM_JOB_ID"}
+    assert slurm_environment(no_job_id)["MASTER_PORT"] == "15000"
 
 
 def test_a_large_slurm_job_id_still_gives_a_valid_port():
@@ -194,3 +208,30 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(build):
     kept_checkpointed = sum(n for n in saved if n > 0)
     kept_plain = -sum(n for n in saved if n < 0)
     assert kept_checkpointed < kept_plain / 2  # the point: far fewer activations kept for backward
+
+
+def test_a_one_task_srun_step_joins_as_a_world_of_one_and_publishes_its_rendezvous(monkeypatch):
+    """`init_world` puts the variables a Slurm task stands for into the environment, where
+    ``init_process_group`` reads them, and reads its rank and size from them."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NUM_TASKS",
+                 "SLURM_STEP_NODELIST"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (SLURM | {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    world = init_world()
+    assert world == World(rank=0, size=1, device=torch.device("cpu")) and world.is_main
+    published = {name: os.environ[name] for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    assert published == {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "node07", "MASTER_PORT": "19242"}
+
+
+def test_a_plain_launch_is_a_world_of_one_main_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", *SLURM):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    world = init_world()
+    assert world == World(rank=0, size=1, device=torch.device("cpu")) and world.is_main
+    assert not World(rank=1, size=2, device=torch.device("cpu")).is_main
+    barrier(world)  # no process group to wait for
+    assert gather_objects({"a": 1}, world) == [{"a": 1}]
+    assert (any_rank(True, world), any_rank(False, world)) == (True, False)
