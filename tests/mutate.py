@@ -1778,6 +1778,10 @@ PLANTED = [
     Bug("s6core: cli: another method's run in --out is trained over", CLI_PY,
         "if (saved.method, saved.model.name) != (config.method, config.model.name):",
         "if saved.model.name != config.model.name:", (CLI_ARGS_TESTS,)),
+    # lead, after the sixth pass
+    Bug("segmentation export writes transformers' default auxiliary loss weight, not the run's",
+        "src/mimkit/interop/segmentation.py", "auxiliary_loss_weight=aux_weight,", "auxiliary_loss_weight=0.4,",
+        ("tests/models/test_segmentation.py",)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

@@ -300,12 +300,10 @@ def test_beit_segmentation_run_exports_to_transformers(tmp_path):
                  "--set", "model.kwargs.num_heads=2", "--set", "data.source=synthetic:64"]) == 0
     data = write_layout(tmp_path / "generic", "generic")
     assert main(["segment", str(run), "--data", str(data), "--out", str(out), *QUICK,
-                 "--set", "seg.blocks=[0,1,2,4]", "--set", "seg.channels=null",
-                 "--set", "seg.aux_weight=0.3"]) == 0
+                 "--set", "seg.blocks=[0,1,2,4]", "--set", "seg.channels=null"]) == 0
     assert main(["export", str(out), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     hf, info = BeitForSemanticSegmentation.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    assert hf.config.auxiliary_loss_weight == 0.3
     model, _ = load_segmentation_run(out)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -195,7 +195,8 @@ def test_beits_shared_table_becomes_one_per_block_computing_the_same():
 
 def test_a_segmentation_run_exports_at_its_crop_with_its_normalization_and_classes(tmp_path, monkeypatch):
     """`export_run` of a segmentation run: the folder's image size is the training crop (not the images'
-    size), its processor normalizes with the run's mean and std, its labels are the run's classes; timm and
+    size), its processor normalizes with the run's mean and std, its labels are the run's classes, its
+    auxiliary loss weight is the run's; timm and
     --encoder-only are refused before anything is written."""
     from types import SimpleNamespace
 
@@ -207,7 +208,7 @@ def test_a_segmentation_run_exports_at_its_crop_with_its_normalization_and_class
     beit = BEiT(32, 8, 3, vocab_size=16, embed_dim=32, depth=6, num_heads=2).encoder
     model = Segmenter(segmentation_encoder(beit, 32), 3, blocks=[0, 1, 2, 4]).eval()
     config = SimpleNamespace(data=SimpleNamespace(img_size=64, mean=[0.1, 0.2, 0.3], std=[0.4, 0.5, 0.6]),
-                             seg=SimpleNamespace(crop_size=32, classes=["sky", "road", "car"]))
+                             seg=SimpleNamespace(crop_size=32, classes=["sky", "road", "car"], aux_weight=0.3))
     monkeypatch.setattr(export, "run_kind", lambda run_dir: SimpleNamespace(name="segment"))
     monkeypatch.setattr(export, "load_trained", lambda run_dir: (model, config))
     for to, encoder_only in (("timm", False), ("hf", True)):
@@ -221,6 +222,7 @@ def test_a_segmentation_run_exports_at_its_crop_with_its_normalization_and_class
     export.export_run(tmp_path / "run", "hf", tmp_path / "hf")
     hf = BeitForSemanticSegmentation.from_pretrained(tmp_path / "hf")
     assert hf.config.image_size == 32 and hf.config.id2label == {0: "sky", 1: "road", 2: "car"}
+    assert hf.config.auxiliary_loss_weight == 0.3
     processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
     assert processor.size == {"height": 32, "width": 32}
     assert (list(processor.image_mean), list(processor.image_std)) == (config.data.mean, config.data.std)
