@@ -1780,7 +1780,8 @@ PLANTED = [
         "if saved.model.name != config.model.name:", (CLI_ARGS_TESTS,)),
     # lead, after the sixth pass
     Bug("segmentation export writes transformers' default auxiliary loss weight, not the run's",
-        "src/mimkit/interop/segmentation.py", "auxiliary_loss_weight=aux_weight,", "auxiliary_loss_weight=0.4,",
+        "src/mimkit/interop/segmentation.py", "auxiliary_loss_weight=aux_weight,",
+        "auxiliary_loss_weight=0.4,",
         ("tests/models/test_segmentation.py",)),
 ]
 

@@ -208,7 +208,8 @@ def test_a_segmentation_run_exports_at_its_crop_with_its_normalization_and_class
     beit = BEiT(32, 8, 3, vocab_size=16, embed_dim=32, depth=6, num_heads=2).encoder
     model = Segmenter(segmentation_encoder(beit, 32), 3, blocks=[0, 1, 2, 4]).eval()
     config = SimpleNamespace(data=SimpleNamespace(img_size=64, mean=[0.1, 0.2, 0.3], std=[0.4, 0.5, 0.6]),
-                             seg=SimpleNamespace(crop_size=32, classes=["sky", "road", "car"], aux_weight=0.3))
+                             seg=SimpleNamespace(crop_size=32, classes=["sky", "road", "car"],
+                                                 aux_weight=0.3))
     monkeypatch.setattr(export, "run_kind", lambda run_dir: SimpleNamespace(name="segment"))
     monkeypatch.setattr(export, "load_trained", lambda run_dir: (model, config))
     for to, encoder_only in (("timm", False), ("hf", True)):
