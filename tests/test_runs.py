@@ -3,8 +3,10 @@ with a run refused before it wrote anything), and the weights an evaluation read
 
 import json
 import os
+import re
 import time
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,23 +242,53 @@ def test_a_saved_configuration_is_headed_by_its_kind_reads_back_and_is_kept(tmp_
         save_run_config(run, "pretraining", other)
 
 
+MAE_VALUES = {"method": "mae", "train": {"epochs": 3}}
+
+
+def trained_mae_run(tmp_path: Path) -> tuple[Path, str]:
+    """A held MAE run folder with its saved configuration (3 epochs), and that file's text."""
+    run = make_run(tmp_path / "run", "lock")
+    save_run_config(run, "pretraining", read_config(MAE_VALUES))
+    return run, config_path(run).read_text()
+
+
+def changed_setting(change: dict) -> str:
+    """The dotted name of the one setting ``change`` holds (``train.seed``)."""
+    section, values = next(iter(change.items()))
+    return f"{section}.{next(iter(values))}"
+
+
+def changed_mae_values(change: dict) -> dict:
+    """`MAE_VALUES` with the settings of ``change`` (one section) put in."""
+    section = next(iter(change))
+    return MAE_VALUES | {section: MAE_VALUES.get(section, {}) | change[section]}
+
+
 @pytest.mark.parametrize("change", [{"train": {"epochs": 9}}, {"train": {"max_steps": 9}},
                                     {"train": {"checkpoint_every": 9}}, {"train": {"keep_last": 9}},
                                     {"train": {"log_every": 9}}, {"train": {"compile": True}},
                                     {"data": {"num_workers": 3}}, {"data": {"skip_bad_images": True}},
                                     {"data": {"max_bad_images": 9}}, {"data": {"root": "elsewhere"}}],
-                         ids=lambda change: next(f"{k}.{next(iter(v))}" for k, v in change.items()))
+                         ids=changed_setting)
 def test_a_trained_run_resumes_with_its_length_or_upkeep_changed(tmp_path, change):
     """`RESUMABLE_CHANGES`: more epochs or steps for a finished run, another checkpoint rhythm, more workers,
     a moved data folder; none changes what a step computes, so a trained run resumes with each, its saved
     configuration compared, not rewritten."""
-    run = make_run(tmp_path / "run", "lock")
-    values = {"method": "mae", "train": {"epochs": 3}}
-    save_run_config(run, "pretraining", read_config(values))
-    text = config_path(run).read_text()
-    section = next(iter(change))
-    changed = values | {section: values.get(section, {}) | change[section]}
-    keep_config(run, read_config(changed), "pretraining", 1)
+    run, text = trained_mae_run(tmp_path)
+    keep_config(run, read_config(changed_mae_values(change)), "pretraining", 1)
+    assert config_path(run).read_text() == text
+
+
+@pytest.mark.parametrize("change", [{"train": {"seed": 9}}, {"train": {"batch_size": 9}},
+                                    {"train": {"accum_steps": 2}}, {"data": {"img_size": 16}},
+                                    {"optim": {"weight_decay": 0.1}}, {"model": {"patch_size": 2}}],
+                         ids=changed_setting)
+def test_a_trained_run_refuses_to_resume_with_what_its_steps_compute_changed(tmp_path, change):
+    """Outside `RESUMABLE_CHANGES` a change is refused and named: another seed would change the data order,
+    crops and masks mid-run; another batch, image size, optimizer or model would change the step itself."""
+    run, text = trained_mae_run(tmp_path)
+    with pytest.raises(MimkitError, match=rf"other settings \({re.escape(changed_setting(change))} "):
+        keep_config(run, read_config(changed_mae_values(change)), "pretraining", 1)
     assert config_path(run).read_text() == text
 
 

@@ -115,12 +115,14 @@ def test_generic_layout_with_classes_txt_and_splits(tmp_path):
     assert len(build_seg_source(str(tmp_path), "val")) == 1
 
 
-def test_generic_layout_without_split_holds_out_a_seeded_part(tmp_path):
-    make_generic(tmp_path, [stored_mask(i, [0, 1]) for i in range(20)])
+@pytest.mark.parametrize("pairs, held_out", [(2, 1), (5, 1), (20, 2)])
+def test_generic_layout_without_split_holds_out_a_seeded_part(tmp_path, pairs, held_out):
+    """10% of the pairs go to val, at least one: a folder of 2 to 5 pairs still has a val split."""
+    make_generic(tmp_path, [stored_mask(i, [0, 1]) for i in range(pairs)])
     train = build_seg_source(str(tmp_path), "train", num_classes=2)
     val = build_seg_source(str(tmp_path), "val", num_classes=2)
     assert train.classes == ["class_0", "class_1"]
-    assert (len(train), len(val)) == (18, 2)  # 10% held out
+    assert (len(train), len(val)) == (pairs - held_out, held_out)
     assert not set(train.images) & set(val.images)
     assert val.images == build_seg_source(str(tmp_path), "val", num_classes=2).images  # the same every time
 
@@ -195,6 +197,22 @@ def test_mask_of_another_size_is_refused_at_once(tmp_path):
     save(tmp_path / "masks" / "a.png", np.zeros((12, 16)))
     message = one_line_error("size", build_seg_source, str(tmp_path), "train", num_classes=2)
     assert str(tmp_path / "masks" / "a.png") in message and "16x12" in message and "32x24" in message  # WxH
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_photo_turned_by_its_exif_orientation_takes_a_mask_of_its_turned_size(tmp_path, orientation):
+    """A photo stored 32x24 whose EXIF orientation is 5-8 shows (and decodes) 24x32: its mask, drawn on what
+    the user sees, is of the turned size, checked against the header without decoding; 1-4 keep 32x24."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    Image.fromarray(rgb(0, (24, 32))).save(tmp_path / "images" / "train" / "a.jpg", exif=exif)
+    shown = (32, 24) if orientation >= 5 else (24, 32)  # (height, width)
+    save(tmp_path / "masks" / "train" / "a.png", np.ones(shown))
+    source = build_seg_source(str(tmp_path), "train", num_classes=2)
+    assert source.image_size(0) == shown[::-1]  # (width, height)
+    image, mask = source[0]
+    assert tuple(image.shape[1:]) == tuple(mask.shape) == shown
 
 
 def test_label_at_or_above_num_classes_is_refused(tmp_path):

@@ -23,7 +23,6 @@ from mimkit.config import DataConfig, from_dict, read_yaml
 from mimkit.data.segmentation import PROBE_SAMPLES, build_seg_source, spread
 from mimkit.errors import MimkitError
 from mimkit.eval.config import SegmentConfig
-from mimkit.eval.seg_metrics import TTA
 from mimkit.eval.segment import load_segmentation_run, optimizer_groups, segmentation_loss
 from mimkit.models.segmentation import Segmenter, segmentation_encoder
 from mimkit.models.vit import build_vit
@@ -369,7 +368,7 @@ def spy_scoring(monkeypatch, module) -> list:
 @pytest.mark.parametrize("split, other, tta, batch, images, flip, scales", [
     ("val", False, None, None, 3, False, [1.0, 0.5]),  # as the run evaluates, one image at a time
     ("train", True, "flip", 2, 2, True, []),
-    ("val", True, "ms", 2, 5, True, list(TTA["ms"][0])),
+    ("val", True, "ms", 2, 5, True, [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]),  # BEiT's multi-scale test, flipped
 ])
 def test_evaluate_scores_a_split_of_the_runs_data_or_another_folder(tmp_path, monkeypatch, split, other, tta,
                                                                     batch, images, flip, scales):
