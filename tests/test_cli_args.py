@@ -86,6 +86,15 @@ def test_pretrain_gives_the_tokenizer_and_teacher_to_its_method(calls, tmp_path,
     assert getattr(calls.only.args[0].settings, section_key) == "somewhere"
 
 
+def test_pretrain_gives_both_the_tokenizer_and_the_teacher_to_its_method(calls, tmp_path, capsys):
+    """--teacher beside --tokenizer keeps both: CAE v2 then refuses the tokenizer it takes no use of, rather
+    than the flag vanishing."""
+    calls.record("mimkit.pretrain", "run_pretraining", SUMMARY)
+    assert cli.main(["pretrain", "cae", "--config", "caev2_fmnist", "--out", str(tmp_path / "run"),
+                     "--teacher", "somewhere", "--tokenizer", "elsewhere"]) == 2
+    assert "takes no tokenizer: drop --tokenizer" in capsys.readouterr().err and calls == []
+
+
 def test_pretrain_reports_held_out_scores_the_tokenizers_user_and_an_interruption(calls, tmp_path, capsys):
     calls.record("mimkit.pretrain", "run_pretraining", {**SUMMARY, "val_usage": 0.53125, "loss": 1.0})
     out = tmp_path / "tok"
@@ -186,6 +195,17 @@ def test_finetune_passes_its_flags_into_the_configuration(calls, tmp_path, capsy
     assert "test top-1 81.25%" in capsys.readouterr().out
     calls.record("mimkit.eval.finetune", "run_finetune", {"interrupted": True})
     assert cli.main(["finetune", "enc", "--data", "synthetic:8", "--out", str(tmp_path)]) == 130
+
+
+def test_finetune_flags_of_zero_override_the_recipe(calls, tmp_path):
+    """--val-fraction 0 (use the data's own validation) is a value given, not a flag left out."""
+    calls.record("mimkit.eval.finetune", "run_finetune", {})
+    recipe = tmp_path / "held_out.yaml"
+    recipe.write_text("labels: {val_fraction: 0.2}\n")
+    args = ["finetune", "enc", "--data", "synthetic:8", "--out", str(tmp_path / "run"),
+            "--config", str(recipe)]
+    assert cli.main(args) == 0 and cli.main([*args, "--val-fraction", "0"]) == 0
+    assert [call.args[0].labels.val_fraction for call in calls] == [0.2, 0.0]
 
 
 def test_segment_passes_its_flags_into_the_configuration(calls, monkeypatch, tmp_path, capsys):

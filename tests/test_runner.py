@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import mimkit.runner
+import mimkit.runs
 from mimkit.cli import main
 from mimkit.config import TrainConfig
 from mimkit.errors import MimkitError
@@ -102,9 +103,11 @@ def test_each_kind_compiles_when_asked(kind, mae_run, tmp_path, monkeypatch, cap
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_loop_gets_the_runs_upkeep_records_and_evaluation(kind, mae_run, tmp_path, monkeypatch):
     """What ``train`` asks of the loop reaches it: seed, log and checkpoint intervals, checkpoints kept, the
-    data workers, ``--force-config``; the run's records (written by the main process) and, for the kinds
-    that evaluate, their evaluation."""
+    data workers, ``--force-config`` (also to the check of a trained run's configuration); the run's records
+    (written by the main process) and, for the kinds that evaluate, their evaluation."""
     captured = Captured(monkeypatch)
+    kept = []  # (run, config, kind, step, force) of each configuration check
+    monkeypatch.setattr(mimkit.runs, "keep_config", lambda *args: kept.append(args))
     upkeep = [f"train.{key}" for key in ("seed=3", "log_every=2", "checkpoint_every=3", "keep_last=4")]
     workers = 1 if kind == "pretraining" else 0  # the others' evaluation loaders would start them
     argv = command(kind, mae_run, tmp_path) + ["--max-steps", "2", "--out", str(tmp_path / kind),
@@ -113,6 +116,8 @@ def test_the_loop_gets_the_runs_upkeep_records_and_evaluation(kind, mae_run, tmp
     (_, _, _, options), records = captured.arguments[0]
     assert (options.seed, options.log_every, options.checkpoint_every, options.keep_last) == (3, 2, 3, 4)
     assert (options.num_workers, options.force_resume) == (workers, True)
+    assert [(run, kept_kind, force) for run, _, kept_kind, _, force in kept] == [
+        (tmp_path / kind, kind, True)]
     assert records["metrics"].enabled and records["checkpoints"].dir.parent == tmp_path / kind
     assert (records["evaluation"] is not None) == (kind != "pretraining")
     assert (tmp_path / kind / "data.json").is_file() == (kind == "pretraining")  # its start-up facts

@@ -306,6 +306,30 @@ def test_settings_an_older_config_yaml_lacks_are_compared_as_their_defaults(tmp_
     assert yaml.safe_load(config_path(run).read_text()) == values  # compared, not rewritten
 
 
+@pytest.mark.parametrize("other", [{"encoder": "runs/simmim"}, {"kind": "segment"}], ids=str)
+def test_a_trained_run_refuses_another_encoder_or_kind_as_another_run(tmp_path, other):
+    """A fine-tuning run of one encoder is not resumed as a run of another encoder (nor as another kind's
+    run), even with --force-config: it is another run."""
+    run = make_run(tmp_path / "run", "lock")
+    saved = FinetuneConfig(encoder="runs/mae", encoder_config=to_dict(read_config({"method": "mae"})))
+    save_run_config(run, "finetune", saved)
+    text = config_path(run).read_text()
+    new = FinetuneConfig(encoder=other.get("encoder", "runs/mae"), encoder_config=saved.encoder_config)
+    with pytest.raises(MimkitError, match=r"holds another run \(a finetune run of runs/mae\); choose"):
+        keep_config(run, new, other.get("kind", "finetune"), 1, force=True)
+    assert config_path(run).read_text() == text
+
+
+@pytest.mark.parametrize("values, kind", [
+    ({"seg": {}, "encoder_config": {}}, "segment"), ({"encoder_config": {}}, "finetune"),
+    ({"method": "dvae"}, "tokenizer"), ({}, "pretraining"), ({"kind": "knn", "seg": {}}, "knn")], ids=str)
+def test_a_run_saved_before_config_yaml_said_its_kind_is_told_by_its_sections(values, kind):
+    """`runs.kind_name`: ``kind:`` when saved; else an old segmentation run (which also has an
+    ``encoder_config``) by its ``seg``, a fine-tuning run by its ``encoder_config``, others by their
+    method."""
+    assert runs.kind_name(values) == kind
+
+
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     return all(torch.equal(x, y) for x, y in pairs)

@@ -140,6 +140,15 @@ def test_a_layout_lists_its_files_by_name_hidden_ones_left_out(tmp_path):
     assert [source[i][1].tolist() for i in range(8)] == [masks[i].tolist() for i in range(8)]
 
 
+def test_an_image_or_mask_with_an_upper_case_extension_is_read(tmp_path):
+    mask = stored_mask(0, [0, 1])
+    save(tmp_path / "images" / "train" / "img0.PNG", mask * 40)
+    save(tmp_path / "masks" / "train" / "img0.Png", mask)
+    source = build_seg_source(str(tmp_path), "train", num_classes=2)
+    assert [Path(p).name for p in source.masks] == ["img0.Png"]
+    assert source[0][1].tolist() == mask.tolist()
+
+
 def test_class_names_given_replace_a_folders_classes_txt(tmp_path):
     make_generic(tmp_path, [stored_mask(0, [0, 1])], ["a", "b"])
     assert build_seg_source(str(tmp_path), "train", class_list=["sky", "road"]).classes == ["sky", "road"]

@@ -164,6 +164,16 @@ class Recorder(nn.Module):
         return torch.stack([x[:, 0], torch.ones_like(x[:, 0])], dim=1)
 
 
+@pytest.mark.parametrize("size, ratio, scaled", [((5, 7), 0.75, (4, 5)), ((3, 3), 0.5, (2, 2)),
+                                                 ((2, 9), 0.1, (1, 1))])
+def test_a_scale_of_the_multi_scale_test_rounds_each_side_to_the_nearest_pixel(size, ratio, scaled):
+    """The image the model sees at ``ratio`` (here in one padded window) has its sides rounded, at least 1."""
+    model = Recorder()
+    logits = predict_logits(model, torch.ones(1, 1, *size), crop=8, mode="slide", stride=8, scales=(ratio,))
+    seen = model.inputs[0][0, 0] != 0
+    assert (int(seen.any(1).sum()), int(seen.any(0).sum())) == scaled and logits.shape[2:] == size
+
+
 def test_whole_image_inference_resizes_bilinearly_to_the_crop_and_back():
     """A 16x16 image and an 8-px model: the model sees the bilinear half-size image (each 2x2 block's mean),
     and its logits come back at 16x16."""

@@ -366,7 +366,7 @@ def spy_scoring(monkeypatch, module) -> list:
 
 
 @pytest.mark.parametrize("split, other, tta, batch, images, flip, scales", [
-    ("val", False, None, None, 3, False, [1.0, 0.5]),  # as the run evaluates, one image at a time
+    ("val", False, None, None, 3, True, [1.0, 0.5]),  # as the run evaluates (flipped), one image at a time
     ("train", True, "flip", 2, 2, True, []),
     ("val", True, "ms", 2, 5, True, [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]),  # BEiT's multi-scale test, flipped
 ])
@@ -377,7 +377,7 @@ def test_evaluate_scores_a_split_of_the_runs_data_or_another_folder(tmp_path, mo
     reads colour images grey."""
     data = write_layout(tmp_path / "scenes", "generic", train=4, val=3)
     config = resolved_seg_config(data, eval_mode="slide", eval_stride=16, eval_scales=[1.0, 0.5],
-                                 eval_scale=[64, 64])
+                                 eval_scale=[64, 64], eval_flip=True)
     config.data.channels, config.data.mean, config.data.std = 1, [0.5], [0.5]
     model = ShadeSegmenter()
     monkeypatch.setattr(seg_evaluate, "load_segmentation_run", lambda run: (model, config))
@@ -545,7 +545,7 @@ def test_predict_writes_each_images_label_map_batched_by_size_as_the_run_evaluat
 
     monkeypatch.setattr(predict, "predict_logits", spy)
     config = resolved_seg_config(data, eval_mode="slide", eval_stride=16, eval_scales=[1.0],
-                                 eval_scale=[64, 64])
+                                 eval_scale=[64, 64], eval_flip=True)
     out = tmp_path / "out"
     written, _ = predict.predict_masks(ShadeSegmenter(), config, data, out, tta="flip", batch_size=2,
                                        workers=0)
@@ -563,8 +563,31 @@ def test_predict_writes_each_images_label_map_batched_by_size_as_the_run_evaluat
     asked.clear()
     predict.predict_masks(ShadeSegmenter(), config, data / "images" / "val", tmp_path / "again",
                           batch_size=4, workers=0)
-    assert [(n, flip, scales) for n, _, _, _, _, flip, scales in asked] == [(2, False, [1.0]),
-                                                                            (1, False, [1.0])]
+    assert [(n, flip, scales) for n, _, _, _, _, flip, scales in asked] == [(2, True, [1.0]),
+                                                                            (1, True, [1.0])]
+
+
+@pytest.mark.parametrize("sizes, batch_size, runs", [
+    ([(8, 8), (8, 12), (8, 12)], 4, [1, 2]),  # one height, another width: not stacked together
+    ([(8, 8), (12, 8), (8, 8)], 4, [1, 1, 1]),
+    ([(8, 8)] * 3, 2, [2, 1]),
+])
+def test_predict_batches_consecutive_images_of_one_size(sizes, batch_size, runs):
+    images = [(torch.zeros(1, *size),) for size in sizes]
+    batches = list(predict._same_size_batches(images, batch_size, workers=0))
+    assert [len(batch) for batch in batches] == runs
+    assert [index for batch in batches for index, _ in batch] == list(range(len(sizes)))
+
+
+@pytest.mark.parametrize("files, names, kept", [
+    (["a.jpg", "b.png"], ["a.png", "b.png"], 0),
+    (["a.jpg", "a.PNG", "b.png"], ["a_jpg.png", "a_png.png", "b.png"], 2),  # a pair keeps its extensions
+    (["s/a.jpg", "s/a.png", "s/a.tif", "a.png"], ["s/a_jpg.png", "s/a_png.png", "s/a_tif.png", "a.png"], 3),
+])
+def test_predict_names_the_label_maps_after_the_images(tmp_path, files, names, kept):
+    """Images whose names differ only by extension keep it in their label map's name, and are counted."""
+    paths = [str(tmp_path / f) for f in files]
+    assert predict.output_names(paths, tmp_path) == ([Path(n) for n in names], kept)
 
 
 def test_predict_refuses_an_unknown_tta_a_missing_folder_and_a_pretraining_run(tmp_path, mae_run):
