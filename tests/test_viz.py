@@ -234,7 +234,8 @@ def test_block_masks_hide_the_sections_share_of_each_grid():
 
 
 def test_picture_path_names_a_picture_in_a_folder_and_adds_png(tmp_path):
-    assert picture_path(tmp_path / "a.jpg", "recon.png") == (tmp_path / "a.jpg", "")
+    for name in ("a.jpg", "b.PNG"):  # an extension in capitals is a picture's too
+        assert picture_path(tmp_path / name, "recon.png") == (tmp_path / name, "")
     path, note = picture_path(tmp_path / "recon", "recon.png")
     assert path == tmp_path / "recon.png" and ".png added" in note
     path, note = picture_path(tmp_path, "recon.png")

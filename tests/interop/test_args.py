@@ -149,6 +149,8 @@ def test_beitv2_head_input_from_early_layers_and_an_unshared_head(tmp_path, shar
     assert (kwargs["agg_layer"], kwargs["agg_depth"], kwargs["shared_lm_head"]) == (1, 2, shared)
     assert (model.agg_layer, model.shared_lm_head) == (1, shared)
     assert report.origin["agg_layer"] == "args.early_layers" and report.origin["num_heads"] == "weights"
+    assert (report.origin["agg_depth"], report.origin["shared_lm_head"]) == ("args.head_layers",
+                                                                            "args.shared_lm_head")
     loss, metrics = beitv2_loss(model)
     expected_loss, expected = beitv2_loss(original)
     torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-5)
@@ -161,3 +163,16 @@ def test_beitv2_without_args_takes_the_default_block_and_says_so(tmp_path):
     _, config = load_run(tmp_path / "run")
     assert config.model.kwargs["agg_layer"] == 2 and report.origin["agg_layer"].startswith("default:")
     assert any(line.startswith("  default agg_layer 2") for line in report.summary())
+
+
+def test_an_encoder_only_beitv2_file_gets_a_fresh_unshared_aggregation_head(tmp_path):
+    """Without the reference head's keys, all of an unshared head (its blocks, norm and codebook layer) is
+    freshly initialized, not reported missing."""
+    official_beitv2(tmp_path / "b.pth", False, early_layers=1)
+    checkpoint = torch.load(tmp_path / "b.pth", weights_only=False)
+    checkpoint["model"] = {k: v for k, v in checkpoint["model"].items() if not k.startswith("cls_pt_")}
+    torch.save(checkpoint, tmp_path / "b.pth")
+    report = import_checkpoint(tmp_path / "b.pth", "beitv2", tmp_path / "run",
+                               overrides={"model": {"kwargs": {"shared_lm_head": False}}})
+    assert "aggregation head: not in the checkpoint; freshly initialized" in report.notes
+    assert not load_run(tmp_path / "run")[0].shared_lm_head

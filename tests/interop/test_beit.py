@@ -88,9 +88,10 @@ def test_hf_beit_with_two_final_norms_is_refused(tmp_path):
         read_checkpoint(tmp_path / "hf", "hf")
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_mimkit_to_hf_and_back_is_bit_identical(tmp_path, shared):
-    model = tiny_beit(shared)
+@pytest.mark.parametrize("shared, layer_scale", [(False, 0.1), (True, 0.1), (False, 0.0)],
+                         ids=["per-block-bias", "shared-bias", "no-layer-scale"])
+def test_mimkit_to_hf_and_back_is_bit_identical(tmp_path, shared, layer_scale):
+    model = tiny_beit(shared, layer_scale_init=layer_scale)
     export_model(model, CONFIG, "hf", tmp_path / "hf")
     hf = BeitForMaskedImageModeling.from_pretrained(tmp_path / "hf").eval()
     published = {"beit", "layernorm", "lm_head"}  # microsoft/beit-base-patch16-224-pt22k's top-level names
@@ -212,3 +213,12 @@ def test_relative_tables_resize_to_a_larger_grid(tmp_path):
     assert big.forward_features(x, mask)[0].isfinite().all()
     with pytest.raises(MimkitError, match="does not fit the inferred model: encoder.patch_embed"):
         load_into_new(foreign, patch_size=4)
+
+
+@pytest.mark.parametrize("kw", [dict(in_chans=1), dict(patch_size=4, shared_rel_pos_bias=True)])
+def test_the_architecture_read_off_the_weights_is_the_models(kw):
+    """`beit_arch` gives back a BEiT's settings, a grayscale one's single channel included."""
+    settings = {**TINY, "shared_rel_pos_bias": False, **kw}
+    arch = beit_arch(BEiT(**settings).state_dict())
+    assert {k: arch[k] for k in settings if k != "drop_path_rate"} == {
+        k: v for k, v in settings.items() if k != "drop_path_rate"}

@@ -44,8 +44,9 @@ def tiny_vit(img_size: int = 32, num_classes: int = 0) -> VisionTransformer:
                              num_classes=num_classes)
 
 
-def official_checkpoint(path, with_decoder=True, grid=4):
-    """A reference-layout checkpoint: the encoder is timm's VisionTransformer (as in the reference code)."""
+def official_checkpoint(path, with_decoder=True, grid=4, args=None):
+    """A reference-layout checkpoint: the encoder is timm's VisionTransformer (as in the reference code);
+    ``args`` adds to its training arguments."""
     torch.manual_seed(0)
     vit = tiny_vit(img_size=8 * grid)
     perturb(vit, keep=("pos_embed",)).pos_embed.data.copy_(sincos_pos_embed_2d(32, grid, cls_token=True))
@@ -58,7 +59,7 @@ def official_checkpoint(path, with_decoder=True, grid=4):
                   "decoder_norm.weight": torch.rand(16) + 0.5, "decoder_norm.bias": torch.randn(16),
                   "decoder_pred.weight": torch.randn(192, 16) * 0.1, "decoder_pred.bias": torch.randn(192)}
         assert set(state) == OFFICIAL_KEYS
-    torch.save({"model": state, "epoch": 799, "args": argparse.Namespace(lr=1e-4)}, path)
+    torch.save({"model": state, "epoch": 799, "args": argparse.Namespace(lr=1e-4, **(args or {}))}, path)
     return vit, state
 
 
@@ -102,13 +103,17 @@ def test_heads_the_weights_do_not_show_are_asked_for(tmp_path):
         import_checkpoint(tmp_path / "c.pth", "mae", tmp_path / "run")
 
 
-@pytest.mark.parametrize("names", ["saved", "in-memory"])
+@pytest.mark.parametrize("names", ["saved", "saved-as-bin", "in-memory"])
 def test_hf_vitmae_to_mimkit(tmp_path, names):
     torch.manual_seed(0)
     hf = perturb(ViTMAEForPreTraining(ViTMAEConfig(**DIMS, **DECODER, norm_pix_loss=True)),
                  keep=("position_embeddings", "decoder_pos_embed"))
-    if names == "saved":
+    if names.startswith("saved"):
         hf.save_pretrained(tmp_path / "hf")
+        if names == "saved-as-bin":  # an older folder: pickled weights only
+            weights = tmp_path / "hf" / "model.safetensors"
+            torch.save(load_file(weights), tmp_path / "hf" / "pytorch_model.bin")
+            weights.unlink()
     else:  # a state dict taken from a transformers 5 module: its in-memory names
         (tmp_path / "hf").mkdir()
         hf.config.to_json_file(tmp_path / "hf" / "config.json")
@@ -367,6 +372,18 @@ def test_a_grayscale_checkpoint_gets_one_channel_normalization(tmp_path):
     report = import_checkpoint(tmp_path / "vit.safetensors", "timm", tmp_path / "run", overrides=HEADS)
     data = report.config.data
     assert (data.channels, data.mean, data.std) == (1, [0.5], [0.5])
+
+
+@pytest.mark.parametrize("overrides, mask_ratio, origin", [({}, 0.6, "args.mask_ratio"),
+                                                          ({"mae": {"mask_ratio": 0.5}}, 0.5, "--set")])
+def test_a_reference_checkpoints_mask_ratio_is_kept_unless_set(tmp_path, overrides, mask_ratio, origin):
+    """args.mask_ratio (not the default 0.75) reaches the run; a --set of the section wins, reported so."""
+    official_checkpoint(tmp_path / "c.pth", with_decoder=False,
+                        args={"mask_ratio": 0.6, "norm_pix_loss": True})
+    report = import_checkpoint(tmp_path / "c.pth", "mae", tmp_path / "run",
+                               overrides={"model": {"kwargs": {"num_heads": 2}}, **overrides})
+    assert report.config.settings.mask_ratio == mask_ratio and report.origin["mask_ratio"] == origin
+    assert report.config.settings.norm_pix_loss
 
 
 def test_import_is_reproducible_and_keeps_settings_beside_the_architecture(tmp_path):

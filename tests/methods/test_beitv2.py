@@ -44,10 +44,10 @@ def test_default_agg_layer_follows_the_paper_and_scales_down():
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per_layer_bias", "shared_bias"])
-@pytest.mark.parametrize("agg_layer", [1, 2])
-def test_head_reads_the_final_cls_and_layer_l_patch_tokens(agg_layer, shared):
+@pytest.mark.parametrize("agg_layer, shared_lm_head", [(1, True), (2, True), (2, False)])
+def test_head_reads_the_final_cls_and_layer_l_patch_tokens(agg_layer, shared_lm_head, shared):
     torch.manual_seed(0)
-    model = tiny(agg_layer=agg_layer, shared_rel_pos_bias=shared).eval()
+    model = tiny(agg_layer=agg_layer, shared_rel_pos_bias=shared, shared_lm_head=shared_lm_head).eval()
     seen = {}
     model.encoder.blocks[agg_layer - 1].register_forward_hook(lambda m, i, o: seen.update(early=o))
     model.encoder.blocks[-1].register_forward_hook(lambda m, i, o: seen.update(last=o))
@@ -58,8 +58,10 @@ def test_head_reads_the_final_cls_and_layer_l_patch_tokens(agg_layer, shared):
         loss, metrics = model(imgs, mask, targets)
     assert torch.equal(seen["head_in"][:, 0], seen["last"][:, 0])  # the final [CLS]
     assert torch.equal(seen["head_in"][:, 1:], seen["early"][:, 1:])  # layer l's patches
-    # the head's logits come from the encoder's norm and lm_head, the same modules as the MIM logits
-    agg_logits = model.lm_head(model.encoder.norm(seen["head_out"]))[:, 1:][mask]
+    # the head's logits come from the encoder's norm and lm_head, the same modules as the MIM logits, or
+    # from its own when unshared
+    norm, head = (model.encoder.norm, model.lm_head) if shared_lm_head else (model.agg_norm, model.agg_head)
+    agg_logits = head(norm(seen["head_out"]))[:, 1:][mask]
     agg_loss = nn.functional.cross_entropy(agg_logits, targets[mask])
     torch.testing.assert_close(metrics["agg_loss"], agg_loss)
     torch.testing.assert_close(loss, metrics["mim_loss"] + agg_loss)

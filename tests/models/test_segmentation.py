@@ -3,6 +3,7 @@ BeitForSemanticSegmentation on copied weights."""
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import BeitForSemanticSegmentation
 
 from mimkit.errors import MimkitError
@@ -130,6 +131,9 @@ def test_upernet_matches_transformers_beit_for_semantic_segmentation(tmp_path, s
     export_segmenter(model, 32, [0.5] * 3, [0.5] * 3, classes, 0.25, tmp_path / "hf")
     hf, info = BeitForSemanticSegmentation.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    # the encoder under `beit.`, the heads at the top level (from_pretrained would also take them under it)
+    top_level = {key.split(".")[0] for key in load_file(tmp_path / "hf" / "model.safetensors")}
+    assert top_level == {"beit", "fpn", "decode_head", "auxiliary_head"}
     assert hf.config.id2label == dict(enumerate(classes)) and hf.config.label2id["dog"] == 2
     assert hf.config.auxiliary_loss_weight == 0.25  # seg.aux_weight, for training on
     hf.eval()
