@@ -238,9 +238,10 @@ def test_the_evaluations_optimizer_sections_keep_the_pretraining_checks(optim, v
 
 def test_differences_are_listed_leaf_by_leaf_and_merge_goes_deep():
     old = {"optim": {"lr": 1, "betas": [0.9, 0.95]}, "train": {"epochs": 2}, 3: "a", "gone": 1}
-    new = {"optim": {"lr": 2, "betas": [0.9, 0.95]}, "train": 5, 3: "b"}
-    assert differences(old, new) == {"optim.lr": (1, 2), "train": ({"epochs": 2}, 5), "3": ("a", "b"),
-                                     "gone": (1, None)}
+    new = {"optim": {"lr": 2, "betas": [0.9, 0.95], "eps": 1e-8}, "train": 5, 3: "b", "added": 0}
+    assert differences(old, new) == {"optim.lr": (1, 2), "optim.eps": (None, 1e-8),
+                                     "train": ({"epochs": 2}, 5), "3": ("a", "b"), "gone": (1, None),
+                                     "added": (None, 0)}  # a key only one side has is a change too
     assert merge(old, {"optim": {"lr": 3}, "train": {"seed": 1}, 3: {"x": 1}}) == {
         "optim": {"lr": 3, "betas": [0.9, 0.95]}, "train": {"epochs": 2, "seed": 1}, 3: {"x": 1}, "gone": 1}
     assert merge({"train": 5}, {"train": {"seed": 1}}) == {"train": {"seed": 1}}

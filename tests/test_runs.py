@@ -341,3 +341,5 @@ def test_a_trained_run_loads_as_its_kind_loads_it_with_its_newest_weights(mae_ru
     assert not model.training and config == saved and same_weights(model, reference)
     encoder = load_encoder(mae_run)
     assert encoder.origin == str(latest_weights(mae_run)) and same_weights(encoder.model, reference.encoder)
+    for init in ("pretrained", "random"):  # in eval mode, every module (no drop path, no dropout)
+        assert not any(module.training for module in load_encoder(mae_run, init).model.modules())

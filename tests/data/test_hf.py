@@ -58,6 +58,8 @@ def test_dataset_dict_splits_and_a_named_split(tmp_path):
     val = build_source(f"hf:{tmp_path / 'dd'}", split="val")
     assert len(val) == 3 and torch.equal(val[0][0], png(pictures(3, seed=1)[0]))
     assert len(build_source(f"hf:{tmp_path / 'dd'}:extra")) == 4
+    held_out = build_source(f"hf:{tmp_path / 'dd'}:extra", split="val")  # :extra names the train split
+    assert len(held_out) == 3 and torch.equal(held_out[0][0], val[0][0])
     with pytest.raises(MimkitError, match="no nope split.*it has train, validation, extra"):
         build_source(f"hf:{tmp_path / 'dd'}:nope")
 

@@ -377,6 +377,8 @@ def test_a_finetuned_encoder_comes_from_the_weights_asked_for_else_the_best(ft_r
     kept = load_file(str(first))
     assert weights == first
     assert all(torch.equal(kept[f"classifier.{k}"], v) for k, v in model.state_dict().items())
+    encoder = load_encoder(ft_run)  # as predict and the probes take it: in eval mode (drop path off)
+    assert not any(module.training for module in encoder.model.modules())
 
 
 def test_a_classifier_predicts_the_top_classes_of_each_image(ft_run, tmp_path):

@@ -295,6 +295,9 @@ def test_feature_cache_extracts_each_image_once(tmp_path):
                                                                             "synthetic_train-cls"]
     nothing, no_labels = cached_features(encoder, source, view, "avg", "synthetic:train", tmp_path, [])
     assert nothing.shape == (0, 32) and no_labels.shape == (0,) and sum(calls) == 6  # none asked, none made
+    other_view = eval_view(16, [0.0] * 3, [1.0] * 3)  # another normalization: other features, another file
+    other, _ = cached_features(encoder, source, other_view, "avg", "synthetic:train", tmp_path, [1])
+    assert sum(calls) == 7 and not torch.allclose(other, first[1:2])
 
 
 def test_feature_cache_is_per_weights(tmp_path):

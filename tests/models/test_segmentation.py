@@ -227,7 +227,7 @@ def test_a_segmentation_run_exports_at_its_crop_with_its_normalization_and_class
     export.export_run(tmp_path / "run", "hf", tmp_path / "hf")
     hf = BeitForSemanticSegmentation.from_pretrained(tmp_path / "hf")
     assert hf.config.image_size == 32 and hf.config.id2label == {0: "sky", 1: "road", 2: "car"}
-    assert hf.config.auxiliary_loss_weight == 0.3
+    assert hf.config.auxiliary_loss_weight == 0.3 and hf.config.semantic_loss_ignore_index == 255
     processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
     assert processor.size == {"height": 32, "width": 32}
     assert (list(processor.image_mean), list(processor.image_std)) == (config.data.mean, config.data.std)
