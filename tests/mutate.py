@@ -1234,6 +1234,10 @@ PLANTED = [
         "semantic_loss_ignore_index=0,",
         ("tests/models/test_segmentation.py::test_a_segmentation_run_exports_at_its_crop_with_its_"
          "normalization_and_classes",)),
+    Bug("fresh set 11: knn: the held-out val part is never scored", "src/mimkit/eval/knn.py",
+        'parts = {"val": part.val, "test": part.test} if part.val else {"test": part.test}',
+        'parts = {"test": part.test}',
+        ("tests/eval/test_probes.py::test_a_probe_run_scores_its_held_out_part_beside_the_test_split",)),
     # sweepmodels2
     Bug("sweepmodels2: MaskFeat: the class token predicts and the last patch is dropped",
         "src/mimkit/models/maskfeat.py", "return self.head(x[:, 1:])", "return self.head(x[:, :-1])",

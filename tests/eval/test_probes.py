@@ -405,6 +405,19 @@ PROBE_RUNS = {"knn": (run_knn, KnnConfig(data="mnist", k=10), 0, {"k": 10, "trai
                            {"feature_dim": 32, "epochs": 2, "weight_decay": 0.0, "train_images": 10})}
 
 
+@pytest.mark.parametrize("protocol", PROBE_RUNS)
+def test_a_probe_run_scores_its_held_out_part_beside_the_test_split(mae_run, tmp_path, protocol):
+    """With ``--val-fraction`` the part held out of the training images is scored too (``val_*``), and the
+    neighbours or the probe come from the rest only."""
+    run, config, _, _ = PROBE_RUNS[protocol]
+    config = dataclasses.replace(config, data="synthetic:40", cache_dir=str(tmp_path / "features"),
+                                 val_fraction=0.5)
+    results = run(load_encoder(mae_run), config, tmp_path / "out")
+    assert {"val_top1", "val_top5", "test_top1", "test_top5"} <= results.keys()
+    assert results["train_images"] == 20
+    assert {"val_top1", "test_top1"} <= read_metrics(tmp_path / "out")[-1].keys()
+
+
 @pytest.mark.filterwarnings("error")
 @pytest.mark.parametrize("protocol", PROBE_RUNS)
 def test_a_probe_run_saves_its_kind_its_final_record_and_its_wall_time(mae_run, tmp_path, tiny_mnist,
