@@ -494,6 +494,19 @@ def test_a_finished_run_is_scored_again_and_left_training(mae_run, tmp_path, mon
     assert json.loads((tmp_path / "seg" / "results.json").read_text())["mIoU"] == results["mIoU"]
 
 
+def test_a_segmentation_run_decays_its_lr_by_the_papers_poly_schedule(mae_run, tmp_path, monkeypatch):
+    """BEiT's and MAE's segmentation recipes warm up, then decay the lr linearly (poly, power 1), not by
+    the cosine of pretraining and fine-tuning."""
+    jobs = []
+    monkeypatch.setattr(segment, "run_job", lambda run, job: jobs.append(job) or {"interrupted": True})
+    data = write_layout(tmp_path / "scenes", "generic", train=4, val=2)
+    config = quick_segment_config(mae_run, data, train={"batch_size": 4, "max_steps": 10})
+    segment.run_segment(config, tmp_path / "seg")
+    plan = jobs[0].plan
+    expected = poly_schedule(plan.lr, config.optim.min_lr, 10, plan.warmup_steps)
+    assert plan.schedule.lr == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_the_pixel_limit_reaches_the_images_of_both_splits(mae_run, tmp_path, monkeypatch, split):
     """``data.max_image_pixels`` refuses a train image and a val image alike (one 40x40 image among 32x32

@@ -95,6 +95,17 @@ def test_the_positions_enter_the_regressors_queries_and_keys_not_its_values():
         assert (block(x, context + torch.randn(2, 7, 32), pos, context_pos) - out).abs().max() > 1e-3
 
 
+def test_queries_of_one_mask_token_are_told_apart_by_their_positions():
+    """The regressor's masked queries all start as the one mask token: only the positions added to them make
+    each attend (and predict) differently."""
+    block = perturb(RegressorBlock(32, 2, layer_scale_init=0.5))
+    queries = torch.randn(1, 1, 32).expand(2, 3, 32)
+    context, pos, context_pos = torch.randn(2, 7, 32), torch.randn(2, 3, 32), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        out = block(queries, context, pos, context_pos)
+    assert (out[:, 0] - out[:, 1]).abs().max() > 1e-3 and (out[:, 1] - out[:, 2]).abs().max() > 1e-3
+
+
 def test_the_decoder_reads_where_each_predicted_patch_lies():
     """The decoder adds the masked patches' positions to the regressor's outputs: the same latents
     predicted at other places give other tokens."""
