@@ -164,9 +164,11 @@ class MixTargets:
             raise MimkitError(f"mixup switch_prob {switch_prob} and prob {prob} must be in [0, 1]")
         self.mixing = mixup > 0 or cutmix > 0
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
-        self.mix = PythonSeeded(Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob,
-                                      switch_prob=switch_prob,
-                                      label_smoothing=label_smoothing, num_classes=num_classes))
+        self.mix = None  # mixing off: no Mixup, only the smoothed targets (`__call__`)
+        if self.mixing:
+            self.mix = PythonSeeded(Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob,
+                                          switch_prob=switch_prob, label_smoothing=label_smoothing,
+                                          num_classes=num_classes))
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.mixing:  # timm's Mixup refuses an odd batch even when it has nothing to mix
