@@ -145,12 +145,6 @@ def test_a_bad_jpeg_stops_with_its_path_or_is_skipped_on_the_crop_decode_path(tm
     assert torch.equal(got["image"], stand_in["image"]) and torch.equal(got["noise"], stand_in["noise"])
 
 
-def _with_exif(data: bytes, exif: Image.Exif) -> bytes:
-    buf = io.BytesIO()
-    Image.open(io.BytesIO(data)).save(buf, "JPEG", quality=90, exif=exif)
-    return buf.getvalue()
-
-
 def test_the_header_reader_takes_fill_bytes_and_exif_without_orientation_and_refuses_what_it_cannot_follow():
     """Fill bytes before a marker are skipped; an Exif block without the Orientation tag means upright;
     a file cut inside its markers, or an Exif block in no byte order, is left to the general path (None)."""
@@ -160,10 +154,8 @@ def test_the_header_reader_takes_fill_bytes_and_exif_without_orientation_and_ref
     assert read_header(data[:2] + b"\xff\xff" + data[2:], "RGB") == plain
     maker = Image.Exif()
     maker[0x010F] = "camera"  # Make, no Orientation
-    assert read_header(_with_exif(data, maker), "RGB") == plain
-    turned = Image.Exif()
-    turned[0x0112] = 6
-    exif = _with_exif(data, turned)
+    assert read_header(jpeg(photo(40, 30), exif=maker), "RGB") == plain
+    exif = jpeg(photo(40, 30), orientation=6)
     assert read_header(exif, "RGB").upright_size == (40, 30)
     tiff = exif.index(b"Exif\x00\x00") + 6
     assert read_header(exif[:tiff] + b"XX" + exif[tiff + 2:], "RGB") is None
