@@ -23,7 +23,7 @@ from mimkit.data.segmentation import (
     write_fmnist_scenes,
 )
 from mimkit.errors import MimkitError
-from tests.conftest import needs_fashion, voc_palette, write_idx
+from tests.conftest import jpeg, needs_fashion, voc_palette, write_idx
 
 pytestmark = pytest.mark.usefixtures("private_data_cache")
 
@@ -212,10 +212,8 @@ def test_mask_of_another_size_is_refused_at_once(tmp_path):
 def test_a_photo_turned_by_its_exif_orientation_takes_a_mask_of_its_turned_size(tmp_path, orientation):
     """A photo stored 32x24 whose EXIF orientation is 5-8 shows (and decodes) 24x32: its mask, drawn on what
     the user sees, is of the turned size, checked against the header without decoding; 1-4 keep 32x24."""
-    exif = Image.Exif()
-    exif[0x0112] = orientation
     (tmp_path / "images" / "train").mkdir(parents=True)
-    Image.fromarray(rgb(0, (24, 32))).save(tmp_path / "images" / "train" / "a.jpg", exif=exif)
+    (tmp_path / "images" / "train" / "a.jpg").write_bytes(jpeg(rgb(0, (24, 32)), orientation))
     shown = (32, 24) if orientation >= 5 else (24, 32)  # (height, width)
     save(tmp_path / "masks" / "train" / "a.png", np.ones(shown))
     source = build_seg_source(str(tmp_path), "train", num_classes=2)
