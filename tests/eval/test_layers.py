@@ -56,6 +56,17 @@ def test_block_features(kind, pool):
             torch.testing.assert_close(alone_features[:, 0], features[:, alone - 1])
 
 
+def test_avg_pooling_leaves_out_the_class_and_register_tokens():
+    encoder = perturb(build_vit(dict(embed_dim=32, depth=2, num_heads=2), img_size=16, patch_size=4,
+                                in_chans=1, reg_tokens=2))
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        tokens = encoder.forward_features(x)  # [B, 1 + 2 + 16, D]: [CLS], the registers, the patches
+        assert tokens.shape[1] == 19
+        torch.testing.assert_close(pooled_features(encoder, x, "avg"), tokens[:, 3:].mean(1))
+        torch.testing.assert_close(block_features(encoder, x, "avg", [2])[:, 0], tokens[:, 3:].mean(1))
+
+
 @pytest.mark.parametrize("layers", [[2, 1], [1, 1], [0, 1], [1, 4]])
 def test_block_features_refuses_layers_out_of_order_or_outside_the_blocks(layers):
     encoder = build_vit(dict(embed_dim=32, depth=3, num_heads=2), img_size=16, patch_size=4, in_chans=1)

@@ -223,3 +223,7 @@ def test_a_tokenizer_trained_on_smaller_views_gives_the_run_its_view_size(tmp_pa
     config = read_config({"method": "beit", "data": data, "model": {"name": "vit_mini", "patch_size": 4},
                           "beit": {"tokenizer": str(tmp_path / "dvae")}})
     assert method_of("beit").resolve_config(config).settings.tokenizer_size == 16
+    # 8 px patches, a 4x4 grid: the tokenizer's halving needs 8 px views, which the run asks for
+    config = read_config({"method": "beit", "data": data, "model": {"name": "vit_mini", "patch_size": 8},
+                          "beit": {"tokenizer": str(tmp_path / "dvae"), "tokenizer_size": 8}})
+    assert method_of("beit").resolve_config(config).settings.tokenizer_size == 8

@@ -65,7 +65,10 @@ def test_head_reads_the_final_cls_and_layer_l_patch_tokens(agg_layer, shared_lm_
     agg_loss = nn.functional.cross_entropy(agg_logits, targets[mask])
     torch.testing.assert_close(metrics["agg_loss"], agg_loss)
     torch.testing.assert_close(loss, metrics["mim_loss"] + agg_loss)
-    assert {"mim_acc", "agg_acc"} <= metrics.keys()
+    accuracy = (agg_logits.argmax(-1) == targets[mask]).float().mean()
+    assert "mim_acc" in metrics and torch.equal(metrics["agg_acc"], accuracy)
+    tables = [block.attn.relative_position_bias_table for block in (*model.encoder.blocks, *model.agg_blocks)]
+    assert all((table is None) == shared for table in tables)  # per-block tables: the head's blocks too
 
 
 def test_head_shares_the_mim_head_tensor():

@@ -20,7 +20,7 @@ from mimkit.config import load_recipe
 from mimkit.errors import MimkitError
 from mimkit.interop.cae import OFFICIAL_CAE, read_official_cae
 from mimkit.interop.export import export_model
-from mimkit.interop.importer import resolve_arch
+from mimkit.interop.importer import resolve_arch, run_config
 from mimkit.interop.keymaps import to_foreign
 from mimkit.methods.dvae import find_tokenizer, load_tokenizer
 from mimkit.methods.vqkd import teacher_of
@@ -239,6 +239,10 @@ def test_authors_args_give_the_heads_layer_scales_drop_path_weight_and_mask_rati
         "drop_path_rate": 0.05, "align_weight": 1.5, "mask_ratio": 0.5}
     assert origin["drop_path_rate"] == "args.drop_path"
     assert origin["mask_ratio"] == "args.num_mask_patches (32 of 8x8)"
+    values = run_config("cae", arch, None, None, None)  # what the imported run's configuration holds
+    assert values["cae"] == {"mask_ratio": 0.5, "align_weight": 1.5}
+    kwargs = values["model"]["kwargs"]
+    assert (kwargs["regressor_depth"], kwargs["decoder_depth"], kwargs["drop_path_rate"]) == (2, 1, 0.05)
 
 
 def test_authors_weights_without_layer_scale_import_without_it(tmp_path):

@@ -21,7 +21,7 @@ from mimkit.errors import MimkitError
 from mimkit.interop.beit import OFFICIAL_BEIT
 from mimkit.interop.importer import resolve_arch
 from mimkit.interop.keymaps import to_foreign
-from mimkit.methods.data2vec import read_official_data2vec
+from mimkit.methods.data2vec import read_official_data2vec, reference_hints
 from mimkit.models.data2vec import Data2Vec
 from mimkit.registry import method_of, read_config
 from mimkit.runs import latest_weights, load_run
@@ -254,6 +254,23 @@ def test_reference_targets_mimkit_cannot_build_are_refused(tmp_path, args, messa
     reference_checkpoint(tmp_path / "ckpt.pth", **args)
     with pytest.raises(MimkitError, match=message):
         resolve_arch(read_official_data2vec(tmp_path / "ckpt.pth"))
+
+
+def test_reference_target_layers_with_a_gap_are_refused():
+    assert reference_hints({"target_layers": "[1, 2]"}, 3, 64)[0]["top_k"] == 2
+    with pytest.raises(MimkitError, match=r"--target_layers \[0, 2\]: mimkit averages the top K blocks"):
+        reference_hints({"target_layers": "[0, 2]"}, 3, 64)
+
+
+@pytest.mark.parametrize("args, block_norm, target_norm", [
+    ({}, "layer", "none"),  # the authors' default: each block layer-normalized, the average not
+    ({"no_target_layer_norm_last": True}, "none", "none"),
+    ({"no_target_layer_norm_last": True, "target_instance_norm": True, "post_target_layer_norm": True},
+     "instance", "layer"),
+])
+def test_reference_normalization_flags_give_the_block_and_target_norms(args, block_norm, target_norm):
+    fields, _ = reference_hints(args, 2, 64)
+    assert (fields["block_norm"], fields["target_norm"]) == (block_norm, target_norm)
 
 
 def test_reference_arguments_without_the_mask_count_leave_the_ratio_to_the_default(tmp_path):

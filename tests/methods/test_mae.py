@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mimkit.errors import MimkitError
 from mimkit.registry import method_of, read_config
 from mimkit.viz import mae_reconstructions
 
@@ -36,3 +37,10 @@ def test_the_pictures_hide_the_runs_share_of_patches_drawn_from_the_generator(ma
 
 def test_the_start_up_summary_tells_the_share_masked():
     assert method_of("mae").describe(mae_config(mask_ratio=0.6)) == ", 60% masked"
+
+
+def test_a_mask_ratio_that_keeps_no_patch_is_refused_before_training():
+    config = mae_config(mask_ratio=0.95)  # int(16 * 0.05): none of the 16 patches kept
+    record = method_of("mae")
+    with pytest.raises(MimkitError, match="mask_ratio 0.95 must lie in"):
+        record.build_task(config, record.build_model(config))

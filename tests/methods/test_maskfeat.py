@@ -88,6 +88,10 @@ def test_glyphs_draw_each_bin_along_its_edge():
     drawn = hog_glyphs(cells, 8, 3, [0.5] * 3, [0.25] * 3) * 0.25 + 0.5  # back to [0, 1]
     assert drawn.shape == (1, 3, 16, 16) and torch.equal(drawn[0, 0], drawn[0, 2])
     assert drawn[0, 0, 8:, :8].sum() > 0 and drawn[0, 0, :8].sum() == drawn[0, 0, 8:, 8:].sum() == 0
+    two = torch.zeros(1, 2, 9, 1, 1)
+    two[0, 1, 4] = 1.0  # a vertical glyph in the second channel only: the channels' mean draws it half bright
+    half = hog_glyphs(two[:, 1:], 8, 1, [0.0], [1.0]) / 2
+    torch.testing.assert_close(hog_glyphs(two, 8, 1, [0.0], [1.0]), half)
 
 
 def test_the_view_masks_blocks_of_the_run_and_follows_the_seed():

@@ -15,9 +15,10 @@ from transformers import BeitModel
 
 from mimkit.cli import main
 from mimkit.errors import MimkitError
+from mimkit.interop.hf import write_hf_folder
 from mimkit.interop.importer import resolve_arch
 from mimkit.interop.keymaps import to_foreign
-from mimkit.methods.simmim import OFFICIAL_SIMMIM, SimMIMView, read_official_simmim
+from mimkit.methods.simmim import OFFICIAL_SIMMIM, SimMIMView, hf_export, read_official_simmim
 from mimkit.models.simmim import SimMIM
 from mimkit.registry import method_of
 from mimkit.runs import latest_weights, load_run
@@ -112,6 +113,19 @@ def test_exports_load_in_timm_and_transformers(run, tmp_path):
                                    atol=1e-5, rtol=1e-4)
 
 
+def test_an_encoder_with_a_bias_table_per_block_exports_to_transformers_computing_the_same(tmp_path):
+    model = perturb(SimMIM(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                           shared_rel_pos_bias=False)).eval()
+    write_hf_folder(tmp_path, *hf_export(model, None, encoder_only=False), image_processor={})
+    hf, loading = BeitModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(loading.values()), loading
+    imgs, mask = torch.randn(2, 1, 16, 16), torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, ::3] = True
+    with torch.no_grad():
+        theirs = hf.eval()(imgs, bool_masked_pos=mask).last_hidden_state
+        assert (model.forward_encoder(imgs, mask) - theirs).abs().max() <= 1e-5
+
+
 def test_evaluation_commands_take_a_simmim_run(run, tmp_path):
     every_evaluation_command(run, tmp_path)
 
@@ -187,6 +201,12 @@ def test_reference_checkpoint_imports_from_its_weights_and_config(fake_yacs, tmp
     theirs, ours = model.state_dict(), imported.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
     assert pretrain(out, "--max-steps", "1") == 0  # continues from the imported weights
+
+
+def test_reference_config_gives_the_stochastic_depth_and_the_layer_scales_start(fake_yacs, tmp_path):
+    reference_checkpoint(tmp_path / "ckpt.pth", fake_yacs, INIT_VALUES=0.2)  # neither is SimMIM's default
+    hints = read_official_simmim(tmp_path / "ckpt.pth").hints
+    assert (hints["drop_path_rate"], hints["layer_scale_init"]) == (0.0, 0.2)
 
 
 def test_reference_weights_without_config_get_reported_defaults(tmp_path, capsys):

@@ -9,7 +9,7 @@ from transformers import Data2VecVisionConfig, Data2VecVisionModel
 
 from mimkit.errors import MimkitError
 from mimkit.methods.data2vec import hf_export
-from mimkit.models.data2vec import Data2Vec, teacher_decay
+from mimkit.models.data2vec import Data2Vec, create_data2vec, teacher_decay
 from tests.conftest import perturb
 
 
@@ -118,3 +118,16 @@ def test_attention_dropout_is_the_students_in_pretraining_only():
     assert model(imgs, mask)[0] != model(imgs, mask)[0]  # dropped differently each time
     assert all(block.attn.attn_drop.p == 0 for block in model.encoder.blocks)  # what fine-tuning copies
     assert tiny(attn_drop_rate=0.0).train()(imgs, mask)[0] == tiny(attn_drop_rate=0.0).train()(imgs, mask)[0]
+
+
+@pytest.mark.parametrize("name, layer_scale", [("vit_base", 1e-4), ("vit_large", 1e-5)])
+def test_the_layer_scale_starts_at_the_authors_value_for_the_arch(name, layer_scale):
+    model = create_data2vec(name, img_size=16, patch_size=16, in_chans=1, depth=1, top_k=1)
+    assert torch.all(model.encoder.blocks[0].gamma_1 == layer_scale)
+    assert torch.all(model.teacher.blocks[0].gamma_2 == layer_scale)
+
+
+@pytest.mark.parametrize("beta, expected", [(0.0, (0.25 + 9) / 2), (2.0, (0.25 / 4 + 3 - 1) / 2)])
+def test_the_loss_is_the_squared_error_at_beta_0_and_smooth_l1_above(beta, expected):
+    pred, targets = torch.tensor([[0.0, 3.0]]), torch.tensor([[0.5, 0.0]])  # errors 0.5 and 3
+    assert tiny(loss_beta=beta).forward_loss(pred, targets).item() == pytest.approx(expected)

@@ -189,9 +189,9 @@ def test_same_noise_same_mask_and_loss():
     assert torch.equal(first[2], second[2]) and torch.equal(first[0], second[0])
 
 
-@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.5, 1.5, 0.99])
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.5, 1.5, 0.99, 1e-17])
 def test_bad_mask_ratio_raises(ratio):
-    mae = tiny_mae()  # L = 16: 0.99 keeps int(0.16) = 0 patches
+    mae = tiny_mae()  # L = 16: 0.99 keeps int(0.16) = 0 patches, 1e-17 all 16 (1 - 1e-17 rounds to 1)
     with pytest.raises(MimkitError, match=f"mask_ratio {ratio}"):
         mae(torch.randn(1, 3, 32, 32), mask_ratio=ratio)
 

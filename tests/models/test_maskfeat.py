@@ -194,3 +194,17 @@ def test_init_is_the_authors_truncated_normal_for_tables_tokens_linears_and_the_
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(MimkitError, match=message):
         create_maskfeat("vit_mini", **{**TINY, **kwargs})
+
+
+def test_a_hog_window_of_0_weighs_every_pixel_alike():
+    model = create_maskfeat("vit_mini", img_size=16, patch_size=8, in_chans=1, depth=1, hog_cell=4,
+                            hog_window=0)
+    imgs = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(model.forward_target(imgs), HOG(1, 9, 4, 0)(imgs, 8))
+    assert not torch.allclose(model.forward_target(imgs), HOG(1, 9, 4, 8)(imgs, 8))  # the patch's window
+
+
+def test_to_cells_inverts_to_patches_with_several_channels():
+    hog = HOG(3, 5, 4, 0)
+    cells = torch.randn(2, 3, 5, 4, 4)  # 3 channels, 5 bins, 2x2 patches of 2x2 cells (8 px patches)
+    torch.testing.assert_close(hog.to_cells(hog.to_patches(cells, 8), 8), cells)

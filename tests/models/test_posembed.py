@@ -99,6 +99,8 @@ def test_relative_tables_that_cannot_be_resized_are_refused():
         resize_rel_pos_table(torch.zeros(7, 2), 3)
     with pytest.raises(MimkitError, match="between grids 1 and 3"):
         resize_rel_pos_table(torch.zeros(4, 2), 3)
+    with pytest.raises(MimkitError, match="between grids 3 and 1"):  # to a grid of one patch
+        resize_rel_pos_table(torch.zeros(28, 2), 1)
     assert rel_grid(torch.zeros(28, 2)) == 3
 
 

@@ -32,6 +32,7 @@ def test_feature_blocks_are_the_papers_scaled():
     assert feature_blocks(24) == [7, 11, 15, 23]
     assert feature_blocks(6) == [1, 2, 3, 5]
     assert feature_blocks(2) == [0, 0, 0, 1]
+    assert feature_blocks(4) == [0, 1, 2, 3]  # 1.33, 2, 2.67, 4 blocks rounded to the nearest
 
 
 @pytest.mark.parametrize("make", [tiny_vit, tiny_beit], ids=["vit", "beit"])
@@ -74,6 +75,15 @@ def test_segmentation_encoder_has_no_head_or_final_norm_and_resizes_its_tables()
     beit = segmentation_encoder(tiny_beit(), 64)
     assert beit.blocks[0].attn.relative_position_bias_table.shape[0] == 15 * 15 + 3
     assert beit(torch.randn(1, 1, 64, 64)).shape == (1, 32)
+
+
+def test_an_encoder_with_register_tokens_keeps_their_position_rows_when_resized():
+    vit = build_vit("vit_tiny", 32, 8, 1, depth=2, embed_dim=32, num_heads=2, reg_tokens=2)
+    torch.nn.init.normal_(vit.pos_embed)  # a learned table: [CLS], 2 registers, 4x4 patches
+    encoder = segmentation_encoder(vit, 64)
+    assert encoder.pos_embed.shape == (1, 3 + 8 * 8, 32)
+    torch.testing.assert_close(encoder.pos_embed[:, :3], vit.pos_embed[:, :3])
+    assert Segmenter(encoder, 3).eval()(torch.randn(1, 1, 64, 64)).shape == (1, 3, 64, 64)
 
 
 def test_segmentation_encoder_is_a_trainable_copy_leaving_the_given_encoder_as_it_was():
@@ -167,9 +177,12 @@ def _random_weights(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
-def test_a_vit_gains_zero_relative_position_biases_and_computes_the_same():
-    vit = _random_weights(build_vit("vit_tiny", 32, 8, 3, depth=2, embed_dim=32, num_heads=2))
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_a_vit_gains_zero_relative_position_biases_and_computes_the_same(qkv_bias):
+    vit = _random_weights(build_vit("vit_tiny", 32, 8, 3, depth=2, embed_dim=32, num_heads=2,
+                                    qkv_bias=qkv_bias))
     beit = vit_with_relative_positions(vit).eval()
+    assert (beit.blocks[0].attn.q_bias is not None) == qkv_bias
     x = torch.randn(2, 3, 32, 32)
     blocks = dict(indices=[0, 1], intermediates_only=True)
     for ours, theirs in zip(vit.forward_intermediates(x, **blocks), beit.forward_intermediates(x, **blocks),

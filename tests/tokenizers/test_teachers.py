@@ -23,7 +23,7 @@ from mimkit.errors import MimkitError
 from mimkit.methods import METHODS
 from mimkit.methods.vqkd import run_encoder
 from mimkit.registry import read_config
-from mimkit.tokenizers.teachers import Teacher, TimmFeatures, load_teacher
+from mimkit.tokenizers.teachers import Teacher, TimmFeatures, _preprocessing, load_teacher
 from mimkit.train.checkpoint_files import Checkpoints
 
 DATA_MEAN, DATA_STD = [0.286], [0.353]  # Fashion-MNIST's normalization: one channel
@@ -177,6 +177,15 @@ def test_timm_model_with_a_local_weights_file(tmp_path, images):
     torch.testing.assert_close(teacher(images), on_grid(tokens, 7), rtol=0, atol=2e-6)
 
 
+def test_a_timm_cnns_classifier_weights_are_left_aside(tmp_path, images):
+    """A CNN's weights file holds its classifier ("fc." in timm's ResNets): the teacher, built headless, loads
+    the rest."""
+    cnn = timm.create_model("resnet10t", num_classes=10)
+    save_file(cnn.state_dict(), tmp_path / "resnet.safetensors")
+    teacher = load_teacher(f"timm:resnet10t:{tmp_path / 'resnet.safetensors'}", 7, DATA_MEAN, DATA_STD)
+    assert teacher.dim == cnn.num_features and teacher(images).shape == (len(images), 49, cnn.num_features)
+
+
 def test_a_timm_feature_map_is_channels_first_whether_the_model_gives_nhwc_or_nchw():
     """A Swin's `forward_features` is (B, h, w, D) (its ``output_fmt`` NHWC), a CNN's (B, D, h, w): both
     become a (B, D, h, w) grid, without a [CLS] feature."""
@@ -191,6 +200,16 @@ def test_a_timm_feature_map_is_channels_first_whether_the_model_gives_nhwc_or_nc
             cls, grid = TimmFeatures(model)(x)
             assert cls is None and grid.shape[1] == model.num_features
             torch.testing.assert_close(grid, channels_first)
+
+
+@pytest.mark.parametrize("processor, size", [
+    ({"crop_size": {"height": 40, "width": 40}}, 40), ({"crop_size": {"shortest_edge": 24}}, 24),
+    ({"crop_size": 36}, 36), ({}, 32),  # no processor file: the config's image size
+])
+def test_the_input_size_is_the_processors_crop_else_the_configs_image_size(tmp_path, processor, size):
+    if processor:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
+    assert _preprocessing(tmp_path, {"image_size": 32}, [0.5], [0.5]) == (size, [0.5], [0.5])
 
 
 @pytest.mark.parametrize("spec, match", [

@@ -1,6 +1,8 @@
 """VQ-KD: shapes, the loss, the straight-through gradient, and a short Fashion-MNIST run that fills the
 codebook and moves toward the teacher."""
 
+from types import SimpleNamespace
+
 import pytest
 import timm
 import torch
@@ -150,10 +152,12 @@ def test_straight_through_gradient_reaches_the_encoder():
 
 
 def test_config_rebuilds_the_model():
-    model = tiny(dead_after=None)
+    model = tiny(dead_after=None, decay=0.9, commitment=0.5, kmeans_iters=0)
     rebuilt = VQKD(**model.config)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in
                                                                       model.state_dict().items()}
+    q = rebuilt.quantize  # the quantizer's settings too, none at its default
+    assert (q.decay, q.commitment, q.kmeans_iters, q.dead_after) == (0.9, 0.5, 0, None)
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +296,20 @@ def test_the_teacher_is_told_the_datas_normalization_and_the_patch_grid(monkeypa
     finally:
         vqkd_method._load_teacher.cache_clear()
     assert calls == [("runs/some-mae", 7, (0.2,), (0.3,))]
+
+
+@pytest.mark.parametrize("teacher_dim", [None, 24, 32])
+def test_the_teachers_width_is_written_into_the_run_and_another_width_refused(monkeypatch, teacher_dim):
+    """A new run takes its teacher's width; a resumed run trained on a teacher of another width is refused."""
+    monkeypatch.setattr(vqkd_method, "teacher_of", lambda config: SimpleNamespace(dim=24))  # its width only
+    given = [f"vqkd.teacher_dim={teacher_dim}"] if teacher_dim else []
+    overrides = parse_overrides(["vqkd.teacher=runs/mae", *given])
+    config = read_config(merge(load_recipe("vqkd_fmnist"), overrides))
+    if teacher_dim == 32:
+        with pytest.raises(MimkitError, match="gives 24-d features; this run was trained on a 32-d teacher"):
+            vqkd_method.resolve_config(config)
+    else:
+        assert vqkd_method.resolve_config(config).settings.teacher_dim == 24
 
 
 @pytest.mark.parametrize("has_val", [True, False])
