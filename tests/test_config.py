@@ -64,6 +64,8 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ({"optim": {"lrr": 1}}, "unknown config key 'optim.lrr'"),
     ({"train": {"epochs": "many"}}, "'train.epochs' must be int"),
     ({"optim": {"base_lr": "fast"}}, "'optim.base_lr' must be a number"),
+    ({"optim": {"base_lr": True}}, "'optim.base_lr' must be a number, got True"),  # not 1.0
+    ({"train": {"epochs": True}}, "'train.epochs' must be int, got True"),
     ({"train": 3}, "'train' must be a mapping"),
     ({"mae": {"mask_ratoi": 0.5}}, "unknown config key 'mae.mask_ratoi'; known: mask_ratio, norm_pix_loss"),
     ({"method": "beit", "beit": 3}, "'beit' must be a mapping"),
