@@ -374,6 +374,9 @@ def test_thread_defaults_leave_what_the_user_set():
     environ = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "4"}
     set_thread_defaults(environ, cpus=1)
     assert environ == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "4"}
+    environ = {}
+    set_thread_defaults(environ, cpus=os.cpu_count())  # every CPU usable: OpenMP's own default is right
+    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @pytest.mark.slow

@@ -176,3 +176,13 @@ def test_the_best_weights_are_kept_with_their_step_metric_and_value_in_a_new_fol
     kept = nn.Linear(2, 1)
     load_weights(kept, store.best_path)
     assert torch.equal(kept.weight, model.weight) and torch.equal(kept.bias, model.bias)
+
+
+def test_when_no_checkpoint_loads_the_error_names_the_newest_ones_failure(tmp_path):
+    store = Checkpoints(tmp_path)
+    for step in (1, 2):
+        store.save(step, nn.Linear(2, 1), {"step": step})
+        store.weights_path(step).write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="skipping checkpoint step"), pytest.raises(
+            MimkitError, match=r"none of the 2 checkpoints .*\(newest: cannot read weights '.*step-2\.safetensors'"):
+        store.resume(nn.Linear(2, 1))
