@@ -279,6 +279,23 @@ def test_a_trained_run_resumes_with_its_length_or_upkeep_changed(tmp_path, chang
     assert config_path(run).read_text() == text
 
 
+FINETUNE_RUN = FinetuneConfig(encoder="runs/mae", encoder_config=to_dict(read_config({"method": "mae"})))
+
+
+@pytest.mark.parametrize("kind, saved, resumed", [
+    ("finetune", FinetuneConfig(**{**vars(FINETUNE_RUN), "eval_batch_size": 8}), FINETUNE_RUN),
+    ("tokenizer", read_config({"method": "vqkd"}), read_config({"method": "vqkd", "vqkd": {"eval_images": 7}})),
+], ids=["eval_batch_size", "vqkd.eval_images"])
+def test_a_trained_run_resumes_with_its_kinds_or_methods_upkeep_changed(tmp_path, kind, saved, resumed):
+    """Beside `RESUMABLE_CHANGES`' sections every run has: an evaluation's batch (``eval_batch_size``) and a
+    method's own upkeep (`mimkit.registry.Method.resumable`: VQ-KD's held-out image count)."""
+    run = make_run(tmp_path / "run", "lock")
+    save_run_config(run, kind, saved)
+    text = config_path(run).read_text()
+    keep_config(run, resumed, kind, 1)
+    assert config_path(run).read_text() == text
+
+
 @pytest.mark.parametrize("change", [{"train": {"seed": 9}}, {"train": {"batch_size": 9}},
                                     {"train": {"accum_steps": 2}}, {"data": {"img_size": 16}},
                                     {"optim": {"weight_decay": 0.1}}, {"model": {"patch_size": 2}}],
