@@ -96,6 +96,17 @@ def test_the_lock_holds_this_process_pid_alone(tmp_path):
         assert (run / LOCK).read_text() == f"{os.getpid()}\n"
 
 
+def test_a_lock_file_that_is_a_symbolic_link_is_refused_and_its_target_untouched(tmp_path):
+    victim, run = tmp_path / "victim.txt", tmp_path / "run"
+    victim.write_text("mine")
+    run.mkdir()
+    (run / LOCK).symlink_to(victim)
+    with pytest.raises(MimkitError, match=r"^'.*run\.lock' is a symbolic link, not the run's lock file; "
+                                          "remove it$"), hold_run_dir(run):
+        pass
+    assert victim.read_text() == "mine"
+
+
 def test_a_weights_file_beside_the_config_belongs_to_that_run(tmp_path):
     """A checkpoint inside ``checkpoints/`` belongs to the folder above; one beside ``config.yaml`` (copied
     there, or an imported file) to the folder it is in."""
