@@ -194,7 +194,8 @@ def test_a_library_call_neither_resizes_nor_lists_the_folder_again_unless_asked(
     assert fitted.config.model.patch_size == fitted.facts["size_hint"]["model.patch_size"] != MAE_PATCH
 
 
-def test_auto_size_is_refused_for_a_run_with_checkpoints_and_said_only_where_it_applies(monkeypatch, tmp_path):
+def test_auto_size_is_refused_for_a_run_with_checkpoints_and_said_only_where_it_applies(monkeypatch,
+                                                                                       tmp_path):
     folder, out = image_folder(tmp_path / "images", 16, 4), tmp_path / "run"
     Checkpoints(out).save(1, folder_job(monkeypatch, folder, out, 64).model, {"step": 1})
     with pytest.raises(MimkitError, match="--auto-size would change the image and patch size of the run in "

@@ -295,7 +295,8 @@ FINETUNE_RUN = FinetuneConfig(encoder="runs/mae", encoder_config=to_dict(read_co
 
 @pytest.mark.parametrize("kind, saved, resumed", [
     ("finetune", FinetuneConfig(**{**vars(FINETUNE_RUN), "eval_batch_size": 8}), FINETUNE_RUN),
-    ("tokenizer", read_config({"method": "vqkd"}), read_config({"method": "vqkd", "vqkd": {"eval_images": 7}})),
+    ("tokenizer", read_config({"method": "vqkd"}),
+     read_config({"method": "vqkd", "vqkd": {"eval_images": 7}})),
 ], ids=["eval_batch_size", "vqkd.eval_images"])
 def test_a_trained_run_resumes_with_its_kinds_or_methods_upkeep_changed(tmp_path, kind, saved, resumed):
     """Beside `RESUMABLE_CHANGES`' sections every run has: an evaluation's batch (``eval_batch_size``) and a

@@ -205,7 +205,8 @@ def hold_run_dir(run_dir: str | Path, enabled: bool = True) -> Iterator[HeldRun]
     except OSError as err:  # O_NOFOLLOW: a link is never followed, the PID would overwrite its target
         if err.errno != errno.ELOOP:
             raise
-        raise MimkitError(f"'{run_dir / LOCK}' is a symbolic link, not the run's lock file; remove it") from None
+        raise MimkitError(f"'{run_dir / LOCK}' is a symbolic link, not the run's lock file; "
+                          "remove it") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -184,8 +184,8 @@ def test_when_no_checkpoint_loads_the_error_names_the_newest_ones_failure(tmp_pa
     for step in (1, 2):
         store.save(step, nn.Linear(2, 1), {"step": step})
         store.weights_path(step).write_bytes(b"damaged")
-    with pytest.warns(UserWarning, match="skipping checkpoint step"), pytest.raises(
-            MimkitError, match=r"none of the 2 checkpoints .*\(newest: cannot read weights '.*step-2\.safetensors'"):
+    newest = r"none of the 2 checkpoints .*\(newest: cannot read weights '.*step-2\.safetensors'"
+    with pytest.warns(UserWarning, match="skipping checkpoint"), pytest.raises(MimkitError, match=newest):
         store.resume(nn.Linear(2, 1))
 
 
