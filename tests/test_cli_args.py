@@ -293,6 +293,8 @@ def test_a_segmentation_folder_gets_the_recipe_of_its_size(monkeypatch, tmp_path
 def test_a_pretraining_folder_gets_the_recipe_of_its_size(monkeypatch, tmp_path, method, count, recipe):
     monkeypatch.setattr("mimkit.data.sources.count_images", lambda data, stop_after: count)
     assert cli.default_recipe(method, str(tmp_path)) == recipe
+    monkeypatch.setenv("HOME", str(tmp_path.parent))
+    assert cli.default_recipe(method, f"~/{tmp_path.name}") == recipe  # a folder under the home directory
     assert cli.default_recipe(method, "synthetic:8") == f"{method}_fmnist"
     assert cli.default_recipe(method, str(tmp_path / "not-a-folder")) == f"{method}_in1k"
 
