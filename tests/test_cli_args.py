@@ -67,6 +67,15 @@ def test_pretrain_passes_its_flags_into_the_configuration_and_the_run(calls, tmp
     assert "line one\nline two\n" in printed and f"run directory: {out}  (step 7;" in printed
 
 
+def test_pretrain_trains_the_method_it_names_whatever_recipe_it_reads(calls, tmp_path):
+    """A recipe written for another method (``--config mae_fmnist``) gives its settings, not its method."""
+    calls.record("mimkit.pretrain", "run_pretraining", SUMMARY)
+    assert cli.main(["pretrain", "simmim", "--config", "mae_fmnist", "--data", "synthetic:8",
+                     "--out", str(tmp_path / "run")]) == 0
+    config = calls.only.args[0]
+    assert config.method == "simmim" and config.train.epochs == load_recipe("mae_fmnist")["train"]["epochs"]
+
+
 def test_pretrain_without_flags_keeps_the_recipes_settings(calls, tmp_path):
     calls.record("mimkit.pretrain", "run_pretraining", SUMMARY)
     assert cli.main(["pretrain", "mae", "--out", str(tmp_path / "run"), "--max-steps", "5"]) == 0
