@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 import mimkit.runner
 import mimkit.runs
 from mimkit.cli import main
-from mimkit.config import TrainConfig
+from mimkit.config import PretrainConfig, TrainConfig
 from mimkit.errors import MimkitError
 from mimkit.runner import Job
 from mimkit.runs import LOCK
 from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import World
+from mimkit.train.optim import param_groups
 from tests.conftest import TINY_MAE_KWARGS
 from tests.eval.test_segment import QUICK as QUICK_SEGMENT
 from tests.eval.test_segment import write_layout
@@ -258,12 +259,8 @@ def test_gradient_checkpointing_of_a_job_without_vit_blocks_is_one_line(checkpoi
         mimkit.runner.run_job(None, job)
 
 
-
 def tiny_job() -> Job:
     """A pretraining job of a linear model, for the runner's own steps (its loop is `Captured`)."""
-    from mimkit.config import PretrainConfig
-    from mimkit.train.optim import param_groups
-
     model = torch.nn.Linear(2, 2)
     return Job("pretraining", PretrainConfig(), model, None, None, param_groups(model, 0), (0.9, 0.95),
                SimpleNamespace(schedule=None), 0, 0, "a test job", ["data      two points"])

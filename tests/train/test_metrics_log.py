@@ -1,13 +1,18 @@
-"""The run's metrics log: records written, read back, and forgotten past a resumed step."""
+"""The run's metrics log: records written, read back, and forgotten past a resumed step; the records
+`ProgressLog` writes as a run goes."""
 
 import json
 import sys
 import types
 
 import pytest
+import torch
 
 from mimkit.errors import MimkitError
+from mimkit.train import progress
+from mimkit.train.distributed import World
 from mimkit.train.metrics_log import MetricsLog, read_metrics
+from mimkit.train.progress import ProgressLog
 
 
 def logged(run_dir, steps: int):
@@ -86,14 +91,8 @@ def test_progress_records_every_log_every_steps_and_the_last_with_the_speed_sinc
                                                                                                monkeypatch):
     """`ProgressLog`: records at steps 2 and 4 (log_every 2) and at the last, 5; the speed is the images of
     every step since the previous record over its time; an evaluation's record gives its epoch too."""
-    import torch
-
-    from mimkit.train import progress
-    from mimkit.train.distributed import World
-    from mimkit.train.progress import ProgressLog
-
     clock = iter([0.0, 0.0, 1.0, 2.0, 2.5])  # created, entered, then at each record
-    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     log = ProgressLog(MetricsLog(tmp_path), World(0, 1, torch.device("cpu")), total_steps=5, start_step=0,
                       log_every=2, images_per_step=8, steps_per_epoch=4, desc="test")
     with log:
