@@ -67,6 +67,15 @@ def test_pretrain_passes_its_flags_into_the_configuration_and_the_run(calls, tmp
     assert "line one\nline two\n" in printed and f"run directory: {out}  (step 7;" in printed
 
 
+def test_pretrain_trains_the_method_it_names_whatever_recipe_it_reads(calls, tmp_path):
+    """A recipe written for another method (``--config mae_fmnist``) gives its settings, not its method."""
+    calls.record("mimkit.pretrain", "run_pretraining", SUMMARY)
+    assert cli.main(["pretrain", "simmim", "--config", "mae_fmnist", "--data", "synthetic:8",
+                     "--out", str(tmp_path / "run")]) == 0
+    config = calls.only.args[0]
+    assert config.method == "simmim" and config.train.epochs == load_recipe("mae_fmnist")["train"]["epochs"]
+
+
 def test_pretrain_without_flags_keeps_the_recipes_settings(calls, tmp_path):
     calls.record("mimkit.pretrain", "run_pretraining", SUMMARY)
     assert cli.main(["pretrain", "mae", "--out", str(tmp_path / "run"), "--max-steps", "5"]) == 0
@@ -293,6 +302,8 @@ def test_a_segmentation_folder_gets_the_recipe_of_its_size(monkeypatch, tmp_path
 def test_a_pretraining_folder_gets_the_recipe_of_its_size(monkeypatch, tmp_path, method, count, recipe):
     monkeypatch.setattr("mimkit.data.sources.count_images", lambda data, stop_after: count)
     assert cli.default_recipe(method, str(tmp_path)) == recipe
+    monkeypatch.setenv("HOME", str(tmp_path.parent))
+    assert cli.default_recipe(method, f"~/{tmp_path.name}") == recipe  # a folder under the home directory
     assert cli.default_recipe(method, "synthetic:8") == f"{method}_fmnist"
     assert cli.default_recipe(method, str(tmp_path / "not-a-folder")) == f"{method}_in1k"
 

@@ -64,6 +64,10 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ({"optim": {"lrr": 1}}, "unknown config key 'optim.lrr'"),
     ({"train": {"epochs": "many"}}, "'train.epochs' must be int"),
     ({"optim": {"base_lr": "fast"}}, "'optim.base_lr' must be a number"),
+    ({"optim": {"base_lr": True}}, "'optim.base_lr' must be a number, got True"),  # not 1.0
+    ({"train": {"epochs": True}}, "'train.epochs' must be int, got True"),
+    ({"train": {"log_every": 0}}, "'train.log_every' must be at least 1, got 0"),  # it divides the step
+    ({"optim": {"betas": [0.9]}}, r"'optim.betas' must be a list of 2 values, got \[0.9\]"),
     ({"train": 3}, "'train' must be a mapping"),
     ({"mae": {"mask_ratoi": 0.5}}, "unknown config key 'mae.mask_ratoi'; known: mask_ratio, norm_pix_loss"),
     ({"method": "beit", "beit": 3}, "'beit' must be a mapping"),
@@ -84,6 +88,8 @@ def test_bad_values_name_the_key(values, message):
     (lambda: check_range("x", float("inf"), 0), "x must be a finite number at least 0, got inf"),
     (lambda: check_crop_scale("simmim", (0.5, 0.4)),
      r"config 'simmim.crop_scale' must be 0 < low <= high <= 1, got \[0.5, 0.4\]"),
+    (lambda: check_crop_scale("simmim", (0.5, 1.5)),
+     r"config 'simmim.crop_scale' must be 0 < low <= high <= 1, got \[0.5, 1.5\]"),
 ])
 def test_a_number_out_of_range_is_refused_saying_what_is_allowed(check, message):
     with pytest.raises(MimkitError, match=f"^{message}$"):
@@ -251,6 +257,8 @@ def test_differences_are_listed_leaf_by_leaf_and_merge_goes_deep():
 def test_config_files_and_recipes_are_one_line_errors(tmp_path):
     with pytest.raises(MimkitError, match="config file '.*missing.yaml' does not exist"):
         load_recipe(str(tmp_path / "missing.yaml"))
+    with pytest.raises(MimkitError, match="config file '.*missing.yml' does not exist"):
+        load_recipe(str(tmp_path / "missing.yml"))
     with pytest.raises(MimkitError, match="unknown recipe 'mae_fmnsit'; packaged recipes: .*mae_fmnist"):
         load_recipe("mae_fmnsit")
     bad = tmp_path / "bad"
@@ -272,3 +280,12 @@ def test_a_method_without_settings_of_its_own_refuses_a_section_under_its_name()
     assert config.method == "plain" and config.train.seed == 3 and config.settings is None
     with pytest.raises(MimkitError, match="unknown config key 'plain': the plain method has no settings"):
         pretrain_from_dict({"method": "plain", "plain": {"mask_ratio": 0.5}}, settings=None)
+
+
+def test_one_normalization_value_serves_every_channel():
+    data = DataConfig(channels=3, mean=[0.5], std=[0.25])  # the same for each channel
+    assert (data.mean, data.std) == ([0.5], [0.25])
+    with pytest.raises(MimkitError, match="'data.std' has 2 values for 3 channels"):
+        DataConfig(channels=3, std=[0.25, 0.25])
+    with pytest.raises(MimkitError, match="'data.std' must be positive"):
+        DataConfig(std=[0.25, 0.0, 0.25])  # a zero divides by zero

@@ -75,13 +75,14 @@ def test_a_large_write_is_refused_before_it_starts_on_a_disk_without_room(tmp_pa
 
 def test_only_the_hidden_temporaries_of_killed_writers_are_removed(tmp_path):
     kept = ["notes.tmp", "model.safetensors", ".hidden", "tmp.txt"]
-    removed = [".model.safetensors.k3j2.tmp", ".tmpX7b2Qz", ".link.tmp"]
+    removed = [".model.safetensors.k3j2.tmp", ".tmpX7b2Qz", ".link.tmp", ".dangling.tmp"]
     for name in kept + removed[:2]:
         (tmp_path / name).write_text("x")
     (tmp_path / ".tmpdir").mkdir()  # a folder is never removed
     victim = tmp_path / "victim.txt"
     victim.write_text("mine")
     (tmp_path / ".link.tmp").symlink_to(victim)
+    (tmp_path / ".dangling.tmp").symlink_to(tmp_path / "gone")  # a link to nothing is not a file
     remove_temporaries(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted([*kept, ".tmpdir", "victim.txt"])
     assert victim.read_text() == "mine"

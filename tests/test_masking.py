@@ -48,6 +48,8 @@ def test_default_min_block_scales_with_grid_area():
     assert default_min_block(14, 14) == 16
     assert default_min_block(7, 7) == 4
     assert default_min_block(2, 2) == 1
+    assert default_min_block(6, 6) == 3 and default_min_block(4, 6) == 2  # 2.94 and 1.96 round up
+    assert default_min_block(8, 8) == 5  # 5.22 rounds down
 
 
 @pytest.mark.parametrize("num_masked", [0, 1, 147, 196])

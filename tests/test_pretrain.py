@@ -21,6 +21,7 @@ from mimkit.errors import MimkitError
 from mimkit.pretrain import resolve_data, visualize_pretraining
 from mimkit.registry import method_of, read_config
 from mimkit.runs import load_config, load_run, load_trained
+from mimkit.train.checkpoint_files import Checkpoints
 from tests.conftest import TINY_MAE_KWARGS, jpeg, photo, write_idx
 from tests.test_job_settings import MAE_MODEL, job_of
 
@@ -134,6 +135,7 @@ def test_a_pretraining_job_carries_its_methods_hooks(monkeypatch, tmp_path, mae_
     values = {"method": method, "data": {"source": "synthetic:16", "num_workers": 0}, "model": model,
               "train": {"batch_size": 4, "max_steps": 6}, method: settings}
     job = job_of(monkeypatch, pretrain, pretrain.run_pretraining, read_config(values), tmp_path / "run")
+    assert job.kind == ("pretraining" if method == "data2vec" else "tokenizer")  # what its config.yaml says
     record = method_of(method)
     if record.schedule_values:
         assert job.plan.schedule.values == record.schedule_values(job.config, 6)
@@ -190,6 +192,18 @@ def test_a_library_call_neither_resizes_nor_lists_the_folder_again_unless_asked(
     fitted = folder_job(monkeypatch, folder, tmp_path / "auto", 64, auto_size=True)
     assert fitted.config.data.img_size == 16 and fitted.facts["auto_size"]
     assert fitted.config.model.patch_size == fitted.facts["size_hint"]["model.patch_size"] != MAE_PATCH
+
+
+def test_auto_size_is_refused_for_a_run_with_checkpoints_and_said_only_where_it_applies(monkeypatch,
+                                                                                       tmp_path):
+    folder, out = image_folder(tmp_path / "images", 16, 4), tmp_path / "run"
+    Checkpoints(out).save(1, folder_job(monkeypatch, folder, out, 64).model, {"step": 1})
+    with pytest.raises(MimkitError, match="--auto-size would change the image and patch size of the run in "
+                                          ".*which has checkpoints"):
+        folder_job(monkeypatch, folder, out, 64, auto_size=True)
+    fits = folder_job(monkeypatch, folder, tmp_path / "fits", 16, auto_size=True)  # nothing to fit
+    assert fits.config.data.img_size == 16 and not fits.facts["size_hint"] and not fits.facts["auto_size"]
+    assert not any(line.startswith("auto-size") for line in fits.summary)
 
 
 def test_a_large_jpeg_is_decoded_at_three_times_the_image_size_and_data_max_image_pixels_applies(

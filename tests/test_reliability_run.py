@@ -89,6 +89,7 @@ def test_bad_numbers_are_one_line_errors(tmp_path, capsys, args, message):
     (["linprobe", "--weight-decay", "inf"], "--weight-decay must be a finite number at least 0, got inf"),
     (["linprobe", "--val-fraction", "-0.1"], "(--val-fraction) must be in [0, 1), got -0.1"),
     (["linprobe", "--label-fraction", "nan"], "(--label-fraction) must be a finite number in (0, 1]"),
+    (["knn", "--label-fraction", "0"], "(--label-fraction) must be in (0, 1], got 0.0"),  # not all labels
     (["knn", "--k", "0"], "--k must be at least 1, got 0"),
     (["knn", "--temperature", "inf"], "--temperature must be a finite number above 0, got inf"),
     (["knn", "--num-workers", "-1"], "--num-workers must be at least 0, got -1"),
@@ -374,6 +375,9 @@ def test_thread_defaults_leave_what_the_user_set():
     environ = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "4"}
     set_thread_defaults(environ, cpus=1)
     assert environ == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "4"}
+    environ = {}
+    set_thread_defaults(environ, cpus=os.cpu_count())  # every CPU usable: OpenMP's own default is right
+    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @pytest.mark.slow

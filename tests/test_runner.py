@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 import mimkit.runner
 import mimkit.runs
 from mimkit.cli import main
-from mimkit.config import TrainConfig
+from mimkit.config import PretrainConfig, TrainConfig
 from mimkit.errors import MimkitError
 from mimkit.runner import Job
 from mimkit.runs import LOCK
 from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import World
+from mimkit.train.optim import param_groups
 from tests.conftest import TINY_MAE_KWARGS
 from tests.eval.test_segment import QUICK as QUICK_SEGMENT
 from tests.eval.test_segment import write_layout
@@ -246,12 +247,41 @@ def test_only_the_main_process_holds_the_run_and_writes_its_records(tmp_path, mo
         assert not run.dir.exists()  # (a run that wrote nothing leaves nothing: checked while it is held)
 
 
-def test_gradient_checkpointing_of_a_job_without_vit_blocks_is_one_line():
-    """A kind whose job names no module to checkpoint refuses ``train.grad_checkpointing`` before anything
-    is built or written."""
+@pytest.mark.parametrize("checkpointed", [None, torch.nn.Linear(2, 2)], ids=["none", "no ViT blocks"])
+def test_gradient_checkpointing_of_a_job_without_vit_blocks_is_one_line(checkpointed):
+    """A kind whose job names no module to checkpoint, or one that cannot, refuses
+    ``train.grad_checkpointing`` before anything is built or written."""
     config = SimpleNamespace(train=TrainConfig(grad_checkpointing=True))
     job = Job("test", config, torch.nn.Linear(2, 2), None, None, [], (0.9, 0.95), None, 0, 0, "a test job",
-              [])
+              [], checkpointed=checkpointed)
     with pytest.raises(MimkitError, match="^train.grad_checkpointing is not available for a test job; it "
                                           "checkpoints ViT blocks$"):
         mimkit.runner.run_job(None, job)
+
+
+def tiny_job() -> Job:
+    """A pretraining job of a linear model, for the runner's own steps (its loop is `Captured`)."""
+    model = torch.nn.Linear(2, 2)
+    return Job("pretraining", PretrainConfig(), model, None, None, param_groups(model, 0), (0.9, 0.95),
+               SimpleNamespace(schedule=None), 0, 0, "a test job", ["data      two points"])
+
+
+def test_the_summary_and_its_engine_line_go_to_the_given_report_only(tmp_path, monkeypatch, caplog):
+    Captured(monkeypatch)
+    reports = []
+    with caplog.at_level("INFO", logger="mimkit"), mimkit.runner.open_run(tmp_path / "run") as run:
+        mimkit.runner.run_job(run, tiny_job(), reports.append)
+    assert len(reports) == 1 and reports[0][0] == "data      two points"
+    assert reports[0][1].startswith("engine    cpu, 1 process, fp32") and not caplog.records
+
+
+def test_a_trained_runs_configuration_is_checked_at_its_newest_step(tmp_path, monkeypatch):
+    Captured(monkeypatch)
+    job = tiny_job()
+    mimkit.runs.save_run_config(tmp_path, job.kind, job.config)
+    Checkpoints(tmp_path).save(3, job.model, {"step": 3})
+    kept = []  # (run, config, kind, step, force) of each configuration check
+    monkeypatch.setattr(mimkit.runs, "keep_config", lambda *args: kept.append(args))
+    with mimkit.runner.open_run(tmp_path) as run:
+        mimkit.runner.run_job(run, job, lambda lines: None)
+    assert [(kind, step) for _, _, kind, step, _ in kept] == [("pretraining", 3)]

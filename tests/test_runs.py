@@ -96,6 +96,17 @@ def test_the_lock_holds_this_process_pid_alone(tmp_path):
         assert (run / LOCK).read_text() == f"{os.getpid()}\n"
 
 
+def test_a_lock_file_that_is_a_symbolic_link_is_refused_and_its_target_untouched(tmp_path):
+    victim, run = tmp_path / "victim.txt", tmp_path / "run"
+    victim.write_text("mine")
+    run.mkdir()
+    (run / LOCK).symlink_to(victim)
+    with pytest.raises(MimkitError, match=r"^'.*run\.lock' is a symbolic link, not the run's lock file; "
+                                          "remove it$"), hold_run_dir(run):
+        pass
+    assert victim.read_text() == "mine"
+
+
 def test_a_weights_file_beside_the_config_belongs_to_that_run(tmp_path):
     """A checkpoint inside ``checkpoints/`` belongs to the folder above; one beside ``config.yaml`` (copied
     there, or an imported file) to the folder it is in."""
@@ -276,6 +287,24 @@ def test_a_trained_run_resumes_with_its_length_or_upkeep_changed(tmp_path, chang
     configuration compared, not rewritten."""
     run, text = trained_mae_run(tmp_path)
     keep_config(run, read_config(changed_mae_values(change)), "pretraining", 1)
+    assert config_path(run).read_text() == text
+
+
+FINETUNE_RUN = FinetuneConfig(encoder="runs/mae", encoder_config=to_dict(read_config({"method": "mae"})))
+
+
+@pytest.mark.parametrize("kind, saved, resumed", [
+    ("finetune", FinetuneConfig(**{**vars(FINETUNE_RUN), "eval_batch_size": 8}), FINETUNE_RUN),
+    ("tokenizer", read_config({"method": "vqkd"}),
+     read_config({"method": "vqkd", "vqkd": {"eval_images": 7}})),
+], ids=["eval_batch_size", "vqkd.eval_images"])
+def test_a_trained_run_resumes_with_its_kinds_or_methods_upkeep_changed(tmp_path, kind, saved, resumed):
+    """Beside `RESUMABLE_CHANGES`' sections every run has: an evaluation's batch (``eval_batch_size``) and a
+    method's own upkeep (`mimkit.registry.Method.resumable`: VQ-KD's held-out image count)."""
+    run = make_run(tmp_path / "run", "lock")
+    save_run_config(run, kind, saved)
+    text = config_path(run).read_text()
+    keep_config(run, resumed, kind, 1)
     assert config_path(run).read_text() == text
 
 

@@ -68,9 +68,10 @@ def test_files_that_are_not_checkpoints(tmp_path):
     (tmp_path / "w.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(MimkitError, match="not a valid safetensors file"):
         load_tensors(tmp_path / "w.safetensors")
-    torch.save({"epoch": 3}, tmp_path / "empty.pth")
-    with pytest.raises(MimkitError, match="holds no state dict"):
-        load_tensors(tmp_path / "empty.pth")
+    for nothing in ({"epoch": 3}, {}, {"model": {}}):  # an empty dict holds no weights
+        torch.save(nothing, tmp_path / "empty.pth")
+        with pytest.raises(MimkitError, match="holds no state dict"):
+            load_tensors(tmp_path / "empty.pth")
     with pytest.raises(MimkitError, match="does not exist"):
         load_tensors(tmp_path / "missing.pth")
 

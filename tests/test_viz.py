@@ -292,6 +292,8 @@ def test_a_plotted_line_spans_its_steps_and_stays_below_the_top():
     assert colour_count(plot, "darkorange") == 0
     held_out = accuracy_by_depth_plot([r | {"val_top1": 10.0} for r in rows], "t")
     assert colour_count(held_out, "darkorange") > 0
+    some = accuracy_by_depth_plot([r | {"val_top1": 10.0} if r["layer"] < 3 else r for r in rows], "t")
+    assert colour_count(some, "darkorange") == 0  # a held-out line only where every block has one
 
 
 def test_seg_palette_is_pascal_vocs_colour_map():

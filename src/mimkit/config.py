@@ -181,13 +181,14 @@ def _coerce(value, hint, key: str):
         if not isinstance(value, (list, tuple)):
             raise MimkitError(f"config '{key}' must be a list, got {value!r}")
         return [_coerce(v, typing.get_args(hint)[0], key) for v in value]
-    if hint is float and not isinstance(value, bool):
+    if isinstance(value, bool) and hint in (int, float):  # YAML's true is no number, though Python's is 1
+        raise MimkitError(f"config '{key}' must be {'a number' if hint is float else 'int'}, got {value!r}")
+    if hint is float:
         try:  # YAML reads 1e-3 (no dot) as a string
             return float(value)
         except (TypeError, ValueError):
             raise MimkitError(f"config '{key}' must be a number, got {value!r}") from None
-    wrong_type = hint in (int, str, bool, dict) and not isinstance(value, hint)
-    if wrong_type or (hint is int and isinstance(value, bool)):
+    if hint in (int, str, bool, dict) and not isinstance(value, hint):
         raise MimkitError(f"config '{key}' must be {hint.__name__}, got {value!r}")
     return value
 

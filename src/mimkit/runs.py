@@ -10,6 +10,7 @@ summary (what it reads and how it runs); ``<run>/`FILE_LIST``` the files of a fo
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -197,9 +198,15 @@ def hold_run_dir(run_dir: str | Path, enabled: bool = True) -> Iterator[HeldRun]
         raise MimkitError(f"--out '{run_dir}' is a folder that is not a mimkit run (it holds "
                           f"{some_names(run_dir)}); give a new or empty folder")
     made = not run_dir.exists()
-    with explain_write_errors(run_dir / LOCK):  # a read-only or full disk: one line, not a traceback
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        with explain_write_errors(run_dir / LOCK):  # a read-only or full disk: one line, not a traceback
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:  # O_NOFOLLOW: a link is never followed, the PID would overwrite its target
+        if err.errno != errno.ELOOP:
+            raise
+        raise MimkitError(f"'{run_dir / LOCK}' is a symbolic link, not the run's lock file; "
+                          "remove it") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

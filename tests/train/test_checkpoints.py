@@ -5,6 +5,7 @@ up at start) and the files (`mimkit.train.checkpoint_files`: the room a save che
 weights that do not fit in one line). The bit-for-bit resume of a run is `test_loop.py`'s; damaged, partial
 and old-named checkpoints are `tests/test_reliability_data.py`'s."""
 
+import math
 import shutil
 import types
 
@@ -176,3 +177,18 @@ def test_the_best_weights_are_kept_with_their_step_metric_and_value_in_a_new_fol
     kept = nn.Linear(2, 1)
     load_weights(kept, store.best_path)
     assert torch.equal(kept.weight, model.weight) and torch.equal(kept.bias, model.bias)
+
+
+def test_when_no_checkpoint_loads_the_error_names_the_newest_ones_failure(tmp_path):
+    store = Checkpoints(tmp_path)
+    for step in (1, 2):
+        store.save(step, nn.Linear(2, 1), {"step": step})
+        store.weights_path(step).write_bytes(b"damaged")
+    newest = r"none of the 2 checkpoints .*\(newest: cannot read weights '.*step-2\.safetensors'"
+    with pytest.warns(UserWarning, match="skipping checkpoint"), pytest.raises(MimkitError, match=newest):
+        store.resume(nn.Linear(2, 1))
+
+
+def test_a_run_without_best_weights_has_no_best_value_yet(tmp_path):
+    """Not 0: a metric that is never positive (a negated loss) must still keep its first value as the best."""
+    assert checkpointer(tmp_path).best_value() == -math.inf

@@ -57,6 +57,7 @@ def test_param_groups_skip_decay_on_biases_norms_and_tokens():
 def test_layer_ids_follow_depth():
     assert layer_id("encoder.cls_token", 12) == 0
     assert layer_id("encoder.patch_embed.proj.weight", 12) == 0
+    assert layer_id("encoder.rel_pos_bias.relative_position_bias_table", 12) == 0  # BEiT's shared bias
     assert layer_id("encoder.blocks.0.attn.qkv.weight", 12) == 1
     assert layer_id("blocks.11.mlp.fc2.bias", 12) == 12
     assert layer_id("head.weight", 12) == 13

@@ -1,13 +1,18 @@
-"""The run's metrics log: records written, read back, and forgotten past a resumed step."""
+"""The run's metrics log: records written, read back, and forgotten past a resumed step; the records
+`ProgressLog` writes as a run goes."""
 
 import json
 import sys
 import types
 
 import pytest
+import torch
 
 from mimkit.errors import MimkitError
+from mimkit.train import progress
+from mimkit.train.distributed import World
 from mimkit.train.metrics_log import MetricsLog, read_metrics
+from mimkit.train.progress import ProgressLog
 
 
 def logged(run_dir, steps: int):
@@ -80,3 +85,21 @@ def test_numbers_also_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypat
     assert writer.closed
     log.write(5, loss=0.125)
     assert len(FakeWriter.opened) == 2 and FakeWriter.opened[1].scalars == [("loss", 0.125, 5)]
+
+
+def test_progress_records_every_log_every_steps_and_the_last_with_the_speed_since_the_previous(tmp_path,
+                                                                                               monkeypatch):
+    """`ProgressLog`: records at steps 2 and 4 (log_every 2) and at the last, 5; the speed is the images of
+    every step since the previous record over its time; an evaluation's record gives its epoch too."""
+    clock = iter([0.0, 0.0, 1.0, 2.0, 2.5])  # created, entered, then at each record
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    log = ProgressLog(MetricsLog(tmp_path), World(0, 1, torch.device("cpu")), total_steps=5, start_step=0,
+                      log_every=2, images_per_step=8, steps_per_epoch=4, desc="test")
+    with log:
+        for step in range(1, 6):
+            log.step(step, {"loss": torch.tensor(1.0 / step), "lr": 0.1})
+        log.evaluation(4, {"score": 0.5})
+    records = read_metrics(tmp_path)
+    assert [(r["step"], r["epoch"], r["images_per_s"]) for r in records[:3]] == [
+        (2, 0.5, 16.0), (4, 1.0, 16.0), (5, 1.25, 16.0)]
+    assert records[3] == {"step": 4, "epoch": 1.0, "score": 0.5}

@@ -50,6 +50,14 @@ def test_the_plan_ends_on_min_lr_after_its_warmup(schedule):
     assert short.schedule.lr[-1] == 1e-5 and len(short.schedule.lr) == 5
 
 
+def test_the_plan_rounds_a_fractional_warmup_and_carries_the_clipping():
+    # 30 images in batches of 10: 3 steps an epoch, so half an epoch of warmup is 1.5 steps, rounded to 2
+    plan = plan_run(30, 1, TrainConfig(epochs=2, batch_size=10),
+                    OptimConfig(base_lr=0.256, warmup_epochs=0.5, clip_grad=1.5))
+    assert plan.warmup_steps == 2 and plan.schedule.lr[:3] == pytest.approx([0.0, 0.005, 0.01])
+    assert plan.schedule.clip_grad == 1.5
+
+
 def test_poly_decay_and_a_warmup_from_a_start_value_by_hand():
     assert poly_schedule(1.0, 0.0, 5, power=2.0) == pytest.approx([1.0, 0.5625, 0.25, 0.0625, 0.0])
     assert cosine_schedule(1.0, 0.0, 3) == pytest.approx([1.0, 0.5, 0.0])  # no warmup unless asked
