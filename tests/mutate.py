@@ -136,6 +136,7 @@ S8B_FILELIST, S8B_HF, S8B_CROPPY = ("src/mimkit/data/filelist.py", "src/mimkit/d
                                     "src/mimkit/data/crop_decode.py")
 S8B_IDX, S8B_LOADER, S8B_SURVEY = ("src/mimkit/data/idx.py", "src/mimkit/data/loader.py",
                                    "src/mimkit/data/survey.py")
+S8B_VIEWS = "src/mimkit/data/transforms.py"
 PLANTED = [
     Bug("layer decay: the loop ignores lr_scale", "src/mimkit/train/step.py",
         'group["lr"] = lr * group.get("lr_scale", 1.0)', 'group["lr"] = lr',
@@ -2194,6 +2195,13 @@ PLANTED = [
         "side = min(facts.median)", "side = max(facts.median)", S8B_DATA),
     Bug("s8b: survey: images of exactly half the size get no hint", S8B_SURVEY,
         "side > img_size / 2", "side >= img_size / 2", S8B_DATA),
+    Bug("s8b: transforms: BEiT's crops never wider than tall", S8B_VIEWS,
+        "ratio = (3 / 4, 4 / 3)", "ratio = (3 / 4, 1.0)", S8B_DATA),
+    Bug("s8b: transforms: BEiT's color jitter leaves saturation alone", S8B_VIEWS,
+        "v2.ColorJitter(color_jitter, color_jitter, color_jitter)",
+        "v2.ColorJitter(color_jitter, color_jitter)", S8B_DATA),
+    Bug("s8b: transforms: a denormalized overshoot left above 1", S8B_VIEWS,
+        "return (x * std + mean).clamp(0, 1)", "return x * std + mean", S8B_DATA),
     Bug("s8b: layouts: images/ + masks/ val masks read from masks/train", LAYOUTS_PY,
         'root / "masks" / split, image_folder)', 'root / "masks" / "train", image_folder)', S8B_DATA),
     Bug("s8b: layouts: ADE20K val masks read from annotations/training", LAYOUTS_PY,
