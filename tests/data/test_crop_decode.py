@@ -179,6 +179,7 @@ def test_the_first_exif_blocks_orientation_counts_as_pillow_reads_it():
     assert torch.equal(crop_decode(data, "RGB", lambda h, w: box, MAX_IMAGE_PIXELS),
                        decode_then_crop(data, "RGB", box))
 
+
 class _DecodedFirst(torch.utils.data.Dataset):
     """The source without crop decoding: whole images decoded, as before crop decoding existed."""
 

@@ -117,6 +117,7 @@ def test_plain_integer_labels_are_their_classes_and_an_image_cell_may_hold_a_pat
     assert source.info.classes == ["0", "1", "2"] and source.labels == [0, 2, 1]
     assert torch.equal(source[1][0], png(pictures(3)[1]))
 
+
 def test_bad_row_is_named_and_skipped(tmp_path):
     rows = [{"bytes": png_bytes, "path": None} for png_bytes in
             [image_bytes(p) for p in pictures(4)]]

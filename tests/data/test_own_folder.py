@@ -198,6 +198,7 @@ def test_the_survey_orders_sizes_by_area_and_takes_each_sides_median_and_the_hin
 def test_images_of_half_the_size_get_a_hint():
     assert size_hint(224, facts_with_median(112)) == {"data.img_size": 112, "model.patch_size": 16}
 
+
 def test_size_hint_printed_and_auto_size_applied(tmp_path, capsys):
     data = tmp_path / "imgs"
     write_images(data, 8)

@@ -567,7 +567,6 @@ def test_train_view_rescales_by_its_ratio():
     assert torch.equal(out, expected) or torch.equal(out, expected.flip(-1))
 
 
-
 def test_the_train_views_ratios_span_half_to_twice_the_scale_by_default():
     """mmseg's ratio_range (0.5, 2.0): a 10-pixel image at scale 10 is seen from 5 to 20 pixels wide (the
     mask's labelled square inside a 24-pixel crop padded with the ignore index)."""
@@ -578,6 +577,7 @@ def test_the_train_views_ratios_span_half_to_twice_the_scale_by_default():
         torch.manual_seed(seed)
         sides.add(round(float((view(image, mask)["mask"] != IGNORE_INDEX).sum()) ** 0.5))
     assert min(sides) <= 6 and max(sides) >= 19
+
 
 def test_photometric_distortion_acts_before_normalize():
     """The distortion works on [0, 1] pixels: a black and white image keeps most of its contrast (after
