@@ -162,6 +162,24 @@ def test_the_header_reader_takes_fill_bytes_and_exif_without_orientation_and_ref
     assert read_header(data[:data.index(b"\xff\xda") - 3], "RGB") is None  # cut before its scan
 
 
+def _with_a_second_exif_block(data: bytes, orientation: int) -> bytes:
+    """`data` with another Exif block (APP1) after its first."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    block = exif.tobytes()
+    first = data.index(b"\xff\xe1")
+    end = first + 2 + int.from_bytes(data[first + 2:first + 4], "big")
+    return data[:end] + b"\xff\xe1" + (len(block) + 2).to_bytes(2, "big") + block + data[end:]
+
+
+def test_the_first_exif_blocks_orientation_counts_as_pillow_reads_it():
+    data = _with_a_second_exif_block(jpeg(photo(40, 30), orientation=6), 3)
+    assert read_header(data, "RGB").orientation == 6 == Image.open(io.BytesIO(data)).getexif()[0x0112]
+    box = (2, 3, 20, 10)
+    assert torch.equal(crop_decode(data, "RGB", lambda h, w: box, MAX_IMAGE_PIXELS),
+                       decode_then_crop(data, "RGB", box))
+
+
 class _DecodedFirst(torch.utils.data.Dataset):
     """The source without crop decoding: whole images decoded, as before crop decoding existed."""
 

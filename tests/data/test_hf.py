@@ -104,6 +104,20 @@ def test_parquet_files_named_by_no_split_are_all_train_and_a_folder_without_any_
         build_source(f"hf:{tmp_path / 'empty'}")
 
 
+def test_plain_integer_labels_are_their_classes_and_an_image_cell_may_hold_a_path(tmp_path):
+    """A label column of plain ints (no ClassLabel) names classes 0..max; a Parquet file written from images
+    on disk keeps their paths instead of their bytes."""
+    for i, image in enumerate(pictures(3)):
+        image.save(tmp_path / f"{i}.png")
+    rows = [{"bytes": None, "path": str(tmp_path / f"{i}.png")} for i in range(3)]
+    features = datasets.Features({"image": datasets.Image(), "cls": datasets.Value("int64")})
+    ds = datasets.Dataset.from_dict({"image": rows, "cls": [0, 2, 1]}, features=features)
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    source = build_source(f"hf:{tmp_path / 'train.parquet'}")
+    assert source.info.classes == ["0", "1", "2"] and source.labels == [0, 2, 1]
+    assert torch.equal(source[1][0], png(pictures(3)[1]))
+
+
 def test_bad_row_is_named_and_skipped(tmp_path):
     rows = [{"bytes": png_bytes, "path": None} for png_bytes in
             [image_bytes(p) for p in pictures(4)]]

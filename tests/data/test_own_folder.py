@@ -14,7 +14,7 @@ from mimkit import cli, cpus
 from mimkit.cli import choose_recipe, main
 from mimkit.data.filelist import load_file_list, save_file_list, train_source
 from mimkit.data.folders import ListedFolderSource
-from mimkit.data.sources import count_images
+from mimkit.data.sources import build_source, count_images
 from mimkit.data.survey import DataFacts, fitting_size, size_hint, survey
 from mimkit.errors import MimkitError
 from mimkit.runs import file_list_path, load_config
@@ -183,6 +183,20 @@ def test_size_hint():
     assert size_hint(224, facts_with_median(150)) is None  # not much smaller: left alone
     assert size_hint(None, facts_with_median(64)) is None  # the native size already
     assert fitting_size(100) == (96, 8) and fitting_size(112) == (112, 16) and fitting_size(10) == (10, 2)
+
+
+def test_the_survey_orders_sizes_by_area_and_takes_each_sides_median_and_the_hint_the_shorter(tmp_path):
+    """Non-square sizes: the smallest and largest by area (not by width), the median of the widths and of the
+    heights apart, and the size hint fitted to the median's shorter side."""
+    for k, size in enumerate([(30, 10), (20, 20), (40, 40), (70, 12), (12, 60)]):
+        write_images(tmp_path / "data", 1, size, start=k)
+    facts = survey(build_source(str(tmp_path / "data")), held_out_images=0)
+    assert (facts.smallest, facts.largest, facts.median) == ((30, 10), (40, 40), (30, 20))
+    assert size_hint(224, facts) == {"data.img_size": 20, "model.patch_size": 2}
+
+
+def test_images_of_half_the_size_get_a_hint():
+    assert size_hint(224, facts_with_median(112)) == {"data.img_size": 112, "model.patch_size": 16}
 
 
 def test_size_hint_printed_and_auto_size_applied(tmp_path, capsys):

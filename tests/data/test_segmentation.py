@@ -12,6 +12,7 @@ from mimkit.data.layouts import detect_layout
 from mimkit.data.loader import SeededViews
 from mimkit.data.seg_transforms import PhotometricDistortion, SegEvalView, SegTrainView, rescaled_size
 from mimkit.data.segmentation import (
+    IGNORE_INDEX,
     SCENE_SIZE,
     SCENE_THRESHOLD,
     SegSource,
@@ -566,6 +567,18 @@ def test_train_view_rescales_by_its_ratio():
     assert torch.equal(out, expected) or torch.equal(out, expected.flip(-1))
 
 
+def test_the_train_views_ratios_span_half_to_twice_the_scale_by_default():
+    """mmseg's ratio_range (0.5, 2.0): a 10-pixel image at scale 10 is seen from 5 to 20 pixels wide (the
+    mask's labelled square inside a 24-pixel crop padded with the ignore index)."""
+    image, mask = checkerboard(10, 10, 2)
+    view = SegTrainView(24, (10, 10), (0.5,) * 3, (0.25,) * 3, photometric=False)
+    sides = set()
+    for seed in range(100):
+        torch.manual_seed(seed)
+        sides.add(round(float((view(image, mask)["mask"] != IGNORE_INDEX).sum()) ** 0.5))
+    assert min(sides) <= 6 and max(sides) >= 19
+
+
 def test_photometric_distortion_acts_before_normalize():
     """The distortion works on [0, 1] pixels: a black and white image keeps most of its contrast (after
     normalize, its clamps would squeeze every pixel into [0.5, 0.75])."""
@@ -743,6 +756,11 @@ def test_fmnist_scenes_cached_in_ade_layout(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]  # no temporary folder left
     assert len(list((folder / "images" / "training").iterdir())) == 12
     assert len(list((folder / "annotations" / "validation").iterdir())) == 5
+    first = [sorted((folder / "images" / sub).iterdir())[0].read_bytes() for sub in ("training",
+                                                                                        "validation")]
+    assert first[0] != first[1]  # val scenes placed by their own seed (here of the same items as train's)
+    other = fmnist_scenes_folder(tmp_path / "cache", idx_root=idx, counts={"train": 12, "val": 3})
+    assert other != folder and len(list((other / "images" / "validation").iterdir())) == 3
     source = build_seg_source(str(folder), "train")  # the folder alone reads the same way
     assert source.classes == fmnist_scene_classes() and source.num_classes == 11
     masks = [source[i][1] for i in range(len(source))]

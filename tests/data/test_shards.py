@@ -41,7 +41,7 @@ def pack(folder: Path, out: Path, size: str = "2KB") -> int:
 
 def test_parse_size():
     assert parse_size("20KB") == 20_000 and parse_size("1GB") == 10**9 and parse_size("512MiB") == 512 * 2**20
-    assert parse_size("1.5 mb") == 1_500_000 and parse_size("4096") == 4096
+    assert parse_size("1.5 mb") == 1_500_000 and parse_size("4096") == 4096 and parse_size("2KiB") == 2048
     for bad in ("", "-1GB", "1XB", "GB", "0"):
         with pytest.raises(MimkitError, match="size"):
             parse_size(bad)
@@ -392,13 +392,14 @@ def test_a_shard_is_closed_before_the_member_that_would_take_it_past_the_size(tm
     assert 1 < len(written) < 8 and all(b <= shard_size for b in member_bytes), member_bytes
 
 
-def test_pack_max_side_keeps_a_grey_image_grey(tmp_path):
+@pytest.mark.parametrize("shape, size", [((40, 30), (15, 20)), ((3, 200), (20, 1))])
+def test_pack_max_side_keeps_a_grey_image_grey_and_a_sliver_one_pixel_thick(tmp_path, shape, size):
     (tmp_path / "images").mkdir()
-    Image.fromarray(np.full((40, 30), 128, np.uint8)).save(tmp_path / "images" / "grey.jpg")
+    Image.fromarray(np.full(shape, 128, np.uint8)).save(tmp_path / "images" / "grey.jpg")
     pack_files([tmp_path / "images" / "grey.jpg"], tmp_path / "images", tmp_path / "out", 10**6, max_side=20)
     reader = ShardReader(ShardMembers.from_folder(tmp_path / "out", lambda name: True))
     with Image.open(reader(0)) as stored:
-        assert (stored.mode, stored.size) == ("L", (15, 20))
+        assert (stored.format, stored.mode, stored.size) == ("JPEG", "L", size)
 
 
 def test_pack_max_side_stores_an_unreadable_file_as_it_is_with_a_warning(tmp_path):

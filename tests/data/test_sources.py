@@ -8,9 +8,11 @@ import torchvision
 from PIL import Image
 
 from mimkit.data import idx, sources
+from mimkit.data.decode import decode_image
 from mimkit.data.filelist import train_source
 from mimkit.data.folders import FlatFolderSource, ImageFolderSource, ListedFolderSource
 from mimkit.data.idx import IdxSource, read_idx
+from mimkit.data.image_files import is_image_name
 from mimkit.data.sources import build_source
 from mimkit.data.splits import split_train_val
 from mimkit.data.synthetic import SyntheticSource
@@ -86,6 +88,7 @@ def test_idx_from_env_subfolder_and_three_channels(tmp_path, monkeypatch):
     image, _ = source[1]
     assert image.shape == (3, 4, 4) and torch.equal(image[0], image[2])
     assert source.info.channels == 3 and source.info.std == (0.3081,) * 3
+    assert source.info.mean == (0.1307,) * 3  # one mean per channel
 
 
 def test_idx_from_env_folder(tmp_path, monkeypatch):
@@ -207,6 +210,19 @@ def test_flat_folder_recursive_sorted_filtered(tmp_path):
     assert source.labels == [-1] * 5
     found = build_source(str(tmp_path))  # images at the top level: unlabeled, whatever sub-folders it has
     assert isinstance(found, FlatFolderSource) and found.paths == source.paths
+
+
+@pytest.mark.parametrize("name, image", [("cat/a.JPG", True), ("a.webp", True), ("cat/.thumbs/a.jpg", False),
+                                         (".a.jpg", False), ("cat/a.txt", False)])
+def test_a_member_name_is_an_image_by_its_extension_in_any_case_outside_hidden_folders(name, image):
+    assert is_image_name(name) == image
+
+
+def test_upper_case_images_at_the_top_make_a_flat_folder_of_its_sub_folders_too(tmp_path):
+    save(tmp_path / "A.PNG", "L")
+    save(tmp_path / "sub" / "b.png", "L")
+    source = build_source(str(tmp_path))
+    assert isinstance(source, FlatFolderSource) and len(source) == 2 and source.labels == [-1, -1]
 
 
 def test_symlink_loops_are_listed_once_and_named(tmp_path):
@@ -458,6 +474,22 @@ def test_a_bad_image_stops_a_folder_source_unless_asked_to_skip_it(tmp_path, mak
         make(corrupt_folder(tmp_path / "a", bad=[2]))
 
 
+def test_a_bad_files_stand_in_brings_its_own_label_and_the_last_ones_is_the_first_image(tmp_path):
+    for name in ("a", "b"):
+        corrupt_folder(tmp_path / name, bad=[2], n=3)  # pixel values 0, 10 and a bad file
+    with pytest.warns(UserWarning):
+        source = build_source(str(tmp_path), skip_bad_images=True)
+    items = [(int(source[i][0][0, 0, 0]), source[i][1]) for i in range(len(source))]
+    assert items == [(0, 0), (10, 0), (0, 1), (0, 1), (10, 1), (0, 0)]
+
+
+def test_hidden_folders_are_no_classes(tmp_path):
+    save(tmp_path / "cat" / "a.png", "L")
+    save(tmp_path / ".thumbnails" / "a.png", "L")
+    source = build_source(str(tmp_path))
+    assert source.info.classes == ["cat"] and len(source) == 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Synthetic and splits
 
@@ -486,6 +518,16 @@ def test_build_synthetic_specs():
     for spec in ("synthetic:x", "synthetic:0", "synthetic:-3"):
         with pytest.raises(MimkitError, match="positive integer"):
             build_source(spec)
+
+
+def test_synthetic_refuses_indices_outside_it_and_its_channels_differ_in_contrast():
+    source = SyntheticSource(n=20, channels=3)
+    for index in (-1, 20):
+        with pytest.raises(IndexError, match=f"index {index} out of range for 20 images"):
+            source[index]
+    # each channel's grating has its own contrast: the channels' spreads differ (one shared contrast: < 1.05)
+    spread = torch.stack([source[i][0].float().flatten(1).std(1) for i in range(20)])  # [20, 3]
+    assert (spread.max(1).values / spread.min(1).values).mean() > 1.15
 
 
 def test_split_train_val_stratified():
@@ -529,3 +571,28 @@ def test_idx_files_come_from_root_first_and_val_reads_the_test_files(tmp_path, m
     lengths = {split: len(IdxSource("fashion-mnist", split, root=tmp_path / "root"))
                for split in ("train", "val", "test")}
     assert lengths == {"train": 5, "val": 3, "test": 3}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding (s8b: the narrow cases: a non-square image, a grey one with alpha)
+
+
+@pytest.mark.parametrize("size, reduced", [((40, 20), (10, 20)), ((20, 40), (20, 10)), ((30, 30), (10, 10))])
+def test_a_reduced_decode_keeps_the_shorter_side_at_least_min_side(tmp_path, size, reduced):
+    """The reduction follows the shorter side: 40x20 at min_side 10 halves, to 20x10, not to a quarter."""
+    save(tmp_path / "a.png", "L", size=size)
+    assert tuple(decode_image(tmp_path / "a.png", "L", min_side=10).shape[1:]) == reduced
+
+
+@pytest.mark.parametrize("size", [(10, 40), (40, 10)])
+def test_the_pixel_limit_counts_width_times_height(tmp_path, size):
+    save(tmp_path / "a.png", "L", size=size)
+    assert decode_image(tmp_path / "a.png", "L", max_pixels=400).shape[1:] == size[::-1]
+    with pytest.raises(ValueError, match=r"\d+x\d+ pixels is above data.max_image_pixels=399"):
+        decode_image(tmp_path / "a.png", "L", max_pixels=399)
+
+
+def test_grey_images_with_alpha_are_grey(tmp_path):
+    save(tmp_path / "a.png", "LA", color=(90, 255))
+    source = build_source(str(tmp_path))
+    assert source.info.channels == 1 and source[0][0].shape == (1, 8, 8) and int(source[0][0][0, 0, 0]) == 90

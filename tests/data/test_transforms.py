@@ -2,6 +2,7 @@ import pickle
 
 import pytest
 import torch
+from torchvision.transforms import RandomResizedCrop
 
 from mimkit.data.transforms import BEiTView, crop_view, denormalize, eval_view, mae_view, normalize
 from mimkit.errors import MimkitError
@@ -218,3 +219,47 @@ def test_views_resample_bicubic():
     evaluated = eval_view(32, (0.0,) * 3, (1.0,) * 3)(step)["image"]
     for image in (beit["image"], beit["tokenizer_image"], evaluated, crop):
         assert image.min() < 49 / 255 and image.max() > 201 / 255
+
+
+def test_beit_view_crops_both_wider_and_taller_than_square(monkeypatch):
+    """BEiT's aspect range (3/4, 4/3) reaches the crop: some boxes are wider than tall, some taller."""
+    boxes, draw = [], RandomResizedCrop.get_params
+
+    def recording(*args):
+        boxes.append(draw(*args))
+        return boxes[-1]
+
+    monkeypatch.setattr(RandomResizedCrop, "get_params", recording)
+    view = BEiTView(16, 8, MEAN * 3, STD * 3, MEAN * 3, STD * 3, grid=4, num_masked=1, scale=(0.25, 0.25),
+                    color_jitter=0.0)
+    for seed in range(30):
+        torch.manual_seed(seed)
+        view(random_image(3, 40, 40))
+    assert {"wide", "tall"} <= {"wide" if w > h else "tall" if h > w else "square" for _, _, h, w in boxes}
+
+
+def test_beit_views_color_jitter_reaches_saturation():
+    """Brightness and contrast scale a colour pixel's chroma (R - G) and its grey level's distance from a grey
+    pixel alike; saturation scales the chroma alone. On a float image (no rounding) their ratio moves only
+    when saturation is jittered."""
+    image = torch.full((3, 32, 32), 0.2)
+    image[:, :, 16:] = torch.tensor([0.5, 0.25, 0.12])[:, None, None]
+
+    def chroma_over_grey(out):
+        grey, colour = out[:, 4, 2], out[:, 4, -3]  # far from the halves' border, whichever way it flipped
+        if not torch.allclose(grey, grey[0].expand(3)):
+            grey, colour = colour, grey
+        weights = torch.tensor([0.2989, 0.587, 0.114])
+        return float((colour[0] - colour[1]) / (weights @ colour - weights @ grey))
+
+    ratios = {}
+    for jitter in (0.0, 0.4):
+        view = BEiTView(32, 16, (0.0,) * 3, (1.0,) * 3, (0.0,) * 3, (1.0,) * 3, grid=4, num_masked=1,
+                        scale=(1.0, 1.0), color_jitter=jitter)
+        ratios[jitter] = []
+        for seed in range(10):
+            torch.manual_seed(seed)
+            ratios[jitter].append(chroma_over_grey(view(image)["image"]))
+    plain = chroma_over_grey(image)
+    assert all(abs(r / plain - 1) < 1e-3 for r in ratios[0.0])
+    assert max(abs(r / plain - 1) for r in ratios[0.4]) > 0.1
