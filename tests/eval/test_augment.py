@@ -172,6 +172,12 @@ def test_gray_images_and_bad_policies():
         FinetuneView(32, MEAN, STD, remode="zeros")
 
 
+@pytest.mark.parametrize("crop_scale", [(0.0, 1.0), (0.5, 0.4), (0.5, 1.5)])
+def test_a_crop_scale_outside_0_to_1_or_upside_down_is_refused(crop_scale):
+    with pytest.raises(MimkitError, match=r"'augment.crop_scale' must be 0 < low <= high <= 1"):
+        FinetuneView(32, MEAN, STD, crop_scale=crop_scale)
+
+
 # the papers' settings, and others that must reach timm too
 MIX_SETTINGS = [dict(mixup=0.8, cutmix=1.0, label_smoothing=0.1, switch_prob=0.5, prob=1.0),
                 dict(mixup=0.3, cutmix=0.6, label_smoothing=0.0, switch_prob=0.9, prob=0.6),

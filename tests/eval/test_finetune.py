@@ -4,6 +4,7 @@ through the command line on a tiny MAE run."""
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +21,14 @@ from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
 from mimkit.eval.augment import MixTargets
 from mimkit.eval.config import FinetuneConfig
-from mimkit.eval.finetune import finetuned_encoder, finetuned_model, read_finetune, run_finetune, same_images
+from mimkit.eval.finetune import (
+    finetuned_encoder,
+    finetuned_model,
+    read_finetune,
+    resolve_finetune,
+    run_finetune,
+    same_images,
+)
 from mimkit.eval.scores import classification_accuracy
 from mimkit.models.classifier import FineTuned, block_features, build_classifier, pooled_features
 from mimkit.models.vit import build_vit
@@ -134,6 +142,20 @@ def test_mixed_targets_are_distributions_with_smoothing():
     one_hot = MixTargets(4, mixup=0, cutmix=0, label_smoothing=0.0)
     _, plain = one_hot(torch.randn(2, 1, 8, 8), torch.tensor([2, 3]))
     assert plain.tolist() == [[0, 0, 1, 0], [0, 0, 0, 1]]
+
+
+def test_the_runs_own_normalization_and_classes_win_over_the_encoders_and_the_datas(mae_run):
+    """``data.mean``, ``data.std`` and ``classifier.num_classes`` set in the run are kept; unset, they come
+    from the encoder and the data."""
+    encoder, info = load_encoder(mae_run), SimpleNamespace(num_classes=10)
+    spec = encoder.spec.data  # synthetic data's: mean 0.5, std 0.2
+    own = from_dict(FinetuneConfig, {"data": {"mean": [0.1] * 3, "std": [0.3] * 3},
+                                     "classifier": {"num_classes": 4}})
+    resolved = resolve_finetune(own, encoder, info)
+    assert (resolved.data.mean, resolved.data.std, resolved.classifier.num_classes) == (
+        [0.1] * 3, [0.3] * 3, 4)
+    default = resolve_finetune(FinetuneConfig(), encoder, info)
+    assert (default.data.mean, default.data.std, default.classifier.num_classes) == (spec.mean, spec.std, 10)
 
 
 @pytest.mark.slow

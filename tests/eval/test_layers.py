@@ -9,7 +9,7 @@ from timm.models.beit import Beit
 
 from mimkit.cli import main
 from mimkit.errors import MimkitError
-from mimkit.eval.features import probe_layers
+from mimkit.eval.features import ProbeData, probe_layers
 from mimkit.models.classifier import block_features, build_classifier, pooled_features
 from mimkit.models.vit import build_vit
 from mimkit.train.metrics_log import read_metrics
@@ -83,6 +83,17 @@ def test_probe_layers():
             probe_layers(outside, 12)
 
 
+def test_each_blocks_part_holds_that_blocks_train_val_and_test_features():
+    features = torch.arange(12.0).reshape(2, 3, 2)  # 2 images, 3 blocks, 2 wide
+    labels = torch.tensor([0, 1])
+    data = ProbeData(train=(features, labels), val=(features + 100, labels), test=(features + 200, labels),
+                     num_classes=2, layers=(1, 2, 3))
+    for k, (block, one) in enumerate(data.per_layer()):
+        assert block == k + 1 and one.layers == (block,)
+        for whole, picked in ((data.train, one.train), (data.val, one.val), (data.test, one.test)):
+            assert torch.equal(picked[0], whole[0][:, k]) and picked[1] is whole[1]
+
+
 @pytest.mark.parametrize("command", ["linprobe", "knn"])
 def test_layer_all_and_one_block(mae_run, tmp_path, capsys, command):
     extra = ["--epochs", "3"] if command == "linprobe" else []
@@ -100,6 +111,8 @@ def test_layer_all_and_one_block(mae_run, tmp_path, capsys, command):
     assert main([command, str(mae_run), "--out", str(tmp_path / "b2"), "--layer", "2", *common]) == 0
     block2 = json.loads((tmp_path / "b2" / "results.json").read_text())
     assert block2["layer"] == 2 and block2["test_top1"] == pytest.approx(results["by_layer"][1]["test_top1"])
+    if command == "linprobe":  # the width of one block's features, not the number of blocks read (3)
+        assert results["feature_dim"] == block2["feature_dim"] == 32
     assert main([command, str(mae_run), "--out", str(tmp_path / "final"), *common]) == 0
     final = json.loads((tmp_path / "final" / "results.json").read_text())
     assert final["layer"] is None and final["test_top1"] == pytest.approx(results["by_layer"][2]["test_top1"])

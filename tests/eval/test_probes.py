@@ -358,17 +358,21 @@ def test_probe_data_reads_colour_data_grey_for_a_grey_encoder(tmp_path):
     assert data.train[0].shape == (8, 32) and data.test[0].shape[1] == 32
 
 
-def test_probe_data_extracts_with_the_workers_asked_for(mae_run, tmp_path, monkeypatch):
-    """``num_workers`` reaches the loaders of the feature pass (train and test), not only `probe_data`."""
+def test_probe_data_extracts_with_the_workers_asked_for_through_the_encoders_view(mae_run, tmp_path,
+                                                                                 monkeypatch):
+    """``num_workers`` reaches the loaders of the feature pass (train and test), not only `probe_data`; their
+    view is the encoder's (its size, mean and std)."""
     asked, real = [], features_module.eval_loader
 
     def loader(source, view, batch_size, num_workers):
-        asked.append(num_workers)
+        asked.append((num_workers, repr(view)))
         return real(source, view, batch_size, 0)
 
     monkeypatch.setattr(features_module, "eval_loader", loader)
-    probe_data(load_encoder(mae_run), "synthetic:16", "avg", num_workers=2, cache_dir=tmp_path)
-    assert asked == [2, 2]
+    encoder = load_encoder(mae_run)
+    probe_data(encoder, "synthetic:16", "avg", num_workers=2, cache_dir=tmp_path)
+    spec = encoder.spec.data
+    assert spec.mean != spec.std and asked == [(2, repr(eval_view(spec.img_size, spec.mean, spec.std)))] * 2
 
 
 def test_lars_steps_a_bias_by_plain_sgd_and_scales_a_matrix_by_its_trust_ratio():
@@ -382,12 +386,39 @@ def test_lars_steps_a_bias_by_plain_sgd_and_scales_a_matrix_by_its_trust_ratio()
     torch.testing.assert_close(bias.detach(), torch.full((2,), 2.0 - 0.5))
 
 
+@pytest.mark.parametrize("weight, grad", [(torch.zeros(2, 2), torch.ones(2, 2)),
+                                          (torch.ones(2, 2), torch.zeros(2, 2))],
+                         ids=["zero-weight", "zero-gradient"])
+def test_lars_steps_a_matrix_unscaled_when_its_norm_or_its_steps_is_zero(weight, grad):
+    """A trust ratio of 1 where either norm is 0 (a zero matrix, a gradient of zeros): no 0/0, no NaN."""
+    param = nn.Parameter(weight.clone())
+    param.grad = grad
+    LARS([param], lr=0.5, trust_coefficient=0.1).step()
+    torch.testing.assert_close(param.detach(), weight - 0.5 * grad)
+
+
+def test_lars_accumulates_its_steps_with_the_momentum_asked_for():
+    bias = nn.Parameter(torch.zeros(2))
+    optimizer = LARS([bias], lr=1.0, momentum=0.5)
+    for _ in range(2):
+        bias.grad = torch.ones(2)
+        optimizer.step()
+    torch.testing.assert_close(bias.detach(), torch.full((2,), -1.0 - (0.5 + 1.0)))  # 0.9 would give -2.9
+
+
 def test_knn_scores_the_same_in_chunks_of_queries():
     """Queries scored a chunk at a time (bounded memory) get the votes they get all at once."""
     train, labels, queries = torch.randn(12, 4), torch.arange(12) % 3, torch.randn(5, 4)
     whole = knn_scores(train, labels, queries, 3, k=4)
     assert whole.shape == (5, 3)
     torch.testing.assert_close(knn_scores(train, labels, queries, 3, k=4, chunk=2), whole)
+
+
+def test_knn_scores_cap_k_at_the_training_features():
+    """k above the 3 training features: every one of them votes, as with k = 3."""
+    train, labels, queries = torch.randn(3, 4), torch.tensor([0, 1, 1]), torch.randn(2, 4)
+    torch.testing.assert_close(knn_scores(train, labels, queries, 2, k=20),
+                               knn_scores(train, labels, queries, 2, k=3))
 
 
 def test_knn_accuracy_counts_every_query_of_every_chunk_at_top1_and_top5():
@@ -416,6 +447,13 @@ def test_a_probe_run_scores_its_held_out_part_beside_the_test_split(mae_run, tmp
     assert {"val_top1", "val_top5", "test_top1", "test_top5"} <= results.keys()
     assert results["train_images"] == 20
     assert {"val_top1", "test_top1"} <= read_metrics(tmp_path / "out")[-1].keys()
+
+
+def test_a_knn_run_with_k_above_its_training_images_records_the_k_it_used(mae_run, tmp_path):
+    config = KnnConfig(data="synthetic:40", k=50, val_fraction=0.5, cache_dir=str(tmp_path / "features"))
+    with pytest.warns(UserWarning, match="k=50 is more than the 20 training images; k=20 is used"):
+        results = run_knn(load_encoder(mae_run), config, tmp_path / "out")
+    assert results["k"] == 20
 
 
 @pytest.mark.filterwarnings("error")

@@ -20,6 +20,7 @@ import mimkit.eval.seg_evaluate as seg_evaluate
 import mimkit.eval.segment as segment
 from mimkit.cli import main
 from mimkit.config import DataConfig, from_dict, read_yaml
+from mimkit.data.seg_transforms import PhotometricDistortion
 from mimkit.data.segmentation import PROBE_SAMPLES, build_seg_source, spread
 from mimkit.errors import MimkitError
 from mimkit.eval.config import SegmentConfig
@@ -423,6 +424,11 @@ def test_evaluate_refuses_a_bad_tta_mask_or_folder_and_another_kind(tmp_path, mo
         seg_evaluate.evaluate_run("runs/seg", used, split="train")
     with pytest.raises(MimkitError, match="is a pretraining run, not a segmentation run"):
         load_segmentation_run(mae_run)
+    limited = resolved_seg_config(write_layout(tmp_path / "limited", "generic", train=2, val=2))
+    limited.data.max_image_pixels = 1000  # the run's limit: its 32 x 32 images are 1024 pixels
+    monkeypatch.setattr(seg_evaluate, "load_segmentation_run", lambda run: (ShadeSegmenter(), limited))
+    with pytest.raises(MimkitError, match="above data.max_image_pixels=1000"):
+        seg_evaluate.evaluate_run("runs/seg", tmp_path / "out-limited")
 
 
 def test_visualize_shows_seeded_validation_images_with_their_masks_and_predictions(tmp_path, monkeypatch):
@@ -505,6 +511,23 @@ def test_a_segmentation_run_decays_its_lr_by_the_papers_poly_schedule(mae_run, t
     plan = jobs[0].plan
     expected = poly_schedule(plan.lr, config.optim.min_lr, 10, plan.warmup_steps)
     assert plan.schedule.lr == pytest.approx(expected)
+
+
+def test_the_training_view_takes_the_runs_scale_rescale_crop_balance_photometry_and_std(mae_run, tmp_path,
+                                                                                       monkeypatch):
+    """Every non-default setting of the training view reaches it (the encoder's mean, the run's own std)."""
+    jobs = []
+    monkeypatch.setattr(segment, "run_job", lambda run, job: jobs.append(job) or {"interrupted": True})
+    data = write_layout(tmp_path / "scenes", "generic", train=4, val=2)
+    config = quick_segment_config(mae_run, data, seg={"crop_size": 32, "channels": 16, "aux_channels": 16,
+                                                      "scale": [48, 40], "ratio_range": [0.75, 1.5],
+                                                      "cat_max_ratio": 0.9, "photometric": False})
+    config.data.std = [0.2, 0.3, 0.4]
+    segment.run_segment(config, tmp_path / "seg")
+    view = jobs[0].dataset.view
+    assert (view.scale, tuple(view.ratio_range), view.cat_max_ratio) == ((48, 40), (0.75, 1.5), 0.9)
+    assert not isinstance(view.photometric, PhotometricDistortion)
+    assert view.normalize.std == [0.2, 0.3, 0.4]
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

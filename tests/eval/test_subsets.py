@@ -84,6 +84,16 @@ def test_a_class_left_without_training_images_is_named_by_its_number_when_the_da
         make_splits(unnamed)
 
 
+def test_a_class_held_out_whole_is_named_as_left_without_training_images():
+    """The hold-out takes a one-image class's only image (0.6 of 1 rounds to 1): it is in the data's labels
+    but never trained on, and the warning says so."""
+    info = SimpleNamespace(name="mine", num_classes=2, classes=["shirt", "boot"])
+    source = SimpleNamespace(labels=[0, 0, 0, 0, 0, 1], info=info)
+    with pytest.warns(UserWarning, match=r"1 of 2 classes have no training image .* \(e.g. \['boot'\]\)"):
+        splits = make_splits(source, val_fraction=0.6)
+    assert 5 in splits.val
+
+
 def test_the_seed_picks_the_subset_and_the_holdout():
     source = SyntheticSource(n=500, image_size=8)
     for val_fraction in (0.0, 0.2):

@@ -14,6 +14,7 @@ from mimkit.config import DataConfig, PretrainConfig
 from mimkit.errors import MimkitError
 from mimkit.interop.beit import beit_arch, beitv2_arch
 from mimkit.interop.export import export_model
+from mimkit.interop.hf import strip_base
 from mimkit.interop.importer import load_foreign, read_checkpoint
 from mimkit.models.beit import BEiT, BEiTv2
 from tests.conftest import perturb
@@ -78,6 +79,18 @@ def test_hf_beit_to_mimkit(tmp_path, shared):
         ours = model.forward_head(model.forward_features(x, mask)[0], mask)
     # float32 rounding of another order of operations: 4.8e-7 measured on this CPU
     torch.testing.assert_close(ours, logits[mask], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("in_memory, published", [
+    ("beit.shared_position_bias.relative_position_bias_table",
+     "encoder.relative_position_bias.relative_position_bias_table"),
+    ("beit.layers.3.relative_position_bias.relative_position_bias_table",
+     "encoder.layer.3.attention.attention.relative_position_bias.relative_position_bias_table"),
+    ("beit.layers.0.attention.k_proj.weight", "encoder.layer.0.attention.attention.key.weight"),
+    ("beit.layers.1.mlp.fc2.bias", "encoder.layer.1.output.dense.bias"),
+])
+def test_transformers_5_in_memory_beit_names_are_read_as_the_published_ones(in_memory, published):
+    assert list(strip_base({in_memory: torch.ones(1)})) == [published]
 
 
 def test_hf_beit_with_two_final_norms_is_refused(tmp_path):

@@ -33,3 +33,10 @@ def test_round_trip_is_bit_identical_and_unknown_keys_are_reported():
 def test_a_nonzero_piece_the_layout_does_not_store_is_refused():
     with pytest.raises(MimkitError, match="blocks.0.bias has a nonzero part"):
         to_foreign({"blocks.0.bias": torch.ones(6)}, KEYMAP)
+
+
+def test_a_fused_tensor_missing_a_stored_piece_is_left_out_and_its_pieces_reported():
+    """A checkpoint holding the query and value but not the key is not fused from what is there: the
+    tensor is missing (reported by the importer) and the pieces are unexpected."""
+    out, unexpected = from_foreign({"layer.0.q": torch.ones(2), "layer.0.v": torch.ones(2)}, KEYMAP)
+    assert out == {} and unexpected == ["layer.0.q", "layer.0.v"]

@@ -16,7 +16,8 @@ from transformers import AutoImageProcessor, ViTConfig, ViTMAEConfig, ViTMAEForP
 from mimkit.cli import main
 from mimkit.errors import MimkitError
 from mimkit.interop.export import export_model, export_run
-from mimkit.interop.importer import import_checkpoint
+from mimkit.interop.importer import _nearest_name, import_checkpoint
+from mimkit.interop.mae import arch_from_hf_config
 from mimkit.models.vit import sincos_pos_embed_2d
 from mimkit.runs import load_run
 from tests.conftest import TINY_MAE_KWARGS, perturb
@@ -95,6 +96,28 @@ def test_encoder_only_file_gets_a_fresh_decoder(tmp_path):
     assert any(n.startswith("decoder: not in the checkpoint") for n in report.notes)
     model, _ = load_run(tmp_path / "run")
     assert model(torch.randn(1, 3, 32, 32))[0].isfinite()
+
+
+def test_a_decoder_missing_one_tensor_is_a_missing_key_not_a_fresh_decoder(tmp_path):
+    """Only a part the checkpoint lacks as a whole is freshly initialized; one tensor short is reported."""
+    _, state = official_checkpoint(tmp_path / "full.pth")
+    del state["decoder_norm.bias"]
+    torch.save({"model": state}, tmp_path / "partial.pth")
+    with pytest.raises(MimkitError, match=r"missing 1: decoder_norm.bias"):
+        import_checkpoint(tmp_path / "partial.pth", "mae", tmp_path / "run", overrides=HEADS)
+
+
+@pytest.mark.parametrize("width, name", [(32, "vit_mini"), (200, "vit_tiny"), (768, "vit_base"),
+                                         (1200, "vit_huge")])
+def test_an_imported_run_is_named_after_the_model_nearest_in_width(width, name):
+    assert _nearest_name("mae", width) == name
+
+
+def test_an_hf_vitmae_config_gives_the_encoders_and_the_decoders_own_heads_and_the_target():
+    config = ViTMAEConfig(**DIMS, **DECODER | {"decoder_num_attention_heads": 4}, norm_pix_loss=True,
+                          mask_ratio=0.6).to_dict()
+    assert arch_from_hf_config(config) == {"num_heads": 2, "decoder_num_heads": 4, "norm_pix_loss": True,
+                                           "mask_ratio": 0.6}
 
 
 def test_heads_the_weights_do_not_show_are_asked_for(tmp_path):
@@ -210,17 +233,19 @@ def test_a_timm_folder_brings_its_own_normalization(tmp_path):
     assert main(["pretrain", "mae", "--data", "synthetic", "--out", str(tmp_path / "run"), "--max-steps", "1",
                  "--batch-size", "8", "--set", "data.num_workers=0", *tiny]) == 0
     export_run(tmp_path / "run", "timm", tmp_path / "timm")
-    import_checkpoint(tmp_path / "timm", "timm", tmp_path / "back")
+    report = import_checkpoint(tmp_path / "timm", "timm", tmp_path / "back")
     data = load_run(tmp_path / "back")[1].data
     assert (data.mean, data.std) == ([0.5] * 3, [0.2] * 3)
+    assert report.origin["normalization"] == "config.json pretrained_cfg"
 
 
 def test_timm_state_dict_file_imports(tmp_path):
     torch.manual_seed(0)
     vit = perturb(tiny_vit())
     save_file(vit.state_dict(), tmp_path / "vit.safetensors")
-    import_checkpoint(tmp_path / "vit.safetensors", "timm", tmp_path / "run",
-                      overrides={"model": {"kwargs": {"num_heads": 2}}})
+    report = import_checkpoint(tmp_path / "vit.safetensors", "timm", tmp_path / "run",
+                               overrides={"model": {"kwargs": {"num_heads": 2}}})
+    assert report.origin["normalization"] == "default: timm's"
     model, _ = load_run(tmp_path / "run")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -244,7 +269,8 @@ def test_sincos_tables_resize_exactly_and_match_at_the_original_size(mae_run, tm
     report = import_checkpoint(tmp_path / "hf", "hf", tmp_path / "big", img_size=48)
     assert "encoder.pos_embed: sin-cos recomputed from 4x4 to 6x6" in report.notes
     big, config = load_run(tmp_path / "big")
-    assert config.data.img_size == 48
+    assert config.data.img_size == 48 and report.origin["img_size"] == "--img-size"
+    assert "  set by --img-size: img_size" in report.summary()
     assert torch.equal(big.encoder.pos_embed, sincos_pos_embed_2d(32, 6, cls_token=True))
     assert big(torch.randn(2, 3, 48, 48))[0].isfinite()
 

@@ -2,6 +2,7 @@
 features. The reference ViT is timm's `Beit` with absolute positions and average pooling (timm's port of
 the same code), so the reference computation runs on real modules."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from timm.models.beit import Beit, Block
@@ -9,7 +10,7 @@ from torch import nn
 
 from mimkit.cli import main
 from mimkit.interop.importer import load_foreign, read_checkpoint
-from mimkit.interop.vqkd import vqkd_arch
+from mimkit.interop.vqkd import read_official_vqkd, vqkd_arch
 from mimkit.runs import load_config
 from mimkit.tokenizers.vqkd import VQKD
 from mimkit.train.checkpoint_files import Checkpoints
@@ -105,3 +106,13 @@ def test_imported_tokenizer_drives_beitv2_pretraining_of_an_imported_beitv2(tmp_
     assert main(["pretrain", "beitv2", "--out", str(tmp_path / "v2"), "--tokenizer", str(tmp_path / "vqkd"),
                  "--max-steps", "1", "--batch-size", "8"]) == 0
     assert Checkpoints(tmp_path / "v2").latest() == 1
+
+
+@pytest.mark.parametrize("key", ["teacher_model.visual.proj", "scaling_layer.shift", "loss.weight",
+                                 "quantize.cluster_size", "quantize.embedding.embed_avg"])
+def test_the_references_teacher_loss_and_ema_statistics_are_dropped_unread(tmp_path, key):
+    """Each part of a reference tokenizer that is no part of mimkit's is dropped, none reported unexpected."""
+    state = {"quantize.embedding.weight": torch.randn(4, 2), key: torch.ones(1)}
+    torch.save({"model": state}, tmp_path / "v.pth")
+    foreign = read_official_vqkd(tmp_path / "v.pth")
+    assert foreign.unexpected == [] and set(foreign.state) == {"quantize.codebook", "quantize.initialized"}

@@ -18,7 +18,7 @@ from transformers import BeitModel
 from mimkit.cli import main
 from mimkit.config import load_recipe
 from mimkit.errors import MimkitError
-from mimkit.interop.cae import OFFICIAL_CAE, read_official_cae
+from mimkit.interop.cae import OFFICIAL_CAE, cae_guesses, read_official_cae
 from mimkit.interop.export import export_model
 from mimkit.interop.importer import resolve_arch, run_config
 from mimkit.interop.keymaps import to_foreign
@@ -228,6 +228,13 @@ def test_authors_weights_without_args_get_reported_guesses(tmp_path):
     assert (arch["regressor_depth"], arch["decoder_depth"], arch["vocab_size"]) == (2, 1, 32)
     assert origin["num_heads"].startswith(("guessed", "unknown"))
     assert origin["decoder_num_heads"].startswith(("guessed", "unknown", "default"))
+
+
+@pytest.mark.parametrize("width, heads, why", [(768, 12, "default"), (128, 2, "guessed"),
+                                               (40, None, "unknown")])
+def test_the_decoder_heads_are_the_authors_12_where_12_divide_the_width_else_64_wide(width, heads, why):
+    guesses = cae_guesses(dict(embed_dim=32, depth=1, mlp_ratio=4.0, decoder_embed_dim=width))
+    assert guesses["decoder_num_heads"][0] == heads and guesses["decoder_num_heads"][1].startswith(why)
 
 
 def test_authors_args_give_the_heads_layer_scales_drop_path_weight_and_mask_ratio(tmp_path):

@@ -160,6 +160,7 @@ def test_upernet_matches_transformers_beit_for_semantic_segmentation(tmp_path, s
 
 def test_blocks_transformers_cannot_read_are_refused_on_export():
     assert hf_out_indices([3, 5, 7, 9], 12) == [5, 7, 9, 11]
+    assert hf_out_indices([3, 5, 7, 10], 12) == [5, 7, 9, 12]  # block 10 of 12: the deepest it reads
     with pytest.raises(MimkitError, match="seg.blocks"):
         hf_out_indices([3, 5, 7, 11], 12)
 

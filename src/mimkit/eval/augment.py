@@ -24,6 +24,7 @@ from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import functional as F
 from torchvision.transforms import v2
 
+from mimkit.config import check_crop_scale
 from mimkit.data.transforms import StagedView, normalize
 from mimkit.errors import MimkitError
 
@@ -63,8 +64,7 @@ def timm_train_transform(img_size: int, mean: Sequence[float], std: Sequence[flo
     """timm's training transform as the MAE and BEiT fine-tuning code builds it (``create_transform``, no
     colour jitter), in the two stages timm hands to its GPU prefetcher: ``(crop, augment)``, the random
     resized crop (bicubic) and flip on a PIL image, then RandAugment and the conversion to a uint8 tensor."""
-    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-        raise MimkitError(f"crop_scale {tuple(crop_scale)} must satisfy 0 < low <= high <= 1")
+    check_crop_scale("augment", crop_scale)
     try:
         crop, augment, to_tensor = create_transform(
             img_size, is_training=True, scale=tuple(crop_scale), hflip=0.5, color_jitter=None,
