@@ -12,6 +12,7 @@ matter: a teacher decay anneals only with ``teacher_anneal_steps``) and asserts 
 import pytest
 import torch
 
+from mimkit.cli import main
 from mimkit.errors import MimkitError
 from mimkit.registry import method_of, read_config
 from mimkit.tokenizers.dvae import dvae_for, save_dvae
@@ -47,6 +48,8 @@ CASES = [
        ("temperature", (0.5, 0.1)), ("temperature_anneal", 0.2), ("kl_weight", 0.5), ("kl_warmup", 0.5),
        ("crop_scale", CROP))],
     *[("beit", {"tokenizer": "DVAE"}, name, value) for name, value in
+      (("mask_ratio", 0.6), ("min_block", 4), ("crop_scale", CROP), ("color_jitter", 0.0))],
+    *[("beitv2", {"tokenizer": "VQKD"}, name, value) for name, value in
       (("mask_ratio", 0.6), ("min_block", 4), ("crop_scale", CROP), ("color_jitter", 0.0))],
     *[("cae", {"tokenizer": "DVAE"}, name, value) for name, value in
       (("mask_ratio", 0.3), ("min_block", 12), ("crop_scale", CROP), ("color_jitter", 0.4),
@@ -89,9 +92,9 @@ def run_once(method: str, settings: dict) -> list[torch.Tensor]:
     return [*batch.values(), loss.detach(), *map(torch.tensor, scheduled.values()), *state]
 
 
-def located(settings: dict, dvae_file, mae_run) -> dict:
-    """``settings`` with DVAE and MAE (a tokenizer, a teacher) replaced by the fixtures' paths."""
-    files = {"DVAE": str(dvae_file), "MAE": str(mae_run)}
+def located(settings: dict, dvae_file, mae_run, vqkd_run) -> dict:
+    """``settings`` with DVAE, VQKD (tokenizers) and MAE (a teacher) replaced by the fixtures' paths."""
+    files = {"DVAE": str(dvae_file), "VQKD": str(vqkd_run), "MAE": str(mae_run)}
     return {key: files.get(v, v) if isinstance(v, str) else v for key, v in settings.items()}
 
 
@@ -101,19 +104,32 @@ def dvae_file(tmp_path_factory):
     return save_dvae(dvae_for(32, 4, 3, vocab_size=32, hidden=4), tmp_path_factory.mktemp("dvae") / "dvae.st")
 
 
+@pytest.fixture(scope="module")
+def vqkd_run(mae_run, tmp_path_factory):
+    """A VQ-KD tokenizer distilled for one step from the MAE run, reading 32 px images in 4-px patches."""
+    run = tmp_path_factory.mktemp("vqkd") / "vqkd"
+    dims = {"data.img_size": 32, "data.num_workers": 0, "model.patch_size": 4, "model.kwargs.depth": 1,
+            "model.kwargs.embed_dim": 32, "model.kwargs.num_heads": 2, "vqkd.vocab_size": 32,
+            "vqkd.decoder_depth": 1, "vqkd.eval_images": 8}
+    assert main(["tokenizer", "train", "vqkd", "--teacher", str(mae_run), "--out", str(run), "--data",
+                 "synthetic:64", "--max-steps", "1", "--batch-size", "8",
+                 *[arg for key, value in dims.items() for arg in ("--set", f"{key}={value}")]]) == 0
+    return run
+
+
 @pytest.mark.parametrize("method, base, name, value", CASES,
                          ids=[f"{method}.{name}" for method, _, name, _ in CASES])
 def test_a_non_default_setting_changes_what_a_training_step_gives(method, base, name, value, dvae_file,
-                                                                   mae_run):
-    base = located(base, dvae_file, mae_run)
+                                                                   mae_run, vqkd_run):
+    base = located(base, dvae_file, mae_run, vqkd_run)
     assert value != getattr(method_of(method).settings(), name)
     assert not same_outcomes(run_once(method, base), run_once(method, base | {name: value}))
 
 
 @pytest.mark.parametrize("method", sorted({method for method, *_ in CASES}))
-def test_two_runs_with_the_same_settings_give_the_same(method, dvae_file, mae_run):
+def test_two_runs_with_the_same_settings_give_the_same(method, dvae_file, mae_run, vqkd_run):
     """What the test above compares is deterministic: otherwise every setting would seem to reach."""
-    base = located(next(base for m, base, *_ in CASES if m == method), dvae_file, mae_run)
+    base = located(next(base for m, base, *_ in CASES if m == method), dvae_file, mae_run, vqkd_run)
     assert same_outcomes(run_once(method, base), run_once(method, base))
 
 
