@@ -159,6 +159,24 @@ S8C_FT = ("tests/eval/test_finetune.py", "tests/eval/test_finetune_view.py", "te
 S8C_CONFIG = ("tests/eval", "tests/test_config.py", "tests/test_setting_edges.py", "-m", "not slow")
 S8C_CAE = ("tests/methods/test_cae.py", "tests/interop", "-m", "not slow")
 S8C_SEG_EXPORT = ("tests/models/test_segmentation.py", "tests/interop", "-m", "not slow")
+# s9c: the tests of the ninth pass's planted bugs
+S9C_INTEROP = ("tests/interop/test_round_trip.py", "tests/interop/test_mae.py", "tests/interop/test_beit.py",
+               "tests/interop/test_args.py")
+S9C_READ_ARGS = ("tests/interop/test_args.py::"
+                 "test_each_argument_a_reference_checkpoint_carries_reaches_its_field")
+S9C_CAE_ARGS = (S9C_READ_ARGS, *(f"tests/methods/test_cae.py::test_authors_{name}" for name in (
+    "checkpoint_imports_from_its_weights_and_args", "weights_without_args_get_reported_guesses",
+    "args_give_the_heads_layer_scales_drop_path_weight_and_mask_ratio")))
+S9C_CAE = ("tests/interop/test_round_trip.py", *S9C_CAE_ARGS)
+S9C_SIMMIM = ("tests/interop/test_round_trip.py", "tests/methods/test_simmim.py")
+S9C_TEACHERS = ("tests/tokenizers/test_teachers.py",)
+S9C_BEITV2_REACHES = tuple(f"{SETTING_REACHES}[beitv2.{name}]"
+                           for name in ("mask_ratio", "min_block", "crop_scale", "color_jitter"))
+S9C_D2V_ARGS = tuple(f"tests/methods/test_data2vec.py::test_reference_{name}" for name in (
+    "checkpoint_imports_student_teacher_and_arguments", "weights_without_ema_or_arguments_are_reported",
+    "arguments_without_the_mask_count_leave_the_ratio_to_the_default")) + (S9C_READ_ARGS,)
+S9C_SIMMIM_ARGS = (S9C_READ_ARGS, "tests/methods/test_simmim.py")
+S9C_MODELS = ("tests/models/test_mae.py", "tests/models/test_vit.py", "tests/models/test_posembed.py")
 PLANTED = [
     Bug("layer decay: the loop ignores lr_scale", "src/mimkit/train/step.py",
         'group["lr"] = lr * group.get("lr_scale", 1.0)', 'group["lr"] = lr',
@@ -3017,6 +3035,87 @@ PLANTED = [
     Bug("s8c: mae: the ViTMAE export's decoder depth is the encoder's", "src/mimkit/interop/mae.py",
         "decoder_num_hidden_layers=len(model.decoder_blocks)", 'decoder_num_hidden_layers=kw["depth"]',
         S8C_INTEROP),
+    # s9c: ninth pass over models/, methods/, tokenizers/, interop/ (settings reaching their use, imports
+    # reading the checkpoint's values, export/import round trips at non-default widths, transposed grids)
+    Bug("s9c: mae: the HF ViT export's MLP width is 4x the width", "src/mimkit/interop/mae.py",
+        "intermediate_size=model.encoder.blocks[0].mlp.fc1.out_features,",
+        'intermediate_size=4 * kw["embed_dim"],', S9C_INTEROP),
+    Bug("s9c: mae: the ViTMAE export's mask ratio is the default", "src/mimkit/interop/mae.py",
+        "mask_ratio=mask_ratio,", "mask_ratio=0.75,", S9C_INTEROP),
+    Bug("s9c: mae: an HF ViTMAE config's mask ratio is the default", "src/mimkit/interop/mae.py",
+        'mask_ratio=config.get("mask_ratio", 0.75))', "mask_ratio=0.75)", S9C_INTEROP),
+    Bug("s9c: mae: the timm export's MLP ratio is 4", "src/mimkit/interop/mae.py",
+        "mlp_ratio=enc.blocks[0].mlp.fc1.out_features / enc.embed_dim)", "mlp_ratio=4.0)", S9C_INTEROP),
+    Bug("s9c: mae: an imported ViT's MLP ratio is 4", "src/mimkit/interop/mae.py",
+        'mlp_ratio = _require(state, prefix + "blocks.0.mlp.fc1.weight").shape[0] / embed_dim',
+        'mlp_ratio = 4.0 + 0 * _require(state, prefix + "blocks.0.mlp.fc1.weight").shape[0]', S9C_INTEROP),
+    Bug("s9c: mae: the HF ViT export is of three channels", "src/mimkit/interop/mae.py",
+        'num_channels=kw["in_chans"], qkv_bias=True', "num_channels=3, qkv_bias=True", S9C_INTEROP),
+    Bug("s9c: beit: the HF BEiT export's MLP width is 4x the width", "src/mimkit/interop/beit.py",
+        'intermediate_size=round(kw["embed_dim"] * kw["mlp_ratio"]), hidden_act="gelu",',
+        'intermediate_size=4 * kw["embed_dim"], hidden_act="gelu",', S9C_INTEROP),
+    Bug("s9c: beit: the HF BEiT export is of three channels", "src/mimkit/interop/beit.py",
+        'num_channels=kw["in_chans"], use_mask_token=head,', "num_channels=3, use_mask_token=head,",
+        S9C_INTEROP),
+    Bug("s9c: beit: an imported BEiT's MLP ratio is 4", "src/mimkit/interop/beit.py",
+        'mlp_ratio=state["encoder.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,', "mlp_ratio=4.0,",
+        S9C_INTEROP),
+    Bug("s9c: beit: the HF BEiT export's drop path is 0", "src/mimkit/interop/beit.py",
+        'or 0.0, drop_path_rate=kw["drop_path_rate"],', "or 0.0, drop_path_rate=0.0,", S9C_INTEROP),
+    Bug("s9c: cae: the HF export's MLP width is 4x the width", "src/mimkit/interop/cae.py",
+        'intermediate_size=round(kw["embed_dim"] * kw["mlp_ratio"]),',
+        'intermediate_size=4 * kw["embed_dim"],', S9C_CAE),
+    Bug("s9c: cae: args.layer_scale_init_value is not read", "src/mimkit/interop/cae.py",
+        '"layer_scale_init_value": "layer_scale_init",\n', "\n", S9C_CAE),
+    Bug("s9c: cae: args.align_loss_weight is not read", "src/mimkit/interop/cae.py",
+        ', "align_loss_weight": "align_weight"}', "}", S9C_CAE),
+    Bug("s9c: cae: the mask ratio is read against a 14x14 grid", "src/mimkit/interop/cae.py",
+        "grid = round((pos.shape[1] - 1) ** 0.5) if pos is not None else 14", "grid = 14", S9C_CAE),
+    Bug("s9c: simmim: the config's drop path is not read", "src/mimkit/methods/simmim.py",
+        '("MODEL", "DROP_PATH_RATE"): "drop_path_rate", ("VIT", "NUM_HEADS"): "num_heads",',
+        '("VIT", "NUM_HEADS"): "num_heads",', S9C_SIMMIM),
+    Bug("s9c: simmim: the HF export's MLP width is 4x the width", "src/mimkit/methods/simmim.py",
+        'intermediate_size=round(kw["embed_dim"] * kw["mlp_ratio"]), hidden_act="gelu",',
+        'intermediate_size=4 * kw["embed_dim"], hidden_act="gelu",', S9C_SIMMIM),
+    Bug("s9c: vit: the sin-cos table encodes the row first", "src/mimkit/models/vit.py",
+        "[_sincos_1d(half, cols.flatten()), _sincos_1d(half, rows.flatten())]",
+        "[_sincos_1d(half, rows.flatten()), _sincos_1d(half, cols.flatten())]", S9C_MODELS),
+    Bug("s9c: mae: unpatchify transposes each image", "src/mimkit/models/mae.py",
+        "x.permute(0, 5, 1, 3, 2, 4)", "x.permute(0, 5, 2, 3, 1, 4)", S9C_MODELS),
+    Bug("s9c: mae: patchify numbers the patches column-major", "src/mimkit/models/mae.py",
+        "x.permute(0, 2, 4, 3, 5, 1)", "x.permute(0, 4, 2, 3, 5, 1)", S9C_MODELS),
+    Bug("s9c: posembed: a resized relative table is transposed", "src/mimkit/models/posembed.py",
+        "z = W @ z @ W.T ", "z = (W @ z @ W.T).transpose(1, 2) ", S9C_MODELS + S9C_INTEROP),
+    Bug("s9c: importer: a timm folder's heads are not read", "src/mimkit/interop/importer.py",
+        'origin = dict.fromkeys(hints, "config.json model_args")',
+        'origin = dict.fromkeys(hints, "config.json model_args")\n    hints = {}', S9C_INTEROP),
+    Bug("s9c: mae: an imported MAE's MLP ratio does not reach its config", "src/mimkit/methods/mae.py",
+        'model_kwargs=("embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_embed_dim",',
+        'model_kwargs=("embed_dim", "depth", "num_heads", "decoder_embed_dim",', S9C_INTEROP),
+    Bug("s9c: beit: an imported BEiT's heads do not reach its config", "src/mimkit/methods/beit.py",
+        'MODEL_KWARGS = ("embed_dim", "depth", "num_heads", "mlp_ratio",',
+        'MODEL_KWARGS = ("embed_dim", "depth", "mlp_ratio",', S9C_INTEROP),
+    Bug("s9c: teachers: a teacher's tokens are laid out column-major", "src/mimkit/tokenizers/teachers.py",
+        "return tokens.transpose(1, 2).reshape(b, d, side, side)",
+        "return tokens.transpose(1, 2).reshape(b, d, side, side).transpose(2, 3)", S9C_TEACHERS),
+    Bug("s9c: teachers: a channels-last feature map is transposed", "src/mimkit/tokenizers/teachers.py",
+        'features.permute(0, 3, 1, 2) if self.model_fmt == "NHWC"',
+        'features.permute(0, 3, 2, 1) if self.model_fmt == "NHWC"', S9C_TEACHERS),
+    Bug("s9c: beitv2: the run's own settings are dropped when the tokenizer is resolved",
+        "src/mimkit/methods/beitv2.py", "settings=replace(section, tokenizer_size=config.data.img_size))",
+        "settings=BEiTv2Config(tokenizer=section.tokenizer, tokenizer_size=config.data.img_size))",
+        S9C_BEITV2_REACHES),
+    Bug("s9c: data2vec: args.attn_drop_rate is not read", "src/mimkit/methods/data2vec.py",
+        ',\n                  "attn_drop_rate": "attn_drop_rate"}', "}", S9C_D2V_ARGS),
+    Bug("s9c: data2vec: args.ema_start_at is not read", "src/mimkit/methods/data2vec.py",
+        '"ema_decay": "teacher_decay_end", "ema_start_at": "teacher_anneal_steps",',
+        '"ema_decay": "teacher_decay_end",', S9C_D2V_ARGS),
+    Bug("s9c: simmim: the config's image size is not read", "src/mimkit/methods/simmim.py",
+        ',\n                    ("DATA", "IMG_SIZE"): "img_size"}', "}", S9C_SIMMIM_ARGS),
+    Bug("s9c: cae: args.decoder_num_heads is not read", "src/mimkit/interop/cae.py",
+        '{"decoder_num_heads": "decoder_num_heads", ', "{", S9C_CAE_ARGS),
+    Bug("s9c: maskfeat: HOG patches go back to a transposed map", "src/mimkit/models/maskfeat.py",
+        "permute(0, 3, 4, 1, 5, 2, 6)", "permute(0, 3, 4, 2, 5, 1, 6)", ("tests/models/test_maskfeat.py",)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:
