@@ -64,6 +64,28 @@ def test_dataset_dict_splits_and_a_named_split(tmp_path):
         build_source(f"hf:{tmp_path / 'dd'}:nope")
 
 
+@pytest.mark.parametrize("held_out", [["validation"], ["val"], ["valid"], ["test"], ["validation", "test"],
+                                      ["valid", "test"]])
+def test_each_split_reads_its_own_rows_whatever_the_held_out_splits_are_named(tmp_path, held_out):
+    """train reads train; val reads the dataset's validation/val/valid split, else its test split; test reads
+    the test split, else the held-out one: each split's own images, never another's."""
+    sizes = {"train": 5} | {name: 2 + k for k, name in enumerate(held_out)}  # each of its own size and seed
+    splits = datasets.DatasetDict({name: labeled(n, seed=n) for name, n in sizes.items()})
+    splits.save_to_disk(str(tmp_path / "dd"))
+    served = {"train": "train", "val": held_out[0], "test": "test" if "test" in held_out else held_out[0]}
+    for split, name in served.items():
+        source, n = build_source(f"hf:{tmp_path / 'dd'}", split=split), sizes[name]
+        assert len(source) == n and torch.equal(source[n - 1][0], png(pictures(n, seed=n)[n - 1])), split
+
+
+@pytest.mark.parametrize("column", ["label", "labels", "cls", "class"])
+def test_a_label_column_of_each_known_name_is_read(tmp_path, column):
+    features = datasets.Features({"image": datasets.Image(), column: datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": pictures(3), column: [1, 0, 1]}, features=features).save_to_disk(
+        str(tmp_path / "ds"))
+    assert build_source(f"hf:{tmp_path / 'ds'}").labels == [1, 0, 1]
+
+
 def test_a_colon_in_the_path_or_a_relative_path_is_not_taken_for_a_split(tmp_path, monkeypatch):
     labeled(4).save_to_disk(str(tmp_path / "a:b" / "ds"))
     assert len(build_source(f"hf:{tmp_path / 'a:b' / 'ds'}")) == 4  # "b/ds" is no split name

@@ -394,6 +394,17 @@ def test_rescaled_size_fits_long_and_short_sides():
     assert rescaled_size(8000, 1, (2048, 512)) == (2048, 1)
 
 
+@pytest.mark.parametrize("height, width, scale", [(480, 640, (2048, 512)), (300, 40, (64, 32)),
+                                                  (7, 90, (50, 20)), (33, 65, (16, 16))])
+def test_rescaled_size_of_a_turned_image_is_the_turned_size(height, width, scale):
+    """A portrait image gets the landscape image's size turned: a fit that read the sides in a fixed order
+    (height as the long side, or its result as (width, height)) shows on non-square images only."""
+    size = rescaled_size(height, width, scale)
+    assert rescaled_size(width, height, scale) == size[::-1]
+    assert max(size) <= max(scale) + 1 and min(size) <= min(scale) + 1
+    assert (size[0] > size[1]) == (height > width)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_train_view_keeps_mask_on_image(channels):
     image, mask = checkerboard(60, 90, 7, channels)

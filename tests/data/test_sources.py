@@ -556,6 +556,18 @@ def test_both_parts_keep_the_sources_order():
     assert train.indices == sorted(train.indices) and val.indices == sorted(val.indices)
 
 
+@pytest.mark.parametrize("n, num_classes, fraction", [(100, 4, 0.2), (7, 3, 0.5), (10, 1, 0.3), (9, 2, 0.7)])
+def test_each_part_of_a_hold_out_is_its_own_images_with_their_labels(n, num_classes, fraction):
+    """The two parts share no image and together are the whole source; each part's ``labels`` are its own
+    images' labels, position by position (not the source's, nor another part's), as its items say."""
+    source = SyntheticSource(n=n, num_classes=num_classes, image_size=4)
+    parts = split_train_val(source, fraction, seed=3)
+    assert sorted(parts[0].indices + parts[1].indices) == list(range(n))
+    for part in parts:
+        assert part.labels == [source.labels[i] for i in part.indices] == [label for _, label in part]
+        assert torch.equal(part[len(part) - 1][0], source[part.indices[-1]][0])
+
+
 def test_split_train_val_unlabeled(tmp_path):
     for i in range(10):
         save(tmp_path / f"{i}.png", "L")

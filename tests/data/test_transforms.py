@@ -2,7 +2,7 @@ import pickle
 
 import pytest
 import torch
-from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms import RandomResizedCrop, v2
 
 from mimkit.data.transforms import BEiTView, crop_view, denormalize, eval_view, mae_view, normalize
 from mimkit.errors import MimkitError
@@ -169,6 +169,22 @@ def test_eval_view_takes_the_imagenet_crop_from_128_px_up(img_size, crop_pct):
 def test_eval_view_refuses_a_crop_pct_outside_0_1(crop_pct):
     with pytest.raises(MimkitError, match=rf"crop_pct={crop_pct} must be in \(0, 1\]"):
         eval_view(32, MEAN, STD, crop_pct=crop_pct)
+
+
+@pytest.mark.parametrize("height, width", [(12, 40), (40, 12), (17, 23)])
+def test_a_crop_view_of_a_non_square_image_is_torchvisions_crop_and_flip(height, width):
+    """On images taller or wider than square, the crop box the view draws (its top and left, its height and
+    width) and cuts is the one torchvision's RandomResizedCrop cuts under the same seed: a box read in another
+    order moves off the image or turns it, which a square image hides."""
+    image = random_image(3, height, width, seed=height)
+    view = crop_view(8, (0.0,) * 3, (1.0,) * 3, scale=(0.1, 0.5))
+    crop = v2.RandomResizedCrop(8, (0.1, 0.5), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    reference = v2.Compose([crop, v2.RandomHorizontalFlip()])
+    for seed in range(6):
+        torch.manual_seed(seed)
+        expected = reference(image)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(view(image)["image"], expected.float() / 255)
 
 
 def test_crop_view_gives_the_image_alone():

@@ -30,6 +30,7 @@ from mimkit.eval.finetune import (
     same_images,
 )
 from mimkit.eval.scores import classification_accuracy
+from mimkit.eval.subsets import make_splits
 from mimkit.models.classifier import FineTuned, block_features, build_classifier, pooled_features
 from mimkit.models.vit import build_vit
 from mimkit.runs import latest_weights, load_encoder, saved_values
@@ -382,6 +383,31 @@ def test_a_finetune_run_reports_its_splits_length_and_test_numbers(mae_run, tmp_
     assert 0 < results["wall_s"] < 600
 
 
+@pytest.mark.parametrize("val_fraction", [0.25, 0.0])
+def test_a_finetune_run_scores_each_split_on_its_own_images(mae_run, tmp_path, monkeypatch, val_fraction):
+    """Validation reads the part held out of train/ (never the training subset) or, without a hold-out, val/;
+    the test number reads test/: each evaluation's images and labels, pixel by pixel, are its own split's."""
+    scored, real = {}, finetune.classification_accuracy
+
+    def spy(model, loader, device, desc="eval"):
+        scored.setdefault(desc, list(loader.dataset.source))
+        return real(model, loader, device, desc)
+
+    monkeypatch.setattr(finetune, "classification_accuracy", spy)
+    folder = str(three_split_folder(tmp_path / "shapes"))
+    run_finetune(from_dict(FinetuneConfig, {"encoder": str(mae_run), "eval_batch_size": 4,
+                                            "data": {"source": folder, "num_workers": 0},
+                                            "labels": {"val_fraction": val_fraction},
+                                            "train": {"batch_size": 4, "max_steps": 1}}), tmp_path / "ft")
+    train = build_source(folder, "train")
+    val = (torch.utils.data.Subset(train, make_splits(train, 1.0, val_fraction).val) if val_fraction
+           else build_source(folder, "val"))
+    for desc, source in (("val", val), ("test", build_source(folder, "test"))):
+        expected = list(source)
+        assert [label for _, label in scored[desc]] == [label for _, label in expected]
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(scored[desc], expected, strict=True))
+
+
 @pytest.fixture(scope="module")
 def ft_run(mae_run, tmp_path_factory) -> Path:
     """A fine-tuning run of 2 steps on 16 synthetic images, a checkpoint at each step."""
@@ -457,3 +483,10 @@ class Images(torch.utils.data.Dataset):
 ])
 def test_same_images_compares_length_labels_and_images(other, same):
     assert same_images(Images([0.0, 1.0, 2.0], [0, 1, 0]), other) is same
+
+
+def test_same_images_looks_past_the_first_images_of_a_long_split():
+    """Of 20 images, the few compared spread to the last: splits that differ in their last image differ."""
+    first = [float(i) for i in range(20)]
+    assert same_images(Images(first, [0] * 20), Images(first, [0] * 20))
+    assert not same_images(Images(first, [0] * 20), Images(first[:-1] + [99.0], [0] * 20))

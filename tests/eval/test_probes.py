@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from mimkit.cli import main
+from mimkit.data.loader import eval_loader
+from mimkit.data.sources import build_source
 from mimkit.data.synthetic import SyntheticSource
 from mimkit.data.transforms import eval_view
 from mimkit.errors import MimkitError
 from mimkit.eval import features as features_module
 from mimkit.eval.config import KnnConfig, LinprobeConfig
-from mimkit.eval.features import cached_features, probe_data, weights_digest
+from mimkit.eval.features import ProbeData, cached_features, extract_features, probe_data, weights_digest
 from mimkit.eval.knn import knn_accuracy, knn_scores, run_knn
 from mimkit.eval.lars import LARS
 from mimkit.eval.linprobe import LinearProbe, probe_accuracy, run_linprobe, single_thread, train_linear_probe
@@ -27,6 +29,7 @@ from mimkit.eval.scores import (
     write_results,
     write_segmentation_results,
 )
+from mimkit.eval.subsets import make_splits
 from mimkit.models.classifier import pooled_features
 from mimkit.models.vit import build_vit
 from mimkit.runs import load_encoder, read_run
@@ -375,6 +378,32 @@ def test_probe_data_extracts_with_the_workers_asked_for_through_the_encoders_vie
     assert spec.mean != spec.std and asked == [(2, repr(eval_view(spec.img_size, spec.mean, spec.std)))] * 2
 
 
+@pytest.mark.parametrize("label_fraction, val_fraction, layers", [(1.0, 0.5, None), (0.5, 0.25, None),
+                                                                    (0.5, 0.25, (1, 2))])
+def test_each_part_of_probe_data_holds_the_features_and_labels_of_its_own_images(mae_run, tmp_path,
+                                                                                 label_fraction, val_fraction,
+                                                                                 layers):
+    """Train, held-out val and test each hold the features of their own images, extracted afresh through the
+    encoder's view: the label subset of the train split, the part held out of it (never the training
+    subset's features again), the test split (same size as train here, so a cache shared between the splits
+    would show). Final features and per-block features alike."""
+    encoder = load_encoder(mae_run)
+    data = probe_data(encoder, "synthetic:40", "avg", label_fraction=label_fraction,
+                      val_fraction=val_fraction, seed=3, cache_dir=tmp_path / "features", layers=layers)
+    spec = encoder.spec.data
+    view = eval_view(spec.img_size, spec.mean, spec.std)
+    train, test = build_source("synthetic:40", "train"), build_source("synthetic:40", "test")
+    splits = make_splits(train, label_fraction, val_fraction, seed=3)
+    assert splits.val and not set(splits.val) & set(splits.train)
+    assert (len(splits.train) < 40 - len(splits.val)) == (label_fraction < 1)  # a subset of the rest
+    for part, source, indices in [(data.train, train, splits.train), (data.val, train, splits.val),
+                                  (data.test, test, range(40))]:
+        loader = eval_loader(torch.utils.data.Subset(source, list(indices)), view, 8, 0)
+        expected = extract_features(encoder.model, loader, "avg", torch.device("cpu"), layers=layers)
+        torch.testing.assert_close(part[0], expected[0])
+        assert part[1].tolist() == expected[1].tolist() == [source.labels[i] for i in indices]
+
+
 def test_lars_steps_a_bias_by_plain_sgd_and_scales_a_matrix_by_its_trust_ratio():
     """LARS scales a weight matrix's step to the matrix's norm (eta |w| / |g + wd w|) and leaves a bias (any
     1-d parameter) a plain SGD step, without weight decay: MAE's linear probe."""
@@ -447,6 +476,23 @@ def test_a_probe_run_scores_its_held_out_part_beside_the_test_split(mae_run, tmp
     assert {"val_top1", "val_top5", "test_top1", "test_top5"} <= results.keys()
     assert results["train_images"] == 20
     assert {"val_top1", "test_top1"} <= read_metrics(tmp_path / "out")[-1].keys()
+
+
+@pytest.mark.parametrize("protocol", PROBE_RUNS)
+def test_a_probe_run_scores_each_part_on_its_own_features(mae_run, tmp_path, monkeypatch, protocol):
+    """The neighbours or the probe come from the training part alone, and each number from its own part: the
+    held-out part is labelled against its clusters (0% top-1) and the test split with them (100%), so scoring
+    one part on the other's features, or drawing neighbours from the held-out part, shows; ``train_images``
+    counts the training part alone."""
+    val_x, val_y = clusters(8, seed=1)
+    parts = ProbeData(train=clusters(20), val=(val_x, (val_y + 2) % 5), test=clusters(8, seed=2),
+                      num_classes=5)
+    monkeypatch.setattr(f"mimkit.eval.{protocol}.probe_data", lambda *args, **kwargs: parts)
+    run, config, _, _ = PROBE_RUNS[protocol]
+    quick = {"epochs": 30, "batch_size": 64} if protocol == "linprobe" else {}
+    config = dataclasses.replace(config, val_fraction=0.3, **quick)
+    results = run(load_encoder(mae_run), config, tmp_path / "out")
+    assert (results["val_top1"], results["test_top1"], results["train_images"]) == (0.0, 100.0, 100)
 
 
 def test_a_knn_run_with_k_above_its_training_images_records_the_k_it_used(mae_run, tmp_path):
