@@ -2,6 +2,7 @@
 does the work, which is replaced here by a recorder (the commands themselves run in the slow tests), and
 what the command prints and returns from that function's answer."""
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -267,6 +268,21 @@ def test_probe_defaults(calls, tmp_path):
     assert (config.init, config.pool) == ("pretrained", "cls")
     assert (config.label_fraction, config.val_fraction) == (1.0, 0.0)
     assert (config.seed, config.layer, calls[1].args[3]) == (0, None, False)
+
+
+@pytest.mark.parametrize("command", ["linprobe", "knn"])
+def test_each_probe_flags_default_is_its_settings_default(command):
+    """Every setting of the probe a command builds, no flag given, is the default its settings class (and
+    the README) documents, e.g. knn's k=20 and T=0.07 (DINO's), linprobe's 100 epochs at lr 0.1: only the
+    run and data named, and the command's extra loader process, differ."""
+    args = cli.build_parser().parse_args([command, "enc", "--data", "synthetic:8", "--out", "o"])
+    config = cli.probe_config(args)
+    differing = {"encoder": "enc", "data": "synthetic:8", "num_workers": 1}
+    for setting in dataclasses.fields(config):
+        assert getattr(config, setting.name) == differing.get(setting.name, setting.default), setting.name
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    if command == "knn":
+        assert f"cosine k-NN, k={args.k}, T={args.temperature} (DINO)" in readme
 
 
 def test_segment_takes_the_recipes_part_for_the_encoders_method_before_set(calls, monkeypatch, tmp_path):

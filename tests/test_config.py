@@ -2,13 +2,17 @@
 
 import dataclasses
 import shutil
+import types
+import typing
 
 import pytest
 import torch
 import yaml
 
+import mimkit.eval.config as eval_config
 from mimkit.config import (
     DataConfig,
+    PretrainConfig,
     TrainConfig,
     check_crop_scale,
     check_range,
@@ -34,7 +38,7 @@ from mimkit.eval.config import (
     SegmentOptimConfig,
 )
 from mimkit.methods import METHODS
-from mimkit.registry import method_of, read_config
+from mimkit.registry import method_of, read_config, registered
 from mimkit.runs import config_path, keep_config, load_config, load_encoder, load_run
 
 
@@ -289,3 +293,64 @@ def test_one_normalization_value_serves_every_channel():
         DataConfig(channels=3, std=[0.25, 0.25])
     with pytest.raises(MimkitError, match="'data.std' must be positive"):
         DataConfig(std=[0.25, 0.0, 0.25])  # a zero divides by zero
+
+
+def setting_classes() -> list[type]:
+    """Every dataclass of settings a run reads: the pretraining sections, each method's own, each
+    evaluation's, and the sections they nest."""
+    found: dict[str, type] = {}
+
+    def walk(cls):
+        if cls.__qualname__ not in found:
+            found[cls.__qualname__] = cls
+            for hint in typing.get_type_hints(cls).values():
+                if dataclasses.is_dataclass(hint):
+                    walk(hint)
+
+    roots = [PretrainConfig, *(m.settings for m in registered().values() if m.settings)]
+    for cls in roots + [v for v in vars(eval_config).values() if dataclasses.is_dataclass(v)]:
+        walk(cls)
+    return sorted(found.values(), key=lambda cls: cls.__qualname__)
+
+
+WRONG_TYPED = (True, 3, 0.5, "fast", ["fast"], {"a": 1})  # one value of each YAML type
+
+
+def takes(hint, value) -> bool:
+    """Whether a setting annotated ``hint`` may hold ``value`` (an int where a number goes; YAML's true
+    is no number)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(takes(choice, value) for choice in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        items = typing.get_args(hint)
+        if not isinstance(value, list) or (typing.get_origin(hint) is tuple and len(items) != len(value)):
+            return False
+        return all(takes(items[0], v) for v in value)
+    if dataclasses.is_dataclass(hint):  # a section: a mapping (its own settings are checked on their own)
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) and hint is not type(None) else value is None
+
+
+@pytest.mark.parametrize("cls", setting_classes(), ids=lambda cls: cls.__qualname__)
+def test_every_setting_refuses_every_value_of_another_type(cls):
+    """Each setting of each section, given a value of each YAML type it does not take (a bool setting 1 or
+    'fast', an int 0.5, a number 'fast', a list a mapping ...), is a one-line error naming its key, never
+    taken as it is (``train.compile: 1`` must not turn compiling on)."""
+    hints = typing.get_type_hints(cls)
+    accepted = []
+    for setting in dataclasses.fields(cls):
+        hint = hints[setting.name]
+        if hint is typing.Any:
+            continue
+        for value in (v for v in WRONG_TYPED if not takes(hint, v)):
+            try:
+                from_dict(cls, {setting.name: value})
+            except MimkitError as err:
+                assert f"config '{setting.name}' must be" in str(err), (setting.name, value, str(err))
+            else:
+                accepted.append((setting.name, value))
+    assert not accepted, f"{cls.__qualname__} took values of another type: {accepted}"

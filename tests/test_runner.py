@@ -125,12 +125,15 @@ def test_the_loop_gets_the_runs_upkeep_records_and_evaluation(kind, mae_run, tmp
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_optimizer_takes_the_configured_betas(kind, mae_run, tmp_path, monkeypatch):
+def test_the_optimizer_takes_the_configured_betas_and_weight_decay(kind, mae_run, tmp_path, monkeypatch):
+    """Both of each kind's ``optim`` settings that reach the optimizer itself, at values no default has:
+    the betas of every group, the weight decay of those that decay (biases, norms and tokens at 0)."""
     captured = Captured(monkeypatch)
     argv = command(kind, mae_run, tmp_path) + ["--max-steps", "2", "--out", str(tmp_path / kind)]
-    assert main(argv + ["--set", "optim.betas=[0.5,0.75]"]) == 130
+    assert main(argv + ["--set", "optim.betas=[0.5,0.75]", "--set", "optim.weight_decay=0.125"]) == 130
     (optimizer, *_), _ = captured.arguments[0]
     assert {group["betas"] for group in optimizer.param_groups} == {(0.5, 0.75)}
+    assert {group["weight_decay"] for group in optimizer.param_groups} == {0.0, 0.125}
 
 
 def test_finetunes_eval_every_counts_epochs(mae_run, tmp_path, monkeypatch):
@@ -260,10 +263,11 @@ def test_gradient_checkpointing_of_a_job_without_vit_blocks_is_one_line(checkpoi
 
 
 def tiny_job() -> Job:
-    """A pretraining job of a linear model, for the runner's own steps (its loop is `Captured`)."""
+    """A pretraining job of a linear model, for the runner's own steps (its loop is `Captured`), using 1 data
+    worker of the 3 it asked for."""
     model = torch.nn.Linear(2, 2)
     return Job("pretraining", PretrainConfig(), model, None, None, param_groups(model, 0), (0.9, 0.95),
-               SimpleNamespace(schedule=None), 0, 0, "a test job", ["data      two points"])
+               SimpleNamespace(schedule=None), 1, 3, "a test job", ["data      two points"])
 
 
 def test_the_summary_and_its_engine_line_go_to_the_given_report_only(tmp_path, monkeypatch, caplog):
@@ -273,6 +277,7 @@ def test_the_summary_and_its_engine_line_go_to_the_given_report_only(tmp_path, m
         mimkit.runner.run_job(run, tiny_job(), reports.append)
     assert len(reports) == 1 and reports[0][0] == "data      two points"
     assert reports[0][1].startswith("engine    cpu, 1 process, fp32") and not caplog.records
+    assert ", 1 data worker (asked 3; " in reports[0][1]  # the workers used, then those asked for
 
 
 def test_a_trained_runs_configuration_is_checked_at_its_newest_step(tmp_path, monkeypatch):

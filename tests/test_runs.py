@@ -14,7 +14,7 @@ import yaml
 
 import mimkit.runs as runs
 from mimkit.cli import main
-from mimkit.config import to_dict
+from mimkit.config import merge, to_dict
 from mimkit.errors import MimkitError
 from mimkit.eval.config import FinetuneConfig
 from mimkit.registry import read_config
@@ -22,6 +22,7 @@ from mimkit.runs import (
     DATA_FACTS,
     LOCK,
     OUT_MARK,
+    RESUMABLE_CHANGES,
     best_weights,
     claim_out_dir,
     config_path,
@@ -318,6 +319,59 @@ def test_a_trained_run_refuses_to_resume_with_what_its_steps_compute_changed(tmp
     run, text = trained_mae_run(tmp_path)
     with pytest.raises(MimkitError, match=rf"other settings \({re.escape(changed_setting(change))} "):
         keep_config(run, read_config(changed_mae_values(change)), "pretraining", 1)
+    assert config_path(run).read_text() == text
+
+
+def leaves(values: dict, prefix: str = "") -> dict:
+    """``{"dotted.key": value}`` for every leaf of nested ``values``."""
+    found = {}
+    for key, value in values.items():
+        found |= leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return found
+
+
+def another_value(key: str, value):
+    """A value other than ``value`` that setting ``key`` of an MAE run takes (a flag flipped, a number or the
+    last of a list nudged, a name lengthened, an unset setting given the first that fits)."""
+    if isinstance(value, bool):
+        candidates = [not value]
+    elif isinstance(value, (int, float)):
+        candidates = [value + 1, value / 2 + 0.01]
+    elif isinstance(value, list):
+        candidates = [value[:-1] + [value[-1] / 2]]
+    elif isinstance(value, str):
+        candidates = [value + "x"]
+    else:
+        candidates = [16, 0.5, [0.5]]
+    for candidate in candidates:
+        *parents, leaf = key.split(".")
+        change = {leaf: candidate}
+        for part in reversed(parents):
+            change = {part: change}
+        try:
+            return read_config(merge(MAE_VALUES, change))
+        except MimkitError:
+            continue
+    raise AssertionError(f"no other value of {key} found")
+
+
+# the settings that change no step of a run, written out here rather than read from `RESUMABLE_CHANGES` (a
+# setting wrongly added there would otherwise leave the check below as well)
+UPKEEP = {"train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_last", "train.log_every",
+          "train.compile", "data.num_workers", "data.skip_bad_images", "data.max_bad_images", "data.root"}
+
+
+def test_every_setting_outside_the_resumable_ones_is_refused_on_resume(tmp_path):
+    """Each setting of a saved MAE run (every section's, the method's own) outside its length and upkeep,
+    changed alone, is refused and named, so no setting that changes what a step computes slips through (the
+    normalization, the largest image, clipping, betas, the mask ratio ...)."""
+    assert UPKEEP == RESUMABLE_CHANGES - {"eval_batch_size"}  # an evaluation's, tested beside the MAE run's
+    run, text = trained_mae_run(tmp_path)
+    settings = leaves(to_dict(read_config(MAE_VALUES)))
+    checked = [key for key in settings if key not in UPKEEP and key != "method"]
+    for key in checked:
+        with pytest.raises(MimkitError, match=rf"other settings \({re.escape(key)} "):
+            keep_config(run, another_value(key, settings[key]), "pretraining", 1)
     assert config_path(run).read_text() == text
 
 

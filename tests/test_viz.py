@@ -166,6 +166,36 @@ def test_token_maps_draw_one_fixed_shade_per_code_normalized_like_the_images():
     assert gray.shape == (1, 1, 6, 6)
 
 
+def test_token_maps_put_each_code_at_its_own_patch_of_a_wide_map():
+    """A 2 x 3 map of six codes (no symmetry): the patch in row i, column j has the shade of code ids[i, j]
+    alone, so a transposed or flipped map shows."""
+    ids = torch.tensor([[[0, 1, 2], [3, 4, 5]]])
+    maps = token_maps(ids, 6, 2, 3, MEAN, STD)
+    assert maps.shape == (1, 3, 4, 6)
+    shade = [token_maps(torch.full((1, 1, 1), code), 6, 2, 3, MEAN, STD)[0, :, 0, 0] for code in range(6)]
+    for i in range(2):
+        for j in range(3):
+            patch = maps[0, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2]
+            assert torch.equal(patch, shade[ids[0, i, j]].view(3, 1, 1).expand(3, 2, 2)), (i, j)
+
+
+def test_grid_keeps_a_wide_tiles_orientation():
+    """A wide (8 x 12) tile with bright pixels in no symmetric pattern (a corner, inner points): the picture
+    shows each pixel where it is, upscaled, not mirrored, transposed or stretched."""
+    tile = torch.zeros(1, 1, 8, 12)
+    tile[0, 0, 0, 11] = tile[0, 0, 1, 9] = tile[0, 0, 6, 2] = 1.0
+    picture = image_grid({"wide": tile}, [0.0], [1.0])
+    scale, pad, header = 112 // 8, 4, 18
+    assert picture.size == (12 * scale + 2 * pad, header + 8 * scale + 2 * pad)
+
+    def at(x, y):  # a tile pixel's centre in the picture
+        return picture.getpixel((pad + x * scale + scale // 2, header + pad + y * scale + scale // 2))
+
+    for y in range(8):
+        for x in range(12):
+            assert at(x, y) == ((255, 255, 255) if tile[0, 0, y, x] else (0, 0, 0)), (x, y)
+
+
 def tiny_vqkd() -> VQKD:
     torch.manual_seed(0)
     return VQKD(img_size=16, patch_size=4, teacher_dim=8, vocab_size=6, code_dim=4, embed_dim=16, depth=1,
