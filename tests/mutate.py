@@ -3309,6 +3309,23 @@ PLANTED = [
     Bug("s9a: kinds: the segmentation kind is not among the built-in ones", "src/mimkit/kinds.py",
         '"mimkit.eval.finetune", "mimkit.eval.segment", "mimkit.eval.linprobe",',
         '"mimkit.eval.finetune", "mimkit.eval.linprobe",', ("tests/test_kinds.py",)),
+    # fresh set 13's survivors (tests/README.md, "Thirteenth fresh set")
+    Bug("fresh set 13: crop decode: a crop-decodable JPEG above data.max_image_pixels is decoded, not refused",
+        "src/mimkit/data/crop_decode.py",
+        "    if header is None or not header.crop_decodable or header.width * header.height > max_pixels:",
+        "    if header is None or not header.crop_decodable:",
+        ("tests/data/test_crop_decode.py::test_a_crop_decodable_jpeg_above_the_pixel_cap_is_refused_and_one_at_"
+         "it_decoded",)),
+    Bug("fresh set 13: finetune: a run with an EMA hands out its raw weights, not the EMA's, as its encoder",
+        "src/mimkit/eval/finetune.py",
+        "    return (model.ema.module if config.ema_decay else model.classifier), weights",
+        "    return model.classifier, weights",
+        ("tests/eval/test_finetune.py::test_a_finetuned_encoder_of_a_run_with_an_ema_is_the_emas_weights",)),
+    Bug("fresh set 13: MAE import: a released model name's decoder is 4 blocks deep, not the paper's 8",
+        "src/mimkit/interop/mae.py",
+        "_MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)",
+        "_MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16)",
+        ("tests/interop/test_mae.py::test_a_released_model_name_fixes_the_papers_encoder_and_decoder",)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

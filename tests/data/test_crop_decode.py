@@ -57,6 +57,15 @@ def test_crop_decode_of_a_grey_jpeg_and_restart_markers():
                                decode_then_crop(data, mode, box))
 
 
+def test_a_crop_decodable_jpeg_above_the_pixel_cap_is_refused_and_one_at_it_decoded():
+    data = jpeg(photo(64, 48))
+    assert read_header(data, "RGB").crop_decodable
+    whole = lambda h, w: (0, 0, h, w)  # noqa: E731
+    assert crop_decode(data, "RGB", whole, max_pixels=64 * 48).shape == (3, 48, 64)
+    with pytest.raises(ValueError, match="max_image_pixels=3071"):
+        crop_decode(data, "RGB", whole, max_pixels=64 * 48 - 1)
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_crop_decode_turns_the_box_for_exif_orientation_not_the_image(orientation):
     data = jpeg(photo(90, 60), orientation)

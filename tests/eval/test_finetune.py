@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_file, save_model
 
 import mimkit.eval.finetune as finetune
 from mimkit.cli import main
@@ -427,6 +427,19 @@ def test_a_finetuned_encoder_comes_from_the_weights_asked_for_else_the_best(ft_r
     assert all(torch.equal(kept[f"classifier.{k}"], v) for k, v in model.state_dict().items())
     encoder = load_encoder(ft_run)  # as predict and the probes take it: in eval mode (drop path off)
     assert not any(module.training for module in encoder.model.modules())
+
+
+def test_a_finetuned_encoder_of_a_run_with_an_ema_is_the_emas_weights(ft_run, tmp_path):
+    """What the probes, predict and export take from a run that kept an EMA: the EMA's classifier, not the
+    raw weights (the EMA is what its accuracy and "best" were judged by)."""
+    config = read_finetune({**saved_values(ft_run), "ema_decay": 0.9})
+    model = finetuned_model(config)
+    perturb(model.ema.module)
+    save_model(model, str(tmp_path / "ema.safetensors"))
+    encoder, _ = finetuned_encoder(config, ft_run, tmp_path / "ema.safetensors")
+    ema, raw = model.ema.module.state_dict(), model.classifier.state_dict()
+    assert all(torch.equal(ema[k], v) for k, v in encoder.state_dict().items())
+    assert not torch.equal(encoder.state_dict()["head.weight"], raw["head.weight"])
 
 
 def test_a_classifier_predicts_the_top_classes_of_each_image(ft_run, tmp_path):

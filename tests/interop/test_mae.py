@@ -17,7 +17,7 @@ from mimkit.cli import main
 from mimkit.errors import MimkitError
 from mimkit.interop.export import export_model, export_run
 from mimkit.interop.importer import _nearest_name, import_checkpoint
-from mimkit.interop.mae import arch_from_hf_config
+from mimkit.interop.mae import OFFICIAL_MAE_MODELS, arch_from_hf_config, model_name_fields
 from mimkit.models.vit import sincos_pos_embed_2d
 from mimkit.runs import load_run
 from tests.conftest import TINY_MAE_KWARGS, perturb
@@ -87,6 +87,24 @@ def test_official_layout_imports_with_its_decoder(mae_run, tmp_path):
     ours = model.state_dict()
     decoder = {k: v for k, v in official.items() if k.startswith(("decoder", "mask_token"))}
     assert all(torch.equal(ours[k], v) for k, v in decoder.items())
+
+
+# The MAE paper's released models (its Table of ViT sizes; decoder: 512-d, 8 blocks, 16 heads), written out
+# here rather than read from the importer's table, so a wrong entry there fails
+_PAPER_ENCODERS = {"base": (16, 768, 12, 12), "large": (16, 1024, 24, 16), "huge": (14, 1280, 32, 16)}
+
+
+@pytest.mark.parametrize("size", _PAPER_ENCODERS)
+def test_a_released_model_name_fixes_the_papers_encoder_and_decoder(size):
+    patch, width, depth, heads = _PAPER_ENCODERS[size]
+    encoder = dict(patch_size=patch, embed_dim=width, depth=depth, num_heads=heads)
+    decoder = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+    name = f"vit_{size}_patch{patch}"
+    assert model_name_fields(name, OFFICIAL_MAE_MODELS)[0] == encoder
+    for pretraining in (f"mae_{name}", f"mae_{name}_dec512d8b"):
+        fields, origin = model_name_fields(pretraining, OFFICIAL_MAE_MODELS)
+        assert fields == encoder | decoder
+        assert set(origin.values()) == {f"args.model {pretraining!r}"}
 
 
 def test_encoder_only_file_gets_a_fresh_decoder(tmp_path):
