@@ -110,6 +110,8 @@ CLASSIFIER_KEEPS = "tests/eval/test_finetune.py::test_classifier_keeps_every_enc
 BEIT_MODEL_PY = "src/mimkit/models/beit.py"
 MAE_MODEL_PY = "src/mimkit/models/mae.py"
 MASKDISTILL_MODEL_PY = "src/mimkit/models/maskdistill.py"
+S10C_PAPER = "tests/test_paper_constants.py"
+S10C_CAE = ("tests/methods/test_cae.py",)
 BEITV2_TESTS = tuple(f"tests/methods/test_beitv2.py::test_{name}" for name in (  # s7b: the fast ones
     "default_agg_layer_follows_the_paper_and_scales_down",
     "head_reads_the_final_cls_and_layer_l_patch_tokens",
@@ -3327,6 +3329,58 @@ PLANTED = [
         "_MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)",
         "_MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16)",
         ("tests/interop/test_mae.py::test_a_released_model_name_fixes_the_papers_encoder_and_decoder",)),
+    # s10c: the tenth pass over models/, methods/, tokenizers/, interop/ and their recipes: every table of
+    # paper constants (tests/test_paper_constants.py writes each out), second values and rare sizes first
+    Bug("s10c: vit: ViT-L has 12 heads, not the paper's 16", "src/mimkit/models/vit.py",
+        '"vit_large": dict(embed_dim=1024, depth=24, num_heads=16',
+        '"vit_large": dict(embed_dim=1024, depth=24, num_heads=12',
+        ("tests/models/test_vit.py", S10C_PAPER)),
+    Bug("s10c: vit: ViT-H is 24 blocks deep, not the paper's 32", "src/mimkit/models/vit.py",
+        '"vit_huge": dict(embed_dim=1280, depth=32', '"vit_huge": dict(embed_dim=1280, depth=24',
+        ("tests/models/test_vit.py", S10C_PAPER)),
+    Bug("s10c: mae: ViT-L's decoder is 4 blocks deep, not the paper's 8", "src/mimkit/models/mae.py",
+        '"vit_large": (512, 8, 16),', '"vit_large": (512, 4, 16),', ("tests/models/test_mae.py", S10C_PAPER)),
+    Bug("s10c: VQ-KD import: the DINO tokenizer's name gives a 3-block decoder", "src/mimkit/interop/vqkd.py",
+        '(1, "dino")', '(3, "dino")', ("tests/interop/test_vqkd.py", S10C_PAPER)),
+    Bug("s10c: CAE import: the large model name gives 12 heads, not 16", "src/mimkit/interop/cae.py",
+        '("large", 1024, 24, 16))', '("large", 1024, 24, 12))', (*S10C_CAE, S10C_PAPER)),
+    Bug("s10c: MAE import: ViT-H's released names give 16-pixel patches, not 14", "src/mimkit/interop/mae.py",
+        "_VIT_H = dict(patch_size=14", "_VIT_H = dict(patch_size=16", ("tests/interop/test_mae.py",
+        S10C_PAPER)),
+    Bug("s10c: MAE import: the large decoder-named checkpoint gets ViT-B's encoder",
+        "src/mimkit/interop/mae.py",
+        '"mae_vit_large_patch16_dec512d8b": _VIT_L | _MAE_DECODER',
+        '"mae_vit_large_patch16_dec512d8b": _VIT_B | _MAE_DECODER',
+        ("tests/interop/test_mae.py", S10C_PAPER)),
+    Bug("s10c: data2vec import: an argument-less checkpoint's final teacher decay is 0.9999",
+        "src/mimkit/methods/data2vec.py",
+        '"teacher_decay_end": 0.9998', '"teacher_decay_end": 0.9999', ("tests/methods/test_data2vec.py",
+        S10C_PAPER)),
+    Bug("s10c: SimMIM import: an argument-less checkpoint's mask patch is 16, not 32",
+        "src/mimkit/methods/simmim.py",
+        '"mask_patch_size": 32}', '"mask_patch_size": 16}', ("tests/methods/test_simmim.py", S10C_PAPER)),
+    Bug("s10c: segmentation: the pyramid pooling drops its 6x6 scale", "src/mimkit/models/segmentation.py",
+        "POOL_SCALES = (1, 2, 3, 6)", "POOL_SCALES = (1, 2, 3)", ("tests/models/test_segmentation.py",
+        S10C_PAPER)),
+    Bug("s10c: segmentation: the deepest tap is block 10, not the last", "src/mimkit/models/segmentation.py",
+        "PAPER_BLOCKS = (3, 5, 7, 11)", "PAPER_BLOCKS = (3, 5, 7, 10)", ("tests/models/test_segmentation.py",
+        S10C_PAPER)),
+    Bug("s10c: beit: BEiT-L's layer scale is 0.1, not the paper's 1e-5", "src/mimkit/models/beit.py",
+        'return _beit("vit_large", 1e-5', 'return _beit("vit_large", 0.1', ("tests/models/test_beit.py",
+        S10C_PAPER)),
+    Bug("s10c: beitv2_in1k: crops from 8% of the image, not BEiT v2's 20%",
+        "src/mimkit/recipes/beitv2_in1k.yaml",
+        "  crop_scale: [0.2, 1.0]", "  crop_scale: [0.08, 1.0]", ("tests/methods/test_beitv2.py",
+        S10C_PAPER)),
+    Bug("s10c: maskdistill_in1k: Adam's second beta is 0.999, not 0.98",
+        "src/mimkit/recipes/maskdistill_in1k.yaml",
+        "  betas: [0.9, 0.98] ", "  betas: [0.9, 0.999] ", ("tests/methods/test_maskdistill.py", S10C_PAPER)),
+    Bug("s10c: segment_ade20k: BEiT v2's layer decay is 0.65, not 0.75",
+        "src/mimkit/recipes/segment_ade20k.yaml",
+        "optim: {base_lr: 8.0e-4, layer_decay: 0.75}", "optim: {base_lr: 8.0e-4, layer_decay: 0.65}",
+        ("tests/eval/test_segment.py", S10C_PAPER)),
+    Bug("s10c: data2vec_in1k: no attention dropout", "src/mimkit/recipes/data2vec_in1k.yaml",
+        "attn_drop_rate: 0.05 ", "attn_drop_rate: 0.0 ", ("tests/methods/test_data2vec.py", S10C_PAPER)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:
