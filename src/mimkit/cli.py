@@ -295,7 +295,8 @@ def add_segment_commands(commands) -> None:
     evaluate.add_argument("run", help="a segmentation run directory (its best weights are scored)")
     evaluate.add_argument("--out", required=True,
                           help="a new folder for results.json and the confusion matrix")
-    evaluate.add_argument("--split", choices=("val", "train"), default="val")
+    evaluate.add_argument("--split", choices=("val", "train"), default="val",
+                          help="the split scored (default val)")
     evaluate.add_argument("--data", help="another folder with the run's classes (default: the run's data)")
     add_tta(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=1,
