@@ -308,7 +308,8 @@ def test_each_default_an_options_help_names_is_the_one_it_takes():
     changed default (``data pack --shard-size``, ``evaluate --split``) is caught without a test per option."""
     named = [(command, action, found.group(1)) for command, action in every_option(cli.build_parser())
              if (found := re.search(r"\(default ([\w.]+)\)", action.help or ""))]
-    assert {"--shard-size", "--quality", "--split"} <= {action.option_strings[0] for _, action, _ in named}
+    assert {"--shard-size", "--quality", "--split", "--batch-size", "--n", "--seed"} <= {
+        action.option_strings[0] for _, action, _ in named}
     for command, action, value in named:
         option = action.option_strings[0]
         default = action.default if action.default is not None else FILLED_IN_DEFAULTS[option]
