@@ -289,7 +289,7 @@ def test_each_probe_flags_default_is_its_settings_default(command):
 
 
 def every_option(parser: argparse.ArgumentParser, command: str = "mimkit"):
-    """``(command, option)`` of every option of ``parser`` and of each of its sub-commands."""
+    """``(command, argparse action)`` of every option of ``parser`` and of each of its sub-commands."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():

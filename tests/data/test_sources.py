@@ -510,7 +510,6 @@ def test_synthetic_deterministic_and_class_structured():
     assert (predicted == torch.tensor(test.labels)).float().mean() > 0.9
 
 
-
 @pytest.mark.parametrize("num_classes", [1, 10])
 def test_synthetic_seeds_share_no_image(num_classes):
     """Two seeds (the train split's 0 and the held-out ones' 1) give different images, none of one found at
