@@ -3312,8 +3312,8 @@ PLANTED = [
         '"mimkit.eval.finetune", "mimkit.eval.segment", "mimkit.eval.linprobe",',
         '"mimkit.eval.finetune", "mimkit.eval.linprobe",', ("tests/test_kinds.py",)),
     # fresh set 13's survivors (tests/README.md, "Thirteenth fresh set")
-    Bug("fresh set 13: crop decode: a crop-decodable JPEG above data.max_image_pixels is decoded, "
-        "not refused",
+    Bug("fresh set 13: crop decode: a crop-decodable JPEG above data.max_image_pixels is decoded, not "
+        "refused",
         "src/mimkit/data/crop_decode.py",
         "    if header is None or not header.crop_decodable or header.width * header.height > max_pixels:",
         "    if header is None or not header.crop_decodable:",
