@@ -190,6 +190,8 @@ S9B_HF = ("tests/data/test_hf.py",)
 
 # s9a: the ninth pass's systematic tests of the core modules
 S9A_CLI, S9A_CONFIG = ("tests/test_cli_args.py",), ("tests/test_config.py",)
+S10A_HELP_DEFAULTS = (
+    "tests/test_cli_args.py::test_each_default_an_options_help_names_is_the_one_it_takes",)
 S9A_VIZ, S9A_RUNS = ("tests/test_viz.py",), ("tests/test_runs.py", "-m", "not slow")
 S9A_PRETRAIN = ("tests/test_pretrain.py", "tests/test_runner.py", "-m", "not slow")
 PLANTED = [
@@ -3381,6 +3383,55 @@ PLANTED = [
         ("tests/eval/test_segment.py", S10C_PAPER)),
     Bug("s10c: data2vec_in1k: no attention dropout", "src/mimkit/recipes/data2vec_in1k.yaml",
         "attn_drop_rate: 0.05 ", "attn_drop_rate: 0.0 ", ("tests/methods/test_data2vec.py", S10C_PAPER)),
+    # s10a: the tenth pass's systematic tests (help texts' defaults, distinct synthetic splits, narrow sizes)
+    Bug("s10a: cli: data pack's --shard-size defaults to 512MB, not the 1GB its help names", CLI_PY,
+        'pack.add_argument("--shard-size", default="1GB",',
+        'pack.add_argument("--shard-size", default="512MB",', S10A_HELP_DEFAULTS),
+    Bug("s10a: shards: --max-side re-encodes at quality 85, not the 90 its help names",
+        "src/mimkit/data/shards.py", "DEFAULT_PACK_QUALITY = 90", "DEFAULT_PACK_QUALITY = 85",
+        S10A_HELP_DEFAULTS),
+    Bug("s10a: cli: evaluate scores the train split by default", CLI_PY,
+        'evaluate.add_argument("--split", choices=("val", "train"), default="val",',
+        'evaluate.add_argument("--split", choices=("val", "train"), default="train",', S10A_HELP_DEFAULTS),
+    Bug("s10a: cli: predict's --batch-size defaults to 32, not 16", CLI_PY,
+        'predict.add_argument("--batch-size", type=int, default=16,',
+        'predict.add_argument("--batch-size", type=int, default=32,', S10A_HELP_DEFAULTS),
+    Bug("s10a: cli: evaluate scores 4 images together by default, not 1 (folders of mixed sizes)", CLI_PY,
+        'evaluate.add_argument("--batch-size", type=int, default=1,',
+        'evaluate.add_argument("--batch-size", type=int, default=4,', S10A_HELP_DEFAULTS),
+    Bug("s10a: cli: visualize draws 4 images by default, not 8", CLI_PY,
+        'visualize.add_argument("--n", type=int, default=8,',
+        'visualize.add_argument("--n", type=int, default=4,', S10A_HELP_DEFAULTS),
+    Bug("s10a: decode: big-endian 16-bit grey (TIFF's I;16B) clipped, not rescaled", S8B_DECODE,
+        '_WIDE_GRAY_MODES = {"I", "I;16", "I;16B", ', '_WIDE_GRAY_MODES = {"I", "I;16", ', S8B_DATA),
+    Bug("s10a: decode: a wide JPEG's reduced decode asks for its width as its height", S8B_DECODE,
+        "img.draft(None, (width // factor, height // factor))",
+        "img.draft(None, (width // factor, width // factor))", S8B_DATA),
+    Bug("s10a: synthetic: the next seed's images are this seed's shifted by one",
+        "src/mimkit/data/synthetic.py",
+        "manual_seed(self.seed * 1_000_003 + index)", "manual_seed(self.seed + index)",
+        ("tests/data/test_sources.py::test_synthetic_seeds_share_no_image",)),
+    Bug("s10a: synthetic: every channel has the same contrast", "src/mimkit/data/synthetic.py",
+        "contrast = 0.15 + 0.15 * rand(self.channels, 1, 1)", "contrast = 0.15 + 0.15 * rand(1, 1, 1)",
+        ("tests/data/test_sources.py",)),
+    Bug("s10a: splits: a class's held-out share rounded down", "src/mimkit/data/splits.py",
+        "val += members[: round(val_fraction * len(members))].tolist()",
+        "val += members[: int(val_fraction * len(members))].tolist()", ("tests/data/test_sources.py",)),
+    Bug("s10a: masking: a block's top drawn over the grid's width", "src/mimkit/masking.py",
+        "top, left = int(u_top * (grid_h - h + 1)), int(u_left * (grid_w - w + 1))",
+        "top, left = int(u_top * (grid_w - h + 1)), int(u_left * (grid_w - w + 1))",
+        ("tests/test_masking.py",)),
+    Bug("s10a: viz: a segmentation figure's row height is its widest image's width", "src/mimkit/viz.py",
+        "h = max(r[0].shape[1] for r in rows)", "h = max(r[0].shape[2] for r in rows)", S9A_VIZ),
+    Bug("s10a: viz: a confusion plot of exactly 24 classes gets small cells", "src/mimkit/viz.py",
+        "cell = cell if k <= 24 else", "cell = cell if k < 24 else", S9A_VIZ),
+    Bug("s10a: viz: 64 px images get upscaled in the grid", "src/mimkit/viz.py",
+        "scale = max(1, scale if h >= 64 else 112 // h)", "scale = max(1, scale if h > 64 else 112 // h)",
+        S9A_VIZ),
+    Bug("s10a: viz: a segmentation figure's legend columns one tile wide", "src/mimkit/viz.py",
+        "column_width = (3 * (w + pad)) // 3", "column_width = w", S9A_VIZ),
+    Bug("s10a: splits: an empty val part accepted", "src/mimkit/data/splits.py",
+        "    if not train or not val:", "    if not train:", ("tests/data/test_sources.py",)),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

@@ -2,8 +2,10 @@
 does the work, which is replaced here by a recorder (the commands themselves run in the slow tests), and
 what the command prints and returns from that function's answer."""
 
+import argparse
 import dataclasses
 import logging
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +15,7 @@ import torch.distributed as dist
 
 from mimkit import cli
 from mimkit.config import load_recipe
+from mimkit.data.shards import DEFAULT_PACK_QUALITY
 from mimkit.errors import Interrupted, MimkitError
 from mimkit.runs import load_config
 
@@ -283,6 +286,34 @@ def test_each_probe_flags_default_is_its_settings_default(command):
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     if command == "knn":
         assert f"cosine k-NN, k={args.k}, T={args.temperature} (DINO)" in readme
+
+
+def every_option(parser: argparse.ArgumentParser, command: str = "mimkit"):
+    """``(command, argparse action)`` of every option of ``parser`` and of each of its sub-commands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from every_option(sub, f"{command} {name}")
+        elif action.option_strings:
+            yield command, action
+
+
+# options whose default is filled in after parsing (None means "not given"): the value they then take
+FILLED_IN_DEFAULTS = {"--quality": DEFAULT_PACK_QUALITY}
+
+
+def test_each_default_an_options_help_names_is_the_one_it_takes():
+    """A help text's "(default X)" is the option's argparse default, or, for an option that must tell "not
+    given" apart (``--quality`` is refused without ``--max-side``), the value it is filled in with: a
+    changed default (``data pack --shard-size``, ``evaluate --split``) is caught without a test per option."""
+    named = [(command, action, found.group(1)) for command, action in every_option(cli.build_parser())
+             if (found := re.search(r"\(default ([\w.]+)\)", action.help or ""))]
+    assert {"--shard-size", "--quality", "--split", "--batch-size", "--n", "--seed"} <= {
+        action.option_strings[0] for _, action, _ in named}
+    for command, action, value in named:
+        option = action.option_strings[0]
+        default = action.default if action.default is not None else FILLED_IN_DEFAULTS[option]
+        assert str(default) == value, f"{command} {option}"
 
 
 def test_segment_takes_the_recipes_part_for_the_encoders_method_before_set(calls, monkeypatch, tmp_path):

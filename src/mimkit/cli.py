@@ -295,11 +295,12 @@ def add_segment_commands(commands) -> None:
     evaluate.add_argument("run", help="a segmentation run directory (its best weights are scored)")
     evaluate.add_argument("--out", required=True,
                           help="a new folder for results.json and the confusion matrix")
-    evaluate.add_argument("--split", choices=("val", "train"), default="val")
+    evaluate.add_argument("--split", choices=("val", "train"), default="val",
+                          help="the split scored (default val)")
     evaluate.add_argument("--data", help="another folder with the run's classes (default: the run's data)")
     add_tta(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=1,
-                          help="images scored together (of one size: 1 for folders of mixed sizes)")
+                          help="images of one size scored together: 1 for folders of mixed sizes (default 1)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="run a segmentation or fine-tuned classification run on "
@@ -309,7 +310,8 @@ def add_segment_commands(commands) -> None:
                          "split; of a segmentation folder its images, not its masks)")
     predict.add_argument("--out", required=True, help="folder to write (new, empty, or one predict wrote)")
     add_tta(predict)
-    predict.add_argument("--batch-size", type=int, default=16, help="images of one size predicted together")
+    predict.add_argument("--batch-size", type=int, default=16,
+                         help="images of one size predicted together (default 16)")
     predict.add_argument("--force", action="store_true",
                          help="write into an --out folder that holds other files (same names are replaced)")
     predict.set_defaults(handler=cmd_predict)
@@ -611,8 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "run: image | ground truth | prediction)")
     visualize.add_argument("run", help="run directory")
     visualize.add_argument("--out", required=True, help="PNG file to write")
-    visualize.add_argument("--n", type=int, default=8, help="number of images")
-    visualize.add_argument("--seed", type=int, default=0)
+    visualize.add_argument("--n", type=int, default=8, help="number of images (default 8)")
+    visualize.add_argument("--seed", type=int, default=0,
+                           help="seed of the images (and masks) drawn (default 0)")
     visualize.set_defaults(handler=cmd_visualize)
     kinds = commands.add_parser("kinds", help="list the kinds of run (what a run's config.yaml says under "
                                 "kind:)")

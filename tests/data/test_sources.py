@@ -282,8 +282,10 @@ def test_mixed_sizes_have_no_image_size(tmp_path):
     assert source.info.image_size is None and source[1][0].shape == (3, 8, 12)
 
 
-def test_sixteen_bit_gray_is_rescaled(tmp_path):
-    Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(tmp_path / "a.png")
+@pytest.mark.parametrize("name, dtype", [("a.png", "<u2"), ("a.tif", ">u2")], ids=["I;16", "I;16B"])
+def test_sixteen_bit_gray_is_rescaled(tmp_path, name, dtype):
+    """Either byte order (PNG's I;16, a big-endian TIFF's I;16B) keeps its top 8 bits, not clipped to 255."""
+    Image.fromarray(np.full((4, 4), 40000, dtype)).save(tmp_path / name)
     image, _ = build_source(str(tmp_path))[0]
     assert image.shape == (1, 4, 4) and int(image[0, 0, 0]) == 40000 >> 8
 
@@ -508,6 +510,16 @@ def test_synthetic_deterministic_and_class_structured():
     assert (predicted == torch.tensor(test.labels)).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("num_classes", [1, 10])
+def test_synthetic_seeds_share_no_image(num_classes):
+    """Two seeds (the train split's 0 and the held-out ones' 1) give different images, none of one found at
+    any position of the other, even of one class: seeds that only shifted the images would score a model
+    on what it trained on."""
+    train, held_out = (SyntheticSource(12, num_classes=num_classes, seed=seed) for seed in (0, 1))
+    seen = {train[i][0].numpy().tobytes() for i in range(len(train))}
+    assert not any(held_out[i][0].numpy().tobytes() in seen for i in range(len(held_out)))
+
+
 def test_build_synthetic_specs():
     train, val = build_source("synthetic:12", channels=1), build_source("synthetic:12", split="val")
     assert len(train) == 12 and train[0][0].shape == (1, 32, 32) and val.info.channels == 3
@@ -594,6 +606,19 @@ def test_a_reduced_decode_keeps_the_shorter_side_at_least_min_side(tmp_path, siz
     """The reduction follows the shorter side: 40x20 at min_side 10 halves, to 20x10, not to a quarter."""
     save(tmp_path / "a.png", "L", size=size)
     assert tuple(decode_image(tmp_path / "a.png", "L", min_side=10).shape[1:]) == reduced
+
+
+@pytest.mark.parametrize("size", [(64, 16), (16, 64)])
+def test_a_large_jpeg_is_decoded_at_its_reduced_dct_scale_whichever_side_is_longer(tmp_path, size):
+    """A wide or tall JPEG at min_side 8 is decoded by the JPEG decoder at half scale (``draft``), the fast
+    path, not decoded whole and reduced after (other pixels): the size asked of the decoder is the image's
+    own halved, each side its own."""
+    noise = np.random.default_rng(0).integers(0, 256, (size[1], size[0]), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "a.jpg", quality=90)
+    with Image.open(tmp_path / "a.jpg") as img:
+        img.draft("L", (size[0] // 2, size[1] // 2))
+        at_half_scale = torch.from_numpy(np.array(img))
+    assert torch.equal(decode_image(tmp_path / "a.jpg", "L", min_side=8)[0], at_half_scale)
 
 
 @pytest.mark.parametrize("size", [(10, 40), (40, 10)])
