@@ -102,6 +102,11 @@ VQKD_TESTS = tuple(f"tests/tokenizers/test_vqkd.py::test_{name}" for name in (  
 # s6data: the tests its planted bugs name
 AUGMENT, AUGMENT_PY = "tests/eval/test_augment.py::", "src/mimkit/eval/augment.py"
 EVAL_CONFIG_PY = "src/mimkit/eval/config.py"
+S10B_AUG = ("tests/eval/test_augment.py", "tests/eval/test_finetune_view.py",  # s10b
+            "tests/test_setting_edges.py")
+LINPROBE_PY = "src/mimkit/eval/linprobe.py"  # s10b
+S10B_PROBE = ("tests/eval/test_probes.py", "tests/eval/test_probe_settings.py")  # s10b
+S10B_EVAL = ("tests/eval", "tests/test_config.py", "-m", "not slow")  # s10b
 EVAL_DEFAULTS = "tests/test_config.py::test_the_evaluation_defaults_turn_on_nothing_the_user_did_not_ask_for"
 
 # s6models: the modules and tests its planted bugs name
@@ -3432,6 +3437,76 @@ PLANTED = [
         "column_width = (3 * (w + pad)) // 3", "column_width = w", S9A_VIZ),
     Bug("s10a: splits: an empty val part accepted", "src/mimkit/data/splits.py",
         "    if not train or not val:", "    if not train:", ("tests/data/test_sources.py",)),
+    # s10b: the tenth pass over mimkit/eval (paper constants written out, narrow cases)
+    Bug("s10b: config: k-NN's temperature default is 0.1, not DINO's 0.07", EVAL_CONFIG_PY,
+        "temperature: float = 0.07  # of", "temperature: float = 0.1  # of", S10B_EVAL),
+    Bug("s10b: config: fine-tuning's RandomResizedCrop area starts at 0.2, not 0.08", EVAL_CONFIG_PY,
+        "crop_scale: tuple[float, float] = (0.08, 1.0)", "crop_scale: tuple[float, float] = (0.2, 1.0)",
+        S10B_EVAL),
+    Bug("s10b: config: fine-tuning's Adam betas are pretraining's (0.9, 0.95)", EVAL_CONFIG_PY,
+        "    betas: tuple[float, float] = (0.9, 0.999)\n    warmup_epochs: float = 5.0",
+        "    betas: tuple[float, float] = (0.9, 0.95)\n    warmup_epochs: float = 5.0", S10B_EVAL),
+    Bug("s10b: config: fine-tuning's random erasing probability 0.5, not 0.25", EVAL_CONFIG_PY,
+        "reprob: float = 0.25", "reprob: float = 0.5", S10B_EVAL),
+    Bug("s10b: config: cutmix rather than mixup with chance 0.4, not 0.5", EVAL_CONFIG_PY,
+        "mixup_switch_prob: float = 0.5", "mixup_switch_prob: float = 0.4", S10B_EVAL),
+    Bug("s10b: config: segmentation's random rescale up to 1.5, not 2.0", EVAL_CONFIG_PY,
+        "ratio_range: tuple[float, float] = (0.5, 2.0)", "ratio_range: tuple[float, float] = (0.5, 1.5)",
+        S10B_EVAL),
+    Bug("s10b: config: the auxiliary FCN head 512 wide, not 256", EVAL_CONFIG_PY,
+        "aux_channels: int = 256", "aux_channels: int = 512", S10B_EVAL),
+    Bug("s10b: config: segmentation's crop redrawn at a class share of 0.5, not 0.75", EVAL_CONFIG_PY,
+        "cat_max_ratio: float = 0.75", "cat_max_ratio: float = 0.5", S10B_EVAL),
+    Bug("s10b: config: fine-tuning's classifier drop path 0.2, not 0.1", EVAL_CONFIG_PY,
+        "    drop_path: float = 0.1  # stochastic depth, rising linearly to this rate at the last block",
+        "    drop_path: float = 0.2  # stochastic depth, rising linearly to this rate at the last block",
+        S10B_EVAL),
+    Bug("s10b: config: a negative linprobe weight decay accepted", EVAL_CONFIG_PY,
+        '        check_range("--weight-decay", self.weight_decay, 0)\n', "",
+        ("tests/test_setting_edges.py",)),
+    Bug("s10b: features: --layer equal to the depth refused", "src/mimkit/eval/features.py",
+        "not 1 <= layer <= depth:", "not 1 <= layer < depth:", S10B_EVAL),
+    Bug("s10b: features: --layer 0 accepted as the first block", "src/mimkit/eval/features.py",
+        "not 1 <= layer <= depth:", "not 0 <= layer <= depth:", S10B_EVAL),
+    Bug("s10b: knn: --layer all reports the first block's accuracies at the top level",
+        "src/mimkit/eval/knn.py",
+        '**{key: v for key, v in rows[-1].items() if key != "layer"}',
+        '**{key: v for key, v in rows[0].items() if key != "layer"}', S10B_EVAL),
+    Bug("s10b: seg_sizing: the train masks checked counted as the whole split",
+        "src/mimkit/eval/seg_sizing.py",
+        "SegDataFacts(len(train), len(val_indices), len(picks), median,",
+        "SegDataFacts(len(train), len(val_indices), len(train), median,", S10B_EVAL),
+    Bug("s10b: seg_sizing: a run of labels 0-5 written out one by one", "src/mimkit/eval/seg_sizing.py",
+        "self.labels[-1] - self.labels[0] == len(self.labels) - 1",
+        "self.labels[-1] - self.labels[0] == len(self.labels)", S10B_EVAL),
+    Bug("s10b: augment: the fine-tuning view never flips", AUGMENT_PY, "hflip=0.5,", "hflip=0.0,", S10B_AUG),
+    Bug("s10b: augment: cutmix alone (mixup 0) mixes nothing", AUGMENT_PY,
+        "self.mixing = mixup > 0 or cutmix > 0", "self.mixing = mixup > 0", S10B_AUG),
+    Bug("s10b: augment: NumPy's RNG state not restored after a seeded call", AUGMENT_PY,
+        "            np.random.set_state(saved[1])\n", "", S10B_AUG),
+    Bug("s10b: augment: the crop resized bilinear, not bicubic", AUGMENT_PY,
+        'interpolation="bicubic", mean=tuple(mean)', 'interpolation="bilinear", mean=tuple(mean)', S10B_AUG),
+    Bug("s10b: augment: a mixing probability above 1 accepted", AUGMENT_PY,
+        "if not (0 <= switch_prob <= 1 and 0 <= prob <= 1):", "if not 0 <= switch_prob <= 1:", S10B_AUG),
+    Bug("s10b: augment: random erasing paints up to 3 rectangles, not 1", AUGMENT_PY,
+        "mode=remode, max_count=1,", "mode=remode, max_count=3,", S10B_AUG),
+    Bug("s10b: linprobe: the probe's weights drawn with MAE's std 0.02, not 0.01", LINPROBE_PY,
+        "trunc_normal_(self[1].weight, std=0.01)", "trunc_normal_(self[1].weight, std=0.02)",
+        ("tests/eval/test_probes.py::test_linear_probe_starts_as_maes_a_normalization_without_affine_and_weights_"
+         "of_std_0_01",)),
+    Bug("s10b: linprobe: the bias decayed too", LINPROBE_PY,
+        '{"params": biases, "weight_decay": 0.0}', '{"params": biases, "weight_decay": weight_decay}',
+        S10B_PROBE),
+    Bug("s10b: linprobe: the warmup counted in steps, not epochs", LINPROBE_PY,
+        "warmup_epochs * steps_per_epoch)", "warmup_epochs)", S10B_PROBE),
+    Bug("s10b: linprobe: the training top-1 divided by every image, not those stepped on", LINPROBE_PY,
+        '"train_top1": 100 * correct / (steps_per_epoch * batch_size)}',
+        '"train_top1": 100 * correct / len(features)}',
+        ("tests/eval/test_probes.py::test_linear_probe_training_top1_counts_the_images_it_stepped_on",)),
+    Bug("s10b: linprobe: SGD without momentum", LINPROBE_PY,
+        "torch.optim.SGD(groups, lr=0.0, momentum=0.9)", "torch.optim.SGD(groups, lr=0.0)", S10B_PROBE),
+    Bug("s10b: linprobe: torch's thread count left at 1 after a probe", LINPROBE_PY,
+        "        torch.set_num_threads(threads)\n", "        pass\n", S10B_PROBE),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

@@ -176,6 +176,24 @@ def test_linear_probe_warms_up_over_epochs_not_steps():
     assert [r["lr"] for r in log.records[:2]] == pytest.approx([3 / 8 * lr, 7 / 8 * lr])
 
 
+def test_linear_probe_starts_as_maes_a_normalization_without_affine_and_weights_of_std_0_01():
+    """MAE's linear probe: BatchNorm without affine (eps 1e-6), then a linear layer of weights drawn with
+    std 0.01 and a zero bias (paper constants written out, not read back from the module)."""
+    torch.manual_seed(0)
+    probe = LinearProbe(256, 200)
+    assert (probe[0].affine, probe[0].eps) == (False, 1e-6)
+    assert abs(float(probe[1].weight.detach().std()) - 0.01) < 0.0005 and not probe[1].bias.any()
+
+
+def test_linear_probe_training_top1_counts_the_images_it_stepped_on():
+    """10 images in batches of 4: 8 are stepped on each epoch (the last, incomplete batch is dropped), so a
+    probe that fits them all reports 100 %, not 80 %."""
+    features, labels = clusters(n_per_class=5, num_classes=2)
+    log = Records()
+    train_linear_probe(features, labels, 2, epochs=20, batch_size=4, base_lr=50.0, warmup_epochs=0, log=log)
+    assert log.records[-1]["train_top1"] == 100.0
+
+
 def test_linear_probe_decays_the_weights_only():
     """weight_decay reaches the linear weights, never the bias: on features that carry nothing (all zero) the
     bias learns the label frequencies alike with and without decay, and only the weights shrink."""
