@@ -3,6 +3,8 @@ import tables of the authors' released model names. Each value is a literal here
 authors' code, as the recipe or table's comment cites), never read back from the constant it checks, so a
 changed digit, a dropped entry or a swapped pair fails."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from mimkit.methods.simmim import REFERENCE_DEFAULTS as SIMMIM_DEFAULTS
 from mimkit.models.mae import create_mae
 from mimkit.models.segmentation import PAPER_BLOCKS, POOL_SCALES
 from mimkit.models.vit import ENCODER_ARCHS
+from mimkit.registry import method_of
 
 HOUSEKEEPING = {"data.num_workers", "train.checkpoint_every", "train.log_every"}  # the machine's
 
@@ -181,6 +184,42 @@ def test_the_reference_defaults_of_a_checkpoint_without_arguments_are_the_author
                                  "target_norm": "layer", "loss_beta": 2.0, "teacher_decay_start": 0.999,
                                  "teacher_decay_end": 0.9998, "teacher_anneal_steps": 0}
     assert SIMMIM_DEFAULTS == {"mask_ratio": 0.6, "mask_patch_size": 32}
+
+
+# Each method's own settings when a configuration leaves them out (a user's own YAML, an import): the
+# papers' and authors' values (mimkit's own choices where no paper fixes one: None, sizes of the tokenizers)
+METHOD_DEFAULTS = {
+    "mae": {"mask_ratio": 0.75, "norm_pix_loss": True},
+    "beit": {"tokenizer": None, "tokenizer_size": None, "mask_ratio": 0.4, "min_block": None,
+             "crop_scale": (0.08, 1.0), "color_jitter": 0.4},
+    "beitv2": {"tokenizer": None, "tokenizer_size": None, "mask_ratio": 0.4, "min_block": None,
+               "crop_scale": (0.2, 1.0), "color_jitter": 0.4},
+    "simmim": {"mask_ratio": 0.6, "mask_patch_size": 32, "crop_scale": (0.67, 1.0)},
+    "maskfeat": {"mask_ratio": 0.4, "min_block": None, "hog_bins": 9, "hog_cell": 8, "hog_window": None,
+                 "crop_scale": (0.5, 1.0)},
+    "cae": {"tokenizer": None, "tokenizer_size": None, "mask_ratio": 0.5, "min_block": None,
+            "crop_scale": (0.08, 1.0), "color_jitter": 0.0, "align_weight": 2.0, "target": "tokens",
+            "teacher": None, "teacher_dim": None},
+    "maskdistill": {"teacher": None, "teacher_dim": None, "loss": "smooth_l1", "smooth_l1_beta": 1.0,
+                    "target_norm": True, "mask_ratio": 0.4, "min_block": None, "crop_scale": (0.2, 1.0),
+                    "color_jitter": 0.4},
+    "data2vec": {"mask_ratio": 0.6, "min_block": None, "top_k": 6, "block_norm": "layer",
+                 "target_norm": "layer", "loss_beta": 2.0, "teacher_decay_start": 0.999,
+                 "teacher_decay_end": 0.9998, "teacher_anneal_steps": 0, "crop_scale": (0.08, 1.0),
+                 "color_jitter": 0.4},
+    "vqkd": {"teacher": None, "teacher_dim": None, "vocab_size": 8192, "code_dim": 32, "decoder_depth": 3,
+             "decay": 0.99, "commitment": 1.0, "kmeans_iters": 10, "dead_after": 100,
+             "crop_scale": (0.08, 1.0), "eval_images": 1000},
+    "dvae": {"vocab_size": 8192, "hidden": 64, "num_res": 1, "recon_loss": "mse", "tokenizer_size": None,
+             "temperature": (1.0, 1 / 16), "temperature_anneal": 0.5, "kl_weight": 0.05, "kl_warmup": 0.1,
+             "crop_scale": (0.08, 1.0)},
+}
+
+
+@pytest.mark.parametrize("name", METHOD_DEFAULTS)
+def test_each_methods_own_settings_default_to_the_papers_values(name):
+    settings = method_of(name).settings()
+    assert {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)} == METHOD_DEFAULTS[name]
 
 
 def test_segmentation_taps_the_papers_blocks_and_pools_the_papers_scales():

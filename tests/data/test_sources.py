@@ -177,6 +177,11 @@ def test_idx_bad_file(tmp_path):
     (tmp_path / "y").write_bytes((tmp_path / "y").read_bytes()[:-1])
     with pytest.raises(MimkitError, match="header says"):
         read_idx(tmp_path / "y")
+    # an IDX file of int32 (type 0x0C), floats (0x0D) or signed bytes (0x09): its values are no pixels
+    for code in (0x09, 0x0C, 0x0D):
+        (tmp_path / "z").write_bytes(bytes([0, 0, code, 1]) + (2).to_bytes(4, "big") + bytes(8))
+        with pytest.raises(MimkitError, match="not an IDX file of unsigned bytes"):
+            read_idx(tmp_path / "z")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -175,6 +175,23 @@ def test_segment_cli_in_each_layout(mae_run, tmp_path, capsys, layout):
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
 
+def test_a_random_encoder_is_drawn_from_the_runs_seed(mae_run, tmp_path, monkeypatch):
+    """``--init random``: the encoder's initialization follows ``train.seed`` like the rest of the run (the
+    command stops at the encoder: only what it asks for is read)."""
+    asked = []
+
+    def record(path, init="pretrained", seed=0):
+        asked.append((init, seed))
+        raise MimkitError("stop here")
+
+    monkeypatch.setattr(segment, "load_encoder", record)
+    data = write_layout(tmp_path / "generic", "generic")
+    for seed in (0, 7):
+        assert main(["segment", str(mae_run), "--data", str(data), "--out", str(tmp_path / f"s{seed}"),
+                     "--init", "random", "--set", f"train.seed={seed}", *QUICK]) != 0
+    assert asked == [("random", 0), ("random", 7)]
+
+
 @pytest.mark.slow
 def test_linear_random_frozen_predict_and_visualize(mae_run, tmp_path):
     data = write_layout(tmp_path / "generic", "generic")

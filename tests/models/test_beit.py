@@ -138,7 +138,8 @@ def test_create_beit_rejects_unknown_name():
         create_beit("vit_gigantic")
 
 
-def test_forward_features_rejects_bad_layers():
+@pytest.mark.parametrize("layers", [(3,), (0,), (1, 0), (-1,)])  # past the last block, and 0 (Python's -1)
+def test_forward_features_rejects_bad_layers(layers):
     model = BEiT(img_size=32, patch_size=8, in_chans=1, vocab_size=16, embed_dim=32, depth=2, num_heads=2)
     with pytest.raises(MimkitError, match="1..2"):
-        model.forward_features(torch.randn(1, 1, 32, 32), torch.zeros(1, 16, dtype=torch.bool), layers=(3,))
+        model.forward_features(torch.randn(1, 1, 32, 32), torch.zeros(1, 16, dtype=torch.bool), layers=layers)

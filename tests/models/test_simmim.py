@@ -65,6 +65,20 @@ def test_prediction_is_image_shaped_and_gradients_reach_every_weight():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_each_patchs_pixels_are_predicted_from_its_own_token_at_its_place():
+    """The decoder (a 1x1 convolution, then pixel shuffle) reads the token grid row by row: changing the
+    token of patch (row 1, column 5) of the 8x8 grid changes that patch's pixels and no others."""
+    model = perturb(tiny())
+    tokens = torch.randn(1, 1 + 64, 32)
+    changed = tokens.clone()
+    changed[0, 1 + 1 * 8 + 5] += 1.0
+    with torch.no_grad():
+        moved = (model.forward_decoder(changed) - model.forward_decoder(tokens)).abs().sum(dim=1)[0] > 1e-6
+    expected = torch.zeros(32, 32, dtype=torch.bool)
+    expected[4:8, 20:24] = True
+    assert torch.equal(moved, expected)
+
+
 def test_encoder_is_a_plain_timm_beit_with_the_reference_architecture():
     model = perturb(tiny())
     enc = model.encoder
