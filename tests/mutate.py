@@ -1664,10 +1664,10 @@ PLANTED = [
         ("tests/interop/test_args.py::test_an_encoder_of_a_named_vits_shape_gets_that_vits_heads",)),
     # s6data: eval/ config, augment, subsets, scores and data/ idx (sixth-pass sweep)
     Bug("s6data: augment: mixup and cutmix off still go through timm's Mixup (an odd batch: a traceback)",
-        AUGMENT_PY, "        if not self.mixing:  # timm", "        if False:  # timm",
+        AUGMENT_PY, "        if self.mix is None:  # timm", "        if False:  # timm",
         (AUGMENT + "test_with_mixup_and_cutmix_off_the_batch_passes_and_the_targets_are_smoothed_one_hot",)),
     Bug("s6data: augment: cutmix alone turns mixing off", AUGMENT_PY,
-        "self.mixing = mixup > 0 or cutmix > 0", "self.mixing = mixup > 0",
+        "if mixup > 0 or cutmix > 0:", "if mixup > 0:",
         (AUGMENT + "test_mix_is_timm_mixup_decided_by_the_torch_rng",)),
     Bug("s6data: augment: the caller's batch mixed in place", AUGMENT_PY,
         "return self.mix(images.clone(), labels)", "return self.mix(images, labels)",

@@ -162,16 +162,15 @@ class MixTargets:
                               f"{label_smoothing} in [0, 1)")
         if not (0 <= switch_prob <= 1 and 0 <= prob <= 1):
             raise MimkitError(f"mixup switch_prob {switch_prob} and prob {prob} must be in [0, 1]")
-        self.mixing = mixup > 0 or cutmix > 0
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
         self.mix = None  # mixing off: no Mixup, only the smoothed targets (`__call__`)
-        if self.mixing:
+        if mixup > 0 or cutmix > 0:
             self.mix = PythonSeeded(Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob,
                                           switch_prob=switch_prob, label_smoothing=label_smoothing,
                                           num_classes=num_classes))
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.mixing:  # timm's Mixup refuses an odd batch even when it has nothing to mix
+        if self.mix is None:  # timm's Mixup refuses an odd batch even when it has nothing to mix
             return images, mixup_target(labels, self.num_classes, smoothing=self.label_smoothing)
         if len(images) % 2:
             raise MimkitError(f"mixup and cutmix need an even batch, got {len(images)}; change "
