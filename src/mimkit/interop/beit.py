@@ -143,8 +143,31 @@ def timm_beit_kwargs(model: BEiT) -> dict:
     return dict(model.encoder_kwargs)
 
 
+def hf_beit_fields(encoder_kwargs: dict, mask_token: bool, mean_pooling: bool) -> dict:
+    """transformers `BeitConfig` fields of a timm `Beit` built from ``encoder_kwargs`` (timm's LayerNorm eps,
+    1e-6; no dropout): BEiT's, SimMIM's and CAE's encoders are all such a `Beit`.
+
+    Args:
+        encoder_kwargs: the `Beit` arguments (position embeddings, relative position biases, layer scale).
+        mask_token: the model has ``embeddings.mask_token`` (``BeitModel(pixel_values, bool_masked_pos)``).
+        mean_pooling: the final LayerNorm follows a mean pooling (``pooler.layernorm``); without it, the
+            base model's own ``layernorm`` is the final norm.
+    """
+    kw = encoder_kwargs
+    return dict(model_type="beit", hidden_size=kw["embed_dim"], num_hidden_layers=kw["depth"],
+                num_attention_heads=kw["num_heads"],
+                intermediate_size=round(kw["embed_dim"] * kw["mlp_ratio"]), hidden_act="gelu",
+                layer_norm_eps=1e-6, image_size=kw["img_size"], patch_size=kw["patch_size"],
+                num_channels=kw["in_chans"], use_mask_token=mask_token,
+                use_absolute_position_embeddings=kw["use_abs_pos_emb"],
+                use_relative_position_bias=kw["use_rel_pos_bias"],
+                use_shared_relative_position_bias=kw["use_shared_rel_pos_bias"],
+                layer_scale_init_value=kw["init_values"] or 0.0, drop_path_rate=kw["drop_path_rate"],
+                use_mean_pooling=mean_pooling, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
 def hf_beit_config(model: BEiT, head: bool) -> dict:
-    """transformers `BeitConfig` fields of ``model`` (timm's LayerNorm eps, 1e-6).
+    """transformers `BeitConfig` fields of ``model``.
 
     Args:
         model: the BEiT.
@@ -152,17 +175,8 @@ def hf_beit_config(model: BEiT, head: bool) -> dict:
             final LayerNorm is the head model's own ``layernorm``, which needs ``use_mean_pooling`` (else
             its base model would add a second one); the base model's is ``layernorm`` without it.
     """
-    kw = model.encoder_kwargs
-    return dict(model_type="beit", vocab_size=model.lm_head.out_features, hidden_size=kw["embed_dim"],
-                num_hidden_layers=kw["depth"], num_attention_heads=kw["num_heads"],
-                intermediate_size=round(kw["embed_dim"] * kw["mlp_ratio"]), hidden_act="gelu",
-                layer_norm_eps=1e-6, image_size=kw["img_size"], patch_size=kw["patch_size"],
-                num_channels=kw["in_chans"], use_mask_token=head, use_absolute_position_embeddings=False,
-                use_relative_position_bias=kw["use_rel_pos_bias"],
-                use_shared_relative_position_bias=kw["use_shared_rel_pos_bias"],
-                layer_scale_init_value=kw["init_values"] or 0.0, drop_path_rate=kw["drop_path_rate"],
-                use_mean_pooling=head, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
+    return hf_beit_fields(model.encoder_kwargs, mask_token=head, mean_pooling=head) | dict(
+        vocab_size=model.lm_head.out_features)
 
 
 def read_official_beit(path: Path) -> Foreign:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mimkit.config import PretrainConfig
 from mimkit.errors import MimkitError
-from mimkit.interop.beit import BEIT_BLOCK_KEYS, DERIVED, HF_BEIT, TIMM_BEIT
+from mimkit.interop.beit import BEIT_BLOCK_KEYS, DERIVED, HF_BEIT, TIMM_BEIT, hf_beit_fields
 from mimkit.interop.foreign import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_NORM, Foreign, convert, unknown_name
 from mimkit.interop.keymaps import block_count, identity, nest, to_foreign
 from mimkit.interop.mae import encoder_heads, guess_heads, model_name_fields, vit_arch
@@ -133,15 +133,7 @@ def hf_export(model: CAE, config: PretrainConfig, encoder_only: bool) -> tuple[s
     """(transformers architecture, its config fields, its state dict): the encoder as a ``BeitModel`` with
     absolute position embeddings (transformers has no CAE; the regressor and decoder serve pretraining
     only, so ``encoder_only`` changes nothing)."""
-    kw = model.encoder_kwargs
-    fields = dict(model_type="beit", hidden_size=kw["embed_dim"], num_hidden_layers=kw["depth"],
-                  num_attention_heads=kw["num_heads"],
-                  intermediate_size=round(kw["embed_dim"] * kw["mlp_ratio"]), hidden_act="gelu",
-                  layer_norm_eps=1e-6, image_size=kw["img_size"], patch_size=kw["patch_size"],
-                  num_channels=kw["in_chans"], use_mask_token=False, use_absolute_position_embeddings=True,
-                  use_relative_position_bias=False, use_shared_relative_position_bias=False,
-                  layer_scale_init_value=kw["init_values"] or 0.0, drop_path_rate=kw["drop_path_rate"],
-                  use_mean_pooling=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    fields = hf_beit_fields(model.encoder_kwargs, mask_token=False, mean_pooling=False)
     encoder = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
     return "BeitModel", fields, to_foreign(encoder, HF_BEIT)[0]
 

@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 from mimkit.config import PretrainConfig, check_crop_scale, check_model_kwargs
 from mimkit.data.transforms import normalize
 from mimkit.errors import MimkitError
-from mimkit.interop.beit import DERIVED, HF_BEIT, TIMM_BEIT, beit_arch, timm_export
+from mimkit.interop.beit import DERIVED, HF_BEIT, TIMM_BEIT, beit_arch, hf_beit_fields, timm_export
 from mimkit.interop.foreign import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_NORM, Foreign, convert
 from mimkit.interop.keymaps import nest, to_foreign
 from mimkit.models.simmim import (
@@ -221,26 +221,12 @@ def simmim_defaults(arch: dict) -> dict[str, tuple[object, str]]:
     return {k: (v, "default: the reference config's") for k, v in REFERENCE_DEFAULTS.items()}
 
 
-def hf_config(model: SimMIM, mask_token: bool) -> dict:
-    """transformers `BeitConfig` fields of ``model``'s encoder (timm's LayerNorm eps, 1e-6; the final norm
-    is ``BeitModel``'s ``layernorm``, so no mean pooling)."""
-    kw = model.encoder_kwargs
-    return dict(model_type="beit", hidden_size=kw["embed_dim"], num_hidden_layers=kw["depth"],
-                num_attention_heads=kw["num_heads"],
-                intermediate_size=round(kw["embed_dim"] * kw["mlp_ratio"]), hidden_act="gelu",
-                layer_norm_eps=1e-6, image_size=kw["img_size"], patch_size=kw["patch_size"],
-                num_channels=kw["in_chans"], use_mask_token=mask_token,
-                use_absolute_position_embeddings=False, use_relative_position_bias=kw["use_rel_pos_bias"],
-                use_shared_relative_position_bias=kw["use_shared_rel_pos_bias"],
-                layer_scale_init_value=kw["init_values"] or 0.0, drop_path_rate=kw["drop_path_rate"],
-                use_mean_pooling=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
-
 def hf_export(model: SimMIM, config: PretrainConfig, encoder_only: bool) -> tuple[str, dict, dict]:
     """(transformers architecture, its config fields, its state dict): ``BeitModel``, with the mask token
     (``BeitModel(pixel_values, bool_masked_pos)`` is then SimMIM's encoder) unless ``encoder_only``."""
     state = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.") or not encoder_only}
-    return "BeitModel", hf_config(model, mask_token=not encoder_only), to_foreign(state, HF_SIMMIM)[0]
+    fields = hf_beit_fields(model.encoder_kwargs, mask_token=not encoder_only, mean_pooling=False)
+    return "BeitModel", fields, to_foreign(state, HF_SIMMIM)[0]
 
 
 MODEL_KWARGS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "layer_scale_init", "shared_rel_pos_bias",
