@@ -1,0 +1,80 @@
+"""Each method against its authors' code, in the suite: the outputs the authors' own code computed on tiny
+models, stored in ``tests/fixtures/authors/NAME.safetensors`` by the parity scripts that run outside the
+repository (``tests/README.md``, one section per method; ``tests/fixtures/authors/README.md`` lists them).
+
+A fixture holds the inputs, mimkit's weights (the state dict a run of the imported checkpoint loads), the
+resolved run configuration (JSON metadata) and the authors' results: the loss at each SGD step, the first
+step's gradients of every parameter, part of the predictions (and targets, where forward returns them), and for methods whose step changes more than
+the gradients say (data2vec's EMA teacher) every weight after the steps. The model is rebuilt through the
+method registry (`read_config`, the method's `build_model`), as `load_run` rebuilds a run, and trained the
+same steps; everything is compared within `BOUND`.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mimkit.registry import method_of, read_config
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "authors"
+BOUND = 1e-5  # tests/README.md's parity bound: float32 on CPU, tiny models (the largest seen: 2.3e-6)
+METHODS = sorted(p.stem for p in FIXTURES.glob("*.safetensors"))
+
+
+def read_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(FIXTURES / f"{name}.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def part(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def assert_close(what: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert ours.shape == theirs.shape, f"{what}: shape {tuple(ours.shape)}, the authors' {tuple(theirs.shape)}"
+    diff = (ours.detach().float() - theirs.float()).abs().max().item()
+    assert diff <= BOUND, f"{what}: max |mimkit - authors| = {diff:.2e} > {BOUND:g}"
+
+
+def leading(output: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The corner of ``output`` a fixture stored (the first rows of each dimension)."""
+    return output[tuple(slice(0, n) for n in like.shape)]
+
+
+def test_every_method_checked_outside_the_suite_has_its_authors_outputs_here():
+    assert set(METHODS) >= {"simmim"}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_mimkit_computes_the_authors_outputs(name):
+    tensors, meta = read_fixture(name)
+    config = read_config(json.loads(meta["config"]))
+    method = method_of(config.method)
+    model = method.build_model(config)
+    model.load_state_dict(part("weight.", tensors), strict=True)
+    model.eval()
+    inputs = [tensors[f"input.{k}"] for k in json.loads(meta["inputs"])]
+    kwargs, outputs = json.loads(meta["kwargs"]), json.loads(meta["outputs"])
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD(params.values(), lr=float(meta["lr"]))
+    for step, their_loss in enumerate(tensors["loss"]):
+        output = model(*inputs, **kwargs)
+        assert_close(f"loss at step {step}", output[0], their_loss)
+        optimizer.zero_grad()
+        output[0].backward()
+        if step == 0:
+            for what, theirs in part("output.", tensors).items():
+                assert_close(what, leading(output[outputs[what]], theirs), theirs)
+            grads = part("grad.", tensors)
+            assert not grads or grads.keys() == params.keys(), sorted(grads.keys() ^ params.keys())
+            for k, g in grads.items():
+                assert_close(f"gradient of {k}", params[k].grad, g)
+        optimizer.step()
+        if json.loads(meta["after_step"]):
+            method.after_step(config, model, step + 1)
+    state = model.state_dict()
+    for k, v in part("after.", tensors).items():
+        assert_close(f"{k} after the steps", state[k], v)
