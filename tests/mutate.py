@@ -3519,6 +3519,8 @@ PLANTED = [
         "src/mimkit/models/maskdistill.py", 'reduction="none").mean(-1)', 'reduction="none").sum(-1)',
         S11A_AUTHORS),
 ]
+
+
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:
     """``killed`` / ``survived`` / ``timeout`` of ``tests`` against the package in ``src``."""
     env = os.environ | {"PYTHONPATH": str(src), "OMP_WAIT_POLICY": "PASSIVE"}
