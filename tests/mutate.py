@@ -3518,6 +3518,12 @@ PLANTED = [
     Bug("s11a: MaskDistill: the Smooth-L1 summed over the channels, not averaged",
         "src/mimkit/models/maskdistill.py", 'reduction="none").mean(-1)', 'reduction="none").sum(-1)',
         S11A_AUTHORS),
+    Bug("s11a: BEiT v2: the aggregation blocks run without the shared relative position bias",
+        "src/mimkit/models/beit.py",
+        "x = run_blocks(self.agg_blocks, x, enc.grad_checkpointing, shared_rel_pos_bias=shared_bias)",
+        "x = run_blocks(self.agg_blocks, x, enc.grad_checkpointing)", S11A_AUTHORS),
+    Bug("s11a: BEiT v2: the aggregation head reads the block after agg_layer", "src/mimkit/models/beit.py",
+        "layers=sorted({self.agg_layer, depth})", "layers=sorted({self.agg_layer + 1, depth})", S11A_AUTHORS),
 ]
 
 

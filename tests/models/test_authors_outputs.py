@@ -22,9 +22,10 @@ from mimkit.registry import method_of, read_config
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "authors"
 BOUND = 1e-5  # the scripts' bound (float32, CPU, tiny models); the largest difference here: 4.1e-6
-# the methods checked outside the suite (tests/README.md), and a second setting where one has two
+# the methods checked against their authors' code outside the suite (tests/README.md), a second setting
+# where one has two
 FIXTURE_NAMES = ("simmim", "maskfeat", "cae", "cae_projected", "caev2", "caev2_projected", "data2vec",
-                 "maskdistill", "maskdistill_cosine")
+                 "maskdistill", "maskdistill_cosine", "beitv2")
 
 
 def read_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
