@@ -3524,6 +3524,16 @@ PLANTED = [
         "x = run_blocks(self.agg_blocks, x, enc.grad_checkpointing)", S11A_AUTHORS),
     Bug("s11a: BEiT v2: the aggregation head reads the block after agg_layer", "src/mimkit/models/beit.py",
         "layers=sorted({self.agg_layer, depth})", "layers=sorted({self.agg_layer + 1, depth})", S11A_AUTHORS),
+    Bug("s11a: VQ-KD: the decoder reads the code grid column-major", "src/mimkit/tokenizers/vqkd.py",
+        "reshape(b, -1, self.grid, self.grid)  # [B, d, h, w]",
+        "reshape(b, -1, self.grid, self.grid).transpose(2, 3)  # [B, d, h, w]", S11A_AUTHORS),
+    Bug("s11a: VQ-KD: the commitment measured on the encoder's outputs before their normalization",
+        "src/mimkit/tokenizers/quantizer.py", "commitment = self.commitment * F.mse_loss(flat, codes)",
+        "commitment = self.commitment * F.mse_loss(z.float().reshape(-1, self.code_dim), codes)",
+        S11A_AUTHORS),
+    Bug("s11a: VQ-KD: the codebook's EMA blend left unnormalized", "src/mimkit/tokenizers/quantizer.py",
+        "F.normalize(self.decay * self.codebook + (1 - self.decay) * F.normalize(sums, dim=1), dim=1)",
+        "(self.decay * self.codebook + (1 - self.decay) * F.normalize(sums, dim=1))", S11A_AUTHORS),
 ]
 
 
