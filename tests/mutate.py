@@ -199,6 +199,8 @@ S10A_HELP_DEFAULTS = (
     "tests/test_cli_args.py::test_each_default_an_options_help_names_is_the_one_it_takes",)
 S9A_VIZ, S9A_RUNS = ("tests/test_viz.py",), ("tests/test_runs.py", "-m", "not slow")
 S9A_PRETRAIN = ("tests/test_pretrain.py", "tests/test_runner.py", "-m", "not slow")
+# s11a: the test of the authors' stored outputs
+S11A_AUTHORS = ("tests/models/test_authors_outputs.py",)
 PLANTED = [
     Bug("layer decay: the loop ignores lr_scale", "src/mimkit/train/step.py",
         'group["lr"] = lr * group.get("lr_scale", 1.0)', 'group["lr"] = lr',
@@ -3475,7 +3477,60 @@ PLANTED = [
         ("tests/eval/test_probes.py::test_linear_probe_training_top1_counts_the_images_it_stepped_on",)),
     Bug("s10b: linprobe: torch's thread count left at 1 after a probe", LINPROBE_PY,
         "        torch.set_num_threads(threads)\n", "        pass\n", S10B_PROBE),
+    # s11a: the authors' outputs, stored (tests/fixtures/authors/), each method's parity in the suite
+    Bug("s11a: SimMIM: the pixel mask laid on the image transposed", "src/mimkit/models/simmim.py",
+        "mask = mask.reshape(-1, side, side).float()",
+        "mask = mask.reshape(-1, side, side).transpose(1, 2).float()", S11A_AUTHORS),
+    Bug("s11a: SimMIM: the prediction's grid read column-major", "src/mimkit/models/simmim.py",
+        "reshape(x.shape[0], -1, side, side)  # [B, D, h, w]",
+        "reshape(x.shape[0], -1, side, side).transpose(2, 3)  # [B, D, h, w]", S11A_AUTHORS),
+    Bug("s11a: MaskFeat: each cell's histogram normalized across the colour channels, not the bins",
+        "src/mimkit/models/maskfeat.py", "return F.normalize(hist, dim=2)", "return F.normalize(hist, dim=1)",
+        S11A_AUTHORS),
+    Bug("s11a: MaskFeat: the HOG normalized per pixel before the cells' sums",
+        "src/mimkit/models/maskfeat.py",
+        "hist = votes.view(B, C, self.nbins, H // c, c, W // c, c)",
+        "hist = F.normalize(votes, dim=2).view(B, C, self.nbins, H // c, c, W // c, c)", S11A_AUTHORS),
+    Bug("s11a: MaskFeat: the orientation is atan2(gy, gx)", "src/mimkit/models/maskfeat.py",
+        "bins = (torch.atan2(gx, gy)", "bins = (torch.atan2(gy, gx)", S11A_AUTHORS),
+    Bug("s11a: CAE: the regressor's attention scaled by the MLP's layer scale", "src/mimkit/models/cae.py",
+        "x = self.norm2_cross(x + self.drop_path(self.gamma_1_cross * attn))",
+        "x = self.norm2_cross(x + self.drop_path(self.gamma_2_cross * attn))", S11A_AUTHORS),
+    Bug("s11a: CAE: the regressor's position table in MAE's layout (row and column swapped)",
+        "src/mimkit/models/cae.py", "cae_sincos_pos_embed(width, grid), persistent=False)",
+        "sincos_pos_embed_2d(width, grid, cls_token=True), persistent=False)", S11A_AUTHORS),
+    Bug("s11a: CAE: the encoder's fixed position table in MAE's layout", "src/mimkit/models/cae.py",
+        "copy_(cae_sincos_pos_embed(enc.embed_dim, enc.patch_embed.grid_size[0]))",
+        "copy_(sincos_pos_embed_2d(enc.embed_dim, enc.patch_embed.grid_size[0], cls_token=True))",
+        S11A_AUTHORS),
+    Bug("s11a: data2vec: the targets average one block more than the top K", "src/mimkit/models/data2vec.py",
+        "indices=self.top_k, norm=False", "indices=self.top_k + 1, norm=False", S11A_AUTHORS),
+    Bug("s11a: data2vec: the EMA after step N takes step N's decay, not step N - 1's",
+        "src/mimkit/methods/data2vec.py", "model.update_teacher(teacher_decay(step - 1,",
+        "model.update_teacher(teacher_decay(step,", S11A_AUTHORS),
+    Bug("s11a: MaskDistill: the target norm's switch inverted", "src/mimkit/models/maskdistill.py",
+        "if target_norm else nn.Identity())", "if not target_norm else nn.Identity())", S11A_AUTHORS),
+    Bug("s11a: MaskDistill: the Smooth-L1 summed over the channels, not averaged",
+        "src/mimkit/models/maskdistill.py", 'reduction="none").mean(-1)', 'reduction="none").sum(-1)',
+        S11A_AUTHORS),
+    Bug("s11a: BEiT v2: the aggregation blocks run without the shared relative position bias",
+        "src/mimkit/models/beit.py",
+        "x = run_blocks(self.agg_blocks, x, enc.grad_checkpointing, shared_rel_pos_bias=shared_bias)",
+        "x = run_blocks(self.agg_blocks, x, enc.grad_checkpointing)", S11A_AUTHORS),
+    Bug("s11a: BEiT v2: the aggregation head reads the block after agg_layer", "src/mimkit/models/beit.py",
+        "layers=sorted({self.agg_layer, depth})", "layers=sorted({self.agg_layer + 1, depth})", S11A_AUTHORS),
+    Bug("s11a: VQ-KD: the decoder reads the code grid column-major", "src/mimkit/tokenizers/vqkd.py",
+        "reshape(b, -1, self.grid, self.grid)  # [B, d, h, w]",
+        "reshape(b, -1, self.grid, self.grid).transpose(2, 3)  # [B, d, h, w]", S11A_AUTHORS),
+    Bug("s11a: VQ-KD: the commitment measured on the encoder's outputs before their normalization",
+        "src/mimkit/tokenizers/quantizer.py", "commitment = self.commitment * F.mse_loss(flat, codes)",
+        "commitment = self.commitment * F.mse_loss(z.float().reshape(-1, self.code_dim), codes)",
+        S11A_AUTHORS),
+    Bug("s11a: VQ-KD: the codebook's EMA blend left unnormalized", "src/mimkit/tokenizers/quantizer.py",
+        "F.normalize(self.decay * self.codebook + (1 - self.decay) * F.normalize(sums, dim=1), dim=1)",
+        "(self.decay * self.codebook + (1 - self.decay) * F.normalize(sums, dim=1))", S11A_AUTHORS),
 ]
+
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:
     """``killed`` / ``survived`` / ``timeout`` of ``tests`` against the package in ``src``."""
