@@ -140,9 +140,13 @@ def test_a_probes_layer_k_is_block_ks_output(encoder, pool, layers):
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
-@pytest.mark.parametrize("taken", [[0, 1, 2, 2], [0, 0, 1, 1], [2, 1, 0, 0]])
-def test_the_segmentation_backbone_takes_the_blocks_it_names(encoder, taken):
-    model = Segmenter(perturbed(ENCODERS[encoder]), 3, blocks=taken).eval()
+@pytest.mark.parametrize("head, named, taken", [("upernet", [0, 1, 2, 2], [0, 1, 2, 2]),
+                                                ("upernet", [0, 0, 1, 1], [0, 0, 1, 1]),
+                                                ("upernet", [2, 1, 0, 0], [2, 1, 0, 0]),
+                                                ("linear", None, [DEPTH - 1])])
+def test_the_segmentation_backbone_takes_the_blocks_it_names(encoder, head, named, taken):
+    """UperNet's four blocks in the order named (0-based), the linear head's the last block."""
+    model = Segmenter(perturbed(ENCODERS[encoder]), 3, head=head, blocks=named).eval()
     seen = recorded(model.encoder)
     with torch.no_grad():
         maps = model.forward_features(torch.randn(2, 3, 32, 32))
