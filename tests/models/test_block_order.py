@@ -20,7 +20,7 @@ from mimkit.models.data2vec import normalize_targets
 from mimkit.models.segmentation import Segmenter
 from mimkit.models.vit import build_vit
 from mimkit.registry import method_of, read_config
-from tests.methods.test_settings_reach import DATA, MODEL, dvae_file, located, vqkd_run  # noqa: F401
+from tests.methods.test_settings_reach import DATA, dvae_file, first_step, located, vqkd_run  # noqa: F401
 
 DEPTH = 3
 VIT = {"depth": DEPTH, "embed_dim": 32, "num_heads": 2}
@@ -76,25 +76,12 @@ def assert_each_list_runs_in_order(model: nn.Module, seen, runs: dict[str, int] 
 @pytest.mark.parametrize("name", BASES)
 def test_a_pretraining_step_runs_each_block_once_in_order(name, dvae_file, mae_run, vqkd_run):  # noqa: F811
     method = "cae" if name == "caev2" else name
-    record = method_of(method)
     arch, own = BASES[name]
-    model = MODEL.get(method, {}) | {"name": "vit_mini"}
-    model["kwargs"] = model.get("kwargs", {}) | VIT | arch
-    config = read_config({"method": method, "data": DATA, "model": model,
-                          method: located(own, dvae_file, mae_run, vqkd_run)})
-    if record.resolve_config:
-        config = record.resolve_config(config)
-    torch.manual_seed(0)
-    model = record.build_model(config)
-    view, loss_fn = record.build_task(config, model)
-    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-    samples = [view(image) for image in images]
-    batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
-    scheduled = record.schedule_values(config, 10) if record.schedule_values else {}
+    _, _, model, loss_fn, batch, scheduled = first_step(method, located(own, dvae_file, mae_run, vqkd_run),
+                                                        VIT | arch)
     seen = recorded(model)
     loss_fn(model, batch | {key: values[3] for key, values in scheduled.items()})
-    assert "encoder.blocks" in block_lists(model)
+    assert len(block_lists(model)["encoder.blocks"]) == DEPTH
     assert_each_list_runs_in_order(model, seen, {n: k for (m, n), k in RUNS.items() if m == name})
 
 
