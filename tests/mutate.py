@@ -3562,6 +3562,9 @@ PLANTED = [
         "src/mimkit/eval/features.py",
         "splits = make_splits(train_source, label_fraction, val_fraction, seed)",
         "splits = make_splits(train_source, label_fraction, max(val_fraction, 0.0), seed)", S11B_CHECKS),
+    Bug("s11b: visualize: a pretraining run's pictured images picked by seed 0 whatever --seed says",
+        PRETRAIN_PY, "picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]",
+        "picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:n]", S11B_SEEDS),
 ]
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:

@@ -17,6 +17,7 @@ fine-tuning / segmentation label subset, val part      ``labels.seed``
 linprobe / knn label subset and held-out val part      ``--seed``
 linear probe's initialization and data order           ``--seed`` (`train_linear_probe`)
 synthetic images (``synthetic:N``)                     the split's seed (`SyntheticSource`)
+``visualize``'s images and masks of a pretraining run   ``--seed``
 =====================================================  ==========================================
 """
 
@@ -25,6 +26,7 @@ import torch
 
 import mimkit.eval.knn as knn
 import mimkit.eval.linprobe as linprobe
+import mimkit.pretrain as pretrain
 import mimkit.runner as runner
 from mimkit.cli import main
 from mimkit.data.loader import EpochBatches
@@ -210,3 +212,22 @@ def test_a_synthetic_sources_images_follow_its_seed(num_classes):
         return {f"image {i}": [source[i][0]] for i in range(4)}
 
     assert_each_draw_follows(outcome, {f"image {i}" for i in range(4)})
+
+
+def test_visualizes_images_and_masks_follow_seed(mae_run, tmp_path, monkeypatch):
+    """``visualize --seed`` picks the images shown and seeds their masks (`mimkit.viz.run_panels`)."""
+    seen = []
+
+    def spy(model, config, source, picks, seed):
+        seen.append({"images": [picks], "masks": [seed]})
+        raise Captured(None, None, None)
+
+    monkeypatch.setattr(pretrain, "run_panels", spy)
+
+    def outcome(seed: int) -> dict:
+        with pytest.raises(Captured):
+            main(["visualize", str(mae_run), "--out", str(tmp_path / "v.png"), "--n", "3", "--seed",
+                  str(seed)])
+        return seen[-1]
+
+    assert_each_draw_follows(outcome, {"images", "masks"})
