@@ -37,6 +37,12 @@ class Bug:
     tests: tuple[str, ...]  # pytest node ids or files that must fail
 
 
+# s11b: the eleventh pass's systematic tests
+S11B_SEEDS = ("tests/test_seeds.py",)
+S11B_BLOCKS = ("tests/models/test_block_order.py",)
+S11B_FORMATS = ("tests/data/test_format_variants.py",)
+S11B_CHECKS = ("tests/test_check_paths.py",)
+
 # sweepevalx: what a fine-tuning run reports at its end
 FINETUNE_RESULTS = ("tests/eval/test_finetune.py::"
                     "test_a_finetune_run_reports_its_splits_length_and_test_numbers")
@@ -3529,6 +3535,85 @@ PLANTED = [
     Bug("s11a: VQ-KD: the codebook's EMA blend left unnormalized", "src/mimkit/tokenizers/quantizer.py",
         "F.normalize(self.decay * self.codebook + (1 - self.decay) * F.normalize(sums, dim=1), dim=1)",
         "(self.decay * self.codebook + (1 - self.decay) * F.normalize(sums, dim=1))", S11A_AUTHORS),
+    # s11b: the eleventh pass's systematic tests, each over a whole class: every seed reaches every draw
+    # (tests/test_seeds.py), every block runs once in order and layer k is block k's
+    # (tests/models/test_block_order.py), every data format's variants (tests/data/test_format_variants.py)
+    Bug("s11b: simmim: the view's mask drawn from a generator of its own seed 0, not the sample's",
+        "src/mimkit/methods/simmim.py",
+        '"mask": simmim_mask(self.grid, self.scale, self.num_masked).flatten()}',
+        '"mask": simmim_mask(self.grid, self.scale, self.num_masked,\n'
+        '                                     torch.Generator().manual_seed(0)).flatten()}', S11B_SEEDS),
+    Bug("s11b: data2vec: the view's mask drawn from a generator of its own seed 0",
+        "src/mimkit/methods/data2vec.py",
+        "mask = block_mask(self.grid, self.grid, self.num_masked, self.min_block)",
+        "mask = block_mask(self.grid, self.grid, self.num_masked, self.min_block, "
+        "generator=torch.Generator().manual_seed(0))", S11B_SEEDS),
+    Bug("s11b: finetune: the head drawn from seed 0 whatever train.seed says",
+        "src/mimkit/eval/finetune.py",
+        "torch.manual_seed(config.train.seed)  # the head's", "torch.manual_seed(0)  # the head's",
+        S11B_SEEDS),
+    Bug("s11b: segment: the heads drawn from seed 0 whatever train.seed says", "src/mimkit/eval/segment.py",
+        "torch.manual_seed(train_cfg.seed)  # the heads'", "torch.manual_seed(0)  # the heads'", S11B_SEEDS),
+    Bug("s11b: cli: linprobe and knn draw their label subset and val part from seed 0, not --seed",
+        "src/mimkit/cli.py", "val_fraction=args.val_fraction or 0.0, seed=args.seed,",
+        "val_fraction=args.val_fraction or 0.0, seed=0,", S11B_SEEDS),
+    Bug("s11b: knn: the label subset and val part drawn from seed 0, not the config's",
+        "src/mimkit/eval/knn.py", "val_fraction=c.val_fraction, seed=c.seed, cache_dir",
+        "val_fraction=c.val_fraction, seed=0, cache_dir", S11B_SEEDS),
+    Bug("s11b: features: the probes' splits drawn from seed 0", "src/mimkit/eval/features.py",
+        "splits = make_splits(train_source, label_fraction, val_fraction, seed)",
+        "splits = make_splits(train_source, label_fraction, val_fraction, 0)", S11B_SEEDS),
+    Bug("s11b: loader: a sample's seed drawn from its index and epoch alone, not the run's seed",
+        "src/mimkit/data/loader.py", "yield [(int(order[p]), sample_seed(self.seed, self.epoch, p + 1))",
+        "yield [(int(order[p]), sample_seed(0, self.epoch, p + 1))", S11B_SEEDS),
+    Bug("s11b: beit: forward_features returns the block after each one named", "src/mimkit/models/beit.py",
+        "            if i in layers:\n", "            if i - 1 in layers:\n", S11B_BLOCKS),
+    Bug("s11b: classifier: --layer k reads block k + 1 (the last block wraps to the first)",
+        "src/mimkit/models/classifier.py", "indices=[i - 1 for i in layers]",
+        "indices=[i % depth for i in layers]", S11B_BLOCKS),
+    Bug("s11b: segmentation: the taken blocks' maps handed over in sorted order, not the order named",
+        "src/mimkit/models/segmentation.py", "return [maps[unique.index(b)] for b in self.blocks]",
+        "return [maps[unique.index(b)] for b in sorted(self.blocks)]", S11B_BLOCKS),
+    Bug("s11b: data2vec: the targets average the teacher's first K blocks, not its top K",
+        "src/mimkit/models/data2vec.py", "imgs.float(), indices=self.top_k, norm=False",
+        "imgs.float(), indices=list(range(self.top_k)), norm=False", S11B_BLOCKS),
+    Bug("s11b: cae: the regressor's blocks run last to first", "src/mimkit/models/cae.py",
+        "for block in self.regressor_blocks:  # the queries",
+        "for block in self.regressor_blocks[::-1]:  # the queries",
+        S11B_BLOCKS),
+    Bug("s11b: decode: a 32-bit integer grey image clipped to 255, not rescaled", "src/mimkit/data/decode.py",
+        '_WIDE_GRAY_MODES = {"I", "I;16",', '_WIDE_GRAY_MODES = {"I;16",', S11B_FORMATS),
+    Bug("s11b: segmentation: a mask of RGB colours accepted as labels", "src/mimkit/data/segmentation.py",
+        'MASK_MODES = ("L", "P", "1",', 'MASK_MODES = ("L", "P", "RGB", "1",', S11B_FORMATS),
+    Bug("s11b: idx: signed bytes accepted as unsigned", "src/mimkit/data/idx.py",
+        'raw[:3] != b"\\x00\\x00\\x08":', 'raw[:3] not in (b"\\x00\\x00\\x08", b"\\x00\\x00\\x09"):',
+        S11B_FORMATS),
+    Bug("s11b: mae: the decoder's blocks run last to first", "src/mimkit/models/mae.py",
+        "x = run_blocks(self.decoder_blocks, x,", "x = run_blocks(self.decoder_blocks[::-1], x,",
+        S11B_BLOCKS),
+    Bug("s11b: cae: the decoder's blocks run last to first", "src/mimkit/models/cae.py",
+        "x = run_blocks(self.decoder_blocks, x,", "x = run_blocks(self.decoder_blocks[::-1], x,",
+        S11B_BLOCKS),
+    Bug("s11b: segmentation: the linear head reads the last block but one",
+        "src/mimkit/models/segmentation.py",
+        "self.blocks = [depth - 1]", "self.blocks = [max(0, depth - 2)]", S11B_BLOCKS),
+    Bug("s11b: cli: segment counts the images of a data path that is no folder (a traceback)",
+        "src/mimkit/cli.py",
+        '    if not Path(data).expanduser().is_dir():  # reading the data refuses it in one line\n'
+        '        return "segment_ade20k", "the papers\' ADE20K recipe"\n', "", S11B_CHECKS),
+    Bug("s11b: segment: a label fraction above 1 taken as 1 (the check bypassed on this path)",
+        "src/mimkit/eval/segment.py", "label_subset([0] * len(source), config.labels.fraction,",
+        "label_subset([0] * len(source), min(config.labels.fraction, 1.0),", S11B_CHECKS),
+    Bug("s11b: finetune: a label fraction above 1 taken as 1 (the check bypassed on this path)",
+        "src/mimkit/eval/finetune.py", "make_splits(source, labels.fraction, labels.val_fraction,",
+        "make_splits(source, min(labels.fraction, 1.0), labels.val_fraction,", S11B_CHECKS),
+    Bug("s11b: features: a negative val fraction taken as 0 by linprobe and knn (the check bypassed)",
+        "src/mimkit/eval/features.py",
+        "splits = make_splits(train_source, label_fraction, val_fraction, seed)",
+        "splits = make_splits(train_source, label_fraction, max(val_fraction, 0.0), seed)", S11B_CHECKS),
+    Bug("s11b: visualize: a pretraining run's pictured images picked by seed 0 whatever --seed says",
+        PRETRAIN_PY, "picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]",
+        "picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:n]", S11B_SEEDS),
 ]
 
 

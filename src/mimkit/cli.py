@@ -178,6 +178,8 @@ def choose_segment_recipe(data: str) -> tuple[str, str]:
 
     if data == "fmnist-scenes":
         return "segment_fmnist", "the recipe of fmnist-scenes"
+    if not Path(data).expanduser().is_dir():  # reading the data refuses it in one line
+        return "segment_ade20k", "the papers' ADE20K recipe"
     count = count_images(data, stop_after=SMALL_SEGMENTATION_IMAGES)
     if count < SMALL_SEGMENTATION_IMAGES:
         return "segment_small", (f"{count} training images, fewer than {SMALL_SEGMENTATION_IMAGES:,} "

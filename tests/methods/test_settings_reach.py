@@ -66,11 +66,15 @@ CASES = [
 ]
 
 
-def run_once(method: str, settings: dict) -> list[torch.Tensor]:
-    """One training step of ``method`` with ``settings``, as a run takes it: the two samples its view made,
-    the loss, the values scheduled for step 3 of 10, and the model's state after the step and after_step."""
+def first_step(method: str, settings: dict, kwargs: dict | None = None):
+    """What a run of ``method`` with ``settings`` takes its first step with (as
+    `mimkit.pretrain.pretraining_job` builds it): its record, config, model (seeded 0), loss, a batch of two
+    seeded samples its view made and the values scheduled for 10 steps. ``kwargs`` go over the model's
+    arguments (e.g. another depth)."""
     record = method_of(method)
     model = {"name": "vit_mini", "kwargs": VIT} | MODEL.get(method, {})
+    if kwargs:
+        model["kwargs"] = model["kwargs"] | kwargs
     config = read_config({"method": method, "data": DATA, "model": model, method: settings})
     if record.resolve_config:
         config = record.resolve_config(config)
@@ -83,6 +87,13 @@ def run_once(method: str, settings: dict) -> list[torch.Tensor]:
     samples = [view(image) for image in images]
     batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
     scheduled = record.schedule_values(config, 10) if record.schedule_values else {}
+    return record, config, model, loss_fn, batch, scheduled
+
+
+def run_once(method: str, settings: dict) -> list[torch.Tensor]:
+    """One training step of ``method`` with ``settings``, as a run takes it: the two samples its view made,
+    the loss, the values scheduled for step 3 of 10, and the model's state after the step and after_step."""
+    record, config, model, loss_fn, batch, scheduled = first_step(method, settings)
     loss, _ = loss_fn(model, batch | {name: values[3] for name, values in scheduled.items()})
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.5).step()
