@@ -207,6 +207,8 @@ S9A_VIZ, S9A_RUNS = ("tests/test_viz.py",), ("tests/test_runs.py", "-m", "not sl
 S9A_PRETRAIN = ("tests/test_pretrain.py", "tests/test_runner.py", "-m", "not slow")
 # s11a: the test of the authors' stored outputs
 S11A_AUTHORS = ("tests/models/test_authors_outputs.py",)
+VIEW_FLIPS = ("tests/methods/test_settings_reach.py::"
+              "test_every_methods_view_mirrors_about_half_its_samples_and_all_their_images_at_once")
 PLANTED = [
     Bug("layer decay: the loop ignores lr_scale", "src/mimkit/train/step.py",
         'group["lr"] = lr * group.get("lr_scale", 1.0)', 'group["lr"] = lr',
@@ -3325,6 +3327,21 @@ PLANTED = [
         "src/mimkit/data/idx.py", '    if len(raw) < 4 or raw[:3] != b"\\x00\\x00\\x08":',
         '    if len(raw) < 4 or raw[:2] != b"\\x00\\x00":',
         ("tests/data/test_sources.py::test_idx_bad_file",)),
+    Bug("fresh set 15: linprobe: the probe's batch order ignores --seed (always seed 0)",
+        "src/mimkit/eval/linprobe.py", "    g = torch.Generator().manual_seed(seed)",
+        "    g = torch.Generator().manual_seed(0)",
+        ("tests/test_seeds.py::test_a_linear_probes_init_and_order_follow_its_seed",)),
+    Bug("fresh set 15: SimMIM: the pretraining view never flips the image", "src/mimkit/methods/simmim.py",
+        "            v2.RandomHorizontalFlip(),\n            normalize(mean, std),",
+        "            normalize(mean, std),", (VIEW_FLIPS,)),
+    Bug("after fresh set 15: the crop view (MAE, the tokenizers) never flips the image",
+        "src/mimkit/data/transforms.py",
+        "        self.flip = v2.RandomHorizontalFlip()", "        self.flip = v2.RandomHorizontalFlip(p=0.0)",
+        (VIEW_FLIPS,)),
+    Bug("fresh set 15: viz: token maps are returned unnormalized (the picture shows shifted, scaled colours)",
+        "src/mimkit/viz.py",
+        "    return (tiles - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)",
+        "    return tiles", ("tests/test_viz.py",)),
     # s10c: the tenth pass over models/, methods/, tokenizers/, interop/ and their recipes: every table of
     # paper constants (tests/test_paper_constants.py writes each out), second values and rare sizes first
     Bug("s10c: vit: ViT-L has 12 heads, not the paper's 16", "src/mimkit/models/vit.py",

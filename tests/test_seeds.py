@@ -195,14 +195,17 @@ def test_a_probes_label_subset_and_held_out_part_follow_seed(command, spied, mae
 
 
 def test_a_linear_probes_init_and_order_follow_its_seed():
+    """Each draw on its own: at lr 0 the linear layer keeps its init, and the BatchNorm's running mean (the
+    last batches weigh most) shows the order of the batches."""
     features = torch.randn(24, 8, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(24) % 3
 
     def outcome(seed: int) -> dict:
-        probe = train_linear_probe(features, labels, 3, epochs=1, batch_size=8, warmup_epochs=0, seed=seed)
-        return {"probe": list(probe.state_dict().values())}
+        probe = train_linear_probe(features, labels, 3, epochs=1, batch_size=8, base_lr=0.0, warmup_epochs=0,
+                                   seed=seed)
+        return {"init": list(probe[1].state_dict().values()), "order": [probe[0].running_mean]}
 
-    assert_each_draw_follows(outcome, {"probe"})
+    assert_each_draw_follows(outcome, {"init", "order"})
 
 
 @pytest.mark.parametrize("num_classes", [1, 10])

@@ -166,6 +166,15 @@ def test_token_maps_draw_one_fixed_shade_per_code_normalized_like_the_images():
     assert gray.shape == (1, 1, 6, 6)
 
 
+def test_token_maps_show_the_palettes_colours_whatever_the_images_normalization():
+    """De-normalized as the picture de-normalizes the images beside them, a token map shows the same colours,
+    each in [0, 1], under any normalization: a map left unnormalized would show them shifted and scaled."""
+    ids = torch.tensor([[[0, 1], [2, 3]]])
+    shown = denormalize(token_maps(ids, 4, 2, 3, MEAN, STD), MEAN, STD)
+    torch.testing.assert_close(shown, token_maps(ids, 4, 2, 3, [0.0] * 3, [1.0] * 3))
+    assert 0 <= shown.min() and shown.max() <= 1
+
+
 def test_token_maps_put_each_code_at_its_own_patch_of_a_wide_map():
     """A 2 x 3 map of six codes (no symmetry): the patch in row i, column j has the shade of code ids[i, j]
     alone, so a transposed or flipped map shows."""

@@ -66,11 +66,10 @@ CASES = [
 ]
 
 
-def first_step(method: str, settings: dict, kwargs: dict | None = None):
-    """What a run of ``method`` with ``settings`` takes its first step with (as
-    `mimkit.pretrain.pretraining_job` builds it): its record, config, model (seeded 0), loss, a batch of two
-    seeded samples its view made and the values scheduled for 10 steps. ``kwargs`` go over the model's
-    arguments (e.g. another depth)."""
+def built(method: str, settings: dict, kwargs: dict | None = None):
+    """What a run of ``method`` with ``settings`` builds (as `mimkit.pretrain.pretraining_job` does): its
+    record, config, model (seeded 0), view and loss. ``kwargs`` go over the model's arguments (e.g. another
+    depth)."""
     record = method_of(method)
     model = {"name": "vit_mini", "kwargs": VIT} | MODEL.get(method, {})
     if kwargs:
@@ -80,7 +79,13 @@ def first_step(method: str, settings: dict, kwargs: dict | None = None):
         config = record.resolve_config(config)
     torch.manual_seed(0)
     model = record.build_model(config)
-    view, loss_fn = record.build_task(config, model)
+    return record, config, model, *record.build_task(config, model)
+
+
+def first_step(method: str, settings: dict, kwargs: dict | None = None):
+    """What a run of ``method`` with ``settings`` takes its first step with: its record, config, model, loss
+    (`built`), a batch of two seeded samples its view made and the values scheduled for 10 steps."""
+    record, config, model, view, loss_fn = built(method, settings, kwargs)
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     torch.manual_seed(1)
@@ -142,6 +147,26 @@ def test_two_runs_with_the_same_settings_give_the_same(method, dvae_file, mae_ru
     """What the test above compares is deterministic: otherwise every setting would seem to reach."""
     base = located(next(base for m, base, *_ in CASES if m == method), dvae_file, mae_run, vqkd_run)
     assert same_outcomes(run_once(method, base), run_once(method, base))
+
+
+@pytest.mark.parametrize("method", sorted({method for method, *_ in CASES}))
+def test_every_methods_view_mirrors_about_half_its_samples_and_all_their_images_at_once(method, dvae_file,
+                                                                                     mae_run, vqkd_run):
+    """Every method's pretraining view flips horizontally at random, as each paper's does: on an image that
+    brightens from left to right (which a crop, a resize, a colour jitter and the normalization all keep
+    brightening), some of 40 samples come out darkening to the right and some not; a sample's images (BEiT's
+    tokenizer input beside its own) turn together."""
+    base = located(next(base for m, base, *_ in CASES if m == method), dvae_file, mae_run, vqkd_run)
+    view = built(method, base)[3]
+    ramp = torch.linspace(0, 255, 40).round().to(torch.uint8).expand(3, 40, 40).contiguous()
+    mirrored = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        images = [v for v in view(ramp).values() if v.is_floating_point() and v.dim() == 3]
+        turned = {bool(image[..., -2:].mean() < image[..., :2].mean()) for image in images}
+        assert images and len(turned) == 1, f"seed {seed}: the sample's images turned apart"
+        mirrored += turned
+    assert 8 <= sum(mirrored) <= 32, f"{sum(mirrored)} of 40 samples mirrored"
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim", "maskfeat", "data2vec"])
