@@ -44,6 +44,8 @@ S11B_FORMATS = ("tests/data/test_format_variants.py",)
 S11B_CHECKS = ("tests/test_check_paths.py",)
 S12B_PICTURES = ("tests/test_pictures.py",)
 S12B_SUMMARIES = ("tests/test_summaries.py",)
+S12B_OVERLAY = ("tests/eval/test_segment.py::"
+                "test_predict_writes_each_images_label_map_batched_by_size_as_the_run_evaluates",)
 
 # sweepevalx: what a fine-tuning run reports at its end
 FINETUNE_RESULTS = ("tests/eval/test_finetune.py::"
@@ -3703,6 +3705,12 @@ PLANTED = [
         'if key.startswith("val_")}',
         'held_out = {key.removeprefix("val_"): summary.get(key.removeprefix("val_"), value)\n'
         '                for key, value in summary.items() if key.startswith("val_")}', S12B_SUMMARIES),
+    Bug("s12b: predict: the overlay paints the label colours alone, without the image",
+        "src/mimkit/eval/predict.py", "overlay(image, labels, palette).permute(1, 2, 0)",
+        "overlay(image, labels, palette, alpha=1.0).permute(1, 2, 0)", S12B_OVERLAY),
+    Bug("s12b: predict: the overlay blends the labels into the image mirrored", "src/mimkit/eval/predict.py",
+        "overlay(image, labels, palette).permute(1, 2, 0)",
+        "overlay(image.flip(-1), labels, palette).permute(1, 2, 0)", S12B_OVERLAY),
 ]
 
 
