@@ -44,6 +44,8 @@ S11B_FORMATS = ("tests/data/test_format_variants.py",)
 S11B_CHECKS = ("tests/test_check_paths.py",)
 S12B_PICTURES = ("tests/test_pictures.py",)
 S12B_SUMMARIES = ("tests/test_summaries.py",)
+S12B_PROBE_FILES = ("tests/eval/test_probes.py::"
+                    "test_each_written_probe_number_is_its_saved_probes_on_its_own_part",)
 S12B_OVERLAY = ("tests/eval/test_segment.py::"
                 "test_predict_writes_each_images_label_map_batched_by_size_as_the_run_evaluates",)
 
@@ -3711,6 +3713,16 @@ PLANTED = [
     Bug("s12b: predict: the overlay blends the labels into the image mirrored", "src/mimkit/eval/predict.py",
         "overlay(image, labels, palette).permute(1, 2, 0)",
         "overlay(image.flip(-1), labels, palette).permute(1, 2, 0)", S12B_OVERLAY),
+    Bug("s12b: linprobe: --layer all's top-level numbers are the first block's, not the last's",
+        "src/mimkit/eval/linprobe.py", '**{k: v for k, v in rows[-1].items() if k != "layer"},',
+        '**{k: v for k, v in rows[0].items() if k != "layer"},', S12B_PROBE_FILES),
+    Bug("s12b: linprobe: each block's probe saved under the block before's name",
+        "src/mimkit/eval/linprobe.py",
+        'name = f"probe-block{block}.safetensors" if every_block',
+        'name = f"probe-block{block - 1}.safetensors" if every_block', S12B_PROBE_FILES),
+    Bug("s12b: linprobe: the held-out number scored on the training part's features",
+        "src/mimkit/eval/linprobe.py", 'prefixed("val", probe_accuracy(p, *part.val))',
+        'prefixed("val", probe_accuracy(p, *part.train))', S12B_PROBE_FILES),
 ]
 
 
