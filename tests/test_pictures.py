@@ -105,6 +105,7 @@ def at_size(hidden: torch.Tensor, panel: torch.Tensor) -> torch.Tensor:
 
 
 def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with every weight moved (a tokenizer or teacher loaded from a file stays)."""
     other = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
