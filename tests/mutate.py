@@ -42,6 +42,12 @@ S11B_SEEDS = ("tests/test_seeds.py",)
 S11B_BLOCKS = ("tests/models/test_block_order.py",)
 S11B_FORMATS = ("tests/data/test_format_variants.py",)
 S11B_CHECKS = ("tests/test_check_paths.py",)
+S12B_PICTURES = ("tests/test_pictures.py",)
+S12B_SUMMARIES = ("tests/test_summaries.py",)
+S12B_PROBE_FILES = ("tests/eval/test_probes.py::"
+                    "test_each_written_probe_number_is_its_saved_probes_on_its_own_part",)
+S12B_OVERLAY = ("tests/eval/test_segment.py::"
+                "test_predict_writes_each_images_label_map_batched_by_size_as_the_run_evaluates",)
 
 # sweepevalx: what a fine-tuning run reports at its end
 FINETUNE_RESULTS = ("tests/eval/test_finetune.py::"
@@ -3631,6 +3637,92 @@ PLANTED = [
     Bug("s11b: visualize: a pretraining run's pictured images picked by seed 0 whatever --seed says",
         PRETRAIN_PY, "picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]",
         "picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:n]", S11B_SEEDS),
+    # s12b: the twelfth pass's test over a whole class: every method's pictures under an asymmetric
+    # normalization and non-square images (tests/test_pictures.py)
+    Bug("s12b: maskdistill: the cosine map normalized with the channels' means in reverse order",
+        "src/mimkit/methods/maskdistill.py",
+        "return (gray - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)",
+        "return (gray - torch.tensor(mean).flip(0).view(shape)) / torch.tensor(std).view(shape)",
+        S12B_PICTURES),
+    Bug("s12b: data2vec: the cosine map divided by the channels' mean std", "src/mimkit/methods/data2vec.py",
+        "return (gray - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)",
+        "return (gray - torch.tensor(mean).view(shape)) / torch.tensor(std).mean()", S12B_PICTURES),
+    Bug("s12b: maskfeat: the HOG glyphs normalized with mean and std swapped",
+        "src/mimkit/methods/maskfeat.py",
+        "return (drawn - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)",
+        "return (drawn - torch.tensor(std).view(shape)) / torch.tensor(mean).view(shape)", S12B_PICTURES),
+    Bug("s12b: maskfeat: the prediction panel shows the model's HOG at visible patches, the truth at hidden",
+        "src/mimkit/methods/maskfeat.py", "torch.where(mask.flatten(1)[..., None], pred.float(), target)",
+        "torch.where(mask.flatten(1)[..., None], target, pred.float())", S12B_PICTURES),
+    Bug("s12b: cae v2: the masked panel blanks the visible patches, not the hidden ones",
+        "src/mimkit/methods/cae.py", '"masked": shown * (1 - pixel_mask(mask, p)),',
+        '"masked": shown * pixel_mask(mask, p),', S12B_PICTURES),
+    Bug("s12b: beitv2: the token maps normalized like the tokenizer's images, not the run's",
+        "src/mimkit/methods/beitv2.py",
+        "return beitv2_predictions(model, tokenizer, shown, tokenizer_images, mask, data.mean, data.std)",
+        "return beitv2_predictions(model, tokenizer, shown, tokenizer_images, mask, tokenizer_data.mean,\n"
+        "                              tokenizer_data.std)", S12B_PICTURES),
+    Bug("s12b: vqkd: the token maps normalized with mean and std swapped", "src/mimkit/methods/vqkd.py",
+        "return vqkd_tokens(model, images(data.img_size, data.mean, data.std), data.mean, data.std)",
+        "return vqkd_tokens(model, images(data.img_size, data.mean, data.std), data.std, data.mean)",
+        S12B_PICTURES),
+    Bug("s12b: dvae: the columns drawn reconstruction first, under each other's titles",
+        "src/mimkit/viz.py",
+        'return {"original": images, "from tokens": model.decode(model.tokenize(images))}',
+        'return {"original": model.decode(model.tokenize(images)), "from tokens": images}', S12B_PICTURES),
+    Bug("s12b: beitv2: the tokens panel shows the predicted ids and the prediction the tokenizer's",
+        "src/mimkit/viz.py", '"tokens": token_maps(ids, tokenizer.vocab_size, p, c, mean, std),\n'
+        '            "prediction": token_maps(predicted, tokenizer.vocab_size, p, c, mean, std)}',
+        '"tokens": token_maps(predicted, tokenizer.vocab_size, p, c, mean, std),\n'
+        '            "prediction": token_maps(ids, tokenizer.vocab_size, p, c, mean, std)}', S12B_PICTURES),
+    Bug("s12b: cae: the tokens and prediction panels from the model's ids both", "src/mimkit/viz.py",
+        '"tokens": tokenizer.decode(ids),\n            "prediction": tokenizer.decode(predicted)}',
+        '"tokens": tokenizer.decode(predicted),\n            "prediction": tokenizer.decode(predicted)}',
+        S12B_PICTURES),
+    Bug("s12b: simmim: the pictures' masks hide the visible squares' complement (mask inverted)",
+        "src/mimkit/methods/simmim.py", "hidden = pixel_mask(mask, model.patch_size)\n",
+        "hidden = 1 - pixel_mask(mask, model.patch_size)\n", S12B_PICTURES),
+    Bug("s12b: visualize: a segmentation run's pictured images picked by seed 0 whatever --seed says",
+        "src/mimkit/eval/segment.py",
+        "picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]",
+        "picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:n]",
+        ("tests/eval/test_segment.py::"
+         "test_visualize_shows_seeded_validation_images_with_their_masks_and_predictions",)),
+    Bug("s12b: cli: segment's summary prints mAcc under aAcc", "src/mimkit/cli.py",
+        "aAcc {results['aAcc']:.2f}  \"", "aAcc {results['mAcc']:.2f}  \"", S12B_SUMMARIES),
+    Bug("s12b: cli: finetune's summary prints the last validation top-1 as the test's", "src/mimkit/cli.py",
+        "print(f\"run directory: {out}  test top-1 {results['test_top1']:.2f}%  \"",
+        "print(f\"run directory: {out}  test top-1 {results['val_top1']:.2f}%  \"", S12B_SUMMARIES),
+    Bug("s12b: cli: a probe's per-block lines print each block's validation top-1", "src/mimkit/cli.py",
+        "test top-1 {row['test_top1']:.2f}%\")", "test top-1 {row['val_top1']:.2f}%\")", S12B_SUMMARIES),
+    Bug("s12b: cli: evaluate's last line prints mAcc as the mIoU", "src/mimkit/cli.py",
+        "{results['data']}: mIoU {results['mIoU']:.2f}", "{results['data']}: mIoU {results['mAcc']:.2f}",
+        S12B_SUMMARIES),
+    Bug("s12b: seg_metrics: the printed table's IoU and Acc columns swapped",
+        "src/mimkit/eval/seg_metrics.py",
+        'for v in (row["IoU"], row["Acc"])]', 'for v in (row["Acc"], row["IoU"])]', S12B_SUMMARIES),
+    Bug("s12b: cli: a tokenizer's held-out line prints the training batches' numbers",
+        "src/mimkit/cli.py",
+        'held_out = {key.removeprefix("val_"): value for key, value in summary.items() '
+        'if key.startswith("val_")}',
+        'held_out = {key.removeprefix("val_"): summary.get(key.removeprefix("val_"), value)\n'
+        '                for key, value in summary.items() if key.startswith("val_")}', S12B_SUMMARIES),
+    Bug("s12b: predict: the overlay paints the label colours alone, without the image",
+        "src/mimkit/eval/predict.py", "overlay(image, labels, palette).permute(1, 2, 0)",
+        "overlay(image, labels, palette, alpha=1.0).permute(1, 2, 0)", S12B_OVERLAY),
+    Bug("s12b: predict: the overlay blends the labels into the image mirrored", "src/mimkit/eval/predict.py",
+        "overlay(image, labels, palette).permute(1, 2, 0)",
+        "overlay(image.flip(-1), labels, palette).permute(1, 2, 0)", S12B_OVERLAY),
+    Bug("s12b: linprobe: --layer all's top-level numbers are the first block's, not the last's",
+        "src/mimkit/eval/linprobe.py", '**{k: v for k, v in rows[-1].items() if k != "layer"},',
+        '**{k: v for k, v in rows[0].items() if k != "layer"},', S12B_PROBE_FILES),
+    Bug("s12b: linprobe: each block's probe saved under the block before's name",
+        "src/mimkit/eval/linprobe.py",
+        'name = f"probe-block{block}.safetensors" if every_block',
+        'name = f"probe-block{block - 1}.safetensors" if every_block', S12B_PROBE_FILES),
+    Bug("s12b: linprobe: the held-out number scored on the training part's features",
+        "src/mimkit/eval/linprobe.py", 'prefixed("val", probe_accuracy(p, *part.val))',
+        'prefixed("val", probe_accuracy(p, *part.train))', S12B_PROBE_FILES),
 ]
 
 

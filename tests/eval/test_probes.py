@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from mimkit.cli import main
@@ -546,3 +547,37 @@ def test_a_probe_run_saves_its_kind_its_final_record_and_its_wall_time(mae_run, 
     (tmp_path / "notes" / "todo.txt").write_text("mine\n")
     with pytest.raises(MimkitError, match="--force"):
         run(encoder, config, tmp_path / "notes")
+
+
+@pytest.mark.parametrize("layer", [None, "all"])
+def test_each_written_probe_number_is_its_saved_probes_on_its_own_part(mae_run, tmp_path, monkeypatch, layer):
+    """Each number results.json and metrics.jsonl give is the saved probe's on its own part: ``probe.
+    safetensors`` (``probe-block{k}.safetensors`` for ``--layer all``), loaded and scored on that block's
+    held-out and test features, gives that row's val and test numbers; the top level is the last block's.
+    Block 1's features hold the clusters, block 2's noise, so their numbers differ."""
+    train, val, test = clusters(20), clusters(8, seed=1), clusters(8, seed=2)
+    noise = torch.Generator().manual_seed(3)
+
+    def blocks(part):  # (N, 2, D): the clusters at block 1, noise at block 2
+        return torch.stack([part[0], torch.randn(part[0].shape, generator=noise) * 50], 1), part[1]
+
+    parts = (ProbeData(train=train, val=val, test=test, num_classes=5) if layer is None else
+             ProbeData(train=blocks(train), val=blocks(val), test=blocks(test), num_classes=5, layers=(1, 2)))
+    monkeypatch.setattr("mimkit.eval.linprobe.probe_data", lambda *args, **kwargs: parts)
+    config = LinprobeConfig(data="mnist", epochs=30, batch_size=64, val_fraction=0.3, layer=layer)
+    results = run_linprobe(load_encoder(mae_run), config, tmp_path / "out")
+    rows = results.get("by_layer", [{"layer": None, **{k: v for k, v in results.items() if "top" in k}}])
+    for block, part in parts.per_layer():
+        row = next(r for r in rows if r["layer"] == block)
+        probe = LinearProbe(16, 5)
+        name = "probe.safetensors" if block is None else f"probe-block{block}.safetensors"
+        probe.load_state_dict(load_file(str(tmp_path / "out" / name)))
+        for split, (x, y) in (("val", part.val), ("test", part.test)):
+            scored = probe_accuracy(probe, x, y)
+            assert (row[f"{split}_top1"], row[f"{split}_top5"]) == (scored["top1"], scored["top5"]), split
+    assert {k: results[k] for k in ("val_top1", "test_top1", "test_top5")} == {
+        k: rows[-1][k] for k in ("val_top1", "test_top1", "test_top5")}
+    logged = read_metrics(tmp_path / "out")[-1]
+    assert (logged["test_top1"], logged["val_top1"]) == (rows[-1]["test_top1"], rows[-1]["val_top1"])
+    if layer == "all":
+        assert rows[0]["test_top1"] == 100.0 and rows[1]["test_top1"] < 60

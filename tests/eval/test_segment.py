@@ -611,7 +611,10 @@ def test_predict_writes_each_images_label_map_batched_by_size_as_the_run_evaluat
         truth = np.asarray(Image.open(data / "masks" / name))
         assert label_map.mode == "P" and label_map.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]
         assert (np.asarray(label_map) == truth).mean() > 0.95
-        assert (out / "images" / name.replace(".png", "_overlay.png")).is_file()
+        image = np.asarray(Image.open(data / "images" / name).convert("RGB")).astype(float)
+        overlaid = np.asarray(Image.open(out / "images" / name.replace(".png", "_overlay.png"))).astype(float)
+        colours = np.asarray(label_map.convert("RGB")).astype(float)  # the overlay: half image, half colour
+        assert np.abs(overlaid - (image + colours) / 2).max() <= 0.5
     assert not (out / "masks").exists()
     asked.clear()
     predict.predict_masks(ShadeSegmenter(), config, data / "images" / "val", tmp_path / "again",

@@ -66,15 +66,15 @@ CASES = [
 ]
 
 
-def built(method: str, settings: dict, kwargs: dict | None = None):
+def built(method: str, settings: dict, kwargs: dict | None = None, data: dict | None = None):
     """What a run of ``method`` with ``settings`` builds (as `mimkit.pretrain.pretraining_job` does): its
     record, config, model (seeded 0), view and loss. ``kwargs`` go over the model's arguments (e.g. another
-    depth)."""
+    depth), ``data`` over `DATA` (e.g. another normalization)."""
     record = method_of(method)
     model = {"name": "vit_mini", "kwargs": VIT} | MODEL.get(method, {})
     if kwargs:
         model["kwargs"] = model["kwargs"] | kwargs
-    config = read_config({"method": method, "data": DATA, "model": model, method: settings})
+    config = read_config({"method": method, "data": DATA | (data or {}), "model": model, method: settings})
     if record.resolve_config:
         config = record.resolve_config(config)
     torch.manual_seed(0)
