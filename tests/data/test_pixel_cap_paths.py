@@ -23,28 +23,24 @@ REFUSED = "above data.max_image_pixels=100"
 SOURCES = ("flat folder", "class folders", "shards", "hf dataset")
 
 
-def encoded_source(kind: str, root, cap: int):
-    """A source of kind ``kind`` over three small images (JPEGs; a dataset's PNGs) with pixel cap ``cap``."""
-    if kind == "hf dataset":
-        from tests.data.test_hf import labeled
-        if not (root / "ds").is_dir():
-            labeled(3).save_to_disk(str(root / "ds"))
-        return build_source(f"hf:{root / 'ds'}", max_image_pixels=cap)
-    folder = root / "images"
-    if not folder.is_dir():
-        image_folder(folder, 3, classes=() if kind == "flat folder" else ("cat", "dog", "eel"))
-    if kind == "shards":
-        if not (root / "shards").is_dir():
-            assert pack(folder, root / "shards") == 0
-        folder = root / "shards"
-    return build_source(str(folder), max_image_pixels=cap)
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory) -> dict[str, str]:
+    """Each source kind's data spec, over three small images (JPEGs; a dataset's PNGs)."""
+    from tests.data.test_hf import labeled
+    root = tmp_path_factory.mktemp("stored")
+    image_folder(root / "flat", 3, classes=())
+    image_folder(root / "classes", 3)
+    assert pack(root / "classes", root / "shards") == 0
+    labeled(3).save_to_disk(str(root / "ds"))
+    return {"flat folder": str(root / "flat"), "class folders": str(root / "classes"),
+            "shards": str(root / "shards"), "hf dataset": f"hf:{root / 'ds'}"}
 
 
 @pytest.mark.parametrize("decode", ["whole", "crop"])
 @pytest.mark.parametrize("kind", SOURCES)
-def test_every_sources_decode_refuses_an_image_above_the_pixel_cap(kind, decode, tmp_path):
+def test_every_sources_decode_refuses_an_image_above_the_pixel_cap(kind, decode, stored):
     def read(cap: int):
-        source = encoded_source(kind, tmp_path, cap)
+        source = build_source(stored[kind], max_image_pixels=cap)
         if decode == "whole":
             return source.load(0)
         return source.load_crop(0, lambda height, width: (0, 0, height // 2, width // 2))
