@@ -23,6 +23,15 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
+def check_pixels(img: Image.Image, max_pixels: int) -> None:
+    """Refuse an opened (not yet decoded) image above ``max_pixels`` (ValueError): a small file can hold a
+    huge image, whose decoding would fill the memory."""
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ValueError(f"{width}x{height} pixels is above data.max_image_pixels={max_pixels}; "
+                         "shrink the file or raise that limit")
+
+
 def decode_image(file: str | Path | BinaryIO, mode: str, max_pixels: int = MAX_IMAGE_PIXELS,
                  min_side: int | None = None) -> torch.Tensor:
     """Decode one encoded image (a path or a binary file object) to uint8 `(C, H, W)` in `mode`.
@@ -33,9 +42,7 @@ def decode_image(file: str | Path | BinaryIO, mode: str, max_pixels: int = MAX_I
     """
     with Image.open(file) as img:
         width, height = img.size
-        if width * height > max_pixels:
-            raise ValueError(f"{width}x{height} pixels is above data.max_image_pixels={max_pixels}; "
-                             "shrink the file or raise that limit")
+        check_pixels(img, max_pixels)
         if min_side and (factor := min(img.size) // min_side) > 1:
             img.draft(None, (width // factor, height // factor))  # JPEG: decode at 1/2, 1/4 or 1/8
         if min_side and (factor := min(img.size) // min_side) > 1:  # before exif_transpose, which copies

@@ -65,7 +65,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from mimkit.data.decode import GRAY_MODES, MAX_IMAGE_PIXELS, decode_image
+from mimkit.data.decode import GRAY_MODES, MAX_IMAGE_PIXELS, check_pixels, decode_image
 from mimkit.data.idx import IDX_DATASETS, locate_idx, mimkit_cache_dir, read_idx
 from mimkit.data.layouts import SEG_SPLITS, class_names, detect_layout
 from mimkit.data.source_info import GRAY_MEAN, GRAY_STD, SourceInfo, check_channels
@@ -80,9 +80,11 @@ MASK_MODES = ("L", "P", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")
 # The source
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """The stored labels of a mask file: `(H, W)` int64 (palette PNGs give their indices, not colours)."""
+def read_mask(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """The stored labels of a mask file: `(H, W)` int64 (palette PNGs give their indices, not colours); a
+    mask above ``max_pixels`` is refused before it is decoded (ValueError), as its image is."""
     with Image.open(path) as img:
+        check_pixels(img, max_pixels)
         if img.format == "JPEG":
             raise MimkitError(f"mask '{path}' is a JPEG: its compression changes labels near every edge; "
                               "store masks losslessly (PNG label maps)")
@@ -164,7 +166,7 @@ class SegSource(Dataset):
     def _labels(self, index: int, image_size: tuple[int, int]) -> np.ndarray:
         """The checked class ids of mask `index`, whose image is `image_size` = (width, height)."""
         try:
-            labels = read_mask(self.masks[index])
+            labels = read_mask(self.masks[index], self.max_image_pixels)
         except MimkitError:
             raise
         except Exception as e:  # PIL raises many types on bad files
