@@ -369,14 +369,16 @@ def resolved_seg_config(data: Path, **seg) -> SegmentConfig:
 
 
 def spy_scoring(monkeypatch, module) -> list:
-    """Record the arguments of each ``evaluate_segmentation`` call of ``module``, then score as it would."""
+    """Record the arguments of each ``evaluate_segmentation`` call of ``module`` (and the sizes of the images
+    its loader gives), then score as it would."""
     calls, real = [], module.evaluate_segmentation
 
     def spy(model, loader, device, num_classes, crop, mode="whole", stride=None, flip=False, classes=None,
             desc="eval", scales=()):
         calls.append({"images": len(loader.dataset), "batch": loader.batch_size, "num_classes": num_classes,
                       "crop": crop, "mode": mode, "stride": stride, "flip": flip, "classes": classes,
-                      "scales": list(scales)})
+                      "scales": list(scales),
+                      "sizes": {tuple(batch["image"].shape[-2:]) for batch in loader}})
         return real(model, loader, device, num_classes, crop, mode, stride, flip, classes, desc, scales)
 
     monkeypatch.setattr(module, "evaluate_segmentation", spy)
@@ -409,7 +411,8 @@ def test_evaluate_scores_a_split_of_the_runs_data_or_another_folder(tmp_path, mo
     sizes = {} if batch is None else {"batch_size": batch}
     results = seg_evaluate.evaluate_run("runs/seg", out, split, elsewhere, tta, **sizes)
     assert calls == [{"images": images, "batch": batch or 1, "num_classes": 3, "crop": 32, "mode": "slide",
-                      "stride": 16, "flip": flip, "classes": CLASSES, "scales": scales}]
+                      "stride": 16, "flip": flip, "classes": CLASSES, "scales": scales,
+                      "sizes": {(64, 64)}}]  # the 32-px images fitted to the run's eval_scale
     assert {size[1] for size in model.inputs} == {1}
     assert (results["run"], results["data"], results["split"], results["images"]) == (
         "runs/seg", elsewhere or str(data), split, images)

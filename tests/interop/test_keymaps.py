@@ -11,10 +11,12 @@ KEYMAP = nest({"w": "weight", "qkv": ("q", "k", "v"), "bias": ("q_bias", None, "
 
 
 def test_templates_follow_the_blocks_present():
-    assert expand(KEYMAP, ["layer.0.weight", "layer.3.weight"], ours=False) == {
-        "blocks.0.w": "layer.0.weight", "blocks.3.w": "layer.3.weight"}
-    fused = expand(KEYMAP, ["blocks.1.qkv"], ours=True)["blocks.1.qkv"]
-    assert fused == ("layer.1.q", "layer.1.k", "layer.1.v")
+    """Block numbers of one digit and of two (a ViT-B has blocks 0-11)."""
+    assert expand(KEYMAP, ["layer.0.weight", "layer.3.weight", "layer.11.weight"], ours=False) == {
+        "blocks.0.w": "layer.0.weight", "blocks.3.w": "layer.3.weight", "blocks.11.w": "layer.11.weight"}
+    for i in (1, 23):
+        fused = expand(KEYMAP, [f"blocks.{i}.qkv"], ours=True)[f"blocks.{i}.qkv"]
+        assert fused == (f"layer.{i}.q", f"layer.{i}.k", f"layer.{i}.v")
 
 
 def test_round_trip_is_bit_identical_and_unknown_keys_are_reported():

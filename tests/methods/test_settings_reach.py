@@ -169,6 +169,13 @@ def test_every_methods_view_mirrors_about_half_its_samples_and_all_their_images_
     assert 8 <= sum(mirrored) <= 32, f"{sum(mirrored)} of 40 samples mirrored"
 
 
+def test_a_dvae_of_its_own_size_trains_on_crops_of_that_size():
+    """``dvae.tokenizer_size`` is the side the dVAE sees (BEiT's 112 px beside 224 px images): its training
+    crops come out at that side, not at the data's 32 px."""
+    view = built("dvae", {"hidden": 4, "vocab_size": 32, "tokenizer_size": 64})[3]
+    assert view(torch.zeros(3, 40, 40, dtype=torch.uint8))["image"].shape == (3, 64, 64)
+
+
 @pytest.mark.parametrize("method", ["mae", "simmim", "maskfeat", "data2vec"])
 def test_the_model_is_built_for_the_datas_channels_and_size(method):
     """A run of one-channel 24 px images: its model embeds one channel at 24 px, and a training step on its
