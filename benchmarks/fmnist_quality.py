@@ -295,7 +295,7 @@ def wallclock_steps(out: Path, data: str, methods: list[str], mae_epochs: int, q
 
     def timing(method: str) -> Step:
         cost = ["--methods", f"mae,{method}", "--data", data, "--json", str(out / f"timing-{method}.json"),
-                *(["--batch-size", "16", "--steps", "2", "--warmup", "1"] if quick else []),
+                *(["--batch-size", "16", "--turns", "2", "--block", "1", "--warmup", "1"] if quick else []),
                 *[arg for name, run in reads(method).items() for arg in ("--set", f"{method}.{name}={run}")]]
         waits = after + (("mae",) if method in taught else ())
         return Step(f"timing-{method}", cost, waits, alone=True, script=HERE / "method_step_cost.py")

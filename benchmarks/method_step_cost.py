@@ -5,19 +5,25 @@ also be a variant's recipe, ``caev2`` for ``caev2_fmnist``, which trains ``cae``
 tokenizer or teacher run gets it with ``--set``, as on the command line (``--set beit.tokenizer=runs/dvae``;
 ``--set cae.teacher=runs/mae`` for ``caev2``). One batch of Fashion-MNIST training
 images goes through each method's own view once (seeded per sample, as in training); a step is forward +
-backward + AdamW step on that same batch. After warm-up steps, every method runs ``--steps`` steps, then
-the next; ``--rounds`` repeats that, the order reversed every other round, so a shared machine's load falls
-on all alike. Reported: images/s per round and the mean, the ratio to the first method, images per
-second of process CPU time (all threads; less sensitive to waiting for a core on a loaded machine), and
-the load average (``os.getloadavg``) before and after; ``--json`` also writes them to a file (the quality
-benchmark's wall-clock match reads it: ``fmnist_quality.py``).
+backward + AdamW step on that same batch. After warm-up steps, the methods take turns, ``--block`` steps
+each (a method's steps follow each other, as in training), ``--turns`` turns, the order reversed every
+other turn, so that a change of the machine's load falls on every method alike; each method's speed is its
+batch over its median step time, so that a step slowed by a burst of load does not move it. (Timed by the
+mean of 20-step blocks beside test sweeps, the quality benchmark's run of 2026-12-06 gave its methods 0.32x
+(CAE) to 2.0x (data2vec) the pretraining that this timing gives them.)
+Reported: images/s, the ratio to the first method, the spread of the step times (quartiles), images per
+second of process CPU time (all threads; less sensitive to waiting for a core), and the load average
+(``os.getloadavg``) before and after; ``--json`` also writes them to a file (the quality benchmark's
+wall-clock match reads it: ``fmnist_quality.py``).
 
-    .venv/bin/python benchmarks/method_step_cost.py --methods mae,simmim,maskfeat --batch-size 256 --steps 20
+    .venv/bin/python benchmarks/method_step_cost.py --methods mae,simmim,maskfeat --batch-size 256 \
+        --turns 8 --block 5
 """
 
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -34,9 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default="mae,maskfeat", help="comma-separated; the first is the reference")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per method per round")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per method before the first round")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--block", type=int, default=5, help="timed steps per method per turn")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per method before the first turn")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--data", default="fashion-mnist", help="the images of the batch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -88,30 +94,31 @@ def main(argv=None) -> None:
         for _ in range(a.warmup):
             steps[name]()
     load_before = os.getloadavg()
-    rates = {name: [] for name in names}
+    seconds = {name: [] for name in names}
     cpu = dict.fromkeys(names, 0.0)
-    for r in range(a.rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            start, start_cpu = time.perf_counter(), time.process_time()
-            for _ in range(a.steps):
+    for turn in range(a.turns):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            start_cpu = time.process_time()
+            for _ in range(a.block):
+                start = time.perf_counter()
                 steps[name]()
-            rates[name].append(a.steps * a.batch_size / (time.perf_counter() - start))
+                seconds[name].append(time.perf_counter() - start)
             cpu[name] += time.process_time() - start_cpu
     load_after = os.getloadavg()
     loads = ", ".join(f"{when} {' / '.join(f'{x:.1f}' for x in load)}"
                       for when, load in (("before", load_before), ("after", load_after)))
-    print(f"batch {a.batch_size}, {a.steps} steps per method per round, {a.rounds} rounds, {a.threads} "
-          f"threads; load average (1 / 5 / 15 min): {loads}")
-    reference = sum(rates[names[0]]) / a.rounds
-    images = a.rounds * a.steps * a.batch_size
+    print(f"batch {a.batch_size}, {a.turns} turns of {a.block} steps per method, {a.threads} threads; "
+          f"load average (1 / 5 / 15 min): {loads}")
+    rates = {name: a.batch_size / statistics.median(seconds[name]) for name in names}
+    images = a.turns * a.block * a.batch_size
     for name in names:
-        mean = sum(rates[name]) / a.rounds
-        rounds = ", ".join(f"{x:.1f}" for x in rates[name])
-        print(f"{name:10s} {mean:7.1f} images/s (rounds: {rounds}); {mean / reference:.2f}x {names[0]}; "
-              f"{images / cpu[name]:.1f} images per CPU-second ({cpu[names[0]] / cpu[name]:.2f}x)")
+        quartiles = " / ".join(f"{q:.3f}" for q in statistics.quantiles(seconds[name], n=4))
+        print(f"{name:10s} {rates[name]:7.1f} images/s; {rates[name] / rates[names[0]]:.2f}x {names[0]}; "
+              f"step quartiles {quartiles} s; {images / cpu[name]:.1f} images per CPU-second "
+              f"({cpu[names[0]] / cpu[name]:.2f}x)")
     if a.json:
         a.json.write_text(json.dumps({
-            "images_per_s": {name: sum(rates[name]) / a.rounds for name in names},
+            "images_per_s": rates,
             "images_per_cpu_s": {name: images / cpu[name] for name in names},
             "train_images": train_images, "load_before": load_before, "load_after": load_after}, indent=2))
 

@@ -1,6 +1,7 @@
 """`benchmarks/fmnist_quality.py`'s scheduler: a step marked ``alone`` (the compute match's timing runs) waits
 for the running steps, gets every core, and nothing starts beside it; the other steps share the cores. And
-the wall-clock match: a method beside MAE trains for MAE's images times its speed over MAE's."""
+the wall-clock match: a method beside MAE trains for MAE's images times its speed over MAE's, a speed timed
+by `method_step_cost.py` in turns, from median step times."""
 
 import json
 import sys
@@ -100,3 +101,39 @@ def test_records_added_from_many_threads_at_once_keep_every_key(tmp_path):
     for thread in threads:
         thread.join()
     assert len(json.loads(path.read_text())) == 80
+
+
+def test_step_costs_come_from_turns_of_blocks_and_median_step_times(monkeypatch, tmp_path):
+    """`method_step_cost.py`: the methods take turns, ``--block`` steps each, the order reversed every other
+    turn; a method's speed is its batch over its median step time, so one step slowed by a burst of load
+    (here 50 s among 1 s steps) does not move it."""
+    import method_step_cost as cost
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+        process_time = perf_counter
+
+    clock, order = Clock(), []
+    durations = {"mae": iter([1.0] * 3 + [1.0] * 6), "simmim": iter([2.0] * 3 + [2.0, 50.0] + [2.0] * 4)}
+
+    def make_step(name, batch_size, data, overrides):
+        def step():
+            order.append(name)
+            clock.now += next(durations[name])
+        return step, name, 60_000
+
+    monkeypatch.setattr(cost, "make_step", make_step)
+    monkeypatch.setattr(cost, "time", clock)
+    out = tmp_path / "speeds.json"
+    cost.main(["--methods", "mae,simmim", "--batch-size", "8", "--turns", "3", "--block", "2",
+               "--json", str(out)])
+    timed = order[6:]  # after 3 warm-up steps each
+    assert timed == ["mae"] * 2 + ["simmim"] * 2 + ["simmim"] * 2 + ["mae"] * 2 + ["mae"] * 2 + ["simmim"] * 2
+    speeds = json.loads(out.read_text())
+    assert speeds["images_per_s"] == {"mae": 8.0, "simmim": 4.0}
+    assert speeds["images_per_cpu_s"]["simmim"] == pytest.approx(6 * 8 / 60.0)
+    assert speeds["train_images"] == 60_000
