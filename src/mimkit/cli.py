@@ -28,6 +28,7 @@ is why the imports below sit in functions; it is said here once, not at each of 
 """
 
 import argparse
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -668,9 +669,13 @@ def show_library_messages() -> None:
 def leave_process_group() -> None:
     """Tear down the DDP process group a command joined (`mimkit.train.distributed.init_world`). A gloo
     process that exits with its group alive can abort in its exit handlers (SIGABRT, "terminate called
-    without an active exception"), and torchrun then fails the whole job."""
+    without an active exception"), and torchrun then fails the whole job. So can one whose group outlives
+    `destroy_process_group`, held by a DDP model in a reference cycle (an error's traceback, or DDP itself
+    where torch._dynamo is not loaded) that only the interpreter's exit would free: such cycles are
+    collected first."""
     dist = sys.modules.get("torch.distributed")  # only a command that loaded torch can have joined one
     if dist is not None and dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

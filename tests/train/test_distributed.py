@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from mimkit.cli import leave_process_group
 from mimkit.data.loader import SeededViews
 from mimkit.train.checkpoint_files import Checkpoints
 from mimkit.train.distributed import World
@@ -71,7 +72,7 @@ def _worker(rank: int, tmp: str):
     except NonFiniteLoss as err:
         results["stopped"] = str(err)
     torch.save(results, f"{tmp}/rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_process_group()  # the DDP models of the runs above are freed first, as a command frees them
 
 
 @pytest.fixture(scope="module")
