@@ -42,3 +42,12 @@ def test_a_fused_tensor_missing_a_stored_piece_is_left_out_and_its_pieces_report
     tensor is missing (reported by the importer) and the pieces are unexpected."""
     out, unexpected = from_foreign({"layer.0.q": torch.ones(2), "layer.0.v": torch.ones(2)}, KEYMAP)
     assert out == {} and unexpected == ["layer.0.q", "layer.0.v"]
+
+
+def test_a_fused_tensor_that_does_not_split_into_equal_parts_is_refused():
+    """Five rows cannot be a query, key and value of equal size: refused, not cut 2, 2, 1 (nor, two rows,
+    into two pieces of the three)."""
+    for rows in (5, 2):
+        with pytest.raises(MimkitError, match=f"blocks.0.qkv has {rows} rows: not 3 equal parts"):
+            to_foreign({"blocks.0.qkv": torch.randn(rows, 2)}, KEYMAP)
+
