@@ -52,6 +52,10 @@ S12B_OVERLAY = ("tests/eval/test_segment.py::"
 S12A_VIEWS = ("tests/test_view_operations.py",)
 S12A_RESUME = ("tests/test_resume_refusals.py",)  # every job kind refuses a changed resume
 S12A_PIXELS = ("tests/data/test_pixel_cap_paths.py",)  # the pixel cap on every decode path
+# s13b: the thirteenth pass's textual mutants (one test file per module)
+S13B_KEYMAPS, KEYMAPS_PY = "tests/interop/test_keymaps.py::", "src/mimkit/interop/keymaps.py"
+S13B_UNEVEN = (S13B_KEYMAPS + "test_a_fused_tensor_that_does_not_split_into_equal_parts_is_refused",)
+S13B_TWO_PIECES = (S13B_KEYMAPS + "test_a_tensor_in_two_pieces_one_of_them_zeros_splits_and_joins_back",)
 
 # sweepevalx: what a fine-tuning run reports at its end
 FINETUNE_RESULTS = ("tests/eval/test_finetune.py::"
@@ -3825,6 +3829,16 @@ PLANTED = [
     Bug("s12a: segmentation: a mask decoded whatever its size (the cap not asked)",
         "src/mimkit/data/segmentation.py",
         "        check_pixels(img, max_pixels)\n        if img.format", "        if img.format", S12A_PIXELS),
+    # s13b: the thirteenth pass's textual mutants of the registry, key maps, dVAE, survey, folders, cpus
+    Bug("s13b: keymaps: a fused tensor whose rows are not the layout's equal parts cut unevenly (no check)",
+        KEYMAPS_PY, "            if len(value) % len(foreign):\n", "            if False:\n", S13B_UNEVEN),
+    Bug("s13b: keymaps: an unstored piece's zeros shaped as the second stored piece",
+        KEYMAPS_PY, "zeros_like(state[stored[0]])", "zeros_like(state[stored[1]])", S13B_TWO_PIECES),
+    Bug("s13b: keymaps: a tensor stored in two pieces read back as its first piece alone",
+        KEYMAPS_PY, "if len(pieces) > 1 else", "if len(pieces) > 2 else", S13B_TWO_PIECES),
+    Bug("s13b: keymaps: the refusal of a nonzero unstored piece says the layout does store it",
+        KEYMAPS_PY, "that this layout does not store", "that this layout does store",
+        (S13B_KEYMAPS + "test_a_nonzero_piece_the_layout_does_not_store_is_refused",)),
 ]
 
 

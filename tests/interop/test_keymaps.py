@@ -33,7 +33,7 @@ def test_round_trip_is_bit_identical_and_unknown_keys_are_reported():
 
 
 def test_a_nonzero_piece_the_layout_does_not_store_is_refused():
-    with pytest.raises(MimkitError, match="blocks.0.bias has a nonzero part"):
+    with pytest.raises(MimkitError, match="blocks.0.bias has a nonzero part that this layout does not store"):
         to_foreign({"blocks.0.bias": torch.ones(6)}, KEYMAP)
 
 
@@ -51,3 +51,17 @@ def test_a_fused_tensor_that_does_not_split_into_equal_parts_is_refused():
         with pytest.raises(MimkitError, match=f"blocks.0.qkv has {rows} rows: not 3 equal parts"):
             to_foreign({"blocks.0.qkv": torch.randn(rows, 2)}, KEYMAP)
 
+
+def test_a_tensor_in_two_pieces_one_of_them_zeros_splits_and_joins_back():
+    """Two pieces (not only a query-key-value three), and a tensor whose one stored piece is followed by
+    zeros the layout does not store: split in halves, joined back, the zeros made in the stored piece's
+    shape."""
+    keymap = {"kv": ("k", "v"), "gate": ("g", None)}
+    ours = {"kv": torch.randn(4, 3), "gate": torch.cat([torch.randn(2, 3), torch.zeros(2, 3)])}
+    theirs, unmapped = to_foreign(ours, keymap)
+    assert unmapped == [] and theirs.keys() == {"k", "v", "g"}
+    assert torch.equal(theirs["k"], ours["kv"][:2]) and torch.equal(theirs["v"], ours["kv"][2:])
+    assert torch.equal(theirs["g"], ours["gate"][:2])
+    back, unexpected = from_foreign(theirs, keymap)
+    assert unexpected == [] and back.keys() == ours.keys()
+    assert all(torch.equal(back[k], ours[k]) for k in ours)
