@@ -55,6 +55,9 @@ S12A_PIXELS = ("tests/data/test_pixel_cap_paths.py",)  # the pixel cap on every 
 # s13b: the thirteenth pass's textual mutants (one test file per module)
 S13B_KEYMAPS, KEYMAPS_PY = "tests/interop/test_keymaps.py::", "src/mimkit/interop/keymaps.py"
 S13B_UNEVEN = (S13B_KEYMAPS + "test_a_fused_tensor_that_does_not_split_into_equal_parts_is_refused",)
+S13B_DVAE, DVAE_TOK_PY = "tests/tokenizers/test_dvae.py::", "src/mimkit/tokenizers/dvae.py"
+S13B_FORWARD = (S13B_DVAE + "test_the_training_forward_is_the_relaxed_sample_decoded_plus_the_weighted_kl",)
+S13B_SAVED = (S13B_DVAE + "test_a_saved_dvae_of_non_default_size_loads_whole_and_as_a_frozen_encoder",)
 S13B_TWO_PIECES = (S13B_KEYMAPS + "test_a_tensor_in_two_pieces_one_of_them_zeros_splits_and_joins_back",)
 
 # sweepevalx: what a fine-tuning run reports at its end
@@ -3839,6 +3842,52 @@ PLANTED = [
     Bug("s13b: keymaps: the refusal of a nonzero unstored piece says the layout does store it",
         KEYMAPS_PY, "that this layout does not store", "that this layout does store",
         (S13B_KEYMAPS + "test_a_nonzero_piece_the_layout_does_not_store_is_refused",)),
+    Bug("s13b: dvae: a residual block subtracts its body", DVAE_TOK_PY,
+        "return x + self.body(x)", "return x - self.body(x)",
+        (S13B_DVAE + "test_a_residual_block_adds_its_body_to_its_input",)),
+    Bug("s13b: dvae: tokenize takes each cell's least likely code", DVAE_TOK_PY,
+        "return self(imgs).argmax(1)", "return self(imgs).argmin(1)",
+        (S13B_DVAE + "test_tokenize_picks_each_cells_most_likely_code",)),
+    Bug("s13b: dvae: DVAE's default two residual blocks per stage", DVAE_TOK_PY,
+        "num_res: int = 1, recon_loss: str = \"mse\"):", "num_res: int = 2, recon_loss: str = \"mse\"):",
+        (S13B_DVAE + "test_the_default_model_has_one_residual_block_per_stage",)),
+    Bug("s13b: dvae: dvae_for's default two residual blocks per stage", DVAE_TOK_PY,
+        "num_res: int = 1, recon_loss: str = \"mse\", tokenizer_size",
+        "num_res: int = 2, recon_loss: str = \"mse\", tokenizer_size",
+        (S13B_DVAE + "test_the_default_model_has_one_residual_block_per_stage",)),
+    Bug("s13b: dvae: the Gumbel-softmax taken over the batch, not the codes", DVAE_TOK_PY,
+        "tau=temperature, dim=1)", "tau=temperature, dim=0)",
+        S13B_FORWARD),
+    Bug("s13b: dvae: the Gumbel-softmax at temperature 1 whatever the schedule says", DVAE_TOK_PY,
+        "tau=temperature, dim=1)", "dim=1)",
+        S13B_FORWARD),
+    Bug("s13b: dvae: the training metrics' codebook numbers of the argmin codes", DVAE_TOK_PY,
+        "codebook_stats(logits.argmax(1), self.vocab_size)",
+        "codebook_stats(logits.argmin(1), self.vocab_size)",
+        S13B_FORWARD),
+    Bug("s13b: dvae: the weighted KL subtracted from the loss", DVAE_TOK_PY,
+        "return rec + kl_weight * kl, metrics", "return rec - kl_weight * kl, metrics",
+        S13B_FORWARD),
+    Bug("s13b: dvae: a tokenizer view of the grid's own size refused (power-of-two test off by 1)",
+        DVAE_TOK_PY,
+        "factor & (factor - 1)", "factor & (factor - 2)",
+        (S13B_DVAE + "test_the_tokenizer_size_sets_the_halvings_from_its_view_to_the_grid",)),
+    Bug("s13b: dvae: the tokenizer size's error suggests half the grid", DVAE_TOK_PY,
+        "(e.g. {grid * 2}, {grid * 4})", "(e.g. {grid / 2}, {grid * 4})",
+        (S13B_DVAE + "test_dvae_for_rejects_bad_arguments",)),
+    Bug("s13b: dvae: a .safetensors path made a folder, a folder a file", DVAE_TOK_PY,
+        "return path if path.suffix == \".safetensors\" else",
+        "return path if path.suffix != \".safetensors\" else",
+        S13B_SAVED),
+    Bug("s13b: dvae: saving into a folder whose parent is missing fails", DVAE_TOK_PY,
+        "path.parent.mkdir(parents=True, exist_ok=True)", "path.parent.mkdir(parents=False, exist_ok=True)",
+        S13B_SAVED),
+    Bug("s13b: dvae: a str path not made a Path (saving fails)", DVAE_TOK_PY,
+        "    path = Path(path)\n    return path if", "    return path if",
+        S13B_SAVED),
+    Bug("s13b: dvae: a file that is not safetensors read past (a NameError, not the refusal)", DVAE_TOK_PY,
+        "        metadata = {}\n", "        pass\n",
+        (S13B_DVAE + "test_load_errors",)),
 ]
 
 
