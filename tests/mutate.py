@@ -58,6 +58,11 @@ S13B_UNEVEN = (S13B_KEYMAPS + "test_a_fused_tensor_that_does_not_split_into_equa
 S13B_DVAE, DVAE_TOK_PY = "tests/tokenizers/test_dvae.py::", "src/mimkit/tokenizers/dvae.py"
 S13B_FORWARD = (S13B_DVAE + "test_the_training_forward_is_the_relaxed_sample_decoded_plus_the_weighted_kl",)
 S13B_SAVED = (S13B_DVAE + "test_a_saved_dvae_of_non_default_size_loads_whole_and_as_a_frozen_encoder",)
+S13B_GENERATED = ("tests/data/test_own_folder.py::test_the_survey_of_a_generated_source_reads_one_size_for_"
+                  "every_image_and_counts_no_held_out_split",)
+S13B_UNREADABLE = ("tests/data/test_own_folder.py::test_a_folder_whose_sampled_headers_are_all_unreadable_"
+                   "reports_a_size_of_zero_and_no_hint",)
+SURVEY_PY = "src/mimkit/data/survey.py"
 S13B_TWO_PIECES = (S13B_KEYMAPS + "test_a_tensor_in_two_pieces_one_of_them_zeros_splits_and_joins_back",)
 
 # sweepevalx: what a fine-tuning run reports at its end
@@ -3888,6 +3893,18 @@ PLANTED = [
     Bug("s13b: dvae: a file that is not safetensors read past (a NameError, not the refusal)", DVAE_TOK_PY,
         "        metadata = {}\n", "        pass\n",
         (S13B_DVAE + "test_load_errors",)),
+    Bug("s13b: survey: a spec without a val split counted as holding 1 image out", SURVEY_PY,
+        "        return 0\n", "        return 1\n", S13B_GENERATED),
+    Bug("s13b: survey: held_out_count looks for MNIST's files without the root", SURVEY_PY,
+        "split=\"val\", root=root))", "split=\"val\"))", S13B_GENERATED),
+    Bug("s13b: survey: a generated source's sizes counted max(len, samples) times", SURVEY_PY,
+        "* min(len(source), samples)", "* max(len(source), samples)", S13B_GENERATED),
+    Bug("s13b: survey: every header unreadable: sizes 1 x 0, not 0 x 0", SURVEY_PY,
+        "or [(0, 0)]", "or [(1, 0)]", S13B_UNREADABLE),
+    Bug("s13b: survey: images of 1 px fitted at 4 px", SURVEY_PY,
+        "return max(side // patch, 1) * patch", "return max(side // patch, 2) * patch", S13B_UNREADABLE),
+    Bug("s13b: survey: images of 0 px (none read) given a size hint, 1 px none", SURVEY_PY,
+        "side == 0 or side > img_size / 2", "side == 1 or side > img_size / 2", S13B_UNREADABLE),
 ]
 
 
