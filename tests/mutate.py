@@ -3905,6 +3905,10 @@ PLANTED = [
         "return max(side // patch, 1) * patch", "return max(side // patch, 2) * patch", S13B_UNREADABLE),
     Bug("s13b: survey: images of 0 px (none read) given a size hint, 1 px none", SURVEY_PY,
         "side == 0 or side > img_size / 2", "side == 1 or side > img_size / 2", S13B_UNREADABLE),
+    Bug("s13b: folders: past the bad-image cap, the error says to remove and fix them",
+        "src/mimkit/data/folders.py",
+        '"remove or fix them, or raise max_bad_images"', '"remove and fix them, or raise max_bad_images"',
+        ("tests/data/test_sources.py::test_skip_bad_images_gives_up_past_the_cap",)),
 ]
 
 

@@ -451,8 +451,10 @@ def test_skip_bad_images_warns_counts_and_substitutes(tmp_path):
 
 def test_skip_bad_images_gives_up_past_the_cap(tmp_path):
     folder = corrupt_folder(tmp_path, bad=[1, 2, 3])
-    with pytest.warns(UserWarning), pytest.raises(MimkitError, match="more than max_bad_images=2"):
+    with pytest.warns(UserWarning), pytest.raises(MimkitError, match="more than max_bad_images=2") as refused:
         build_source(str(folder), skip_bad_images=True, max_bad_images=2)
+    assert str(refused.value).endswith(
+        "3.png'); remove or fix them, or raise max_bad_images")  # the third, past the cap, and what to do
 
 
 def test_skip_bad_images_found_while_reading(tmp_path):
