@@ -63,6 +63,7 @@ S13B_GENERATED = ("tests/data/test_own_folder.py::test_the_survey_of_a_generated
 S13B_UNREADABLE = ("tests/data/test_own_folder.py::test_a_folder_whose_sampled_headers_are_all_unreadable_"
                    "reports_a_size_of_zero_and_no_hint",)
 SURVEY_PY = "src/mimkit/data/survey.py"
+S13B_FOLDER_ERRORS = ("tests/data/test_sources.py::test_folder_errors",)
 S13B_TWO_PIECES = (S13B_KEYMAPS + "test_a_tensor_in_two_pieces_one_of_them_zeros_splits_and_joins_back",)
 
 # sweepevalx: what a fine-tuning run reports at its end
@@ -3909,6 +3910,10 @@ PLANTED = [
         "src/mimkit/data/folders.py",
         '"remove or fix them, or raise max_bad_images"', '"remove and fix them, or raise max_bad_images"',
         ("tests/data/test_sources.py::test_skip_bad_images_gives_up_past_the_cap",)),
+    Bug("s13b: source_info: the channels refusal suggests channels 2", "src/mimkit/data/source_info.py",
+        "use 1, 3 or leave it unset", "use 2, 3 or leave it unset", S13B_FOLDER_ERRORS),
+    Bug("s13b: source_info: the split refusal says it is one of them", "src/mimkit/data/source_info.py",
+        "is not one of {", "is one of {", S13B_FOLDER_ERRORS),
 ]
 
 
