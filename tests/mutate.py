@@ -64,6 +64,9 @@ S13B_UNREADABLE = ("tests/data/test_own_folder.py::test_a_folder_whose_sampled_h
                    "reports_a_size_of_zero_and_no_hint",)
 SURVEY_PY = "src/mimkit/data/survey.py"
 S13B_FOLDER_ERRORS = ("tests/data/test_sources.py::test_folder_errors",)
+CPUS_PY = "src/mimkit/cpus.py"
+S13B_NO_AFFINITY = ("tests/test_reliability_run.py::"
+                    "test_usable_cpus_without_an_affinity_mask_are_the_cpu_count_or_one",)
 S13B_TWO_PIECES = (S13B_KEYMAPS + "test_a_tensor_in_two_pieces_one_of_them_zeros_splits_and_joins_back",)
 
 # sweepevalx: what a fine-tuning run reports at its end
@@ -3914,6 +3917,17 @@ PLANTED = [
         "use 1, 3 or leave it unset", "use 2, 3 or leave it unset", S13B_FOLDER_ERRORS),
     Bug("s13b: source_info: the split refusal says it is one of them", "src/mimkit/data/source_info.py",
         "is not one of {", "is one of {", S13B_FOLDER_ERRORS),
+    Bug("s13b: cpus: without an affinity mask, an unknown CPU count taken as 2", CPUS_PY,
+        "os.cpu_count() or 1\n", "os.cpu_count() or 2\n", S13B_NO_AFFINITY),
+    Bug("s13b: cpus: without an affinity mask, the CPU count and-ed with 1 (always 1)", CPUS_PY,
+        "os.cpu_count() or 1\n", "os.cpu_count() and 1\n", S13B_NO_AFFINITY),
+    Bug("s13b: cpus: the usable CPUs read from init's affinity mask, not this process's", CPUS_PY,
+        "len(os.sched_getaffinity(0))", "len(os.sched_getaffinity(1))",
+        ("tests/test_reliability_run.py::test_usable_cpus_are_this_processs_affinity_not_another_processs",
+         )),
+    Bug("s13b: cpus: without torchrun, the CPUs shared by two processes", CPUS_PY,
+        'os.environ.get("LOCAL_WORLD_SIZE", "1")', 'os.environ.get("LOCAL_WORLD_SIZE", "2")',
+        ("tests/data/test_own_folder.py::test_workers_capped_by_affinity_and_cgroup_quota",)),
 ]
 
 

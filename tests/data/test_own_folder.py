@@ -76,6 +76,8 @@ def test_workers_capped_by_affinity_and_cgroup_quota(tmp_path, monkeypatch):
     monkeypatch.setattr(cpus, "CGROUP_CPU_MAX", tmp_path / "absent")
     assert cpus.data_workers(8) == 1 and cpus.data_workers(0) == 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)  # one process (no torchrun): all eight
+    assert cpus.data_workers(8) == 8 and cpus.data_workers(12) == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes share the eight CPUs
     assert cpus.data_workers(8) == 4
 
