@@ -3928,6 +3928,12 @@ PLANTED = [
     Bug("s13b: cpus: without torchrun, the CPUs shared by two processes", CPUS_PY,
         'os.environ.get("LOCAL_WORLD_SIZE", "1")', 'os.environ.get("LOCAL_WORLD_SIZE", "2")',
         ("tests/data/test_own_folder.py::test_workers_capped_by_affinity_and_cgroup_quota",)),
+    Bug("s13b: foreign: a released model name noted as unknown", "src/mimkit/interop/foreign.py",
+        "if name is None or name in known:", "if name is None and name in known:",
+        ("tests/interop/test_foreign.py::test_only_a_model_name_the_reference_code_does_not_define_gets_a_note",)),
+    Bug("s13b: foreign: convert drops what was read (no source)", "src/mimkit/interop/foreign.py",
+        "unexpected, source=source, **extra)", "unexpected, **extra)",
+        ("tests/interop/test_foreign.py::test_convert_renames_drops_the_ignored_and_keeps_what_was_read",)),
 ]
 
 
