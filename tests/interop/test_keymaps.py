@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mimkit.errors import MimkitError
-from mimkit.interop.keymaps import expand, from_foreign, nest, to_foreign
+from mimkit.interop.keymaps import block_count, expand, from_foreign, nest, to_foreign
 
 KEYMAP = nest({"w": "weight", "qkv": ("q", "k", "v"), "bias": ("q_bias", None, "v_bias")},
               "blocks.{i}.", "layer.{i}.")
@@ -65,3 +65,16 @@ def test_a_tensor_in_two_pieces_one_of_them_zeros_splits_and_joins_back():
     back, unexpected = from_foreign(theirs, keymap)
     assert unexpected == [] and back.keys() == ours.keys()
     assert all(torch.equal(back[k], ours[k]) for k in ours)
+
+
+def test_block_count_is_one_past_the_highest_block_and_zero_without_any():
+    keys = ["encoder.blocks.0.w", "encoder.blocks.11.w", "decoder_blocks.3.w", "encoder.norm.w"]
+    assert block_count(keys, "encoder.blocks.") == 12 and block_count(keys, "decoder_blocks.") == 4
+    assert block_count(keys, "agg_blocks.") == 0  # an encoder-only file has no such blocks
+
+
+def test_templates_are_filled_from_keys_given_once_as_an_iterator():
+    """The keys may be any iterable, read once: every template sees them all."""
+    keys = iter(["layer.0.weight", "layer.0.q", "layer.0.k", "layer.0.v"])
+    assert expand(KEYMAP, keys, ours=False) == {
+        "blocks.0.w": "layer.0.weight", "blocks.0.qkv": ("layer.0.q", "layer.0.k", "layer.0.v")}
