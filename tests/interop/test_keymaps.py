@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mimkit.errors import MimkitError
-from mimkit.interop.keymaps import block_count, expand, from_foreign, nest, to_foreign
+from mimkit.interop.keymaps import block_count, expand, from_foreign, nest, rename, to_foreign
 
 KEYMAP = nest({"w": "weight", "qkv": ("q", "k", "v"), "bias": ("q_bias", None, "v_bias")},
               "blocks.{i}.", "layer.{i}.")
@@ -78,3 +78,11 @@ def test_templates_are_filled_from_keys_given_once_as_an_iterator():
     keys = iter(["layer.0.weight", "layer.0.q", "layer.0.k", "layer.0.v"])
     assert expand(KEYMAP, keys, ours=False) == {
         "blocks.0.w": "layer.0.weight", "blocks.0.qkv": ("layer.0.q", "layer.0.k", "layer.0.v")}
+
+
+def test_renames_apply_in_order_to_every_key():
+    state = {"blocks.0.gamma_1": torch.ones(1), "norm.weight": torch.zeros(1)}
+    rules = [(r"gamma_(\d)", r"ls\1.gamma"), (r"^blocks\.", "encoder.blocks."), ("ls1", "layer_scale1")]
+    out = rename(state, rules)  # the third rule sees the first's result
+    assert list(out) == ["encoder.blocks.0.layer_scale1.gamma", "norm.weight"]
+    assert out["encoder.blocks.0.layer_scale1.gamma"] is state["blocks.0.gamma_1"]
