@@ -52,6 +52,22 @@ S12B_OVERLAY = ("tests/eval/test_segment.py::"
 S12A_VIEWS = ("tests/test_view_operations.py",)
 S12A_RESUME = ("tests/test_resume_refusals.py",)  # every job kind refuses a changed resume
 S12A_PIXELS = ("tests/data/test_pixel_cap_paths.py",)  # the pixel cap on every decode path
+# s13b: the thirteenth pass's textual mutants (one test file per module)
+S13B_KEYMAPS, KEYMAPS_PY = "tests/interop/test_keymaps.py::", "src/mimkit/interop/keymaps.py"
+S13B_UNEVEN = (S13B_KEYMAPS + "test_a_fused_tensor_that_does_not_split_into_equal_parts_is_refused",)
+S13B_DVAE, DVAE_TOK_PY = "tests/tokenizers/test_dvae.py::", "src/mimkit/tokenizers/dvae.py"
+S13B_FORWARD = (S13B_DVAE + "test_the_training_forward_is_the_relaxed_sample_decoded_plus_the_weighted_kl",)
+S13B_SAVED = (S13B_DVAE + "test_a_saved_dvae_of_non_default_size_loads_whole_and_as_a_frozen_encoder",)
+S13B_GENERATED = ("tests/data/test_own_folder.py::test_the_survey_of_a_generated_source_reads_one_size_for_"
+                  "every_image_and_counts_no_held_out_split",)
+S13B_UNREADABLE = ("tests/data/test_own_folder.py::test_a_folder_whose_sampled_headers_are_all_unreadable_"
+                   "reports_a_size_of_zero_and_no_hint",)
+SURVEY_PY = "src/mimkit/data/survey.py"
+S13B_FOLDER_ERRORS = ("tests/data/test_sources.py::test_folder_errors",)
+CPUS_PY = "src/mimkit/cpus.py"
+S13B_NO_AFFINITY = ("tests/test_reliability_run.py::"
+                    "test_usable_cpus_without_an_affinity_mask_are_the_cpu_count_or_one",)
+S13B_TWO_PIECES = (S13B_KEYMAPS + "test_a_tensor_in_two_pieces_one_of_them_zeros_splits_and_joins_back",)
 
 # sweepevalx: what a fine-tuning run reports at its end
 FINETUNE_RESULTS = ("tests/eval/test_finetune.py::"
@@ -3829,6 +3845,108 @@ PLANTED = [
     Bug("s12a: segmentation: a mask decoded whatever its size (the cap not asked)",
         "src/mimkit/data/segmentation.py",
         "        check_pixels(img, max_pixels)\n        if img.format", "        if img.format", S12A_PIXELS),
+    # s13b: the thirteenth pass's textual mutants of the registry, key maps, dVAE, survey, folders, cpus
+    Bug("s13b: keymaps: a fused tensor whose rows are not the layout's equal parts cut unevenly (no check)",
+        KEYMAPS_PY, "            if len(value) % len(foreign):\n", "            if False:\n", S13B_UNEVEN),
+    Bug("s13b: keymaps: an unstored piece's zeros shaped as the second stored piece",
+        KEYMAPS_PY, "zeros_like(state[stored[0]])", "zeros_like(state[stored[1]])", S13B_TWO_PIECES),
+    Bug("s13b: keymaps: a tensor stored in two pieces read back as its first piece alone",
+        KEYMAPS_PY, "if len(pieces) > 1 else", "if len(pieces) > 2 else", S13B_TWO_PIECES),
+    Bug("s13b: keymaps: the refusal of a nonzero unstored piece says the layout does store it",
+        KEYMAPS_PY, "that this layout does not store", "that this layout does store",
+        (S13B_KEYMAPS + "test_a_nonzero_piece_the_layout_does_not_store_is_refused",)),
+    Bug("s13b: keymaps: keys without a numbered block counted as one block", KEYMAPS_PY,
+        "max(numbers) + 1 if numbers else 0", "max(numbers) + 1 if numbers else 1",
+        (S13B_KEYMAPS + "test_block_count_is_one_past_the_highest_block_and_zero_without_any",)),
+    Bug("s13b: keymaps: keys given as an iterator read by the first template alone", KEYMAPS_PY,
+        "    keys = list(keys)\n", "    pass\n",
+        (S13B_KEYMAPS + "test_templates_are_filled_from_keys_given_once_as_an_iterator",)),
+    Bug("s13b: keymaps: rename's rules never applied", KEYMAPS_PY,
+        "            key = pattern.sub(replacement, key)\n", "            pass\n",
+        (S13B_KEYMAPS + "test_renames_apply_in_order_to_every_key",)),
+    Bug("s13b: dvae: a residual block subtracts its body", DVAE_TOK_PY,
+        "return x + self.body(x)", "return x - self.body(x)",
+        (S13B_DVAE + "test_a_residual_block_adds_its_body_to_its_input",)),
+    Bug("s13b: dvae: tokenize takes each cell's least likely code", DVAE_TOK_PY,
+        "return self(imgs).argmax(1)", "return self(imgs).argmin(1)",
+        (S13B_DVAE + "test_tokenize_picks_each_cells_most_likely_code",)),
+    Bug("s13b: dvae: DVAE's default two residual blocks per stage", DVAE_TOK_PY,
+        "num_res: int = 1, recon_loss: str = \"mse\"):", "num_res: int = 2, recon_loss: str = \"mse\"):",
+        (S13B_DVAE + "test_the_default_model_has_one_residual_block_per_stage",)),
+    Bug("s13b: dvae: dvae_for's default two residual blocks per stage", DVAE_TOK_PY,
+        "num_res: int = 1, recon_loss: str = \"mse\", tokenizer_size",
+        "num_res: int = 2, recon_loss: str = \"mse\", tokenizer_size",
+        (S13B_DVAE + "test_the_default_model_has_one_residual_block_per_stage",)),
+    Bug("s13b: dvae: the Gumbel-softmax taken over the batch, not the codes", DVAE_TOK_PY,
+        "tau=temperature, dim=1)", "tau=temperature, dim=0)",
+        S13B_FORWARD),
+    Bug("s13b: dvae: the Gumbel-softmax at temperature 1 whatever the schedule says", DVAE_TOK_PY,
+        "tau=temperature, dim=1)", "dim=1)",
+        S13B_FORWARD),
+    Bug("s13b: dvae: the training metrics' codebook numbers of the argmin codes", DVAE_TOK_PY,
+        "codebook_stats(logits.argmax(1), self.vocab_size)",
+        "codebook_stats(logits.argmin(1), self.vocab_size)",
+        S13B_FORWARD),
+    Bug("s13b: dvae: the weighted KL subtracted from the loss", DVAE_TOK_PY,
+        "return rec + kl_weight * kl, metrics", "return rec - kl_weight * kl, metrics",
+        S13B_FORWARD),
+    Bug("s13b: dvae: a tokenizer view of the grid's own size refused (power-of-two test off by 1)",
+        DVAE_TOK_PY,
+        "factor & (factor - 1)", "factor & (factor - 2)",
+        (S13B_DVAE + "test_the_tokenizer_size_sets_the_halvings_from_its_view_to_the_grid",)),
+    Bug("s13b: dvae: the tokenizer size's error suggests half the grid", DVAE_TOK_PY,
+        "(e.g. {grid * 2}, {grid * 4})", "(e.g. {grid / 2}, {grid * 4})",
+        (S13B_DVAE + "test_dvae_for_rejects_bad_arguments",)),
+    Bug("s13b: dvae: a .safetensors path made a folder, a folder a file", DVAE_TOK_PY,
+        "return path if path.suffix == \".safetensors\" else",
+        "return path if path.suffix != \".safetensors\" else",
+        S13B_SAVED),
+    Bug("s13b: dvae: saving into a folder whose parent is missing fails", DVAE_TOK_PY,
+        "path.parent.mkdir(parents=True, exist_ok=True)", "path.parent.mkdir(parents=False, exist_ok=True)",
+        S13B_SAVED),
+    Bug("s13b: dvae: a str path not made a Path (saving fails)", DVAE_TOK_PY,
+        "    path = Path(path)\n    return path if", "    return path if",
+        S13B_SAVED),
+    Bug("s13b: dvae: a file that is not safetensors read past (a NameError, not the refusal)", DVAE_TOK_PY,
+        "        metadata = {}\n", "        pass\n",
+        (S13B_DVAE + "test_load_errors",)),
+    Bug("s13b: survey: a spec without a val split counted as holding 1 image out", SURVEY_PY,
+        "        return 0\n", "        return 1\n", S13B_GENERATED),
+    Bug("s13b: survey: held_out_count looks for MNIST's files without the root", SURVEY_PY,
+        "split=\"val\", root=root))", "split=\"val\"))", S13B_GENERATED),
+    Bug("s13b: survey: a generated source's sizes counted max(len, samples) times", SURVEY_PY,
+        "* min(len(source), samples)", "* max(len(source), samples)", S13B_GENERATED),
+    Bug("s13b: survey: every header unreadable: sizes 1 x 0, not 0 x 0", SURVEY_PY,
+        "or [(0, 0)]", "or [(1, 0)]", S13B_UNREADABLE),
+    Bug("s13b: survey: images of 1 px fitted at 4 px", SURVEY_PY,
+        "return max(side // patch, 1) * patch", "return max(side // patch, 2) * patch", S13B_UNREADABLE),
+    Bug("s13b: survey: images of 0 px (none read) given a size hint, 1 px none", SURVEY_PY,
+        "side == 0 or side > img_size / 2", "side == 1 or side > img_size / 2", S13B_UNREADABLE),
+    Bug("s13b: folders: past the bad-image cap, the error says to remove and fix them",
+        "src/mimkit/data/folders.py",
+        '"remove or fix them, or raise max_bad_images"', '"remove and fix them, or raise max_bad_images"',
+        ("tests/data/test_sources.py::test_skip_bad_images_gives_up_past_the_cap",)),
+    Bug("s13b: source_info: the channels refusal suggests channels 2", "src/mimkit/data/source_info.py",
+        "use 1, 3 or leave it unset", "use 2, 3 or leave it unset", S13B_FOLDER_ERRORS),
+    Bug("s13b: source_info: the split refusal says it is one of them", "src/mimkit/data/source_info.py",
+        "is not one of {", "is one of {", S13B_FOLDER_ERRORS),
+    Bug("s13b: cpus: without an affinity mask, an unknown CPU count taken as 2", CPUS_PY,
+        "os.cpu_count() or 1\n", "os.cpu_count() or 2\n", S13B_NO_AFFINITY),
+    Bug("s13b: cpus: without an affinity mask, the CPU count and-ed with 1 (always 1)", CPUS_PY,
+        "os.cpu_count() or 1\n", "os.cpu_count() and 1\n", S13B_NO_AFFINITY),
+    Bug("s13b: cpus: the usable CPUs read from init's affinity mask, not this process's", CPUS_PY,
+        "len(os.sched_getaffinity(0))", "len(os.sched_getaffinity(1))",
+        ("tests/test_reliability_run.py::test_usable_cpus_are_this_processs_affinity_not_another_processs",
+         )),
+    Bug("s13b: cpus: without torchrun, the CPUs shared by two processes", CPUS_PY,
+        'os.environ.get("LOCAL_WORLD_SIZE", "1")', 'os.environ.get("LOCAL_WORLD_SIZE", "2")',
+        ("tests/data/test_own_folder.py::test_workers_capped_by_affinity_and_cgroup_quota",)),
+    Bug("s13b: foreign: a released model name noted as unknown", "src/mimkit/interop/foreign.py",
+        "if name is None or name in known:", "if name is None and name in known:",
+        ("tests/interop/test_foreign.py::test_only_a_model_name_the_reference_code_does_not_define_gets_a_note",)),
+    Bug("s13b: foreign: convert drops what was read (no source)", "src/mimkit/interop/foreign.py",
+        "unexpected, source=source, **extra)", "unexpected, **extra)",
+        ("tests/interop/test_foreign.py::test_convert_renames_drops_the_ignored_and_keeps_what_was_read",)),
 ]
 
 

@@ -367,6 +367,22 @@ def test_usable_cpus_follow_affinity_and_cgroup_quota(tmp_path, cpu_max, expecte
     assert usable_cpus(path) == min(affinity, expected or affinity)
 
 
+@pytest.mark.parametrize("cpu_count, expected", [(6, 6), (None, 1)])
+def test_usable_cpus_without_an_affinity_mask_are_the_cpu_count_or_one(tmp_path, monkeypatch, cpu_count,
+                                                                       expected):
+    """macOS and Windows have no ``sched_getaffinity``: the CPU count, 1 when unknown (no quota file)."""
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: cpu_count)
+    assert usable_cpus(tmp_path / "no-cpu.max") == expected
+
+
+def test_usable_cpus_are_this_processs_affinity_not_another_processs(tmp_path, monkeypatch):
+    """``taskset -c 0-2 mimkit ...``: this process (pid 0 to ``sched_getaffinity``) may use 3 CPUs, whatever
+    init's mask holds."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2} if pid == 0 else set(range(64)))
+    assert usable_cpus(tmp_path / "no-cpu.max") == 3
+
+
 def test_thread_defaults_leave_what_the_user_set():
     environ = {}
     set_thread_defaults(environ, cpus=1)

@@ -1,6 +1,7 @@
 """A user's own folder: the start-up summary, workers within the CPUs, the stored file list, the size hint,
 the recipe chosen by folder size."""
 
+import io
 import json
 import os
 from dataclasses import replace
@@ -15,7 +16,7 @@ from mimkit.cli import choose_recipe, main
 from mimkit.data.filelist import load_file_list, save_file_list, train_source
 from mimkit.data.folders import ListedFolderSource
 from mimkit.data.sources import build_source, count_images
-from mimkit.data.survey import DataFacts, fitting_size, size_hint, survey
+from mimkit.data.survey import DataFacts, fitting_size, held_out_count, size_hint, survey
 from mimkit.errors import MimkitError
 from mimkit.runs import file_list_path, load_config
 
@@ -75,6 +76,8 @@ def test_workers_capped_by_affinity_and_cgroup_quota(tmp_path, monkeypatch):
     monkeypatch.setattr(cpus, "CGROUP_CPU_MAX", tmp_path / "absent")
     assert cpus.data_workers(8) == 1 and cpus.data_workers(0) == 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)  # one process (no torchrun): all eight
+    assert cpus.data_workers(8) == 8 and cpus.data_workers(12) == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes share the eight CPUs
     assert cpus.data_workers(8) == 4
 
@@ -228,3 +231,41 @@ def test_recipe_chosen_by_folder_size(tmp_path, monkeypatch):
     assert choose_recipe("mae", "fashion-mnist")[0] == "mae_fmnist"
     assert count_images(str(tmp_path / "many"), stop_after=3) == 12  # stops after the directory that passes 3
     assert count_images(str(tmp_path / "few"), stop_after=100) == 6
+
+
+def test_the_survey_of_a_generated_source_reads_one_size_for_every_image_and_counts_no_held_out_split(
+        tmp_path, tiny_mnist):
+    """A source without image files (generated, in memory) has one size for all its images, each counted
+    read (at most `samples`); a spec without a val or test split holds 0 images out, a folder with one
+    holds its count, MNIST under a root its test files."""
+    synthetic = build_source("synthetic:12")
+    side = synthetic.info.image_size
+    facts = survey(synthetic, held_out_images=0)
+    assert (facts.train_images, facts.sizes_read) == (12, 12) and "(all read)" in facts.describe()
+    assert facts.smallest == facts.largest == facts.median == (side, side)
+    assert survey(synthetic, held_out_images=0, samples=5).sizes_read == 5
+    write_images(tmp_path / "flat", 3)
+    write_images(tmp_path / "split" / "train", 2)
+    write_images(tmp_path / "split" / "val", 4)
+    assert held_out_count(str(tmp_path / "flat")) == 0 and held_out_count(str(tmp_path / "split")) == 4
+    assert held_out_count("mnist", root=str(tiny_mnist)) == 4
+
+
+def test_a_folder_whose_sampled_headers_are_all_unreadable_reports_a_size_of_zero_and_no_hint():
+    """Every header unreadable (the loader reports the files when it meets them): sizes 0 x 0, no hint;
+    images of 1 px get the smallest patch, 2 px, and a 2-px image."""
+
+    class Unreadable:
+        info = build_source("synthetic:4").info
+
+        def __len__(self):
+            return 4
+
+        def image_file(self, index):
+            return io.BytesIO(b"not an image")
+
+    facts = survey(Unreadable(), held_out_images=0)
+    assert (facts.sizes_read, facts.smallest, facts.largest, facts.median) == (1, (0, 0), (0, 0), (0, 0))
+    assert size_hint(224, facts) is None and size_hint(224, facts_with_median(0)) is None
+    assert size_hint(224, facts_with_median(1)) == {"data.img_size": 2, "model.patch_size": 2}
+    assert fitting_size(1) == (2, 2)

@@ -9,9 +9,11 @@ from mimkit.errors import MimkitError
 from mimkit.methods.dvae import find_tokenizer, load_tokenizer, load_tokenizer_encoder
 from mimkit.tokenizers.dvae import (
     DVAE,
+    ResBlock,
     codebook_stats,
     dvae_for,
     save_dvae,
+    saved_dvae_config,
 )
 
 
@@ -114,8 +116,9 @@ def test_a_saved_dvae_of_non_default_size_loads_whole_and_as_a_frozen_encoder(tm
     weights of a 3-channel, 2-block, 4-wide, 16-code dVAE."""
     torch.manual_seed(0)
     model = dvae_for(16, 4, 3, vocab_size=16, hidden=4, num_res=2, recon_loss="l1")
-    path = tmp_path / "dvae.safetensors" if where == "file" else tmp_path / "tok"
-    written = save_dvae(model, path)
+    path = tmp_path / "dvae.safetensors" if where == "file" else tmp_path / "runs" / "tok"  # folders made
+    written = save_dvae(model, str(path))  # a str as well as a Path
+    assert written == (path if where == "file" else path / "dvae.safetensors") and written.is_file()
     imgs = torch.randn(2, 3, 16, 16)
     ids = model.tokenize(imgs)
     loaded = load_tokenizer(find_tokenizer(path))
@@ -145,13 +148,85 @@ def test_load_errors(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(MimkitError, match="not a dVAE"):
         load_tokenizer_encoder(find_tokenizer(tmp_path / "other.safetensors"))
+    (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04 not a safetensors header")  # unreadable
+    with pytest.raises(MimkitError, match="pickle.safetensors' is not a dVAE saved by mimkit"):
+        saved_dvae_config(tmp_path / "pickle.safetensors")
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    (dict(img_size=28, patch_size=5, in_chans=1), "patch_size 5"),
-    (dict(img_size=32, patch_size=8, in_chans=1, tokenizer_size=24), "tokenizer size 24"),
+    (dict(img_size=28, patch_size=5, in_chans=1), "img_size 28 is not a multiple of patch_size 5"),
+    (dict(img_size=32, patch_size=8, in_chans=1, tokenizer_size=24),
+     r"tokenizer size 24 must be the patch grid side 4 times a power of two \(e.g. 8, 16\)"),
     (dict(img_size=28, patch_size=4, in_chans=1, recon_loss="bce"), "bce"),
 ])
 def test_dvae_for_rejects_bad_arguments(kwargs, needle):
     with pytest.raises(MimkitError, match=needle):
         dvae_for(**kwargs)
+
+
+def test_the_training_forward_is_the_relaxed_sample_decoded_plus_the_weighted_kl():
+    """One forward at a temperature and KL weight away from 1, recomputed from its parts under the same seed:
+    the Gumbel-softmax over the codes (dim 1) at that temperature, decoded through the codebook, the L1
+    reconstruction, the KL of the code posterior from the uniform prior, and the metrics of the argmax
+    codes."""
+    torch.manual_seed(0)
+    model = DVAE(in_chans=1, vocab_size=8, hidden=4, num_down=1, recon_loss="l1")
+    imgs = torch.randn(3, 1, 8, 6)
+    torch.manual_seed(1)
+    loss, metrics, recon = model(imgs, temperature=0.3, kl_weight=0.25)
+    with torch.no_grad():
+        logits = model.encoder(imgs)  # (3, 8, 4, 3)
+    torch.manual_seed(1)
+    soft = torch.nn.functional.gumbel_softmax(logits, tau=0.3, dim=1)
+    expected = model.decoder(torch.einsum("bkhw,kc->bchw", soft, model.codebook.weight))
+    torch.testing.assert_close(recon, expected)
+    rec = (expected - imgs).abs().mean()
+    q = logits.softmax(dim=1)
+    kl = (q * (q * 8).log()).sum(dim=1).mean()
+    torch.testing.assert_close(metrics["recon"], rec)
+    torch.testing.assert_close(metrics["kl"], kl)
+    torch.testing.assert_close(loss, rec + 0.25 * kl)
+    stats = codebook_stats(logits.argmax(1), 8)  # the argmax codes' histogram: not one code per cell
+    assert 0 < stats["usage"] < 1 or stats["perplexity"] < 7.5
+    assert metrics["usage"] == stats["usage"] and metrics["perplexity"] == stats["perplexity"]
+
+
+def test_the_default_model_has_one_residual_block_per_stage():
+    """The constructors' defaults: one residual block per stage, in the encoder and in the decoder."""
+    model = DVAE(in_chans=1, vocab_size=8, hidden=4, num_down=2)
+    assert model.config == dict(in_chans=1, vocab_size=8, hidden=4, num_down=2, num_res=1, recon_loss="mse")
+    assert sum(isinstance(m, ResBlock) for m in model.encoder.net) == 3
+    assert sum(isinstance(m, ResBlock) for m in model.decoder) == 3
+    assert model.recon_fn is torch.nn.functional.mse_loss
+    assert dvae_for(16, 4, 1, vocab_size=8, hidden=4).config["num_res"] == 1
+
+
+def test_a_residual_block_adds_its_body_to_its_input():
+    torch.manual_seed(0)
+    block = ResBlock(3)
+    x = torch.randn(2, 3, 5, 4)
+    body = block.body(x)
+    assert body.abs().mean() > 0.01  # not zero: a subtracted body would show
+    torch.testing.assert_close(block(x), x + body)
+
+
+def test_tokenize_picks_each_cells_most_likely_code():
+    """The argmax of the logits over the codes: a code whose bias towers over the others is every cell's
+    id, and in general each cell's id is its largest logit."""
+    torch.manual_seed(0)
+    model = DVAE(in_chans=1, vocab_size=8, hidden=4, num_down=1)
+    imgs = torch.randn(2, 1, 8, 6)
+    logits = model.encoder(imgs)
+    assert torch.equal(model.tokenize(imgs), logits.argmax(1)) and model.tokenize(imgs).shape == (2, 4, 3)
+    model.encoder.net[-1].bias.data[5] = 1e4
+    assert torch.equal(model.tokenize(imgs), torch.full((2, 4, 3), 5))
+
+
+@pytest.mark.parametrize("tokenizer_size, num_down", [(4, 0), (8, 1), (16, 2), (32, 3), (None, 3), (64, 4)])
+def test_the_tokenizer_size_sets_the_halvings_from_its_view_to_the_grid(tokenizer_size, num_down):
+    """A 32-px ViT in 8-px patches has a 4 x 4 grid: a tokenizer view of 4 px needs no halving (the grid
+    itself), 8 px one, ... (its own size, unset, 32 px: three)."""
+    model = dvae_for(32, 8, 1, vocab_size=8, hidden=2, tokenizer_size=tokenizer_size)
+    assert model.config["num_down"] == num_down
+    side = tokenizer_size or 32
+    assert model.tokenize(torch.randn(1, 1, side, side)).shape == (1, 4, 4)

@@ -98,6 +98,8 @@ def to_foreign(state: Mapping[str, torch.Tensor], keymap: Mapping[str, Foreign])
     for key, value in state.items():
         foreign = pairs.get(key)
         if isinstance(foreign, tuple):
+            if len(value) % len(foreign):
+                raise MimkitError(f"{key} has {len(value)} rows: not {len(foreign)} equal parts")
             for name, piece in zip(foreign, value.chunk(len(foreign), dim=0), strict=True):
                 if name is None and piece.any():
                     raise MimkitError(f"{key} has a nonzero part that this layout does not store")
