@@ -43,6 +43,7 @@ S11B_BLOCKS = ("tests/models/test_block_order.py",)
 S11B_FORMATS = ("tests/data/test_format_variants.py",)
 S11B_CHECKS = ("tests/test_check_paths.py",)
 S12B_PICTURES = ("tests/test_pictures.py",)
+S13A_SEG = "tests/models/test_segmentation.py"  # s13a
 S12B_SUMMARIES = ("tests/test_summaries.py",)
 S12B_PROBE_FILES = ("tests/eval/test_probes.py::"
                     "test_each_written_probe_number_is_its_saved_probes_on_its_own_part",)
@@ -3825,6 +3826,44 @@ PLANTED = [
     Bug("s12a: segmentation: a mask decoded whatever its size (the cap not asked)",
         "src/mimkit/data/segmentation.py",
         "        check_pixels(img, max_pixels)\n        if img.format", "        if img.format", S12A_PIXELS),
+    # s13a: the thirteenth pass's textual mutants of models/ and methods/, one test per real gap
+    Bug("s13a: segmentation: seg.rel_pos_bias takes a ViT with register tokens (refused only without [CLS])",
+        "src/mimkit/models/segmentation.py",
+        'if getattr(encoder, "num_reg_tokens", 0) or getattr(encoder, "cls_token", None) is None:',
+        'if getattr(encoder, "num_reg_tokens", 0) and getattr(encoder, "cls_token", None) is None:',
+        (f"{S13A_SEG}::test_relative_positions_refuse_a_vit_with_register_tokens_or_without_a_class_"
+         "token",)),
+    Bug("s13a: segmentation: seg.rel_pos_bias ignored (a ViT stays a ViT)",
+        "src/mimkit/models/segmentation.py", "elif rel_pos_bias and not isinstance(encoder, Beit):",
+        "elif rel_pos_bias and isinstance(encoder, Beit):",
+        (f"{S13A_SEG}::test_rel_pos_bias_turns_a_vit_into_a_beit_with_zero_tables_and_leaves_it_a_vit_"
+         "without",)),
+    Bug("s13a: segmentation: the BEiT copy reads its block layout off the second block",
+        "src/mimkit/models/segmentation.py", "block, embed = encoder.blocks[0], encoder.patch_embed",
+        "block, embed = encoder.blocks[1], encoder.patch_embed",
+        (f"{S13A_SEG}::test_a_one_block_encoder_gains_its_per_block_table",)),
+    Bug("s13a: segmentation: a shared table's layer scale read off the second block",
+        "src/mimkit/models/segmentation.py", 'scaled = getattr(encoder.blocks[0], "gamma_1", None)',
+        'scaled = getattr(encoder.blocks[1], "gamma_1", None)',
+        (f"{S13A_SEG}::test_a_one_block_encoder_gains_its_per_block_table",)),
+    Bug("s13a: segmentation: an unknown head's message says it is one of the heads",
+        "src/mimkit/models/segmentation.py", "is not one of {', '.join(HEADS)}",
+        "is one of {', '.join(HEADS)}",
+        (f"{S13A_SEG}::test_bad_model_options_are_one_line_errors",)),
+    Bug("s13a: segmentation: two classes refused", "src/mimkit/models/segmentation.py",
+        "if num_classes < 2:", "if num_classes <= 2:",
+        (f"{S13A_SEG}::test_the_blocks_read_end_at_the_last_one_and_two_classes_is_the_fewest",)),
+    Bug("s13a: segmentation: a block one past the last accepted", "src/mimkit/models/segmentation.py",
+        "all(0 <= b < depth for b in self.blocks)", "all(0 <= b <= depth for b in self.blocks)",
+        (f"{S13A_SEG}::test_the_blocks_read_end_at_the_last_one_and_two_classes_is_the_fewest",)),
+    Bug("s13a: segmentation: the logits upsampled to the image with aligned corners",
+        "src/mimkit/models/segmentation.py",
+        'return F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False)',
+        'return F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=True)',
+        (f"{S13A_SEG}::test_the_logits_reach_the_image_size_bilinearly_with_corners_unaligned",)),
+    Bug("s13a: segmentation: timm's warnings of a BEiT resize reach the log",
+        "src/mimkit/models/segmentation.py", '        warnings.simplefilter("ignore")\n', "",
+        (f"{S13A_SEG}::test_resizing_a_beit_encoder_says_nothing",)),
 ]
 
 
