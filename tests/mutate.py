@@ -44,6 +44,8 @@ S11B_FORMATS = ("tests/data/test_format_variants.py",)
 S11B_CHECKS = ("tests/test_check_paths.py",)
 S12B_PICTURES = ("tests/test_pictures.py",)
 S13A_SEG = "tests/models/test_segmentation.py"  # s13a
+S13A_STROKES = ("tests/methods/test_maskfeat.py::test_each_stroke_is_a_line_through_the_centre_at_its_bins_"
+                "angle_half_the_glyph_long",)
 S12B_SUMMARIES = ("tests/test_summaries.py",)
 S12B_PROBE_FILES = ("tests/eval/test_probes.py::"
                     "test_each_written_probe_number_is_its_saved_probes_on_its_own_part",)
@@ -3864,6 +3866,20 @@ PLANTED = [
     Bug("s13a: segmentation: timm's warnings of a BEiT resize reach the log",
         "src/mimkit/models/segmentation.py", '        warnings.simplefilter("ignore")\n', "",
         (f"{S13A_SEG}::test_resizing_a_beit_encoder_says_nothing",)),
+    Bug("s13a: segmentation: a fine-tuned classifier keeps its head", "src/mimkit/models/segmentation.py",
+        "    encoder.reset_classifier(0)\n", "",
+        (f"{S13A_SEG}::test_a_classifiers_head_is_dropped_and_a_module_that_is_no_vit_refused",)),
+    Bug("s13a: segmentation: the encoder not checked (an AttributeError later)",
+        "src/mimkit/models/segmentation.py", "    check_encoder(encoder)\n    if isinstance(encoder, Beit)",
+        "    if isinstance(encoder, Beit)",
+        (f"{S13A_SEG}::test_a_classifiers_head_is_dropped_and_a_module_that_is_no_vit_refused",)),
+    Bug("s13a: maskfeat: the glyphs' strokes centred half a pixel high", "src/mimkit/methods/maskfeat.py",
+        "v, u = torch.meshgrid(torch.arange(side) - (side - 1) / 2,",
+        "v, u = torch.meshgrid(torch.arange(side) - (side - 2) / 2,", S13A_STROKES),
+    Bug("s13a: maskfeat: each stroke drawn at the mirrored angle", "src/mimkit/methods/maskfeat.py",
+        "across, along = (u * dy - v * dx).abs()", "across, along = (u * dy + v * dx).abs()", S13A_STROKES),
+    Bug("s13a: maskfeat: the strokes not cut at half the glyph", "src/mimkit/methods/maskfeat.py",
+        "(along <= side / 2)", "(along <= side * 2)", S13A_STROKES),
 ]
 
 

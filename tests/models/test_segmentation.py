@@ -106,6 +106,18 @@ def test_resizing_a_beit_encoder_says_nothing():
         encoder = segmentation_encoder(tiny_beit(), 64)
     assert encoder.patch_embed.grid_size == (8, 8)
 
+
+def test_a_classifiers_head_is_dropped_and_a_module_that_is_no_vit_refused():
+    """A fine-tuned classifier given as the encoder loses its head (no weights that no loss reaches: DDP
+    refuses those); a module that is no timm ViT is a one-line error, not an AttributeError later."""
+    classifier = tiny_vit()
+    classifier.reset_classifier(10)
+    encoder = segmentation_encoder(classifier, 32)
+    assert isinstance(encoder.head, torch.nn.Identity) and encoder.num_classes == 0
+    assert not any(name.startswith("head.") for name, _ in encoder.named_parameters())
+    with pytest.raises(MimkitError, match=r"^Linear is not a timm ViT-style encoder \(it lacks blocks, "):
+        segmentation_encoder(torch.nn.Linear(2, 2), 32)
+
 def test_an_encoder_with_register_tokens_keeps_their_position_rows_when_resized():
     vit = build_vit("vit_tiny", 32, 8, 1, depth=2, embed_dim=32, num_heads=2, reg_tokens=2)
     torch.nn.init.normal_(vit.pos_embed)  # a learned table: [CLS], 2 registers, 4x4 patches
