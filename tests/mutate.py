@@ -3880,6 +3880,14 @@ PLANTED = [
         "across, along = (u * dy - v * dx).abs()", "across, along = (u * dy + v * dx).abs()", S13A_STROKES),
     Bug("s13a: maskfeat: the strokes not cut at half the glyph", "src/mimkit/methods/maskfeat.py",
         "(along <= side / 2)", "(along <= side * 2)", S13A_STROKES),
+    Bug("s13a: maskfeat: crossing strokes brighter than white", "src/mimkit/methods/maskfeat.py",
+        "drawn = drawn.clamp(0, 1).expand", "drawn = drawn.clamp(0, 2).expand",
+        ("tests/methods/test_maskfeat.py::test_a_glyph_saturates_at_white_where_strokes_cross_and_a_negative_"
+         "bin_draws_nothing",)),
+    Bug("s13a: posembed: an absolute table's grid read with its prefix rows counted in",
+        "src/mimkit/models/posembed.py", "side = math.isqrt(table.shape[1] - prefix)",
+        "side = math.isqrt(table.shape[1] + prefix)",
+        ("tests/models/test_posembed.py::test_the_grid_of_a_table_with_many_prefix_rows_over_a_small_grid",)),
 ]
 
 

@@ -113,6 +113,14 @@ def test_each_stroke_is_a_line_through_the_centre_at_its_bins_angle_half_the_gly
     if nbins == 2:  # 45 degrees: the diagonal, its corner pixels (5 px from the centre) left out
         assert strokes[0][0, -1] == strokes[0][-1, 0] == 0 and strokes[0][1, -2] == 1
 
+
+def test_a_glyph_saturates_at_white_where_strokes_cross_and_a_negative_bin_draws_nothing():
+    cells = torch.ones(1, 1, 9, 1, 1) * 2.0  # every bin lit twice over: the centre sums nine strokes
+    drawn = hog_glyphs(cells, 8, 1, [0.5], [0.25]) * 0.25 + 0.5  # back to [0, 1]
+    assert drawn.max() == 1.0 and drawn[0, 0, 3:5, 3:5].eq(1.0).all()
+    negative = -torch.ones(1, 1, 9, 1, 1)  # a prediction below zero: no stroke, not a dark one
+    assert torch.equal(hog_glyphs(negative, 8, 1, [0.0], [1.0]), torch.zeros(1, 1, 8, 8))
+
 def test_the_view_masks_blocks_of_the_run_and_follows_the_seed():
     view = MaskFeatView(32, [0.5] * 3, [0.5] * 3, grid=4, num_masked=6, min_block=2, scale=(0.5, 1.0))
     image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
