@@ -44,6 +44,8 @@ S11B_FORMATS = ("tests/data/test_format_variants.py",)
 S11B_CHECKS = ("tests/test_check_paths.py",)
 S12B_PICTURES = ("tests/test_pictures.py",)
 S13A_SEG = "tests/models/test_segmentation.py"  # s13a
+S13A_HALVINGS = ("tests/methods/test_beit.py::test_a_tokenizer_halving_three_times_asks_for_views_eight_"
+                 "times_its_code_grid",)
 S13A_STROKES = ("tests/methods/test_maskfeat.py::test_each_stroke_is_a_line_through_the_centre_at_its_bins_"
                 "angle_half_the_glyph_long",)
 S12B_SUMMARIES = ("tests/test_summaries.py",)
@@ -3888,6 +3890,12 @@ PLANTED = [
         "src/mimkit/models/posembed.py", "side = math.isqrt(table.shape[1] - prefix)",
         "side = math.isqrt(table.shape[1] + prefix)",
         ("tests/models/test_posembed.py::test_the_grid_of_a_table_with_many_prefix_rows_over_a_small_grid",)),
+    Bug("s13a: beit: a tokenizer's view 2 * num_down pixels per code, not 2**num_down",
+        "src/mimkit/methods/beit.py",
+        'cell = 2 ** tokenizer.dvae["num_down"]', 'cell = 2 * tokenizer.dvae["num_down"]', S13A_HALVINGS),
+    Bug("s13a: beit: the grid mismatch's message multiplies the image size by the patch",
+        "src/mimkit/methods/beit.py", "(img_size {img_size} / patch", "(img_size {img_size} * patch",
+        S13A_HALVINGS),
 ]
 
 
