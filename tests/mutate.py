@@ -3896,6 +3896,9 @@ PLANTED = [
     Bug("s13a: beit: the grid mismatch's message multiplies the image size by the patch",
         "src/mimkit/methods/beit.py", "(img_size {img_size} / patch", "(img_size {img_size} * patch",
         S13A_HALVINGS),
+    Bug("s13a: beit: the model built for 3 channels whatever the data's", "src/mimkit/methods/beit.py",
+        "in_chans=config.data.channels, **config.model.kwargs)", "**config.model.kwargs)",
+        ("tests/methods/test_beit.py::test_the_model_is_built_for_the_datas_channels_and_size",)),
 ]
 
 

@@ -146,6 +146,15 @@ def test_a_tokenizer_halving_three_times_asks_for_views_eight_times_its_code_gri
                                           r"grid$"):
         method_of("beit").resolve_config(config)
 
+
+def test_the_model_is_built_for_the_datas_channels_and_size():
+    data = {"source": "synthetic:8", "img_size": 24, "channels": 1, "mean": [0.5], "std": [0.5]}
+    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2, "vocab_size": 16}  # vocab: as resolved
+    config = read_config({"method": "beit", "data": data, "model": {"name": "vit_mini", "patch_size": 8,
+                                                                     "kwargs": kwargs}})
+    embed = method_of("beit").build_model(config).encoder.patch_embed
+    assert (embed.proj.in_channels, embed.img_size, embed.patch_size) == (1, (24, 24), (8, 8))
+
 @pytest.mark.parametrize("extra, message", [
     ([], "needs a tokenizer: --tokenizer"),
     (["--tokenizer", "/no/such/dir"], "tokenizer '/no/such/dir' does not exist"),
