@@ -43,6 +43,11 @@ S11B_BLOCKS = ("tests/models/test_block_order.py",)
 S11B_FORMATS = ("tests/data/test_format_variants.py",)
 S11B_CHECKS = ("tests/test_check_paths.py",)
 S12B_PICTURES = ("tests/test_pictures.py",)
+S13A_SEG = "tests/models/test_segmentation.py"  # s13a
+S13A_HALVINGS = ("tests/methods/test_beit.py::test_a_tokenizer_halving_three_times_asks_for_views_eight_"
+                 "times_its_code_grid",)
+S13A_STROKES = ("tests/methods/test_maskfeat.py::test_each_stroke_is_a_line_through_the_centre_at_its_bins_"
+                "angle_half_the_glyph_long",)
 S12B_SUMMARIES = ("tests/test_summaries.py",)
 S12B_PROBE_FILES = ("tests/eval/test_probes.py::"
                     "test_each_written_probe_number_is_its_saved_probes_on_its_own_part",)
@@ -3947,6 +3952,75 @@ PLANTED = [
     Bug("s13b: foreign: convert drops what was read (no source)", "src/mimkit/interop/foreign.py",
         "unexpected, source=source, **extra)", "unexpected, **extra)",
         ("tests/interop/test_foreign.py::test_convert_renames_drops_the_ignored_and_keeps_what_was_read",)),
+    # s13a: the thirteenth pass's textual mutants of models/ and methods/, one test per real gap
+    Bug("s13a: segmentation: seg.rel_pos_bias takes a ViT with register tokens (refused only without [CLS])",
+        "src/mimkit/models/segmentation.py",
+        'if getattr(encoder, "num_reg_tokens", 0) or getattr(encoder, "cls_token", None) is None:',
+        'if getattr(encoder, "num_reg_tokens", 0) and getattr(encoder, "cls_token", None) is None:',
+        (f"{S13A_SEG}::test_relative_positions_refuse_a_vit_with_register_tokens_or_without_a_class_"
+         "token",)),
+    Bug("s13a: segmentation: seg.rel_pos_bias ignored (a ViT stays a ViT)",
+        "src/mimkit/models/segmentation.py", "elif rel_pos_bias and not isinstance(encoder, Beit):",
+        "elif rel_pos_bias and isinstance(encoder, Beit):",
+        (f"{S13A_SEG}::test_rel_pos_bias_turns_a_vit_into_a_beit_with_zero_tables_and_leaves_it_a_vit_"
+         "without",)),
+    Bug("s13a: segmentation: the BEiT copy reads its block layout off the second block",
+        "src/mimkit/models/segmentation.py", "block, embed = encoder.blocks[0], encoder.patch_embed",
+        "block, embed = encoder.blocks[1], encoder.patch_embed",
+        (f"{S13A_SEG}::test_a_one_block_encoder_gains_its_per_block_table",)),
+    Bug("s13a: segmentation: a shared table's layer scale read off the second block",
+        "src/mimkit/models/segmentation.py", 'scaled = getattr(encoder.blocks[0], "gamma_1", None)',
+        'scaled = getattr(encoder.blocks[1], "gamma_1", None)',
+        (f"{S13A_SEG}::test_a_one_block_encoder_gains_its_per_block_table",)),
+    Bug("s13a: segmentation: an unknown head's message says it is one of the heads",
+        "src/mimkit/models/segmentation.py", "is not one of {', '.join(HEADS)}",
+        "is one of {', '.join(HEADS)}",
+        (f"{S13A_SEG}::test_bad_model_options_are_one_line_errors",)),
+    Bug("s13a: segmentation: two classes refused", "src/mimkit/models/segmentation.py",
+        "if num_classes < 2:", "if num_classes <= 2:",
+        (f"{S13A_SEG}::test_the_blocks_read_end_at_the_last_one_and_two_classes_is_the_fewest",)),
+    Bug("s13a: segmentation: a block one past the last accepted", "src/mimkit/models/segmentation.py",
+        "all(0 <= b < depth for b in self.blocks)", "all(0 <= b <= depth for b in self.blocks)",
+        (f"{S13A_SEG}::test_the_blocks_read_end_at_the_last_one_and_two_classes_is_the_fewest",)),
+    Bug("s13a: segmentation: the logits upsampled to the image with aligned corners",
+        "src/mimkit/models/segmentation.py",
+        'return F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False)',
+        'return F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=True)',
+        (f"{S13A_SEG}::test_the_logits_reach_the_image_size_bilinearly_with_corners_unaligned",)),
+    Bug("s13a: segmentation: timm's warnings of a BEiT resize reach the log",
+        "src/mimkit/models/segmentation.py", '        warnings.simplefilter("ignore")\n', "",
+        (f"{S13A_SEG}::test_resizing_a_beit_encoder_says_nothing",)),
+    Bug("s13a: segmentation: a fine-tuned classifier keeps its head", "src/mimkit/models/segmentation.py",
+        "    encoder.reset_classifier(0)\n", "",
+        (f"{S13A_SEG}::test_a_classifiers_head_is_dropped_and_a_module_that_is_no_vit_refused",)),
+    Bug("s13a: segmentation: the encoder not checked (an AttributeError later)",
+        "src/mimkit/models/segmentation.py", "    check_encoder(encoder)\n    if isinstance(encoder, Beit)",
+        "    if isinstance(encoder, Beit)",
+        (f"{S13A_SEG}::test_a_classifiers_head_is_dropped_and_a_module_that_is_no_vit_refused",)),
+    Bug("s13a: maskfeat: the glyphs' strokes centred half a pixel high", "src/mimkit/methods/maskfeat.py",
+        "v, u = torch.meshgrid(torch.arange(side) - (side - 1) / 2,",
+        "v, u = torch.meshgrid(torch.arange(side) - (side - 2) / 2,", S13A_STROKES),
+    Bug("s13a: maskfeat: each stroke drawn at the mirrored angle", "src/mimkit/methods/maskfeat.py",
+        "across, along = (u * dy - v * dx).abs()", "across, along = (u * dy + v * dx).abs()", S13A_STROKES),
+    Bug("s13a: maskfeat: the strokes not cut at half the glyph", "src/mimkit/methods/maskfeat.py",
+        "(along <= side / 2)", "(along <= side * 2)", S13A_STROKES),
+    Bug("s13a: maskfeat: crossing strokes brighter than white", "src/mimkit/methods/maskfeat.py",
+        "drawn = drawn.clamp(0, 1).expand", "drawn = drawn.clamp(0, 2).expand",
+        ("tests/methods/test_maskfeat.py::test_a_glyph_saturates_at_white_where_strokes_cross_and_a_negative_"
+         "bin_draws_nothing",)),
+    Bug("s13a: posembed: an absolute table's grid read with its prefix rows counted in",
+        "src/mimkit/models/posembed.py", "side = math.isqrt(table.shape[1] - prefix)",
+        "side = math.isqrt(table.shape[1] + prefix)",
+        ("tests/models/test_posembed.py::test_the_grid_of_a_table_with_many_prefix_rows_over_a_small_grid",)),
+    Bug("s13a: beit: a tokenizer's view 2 * num_down pixels per code, not 2**num_down",
+        "src/mimkit/methods/beit.py",
+        'cell = 2 ** tokenizer.dvae["num_down"]', 'cell = 2 * tokenizer.dvae["num_down"]', S13A_HALVINGS),
+    Bug("s13a: beit: the grid mismatch's message multiplies the image size by the patch",
+        "src/mimkit/methods/beit.py", "(img_size {img_size} / patch", "(img_size {img_size} * patch",
+        S13A_HALVINGS),
+    Bug("s13a: beit: the model built for 3 channels whatever the data's", "src/mimkit/methods/beit.py",
+        "in_chans=config.data.channels, **config.model.kwargs)", "**config.model.kwargs)",
+        ("tests/methods/test_beit.py::test_the_model_is_built_for_the_datas_channels_and_size",)),
 ]
 
 

@@ -12,6 +12,7 @@ from mimkit.config import load_recipe
 from mimkit.data.loader import SeededViews
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import BEiTView
+from mimkit.errors import MimkitError
 from mimkit.masking import count_for_ratio
 from mimkit.methods.beit import tokenizer_views
 from mimkit.methods.dvae import find_tokenizer, load_tokenizer_encoder, schedule_values
@@ -126,6 +127,33 @@ def test_a_save_dvae_file_is_a_tokenizer_too(tmp_path):
     x = torch.randn(2, 1, 28, 28)
     assert torch.equal(load_tokenizer_encoder(tokenizer).tokenize(x), model.tokenize(x))
 
+
+
+def test_a_tokenizer_halving_three_times_asks_for_views_eight_times_its_code_grid(tmp_path):
+    """The view size is 2**num_down pixels per code (the tests' other dVAEs halve twice: 2 * 2 = 2**2)."""
+    model = dvae_for(32, 8, 3, vocab_size=16, hidden=4)  # 32 px -> 4x4 codes: three halvings
+    assert model.config["num_down"] == 3
+    save_dvae(model, tmp_path / "tok")
+    data = {"source": "synthetic:8", "img_size": 32, "channels": 3}
+    config = read_config({"method": "beit", "data": data, "model": {"name": "vit_mini", "patch_size": 8},
+                          "beit": {"tokenizer": str(tmp_path / "tok")}})
+    assert method_of("beit").resolve_config(config).settings.tokenizer_size == 32
+    config = read_config({"method": "beit", "data": data, "model": {"name": "vit_mini", "patch_size": 4},
+                          "beit": {"tokenizer": str(tmp_path / "tok"), "tokenizer_size": 32}})
+    with pytest.raises(MimkitError, match=r"4x4 codes from 32 px views, but the patch grid is 8x8 "
+                                          r"\(img_size 32 / patch 4\); it needs 64 px views "
+                                          r"\(beit.tokenizer_size\) or a tokenizer trained for this patch "
+                                          r"grid$"):
+        method_of("beit").resolve_config(config)
+
+
+def test_the_model_is_built_for_the_datas_channels_and_size():
+    data = {"source": "synthetic:8", "img_size": 24, "channels": 1, "mean": [0.5], "std": [0.5]}
+    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2, "vocab_size": 16}  # vocab: as resolved
+    config = read_config({"method": "beit", "data": data, "model": {"name": "vit_mini", "patch_size": 8,
+                                                                     "kwargs": kwargs}})
+    embed = method_of("beit").build_model(config).encoder.patch_embed
+    assert (embed.proj.in_channels, embed.img_size, embed.patch_size) == (1, (24, 24), (8, 8))
 
 @pytest.mark.parametrize("extra, message", [
     ([], "needs a tokenizer: --tokenizer"),

@@ -2,6 +2,7 @@
 runs, one-line errors; its view, its pictures' glyphs and its recipes."""
 
 import json
+import math
 
 import pytest
 import timm
@@ -93,6 +94,32 @@ def test_glyphs_draw_each_bin_along_its_edge():
     half = hog_glyphs(two[:, 1:], 8, 1, [0.0], [1.0]) / 2
     torch.testing.assert_close(hog_glyphs(two, 8, 1, [0.0], [1.0]), half)
 
+
+
+@pytest.mark.parametrize("nbins, side", [(2, 8), (4, 8), (9, 12)])
+def test_each_stroke_is_a_line_through_the_centre_at_its_bins_angle_half_the_glyph_long(nbins, side):
+    """Bin b's stroke: the pixels within one pixel of the line through the glyph's centre that rises at
+    (b + 0.5) * 180 / nbins degrees (counter-clockwise from the horizontal, y up), as bright as they are
+    near it, cut at half the glyph's side from the centre (the diagonal strokes do not reach the corners)."""
+    strokes = hog_strokes(nbins, side)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    x, y = cols - (side - 1) / 2, (side - 1) / 2 - rows  # from the centre, y up
+    for b in range(nbins):
+        angle = (b + 0.5) * math.pi / nbins
+        across = (x * math.sin(angle) - y * math.cos(angle)).abs()
+        along = (x * math.cos(angle) + y * math.sin(angle)).abs()
+        torch.testing.assert_close(strokes[b], (1 - across).clamp(min=0) * (along <= side / 2))
+        torch.testing.assert_close(strokes[nbins - 1 - b], strokes[b].flip(1))  # mirrored angles
+    if nbins == 2:  # 45 degrees: the diagonal, its corner pixels (5 px from the centre) left out
+        assert strokes[0][0, -1] == strokes[0][-1, 0] == 0 and strokes[0][1, -2] == 1
+
+
+def test_a_glyph_saturates_at_white_where_strokes_cross_and_a_negative_bin_draws_nothing():
+    cells = torch.ones(1, 1, 9, 1, 1) * 2.0  # every bin lit twice over: the centre sums nine strokes
+    drawn = hog_glyphs(cells, 8, 1, [0.5], [0.25]) * 0.25 + 0.5  # back to [0, 1]
+    assert drawn.max() == 1.0 and drawn[0, 0, 3:5, 3:5].eq(1.0).all()
+    negative = -torch.ones(1, 1, 9, 1, 1)  # a prediction below zero: no stroke, not a dark one
+    assert torch.equal(hog_glyphs(negative, 8, 1, [0.0], [1.0]), torch.zeros(1, 1, 8, 8))
 
 def test_the_view_masks_blocks_of_the_run_and_follows_the_seed():
     view = MaskFeatView(32, [0.5] * 3, [0.5] * 3, grid=4, num_masked=6, min_block=2, scale=(0.5, 1.0))

@@ -11,6 +11,7 @@ from mimkit.errors import MimkitError
 from mimkit.models.posembed import (
     _geometric_offsets,
     _spline_weights,
+    abs_grid,
     rel_grid,
     resize_abs_pos_embed,
     resize_rel_pos_table,
@@ -50,6 +51,16 @@ def test_table_that_is_not_a_square_grid_is_refused():
     with pytest.raises(MimkitError, match="^position table of 16 rows is not 1 \\+ a square grid$"):
         resize_abs_pos_embed(torch.zeros(1, 1 + 15, 8), 4)
 
+
+
+def test_the_grid_of_a_table_with_many_prefix_rows_over_a_small_grid():
+    """[CLS] and 4 register tokens in front of a 3x3 grid: the grid is read off the rows after the prefix
+    (with the prefix counted in, 19 rows would round down to a 4x4 grid)."""
+    assert abs_grid(torch.zeros(1, 5 + 9, 8), prefix=5) == 3
+    torch.manual_seed(0)
+    table = torch.randn(1, 5 + 9, 8)
+    resized, how = resize_abs_pos_embed(table, 4, prefix=5)
+    assert how == "bicubic" and torch.equal(resized, bicubic_by_hand(table, 4, 5))
 
 def test_geometric_offsets_put_the_old_ends_on_the_new_ends_with_gaps_growing_by_q():
     """BEiT's spacing: gaps 1, q, q**2 from the centre out, q chosen so the last offset is the new grid's last

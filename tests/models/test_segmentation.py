@@ -1,9 +1,14 @@
 """The segmentation model: pyramid and head shapes, feature blocks, and parity with transformers'
 BeitForSemanticSegmentation on copied weights."""
 
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from timm.models.beit import Beit
+from timm.models.vision_transformer import VisionTransformer
 from transformers import BeitForSemanticSegmentation
 
 from mimkit.errors import MimkitError
@@ -49,6 +54,21 @@ def test_pyramid_and_head_shapes_for_a_depth_2_model(make):
     assert [tuple(t.shape) for t in linear.forward_logits(torch.randn(2, 1, 32, 32))] == [(2, 5, 4, 4)]
 
 
+
+@pytest.mark.parametrize("head", ["upernet", "linear"])
+def test_the_logits_reach_the_image_size_bilinearly_with_corners_unaligned(head):
+    """mmsegmentation's ``resize(..., align_corners=False)`` and transformers' post-processing: the pixel
+    centres of the logits' grid and the image's line up, not their corner pixels."""
+    torch.manual_seed(0)
+    model = Segmenter(segmentation_encoder(tiny_vit(), 32), 3, head=head).eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        small = model.forward_logits(x)[0]
+        expected = F.interpolate(small, size=(32, 32), mode="bilinear", align_corners=False)
+        assert not torch.allclose(expected, F.interpolate(small, size=(32, 32), mode="bilinear",
+                                                          align_corners=True), atol=1e-3)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
 def test_features_are_the_raw_outputs_of_the_chosen_blocks():
     encoder = segmentation_encoder(tiny_vit(depth=3), 32)
     model = Segmenter(encoder, 3, blocks=[0, 2, 1, 2]).eval()
@@ -76,6 +96,27 @@ def test_segmentation_encoder_has_no_head_or_final_norm_and_resizes_its_tables()
     assert beit.blocks[0].attn.relative_position_bias_table.shape[0] == 15 * 15 + 3
     assert beit(torch.randn(1, 1, 64, 64)).shape == (1, 32)
 
+
+
+def test_resizing_a_beit_encoder_says_nothing():
+    """timm's own resampling of BEiT's tables warns (torch deprecations) and is replaced anyway: a segment
+    run's log shows none of it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder = segmentation_encoder(tiny_beit(), 64)
+    assert encoder.patch_embed.grid_size == (8, 8)
+
+
+def test_a_classifiers_head_is_dropped_and_a_module_that_is_no_vit_refused():
+    """A fine-tuned classifier given as the encoder loses its head (no weights that no loss reaches: DDP
+    refuses those); a module that is no timm ViT is a one-line error, not an AttributeError later."""
+    classifier = tiny_vit()
+    classifier.reset_classifier(10)
+    encoder = segmentation_encoder(classifier, 32)
+    assert isinstance(encoder.head, torch.nn.Identity) and encoder.num_classes == 0
+    assert not any(name.startswith("head.") for name, _ in encoder.named_parameters())
+    with pytest.raises(MimkitError, match=r"^Linear is not a timm ViT-style encoder \(it lacks blocks, "):
+        segmentation_encoder(torch.nn.Linear(2, 2), 32)
 
 def test_an_encoder_with_register_tokens_keeps_their_position_rows_when_resized():
     vit = build_vit("vit_tiny", 32, 8, 1, depth=2, embed_dim=32, num_heads=2, reg_tokens=2)
@@ -114,10 +155,20 @@ def test_frozen_encoder_gets_no_gradient_and_stays_in_eval_mode():
 
 
 def test_bad_model_options_are_one_line_errors():
-    with pytest.raises(MimkitError, match="head"):
+    with pytest.raises(MimkitError, match="^segmentation head 'fcn' is not one of upernet, linear$"):
         Segmenter(segmentation_encoder(tiny_vit(), 32), 3, head="fcn")
     with pytest.raises(MimkitError, match="4 blocks"):
         Segmenter(segmentation_encoder(tiny_vit(), 32), 3, blocks=[0, 1, 5, 1])
+
+
+def test_the_blocks_read_end_at_the_last_one_and_two_classes_is_the_fewest():
+    encoder = segmentation_encoder(tiny_vit(), 32)  # blocks 0 and 1
+    with pytest.raises(MimkitError, match=r"^UperNet reads 4 blocks in 0\.\.1, got \[0, 1, 2, 1\]$"):
+        Segmenter(encoder, 3, blocks=[0, 1, 2, 1])
+    with pytest.raises(MimkitError, match="^segmentation needs at least 2 classes, got 1$"):
+        Segmenter(encoder, 1)
+    binary = Segmenter(encoder, 2, blocks=[0, 1, 1, 1]).eval()
+    assert binary(torch.randn(1, 1, 32, 32)).shape == (1, 2, 32, 32)
 
 
 def _randomize_batch_norms(model):
@@ -193,6 +244,35 @@ def test_a_vit_gains_zero_relative_position_biases_and_computes_the_same(qkv_bia
     assert all(table.requires_grad and not table.any() for table in tables)
     assert all(torch.equal(block.gamma_1, torch.ones(32)) for block in beit.blocks)  # mmseg's init_values=1.0
 
+
+
+@pytest.mark.parametrize("kwargs", [dict(reg_tokens=2), dict(class_token=False, global_pool="avg")],
+                         ids=["register-tokens", "no-class-token"])
+def test_relative_positions_refuse_a_vit_with_register_tokens_or_without_a_class_token(kwargs):
+    """BEiT's blocks take [CLS] + patches only: a register token would be read as a patch (and its table
+    row lost), a missing class token would shift every patch by one."""
+    vit = VisionTransformer(img_size=32, patch_size=8, in_chans=1, num_classes=0, embed_dim=32, depth=1,
+                            num_heads=2, **kwargs)
+    with pytest.raises(MimkitError, match=r"^seg\.rel_pos_bias takes a ViT with a class token and no "
+                                          r"register tokens$"):
+        vit_with_relative_positions(vit)
+
+
+def test_rel_pos_bias_turns_a_vit_into_a_beit_with_zero_tables_and_leaves_it_a_vit_without():
+    vit = tiny_vit()
+    plain, gained = segmentation_encoder(vit, 32), segmentation_encoder(vit, 32, rel_pos_bias=True)
+    assert type(plain) is VisionTransformer and type(gained) is Beit
+    tables = [block.attn.relative_position_bias_table for block in gained.blocks]
+    assert len(tables) == 2 and all(t.shape == (7 * 7 + 3, 2) and not t.any() for t in tables)
+
+
+def test_a_one_block_encoder_gains_its_per_block_table():
+    """The conversions read the block layout off the first block: a one-block encoder has no other."""
+    shared = BEiT(32, 8, 1, vocab_size=16, embed_dim=32, depth=1, num_heads=2, shared_rel_pos_bias=True)
+    vit = tiny_vit(depth=1)
+    for encoder in segmentation_encoder(shared.encoder, 32), segmentation_encoder(vit, 32, rel_pos_bias=True):
+        assert encoder.blocks[0].attn.relative_position_bias_table.shape == (7 * 7 + 3, 2)
+        assert Segmenter(encoder, 3).eval()(torch.randn(1, 1, 32, 32)).shape == (1, 3, 32, 32)
 
 def test_beits_shared_table_becomes_one_per_block_computing_the_same():
     shared = _random_weights(BEiT(32, 8, 3, vocab_size=16, embed_dim=32, depth=2, num_heads=2,
