@@ -241,6 +241,17 @@ S11A_AUTHORS = ("tests/models/test_authors_outputs.py",)
 VIEW_FLIPS = ("tests/methods/test_settings_reach.py::"
               "test_every_methods_view_mirrors_about_half_its_samples_and_all_their_images_at_once")
 PLANTED = [
+    Bug("fresh set 17: checkpoint steps sorted as text (step 9 after step 100)",
+        "src/mimkit/train/checkpoint_files.py",
+        'return sorted(int(m.group(1)) for m in found if m and '
+        '(self.dir / f"step-{m.group(1)}.pt").exists())',
+        'return [int(s) for s in sorted(m.group(1) for m in found\n'
+        '                                        if m and (self.dir / f"step-{m.group(1)}.pt").exists())]',
+        ("tests/train/test_checkpoints.py::test_checkpoints_are_ordered_by_step_number_not_as_text",)),
+    Bug("fresh set 17: a pickle loaded onto the device that saved it", "src/mimkit/safe_load.py",
+        'return torch.load(path, map_location="cpu", weights_only=True)',
+        "return torch.load(path, weights_only=True)",
+        ("tests/test_safe_load.py::test_a_checkpoint_saved_on_a_gpu_loads_on_a_machine_without_one",)),
     Bug("process group: left without collecting the reference cycles that hold a DDP model first",
         "src/mimkit/cli.py", "        gc.collect()\n        dist.destroy_process_group()",
         "        dist.destroy_process_group()",

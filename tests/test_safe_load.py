@@ -143,3 +143,17 @@ def test_unreadable_files_are_one_line_errors(tmp_path, name, content, read, mes
     with pytest.raises(MimkitError, match=message) as refused:
         read(path)
     assert "\n" not in str(refused.value)
+
+
+def test_a_checkpoint_saved_on_a_gpu_loads_on_a_machine_without_one(tmp_path, monkeypatch):
+    """Every storage of a pickle is put on the CPU, whatever device saved it: here a file whose storages are
+    tagged ``cuda:0`` (as a GPU run writes them), which torch alone refuses where CUDA is absent."""
+    tag = torch.serialization.location_tag
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    torch.save({"model": {"w": torch.arange(3.0)}}, tmp_path / "gpu.pt")
+    monkeypatch.setattr(torch.serialization, "location_tag", tag)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "gpu.pt", weights_only=True)
+    loaded = load_pickle(tmp_path / "gpu.pt")["model"]["w"]
+    assert loaded.device.type == "cpu" and torch.equal(loaded, torch.arange(3.0))

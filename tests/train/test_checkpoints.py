@@ -192,3 +192,11 @@ def test_when_no_checkpoint_loads_the_error_names_the_newest_ones_failure(tmp_pa
 def test_a_run_without_best_weights_has_no_best_value_yet(tmp_path):
     """Not 0: a metric that is never positive (a negated loss) must still keep its first value as the best."""
     assert checkpointer(tmp_path).best_value() == -math.inf
+
+
+def test_checkpoints_are_ordered_by_step_number_not_as_text(tmp_path):
+    """Steps 9, 10 and 100 (as text: 10, 100, 9): the newest is 100 and pruning to two keeps 10 and 100."""
+    store, model = Checkpoints(tmp_path, keep_last=2), nn.Linear(2, 1)
+    for step in (9, 10, 100):
+        store.save(step, model, {"step": step})
+    assert store.steps() == [10, 100] and store.latest() == 100
