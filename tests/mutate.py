@@ -241,6 +241,22 @@ S11A_AUTHORS = ("tests/models/test_authors_outputs.py",)
 VIEW_FLIPS = ("tests/methods/test_settings_reach.py::"
               "test_every_methods_view_mirrors_about_half_its_samples_and_all_their_images_at_once")
 PLANTED = [
+    Bug("fresh set 17: a colour folder's std is ImageNet's mean", "src/mimkit/data/folders.py",
+        "std=GRAY_STD if nc == 1 else IMAGENET_DEFAULT_STD,",
+        "std=GRAY_STD if nc == 1 else IMAGENET_DEFAULT_MEAN,",
+        ("tests/data/test_sources.py::test_a_folders_normalization_is_imagenets_for_colour_and_the_grey_one_for_grey",)),
+    Bug("fresh set 17: the probes' default feature cache is the working directory's",
+        "src/mimkit/eval/features.py",
+        'cache_dir = Path(cache_dir) if cache_dir else encoder.run_dir / "features"',
+        'cache_dir = Path(cache_dir) if cache_dir else Path("features")',
+        ("tests/eval/test_probes.py::test_probe_features_are_cached_in_the_encoder_runs_folder_by_default",)),
+    Bug("fresh set 17: a fine-tuning run rebuilt avg-pooled whatever its classifier.pool",
+        "src/mimkit/eval/finetune.py",
+        "config.classifier.num_classes, config.classifier.pool,\n"
+        "                                  config.classifier.drop_path)",
+        "config.classifier.num_classes,\n"
+        "                                  drop_path=config.classifier.drop_path)",
+        ("tests/eval/test_finetune.py::test_a_finetune_runs_module_is_rebuilt_with_its_pool_and_drop_path",)),
     Bug("fresh set 17: checkpoint steps sorted as text (step 9 after step 100)",
         "src/mimkit/train/checkpoint_files.py",
         'return sorted(int(m.group(1)) for m in found if m and '

@@ -640,3 +640,18 @@ def test_grey_images_with_alpha_are_grey(tmp_path):
     save(tmp_path / "a.png", "LA", color=(90, 255))
     source = build_source(str(tmp_path))
     assert source.info.channels == 1 and source[0][0].shape == (1, 8, 8) and int(source[0][0][0, 0, 0]) == 90
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_folders_normalization_is_imagenets_for_colour_and_the_grey_one_for_grey(tmp_path, mode):
+    """Mean and std each come from their own table: ImageNet's for colour images, the grey pair for grey."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from mimkit.data.source_info import GRAY_MEAN, GRAY_STD
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new(mode, (8, 8), 90).save(tmp_path / name / "x.png")
+    info = build_source(str(tmp_path)).info
+    mean, std = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if mode == "RGB" else (GRAY_MEAN, GRAY_STD)
+    assert (tuple(info.mean), tuple(info.std)) == (tuple(mean), tuple(std))

@@ -503,3 +503,15 @@ def test_same_images_looks_past_the_first_images_of_a_long_split():
     first = [float(i) for i in range(20)]
     assert same_images(Images(first, [0] * 20), Images(first, [0] * 20))
     assert not same_images(Images(first, [0] * 20), Images(first[:-1] + [99.0], [0] * 20))
+
+
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_a_finetune_runs_module_is_rebuilt_with_its_pool_and_drop_path(ft_run, pool):
+    """What the probes, predict, evaluate and export rebuild a fine-tuning run as: its own pooling (timm's
+    ``token`` for ``cls``, with the final norm where that pooling reads it) and its stochastic depth."""
+    values = saved_values(ft_run)
+    config = read_finetune({**values, "classifier": {**values["classifier"], "pool": pool, "drop_path": 0.3}})
+    classifier = finetuned_model(config).classifier
+    assert classifier.global_pool == {"avg": "avg", "cls": "token"}[pool]
+    assert isinstance(classifier.norm if pool == "avg" else classifier.fc_norm, torch.nn.Identity)
+    assert classifier.blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)

@@ -581,3 +581,16 @@ def test_each_written_probe_number_is_its_saved_probes_on_its_own_part(mae_run, 
     assert (logged["test_top1"], logged["val_top1"]) == (rows[-1]["test_top1"], rows[-1]["val_top1"])
     if layer == "all":
         assert rows[0]["test_top1"] == 100.0 and rows[1]["test_top1"] < 60
+
+
+def test_probe_features_are_cached_in_the_encoder_runs_folder_by_default(mae_run, tmp_path, monkeypatch):
+    """Without a cache folder the features go to the run's ``features/``, wherever the command runs."""
+    import shutil
+
+    run = shutil.copytree(mae_run, tmp_path / "run", ignore=shutil.ignore_patterns("features"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    probe_data(load_encoder(run), "synthetic:16", "avg")
+    assert len(list((run / "features").glob("*.safetensors"))) == 2  # train and test
+    assert list(elsewhere.iterdir()) == []
