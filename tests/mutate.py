@@ -1,11 +1,12 @@
 """Plant bugs one at a time in a copy of the package and see whether the tests notice.
 
-Two modes (see tests/README.md):
+Three modes (see tests/README.md):
 
     python tests/mutate.py planted                   # the hand-planted bugs of PLANTED, each must be killed
     python tests/mutate.py planted --only ema        # those whose name contains "ema" (any case)
     python tests/mutate.py auto src/mimkit/train/optim.py tests/train/test_optim.py tests/train/test_loop.py
                                                      # textual mutants of one module against its tests
+    python tests/mutate.py fresh SET.py --half 0     # a fresh set's bugs (BUGS in SET.py), run in stages
 
 Each mutant is written into a fresh copy of ``src/`` under a temporary folder and the tests run with
 ``PYTHONPATH`` pointing there, so the working tree is never modified. A mutant is *killed* when the tests
@@ -14,6 +15,7 @@ Stop a run with Ctrl-C: the running tests are killed and the temporary copy is r
 """
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -4052,14 +4054,15 @@ PLANTED = [
 
 
 def run_tests(src: Path, tests: list[str], timeout: float) -> str:
-    """``killed`` / ``survived`` / ``timeout`` of ``tests`` against the package in ``src``."""
+    """``killed`` / ``survived`` / ``timeout`` of ``tests`` against the package in ``src``; ``none ran`` when
+    they select no test (pytest's exit status 5), which kills nothing."""
     env = os.environ | {"PYTHONPATH": str(src), "OMP_WAIT_POLICY": "PASSIVE"}
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout"
-    return "survived" if done.returncode == 0 else "killed"
+    return {0: "survived", 5: "none ran"}.get(done.returncode, "killed")
 
 
 def build_extension(copy: Path, path: str) -> None:
@@ -4076,13 +4079,49 @@ def build_extension(copy: Path, path: str) -> None:
 
 def with_mutant(path: str, text: str, tests: list[str], timeout: float) -> str:
     """Run ``tests`` against a copy of ``src/`` in which ``path`` reads ``text``."""
+    return staged_mutant(path, text, [("tests", tests)], timeout)[-1][1]
+
+
+def staged_mutant(path: str, text: str, stages: list[tuple[str, list[str]]],
+                  timeout: float) -> list[tuple[str, str]]:
+    """Run each stage's pytest arguments in turn against a copy of ``src/`` in which ``path`` reads ``text``,
+    until one kills it (or times out); each stage's (name, outcome)."""
+    outcomes = []
     with tempfile.TemporaryDirectory(prefix="mimkit-mutant-") as tmp:
         src = Path(tmp) / "src"
         shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         (Path(tmp) / path).write_text(text)
         if path.endswith(".c"):
             build_extension(Path(tmp), path)
-        return run_tests(src, tests, timeout)
+        for name, args in stages:
+            outcomes.append((name, run_tests(src, args, timeout)))
+            if outcomes[-1][1] in ("killed", "timeout"):
+                break
+    return outcomes
+
+
+def fresh(set_file: str, half: int | None, timeout: float) -> int:
+    """A fresh set (a module whose ``BUGS`` lists `Bug` records, written blind to the tests): each bug run in
+    stages until one kills it, its own test files' fast tests, the whole fast tier, its own files' slow tests;
+    with ``half``, every other bug (two processes share the set). The number of survivors."""
+    spec = importlib.util.spec_from_file_location("fresh_set", set_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    check_baseline(module.BUGS[0].path, ["tests", "-m", "not slow"], timeout)
+    survivors = 0
+    for bug in module.BUGS[half::2] if half is not None else module.BUGS:
+        original = (ROOT / bug.path).read_text()
+        if original.count(bug.old) != 1:
+            print(f"STALE     {bug.name}: the text to replace occurs {original.count(bug.old)} times")
+            continue
+        stages = [("own fast", [*bug.tests, "-m", "not slow"]), ("fast tier", ["tests", "-m", "not slow"]),
+                  ("own slow", list(bug.tests))]
+        outcomes = staged_mutant(bug.path, original.replace(bug.old, bug.new), stages, timeout)
+        killed = outcomes[-1][1] in ("killed", "timeout")
+        survivors += not killed
+        said = ", ".join(f"{name}: {outcome}" for name, outcome in outcomes)
+        print(f"{'killed' if killed else 'survived':9s} {bug.name}  ({said})", flush=True)
+    return survivors
 
 
 def check_baseline(path: str, tests: list[str], timeout: float) -> None:
@@ -4214,9 +4253,15 @@ def main() -> int:
     generated.add_argument("module", help="e.g. src/mimkit/train/optim.py")
     generated.add_argument("tests", nargs="+", help="the test files (or node ids) that cover it")
     generated.add_argument("--timeout", type=float, default=300)
+    blind = modes.add_parser("fresh", help="a fresh set of bugs, run in stages")
+    blind.add_argument("set_file", help="a Python file defining BUGS, a list of Bug records")
+    blind.add_argument("--half", type=int, choices=(0, 1), help="every other bug, from this one")
+    blind.add_argument("--timeout", type=float, default=1200)
     args = parser.parse_args()
     if args.mode == "planted":
         return int(planted(args.only, args.timeout) > 0)
+    if args.mode == "fresh":
+        return int(fresh(args.set_file, args.half, args.timeout) > 0)
     return int(auto(args.module, args.tests, args.timeout) > 0)
 
 
