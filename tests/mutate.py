@@ -4100,6 +4100,9 @@ def staged_mutant(path: str, text: str, stages: list[tuple[str, list[str]]],
     return outcomes
 
 
+FAST_TIER = ["tests", "-m", "not slow"]
+
+
 def fresh(set_file: str, half: int | None, timeout: float) -> int:
     """A fresh set (a module whose ``BUGS`` lists `Bug` records, written blind to the tests): each bug run in
     stages until one kills it, its own test files' fast tests, the whole fast tier, its own files' slow tests;
@@ -4107,16 +4110,15 @@ def fresh(set_file: str, half: int | None, timeout: float) -> int:
     spec = importlib.util.spec_from_file_location("fresh_set", set_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    check_baseline(module.BUGS[0].path, ["tests", "-m", "not slow"], timeout)
+    check_baseline(module.BUGS[0].path, FAST_TIER, timeout)
     survivors = 0
     for bug in module.BUGS[half::2] if half is not None else module.BUGS:
-        original = (ROOT / bug.path).read_text()
-        if original.count(bug.old) != 1:
-            print(f"STALE     {bug.name}: the text to replace occurs {original.count(bug.old)} times")
+        text = planted_text(bug)
+        if text is None:
             continue
-        stages = [("own fast", [*bug.tests, "-m", "not slow"]), ("fast tier", ["tests", "-m", "not slow"]),
+        stages = [("own fast", [*bug.tests, "-m", "not slow"]), ("fast tier", FAST_TIER),
                   ("own slow", list(bug.tests))]
-        outcomes = staged_mutant(bug.path, original.replace(bug.old, bug.new), stages, timeout)
+        outcomes = staged_mutant(bug.path, text, stages, timeout)
         killed = outcomes[-1][1] in ("killed", "timeout")
         survivors += not killed
         said = ", ".join(f"{name}: {outcome}" for name, outcome in outcomes)
@@ -4131,17 +4133,25 @@ def check_baseline(path: str, tests: list[str], timeout: float) -> None:
         sys.exit(f"the tests {' '.join(tests)} do not pass on the unmutated code ({outcome}); fix that first")
 
 
+def planted_text(bug: Bug) -> str | None:
+    """``bug``'s file with the bug planted; None, said as STALE, when its ``old`` text is not there once."""
+    original = (ROOT / bug.path).read_text()
+    if original.count(bug.old) != 1:
+        print(f"STALE     {bug.name}: the text to replace occurs {original.count(bug.old)} times")
+        return None
+    return original.replace(bug.old, bug.new)
+
+
 def planted(only: str | None, timeout: float) -> int:
     survivors = 0
     bugs = [bug for bug in PLANTED if not only or only.lower() in bug.name.lower()]
     check_baseline(bugs[0].path, sorted({t for bug in bugs for t in bug.tests}), timeout)
     for bug in bugs:
-        original = (ROOT / bug.path).read_text()
-        if original.count(bug.old) != 1:
-            print(f"STALE     {bug.name}: the text to replace occurs {original.count(bug.old)} times")
+        text = planted_text(bug)
+        if text is None:
             survivors += 1
             continue
-        outcome = with_mutant(bug.path, original.replace(bug.old, bug.new), list(bug.tests), timeout)
+        outcome = with_mutant(bug.path, text, list(bug.tests), timeout)
         survivors += outcome != "killed"
         print(f"{outcome:9s} {bug.name}", flush=True)
     return survivors
