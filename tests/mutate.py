@@ -46,6 +46,7 @@ S11B_FORMATS = ("tests/data/test_format_variants.py",)
 S11B_CHECKS = ("tests/test_check_paths.py",)
 S12B_PICTURES = ("tests/test_pictures.py",)
 S13A_SEG = "tests/models/test_segmentation.py"  # s13a
+S14A_SIMMIM = "tests/models/test_simmim.py"  # s14a
 S13A_HALVINGS = ("tests/methods/test_beit.py::test_a_tokenizer_halving_three_times_asks_for_views_eight_"
                  "times_its_code_grid",)
 S13A_STROKES = ("tests/methods/test_maskfeat.py::test_each_stroke_is_a_line_through_the_centre_at_its_bins_"
@@ -4050,6 +4051,36 @@ PLANTED = [
     Bug("s13a: beit: the model built for 3 channels whatever the data's", "src/mimkit/methods/beit.py",
         "in_chans=config.data.channels, **config.model.kwargs)", "**config.model.kwargs)",
         ("tests/methods/test_beit.py::test_the_model_is_built_for_the_datas_channels_and_size",)),
+    # s14a: the fourteenth pass's textual mutants (models/simmim.py, ...), one test per real gap
+    Bug("s14a: simmim: the init's truncated normal has std 1 (cut at +-0.02: flat)",
+        "src/mimkit/models/simmim.py", "trunc_normal_(tensor, std=INIT_STD, a=", "trunc_normal_(tensor, a=",
+        (f"{S14A_SIMMIM}::test_init_std_is_the_reference_normals_of_std_0_02_cut_at_one_std",)),
+    Bug("s14a: simmim: the encoder's biases keep timm's init (the patch convolution's is not zeroed)",
+        "src/mimkit/models/simmim.py", "nn.init.zeros_(module.bias)", "pass",
+        (f"{S14A_SIMMIM}::test_init_zeroes_the_patch_embeddings_bias_as_the_reference",)),
+    Bug("s14a: simmim: the mask drawn from the global RNG, not the given generator",
+        "src/mimkit/models/simmim.py", "torch.randperm(grid * grid, generator=generator)",
+        "torch.randperm(grid * grid)",
+        (f"{S14A_SIMMIM}::test_the_mask_is_drawn_from_the_given_generator_only",)),
+    Bug("s14a: simmim: the mask geometry skips the patch grid's check (patch size 0: ZeroDivisionError)",
+        "src/mimkit/models/simmim.py", "    check_patch_grid(img_size, patch_size)\n    if mask_patch_size",
+        "    pass\n    if mask_patch_size",
+        (f"{S14A_SIMMIM}::test_a_patch_size_that_does_not_tile_the_image_is_a_one_line_error",)),
+    Bug("s14a: simmim: the model skips the patch grid's check (30 px in patches of 4 accepted)",
+        "src/mimkit/models/simmim.py", "check_patch_grid(img_size, patch_size)\n        self.patch_size",
+        "pass\n        self.patch_size",
+        (f"{S14A_SIMMIM}::test_a_patch_size_that_does_not_tile_the_image_is_a_one_line_error",)),
+    Bug("s14a: simmim: simmim_vit_base returns None", "src/mimkit/models/simmim.py",
+        'return _simmim("vit_base", **kwargs)', "return None",
+        (f"{S14A_SIMMIM}::test_each_named_model_has_its_archs_width_and_heads",)),
+    Bug("s14a: simmim: an unknown model name is not refused (a KeyError)", "src/mimkit/models/simmim.py",
+        "if name not in SIMMIM_MODELS:\n        raise MimkitError(",
+        "if name not in SIMMIM_MODELS:\n        (",
+        (f"{S14A_SIMMIM}::test_an_unknown_model_name_is_a_one_line_error_listing_the_names",)),
+    Bug("s14a: simmim: set_grad_checkpointing() turns it off", "src/mimkit/models/simmim.py",
+        "def set_grad_checkpointing(self, enable: bool = True)",
+        "def set_grad_checkpointing(self, enable: bool = False)",
+        (f"{S14A_SIMMIM}::test_set_grad_checkpointing_turns_it_on_by_default",)),
 ]
 
 

@@ -127,3 +127,68 @@ def test_bad_mask_geometry_is_refused(args, message):
 def test_mask_ratio_outside_0_1_is_refused(ratio):
     with pytest.raises(MimkitError, match=r"simmim.mask_ratio=.* must be in \(0, 1\)"):
         num_masked_cells(49, ratio)
+
+
+def test_init_std_is_the_reference_normals_of_std_0_02_cut_at_one_std():
+    """A normal of std 0.02 cut at +-0.02 has std 0.02 * sqrt(1 - 2 phi(1) / (2 Phi(1) - 1)) = 0.01079; a
+    normal of std 1 cut at +-0.02 (the same bounds, no std) is flat there: std 0.04 / sqrt(12) = 0.01155."""
+    model = create_simmim("vit_mini", img_size=32, patch_size=4, in_chans=1, depth=1)
+    phi1, mass = math.exp(-0.5) / math.sqrt(2 * math.pi), math.erf(1 / math.sqrt(2))
+    expected = 0.02 * math.sqrt(1 - 2 * phi1 / mass)
+    weight = model.encoder.blocks[0].mlp.fc1.weight  # 512 x 128 draws
+    assert weight.std().item() == pytest.approx(expected, abs=2.5e-4)
+
+
+def test_init_zeroes_the_patch_embeddings_bias_as_the_reference():
+    """timm's Beit leaves the patch convolution's bias at PyTorch's uniform init; the reference zeroes it."""
+    model = tiny()
+    assert torch.count_nonzero(model.encoder.patch_embed.proj.bias) == 0
+    biases = [m.bias for m in model.encoder.modules()
+              if isinstance(m, torch.nn.Linear) and m.bias is not None]
+    assert biases and all(torch.count_nonzero(b) == 0 for b in biases)
+
+
+def test_the_mask_is_drawn_from_the_given_generator_only():
+    torch.manual_seed(1)
+    first = simmim_mask(4, 2, 10, torch.Generator().manual_seed(7))
+    torch.manual_seed(2)  # the global RNG plays no part
+    assert torch.equal(simmim_mask(4, 2, 10, torch.Generator().manual_seed(7)), first)
+    cells = torch.zeros(16, dtype=torch.bool)
+    cells[torch.randperm(16, generator=torch.Generator().manual_seed(7))[:10]] = True
+    assert torch.equal(first[::2, ::2].flatten(), cells)
+
+
+def test_a_patch_size_that_does_not_tile_the_image_is_a_one_line_error():
+    with pytest.raises(MimkitError, match="img_size 30 is not a positive multiple of patch_size 4"):
+        tiny(img_size=30)
+    with pytest.raises(MimkitError, match="img_size 32 is not a positive multiple of patch_size 0"):
+        check_mask_geometry(32, 0, 8)  # not a ZeroDivisionError
+
+
+@pytest.mark.parametrize("name, width, depth, heads", [
+    ("vit_mini", 128, 6, 4), ("vit_tiny", 192, 12, 3), ("vit_small", 384, 12, 6), ("vit_base", 768, 12, 12),
+    ("vit_large", 1024, 24, 16),
+])
+def test_each_named_model_has_its_archs_width_and_heads(name, width, depth, heads):
+    from mimkit.models.simmim import SIMMIM_MODELS
+    model = create_simmim(name, img_size=16, patch_size=8, in_chans=1, depth=1)  # one block: fast
+    assert isinstance(model, SimMIM) and len(model.encoder.blocks) == 1
+    assert model.encoder.embed_dim == width and model.encoder.blocks[0].attn.num_heads == heads
+    assert SIMMIM_MODELS[name](img_size=16, patch_size=8, in_chans=1, depth=1).encoder.embed_dim == width
+    # the arch's depth, narrowed to 8 channels a head
+    narrow = create_simmim(name, img_size=16, patch_size=8, in_chans=1, embed_dim=8 * heads)
+    assert len(narrow.encoder.blocks) == depth and narrow.encoder.blocks[0].attn.num_heads == heads
+
+
+def test_an_unknown_model_name_is_a_one_line_error_listing_the_names():
+    names = "vit_mini, vit_tiny, vit_small, vit_base, vit_large"
+    with pytest.raises(MimkitError, match=rf"unknown SimMIM model 'vit_huge'; choose one of: {names}$"):
+        create_simmim("vit_huge")
+
+
+def test_set_grad_checkpointing_turns_it_on_by_default():
+    model = tiny()
+    model.set_grad_checkpointing()
+    assert model.encoder.grad_checkpointing is True
+    model.set_grad_checkpointing(False)
+    assert model.encoder.grad_checkpointing is False
