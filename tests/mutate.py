@@ -4081,6 +4081,10 @@ PLANTED = [
         "def set_grad_checkpointing(self, enable: bool = True)",
         "def set_grad_checkpointing(self, enable: bool = False)",
         (f"{S14A_SIMMIM}::test_set_grad_checkpointing_turns_it_on_by_default",)),
+    Bug("s14a: checkpoint files: the skipped checkpoint's warning points at checkpoint_files, not the caller",
+        "src/mimkit/train/checkpoint_files.py", "it does not load: {err}\", stacklevel=2)",
+        "it does not load: {err}\")",
+        ("tests/train/test_checkpoints.py::test_a_skipped_checkpoints_warning_points_at_the_caller_of_resume",)),
 ]
 
 

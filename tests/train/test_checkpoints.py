@@ -200,3 +200,13 @@ def test_checkpoints_are_ordered_by_step_number_not_as_text(tmp_path):
     for step in (9, 10, 100):
         store.save(step, model, {"step": step})
     assert store.steps() == [10, 100] and store.latest() == 100
+
+
+def test_a_skipped_checkpoints_warning_points_at_the_caller_of_resume(tmp_path):
+    store = Checkpoints(tmp_path, keep_last=2)
+    for step in (1, 2):
+        store.save(step, nn.Linear(2, 1), {"step": step})
+    store.weights_path(2).write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="skipping checkpoint step 2, it does not load") as caught:
+        assert store.resume(nn.Linear(2, 1))["step"] == 1
+    assert [w.filename for w in caught] == [__file__]
