@@ -47,6 +47,7 @@ S11B_CHECKS = ("tests/test_check_paths.py",)
 S12B_PICTURES = ("tests/test_pictures.py",)
 S13A_SEG = "tests/models/test_segmentation.py"  # s13a
 S14A_SIMMIM = "tests/models/test_simmim.py"  # s14a
+S14A_SAFE = "tests/test_safe_load.py"  # s14a
 S13A_HALVINGS = ("tests/methods/test_beit.py::test_a_tokenizer_halving_three_times_asks_for_views_eight_"
                  "times_its_code_grid",)
 S13A_STROKES = ("tests/methods/test_maskfeat.py::test_each_stroke_is_a_line_through_the_centre_at_its_bins_"
@@ -4085,6 +4086,21 @@ PLANTED = [
         "src/mimkit/train/checkpoint_files.py", "it does not load: {err}\", stacklevel=2)",
         "it does not load: {err}\")",
         ("tests/train/test_checkpoints.py::test_a_skipped_checkpoints_warning_points_at_the_caller_of_resume",)),
+    Bug("s14a: safe_load: a refused pickle's message says tensors or plain containers",
+        "src/mimkit/safe_load.py",
+        "only tensors and plain containers are read", "only tensors or plain containers are read",
+        (f"{S14A_SAFE}::test_each_refusal_reads_as_its_whole_message",)),
+    Bug("s14a: safe_load: a damaged archive's message says it is a PyTorch checkpoint",
+        "src/mimkit/safe_load.py",
+        'f"\'{path}\' is not a safetensors file nor a PyTorch checkpoint "\n',
+        'f"\'{path}\' is a safetensors file nor a PyTorch checkpoint "\n',
+        (f"{S14A_SAFE}::test_each_refusal_reads_as_its_whole_message",)),
+    Bug("s14a: safe_load: a missing checkpoint 'does not exist and is not a file'", "src/mimkit/safe_load.py",
+        "does not exist or is not a file", "does not exist and is not a file",
+        (f"{S14A_SAFE}::test_each_refusal_reads_as_its_whole_message",)),
+    Bug("s14a: safe_load: no state dict's message: a dict of tensors 'and' one under a usual key",
+        "src/mimkit/safe_load.py", "(a dict of tensors, or one under", "(a dict of tensors, and one under",
+        (f"{S14A_SAFE}::test_each_refusal_reads_as_its_whole_message",)),
 ]
 
 

@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -157,3 +158,27 @@ def test_a_checkpoint_saved_on_a_gpu_loads_on_a_machine_without_one(tmp_path, mo
             torch.load(tmp_path / "gpu.pt", weights_only=True)
     loaded = load_pickle(tmp_path / "gpu.pt")["model"]["w"]
     assert loaded.device.type == "cpu" and torch.equal(loaded, torch.arange(3.0))
+
+
+def test_each_refusal_reads_as_its_whole_message(tmp_path):
+    """The words of each one-line error, whole: what was refused and why (a word dropped or turned, "not",
+    "or", changes what the user is told)."""
+    def refused(read, path) -> str:
+        with pytest.raises(MimkitError) as err:
+            read(path)
+        return str(err.value)
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": Payload(tmp_path / "pwned")}, evil)
+    assert refused(load_tensors, evil) == (f"refusing '{evil}': loading it would run posix.system; only "
+                                           "tensors and plain containers are read (nothing was executed)")
+    damaged = tmp_path / "state.pt"
+    damaged.write_bytes(b"PK\x03\x04 damaged")
+    assert re.fullmatch(rf"'{re.escape(str(damaged))}' is not a safetensors file nor a PyTorch checkpoint "
+                        r"\(\w+\)", refused(load_pickle, damaged))
+    missing = tmp_path / "missing.pth"
+    assert refused(load_tensors, missing) == f"checkpoint '{missing}' does not exist or is not a file"
+    empty = tmp_path / "empty.pth"
+    torch.save({"epoch": 3}, empty)
+    assert refused(load_tensors, empty) == (f"'{empty}' holds no state dict (a dict of tensors, or one under "
+                                            "'model', 'state_dict', 'module')")
