@@ -48,6 +48,10 @@ S12B_PICTURES = ("tests/test_pictures.py",)
 S13A_SEG = "tests/models/test_segmentation.py"  # s13a
 S14A_SIMMIM = "tests/models/test_simmim.py"  # s14a
 S14A_SAFE = "tests/test_safe_load.py"  # s14a
+S14A_FT = "tests/eval/test_finetune.py"  # s14a
+S14A_FT_SRC = "src/mimkit/eval/finetune.py"
+S14A_FT_RECORD = (f"{S14A_FT}::test_a_finetune_run_records_its_settings_and_logs_each_evaluation_and_its_"
+                  "test_numbers",)
 S13A_HALVINGS = ("tests/methods/test_beit.py::test_a_tokenizer_halving_three_times_asks_for_views_eight_"
                  "times_its_code_grid",)
 S13A_STROKES = ("tests/methods/test_maskfeat.py::test_each_stroke_is_a_line_through_the_centre_at_its_bins_"
@@ -4101,6 +4105,43 @@ PLANTED = [
     Bug("s14a: safe_load: no state dict's message: a dict of tensors 'and' one under a usual key",
         "src/mimkit/safe_load.py", "(a dict of tensors, or one under", "(a dict of tensors, and one under",
         (f"{S14A_SAFE}::test_each_refusal_reads_as_its_whole_message",)),
+    Bug("s14a: finetune: run_finetune forces another configuration by default", S14A_FT_SRC,
+        'force_config: bool = False) -> dict:', 'force_config: bool = True) -> dict:',
+        (f"{S14A_FT}::test_a_library_call_resumes_only_under_the_runs_own_configuration_unless_"
+         "forced",)),
+    Bug("s14a: finetune: the head drawn from the global stream, not train.seed", S14A_FT_SRC,
+        'torch.manual_seed(config.train.seed)  # the head', 'pass  # the head',
+        (f"{S14A_FT}::test_the_heads_initialization_follows_the_training_seed_alone",)),
+    Bug("s14a: finetune: grad checkpointing not asked of the classifier", S14A_FT_SRC,
+        '"fine-tune", summary, checkpointed=model.classifier,', '"fine-tune", summary,',
+        (f"{S14A_FT}::test_gradient_checkpointing_is_asked_of_the_classifier",)),
+    Bug("s14a: finetune: an evaluation's numbers not logged", S14A_FT_SRC,
+        'logger.info("  ".join(f"{k} {v:.2f}" for k, v in results.items()))', 'pass',
+        S14A_FT_RECORD),
+    Bug("s14a: finetune: the test numbers not logged", S14A_FT_SRC,
+        'logger.info("  ".join(f"{k} {v:.2f}" for k, v in final.items()))', 'pass',
+        S14A_FT_RECORD),
+    Bug("s14a: finetune: results.json without the encoder", S14A_FT_SRC,
+        '"encoder": encoder.origin, ', '',
+        S14A_FT_RECORD),
+    Bug("s14a: finetune: results.json without the init", S14A_FT_SRC,
+        '"init": cls.init, "data"', '"data"',
+        S14A_FT_RECORD),
+    Bug("s14a: finetune: results.json without the label fraction", S14A_FT_SRC,
+        '"label_fraction": labels.fraction, "val_fraction"', '"val_fraction"',
+        S14A_FT_RECORD),
+    Bug("s14a: finetune: results.json without the val fraction", S14A_FT_SRC,
+        '"val_fraction": labels.val_fraction,\n', '\n',
+        S14A_FT_RECORD),
+    Bug("s14a: finetune: wall_s rounded to 2 digits", S14A_FT_SRC,
+        'round(time.perf_counter() - start, 1)', 'round(time.perf_counter() - start, 2)',
+        S14A_FT_RECORD),
+    Bug("s14a: finetune: the kind reads a saved configuration with its augmentation", S14A_FT_SRC,
+        '"classifier", read=read_finetune, spec=', '"classifier", spec=',
+        (f"{S14A_FT}::test_the_finetune_kind_reads_rebuilds_and_predicts_with_its_own_functions",)),
+    Bug("s14a: finetune: the kind predicts nothing", S14A_FT_SRC,
+        'encoder=finetuned_encoder, predict=predict_with_classifier))', 'encoder=finetuned_encoder))',
+        (f"{S14A_FT}::test_the_finetune_kind_reads_rebuilds_and_predicts_with_its_own_functions",)),
 ]
 
 

@@ -3,6 +3,7 @@ through the command line on a tiny MAE run."""
 
 import csv
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +32,7 @@ from mimkit.eval.finetune import (
 )
 from mimkit.eval.scores import classification_accuracy
 from mimkit.eval.subsets import make_splits
+from mimkit.kinds import kind_of
 from mimkit.models.classifier import FineTuned, block_features, build_classifier, pooled_features
 from mimkit.models.vit import build_vit
 from mimkit.runs import latest_weights, load_encoder, saved_values
@@ -515,3 +517,77 @@ def test_a_finetune_runs_module_is_rebuilt_with_its_pool_and_drop_path(ft_run, p
     assert classifier.global_pool == {"avg": "avg", "cls": "token"}[pool]
     assert isinstance(classifier.norm if pool == "avg" else classifier.fc_norm, torch.nn.Identity)
     assert classifier.blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)
+
+
+def test_a_library_call_resumes_only_under_the_runs_own_configuration_unless_forced(mae_run, monkeypatch,
+                                                                                     tmp_path):
+    """`run_finetune` opens the run with ``force_config`` False unless given (the runner then refuses a
+    trained run's other configuration: `mimkit.runs.keep_config`), as `run_pretraining` does."""
+    forced = []
+    monkeypatch.setattr(finetune, "run_job",
+                        lambda run, job, *rest: forced.append(run.force_config) or {"interrupted": True})
+    config = from_dict(FinetuneConfig, {"encoder": str(mae_run), "data": {"source": "synthetic:16",
+                                                                          "num_workers": 0},
+                                        "train": {"batch_size": 4, "max_steps": 1}})
+    run_finetune(config, tmp_path / "a")
+    run_finetune(config, tmp_path / "b", force_config=True)
+    assert forced == [False, True]
+
+
+def captured_jobs(monkeypatch) -> list:
+    """The `Job` of each `run_finetune` call, the run stopped before training (`run_job` spied on)."""
+    jobs = []
+    monkeypatch.setattr(finetune, "run_job",
+                        lambda run, job, *rest: jobs.append(job) or {"interrupted": True})
+    return jobs
+
+
+def test_the_heads_initialization_follows_the_training_seed_alone(mae_run, monkeypatch, tmp_path):
+    """The head is drawn after seeding with train.seed (the same on every rank): the global stream before
+    the run plays no part, another seed draws another head."""
+    jobs = captured_jobs(monkeypatch)
+    for i, (seed, noise) in enumerate([(0, 1), (0, 2), (1, 1)]):
+        torch.manual_seed(noise)
+        run_finetune(from_dict(FinetuneConfig, {"encoder": str(mae_run), "data": {"source": "synthetic:16",
+                                                                                  "num_workers": 0},
+                                                "train": {"batch_size": 4, "seed": seed}}), tmp_path / str(i))
+    heads = [job.model.classifier.head.weight for job in jobs]
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
+def test_gradient_checkpointing_is_asked_of_the_classifier(mae_run, monkeypatch, tmp_path):
+    jobs = captured_jobs(monkeypatch)
+    run_finetune(from_dict(FinetuneConfig, {"encoder": str(mae_run), "data": {"source": "synthetic:16",
+                                                                              "num_workers": 0},
+                                            "train": {"batch_size": 4}}), tmp_path / "ft")
+    assert jobs[0].checkpointed is jobs[0].model.classifier
+
+
+def test_a_finetune_run_records_its_settings_and_logs_each_evaluation_and_its_test_numbers(mae_run, tmp_path,
+                                                                                          caplog):
+    folder = str(three_split_folder(tmp_path / "shapes"))
+    config = from_dict(FinetuneConfig, {"encoder": str(mae_run), "eval_batch_size": 4,
+                                        "data": {"source": folder, "num_workers": 0},
+                                        "labels": {"val_fraction": 0.25, "fraction": 0.5, "seed": 3},
+                                        "classifier": {"pool": "cls"},
+                                        "train": {"batch_size": 2, "max_steps": 2}})
+    with caplog.at_level(logging.INFO, logger="mimkit.eval.finetune"):
+        results = run_finetune(config, tmp_path / "ft")
+    recorded = {k: results[k] for k in ("protocol", "encoder", "init", "data", "pool", "label_fraction",
+                                        "val_fraction", "seed")}
+    assert recorded == {"protocol": "finetune", "encoder": str(latest_weights(mae_run)), "init": "pretrained",
+                        "data": folder, "pool": "cls", "label_fraction": 0.5, "val_fraction": 0.25, "seed": 3}
+    assert results["wall_s"] == round(results["wall_s"], 1)
+    logged = [r.getMessage() for r in caplog.records if r.name == "mimkit.eval.finetune"]
+    val = f"val_top1 {results['val_top1']:.2f}  val_top5 {results['val_top5']:.2f}"
+    final = "  ".join(f"{k} {results[k]:.2f}" for k in ("test_top1", "test_top5", "test_best_top1",
+                                                          "test_best_top5"))
+    assert logged[-2:] == [val, final]
+
+
+def test_the_finetune_kind_reads_rebuilds_and_predicts_with_its_own_functions():
+    """The run kind's record: an older run's configuration read without its augmentation, the classifier as
+    its encoder, ``mimkit predict`` by the classifier."""
+    kind = kind_of("finetune")
+    assert (kind.read, kind.encoder, kind.predict) == (read_finetune, finetuned_encoder,
+                                                       finetune.predict_with_classifier)
