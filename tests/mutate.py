@@ -50,6 +50,9 @@ S14A_SIMMIM = "tests/models/test_simmim.py"  # s14a
 S14A_SAFE = "tests/test_safe_load.py"  # s14a
 S14A_FT = "tests/eval/test_finetune.py"  # s14a
 S14A_FT_SRC = "src/mimkit/eval/finetune.py"
+S14A_FEAT_SRC = "src/mimkit/eval/features.py"
+S14A_PROBE_DEFAULTS = ("tests/eval/test_probes.py::test_probe_data_by_default_reads_in_this_process_and_"
+                       "draws_the_subset_of_seed_0",)
 S14A_FT_RECORD = (f"{S14A_FT}::test_a_finetune_run_records_its_settings_and_logs_each_evaluation_and_its_"
                   "test_numbers",)
 S13A_HALVINGS = ("tests/methods/test_beit.py::test_a_tokenizer_halving_three_times_asks_for_views_eight_"
@@ -4142,6 +4145,18 @@ PLANTED = [
     Bug("s14a: finetune: the kind predicts nothing", S14A_FT_SRC,
         'encoder=finetuned_encoder, predict=predict_with_classifier))', 'encoder=finetuned_encoder))',
         (f"{S14A_FT}::test_the_finetune_kind_reads_rebuilds_and_predicts_with_its_own_functions",)),
+    Bug("s14a: features: probe_data's subset of seed 1 by default", S14A_FEAT_SRC,
+        "val_fraction: float = 0.0, seed: int = 0,", "val_fraction: float = 0.0, seed: int = 1,",
+        S14A_PROBE_DEFAULTS),
+    Bug("s14a: features: probe_data loads in a worker process by default", S14A_FEAT_SRC,
+        "batch_size: int = 256, num_workers: int = 0) -> ProbeData:",
+        "batch_size: int = 256, num_workers: int = 1) -> ProbeData:", S14A_PROBE_DEFAULTS),
+    Bug("s14a: features: cached_features loads in a worker process by default", S14A_FEAT_SRC,
+        "batch_size: int = 256, num_workers: int = 0, device",
+        "batch_size: int = 256, num_workers: int = 1, device", S14A_PROBE_DEFAULTS),
+    Bug("s14a: features: probe_data's batch size never reaches the feature pass", S14A_FEAT_SRC,
+        "layers=layers, batch_size=batch_size, num_workers=num_workers)",
+        "layers=layers, num_workers=num_workers)", S14A_PROBE_DEFAULTS),
 ]
 
 

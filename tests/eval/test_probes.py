@@ -594,3 +594,27 @@ def test_probe_features_are_cached_in_the_encoder_runs_folder_by_default(mae_run
     probe_data(load_encoder(run), "synthetic:16", "avg")
     assert len(list((run / "features").glob("*.safetensors"))) == 2  # train and test
     assert list(elsewhere.iterdir()) == []
+
+
+def test_probe_data_by_default_reads_in_this_process_and_draws_the_subset_of_seed_0(mae_run, tmp_path,
+                                                                                   monkeypatch):
+    """Without ``num_workers`` the feature pass loads in this process (`probe_data` and `cached_features`
+    alike, in batches of 256 unless told); ``batch_size`` reaches the loaders; without ``seed`` the label
+    subset is seed 0's (as `make_splits`')."""
+    asked, real = [], features_module.eval_loader
+
+    def loader(source, view, batch_size, num_workers):
+        asked.append((batch_size, num_workers))
+        return real(source, view, batch_size, 0)
+
+    monkeypatch.setattr(features_module, "eval_loader", loader)
+    encoder = load_encoder(mae_run)
+    data = probe_data(encoder, "synthetic:40", "avg", label_fraction=0.5, cache_dir=tmp_path, batch_size=4)
+    spec = encoder.spec.data
+    view = eval_view(spec.img_size, spec.mean, spec.std)
+    cached_features(encoder.model, build_source("synthetic:8", "train"), view, "avg", "other", tmp_path)
+    assert asked == [(4, 0), (4, 0), (256, 0)]
+    seeded = [probe_data(encoder, "synthetic:40", "avg", label_fraction=0.5, cache_dir=tmp_path, seed=seed)
+              for seed in (0, 1)]
+    assert torch.equal(data.train[0], seeded[0].train[0])
+    assert not torch.equal(data.train[0], seeded[1].train[0])
