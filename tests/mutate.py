@@ -51,6 +51,7 @@ S14A_SAFE = "tests/test_safe_load.py"  # s14a
 S14A_FT = "tests/eval/test_finetune.py"  # s14a
 S14A_FT_SRC = "src/mimkit/eval/finetune.py"
 S14A_FEAT_SRC = "src/mimkit/eval/features.py"
+S14A_KNN_RECORD = ("tests/eval/test_probes.py::test_a_knn_run_records_each_of_its_settings_in_its_results",)
 S14A_PROBE_DEFAULTS = ("tests/eval/test_probes.py::test_probe_data_by_default_reads_in_this_process_and_"
                        "draws_the_subset_of_seed_0",)
 S14A_FT_RECORD = (f"{S14A_FT}::test_a_finetune_run_records_its_settings_and_logs_each_evaluation_and_its_"
@@ -4157,6 +4158,12 @@ PLANTED = [
     Bug("s14a: features: probe_data's batch size never reaches the feature pass", S14A_FEAT_SRC,
         "layers=layers, batch_size=batch_size, num_workers=num_workers)",
         "layers=layers, num_workers=num_workers)", S14A_PROBE_DEFAULTS),
+    Bug("s14a: knn: results.json without the encoder", "src/mimkit/eval/knn.py",
+        '"encoder": encoder.origin, "data": c.data', '"data": c.data', S14A_KNN_RECORD),
+    Bug("s14a: knn: results.json without the val fraction", "src/mimkit/eval/knn.py",
+        '"val_fraction": c.val_fraction, "seed"', '"seed"', S14A_KNN_RECORD),
+    Bug("s14a: knn: results.json without the temperature", "src/mimkit/eval/knn.py",
+        '"k": k, "temperature": c.temperature,', '"k": k,', S14A_KNN_RECORD),
 ]
 
 

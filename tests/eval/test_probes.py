@@ -618,3 +618,15 @@ def test_probe_data_by_default_reads_in_this_process_and_draws_the_subset_of_see
               for seed in (0, 1)]
     assert torch.equal(data.train[0], seeded[0].train[0])
     assert not torch.equal(data.train[0], seeded[1].train[0])
+
+
+def test_a_knn_run_records_each_of_its_settings_in_its_results(mae_run, tmp_path):
+    config = KnnConfig(data="synthetic:40", pool="cls", k=5, temperature=0.5, label_fraction=0.5,
+                       val_fraction=0.25, seed=3, cache_dir=str(tmp_path / "features"))
+    encoder = load_encoder(mae_run)
+    results = run_knn(encoder, config, tmp_path / "out")
+    recorded = {k: results[k] for k in ("protocol", "encoder", "data", "pool", "layer", "label_fraction",
+                                        "val_fraction", "seed", "k", "temperature")}
+    assert recorded == {"protocol": "knn", "encoder": encoder.origin, "data": "synthetic:40", "pool": "cls",
+                        "layer": None, "label_fraction": 0.5, "val_fraction": 0.25, "seed": 3, "k": 5,
+                        "temperature": 0.5}
