@@ -4050,6 +4050,11 @@ PLANTED = [
     Bug("s13a: beit: the model built for 3 channels whatever the data's", "src/mimkit/methods/beit.py",
         "in_chans=config.data.channels, **config.model.kwargs)", "**config.model.kwargs)",
         ("tests/methods/test_beit.py::test_the_model_is_built_for_the_datas_channels_and_size",)),
+    # s14b: the fourteenth pass's textual mutants of methods/beit.py (its last 24) and data/, one test per gap
+    Bug("s14b: beit: a published HF BEiT's relative_position_index keys not ignored",
+        "src/mimkit/methods/beit.py", 'hf={"beit": HFLayout(layouts.HF_BEIT, ignore=layouts.DERIVED)}',
+        'hf={"beit": HFLayout(layouts.HF_BEIT)}',
+        ("tests/interop/test_beit.py::test_a_published_hf_beit_holding_its_relative_position_indices_imports",)),
 ]
 
 
