@@ -4055,6 +4055,9 @@ PLANTED = [
         "src/mimkit/methods/beit.py", 'hf={"beit": HFLayout(layouts.HF_BEIT, ignore=layouts.DERIVED)}',
         'hf={"beit": HFLayout(layouts.HF_BEIT)}',
         ("tests/interop/test_beit.py::test_a_published_hf_beit_holding_its_relative_position_indices_imports",)),
+    Bug("s14b: splits: split_train_val's default seed 1, not 0", "src/mimkit/data/splits.py",
+        "val_fraction: float, seed: int = 0)", "val_fraction: float, seed: int = 1)",
+        ("tests/data/test_sources.py::test_a_hold_out_without_a_seed_takes_seed_0",)),
 ]
 
 
