@@ -48,6 +48,7 @@ S12B_PICTURES = ("tests/test_pictures.py",)
 S13A_SEG = "tests/models/test_segmentation.py"  # s13a
 S13A_HALVINGS = ("tests/methods/test_beit.py::test_a_tokenizer_halving_three_times_asks_for_views_eight_"
                  "times_its_code_grid",)
+S14B_PATIENCE = ("tests/test_masking.py::test_a_block_gets_ten_tries_counted_afresh_after_each_kept_block",)
 S13A_STROKES = ("tests/methods/test_maskfeat.py::test_each_stroke_is_a_line_through_the_centre_at_its_bins_"
                 "angle_half_the_glyph_long",)
 S12B_SUMMARIES = ("tests/test_summaries.py",)
@@ -4058,6 +4059,13 @@ PLANTED = [
     Bug("s14b: splits: split_train_val's default seed 1, not 0", "src/mimkit/data/splits.py",
         "val_fraction: float, seed: int = 0)", "val_fraction: float, seed: int = 1)",
         ("tests/data/test_sources.py::test_a_hold_out_without_a_seed_takes_seed_0",)),
+    Bug("s14b: masking: a kept block leaves its failed try counted (9 tries for the next)",
+        "src/mimkit/masking.py", "            failures = 0", "            failures = 1", S14B_PATIENCE),
+    Bug("s14b: masking: a block given 11 tries", "src/mimkit/masking.py", "_PATIENCE = 10", "_PATIENCE = 11",
+        S14B_PATIENCE),
+    Bug("s14b: masking: a block given one try more than the patience", "src/mimkit/masking.py",
+        "while remaining and failures < _PATIENCE:", "while remaining and failures <= _PATIENCE:",
+        S14B_PATIENCE),
 ]
 
 
