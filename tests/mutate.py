@@ -4066,6 +4066,16 @@ PLANTED = [
     Bug("s14b: masking: a block given one try more than the patience", "src/mimkit/masking.py",
         "while remaining and failures < _PATIENCE:", "while remaining and failures <= _PATIENCE:",
         S14B_PATIENCE),
+    Bug("s14b: masking: a block at the low end of the aspect range refused", "src/mimkit/masking.py",
+        "and aspect[0] <= h / w <= aspect[1]):", "and aspect[0] < h / w <= aspect[1]):",
+        ("tests/test_masking.py::test_a_block_at_either_end_of_the_aspect_range_is_kept",)),
+    Bug("s14b: masking: a block at the high end of the aspect range refused", "src/mimkit/masking.py",
+        "and aspect[0] <= h / w <= aspect[1]):", "and aspect[0] <= h / w < aspect[1]):",
+        ("tests/test_masking.py::test_a_block_at_either_end_of_the_aspect_range_is_kept",)),
+    Bug("s14b: masking: random_mask's count unchecked", "src/mimkit/masking.py",
+        "    _check_count(num_patches, num_masked)\n    mask = torch.zeros",
+        "    mask = torch.zeros",
+        ("tests/test_masking.py::test_random_mask_refuses_a_count_outside_the_patches",)),
 ]
 
 

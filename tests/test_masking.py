@@ -230,3 +230,20 @@ def test_a_block_gets_ten_tries_counted_afresh_after_each_kept_block(monkeypatch
     assert placed == blocks and int(mask.sum()) == 8
     for top, left, h, w in blocks:
         assert mask[top:top + h, left:left + w].all()
+
+
+@pytest.mark.parametrize("u_aspect, shape", [(0.0, (3, 10)), (1.0, (10, 3))], ids=["0.3", "1/0.3"])
+def test_a_block_at_either_end_of_the_aspect_range_is_kept(monkeypatch, u_aspect, shape):
+    """The aspect range is closed: 30 patches drawn at aspect 0.3 (or 1/0.3) make a 3x10 (10x3) block, whose
+    h/w is exactly the bound, and it is placed, not refused for the fill of single patches."""
+    monkeypatch.setattr(masking, "_uniform_tries", lambda generator: iter([(0.0, u_aspect, 0.0, 0.0)]))
+    mask, placed = sample_blocks(10, 10, 30, min_block=30, generator=gen(0))
+    assert placed == [(0, 0, *shape)]
+    assert mask[:shape[0], :shape[1]].all() and int(mask.sum()) == 30
+
+
+@pytest.mark.parametrize("num_masked", [-1, 17])
+def test_random_mask_refuses_a_count_outside_the_patches(num_masked):
+    """Unchecked, -1 would mask all but one patch (`randperm[:-1]`) and 17 all 16, without a word."""
+    with pytest.raises(MimkitError, match=f"cannot mask {num_masked} of 16 patches; use 0..16"):
+        random_mask(16, num_masked, generator=gen(0))
