@@ -48,6 +48,8 @@ S12B_PICTURES = ("tests/test_pictures.py",)
 S13A_SEG = "tests/models/test_segmentation.py"  # s13a
 S13A_HALVINGS = ("tests/methods/test_beit.py::test_a_tokenizer_halving_three_times_asks_for_views_eight_"
                  "times_its_code_grid",)
+S14B_TIMM_CONFIG = ("tests/test_registry.py::test_a_timm_export_writes_timms_folder_config_and_a_target_"
+                    "without_a_hook_is_refused",)
 S14B_PATIENCE = ("tests/test_masking.py::test_a_block_gets_ten_tries_counted_afresh_after_each_kept_block",)
 S13A_STROKES = ("tests/methods/test_maskfeat.py::test_each_stroke_is_a_line_through_the_centre_at_its_bins_"
                 "angle_half_the_glyph_long",)
@@ -4076,6 +4078,19 @@ PLANTED = [
         "    _check_count(num_patches, num_masked)\n    mask = torch.zeros",
         "    mask = torch.zeros",
         ("tests/test_masking.py::test_random_mask_refuses_a_count_outside_the_patches",)),
+    Bug("s14b: export: the timm folder's pretrained_cfg claims one class", "src/mimkit/interop/export.py",
+        '"crop_pct": 1.0, "num_classes": 0,', '"crop_pct": 1.0, "num_classes": 1,', S14B_TIMM_CONFIG),
+    Bug("s14b: export: the timm folder's pretrained_cfg without its interpolation",
+        "src/mimkit/interop/export.py", '"std": data.std, "interpolation": "bicubic", "crop_pct"',
+        '"std": data.std, "crop_pct"', S14B_TIMM_CONFIG),
+    Bug("s14b: export: the timm folder's config without num_features", "src/mimkit/interop/export.py",
+        '"num_classes": 0, "num_features": kwargs["embed_dim"],', '"num_classes": 0,', S14B_TIMM_CONFIG),
+    Bug("s14b: export: a method without a timm hook not refused", "src/mimkit/interop/export.py",
+        '        raise MimkitError(f"cannot export a {type(model).__name__} to timm")', "        pass",
+        S14B_TIMM_CONFIG),
+    Bug("s14b: export: a method without a transformers hook not refused", "src/mimkit/interop/export.py",
+        '        raise MimkitError(f"cannot export a {type(model).__name__} to Hugging Face")',
+        "        pass", S14B_TIMM_CONFIG),
 ]
 
 
