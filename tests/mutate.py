@@ -58,6 +58,9 @@ S14A_FT_RECORD = (f"{S14A_FT}::test_a_finetune_run_records_its_settings_and_logs
                   "test_numbers",)
 S13A_HALVINGS = ("tests/methods/test_beit.py::test_a_tokenizer_halving_three_times_asks_for_views_eight_"
                  "times_its_code_grid",)
+S14B_TIMM_CONFIG = ("tests/test_registry.py::test_a_timm_export_writes_timms_folder_config_and_a_target_"
+                    "without_a_hook_is_refused",)
+S14B_PATIENCE = ("tests/test_masking.py::test_a_block_gets_ten_tries_counted_afresh_after_each_kept_block",)
 S13A_STROKES = ("tests/methods/test_maskfeat.py::test_each_stroke_is_a_line_through_the_centre_at_its_bins_"
                 "angle_half_the_glyph_long",)
 S12B_SUMMARIES = ("tests/test_summaries.py",)
@@ -4164,6 +4167,48 @@ PLANTED = [
         '"val_fraction": c.val_fraction, "seed"', '"seed"', S14A_KNN_RECORD),
     Bug("s14a: knn: results.json without the temperature", "src/mimkit/eval/knn.py",
         '"k": k, "temperature": c.temperature,', '"k": k,', S14A_KNN_RECORD),
+    # s14b: the fourteenth pass's textual mutants of methods/beit.py (its last 24) and data/, one test per gap
+    Bug("s14b: beit: a published HF BEiT's relative_position_index keys not ignored",
+        "src/mimkit/methods/beit.py", 'hf={"beit": HFLayout(layouts.HF_BEIT, ignore=layouts.DERIVED)}',
+        'hf={"beit": HFLayout(layouts.HF_BEIT)}',
+        ("tests/interop/test_beit.py::test_a_published_hf_beit_holding_its_relative_position_indices_imports",)),
+    Bug("s14b: splits: split_train_val's default seed 1, not 0", "src/mimkit/data/splits.py",
+        "val_fraction: float, seed: int = 0)", "val_fraction: float, seed: int = 1)",
+        ("tests/data/test_sources.py::test_a_hold_out_without_a_seed_takes_seed_0",)),
+    Bug("s14b: masking: a kept block leaves its failed try counted (9 tries for the next)",
+        "src/mimkit/masking.py", "            failures = 0", "            failures = 1", S14B_PATIENCE),
+    Bug("s14b: masking: a block given 11 tries", "src/mimkit/masking.py", "_PATIENCE = 10", "_PATIENCE = 11",
+        S14B_PATIENCE),
+    Bug("s14b: masking: a block given one try more than the patience", "src/mimkit/masking.py",
+        "while remaining and failures < _PATIENCE:", "while remaining and failures <= _PATIENCE:",
+        S14B_PATIENCE),
+    Bug("s14b: masking: a block at the low end of the aspect range refused", "src/mimkit/masking.py",
+        "and aspect[0] <= h / w <= aspect[1]):", "and aspect[0] < h / w <= aspect[1]):",
+        ("tests/test_masking.py::test_a_block_at_either_end_of_the_aspect_range_is_kept",)),
+    Bug("s14b: masking: a block at the high end of the aspect range refused", "src/mimkit/masking.py",
+        "and aspect[0] <= h / w <= aspect[1]):", "and aspect[0] <= h / w < aspect[1]):",
+        ("tests/test_masking.py::test_a_block_at_either_end_of_the_aspect_range_is_kept",)),
+    Bug("s14b: masking: random_mask's count unchecked", "src/mimkit/masking.py",
+        "    _check_count(num_patches, num_masked)\n    mask = torch.zeros",
+        "    mask = torch.zeros",
+        ("tests/test_masking.py::test_random_mask_refuses_a_count_outside_the_patches",)),
+    Bug("s14b: export: the timm folder's pretrained_cfg claims one class", "src/mimkit/interop/export.py",
+        '"crop_pct": 1.0, "num_classes": 0,', '"crop_pct": 1.0, "num_classes": 1,', S14B_TIMM_CONFIG),
+    Bug("s14b: export: the timm folder's pretrained_cfg without its interpolation",
+        "src/mimkit/interop/export.py", '"std": data.std, "interpolation": "bicubic", "crop_pct"',
+        '"std": data.std, "crop_pct"', S14B_TIMM_CONFIG),
+    Bug("s14b: export: the timm folder's config without num_features", "src/mimkit/interop/export.py",
+        '"num_classes": 0, "num_features": kwargs["embed_dim"],', '"num_classes": 0,', S14B_TIMM_CONFIG),
+    Bug("s14b: export: a method without a timm hook not refused", "src/mimkit/interop/export.py",
+        '        raise MimkitError(f"cannot export a {type(model).__name__} to timm")', "        pass",
+        S14B_TIMM_CONFIG),
+    Bug("s14b: export: a method without a transformers hook not refused", "src/mimkit/interop/export.py",
+        '        raise MimkitError(f"cannot export a {type(model).__name__} to Hugging Face")',
+        "        pass", S14B_TIMM_CONFIG),
+    Bug("s14b: viz: run_panels' default seed 1, not 0", "src/mimkit/viz.py",
+        "               seed: int = 0) -> dict[str, torch.Tensor]:",
+        "               seed: int = 1) -> dict[str, torch.Tensor]:",
+        ("tests/test_viz.py::test_run_panels_without_a_seed_draw_from_seed_0",)),
 ]
 
 

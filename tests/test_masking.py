@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from mimkit import masking
 from mimkit.errors import MimkitError
 from mimkit.masking import (
     block_mask,
@@ -208,3 +209,41 @@ def test_blocks_reach_every_edge_of_the_grid():
               sample_blocks(6, 6, 6, min_block=4, generator=torch.Generator().manual_seed(seed))[1]]
     assert min(top for top, *_ in blocks) == 0 and min(left for _, left, *_ in blocks) == 0
     assert max(top + h for top, _, h, _ in blocks) == 6 and max(left + w for _, left, _, w in blocks) == 6
+
+
+# Scripted draws of `sample_blocks` on an 8x8 grid, blocks of exactly 4 patches: (u_area, u_aspect, u_top,
+# u_left). Area 4 at aspect 1 is a 2x2 block; aspect 0.3 gives 1x4, whose h/w of 0.25 is refused.
+TOP_LEFT, BOTTOM_RIGHT, TOO_FLAT = (0.0, 0.5, 0.0, 0.0), (0.0, 0.5, 0.99, 0.99), (0.0, 0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("tries, blocks", [
+    ([TOO_FLAT] * 9 + [TOP_LEFT] + [TOP_LEFT] * 9 + [BOTTOM_RIGHT], [(0, 0, 2, 2), (6, 6, 2, 2)]),
+    ([TOO_FLAT] * 10 + [TOP_LEFT, BOTTOM_RIGHT], []),
+    ([TOP_LEFT] * 11 + [BOTTOM_RIGHT], [(0, 0, 2, 2)]),
+], ids=["nine-failures-then-a-block", "ten-failures-at-the-start", "ten-failures-after-a-block"])
+def test_a_block_gets_ten_tries_counted_afresh_after_each_kept_block(monkeypatch, tries, blocks):
+    """BEiT's patience: a block is placed if one of its 10 tries succeeds (a refused shape, or a block that
+    adds no new patch, is a failed try); 10 failures in a row stop the placing, and the rest of the count
+    comes from single patches. The count starts afresh at the first block and after every kept block."""
+    monkeypatch.setattr(masking, "_uniform_tries", lambda generator: iter(tries))
+    mask, placed = sample_blocks(8, 8, 8, min_block=4, max_block=4, generator=gen(0))
+    assert placed == blocks and int(mask.sum()) == 8
+    for top, left, h, w in blocks:
+        assert mask[top:top + h, left:left + w].all()
+
+
+@pytest.mark.parametrize("u_aspect, shape", [(0.0, (3, 10)), (1.0, (10, 3))], ids=["0.3", "1/0.3"])
+def test_a_block_at_either_end_of_the_aspect_range_is_kept(monkeypatch, u_aspect, shape):
+    """The aspect range is closed: 30 patches drawn at aspect 0.3 (or 1/0.3) make a 3x10 (10x3) block, whose
+    h/w is exactly the bound, and it is placed, not refused for the fill of single patches."""
+    monkeypatch.setattr(masking, "_uniform_tries", lambda generator: iter([(0.0, u_aspect, 0.0, 0.0)]))
+    mask, placed = sample_blocks(10, 10, 30, min_block=30, generator=gen(0))
+    assert placed == [(0, 0, *shape)]
+    assert mask[:shape[0], :shape[1]].all() and int(mask.sum()) == 30
+
+
+@pytest.mark.parametrize("num_masked", [-1, 17])
+def test_random_mask_refuses_a_count_outside_the_patches(num_masked):
+    """Unchecked, -1 would mask all but one patch (`randperm[:-1]`) and 17 all 16, without a word."""
+    with pytest.raises(MimkitError, match=f"cannot mask {num_masked} of 16 patches; use 0..16"):
+        random_mask(16, num_masked, generator=gen(0))

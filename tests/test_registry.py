@@ -20,6 +20,7 @@ from mimkit.cli import main
 from mimkit.config import save_config
 from mimkit.data.transforms import crop_view
 from mimkit.errors import MimkitError
+from mimkit.interop.export import export_model
 from mimkit.interop.foreign import convert
 from mimkit.interop.keymaps import to_foreign
 from mimkit.methods import METHODS
@@ -137,6 +138,25 @@ def test_a_registered_method_trains_imports_draws_and_exports_with_no_edit_elsew
     _, config = load_run(reference)
     assert (config.data.img_size, config.model.patch_size, config.model.kwargs) == (16, 4, {"embed_dim": 8})
     assert same_weights(run, reference)
+
+
+def test_a_timm_export_writes_timms_folder_config_and_a_target_without_a_hook_is_refused(toy, monkeypatch,
+                                                                                          tmp_path):
+    """The timm folder's config.json, whole: the hook's name and kwargs, no classifier, the encoder's width
+    as its features, and the run's preprocessing (what timm's `local-dir:` loader and the hub read). A
+    method whose record leaves a target out is refused for it in one line."""
+    run = pretrain_toy(tmp_path)
+    model, config = load_run(run)
+    export_model(model, config, "timm", tmp_path / "timm")
+    assert json.loads((tmp_path / "timm" / "config.json").read_text()) == {
+        "architecture": "toy_patchify", "num_classes": 0, "num_features": 8, "model_args": {"embed_dim": 8},
+        "pretrained_cfg": {"input_size": [3, 16, 16], "mean": config.data.mean, "std": config.data.std,
+                           "interpolation": "bicubic", "crop_pct": 1.0, "num_classes": 0,
+                           "fixed_input_size": True}}
+    monkeypatch.setitem(registry._METHODS, "toy", replace(TOY, export=Export()))
+    for to, name in (("timm", "timm"), ("hf", "Hugging Face")):
+        with pytest.raises(MimkitError, match=f"^cannot export a Toy to {name}$"):
+            export_model(model, config, to, tmp_path / f"no-{to}")
 
 
 def test_a_registered_methods_settings_are_set_saved_and_read_back_under_its_name(toy, tmp_path, capsys):

@@ -263,6 +263,15 @@ def test_run_panels_draw_the_picked_images_in_the_vit_views_crop(monkeypatch, im
         run_panels("the model", config, source, [0])
 
 
+def test_run_panels_without_a_seed_draw_from_seed_0(monkeypatch):
+    """`run_panels`' documented default: the pictures' generator (their masks) seeded with 0."""
+    seen = []
+    monkeypatch.setattr("mimkit.viz.method_of", lambda method: SimpleNamespace(
+        pictures=lambda model, config, images, generator: seen.append(generator.initial_seed()) or {}))
+    run_panels("the model", SimpleNamespace(method="fake", data=SimpleNamespace(img_size=16)), [], [])
+    assert seen == [0]
+
+
 def test_block_masks_hide_the_sections_share_of_each_grid():
     section = SimpleNamespace(mask_ratio=0.4, min_block=4)
     masks = block_masks(section, 6, 3, torch.Generator().manual_seed(0))

@@ -14,7 +14,7 @@ from mimkit.data.folders import FlatFolderSource, ImageFolderSource, ListedFolde
 from mimkit.data.idx import IdxSource, read_idx
 from mimkit.data.image_files import is_image_name
 from mimkit.data.sources import build_source
-from mimkit.data.splits import split_train_val
+from mimkit.data.splits import shuffled_by_class, split_train_val
 from mimkit.data.synthetic import SyntheticSource
 from mimkit.errors import MimkitError
 from tests.conftest import needs_fashion, write_idx
@@ -559,6 +559,16 @@ def test_split_train_val_stratified():
     assert split_train_val(source, 0.2, seed=2)[1].indices != val.indices
     with pytest.raises(MimkitError, match=r"val_fraction=1.0 must be between 0 and 1 \(exclusive\)"):
         split_train_val(source, 1.0)
+
+
+def test_a_hold_out_without_a_seed_takes_seed_0():
+    """`split_train_val`'s documented default: seed 0's stratified shuffle, the first 20% of each class."""
+    source = SyntheticSource(n=100, num_classes=4)
+    val = split_train_val(source, 0.2)[1]
+    by_class = shuffled_by_class(torch.tensor(source.labels), 0)
+    assert val.indices == sorted(i for members in by_class.values() for i in members[:5].tolist())
+    assert val.indices == split_train_val(source, 0.2, seed=0)[1].indices
+    assert val.indices != split_train_val(source, 0.2, seed=1)[1].indices
 
 
 @pytest.mark.parametrize("fraction, empty", [(0.01, "val"), (0.99, "train")])

@@ -6,9 +6,10 @@ import json
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from timm.models.beit import Beit, Block
 from transformers import BeitConfig, BeitForMaskedImageModeling, BeitModel
+from transformers.models.beit.modeling_beit import BeitRelativePositionBias
 
 from mimkit.config import DataConfig, PretrainConfig
 from mimkit.errors import MimkitError
@@ -78,6 +79,30 @@ def test_hf_beit_to_mimkit(tmp_path, shared):
         logits = hf(pixel_values=x, bool_masked_pos=mask).logits  # [B, L, vocab]
         ours = model.forward_head(model.forward_features(x, mask)[0], mask)
     # float32 rounding of another order of operations: 4.8e-7 measured on this CPU
+    torch.testing.assert_close(ours, logits[mask], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_published_hf_beit_holding_its_relative_position_indices_imports(tmp_path, shared):
+    """Folders that transformers wrote before the index became a non-persistent buffer (the hub's
+    microsoft/beit-*) carry each table's `relative_position_index`: derived from the grid, dropped unread."""
+    torch.manual_seed(0)
+    hf = perturb(BeitForMaskedImageModeling(hf_config(use_relative_position_bias=not shared,
+                                                      use_shared_relative_position_bias=shared)))
+    hf.save_pretrained(tmp_path / "hf")
+    file = tmp_path / "hf" / "model.safetensors"
+    state = load_file(file)
+    tables = [key for key in state if key.endswith("relative_position_bias_table")]
+    assert len(tables) == (1 if shared else 2)
+    index = BeitRelativePositionBias.generate_relative_position_index((4, 4))  # (17, 17) int64
+    save_file(state | {key.replace("_bias_table", "_index"): index.clone() for key in tables}, file,
+              metadata={"format": "pt"})
+    model, notes = load_into_new(read_checkpoint(tmp_path / "hf", "hf"))
+    assert notes == []
+    x, mask = torch.randn(2, 3, 32, 32), masks()
+    with torch.no_grad():
+        logits = hf(pixel_values=x, bool_masked_pos=mask).logits
+        ours = model.forward_head(model.forward_features(x, mask)[0], mask)
     torch.testing.assert_close(ours, logits[mask], rtol=0, atol=1e-6)
 
 
