@@ -104,19 +104,23 @@ def test_panels_show_the_mask_and_paste_only_hidden_patches():
     assert not torch.allclose(panels["reconstruction"] * hidden, images * hidden, atol=0.1)
 
 
-def test_beit_prediction_panel_decodes_the_predicted_ids():
+@pytest.mark.parametrize("tokenizer_size", [16, 8], ids=["tokenizer-at-the-vits-size", "tokenizer-at-half"])
+def test_beit_prediction_panel_decodes_the_predicted_ids(tokenizer_size):
+    """The tokens come from the tokenizer's view (BEiT's DALL-E sees 112 px of a 224 px ViT); the masked
+    panel is the ViT's view with the hidden patches (4 px each, whatever the tokenizer's size) blanked."""
     torch.manual_seed(0)
     vocab = 16
     model = BEiT(img_size=16, patch_size=4, in_chans=3, vocab_size=vocab, embed_dim=32, depth=1,
                  num_heads=2).eval()
-    tokenizer = dvae_for(16, 4, 3, vocab_size=vocab, hidden=4).eval()
+    tokenizer = dvae_for(16, 4, 3, vocab_size=vocab, hidden=4, tokenizer_size=tokenizer_size).eval()
     images, _ = images_and_noise()
+    tokenizer_images = torch.nn.functional.interpolate(images, size=tokenizer_size, mode="area")
     mask = torch.zeros(2, 4, 4, dtype=torch.bool)
     mask[:, 1:3, 1:3] = True
-    ids = tokenizer.tokenize(images)
+    ids = tokenizer.tokenize(tokenizer_images)
     wanted = (ids[mask] + 1) % vocab  # ids the model "predicts": never the tokenizer's own
     model.forward_head = lambda x, bool_masked_pos: torch.nn.functional.one_hot(wanted, vocab).float()
-    panels = beit_predictions(model, tokenizer, images, images, mask)
+    panels = beit_predictions(model, tokenizer, images, tokenizer_images, mask)
     expected = ids.clone()
     expected[mask] = wanted
     torch.testing.assert_close(panels["prediction"], tokenizer.decode(expected))

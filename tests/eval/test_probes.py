@@ -425,11 +425,13 @@ def test_each_part_of_probe_data_holds_the_features_and_labels_of_its_own_images
 
 def test_lars_steps_a_bias_by_plain_sgd_and_scales_a_matrix_by_its_trust_ratio():
     """LARS scales a weight matrix's step to the matrix's norm (eta |w| / |g + wd w|) and leaves a bias (any
-    1-d parameter) a plain SGD step, without weight decay: MAE's linear probe."""
+    1-d parameter) a plain SGD step, without weight decay: MAE's linear probe. The gradient is not parallel
+    to the weight, so the decay turns the step's direction, not only its length (which the trust ratio
+    rescales)."""
     weight, bias = torch.nn.Parameter(torch.full((2, 2), 2.0)), torch.nn.Parameter(torch.full((2,), 2.0))
-    weight.grad, bias.grad = torch.ones(2, 2), torch.ones(2)
+    weight.grad, bias.grad = torch.eye(2), torch.ones(2)
     LARS([weight, bias], lr=0.5, weight_decay=0.5, trust_coefficient=0.1).step()
-    d = torch.ones(2, 2) + 0.5 * 2.0  # g + wd w: 2 everywhere
+    d = torch.eye(2) + 0.5 * 2.0  # g + wd w: [[2, 1], [1, 2]]
     torch.testing.assert_close(weight.detach(), 2.0 - 0.5 * 0.1 * 4.0 / d.norm() * d)  # |w| = 4
     torch.testing.assert_close(bias.detach(), torch.full((2,), 2.0 - 0.5))
 
