@@ -502,3 +502,111 @@ def test_a_plots_axes_run_from_zero_to_its_largest_step_and_value():
     many = Drawing()
     _plot(many, (60, 30, 380, 270), "t", {"a": (list(range(30)), [1.0] * 30, "red")}, ".1f")
     assert not many.of("ellipse") and "step 29" in {args[1] for args, _ in many.of("text")}
+
+
+def test_a_one_block_plot_puts_its_point_at_the_right_edge():
+    """A single step 1 (a depth-1 encoder's one block) ends the x axis at 1, its dot at the frame's right."""
+    draw = Drawing()
+    _plot(draw, (60, 30, 380, 270), "t", {"a": ([1], [2.0], "red")}, ".1f", x_label="block")
+    assert "block 1" in {args[1] for args, _ in draw.of("text")}
+    ((corner, _),), _ = draw.of("ellipse")[0]
+    assert (round(corner[0] + 2), round(corner[1] + 2)) == (380, round(270 - 240 / 1.05))
+
+
+def test_mae_panels_hide_the_ratio_asked_for_not_the_models_default():
+    """The picture's ratio is the run's (`mask_ratio`), not the forward's default 0.75."""
+    model = tiny_mae(norm_pix_loss=False)
+    images, noise = images_and_noise()
+    panels = mae_reconstructions(model, images, 0.5, noise)
+    hidden = torch.zeros_like(noise)
+    hidden.scatter_(1, noise.argsort(1)[:, 8:], 1.0)
+    hidden = model.unpatchify(hidden[..., None].expand(-1, -1, model.patch_size ** 2 * 3))
+    assert hidden.mean() == 0.5
+    assert torch.equal(panels["masked"], images * (1 - hidden))
+
+
+class Recording:
+    """A real drawing that also records its calls: (method, arguments, keyword arguments)."""
+
+    def __init__(self, draw):
+        self.draw, self.calls = draw, []
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            return getattr(self.draw, name)(*args, **kwargs)
+        return call
+
+    def of(self, name: str) -> list:
+        return [(args, kwargs) for called, args, kwargs in self.calls if called == name]
+
+
+@pytest.fixture
+def drawings(monkeypatch):
+    """The drawings made during a test, each recorded."""
+    import PIL.ImageDraw
+
+    made, real = [], PIL.ImageDraw.Draw
+
+    def draw(image, *args, **kwargs):
+        made.append(Recording(real(image, *args, **kwargs)))
+        return made[-1]
+
+    monkeypatch.setattr(PIL.ImageDraw, "Draw", draw)
+    return made
+
+
+def test_segmentation_legend_runs_down_in_rows_of_three_and_skips_labels_beyond_the_names(drawings):
+    """Each shown class: a 10 px swatch from 2 px below its row's top, its "id name" 14 px right and 1 px
+    down, rows of three 16 px apart going down; a label beyond the names (not 255) gets no entry."""
+    image = torch.full((3, 8, 8), 90, dtype=torch.uint8)
+    truth = torch.arange(64).view(8, 8) % 5  # 0..4, with 4 beyond the four names
+    figure = segmentation_figure([(image, truth, truth)], ["a", "b", "c", "d"])
+    scale, pad, header = 224 // 8, 4, 18
+    w = h = 8 * scale
+    top, column = header + (h + pad) + pad, w + pad
+    assert figure.size == (3 * column + pad, top + 2 * 16 + 8)
+    (draw,) = drawings
+    corners = [(pad + (k % 3) * column, top + 16 * (k // 3)) for k in range(4)]
+    palette = seg_palette(4)
+    assert [(args[0], kwargs["fill"]) for args, kwargs in draw.of("rectangle")] == [
+        ([x, y + 2, x + 10, y + 12], tuple(palette[c].tolist())) for c, (x, y) in enumerate(corners)]
+    legend = [(args[0], args[1]) for args, _ in draw.of("text")][3:]
+    assert legend == [((x + 14, y + 1), f"{c} {name}")
+                      for c, ((x, y), name) in enumerate(zip(corners, "abcd", strict=True))]
+
+
+def test_segmentation_figure_keeps_a_wide_tiles_height_and_scale_1_from_64_px():
+    """An 8 x 16 image is drawn 8 high (the gap below it white), and `scale=1` is kept for 64 px rows."""
+    wide = torch.full((3, 8, 16), 30, dtype=torch.uint8)
+    labels = torch.zeros(8, 16, dtype=torch.long)
+    figure = segmentation_figure([(wide, labels, labels)], ["a"])
+    scale, pad, header = 224 // 8, 4, 18
+    below = header + pad + 8 * scale
+    assert figure.getpixel((pad + 5, below - 1)) == (30, 30, 30)
+    assert figure.getpixel((pad + 5, below)) == (255, 255, 255)
+    assert figure.size == (3 * (16 * scale + pad) + pad, below + pad + 16 + 8)
+    big = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    unscaled = segmentation_figure([(big, torch.zeros(64, 64), torch.zeros(64, 64))], ["a"], scale=1)
+    assert unscaled.size == (3 * (64 + pad) + pad, header + 64 + 2 * pad + 16 + 8)
+
+
+def test_confusion_cells_are_boxed_shaded_and_labelled_by_their_rows_share(drawings):
+    """Rows of unequal totals: each cell a box of `cell` px less its last pixel, shaded 255 - 215 * share
+    (the share of its own row), its percent 2 px in and 6 px above the middle, white on a shade below 140;
+    a share of exactly 0.5% still gets its "0", an empty cell no number."""
+    matrix = [[3, 1, 0], [115, 100, 0], [1, 199, 0]]
+    confusion_plot(matrix, ["a", "b", "c"])
+    (draw,) = drawings
+    cell, top, margin = 24, 36, 8 + 6 * (1 + 1 + 1)
+    shades = [[94, 201, 255], [140, 155, 255], [254, 41, 255]]
+    boxes = [(args[0], kwargs["fill"]) for args, kwargs in draw.of("rectangle")]
+    assert boxes == [([margin + j * cell, top + i * cell, margin + (j + 1) * cell - 1,
+                       top + (i + 1) * cell - 1], (shades[i][j],) * 2 + (255,))
+                     for i in range(3) for j in range(3)]
+    numbers = [(args[0], args[1], kwargs["fill"]) for args, kwargs in draw.of("text")
+               if args[0][1] == top + (args[0][1] - top) // cell * cell + 6 and args[0][0] >= margin]
+    expected = {(0, 0): ("75", "white"), (0, 1): ("25", "black"), (1, 0): ("53", "black"),
+                (1, 1): ("47", "black"), (2, 0): ("0", "black"), (2, 1): ("100", "white")}
+    assert numbers == [((margin + j * cell + 2, top + i * cell + 6), text, fill)
+                       for (i, j), (text, fill) in expected.items()]
