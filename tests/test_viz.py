@@ -610,3 +610,23 @@ def test_confusion_cells_are_boxed_shaded_and_labelled_by_their_rows_share(drawi
                 (1, 1): ("47", "black"), (2, 0): ("0", "black"), (2, 1): ("100", "white")}
     assert numbers == [((margin + j * cell + 2, top + i * cell + 6), text, fill)
                        for (i, j), (text, fill) in expected.items()]
+
+
+def test_grid_names_each_column_in_black_above_it(drawings):
+    panels = {name: torch.zeros(1, 3, 8, 8) for name in ("original", "masked", "pasted")}
+    image_grid(panels, MEAN, STD)
+    (draw,) = drawings
+    tile, pad = 8 * 14, 4
+    assert [(args, kwargs) for args, kwargs in draw.of("text")] == [
+        (((pad + j * (tile + pad), 3), name), {"fill": "black"}) for j, name in enumerate(panels)]
+
+
+def test_a_plots_words_are_black_and_each_series_drawn_in_its_colour_2_px_wide():
+    draw = Drawing()
+    _plot(draw, (60, 30, 380, 270), "title", {"a": ([1, 2], [1.0, 2.0], "red"), "b": ([2], [1.0], "blue")}, ".1f")
+    fills = {args[1]: kwargs for args, kwargs in draw.of("text")}
+    assert fills == {"title": {"fill": "black"}, "0.0": {"fill": "black"}, "1.1": {"fill": "black"},
+                     "2.1": {"fill": "black"}, "0": {"fill": "black"}, "step 2": {"fill": "black"},
+                     "a": {"fill": "red"}, "b": {"fill": "blue"}}
+    assert [kwargs for _, kwargs in draw.of("line")] == [{"fill": "black"}] * 3 + [{"fill": "red", "width": 2}]
+    assert [kwargs for _, kwargs in draw.of("ellipse")] == [{"fill": "red"}] * 2 + [{"fill": "blue"}]
