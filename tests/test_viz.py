@@ -623,10 +623,12 @@ def test_grid_names_each_column_in_black_above_it(drawings):
 
 def test_a_plots_words_are_black_and_each_series_drawn_in_its_colour_2_px_wide():
     draw = Drawing()
-    _plot(draw, (60, 30, 380, 270), "title", {"a": ([1, 2], [1.0, 2.0], "red"), "b": ([2], [1.0], "blue")}, ".1f")
+    series = {"a": ([1, 2], [1.0, 2.0], "red"), "b": ([2], [1.0], "blue")}
+    _plot(draw, (60, 30, 380, 270), "title", series, ".1f")
     fills = {args[1]: kwargs for args, kwargs in draw.of("text")}
     assert fills == {"title": {"fill": "black"}, "0.0": {"fill": "black"}, "1.1": {"fill": "black"},
                      "2.1": {"fill": "black"}, "0": {"fill": "black"}, "step 2": {"fill": "black"},
                      "a": {"fill": "red"}, "b": {"fill": "blue"}}
-    assert [kwargs for _, kwargs in draw.of("line")] == [{"fill": "black"}] * 3 + [{"fill": "red", "width": 2}]
+    lines = [kwargs for _, kwargs in draw.of("line")]
+    assert lines == [{"fill": "black"}] * 3 + [{"fill": "red", "width": 2}]
     assert [kwargs for _, kwargs in draw.of("ellipse")] == [{"fill": "red"}] * 2 + [{"fill": "blue"}]
