@@ -267,6 +267,13 @@ def test_linear_probe_follows_its_seed_alone():
     assert not torch.equal(weights[2], weights[0])
 
 
+
+def test_a_linear_probe_without_a_seed_takes_seed_0():
+    features, labels = clusters(n_per_class=8, num_classes=2)
+    probes = [train_linear_probe(features, labels, 2, epochs=1, batch_size=4, warmup_epochs=0, **seed)
+              for seed in ({}, {"seed": 0})]
+    torch.testing.assert_close(probes[0][1].weight, probes[1][1].weight, rtol=0, atol=0)
+
 def test_linear_probe_refuses_an_unknown_optimizer():
     with pytest.raises(MimkitError, match="optimizer 'adam' is not one of sgd, lars"):
         train_linear_probe(torch.zeros(4, 2), torch.arange(4) % 2, 2, optimizer="adam")
