@@ -4302,6 +4302,20 @@ PLANTED = [
         'warmup_epochs: int = 10, seed: int = 0,',
         'warmup_epochs: int = 10, seed: int = 1,',
         ('tests/eval/test_probes.py::test_a_linear_probe_without_a_seed_takes_seed_0',)),
+    Bug('s15a: viz: a legend swatch without its black outline', 'src/mimkit/viz.py',
+        'fill=tuple(int(v) for v in palette[c]), outline="black")',
+        'fill=tuple(int(v) for v in palette[c]))',
+        ('tests/test_viz.py::test_segmentation_legend_runs_down_in_rows_of_three'
+         '_and_skips_labels_beyond_the_names',)),
+    Bug('s15a: viz: a legend name in the default ink (white)', 'src/mimkit/viz.py',
+        'draw.text((x + 14, y + 1), f"{c} {classes[c]}", fill="black")',
+        'draw.text((x + 14, y + 1), f"{c} {classes[c]}")',
+        ('tests/test_viz.py::test_segmentation_legend_runs_down_in_rows_of_three'
+         '_and_skips_labels_beyond_the_names',)),
+    Bug("s15a: viz: the accuracy-by-depth plot's x axis called step", 'src/mimkit/viz.py',
+        'title, lines, ".1f", x_label="block")',
+        'title, lines, ".1f")',
+        ('tests/test_viz.py::test_accuracy_by_depth_labels_its_x_axis_by_block',)),
 ]
 
 

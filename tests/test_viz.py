@@ -569,10 +569,11 @@ def test_segmentation_legend_runs_down_in_rows_of_three_and_skips_labels_beyond_
     (draw,) = drawings
     corners = [(pad + (k % 3) * column, top + 16 * (k // 3)) for k in range(4)]
     palette = seg_palette(4)
-    assert [(args[0], kwargs["fill"]) for args, kwargs in draw.of("rectangle")] == [
-        ([x, y + 2, x + 10, y + 12], tuple(palette[c].tolist())) for c, (x, y) in enumerate(corners)]
-    legend = [(args[0], args[1]) for args, _ in draw.of("text")][3:]
-    assert legend == [((x + 14, y + 1), f"{c} {name}")
+    assert draw.of("rectangle") == [(([x, y + 2, x + 10, y + 12],),
+                                     {"fill": tuple(palette[c].tolist()), "outline": "black"})
+                                    for c, (x, y) in enumerate(corners)]
+    legend = draw.of("text")[3:]
+    assert legend == [(((x + 14, y + 1), f"{c} {name}"), {"fill": "black"})
                       for c, ((x, y), name) in enumerate(zip(corners, "abcd", strict=True))]
 
 
@@ -632,3 +633,9 @@ def test_a_plots_words_are_black_and_each_series_drawn_in_its_colour_2_px_wide()
     lines = [kwargs for _, kwargs in draw.of("line")]
     assert lines == [{"fill": "black"}] * 3 + [{"fill": "red", "width": 2}]
     assert [kwargs for _, kwargs in draw.of("ellipse")] == [{"fill": "red"}] * 2 + [{"fill": "blue"}]
+
+
+def test_accuracy_by_depth_labels_its_x_axis_by_block(drawings):
+    accuracy_by_depth_plot([{"layer": b, "test_top1": 10.0 * b} for b in (1, 2)], "t")
+    (draw,) = drawings
+    assert "block 2" in [args[1] for args, _ in draw.of("text")]
