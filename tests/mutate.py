@@ -4316,6 +4316,10 @@ PLANTED = [
         'title, lines, ".1f", x_label="block")',
         'title, lines, ".1f")',
         ('tests/test_viz.py::test_accuracy_by_depth_labels_its_x_axis_by_block',)),
+    Bug('s15a: viz: the confusion plot titled in the default ink (white)', 'src/mimkit/viz.py',
+        'draw.text((8, 2), "true class (rows) vs predicted (columns), % of each row", fill="black")',
+        'draw.text((8, 2), "true class (rows) vs predicted (columns), % of each row")',
+        ('tests/test_viz.py::test_a_confusion_plot_is_titled_in_black',)),
 ]
 
 

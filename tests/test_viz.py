@@ -639,3 +639,10 @@ def test_accuracy_by_depth_labels_its_x_axis_by_block(drawings):
     accuracy_by_depth_plot([{"layer": b, "test_top1": 10.0 * b} for b in (1, 2)], "t")
     (draw,) = drawings
     assert "block 2" in [args[1] for args, _ in draw.of("text")]
+
+
+def test_a_confusion_plot_is_titled_in_black(drawings):
+    confusion_plot([[1, 0], [0, 1]], ["a", "b"])
+    (draw,) = drawings
+    assert draw.of("text")[0] == (((8, 2), "true class (rows) vs predicted (columns), % of each row"),
+                                  {"fill": "black"})
