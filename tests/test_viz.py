@@ -290,6 +290,9 @@ def test_picture_path_names_a_picture_in_a_folder_and_adds_png(tmp_path):
         assert picture_path(tmp_path / name, "recon.png") == (tmp_path / name, "")
     path, note = picture_path(tmp_path / "recon", "recon.png")
     assert path == tmp_path / "recon.png" and ".png added" in note
+    path, note = picture_path(tmp_path / "run.v2", "recon.png")  # a dot, but no picture's extension: kept
+    assert path == tmp_path / "run.v2.png"
+    assert note == f"--out '{tmp_path / 'run.v2'}' has no picture extension: .png added"
     path, note = picture_path(tmp_path, "recon.png")
     assert path == tmp_path / "recon.png" and "recon.png" in note
     save_picture(Image.new("RGB", (2, 2)), path)

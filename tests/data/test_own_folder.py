@@ -13,7 +13,7 @@ from PIL import Image
 
 from mimkit import cli, cpus
 from mimkit.cli import choose_recipe, main
-from mimkit.data.filelist import load_file_list, save_file_list, train_source
+from mimkit.data.filelist import FileList, load_file_list, save_file_list, train_source
 from mimkit.data.folders import ListedFolderSource
 from mimkit.data.sources import build_source, count_images
 from mimkit.data.survey import DataFacts, fitting_size, held_out_count, size_hint, survey
@@ -154,6 +154,15 @@ def test_a_resumed_source_reads_as_the_listed_one(tmp_path, shards):
     assert resumed[3][0].shape == (1, 10, 10)  # decoded reduced 4x: a shorter side of 10
     for source in (first, resumed):
         assert (source.skip_bad_images, source.max_bad_images) == (True, 3)
+
+
+def test_a_stored_file_list_keeps_names_with_spaces_and_tabs_at_their_ends(tmp_path):
+    """Only the line break is taken off a stored entry: a name that ends in a space or a tab, or starts with
+    one, is read back as it was saved (a resume must find the same files)."""
+    names = ["ends in a space.png ", " starts with one.png", "ends in a tab.png\t", "\tstarts with one.jpg"]
+    listed = FileList(source="folder", root=str(tmp_path), name="odd", classes=[], folder_mtime_ns=0,
+                      files=[(-1, name) for name in names])
+    assert load_file_list(save_file_list(listed, tmp_path / "files.txt")) == listed
 
 
 def test_file_list_refusals_and_a_rescan_that_changes_nothing(tmp_path):
