@@ -519,6 +519,9 @@ def test_a_finetune_runs_module_is_rebuilt_with_its_pool_and_drop_path(ft_run, p
     assert classifier.blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)
 
 
+SYNTHETIC = {"source": "synthetic:16", "num_workers": 0}
+
+
 def test_a_library_call_resumes_only_under_the_runs_own_configuration_unless_forced(mae_run, monkeypatch,
                                                                                      tmp_path):
     """`run_finetune` opens the run with ``force_config`` False unless given (the runner then refuses a
@@ -526,41 +529,29 @@ def test_a_library_call_resumes_only_under_the_runs_own_configuration_unless_for
     forced = []
     monkeypatch.setattr(finetune, "run_job",
                         lambda run, job, *rest: forced.append(run.force_config) or {"interrupted": True})
-    config = from_dict(FinetuneConfig, {"encoder": str(mae_run), "data": {"source": "synthetic:16",
-                                                                          "num_workers": 0},
+    config = from_dict(FinetuneConfig, {"encoder": str(mae_run), "data": SYNTHETIC,
                                         "train": {"batch_size": 4, "max_steps": 1}})
     run_finetune(config, tmp_path / "a")
     run_finetune(config, tmp_path / "b", force_config=True)
     assert forced == [False, True]
 
 
-def captured_jobs(monkeypatch) -> list:
-    """The `Job` of each `run_finetune` call, the run stopped before training (`run_job` spied on)."""
-    jobs = []
-    monkeypatch.setattr(finetune, "run_job",
-                        lambda run, job, *rest: jobs.append(job) or {"interrupted": True})
-    return jobs
-
-
 def test_the_heads_initialization_follows_the_training_seed_alone(mae_run, monkeypatch, tmp_path):
     """The head is drawn after seeding with train.seed (the same on every rank): the global stream before
     the run plays no part, another seed draws another head."""
-    jobs = captured_jobs(monkeypatch)
+    heads = []
     for i, (seed, noise) in enumerate([(0, 1), (0, 2), (1, 1)]):
         torch.manual_seed(noise)
-        run_finetune(from_dict(FinetuneConfig, {"encoder": str(mae_run), "data": {"source": "synthetic:16",
-                                                                                  "num_workers": 0},
-                                                "train": {"batch_size": 4, "seed": seed}}), tmp_path / str(i))
-    heads = [job.model.classifier.head.weight for job in jobs]
+        job = finetune_job(monkeypatch, tmp_path / str(i), encoder=str(mae_run), data=SYNTHETIC,
+                           train={"batch_size": 4, "seed": seed})
+        heads.append(job.model.classifier.head.weight)
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
 
 
 def test_gradient_checkpointing_is_asked_of_the_classifier(mae_run, monkeypatch, tmp_path):
-    jobs = captured_jobs(monkeypatch)
-    run_finetune(from_dict(FinetuneConfig, {"encoder": str(mae_run), "data": {"source": "synthetic:16",
-                                                                              "num_workers": 0},
-                                            "train": {"batch_size": 4}}), tmp_path / "ft")
-    assert jobs[0].checkpointed is jobs[0].model.classifier
+    job = finetune_job(monkeypatch, tmp_path / "ft", encoder=str(mae_run), data=SYNTHETIC,
+                       train={"batch_size": 4})
+    assert job.checkpointed is job.model.classifier
 
 
 def test_a_finetune_run_records_its_settings_and_logs_each_evaluation_and_its_test_numbers(mae_run, tmp_path,
