@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from mimkit.data import idx, sources
 from mimkit.data.decode import decode_image
@@ -13,6 +14,7 @@ from mimkit.data.filelist import train_source
 from mimkit.data.folders import FlatFolderSource, ImageFolderSource, ListedFolderSource
 from mimkit.data.idx import IdxSource, read_idx
 from mimkit.data.image_files import is_image_name
+from mimkit.data.source_info import GRAY_MEAN, GRAY_STD
 from mimkit.data.sources import build_source
 from mimkit.data.splits import shuffled_by_class, split_train_val
 from mimkit.data.synthetic import SyntheticSource
@@ -655,10 +657,6 @@ def test_grey_images_with_alpha_are_grey(tmp_path):
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_a_folders_normalization_is_imagenets_for_colour_and_the_grey_one_for_grey(tmp_path, mode):
     """Mean and std each come from their own table: ImageNet's for colour images, the grey pair for grey."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    from mimkit.data.source_info import GRAY_MEAN, GRAY_STD
-
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         Image.new(mode, (8, 8), 90).save(tmp_path / name / "x.png")

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import shutil
 import time
 
 import pytest
@@ -594,8 +595,6 @@ def test_each_written_probe_number_is_its_saved_probes_on_its_own_part(mae_run, 
 
 def test_probe_features_are_cached_in_the_encoder_runs_folder_by_default(mae_run, tmp_path, monkeypatch):
     """Without a cache folder the features go to the run's ``features/``, wherever the command runs."""
-    import shutil
-
     run = shutil.copytree(mae_run, tmp_path / "run", ignore=shutil.ignore_patterns("features"))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
