@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from PIL import Image, ImageColor
+from PIL import Image, ImageColor, ImageDraw
 
 from mimkit.data.transforms import denormalize, eval_view
 from mimkit.errors import MimkitError
@@ -470,13 +470,17 @@ def test_confusion_plot_shades_each_cell_by_its_share_of_the_row():
 
 
 class Drawing:
-    """Records what is drawn: (method, arguments, keyword arguments) per call."""
+    """Records what is drawn: (method, arguments, keyword arguments) per call; each call is passed on to
+    ``draw`` when one is given (a real drawing, whose picture then holds what was drawn)."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, draw=None):
+        self.draw, self.calls = draw, []
 
     def __getattr__(self, name):
-        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+        def call(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            return None if self.draw is None else getattr(self.draw, name)(*args, **kwargs)
+        return call
 
     def of(self, name: str) -> list:
         return [(args, kwargs) for called, args, kwargs in self.calls if called == name]
@@ -528,34 +532,16 @@ def test_mae_panels_hide_the_ratio_asked_for_not_the_models_default():
     assert torch.equal(panels["masked"], images * (1 - hidden))
 
 
-class Recording:
-    """A real drawing that also records its calls: (method, arguments, keyword arguments)."""
-
-    def __init__(self, draw):
-        self.draw, self.calls = draw, []
-
-    def __getattr__(self, name):
-        def call(*args, **kwargs):
-            self.calls.append((name, args, kwargs))
-            return getattr(self.draw, name)(*args, **kwargs)
-        return call
-
-    def of(self, name: str) -> list:
-        return [(args, kwargs) for called, args, kwargs in self.calls if called == name]
-
-
 @pytest.fixture
 def drawings(monkeypatch):
     """The drawings made during a test, each recorded."""
-    import PIL.ImageDraw
-
-    made, real = [], PIL.ImageDraw.Draw
+    made, real = [], ImageDraw.Draw
 
     def draw(image, *args, **kwargs):
-        made.append(Recording(real(image, *args, **kwargs)))
+        made.append(Drawing(real(image, *args, **kwargs)))
         return made[-1]
 
-    monkeypatch.setattr(PIL.ImageDraw, "Draw", draw)
+    monkeypatch.setattr(ImageDraw, "Draw", draw)
     return made
 
 
