@@ -13,6 +13,8 @@ the method trains for MAE's images times its speed over MAE's (``OUT/wallclock_m
 - at 100% and 10% of the labels, the scratch ViT trained for the compute of MAE pretraining + fine-tuning
   together (`compute_match.py`: the per-image costs come from two short timing runs made alone on the
   machine, not from the long runs' logs, which depend on what shared the cores with them);
+- the same probes on each other encoder's own architecture at random init: most recipes add layer scale and
+  relative positions to MAE's ViT, which change what a random encoder's features are worth;
 - each encoder's linear probe and k-NN at every block (``--layer all``, 10% of the labels): accuracy by
   depth, in a second table; with BEiT v2, the linear probe of its teacher (the MAE run) beside its rows.
 
@@ -319,6 +321,45 @@ def wallclock_steps(out: Path, data: str, methods: list[str], mae_epochs: int, q
     return steps + [Step(m, pretraining(m), (f"timing-{m}",)) for m in methods]
 
 
+def own_init_steps(out: Path, data: str, encoders: dict[str, Path], pool: str) -> list[Step]:
+    """Each encoder's own architecture randomly initialized, probed as the encoder is (linear probe, k-NN, at
+    every label fraction): the baseline of an architecture that is not the MAE run's (data2vec's layer scale
+    of 1e-4 leaves its random blocks near the identity, and its random features far below the MAE ViT's).
+    MAE's is the baseline column already."""
+    steps = []
+    for method, run in encoders.items():
+        if method == "mae":
+            continue
+        for fraction in FRACTIONS:
+            for verb in ("linprobe", "knn"):
+                name = f"{verb}-{method}-random-{pct(fraction).rstrip('%')}"
+                steps.append(Step(name, [verb, str(run), "--data", data, "--label-fraction", str(fraction),
+                                         "--init", "random", "--pool", pool, "--num-workers", "1",
+                                         "--out", str(out / name)], (method,)))
+    return steps
+
+
+def own_init_table(out: Path, encoders: dict[str, Path], titles: dict[str, str]) -> list[str]:
+    """Markdown lines: each encoder's probes beside its own architecture's at random init (`own_init_steps`),
+    the gain in brackets."""
+    others = [m for m in encoders if m != "mae"]
+    if not others:
+        return []
+    lines = ["| probe | labels | " + " | ".join(titles[m] for m in others) + " |",
+             "|---|---|" + "---|" * len(others)]
+    for verb, protocol in (("linprobe", "linear probe"), ("knn", "k-NN")):
+        for fraction in FRACTIONS:
+            label = pct(fraction).rstrip("%")
+            cells = []
+            for method in others:
+                trained, random = (json.loads((out / f"{verb}-{method}{kind}-{label}" / "results.json")
+                                              .read_text())["test_top1"] for kind in ("", "-random"))
+                cells.append(f"{random:.2f} ({trained - random:+.2f})")
+            lines.append(f"| {protocol} | {pct(fraction)} | " + " | ".join(cells) + " |")
+    return lines + ["", "Top-1 test accuracy (%) of each encoder's architecture randomly initialized and "
+                    "frozen; in brackets, what its pretraining gained over it."]
+
+
 def depth_table(out: Path, encoders: dict[str, Path], titles: dict[str, str]) -> list[str]:
     """Markdown lines: each encoder's linear probe and k-NN top-1 at every block."""
     lines = []
@@ -414,6 +455,7 @@ def main() -> None:
     # (the k-NN after the linear probe: it reads the feature cache the probe wrote)
     steps += timing_steps(out, args.data, mae, args.quick)
     steps += [matched_scratch_step(out, args.data, f, epochs[f], args.quick) for f in MATCHED_FRACTIONS]
+    steps += own_init_steps(out, args.data, encoders, args.pool)
     for method, run in encoders.items():
         probe = ["--data", args.data, "--label-fraction", str(DEPTH_FRACTION), "--pool", args.pool,
                  "--num-workers", "1", "--layer", "all"]
@@ -482,6 +524,7 @@ def main() -> None:
         lines += ["", "BEiT v2 beside its teacher (the MAE run whose features VQ-KD distils), linear "
                   "probe: " + ", ".join(f"{pct(f)} BEiT v2 {table[('linprobe', f)]['beitv2']:.2f} vs teacher "
                             f"{table[('linprobe', f)]['mae']:.2f}" for f in FRACTIONS) + "."]
+    lines += ["", *own_init_table(out, encoders, titles)]
     lines += ["", *depth_table(out, encoders, titles),
               "Top-1 test accuracy (%) of the features of each block (--layer all, "
               f"{pct(DEPTH_FRACTION)} of the labels): pooled and normalized without parameters; the last "

@@ -1,7 +1,8 @@
 """`benchmarks/fmnist_quality.py`'s scheduler: a step marked ``alone`` (the compute match's timing runs) waits
 for the running steps, gets every core, and nothing starts beside it; the other steps share the cores. And
 the wall-clock match: a method beside MAE trains for MAE's images times its speed over MAE's, a speed timed
-by `method_step_cost.py` in turns, from median step times."""
+by `method_step_cost.py` in turns, from median step times. And each encoder's probes beside its own
+architecture's at random init."""
 
 import json
 import sys
@@ -88,6 +89,31 @@ def test_a_method_with_a_teacher_distils_the_mae_run(tmp_path):
     (tmp_path / "timing-maskdistill.json").write_text(json.dumps(speeds))
     command = steps["maskdistill"].command()
     assert command[command.index("--teacher") + 1] == str(tmp_path / "mae")
+
+
+def test_each_other_encoder_is_probed_beside_its_own_architecture_at_random_init(tmp_path):
+    encoders = {"mae": tmp_path / "mae", "data2vec": tmp_path / "data2vec"}
+    steps = quality.own_init_steps(tmp_path, "fashion-mnist", encoders, "avg")
+    assert [s.name for s in steps] == [f"{verb}-data2vec-random-{label}" for label in ("100", "10", "1")
+                                       for verb in ("linprobe", "knn")]  # MAE's is the baseline already
+    probe = steps[2].command
+    assert probe[:2] == ["linprobe", str(tmp_path / "data2vec")] and steps[2].after == ("data2vec",)
+    assert probe[probe.index("--init") + 1] == "random"
+    assert probe[probe.index("--label-fraction") + 1] == "0.1"
+    assert probe[probe.index("--out") + 1] == str(tmp_path / "linprobe-data2vec-random-10")
+    for verb, offset in (("linprobe", 0.0), ("knn", 5.0)):
+        for label, trained, random in (("100", 71.5, 40.0), ("10", 67.25, 39.5), ("1", 57.0, 37.0)):
+            for name, top1 in ((f"{verb}-data2vec-{label}", trained + offset),
+                               (f"{verb}-data2vec-random-{label}", random)):
+                (tmp_path / name).mkdir()
+                (tmp_path / name / "results.json").write_text(json.dumps({"test_top1": top1}))
+    table = quality.own_init_table(tmp_path, encoders, quality.TITLES)
+    assert table[0] == "| probe | labels | data2vec |"
+    assert table[2:8] == ["| linear probe | 100% | 40.00 (+31.50) |",
+                          "| linear probe | 10% | 39.50 (+27.75) |",
+                          "| linear probe | 1% | 37.00 (+20.00) |", "| k-NN | 100% | 40.00 (+36.50) |",
+                          "| k-NN | 10% | 39.50 (+32.75) |", "| k-NN | 1% | 37.00 (+25.00) |"]
+    assert quality.own_init_table(tmp_path, {"mae": tmp_path / "mae"}, quality.TITLES) == []
 
 
 def test_records_added_from_many_threads_at_once_keep_every_key(tmp_path):
