@@ -60,6 +60,7 @@ S13A_HALVINGS = ("tests/methods/test_beit.py::test_a_tokenizer_halving_three_tim
                  "times_its_code_grid",)
 S14B_TIMM_CONFIG = ("tests/test_registry.py::test_a_timm_export_writes_timms_folder_config_and_a_target_"
                     "without_a_hook_is_refused",)
+S16_PROBE_RESULTS = ("tests/eval/test_probes.py::test_results_json_says_what_and_how_the_probe_measured",)
 S14B_PATIENCE = ("tests/test_masking.py::test_a_block_gets_ten_tries_counted_afresh_after_each_kept_block",)
 S13A_STROKES = ("tests/methods/test_maskfeat.py::test_each_stroke_is_a_line_through_the_centre_at_its_bins_"
                 "angle_half_the_glyph_long",)
@@ -4327,6 +4328,20 @@ PLANTED = [
         'draw.text((8, 2), "true class (rows) vs predicted (columns), % of each row", fill="black")',
         'draw.text((8, 2), "true class (rows) vs predicted (columns), % of each row")',
         ('tests/test_viz.py::test_a_confusion_plot_is_titled_in_black',)),
+    # s16: linprobe.py's last unclassified survivors (the others: progress-bar text, rounding, equivalent)
+    Bug("s16: linprobe: no held-out scores while the probe trains", 'src/mimkit/eval/linprobe.py',
+        'evaluate=evaluate, log=None if every_block else log,', 'log=None if every_block else log,',
+        S16_PROBE_RESULTS),
+    Bug("s16: linprobe: results.json without its data", 'src/mimkit/eval/linprobe.py',
+        '"encoder": encoder.origin, "data": c.data, "pool": c.pool,',
+        '"encoder": encoder.origin, "pool": c.pool,',
+        S16_PROBE_RESULTS),
+    Bug("s16: linprobe: results.json without its label fraction", 'src/mimkit/eval/linprobe.py',
+        '"layer": c.layer, "label_fraction": c.label_fraction, "val_fraction": c.val_fraction,',
+        '"layer": c.layer, "val_fraction": c.val_fraction,', S16_PROBE_RESULTS),
+    Bug("s16: linprobe: results.json without its lr", 'src/mimkit/eval/linprobe.py',
+        '"optimizer": c.optimizer, "epochs": c.epochs, "base_lr": c.base_lr,',
+        '"optimizer": c.optimizer, "epochs": c.epochs,', S16_PROBE_RESULTS),
 ]
 
 

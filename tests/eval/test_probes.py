@@ -593,6 +593,22 @@ def test_each_written_probe_number_is_its_saved_probes_on_its_own_part(mae_run, 
         assert rows[0]["test_top1"] == 100.0 and rows[1]["test_top1"] < 60
 
 
+def test_results_json_says_what_and_how_the_probe_measured(mae_run, tmp_path, monkeypatch):
+    """results.json names the encoder, the data, the pooling, both fractions and the probe's settings (each
+    one off its default here); metrics.jsonl holds the held-out scores taken while the probe trained, every
+    10 epochs, before the final record."""
+    parts = ProbeData(train=clusters(20), val=clusters(8, seed=1), test=clusters(8, seed=2), num_classes=5)
+    monkeypatch.setattr("mimkit.eval.linprobe.probe_data", lambda *args, **kwargs: parts)
+    settings = dict(data="mnist", pool="avg", label_fraction=0.5, val_fraction=0.3, seed=3, epochs=20,
+                    base_lr=0.05, optimizer="lars", weight_decay=0.01)
+    encoder = load_encoder(mae_run)
+    results = run_linprobe(encoder, LinprobeConfig(batch_size=64, **settings), tmp_path / "out")
+    assert {key: results[key] for key in settings} == settings
+    assert results["encoder"] == encoder.origin and results["layer"] is None
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
+    assert [r["step"] for r in read_metrics(tmp_path / "out") if "val_top1" in r] == [10, 20, 20]
+
+
 def test_probe_features_are_cached_in_the_encoder_runs_folder_by_default(mae_run, tmp_path, monkeypatch):
     """Without a cache folder the features go to the run's ``features/``, wherever the command runs."""
     run = shutil.copytree(mae_run, tmp_path / "run", ignore=shutil.ignore_patterns("features"))
