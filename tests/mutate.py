@@ -60,6 +60,7 @@ S13A_HALVINGS = ("tests/methods/test_beit.py::test_a_tokenizer_halving_three_tim
                  "times_its_code_grid",)
 S14B_TIMM_CONFIG = ("tests/test_registry.py::test_a_timm_export_writes_timms_folder_config_and_a_target_"
                     "without_a_hook_is_refused",)
+S16_SEED = ("tests/test_runs.py::test_a_random_encoder_follows_its_seed",)
 S16_PROBE_RESULTS = ("tests/eval/test_probes.py::test_results_json_says_what_and_how_the_probe_measured",)
 S14B_PATIENCE = ("tests/test_masking.py::test_a_block_gets_ten_tries_counted_afresh_after_each_kept_block",)
 S13A_STROKES = ("tests/methods/test_maskfeat.py::test_each_stroke_is_a_line_through_the_centre_at_its_bins_"
@@ -4342,6 +4343,22 @@ PLANTED = [
     Bug("s16: linprobe: results.json without its lr", 'src/mimkit/eval/linprobe.py',
         '"optimizer": c.optimizer, "epochs": c.epochs, "base_lr": c.base_lr,',
         '"optimizer": c.optimizer, "epochs": c.epochs,', S16_PROBE_RESULTS),
+    # s16: runs.py's sweep (tests/test_runs.py)
+    Bug("s16: runs: load_encoder's default seed 1, not --seed's 0", 'src/mimkit/runs.py',
+        'init: str = "pretrained", seed: int = 0) -> Encoder:',
+        'init: str = "pretrained", seed: int = 1) -> Encoder:',
+        S16_SEED),
+    Bug("s16: runs: random_encoder's default seed 1", 'src/mimkit/runs.py',
+        'def random_encoder(spec: PretrainConfig, seed: int = 0)',
+        'def random_encoder(spec: PretrainConfig, seed: int = 1)',
+        S16_SEED),
+    Bug("s16: runs: a forked child keeps the numbers of the locks it closed", 'src/mimkit/runs.py',
+        '    _HELD_LOCKS.clear()', '    pass',
+        ('tests/test_runs.py::test_a_forked_child_does_not_keep_the_run_locked',)),
+    Bug("s16: runs: a lock file's failure to open, other than a link, swallowed", 'src/mimkit/runs.py',
+        '        if err.errno != errno.ELOOP:\n            raise\n',
+        '        if err.errno != errno.ELOOP:\n            pass\n',
+        ('tests/test_runs.py::test_a_lock_file_that_cannot_be_opened_for_another_reason_says_that_reason',)),
 ]
 
 

@@ -1,6 +1,7 @@
 """Run directories: the lock (held by the process that trains, never by the processes it forks, and gone
 with a run refused before it wrote anything), and the weights an evaluation reads."""
 
+import errno
 import json
 import os
 import re
@@ -49,7 +50,9 @@ def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
         held.save_data_facts({})  # a run that wrote something keeps its lock file (else a new one is made)
         child = os.fork()
         if child == 0:  # a data worker's place: it outlives its trainer's hold on the run
-            os.write(tell, b"!")  # os.fork has returned here: the fork hooks have run
+            # os.fork has returned here: the fork hooks have run, and forgot the closed copies (a later fork
+            # of this child must not close whatever file reuses their numbers)
+            os.write(tell, b"!" if not runs._HELD_LOCKS else b"?")
             time.sleep(5)
             os._exit(0)
         assert os.read(ready, 1) == b"!"
@@ -97,6 +100,17 @@ def test_the_lock_holds_this_process_pid_alone(tmp_path):
         assert (run / LOCK).read_text() == f"{os.getpid()}\n"
 
 
+def test_a_lock_file_that_cannot_be_opened_for_another_reason_says_that_reason(tmp_path, monkeypatch):
+    """Only a link (ELOOP) becomes the lock's own message; any other failure to open it is raised as it came,
+    not lost into a later error about a file that was never opened."""
+    def failing_open(path, flags, mode=0o777):
+        raise OSError(errno.EIO, "input/output error", str(path))
+    monkeypatch.setattr(runs.os, "open", failing_open)
+    with pytest.raises(OSError, match="input/output error"):
+        with hold_run_dir(tmp_path / "run"):
+            pass
+
+
 def test_a_lock_file_that_is_a_symbolic_link_is_refused_and_its_target_untouched(tmp_path):
     victim, run = tmp_path / "victim.txt", tmp_path / "run"
     victim.write_text("mine")
@@ -119,10 +133,14 @@ def test_a_weights_file_beside_the_config_belongs_to_that_run(tmp_path):
 
 
 def test_a_random_encoder_follows_its_seed(mae_run):
-    """``--init random`` draws the encoder from ``--seed``: two seeds give two encoders, one seed the same."""
-    def weights(seed):
-        return load_encoder(mae_run, "random", seed=seed).model.state_dict()["patch_embed.proj.weight"]
-    assert torch.equal(weights(1), weights(1)) and not torch.equal(weights(0), weights(1))
+    """``--init random`` draws the encoder from ``--seed``: two seeds give two encoders, one seed the same;
+    without a seed, seed 0 (``--seed``'s default), for `load_encoder` and `random_encoder` alike."""
+    def weights(**seed):
+        return load_encoder(mae_run, "random", **seed).model.state_dict()["patch_embed.proj.weight"]
+    assert torch.equal(weights(seed=1), weights(seed=1)) and not torch.equal(weights(seed=0), weights(seed=1))
+    assert torch.equal(weights(), weights(seed=0))
+    drawn = runs.random_encoder(load_encoder(mae_run).spec).state_dict()["patch_embed.proj.weight"]
+    assert torch.equal(drawn, weights(seed=0))
 
 
 def make_run(folder, *parts: str):
