@@ -339,9 +339,10 @@ def own_init_steps(out: Path, data: str, encoders: dict[str, Path], pool: str) -
     return steps
 
 
-def own_init_table(out: Path, encoders: dict[str, Path], titles: dict[str, str]) -> list[str]:
+def own_init_table(out: Path, table: dict[tuple[str, float], dict[str, float]], encoders: dict[str, Path],
+                   titles: dict[str, str]) -> list[str]:
     """Markdown lines: each encoder's probes beside its own architecture's at random init (`own_init_steps`),
-    the gain in brackets."""
+    the gain in brackets; ``table``: the encoders' own top-1 by (verb, fraction), then method."""
     others = [m for m in encoders if m != "mae"]
     if not others:
         return []
@@ -349,12 +350,11 @@ def own_init_table(out: Path, encoders: dict[str, Path], titles: dict[str, str])
              "|---|---|" + "---|" * len(others)]
     for verb, protocol in (("linprobe", "linear probe"), ("knn", "k-NN")):
         for fraction in FRACTIONS:
-            label = pct(fraction).rstrip("%")
             cells = []
             for method in others:
-                trained, random = (json.loads((out / f"{verb}-{method}{kind}-{label}" / "results.json")
-                                              .read_text())["test_top1"] for kind in ("", "-random"))
-                cells.append(f"{random:.2f} ({trained - random:+.2f})")
+                random = json.loads((out / f"{verb}-{method}-random-{pct(fraction).rstrip('%')}" /
+                                     "results.json").read_text())["test_top1"]
+                cells.append(f"{random:.2f} ({table[(verb, fraction)][method] - random:+.2f})")
             lines.append(f"| {protocol} | {pct(fraction)} | " + " | ".join(cells) + " |")
     return lines + ["", "Top-1 test accuracy (%) of each encoder's architecture randomly initialized and "
                     "frozen; in brackets, what its pretraining gained over it."]
@@ -524,7 +524,7 @@ def main() -> None:
         lines += ["", "BEiT v2 beside its teacher (the MAE run whose features VQ-KD distils), linear "
                   "probe: " + ", ".join(f"{pct(f)} BEiT v2 {table[('linprobe', f)]['beitv2']:.2f} vs teacher "
                             f"{table[('linprobe', f)]['mae']:.2f}" for f in FRACTIONS) + "."]
-    lines += ["", *own_init_table(out, encoders, titles)]
+    lines += ["", *own_init_table(out, table, encoders, titles)]
     lines += ["", *depth_table(out, encoders, titles),
               "Top-1 test accuracy (%) of the features of each block (--layer all, "
               f"{pct(DEPTH_FRACTION)} of the labels): pooled and normalized without parameters; the last "

@@ -101,19 +101,20 @@ def test_each_other_encoder_is_probed_beside_its_own_architecture_at_random_init
     assert probe[probe.index("--init") + 1] == "random"
     assert probe[probe.index("--label-fraction") + 1] == "0.1"
     assert probe[probe.index("--out") + 1] == str(tmp_path / "linprobe-data2vec-random-10")
+    trained = {}
     for verb, offset in (("linprobe", 0.0), ("knn", 5.0)):
-        for label, trained, random in (("100", 71.5, 40.0), ("10", 67.25, 39.5), ("1", 57.0, 37.0)):
-            for name, top1 in ((f"{verb}-data2vec-{label}", trained + offset),
-                               (f"{verb}-data2vec-random-{label}", random)):
-                (tmp_path / name).mkdir()
-                (tmp_path / name / "results.json").write_text(json.dumps({"test_top1": top1}))
-    table = quality.own_init_table(tmp_path, encoders, quality.TITLES)
+        for fraction, top1, random in ((1.0, 71.5, 40.0), (0.1, 67.25, 39.5), (0.01, 57.0, 37.0)):
+            trained[(verb, fraction)] = {"mae": 90.0, "data2vec": top1 + offset}
+            name = f"{verb}-data2vec-random-{quality.pct(fraction).rstrip('%')}"
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "results.json").write_text(json.dumps({"test_top1": random}))
+    table = quality.own_init_table(tmp_path, trained, encoders, quality.TITLES)
     assert table[0] == "| probe | labels | data2vec |"
     assert table[2:8] == ["| linear probe | 100% | 40.00 (+31.50) |",
                           "| linear probe | 10% | 39.50 (+27.75) |",
                           "| linear probe | 1% | 37.00 (+20.00) |", "| k-NN | 100% | 40.00 (+36.50) |",
                           "| k-NN | 10% | 39.50 (+32.75) |", "| k-NN | 1% | 37.00 (+25.00) |"]
-    assert quality.own_init_table(tmp_path, {"mae": tmp_path / "mae"}, quality.TITLES) == []
+    assert quality.own_init_table(tmp_path, trained, {"mae": tmp_path / "mae"}, quality.TITLES) == []
 
 
 def test_records_added_from_many_threads_at_once_keep_every_key(tmp_path):
