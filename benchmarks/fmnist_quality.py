@@ -321,6 +321,11 @@ def wallclock_steps(out: Path, data: str, methods: list[str], mae_epochs: int, q
     return steps + [Step(m, pretraining(m), (f"timing-{m}",)) for m in methods]
 
 
+def own_init_name(verb: str, method: str, fraction: float) -> str:
+    """The folder of a probe of ``method``'s architecture at random init (``linprobe-data2vec-random-10``)."""
+    return f"{verb}-{method}-random-{pct(fraction).rstrip('%')}"
+
+
 def own_init_steps(out: Path, data: str, encoders: dict[str, Path], pool: str) -> list[Step]:
     """Each encoder's own architecture randomly initialized, probed as the encoder is (linear probe, k-NN, at
     every label fraction): the baseline of an architecture that is not the MAE run's (data2vec's layer scale
@@ -332,7 +337,7 @@ def own_init_steps(out: Path, data: str, encoders: dict[str, Path], pool: str) -
             continue
         for fraction in FRACTIONS:
             for verb in ("linprobe", "knn"):
-                name = f"{verb}-{method}-random-{pct(fraction).rstrip('%')}"
+                name = own_init_name(verb, method, fraction)
                 steps.append(Step(name, [verb, str(run), "--data", data, "--label-fraction", str(fraction),
                                          "--init", "random", "--pool", pool, "--num-workers", "1",
                                          "--out", str(out / name)], (method,)))
@@ -352,8 +357,8 @@ def own_init_table(out: Path, table: dict[tuple[str, float], dict[str, float]], 
         for fraction in FRACTIONS:
             cells = []
             for method in others:
-                random = json.loads((out / f"{verb}-{method}-random-{pct(fraction).rstrip('%')}" /
-                                     "results.json").read_text())["test_top1"]
+                random = json.loads((out / own_init_name(verb, method, fraction) / "results.json")
+                                    .read_text())["test_top1"]
                 cells.append(f"{random:.2f} ({table[(verb, fraction)][method] - random:+.2f})")
             lines.append(f"| {protocol} | {pct(fraction)} | " + " | ".join(cells) + " |")
     return lines + ["", "Top-1 test accuracy (%) of each encoder's architecture randomly initialized and "
