@@ -222,6 +222,11 @@ def pct(fraction: float) -> str:
     return f"{100 * fraction:g}%"
 
 
+def folder_label(fraction: float) -> str:
+    """A label fraction as it ends a step's folder name: ``10`` for 0.1 (``finetune-mae-10``)."""
+    return pct(fraction).rstrip("%")
+
+
 def finetune_budget(epochs: int, quick: bool) -> list[str]:
     """The length flags of a fine-tuning step of ``epochs`` (warmup 5% of it, two evaluations)."""
     if quick:
@@ -255,7 +260,7 @@ def matched_scratch_step(out: Path, data: str, fraction: float, epochs: int, qui
     ``OUT/compute_match.json``."""
     from compute_match import matched_scratch
 
-    label = pct(fraction).rstrip("%")
+    label = folder_label(fraction)
     name, finetuned = f"finetune-scratch-matched-{label}", out / f"finetune-mae-{label}"
     timing = (out / "timing-pretrain", out / "timing-finetune")
 
@@ -323,7 +328,7 @@ def wallclock_steps(out: Path, data: str, methods: list[str], mae_epochs: int, q
 
 def own_init_name(verb: str, method: str, fraction: float) -> str:
     """The folder of a probe of ``method``'s architecture at random init (``linprobe-data2vec-random-10``)."""
-    return f"{verb}-{method}-random-{pct(fraction).rstrip('%')}"
+    return f"{verb}-{method}-random-{folder_label(fraction)}"
 
 
 def own_init_steps(out: Path, data: str, encoders: dict[str, Path], pool: str) -> list[Step]:
@@ -450,7 +455,7 @@ def main() -> None:
             for verb, extra in (("finetune", budget + scratch),
                                 ("linprobe", ["--pool", args.pool, "--num-workers", "1"]),
                                 ("knn", ["--pool", args.pool, "--num-workers", "1"])):
-                name = f"{verb}-{method}-{pct(fraction).rstrip('%')}"
+                name = f"{verb}-{method}-{folder_label(fraction)}"
                 command = [verb, str(run), "--data", args.data, "--label-fraction", str(fraction),
                            "--init", init, *extra, "--out", str(out / name)]
                 evaluations.append((verb, fraction, method, Step(name, command, (after,))))
@@ -513,7 +518,7 @@ def main() -> None:
               "fine-tuning budget |", "|---|---|---|---|"]
     unit, key = ("steps", "max_steps") if args.quick else ("epochs", "epochs")
     for fraction in MATCHED_FRACTIONS:
-        label = pct(fraction).rstrip("%")
+        label = folder_label(fraction)
         match = matches[label]
         matched = json.loads((out / f"finetune-scratch-matched-{label}" / "results.json").read_text())
         own = f"{match[f'finetune_{unit}']} {unit}"

@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from fmnist_quality import TITLES, Step, pct, run_chain
+from fmnist_quality import TITLES, Step, folder_label, pct, run_chain
 
 BASELINES = {"upernet": ("scratch", "UperNet, end to end"), "linear": ("random", "linear, frozen encoder")}
 
@@ -71,7 +71,7 @@ def main() -> None:
     steps, cells = [], []
     for fraction in fractions:
         for method, run, init, head, extra in runs:
-            name = f"seg-{method}-{head}-{pct(fraction).rstrip('%')}"
+            name = f"seg-{method}-{head}-{folder_label(fraction)}"
             command = ["segment", str(run), "--data", "fmnist-scenes", "--config", "segment_fmnist",
                        "--label-fraction", str(fraction), "--init", init, *extra, *budget(fraction),
                        "--out", str(out / name)]
